@@ -1,0 +1,39 @@
+# Every target sets itself up on a fresh machine: it creates .venv when missing and installs
+# the project with the extras it needs. torch is pinned first so that pip takes the CPU build
+# where one is available instead of pulling a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+# CI points this at the shared copy of SST-2; examples also read MINIPEFT_DATA_DIR.
+export MINIPEFT_DATA_DIR ?= $(abspath ../shared/data/sst2)
+
+.PHONY: demo test test-slow bench bench-gpu clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,bench,examples]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/lora_text_classification.py --data-dir "$(MINIPEFT_DATA_DIR)"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_inference.py
+
+bench-gpu: $(VENV)/.installed
+	$(PY) benchmarks/bench_lora_linear.py
+	$(PY) benchmarks/bench_train_step.py --device cuda
+	$(PY) benchmarks/bench_inference.py --device cuda
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

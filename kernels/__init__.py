@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the LoRA hot path (filled by the kernels issue)."""
