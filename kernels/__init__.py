@@ -1,1 +1,46 @@
-"""Fused Triton kernels for the LoRA hot path (filled by the kernels issue)."""
+"""Fused Triton kernels for the LoRA hot path, shipped as `minipeft.kernels`.
+
+Functions of tensors only; they know nothing of configs or models. The LoRA layer calls
+`lora_linear` when `x.is_cuda and is_available() and enabled()` (and its config allows it),
+and otherwise runs its pure-PyTorch reference, which computes the same numbers.
+
+    lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None)
+    dropout_mask(seed, shape, p, device)   the keep-mask a call with that seed used (for tests)
+    is_available()                         triton can be imported
+    set_enabled(flag) / enabled()          global switch, on by default
+
+Under TRITON_INTERPRET=1 (set before triton is first imported) the kernels also run on CPU
+tensors, slowly; that is how the tests check them on machines without a GPU.
+"""
+
+import importlib.util
+
+_enabled = True
+
+
+def is_available() -> bool:
+    """Whether triton can be imported, i.e. whether the fused kernels can run at all."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def enabled() -> bool:
+    """The global switch (default on). The LoRA layer checks it before taking the fused path."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fused kernels on or off for every LoRA layer, e.g. to compare against the reference."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+if is_available():
+    from .lora_linear import dropout_mask, lora_linear, use_fused_base
+else:
+    def lora_linear(*args, **kwargs):
+        raise RuntimeError("minipeft.kernels.lora_linear needs triton; check minipeft.kernels.is_available()")
+
+    def dropout_mask(*args, **kwargs):
+        raise RuntimeError("minipeft.kernels.dropout_mask needs triton")
+
+__all__ = ["lora_linear", "dropout_mask", "is_available", "enabled", "set_enabled"]

@@ -1,0 +1,488 @@
+"""Fused LoRA linear: one Triton GEMM for the frozen weight with the low-rank term in its epilogue.
+
+Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its rate):
+
+    x (M, K)   W (N, K) frozen   b (N,) frozen or None   A (r, K)   B (N, r)   s = scaling
+
+    forward   xa = (D * x / (1 - p)) A^T                 (M, r)   "shrink"
+              y  = x W^T + b + s * xa B^T                (M, N)   base GEMM, low-rank in epilogue
+
+    backward  dxa = s * dy B                             (M, r)   } one pass over dy
+              dB  = s * dy^T xa                          (N, r)   }
+              dA  = dxa^T (D * x / (1 - p))              (r, K)
+              dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   same GEMM kernel as y
+
+The mask D is never stored. Like Triton's tutorial 04 (low-memory dropout), every kernel that
+needs it redraws it from (seed, element offset) with `tl.rand`, where the offset of x[m, k] is
+its row-major index m * K + k. So the backward keeps only x, xa and an int, and
+`dropout_mask()` below can hand tests the exact mask the kernels used.
+
+Four kernels:
+    _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
+    _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
+    _dy_pass_kernel          dxa = s * dy @ B  and  dB += s * dy^T @ xa  (fp32 atomics)
+    _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)
+
+All accumulate in fp32 and store in the input dtype. r is handled in chunks of BLOCK_R (a power
+of two in [16, 64]: tl.dot needs at least 16 along each side, and 64 keeps the epilogue tiles
+small), with masks for the padding, so any rank 1..256 (or more) works.
+
+When the base GEMM cannot be expected to beat cuBLAS (see `use_fused_base`), the base product
+is cuBLAS `F.linear` / `mm` and only the low-rank part is ours; the shrink always runs here so
+that dropout stays in-kernel.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Under TRITON_INTERPRET=1 kernels run on the CPU through numpy. Its tl.dot multiplies
+# bfloat16 tiles as their raw uint16 storage (triton 3.9), so there we upcast both operands to
+# fp32 first. On a GPU this is False and tl.dot takes the 16-bit tiles straight to the tensor
+# cores. (fp32 inputs use TF32 there by default; set TRITON_F32_DEFAULT=ieee for full fp32.)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b with an fp32 accumulator."""
+    if _UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _keep(seed, offsets, p):
+    """Dropout keep-mask for the elements at `offsets` (row-major indices into x, int64)."""
+    return tl.rand(seed, offsets) > p
+
+
+# ----------------------------------------------------------------------------------------------
+# The GEMM: out (M, N) = x (M, K) @ w (K, N) + bias + scale * [D] * (l (M, R) @ r (R, N))
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _matmul_lowrank_kernel(
+    x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wn,
+    stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_om, stride_on,
+    scale, p, seed,
+    M_BUCKET,  # unused here; only the autotuner's cache key (one tuning per power-of-two M)
+    ADD_TO_OUT: tl.constexpr,  # out already holds x @ w (+ bias) from cuBLAS: skip the K loop
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,  # mask the low-rank term with D (the dx of the backward)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering, as in tutorial 03: GROUP_M consecutive programs walk down a column of
+    # output tiles, so the w tiles they share are still in L2 when the next one needs them.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of out
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) columns of out
+    # Rows and columns past the edge wrap back into the matrix, so the loads below need a mask
+    # only along the reduction axis; what those rows compute is dropped by the final store.
+    offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+
+    if ADD_TO_OUT:
+        acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=offs_k[None, :] < K, other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
+                        mask=offs_k[:, None] < K, other=0.0)  # (BLOCK_K, BLOCK_N)
+            acc = _dot(x, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+
+    # Epilogue: the low-rank term, a (BLOCK_M, R) @ (R, BLOCK_N) product in chunks of BLOCK_R.
+    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        l = tl.load(l_ptr + offs_am[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                    mask=offs_r[None, :] < R, other=0.0)  # (BLOCK_M, BLOCK_R)
+        r = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_bn[None, :] * stride_rn,
+                    mask=offs_r[:, None] < R, other=0.0)  # (BLOCK_R, BLOCK_N)
+        low = _dot(l, r, low)
+    if HAS_DROPOUT:
+        # out has the shape of x here (out = dx), so x[m, n] has row-major index m * N + n.
+        keep = _keep(seed, offs_m[:, None].to(tl.int64) * N + offs_n[None, :], p)
+        low = tl.where(keep, low, 0.0)
+    acc += scale * low
+
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _gemm_configs():
+    """Autotuning candidates. The interpreter gets one small config: tuning there only costs time."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    configs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 128, 64, 8, 4),
+        (64, 256, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 5),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                     num_warps=warps, num_stages=stages))
+    return configs
+
+
+# Tuned once per (power-of-two bucket of M, N, K, dtypes): a new sequence length reuses the
+# bucket's winner instead of retuning.
+_matmul_lowrank_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(
+    _matmul_lowrank_kernel)
+
+
+def _block_r(R):
+    """Rank chunk for tl.dot: a power of two, at least 16 (tl.dot's minimum), at most 64."""
+    return min(64, max(16, triton.next_power_of_2(R)))
+
+
+def _m_bucket(M):
+    return min(triton.next_power_of_2(M), 16384)
+
+
+def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None):
+    """out = x @ w + bias + scale * [D] * (l @ r), or out += scale * [D] * (l @ r) if out is given.
+
+    x (M, K), w (K, N), bias (N,) or None, l (M, R), r (R, N); any strides. D, when p > 0, is
+    the dropout mask of an (M, N) tensor drawn from seed (the backward's dx has x's shape).
+    """
+    M, N, R = l.shape[0], r.shape[1], l.shape[1]
+    add_to_out = out is not None
+    if add_to_out:
+        x, w, K = out, out, 0  # no base product; x and w are never read
+    else:
+        K = x.shape[1]
+        out = torch.empty((M, N), device=l.device, dtype=l.dtype)
+    args = (x, w, bias if bias is not None else out, l, r, out,
+            M, N, K, R,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            l.stride(0), l.stride(1), r.stride(0), r.stride(1),
+            out.stride(0), out.stride(1),
+            scale, p, seed, _m_bucket(M))
+    flags = dict(ADD_TO_OUT=add_to_out, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0,
+                 BLOCK_R=_block_r(R))
+    if add_to_out:
+        # A thin, memory-bound pass over out: one fixed config, no tuning (tuning would also
+        # have to restore out between trials).
+        bm, bn = (32, 32) if INTERPRET else (64, 128)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _matmul_lowrank_tuned[grid](*args, **flags)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Shrink: xa (M, R) = (D * x) (M, K) @ A^T (K, R) / (1 - p)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, xa_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    p, seed,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=x_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
+        if HAS_DROPOUT:
+            keep = _keep(seed, offs_m[:, None].to(tl.int64) * K + offs_k[None, :], p)
+            x = tl.where(keep, x, 0.0).to(x.dtype)
+        a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                      mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_K, BLOCK_R)
+        acc = _dot(x, a_t, acc)
+    # The 1 / (1 - p) of inverted dropout is applied once to the sum, not to every element.
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - p)
+    tl.store(xa_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or,
+             acc.to(xa_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+def _thin_block_m(M):
+    """Rows per program of the thin kernels: small M gets small blocks, so that there are
+    enough programs to fill the GPU."""
+    if INTERPRET:
+        return 32
+    return 16 if M <= 1024 else 64
+
+
+def _shrink(x, lora_A, p, seed):
+    M, K = x.shape
+    R = lora_A.shape[0]
+    xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    bm, br = _thin_block_m(M), _block_r(R)
+    bk = 32 if INTERPRET else 128
+    grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
+    _shrink_kernel[grid](
+        x, lora_A, xa, M, K, R,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+        p, seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
+    return xa
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward, one pass over dy: dxa (M, R) = s * dy @ B  and  dB (N, R) = s * dy^T @ xa
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dy_pass_kernel(
+    dy_ptr, b_ptr, xa_ptr, dxa_ptr, db_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
+    stride_dxam, stride_dxar, stride_dbn, stride_dbr,
+    scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Each program owns BLOCK_M rows of dy and walks along N: its rows of dxa are finished in
+    # registers; its share of dB (a sum over all M) is added to a zeroed fp32 buffer with
+    # atomics. So dy, the one big tensor here, is read exactly once (when R <= BLOCK_R).
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                 mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
+    dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+        dxa = _dot(dy, b, dxa)
+        db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32))
+        tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                      scaling * db, mask=n_mask[:, None] & r_mask[None, :])
+    tl.store(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+             (scaling * dxa).to(dxa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+def _dy_pass(dy, lora_B, xa, scaling):
+    """Returns dxa (M, R) in dy's dtype and dB (N, R) in fp32 (cast by the caller)."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    dxa = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
+    db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
+    bm, br = _thin_block_m(M), _block_r(R)
+    bn = 32 if INTERPRET else 64
+    grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
+    _dy_pass_kernel[grid](
+        dy, lora_B, xa, dxa, db, M, N, R,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+        xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), db.stride(0), db.stride(1),
+        scaling, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br)
+    return dxa, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dA (R, K) = dxa^T (R, M) @ (D * x) (M, K) / (1 - p)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_a_grad_kernel(
+    dxa_ptr, x_ptr, da_ptr,
+    M, K, R,
+    stride_dxam, stride_dxar, stride_xm, stride_xk, stride_dar, stride_dak,
+    p, seed,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        dxa_t = tl.load(dxa_ptr + offs_r[:, None] * stride_dxar + offs_m[None, :] * stride_dxam,
+                        mask=(offs_r[:, None] < R) & (offs_m[None, :] < M), other=0.0)  # (BLOCK_R, BLOCK_M)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
+        if HAS_DROPOUT:
+            # The same (seed, offset) pairs as the forward's shrink: the same mask.
+            keep = _keep(seed, offs_m[:, None].to(tl.int64) * K + offs_k[None, :], p)
+            x = tl.where(keep, x, 0.0).to(x.dtype)
+        acc = _dot(dxa_t, x, acc)
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - p)
+    tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+             acc.to(da_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+
+
+def _lora_a_grad(dxa, x, p, seed, dtype):
+    M, K = x.shape
+    R = dxa.shape[1]
+    da = torch.empty((R, K), device=x.device, dtype=dtype)
+    br = _block_r(R)
+    bm, bk = (32, 32) if INTERPRET else (64, 32)
+    grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
+    _lora_a_grad_kernel[grid](
+        dxa, x, da, M, K, R,
+        dxa.stride(0), dxa.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
+        p, seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
+    return da
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout mask, for tests and debugging
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, numel, p, seed, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _keep(seed, offs, p).to(tl.int8), mask=offs < numel)
+
+
+def dropout_mask(seed, shape, p, device="cpu"):
+    """The keep-mask D (bool, `shape`) that lora_linear draws for an x of `shape` with this
+    seed and p: element i (row-major) is kept iff tl.rand(seed, i) > p."""
+    out = torch.empty(shape, device=device, dtype=torch.int8)
+    numel = out.numel()
+    _dropout_mask_kernel[(triton.cdiv(numel, 1024),)](out, numel, p, seed, BLOCK=1024)
+    return out.bool()
+
+
+# ----------------------------------------------------------------------------------------------
+# When to use our base GEMM
+# ----------------------------------------------------------------------------------------------
+
+
+def use_fused_base(M, N, K):
+    """Whether x W^T runs in our kernel (low-rank term in its epilogue, y written once) rather
+    than in cuBLAS followed by an in-place addmm of the low-rank term.
+
+    Fusing saves one read and one write of y (M, N). That only pays when the GEMM itself is as
+    fast as cuBLAS, which for a tutorial-style kernel means enough output tiles to fill the GPU
+    and a reduction long enough to pipeline. Few rows (decoding, small batches) or thin
+    matrices go to cuBLAS, which has split-K and hand-tuned small-M kernels.
+    """
+    return M >= 256 and N >= 256 and K >= 256
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s * dropout(x) A^T B^T with W and b frozen. Saves x, xa and the seed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
+        K = x.shape[-1]
+        N = weight.shape[0]
+        x2 = x.reshape(-1, K)  # (M, K), a view whenever the leading dims allow; strides go to the kernels
+        M = x2.shape[0]
+
+        xa = _shrink(x2, lora_A, p, seed)  # (M, r)
+        if use_fused_base(M, N, K):
+            y = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
+        else:
+            y = F.linear(x2, weight, bias)
+            y.addmm_(xa, lora_B.t(), alpha=scaling)
+
+        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
+        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        M, K = x2.shape
+        N = weight.shape[0]
+        dy2 = dy.reshape(M, N)
+
+        dxa, db = _dy_pass(dy2, lora_B, xa, s)  # (M, r) with s folded in, (N, r) fp32
+        dA = _lora_a_grad(dxa, x2, p, seed, lora_A.dtype) if ctx.needs_input_grad[3] else None
+        dB = db.to(lora_B.dtype) if ctx.needs_input_grad[4] else None
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, with the mask in the epilogue.
+            scale = 1.0 / (1.0 - p)
+            if use_fused_base(M, K, N):
+                dx = _matmul_lowrank(dy2, weight, None, dxa, lora_A, scale, p, seed)
+            else:
+                dx = torch.mm(dy2, weight)
+                _matmul_lowrank(None, None, None, dxa, lora_A, scale, p, seed, out=dx)
+            dx = dx.reshape(ctx.x_shape)
+        # No gradient for the frozen weight and bias, nor for scaling, p and seed.
+        return dx, None, None, dA, dB, None, None, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None):
+    """Fused LoRA linear: x W^T + b + scaling * dropout(x) A^T B^T.
+
+    x (..., K) any strides; weight (N, K) and bias (N,) or None, frozen; lora_A (r, K);
+    lora_B (N, r); all one dtype (float32, bfloat16 or float16), accumulation in fp32.
+    Returns y (..., N). Dropout (when training and dropout_p > 0) is drawn in the kernels from
+    `seed`: an int in [0, 2**31), or None to draw one from torch's default generator (so
+    torch.manual_seed makes runs repeatable). `dropout_mask(seed, x.shape, dropout_p)` is the
+    mask a call used. Gradients flow to x, lora_A and lora_B only: the weight and bias must not
+    require grad (the backward never computes their gradients).
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lora_linear treats weight and bias as frozen; they must not require grad "
+                         "(use the reference LoRA path to train the base layer)")
+    dtypes = {t.dtype for t in (x, weight, bias, lora_A, lora_B) if t is not None}
+    if len(dtypes) != 1:
+        raise TypeError(f"lora_linear needs one dtype for all tensors, got {sorted(map(str, dtypes))}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"lora_linear supports float32, bfloat16 and float16, not {x.dtype}")
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed))
+
+
+__all__ = ["lora_linear", "dropout_mask", "use_fused_base", "LoraLinearFunction"]
