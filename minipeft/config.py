@@ -1,0 +1,79 @@
+"""The configuration every PEFT method shares, and the enums that name methods and tasks.
+
+Field names follow Hugging Face ``peft`` so that a config written by one library reads in
+the other (``adapter_config.json``). Method configs (``LoraConfig``, ...) subclass
+``PeftConfig`` in their own tuner file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class PeftType(str, enum.Enum):
+    """Which method an adapter uses; the value is what ``adapter_config.json`` stores."""
+
+    LORA = "LORA"
+    IA3 = "IA3"
+    BOTTLENECK = "BOTTLENECK"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+
+
+class TaskType(str, enum.Enum):
+    """What the base model is for; it decides a few defaults (e.g. the head to train for SEQ_CLS)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+@dataclass
+class PeftConfig:
+    """Fields common to every method.
+
+    ``inference_mode`` marks an adapter as loaded for inference: its parameters stay frozen.
+    """
+
+    peft_type: PeftType | None = field(default=None, init=False)
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    # Fields that only steer minipeft at run time and are never written to adapter_config.json
+    # (peft would not know them).
+    runtime_only_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and not isinstance(self.task_type, TaskType):
+            try:
+                self.task_type = TaskType(self.task_type)
+            except ValueError:
+                known = ", ".join(t.value for t in TaskType)
+                raise ValueError(f"task_type={self.task_type!r} is not a task type; use one of: {known}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict in peft's layout (enums as strings, sets as sorted lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in self.runtime_only_fields:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Prompt and prefix tuning add virtual tokens instead of wrapping layers."""
+        return self.peft_type in (PeftType.PROMPT_TUNING, PeftType.PREFIX_TUNING)

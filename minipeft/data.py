@@ -1,0 +1,374 @@
+"""Data for the training loop: read records, split them, tokenise them, batch them.
+
+Everything here is plain Python on lists; the only dependency beyond torch is the
+`tokenizers` library. A pipeline reads like this:
+
+    records = read_classification("train.tsv")                 # [{"text": ..., "label": 1}, ...]
+    train, val, _ = split(records, val_fraction=0.05, seed=0)
+    tok = load_tokenizer("tokenizer.json")
+    loader = BatchLoader(encode_classification(train, tok, max_length=64), batch_size=32)
+    for batch in loader:                                      # dicts of padded LongTensors
+        model(**batch)
+
+Two record shapes are supported:
+- classification: {"text": str, "label": int}
+- prompt/completion for causal LMs: {"prompt": str, "completion": str}; the labels are
+  the completion tokens only (prompt and padding are -100, which the loss ignores).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+TEXT_COLUMNS = ("sentence", "text")  # tried in order when no text column is named
+LABEL_COLUMN = "label"
+PROMPT_COLUMN = "prompt"
+COMPLETION_COLUMN = "completion"
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message says what would be right."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_rows(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """Read a .tsv, .csv or .jsonl file into (rows, columns).
+
+    TSV and CSV files must have a header line. Each row is a dict keyed by column name and
+    carries its 1-based line number under "_line" so later errors can point at it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".tsv":
+        rows, columns = _read_delimited(path, "\t")
+    elif suffix == ".csv":
+        rows, columns = _read_delimited(path, ",")
+    elif suffix in (".jsonl", ".json"):
+        rows, columns = _read_jsonl(path)
+    else:
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
+    if not rows:
+        raise DataError(f"{path}: the file has no data rows (an empty file, or a header only)")
+    return rows, columns
+
+
+def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], list[str]]:
+    rows: list[dict] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        # GLUE-style TSVs are unquoted and sentences contain stray quote characters, so TSV
+        # is read without quoting; CSV keeps the usual quoting rules.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        header = None
+        for fields in reader:
+            if header is None:
+                header = [h.strip() for h in fields]
+                if not any(header):
+                    raise DataError(f"{path}:{reader.line_num}: the header line is empty")
+                continue
+            if not fields or fields == [""]:  # blank line
+                continue
+            if len(fields) != len(header):
+                raise DataError(
+                    f"{path}:{reader.line_num}: expected {len(header)} fields "
+                    f"({', '.join(header)}) separated by {delimiter!r}, found {len(fields)}"
+                )
+            row = dict(zip(header, fields))
+            row["_line"] = reader.line_num
+            rows.append(row)
+    return rows, header or []
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    rows: list[dict] = []
+    columns: dict[str, None] = {}  # insertion-ordered set
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+            columns.update(dict.fromkeys(row))
+            row["_line"] = line_no
+            rows.append(row)
+    return rows, list(columns)
+
+
+def _pick_column(path, columns: Sequence[str], wanted: str | None, defaults: Sequence[str], role: str) -> str:
+    candidates = [wanted] if wanted else list(defaults)
+    for c in candidates:
+        if c in columns:
+            return c
+    asked = f"column {wanted!r}" if wanted else f"a column named {' or '.join(map(repr, defaults))}"
+    raise DataError(
+        f"{path}: no {role} {asked}; the columns are {', '.join(map(repr, columns))}. "
+        f"Name the {role} column explicitly."
+    )
+
+
+def _get(path, row: dict, column: str):
+    if column not in row:  # JSONL rows may each have different keys
+        raise DataError(f"{path}:{row['_line']}: the row has no {column!r} field")
+    return row[column]
+
+
+def _parse_label(path, row: dict, value, label_names: Sequence[str] | None, num_labels: int | None) -> int:
+    where = f"{path}:{row['_line']}"
+    if label_names is not None:
+        if str(value) in label_names:
+            return list(label_names).index(str(value))
+        if not (isinstance(value, int) or str(value).strip().lstrip("-").isdigit()):
+            raise DataError(f"{where}: label {value!r} is not one of {list(label_names)}")
+        num_labels = len(label_names)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+        isinstance(value, str) and not value.strip().lstrip("-").isdigit()
+    ):
+        raise DataError(
+            f"{where}: label {value!r} is not an integer; labels must be class indices 0..N-1 "
+            "(pass label_names to map string labels to indices)"
+        )
+    label = int(value)
+    if label < 0 or (num_labels is not None and label >= num_labels):
+        upper = f"{num_labels - 1}" if num_labels is not None else "N-1"
+        raise DataError(f"{where}: label {label} is out of range; expected 0..{upper}")
+    return label
+
+
+def read_classification(
+    path: str | os.PathLike,
+    text_column: str | None = None,
+    label_column: str = LABEL_COLUMN,
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+) -> list[dict]:
+    """Read (text, label) records. Returns [{"text": str, "label": int}, ...].
+
+    text_column defaults to "sentence", then "text". Labels must be integers in
+    [0, num_labels) (num_labels checked when given), or strings listed in label_names.
+    """
+    rows, columns = read_rows(path)
+    text_col = _pick_column(path, columns, text_column, TEXT_COLUMNS, "text")
+    label_col = _pick_column(path, columns, label_column, (), "label")
+    records = []
+    for row in rows:
+        text = _get(path, row, text_col)
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{row['_line']}: text {text!r} is not a string")
+        label = _parse_label(path, row, _get(path, row, label_col), label_names, num_labels)
+        records.append({"text": text, "label": label})
+    return records
+
+
+def read_prompt_completion(
+    path: str | os.PathLike,
+    prompt_column: str = PROMPT_COLUMN,
+    completion_column: str = COMPLETION_COLUMN,
+) -> list[dict]:
+    """Read (prompt, completion) records. Returns [{"prompt": str, "completion": str}, ...]."""
+    rows, columns = read_rows(path)
+    p_col = _pick_column(path, columns, prompt_column, (), "prompt")
+    c_col = _pick_column(path, columns, completion_column, (), "completion")
+    records = []
+    for row in rows:
+        prompt, completion = _get(path, row, p_col), _get(path, row, c_col)
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(f"{path}:{row['_line']}: prompt and completion must be strings")
+        records.append({"prompt": prompt, "completion": completion})
+    return records
+
+
+def split(
+    records: Sequence, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0
+) -> tuple[list, list, list]:
+    """Seeded shuffle, then cut into (train, validation, test).
+
+    The same seed and the same records always give the same three lists, independent of
+    the global RNG. A fraction >= 1 is read as a count of records.
+    """
+    n = len(records)
+
+    def size(frac: float) -> int:
+        return int(frac) if frac >= 1 else int(round(n * frac))
+
+    n_val, n_test = size(val_fraction), size(test_fraction)
+    if n_val + n_test > n:
+        raise DataError(f"cannot take {n_val} validation + {n_test} test records from {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    shuffled = [records[i] for i in order]
+    return shuffled[n_val + n_test :], shuffled[:n_val], shuffled[n_val : n_val + n_test]
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenising
+
+
+def load_tokenizer(tokenizer: str | os.PathLike | Tokenizer) -> Tokenizer:
+    """A private copy of a `tokenizers.Tokenizer` with padding and truncation turned off.
+
+    A tokenizer.json may carry its own padding (to a fixed length) and truncation; we pad
+    per batch instead and truncate per call, so both are switched off on a copy and the
+    caller's object is left untouched.
+    """
+    if isinstance(tokenizer, Tokenizer):
+        tok = Tokenizer.from_str(tokenizer.to_str())
+    else:
+        path = Path(tokenizer)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{path}: no tokenizer.json there; pass its path or a tokenizers.Tokenizer")
+        tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def pad_token_id(tokenizer: Tokenizer, default: int = 0) -> int:
+    """The id of the tokenizer's pad token ([PAD], <pad>, ...), or `default` when it has none."""
+    for name in ("[PAD]", "<pad>", "<|pad|>", "<PAD>"):
+        i = tokenizer.token_to_id(name)
+        if i is not None:
+            return i
+    return default
+
+
+def encode_classification(records: Sequence[dict], tokenizer: Tokenizer, max_length: int = 128) -> list[dict]:
+    """Tokenise {"text", "label"} records into {"input_ids": list[int], "label": int}.
+
+    Special tokens ([CLS] ... [SEP]) come from the tokenizer's post-processor; sequences
+    longer than max_length are truncated (keeping the final special token).
+    """
+    tok = load_tokenizer(tokenizer)
+    tok.enable_truncation(max_length)
+    encodings = tok.encode_batch([r["text"] for r in records])
+    return [{"input_ids": e.ids, "label": r["label"]} for e, r in zip(encodings, records)]
+
+
+def encode_prompt_completion(
+    records: Sequence[dict],
+    tokenizer: Tokenizer,
+    max_length: int = 512,
+    eos_token_id: int | None = None,
+) -> list[dict]:
+    """Tokenise {"prompt", "completion"} records for a causal LM.
+
+    Returns {"input_ids": prompt+completion(+eos), "labels": [-100]*len(prompt)+completion(+eos)}.
+    The prompt gets the tokenizer's special tokens (e.g. BOS), the completion none. Rows
+    are cut at max_length from the right; a row whose completion is cut away entirely
+    would teach nothing, so it is dropped.
+    """
+    tok = load_tokenizer(tokenizer)
+    prompts = tok.encode_batch([r["prompt"] for r in records])
+    completions = tok.encode_batch([r["completion"] for r in records], add_special_tokens=False)
+    out = []
+    for p, c in zip(prompts, completions):
+        target = c.ids + ([eos_token_id] if eos_token_id is not None else [])
+        ids = (p.ids + target)[:max_length]
+        labels = ([IGNORE_INDEX] * len(p.ids) + target)[:max_length]
+        if all(l == IGNORE_INDEX for l in labels):
+            continue
+        out.append({"input_ids": ids, "labels": labels})
+    if records and not out:
+        raise DataError(f"every prompt is at least max_length={max_length} tokens long; raise max_length")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Batching
+
+
+def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a list of encoded examples to the longest one in the list (dynamic padding).
+
+    Returns input_ids and attention_mask [B, T] and labels: [B] for classification
+    ("label" in the examples) or [B, T] padded with -100 for causal LMs ("labels").
+    """
+    T = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    token_labels = "labels" in examples[0]
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if token_labels else torch.empty(B, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
+        else:
+            labels[i] = e["label"]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class BatchLoader:
+    """Re-iterable batches of padded tensors, deterministic given (seed, epoch).
+
+    shuffle: a new order every epoch, drawn from `seed + epoch` (not the global RNG), so
+        a resumed run sees exactly the batches the interrupted one would have.
+    group_by_length: bucketed shuffle. Shuffle, cut into chunks of `bucket_size` batches,
+        sort each chunk by length, batch it, then shuffle the batches. Batches hold
+        similar lengths (little padding) while the order stays random.
+    Call set_epoch(e) before iterating epoch e (the training loop does).
+    """
+
+    examples: Sequence[dict]
+    batch_size: int = 32
+    shuffle: bool = False
+    group_by_length: bool = False
+    bucket_size: int = 50  # in batches
+    drop_last: bool = False
+    pad_id: int = 0
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.examples)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def batch_indices(self) -> list[list[int]]:
+        order = list(range(len(self.examples)))
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            chunk = self.batch_size * self.bucket_size
+            order = [
+                i
+                for start in range(0, len(order), chunk)
+                for i in sorted(order[start : start + chunk], key=lambda j: len(self.examples[j]["input_ids"]))
+            ]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.group_by_length and self.shuffle:
+            rng.shuffle(batches)  # else every chunk would run short-to-long
+        return batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for idx in self.batch_indices():
+            yield collate([self.examples[i] for i in idx], self.pad_id)

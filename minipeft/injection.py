@@ -1,0 +1,175 @@
+"""Putting adapters into any ``nn.Module`` and taking them out again.
+
+These functions work on a plain model, in place; ``PeftModel`` is a thin owner around them.
+Injection is all-or-nothing: wrappers are built first, the model is changed only once every
+target has been checked, and any error restores what was there before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import PeftConfig
+from .targeting import find_targets
+from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapter wrapper in the model with its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def _adapter_internals(model: nn.Module) -> list[str]:
+    """Names inside wrappers (``...q_lin.lora_A``, ``...classifier.modules_to_save``): never targets."""
+    internals = []
+    for name, layer in adapter_layers(model):
+        prefix = f"{name}." if name else ""
+        internals += [prefix + attr for attr in layer.adapter_layer_names if hasattr(layer, attr)]
+        if isinstance(layer, ModulesToSaveWrapper):
+            internals.append(prefix + "original_module")
+    return internals
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def inject_adapter_in_model(
+    config: PeftConfig, model: nn.Module, adapter_name: str = "default", activate: bool = True
+) -> nn.Module:
+    """Add adapter ``adapter_name`` described by ``config`` to ``model``, in place.
+
+    Wraps every module ``config`` selects (or adds the adapter to an existing wrapper of the
+    same method), wraps ``config.modules_to_save`` for training, freezes the base model and
+    makes the new adapter trainable when it is activated. Returns ``model``.
+    """
+    method = method_for(config)
+    if any(adapter_name in layer.adapter_names for _, layer in adapter_layers(model)):
+        raise ValueError(f"an adapter named {adapter_name!r} already exists in this model; choose another name")
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
+
+    skip = _adapter_internals(model)
+    targets = find_targets(model, config, skip=skip)
+    replaced: list[tuple[str, nn.Module]] = []  # (name, original module) to restore on error
+    updated: list[AdapterLayer] = []  # existing wrappers that received the adapter
+    try:
+        plan = []
+        for name in targets:
+            module = model.get_submodule(name)
+            if isinstance(module, method.layer_class):
+                module.update_layer(adapter_name, config, name)
+                updated.append(module)
+            else:
+                plan.append((name, module, method.wrap(module, adapter_name, config, name)))
+        plan += _plan_modules_to_save(model, config, adapter_name, skip, updated)
+        for name, module, wrapper in plan:
+            parent, child = _get_parent(model, name)
+            setattr(parent, child, wrapper)
+            replaced.append((name, module))
+    except BaseException:
+        for name, module in reversed(replaced):
+            parent, child = _get_parent(model, name)
+            setattr(parent, child, module)
+        for layer in updated:
+            layer.delete_adapter(adapter_name)
+        raise
+
+    _freeze_base(model)
+    if activate:
+        set_adapter(model, [adapter_name], trainable=not config.inference_mode)
+        _set_bias_trainable(model, config)
+    return model
+
+
+def _plan_modules_to_save(model, config, adapter_name, skip, updated) -> list:
+    """Wrap the modules trained whole. peft matches these by plain suffix (``key.endswith``),
+    so ``"classifier"`` also selects DistilBERT's ``pre_classifier``; we do the same so that
+    checkpoints line up."""
+    plan = []
+    names = getattr(config, "modules_to_save", None) or []
+    for name, module in model.named_modules():
+        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if not any(name.endswith(target) for target in names):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update_layer(adapter_name)
+            updated.append(module)
+        elif not any(name.startswith(p + ".") for p, _, _ in plan):
+            wrapper = ModulesToSaveWrapper(module)
+            wrapper.update_layer(adapter_name)
+            plan.append((name, module, wrapper))
+    return plan
+
+
+def _freeze_base(model: nn.Module) -> None:
+    """Everything that is not an adapter parameter stops training."""
+    adapter_params = {
+        id(p) for _, layer in adapter_layers(model) for a in layer.adapter_names for p in layer.adapter_parameters(a)
+    }
+    for p in model.parameters():
+        if id(p) not in adapter_params:
+            p.requires_grad_(False)
+
+
+def _set_bias_trainable(model: nn.Module, config: PeftConfig) -> None:
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and ".original_module." not in f".{name}":
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, layer in adapter_layers(model):
+            base = layer.get_base_layer()
+            if not isinstance(layer, ModulesToSaveWrapper) and getattr(base, "bias", None) is not None:
+                base.bias.requires_grad_(True)
+
+
+def set_adapter(model: nn.Module, adapter_names: list[str], trainable: bool = True) -> None:
+    """Make ``adapter_names`` the active adapters in every wrapper (of every method)."""
+    known = {a for _, layer in adapter_layers(model) for a in layer.adapter_names}
+    unknown = [a for a in adapter_names if a not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
+    for _, layer in adapter_layers(model):
+        layer.set_adapter(adapter_names, trainable=trainable)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    layers = [layer for _, layer in adapter_layers(model) if adapter_name in layer.adapter_names]
+    if not layers:
+        known = sorted({a for _, layer in adapter_layers(model) for a in layer.adapter_names})
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {known}")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    # A wrapper left with no adapter at all goes back to being its base module.
+    for name, layer in list(adapter_layers(model)):
+        if not layer.adapter_names:
+            parent, child = _get_parent(model, name)
+            setattr(parent, child, getattr(layer, layer.base_layer_name))
+
+
+def unload(model: nn.Module, merge: bool) -> nn.Module:
+    """Replace every wrapper by its base module (merging the active adapters first when
+    ``merge``), innermost wrappers first so nested wrappers unwind cleanly."""
+    layers = list(adapter_layers(model))
+    if merge:
+        blocking = [f"{name} ({type(layer).__name__})" for name, layer in layers if not layer.mergeable]
+        if blocking:
+            raise TypeError(
+                f"cannot merge: {', '.join(blocking[:3])}{' ...' if len(blocking) > 3 else ''} hold adapters that are "
+                "not linear maps of a weight; call unload() to remove them without merging"
+            )
+    for name, layer in reversed(layers):
+        replacement = layer.unwrap(merge)
+        if name == "":
+            return replacement
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, replacement)
+    return model

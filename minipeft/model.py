@@ -1,0 +1,155 @@
+"""PeftModel: a pretrained model plus named adapters, with peft's user-facing API.
+
+The wrapped model sits at ``peft_model.base_model.model`` so that parameter names read
+``base_model.model.<path>...`` exactly as in peft, and state dicts move between the two
+libraries unchanged. Attributes the PeftModel does not have (``config``, ``generate``, ...)
+fall through to the wrapped model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+from torch import nn
+
+from . import injection
+from .config import PeftConfig, TaskType
+from .targeting import CLASSIFIER_HEAD_NAMES
+
+
+class AdaptedModel(nn.Module):
+    """Holds the user's model as ``.model`` (peft's ``LoraModel`` plays this role)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A base model with one or more named adapters; ``get_peft_model`` builds one."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = AdaptedModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str = adapter_name
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # -- adapters by name ---------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        config = copy.deepcopy(peft_config)
+        if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
+            # Classification heads are new: they must train and be saved with the adapter.
+            extra = [n for n in CLASSIFIER_HEAD_NAMES if n not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
+        first = not self.peft_config
+        injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
+        self.peft_config[adapter_name] = config
+        if not first:
+            # Keep the current adapter active everywhere, including the new wrappers.
+            self.set_adapter(self.active_adapter)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Activate one adapter in every layer; only it trains (unless loaded for inference)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
+        config = self.peft_config[adapter_name]
+        injection.set_adapter(self.get_base_model(), [adapter_name], trainable=not config.inference_mode)
+        if not config.inference_mode:
+            injection._set_bias_trainable(self.get_base_model(), config)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
+        injection.delete_adapter(self.get_base_model(), adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the ``with`` block."""
+        layers = [layer for _, layer in injection.adapter_layers(self.get_base_model())]
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disable_adapters = False
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the active adapter into the base weights (undo with ``unmerge_adapter``)."""
+        names = adapter_names or self.active_adapters
+        for _, layer in injection.adapter_layers(self.get_base_model()):
+            here = [n for n in names if n in layer.adapter_names]
+            if here:
+                layer.merge(here)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in injection.adapter_layers(self.get_base_model()):
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The base model with the active adapter folded in and no minipeft module left."""
+        return injection.unload(self.get_base_model(), merge=True)
+
+    def unload(self) -> nn.Module:
+        """The base model with every adapter removed, unmerged."""
+        return injection.unload(self.get_base_model(), merge=False)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config``; only the adapter trains."""
+    return PeftModel(model, peft_config, adapter_name)

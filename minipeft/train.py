@@ -1,0 +1,500 @@
+"""A plain training loop for adapters (and for full fine-tuning, through the same code).
+
+    result = train(model, train_batches, eval_batches, TrainConfig(output_dir="out", lr=1e-3))
+
+`model(**batch)` must return either an object/dict with `.loss` (and `.logits`), as
+Hugging Face models do when given `labels`, or a logits tensor, from which the loss is
+computed here. Batches are dicts of tensors with "labels": shape [B] means sequence
+classification, shape [B, T] means a causal LM (labels already aligned with input_ids,
+-100 where there is nothing to predict; the shift happens in the loss).
+
+What one run does, in order: AdamW over the trainable parameters only; linear or cosine
+schedule with warmup; gradient accumulation with exact example/token weighting; gradient
+clipping; bf16 autocast on CUDA; evaluation every `eval_every` steps; early stopping;
+the best weights saved (save_pretrained, or a safetensors state_dict for a plain module);
+a resumable checkpoint (optimizer, scheduler, step, RNG, trainable weights) written
+atomically; a progress line and a metrics JSONL file.
+
+Under `torchrun` the loop runs DistributedDataParallel (gloo on CPU, nccl on GPU). DDP
+only registers parameters that require grad, so only the adapter's gradients cross the
+wire. Each rank takes every world_size-th batch; rank 0 saves and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from minipeft.data import IGNORE_INDEX
+
+CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
+BEST_DIR = "best"  # best weights, in output_dir
+METRICS_NAME = "metrics.jsonl"
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; when set, overrides epochs
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # applied to matrices only, never to biases and norms
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "linear"  # "linear" | "cosine" | "constant", each after warmup
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    bf16: bool | None = None  # None: on for CUDA devices with bf16 support, off on CPU
+    device: str | None = None  # None: cuda (this rank's GPU) when available, else cpu
+    task: str = "auto"  # "classification" | "causal_lm" | "auto" (from labels' shape)
+    eval_every: int = 0  # steps between evaluations; 0: at the end of each epoch
+    metric: str = "auto"  # metric for best/early stopping; auto: accuracy or loss
+    patience: int | None = None  # evaluations without improvement before stopping
+    save_best: bool = True  # write the best weights to output_dir/best
+    restore_best: bool = True  # load the best weights back into the model at the end
+    checkpoint_every: int = 0  # steps between resumable checkpoints (also after each eval)
+    resume: bool = True  # continue from output_dir/checkpoint.pt when it exists
+    log_every: int = 10
+    seed: int = 0
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    train_seconds: float
+    history: list[dict] = field(default_factory=list)  # one dict per evaluation
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak lr at a given step: linear warmup, then the schedule's decay to 0."""
+    if schedule not in ("linear", "cosine", "constant"):
+        raise ValueError(f"schedule must be 'linear', 'cosine' or 'constant', not {schedule!r}")
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)  # never exactly 0: the first step still moves
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only: frozen weights get no optimizer state at all."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks trainable parameters {missing[:5]}; was it written for another model?")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half
+
+
+def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Save an adapter with model.save_pretrained, or a plain module's state_dict.
+
+    The new copy is written beside the old one and swapped in, so a crash mid-write keeps
+    the previous best intact.
+    """
+    directory = Path(directory)
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(tmp))
+    else:
+        from safetensors.torch import save_model  # dedups tied weights, which save_file rejects
+
+        save_model(model, str(tmp / "model.safetensors.tmp"))
+        os.replace(tmp / "model.safetensors.tmp", tmp / "model.safetensors")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+# ---------------------------------------------------------------------------------------
+# Loss and evaluation
+
+
+def _task_of(batch: dict, task: str) -> str:
+    if task != "auto":
+        return task
+    return "classification" if batch["labels"].dim() == 1 else "causal_lm"
+
+
+def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over this batch's examples or target tokens, logits)."""
+    out = model(**batch)
+    loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
+    logits = out if isinstance(out, torch.Tensor) else (out["logits"] if isinstance(out, dict) else out.logits)
+    if loss is None:
+        labels = batch["labels"]
+        if task == "classification":
+            loss = F.cross_entropy(logits.float(), labels)
+        else:  # position t predicts token t+1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    return loss, logits
+
+
+def _count(batch: dict, task: str) -> int:
+    """How many targets the batch's mean loss averages over: examples, or shifted tokens."""
+    labels = batch["labels"]
+    return labels.numel() if task == "classification" else int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", device=None,
+             bf16: bool = False, shard: bool = True) -> dict[str, float]:
+    """Loss, accuracy and F1 (classification) or loss and perplexity (causal LM).
+
+    F1 is that of class 1 when there are two classes, else the macro average. Under DDP
+    each rank evaluates its share of batches and the sums are all-reduced.
+    """
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    distributed = shard and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    loss_sum, count, correct = 0.0, 0, 0
+    preds, golds = [], []
+    for i, batch in enumerate(batches):
+        if i % world != rank:
+            continue
+        batch = _to(batch, device)
+        task = _task_of(batch, task)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss, logits = _forward(model, batch, task)
+        n = _count(batch, task)
+        loss_sum += loss.item() * n
+        count += n
+        if task == "classification":
+            pred = logits.argmax(-1)
+            preds.append(pred.cpu())
+            golds.append(batch["labels"].cpu())
+    model.train(was_training)
+
+    is_cls = task == "classification"
+    num_classes = 0
+    if is_cls and preds:
+        p, g = torch.cat(preds), torch.cat(golds)
+        num_classes = int(max(p.max(), g.max())) + 1
+    # one vector of sums so a single all_reduce combines every rank's share
+    stats = torch.tensor([loss_sum, count, float(is_cls)], dtype=torch.float64)
+    classes = torch.tensor([num_classes])
+    if distributed:
+        dist.all_reduce(stats)
+        dist.all_reduce(classes, op=dist.ReduceOp.MAX)
+    loss_sum, count, num_classes = stats[0].item(), int(stats[1].item()), int(classes.item())
+    if count == 0:
+        raise ValueError("evaluation saw no examples (empty eval batches, or no target tokens)")
+    metrics = {"loss": loss_sum / count}
+    if task == "classification" or stats[2] > 0:
+        # confusion counts per class: true positives, predicted, actual
+        conf = torch.zeros(3, num_classes, dtype=torch.float64)
+        if preds:
+            p, g = torch.cat(preds), torch.cat(golds)
+            conf[0] = torch.bincount(g[p == g], minlength=num_classes).double()
+            conf[1] = torch.bincount(p, minlength=num_classes).double()
+            conf[2] = torch.bincount(g, minlength=num_classes).double()
+        if distributed:
+            dist.all_reduce(conf)
+        tp, predicted, actual = conf
+        metrics["accuracy"] = tp.sum().item() / count
+        f1 = 2 * tp / (predicted + actual).clamp(min=1)
+        metrics["f1"] = f1[1].item() if num_classes == 2 else f1.mean().item()
+    else:
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfig | None = None) -> TrainResult:
+    """Train `model`'s trainable parameters on `train_batches`; see the module docstring.
+
+    train_batches: a sized, re-iterable collection of batch dicts that yields the same
+        batches in the same order when iterated again for the same epoch (a BatchLoader,
+        or a plain list). set_epoch(e) is called on it when it has that method.
+    eval_batches: same kind of collection, or None for no evaluation.
+    Returns a TrainResult; with restore_best, the model ends holding its best weights.
+    """
+    if config is None:
+        raise ValueError("pass a TrainConfig (at least output_dir)")
+    rank, world, local_rank = setup_distributed()
+    main = rank == 0
+    out_dir = Path(config.output_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if config.device is not None:
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    use_bf16 = config.bf16
+    if use_bf16 is None:
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    torch.manual_seed(config.seed + rank)  # dropout differs per rank; grads are averaged anyway
+    random.seed(config.seed + rank)
+
+    model.to(device)
+    model.train()
+    raw_model = model
+    optimizer = make_optimizer(raw_model, config)
+    if world > 1:
+        # DDP registers only parameters with requires_grad: frozen base weights are
+        # broadcast once at construction and never all-reduced.
+        model = nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters)
+
+    # every rank takes batches rank, rank+world, ...; equal counts keep the ranks in step
+    micro_per_epoch = len(train_batches) // world
+    if micro_per_epoch == 0:
+        raise ValueError(f"{len(train_batches)} training batches cannot feed {world} ranks")
+    accum = config.grad_accum_steps
+    steps_per_epoch = math.ceil(micro_per_epoch / accum)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, warmup, total_steps))
+
+    step, best_metric, best_step, bad_evals, history = 0, None, None, 0, []
+    best_state = None
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    if config.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _load_trainable_state(raw_model, ckpt["trainable"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, best_metric, best_step = ckpt["step"], ckpt["best_metric"], ckpt["best_step"]
+        bad_evals, history, best_state = ckpt["bad_evals"], ckpt["history"], ckpt["best_state"]
+        _set_rng_state(ckpt["rng"][rank])
+        if main:
+            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+        if ckpt["stopped_early"]:
+            return _finish(raw_model, config, step, best_metric, best_step, True, 0.0, history, best_state)
+
+    def save_checkpoint(stopped_early: bool) -> None:
+        rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(rng, _rng_state())  # each rank resumes its own stream
+        else:
+            rng = [_rng_state()]
+        if main:
+            _atomic_torch_save({
+                "trainable": _trainable_state(raw_model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "best_metric": best_metric,
+                "best_step": best_step, "bad_evals": bad_evals, "history": history,
+                "best_state": best_state, "rng": rng, "stopped_early": stopped_early,
+                "config": asdict(config),
+            }, ckpt_path)
+
+    def log(record: dict) -> None:
+        if main:
+            with open(out_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    metric_name = config.metric
+    stopped_early = False
+    t_start = t_log = time.perf_counter()
+    tokens_since_log, loss_since_log, steps_since_log = 0, 0.0, 0
+    train_seconds = 0.0
+    task = config.task
+
+    while step < total_steps and not stopped_early:
+        epoch, window = divmod(step, steps_per_epoch)
+        if hasattr(train_batches, "set_epoch"):
+            train_batches.set_epoch(epoch)
+        # this rank's micro-batches for the epoch, skipping what a resumed run already did
+        mine = (b for i, b in enumerate(train_batches) if i % world == rank and i // world < micro_per_epoch)
+        for _ in range(window * accum):
+            next(mine)
+        for w in range(window, steps_per_epoch):
+            micro = [_to(b, device) for b in _take(mine, accum)]
+            task = _task_of(micro[0], task)
+            n_total = sum(_count(b, task) for b in micro)
+            loss_value = 0.0
+            for j, batch in enumerate(micro):
+                # weight by share of targets: the sum over the window equals the mean loss
+                # of one big batch, whatever the micro-batch sizes
+                weight = _count(batch, task) / max(1, n_total)
+                sync = j == len(micro) - 1 or world == 1
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, _ = _forward(model, batch, task)
+                    (loss * weight).backward()
+                loss_value += loss.item() * weight
+                tokens_since_log += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_since_log += loss_value
+            steps_since_log += 1
+
+            if step % config.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rec = {"step": step, "epoch": epoch, "loss": loss_since_log / steps_since_log,
+                       "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": tokens_since_log * world / max(now - t_log, 1e-9)}
+                if main:
+                    print(f"step {step}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                          f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
+                log(rec)
+                t_log, tokens_since_log, loss_since_log, steps_since_log = now, 0, 0.0, 0
+
+            end_of_epoch = w == steps_per_epoch - 1
+            due = (step % config.eval_every == 0) if config.eval_every else end_of_epoch
+            if eval_batches is not None and (due or step == total_steps):
+                metrics = evaluate(model, eval_batches, task, device, use_bf16)
+                if metric_name == "auto":
+                    metric_name = "accuracy" if "accuracy" in metrics else "loss"
+                if metric_name not in metrics:
+                    raise ValueError(f"metric {metric_name!r} is not one of {sorted(metrics)}")
+                value = metrics[metric_name]
+                lower = metric_name in LOWER_IS_BETTER
+                improved = best_metric is None or (value < best_metric if lower else value > best_metric)
+                if improved:
+                    best_metric, best_step, bad_evals = value, step, 0
+                    if config.restore_best:
+                        best_state = _trainable_state(raw_model)
+                    if config.save_best and main:
+                        save_weights(raw_model, out_dir / BEST_DIR)
+                else:
+                    bad_evals += 1
+                rec = {"step": step, "eval": True, **{f"eval_{k}": v for k, v in metrics.items()},
+                       "best": improved}
+                history.append(rec)
+                log(rec)
+                if main:
+                    print(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                          + (" | best" if improved else ""), flush=True)
+                if config.patience is not None and bad_evals >= config.patience:
+                    stopped_early = True
+                    if main:
+                        print(f"early stop: no {metric_name} improvement in {bad_evals} evaluations", flush=True)
+                save_checkpoint(stopped_early)
+            elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_checkpoint(False)
+            if stopped_early or step >= total_steps:
+                break
+
+    train_seconds = time.perf_counter() - t_start
+    if eval_batches is None and config.save_best and main:
+        save_weights(raw_model, out_dir / BEST_DIR)  # nothing to compare: the last is the best
+    save_checkpoint(stopped_early)
+    if world > 1:
+        dist.barrier()  # nobody reads output_dir before rank 0 has written it
+    return _finish(raw_model, config, step, best_metric, best_step, stopped_early, train_seconds, history, best_state)
+
+
+def _finish(model, config, step, best_metric, best_step, stopped_early, seconds, history, best_state) -> TrainResult:
+    if config.restore_best and best_state is not None:
+        _load_trainable_state(model, best_state)
+    return TrainResult(step=step, best_metric=best_metric, best_step=best_step, stopped_early=stopped_early,
+                       train_seconds=seconds, history=history)
+
+
+def _take(iterator, n: int) -> list:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            break
+    return out
+

@@ -1,0 +1,53 @@
+"""The registry of PEFT methods: one entry per tuner file.
+
+Adding a method means writing ``tuners/<method>.py`` (its config, its wrapper layers, its
+math) and one ``register_method`` call here; the injection code in ``minipeft/injection.py``
+and ``PeftModel`` work from this table alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..config import PeftConfig, PeftType
+from . import lora
+from .base import AdapterLayer, ModulesToSaveWrapper
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """How one method plugs in.
+
+    config_class: its config dataclass.
+    layer_class: its wrapper; a target already wrapped by this class gets the new adapter
+        added in place (``update_layer``) rather than a second wrapper.
+    wrap: ``wrap(module, adapter_name, config, qualified_name) -> layer_class`` builds a new
+        wrapper holding one adapter. It must not modify ``module`` or the model.
+    """
+
+    config_class: type[PeftConfig]
+    layer_class: type[AdapterLayer]
+    wrap: Callable[[nn.Module, str, PeftConfig, str], AdapterLayer]
+
+
+PEFT_METHODS: dict[PeftType, PeftMethod] = {}
+
+
+def register_method(peft_type: PeftType, method: PeftMethod) -> None:
+    PEFT_METHODS[peft_type] = method
+
+
+def method_for(config: PeftConfig) -> PeftMethod:
+    try:
+        return PEFT_METHODS[config.peft_type]
+    except KeyError:
+        known = ", ".join(t.value for t in PEFT_METHODS)
+        raise ValueError(f"unknown peft_type {config.peft_type!r}; minipeft supports: {known}") from None
+
+
+register_method(PeftType.LORA, PeftMethod(lora.LoraConfig, lora.LoraLayer, lora.wrap_module))
+
+__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "PeftMethod", "PEFT_METHODS", "register_method", "method_for"]

@@ -1,0 +1,147 @@
+"""What every adapter wrapper shares: a frozen module plus named adapters beside it.
+
+A wrapper keeps the module it adapts as ``base_layer`` and its trainable parts in
+``nn.ModuleDict`` / ``nn.ParameterDict`` attributes keyed by adapter name, e.g.
+``lora_A["default"]``. That keeps the original parameter names one level down
+(``q_lin.base_layer.weight``), which is also the layout ``peft`` uses, so state dicts map
+one to one. Method files subclass ``AdapterLayer`` and implement ``update_layer`` (add an
+adapter) and ``forward``; mergeable methods also implement ``delta_weight``-style merging.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every wrapper. Subclasses list their per-adapter containers."""
+
+    # Containers (ModuleDict / ParameterDict) that hold trainable tensors, keyed by adapter name.
+    adapter_layer_names: tuple[str, ...] = ()
+    # Plain dicts of per-adapter hyper-parameters (rank, scaling, ...), also keyed by adapter name.
+    other_param_names: tuple[str, ...] = ()
+    # Attribute under which the wrapped module is stored.
+    base_layer_name: str = "base_layer"
+    # Whether the adapter can be folded into the base weights (LoRA, (IA)^3: yes; a bottleneck MLP: no).
+    mergeable: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        setattr(self, self.base_layer_name, base_layer)
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The original module, unwrapping nested adapter wrappers."""
+        base = getattr(self, self.base_layer_name)
+        return base.get_base_layer() if isinstance(base, AdapterLayer) else base
+
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.adapter_layer_names + self.other_param_names:
+            names.update(dict.fromkeys(getattr(self, attr, {})))
+        return list(names)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapters_to_apply(self) -> list[str]:
+        """Adapters whose term the forward adds: active, present here, not merged into the weight."""
+        if self.disable_adapters:
+            return []
+        return [a for a in self.active_adapters if a in self.adapter_names and a not in self.merged_adapters]
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+    def set_adapter(self, adapter_names: list[str], trainable: bool = True) -> None:
+        """Activate ``adapter_names``; only active adapters train (when ``trainable``)."""
+        self.active_adapters = list(adapter_names)
+        for name in self.adapter_names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(trainable and name in adapter_names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge it before deleting it")
+        for attr in self.adapter_layer_names + self.other_param_names:
+            getattr(self, attr).pop(adapter_name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    # -- what subclasses provide --------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config, key: str) -> None:
+        """Create the parameters of a new adapter (``key``: the module's qualified name)."""
+        raise TypeError(f"{type(self).__name__} does not implement update_layer")
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        raise TypeError(
+            f"{type(self).__name__} cannot be merged: its adapter is not a linear map folded into a weight. "
+            "Use unload() to remove it instead."
+        )
+
+    def unmerge(self) -> None:
+        if self.merged_adapters:
+            raise TypeError(f"{type(self).__name__} cannot hold merged adapters")
+
+    def unwrap(self, merge: bool) -> nn.Module:
+        """The module that replaces this wrapper on unload (after merging when asked)."""
+        if merge:
+            self.merge([a for a in self.active_adapters if a in self.adapter_names and a not in self.merged_adapters])
+        return getattr(self, self.base_layer_name)
+
+    def _check_mergeable(self, adapter_names: list[str] | None) -> list[str]:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; this layer has {self.adapter_names}")
+        twice = [n for n in names if n in self.merged_adapters]
+        if twice:
+            raise ValueError(f"adapter(s) {twice} already merged into this layer; unmerge before merging again")
+        return list(names)
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """Trains a whole module (a classifier head, say) as part of an adapter.
+
+    The original stays frozen as ``original_module``; each adapter trains its own copy in
+    ``modules_to_save[name]``, and the forward runs the active copy.
+    """
+
+    adapter_layer_names = ("modules_to_save",)
+    base_layer_name = "original_module"
+    mergeable = True
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.modules_to_save = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str, config=None, key: str = "") -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def forward(self, *args, **kwargs):
+        active = self.adapters_to_apply()
+        if not active:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[active[0]](*args, **kwargs)
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        # Nothing to fold: the active copy simply replaces the original on unload.
+        pass
+
+    def unmerge(self) -> None:
+        pass
+
+    def unwrap(self, merge: bool) -> nn.Module:
+        active = [a for a in self.active_adapters if a in self.modules_to_save]
+        return self.modules_to_save[active[0]] if active else self.original_module

@@ -1,0 +1,398 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021), with rsLoRA scaling and DoRA.
+
+A frozen linear map ``W`` (out x in) is adapted by a trainable low-rank update:
+
+    y = W x + b + s * B A dropout(x),      A: (r, in),  B: (out, r),  s = alpha / r
+
+``A`` starts Kaiming-uniform and ``B`` at zero, so the adapted model equals the base model
+at initialisation. rsLoRA (Kalajdzievski 2023) uses ``s = alpha / sqrt(r)`` so the update's
+scale does not shrink as the rank grows. DoRA (Liu et al. 2024) splits the adapted weight
+into a direction and a trainable per-row magnitude ``m``:
+
+    W' = m * (W + s B A) / ||W + s B A||_row
+
+Because ``B A`` is a matrix of the same shape as ``W``, the update can be folded into the
+weight (``merge``) for inference at zero cost and taken out again (``unmerge``).
+
+Parameter names match peft's: ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``,
+``lora_embedding_A.<adapter>``, ``lora_magnitude_vector.<adapter>.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftConfig, PeftType
+from ..targeting import is_gpt2_conv1d
+from .base import AdapterLayer
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA hyper-parameters, with peft's field names and meanings.
+
+    r: rank of the update. lora_alpha: numerator of the scaling ``alpha / r``.
+    target_modules: names (exact or dotted suffix), a full-match regex, or ``"all-linear"``.
+    rank_pattern / alpha_pattern: per-module overrides, ``{"regex": value}`` matched against the
+    end of the qualified name. bias: which biases train (``"none"``, ``"all"``, ``"lora_only"``).
+    init_lora_weights: ``True`` (Kaiming-uniform A, zero B), ``"gaussian"`` (normal A with std
+    1/r, zero B) or ``False`` (both random: the adapter changes the output from the start).
+    use_fused_kernels: minipeft only, not saved: use the Triton path on CUDA when available.
+    """
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    use_fused_kernels: bool = True
+
+    runtime_only_fields: ClassVar[tuple[str, ...]] = ("use_fused_kernels",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LORA
+        for name, value in [("r", self.r), *self.rank_pattern.items()]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LoRA rank must be a positive integer, got {name}={value!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.layers_to_transform is not None and self.layers_pattern is not None and isinstance(
+            self.target_modules, str
+        ):
+            raise ValueError("layers_to_transform cannot be combined with a regex target_modules; use a list")
+
+    def rank_and_alpha(self, key: str) -> tuple[int, float]:
+        """Rank and alpha for the module named ``key``, after rank_pattern / alpha_pattern."""
+        return _pattern_value(self.rank_pattern, key, self.r), _pattern_value(self.alpha_pattern, key, self.lora_alpha)
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude vector ``m`` (one entry per output row), stored as ``.weight``."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+class LoraLayer(AdapterLayer):
+    """Bookkeeping shared by the LoRA wrappers: rank, scaling and dropout per adapter."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = in_features, out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.use_fused_kernels = False
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
+        r, alpha = config.rank_and_alpha(key)
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.use_dora[adapter_name] = config.use_dora
+        self.use_fused_kernels = config.use_fused_kernels
+        self.create_adapter(adapter_name, r)
+        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+        if config.use_dora:
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self._row_norm(adapter_name).detach())
+        self._move_adapter_to_base(adapter_name)
+
+    def create_adapter(self, adapter_name: str, r: int) -> None:
+        raise TypeError(f"{type(self).__name__} must define create_adapter")
+
+    def reset_lora_parameters(self, adapter_name: str, init: bool | str) -> None:
+        if init is False:
+            return
+        if adapter_name in self.lora_A:
+            A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / self.r[adapter_name])
+            else:
+                # The same init nn.Linear gives its weight (He et al. with a = sqrt(5)).
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+        if adapter_name in self.lora_embedding_A:
+            # Embeddings swap the roles: A at zero, B normal, as an nn.Embedding is initialised.
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _move_adapter_to_base(self, adapter_name: str) -> None:
+        """Adapters live on the base weight's device. Half-precision bases keep fp32 adapters
+        (stable optimisation); the forward casts the small adapter weights, never the input."""
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        for p in self.adapter_parameters(adapter_name):
+            p.data = p.data.to(weight.device, dtype)
+
+    # -- merging ------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The update ``s * B A`` in the base weight's own layout and dtype."""
+        raise TypeError(f"{type(self).__name__} must define delta_weight")
+
+    def _row_norm(self, adapter_name: str) -> torch.Tensor:
+        """DoRA's ``||W + s B A||`` per output row, computed in fp32."""
+        weight = self._weight_out_in(self.get_base_layer().weight).float()
+        return (weight + self._weight_out_in(self.delta_weight(adapter_name)).float()).norm(p=2, dim=1)
+
+    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or given) adapters into the base weight: W <- W + s B A."""
+        weight = self.get_base_layer().weight
+        for name in self._check_mergeable(adapter_names):
+            with torch.no_grad():
+                if self.use_dora.get(name):
+                    norm = self._row_norm(name)
+                    factor = self.lora_magnitude_vector[name].weight / norm
+                    self._dora_norms = {**getattr(self, "_dora_norms", {}), name: factor}
+                    merged = self._weight_out_in(weight).float() + self._weight_out_in(self.delta_weight(name)).float()
+                    new = factor.view(-1, 1) * merged
+                    weight.data.copy_(self._weight_out_in(new).to(weight.dtype))
+                else:
+                    weight.data += self.delta_weight(name)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take merged adapters out again, newest first: W <- W - s B A."""
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                if self.use_dora.get(name):
+                    factor = self._dora_norms.pop(name)
+                    base = self._weight_out_in(weight).float() / factor.view(-1, 1)
+                    base = base - self._weight_out_in(self.delta_weight(name)).float()
+                    weight.data.copy_(self._weight_out_in(base).to(weight.dtype))
+                else:
+                    weight.data -= self.delta_weight(name)
+
+    def _apply_lora_before(self) -> None:
+        # peft semantics: a merged layer whose adapters are disabled unmerges itself first.
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight stored (in, out))."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        weight = _innermost(base_layer).weight
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        super().__init__(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def create_adapter(self, adapter_name: str, r: int) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+
+    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        delta = (B.float() @ A.float()) * self.scaling[adapter_name]  # (out, in)
+        return self._weight_out_in(delta).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._apply_lora_before()
+        adapters = self.adapters_to_apply()
+        if adapters and self._fused_path_applies(x, adapters):
+            return self._fused_forward(x, adapters[0])
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
+            if self.use_dora[name]:
+                result = self._add_dora_term(result, x, name)
+            else:
+                result = self._add_lora_term(result, x, name)
+        return result
+
+    def _add_lora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """result += s * (dropout(x) A^T) B^T, without copying x and, when possible, in place."""
+        dropout, s = self.lora_dropout[name], self.scaling[name]
+        x = x if isinstance(dropout, nn.Identity) else dropout(x)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if result.dtype == x.dtype and result.is_contiguous():
+            # Cast the small (r x in) and (out x r) weights to the input's dtype, not x to fp32.
+            xa = F.linear(x, A.to(x.dtype))  # (..., r)
+            result.view(-1, self.out_features).addmm_(xa.reshape(-1, xa.shape[-1]), B.to(x.dtype).T, alpha=s)
+            return result
+        # Autocast (x in fp32, result in bf16): let autocast choose the matmul dtype.
+        return result + s * F.linear(F.linear(x, A), B)
+
+    def _add_dora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """DoRA: y = (m/||W + sBA||) (W x + s B A x) + b, with the norm treated as a constant
+        (DoRA section 4.3), written as a correction to the base output already computed."""
+        dropout, s = self.lora_dropout[name], self.scaling[name]
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        base = self.get_base_layer()
+        weight = self._weight_out_in(base.weight).to(x.dtype)
+        lora_weight = (B @ A).detach().to(x.dtype)
+        norm = (weight + s * lora_weight).norm(p=2, dim=1).detach()
+        scale = self.lora_magnitude_vector[name].weight.to(x.dtype) / norm  # (out,)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_result = result if base.bias is None else result - base.bias
+        else:
+            x = dropout(x)
+            base_result = F.linear(x, weight)
+        lora_result = F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+        return result + (scale - 1) * base_result + scale * lora_result * s
+
+    # -- fused Triton path --------------------------------------------------------------------
+    def _fused_path_applies(self, x: torch.Tensor, adapters: list[str]) -> bool:
+        base = self.base_layer
+        if not (self.use_fused_kernels and x.is_cuda and len(adapters) == 1 and isinstance(base, nn.Linear)):
+            return False
+        if self.use_dora[adapters[0]] or base.weight.requires_grad or torch.is_autocast_enabled():
+            return False
+        from .. import kernels
+
+        return kernels.is_available() and kernels.enabled()
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        from .. import kernels
+
+        base, dropout = self.base_layer, self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        A, B = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
+        return kernels.lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.training)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: the update ``s * (B A)^T`` is a (num_embeddings x dim) table."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        num_embeddings, dim = _innermost(base_layer).weight.shape
+        super().__init__(base_layer, num_embeddings, dim)
+
+    def create_adapter(self, adapter_name: str, r: int) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        delta = (B.float() @ A.float()).T * self.scaling[adapter_name]  # (num_embeddings, dim)
+        return delta.to(self.get_base_layer().weight.dtype)
+
+    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._apply_lora_before()
+        result = self.base_layer(x, *args, **kwargs)
+        emb = self.get_base_layer()
+        for name in self.adapters_to_apply():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            # Look rows up in A^T (num_embeddings, r), then project up with B: (..., r) @ (r, dim).
+            after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+            result = result + (after_a @ B.T).to(result.dtype) * self.scaling[name]
+        return result
+
+
+class LoraConv(LoraLayer):
+    """LoRA around ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv with the base kernel down to r
+    channels, B a 1x1 conv back up, so ``B A`` is again a kernel of the base's shape."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        conv = _innermost(base_layer)
+        if conv.groups != 1:
+            raise ValueError(f"LoRA supports convolutions with groups=1 only, got groups={conv.groups}")
+        super().__init__(base_layer, conv.in_channels, conv.out_channels)
+
+    def create_adapter(self, adapter_name: str, r: int) -> None:
+        conv = self.get_base_layer()
+        conv_cls = type(conv)
+        ones = (1,) * len(conv.kernel_size)
+        self.lora_A[adapter_name] = conv_cls(
+            self.in_features, r, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False
+        )
+        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # B: (out, r, 1, ...), A: (r, in, k, ...) -> (out, in, k, ...)
+        delta = torch.einsum("or,ri...->oi...", B.flatten(1).float(), A.float()) * self.scaling[adapter_name]
+        return delta.to(self.get_base_layer().weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._apply_lora_before()
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.adapters_to_apply():
+            dropout = self.lora_dropout[name]
+            x_in = x if isinstance(dropout, nn.Identity) else dropout(x)
+            A, B = self.lora_A[name], self.lora_B[name]
+            result = result + B(A(x_in.to(A.weight.dtype))).to(result.dtype) * self.scaling[name]
+        return result
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, AdapterLayer) else module
+
+
+SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d and transformers' GPT-2 Conv1D"
+
+
+def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLayer:
+    """Build the LoRA wrapper for ``target`` (the module named ``key``) with one adapter."""
+    base = _innermost(target)
+    if isinstance(base, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
+        layer: LoraLayer = LoraLinear(target, fan_in_fan_out=False)
+    elif is_gpt2_conv1d(base):
+        layer = LoraLinear(target, fan_in_fan_out=True)
+    elif isinstance(base, nn.Embedding):
+        layer = LoraEmbedding(target)
+    elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        layer = LoraConv(target)
+    else:
+        raise TypeError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
+    if config.use_dora and not isinstance(layer, LoraLinear):
+        raise TypeError(f"DoRA is implemented for linear layers; {key!r} is a {type(base).__name__}")
+    layer.update_layer(adapter_name, config, key)
+    return layer

@@ -1,0 +1,257 @@
+"""The training loop on tiny models: learning, early stopping, resume, accumulation, DDP.
+
+Run as a script (`python -m torch.distributed.run --nproc_per_node 2 tests/test_train.py OUT`)
+this file is also the worker of the two-process DDP test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minipeft.data import BatchLoader  # noqa: E402
+from minipeft.train import TrainConfig, evaluate, lr_lambda, make_optimizer, train  # noqa: E402
+
+VOCAB, DIM = 32, 16
+
+
+class TinyClassifier(nn.Module):
+    """Frozen embedding + trainable "adapter" and head: the shape of a PEFT model."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.embed.weight.requires_grad_(False)
+        self.adapter = nn.Linear(DIM, DIM)
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(DIM, 2)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        h = self.embed(input_ids)  # [B, T, D]
+        m = attention_mask.unsqueeze(-1).float()
+        h = (h * m).sum(1) / m.sum(1)  # mean over real tokens
+        return self.classifier(self.drop(torch.tanh(self.adapter(h))))  # logits [B, 2]
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.head(self.embed(input_ids))  # [B, T, V]; position t predicts t+1
+
+
+def tiny_examples(n: int, seed: int = 0) -> list[dict]:
+    """Label 1 for sequences of low token ids, 0 for high ones: separable after mean pooling."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 9, (1,), generator=g))
+        label = int(torch.rand(1, generator=g) < 0.5)
+        low, high = (2, VOCAB // 2 + 2) if label else (VOCAB // 2 - 2, VOCAB)  # overlapping ranges
+        out.append({"input_ids": torch.randint(low, high, (length,), generator=g).tolist(), "label": label})
+    return out
+
+
+def loaders(batch_size=8, n_train=256, shuffle=True):
+    train_loader = BatchLoader(tiny_examples(n_train, 0), batch_size=batch_size, shuffle=shuffle, seed=0)
+    eval_loader = BatchLoader(tiny_examples(64, 1), batch_size=32)
+    return train_loader, eval_loader
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lr_schedule_warmup_then_decay():
+    f = lr_lambda("linear", warmup=4, total=14)
+    assert f(0) < f(1) < f(3) < f(4) == 1.0
+    assert f(9) == pytest.approx(0.5) and f(14) == 0.0
+    c = lr_lambda("cosine", warmup=0, total=10)
+    assert c(0) == 1.0 and c(5) == pytest.approx(0.5) and c(10) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_lambda("step", 0, 10)
+
+
+def test_optimizer_holds_only_trainable_params():
+    model = TinyClassifier()
+    opt = make_optimizer(model, TrainConfig(output_dir="unused", weight_decay=0.1))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    assert id(model.embed.weight) not in in_opt
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(model, TrainConfig(output_dir="unused"))
+
+
+def test_loss_goes_down_and_frozen_weights_stay(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    frozen = model.embed.weight.detach().clone()
+    train_loader, eval_loader = loaders()
+    before = evaluate(model, eval_loader)
+    result = train(model, train_loader, eval_loader,
+                   TrainConfig(output_dir=str(tmp_path), epochs=4, lr=3e-2, log_every=8, warmup_steps=4))
+    after = evaluate(model, eval_loader)
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["accuracy"] >= 0.9 and 0 <= after["f1"] <= 1
+    assert torch.equal(model.embed.weight, frozen)
+    assert result.step == 4 * len(train_loader)
+    # a plain module has no save_pretrained: its state_dict goes to safetensors
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "best" / "model.safetensors")
+    assert set(saved) == set(model.state_dict())
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("tokens_per_s" in l and "lr" in l for l in lines)
+    assert sum(1 for l in lines if l.get("eval")) == 4  # once per epoch
+
+
+def test_full_finetuning_runs_through_the_same_loop(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    model.embed.weight.requires_grad_(True)
+    frozen_before = model.embed.weight.detach().clone()
+    train_loader, eval_loader = loaders()
+    train(model, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=1, lr=1e-2, log_every=100))
+    assert not torch.equal(model.embed.weight, frozen_before)
+
+
+def test_causal_lm_loss_and_perplexity(tmp_path):
+    torch.manual_seed(0)
+    # a cyclic sequence: token t+1 follows t; prompt tokens are masked out of the loss
+    examples = []
+    for start in range(VOCAB):
+        ids = [(start + i) % VOCAB for i in range(8)]
+        examples.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    loader = BatchLoader(examples, batch_size=8, shuffle=True)
+    model = TinyLM()
+    before = evaluate(model, loader)
+    assert set(before) == {"loss", "perplexity"}
+    train(model, loader, loader, TrainConfig(output_dir=str(tmp_path), epochs=20, lr=5e-2, log_every=100,
+                                             schedule="constant"))
+    after = evaluate(model, loader)
+    assert after["perplexity"] < 0.2 * before["perplexity"]
+
+
+def test_early_stopping_triggers(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    train_loader, eval_loader = loaders()
+    # lr 0: the metric never improves after the first evaluation
+    result = train(model, train_loader, eval_loader,
+                   TrainConfig(output_dir=str(tmp_path), epochs=10, lr=0.0, eval_every=2, patience=3,
+                               metric="loss", log_every=100))
+    assert result.stopped_early
+    assert result.step == 2 * 4  # first eval sets the best, three more without improvement
+    assert result.best_step == 2 and len(result.history) == 4
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    examples = tiny_examples(48)
+    results = []
+    for batch_size, accum in ((12, 1), (3, 4)):
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        loader = BatchLoader(examples, batch_size=batch_size)
+        train(model, loader, None, TrainConfig(output_dir=str(tmp_path / str(accum)), epochs=2, lr=1e-2,
+                                               grad_accum_steps=accum, log_every=100, max_grad_norm=0.5))
+        results.append(trainable(model))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingLoader:
+    """Yields a loader's batches but raises after `after` batches in total (a killed job)."""
+
+    def __init__(self, loader, after):
+        self.loader, self.after, self.seen = loader, after, 0
+
+    def set_epoch(self, e):
+        self.loader.set_epoch(e)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for b in self.loader:
+            if self.seen == self.after:
+                raise Crash
+            self.seen += 1
+            yield b
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    train_loader, eval_loader = loaders(n_train=96)  # 12 batches an epoch, shuffled per epoch
+
+    def config(out):
+        # dropout on: resume must restore the RNG too, not only weights and optimizer
+        return TrainConfig(output_dir=str(out), epochs=3, lr=1e-2, eval_every=5, checkpoint_every=3,
+                           grad_accum_steps=2, log_every=100, schedule="cosine", warmup_steps=2)
+
+    torch.manual_seed(0)
+    reference = TinyClassifier(dropout=0.3)
+    ref_result = train(reference, train_loader, eval_loader, config(tmp_path / "a"))
+
+    torch.manual_seed(0)
+    model = TinyClassifier(dropout=0.3)
+    with pytest.raises(Crash):  # dies in epoch 2, after the checkpoint at step 10
+        train(model, CrashingLoader(train_loader, after=12 + 8 + 1), eval_loader, config(tmp_path / "b"))
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 10  # saved after the eval at step 10
+
+    torch.manual_seed(0)  # a fresh process: the same frozen base (pretrained weights) ...
+    resumed = TinyClassifier(dropout=0.3)
+    torch.manual_seed(123)  # ... but another RNG state and other adapter weights, which resume replaces
+    with torch.no_grad():
+        resumed.adapter.weight.normal_()
+    result = train(resumed, train_loader, eval_loader, config(tmp_path / "b"))
+    assert result.step == ref_result.step == 18
+    assert result.best_step == ref_result.best_step
+    for name, value in trainable(reference).items():
+        torch.testing.assert_close(trainable(resumed)[name], value, rtol=0, atol=0)
+
+
+def test_ddp_two_processes_end_with_identical_adapters(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           __file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert set(w0) == {"adapter.weight", "adapter.bias", "classifier.weight", "classifier.bias"}
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    assert (tmp_path / "out" / "best" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "checkpoint.pt").exists()
+    evals = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert evals and evals[-1]["eval_accuracy"] > 0.6  # rank 0 alone logged, once per record
+
+
+def _ddp_worker(out: str) -> None:
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(rank)  # different inits on purpose: DDP must broadcast rank 0's weights
+    model = TinyClassifier(dropout=0.2)  # and different dropout masks: grads still averaged
+    train_loader, eval_loader = loaders()
+    train(model, train_loader, eval_loader,
+          TrainConfig(output_dir=os.path.join(out, "out"), epochs=2, lr=2e-2, log_every=100, grad_accum_steps=2))
+    torch.save(trainable(model), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
