@@ -35,7 +35,7 @@ def set_enabled(flag: bool) -> None:
 
 
 if is_available():
-    from .lora_linear import dropout_mask, lora_linear, use_fused_base
+    from .fused_lora import dropout_mask, lora_linear, use_fused_base
 else:
     def lora_linear(*args, **kwargs):
         raise RuntimeError("minipeft.kernels.lora_linear needs triton; check minipeft.kernels.is_available()")

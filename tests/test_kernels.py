@@ -1,0 +1,196 @@
+"""minipeft.kernels.lora_linear against a float64 pure-PyTorch reference.
+
+The kernels run on CPU tensors through Triton's interpreter, so this file needs no GPU.
+"""
+
+import os
+
+# Must be set before triton is first imported: triton.jit decides at decoration time whether
+# a kernel is compiled for a GPU or interpreted on the CPU with numpy.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import minipeft.kernels as kernels  # noqa: E402
+import minipeft.kernels.fused_lora as impl  # noqa: E402
+
+if not impl.INTERPRET:
+    # Another test module imported the kernels before this one set TRITON_INTERPRET: compile
+    # them again, interpreted.
+    importlib.reload(impl)
+    importlib.reload(kernels)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def rel_err(actual, expected):
+    """||actual - expected|| / ||expected||, 0 when both are zero (e.g. everything dropped)."""
+    diff = (actual.double() - expected).norm()
+    return (diff / expected.norm().clamp_min(1e-30)).item() if diff > 0 else 0.0
+
+
+def reference(x, weight, bias, lora_A, lora_B, scaling, mask, p):
+    """y = x W^T + b + s * (D * x / (1 - p)) A^T B^T in float64; mask None means no dropout."""
+    x_drop = x if mask is None else x * mask / (1 - p)
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_drop, lora_A), lora_B)
+
+
+def make_inputs(lead, K, N, r, dtype, bias=True, layout="contiguous", seed=0):
+    """Inputs scaled so that every term of y is O(1). layout: contiguous, strided or transposed."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    if layout == "strided":  # every other column of a wider tensor
+        x = randn(*lead, 2 * K)[..., ::2]
+    elif layout == "transposed":  # K is the slowest axis in memory
+        x = randn(K, *lead).movedim(0, -1)
+    else:
+        x = randn(*lead, K)
+    weight = randn(N, K) / K**0.5
+    b = randn(N) if bias else None
+    lora_A = randn(r, K) / K**0.5
+    lora_B = randn(N, r) / r**0.5  # nonzero (unlike LoRA's init) so that every gradient is tested
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(x), cast(weight), cast(b), cast(lora_A), cast(lora_B)
+
+
+def check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fused):
+    x, weight, b, lora_A, lora_B = make_inputs(lead, K, N, r, dtype, bias, layout)
+    x.requires_grad_(True)
+    lora_A.requires_grad_(True)
+    lora_B.requires_grad_(True)
+    seed = 1234
+
+    with mock.patch.object(impl, "use_fused_base", lambda M, N, K: fused):
+        y = kernels.lora_linear(x, weight, b, lora_A, lora_B, scaling, dropout_p=p, seed=seed)
+        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        y.backward(dy.to(dtype))
+
+    # The reference uses the kernels' own mask, so values match element for element.
+    mask = kernels.dropout_mask(seed, x.shape, p, x.device).double() if p > 0 else None
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B))
+    y64 = reference(x64, weight.double(), None if b is None else b.double(), A64, B64, scaling, mask, p)
+    y64.backward(dy)
+
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    tol = TOL[dtype]
+    assert rel_err(y, y64) < tol, "y"
+    assert rel_err(x.grad, x64.grad) < tol, "dx"
+    assert rel_err(lora_A.grad, A64.grad) < tol, "dA"
+    assert rel_err(lora_B.grad, B64.grad) < tol, "dB"
+    assert weight.grad is None and (b is None or b.grad is None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=3).filter(lambda s: torch.Size(s).numel() <= 70),
+    K=st.integers(1, 70),
+    N=st.integers(1, 70),
+    r=st.sampled_from([1, 2, 5, 16, 17, 40, 64, 65, 130]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    bias=st.booleans(),
+    layout=st.sampled_from(["contiguous", "strided", "transposed"]),
+    p=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
+    scaling=st.sampled_from([0.5, 2.0]),
+    fused=st.booleans(),
+)
+def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fused):
+    check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fused)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-base", "cublas-base"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ragged_shapes_every_dtype(dtype, fused):
+    # Fixed cases next to the random ones: edges in every block dimension, r = 1, K < block.
+    check_against_reference((3, 37), 45, 29, 1, dtype, True, "strided", 0.0, 2.0, fused)
+    check_against_reference((70,), 5, 33, 8, dtype, False, "transposed", 0.25, 0.5, fused)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_kept_fraction_is_one_minus_p(p):
+    kept = torch.stack([kernels.dropout_mask(seed, (16, 128), p).float().mean() for seed in range(100)])
+    assert abs(kept.mean().item() - (1 - p)) < 0.01
+    # Different seeds draw different masks; the same seed draws the same one.
+    assert not torch.equal(kernels.dropout_mask(0, (16, 128), p), kernels.dropout_mask(1, (16, 128), p))
+    assert torch.equal(kernels.dropout_mask(7, (16, 128), p), kernels.dropout_mask(7, (16, 128), p))
+
+
+def test_backward_redraws_the_forward_mask():
+    # dA = dxa^T (D * x / (1 - p)) depends on D directly: it matches the reference built with
+    # the forward's mask, and would not with any other mask.
+    p, seed = 0.5, 42
+    x, weight, b, lora_A, lora_B = make_inputs((24,), 40, 24, 4, torch.float32)
+    lora_A.requires_grad_(True)
+    kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, p, seed=seed).sum().backward()
+
+    def reference_dA(mask_seed):
+        A64 = lora_A.detach().double().requires_grad_(True)
+        mask = kernels.dropout_mask(mask_seed, x.shape, p).double()
+        reference(x.double(), weight.double(), b.double(), A64, lora_B.double(), 1.0, mask, p).sum().backward()
+        return A64.grad
+
+    assert rel_err(lora_A.grad, reference_dA(seed)) < 1e-5
+    assert rel_err(lora_A.grad, reference_dA(seed + 1)) > 0.1
+
+
+def test_saves_only_x_xa_and_the_weights():
+    # The dropped copy of x is never kept for the backward: only the seed is.
+    x, weight, b, lora_A, lora_B = make_inputs((32,), 48, 20, 4, torch.float32)
+    lora_A.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.3, seed=3)
+    inputs = {t.data_ptr() for t in (x, weight, lora_A, lora_B)}
+    extra = [t.shape for t in saved if t.data_ptr() not in inputs]
+    assert extra == [torch.Size([32, 4])]  # xa
+
+
+def test_frozen_weight_gets_no_gradient():
+    x, weight, b, lora_A, lora_B = make_inputs((8,), 16, 12, 2, torch.float32)
+    for t in (x, lora_A, lora_B):
+        t.requires_grad_(True)
+    kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0).sum().backward()
+    assert weight.grad is None and b.grad is None
+    assert x.grad is not None and lora_A.grad is not None and lora_B.grad is not None
+
+    # A trainable base weight is refused rather than silently left without a gradient.
+    with pytest.raises(ValueError, match="frozen"):
+        kernels.lora_linear(x, weight.requires_grad_(True), b, lora_A, lora_B, 1.0)
+
+
+def test_eval_mode_and_seed_handling():
+    x, weight, b, lora_A, lora_B = make_inputs((2, 9), 20, 10, 4, torch.float32)
+    call = lambda **kw: kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, **kw)  # noqa: E731
+    # No dropout outside training.
+    assert torch.equal(call(dropout_p=0.5, training=False), call(dropout_p=0.0))
+    # Without a seed one is drawn from torch's generator, so manual_seed makes runs repeatable.
+    torch.manual_seed(0)
+    first = call(dropout_p=0.5)
+    torch.manual_seed(0)
+    assert torch.equal(call(dropout_p=0.5), first)
+    assert not torch.equal(call(dropout_p=0.5), first)
+
+
+def test_rejects_mixed_dtypes():
+    x, weight, b, lora_A, lora_B = make_inputs((4,), 8, 8, 2, torch.float32)
+    with pytest.raises(TypeError, match="one dtype"):
+        kernels.lora_linear(x.half(), weight, b, lora_A, lora_B, 1.0)
+
+
+def test_switch_and_fallback_rule():
+    assert kernels.is_available()
+    assert kernels.enabled()
+    kernels.set_enabled(False)
+    try:
+        assert not kernels.enabled()
+    finally:
+        kernels.set_enabled(True)
+    # Decoding-sized batches go to cuBLAS; a long sequence runs our GEMM.
+    assert not impl.use_fused_base(16, 4096, 4096)
+    assert impl.use_fused_base(8192, 4096, 4096)
