@@ -3,9 +3,13 @@
 from .config import PeftConfig, PeftType, TaskType
 from .injection import inject_adapter_in_model
 from .model import PeftModel, get_peft_model
+from .tuners.bottleneck import BottleneckConfig
+from .tuners.ia3 import IA3Config
 from .tuners.lora import LoraConfig
 
 __all__ = [
+    "BottleneckConfig",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

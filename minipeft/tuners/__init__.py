@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import lora
+from . import bottleneck, ia3, lora
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -49,5 +49,9 @@ def method_for(config: PeftConfig) -> PeftMethod:
 
 
 register_method(PeftType.LORA, PeftMethod(lora.LoraConfig, lora.LoraLayer, lora.wrap_module))
+register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
+register_method(
+    PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
+)
 
 __all__ = ["AdapterLayer", "ModulesToSaveWrapper", "PeftMethod", "PEFT_METHODS", "register_method", "method_for"]

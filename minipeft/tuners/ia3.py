@@ -1,0 +1,186 @@
+"""(IA)^3: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al. 2022).
+
+A frozen linear map ``y = W x + b`` is adapted by one learned vector ``l`` that rescales
+either its output or its input:
+
+    attention keys / values (output side):   y = l * (W x + b),        l: (out,)
+    feed-forward modules    (input side):    y = W (l * x) + b,        l: (in,)
+
+The paper scales keys, values and the input of the second feed-forward matrix (the
+intermediate activation). ``l`` starts at one, so the adapted model equals the base model
+at initialisation, and it costs ``out`` or ``in`` parameters per module.
+
+Both forms are diagonal matrices applied to ``W``, so they fold into the weight:
+``diag(l) W`` (and ``l * b``) on the output side, ``W diag(l)`` on the input side.
+Unmerging divides again, which is exact unless ``l`` has zero entries.
+
+Parameter names and shapes match peft's so checkpoints load both ways:
+``ia3_l.<adapter>`` of shape ``(out, 1)`` on the output side and ``(1, in)`` on the input
+side (GPT-2's ``Conv1D`` included: its ``(in, out)`` weight only changes how merging indexes).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, PeftType
+from ..targeting import is_gpt2_conv1d, name_matches
+from .base import AdapterLayer
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """(IA)^3 hyper-parameters, with peft's field names and meanings.
+
+    target_modules: modules that get a vector (names exact or as a dotted suffix, a full-match
+        regex, or ``"all-linear"``), e.g. ``["key", "value", "output.dense"]`` for BERT.
+    feedforward_modules: which of the targets scale their *input* instead of their output;
+        the same matching rules, and a list must be a subset of a list ``target_modules``.
+    exclude_modules: never adapted, even when matched by ``target_modules``.
+    fan_in_fan_out: weights stored ``(in, out)``; set automatically for GPT-2's Conv1D.
+    init_ia3_weights: start the vectors at one (identity); ``False`` draws them from N(0, 1).
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.IA3
+        for attr in ("target_modules", "exclude_modules", "feedforward_modules"):
+            value = getattr(self, attr)
+            if isinstance(value, (set, frozenset, tuple)):
+                setattr(self, attr, sorted(value))
+        # Written as [] rather than None: peft fills a None from its per-architecture table when
+        # loading, which would turn output-side vectors into input-side ones of another shape.
+        if self.feedforward_modules is None:
+            self.feedforward_modules = []
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(
+                    f"feedforward_modules must be a subset of target_modules: {extra} are not in "
+                    f"target_modules={self.target_modules}; add them to target_modules or drop them"
+                )
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ValueError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+
+    def is_feedforward(self, key: str) -> bool:
+        """Whether the module named ``key`` scales its input (feed-forward) or its output."""
+        return bool(self.feedforward_modules) and name_matches(key, self.feedforward_modules)
+
+
+class IA3Linear(AdapterLayer):
+    """(IA)^3 around ``nn.Linear`` or GPT-2's ``Conv1D``.
+
+    Each adapter remembers its own side (``is_feedforward[name]``), so two adapters on one
+    module may scale different sides; active adapters multiply.
+    """
+
+    adapter_layer_names = ("ia3_l",)
+    other_param_names = ("is_feedforward",)
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
+        super().__init__(base_layer)
+        weight = self.get_base_layer().weight
+        # nn.Linear stores (out, in); Conv1D stores (in, out).
+        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.fan_in_fan_out = fan_in_fan_out
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward: dict[str, bool] = {}
+
+    def update_layer(self, adapter_name: str, config: IA3Config, key: str) -> None:
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
+        feedforward = config.is_feedforward(key)
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        weight = self.get_base_layer().weight
+        # Half-precision bases keep fp32 vectors (stable optimisation), as LoRA does.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        init = torch.ones(shape) if config.init_ia3_weights else torch.randn(shape)
+        self.ia3_l[adapter_name] = nn.Parameter(init.to(weight.device, dtype))
+        self.is_feedforward[adapter_name] = feedforward
+
+    # -- forward ------------------------------------------------------------------------------
+    def _scales(self, adapters: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Product of the active input-side vectors (in,) and output-side vectors (out,)."""
+        scale_in = scale_out = None
+        for name in adapters:
+            l = self.ia3_l[name].flatten()
+            if self.is_feedforward[name]:
+                scale_in = l if scale_in is None else scale_in * l
+            else:
+                scale_out = l if scale_out is None else scale_out * l
+        return scale_in, scale_out
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # peft semantics: a merged layer whose adapters are disabled unmerges itself first.
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        scale_in, scale_out = self._scales(self.adapters_to_apply())
+        if scale_in is not None:
+            x = x * scale_in.to(x.dtype)  # (..., in)
+        result = self.base_layer(x, *args, **kwargs)
+        if scale_out is not None:
+            result = result * scale_out.to(result.dtype)  # (..., out)
+        return result
+
+    # -- merging ------------------------------------------------------------------------------
+    def _weight_scale(self, name: str) -> torch.Tensor:
+        """``l`` shaped to broadcast against the stored weight: rows or columns of (out, in)."""
+        l = self.ia3_l[name].detach()  # (out, 1) or (1, in): already (out, in)-broadcastable
+        return l.T if self.fan_in_fan_out else l
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the vectors into the weight: ``diag(l) W`` / ``l * b`` or ``W diag(l)``."""
+        base = self.get_base_layer()
+        for name in self._check_mergeable(adapter_names):
+            with torch.no_grad():
+                base.weight.data = (base.weight.float() * self._weight_scale(name).float()).to(base.weight.dtype)
+                if not self.is_feedforward[name] and base.bias is not None:
+                    base.bias.data = (base.bias.float() * self.ia3_l[name].detach().flatten().float()).to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Divide merged vectors back out, newest first (exact up to rounding)."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            l = self.ia3_l[name].detach()
+            if (l == 0).any():
+                raise ValueError(
+                    f"cannot unmerge (IA)^3 adapter {name!r}: its vector has zero entries, so the rows or columns "
+                    "they scaled are lost from the merged weight; reload the base weights instead"
+                )
+            with torch.no_grad():
+                base.weight.data = (base.weight.float() / self._weight_scale(name).float()).to(base.weight.dtype)
+                if not self.is_feedforward[name] and base.bias is not None:
+                    base.bias.data = (base.bias.float() / l.flatten().float()).to(base.bias.dtype)
+            self.merged_adapters.pop()
+
+
+SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
+
+
+def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: str) -> IA3Linear:
+    """Build the (IA)^3 wrapper for ``target`` (the module named ``key``) with one adapter."""
+    base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
+    if isinstance(base, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
+        layer = IA3Linear(target, fan_in_fan_out=False)
+    elif is_gpt2_conv1d(base):
+        layer = IA3Linear(target, fan_in_fan_out=True)
+    else:
+        raise TypeError(f"cannot apply (IA)^3 to {key!r}: it is a {type(base).__name__}; (IA)^3 supports {SUPPORTED}")
+    layer.update_layer(adapter_name, config, key)
+    return layer
