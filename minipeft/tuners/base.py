@@ -76,7 +76,9 @@ class AdapterLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge it before deleting it")
         for attr in self.adapter_layer_names + self.other_param_names:
-            getattr(self, attr).pop(adapter_name, None)
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     # -- what subclasses provide --------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""Tiny models shared by the tests: transformers architectures built from configs (no
+downloads) and a hand-written module, all small enough to run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 64
+
+
+def tiny_transformers_model(kind: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=48)
+        return transformers.DistilBertForSequenceClassification(cfg).eval()
+    if kind == "bert":
+        cfg = transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
+        )
+        return transformers.BertForSequenceClassification(cfg).eval()
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        )
+        return transformers.LlamaForCausalLM(cfg).eval()
+    raise ValueError(kind)
+
+
+class TinyNet(nn.Module):
+    """A hand-written model with every layer type LoRA supports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.conv1d = nn.Conv1d(16, 16, kernel_size=3, padding=1)
+        self.conv2d = nn.Conv2d(1, 4, kernel_size=3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"fc1": nn.Linear(16, 32), "fc2": nn.Linear(32, 16), "norm": nn.LayerNorm(16)})
+            for _ in range(2)
+        )
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)  # (B, T, 16)
+        h = h + self.conv1d(h.transpose(1, 2)).transpose(1, 2)
+        h = h + self.conv2d(h.unsqueeze(1)).mean(1)
+        for block in self.blocks:
+            h = block["norm"](h + block["fc2"](torch.relu(block["fc1"](h))))
+        return self.head(h.mean(1))
+
+
+def input_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0, names=("lora_", "modules_to_save")) -> None:
+    """Give every adapter tensor random values so that zero-initialised B cannot hide a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(n in name for n in names):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "magnitude" in name else 0.0))
