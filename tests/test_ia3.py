@@ -1,0 +1,242 @@
+"""(IA)^3: the math on a hand-sized layer, merging, errors, and parity with peft 0.21
+(same outputs for the same vectors, same state-dict keys and shapes both ways)."""
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minipeft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
+from minipeft.tuners.ia3 import IA3Linear  # noqa: E402
+
+VOCAB = 64
+# Per architecture: (targets, feed-forward targets), peft's own defaults for these models.
+SETUPS = {
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+}
+
+
+def tiny(kind: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
+        )
+        return transformers.BertModel(cfg).eval()
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        )
+        return transformers.LlamaForCausalLM(cfg).eval()
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def first_output(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def randomize_ia3(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(6, 5)
+        self.ff = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.ff(torch.relu(self.attn(x)))
+
+
+# -- the math -------------------------------------------------------------------------------------
+def test_output_side_and_input_side_vectors_match_hand_computation():
+    torch.manual_seed(0)
+    base = TwoLinear()
+    x = torch.randn(3, 6)
+    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["attn", "ff"], feedforward_modules=["ff"]))
+    attn, ff = model.base_model.model.attn, model.base_model.model.ff
+    assert attn.ia3_l["default"].shape == (5, 1) and ff.ia3_l["default"].shape == (1, 5)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)  # vectors start at one
+    randomize_ia3(model, seed=3)
+    l_out, l_in = attn.ia3_l["default"].flatten(), ff.ia3_l["default"].flatten()
+    h = torch.relu(l_out * base.attn(x))  # keys/values: scale the output
+    expected = base.ff(l_in * h)  # feed-forward: scale the input
+    torch.testing.assert_close(model(x), expected)
+    # Only the vectors train: closed form is out(attn) + in(ff) = 5 + 5.
+    assert model.get_nb_trainable_parameters()[0] == 10
+
+
+def test_parameter_count_closed_form_on_llama():
+    targets, ff = SETUPS["llama"]
+    model = get_peft_model(tiny("llama"), IA3Config(target_modules=targets, feedforward_modules=ff))
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    per_layer = 2 * kv + cfg.intermediate_size  # k and v outputs, down_proj input
+    assert model.get_nb_trainable_parameters()[0] == cfg.num_hidden_layers * per_layer
+
+
+def test_two_adapters_switch_and_multiply_when_both_active():
+    torch.manual_seed(0)
+    base = TwoLinear()
+    x = torch.randn(3, 6)
+    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["attn"]), adapter_name="a")
+    model.add_adapter("b", IA3Config(target_modules=["attn"], init_ia3_weights=False))
+    layer = model.base_model.model.attn
+    randomize_ia3(model, seed=5)
+    la, lb = layer.ia3_l["a"].flatten(), layer.ia3_l["b"].flatten()
+    torch.testing.assert_close(model(x), base.ff(torch.relu(la * base.attn(x))))
+    model.set_adapter("b")
+    torch.testing.assert_close(model(x), base.ff(torch.relu(lb * base.attn(x))))
+    assert layer.ia3_l["b"].requires_grad and not layer.ia3_l["a"].requires_grad
+    layer.set_adapter(["a", "b"])  # several active vectors multiply, as in peft
+    torch.testing.assert_close(model(x), base.ff(torch.relu(la * lb * base.attn(x))))
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), base(x))
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    base = TwoLinear()
+    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["attn", "ff"], feedforward_modules=["ff"]))
+    x = torch.randn(64, 6)
+    with torch.no_grad():  # a target that rescaling can reach: the attn output scaled by random gains
+        y = base.ff(torch.relu((1 + torch.randn(5)) * base.attn(x)))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n)
+
+
+# -- merging --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_merge_unmerge_and_merge_and_unload(kind):
+    targets, ff = SETUPS[kind]
+    base = tiny(kind)
+    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=targets, feedforward_modules=ff))
+    randomize_ia3(model, seed=7)
+    x = ids()
+    adapted = first_output(model(x))
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    model.merge_adapter()
+    assert all(layer.merged for layer in model.modules() if isinstance(layer, IA3Linear))
+    torch.testing.assert_close(first_output(model(x)), adapted, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(first_output(model(x)), adapted, atol=1e-5, rtol=1e-5)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, IA3Linear) for m in merged.modules())
+    torch.testing.assert_close(first_output(merged(x)), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_unmerge_refuses_a_vector_with_zeros():
+    layer = get_peft_model(TwoLinear(), IA3Config(target_modules=["attn"])).base_model.model.attn
+    with torch.no_grad():
+        layer.ia3_l["default"][0] = 0.0
+    layer.merge()
+    with pytest.raises(ValueError, match="zero entries"):
+        layer.unmerge()
+
+
+# -- parity with peft -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_same_outputs_and_state_dict_as_peft(kind):
+    peft = pytest.importorskip("peft")
+    targets, ff = SETUPS[kind]
+    base = tiny(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about fan_in_fan_out on GPT-2
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(target_modules=targets, feedforward_modules=ff))
+    ours = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=targets, feedforward_modules=ff))
+    x = ids()
+
+    # Same keys, same shapes, same trainable set.
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert {k: v.shape for k, v in ours_sd.items()} == {k: v.shape for k, v in theirs_sd.items()}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    }
+
+    # peft's vectors into minipeft ...
+    randomize_ia3(theirs, seed=11)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    torch.testing.assert_close(first_output(ours(x)), first_output(theirs(x)), atol=1e-6, rtol=0)
+    # ... and minipeft's into peft.
+    randomize_ia3(ours, seed=12)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    torch.testing.assert_close(first_output(theirs(x)), first_output(ours(x)), atol=1e-6, rtol=0)
+
+    # Merged weights agree too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_theirs = theirs.merge_and_unload()
+    merged_ours = ours.merge_and_unload()
+    for (n1, p1), (n2, p2) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=0)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_feedforward_modules_must_be_a_subset_of_targets():
+    with pytest.raises(ValueError, match=r"subset of target_modules: \['fc2'\]"):
+        IA3Config(target_modules=["k", "v"], feedforward_modules=["fc2"])
+
+
+def test_unsupported_layer_type_is_named():
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+    with pytest.raises(TypeError, match=r"'emb': it is a Embedding; \(IA\)\^3 supports nn.Linear"):
+        get_peft_model(WithEmbedding(), IA3Config(target_modules=["emb"]))
+
+
+def test_bad_init_value_and_nothing_left_behind_on_error():
+    with pytest.raises(ValueError, match="init_ia3_weights must be True or False"):
+        IA3Config(target_modules=["attn"], init_ia3_weights="ones")
+    model = TwoLinear()
+    with pytest.raises(ValueError, match="matched no module"):
+        get_peft_model(model, IA3Config(target_modules=["atn"]))
+    assert isinstance(model.attn, nn.Linear)
+
+
+def test_ia3_beside_lora_on_other_modules():
+    torch.manual_seed(0)
+    base = TwoLinear()
+    x = torch.randn(3, 6)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["ff"], r=2), adapter_name="lora")
+    model.add_adapter("ia3", IA3Config(target_modules=["attn"]))
+    randomize_ia3(model, seed=2)
+    l = model.base_model.model.attn.ia3_l["ia3"].flatten()
+    torch.testing.assert_close(model(x), base(x))  # "lora" active, its B is zero
+    model.set_adapter("ia3")
+    torch.testing.assert_close(model(x), base.ff(torch.relu(l * base.attn(x))))
