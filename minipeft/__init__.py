@@ -1,5 +1,6 @@
 """minipeft: parameter-efficient fine-tuning in plain, readable PyTorch."""
 
+from .checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
 from .injection import inject_adapter_in_model
 from .model import PeftModel, get_peft_model
@@ -16,6 +17,8 @@ __all__ = [
     "PeftType",
     "TaskType",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "set_peft_model_state_dict",
 ]
 __version__ = "0.1.0"

@@ -73,6 +73,16 @@ class PeftConfig:
             out[f.name] = value
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """A config from peft's dict layout (``adapter_config.json``); the class follows ``peft_type``."""
+        from .checkpoint import config_from_dict  # late import: checkpoint needs the tuner registry
+
+        config = config_from_dict(data)
+        if not isinstance(config, cls):
+            raise TypeError(f"peft_type {data.get('peft_type')!r} builds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
     @property
     def is_prompt_learning(self) -> bool:
         """Prompt and prefix tuning add virtual tokens instead of wrapping layers."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from . import injection
+from . import checkpoint, injection
 from .config import PeftConfig, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
 
@@ -148,6 +148,20 @@ class PeftModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- checkpoints (peft's layout; the work is in checkpoint.py) ----------------------------
+    def save_pretrained(self, save_directory, selected_adapters: list[str] | None = None) -> None:
+        """Write adapter_config.json + adapter_model.safetensors; non-default adapters in subfolders."""
+        checkpoint.save_pretrained(self, save_directory, selected_adapters)
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an adapter from a checkpoint folder (inactive, frozen unless ``is_trainable``)."""
+        checkpoint.load_adapter(self, model_id, adapter_name, is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False):
+        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``)."""
+        return checkpoint.from_pretrained(cls, model, model_id, adapter_name, is_trainable)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:

@@ -1,0 +1,483 @@
+"""Adapter checkpoints in peft's on-disk layout: safetensors only, atomic writes, strict loads.
+
+A checkpoint is a folder with two files, exactly as ``peft`` writes them:
+
+* ``adapter_config.json``: the adapter's config (``PeftConfig.to_dict``), ``inference_mode`` true.
+* ``adapter_model.safetensors``: the adapter's tensors, never the frozen base model.
+  Adapters other than ``default`` go to ``<folder>/<adapter_name>/``.
+
+Which tensors belong to adapter X (the rule every method relies on)
+-------------------------------------------------------------------
+A module that exposes ``adapter_layer_names`` (every ``AdapterLayer``, and any other module,
+e.g. a prompt encoder registered on the ``PeftModel``) lists containers keyed by adapter name.
+A state-dict entry belongs to adapter X when its dotted name is ``<module>.<container>.X`` or
+starts with ``<module>.<container>.X.``, for a container that module lists. Nothing else is
+saved, except the biases a config trains on purpose (``bias="all"`` / ``"lora_only"``, as peft).
+
+On disk the adapter name is removed (it is chosen again at load time):
+
+    base_model.model.<path>.lora_A.default.weight  ->  base_model.model.<path>.lora_A.weight
+    base_model.model.<path>.lora_embedding_A.default  ->  base_model.model.<path>.lora_embedding_A
+
+with the two spellings peft 0.21 uses for special containers:
+
+    <path>.modules_to_save.X.<rest>          ->  <path>.<rest>   (the copy under the module's own name)
+    <path>.lora_magnitude_vector.X.weight    ->  <path>.lora_magnitude_vector   (DoRA)
+
+A module whose layout differs may define ``checkpoint_key(container, rest) -> str`` returning
+the on-disk key relative to itself. Loading applies the same mapping to the model's own keys and
+inverts it, so the two directions cannot drift apart.
+
+Safety
+------
+* Tensors are read with safetensors only; a pickled ``adapter_model.bin`` is refused.
+* Saving writes both files under temporary names in the target folder (flushed and fsynced),
+  then renames the tensors into place, then the config. A failure before the renames leaves the
+  previous checkpoint untouched. The tensor file records the SHA-256 of the config written with
+  it (safetensors metadata, which peft ignores), so a crash *between* the two renames (new
+  tensors, old config) is detected on load instead of silently pairing mismatched files.
+* Loading validates everything (config fields and types, keys, shapes) before it changes the
+  model, and removes the adapter again if anything fails after it was injected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import tempfile
+import types
+import typing
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from .config import PeftConfig, PeftType
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+# Safetensors metadata key holding the SHA-256 of the adapter_config.json saved alongside.
+CONFIG_HASH_KEY = "minipeft_config_sha256"
+
+# Keys peft writes that minipeft has no field for, with peft's default value. Such a key is
+# accepted when it holds that default (or any falsy value: None, False, {}, []); anything else
+# asks for a feature minipeft does not implement and is refused.
+PEFT_DEFAULTS: dict[str, Any] = {
+    "megatron_core": "megatron.core",
+    "qalora_group_size": 16,
+    "prompt_tuning_init": "RANDOM",
+    "init_ia3_weights": True,
+}
+# Bookkeeping keys that never change what the adapter computes.
+PEFT_METADATA_KEYS = ("peft_version",)
+
+
+# -- which tensors belong to an adapter -----------------------------------------------------------
+def _containers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, nn.Module, str]]:
+    """``{"<module>.<container>.<adapter>": (module path, module, container)}`` for one adapter."""
+    owned = {}
+    for path, module in model.named_modules():
+        for container in getattr(module, "adapter_layer_names", ()):
+            holder = getattr(module, container, None)
+            if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)) and adapter_name in holder:
+                owned[f"{path}.{container}.{adapter_name}" if path else f"{container}.{adapter_name}"] = (
+                    path,
+                    module,
+                    container,
+                )
+    return owned
+
+
+def _owner(key: str, owned: dict) -> tuple[str, tuple] | None:
+    """The container prefix ``key`` sits under (checking each dotted prefix of the key), if any."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in owned:
+            return prefix, owned[prefix]
+    return None
+
+
+def _checkpoint_key(path: str, module: nn.Module, container: str, rest: str) -> str:
+    """On-disk key for ``<path>.<container>.<adapter>[.<rest>]`` (adapter name removed)."""
+    hook = getattr(module, "checkpoint_key", None)
+    if callable(hook):
+        local = hook(container, rest)
+    elif container == "modules_to_save":
+        local = rest  # peft 0.21 saves the trained copy under the wrapped module's own name
+    elif container == "lora_magnitude_vector" and rest == "weight":
+        local = container  # peft saves DoRA's magnitude without its ".weight"
+    else:
+        local = f"{container}.{rest}" if rest else container
+    return f"{path}.{local}" if path else local
+
+
+def _trained_bias_keys(model: nn.Module, config: PeftConfig | None, state_dict: dict) -> list[str]:
+    """Base-model biases a config trains on purpose; peft saves them with the adapter."""
+    bias = getattr(config, "bias", "none")
+    if not isinstance(bias, str) or bias == "none":
+        return []
+    all_owned = [
+        f"{path}.{c}." if path else f"{c}."
+        for path, module in model.named_modules()
+        for c in getattr(module, "adapter_layer_names", ())
+    ]
+    if bias == "all":
+        return [
+            k for k in state_dict if (k == "bias" or k.endswith(".bias")) and not any(k.startswith(p) for p in all_owned)
+        ]
+    if bias.endswith("_only"):
+        from .tuners import AdapterLayer, ModulesToSaveWrapper
+
+        keys = []
+        for path, module in model.named_modules():
+            if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
+                key = f"{path}.{module.base_layer_name}.bias" if path else f"{module.base_layer_name}.bias"
+                if key in state_dict:
+                    keys.append(key)
+        return keys
+    return []
+
+
+def _config_of(model: nn.Module, adapter_name: str) -> PeftConfig | None:
+    configs = getattr(model, "peft_config", None)
+    return configs.get(adapter_name) if isinstance(configs, dict) else None
+
+
+def adapter_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
+    """``{checkpoint key: model state-dict key}`` for every tensor of ``adapter_name``."""
+    state_dict = model.state_dict(keep_vars=True)
+    owned = _containers(model, adapter_name)
+    mapping: dict[str, str] = {}
+    for key in state_dict:
+        found = _owner(key, owned)
+        if found is None:
+            continue
+        prefix, (path, module, container) = found
+        rest = key[len(prefix) + 1 :]
+        ckpt_key = _checkpoint_key(path, module, container, rest)
+        if ckpt_key in mapping and mapping[ckpt_key] != key:
+            raise ValueError(f"two tensors of adapter {adapter_name!r} map to {ckpt_key!r}: {mapping[ckpt_key]!r} and {key!r}")
+        mapping[ckpt_key] = key
+    for key in _trained_bias_keys(model, _config_of(model, adapter_name), state_dict):
+        mapping.setdefault(key, key)
+    return mapping
+
+
+def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as peft saves them (adapter name removed).
+
+    ``model`` is a ``PeftModel`` (keys start with ``base_model.model.``) or a plain model that
+    went through ``inject_adapter_in_model`` (keys without that prefix, as in peft).
+    """
+    mapping = adapter_key_map(model, adapter_name)
+    if not mapping:
+        raise ValueError(f"the model has no tensors for adapter {adapter_name!r}; adapters: {_adapter_names(model)}")
+    state_dict = model.state_dict()
+    return {ckpt_key: state_dict[model_key].detach() for ckpt_key, model_key in mapping.items()}
+
+
+def _adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for module in model.modules():
+        for container in getattr(module, "adapter_layer_names", ()):
+            names.update(dict.fromkeys(getattr(module, container, {}) or {}))
+    return list(names)
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def set_peft_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """Copy a checkpoint state dict (peft keys, no adapter name) into adapter ``adapter_name``.
+
+    The adapter must already exist in ``model``. Strict: every adapter tensor must be present,
+    no other key may be, and every shape must match; all of it is checked before anything is
+    copied, so a failed call leaves the model as it was.
+    """
+    mapping = adapter_key_map(model, adapter_name)
+    if not mapping:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}; adapters: {_adapter_names(model)}")
+    # A plain (not PeftModel) model has no "base_model.model." prefix; peft strips it there too.
+    if not any(k.startswith(PEFT_PREFIX) for k in mapping):
+        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
+
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"state dict values must be tensors; {_describe(bad)} are not")
+    missing = [k for k in mapping if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in mapping]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) the adapter needs: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
+        raise ValueError(
+            f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. Was it saved from another base "
+            "model or with other target_modules?"
+        )
+    targets = model.state_dict(keep_vars=True)
+    for ckpt_key, model_key in mapping.items():
+        have, want = state_dict[ckpt_key].shape, targets[model_key].shape
+        if have != want:
+            raise ValueError(
+                f"shape mismatch for {ckpt_key!r}: checkpoint has {tuple(have)}, the model expects {tuple(want)} "
+                "(another rank or another base model?)"
+            )
+        if state_dict[ckpt_key].is_floating_point() != targets[model_key].is_floating_point():
+            raise TypeError(f"dtype mismatch for {ckpt_key!r}: checkpoint has {state_dict[ckpt_key].dtype}, "
+                            f"the model expects {targets[model_key].dtype}")
+    with torch.no_grad():
+        for ckpt_key, model_key in mapping.items():
+            targets[model_key].copy_(state_dict[ckpt_key])
+
+
+# -- config files ---------------------------------------------------------------------------------
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a dataclass annotation (lists for list/tuple/set, str for enums)."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple, set, frozenset):
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_type_ok(v, args[1]) for v in value.values()))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in {m.value for m in hint}
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation we do not model: the config's own __post_init__ judges it
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig:
+    """Build the right config class from a peft-style dict (``adapter_config.json``).
+
+    The class is chosen by ``peft_type`` through ``minipeft.tuners.PEFT_METHODS``. Keys minipeft
+    has no field for are accepted only when they hold peft's default; every known field must
+    have the annotated type.
+    """
+    from .tuners import PEFT_METHODS
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    try:
+        method = PEFT_METHODS[PeftType(peft_type)]
+    except (ValueError, KeyError):
+        known = ", ".join(t.value for t in PEFT_METHODS)
+        raise ValueError(f"{source}: unknown peft_type {peft_type!r}; minipeft supports: {known}") from None
+    cls = method.config_class
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key == "peft_type" or key in PEFT_METADATA_KEYS:
+            continue
+        if key in fields:
+            if not _type_ok(value, hints.get(key, Any)):
+                raise TypeError(
+                    f"{source}: field {key!r} of {cls.__name__} must be {_hint_name(hints.get(key))}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
+            kwargs[key] = value
+        elif not value or (key in PEFT_DEFAULTS and value == PEFT_DEFAULTS[key]):
+            continue  # a peft option left at its default: nothing to implement
+        else:
+            raise ValueError(
+                f"{source}: {key}={value!r} asks for a peft feature that minipeft does not implement "
+                f"({cls.__name__} has no field {key!r}); load this adapter with peft, or retrain it without {key}"
+            )
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{source}: {err}") from None
+
+
+def _hint_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if hint is not None else "?"
+
+
+def _config_bytes(config: PeftConfig) -> bytes:
+    data = config.to_dict()
+    data["inference_mode"] = True  # as peft: a saved adapter loads frozen unless asked otherwise
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+# -- atomic files ---------------------------------------------------------------------------------
+def _write_temp(folder: str, name: str, data: bytes) -> str:
+    """Write ``data`` to a new temporary file next to ``name`` and flush it to disk."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _fsync_dir(folder: str) -> None:
+    # Makes the renames themselves durable; not possible on every platform.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Write one adapter's config and tensors to ``folder``, atomically (see the module docstring)."""
+    configs = getattr(model, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(configs)}")
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot save an adapter to {folder!r}: it is a file; give a folder")
+    os.makedirs(folder, exist_ok=True)
+
+    config_bytes = _config_bytes(configs[adapter_name])
+    # safetensors wants contiguous, unshared CPU tensors.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in get_peft_model_state_dict(model, adapter_name).items()}
+    metadata = {"format": "pt", CONFIG_HASH_KEY: hashlib.sha256(config_bytes).hexdigest()}
+
+    temps: list[str] = []
+    try:
+        temps.append(_write_temp(folder, WEIGHTS_NAME, safetensors.torch.save(tensors, metadata=metadata)))
+        temps.append(_write_temp(folder, CONFIG_NAME, config_bytes))
+        # Tensors first, then config: the config is the file that names a folder a checkpoint,
+        # and the hash above catches a crash between these two lines.
+        os.replace(temps[0], os.path.join(folder, WEIGHTS_NAME))
+        os.replace(temps[1], os.path.join(folder, CONFIG_NAME))
+        temps.clear()
+        _fsync_dir(folder)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+    """Save adapters in peft's layout: ``default`` in the folder, others in ``<folder>/<name>/``."""
+    configs = getattr(model, "peft_config", None) or {}
+    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"cannot save unknown adapter(s) {unknown}; the model has {list(configs)}")
+    for name in names:
+        folder = save_directory if name == "default" else os.path.join(save_directory, name)
+        save_adapter(model, folder, name)
+
+
+# -- reading --------------------------------------------------------------------------------------
+def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """Read and check a checkpoint folder: its config (as a config object) and its tensors."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no adapter checkpoint at {folder!r}: not a folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)")
+    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.exists(weights_path) and os.path.exists(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
+        raise ValueError(
+            f"{folder!r} holds {PICKLE_WEIGHTS_NAME}, a pickle file; minipeft does not load pickles because "
+            "unpickling can run arbitrary code. Convert it to safetensors in a trusted environment, e.g. "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors')"
+        )
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"adapter checkpoint {folder!r} is missing {os.path.basename(path)}")
+
+    with open(config_path, "rb") as f:
+        config_bytes = f.read()
+    try:
+        data = json.loads(config_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); re-save the adapter") from None
+    config = config_from_dict(data, source=config_path)
+
+    try:
+        with safetensors.safe_open(weights_path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error type (and OSError) for damaged files
+        raise ValueError(
+            f"{weights_path} is not a readable safetensors file ({err}); it may be truncated or corrupted: "
+            "save or download it again"
+        ) from None
+    expected = metadata.get(CONFIG_HASH_KEY)
+    if expected is not None and expected != hashlib.sha256(config_bytes).hexdigest():
+        raise ValueError(
+            f"{CONFIG_NAME} in {folder!r} is not the config saved with {WEIGHTS_NAME} (a save was interrupted "
+            "between writing the two files); save the adapter again"
+        )
+    return config, tensors
+
+
+def _requires_grad(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _roll_back(model: nn.Module, adapter_name: str, flags: list[tuple[nn.Parameter, bool]]) -> None:
+    """Take a freshly injected adapter out again and restore every requires_grad flag."""
+    from . import injection
+
+    if any(adapter_name in layer.adapter_names for _, layer in injection.adapter_layers(model)):
+        injection.delete_adapter(model, adapter_name)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def load_adapter(peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add adapter ``adapter_name`` to ``peft_model`` from a checkpoint folder; all or nothing."""
+    if adapter_name in peft_model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(peft_model.peft_config)}")
+    config, tensors = load_checkpoint(folder)
+    config.inference_mode = not is_trainable
+    flags = _requires_grad(peft_model)
+    peft_model.add_adapter(adapter_name, config)
+    try:
+        set_peft_model_state_dict(peft_model, tensors, adapter_name)
+    except BaseException:
+        _roll_back(peft_model.get_base_model(), adapter_name, flags)
+        del peft_model.peft_config[adapter_name]
+        raise
+
+
+def from_pretrained(cls, model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False):
+    """Build ``cls(model, config, adapter_name)`` from a checkpoint and load its tensors; on error
+    the base model is left as it was."""
+    config, tensors = load_checkpoint(folder)
+    config.inference_mode = not is_trainable
+    flags = _requires_grad(model)
+    peft_model = cls(model, config, adapter_name)
+    try:
+        set_peft_model_state_dict(peft_model, tensors, adapter_name)
+    except BaseException:
+        _roll_back(model, adapter_name, flags)
+        raise
+    return peft_model
