@@ -269,11 +269,13 @@ class BottleneckLayer(AdapterLayer):
         """``s * up(act(down(dropout(h))))``: (..., d_in) -> (..., d_out), in ``h``'s dtype."""
         down, up = self.adapter_down[name], self.adapter_up[name]
         if h.shape[-1] != down.in_features:
+            if self.placement[name] == "parallel":
+                where, fix = "the module input", "a parallel adapter needs a module mapping width d to d (or a linear layer)"
+            else:
+                where, fix = "the module output", "set BottleneckConfig(hidden_size=...) to the module's output width"
             raise ValueError(
-                f"bottleneck adapter {name!r} ({self.placement[name]}) expects width {down.in_features} at "
-                f"{'the module output' if self.placement[name] == 'sequential' else 'the module input'}, got "
-                f"{h.shape[-1]}; a parallel adapter needs a module mapping width d to d (or a linear layer), "
-                "otherwise set BottleneckConfig(hidden_size=...) to the right width"
+                f"bottleneck adapter {name!r} ({self.placement[name]}) expects width {down.in_features} at {where}, "
+                f"got {h.shape[-1]}; {fix}"
             )
         act = ACTIVATIONS[self.non_linearity[name]]
         z = act(down(self.adapter_dropout[name](h).to(down.weight.dtype)))  # (..., b)
