@@ -27,7 +27,10 @@ if not impl.INTERPRET:
     importlib.reload(impl)
     importlib.reload(kernels)
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+# Relative error of the result norm. 16-bit results are rounded at least twice (the product,
+# then the sum with the low-rank term on the cuBLAS path), a few units of 2^-8 (bf16) or 2^-11
+# (fp16) when terms cancel; fp32 runs exactly in the interpreter (TF32 on a GPU would need ~1e-3).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def rel_err(actual, expected):
@@ -69,14 +72,14 @@ def check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fuse
 
     with mock.patch.object(impl, "use_fused_base", lambda M, N, K: fused):
         y = kernels.lora_linear(x, weight, b, lora_A, lora_B, scaling, dropout_p=p, seed=seed)
-        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        y.backward(dy.to(dtype))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        y.backward(dy)
 
     # The reference uses the kernels' own mask, so values match element for element.
     mask = kernels.dropout_mask(seed, x.shape, p, x.device).double() if p > 0 else None
     x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B))
     y64 = reference(x64, weight.double(), None if b is None else b.double(), A64, B64, scaling, mask, p)
-    y64.backward(dy)
+    y64.backward(dy.double())
 
     assert y.shape == (*lead, N) and y.dtype == dtype
     tol = TOL[dtype]
