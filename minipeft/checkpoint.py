@@ -33,9 +33,10 @@ Safety
 * Tensors are read with safetensors only; a pickled ``adapter_model.bin`` is refused.
 * Saving writes both files under temporary names in the target folder (flushed and fsynced),
   then renames the tensors into place, then the config. A failure before the renames leaves the
-  previous checkpoint untouched. The tensor file records the SHA-256 of the config written with
-  it (safetensors metadata, which peft ignores), so a crash *between* the two renames (new
-  tensors, old config) is detected on load instead of silently pairing mismatched files.
+  previous checkpoint untouched. The tensor file records the config written with it (safetensors
+  metadata, which peft ignores), so a crash *between* the two renames (new tensors, old config)
+  is caught on load, naming the fields that differ, instead of silently pairing mismatched files.
+  Fields that do not change the math (``base_model_name_or_path``, ...) may still be edited by hand.
 * Loading validates everything (config fields and types, keys, shapes) before it changes the
   model, and removes the adapter again if anything fails after it was injected.
 """
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 import os
 import tempfile
@@ -63,8 +63,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-# Safetensors metadata key holding the SHA-256 of the adapter_config.json saved alongside.
-CONFIG_HASH_KEY = "minipeft_config_sha256"
+# The one tensor peft saves for a prompt- or prefix-tuning adapter.
+PROMPT_EMBEDDINGS = "prompt_embeddings"
+# Safetensors metadata key holding the config the tensors were saved with (peft ignores it).
+SAVED_CONFIG_KEY = "minipeft_config"
+# Config fields that do not change what the tensors compute; editing them by hand is fine.
+BOOKKEEPING_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "task_type")
 
 # Keys peft writes that minipeft has no field for, with peft's default value. Such a key is
 # accepted when it holds that default (or any falsy value: None, False, {}, []); anything else
@@ -178,10 +182,25 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -
     went through ``inject_adapter_in_model`` (keys without that prefix, as in peft).
     """
     mapping = adapter_key_map(model, adapter_name)
-    if not mapping:
+    virtual = _virtual_tokens(model, adapter_name)
+    if not mapping and virtual is None:
         raise ValueError(f"the model has no tensors for adapter {adapter_name!r}; adapters: {_adapter_names(model)}")
     state_dict = model.state_dict()
-    return {ckpt_key: state_dict[model_key].detach() for ckpt_key, model_key in mapping.items()}
+    out = {ckpt_key: state_dict[model_key].detach() for ckpt_key, model_key in mapping.items()}
+    if virtual is not None:
+        out[PROMPT_EMBEDDINGS] = virtual.prompt_embeddings().detach()
+    return out
+
+
+def _virtual_tokens(model: nn.Module, adapter_name: str) -> nn.Module | None:
+    """The prompt/prefix-tuning encoder of ``adapter_name`` (``model.prompt_encoder[name]``), if any.
+
+    peft saves a virtual-token adapter as one computed tensor, ``prompt_embeddings``: the prompt
+    (n, d), or for prefix tuning the keys and values of every layer (n, layers*2*d) after the
+    reparametrisation MLP. The encoder computes it and loads it back (tuners/virtual_tokens.py).
+    """
+    encoders = model._modules.get("prompt_encoder")
+    return encoders[adapter_name] if encoders is not None and adapter_name in encoders else None
 
 
 def _adapter_names(model: nn.Module) -> list[str]:
@@ -207,8 +226,15 @@ def set_peft_model_state_dict(
     copied, so a failed call leaves the model as it was.
     """
     mapping = adapter_key_map(model, adapter_name)
-    if not mapping:
+    virtual = _virtual_tokens(model, adapter_name)
+    if not mapping and virtual is None:
         raise ValueError(f"the model has no adapter named {adapter_name!r}; adapters: {_adapter_names(model)}")
+    if virtual is not None:
+        state_dict = dict(state_dict)
+        prompt_embeddings = state_dict.pop(PROMPT_EMBEDDINGS, None)
+        if not isinstance(prompt_embeddings, torch.Tensor):
+            raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it has no {PROMPT_EMBEDDINGS!r} tensor")
+        virtual.check_prompt_embeddings(prompt_embeddings)
     # A plain (not PeftModel) model has no "base_model.model." prefix; peft strips it there too.
     if not any(k.startswith(PEFT_PREFIX) for k in mapping):
         state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
@@ -242,6 +268,8 @@ def set_peft_model_state_dict(
     with torch.no_grad():
         for ckpt_key, model_key in mapping.items():
             targets[model_key].copy_(state_dict[ckpt_key])
+    if virtual is not None:
+        virtual.load_prompt_embeddings(prompt_embeddings)
 
 
 # -- config files ---------------------------------------------------------------------------------
@@ -314,6 +342,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
 
 
 def _hint_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
     return str(hint).replace("typing.", "") if hint is not None else "?"
 
 
@@ -365,14 +395,14 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     config_bytes = _config_bytes(configs[adapter_name])
     # safetensors wants contiguous, unshared CPU tensors.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in get_peft_model_state_dict(model, adapter_name).items()}
-    metadata = {"format": "pt", CONFIG_HASH_KEY: hashlib.sha256(config_bytes).hexdigest()}
+    metadata = {"format": "pt", SAVED_CONFIG_KEY: config_bytes.decode()}
 
     temps: list[str] = []
     try:
         temps.append(_write_temp(folder, WEIGHTS_NAME, safetensors.torch.save(tensors, metadata=metadata)))
         temps.append(_write_temp(folder, CONFIG_NAME, config_bytes))
         # Tensors first, then config: the config is the file that names a folder a checkpoint,
-        # and the hash above catches a crash between these two lines.
+        # and the config recorded in the tensor file catches a crash between these two lines.
         os.replace(temps[0], os.path.join(folder, WEIGHTS_NAME))
         os.replace(temps[1], os.path.join(folder, CONFIG_NAME))
         temps.clear()
@@ -429,13 +459,26 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
             f"{weights_path} is not a readable safetensors file ({err}); it may be truncated or corrupted: "
             "save or download it again"
         ) from None
-    expected = metadata.get(CONFIG_HASH_KEY)
-    if expected is not None and expected != hashlib.sha256(config_bytes).hexdigest():
-        raise ValueError(
-            f"{CONFIG_NAME} in {folder!r} is not the config saved with {WEIGHTS_NAME} (a save was interrupted "
-            "between writing the two files); save the adapter again"
-        )
+    if SAVED_CONFIG_KEY in metadata:
+        _check_same_config(config, metadata[SAVED_CONFIG_KEY], folder)
     return config, tensors
+
+
+def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> None:
+    """Refuse a config that disagrees with the one recorded in the tensor file at save time
+    (a save interrupted between its two renames leaves new tensors beside the old config)."""
+    try:
+        recorded = config_from_dict(json.loads(recorded_json), source="recorded config").to_dict()
+    except (ValueError, TypeError):
+        return  # recorded by a version whose config we cannot read: nothing to compare with
+    current = config.to_dict()
+    differ = [k for k in sorted(set(recorded) | set(current)) if k not in BOOKKEEPING_FIELDS and recorded.get(k) != current.get(k)]
+    if differ:
+        detail = "; ".join(f"{k}: {current.get(k)!r} in {CONFIG_NAME}, {recorded.get(k)!r} at save time" for k in differ[:3])
+        raise ValueError(
+            f"{CONFIG_NAME} in {folder!r} does not match the config {WEIGHTS_NAME} was saved with ({detail}); "
+            "a save was interrupted between writing the two files, or the config was edited. Save the adapter again"
+        )
 
 
 def _requires_grad(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
