@@ -318,3 +318,38 @@ def test_unsupported_placements_and_widths_are_explained():
                            BottleneckConfig(target_modules=["1"], bottleneck_size=2, hidden_size=4))
     with pytest.raises(ValueError, match="expects width 4 at the module output, got 6; set BottleneckConfig"):
         wrong(torch.randn(2, 4))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def test_save_load_round_trip_with_two_adapters(tmp_path):
+    from safetensors.torch import load_file
+
+    from minipeft import PeftModel
+
+    base = tiny("bert")
+    x = ids()
+    model = get_peft_model(copy.deepcopy(base), BottleneckConfig.preset("parallel", model_type="bert"))
+    model.add_adapter("houlsby", BottleneckConfig.preset("houlsby", model_type="bert", non_linearity="gelu"))
+    randomize_up(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_down" in name:
+                p.add_(0.1)  # loaded down weights must be the saved ones, not a fresh init
+    expected = {}
+    for name in ("default", "houlsby"):
+        model.set_adapter(name)
+        expected[name] = first_output(model(x))
+    model.save_pretrained(tmp_path)
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    d, b = 32, 2
+    assert sum(t.numel() for t in tensors.values()) == 2 * (2 * d * b + b + d)  # one per layer
+    assert "base_model.model.encoder.layer.0.output.adapter_down.weight" in tensors
+
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    reloaded.load_adapter(tmp_path / "houlsby", adapter_name="houlsby")
+    for name in ("default", "houlsby"):
+        reloaded.set_adapter(name)
+        torch.testing.assert_close(first_output(reloaded(x)), expected[name], rtol=0, atol=0)
+    assert reloaded.peft_config["houlsby"].non_linearity == "gelu"
+    assert reloaded.peft_config["default"].parallel_input == "input_tensor"

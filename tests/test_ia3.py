@@ -240,3 +240,38 @@ def test_ia3_beside_lora_on_other_modules():
     torch.testing.assert_close(model(x), base(x))  # "lora" active, its B is zero
     model.set_adapter("ia3")
     torch.testing.assert_close(model(x), base.ff(torch.relu(l * base.attn(x))))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_checkpoints_load_both_ways_with_peft(kind, tmp_path):
+    peft = pytest.importorskip("peft")
+    from minipeft import PeftModel
+    from safetensors.torch import load_file
+
+    targets, ff = SETUPS[kind]
+    base = tiny(kind)
+    x = ids()
+    task = "FEATURE_EXTRACTION" if kind == "bert" else "CAUSAL_LM"
+    config = IA3Config(target_modules=targets, feedforward_modules=ff, task_type=task)
+    ours = get_peft_model(copy.deepcopy(base), config)
+    randomize_ia3(ours, seed=21)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(first_output(theirs(x)), first_output(ours(x)), atol=1e-6, rtol=0)
+
+    # peft's file, written from the same vectors, has the same keys and values as ours.
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_file, theirs_file = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(
+        tmp_path / "theirs" / "adapter_model.safetensors"
+    )
+    assert ours_file.keys() == theirs_file.keys()
+    assert all(k.endswith(".ia3_l") for k in ours_file)
+    for k in ours_file:
+        torch.testing.assert_close(ours_file[k], theirs_file[k], atol=0, rtol=0)
+
+    # And peft's checkpoint loads into minipeft.
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs")
+    torch.testing.assert_close(first_output(reloaded(x)), first_output(ours(x)), atol=1e-6, rtol=0)
