@@ -25,7 +25,9 @@ with the two spellings peft 0.21 uses for special containers:
     <path>.lora_magnitude_vector.X.weight    ->  <path>.lora_magnitude_vector   (DoRA)
 
 A module whose layout differs may define ``checkpoint_key(container, rest) -> str`` returning
-the on-disk key relative to itself. Loading applies the same mapping to the model's own keys and
+the on-disk key relative to itself. Prompt and prefix tuning (``prompt_encoder[X]`` on the
+``PeftModel``) are saved as peft saves them: one computed tensor, ``prompt_embeddings``, which
+the encoder produces and takes back (``tuners/virtual_tokens.py``). Loading applies the same mapping to the model's own keys and
 inverts it, so the two directions cannot drift apart.
 
 Safety
@@ -134,9 +136,8 @@ def _trained_bias_keys(model: nn.Module, config: PeftConfig | None, state_dict: 
         for c in getattr(module, "adapter_layer_names", ())
     ]
     if bias == "all":
-        return [
-            k for k in state_dict if (k == "bias" or k.endswith(".bias")) and not any(k.startswith(p) for p in all_owned)
-        ]
+        biases = [k for k in state_dict if k == "bias" or k.endswith(".bias")]
+        return [k for k in biases if not any(k.startswith(p) for p in all_owned)]
     if bias.endswith("_only"):
         from .tuners import AdapterLayer, ModulesToSaveWrapper
 
@@ -168,7 +169,9 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str
         rest = key[len(prefix) + 1 :]
         ckpt_key = _checkpoint_key(path, module, container, rest)
         if ckpt_key in mapping and mapping[ckpt_key] != key:
-            raise ValueError(f"two tensors of adapter {adapter_name!r} map to {ckpt_key!r}: {mapping[ckpt_key]!r} and {key!r}")
+            raise ValueError(
+                f"two tensors of adapter {adapter_name!r} map to {ckpt_key!r}: {mapping[ckpt_key]!r} and {key!r}"
+            )
         mapping[ckpt_key] = key
     for key in _trained_bias_keys(model, _config_of(model, adapter_name), state_dict):
         mapping.setdefault(key, key)
@@ -263,8 +266,10 @@ def set_peft_model_state_dict(
                 "(another rank or another base model?)"
             )
         if state_dict[ckpt_key].is_floating_point() != targets[model_key].is_floating_point():
-            raise TypeError(f"dtype mismatch for {ckpt_key!r}: checkpoint has {state_dict[ckpt_key].dtype}, "
-                            f"the model expects {targets[model_key].dtype}")
+            raise TypeError(
+                f"dtype mismatch for {ckpt_key!r}: checkpoint has {state_dict[ckpt_key].dtype}, "
+                f"the model expects {targets[model_key].dtype}"
+            )
     with torch.no_grad():
         for ckpt_key, model_key in mapping.items():
             targets[model_key].copy_(state_dict[ckpt_key])
@@ -394,7 +399,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
 
     config_bytes = _config_bytes(configs[adapter_name])
     # safetensors wants contiguous, unshared CPU tensors.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in get_peft_model_state_dict(model, adapter_name).items()}
+    state = get_peft_model_state_dict(model, adapter_name)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     metadata = {"format": "pt", SAVED_CONFIG_KEY: config_bytes.decode()}
 
     temps: list[str] = []
@@ -413,7 +419,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
                 os.unlink(tmp)
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+def save_pretrained(
+    model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None
+) -> None:
     """Save adapters in peft's layout: ``default`` in the folder, others in ``<folder>/<name>/``."""
     configs = getattr(model, "peft_config", None) or {}
     names = list(configs) if selected_adapters is None else list(selected_adapters)
@@ -430,7 +438,9 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
     """Read and check a checkpoint folder: its config (as a config object) and its tensors."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no adapter checkpoint at {folder!r}: not a folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)")
+        raise FileNotFoundError(
+            f"no adapter checkpoint at {folder!r}: not a folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)"
+        )
     config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     if not os.path.exists(weights_path) and os.path.exists(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
         raise ValueError(
@@ -472,9 +482,12 @@ def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> N
     except (ValueError, TypeError):
         return  # recorded by a version whose config we cannot read: nothing to compare with
     current = config.to_dict()
-    differ = [k for k in sorted(set(recorded) | set(current)) if k not in BOOKKEEPING_FIELDS and recorded.get(k) != current.get(k)]
+    keys = sorted((set(recorded) | set(current)) - set(BOOKKEEPING_FIELDS))
+    differ = [k for k in keys if recorded.get(k) != current.get(k)]
     if differ:
-        detail = "; ".join(f"{k}: {current.get(k)!r} in {CONFIG_NAME}, {recorded.get(k)!r} at save time" for k in differ[:3])
+        detail = "; ".join(
+            f"{k}: {current.get(k)!r} in {CONFIG_NAME}, {recorded.get(k)!r} at save time" for k in differ[:3]
+        )
         raise ValueError(
             f"{CONFIG_NAME} in {folder!r} does not match the config {WEIGHTS_NAME} was saved with ({detail}); "
             "a save was interrupted between writing the two files, or the config was edited. Save the adapter again"
@@ -495,7 +508,9 @@ def _roll_back(model: nn.Module, adapter_name: str, flags: list[tuple[nn.Paramet
         p.requires_grad_(flag)
 
 
-def load_adapter(peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+def load_adapter(
+    peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+) -> None:
     """Add adapter ``adapter_name`` to ``peft_model`` from a checkpoint folder; all or nothing."""
     if adapter_name in peft_model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(peft_model.peft_config)}")
@@ -511,7 +526,9 @@ def load_adapter(peft_model: nn.Module, folder: str | os.PathLike, adapter_name:
         raise
 
 
-def from_pretrained(cls, model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False):
+def from_pretrained(
+    cls, model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+):
     """Build ``cls(model, config, adapter_name)`` from a checkpoint and load its tensors; on error
     the base model is left as it was."""
     config, tensors = load_checkpoint(folder)

@@ -338,3 +338,12 @@ def test_key_rule_covers_modules_outside_adapter_layers():
     state = minipeft.get_peft_model_state_dict(model)
     assert "encoder.prompts" in state and not any(k.startswith("encoder.prompts.") for k in state)
     assert checkpoint.adapter_key_map(model, "b") == {"encoder.prompts": "encoder.prompts.b"}
+
+
+def test_non_tensor_and_integer_values_are_refused():
+    state = minipeft.get_peft_model_state_dict(trained())
+    key = "base_model.model.up.lora_A.weight"
+    with pytest.raises(TypeError, match=rf"state dict values must be tensors; '{key}' are not"):
+        minipeft.set_peft_model_state_dict(trained(), {**state, key: [[0.0]]})
+    with pytest.raises(TypeError, match=rf"dtype mismatch for '{key}': checkpoint has torch.int64"):
+        minipeft.set_peft_model_state_dict(trained(), {**state, key: state[key].long()})
