@@ -191,8 +191,15 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -
     state_dict = model.state_dict()
     out = {ckpt_key: state_dict[model_key].detach() for ckpt_key, model_key in mapping.items()}
     if virtual is not None:
+        out = {_prompt_learning_key(k): v for k, v in out.items()}
         out[PROMPT_EMBEDDINGS] = virtual.prompt_embeddings().detach()
     return out
+
+
+def _prompt_learning_key(key: str) -> str:
+    """peft holds the user's model at ``base_model`` (not ``base_model.model``) for prompt learning,
+    so a saved classifier head of such an adapter is ``base_model.classifier.weight`` on disk."""
+    return "base_model." + key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
 def _virtual_tokens(model: nn.Module, adapter_name: str) -> nn.Module | None:
@@ -238,6 +245,7 @@ def set_peft_model_state_dict(
         if not isinstance(prompt_embeddings, torch.Tensor):
             raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it has no {PROMPT_EMBEDDINGS!r} tensor")
         virtual.check_prompt_embeddings(prompt_embeddings)
+        mapping = {_prompt_learning_key(k): v for k, v in mapping.items()}
     # A plain (not PeftModel) model has no "base_model.model." prefix; peft strips it there too.
     if not any(k.startswith(PEFT_PREFIX) for k in mapping):
         state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
@@ -498,12 +506,10 @@ def _requires_grad(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     return [(p, p.requires_grad) for p in model.parameters()]
 
 
-def _roll_back(model: nn.Module, adapter_name: str, flags: list[tuple[nn.Parameter, bool]]) -> None:
-    """Take a freshly injected adapter out again and restore every requires_grad flag."""
-    from . import injection
-
-    if any(adapter_name in layer.adapter_names for _, layer in injection.adapter_layers(model)):
-        injection.delete_adapter(model, adapter_name)
+def _roll_back(peft_model: nn.Module, adapter_name: str, flags: list[tuple[nn.Parameter, bool]]) -> None:
+    """Take a freshly added adapter out again (wrappers, hooks, config) and restore requires_grad."""
+    if adapter_name in peft_model.peft_config:
+        peft_model.delete_adapter(adapter_name)
     for p, flag in flags:
         p.requires_grad_(flag)
 
@@ -521,8 +527,7 @@ def load_adapter(
     try:
         set_peft_model_state_dict(peft_model, tensors, adapter_name)
     except BaseException:
-        _roll_back(peft_model.get_base_model(), adapter_name, flags)
-        del peft_model.peft_config[adapter_name]
+        _roll_back(peft_model, adapter_name, flags)
         raise
 
 
@@ -538,6 +543,6 @@ def from_pretrained(
     try:
         set_peft_model_state_dict(peft_model, tensors, adapter_name)
     except BaseException:
-        _roll_back(model, adapter_name, flags)
+        _roll_back(peft_model, adapter_name, flags)
         raise
     return peft_model
