@@ -1,0 +1,252 @@
+"""Benchmark: the fused LoRA linear against the frozen base layer, a plain PyTorch LoRA and peft.
+
+For every shape, in one process and on the same random inputs, it times
+
+    base     y = x W^T + b, W frozen (backward computes dx only)          the yardstick
+    torch    x W^T + b + s * dropout(x) A^T B^T in plain PyTorch           F.linear, two thin matmuls
+    peft     peft's LoRA layer (get_peft_model around a one-layer module)
+    fused    minipeft.kernels.lora_linear                                   Triton
+
+for the forward, the backward alone and forward + backward (median of triton.testing.do_bench,
+in ms), shows each as a ratio to `base`, and records the peak memory of one forward + backward
+beyond the inputs. The table goes to stdout and to benchmarks/results/lora_linear_<gpu>.md and
+.json, with the device, the versions and the command.
+
+    python benchmarks/bench_lora_linear.py            # on a GPU: bf16, M in {16, 512, 8192}
+    python benchmarks/bench_lora_linear.py --quick    # smoke test, also on CPU (prints only)
+
+On CPU the fused row needs TRITON_INTERPRET=1 (very slow, correctness only) and is skipped
+otherwise; CPU timings say nothing about the GPU and are not results.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, fp32 on CPU: checks that the script runs")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default benchmarks/results on a GPU; --quick writes nothing unless given)")
+    return ap.parse_args()
+
+
+def cases(quick, device):
+    """(M, K, N, r, p) tuples and the dtype."""
+    if quick:
+        return [(M, 64, N, 8, p) for M in (16, 300) for N in (64, 96) for p in (0.0, 0.1)], torch.float32
+    shapes = [(4096, 4096), (4096, 11008)]
+    return [(M, K, N, r, p) for M in (16, 512, 8192) for K, N in shapes for r in (8, 16, 64)
+            for p in (0.0, 0.1)], torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# The four implementations: each builds a function x -> y from the same weights.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_base(W, b, A, B, s, p):
+    return lambda x: F.linear(x, W, b)
+
+
+def make_torch_reference(W, b, A, B, s, p):
+    def lora(x):
+        y = F.linear(x, W, b)  # (..., N)
+        xa = F.linear(x if p == 0 else F.dropout(x, p, training=True), A)  # (..., r)
+        # y += s * xa B^T as one addmm on the flattened rows, without a temporary (M, N).
+        return y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.t(), alpha=s).view(y.shape)
+    return lora
+
+
+def make_peft(W, b, A, B, s, p):
+    from peft import LoraConfig, get_peft_model
+
+    r, (N, K) = A.shape[0], W.shape
+    holder = nn.Module()
+    holder.proj = nn.Linear(K, N, bias=b is not None, device=W.device, dtype=W.dtype)
+    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=s * r, lora_dropout=p, target_modules=["proj"]))
+    layer = model.base_model.model.proj  # peft.tuners.lora.Linear
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(W)
+        if b is not None:
+            layer.base_layer.bias.copy_(b)
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    layer.to(W.dtype).train()
+    return layer
+
+
+def make_fused(W, b, A, B, s, p):
+    from minipeft.kernels import lora_linear
+
+    return lambda x: lora_linear(x, W, b, A, B, s, dropout_p=p, training=True)
+
+
+IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": make_peft, "fused": make_fused}
+
+
+def fused_runs_here(device):
+    if device == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def median_ms(fn, device, params):
+    """Median time of fn in ms; the gradients of params are reset before each call."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, grad_to_none=params, return_mode="median")
+    times = []
+    for _ in range(8):
+        for t in params:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
+
+
+def peak_mib(fn, device):
+    """Peak memory of one call beyond what was allocated before it, in MiB (GPU only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def measure(layer, x, dy, params, device):
+    """Forward, backward alone (over a graph kept alive) and forward + backward."""
+    forward = lambda: layer(x)  # noqa: E731  a training forward: it saves what the backward needs
+    y = layer(x)
+    backward = lambda: y.backward(dy, retain_graph=True)  # noqa: E731
+    step = lambda: layer(x).backward(dy)  # noqa: E731
+    times = {name: median_ms(fn, device, params) for name, fn in
+             [("fwd", forward), ("bwd", backward), ("fwd+bwd", step)]}
+    del y
+    for t in params:
+        t.grad = None
+    times["peak_mib"] = peak_mib(step, device)
+    return times
+
+
+def run_case(M, K, N, r, p, dtype, device, impls):
+    g = torch.Generator(device=device).manual_seed(0)
+    randn = lambda *shape, std=1.0: torch.randn(*shape, generator=g, device=device, dtype=dtype) * std  # noqa: E731
+    x = randn(M, K).requires_grad_(True)
+    W, b = randn(N, K, std=K**-0.5), randn(N)
+    A, B = randn(r, K, std=K**-0.5), randn(N, r, std=r**-0.5)
+    dy = randn(M, N)
+    s = 2.0
+
+    rows = []
+    for name in impls:
+        A_, B_ = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+        layer = IMPLEMENTATIONS[name](W, b, A_, B_, s, p)
+        if isinstance(layer, nn.Module):  # peft: its own copies of A and B
+            A_, B_ = (t for t in layer.parameters() if t.requires_grad)
+        params = [x, A_, B_]
+        rows.append({"method": name, **measure(layer, x, dy, params, device)})
+    base = rows[0]
+    for row in rows:
+        for key in ("fwd", "bwd", "fwd+bwd"):
+            row[key + "_x_base"] = row[key] / base[key]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def markdown(results):
+    lines = ["| M | K -> N | r | p | method | fwd ms (x base) | bwd ms (x base) | fwd+bwd ms (x base) | peak MiB |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+    for case in results:
+        for row in case["rows"]:
+            cells = [f"{row[k]:.3f} ({row[k + '_x_base']:.2f})" for k in ("fwd", "bwd", "fwd+bwd")]
+            peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+            method = row["method"] + (f" ({case['fused_path']})" if row["method"] == "fused" else "")
+            lines.append(f"| {case['M']} | {case['K']} -> {case['N']} | {case['r']} | {case['p']} | "
+                         f"{method} | {' | '.join(cells)} | {peak} |")
+    return "\n".join(lines)
+
+
+def slug(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main():
+    args = parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.quick:
+        sys.exit("no GPU: run with --quick for a CPU smoke test")
+    case_list, dtype = cases(args.quick, device)
+    impls = [name for name in IMPLEMENTATIONS if name != "fused" or fused_runs_here(device)]
+    if "fused" not in impls:
+        print("fused kernels skipped: no GPU (set TRITON_INTERPRET=1 to run them interpreted)")
+
+    from minipeft.kernels import use_fused_base
+
+    results = []
+    for M, K, N, r, p in case_list:
+        rows = run_case(M, K, N, r, p, dtype, device, impls)
+        path = "triton GEMM" if use_fused_base(M, N, K) else "cuBLAS base"
+        results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
+        print(f"M={M} K={K} N={N} r={r} p={p}: " +
+              ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)
+
+    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    meta = {
+        "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "timing": "median ms of triton.testing.do_bench (GPU) / of 7 calls (CPU); x base = ratio to base",
+        "peak_mib": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
+    }
+    table = markdown(results)
+    print()
+    print(table)
+
+    out = args.out if args.out is not None else (None if args.quick else Path(__file__).parent / "results")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"lora_linear_{slug(device_name)}"
+        header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+        stem.with_suffix(".md").write_text(f"# LoRA linear, {device_name}\n\n{header}\n\n{table}\n")
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"\nwrote {stem}.md and .json")
+
+
+def _version(package):
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
