@@ -7,6 +7,7 @@ from .model import PeftModel, get_peft_model
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
 from .tuners.lora import LoraConfig
+from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 
 __all__ = [
     "BottleneckConfig",
@@ -15,6 +16,8 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "get_peft_model",
     "get_peft_model_state_dict",

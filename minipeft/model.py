@@ -17,6 +17,7 @@ from torch import nn
 from . import checkpoint, injection
 from .config import PeftConfig, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
+from .tuners import method_for, virtual_tokens
 
 
 class AdaptedModel(nn.Module):
@@ -80,7 +81,11 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
         first = not self.peft_config
-        injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
+        if config.is_prompt_learning:
+            # Virtual tokens live beside the model (self.prompt_encoder) and reach it through hooks.
+            method_for(config).attach(self, adapter_name, config)
+        else:
+            injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
         self.peft_config[adapter_name] = config
         if not first:
             # Keep the current adapter active everywhere, including the new wrappers.
@@ -91,15 +96,23 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
         config = self.peft_config[adapter_name]
-        injection.set_adapter(self.get_base_model(), [adapter_name], trainable=not config.inference_mode)
-        if not config.inference_mode:
-            injection._set_bias_trainable(self.get_base_model(), config)
+        if config.is_prompt_learning:
+            virtual_tokens.set_active(self, adapter_name, trainable=not config.inference_mode)
+        else:
+            if "prompt_encoder" in self._modules:
+                self.prompt_encoder.set_adapter(adapter_name)  # no virtual tokens while a layer adapter runs
+            injection.set_adapter(self.get_base_model(), [adapter_name], trainable=not config.inference_mode)
+            if not config.inference_mode:
+                injection._set_bias_trainable(self.get_base_model(), config)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
-        injection.delete_adapter(self.get_base_model(), adapter_name)
+        if self.peft_config[adapter_name].is_prompt_learning:
+            virtual_tokens.delete(self, adapter_name)
+        else:
+            injection.delete_adapter(self.get_base_model(), adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
@@ -108,6 +121,7 @@ class PeftModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the ``with`` block."""
         layers = [layer for _, layer in injection.adapter_layers(self.get_base_model())]
+        layers += [self.prompt_encoder] if "prompt_encoder" in self._modules else []
         for layer in layers:
             layer.disable_adapters = True
         try:
@@ -131,10 +145,14 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with the active adapter folded in and no minipeft module left."""
+        if "prompt_encoder" in self._modules:
+            raise TypeError("virtual tokens (prompt/prefix tuning) are not weights and cannot be merged; use unload()")
         return injection.unload(self.get_base_model(), merge=True)
 
     def unload(self) -> nn.Module:
         """The base model with every adapter removed, unmerged."""
+        if "prompt_encoder" in self._modules:
+            self.prompt_encoder.remove_hooks()
         return injection.unload(self.get_base_model(), merge=False)
 
     # -- parameters ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import bottleneck, ia3, lora
+from . import bottleneck, ia3, lora, prompt_tuning
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -26,11 +26,14 @@ class PeftMethod:
         added in place (``update_layer``) rather than a second wrapper.
     wrap: ``wrap(module, adapter_name, config, qualified_name) -> layer_class`` builds a new
         wrapper holding one adapter. It must not modify ``module`` or the model.
+    attach: for virtual-token methods (``config.is_prompt_learning``), which wrap no layer:
+        ``attach(peft_model, adapter_name, config)`` adds the adapter to the PeftModel.
     """
 
     config_class: type[PeftConfig]
-    layer_class: type[AdapterLayer]
-    wrap: Callable[[nn.Module, str, PeftConfig, str], AdapterLayer]
+    layer_class: type[AdapterLayer] | None
+    wrap: Callable[[nn.Module, str, PeftConfig, str], AdapterLayer] | None
+    attach: Callable[[nn.Module, str, PeftConfig], None] | None = None
 
 
 PEFT_METHODS: dict[PeftType, PeftMethod] = {}
@@ -52,6 +55,10 @@ register_method(PeftType.LORA, PeftMethod(lora.LoraConfig, lora.LoraLayer, lora.
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
+)
+
+register_method(
+    PeftType.PROMPT_TUNING, PeftMethod(prompt_tuning.PromptTuningConfig, None, None, attach=prompt_tuning.attach)
 )
 
 __all__ = ["AdapterLayer", "ModulesToSaveWrapper", "PeftMethod", "PEFT_METHODS", "register_method", "method_for"]

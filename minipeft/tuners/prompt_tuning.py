@@ -1,0 +1,250 @@
+"""Prompt tuning (Lester et al. 2021): learn a few input embeddings, freeze the whole model.
+
+The adapter is a matrix ``P`` of ``n`` virtual-token embeddings put in front of the embedded
+input. For token ids ``x`` (B, T) and the model's embedding table ``E``:
+
+    inputs_embeds = concat([P, P, ..., P], E[x])      # (B, n + T, d),  P: (n, d)
+
+and the frozen model runs on that longer sequence. Only ``P`` trains: ``n * d`` numbers.
+Everything indexed by position grows with it:
+
+* ``attention_mask`` gets ``n`` leading ones (the prompt is always visible);
+* token-level ``labels`` get ``n`` leading ``-100`` (no loss on the prompt);
+* ``token_type_ids`` get ``n`` leading zeros;
+* ``position_ids``, when given, become ``[0..n-1, position_ids + n]``: the prompt takes the
+  first positions, as it does when the model numbers positions itself.
+
+A BERT classifier pools the hidden state at index 0, which is now the first virtual token;
+peft does the same (it concatenates the prompt in front and calls the model), so the two
+agree, and the pooled vector is the one the prompt learns to shape.
+
+Generation: ``model.generate()`` calls the model's forward once per token. The prompt goes
+in on the first call only, when the KV cache is empty; later calls feed one new token and
+find the prompt's keys and values already cached, so they only shift positions by ``n`` and
+widen the mask. The hook sits on the user's model forward, so this works whether
+``generate`` is called through the PeftModel or on the base model.
+
+Checkpoints: the parameter is ``prompt_encoder.<adapter>.embedding.weight`` (n, d), which
+peft saves as ``prompt_embeddings``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PeftType, TaskType
+from . import virtual_tokens as vt
+
+
+class PromptTuningInit(str, enum.Enum):
+    """How the virtual tokens start: random vectors, embeddings of a text, or of random vocabulary."""
+
+    RANDOM = "RANDOM"
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+
+
+@dataclass
+class PromptTuningConfig(vt.PromptLearningConfig):
+    """Prompt tuning hyper-parameters, with peft's field names.
+
+    prompt_tuning_init: ``RANDOM`` (standard normal), ``TEXT`` (embeddings of
+    ``prompt_tuning_init_text``, repeated to fill ``num_virtual_tokens``, cut when longer)
+    or ``SAMPLE_VOCAB`` (embeddings of random vocabulary entries).
+    tokenizer_name_or_path: for ``TEXT``, a ``tokenizer.json`` file or a folder holding one
+    (no hub lookups). tokenizer_kwargs: kept for peft's config files; minipeft does not use it.
+    tokenizer (minipeft only, not saved): a ``tokenizers.Tokenizer`` or a callable
+    ``text -> list[int]`` used instead of ``tokenizer_name_or_path``.
+    input_embeddings_name (minipeft only, not saved): qualified name of the input embedding
+    for models without ``get_input_embeddings()``.
+    """
+
+    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+    tokenizer: Any = None
+    input_embeddings_name: str | None = None
+
+    runtime_only_fields: ClassVar[tuple[str, ...]] = ("tokenizer", "input_embeddings_name")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PROMPT_TUNING
+        try:
+            self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
+        except ValueError:
+            known = ", ".join(i.value for i in PromptTuningInit)
+            raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} is not one of: {known}") from None
+        if self.prompt_tuning_init == PromptTuningInit.TEXT:
+            if not self.prompt_tuning_init_text:
+                raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text to start from")
+            if self.tokenizer is None and not self.tokenizer_name_or_path:
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs a tokenizer: tokenizer=<tokenizers.Tokenizer or callable> or "
+                    "tokenizer_name_or_path=<path to tokenizer.json or its folder>"
+                )
+
+
+def find_input_embeddings(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
+    """The module that turns token ids into vectors: ``config.input_embeddings_name`` when
+    given, else ``model.get_input_embeddings()``."""
+    if config.input_embeddings_name:
+        try:
+            module = model.get_submodule(config.input_embeddings_name)
+        except AttributeError:
+            raise ValueError(
+                f"input_embeddings_name={config.input_embeddings_name!r} is not a module of {type(model).__name__}"
+            ) from None
+    else:
+        get = getattr(model, "get_input_embeddings", None)
+        module = get() if callable(get) else None
+        if module is None:
+            embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+            raise ValueError(
+                f"cannot find the input embeddings of {type(model).__name__}: it has no get_input_embeddings(). "
+                f"Name the module with PromptTuningConfig(input_embeddings_name=...), e.g. one of {embeddings[:5]}"
+            )
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"the input embeddings {type(module).__name__} have no 2-D weight (vocab, dim)")
+    return module
+
+
+def _init_token_ids(config: PromptTuningConfig, n: int) -> list[int]:
+    """Token ids of the init text, repeated to ``n`` ids or cut to the first ``n`` (as peft does)."""
+    tokenizer = config.tokenizer if config.tokenizer is not None else config.tokenizer_name_or_path
+    text = config.prompt_tuning_init_text
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else str(tokenizer)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"tokenizer_name_or_path={tokenizer!r}: no tokenizer.json there. minipeft does not download "
+                "tokenizers; give a local tokenizer.json (or its folder), a tokenizers.Tokenizer or a callable"
+            )
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(path)
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "token_to_id"):  # a tokenizers.Tokenizer
+        ids = tokenizer.encode(text).ids
+    elif callable(tokenizer):
+        ids = tokenizer(text)
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    else:
+        raise ValueError(f"tokenizer must be a tokenizers.Tokenizer, a path or a callable, got {type(tokenizer).__name__}")
+    if not ids:
+        raise ValueError(f"prompt_tuning_init_text={text!r} tokenizes to no tokens")
+    if len(ids) > n:
+        warnings.warn(
+            f"prompt_tuning_init_text has {len(ids)} tokens but num_virtual_tokens={n}: only the first {n} are used "
+            "to initialise the prompt (as in peft). Raise num_virtual_tokens to keep the whole text.",
+            stacklevel=3,
+        )
+    return (ids * math.ceil(n / len(ids)))[:n]
+
+
+class PromptEmbedding(nn.Module):
+    """The learned prompt ``P`` (n, d) and the rewrite of a forward call that puts it in front."""
+
+    def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
+        super().__init__()
+        self.num_virtual_tokens = config.num_virtual_tokens
+        # peft sizes the table n * num_transformer_submodules (2 for encoder-decoder models).
+        total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
+        self.embedding = nn.Embedding(total, config.token_dim, device=word_embeddings.weight.device)
+        self._word_embeddings = [word_embeddings]  # a list keeps it out of this module's state dict
+        init = config.prompt_tuning_init
+        if init != PromptTuningInit.RANDOM and not config.inference_mode:
+            if init == PromptTuningInit.TEXT:
+                ids = torch.tensor(_init_token_ids(config, total), device=word_embeddings.weight.device)
+            else:
+                ids = torch.randint(0, word_embeddings.weight.shape[0], (total,), device=word_embeddings.weight.device)
+            with torch.no_grad():
+                self.embedding.weight.copy_(word_embeddings(ids).float())
+
+    def prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The prompt for a batch, ``(B, n, d)``; expand shares the storage, gradients sum over the batch."""
+        return self.embedding.weight[: self.num_virtual_tokens].to(dtype).unsqueeze(0).expand(batch, -1, -1)
+
+    # -- checkpoints: peft's single tensor ``prompt_embeddings`` (n, d) ---------------------------
+    def prompt_embeddings(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def check_prompt_embeddings(self, tensor: torch.Tensor) -> None:
+        if tuple(tensor.shape) != tuple(self.embedding.weight.shape):
+            raise ValueError(
+                f"prompt_embeddings has shape {tuple(tensor.shape)}, this prompt-tuning adapter expects "
+                f"{tuple(self.embedding.weight.shape)} (num_virtual_tokens, token_dim): another base model?"
+            )
+
+    def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
+        self.check_prompt_embeddings(tensor)
+        with torch.no_grad():
+            self.embedding.weight.copy_(tensor)
+
+    # -- the rewrite of a forward call ---------------------------------------------------------
+    def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
+        n = self.num_virtual_tokens
+        kwargs["attention_mask"] = vt.widen_attention_mask(kwargs.get("attention_mask"), n)
+        positions = kwargs.get("position_ids")
+        if vt.cache_length(kwargs) > 0:
+            # A later generation step: the prompt is in the cache already; only positions move.
+            if positions is not None:
+                kwargs["position_ids"] = positions + n
+            return kwargs
+
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            input_ids = kwargs.get("input_ids")
+            if input_ids is None:
+                raise ValueError("prompt tuning needs input_ids or inputs_embeds in the forward call")
+            embeds = self._word_embeddings[0](input_ids)  # (B, T, d)
+        batch, length = embeds.shape[:2]
+        kwargs["inputs_embeds"] = torch.cat([self.prompt(batch, embeds.dtype), embeds], dim=1)  # (B, n+T, d)
+        kwargs["input_ids"] = None
+
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
+            # Token-level labels (causal LM, token classification): no loss on the prompt.
+            pad = labels.new_full((batch, n, *labels.shape[2:]), -100)
+            kwargs["labels"] = torch.cat([pad, labels], dim=1)
+        token_types = kwargs.get("token_type_ids")
+        if token_types is not None:
+            kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
+        if positions is not None:
+            if positions.dim() != 2:
+                raise ValueError(f"prompt tuning handles position_ids of shape (batch, seq), got {tuple(positions.shape)}")
+            first = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
+            kwargs["position_ids"] = torch.cat([first, positions + n], dim=1)
+        return kwargs
+
+
+def attach(peft_model: nn.Module, adapter_name: str, config: PromptTuningConfig) -> None:
+    """Add a prompt-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
+    model = peft_model.get_base_model()
+    if config.task_type == TaskType.SEQ_2_SEQ_LM:
+        raise ValueError("minipeft's prompt tuning supports encoder and decoder-only models, not SEQ_2_SEQ_LM")
+    embeddings = find_input_embeddings(model, config)
+    if "inputs_embeds" not in vt.forward_parameters(model):
+        raise ValueError(
+            f"prompt tuning passes the prompt as inputs_embeds, but {type(model).__name__}.forward has no "
+            "inputs_embeds argument; add one (embed input_ids only when inputs_embeds is None)"
+        )
+    vt.check_token_dim(config, embeddings.weight.shape[1], f"the input embedding {type(embeddings).__name__}")
+    config.token_dim = embeddings.weight.shape[1]
+    config.num_transformer_submodules = config.num_transformer_submodules or 1
+    config.num_layers = config.num_layers or vt.model_config_value(model, "num_hidden_layers", "n_layer", "num_layers")
+    config.num_attention_heads = config.num_attention_heads or vt.model_config_value(
+        model, "num_attention_heads", "n_head", "num_heads"
+    )
+    vt.prompt_encoders(peft_model)[adapter_name] = PromptEmbedding(config, embeddings)
+    vt.add_modules_to_save(peft_model, adapter_name, config)

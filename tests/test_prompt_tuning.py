@@ -1,0 +1,268 @@
+"""Prompt tuning: parity with peft on tiny transformers models, generation with a KV cache,
+checkpoints both ways, text initialisation, training, and the errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import minipeft
+from minipeft import PromptTuningConfig, PromptTuningInit
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def tiny(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+        return transformers.LlamaForCausalLM(cfg).eval()
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      attn_implementation="sdpa")
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=48, attn_implementation="sdpa")
+        return transformers.BertForSequenceClassification(cfg).eval()
+    raise ValueError(kind)
+
+
+def batch(length: int = 6, padded: bool = True) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    if padded:
+        mask[1, -2:] = 0  # right padding in the second row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pair(kind: str, **config):
+    """(peft model, minipeft model) on one base model, minipeft holding peft's prompt (and head)."""
+    base = tiny(kind)
+    task = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
+    p = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type=task, **config))
+    m = minipeft.get_peft_model(copy.deepcopy(base), PromptTuningConfig(task_type=task, **config))
+    with torch.no_grad():
+        p.prompt_encoder["default"].embedding.weight.normal_()
+    # peft keeps the user's model at ``base_model`` for prompt learning (and aliases its word
+    # embeddings); minipeft keeps it at ``base_model.model`` for every method. Past that prefix,
+    # every name (prompt encoder, saved classifier copy, base weights) is peft's: strict load.
+    state = {k.replace("base_model.", "base_model.model.", 1): v for k, v in p.state_dict().items()
+             if k != "word_embeddings.weight"}
+    m.load_state_dict(state, strict=True)
+    return p, m
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_outputs_loss_and_grads_match_peft(kind):
+    p, m = pair(kind, num_virtual_tokens=3)
+    inputs = batch()
+    labels = inputs["input_ids"] if kind != "bert" else torch.tensor([0, 1])
+    if kind == "bert":
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    out_p, out_m = p(**inputs, labels=labels), m(**inputs, labels=labels)
+    torch.testing.assert_close(out_m.logits, out_p.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_m.loss, out_p.loss, atol=1e-5, rtol=0)
+    out_p.loss.backward()
+    out_m.loss.backward()
+    grad_p = p.prompt_encoder["default"].embedding.weight.grad
+    grad_m = m.prompt_encoder["default"].embedding.weight.grad
+    torch.testing.assert_close(grad_m, grad_p, atol=1e-5, rtol=0)
+    assert m.get_nb_trainable_parameters() == p.get_nb_trainable_parameters()
+
+
+def test_bert_pools_the_first_virtual_token_like_peft():
+    """BERT's pooler reads index 0, which after prepending is virtual token 0 (peft does the same)."""
+    _, m = pair("bert", num_virtual_tokens=2)
+    with torch.no_grad():
+        out = m(**batch(), output_hidden_states=True)
+        prompt0 = m.prompt_encoder["default"].embedding.weight[0]
+        bert = m.get_base_model().bert
+        first = out.hidden_states[0][:, 0]  # embeddings output at index 0
+        expected = bert.embeddings.LayerNorm(prompt0 + bert.embeddings.position_embeddings.weight[0]
+                                             + bert.embeddings.token_type_embeddings.weight[0])
+    torch.testing.assert_close(first, expected.expand_as(first), atol=1e-5, rtol=0)
+
+
+def greedy_without_cache(model, ids, steps):
+    for _ in range(steps):
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_with_kv_cache_adds_the_prompt_once(kind):
+    _, m = pair(kind, num_virtual_tokens=4)
+    m.get_base_model().generation_config.eos_token_id = None  # always generate every token
+    ids = batch(padded=False)["input_ids"]
+    with torch.no_grad():
+        cached = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        reference = greedy_without_cache(m, ids, 6)
+        base = m.get_base_model().generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        with m.disable_adapter():
+            plain = greedy_without_cache(m, ids, 6)
+    assert torch.equal(cached, reference)
+    assert torch.equal(base, reference)  # the hook sits on the base model: its generate() uses the prompt too
+    assert not torch.equal(plain, reference)  # and the prompt does change what is generated
+
+
+def test_position_ids_are_shifted_behind_the_prompt():
+    _, m = pair("llama", num_virtual_tokens=3)
+    inputs = batch(padded=False)
+    positions = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(m(**inputs, position_ids=positions).logits, m(**inputs).logits, atol=1e-6, rtol=0)
+
+
+def test_disable_adapter_and_unload_give_the_base_model():
+    base = tiny("llama")
+    expected = base(**batch()).logits
+    m = minipeft.get_peft_model(copy.deepcopy(base), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with m.disable_adapter():
+        torch.testing.assert_close(m(**batch()).logits, expected)
+    assert m(**batch()).logits.shape[1] == 9  # the prompt is back (n + T positions)
+    unloaded = m.unload()
+    torch.testing.assert_close(unloaded(**batch()).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_checkpoints_load_in_peft_and_back(kind, tmp_path):
+    p, m = pair(kind, num_virtual_tokens=3)
+    inputs = batch()
+    m.save_pretrained(tmp_path / "mini")
+    config = json.loads((tmp_path / "mini" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["token_dim"] == 32
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "mini" / "adapter_model.safetensors")
+    assert saved["prompt_embeddings"].shape == (3, 32)
+    p2 = peft.PeftModel.from_pretrained(tiny(kind), tmp_path / "mini")
+    torch.testing.assert_close(p2(**inputs).logits, m(**inputs).logits, atol=1e-5, rtol=0)
+
+    p.save_pretrained(tmp_path / "peft")
+    m2 = minipeft.PeftModel.from_pretrained(tiny(kind), tmp_path / "peft")
+    torch.testing.assert_close(m2(**inputs).logits, p(**inputs).logits, atol=1e-5, rtol=0)
+    assert not any(t.requires_grad for t in m2.parameters())  # loaded for inference
+
+
+def test_training_prompt_tuning_lowers_the_loss():
+    torch.manual_seed(0)
+    # Wider initial weights than the default 0.02: a near-uniform random model ignores any prompt.
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    m = minipeft.get_peft_model(transformers.LlamaForCausalLM(cfg), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                        num_virtual_tokens=8))
+    m.train()
+    ids = torch.arange(16).repeat(4, 1) % VOCAB  # a pattern the prompt can steer the model towards
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert [t.shape for t in trainable] == [torch.Size([8, 32])]
+    opt = torch.optim.Adam(trainable, lr=0.1)
+    losses = []
+    for _ in range(20):
+        loss = m(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+# -- initialisation from text -----------------------------------------------------------------
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "great", "movie", "bad", "film", "the"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def text_model(n, **kwargs):
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text="great movie bad", **kwargs)
+    return minipeft.get_peft_model(tiny("llama"), config)
+
+
+def test_text_init_from_tokenizer_object_path_or_callable(tmp_path):
+    tok = word_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    for kwargs in (dict(tokenizer=tok), dict(tokenizer_name_or_path=str(tmp_path)),
+                   dict(tokenizer=lambda text: [1, 2, 3])):
+        m = text_model(5, **kwargs)
+        table = m.get_base_model().get_input_embeddings().weight
+        # "great movie bad" = ids 1 2 3, repeated to fill five tokens.
+        torch.testing.assert_close(m.prompt_encoder["default"].embedding.weight, table[[1, 2, 3, 1, 2]])
+        assert m.peft_config["default"].prompt_tuning_init == PromptTuningInit.TEXT
+        assert "tokenizer" not in m.peft_config["default"].to_dict()  # runtime only, never saved
+
+
+def test_text_longer_than_the_prompt_is_cut_with_a_warning():
+    with pytest.warns(UserWarning, match="only the first 2 are used"):
+        m = text_model(2, tokenizer=word_tokenizer())
+    table = m.get_base_model().get_input_embeddings().weight
+    torch.testing.assert_close(m.prompt_encoder["default"].embedding.weight, table[[1, 2]])
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, -3, None, 2.5])
+def test_num_virtual_tokens_must_be_positive(n):
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
+        PromptTuningConfig(num_virtual_tokens=n)
+
+
+def test_text_init_needs_text_and_tokenizer():
+    with pytest.raises(ValueError, match="needs prompt_tuning_init_text"):
+        PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi")
+    with pytest.raises(ValueError, match="not one of: RANDOM, TEXT, SAMPLE_VOCAB"):
+        PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS")
+    with pytest.raises(ValueError, match="no tokenizer.json there"):
+        text_model(2, tokenizer_name_or_path="/nonexistent/tokenizer")
+
+
+def test_token_dim_must_match_the_embeddings():
+    with pytest.raises(ValueError, match="token_dim=16 does not match the model: the input embedding Embedding has width 32"):
+        minipeft.get_peft_model(tiny("llama"), PromptTuningConfig(num_virtual_tokens=2, token_dim=16))
+
+
+class NoEmbeddingGetter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        h = self.tok(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.head(h)
+
+
+def test_model_without_input_embeddings_needs_a_name():
+    with pytest.raises(ValueError, match=r"has no get_input_embeddings\(\).*input_embeddings_name.*'tok'"):
+        minipeft.get_peft_model(NoEmbeddingGetter(), PromptTuningConfig(num_virtual_tokens=2))
+    m = minipeft.get_peft_model(NoEmbeddingGetter(), PromptTuningConfig(num_virtual_tokens=2, input_embeddings_name="tok"))
+    assert m(input_ids=torch.zeros(1, 5, dtype=torch.long)).shape == (1, 7, VOCAB)
+    with pytest.raises(ValueError, match="input_embeddings_name='nope' is not a module"):
+        minipeft.get_peft_model(NoEmbeddingGetter(), PromptTuningConfig(num_virtual_tokens=2, input_embeddings_name="nope"))
+
+
+def test_model_without_inputs_embeds_argument_is_refused():
+    class IdsOnly(NoEmbeddingGetter):
+        def forward(self, input_ids):
+            return self.head(self.tok(input_ids))
+
+        def get_input_embeddings(self):
+            return self.tok
+
+    with pytest.raises(ValueError, match="has no inputs_embeds argument"):
+        minipeft.get_peft_model(IdsOnly(), PromptTuningConfig(num_virtual_tokens=2))
