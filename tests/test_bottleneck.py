@@ -295,6 +295,23 @@ def test_preset_errors():
         BottleneckConfig.preset("lora", model_type="bert")
 
 
+def test_convolutions_are_refused_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.raises(TypeError, match="'0': it is a Conv2d, whose output is channels-first"):
+        get_peft_model(model, BottleneckConfig(target_modules=["0"], bottleneck_size=2, hidden_size=8))
+
+
+def test_adapter_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), BottleneckConfig(target_modules=["fc"], bottleneck_size=4, adapter_dropout=0.5))
+    randomize_up(model)
+    x = torch.randn(16, 8)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
 def test_width_that_cannot_be_inferred_asks_for_hidden_size():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(ValueError, match=r"cannot infer the output width of '1' \(ReLU\).*hidden_size="):

@@ -58,7 +58,9 @@ _BERT = {
     "houlsby": dict(target_modules=r"(.*\.)?layer\.\d+\.(attention\.)?output\.dense", placement="sequential"),
     "pfeiffer": dict(target_modules=r"(.*\.)?layer\.\d+\.output\.dense", placement="sequential"),
     # BERT's feed-forward block is split across "intermediate" and "output"; the module that
-    # ends it, "output", receives the block's input as its argument "input_tensor".
+    # ends it, "output", receives the block's input as its argument "input_tensor". The term
+    # lands after that module's residual LayerNorm (He et al. add it just before): the
+    # LayerNorm sits inside the module, so by name this is the closest faithful place.
     "parallel": dict(
         target_modules=r"(.*\.)?layer\.\d+\.output", placement="parallel", parallel_input="input_tensor", scaling=4.0
     ),
@@ -331,6 +333,14 @@ def _split_hidden(out):
 
 def wrap_module(target: nn.Module, adapter_name: str, config: BottleneckConfig, key: str) -> BottleneckLayer:
     """Build the bottleneck wrapper for ``target`` (the module named ``key``) with one adapter."""
+    base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
+    if isinstance(base, nn.modules.conv._ConvNd):
+        # The MLP acts on the last dimension; a convolution's features are on dimension 1.
+        raise TypeError(
+            f"cannot put a bottleneck adapter on {key!r}: it is a {type(base).__name__}, whose output is "
+            "channels-first, while the adapter acts on the last dimension; target a module whose output is "
+            "(..., features), e.g. a Linear, an MLP or a transformer block"
+        )
     layer = BottleneckLayer(target)
     layer.update_layer(adapter_name, config, key)
     return layer
