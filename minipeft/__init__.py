@@ -7,6 +7,7 @@ from .model import PeftModel, get_peft_model
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
 from .tuners.lora import LoraConfig
+from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "PrefixTuningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import bottleneck, ia3, lora, prompt_tuning
+from . import bottleneck, ia3, lora, prefix_tuning, prompt_tuning
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -59,6 +59,9 @@ register_method(
 
 register_method(
     PeftType.PROMPT_TUNING, PeftMethod(prompt_tuning.PromptTuningConfig, None, None, attach=prompt_tuning.attach)
+)
+register_method(
+    PeftType.PREFIX_TUNING, PeftMethod(prefix_tuning.PrefixTuningConfig, None, None, attach=prefix_tuning.attach)
 )
 
 __all__ = ["AdapterLayer", "ModulesToSaveWrapper", "PeftMethod", "PEFT_METHODS", "register_method", "method_for"]

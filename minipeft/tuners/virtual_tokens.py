@@ -213,6 +213,8 @@ def delete(peft_model: nn.Module, adapter_name: str) -> None:
     from .. import injection
 
     encoders = prompt_encoders(peft_model)
+    if hasattr(encoders[adapter_name], "remove_hooks"):
+        encoders[adapter_name].remove_hooks()  # prefix tuning's attention hooks
     del encoders[adapter_name]
     if encoders.active_adapter == adapter_name:
         encoders.active_adapter = None

@@ -1,0 +1,352 @@
+"""Prefix tuning (Li & Liang 2021): learned keys and values in front of every attention layer.
+
+Each adapted attention layer ``l`` gets ``n`` extra key/value positions it attends to, learned
+directly while the model stays frozen. For one head with queries ``Q`` (T, d), keys ``K`` and
+values ``V`` (S, d) and the layer's prefix ``Pk, Pv`` (n, d):
+
+    attention = softmax(Q [Pk; K]^T / sqrt(d) + [0 | mask]) [Pv; V]
+
+Every query sees every prefix position (the ``0`` block of the mask), causal or not.
+
+Where the prefix goes in: any attention module, no per-architecture table
+--------------------------------------------------------------------------
+Modern attention calls ``torch.nn.functional.scaled_dot_product_attention(q, k, v, ...)``
+(transformers' ``attn_implementation="sdpa"`` does, from its ``sdpa_attention`` integration,
+and so does nanoGPT). While an adapted attention module runs, a ``TorchFunctionMode`` catches
+that call and re-issues it with the prefix concatenated along the sequence axis of ``k`` and
+``v``, ``attn_mask`` widened with visible columns, and ``is_causal=True`` replaced by the
+equivalent explicit mask (SDPA's causal mask is aligned top-left, so it cannot express
+"causal among real tokens, all prefix visible" by itself). Grouped-query attention works with
+either convention: with ``enable_gqa`` the keys arrive with the key/value heads and so does
+the prefix; when the model repeats its key/value heads first, the prefix heads are repeated
+the same way (``repeat_interleave``).
+
+The attention modules are found by running the model once on a two-token input and noting
+which innermost modules call SDPA. A model whose attention does not go through SDPA has none:
+that is an error saying so (transformers: load with ``attn_implementation="sdpa"``).
+
+Positions: the prefix occupies positions ``0..n-1``
+---------------------------------------------------
+peft passes the prefix as a pre-filled KV cache of length ``n``, so the model numbers the real
+tokens from ``n``: position embeddings (GPT-2, BERT) and rotary angles (LLaMA) see ``n+i`` for
+token ``i``. minipeft follows that convention so that logits and checkpoints agree: whenever
+the model's forward accepts ``position_ids``, they are shifted by ``num_virtual_tokens``
+(computed from the cache length when not given). The prefix keys themselves carry no
+position (they are stored after any rotary embedding, as in peft's cache). A model whose
+forward takes no ``position_ids`` (nanoGPT) keeps its own numbering from 0.
+
+Parameters and checkpoints (peft's layout)
+------------------------------------------
+``prompt_encoder.<adapter>.embedding.weight`` is (n, layers * 2 * token_dim): for each virtual
+token, layer by layer, the key then the value, each ``heads x head_dim`` with ``heads`` the
+key/value heads. With ``prefix_projection`` the table is (n, token_dim) and a two-layer MLP
+``Linear -> tanh -> Linear`` produces that row (a reparametrisation that trains more stably);
+it is folded away for inference: the checkpoint stores only the MLP's output, peft's
+``prompt_embeddings``, and an adapter loaded for inference holds that table directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..config import PeftType, TaskType
+from ..targeting import name_matches
+from . import virtual_tokens as vt
+
+SDPA = F.scaled_dot_product_attention
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass
+class PrefixTuningConfig(vt.PromptLearningConfig):
+    """Prefix tuning hyper-parameters, with peft's field names.
+
+    num_layers / token_dim / num_attention_heads: inferred from the model (the number of
+    adapted attention modules; the key/value heads and their width), as peft records them.
+    prefix_projection: learn the prefix through a ``token_dim -> encoder_hidden_size ->
+    layers*2*token_dim`` MLP (``encoder_hidden_size`` defaults to ``token_dim``).
+    init_weights: ``None`` (standard normal) or ``"zero"`` (zero keys and values: each prefix
+    position still takes attention mass ``exp(0)`` but adds nothing to the output).
+    target_modules (minipeft only, not saved): which attention modules get a prefix, by name
+    (exact, dotted suffix or full regex); default every module that calls SDPA.
+    """
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+    target_modules: list[str] | str | None = None
+
+    runtime_only_fields: ClassVar[tuple[str, ...]] = ("target_modules",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PREFIX_TUNING
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights must be None (random) or 'zero', got {self.init_weights!r}")
+
+
+# -- finding the attention modules --------------------------------------------------------------
+class _RecordSDPA(TorchFunctionMode):
+    """Notes the innermost running module of every SDPA call, with the key's shape."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.calls: dict[str, tuple[int, ...]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is SDPA and self.stack:
+            call = dict(zip(SDPA_ARGS, args), **kwargs)
+            self.calls.setdefault(self.stack[-1], tuple(call["key"].shape))
+        return func(*args, **kwargs)
+
+
+def find_attention_modules(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{module name: key shape (B, heads, S, head_dim)}`` for every module that calls SDPA,
+    in model order, found by one forward pass on a two-token input."""
+    stack: list[str] = []
+    handles = []
+    def leave(module, args, output) -> None:  # returns None: a forward hook's return value replaces the output
+        stack.pop()
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: stack.append(name) and None))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    recorder = _RecordSDPA(stack)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), recorder:
+            model(torch.zeros(1, 2, dtype=torch.long, device=device))
+    except Exception as err:
+        raise ValueError(
+            f"prefix tuning runs {type(model).__name__} once on token ids of shape (1, 2) to find its attention "
+            f"modules, and that call failed: {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    order = [name for name, _ in model.named_modules()]
+    found = {name: recorder.calls[name] for name in order if name in recorder.calls}
+    if not found:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        hint = f" (its config says attn_implementation={impl!r})" if impl else ""
+        raise ValueError(
+            f"no module of {type(model).__name__} calls torch.nn.functional.scaled_dot_product_attention{hint}, and "
+            "prefix tuning adds its keys and values at that call. Use SDPA attention: for transformers models load "
+            "with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')); in your own attention "
+            "call F.scaled_dot_product_attention(q, k, v, ...)."
+        )
+    return found
+
+
+# -- the prefix in one SDPA call ------------------------------------------------------------------
+def sdpa_with_prefix(prefix_key: torch.Tensor, prefix_value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with ``prefix_key/value`` (heads, n, head_dim) in front."""
+    call = dict(zip(SDPA_ARGS, args), **kwargs)
+    query, key, value = call["query"], call["key"], call["value"]
+    if key.dim() != 4:
+        raise ValueError(f"prefix tuning expects SDPA keys of shape (batch, heads, seq, head_dim), got {tuple(key.shape)}")
+    batch, heads, length, head_dim = key.shape
+    prefix_heads, n, prefix_dim = prefix_key.shape
+    if prefix_dim != head_dim or heads % prefix_heads:
+        raise ValueError(
+            f"the prefix has {prefix_heads} heads of width {prefix_dim}, but this attention has keys with {heads} heads "
+            f"of width {head_dim}; set num_attention_heads and token_dim of PrefixTuningConfig to match (or leave "
+            "them unset to infer them)"
+        )
+    if heads != prefix_heads:  # the model repeated its key/value heads (GQA without enable_gqa)
+        prefix_key = prefix_key.repeat_interleave(heads // prefix_heads, dim=0)
+        prefix_value = prefix_value.repeat_interleave(heads // prefix_heads, dim=0)
+    call["key"] = torch.cat([prefix_key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)  # (B, H, n+S, D)
+    call["value"] = torch.cat([prefix_value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+
+    mask = call.get("attn_mask")
+    if call.get("is_causal"):
+        # SDPA's causal mask is top-left aligned: query i sees keys 0..i of the real keys.
+        mask = torch.ones(query.shape[-2], length, dtype=torch.bool, device=query.device).tril()
+        call["is_causal"] = False
+    if mask is not None:
+        mask = mask.expand(*mask.shape[:-1], length)
+        visible = mask.new_ones(*mask.shape[:-1], n) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], n)
+        call["attn_mask"] = torch.cat([visible, mask], dim=-1)  # (..., T, n+S)
+    return SDPA(**call)
+
+
+class _PrefixSDPA(TorchFunctionMode):
+    """Active while one adapted attention module runs: its SDPA calls get that layer's prefix."""
+
+    def __init__(self, prefix_key: torch.Tensor, prefix_value: torch.Tensor) -> None:
+        super().__init__()
+        self.prefix = (prefix_key, prefix_value)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is SDPA:
+            return sdpa_with_prefix(*self.prefix, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# -- the learned prefix ---------------------------------------------------------------------------
+class PrefixEncoder(nn.Module):
+    """The prefix of every adapted layer, and the hooks that put it into their attention."""
+
+    def __init__(self, config: PrefixTuningConfig, layer_names: list[str], device=None) -> None:
+        super().__init__()
+        n, d, layers = config.num_virtual_tokens, config.token_dim, config.num_layers
+        self.num_virtual_tokens = n
+        self.heads, self.head_dim = config.num_attention_heads, d // config.num_attention_heads
+        self.layer_of = {name: i for i, name in enumerate(layer_names)}  # attention module -> layer index
+        self.shape = (n, layers * 2 * d)  # peft's prompt_embeddings
+        if config.prefix_projection and not config.inference_mode:
+            hidden = config.encoder_hidden_size or d
+            self.embedding = nn.Embedding(n, d, device=device)
+            self.transform = nn.Sequential(
+                nn.Linear(d, hidden, device=device), nn.Tanh(), nn.Linear(hidden, layers * 2 * d, device=device)
+            )
+        else:
+            self.embedding = nn.Embedding(n, layers * 2 * d, device=device)
+            self.transform = None
+        if config.init_weights == "zero":
+            last = self.transform[-1] if self.transform is not None else None
+            nn.init.zeros_(last.weight if last is not None else self.embedding.weight)
+            if last is not None:
+                nn.init.zeros_(last.bias)
+        self._handles: list = []
+        self._enabled = [lambda: True]  # set by attach: whether this adapter is the active one
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """Every layer's keys and values, (n, layers * 2 * heads * head_dim)."""
+        if self.transform is None:
+            return self.embedding.weight
+        return self.transform(self.embedding.weight)
+
+    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) of one layer, each (heads, n, head_dim)."""
+        n = self.num_virtual_tokens
+        kv = self.prompt_embeddings().view(n, -1, 2, self.heads, self.head_dim)[:, layer]  # (n, 2, H, D)
+        kv = kv.permute(1, 2, 0, 3)  # (2, H, n, D)
+        return kv[0], kv[1]
+
+    def fold(self) -> None:
+        """Replace the reparametrisation MLP by the table it produces (same outputs, no MLP)."""
+        if self.transform is None:
+            return
+        with torch.no_grad():
+            table = self.prompt_embeddings().detach().clone()
+        self.embedding = nn.Embedding.from_pretrained(table, freeze=not self.embedding.weight.requires_grad)
+        self.transform = None
+
+    # -- checkpoints: peft's single tensor ``prompt_embeddings`` ------------------------------
+    def check_prompt_embeddings(self, tensor: torch.Tensor) -> None:
+        if tuple(tensor.shape) != self.shape:
+            raise ValueError(
+                f"prompt_embeddings has shape {tuple(tensor.shape)}, this prefix-tuning adapter expects {self.shape} "
+                "(num_virtual_tokens, num_layers * 2 * token_dim): another base model or other target_modules?"
+            )
+
+    def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
+        """Load a saved (folded) prefix; an unfolded MLP is folded first, as only its output is saved."""
+        self.check_prompt_embeddings(tensor)
+        self.fold()
+        with torch.no_grad():
+            self.embedding.weight.copy_(tensor)
+
+    # -- applying it ------------------------------------------------------------------------
+    def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
+        """Number the real tokens from ``n``, as if the prefix were ``n`` cached tokens (see above)."""
+        if "position_ids" in vt.forward_parameters(model):
+            positions = kwargs.get("position_ids")
+            if positions is None:
+                batch, length, device = vt.batch_and_length(kwargs)
+                past = vt.cache_length(kwargs)
+                positions = torch.arange(past, past + length, device=device).expand(batch, length)
+            kwargs["position_ids"] = positions + self.num_virtual_tokens
+        return kwargs
+
+    def hook(self, model: nn.Module, enabled) -> None:
+        """Put the prefix into each adapted attention module's SDPA calls while ``enabled()``."""
+        self._enabled = [enabled]
+        modules = dict(model.named_modules())
+        for name, layer in self.layer_of.items():
+            module = modules[name]
+            modes: list[_PrefixSDPA] = []
+
+            def enter(mod, args, layer=layer, modes=modes):
+                if self._enabled[0]():
+                    mode = _PrefixSDPA(*self.layer_prefix(layer))
+                    mode.__enter__()
+                    modes.append(mode)
+
+            def leave(mod, args, output, modes=modes):
+                if modes:
+                    modes.pop().__exit__(None, None, None)
+
+            self._handles.append(module.register_forward_pre_hook(enter))
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _infer(config: PrefixTuningConfig, model: nn.Module, found: dict[str, tuple[int, ...]]) -> list[str]:
+    """Fill num_layers / token_dim / num_attention_heads from the found attention modules."""
+    names = list(found)
+    if config.target_modules is not None:
+        names = [n for n in names if name_matches(n, config.target_modules)]
+        if not names:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched none of the attention modules that call SDPA: "
+                f"{list(found)[:6]}"
+            )
+    shapes = {found[n][1:2] + found[n][3:] for n in names}  # (heads, head_dim) of each layer's keys
+    if len(shapes) > 1:
+        raise ValueError(f"the attention modules have keys of different shapes (heads, head_dim): {sorted(shapes)}; "
+                         "select modules of one shape with target_modules")
+    heads, head_dim = shapes.pop()
+    kv_heads = vt.model_config_value(model, "num_key_value_heads")
+    if kv_heads and heads % kv_heads == 0:
+        heads = kv_heads  # the probe saw repeated key/value heads; peft stores the prefix per kv head
+    wanted: dict[str, Any] = {"num_layers": len(names), "num_attention_heads": heads, "token_dim": heads * head_dim}
+    for field, value in wanted.items():
+        given = getattr(config, field)
+        if given is not None and given != value:
+            raise ValueError(
+                f"{field}={given} does not match the model: it has {value} ({len(names)} attention modules with keys "
+                f"of {heads} heads x {head_dim}). Leave {field} unset to infer it, or set {field}={value}."
+            )
+        setattr(config, field, value)
+    config.num_transformer_submodules = config.num_transformer_submodules or 1
+    if config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim  # as peft records it, projection or not
+    return names
+
+
+def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
+    """Add a prefix-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
+    model = peft_model.get_base_model()
+    if config.task_type == TaskType.SEQ_2_SEQ_LM:
+        raise ValueError("minipeft's prefix tuning supports encoder and decoder-only models, not SEQ_2_SEQ_LM")
+    encoders = vt.prompt_encoders(peft_model)
+    encoders.disable_adapters, was_disabled = True, encoders.disable_adapters  # probe the bare model
+    try:
+        found = find_attention_modules(model)
+    finally:
+        encoders.disable_adapters = was_disabled
+    names = _infer(config, model, found)
+    device = next((p.device for p in model.parameters()), None)
+    encoder = PrefixEncoder(config, names, device=device)
+    encoder.hook(model, enabled=lambda: encoders.active_encoder() is encoder)
+    encoders[adapter_name] = encoder
+    vt.add_modules_to_save(peft_model, adapter_name, config)
