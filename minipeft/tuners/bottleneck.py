@@ -213,13 +213,13 @@ def infer_widths(module: nn.Module, config: BottleneckConfig, key: str) -> tuple
             f"{'/'.join(WIDTH_ATTRIBUTES)} attribute, config.hidden_size or LayerNorm inside; "
             "pass BottleneckConfig(hidden_size=...)"
         )
-    d_in = d_out
-    if config.placement == "parallel" and config.parallel_input == 0 and own is not None and not isinstance(
-        module, nn.Embedding
-    ):
-        d_in = own[0]
-    if config.placement == "parallel" and isinstance(module, nn.Embedding):
+    if config.placement == "sequential":
+        return d_out, d_out
+    if isinstance(module, nn.Embedding):
         raise TypeError(f"a parallel adapter reads the module's input, but {key!r} is an nn.Embedding (token ids)")
+    # Parallel: a linear layer read at its first argument states its input width; anything
+    # else must map width d to width d.
+    d_in = own[0] if config.parallel_input == 0 and own is not None else d_out
     return d_in, d_out
 
 
