@@ -82,7 +82,8 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "init_ia3_weights": True,
 }
 # Bookkeeping keys that never change what the adapter computes.
-PEFT_METADATA_KEYS = ("peft_version",)
+# (auto_mapping names the transformers class peft used when task_type is unset.)
+PEFT_METADATA_KEYS = ("peft_version", "auto_mapping")
 
 
 # -- which tensors belong to an adapter -----------------------------------------------------------

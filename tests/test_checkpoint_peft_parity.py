@@ -184,3 +184,15 @@ def test_trained_biases_travel_with_the_adapter(tmp_path, bias):
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-6, rtol=0)
     with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), "pt") as f:
         assert set(minipeft.get_peft_model_state_dict(ours)) == set(f.keys())
+
+
+def test_peft_checkpoint_without_task_type_loads(tmp_path):
+    """With no task_type peft writes an ``auto_mapping`` entry: metadata, not a feature."""
+    base, _, targets, _ = make_base("llama")
+    clean = copy.deepcopy(base)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    perturb(theirs)
+    theirs.eval().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text()).get("auto_mapping")
+    ours = minipeft.PeftModel.from_pretrained(clean, tmp_path).eval()
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-6, rtol=0)
