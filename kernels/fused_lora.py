@@ -67,7 +67,7 @@ def _keep(seed, offsets, p):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
 def _matmul_lowrank_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
     M, N, K, R,
@@ -207,7 +207,7 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
 def _shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
     M, K, R,
@@ -324,7 +324,7 @@ def _dy_pass(dy, lora_B, xa, scaling):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
 def _lora_a_grad_kernel(
     dxa_ptr, x_ptr, da_ptr,
     M, K, R,
@@ -374,7 +374,7 @@ def _lora_a_grad(dxa, x, p, seed, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
 def _dropout_mask_kernel(out_ptr, numel, p, seed, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + offs, _keep(seed, offs, p).to(tl.int8), mask=offs < numel)
