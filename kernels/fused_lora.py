@@ -277,7 +277,9 @@ def _dy_pass_kernel(
 ):
     # Each program owns BLOCK_M rows of dy and walks along N: its rows of dxa are finished in
     # registers; its share of dB (a sum over all M) is added to a zeroed fp32 buffer with
-    # atomics. So dy, the one big tensor here, is read exactly once (when R <= BLOCK_R).
+    # atomics. So dy, the one big tensor here, is read exactly once (when R <= BLOCK_R). The
+    # price: cdiv(M, BLOCK_M) * N * R atomic adds, and a dB whose last bits depend on the
+    # order they land in (not bitwise reproducible run to run on a GPU).
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -472,6 +474,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear treats weight and bias as frozen; they must not require grad "
                          "(use the reference LoRA path to train the base layer)")
+    if not x.is_cuda and not INTERPRET:
+        raise ValueError("lora_linear runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
     dtypes = {t.dtype for t in (x, weight, bias, lora_A, lora_B) if t is not None}
     if len(dtypes) != 1:
         raise TypeError(f"lora_linear needs one dtype for all tensors, got {sorted(map(str, dtypes))}")
