@@ -216,6 +216,14 @@ class LoraLayer(AdapterLayer):
         if self.disable_adapters and self.merged:
             self.unmerge()
 
+    def adapters_to_apply(self) -> list[str]:
+        # AdapterLayer's answer, read from the plain dict ``r`` (every LoRA adapter here has a
+        # rank) instead of rebuilding ``adapter_names`` from ten containers: this runs in every
+        # forward, and on small layers that Python work showed up in the step time.
+        if self.disable_adapters:
+            return []
+        return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
+
 
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight stored (in, out))."""
@@ -258,9 +266,11 @@ class LoraLinear(LoraLayer):
         x = x if isinstance(dropout, nn.Identity) else dropout(x)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if result.dtype == x.dtype and result.is_contiguous():
-            # Cast the small (r x in) and (out x r) weights to the input's dtype, not x to fp32.
-            xa = F.linear(x, A.to(x.dtype))  # (..., r)
-            result.view(-1, self.out_features).addmm_(xa.reshape(-1, xa.shape[-1]), B.to(x.dtype).T, alpha=s)
+            if A.dtype != x.dtype:
+                # Cast the small (r x in) and (out x r) weights to the input's dtype, not x to fp32.
+                A, B = A.to(x.dtype), B.to(x.dtype)
+            xa = F.linear(x, A)  # (..., r)
+            result.view(-1, self.out_features).addmm_(xa.reshape(-1, xa.shape[-1]), B.T, alpha=s)
             return result
         # Autocast (x in fp32, result in bf16): let autocast choose the matmul dtype.
         return result + s * F.linear(F.linear(x, A), B)
@@ -285,10 +295,14 @@ class LoraLinear(LoraLayer):
 
     # -- fused Triton path --------------------------------------------------------------------
     def _fused_path_applies(self, x: torch.Tensor, adapters: list[str]) -> bool:
-        base = self.base_layer
-        if not (self.use_fused_kernels and x.is_cuda and len(adapters) == 1 and isinstance(base, nn.Linear)):
+        if not (x.is_cuda and self.use_fused_kernels and len(adapters) == 1):
             return False
-        if self.use_dora[adapters[0]] or base.weight.requires_grad or torch.is_autocast_enabled():
+        base = self.base_layer
+        if not isinstance(base, nn.Linear):
+            return False
+        # The kernels compute no gradient for W or b: a trainable base takes the reference path.
+        trainable_bias = base.bias is not None and base.bias.requires_grad
+        if self.use_dora[adapters[0]] or base.weight.requires_grad or trainable_bias or torch.is_autocast_enabled():
             return False
         from .. import kernels
 
