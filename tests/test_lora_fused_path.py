@@ -1,0 +1,48 @@
+"""LoraLinear's fused Triton path computes what its reference path computes.
+
+On a GPU the layer picks the fused path by itself; here the kernels run on CPU tensors under
+Triton's interpreter (see conftest.py), so the test calls the fused forward directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from minipeft import LoraConfig, get_peft_model
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward_and_grads_equal_the_reference(bias):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 40, bias=bias))
+    model = get_peft_model(base, LoraConfig(r=5, lora_alpha=10, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 7, 24)
+
+    def run(fused: bool):
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_(True)
+        y = layer._fused_forward(x_, "default") if fused else layer(x_)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), x_.grad, layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone()
+
+    for got, want in zip(run(fused=True), run(fused=False)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_path_is_chosen_only_where_it_applies():
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    x = torch.randn(2, 8)
+    assert not layer._fused_path_applies(x, ["default"])  # CPU tensor: reference path
+    off = get_peft_model(
+        nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], use_fused_kernels=False)
+    ).base_model.model[0]
+    assert off.use_fused_kernels is False and layer.use_fused_kernels is True
