@@ -224,7 +224,8 @@ def test_text_init_needs_text_and_tokenizer():
     with pytest.raises(ValueError, match="needs prompt_tuning_init_text"):
         PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi")
+        minipeft.get_peft_model(tiny("llama"), PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT",
+                                                                   prompt_tuning_init_text="hi"))
     with pytest.raises(ValueError, match="not one of: RANDOM, TEXT, SAMPLE_VOCAB"):
         PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS")
     with pytest.raises(ValueError, match="no tokenizer.json there"):
@@ -266,3 +267,11 @@ def test_model_without_inputs_embeds_argument_is_refused():
 
     with pytest.raises(ValueError, match="has no inputs_embeds argument"):
         minipeft.get_peft_model(IdsOnly(), PromptTuningConfig(num_virtual_tokens=2))
+
+
+def test_text_initialised_adapter_reloads_without_its_tokenizer(tmp_path):
+    """The tokenizer is runtime-only: a saved TEXT-init adapter must load without one."""
+    m = text_model(3, tokenizer=word_tokenizer())
+    m.save_pretrained(tmp_path)
+    reloaded = minipeft.PeftModel.from_pretrained(tiny("llama"), tmp_path)
+    torch.testing.assert_close(reloaded(**batch()).logits, m(**batch()).logits)

@@ -87,11 +87,6 @@ class PromptTuningConfig(vt.PromptLearningConfig):
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.prompt_tuning_init_text:
                 raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text to start from")
-            if self.tokenizer is None and not self.tokenizer_name_or_path:
-                raise ValueError(
-                    "prompt_tuning_init='TEXT' needs a tokenizer: tokenizer=<tokenizers.Tokenizer or callable> or "
-                    "tokenizer_name_or_path=<path to tokenizer.json or its folder>"
-                )
 
 
 def find_input_embeddings(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
@@ -123,6 +118,11 @@ def _init_token_ids(config: PromptTuningConfig, n: int) -> list[int]:
     """Token ids of the init text, repeated to ``n`` ids or cut to the first ``n`` (as peft does)."""
     tokenizer = config.tokenizer if config.tokenizer is not None else config.tokenizer_name_or_path
     text = config.prompt_tuning_init_text
+    if not tokenizer:  # checked here, not in the config: a saved config loads without its runtime tokenizer
+        raise ValueError(
+            "prompt_tuning_init='TEXT' needs a tokenizer: tokenizer=<tokenizers.Tokenizer or callable> or "
+            "tokenizer_name_or_path=<path to tokenizer.json or its folder>"
+        )
     if isinstance(tokenizer, (str, os.PathLike)):
         path = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else str(tokenizer)
         if not os.path.isfile(path):
