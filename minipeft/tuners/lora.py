@@ -261,7 +261,7 @@ class LoraLinear(LoraLayer):
         return result
 
     def _add_lora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """result += s * (dropout(x) A^T) B^T, without copying x and, when possible, in place."""
+        """result + s * (dropout(x) A^T) B^T, without copying x and, when possible, in place."""
         dropout, s = self.lora_dropout[name], self.scaling[name]
         x = x if isinstance(dropout, nn.Identity) else dropout(x)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -270,8 +270,13 @@ class LoraLinear(LoraLayer):
                 # Cast the small (r x in) and (out x r) weights to the input's dtype, not x to fp32.
                 A, B = A.to(x.dtype), B.to(x.dtype)
             xa = F.linear(x, A)  # (..., r)
-            result.view(-1, self.out_features).addmm_(xa.reshape(-1, xa.shape[-1]), B.T, alpha=s)
-            return result
+            out2d, xa2d = result.view(-1, self.out_features), xa.reshape(-1, xa.shape[-1])
+            if result.dim() == 2 or not torch.is_grad_enabled():
+                out2d.addmm_(xa2d, B.T, alpha=s)
+                return result
+            # Under autograd, updating a view of (batch, seq, out) in place makes the backward
+            # clone the whole output gradient (CopySlices); a fresh output is cheaper there.
+            return torch.addmm(out2d, xa2d, B.T, alpha=s).view(result.shape)
         # Autocast (x in fp32, result in bf16): let autocast choose the matmul dtype.
         return result + s * F.linear(F.linear(x, A), B)
 
