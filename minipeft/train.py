@@ -277,7 +277,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
     if count == 0:
         raise ValueError("evaluation saw no examples (empty eval batches, or no target tokens)")
     metrics = {"loss": loss_sum / count}
-    if task == "classification" or stats[2] > 0:
+    if stats[2] > 0:  # any rank saw classification labels (all ranks take the same branch)
         # confusion counts per class: true positives, predicted, actual
         conf = torch.zeros(3, num_classes, dtype=torch.float64)
         if preds:
