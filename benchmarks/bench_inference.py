@@ -1,0 +1,158 @@
+"""Inference latency with a LoRA adapter: minipeft unmerged, minipeft merged, peft unmerged.
+
+Three copies of one causal LM (transformers config, random weights from one seed) carry the
+same adapter (r=16 on every linear layer of the blocks, B nonzero):
+
+* ``minipeft``: the adapter beside the frozen weights (two thin matmuls a layer);
+* ``minipeft merged``: ``merge_and_unload()``, the plain model with ``W + s B A`` folded in;
+* ``peft``: peft's unmerged adapter, the reference.
+
+For batch 1 and batch 32 it times one forward over the prompt (prefill) and a greedy
+``generate`` of a fixed number of new tokens, the variants alternating call by call, and
+reports medians. The logits of the three are compared first.
+
+    python benchmarks/bench_inference.py                 # quick CPU form
+    python benchmarks/bench_inference.py --device cuda   # ~1B LLaMA-style in bf16
+
+The last line printed is one JSON object with the latency ratios against peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+VARIANTS = ("minipeft", "minipeft merged", "peft")
+
+
+def build_variants(spec, device: str) -> dict:
+    import minipeft
+
+    mp, pf = common.build_twins(spec, device)
+    merged = minipeft.get_peft_model(common.build_base_model(spec, device),
+                                     minipeft.LoraConfig(**common.lora_kwargs(spec.family)))
+    merged.load_state_dict({k: v for k, v in pf.state_dict().items() if ".lora_" in k}, strict=False)
+    merged = merged.merge_and_unload()
+    models = {"minipeft": mp, "minipeft merged": merged, "peft": pf}
+    for m in models.values():
+        m.eval()
+    return models
+
+
+def inner(model):
+    """The transformers model whose ``generate`` runs (with the LoRA wrappers inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def logits_agree(models: dict, batch: dict) -> dict:
+    ref = models["peft"](**batch).logits.float()
+    scale = ref.abs().max().item()
+    return {name: (models[name](**batch).logits.float() - ref).abs().max().item() / scale
+            for name in VARIANTS if name != "peft"}
+
+
+@torch.no_grad()
+def latencies(models: dict, spec, device: str, batch: int, prompt: int, new_tokens: int, reps: int,
+              gen_reps: int) -> dict:
+    ids = common.make_batches(spec, 1, device, batch=batch, seq=prompt)[0]
+    ids.pop("labels")
+    fwd = {name: (lambda m=m: m(**ids)) for name, m in models.items()}
+    gen = {name: (lambda m=m: inner(m).generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                do_sample=False, pad_token_id=0))
+           for name, m in models.items()}
+    clock = "cpu" if device == "cpu" else "wall"
+    out = {}
+    for what, fns, n in (("forward", fwd, reps), ("generate", gen, gen_reps)):
+        times = common.alternate(fns, n, device, warmup=1)
+        med = {name: common.median(t[clock]) for name, t in times.items()}
+        out[what] = {"s": med, "wall_s": {name: common.median(t["wall"]) for name, t in times.items()},
+                     "ratio_vs_peft": {name: med[name] / med["peft"] for name in VARIANTS}}
+    return out
+
+
+def markdown(results: dict, args, device: str) -> str:
+    clock = ("process CPU time, one intra-op thread (the machine is shared; wall times are in the JSON)"
+             if device == "cpu" else "wall time, CUDA synchronised")
+    rows = []
+    for model, r in results.items():
+        for b, lat in r["batches"].items():
+            for what in ("forward", "generate"):
+                t = lat[what]
+                per = "" if what == "forward" else f" ({1e3 * t['s']['minipeft'] / args.new_tokens:.2f} ms/token)"
+                rows.append([model, b, what if what == "forward" else f"generate {args.new_tokens} tokens",
+                             f"{1e3 * t['s']['minipeft']:.2f}{per}", f"{1e3 * t['s']['minipeft merged']:.2f}",
+                             f"{1e3 * t['s']['peft']:.2f}", f"**{t['ratio_vs_peft']['minipeft']:.3f}**",
+                             f"{t['ratio_vs_peft']['minipeft merged']:.3f}"])
+    table = common.md_table(["model", "batch", "what", "minipeft ms", "minipeft merged ms", "peft ms",
+                             "minipeft / peft", "merged / peft"], rows)
+    agree = "; ".join(f"{m}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["logits_rel_diff_vs_peft"].items())
+                      for m, r in results.items())
+    any_r = next(iter(results.values()))
+    return "\n".join([
+        f"Adapter r=16 on every linear layer of the blocks, model in eval mode, {any_r['dtype']}, prompt "
+        f"{args.prompt} tokens, greedy generation of exactly {args.new_tokens} new tokens (KV cache on). "
+        f"Medians of {args.reps} forwards / {args.gen_reps} generations per variant, alternating. "
+        f"Time: {clock}.", "", table, "",
+        f"Max |logits - peft's| / max |peft's logits|: {agree}.", ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default="llama,gpt2")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 16 CPU, 128 CUDA)")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--gen-reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1; CUDA ignores it)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    args.prompt = args.prompt or (32 if args.device == "cpu" else 512)
+    args.new_tokens = args.new_tokens or (16 if args.device == "cpu" else 128)
+
+    specs, results = common.model_specs(args.device), {}
+    for name in args.models.split(","):
+        spec = specs[name]
+        models = build_variants(spec, args.device)
+        batch = common.make_batches(spec, 1, args.device, batch=2, seq=args.prompt)[0]
+        batch.pop("labels")
+        r = {"dtype": str(spec.dtype).replace("torch.", ""), "config": spec.config,
+             "logits_rel_diff_vs_peft": logits_agree(models, batch), "batches": {}}
+        for b in map(int, args.batches.split(",")):
+            r["batches"][b] = latencies(models, spec, args.device, b, args.prompt, args.new_tokens, args.reps,
+                                        args.gen_reps)
+            f, g = r["batches"][b]["forward"], r["batches"][b]["generate"]
+            print(f"[{name} batch {b}] forward minipeft/peft {f['ratio_vs_peft']['minipeft']:.3f} "
+                  f"merged/peft {f['ratio_vs_peft']['minipeft merged']:.3f}; generate minipeft/peft "
+                  f"{g['ratio_vs_peft']['minipeft']:.3f} merged/peft {g['ratio_vs_peft']['minipeft merged']:.3f}",
+                  flush=True)
+        results[name] = r
+        del models
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    table = markdown(results, args, args.device)
+    print(table)
+    if not args.no_write:
+        path = common.write_results(args.device, "inference", results, table)
+        print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(json.dumps({"device": common.device_slug(args.device), "latency_ratio_vs_peft": {
+        f"{m}/batch{b}/{what}": {k: round(v, 4) for k, v in lat[what]["ratio_vs_peft"].items() if k != "peft"}
+        for m, r in results.items() for b, lat in r["batches"].items() for what in ("forward", "generate")}}))
+
+
+if __name__ == "__main__":
+    main()

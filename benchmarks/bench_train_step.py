@@ -1,0 +1,325 @@
+"""LoRA training step, minipeft against peft: parity, speed, memory, inject / save / load.
+
+For each model (LLaMA-style, GPT-2, BERT; transformers configs, random weights from one seed):
+
+1. parity: both libraries wrap the same base model with LoRA r=16 on every linear layer of
+   the blocks; peft's adapter weights (B drawn nonzero) are copied into minipeft; the first
+   step's loss (float32, dropout off through ``eval()``, since equal losses with dropout would
+   need equal masks) must agree within 1e-5, and the adapter gradients are compared too;
+2. step time: forward + backward + AdamW step on the trainable parameters, dropout 0.1,
+   the same batches, minipeft and peft alternating step by step in this process; medians;
+3. peak memory: each library trains in its own fresh child process (peak RSS on CPU,
+   ``max_memory_allocated`` on CUDA), so neither sees the other's allocations;
+4. time to inject (``get_peft_model``), to save an adapter and to load it back.
+
+    python benchmarks/bench_train_step.py                 # quick CPU form (about a minute)
+    python benchmarks/bench_train_step.py --device cuda   # ~1B LLaMA-style + GPT-2/BERT medium, bf16
+
+The last line printed is one JSON object with the ratios (minipeft / peft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+PARITY_TOL = 1e-5
+
+
+def train_step(model, optimizer, batch) -> torch.Tensor:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def adamw(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+# -- 1. parity ---------------------------------------------------------------------------------
+def parity(mp, pf, batch) -> dict:
+    """First-step loss and adapter gradients of the two libraries, dropout off (eval mode)."""
+    losses, grads = [], []
+    for model in (mp, pf):
+        model.eval()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys(), "the two libraries train different parameters"
+    grad_diff = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
+    grad_scale = max(g.abs().max().item() for g in grads[1].values())
+    # The check means something only if the adapter moves the loss: compare with the base alone.
+    with torch.no_grad(), pf.disable_adapter():
+        base_loss = pf(**batch).loss.item()
+    diff = abs(losses[0] - losses[1])
+    return {"loss_minipeft": losses[0], "loss_peft": losses[1], "loss_abs_diff": diff,
+            "adapter_effect_on_loss": abs(losses[1] - base_loss),
+            "grad_max_abs_diff": grad_diff, "grad_max_abs": grad_scale, "ok": diff <= PARITY_TOL}
+
+
+def parity_check(spec, device: str) -> dict:
+    """Parity in float32 (on CUDA: a float32 build of the same config, with the fused kernels
+    on, and again on the reference PyTorch path)."""
+    mp, pf = common.build_twins(spec, device, dtype=torch.float32)
+    batch = common.make_batches(spec, 1, device)[0]
+    out = parity(mp, pf, batch)
+    if device == "cuda":
+        from minipeft import kernels
+
+        kernels.set_enabled(False)
+        try:
+            out["reference_path"] = parity(mp, pf, batch)
+        finally:
+            kernels.set_enabled(True)
+    return out
+
+
+# -- 2. step time ------------------------------------------------------------------------------
+def step_times(mp, pf, spec, device: str, steps: int, warmup: int) -> dict:
+    mp.train(), pf.train()  # lora_dropout 0.1 active
+    batches = common.make_batches(spec, 4, device)
+    runs = {}
+    for name, model in (("minipeft", mp), ("peft", pf)):
+        optimizer, it = adamw(model), iter(range(10**9))
+        runs[name] = lambda m=model, o=optimizer, i=it: train_step(m, o, batches[next(i) % len(batches)])
+    times = common.alternate(runs, steps, device, warmup=warmup)
+    tokens = spec.batch * spec.seq
+    # The headline: process CPU time on CPU (see common.alternate), wall time on CUDA.
+    clock = "cpu" if device == "cpu" else "wall"
+    med = {clock_: {k: common.median(v[clock_]) for k, v in times.items()} for clock_ in ("wall", "cpu")}
+    step_s = med[clock]
+    return {"clock": clock, "step_s": step_s, "tokens_per_s": {k: tokens / v for k, v in step_s.items()},
+            "ratio": step_s["minipeft"] / step_s["peft"], "wall_step_s": med["wall"],
+            "wall_ratio": med["wall"]["minipeft"] / med["wall"]["peft"], "steps": steps}
+
+
+# -- 3. memory, each library in its own process ------------------------------------------------
+def memory_child(lib: str, models: list[str], device: str, steps: int) -> None:
+    """Child process: for each model, the peak of a LoRA training run of one library alone."""
+    import peft
+
+    import minipeft
+
+    get_peft_model, LoraConfig = {"minipeft": (minipeft.get_peft_model, minipeft.LoraConfig),
+                                  "peft": (peft.get_peft_model, peft.LoraConfig)}[lib]
+    specs = common.model_specs(device)
+    for name in models:
+        spec = specs[name]
+        base = common.build_base_model(spec, device)
+        batches = common.make_batches(spec, 2, device)
+        baseline = common.reset_peak_memory(device)  # base model and batches resident
+        model = get_peft_model(base, LoraConfig(**common.lora_kwargs(spec.family)))
+        model.train()
+        optimizer = adamw(model)
+        for i in range(steps):
+            train_step(model, optimizer, batches[i % len(batches)])
+        common.sync(device)
+        peak = common.peak_memory(device)
+        print(json.dumps({"lib": lib, "model": name, "baseline": baseline, "peak": peak}), flush=True)
+        del model, base, optimizer, batches
+
+
+def peak_memory(models: list[str], device: str, steps: int, threads: int) -> dict:
+    """Run one child per library, side by side, and collect their peaks."""
+    # A fixed mmap threshold stops glibc from raising it as big blocks are freed, so every large
+    # tensor is its own mapping, returned on free: the RSS then follows the live tensors closely.
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
+    procs = {lib: subprocess.Popen([sys.executable, __file__, "--device", device, "--models", ",".join(models),
+                                    "--memory-child", lib, "--memory-steps", str(steps), "--threads", str(threads)],
+                                   stdout=subprocess.PIPE, text=True, env=env)
+             for lib in ("minipeft", "peft")}
+    out: dict = {}
+    for lib, proc in procs.items():
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"memory child for {lib} failed with exit code {proc.returncode}")
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                out.setdefault(rec["model"], {})[lib] = rec
+    result = {}
+    for name, recs in out.items():
+        # CUDA: the total peak (base weights included), as max_memory_allocated reports it.
+        # CPU: the peak RSS above the RSS with the base model loaded, since the process's total
+        # is dominated by the shared libraries (torch, transformers), the same for both.
+        key = (lambda r: r["peak"]) if device == "cuda" else (lambda r: r["peak"] - r["baseline"])
+        result[name] = {"bytes": {lib: key(r) for lib, r in recs.items()},
+                        "total_bytes": {lib: r["peak"] for lib, r in recs.items()},
+                        "ratio": key(recs["minipeft"]) / key(recs["peft"])}
+    return result
+
+
+# -- 4. inject, save, load ---------------------------------------------------------------------
+def inject_save_load(spec, device: str, mp, pf, rounds: int) -> dict:
+    import peft
+
+    import minipeft
+
+    base = common.build_base_model(spec, device)
+    copies = {"minipeft": [], "peft": []}  # fresh base models, deep-copied outside the timers
+
+    def fresh(lib):
+        return copies[lib].pop()
+
+    def refill():
+        for lib in copies:
+            copies[lib][:] = [copy.deepcopy(base)]
+
+    out = {}
+    kwargs = common.lora_kwargs(spec.family)
+    inject = {"minipeft": lambda: minipeft.get_peft_model(fresh("minipeft"), minipeft.LoraConfig(**kwargs)),
+              "peft": lambda: peft.get_peft_model(fresh("peft"), peft.LoraConfig(**kwargs))}
+    out["inject_s"] = _alternate_with_setup(inject, refill, rounds, device)
+
+    if not hasattr(minipeft.PeftModel, "save_pretrained"):
+        out["save_s"] = out["load_s"] = None  # checkpoints not in this minipeft yet
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {lib: os.path.join(tmp, lib) for lib in ("minipeft", "peft")}
+        save = {"minipeft": lambda: mp.save_pretrained(dirs["minipeft"]), "peft": lambda: pf.save_pretrained(dirs["peft"])}
+        out["save_s"] = _alternate_with_setup(save, lambda: None, rounds, device)
+        load = {"minipeft": lambda: minipeft.PeftModel.from_pretrained(fresh("minipeft"), dirs["minipeft"]),
+                "peft": lambda: peft.PeftModel.from_pretrained(fresh("peft"), dirs["peft"])}
+        out["load_s"] = _alternate_with_setup(load, refill, rounds, device)
+        # The files are interchangeable: minipeft loads what peft saved, to the same weights.
+        refill()
+        try:
+            loaded = minipeft.PeftModel.from_pretrained(fresh("minipeft"), dirs["peft"])
+            got, ref = loaded.state_dict(), {k: v for k, v in pf.state_dict().items() if ".lora_" in k}
+            out["loads_peft_checkpoint"] = all(torch.equal(got[k], v) for k, v in ref.items())
+        except Exception as e:  # a finding to report, not a reason to lose the other numbers
+            out["loads_peft_checkpoint"] = False
+            out["loads_peft_checkpoint_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _alternate_with_setup(fns: dict, setup, rounds: int, device: str) -> dict:
+    """Median seconds of each function, alternating, with an untimed ``setup`` before each round."""
+    times = {k: [] for k in fns}
+    for i in range(rounds + 1):  # round 0 warms up (lazy imports, first allocations)
+        setup()
+        for name in list(fns) if i % 2 == 0 else list(fns)[::-1]:
+            _, dt = common.timed(fns[name], device)
+            if i:
+                times[name].append(dt)
+    return {k: common.median(v) for k, v in times.items()}
+
+
+# -- report ------------------------------------------------------------------------------------
+def _mib(b):
+    return f"{b / 2**20:.1f} MiB"
+
+
+def _ms(s):
+    return "n/a" if s is None else f"{1e3 * s:.1f}"
+
+
+def markdown(results: dict, device: str) -> str:
+    rows = []
+    for name, r in results.items():
+        st, mem = r["step"], r["memory"]
+        rows.append([name, r["shape"], f"{1e3 * st['step_s']['minipeft']:.1f}", f"{1e3 * st['step_s']['peft']:.1f}",
+                     f"**{st['ratio']:.3f}**", f"{st['wall_ratio']:.3f}", f"{st['tokens_per_s']['minipeft']:.0f}",
+                     f"{st['tokens_per_s']['peft']:.0f}", _mib(mem["bytes"]["minipeft"]), _mib(mem["bytes"]["peft"]),
+                     f"**{mem['ratio']:.3f}**"])
+    if device == "cuda":
+        clock = "wall time (CUDA synchronised)"
+        mem_what = "max_memory_allocated over the run (base weights included), each library in a fresh process"
+    else:
+        clock = ("process CPU time with one intra-op thread (the machine is shared, so wall time also "
+                 "counts waiting for a core; the wall-time ratio is shown beside it)")
+        mem_what = ("peak RSS (VmHWM) above the RSS with the base model and batches loaded, each library in a "
+                    "fresh process; the processes' totals, mostly torch and transformers, are in the JSON")
+    speed = common.md_table(["model", "batch x seq", "step ms minipeft", "step ms peft", "step ratio", "wall ratio",
+                             "tok/s minipeft", "tok/s peft", "peak mem minipeft", "peak mem peft", "mem ratio"], rows)
+    rows = []
+    for name, r in results.items():
+        p, isl = r["parity"], r["inject_save_load"]
+        ref = f" (reference path {p['reference_path']['loss_abs_diff']:.1e})" if "reference_path" in p else ""
+        rows.append([name, f"{p['loss_abs_diff']:.1e}{ref}", f"{p['adapter_effect_on_loss']:.1e}", f"{p['grad_max_abs_diff']:.1e} / {p['grad_max_abs']:.1e}",
+                     "yes" if p["ok"] else "**NO**",
+                     f"{_ms(isl['inject_s']['minipeft'])} / {_ms(isl['inject_s']['peft'])}",
+                     f"{_ms(isl['save_s'] and isl['save_s']['minipeft'])} / {_ms(isl['save_s'] and isl['save_s']['peft'])}",
+                     f"{_ms(isl['load_s'] and isl['load_s']['minipeft'])} / {_ms(isl['load_s'] and isl['load_s']['peft'])}",
+                     {True: "yes", False: "**NO**", None: "n/a"}[isl.get("loads_peft_checkpoint")]])
+    other = common.md_table(["model", "first-step abs loss diff (fp32, dropout off)", "adapter's effect on the loss", "max grad diff / max grad",
+                             f"parity <= {PARITY_TOL:g}", "inject ms mp / peft", "save ms mp / peft", "load ms mp / peft",
+                             "minipeft loads peft's file"], rows)
+    any_r = next(iter(results.values()))
+    return "\n".join([
+        f"LoRA r=16, alpha=32, dropout 0.1 on every linear layer of the blocks; AdamW on the adapters; "
+        f"{any_r['dtype']}; medians of {any_r['step']['steps']} steps per library, alternating step by step "
+        "in one process. Ratios are minipeft / peft (lower is better for minipeft).", "",
+        f"Step time: {clock}. Peak memory: {mem_what}.", "", speed, "", other, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default="llama,gpt2,bert")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 20 CPU, 30 CUDA)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads (default 1: steadiest on a shared machine; CUDA ignores it)")
+    parser.add_argument("--rounds", type=int, default=5, help="repeats of inject / save / load")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    parser.add_argument("--memory-child", choices=["minipeft", "peft"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    models = args.models.split(",")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    if args.memory_child:
+        memory_child(args.memory_child, models, args.device, args.memory_steps)
+        return
+    steps = args.steps or (40 if args.device == "cpu" else 30)
+
+    memory = peak_memory(models, args.device, args.memory_steps, args.threads)  # children first: no overlap with timing
+    specs, results = common.model_specs(args.device), {}
+    for name in models:
+        spec = specs[name]
+        par = parity_check(spec, args.device)
+        print(f"[{name}] parity: |loss diff| {par['loss_abs_diff']:.2e} (ok={par['ok']}), "
+              f"max grad diff {par['grad_max_abs_diff']:.2e}", flush=True)
+        mp, pf = common.build_twins(spec, args.device)
+        step = step_times(mp, pf, spec, args.device, steps, args.warmup)
+        print(f"[{name}] step ms minipeft {1e3 * step['step_s']['minipeft']:.1f} peft {1e3 * step['step_s']['peft']:.1f} "
+              f"ratio {step['ratio']:.3f}; peak memory ratio {memory[name]['ratio']:.3f}", flush=True)
+        isl = inject_save_load(spec, args.device, mp, pf, args.rounds)
+        results[name] = {"shape": f"{spec.batch} x {spec.seq}", "dtype": str(spec.dtype).replace("torch.", ""),
+                         "config": spec.config, "parity": par, "step": step, "memory": memory[name],
+                         "inject_save_load": isl}
+        del mp, pf
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    table = markdown(results, args.device)
+    print(table)
+    if not args.no_write:
+        path = common.write_results(args.device, "train_step", results, table)
+        print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(json.dumps({"device": common.device_slug(args.device),
+                      "step_time_ratio": {k: round(r["step"]["ratio"], 4) for k, r in results.items()},
+                      "step_time_ratio_wall": {k: round(r["step"]["wall_ratio"], 4) for k, r in results.items()},
+                      "peak_memory_ratio": {k: round(r["memory"]["ratio"], 4) for k, r in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()

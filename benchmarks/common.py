@@ -1,0 +1,298 @@
+"""Shared pieces of the minipeft-vs-peft benchmarks: the models, the LoRA config, twin
+models with identical adapters, timing, memory, and the results files.
+
+Both libraries always get the same thing: one transformers config, one seed, the same
+LoRA hyper-parameters (given as the same keyword arguments to both ``LoraConfig``s), the
+same adapter weights (copied from peft into minipeft through the shared parameter names)
+and the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SEED = 0
+
+
+# -- models ------------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """One benchmark model: its transformers class and config, and the batch it trains on."""
+
+    family: str  # "llama", "gpt2", "bert"
+    config: dict  # keyword arguments of the transformers config class
+    batch: int
+    seq: int
+    dtype: torch.dtype
+
+
+def model_specs(device: str) -> dict[str, ModelSpec]:
+    """Quick CPU models (the whole quick run takes about a minute) or the GPU set."""
+    if device == "cpu":
+        f32 = torch.float32
+        return {
+            "llama": ModelSpec("llama", dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4), 4, 64, f32),
+            "gpt2": ModelSpec("gpt2", dict(vocab_size=2048, n_embd=256, n_layer=2, n_head=4, n_positions=256,
+                                           bos_token_id=0, eos_token_id=0), 4, 64, f32),
+            "bert": ModelSpec("bert", dict(vocab_size=2048, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=1024), 4, 64, f32),
+        }
+    bf16 = torch.bfloat16
+    return {
+        # ~1.1B parameters, LLaMA-style (the target of the GPU figures).
+        "llama": ModelSpec("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+                                         num_attention_heads=16, num_key_value_heads=16,
+                                         max_position_embeddings=2048), 4, 1024, bf16),
+        # GPT-2 medium and a BERT of the same size (~350M).
+        "gpt2": ModelSpec("gpt2", dict(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024), 8, 1024, bf16),
+        "bert": ModelSpec("bert", dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                       intermediate_size=4096), 16, 512, bf16),
+    }
+
+
+def build_base_model(spec: ModelSpec, device: str, dtype: torch.dtype | None = None, seed: int = SEED):
+    """The pretrained-model stand-in: random weights from ``seed`` (no model hub here)."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+        "bert": (transformers.BertConfig, transformers.BertForMaskedLM),
+    }[spec.family]
+    # Dropout in the base model would make the two libraries' losses differ for reasons that
+    # have nothing to do with LoRA; only the adapters' own dropout stays.
+    config = config_cls(**spec.config, attn_implementation="sdpa")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the device: a 1B model initialised on CPU takes minutes
+        model = model_cls(config)
+    return model.to(dtype=dtype or spec.dtype)
+
+
+# All linear layers of the transformer blocks (not the embeddings, not the output head,
+# not BERT's pooler or MLM transform): a full-match regex, read the same way by both libraries.
+TARGETS = {
+    "llama": r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    "gpt2": r".*\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)",
+    "bert": r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
+}
+
+
+def lora_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The LoRA hyper-parameters, passed unchanged to both libraries' ``LoraConfig``."""
+    return dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS[family],
+                fan_in_fan_out=family == "gpt2")  # GPT-2's Conv1D stores its weight (in, out)
+
+
+def make_batches(spec: ModelSpec, n: int, device: str, batch: int | None = None, seq: int | None = None,
+                 seed: int = 1) -> list[dict]:
+    """``n`` batches of random tokens; the labels are the inputs (causal LM / MLM on every token)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = spec.config.get("vocab_size")
+    shape = (batch or spec.batch, seq or spec.seq)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, shape, generator=g).to(device)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def build_twins(spec: ModelSpec, device: str, dtype: torch.dtype | None = None, dropout: float = 0.1):
+    """(minipeft model, peft model): the same base model built twice
+    from one seed, LoRA injected by each library, then peft's adapter weights (with a nonzero
+    B, so the adapters matter) copied into minipeft under the shared names."""
+    import peft
+
+    import minipeft
+
+    bases = [build_base_model(spec, device, dtype) for _ in range(2)]
+    for (name, a), b in zip(bases[0].state_dict().items(), bases[1].state_dict().values()):
+        assert torch.equal(a, b), f"the two base models differ at {name}"
+
+    mp = minipeft.get_peft_model(bases[0], minipeft.LoraConfig(**lora_kwargs(spec.family, dropout)))
+    pf = peft.get_peft_model(bases[1], peft.LoraConfig(**lora_kwargs(spec.family, dropout)))
+
+    torch.manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, p in pf.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)
+    adapter_state = {k: v for k, v in pf.state_dict().items() if ".lora_" in k}
+    missing, unexpected = mp.load_state_dict(adapter_state, strict=False)
+    assert not unexpected, f"peft adapter names minipeft does not have: {unexpected[:3]}"
+    assert not [k for k in missing if ".lora_" in k], "minipeft has adapter weights peft did not provide"
+    n_mp = sum(p.numel() for p in mp.parameters() if p.requires_grad)
+    n_pf = sum(p.numel() for p in pf.parameters() if p.requires_grad)
+    assert n_mp == n_pf, f"trainable parameters differ: minipeft {n_mp}, peft {n_pf}"
+    return mp, pf
+
+
+# -- timing ------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    """(fn(), wall seconds), with the device synchronised on both ends."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def alternate(fns: dict, rounds: int, device: str, warmup: int = 0) -> dict[str, dict[str, list[float]]]:
+    """Run each function once a round, in an order that flips every round (so drift in the
+    machine's load hits every function alike). Returns, per function, the wall seconds and
+    the process CPU seconds of each timed round.
+
+    On a CPU shared with other jobs the wall time also counts the time spent waiting for a
+    core; the process CPU time (with one intra-op thread, all of it this thread's) counts
+    only the work, so it is the steadier measure there. On CUDA only wall time means much."""
+    times = {k: {"wall": [], "cpu": []} for k in fns}
+    names = list(fns)
+    for i in range(warmup + rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            c0 = time.process_time()
+            _, dt = timed(fns[name], device)
+            if i >= warmup:
+                times[name]["wall"].append(dt)
+                times[name]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+# -- memory ------------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_memory(device: str) -> int:
+    """Start a new peak measurement; returns the bytes in use now (the baseline).
+
+    CUDA: the caching allocator's counters. CPU: the process's resident set size, after
+    handing freed heap pages back to the OS (malloc_trim) and resetting the kernel's
+    high-water mark (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_memory(device: str) -> int:
+    """Peak bytes since ``reset_peak_memory``: max_memory_allocated, or the peak RSS (VmHWM)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _proc_status_kib("VmHWM") * 1024
+
+
+# -- machine, versions, results files ------------------------------------------------------------
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+
+def device_slug(device: str) -> str:
+    return "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", machine(device).lower()).strip("-")
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    import minipeft
+
+    try:  # the commit the numbers belong to (a dirty tree is marked)
+        repo = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = ""
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "minipeft": minipeft.__version__ + (f" (git {rev})" if rev else "")}
+
+
+def command_line() -> str:
+    """The command as typed from the repository root (``make bench`` runs the same)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(Path(__file__).resolve().parents[1])
+    except ValueError:
+        pass
+    return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+
+
+def write_results(device: str, section: str, data: dict, markdown: str) -> Path:
+    """Store one script's results as a section of ``results/<slug>.json`` and re-render
+    ``results/<slug>.md`` from every section (the two scripts share the files)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(device)
+    json_path, md_path = RESULTS_DIR / f"{slug}.json", RESULTS_DIR / f"{slug}.md"
+    doc = json.loads(json_path.read_text()) if json_path.exists() else {}
+    doc.setdefault("sections", {})
+    doc["device"], doc["machine"], doc["versions"] = device, machine(device), versions()
+    doc["sections"][section] = {"command": command_line(), "load_average_after": os.getloadavg(), "results": data,
+                                "markdown": markdown}
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+
+    lines = [f"# minipeft vs peft on {doc['machine']}", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), ""]
+    for name, sec in doc["sections"].items():
+        load = ", ".join(f"{x:.1f}" for x in sec["load_average_after"])
+        lines += [f"## {name}", "", f"Command: `{sec['command']}` (machine load average at the end: {load})", "",
+                  sec["markdown"].rstrip(), ""]
+    md_path.write_text("\n".join(lines))
+    return md_path
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def clone(model):
+    return copy.deepcopy(model)
