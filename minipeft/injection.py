@@ -49,6 +49,11 @@ def inject_adapter_in_model(
     makes the new adapter trainable when it is activated. Returns ``model``.
     """
     method = method_for(config)
+    if method.wrap is None:
+        raise ValueError(
+            f"{type(config).__name__} adds virtual tokens instead of wrapping layers, so it needs a PeftModel "
+            "to hold them: use get_peft_model(model, config)"
+        )
     if any(adapter_name in layer.adapter_names for _, layer in adapter_layers(model)):
         raise ValueError(f"an adapter named {adapter_name!r} already exists in this model; choose another name")
     if not adapter_name or "." in adapter_name:

@@ -275,3 +275,11 @@ def test_text_initialised_adapter_reloads_without_its_tokenizer(tmp_path):
     m.save_pretrained(tmp_path)
     reloaded = minipeft.PeftModel.from_pretrained(tiny("llama"), tmp_path)
     torch.testing.assert_close(reloaded(**batch()).logits, m(**batch()).logits)
+
+
+def test_inject_adapter_in_model_refuses_virtual_token_methods():
+    from minipeft import inject_adapter_in_model
+    from tests.models import TinyNet
+
+    with pytest.raises(ValueError, match="use get_peft_model"):
+        inject_adapter_in_model(minipeft.PromptTuningConfig(num_virtual_tokens=4), TinyNet())
