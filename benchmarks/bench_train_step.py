@@ -290,12 +290,15 @@ def main() -> None:
         memory_child(args.memory_child, models, args.device, args.memory_steps)
         return
     steps = args.steps or (40 if args.device == "cpu" else 30)
+    from minipeft import kernels  # on CUDA, LoraLinear takes the fused path when these say so
 
     memory = peak_memory(models, args.device, args.memory_steps, args.threads)  # children first: no overlap with timing
     specs, results = common.model_specs(args.device), {}
     for name in models:
         spec = specs[name]
         par = parity_check(spec, args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the float32 parity twins are gone; give their memory back
         print(f"[{name}] parity: |loss diff| {par['loss_abs_diff']:.2e} (ok={par['ok']}), "
               f"max grad diff {par['grad_max_abs_diff']:.2e}", flush=True)
         mp, pf = common.build_twins(spec, args.device)
@@ -304,6 +307,7 @@ def main() -> None:
               f"ratio {step['ratio']:.3f}; peak memory ratio {memory[name]['ratio']:.3f}", flush=True)
         isl = inject_save_load(spec, args.device, mp, pf, args.rounds)
         results[name] = {"shape": f"{spec.batch} x {spec.seq}", "dtype": str(spec.dtype).replace("torch.", ""),
+                         "fused_kernels": args.device == "cuda" and kernels.is_available() and kernels.enabled(),
                          "config": spec.config, "parity": par, "step": step, "memory": memory[name],
                          "inject_save_load": isl}
         del mp, pf
