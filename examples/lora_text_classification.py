@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
     cpu_start = time.process_time()
     result = train(model, train_loader, val_loader, config)  # ends holding the best weights
     train_cpu_seconds = time.process_time() - cpu_start  # both threads; wall time is inflated by a busy machine, this is not
+    peak_mb = peak_memory_mb()  # training's high-water mark, before the reload checks add models
 
     logits = predict(model, dev_loader)
     labels = torch.cat([b["labels"] for b in dev_loader])
@@ -219,7 +220,7 @@ def main(argv=None) -> dict:
         "lr": lr,
         "train_seconds": round(result.train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_mb": round(peak_mb, 1),
         "reload_ok": checks["reload"]["ok"],
         "merge_ok": checks["merge"]["ok"] if "merge" in checks else None,
         "seed": args.seed,
