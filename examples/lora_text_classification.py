@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
         stale.unlink(missing_ok=True)  # a fresh run each time: the demo is a measurement
     cpu_start = time.process_time()
     result = train(model, train_loader, val_loader, config)  # ends holding the best weights
-    train_cpu_seconds = time.process_time() - cpu_start  # both threads; wall time is inflated by a busy machine, this is not
+    train_cpu_seconds = time.process_time() - cpu_start  # all threads; unlike wall time, barely inflated by a busy machine
     peak_mb = peak_memory_mb()  # training's high-water mark, before the reload checks add models
 
     logits = predict(model, dev_loader)
