@@ -39,19 +39,34 @@ def test_in_fresh_interpreter():
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+# Measured worst cases over ragged shapes are about 7e-8, 7e-3 and 4e-4; these leave ~2x headroom.
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1.5e-2, torch.float16: 1e-3}
 
 
-def rel_err(actual, expected):
-    """||actual - expected|| / ||expected||, 0 when both are zero (e.g. everything dropped)."""
+def rel_err(actual, expected, magnitude=None):
+    """||actual - expected|| / ||magnitude||, 0 when both are zero (e.g. everything dropped).
+
+    ``magnitude`` defaults to ``expected``. For sums that may cancel, pass the same sum taken
+    over absolute values: the textbook bound for a rounded dot product is
+    |fl(a . b) - a . b| <= eps * (|a| . |b|), so that is the scale an error is measured on.
+    """
     diff = (actual.double() - expected).norm()
-    return (diff / expected.norm().clamp_min(1e-30)).item() if diff > 0 else 0.0
+    scale = (expected if magnitude is None else magnitude).norm().clamp_min(1e-30)
+    return (diff / scale).item() if diff > 0 else 0.0
 
 
-def reference(x, weight, bias, lora_A, lora_B, scaling, mask, p):
-    """y = x W^T + b + s * (D * x / (1 - p)) A^T B^T in float64; mask None means no dropout."""
+def reference(x, weight, bias, lora_A, lora_B, scaling, mask, p, xa_dtype=torch.float64):
+    """y = x W^T + b + s * (D * x / (1 - p)) A^T B^T in float64; mask None means no dropout.
+
+    The kernels store xa = (D * x / (1 - p)) A^T in the input dtype (it is saved for the
+    backward), so the reference rounds xa there too (straight-through, the gradient stays
+    float64). Without that, a sum like s * xa B^T over r = 130 terms that nearly cancel can
+    differ from float64 by more than bf16's tolerance for reasons that are not the kernels'.
+    """
     x_drop = x if mask is None else x * mask / (1 - p)
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_drop, lora_A), lora_B)
+    xa = F.linear(x_drop, lora_A)
+    xa = xa + (xa.to(xa_dtype).double() - xa).detach()
+    return F.linear(x, weight, bias) + scaling * F.linear(xa, lora_B)
 
 
 def make_inputs(lead, K, N, r, dtype, bias=True, layout="contiguous", seed=0):
@@ -87,15 +102,21 @@ def check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fuse
     # The reference uses the kernels' own mask, so values match element for element.
     mask = kernels.dropout_mask(seed, x.shape, p, x.device).double() if p > 0 else None
     x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B))
-    y64 = reference(x64, weight.double(), None if b is None else b.double(), A64, B64, scaling, mask, p)
+    y64 = reference(x64, weight.double(), None if b is None else b.double(), A64, B64, scaling, mask, p, dtype)
     y64.backward(dy.double())
+    # The same function of |inputs| with |dy|: the scale of every sum above, cancellation aside.
+    abs_in = [t.detach().double().abs().requires_grad_(True) for t in (x, lora_A, lora_B)]
+    y_abs = reference(abs_in[0], weight.double().abs(), None if b is None else b.double().abs(), abs_in[1],
+                      abs_in[2], scaling, mask, p)
+    y_abs.backward(dy.double().abs())
+    x_abs, A_abs, B_abs = abs_in
 
     assert y.shape == (*lead, N) and y.dtype == dtype
     tol = TOL[dtype]
-    assert rel_err(y, y64) < tol, "y"
-    assert rel_err(x.grad, x64.grad) < tol, "dx"
-    assert rel_err(lora_A.grad, A64.grad) < tol, "dA"
-    assert rel_err(lora_B.grad, B64.grad) < tol, "dB"
+    assert rel_err(y, y64, y_abs) < tol, "y"
+    assert rel_err(x.grad, x64.grad, x_abs.grad) < tol, "dx"
+    assert rel_err(lora_A.grad, A64.grad, A_abs.grad) < tol, "dA"
+    assert rel_err(lora_B.grad, B64.grad, B_abs.grad) < tol, "dB"
     assert weight.grad is None and (b is None or b.grad is None)
 
 
