@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=["lora", "full", "linear-probe"], default="lora")
     p.add_argument("--data-dir", default=None, help="folder with train.tsv and dev.tsv (default: $MINIPEFT_DATA_DIR)")
     p.add_argument("--output-dir", default=None, help="default: runs/sst2-<method>")
-    p.add_argument("--max-train-examples", type=int, default=20000, help="sampled from the 67k rows; 0 = all")
+    p.add_argument("--max-train-examples", type=int, default=40000, help="sampled from the 67k rows; 0 = all")
     p.add_argument("--val-examples", type=int, default=500, help="held out of train to pick the best step")
     p.add_argument("--max-dev-examples", type=int, default=0, help="0 = the whole dev set (872)")
     p.add_argument("--epochs", type=int, default=1)
