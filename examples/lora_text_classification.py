@@ -3,7 +3,9 @@
     python examples/lora_text_classification.py --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --method full --data-dir /path/to/SST-2
 
-Real weights, real data, on a laptop CPU in about ten minutes. The run trains, evaluates
+Real weights, real data, on a 2-core CPU: the defaults (LoRA, 40k of SST-2's 67k training
+rows, one epoch) take about four minutes and reach about 0.86 dev accuracy with 0.33%
+of the parameters trainable; `--method full` takes about 1.6 times as long. The run trains, evaluates
 on the SST-2 dev set, saves the adapter, reloads it into a fresh base model and checks the
 dev predictions are unchanged, merges it into the base weights and checks once more.
 The last line printed is one JSON object with the figures of the run.
