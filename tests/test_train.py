@@ -264,3 +264,25 @@ def _ddp_worker(out: str) -> None:
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])
+
+
+def test_best_lora_adapter_is_saved_with_save_pretrained_and_reloads(tmp_path):
+    import copy
+
+    from minipeft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base = TinyClassifier()
+    fresh = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["adapter"], modules_to_save=["classifier"]))
+    train_loader, eval_loader = loaders()
+    train(model, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=2, lr=3e-2, log_every=100))
+    best = tmp_path / "best"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in best.iterdir()}
+    reloaded = PeftModel.from_pretrained(fresh, best)
+    model.eval()
+    batch = next(iter(eval_loader))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    # The model ends holding its best weights, which are exactly what was saved.
+    torch.testing.assert_close(reloaded(**inputs), model(**inputs))
+    assert evaluate(reloaded, eval_loader)["accuracy"] >= 0.9
