@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import PeftConfig
-from .targeting import find_targets
+from .targeting import find_targets, is_under
 from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for
 
 
@@ -23,15 +23,17 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
-def _adapter_internals(model: nn.Module) -> list[str]:
-    """Names inside wrappers (``...q_lin.lora_A``, ``...classifier.modules_to_save``): never targets."""
-    internals = []
+def _adapter_internals(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names a new adapter must not target: the containers inside wrappers (``...q_lin.lora_A``,
+    with everything below them) and the wrapped modules themselves (``...q_lin.base_layer``:
+    the wrapper, under the original name, stands for it). Modules *inside* a wrapped module stay
+    targetable: LoRA on ``down_proj`` inside a bottleneck-wrapped ``mlp`` is fine."""
+    containers, wrapped = [], []
     for name, layer in adapter_layers(model):
         prefix = f"{name}." if name else ""
-        internals += [prefix + attr for attr in layer.adapter_layer_names if hasattr(layer, attr)]
-        if isinstance(layer, ModulesToSaveWrapper):
-            internals.append(prefix + "original_module")
-    return internals
+        containers += [prefix + attr for attr in layer.adapter_layer_names if hasattr(layer, attr)]
+        wrapped.append(prefix + layer.base_layer_name)
+    return containers, wrapped
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -59,8 +61,8 @@ def inject_adapter_in_model(
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
 
-    skip = _adapter_internals(model)
-    targets = find_targets(model, config, skip=skip)
+    skip, wrapped = _adapter_internals(model)
+    targets = find_targets(model, config, skip=skip, skip_exact=wrapped)
     replaced: list[tuple[str, nn.Module]] = []  # (name, original module) to restore on error
     updated: list[AdapterLayer] = []  # existing wrappers that received the adapter
     try:
@@ -68,11 +70,11 @@ def inject_adapter_in_model(
         for name in targets:
             module = model.get_submodule(name)
             if isinstance(module, method.layer_class):
+                updated.append(module)  # before the update, so a half-done update is rolled back too
                 module.update_layer(adapter_name, config, name)
-                updated.append(module)
             else:
                 plan.append((name, module, method.wrap(module, adapter_name, config, name)))
-        plan += _plan_modules_to_save(model, config, adapter_name, skip, updated)
+        plan += _plan_modules_to_save(model, config, adapter_name, skip + wrapped, targets, updated)
         for name, module, wrapper in plan:
             parent, child = _get_parent(model, name)
             setattr(parent, child, wrapper)
@@ -92,20 +94,24 @@ def inject_adapter_in_model(
     return model
 
 
-def _plan_modules_to_save(model, config, adapter_name, skip, updated) -> list:
+def _plan_modules_to_save(model, config, adapter_name, skip, targets, updated) -> list:
     """Wrap the modules trained whole. peft matches these by plain suffix (``key.endswith``),
     so ``"classifier"`` also selects DistilBERT's ``pre_classifier``; we do the same so that
     checkpoints line up."""
     plan = []
     names = getattr(config, "modules_to_save", None) or []
     for name, module in model.named_modules():
-        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+        if not name or is_under(name, skip) or not any(name.endswith(target) for target in names):
             continue
-        if not any(name.endswith(target) for target in names):
-            continue
+        if name in targets:
+            raise ValueError(
+                f"{name!r} is selected both by target_modules and by modules_to_save={names} (which match "
+                f"by plain name suffix, as in peft); a module is either adapted or trained whole. "
+                f"Add it to exclude_modules, or narrow target_modules."
+            )
         if isinstance(module, ModulesToSaveWrapper):
-            module.update_layer(adapter_name)
             updated.append(module)
+            module.update_layer(adapter_name)
         elif not any(name.startswith(p + ".") for p, _, _ in plan):
             wrapper = ModulesToSaveWrapper(module)
             wrapper.update_layer(adapter_name)

@@ -40,7 +40,16 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D, also when an adapter wrapper already holds it."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    if callable(get_base_layer):
+        module = get_base_layer()
     return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
+
+
+def is_under(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether ``name`` is one of ``prefixes`` or a module inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
@@ -76,18 +85,18 @@ def output_head_names(model: nn.Module, task_type=None) -> set[str]:
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 
 
-def find_targets(model: nn.Module, config, skip: Iterable[str] = ()) -> list[str]:
+def find_targets(model: nn.Module, config, skip: Iterable[str] = (), skip_exact: Iterable[str] = ()) -> list[str]:
     """Qualified names of the modules ``config`` selects, in model order.
 
-    ``skip`` holds names that must never be targeted (adapter internals, copies made for
-    ``modules_to_save``). Raises ``ValueError`` naming the closest existing modules when
-    nothing matches.
+    ``skip`` holds names that must never be targeted, nor anything below them (adapter
+    internals); ``skip_exact`` names that must not be targeted themselves (modules already
+    wrapped). Raises ``ValueError`` naming the closest existing modules when nothing matches.
     """
-    skip = tuple(skip)
+    skip, skip_exact = tuple(skip), set(skip_exact)
     candidates = [
         name
         for name, _ in model.named_modules()
-        if name and not any(name == s or name.startswith(s + ".") for s in skip)
+        if name and name not in skip_exact and not is_under(name, skip)
     ]
     targets = config.target_modules
     if targets is None:

@@ -255,3 +255,20 @@ def test_peft_model_falls_through_to_the_base_model():
     assert isinstance(model, PeftModel)
     assert model.config.n_embd == 32
     assert model.get_base_model() is model.base_model.model
+
+
+def test_a_second_all_linear_adapter_goes_beside_the_first_not_inside_it():
+    model = get_peft_model(tiny_transformers_model("llama"), LoraConfig(r=2, target_modules="all-linear"))
+    model.add_adapter("second", LoraConfig(r=3, target_modules="all-linear"))
+    names = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    assert not any(".base_layer" in n for n in names)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.second.weight" in model.state_dict()
+
+
+def test_a_module_both_targeted_and_saved_is_an_error():
+    # peft's plain-suffix rule makes "classifier" select DistilBERT's pre_classifier too.
+    with pytest.raises(ValueError, match="pre_classifier.*both by target_modules and by modules_to_save"):
+        get_peft_model(
+            tiny_transformers_model("distilbert"),
+            LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules="all-linear"),
+        )

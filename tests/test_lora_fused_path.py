@@ -45,4 +45,4 @@ def test_fused_path_is_chosen_only_where_it_applies():
     off = get_peft_model(
         nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], use_fused_kernels=False)
     ).base_model.model[0]
-    assert off.use_fused_kernels is False and layer.use_fused_kernels is True
+    assert off.use_fused_kernels == {"default": False} and layer.use_fused_kernels == {"default": True}

@@ -110,7 +110,7 @@ class LoraLayer(AdapterLayer):
     """Bookkeeping shared by the LoRA wrappers: rank, scaling and dropout per adapter."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_fused_kernels")
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
@@ -124,7 +124,7 @@ class LoraLayer(AdapterLayer):
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()
-        self.use_fused_kernels = False
+        self.use_fused_kernels: dict[str, bool] = {}
 
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
         if adapter_name in self.adapter_names:
@@ -134,12 +134,14 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.use_dora[adapter_name] = config.use_dora
-        self.use_fused_kernels = config.use_fused_kernels
+        self.use_fused_kernels[adapter_name] = config.use_fused_kernels
         self.create_adapter(adapter_name, r)
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
-        if config.use_dora:
-            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self._row_norm(adapter_name).detach())
         self._move_adapter_to_base(adapter_name)
+        if config.use_dora:
+            # ||W + s B A|| needs A and B on the base weight's device first.
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self._row_norm(adapter_name).detach())
+            self._move_adapter_to_base(adapter_name)
 
     def create_adapter(self, adapter_name: str, r: int) -> None:
         raise TypeError(f"{type(self).__name__} must define create_adapter")
@@ -300,14 +302,20 @@ class LoraLinear(LoraLayer):
 
     # -- fused Triton path --------------------------------------------------------------------
     def _fused_path_applies(self, x: torch.Tensor, adapters: list[str]) -> bool:
-        if not (x.is_cuda and self.use_fused_kernels and len(adapters) == 1):
+        """The Triton path runs one plain LoRA adapter on a frozen CUDA nn.Linear; all else is reference."""
+        if not (x.is_cuda and len(adapters) == 1 and self.use_fused_kernels[adapters[0]]):
             return False
         base = self.base_layer
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, nn.Linear) or self.use_dora[adapters[0]] or torch.is_autocast_enabled():
             return False
         # The kernels compute no gradient for W or b: a trainable base takes the reference path.
-        trainable_bias = base.bias is not None and base.bias.requires_grad
-        if self.use_dora[adapters[0]] or base.weight.requires_grad or trainable_bias or torch.is_autocast_enabled():
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        # Triton's tl.dot multiplies fp32 tiles in TF32; take it for fp32 only where PyTorch's own
+        # matmuls may too, so that both paths compute the same numbers.
+        if x.dtype != base.weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False
+        if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
             return False
         from .. import kernels
 
