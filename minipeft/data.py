@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -70,7 +71,9 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
 
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], list[str]]:
     rows: list[dict] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig drops a byte-order mark (Excel writes one), which would otherwise become
+    # part of the first column's name and hide it
+    with open(path, newline="", encoding="utf-8-sig") as f:
         # GLUE-style TSVs are unquoted and sentences contain stray quote characters, so TSV
         # is read without quoting; CSV keeps the usual quoting rules.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -98,7 +101,7 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], list[str]]:
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     rows: list[dict] = []
     columns: dict[str, None] = {}  # insertion-ordered set
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM would make line 1 invalid JSON
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -132,17 +135,23 @@ def _get(path, row: dict, column: str):
     return row[column]
 
 
+_INT = re.compile(r"-?\d+")
+
+
+def _is_int_text(value) -> bool:
+    """True for text int() reads as a whole number: an optional "-", then digits (so not "--1")."""
+    return isinstance(value, str) and _INT.fullmatch(value.strip()) is not None
+
+
 def _parse_label(path, row: dict, value, label_names: Sequence[str] | None, num_labels: int | None) -> int:
     where = f"{path}:{row['_line']}"
     if label_names is not None:
         if str(value) in label_names:
             return list(label_names).index(str(value))
-        if not (isinstance(value, int) or str(value).strip().lstrip("-").isdigit()):
+        if not ((isinstance(value, int) and not isinstance(value, bool)) or _is_int_text(value)):
             raise DataError(f"{where}: label {value!r} is not one of {list(label_names)}")
         num_labels = len(label_names)
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or (
-        isinstance(value, str) and not value.strip().lstrip("-").isdigit()
-    ):
+    if isinstance(value, bool) or not (isinstance(value, int) or _is_int_text(value)):
         raise DataError(
             f"{where}: label {value!r} is not an integer; labels must be class indices 0..N-1 "
             "(pass label_names to map string labels to indices)"
@@ -325,8 +334,10 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
 class BatchLoader:
     """Re-iterable batches of padded tensors, deterministic given (seed, epoch).
 
-    shuffle: a new order every epoch, drawn from `seed + epoch` (not the global RNG), so
-        a resumed run sees exactly the batches the interrupted one would have.
+    shuffle: a new order every epoch, drawn from a private RNG seeded with
+        `seed * 1_000_003 + epoch` (not the global RNG), so a resumed run sees exactly the
+        batches the interrupted one would have. The prime factor keeps (seed, epoch) pairs
+        apart: with `seed + epoch`, seed 1 epoch 0 would repeat seed 0 epoch 1.
     group_by_length: bucketed shuffle. Shuffle, cut into chunks of `bucket_size` batches,
         sort each chunk by length, batch it, then shuffle the batches. Batches hold
         similar lengths (little padding) while the order stays random.

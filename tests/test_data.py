@@ -1,6 +1,7 @@
 """Reading, splitting, tokenising and batching: behaviour and error messages."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -86,6 +87,24 @@ def test_bad_labels_name_the_line(tmp_path):
         read_classification(path)
     with pytest.raises(DataError, match=r"d.jsonl:1: label -1 is out of range"):
         read_classification(write(tmp_path / "d.jsonl", '{"text": "x", "label": -1}\n'))
+
+    for bad in ("--1", "1-", "1.0", "+-1"):  # not whole numbers, however int() or isdigit() might read them
+        path = write(tmp_path / "e.tsv", f"sentence\tlabel\ngood\t1\nbad\t{bad}\n")
+        with pytest.raises(DataError, match=rf"e.tsv:3: label '{re.escape(bad)}' is not an integer"):
+            read_classification(path)
+    path = write(tmp_path / "f.tsv", "sentence\tlabel\ngood\t1\nbad\t--1\n")
+    with pytest.raises(DataError, match=r"f.tsv:3: label '--1' is not one of"):
+        read_classification(path, label_names=["neg", "pos"])
+
+
+def test_byte_order_mark_does_not_hide_the_first_column(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM; read as plain utf-8 the first column would be
+    # named "\ufeffsentence" and not be found
+    for name, text in (("a.csv", "sentence,label\ngood,1\n"), ("a.tsv", "sentence\tlabel\ngood\t1\n"),
+                       ("a.jsonl", '{"sentence": "good", "label": 1}\n')):
+        path = tmp_path / name
+        path.write_bytes("\ufeff".encode() + text.encode())
+        assert read_classification(path) == [{"text": "good", "label": 1}]
 
 
 def test_unparseable_rows_name_file_and_line(tmp_path):
