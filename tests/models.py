@@ -21,6 +21,11 @@ def tiny_transformers_model(kind: str) -> nn.Module:
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
         )
         return transformers.BertForSequenceClassification(cfg).eval()
+    if kind == "bert_model":  # the plain encoder, no head: module names start at "encoder."
+        cfg = transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
+        )
+        return transformers.BertModel(cfg).eval()
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)
         return transformers.GPT2LMHeadModel(cfg).eval()
@@ -61,10 +66,20 @@ def input_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=g)
 
 
-def randomize_adapters(model: nn.Module, seed: int = 0, names=("lora_", "modules_to_save")) -> None:
-    """Give every adapter tensor random values so that zero-initialised B cannot hide a bug."""
+def randomize_adapters(
+    model: nn.Module, seed: int = 0, names=("lora_", "modules_to_save"), std: float = 0.1, mean: float = 0.0
+) -> None:
+    """Give every adapter tensor random values so that zero-initialised B cannot hide a bug.
+
+    Each matched tensor becomes ``mean + std * N(0, 1)`` (plus one for DoRA magnitudes), e.g.
+    ``names=("ia3_l",), std=0.3, mean=1.0`` for (IA)^3 vectors near identity."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(n in name for n in names):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "magnitude" in name else 0.0))
+                p.copy_(torch.randn(p.shape, generator=g) * std + mean + (1.0 if "magnitude" in name else 0.0))
+
+
+def first_output(out) -> torch.Tensor:
+    """The main tensor of a transformers output: logits, else the last hidden state."""
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

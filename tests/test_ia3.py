@@ -13,9 +13,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipeft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
 from minipeft.tuners.ia3 import IA3Linear  # noqa: E402
+from tests.models import first_output, randomize_adapters, tiny_transformers_model  # noqa: E402
+from tests.models import input_ids as ids  # noqa: E402
 
-VOCAB = 64
-# Per architecture: (targets, feed-forward targets), peft's own defaults for these models.
+# Per architecture: (targets, feed-forward targets), the paper's placement on these models.
 SETUPS = {
     "bert": (["key", "value", "output.dense"], ["output.dense"]),
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
@@ -24,38 +25,12 @@ SETUPS = {
 
 
 def tiny(kind: str) -> nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
-        )
-        return transformers.BertModel(cfg).eval()
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
-        )
-        return transformers.LlamaForCausalLM(cfg).eval()
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
-
-
-def first_output(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    """The shared tiny models; BERT without a head, so outputs are hidden states."""
+    return tiny_transformers_model("bert_model" if kind == "bert" else kind)
 
 
 def randomize_ia3(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    randomize_adapters(model, seed, names=("ia3_l",), std=0.3, mean=1.0)
 
 
 class TwoLinear(nn.Module):
@@ -100,8 +75,8 @@ def test_two_adapters_switch_and_multiply_when_both_active():
     torch.manual_seed(0)
     base = TwoLinear()
     x = torch.randn(3, 6)
-    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["attn"]), adapter_name="a")
-    model.add_adapter("b", IA3Config(target_modules=["attn"], init_ia3_weights=False))
+    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["attn"], feedforward_modules=[]), adapter_name="a")
+    model.add_adapter("b", IA3Config(target_modules=["attn"], feedforward_modules=[], init_ia3_weights=False))
     layer = model.base_model.model.attn
     randomize_ia3(model, seed=5)
     la, lb = layer.ia3_l["a"].flatten(), layer.ia3_l["b"].flatten()
@@ -158,7 +133,7 @@ def test_merge_unmerge_and_merge_and_unload(kind):
 
 
 def test_unmerge_refuses_a_vector_with_zeros():
-    layer = get_peft_model(TwoLinear(), IA3Config(target_modules=["attn"])).base_model.model.attn
+    layer = get_peft_model(TwoLinear(), IA3Config(target_modules=["attn"], feedforward_modules=[])).base_model.model.attn
     with torch.no_grad():
         layer.ia3_l["default"][0] = 0.0
     layer.merge()
@@ -205,6 +180,25 @@ def test_same_outputs_and_state_dict_as_peft(kind):
 
 
 # -- errors ---------------------------------------------------------------------------------------
+def test_feedforward_modules_must_be_given_with_targets():
+    # peft fills a None per architecture (LLaMA down_proj: input side); minipeft asks instead.
+    with pytest.raises(ValueError, match=r"needs feedforward_modules.*pass \[\].*\['down_proj'\] \(LLaMA\)"):
+        IA3Config(target_modules=["k_proj", "v_proj", "down_proj"])
+    assert IA3Config().feedforward_modules == []  # no targets: nothing to guess, saved as []
+
+
+def test_init_draws_from_the_rng_like_peft():
+    peft = pytest.importorskip("peft")
+    targets, ff = SETUPS["llama"]
+    base = tiny("llama")
+    torch.manual_seed(4)
+    get_peft_model(copy.deepcopy(base), IA3Config(target_modules=targets, feedforward_modules=ff))
+    ours_next = torch.randn(3)
+    torch.manual_seed(4)
+    peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(target_modules=targets, feedforward_modules=ff))
+    torch.testing.assert_close(ours_next, torch.randn(3), rtol=0, atol=0)
+
+
 def test_feedforward_modules_must_be_a_subset_of_targets():
     with pytest.raises(ValueError, match=r"subset of target_modules: \['fc2'\]"):
         IA3Config(target_modules=["k", "v"], feedforward_modules=["fc2"])
@@ -217,15 +211,15 @@ def test_unsupported_layer_type_is_named():
             self.emb = nn.Embedding(10, 4)
 
     with pytest.raises(TypeError, match=r"'emb': it is a Embedding; \(IA\)\^3 supports nn.Linear"):
-        get_peft_model(WithEmbedding(), IA3Config(target_modules=["emb"]))
+        get_peft_model(WithEmbedding(), IA3Config(target_modules=["emb"], feedforward_modules=[]))
 
 
 def test_bad_init_value_and_nothing_left_behind_on_error():
     with pytest.raises(ValueError, match="init_ia3_weights must be True or False"):
-        IA3Config(target_modules=["attn"], init_ia3_weights="ones")
+        IA3Config(target_modules=["attn"], feedforward_modules=[], init_ia3_weights="ones")
     model = TwoLinear()
     with pytest.raises(ValueError, match="matched no module"):
-        get_peft_model(model, IA3Config(target_modules=["atn"]))
+        get_peft_model(model, IA3Config(target_modules=["atn"], feedforward_modules=[]))
     assert isinstance(model.attn, nn.Linear)
 
 
@@ -233,11 +227,20 @@ def test_ia3_beside_lora_on_other_modules():
     torch.manual_seed(0)
     base = TwoLinear()
     x = torch.randn(3, 6)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["ff"], r=2), adapter_name="lora")
-    model.add_adapter("ia3", IA3Config(target_modules=["attn"]))
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(target_modules=["ff"], r=2, lora_alpha=4), adapter_name="lora"
+    )
+    model.add_adapter("ia3", IA3Config(target_modules=["attn"], feedforward_modules=[]))
     randomize_ia3(model, seed=2)
+    randomize_adapters(model, seed=3, names=("lora_B",))  # B = 0 would hide a LoRA that never runs
     l = model.base_model.model.attn.ia3_l["ia3"].flatten()
-    torch.testing.assert_close(model(x), base(x))  # "lora" active, its B is zero
+    lora = model.base_model.model.ff
+    A, B = lora.lora_A["lora"].weight, lora.lora_B["lora"].weight
+    # "lora" active, "ia3" not: y = ff(h) + (alpha / r) B A h on the untouched attn output h.
+    h = torch.relu(base.attn(x))
+    expected = base.ff(h) + 2.0 * h @ A.T @ B.T
+    torch.testing.assert_close(model(x), expected)
+    assert not torch.allclose(model(x), base(x))
     model.set_adapter("ia3")
     torch.testing.assert_close(model(x), base.ff(torch.relu(l * base.attn(x))))
 

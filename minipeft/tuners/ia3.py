@@ -40,6 +40,7 @@ class IA3Config(PeftConfig):
         regex, or ``"all-linear"``), e.g. ``["key", "value", "output.dense"]`` for BERT.
     feedforward_modules: which of the targets scale their *input* instead of their output;
         the same matching rules, and a list must be a subset of a list ``target_modules``.
+        Required with ``target_modules`` (``[]`` for none): peft guesses it per architecture.
     exclude_modules: never adapted, even when matched by ``target_modules``.
     fan_in_fan_out: weights stored ``(in, out)``; set automatically for GPT-2's Conv1D.
     init_ia3_weights: start the vectors at one (identity); ``False`` draws them from N(0, 1).
@@ -59,8 +60,16 @@ class IA3Config(PeftConfig):
             value = getattr(self, attr)
             if isinstance(value, (set, frozenset, tuple)):
                 setattr(self, attr, sorted(value))
-        # Written as [] rather than None: peft fills a None from its per-architecture table when
-        # loading, which would turn output-side vectors into input-side ones of another shape.
+        # peft fills a None from its per-architecture table, so guessing here would silently
+        # disagree with it (output-side vectors where peft puts input-side ones). Say it instead.
+        if self.feedforward_modules is None and self.target_modules is not None:
+            raise ValueError(
+                "IA3Config needs feedforward_modules when target_modules are given: pass [] to scale "
+                "every target's output, or name the feed-forward targets whose input is scaled, as the "
+                "(IA)^3 paper does, e.g. ['down_proj'] (LLaMA), ['output.dense'] (BERT) or "
+                "['mlp.c_proj'] (GPT-2)"
+            )
+        # Saved as [] rather than None: peft would fill a None from its table when loading.
         if self.feedforward_modules is None:
             self.feedforward_modules = []
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
@@ -106,7 +115,10 @@ class IA3Linear(AdapterLayer):
         weight = self.get_base_layer().weight
         # Half-precision bases keep fp32 vectors (stable optimisation), as LoRA does.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        init = torch.ones(shape) if config.init_ia3_weights else torch.randn(shape)
+        # Drawn even when overwritten, as peft does, so the global RNG stream stays in step with it.
+        init = torch.randn(shape)
+        if config.init_ia3_weights:
+            init = torch.ones(shape)
         self.ia3_l[adapter_name] = nn.Parameter(init.to(weight.device, dtype))
         self.is_feedforward[adapter_name] = feedforward
 
