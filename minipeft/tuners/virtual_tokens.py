@@ -139,13 +139,7 @@ class PromptEncoderDict(nn.ModuleDict):
         self.active_adapter: str | None = None
         self.disable_adapters = False
         self._param_names = forward_parameters(model)
-        # A plain list, not a submodule: the user's model must stay out of this module's state dict.
-        self._model = [model]
         self._handles = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model[0]
 
     def active_encoder(self) -> nn.Module | None:
         if self.disable_adapters or self.active_adapter is None or self.active_adapter not in self:
@@ -158,10 +152,6 @@ class PromptEncoderDict(nn.ModuleDict):
             return None
         kwargs = args_to_kwargs(self._param_names, args, kwargs)
         return (), encoder.prepare_call(kwargs, model)
-
-    def add_hook(self, handle) -> None:
-        """Keep a hook handle so that ``remove_hooks`` can take it out again."""
-        self._handles.append(handle)
 
     def set_adapter(self, adapter_name: str, trainable: bool = True) -> None:
         """Activate ``adapter_name`` (or nothing, when it is not a virtual-token adapter)."""
@@ -192,7 +182,8 @@ def add_modules_to_save(peft_model: nn.Module, adapter_name: str, config: PeftCo
 
     model = peft_model.get_base_model()
     updated: list = []
-    plan = injection._plan_modules_to_save(model, config, adapter_name, injection._adapter_internals(model), updated)
+    skip, wrapped = injection._adapter_internals(model)
+    plan = injection._plan_modules_to_save(model, config, adapter_name, skip + wrapped, set(), updated)
     for name, _, wrapper in plan:
         parent, child = injection._get_parent(model, name)
         setattr(parent, child, wrapper)
@@ -218,6 +209,10 @@ def delete(peft_model: nn.Module, adapter_name: str) -> None:
     del encoders[adapter_name]
     if encoders.active_adapter == adapter_name:
         encoders.active_adapter = None
+    if not len(encoders):
+        # The last virtual-token adapter: the model goes back to having none (merge_and_unload works again).
+        encoders.remove_hooks()
+        del peft_model._modules["prompt_encoder"]
     model = peft_model.get_base_model()
     if any(adapter_name in layer.adapter_names for _, layer in injection.adapter_layers(model)):
         injection.delete_adapter(model, adapter_name)
