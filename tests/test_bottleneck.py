@@ -14,40 +14,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipeft import BottleneckConfig, LoraConfig, get_peft_model  # noqa: E402
 from minipeft.tuners.bottleneck import BottleneckLayer  # noqa: E402
 
-VOCAB = 64
+from tests.models import first_output, randomize_adapters, tiny_transformers_model  # noqa: E402
+from tests.models import input_ids as ids  # noqa: E402
 
 
 def tiny(kind: str) -> nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
-        )
-        return transformers.BertModel(cfg).eval()
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def first_output(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+    """The shared tiny models; BERT without a head, so module names start at "encoder."."""
+    return tiny_transformers_model("bert_model" if kind == "bert" else kind)
 
 
 def randomize_up(model: nn.Module, seed: int = 0) -> None:
     """``up`` starts at zero; give it values so that the adapter's term is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adapter_up" in name or "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    randomize_adapters(model, seed, names=("adapter_up", "lora_B"), std=0.3)
 
 
 class Net(nn.Module):
@@ -109,6 +87,21 @@ def test_parallel_on_a_linear_that_changes_width_uses_in_and_out_features():
     randomize_up(model)
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), base.blocks[0]["proj"](x) + bottleneck(layer, "default", x))
+
+
+@pytest.mark.parametrize("parallel_input", [0, "input"])
+def test_parallel_input_by_position_or_first_argument_name_read_in_features(parallel_input):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16))
+    config = BottleneckConfig(target_modules=["0"], bottleneck_size=2, placement="parallel", parallel_input=parallel_input)
+    layer = get_peft_model(copy.deepcopy(base), config).base_model.model[0]
+    assert layer.adapter_down["default"].in_features == 8 and layer.adapter_up["default"].out_features == 16
+    randomize_up(layer)
+    x = torch.randn(3, 8)
+    expected = base[0](x) + bottleneck(layer, "default", x)
+    torch.testing.assert_close(layer(x), expected)
+    if parallel_input == "input":
+        torch.testing.assert_close(layer(input=x), expected)
 
 
 def test_tuple_outputs_adapt_the_first_element_and_pass_the_rest():
@@ -335,6 +328,25 @@ def test_unsupported_placements_and_widths_are_explained():
                            BottleneckConfig(target_modules=["1"], bottleneck_size=2, hidden_size=4))
     with pytest.raises(ValueError, match="expects width 4 at the module output, got 6; set BottleneckConfig"):
         wrong(torch.randn(2, 4))
+
+
+def test_adapters_follow_buffers_and_a_weightless_module_on_another_device_is_explained():
+    class Scale(nn.Module):  # no parameters, one float64 buffer
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("s", torch.full((4,), 2.0, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.s
+
+    layer = get_peft_model(nn.Sequential(Scale()), BottleneckConfig(target_modules=["0"], bottleneck_size=2,
+                                                                    hidden_size=4)).base_model.model[0]
+    assert layer.adapter_down["default"].weight.dtype == torch.float64
+    # A module with nothing to place adapters by gets CPU ones; an input elsewhere is a clear error.
+    model = get_peft_model(nn.Sequential(nn.ReLU()), BottleneckConfig(target_modules=["0"], bottleneck_size=2,
+                                                                      hidden_size=4))
+    with pytest.raises(ValueError, match=r"is on cpu but its input is on meta; move the whole model.*\.to\('meta'\)"):
+        model(torch.randn(2, 4, device="meta"))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ integer attribute ``hidden_size`` / ``embed_dim`` / ``d_model`` / ``n_embd`` /
 ``hidden_dim`` or ``module.config.hidden_size``; the width of the last LayerNorm/RMSNorm
 inside the module (blocks such as BERT's ``output`` end in one). Otherwise an error asks for
 ``hidden_size``. For the parallel form the input width ``d_in`` is the module's
-``in_features`` when it is a linear layer read at its first argument, and ``d`` otherwise:
+``in_features`` when it is a linear layer read at its first argument (position 0 or that
+argument's name, ``"input"`` for nn.Linear), and ``d`` otherwise:
 the rule is that a wrapped module must map width ``d`` to width ``d`` or be a linear layer
 (the forward checks it and says so when it does not hold).
 
@@ -217,10 +218,20 @@ def infer_widths(module: nn.Module, config: BottleneckConfig, key: str) -> tuple
         return d_out, d_out
     if isinstance(module, nn.Embedding):
         raise TypeError(f"a parallel adapter reads the module's input, but {key!r} is an nn.Embedding (token ids)")
-    # Parallel: a linear layer read at its first argument states its input width; anything
-    # else must map width d to width d.
-    d_in = own[0] if config.parallel_input == 0 and own is not None else d_out
+    # Parallel: a linear layer read at its first argument (by position or by name) states its
+    # input width; anything else must map width d to width d.
+    d_in = own[0] if own is not None and config.parallel_input in (0, _first_argument(module)) else d_out
     return d_in, d_out
+
+
+def _first_argument(module: nn.Module) -> str | None:
+    """Name of the first parameter of ``module.forward`` (``"input"`` for nn.Linear)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return params[0].name if params and params[0].kind in positional else None
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -255,7 +266,11 @@ class BottleneckLayer(AdapterLayer):
         nn.init.zeros_(up.weight)
         nn.init.zeros_(up.bias)
         # Adapters live where the module's weights live; half-precision bases keep fp32 adapters.
-        ref = next(self.get_base_layer().parameters(), None)
+        # A module with neither parameters nor buffers (an activation, say) gives CPU fp32 ones:
+        # the forward says to move them if its input lives elsewhere.
+        base = self.get_base_layer()
+        ref = next(base.parameters(), None)
+        ref = ref if ref is not None else next(base.buffers(), None)
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = ref.dtype if ref is not None and ref.dtype in (torch.float32, torch.float64) else torch.float32
         self.adapter_down[adapter_name], self.adapter_up[adapter_name] = down.to(device, dtype), up.to(device, dtype)
@@ -278,6 +293,12 @@ class BottleneckLayer(AdapterLayer):
             raise ValueError(
                 f"bottleneck adapter {name!r} ({self.placement[name]}) expects width {down.in_features} at {where}, "
                 f"got {h.shape[-1]}; {fix}"
+            )
+        if h.device != down.weight.device:
+            raise ValueError(
+                f"bottleneck adapter {name!r} is on {down.weight.device} but its input is on {h.device}; move the "
+                f"whole model after adding adapters, e.g. peft_model.to({str(h.device)!r}) (a wrapped module without "
+                "weights, such as an activation, cannot tell where its adapters belong)"
             )
         act = ACTIVATIONS[self.non_linearity[name]]
         z = act(down(self.adapter_dropout[name](h).to(down.weight.dtype)))  # (..., b)
