@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, PeftType
+from .injection import trained_biases
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -126,30 +127,11 @@ def _checkpoint_key(path: str, module: nn.Module, container: str, rest: str) -> 
     return f"{path}.{local}" if path else local
 
 
-def _trained_bias_keys(model: nn.Module, config: PeftConfig | None, state_dict: dict) -> list[str]:
+def _trained_bias_keys(model: nn.Module, config: PeftConfig | None, adapter_name: str, state_dict: dict) -> list[str]:
     """Base-model biases a config trains on purpose; peft saves them with the adapter."""
-    bias = getattr(config, "bias", "none")
-    if not isinstance(bias, str) or bias == "none":
+    if config is None:
         return []
-    all_owned = [
-        f"{path}.{c}." if path else f"{c}."
-        for path, module in model.named_modules()
-        for c in getattr(module, "adapter_layer_names", ())
-    ]
-    if bias == "all":
-        biases = [k for k in state_dict if k == "bias" or k.endswith(".bias")]
-        return [k for k in biases if not any(k.startswith(p) for p in all_owned)]
-    if bias.endswith("_only"):
-        from .tuners import AdapterLayer, ModulesToSaveWrapper
-
-        keys = []
-        for path, module in model.named_modules():
-            if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
-                key = f"{path}.{module.base_layer_name}.bias" if path else f"{module.base_layer_name}.bias"
-                if key in state_dict:
-                    keys.append(key)
-        return keys
-    return []
+    return [k for k in trained_biases(model, config, adapter_name) if k in state_dict]
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> PeftConfig | None:
@@ -174,7 +156,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str
                 f"two tensors of adapter {adapter_name!r} map to {ckpt_key!r}: {mapping[ckpt_key]!r} and {key!r}"
             )
         mapping[ckpt_key] = key
-    for key in _trained_bias_keys(model, _config_of(model, adapter_name), state_dict):
+    for key in _trained_bias_keys(model, _config_of(model, adapter_name), adapter_name, state_dict):
         mapping.setdefault(key, key)
     return mapping
 
@@ -530,6 +512,8 @@ def load_adapter(
     except BaseException:
         _roll_back(peft_model, adapter_name, flags)
         raise
+    if not is_trainable:
+        peft_model.eval()
 
 
 def from_pretrained(
@@ -546,4 +530,6 @@ def from_pretrained(
     except BaseException:
         _roll_back(peft_model, adapter_name, flags)
         raise
+    if not is_trainable:
+        peft_model.eval()  # loaded for inference: no dropout (as peft does)
     return peft_model

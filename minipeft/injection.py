@@ -76,6 +76,7 @@ def inject_adapter_in_model(
                 plan.append((name, module, method.wrap(module, adapter_name, config, name)))
         plan += _plan_modules_to_save(model, config, adapter_name, skip + wrapped, targets, updated)
         for name, module, wrapper in plan:
+            wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
             parent, child = _get_parent(model, name)
             setattr(parent, child, wrapper)
             replaced.append((name, module))
@@ -90,7 +91,7 @@ def inject_adapter_in_model(
     _freeze_base(model)
     if activate:
         set_adapter(model, [adapter_name], trainable=not config.inference_mode)
-        _set_bias_trainable(model, config)
+        set_biases_trainable(model, config, adapter_name, trainable=not config.inference_mode)
     return model
 
 
@@ -129,17 +130,35 @@ def _freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _set_bias_trainable(model: nn.Module, config: PeftConfig) -> None:
+def trained_biases(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
+    """Qualified names of the base-model biases ``config`` trains (and checkpoints save) with
+    adapter ``adapter_name``: every bias for ``bias="all"`` (except the adapters' own and the
+    frozen originals kept by ``modules_to_save``), or those of the layers that hold the adapter
+    for ``bias="lora_only"``."""
     bias = getattr(config, "bias", "none")
+    layers = list(adapter_layers(model))
+    join = lambda *parts: ".".join(p for p in parts if p)  # noqa: E731
     if bias == "all":
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and ".original_module." not in f".{name}":
-                p.requires_grad_(True)
-    elif bias == "lora_only":
-        for _, layer in adapter_layers(model):
-            base = layer.get_base_layer()
-            if not isinstance(layer, ModulesToSaveWrapper) and getattr(base, "bias", None) is not None:
-                base.bias.requires_grad_(True)
+        inside = [join(n, c) for n, layer in layers for c in layer.adapter_layer_names]
+        inside += [join(n, layer.base_layer_name) for n, layer in layers if isinstance(layer, ModulesToSaveWrapper)]
+        return [n for n, _ in model.named_parameters() if n.endswith("bias") and not is_under(n, inside)]
+    names = []
+    if bias.endswith("_only"):
+        for name, layer in layers:
+            if isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.adapter_names:
+                continue
+            module = layer
+            while isinstance(module, AdapterLayer):  # down to the original module
+                name, module = join(name, module.base_layer_name), getattr(module, module.base_layer_name)
+            if isinstance(getattr(module, "bias", None), nn.Parameter):
+                names.append(join(name, "bias"))
+    return names
+
+
+def set_biases_trainable(model: nn.Module, config: PeftConfig, adapter_name: str, trainable: bool = True) -> None:
+    params = dict(model.named_parameters())
+    for name in trained_biases(model, config, adapter_name):
+        params[name].requires_grad_(trainable)
 
 
 def set_adapter(model: nn.Module, adapter_names: list[str], trainable: bool = True) -> None:

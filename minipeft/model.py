@@ -101,9 +101,13 @@ class PeftModel(nn.Module):
         else:
             if "prompt_encoder" in self._modules:
                 self.prompt_encoder.set_adapter(adapter_name)  # no virtual tokens while a layer adapter runs
-            injection.set_adapter(self.get_base_model(), [adapter_name], trainable=not config.inference_mode)
+            base = self.get_base_model()
+            for name, other in self.peft_config.items():  # biases trained by the adapter that was active
+                if name != adapter_name and not other.is_prompt_learning:
+                    injection.set_biases_trainable(base, other, name, trainable=False)
+            injection.set_adapter(base, [adapter_name], trainable=not config.inference_mode)
             if not config.inference_mode:
-                injection._set_bias_trainable(self.get_base_model(), config)
+                injection.set_biases_trainable(base, config, adapter_name)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -347,3 +347,19 @@ def test_non_tensor_and_integer_values_are_refused():
         minipeft.set_peft_model_state_dict(trained(), {**state, key: [[0.0]]})
     with pytest.raises(TypeError, match=rf"dtype mismatch for '{key}': checkpoint has torch.int64"):
         minipeft.set_peft_model_state_dict(trained(), {**state, key: state[key].long()})
+
+
+def test_loading_for_inference_switches_dropout_off(tmp_path):
+    import copy
+
+    from minipeft import LoraConfig, PeftModel, get_peft_model
+    from tests.models import TinyNet, input_ids, randomize_adapters
+
+    base = TinyNet()
+    fresh = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=2, lora_dropout=0.5, target_modules=["fc1"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    torch.testing.assert_close(loaded(input_ids=input_ids()), loaded(input_ids=input_ids()))

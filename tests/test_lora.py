@@ -272,3 +272,26 @@ def test_a_module_both_targeted_and_saved_is_an_error():
             tiny_transformers_model("distilbert"),
             LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules="all-linear"),
         )
+
+
+def test_switching_adapters_stops_training_the_previous_adapters_biases():
+    model = get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["fc1"], bias="all"))
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["fc2"]))
+    assert model.base_model.model.head.bias.requires_grad
+    model.set_adapter("plain")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("bias"))
+    model.set_adapter("default")
+    assert model.base_model.model.head.bias.requires_grad
+
+
+def test_lora_only_biases_belong_to_the_layers_of_their_own_adapter(tmp_path):
+    from minipeft import PeftModel
+
+    base = TinyNet()
+    fresh = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["fc1"], bias="lora_only"))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["fc2"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert trainable == {f"base_model.model.blocks.{i}.fc1.base_layer.bias" for i in range(2)}
+    model.save_pretrained(tmp_path)
+    PeftModel.from_pretrained(fresh, tmp_path)  # strict: fc2's biases were not saved with "default"
