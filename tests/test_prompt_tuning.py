@@ -283,3 +283,50 @@ def test_inject_adapter_in_model_refuses_virtual_token_methods():
 
     with pytest.raises(ValueError, match="use get_peft_model"):
         inject_adapter_in_model(minipeft.PromptTuningConfig(num_virtual_tokens=4), TinyNet())
+
+
+def test_deleting_the_last_prompt_adapter_lets_lora_merge():
+    base = tiny("llama")
+    expected = base(**batch()).logits
+    m = minipeft.get_peft_model(base, minipeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    m.add_adapter("prompt", PromptTuningConfig(num_virtual_tokens=2))
+    lora_out = m(**batch()).logits
+    m.delete_adapter("prompt")
+    assert "prompt_encoder" not in m._modules and not m.get_base_model()._forward_pre_hooks
+    torch.testing.assert_close(m(**batch()).logits, lora_out)
+    merged = m.merge_and_unload()
+    torch.testing.assert_close(merged(**batch()).logits, lora_out, atol=1e-5, rtol=0)
+    assert not torch.allclose(lora_out, expected)
+
+
+def test_model_without_attention_mask_argument():
+    class NoMask(NoEmbeddingGetter):
+        def forward(self, input_ids=None, inputs_embeds=None):
+            return self.head(self.tok(input_ids) if inputs_embeds is None else inputs_embeds)
+
+        def get_input_embeddings(self):
+            return self.tok
+
+    m = minipeft.get_peft_model(NoMask(), PromptTuningConfig(num_virtual_tokens=2))
+    assert m(input_ids=torch.zeros(1, 5, dtype=torch.long)).shape == (1, 7, VOCAB)
+
+
+@pytest.mark.parametrize("task, padded", [("CAUSAL_LM", True), ("TOKEN_CLS", True), ("SEQ_CLS", False), (None, True)])
+def test_labels_are_padded_by_task_type(task, padded):
+    """Labels as long as the input: token labels for CAUSAL_LM / TOKEN_CLS (and, by shape, with no
+    task type); for SEQ_CLS they are per-sequence targets (e.g. multi-label) and stay as given."""
+    seen = {}
+
+    class Recorder(NoEmbeddingGetter):
+        def forward(self, input_ids=None, inputs_embeds=None, labels=None):
+            seen["labels"] = labels
+            return self.head(inputs_embeds)
+
+        def get_input_embeddings(self):
+            return self.tok
+
+    m = minipeft.get_peft_model(Recorder(), PromptTuningConfig(num_virtual_tokens=2, task_type=task))
+    labels = torch.ones(2, 5, dtype=torch.long)
+    m(input_ids=torch.zeros(2, 5, dtype=torch.long), labels=labels)
+    want = torch.cat([torch.full((2, 2), -100), labels], dim=1) if padded else labels
+    torch.testing.assert_close(seen["labels"], want)

@@ -9,7 +9,8 @@ and the frozen model runs on that longer sequence. Only ``P`` trains: ``n * d`` 
 Everything indexed by position grows with it:
 
 * ``attention_mask`` gets ``n`` leading ones (the prompt is always visible);
-* token-level ``labels`` get ``n`` leading ``-100`` (no loss on the prompt);
+* token-level ``labels`` (task type CAUSAL_LM or TOKEN_CLS; with no task type, labels as long
+  as the input) get ``n`` leading ``-100`` (no loss on the prompt);
 * ``token_type_ids`` get ``n`` leading zeros;
 * ``position_ids``, when given, become ``[0..n-1, position_ids + n]``: the prompt takes the
   first positions, as it does when the model numbers positions itself.
@@ -158,6 +159,7 @@ class PromptEmbedding(nn.Module):
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
         super().__init__()
         self.num_virtual_tokens = config.num_virtual_tokens
+        self.task_type = config.task_type
         # peft sizes the table n * num_transformer_submodules (2 for encoder-decoder models).
         total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         self.embedding = nn.Embedding(total, config.token_dim, device=word_embeddings.weight.device)
@@ -192,9 +194,18 @@ class PromptEmbedding(nn.Module):
             self.embedding.weight.copy_(tensor)
 
     # -- the rewrite of a forward call ---------------------------------------------------------
+    def token_labels(self, labels: torch.Tensor, length: int) -> bool:
+        """Whether ``labels`` hold one label per token, so the prompt needs ``-100`` in front: by
+        task type as in peft (CAUSAL_LM and TOKEN_CLS do; SEQ_CLS targets, even (B, T)-shaped
+        multi-label ones, do not), and by shape only when the config names no task type."""
+        if self.task_type is None:
+            return labels.shape[1] == length
+        return self.task_type in (TaskType.CAUSAL_LM, TaskType.TOKEN_CLS)
+
     def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
         n = self.num_virtual_tokens
-        kwargs["attention_mask"] = vt.widen_attention_mask(kwargs.get("attention_mask"), n)
+        if kwargs.get("attention_mask") is not None:  # a model may take no attention_mask at all
+            kwargs["attention_mask"] = vt.widen_attention_mask(kwargs["attention_mask"], n)
         positions = kwargs.get("position_ids")
         if vt.cache_length(kwargs) > 0:
             # A later generation step: the prompt is in the cache already; only positions move.
@@ -213,8 +224,8 @@ class PromptEmbedding(nn.Module):
         kwargs["input_ids"] = None
 
         labels = kwargs.get("labels")
-        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
-            # Token-level labels (causal LM, token classification): no loss on the prompt.
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and self.token_labels(labels, length):
+            # No loss on the prompt.
             pad = labels.new_full((batch, n, *labels.shape[2:]), -100)
             kwargs["labels"] = torch.cat([pad, labels], dim=1)
         token_types = kwargs.get("token_type_ids")
