@@ -13,6 +13,10 @@ reports medians. The logits of the three are compared first.
 
     python benchmarks/bench_inference.py                 # quick CPU form
     python benchmarks/bench_inference.py --device cuda   # ~1B LLaMA-style in bf16
+    python benchmarks/bench_inference.py --device cuda --same-adapter-dtype   # bf16 adapters in both
+
+On a bf16 base each library runs its default adapter dtype, which is not the same math (see
+common.py); ``--same-adapter-dtype`` gives both bf16 adapters.
 
 The last line printed is one JSON object with the latency ratios against peft.
 """
@@ -32,10 +36,10 @@ import common  # noqa: E402
 VARIANTS = ("minipeft", "minipeft merged", "peft")
 
 
-def build_variants(spec, device: str) -> dict:
+def build_variants(spec, device: str, same_adapter_dtype: bool = False) -> dict:
     import minipeft
 
-    mp, pf = common.build_twins(spec, device)
+    mp, pf = common.build_twins(spec, device, same_adapter_dtype=same_adapter_dtype)
     merged = minipeft.get_peft_model(common.build_base_model(spec, device),
                                      minipeft.LoraConfig(**common.lora_kwargs(spec.family)))
     merged.load_state_dict({k: v for k, v in pf.state_dict().items() if ".lora_" in k}, strict=False)
@@ -100,7 +104,8 @@ def markdown(results: dict, args, device: str) -> str:
         f"Adapter r=16 on every linear layer of the blocks, model in eval mode, {any_r['dtype']}, prompt "
         f"{args.prompt} tokens, greedy generation of exactly {args.new_tokens} new tokens (KV cache on). "
         f"Medians of {args.reps} forwards / {args.gen_reps} generations per variant, alternating. "
-        f"Time: {clock}.", "", table, "",
+        f"Time: {clock}.", "", common.adapter_dtypes(getattr(torch, any_r["dtype"]), args.same_adapter_dtype), "",
+        table, "",
         f"Max |logits - peft's| / max |peft's logits|: {agree}.", ""])
 
 
@@ -114,6 +119,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--gen-reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1; CUDA ignores it)")
+    parser.add_argument("--same-adapter-dtype", action="store_true",
+                        help="on a bf16 base, bf16 adapters in both libraries (peft autocast_adapter_dtype=False, "
+                             "minipeft's adapters cast): identical math instead of each library's default")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -126,10 +134,11 @@ def main() -> None:
     specs, results = common.model_specs(args.device), {}
     for name in args.models.split(","):
         spec = specs[name]
-        models = build_variants(spec, args.device)
+        models = build_variants(spec, args.device, args.same_adapter_dtype)
         batch = common.make_batches(spec, 1, args.device, batch=2, seq=args.prompt)[0]
         batch.pop("labels")
-        r = {"dtype": str(spec.dtype).replace("torch.", ""), "config": spec.config,
+        r = {"dtype": str(spec.dtype).replace("torch.", ""), "same_adapter_dtype": args.same_adapter_dtype,
+             "config": spec.config,
              "logits_rel_diff_vs_peft": logits_agree(models, batch), "batches": {}}
         for b in map(int, args.batches.split(",")):
             r["batches"][b] = latencies(models, spec, args.device, b, args.prompt, args.new_tokens, args.reps,
@@ -147,7 +156,8 @@ def main() -> None:
     table = markdown(results, args, args.device)
     print(table)
     if not args.no_write:
-        path = common.write_results(args.device, "inference", results, table)
+        section = "inference" + (" (same adapter dtype)" if args.same_adapter_dtype else "")
+        path = common.write_results(args.device, section, results, table)
         print(f"wrote {path} and {path.with_suffix('.json')}")
     print(json.dumps({"device": common.device_slug(args.device), "latency_ratio_vs_peft": {
         f"{m}/batch{b}/{what}": {k: round(v, 4) for k, v in lat[what]["ratio_vs_peft"].items() if k != "peft"}

@@ -9,8 +9,9 @@ For every shape, in one process and on the same random inputs, it times
 
 for the forward, the backward alone and forward + backward (median of triton.testing.do_bench,
 in ms), shows each as a ratio to `base`, and records the peak memory of one forward + backward
-beyond the inputs. The table goes to stdout and to benchmarks/results/lora_linear_<gpu>.md and
-.json, with the device, the versions and the command.
+beyond the inputs. The table goes to stdout and, as the section "lora_linear", to
+benchmarks/results/<gpu>.md and .json (common.write_results: the device, the versions and the
+command beside it).
 
     python benchmarks/bench_lora_linear.py            # on a GPU: bf16, M in {16, 512, 8192}
     python benchmarks/bench_lora_linear.py --quick    # smoke test, also on CPU (prints only)
@@ -20,11 +21,7 @@ otherwise; CPU timings say nothing about the GPU and are not results.
 """
 
 import argparse
-import json
 import os
-import platform
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,12 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, fp32 on CPU: checks that the script runs")
     ap.add_argument("--out", type=Path, default=None,
-                    help="results folder (default benchmarks/results on a GPU; --quick writes nothing unless given)")
+                    help="results folder (default benchmarks/results on a GPU; --quick writes nothing unless given); "
+                         "the table becomes the 'lora_linear' section of <folder>/<device>.md and .json")
     return ap.parse_args()
 
 
@@ -121,7 +122,7 @@ def median_ms(fn, device, params):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:])
+    return common.median(times[1:])
 
 
 def peak_mib(fn, device):
@@ -204,10 +205,6 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def main():
     args = parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -228,14 +225,9 @@ def main():
         print(f"M={M} K={K} N={N} r={r} p={p}: " +
               ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)
 
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     meta = {
-        "device": device_name,
         "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
         "triton": _version("triton"),
-        "peft": _version("peft"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "timing": "median ms of triton.testing.do_bench (GPU) / of 3 calls (CPU); x base = ratio to base",
         "peak_mib": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
     }
@@ -243,14 +235,12 @@ def main():
     print()
     print(table)
 
-    out = args.out if args.out is not None else (None if args.quick else Path(__file__).parent / "results")
+    out = args.out if args.out is not None else (None if args.quick else common.RESULTS_DIR)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"lora_linear_{slug(device_name)}"
         header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        stem.with_suffix(".md").write_text(f"# LoRA linear, {device_name}\n\n{header}\n\n{table}\n")
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"\nwrote {stem}.md and .json")
+        path = common.write_results(device, "lora_linear", {"meta": meta, "cases": results}, f"{header}\n\n{table}\n",
+                                    results_dir=out)
+        print(f"\nwrote {path} and {path.with_suffix('.json')}")
 
 
 def _version(package):

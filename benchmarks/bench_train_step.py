@@ -14,6 +14,10 @@ For each model (LLaMA-style, GPT-2, BERT; transformers configs, random weights f
 
     python benchmarks/bench_train_step.py                 # quick CPU form (about a minute)
     python benchmarks/bench_train_step.py --device cuda   # ~1B LLaMA-style + GPT-2/BERT medium, bf16
+    python benchmarks/bench_train_step.py --device cuda --same-adapter-dtype   # bf16 adapters in both
+
+On a bf16 base each library runs its default adapter dtype, which is not the same math (see
+common.py); ``--same-adapter-dtype`` gives both bf16 adapters.
 
 The last line printed is one JSON object with the ratios (minipeft / peft).
 """
@@ -109,21 +113,15 @@ def step_times(mp, pf, spec, device: str, steps: int, warmup: int) -> dict:
 
 
 # -- 3. memory, each library in its own process ------------------------------------------------
-def memory_child(lib: str, models: list[str], device: str, steps: int) -> None:
+def memory_child(lib: str, models: list[str], device: str, steps: int, same_adapter_dtype: bool) -> None:
     """Child process: for each model, the peak of a LoRA training run of one library alone."""
-    import peft
-
-    import minipeft
-
-    get_peft_model, LoraConfig = {"minipeft": (minipeft.get_peft_model, minipeft.LoraConfig),
-                                  "peft": (peft.get_peft_model, peft.LoraConfig)}[lib]
     specs = common.model_specs(device)
     for name in models:
         spec = specs[name]
         base = common.build_base_model(spec, device)
         batches = common.make_batches(spec, 2, device)
         baseline = common.reset_peak_memory(device)  # base model and batches resident
-        model = get_peft_model(base, LoraConfig(**common.lora_kwargs(spec.family)))
+        model = common.lora_model(lib, base, spec.family, same_adapter_dtype=same_adapter_dtype)
         model.train()
         optimizer = adamw(model)
         for i in range(steps):
@@ -134,13 +132,15 @@ def memory_child(lib: str, models: list[str], device: str, steps: int) -> None:
         del model, base, optimizer, batches
 
 
-def peak_memory(models: list[str], device: str, steps: int, threads: int) -> dict:
+def peak_memory(models: list[str], device: str, steps: int, threads: int, same_adapter_dtype: bool) -> dict:
     """Run one child per library, side by side, and collect their peaks."""
     # A fixed mmap threshold stops glibc from raising it as big blocks are freed, so every large
     # tensor is its own mapping, returned on free: the RSS then follows the live tensors closely.
     env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
+    extra = ["--same-adapter-dtype"] if same_adapter_dtype else []
     procs = {lib: subprocess.Popen([sys.executable, __file__, "--device", device, "--models", ",".join(models),
-                                    "--memory-child", lib, "--memory-steps", str(steps), "--threads", str(threads)],
+                                    "--memory-child", lib, "--memory-steps", str(steps), "--threads", str(threads),
+                                    *extra],
                                    stdout=subprocess.PIPE, text=True, env=env)
              for lib in ("minipeft", "peft")}
     out: dict = {}
@@ -165,7 +165,7 @@ def peak_memory(models: list[str], device: str, steps: int, threads: int) -> dic
 
 
 # -- 4. inject, save, load ---------------------------------------------------------------------
-def inject_save_load(spec, device: str, mp, pf, rounds: int) -> dict:
+def inject_save_load(spec, device: str, mp, pf, rounds: int, same_adapter_dtype: bool) -> dict:
     import peft
 
     import minipeft
@@ -181,14 +181,10 @@ def inject_save_load(spec, device: str, mp, pf, rounds: int) -> dict:
             copies[lib][:] = [copy.deepcopy(base)]
 
     out = {}
-    kwargs = common.lora_kwargs(spec.family)
-    inject = {"minipeft": lambda: minipeft.get_peft_model(fresh("minipeft"), minipeft.LoraConfig(**kwargs)),
-              "peft": lambda: peft.get_peft_model(fresh("peft"), peft.LoraConfig(**kwargs))}
+    inject = {lib: lambda lib=lib: common.lora_model(lib, fresh(lib), spec.family, same_adapter_dtype=same_adapter_dtype)
+              for lib in ("minipeft", "peft")}
     out["inject_s"] = _alternate_with_setup(inject, refill, rounds, device)
 
-    if not hasattr(minipeft.PeftModel, "save_pretrained"):
-        out["save_s"] = out["load_s"] = None  # checkpoints not in this minipeft yet
-        return out
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {lib: os.path.join(tmp, lib) for lib in ("minipeft", "peft")}
         save = {"minipeft": lambda: mp.save_pretrained(dirs["minipeft"]), "peft": lambda: pf.save_pretrained(dirs["peft"])}
@@ -201,7 +197,7 @@ def inject_save_load(spec, device: str, mp, pf, rounds: int) -> dict:
         try:
             loaded = minipeft.PeftModel.from_pretrained(fresh("minipeft"), dirs["peft"])
             got, ref = loaded.state_dict(), {k: v for k, v in pf.state_dict().items() if ".lora_" in k}
-            out["loads_peft_checkpoint"] = all(torch.equal(got[k], v) for k, v in ref.items())
+            out["loads_peft_checkpoint"] = all(torch.equal(got[k].to(v.dtype), v) for k, v in ref.items())
         except Exception as e:  # a finding to report, not a reason to lose the other numbers
             out["loads_peft_checkpoint"] = False
             out["loads_peft_checkpoint_error"] = f"{type(e).__name__}: {e}"
@@ -226,10 +222,10 @@ def _mib(b):
 
 
 def _ms(s):
-    return "n/a" if s is None else f"{1e3 * s:.1f}"
+    return f"{1e3 * s:.1f}"
 
 
-def markdown(results: dict, device: str) -> str:
+def markdown(results: dict, device: str, adapters: str) -> str:
     rows = []
     for name, r in results.items():
         st, mem = r["step"], r["memory"]
@@ -254,9 +250,9 @@ def markdown(results: dict, device: str) -> str:
         rows.append([name, f"{p['loss_abs_diff']:.1e}{ref}", f"{p['adapter_effect_on_loss']:.1e}", f"{p['grad_max_abs_diff']:.1e} / {p['grad_max_abs']:.1e}",
                      "yes" if p["ok"] else "**NO**",
                      f"{_ms(isl['inject_s']['minipeft'])} / {_ms(isl['inject_s']['peft'])}",
-                     f"{_ms(isl['save_s'] and isl['save_s']['minipeft'])} / {_ms(isl['save_s'] and isl['save_s']['peft'])}",
-                     f"{_ms(isl['load_s'] and isl['load_s']['minipeft'])} / {_ms(isl['load_s'] and isl['load_s']['peft'])}",
-                     {True: "yes", False: "**NO**", None: "n/a"}[isl.get("loads_peft_checkpoint")]])
+                     f"{_ms(isl['save_s']['minipeft'])} / {_ms(isl['save_s']['peft'])}",
+                     f"{_ms(isl['load_s']['minipeft'])} / {_ms(isl['load_s']['peft'])}",
+                     "yes" if isl["loads_peft_checkpoint"] else "**NO**"])
     other = common.md_table(["model", "first-step abs loss diff (fp32, dropout off)", "adapter's effect on the loss", "max grad diff / max grad",
                              f"parity <= {PARITY_TOL:g}", "inject ms mp / peft", "save ms mp / peft", "load ms mp / peft",
                              "minipeft loads peft's file"], rows)
@@ -265,19 +261,22 @@ def markdown(results: dict, device: str) -> str:
         f"LoRA r=16, alpha=32, dropout 0.1 on every linear layer of the blocks; AdamW on the adapters; "
         f"{any_r['dtype']}; medians of {any_r['step']['steps']} steps per library, alternating step by step "
         "in one process. Ratios are minipeft / peft (lower is better for minipeft).", "",
-        f"Step time: {clock}. Peak memory: {mem_what}.", "", speed, "", other, ""])
+        adapters, "", f"Step time: {clock}. Peak memory: {mem_what}.", "", speed, "", other, ""])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", default="llama,gpt2,bert")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 20 CPU, 30 CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 40 CPU, 30 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (default 1: steadiest on a shared machine; CUDA ignores it)")
     parser.add_argument("--rounds", type=int, default=5, help="repeats of inject / save / load")
+    parser.add_argument("--same-adapter-dtype", action="store_true",
+                        help="on a bf16 base, bf16 adapters in both libraries (peft autocast_adapter_dtype=False, "
+                             "minipeft's adapters cast): identical math instead of each library's default")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
     parser.add_argument("--memory-child", choices=["minipeft", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,12 +286,12 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible to torch")
     if args.memory_child:
-        memory_child(args.memory_child, models, args.device, args.memory_steps)
+        memory_child(args.memory_child, models, args.device, args.memory_steps, args.same_adapter_dtype)
         return
     steps = args.steps or (40 if args.device == "cpu" else 30)
     from minipeft import kernels  # on CUDA, LoraLinear takes the fused path when these say so
 
-    memory = peak_memory(models, args.device, args.memory_steps, args.threads)  # children first: no overlap with timing
+    memory = peak_memory(models, args.device, args.memory_steps, args.threads, args.same_adapter_dtype)  # children first: no overlap with timing
     specs, results = common.model_specs(args.device), {}
     for name in models:
         spec = specs[name]
@@ -301,23 +300,26 @@ def main() -> None:
             torch.cuda.empty_cache()  # the float32 parity twins are gone; give their memory back
         print(f"[{name}] parity: |loss diff| {par['loss_abs_diff']:.2e} (ok={par['ok']}), "
               f"max grad diff {par['grad_max_abs_diff']:.2e}", flush=True)
-        mp, pf = common.build_twins(spec, args.device)
+        mp, pf = common.build_twins(spec, args.device, same_adapter_dtype=args.same_adapter_dtype)
         step = step_times(mp, pf, spec, args.device, steps, args.warmup)
         print(f"[{name}] step ms minipeft {1e3 * step['step_s']['minipeft']:.1f} peft {1e3 * step['step_s']['peft']:.1f} "
               f"ratio {step['ratio']:.3f}; peak memory ratio {memory[name]['ratio']:.3f}", flush=True)
-        isl = inject_save_load(spec, args.device, mp, pf, args.rounds)
+        isl = inject_save_load(spec, args.device, mp, pf, args.rounds, args.same_adapter_dtype)
         results[name] = {"shape": f"{spec.batch} x {spec.seq}", "dtype": str(spec.dtype).replace("torch.", ""),
                          "fused_kernels": args.device == "cuda" and kernels.is_available() and kernels.enabled(),
+                         "same_adapter_dtype": args.same_adapter_dtype,
                          "config": spec.config, "parity": par, "step": step, "memory": memory[name],
                          "inject_save_load": isl}
         del mp, pf
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
-    table = markdown(results, args.device)
+    adapters = common.adapter_dtypes(specs[models[0]].dtype, args.same_adapter_dtype)
+    table = markdown(results, args.device, adapters)
     print(table)
     if not args.no_write:
-        path = common.write_results(args.device, "train_step", results, table)
+        section = "train_step" + (" (same adapter dtype)" if args.same_adapter_dtype else "")
+        path = common.write_results(args.device, section, results, table)
         print(f"wrote {path} and {path.with_suffix('.json')}")
     print(json.dumps({"device": common.device_slug(args.device),
                       "step_time_ratio": {k: round(r["step"]["ratio"], 4) for k, r in results.items()},

@@ -1,15 +1,19 @@
 """Shared pieces of the minipeft-vs-peft benchmarks: the models, the LoRA config, twin
 models with identical adapters, timing, memory, and the results files.
 
-Both libraries always get the same thing: one transformers config, one seed, the same
-LoRA hyper-parameters (given as the same keyword arguments to both ``LoraConfig``s), the
-same adapter weights (copied from peft into minipeft through the shared parameter names)
-and the same batches.
+Both libraries get the same inputs: one transformers config, one seed, the same LoRA
+hyper-parameters (given as the same keyword arguments to both ``LoraConfig``s), the same
+adapter weights (copied from peft into minipeft through the shared parameter names) and the
+same batches. On a float32 base they then do the same math. On a bf16 / fp16 base each runs
+its own default, which differs: both keep float32 adapter weights, but peft casts x to
+float32 in every LoRA layer and runs the adapter in float32, while minipeft casts A and B
+down to the input's dtype (and its fused kernel runs in that dtype). ``same_adapter_dtype``
+gives both half-precision adapters instead (peft's ``autocast_adapter_dtype=False``, and
+minipeft's adapter parameters cast to the base's dtype), so that the math is identical.
 """
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import json
 import os
@@ -114,20 +118,51 @@ def make_batches(spec: ModelSpec, n: int, device: str, batch: int | None = None,
     return out
 
 
-def build_twins(spec: ModelSpec, device: str, dtype: torch.dtype | None = None, dropout: float = 0.1):
-    """(minipeft model, peft model): the same base model built twice
-    from one seed, LoRA injected by each library, then peft's adapter weights (with a nonzero
-    B, so the adapters matter) copied into minipeft under the shared names."""
+def adapter_dtypes(base_dtype: torch.dtype, same_adapter_dtype: bool) -> str:
+    """One sentence for the results tables: in which dtype each library runs the adapters."""
+    if base_dtype == torch.float32:
+        return "Adapters: float32 weights and inputs in both libraries, the same math."
+    half = str(base_dtype).replace("torch.", "")
+    if same_adapter_dtype:
+        return (f"Adapters: {half} weights in both libraries (`--same-adapter-dtype`: peft with "
+                f"`autocast_adapter_dtype=False`, minipeft's adapter parameters cast to {half}), the same math in the same dtype.")
+    return (f"Adapters: each library's default, which is not the same math. Both keep float32 adapter weights "
+            f"on the {half} base, but peft casts x to float32 in every LoRA layer and runs the adapter in "
+            f"float32, while minipeft casts A and B to {half} and runs the adapter (the fused kernel on CUDA) "
+            f"in {half}. `--same-adapter-dtype` compares identical math.")
+
+
+def lora_model(lib: str, base, family: str, dropout: float = 0.1, same_adapter_dtype: bool = False):
+    """``base`` with LoRA injected by ``lib`` ("minipeft" or "peft"). By default each library
+    keeps its own adapter dtype (float32 on a half-precision base); ``same_adapter_dtype``
+    keeps both in the base's dtype (see the module docstring)."""
     import peft
 
     import minipeft
 
+    if lib == "peft":
+        return peft.get_peft_model(base, peft.LoraConfig(**lora_kwargs(family, dropout)),
+                                   autocast_adapter_dtype=not same_adapter_dtype)
+    model = minipeft.get_peft_model(base, minipeft.LoraConfig(**lora_kwargs(family, dropout)))
+    if same_adapter_dtype:
+        dtype = next(base.parameters()).dtype
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.data = p.data.to(dtype)
+    return model
+
+
+def build_twins(spec: ModelSpec, device: str, dtype: torch.dtype | None = None, dropout: float = 0.1,
+                same_adapter_dtype: bool = False):
+    """(minipeft model, peft model): the same base model built twice
+    from one seed, LoRA injected by each library, then peft's adapter weights (with a nonzero
+    B, so the adapters matter) copied into minipeft under the shared names."""
     bases = [build_base_model(spec, device, dtype) for _ in range(2)]
     for (name, a), b in zip(bases[0].state_dict().items(), bases[1].state_dict().values()):
         assert torch.equal(a, b), f"the two base models differ at {name}"
 
-    mp = minipeft.get_peft_model(bases[0], minipeft.LoraConfig(**lora_kwargs(spec.family, dropout)))
-    pf = peft.get_peft_model(bases[1], peft.LoraConfig(**lora_kwargs(spec.family, dropout)))
+    mp = lora_model("minipeft", bases[0], spec.family, dropout, same_adapter_dtype)
+    pf = lora_model("peft", bases[1], spec.family, dropout, same_adapter_dtype)
 
     torch.manual_seed(SEED + 1)
     with torch.no_grad():
@@ -265,12 +300,12 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
 
 
-def write_results(device: str, section: str, data: dict, markdown: str) -> Path:
-    """Store one script's results as a section of ``results/<slug>.json`` and re-render
-    ``results/<slug>.md`` from every section (the two scripts share the files)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(device: str, section: str, data: dict, markdown: str, results_dir: Path = RESULTS_DIR) -> Path:
+    """Store one script's results as a section of ``<results_dir>/<slug>.json`` and re-render
+    ``<results_dir>/<slug>.md`` from every section (the scripts share the files)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
     slug = device_slug(device)
-    json_path, md_path = RESULTS_DIR / f"{slug}.json", RESULTS_DIR / f"{slug}.md"
+    json_path, md_path = results_dir / f"{slug}.json", results_dir / f"{slug}.md"
     doc = json.loads(json_path.read_text()) if json_path.exists() else {}
     doc.setdefault("sections", {})
     doc["device"], doc["machine"], doc["versions"] = device, machine(device), versions()
@@ -292,7 +327,3 @@ def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
-
-
-def clone(model):
-    return copy.deepcopy(model)
