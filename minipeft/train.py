@@ -9,15 +9,22 @@ classification, shape [B, T] means a causal LM (labels already aligned with inpu
 -100 where there is nothing to predict; the shift happens in the loss).
 
 What one run does, in order: AdamW over the trainable parameters only; linear or cosine
-schedule with warmup; gradient accumulation with exact example/token weighting; gradient
-clipping; bf16 autocast on CUDA; evaluation every `eval_every` steps; early stopping;
-the best weights saved (save_pretrained, or a safetensors state_dict for a plain module);
-a resumable checkpoint (optimizer, scheduler, step, RNG, trainable weights) written
-atomically; a progress line and a metrics JSONL file.
+schedule with warmup; gradient accumulation weighted by examples/tokens (on one process
+the update is exactly that of one big batch); gradient clipping; bf16 autocast on CUDA;
+evaluation every `eval_every` steps; early stopping; the best weights saved
+(save_pretrained, or a safetensors state_dict for a plain module); a resumable
+checkpoint (optimizer, scheduler, step, RNG, trainable weights) written atomically and
+refused on resume when it came from other settings; a progress line and a metrics JSONL
+file.
 
-Under `torchrun` the loop runs DistributedDataParallel (gloo on CPU, nccl on GPU). DDP
-only registers parameters that require grad, so only the adapter's gradients cross the
-wire. Each rank takes every world_size-th batch; rank 0 saves and logs.
+Under `torchrun` the loop runs DistributedDataParallel (gloo on CPU; on GPUs nccl for
+CUDA tensors and gloo for the few CPU ones). DDP only registers parameters that require
+grad, so only the adapter's gradients cross the wire. Each rank takes every world_size-th
+batch; rank 0 saves and logs. Each rank weights its micro-batches by its own example/token
+counts and DDP then averages the ranks equally, so the update equals the one-big-batch
+mean only when every rank's window holds the same number of targets: always for
+classification with equal batch sizes, not in general for causal LMs, whose ranks see
+different numbers of target tokens (a token on a rank with fewer counts a little more).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from minipeft.checkpoint import _fsync_dir
 from minipeft.data import IGNORE_INDEX
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
@@ -52,7 +61,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; when set, overrides epochs
     lr: float = 1e-3
-    weight_decay: float = 0.0  # applied to matrices only, never to biases and norms
+    weight_decay: float = 0.0  # matrices only: not biases, norms or (IA)^3 scaling vectors
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "linear"  # "linear" | "cosine" | "constant", each after warmup
     warmup_steps: int = 0
@@ -111,7 +120,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            # a true matrix has both sides > 1; biases, norms and (IA)^3 vectors (stored as
+            # (out, 1) or (1, in)) are scales, and decay would pull them towards 0, not 1
+            (decay if p.dim() >= 2 and min(p.shape) > 1 else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
@@ -137,37 +148,60 @@ def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
             params[n].copy_(t)
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half
+    """torch.save that a crash (or power cut) leaves as either the old file or the new one.
+
+    Like checkpoint._write_temp, but streamed: a full fine-tuning checkpoint (weights plus
+    two AdamW moments) should not be held in memory a second time as bytes.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(str(path.parent))  # and the rename itself survives a crash
 
 
 def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     """Save an adapter with model.save_pretrained, or a plain module's state_dict.
 
-    The new copy is written beside the old one and swapped in, so a crash mid-write keeps
-    the previous best intact.
+    The new copy is written in full to `<dir>.tmp` and synced, then swapped in: `<dir>` is
+    renamed to `<dir>.old`, `<dir>.tmp` to `<dir>`, and `<dir>.old` is deleted. A readable
+    copy exists at every moment; a crash between the two renames leaves only `<dir>.old`
+    (the previous best), which a reader should then use, and which the next save cleans up.
     """
     directory = Path(directory)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written copy from a crash
     tmp.mkdir(parents=True)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(str(tmp))
     else:
         from safetensors.torch import save_model  # dedups tied weights, which save_file rejects
 
-        save_model(model, str(tmp / "model.safetensors.tmp"))
-        os.replace(tmp / "model.safetensors.tmp", tmp / "model.safetensors")
-    shutil.rmtree(old, ignore_errors=True)
+        save_model(model, str(tmp / "model.safetensors"))  # tmp/ is private: no rename needed
+    # save_pretrained implementations need not sync (peft's does not): sync every file here
+    for sub, _, files in os.walk(tmp):
+        for name in files:
+            _fsync_file(Path(sub) / name)
+        _fsync_dir(sub)
     if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a finished swap; <dir> is readable
         os.replace(directory, old)
+    # else a crash mid-swap may have left <dir>.old alone: it stays until <dir> is back
     os.replace(tmp, directory)
+    _fsync_dir(str(directory.parent))
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -185,11 +219,47 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Fields that change what a run computes: resuming with other values would continue an
+# optimizer state and schedule made for another run. (output_dir, logging, evaluation and
+# saving settings may change freely.)
+RESUME_FIELDS = ("epochs", "max_steps", "lr", "weight_decay", "betas", "schedule", "warmup_steps",
+                 "warmup_ratio", "grad_accum_steps", "max_grad_norm", "seed")
+
+
+def _check_resumable(ckpt: dict, config: TrainConfig, totals: dict, world: int, path: Path) -> None:
+    """Raise when `ckpt` was written by a run other than the one `config` describes."""
+    saved = {**ckpt.get("config", {}), **ckpt.get("totals", {})}
+    new = {**asdict(config), **totals}
+
+    def norm(v):  # betas may come as a tuple or a list
+        return list(v) if isinstance(v, tuple) else v
+
+    diffs = [f"{k}: {saved[k]!r} -> {new[k]!r}" for k in (*RESUME_FIELDS, *totals)
+             if k in saved and norm(saved[k]) != norm(new[k])]
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {path}: it was written by a run with other settings ({'; '.join(diffs)}). "
+            "Use a new output_dir, or resume=False to start this run over in the same one."
+        )
+    if len(ckpt["rng"]) != world:
+        raise ValueError(
+            f"cannot resume from {path}: it was written by {len(ckpt['rng'])} process(es) and this run has "
+            f"{world}; resume with the same world size, or use a new output_dir (or resume=False)."
+        )
+
+
 def setup_distributed() -> tuple[int, int, int]:
     """(rank, world_size, local_rank); joins the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            # pin this process to its GPU before NCCL starts, else every rank uses GPU 0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # evaluate() all-reduces CPU tensors and all_gather_object sends CPU bytes:
+            # NCCL only moves CUDA tensors, so CPU ones go over gloo
+            backend = "cpu:gloo,cuda:nccl"
+        else:
+            backend = "gloo"
         dist.init_process_group(backend)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -235,7 +305,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
              bf16: bool = False, shard: bool = True) -> dict[str, float]:
     """Loss, accuracy and F1 (classification) or loss and perplexity (causal LM).
 
-    F1 is that of class 1 when there are two classes, else the macro average. Under DDP
+    The classes are the logits' last dimension (or more, if a label exceeds it). F1 is
+    that of class 1 when there are two classes, else the macro average over all classes,
+    whether or not this eval set holds each one. Under DDP
     each rank evaluates its share of batches and the sums are all-reduced.
     """
     model = _unwrap(model)
@@ -244,7 +316,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
     device = device or next(model.parameters()).device
     distributed = shard and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    loss_sum, count, correct = 0.0, 0, 0
+    loss_sum, count, n_logits = 0.0, 0, 0
     preds, golds = [], []
     for i, batch in enumerate(batches):
         if i % world != rank:
@@ -257,16 +329,19 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
         loss_sum += loss.item() * n
         count += n
         if task == "classification":
+            n_logits = max(n_logits, logits.shape[-1])
             pred = logits.argmax(-1)
             preds.append(pred.cpu())
             golds.append(batch["labels"].cpu())
     model.train(was_training)
 
     is_cls = task == "classification"
-    num_classes = 0
+    # the classes are the model's outputs, not the labels this eval set happens to hold:
+    # else two-class F1 would turn into a macro average when the set lacks one class
+    num_classes = n_logits
     if is_cls and preds:
         p, g = torch.cat(preds), torch.cat(golds)
-        num_classes = int(max(p.max(), g.max())) + 1
+        num_classes = max(num_classes, int(max(p.max(), g.max())) + 1)
     # one vector of sums so a single all_reduce combines every rank's share
     stats = torch.tensor([loss_sum, count, float(is_cls)], dtype=torch.float64)
     classes = torch.tensor([num_classes])
@@ -349,12 +424,15 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, warmup, total_steps))
+    # what the data and world size made of the config; a resumed run must agree on them too
+    totals = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world}
 
     step, best_metric, best_step, bad_evals, history = 0, None, None, 0, []
     best_state = None
     ckpt_path = out_dir / CHECKPOINT_NAME
     if config.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _check_resumable(ckpt, config, totals, world, ckpt_path)
         _load_trainable_state(raw_model, ckpt["trainable"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -378,7 +456,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
                 "scheduler": scheduler.state_dict(), "step": step, "best_metric": best_metric,
                 "best_step": best_step, "bad_evals": bad_evals, "history": history,
                 "best_state": best_state, "rng": rng, "stopped_early": stopped_early,
-                "config": asdict(config),
+                "config": asdict(config), "totals": totals,
             }, ckpt_path)
 
     def log(record: dict) -> None:

@@ -286,3 +286,99 @@ def test_best_lora_adapter_is_saved_with_save_pretrained_and_reloads(tmp_path):
     # The model ends holding its best weights, which are exactly what was saved.
     torch.testing.assert_close(reloaded(**inputs), model(**inputs))
     assert evaluate(reloaded, eval_loader)["accuracy"] >= 0.9
+
+
+def test_weight_decay_skips_vectors_stored_as_matrices():
+    model = TinyClassifier()
+    model.ia3 = nn.Parameter(torch.ones(DIM, 1))  # an (IA)^3 scaling vector, shaped (out, 1)
+    model.ia3_in = nn.Parameter(torch.ones(1, DIM))  # and (1, in)
+    opt = make_optimizer(model, TrainConfig(output_dir="unused", weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model.adapter.weight), id(model.classifier.weight)}
+
+
+class FixedLogits(nn.Module):
+    """Logits looked up by the first input id: predictions chosen by the test."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(table, dtype=torch.float))
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.table[input_ids[:, 0]]
+
+
+def test_f1_classes_come_from_the_logits_not_the_eval_labels():
+    def batch(ids, labels):
+        return {"input_ids": torch.tensor(ids).unsqueeze(1), "attention_mask": torch.ones(len(ids), 1, dtype=torch.long),
+                "labels": torch.tensor(labels)}
+
+    # two classes, but this eval set holds only class 0, all predicted right: class-1 F1 is 0,
+    # not a "macro" 1.0 over the one class that happens to appear
+    binary = FixedLogits([[2.0, 0.0], [0.0, 2.0]])
+    m = evaluate(binary, [batch([0, 0, 0], [0, 0, 0])])
+    assert m["accuracy"] == 1.0 and m["f1"] == 0.0
+    # three classes, class 2 absent from the labels and the predictions: macro over all three
+    three = FixedLogits([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0]])
+    m = evaluate(three, [batch([0, 1, 1], [0, 1, 0])])
+    f1_0, f1_1 = 2 * 1 / (1 + 2), 2 * 1 / (2 + 1)
+    assert m["f1"] == pytest.approx((f1_0 + f1_1 + 0.0) / 3)
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
+    train_loader, eval_loader = loaders(n_train=32)
+    base = dict(output_dir=str(tmp_path), epochs=1, lr=1e-2, log_every=100)
+    train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**base))
+    with pytest.raises(ValueError, match=r"cannot resume.*lr: 0\.01 -> 0\.02.*warmup_steps: 0 -> 2.*new output_dir"):
+        train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**{**base, "lr": 2e-2, "warmup_steps": 2}))
+    # other data, same config: the schedule's length changed
+    with pytest.raises(ValueError, match=r"steps_per_epoch: 4 -> 2.*total_steps: 4 -> 2"):
+        train(TinyClassifier(), loaders(n_train=16)[0], eval_loader, TrainConfig(**base))
+    # settings that change no math may differ; resume=False starts over
+    train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**{**base, "log_every": 1, "patience": 3}))
+    result = train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**{**base, "lr": 2e-2, "resume": False}))
+    assert result.step == 4
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    train_loader, eval_loader = loaders(n_train=32)
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100)
+    train(TinyClassifier(), train_loader, eval_loader, config)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["totals"]  # as an older checkpoint: only the RNG states tell the world size
+    ckpt["rng"] = ckpt["rng"] * 2
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1"):
+        train(TinyClassifier(), train_loader, eval_loader, config)
+
+
+def test_best_weights_swap_recovers_from_a_crash_between_renames(tmp_path):
+    from safetensors.torch import load_file
+
+    from minipeft.train import save_weights
+
+    model = TinyClassifier()
+    save_weights(model, tmp_path / "best")
+    first = load_file(tmp_path / "best" / "model.safetensors")
+    (tmp_path / "best").rename(tmp_path / "best.old")  # the crash: old moved aside, new not yet in
+    (tmp_path / "best.tmp").mkdir()  # and a half-written copy
+    with torch.no_grad():
+        model.adapter.weight.add_(1.0)
+    save_weights(model, tmp_path / "best")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert not torch.equal(load_file(tmp_path / "best" / "model.safetensors")["adapter.weight"], first["adapter.weight"])
+    assert {p.name for p in (tmp_path / "best").iterdir()} == {"model.safetensors"}
+
+
+def test_distributed_on_gpus_pins_the_device_and_keeps_gloo_for_cpu_tensors(monkeypatch):
+    import minipeft.train as train_module
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_module.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    train_module.setup_distributed()
+    assert calls == [("set_device", 1), ("init", "cpu:gloo,cuda:nccl")]
