@@ -126,18 +126,22 @@ class PeftModel(nn.Module):
         """Run the base model alone inside the ``with`` block."""
         layers = [layer for _, layer in injection.adapter_layers(self.get_base_model())]
         layers += [self.prompt_encoder] if "prompt_encoder" in self._modules else []
+        before = [layer.disable_adapters for layer in layers]  # restored as found: nested blocks work
         for layer in layers:
             layer.disable_adapters = True
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disable_adapters = False
+            for layer, flag in zip(layers, before):
+                layer.disable_adapters = flag
 
     # -- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         """Fold the active adapter into the base weights (undo with ``unmerge_adapter``)."""
-        names = adapter_names or self.active_adapters
+        names = self.active_adapters if adapter_names is None else adapter_names
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; existing adapters: {list(self.peft_config)}")
         for _, layer in injection.adapter_layers(self.get_base_model()):
             here = [n for n in names if n in layer.adapter_names]
             if here:

@@ -105,7 +105,7 @@ def find_targets(model: nn.Module, config, skip: Iterable[str] = (), skip_exact:
             f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in candidates})[:8]}, or 'all-linear'"
         )
     modules = dict(model.named_modules())
-    if isinstance(targets, str) and targets == ALL_LINEAR:
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, getattr(config, "task_type", None))
         selected = [n for n in candidates if is_linear_like(modules[n]) and n not in heads]
     else:

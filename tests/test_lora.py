@@ -295,3 +295,31 @@ def test_lora_only_biases_belong_to_the_layers_of_their_own_adapter(tmp_path):
     assert trainable == {f"base_model.model.blocks.{i}.fc1.base_layer.bias" for i in range(2)}
     model.save_pretrained(tmp_path)
     PeftModel.from_pretrained(fresh, tmp_path)  # strict: fc2's biases were not saved with "default"
+
+
+def test_unload_after_merge_adapter_gives_back_the_original_weights():
+    base = TinyNet().eval()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["fc1", "conv2d"]))
+    randomize_adapters(model)
+    model.merge_adapter()
+    plain = model.unload()
+    torch.testing.assert_close(plain(input_ids=input_ids()), base(input_ids=input_ids()), atol=1e-6, rtol=0)
+
+
+def test_lora_on_a_reflect_padded_conv_merges_exactly():
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(1, 2, 5, 5)
+    expected = model(x)
+    torch.testing.assert_close(model.merge_and_unload()(x), expected, atol=1e-5, rtol=0)
+
+
+def test_nested_disable_adapter_blocks():
+    model = get_peft_model(TinyNet().eval(), LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+    with_adapter = model(input_ids=input_ids())
+    with model.disable_adapter():
+        with model.disable_adapter():
+            pass
+        base_out = model(input_ids=input_ids())
+    assert not torch.allclose(base_out, with_adapter)
+    torch.testing.assert_close(model(input_ids=input_ids()), with_adapter)

@@ -97,9 +97,12 @@ class AdapterLayer(nn.Module):
             raise TypeError(f"{type(self).__name__} cannot hold merged adapters")
 
     def unwrap(self, merge: bool) -> nn.Module:
-        """The module that replaces this wrapper on unload (after merging when asked)."""
+        """The module that replaces this wrapper on unload: with the active adapters folded in
+        when ``merge``, else with any earlier ``merge_adapter`` undone (the original weights)."""
         if merge:
             self.merge([a for a in self.active_adapters if a in self.adapter_names and a not in self.merged_adapters])
+        else:
+            self.unmerge()
         return getattr(self, self.base_layer_name)
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> list[str]:

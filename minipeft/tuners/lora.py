@@ -81,10 +81,14 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if self.layers_to_transform is not None and self.layers_pattern is not None and isinstance(
-            self.target_modules, str
-        ):
-            raise ValueError("layers_to_transform cannot be combined with a regex target_modules; use a list")
+        # The same checks as peft, so that every config minipeft saves is one peft loads.
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(
+                "layers_to_transform / layers_pattern need target_modules as a list of names; "
+                "with a regex (or 'all-linear'), put the layer numbers in the regex instead"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only says where layer numbers are; give layers_to_transform as well")
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Rank and alpha for the module named ``key``, after rank_pattern / alpha_pattern."""
@@ -191,7 +195,7 @@ class LoraLayer(AdapterLayer):
                 if self.use_dora.get(name):
                     norm = self._row_norm(name)
                     factor = self.lora_magnitude_vector[name].weight / norm
-                    self._dora_norms = {**getattr(self, "_dora_norms", {}), name: factor}
+                    self._dora_factors = {**getattr(self, "_dora_factors", {}), name: factor}
                     merged = self._weight_out_in(weight).float() + self._weight_out_in(self.delta_weight(name)).float()
                     new = factor.view(-1, 1) * merged
                     weight.data.copy_(self._weight_out_in(new).to(weight.dtype))
@@ -206,7 +210,7 @@ class LoraLayer(AdapterLayer):
             name = self.merged_adapters.pop()
             with torch.no_grad():
                 if self.use_dora.get(name):
-                    factor = self._dora_norms.pop(name)
+                    factor = self._dora_factors.pop(name)
                     base = self._weight_out_in(weight).float() / factor.view(-1, 1)
                     base = base - self._weight_out_in(self.delta_weight(name)).float()
                     weight.data.copy_(self._weight_out_in(base).to(weight.dtype))
@@ -376,7 +380,8 @@ class LoraConv(LoraLayer):
         conv_cls = type(conv)
         ones = (1,) * len(conv.kernel_size)
         self.lora_A[adapter_name] = conv_cls(
-            self.in_features, r, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False
+            self.in_features, r, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            bias=False, padding_mode=conv.padding_mode,  # so that merging keeps the base's padding
         )
         self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=False)
 
@@ -393,7 +398,9 @@ class LoraConv(LoraLayer):
             dropout = self.lora_dropout[name]
             x_in = x if isinstance(dropout, nn.Identity) else dropout(x)
             A, B = self.lora_A[name], self.lora_B[name]
-            result = result + B(A(x_in.to(A.weight.dtype))).to(result.dtype) * self.scaling[name]
+            # Cast the small kernels to the input's dtype, never the activation to fp32.
+            xa = A._conv_forward(x_in, A.weight.to(x_in.dtype), None)
+            result = result + B._conv_forward(xa, B.weight.to(x_in.dtype), None) * self.scaling[name]
         return result
 
 
