@@ -481,9 +481,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         raise TypeError(f"lora_linear needs one dtype for all tensors, got {sorted(map(str, dtypes))}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"lora_linear supports float32, bfloat16 and float16, not {x.dtype}")
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p < 1.0:
+    K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    # The kernels index with these shapes and no bounds checks: refuse anything else up front.
+    for name, t, want in [("weight", weight, (N, K)), ("lora_A", lora_A, (r, K)), ("lora_B", lora_B, (N, r)),
+                          ("bias", bias, (N,))]:
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"lora_linear: {name} must have shape {want} for x (..., {K}), got {tuple(t.shape)}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"lora_linear: {name} is on {t.device}, x on {x.device}; all must share one device")
+    if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
+    bias = bias.contiguous() if bias is not None else None  # the GEMM reads the bias with stride 1
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed))

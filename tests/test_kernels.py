@@ -236,3 +236,14 @@ def test_switch_and_fallback_rule():
     # Decoding-sized batches go to cuBLAS; a long sequence runs our GEMM.
     assert not impl.use_fused_base(16, 4096, 4096)
     assert impl.use_fused_base(8192, 4096, 4096)
+
+
+@interpreted
+def test_shapes_devices_and_dropout_are_checked_up_front():
+    x, weight, b, lora_A, lora_B = make_inputs((3,), 8, 6, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \(6, 2\)"):
+        kernels.lora_linear(x, weight, b, lora_A, lora_B.T.contiguous(), 1.0)
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        kernels.lora_linear(x, weight, b[:5], lora_A, lora_B, 1.0)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=1.0, training=False)
