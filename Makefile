@@ -1,6 +1,8 @@
 # Every target sets itself up on a fresh machine: it creates .venv when missing and installs
-# the project with the extras it needs. torch is pinned first so that pip takes the CPU build
-# where one is available instead of pulling a multi-GB CUDA build.
+# the project with the extras it needs. torch is installed first, pinned, so that the extras'
+# own requirements never pull another torch; where pip is set up with a local CPU wheel (as on
+# our CI machines) that is the quick CPU build, elsewhere it is PyPI's default build.
+# Override with e.g. `make test TORCH=torch==2.13.0+cpu`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
