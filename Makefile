@@ -2,7 +2,7 @@
 # the project with the extras it needs. torch is installed first, pinned, so that the extras'
 # own requirements never pull another torch; where pip is set up with a local CPU wheel (as on
 # our CI machines) that is the quick CPU build, elsewhere it is PyPI's default build.
-# Override with e.g. `make test TORCH=torch==2.13.0+cpu`.
+# Override the requirement with `make test TORCH=...`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -350,9 +350,6 @@ class LoraEmbedding(LoraLayer):
         delta = (B.float() @ A.float()).T * self.scaling[adapter_name]  # (num_embeddings, dim)
         return delta.to(self.get_base_layer().weight.dtype)
 
-    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._apply_lora_before()
         result = self.base_layer(x, *args, **kwargs)
