@@ -142,10 +142,17 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"cannot merge unknown adapter(s) {unknown}; existing adapters: {list(self.peft_config)}")
-        for _, layer in injection.adapter_layers(self.get_base_model()):
-            here = [n for n in names if n in layer.adapter_names]
-            if here:
-                layer.merge(here)
+        layers = [(layer, [n for n in names if n in layer.adapter_names]) for _, layer in
+                  injection.adapter_layers(self.get_base_model())]
+        layers = [(layer, here) for layer, here in layers if here]
+        blocking = sorted({type(layer).__name__ for layer, _ in layers if not layer.mergeable})
+        if blocking:  # check every layer first, so that nothing is left half merged
+            raise TypeError(
+                f"adapter(s) {names} cannot be merged: {blocking} adapters are not linear maps of a weight; "
+                "use unload() to remove them"
+            )
+        for layer, here in layers:
+            layer.merge(here)
 
     def unmerge_adapter(self) -> None:
         for _, layer in injection.adapter_layers(self.get_base_model()):
