@@ -272,3 +272,37 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     other = minipeft.get_peft_model(tiny("llama"), PrefixTuningConfig(num_virtual_tokens=4))
     with pytest.raises(ValueError, match=r"prompt_embeddings has shape \(3, 64\).*expects \(4, 64\)"):
         minipeft.set_peft_model_state_dict(other, minipeft.get_peft_model_state_dict(m))
+
+
+def test_a_failed_attach_leaves_the_model_untouched():
+    base = tiny("llama", attn="eager")
+    expected = base(**batch()).logits
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        minipeft.get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=2))
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    torch.testing.assert_close(base(**batch()).logits, expected)
+
+
+def test_the_projection_runs_once_per_forward():
+    m = minipeft.get_peft_model(tiny("llama"), PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True))
+    calls = []
+    m.prompt_encoder["default"].transform.register_forward_hook(lambda *a: calls.append(1))
+    m(**batch())
+    assert len(calls) == 1 and m.prompt_encoder["default"]._table is None  # not kept past the forward
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_with_projection_gives_the_same_grads(reentrant):
+    ids = batch()["input_ids"]
+    grads = []
+    for checkpointing in (False, True):
+        base = tiny("llama").train()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            base.enable_input_require_grads()
+        torch.manual_seed(2)
+        m = minipeft.get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True))
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    for with_checkpointing, without in zip(grads[1], grads[0]):
+        torch.testing.assert_close(with_checkpointing, without, atol=1e-5, rtol=0)

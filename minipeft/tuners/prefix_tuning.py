@@ -223,6 +223,9 @@ class PrefixEncoder(nn.Module):
                 nn.init.zeros_(last.bias)
         self._handles: list = []
         self._enabled = [lambda: True]  # set by attach: whether this adapter is the active one
+        self._takes_positions = False  # set by hook: whether the model's forward has position_ids
+        self._checkpointed: list[nn.Module] = []  # set by hook: modules with transformers' gradient_checkpointing flag
+        self._table: torch.Tensor | None = None  # prompt_embeddings() of the running forward
 
     def prompt_embeddings(self) -> torch.Tensor:
         """Every layer's keys and values, (n, layers * 2 * heads * head_dim)."""
@@ -233,7 +236,8 @@ class PrefixEncoder(nn.Module):
     def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value) of one layer, each (heads, n, head_dim)."""
         n = self.num_virtual_tokens
-        kv = self.prompt_embeddings().view(n, -1, 2, self.heads, self.head_dim)[:, layer]  # (n, 2, H, D)
+        table = self._table if self._table is not None else self.prompt_embeddings()
+        kv = table.view(n, -1, 2, self.heads, self.head_dim)[:, layer]  # (n, 2, H, D)
         kv = kv.permute(1, 2, 0, 3)  # (2, H, n, D)
         return kv[0], kv[1]
 
@@ -263,8 +267,13 @@ class PrefixEncoder(nn.Module):
 
     # -- applying it ------------------------------------------------------------------------
     def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
-        """Number the real tokens from ``n``, as if the prefix were ``n`` cached tokens (see above)."""
-        if "position_ids" in vt.forward_parameters(model):
+        """Number the real tokens from ``n``, as if the prefix were ``n`` cached tokens (see above),
+        and compute every layer's prefix once for this forward (the MLP runs once, not per layer)."""
+        checkpointing = torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointed)
+        # Under activation checkpointing each layer recomputes its prefix in backward; its first
+        # forward must then compute it the same way (no shared table), or the recomputation differs.
+        self._table = None if checkpointing else self.prompt_embeddings()
+        if self._takes_positions:
             positions = kwargs.get("position_ids")
             if positions is None:
                 batch, length, device = vt.batch_and_length(kwargs)
@@ -276,6 +285,13 @@ class PrefixEncoder(nn.Module):
     def hook(self, model: nn.Module, enabled) -> None:
         """Put the prefix into each adapted attention module's SDPA calls while ``enabled()``."""
         self._enabled = [enabled]
+        self._takes_positions = "position_ids" in vt.forward_parameters(model)
+        self._checkpointed = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+        def forget_table(mod, args, output) -> None:  # a recomputation (activation checkpointing) makes its own
+            self._table = None
+
+        self._handles.append(model.register_forward_hook(forget_table, always_call=True))
         modules = dict(model.named_modules())
         for name, layer in self.layer_of.items():
             module = modules[name]
@@ -338,15 +354,19 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig)
     model = peft_model.get_base_model()
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         raise ValueError("minipeft's prefix tuning supports encoder and decoder-only models, not SEQ_2_SEQ_LM")
-    encoders = vt.prompt_encoders(peft_model)
-    encoders.disable_adapters, was_disabled = True, encoders.disable_adapters  # probe the bare model
+    # Probe and infer before creating the container: a failure must leave no hook on the user's model.
+    existing = peft_model._modules.get("prompt_encoder")
+    if existing is not None:
+        existing.disable_adapters, was_disabled = True, existing.disable_adapters  # probe the bare model
     try:
         found = find_attention_modules(model)
     finally:
-        encoders.disable_adapters = was_disabled
+        if existing is not None:
+            existing.disable_adapters = was_disabled
     names = _infer(config, model, found)
     device = next((p.device for p in model.parameters()), None)
     encoder = PrefixEncoder(config, names, device=device)
+    encoders = vt.prompt_encoders(peft_model)
     encoder.hook(model, enabled=lambda: encoders.active_encoder() is encoder)
     encoders[adapter_name] = encoder
     vt.add_modules_to_save(peft_model, adapter_name, config)
