@@ -507,13 +507,7 @@ def load_adapter(
     config.inference_mode = not is_trainable
     flags = _requires_grad(peft_model)
     peft_model.add_adapter(adapter_name, config)
-    try:
-        set_peft_model_state_dict(peft_model, tensors, adapter_name)
-    except BaseException:
-        _roll_back(peft_model, adapter_name, flags)
-        raise
-    if not is_trainable:
-        peft_model.eval()
+    _fill_adapter(peft_model, tensors, adapter_name, flags, is_trainable)
 
 
 def from_pretrained(
@@ -525,6 +519,12 @@ def from_pretrained(
     config.inference_mode = not is_trainable
     flags = _requires_grad(model)
     peft_model = cls(model, config, adapter_name)
+    _fill_adapter(peft_model, tensors, adapter_name, flags, is_trainable)
+    return peft_model
+
+
+def _fill_adapter(peft_model, tensors, adapter_name: str, flags, is_trainable: bool) -> None:
+    """Copy a freshly added adapter's tensors in; on error take the adapter out again."""
     try:
         set_peft_model_state_dict(peft_model, tensors, adapter_name)
     except BaseException:
@@ -532,4 +532,3 @@ def from_pretrained(
         raise
     if not is_trainable:
         peft_model.eval()  # loaded for inference: no dropout (as peft does)
-    return peft_model

@@ -83,3 +83,11 @@ def randomize_adapters(
 def first_output(out) -> torch.Tensor:
     """The main tensor of a transformers output: logits, else the last hidden state."""
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by re-running the whole sequence: the reference for cached generate()."""
+    for _ in range(steps):
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minipeft
+from tests.models import greedy_without_cache
 from minipeft import PrefixTuningConfig
 from minipeft.tuners.prefix_tuning import sdpa_with_prefix
 
@@ -83,13 +84,6 @@ def test_logits_loss_and_grads_match_peft(kind, padded, projection):
     for name, q in m.prompt_encoder["default"].named_parameters():
         torch.testing.assert_close(q.grad, grads_p[name], atol=1e-5, rtol=0)
     assert m.get_nb_trainable_parameters()[0] == p.get_nb_trainable_parameters()[0]
-
-
-def greedy_without_cache(model, ids, steps):
-    for _ in range(steps):
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

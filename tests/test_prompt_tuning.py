@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import minipeft
+from tests.models import greedy_without_cache
 from minipeft import PromptTuningConfig, PromptTuningInit
 
 peft = pytest.importorskip("peft")
@@ -91,13 +92,6 @@ def test_bert_pools_the_first_virtual_token_like_peft():
         expected = bert.embeddings.LayerNorm(prompt0 + bert.embeddings.position_embeddings.weight[0]
                                              + bert.embeddings.token_type_embeddings.weight[0])
     torch.testing.assert_close(first, expected.expand_as(first), atol=1e-5, rtol=0)
-
-
-def greedy_without_cache(model, ids, steps):
-    for _ in range(steps):
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
