@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipeft import BottleneckConfig, LoraConfig, get_peft_model  # noqa: E402
 from minipeft.tuners.bottleneck import BottleneckLayer  # noqa: E402
 
-from tests.models import first_output, randomize_adapters, tiny_transformers_model  # noqa: E402
+from tests.models import first_output, fit, randomize_adapters, tiny_transformers_model  # noqa: E402
 from tests.models import input_ids as ids  # noqa: E402
 
 
@@ -187,14 +187,7 @@ def test_a_few_steps_lower_the_loss():
     model = get_peft_model(Net(), BottleneckConfig(target_modules=["fc"], bottleneck_size=4))
     x = torch.randn(128, 8)
     y = torch.sin(x).sum(-1, keepdim=True)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, lr=1e-2, steps=40)
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for n, p in model.named_parameters() if "adapter_" not in n)
 

@@ -13,7 +13,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipeft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
 from minipeft.tuners.ia3 import IA3Linear  # noqa: E402
-from tests.models import first_output, randomize_adapters, tiny_transformers_model  # noqa: E402
+from tests.models import first_output, fit, randomize_adapters, tiny_transformers_model  # noqa: E402
 from tests.models import input_ids as ids  # noqa: E402
 
 # Per architecture: (targets, feed-forward targets), the paper's placement on these models.
@@ -97,14 +97,7 @@ def test_training_lowers_the_loss():
     x = torch.randn(64, 6)
     with torch.no_grad():  # a target that rescaling can reach: the attn output scaled by random gains
         y = base.ff(torch.relu((1 + torch.randn(5)) * base.attn(x)))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for _ in range(30):
-        loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, lr=0.05, steps=30)
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n)
 
