@@ -104,3 +104,13 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: in
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def padded_batch(length: int = 6, padded: bool = True) -> dict:
+    """Two sequences of token ids; with ``padded`` the second row's last two tokens are padding."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    if padded:
+        mask[1, -2:] = 0  # right padding in the second row
+    return {"input_ids": ids, "attention_mask": mask}

@@ -13,6 +13,7 @@ from torch import nn
 
 import minipeft
 from tests.models import greedy_without_cache
+from tests.models import padded_batch as batch
 from minipeft import PrefixTuningConfig
 from minipeft.tuners.prefix_tuning import sdpa_with_prefix
 
@@ -43,15 +44,6 @@ def tiny(kind: str, attn: str = "sdpa") -> nn.Module:
     return model.eval()
 
 
-def batch(padded: bool = True) -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (2, 6), generator=g)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    if padded:
-        mask[1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def pair(kind: str, **config):
     base = tiny(kind)
     task = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
@@ -73,7 +65,7 @@ def test_logits_loss_and_grads_match_peft(kind, padded, projection):
     assert (config.num_layers, config.token_dim, config.num_attention_heads) == (
         p.peft_config["default"].num_layers, p.peft_config["default"].token_dim,
         p.peft_config["default"].num_attention_heads)
-    inputs = batch(padded)
+    inputs = batch(padded=padded)
     out_p, out_m = p(**inputs, labels=inputs["input_ids"]), m(**inputs, labels=inputs["input_ids"])
     keep = inputs["attention_mask"].bool()  # padded positions are undefined in both libraries
     torch.testing.assert_close(out_m.logits[keep], out_p.logits[keep], atol=1e-5, rtol=0)

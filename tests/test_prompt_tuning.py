@@ -12,6 +12,7 @@ from torch import nn
 
 import minipeft
 from tests.models import greedy_without_cache
+from tests.models import padded_batch as batch
 from minipeft import PromptTuningConfig, PromptTuningInit
 
 peft = pytest.importorskip("peft")
@@ -35,15 +36,6 @@ def tiny(kind: str) -> nn.Module:
                                       intermediate_size=48, attn_implementation="sdpa")
         return transformers.BertForSequenceClassification(cfg).eval()
     raise ValueError(kind)
-
-
-def batch(length: int = 6, padded: bool = True) -> dict:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (2, length), generator=g)
-    mask = torch.ones(2, length, dtype=torch.long)
-    if padded:
-        mask[1, -2:] = 0  # right padding in the second row
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def pair(kind: str, **config):
