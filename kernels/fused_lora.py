@@ -93,21 +93,38 @@ def _matmul_lowrank_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of out
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) columns of out
+    # Offsets are int64: with int32, m * stride_xm overflows once x has 2**31 elements.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,) rows of out
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,) columns of out
     # Rows and columns past the edge wrap back into the matrix, so the loads below need a mask
     # only along the reduction axis; what those rows compute is dropped by the final store.
     offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
     offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+
+    # The accumulator starts as the low-rank term, scale * [D] * (l @ r), a (BLOCK_M, R) @
+    # (R, BLOCK_N) product in chunks of BLOCK_R; the K loop then adds x @ w onto it. Adding the
+    # term after the loop instead would keep a second (BLOCK_M, BLOCK_N) fp32 tile live, and at
+    # 128 x 256 that no longer fits in registers (ptxas spills it to local memory).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        l = tl.load(l_ptr + offs_am[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                    mask=offs_r[None, :] < R, other=0.0)  # (BLOCK_M, BLOCK_R)
+        r = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_bn[None, :] * stride_rn,
+                    mask=offs_r[:, None] < R, other=0.0)  # (BLOCK_R, BLOCK_N)
+        acc = _dot(l, r, acc)
+    if HAS_DROPOUT:
+        # out has the shape of x here (out = dx), so x[m, n] has row-major index m * N + n.
+        acc = tl.where(_keep(seed, offs_m[:, None] * N + offs_n[None, :], p), acc, 0.0)
+    acc = acc * scale
+
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-
     if ADD_TO_OUT:
-        acc = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             x = tl.load(x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=offs_k[None, :] < K, other=0.0)  # (BLOCK_M, BLOCK_K)
             w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
@@ -115,21 +132,6 @@ def _matmul_lowrank_kernel(
             acc = _dot(x, w, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
-
-    # Epilogue: the low-rank term, a (BLOCK_M, R) @ (R, BLOCK_N) product in chunks of BLOCK_R.
-    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        l = tl.load(l_ptr + offs_am[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                    mask=offs_r[None, :] < R, other=0.0)  # (BLOCK_M, BLOCK_R)
-        r = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_bn[None, :] * stride_rn,
-                    mask=offs_r[:, None] < R, other=0.0)  # (BLOCK_R, BLOCK_N)
-        low = _dot(l, r, low)
-    if HAS_DROPOUT:
-        # out has the shape of x here (out = dx), so x[m, n] has row-major index m * N + n.
-        keep = _keep(seed, offs_m[:, None].to(tl.int64) * N + offs_n[None, :], p)
-        low = tl.where(keep, low, 0.0)
-    acc += scale * low
 
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -218,16 +220,16 @@ def _shrink_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=x_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
         if HAS_DROPOUT:
-            keep = _keep(seed, offs_m[:, None].to(tl.int64) * K + offs_k[None, :], p)
+            keep = _keep(seed, offs_m[:, None] * K + offs_k[None, :], p)
             x = tl.where(keep, x, 0.0).to(x.dtype)
         a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                       mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_K, BLOCK_R)
@@ -282,7 +284,7 @@ def _dy_pass_kernel(
     # order they land in (not bitwise reproducible run to run on a GPU).
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
     r_mask = offs_r < R
@@ -290,7 +292,7 @@ def _dy_pass_kernel(
                  mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
     dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
@@ -338,17 +340,17 @@ def _lora_a_grad_kernel(
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         dxa_t = tl.load(dxa_ptr + offs_r[:, None] * stride_dxar + offs_m[None, :] * stride_dxam,
                         mask=(offs_r[:, None] < R) & (offs_m[None, :] < M), other=0.0)  # (BLOCK_R, BLOCK_M)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
         if HAS_DROPOUT:
             # The same (seed, offset) pairs as the forward's shrink: the same mask.
-            keep = _keep(seed, offs_m[:, None].to(tl.int64) * K + offs_k[None, :], p)
+            keep = _keep(seed, offs_m[:, None] * K + offs_k[None, :], p)
             x = tl.where(keep, x, 0.0).to(x.dtype)
         acc = _dot(dxa_t, x, acc)
     if HAS_DROPOUT:

@@ -247,3 +247,38 @@ def test_shapes_devices_and_dropout_are_checked_up_front():
         kernels.lora_linear(x, weight, b[:5], lora_A, lora_B, 1.0)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=1.0, training=False)
+
+
+def _large_offsets_case():
+    """x whose last row starts 2**31 elements into its storage: offsets need int64.
+
+    The storage is ~4 GB of virtual memory, but only the pages of x's 33 rows are ever touched.
+    """
+    M, K, N, r, row_stride = 33, 16, 24, 4, 2**26  # (M - 1) * row_stride == 2**31
+    storage = torch.empty((M - 1) * row_stride + K, dtype=torch.float16)
+    x_small, weight, b, lora_A, lora_B = make_inputs((M,), K, N, r, torch.float16)
+    x = storage.as_strided((M, K), (row_stride, 1)).copy_(x_small).requires_grad_(True)
+    lora_A.requires_grad_(True)
+    for fused in (True, False):
+        with mock.patch.object(impl, "use_fused_base", lambda M, N, K: fused):
+            y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.25, seed=5)
+            y.float().sum().backward()
+        mask = kernels.dropout_mask(5, (M, K), 0.25).double()
+        x64, A64 = (t.detach().double().requires_grad_(True) for t in (x, lora_A))
+        y64 = reference(x64, weight.double(), b.double(), A64, lora_B.double(), 2.0, mask, 0.25, torch.float16)
+        y64.sum().backward()
+        assert rel_err(y, y64) < TOL[torch.float16], "y"
+        assert rel_err(x.grad, x64.grad) < TOL[torch.float16], "dx"
+        assert rel_err(lora_A.grad, A64.grad) < TOL[torch.float16], "dA"
+        x.grad = lora_A.grad = None
+
+
+@interpreted
+def test_offsets_past_2_to_the_31():
+    # 32-bit offsets would wrap and read outside x, which crashes the process rather than
+    # failing an assert; so the case runs in a child process.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import tests.test_kernels as t; t._large_offsets_case()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-3000:]}"
