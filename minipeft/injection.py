@@ -185,9 +185,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             setattr(parent, child, getattr(layer, layer.base_layer_name))
 
 
-def unload(model: nn.Module, merge: bool) -> nn.Module:
-    """Replace every wrapper by its base module (merging the active adapters first when
-    ``merge``), innermost wrappers first so nested wrappers unwind cleanly."""
+def unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+    """Replace every wrapper by its base module (merging ``adapter_names``, default the active
+    adapters, first when ``merge``), innermost wrappers first so nested wrappers unwind cleanly."""
     layers = list(adapter_layers(model))
     if merge:
         blocking = [f"{name} ({type(layer).__name__})" for name, layer in layers if not layer.mergeable]
@@ -197,7 +197,7 @@ def unload(model: nn.Module, merge: bool) -> nn.Module:
                 "not linear maps of a weight; call unload() to remove them without merging"
             )
     for name, layer in reversed(layers):
-        replacement = layer.unwrap(merge)
+        replacement = layer.unwrap(merge, adapter_names)
         if name == "":
             return replacement
         parent, child = _get_parent(model, name)

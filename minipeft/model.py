@@ -17,7 +17,7 @@ from torch import nn
 from . import checkpoint, injection
 from .config import PeftConfig, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
-from .tuners import method_for, virtual_tokens
+from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for, virtual_tokens
 
 
 class AdaptedModel(nn.Module):
@@ -136,33 +136,75 @@ class PeftModel(nn.Module):
                 layer.disable_adapters = flag
 
     # -- merging ------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """Fold the active adapter into the base weights (undo with ``unmerge_adapter``)."""
-        names = self.active_adapters if adapter_names is None else adapter_names
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; existing adapters: {list(self.peft_config)}")
-        layers = [(layer, [n for n in names if n in layer.adapter_names]) for _, layer in
-                  injection.adapter_layers(self.get_base_model())]
-        layers = [(layer, here) for layer, here in layers if here]
-        blocking = sorted({type(layer).__name__ for layer, _ in layers if not layer.mergeable})
-        if blocking:  # check every layer first, so that nothing is left half merged
-            raise TypeError(
-                f"adapter(s) {names} cannot be merged: {blocking} adapters are not linear maps of a weight; "
-                "use unload() to remove them"
-            )
-        for layer, here in layers:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active (or given) adapters into the base weights (undo with ``unmerge_adapter``).
+
+        ``safe_merge``: merge into copies first and raise a ValueError naming the adapter and the
+        layer if any weight would hold NaN or inf. Every layer is checked before any is written,
+        so a failed merge leaves the model as it was.
+        """
+        for _, layer, here in self._merge_plan(adapter_names, safe_merge, already_merged="error"):
             layer.merge(here)
 
     def unmerge_adapter(self) -> None:
         for _, layer in injection.adapter_layers(self.get_base_model()):
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """The base model with the active adapter folded in and no minipeft module left."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The base model with the active (or given) adapters folded in and no minipeft module left.
+
+        ``adapter_names`` merges several adapters at once: ``W + sum_i s_i B_i A_i``. A module
+        trained whole (``modules_to_save``) comes back as the copy of the adapter being merged.
+        ``safe_merge`` as in ``merge_adapter``: on failure the PeftModel is left as it was.
+        ``progressbar`` is accepted for peft's signature and ignored (merging takes no time to watch).
+        """
         if "prompt_encoder" in self._modules:
             raise TypeError("virtual tokens (prompt/prefix tuning) are not weights and cannot be merged; use unload()")
-        return injection.unload(self.get_base_model(), merge=True)
+        plan = self._merge_plan(adapter_names, safe_merge, already_merged="keep")
+        copies = [(name, here) for name, layer, here in plan if isinstance(layer, ModulesToSaveWrapper) and len(here) > 1]
+        if copies:
+            name, here = copies[0]
+            raise ValueError(f"adapters {here} each train their own copy of {name!r}; merge_and_unload can keep only one")
+        return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
+
+    def _merge_plan(
+        self, adapter_names: list[str] | None, safe_merge: bool, already_merged: str
+    ) -> list[tuple[str, AdapterLayer, list[str]]]:
+        """``(layer name, wrapper, adapters to merge there)`` for every wrapper that holds one of
+        ``adapter_names`` (default: the active adapter). Checks all that can fail before anything
+        is merged: unknown names, adapters that are not linear maps of a weight, adapters merged
+        already (``already_merged``: "error", or "keep" them merged) and, with ``safe_merge``,
+        weights that would hold NaN or inf."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names is a list of names, got the string {adapter_names!r}")
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; existing adapters: {list(self.peft_config)}")
+        prompt = [n for n in names if self.peft_config[n].is_prompt_learning]
+        if prompt:
+            raise TypeError(f"adapter(s) {prompt} add virtual tokens, which are not weights and cannot be merged")
+        plan = []
+        for layer_name, layer in injection.adapter_layers(self.get_base_model()):
+            here = [n for n in names if n in layer.adapter_names]
+            twice = [n for n in here if n in layer.merged_adapters]
+            if twice and already_merged == "error":
+                raise ValueError(f"adapter(s) {twice} already merged into {layer_name!r}; unmerge_adapter() first")
+            here = [n for n in here if n not in layer.merged_adapters]
+            if here:
+                plan.append((layer_name, layer, here))
+        blocking = sorted({type(layer).__name__ for _, layer, _ in plan if not layer.mergeable})
+        if blocking:
+            raise TypeError(
+                f"cannot merge adapter(s) {names}: {blocking} adapters are not linear maps of a weight, so they "
+                "cannot be merged; call unload() to remove them without merging"
+            )
+        if safe_merge:
+            for layer_name, layer, here in plan:
+                layer.check_merge_is_finite(here, layer_name)
+        return plan
 
     def unload(self) -> nn.Module:
         """The base model with every adapter removed, unmerged."""

@@ -86,21 +86,41 @@ class AdapterLayer(nn.Module):
         """Create the parameters of a new adapter (``key``: the module's qualified name)."""
         raise TypeError(f"{type(self).__name__} does not implement update_layer")
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active (or given) adapters into the base weights, in order. ``safe_merge``:
+        first merge into copies and raise if a weight would hold NaN or inf (nothing written)."""
         raise TypeError(
             f"{type(self).__name__} cannot be merged: its adapter is not a linear map folded into a weight. "
             "Use unload() to remove it instead."
         )
 
+    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
+        """The first of ``adapter_names`` after whose merge (in order, into copies of the base
+        weights) a weight holds NaN or inf; ``None`` when all stay finite. Writes nothing."""
+        return None
+
+    def check_merge_is_finite(self, adapter_names: list[str], layer_name: str = "") -> None:
+        """safe_merge's check: a ValueError naming the adapter and the layer when merging
+        ``adapter_names`` would put NaN or inf into the weights."""
+        bad = self.first_nonfinite_merge(adapter_names)
+        if bad is not None:
+            where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
+            raise ValueError(
+                f"merging adapter {bad!r} into {where} gives non-finite weights (NaN or inf), so nothing was merged; "
+                "the adapter's weights are probably broken"
+            )
+
     def unmerge(self) -> None:
         if self.merged_adapters:
             raise TypeError(f"{type(self).__name__} cannot hold merged adapters")
 
-    def unwrap(self, merge: bool) -> nn.Module:
-        """The module that replaces this wrapper on unload: with the active adapters folded in
-        when ``merge``, else with any earlier ``merge_adapter`` undone (the original weights)."""
+    def unwrap(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+        """The module that replaces this wrapper on unload: with ``adapter_names`` (default: the
+        active adapters) folded in when ``merge``, else with any earlier ``merge_adapter`` undone
+        (the original weights). Adapters merged earlier stay merged."""
         if merge:
-            self.merge([a for a in self.active_adapters if a in self.adapter_names and a not in self.merged_adapters])
+            wanted = self.active_adapters if adapter_names is None else adapter_names
+            self.merge([a for a in wanted if a in self.adapter_names and a not in self.merged_adapters])
         else:
             self.unmerge()
         return getattr(self, self.base_layer_name)
@@ -140,13 +160,15 @@ class ModulesToSaveWrapper(AdapterLayer):
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[active[0]](*args, **kwargs)
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        # Nothing to fold: the active copy simply replaces the original on unload.
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        # Nothing to fold: the adapter's copy simply replaces the original on unload.
         pass
 
     def unmerge(self) -> None:
         pass
 
-    def unwrap(self, merge: bool) -> nn.Module:
-        active = [a for a in self.active_adapters if a in self.modules_to_save]
-        return self.modules_to_save[active[0]] if active else self.original_module
+    def unwrap(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+        """The copy of the adapter being merged (default: the active one), else the original."""
+        wanted = self.active_adapters if adapter_names is None or not merge else adapter_names
+        have = [a for a in wanted if a in self.modules_to_save]
+        return self.modules_to_save[have[0]] if have else self.original_module

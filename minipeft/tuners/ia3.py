@@ -152,14 +152,39 @@ class IA3Linear(AdapterLayer):
         l = self.ia3_l[name].detach()  # (out, 1) or (1, in): already (out, in)-broadcastable
         return l.T if self.fan_in_fan_out else l
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold the vectors into the weight: ``diag(l) W`` / ``l * b`` or ``W diag(l)``."""
+    @torch.no_grad()
+    def _merged(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``(weight, bias)`` with vector ``name`` folded in, as new tensors: ``diag(l) W`` and
+        ``l * b`` (output side) or ``W diag(l)`` with ``b`` unchanged (input side)."""
+        weight = (weight.float() * self._weight_scale(name).float()).to(weight.dtype)
+        if not self.is_feedforward[name] and bias is not None:
+            bias = (bias.float() * self.ia3_l[name].detach().flatten().float()).to(bias.dtype)
+        return weight, bias
+
+    def _base_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.get_base_layer()
-        for name in self._check_mergeable(adapter_names):
-            with torch.no_grad():
-                base.weight.data = (base.weight.float() * self._weight_scale(name).float()).to(base.weight.dtype)
-                if not self.is_feedforward[name] and base.bias is not None:
-                    base.bias.data = (base.bias.float() * self.ia3_l[name].detach().flatten().float()).to(base.bias.dtype)
+        return base.weight.detach(), None if base.bias is None else base.bias.detach()
+
+    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
+        weight, bias = self._base_tensors()
+        for name in adapter_names:
+            weight, bias = self._merged(name, weight, bias)
+            if not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+                return name
+        return None
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the vectors into the weight: ``diag(l) W`` / ``l * b`` or ``W diag(l)``.
+        ``safe_merge``: raise (writing nothing) if the result would hold NaN or inf."""
+        names = self._check_mergeable(adapter_names)
+        if safe_merge:
+            self.check_merge_is_finite(names)
+        base = self.get_base_layer()
+        for name in names:
+            weight, bias = self._merged(name, *self._base_tensors())
+            base.weight.data = weight
+            if bias is not None:
+                base.bias.data = bias
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:

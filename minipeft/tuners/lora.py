@@ -187,20 +187,40 @@ class LoraLayer(AdapterLayer):
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold the active (or given) adapters into the base weight: W <- W + s B A."""
+    @torch.no_grad()
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``weight`` with adapter ``name`` folded in, as a new tensor, and DoRA's row factor:
+
+            LoRA:  W + s B A
+            DoRA:  f * (W + s B A),   f = m / ||W + s B A||_row   (kept: unmerging divides by it)
+        """
+        delta = self.delta_weight(name)
+        if not self.use_dora.get(name):
+            return weight + delta, None
+        merged = self._weight_out_in(weight).float() + self._weight_out_in(delta).float()  # (out, in)
+        factor = self.lora_magnitude_vector[name].weight / merged.norm(p=2, dim=1)  # (out,)
+        return self._weight_out_in(factor.view(-1, 1) * merged).to(weight.dtype), factor
+
+    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
+        weight = self.get_base_layer().weight.detach()
+        for name in adapter_names:
+            weight, _ = self._merged_weight(name, weight)
+            if not torch.isfinite(weight).all():
+                return name
+        return None
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active (or given) adapters into the base weight: W <- W + s B A.
+        ``safe_merge``: raise (writing nothing) if the result would hold NaN or inf."""
+        names = self._check_mergeable(adapter_names)
+        if safe_merge:
+            self.check_merge_is_finite(names)
         weight = self.get_base_layer().weight
-        for name in self._check_mergeable(adapter_names):
-            with torch.no_grad():
-                if self.use_dora.get(name):
-                    norm = self._row_norm(name)
-                    factor = self.lora_magnitude_vector[name].weight / norm
-                    self._dora_factors = {**getattr(self, "_dora_factors", {}), name: factor}
-                    merged = self._weight_out_in(weight).float() + self._weight_out_in(self.delta_weight(name)).float()
-                    new = factor.view(-1, 1) * merged
-                    weight.data.copy_(self._weight_out_in(new).to(weight.dtype))
-                else:
-                    weight.data += self.delta_weight(name)
+        for name in names:
+            merged, factor = self._merged_weight(name, weight)
+            weight.data.copy_(merged)
+            if factor is not None:
+                self._dora_factors = {**getattr(self, "_dora_factors", {}), name: factor}
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:

@@ -1,0 +1,167 @@
+"""merge_adapter / merge_and_unload with ``safe_merge`` and several ``adapter_names``.
+
+References: the hand-written sum ``W + sum_i s_i B_i A_i``, the unmerged forward, and peft
+itself on the same weights. A broken adapter (a NaN in one layer) must leave the whole model
+as it was: no layer merged, the PeftModel intact.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import minipeft
+from minipeft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
+from minipeft.tuners.base import AdapterLayer
+from tests.models import TinyNet, input_ids, randomize_adapters, tiny_transformers_model
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["fc1", "fc2", "embed", "conv2d"]
+
+
+def two_adapters(base, use_dora=False):
+    """TinyNet with LoRA "a" (active) and "b" on ``TARGETS``, random weights."""
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, use_dora=use_dora))
+    model.add_adapter("b", LoraConfig(r=3, lora_alpha=5, target_modules=TARGETS, use_rslora=True, use_dora=use_dora))
+    randomize_adapters(model)
+    return model
+
+
+def base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+
+
+def break_last_layer(model, adapter):
+    """A NaN in ``adapter``'s B of the last LoRA layer: the layers before it are healthy."""
+    name, layer = [(n, m) for n, m in model.get_base_model().named_modules() if hasattr(m, "lora_B")][-1]
+    B = layer.lora_B[adapter].weight if adapter in layer.lora_B else layer.lora_embedding_B[adapter]
+    with torch.no_grad():
+        B[0, 0] = float("nan")
+    return name
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_safe_merge_refuses_nan_and_merges_nothing(use_dora):
+    targets = ["fc1", "fc2", "head"] if use_dora else TARGETS
+    base = TinyNet().eval()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=targets, use_dora=use_dora))
+    randomize_adapters(model)
+    broken = break_last_layer(model, "default")
+    before = base_weights(model)
+    n_layers = sum(isinstance(m, AdapterLayer) for m in model.modules())
+
+    with pytest.raises(ValueError, match=rf"adapter 'default' into '{broken}'.*NaN or inf"):
+        model.merge_adapter(safe_merge=True)
+    with pytest.raises(ValueError, match=rf"adapter 'default' into '{broken}'"):
+        model.merge_and_unload(safe_merge=True)
+    # Nothing was written, nothing is marked merged, and the wrappers are all still there.
+    for name, p in model.named_parameters():
+        if name in before:
+            torch.testing.assert_close(p, before[name], rtol=0, atol=0, msg=name)
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    assert len(layers) == n_layers and not any(m.merged for m in layers)
+
+    # Without safe_merge the NaN goes in, as in peft: the check is what safe_merge buys.
+    model.merge_adapter()
+    assert not torch.isfinite(model.get_base_model().get_submodule(broken).get_base_layer().weight).all()
+
+
+def test_safe_merge_of_healthy_adapters_equals_the_plain_merge():
+    base = TinyNet().eval()
+    expected = two_adapters(base)
+    safe = copy.deepcopy(expected)
+    expected.merge_adapter(["default", "b"])
+    safe.merge_adapter(["default", "b"], safe_merge=True)
+    for (name, p), q in zip(expected.named_parameters(), safe.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_layer_merge_safe_merge_names_the_adapter():
+    model = get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["fc1"]))
+    layer = model.base_model.model.blocks[0]["fc1"]
+    before = layer.get_base_layer().weight.clone()
+    with torch.no_grad():
+        layer.lora_A["default"].weight.fill_(float("inf"))
+        layer.lora_B["default"].weight.fill_(1.0)
+    with pytest.raises(ValueError, match="adapter 'default' into this LoraLinear"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, before) and not layer.merged
+
+
+def test_ia3_safe_merge_checks_weight_and_bias():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model = get_peft_model(net, IA3Config(target_modules=["0", "1"], feedforward_modules=[]))
+    with torch.no_grad():
+        model.base_model.model[1].ia3_l["default"][2] = float("nan")
+    before = base_weights(model)
+    with pytest.raises(ValueError, match="adapter 'default' into '1'"):
+        model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_merge_and_unload_of_two_adapters_is_base_plus_both_deltas():
+    base = TinyNet().eval()
+    model = two_adapters(base)
+    expected = {}
+    for name, layer in model.get_base_model().named_modules():
+        if hasattr(layer, "delta_weight"):
+            W = layer.get_base_layer().weight
+            expected[f"{name}.weight"] = W + layer.delta_weight("default") + layer.delta_weight("b")
+    merged = model.merge_and_unload(safe_merge=True, adapter_names=["default", "b"])
+    assert not any(isinstance(m, AdapterLayer) for m in merged.modules()) and type(merged) is TinyNet
+    params = dict(merged.named_parameters())
+    for name, W in expected.items():
+        torch.testing.assert_close(params[name], W, atol=1e-6, rtol=0, msg=name)
+
+
+def test_merging_two_adapters_matches_peft():
+    base = tiny_transformers_model("llama")
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    models = {}
+    for library in (peft, minipeft):
+        model = library.get_peft_model(copy.deepcopy(base), library.LoraConfig(**config))
+        model.add_adapter("b", library.LoraConfig(**{**config, "r": 2, "use_rslora": True}))
+        models[library.__name__] = model
+    randomize_adapters(models["peft"])
+    models["minipeft"].load_state_dict(models["peft"].state_dict(), strict=True)
+    ids = input_ids()
+
+    for model in models.values():
+        model.merge_adapter(adapter_names=["default", "b"], safe_merge=True)
+    torch.testing.assert_close(models["minipeft"](input_ids=ids).logits, models["peft"](input_ids=ids).logits,
+                               atol=1e-5, rtol=0)
+    for model in models.values():
+        model.unmerge_adapter()
+    merged = {k: m.merge_and_unload(adapter_names=["default", "b"]) for k, m in models.items()}
+    assert merged["minipeft"].state_dict().keys() == merged["peft"].state_dict().keys()
+    for name, p in merged["peft"].state_dict().items():
+        torch.testing.assert_close(merged["minipeft"].state_dict()[name], p, atol=1e-6, rtol=0, msg=name)
+
+
+def test_merge_and_unload_keeps_the_head_of_the_adapter_it_merges():
+    base = TinyNet().eval()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]))
+    randomize_adapters(model)
+    model.set_adapter("b")
+    expected = model(input_ids=input_ids())
+    model.set_adapter("default")
+    # "b" is merged although "default" is active: its LoRA and its head, not default's head.
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=["b"])
+    torch.testing.assert_close(merged(input_ids=input_ids()), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="each train their own copy of 'head'"):
+        model.merge_and_unload(adapter_names=["default", "b"])
+
+
+def test_merge_argument_errors():
+    model = get_peft_model(tiny_transformers_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="list of names"):
+        model.merge_adapter("default")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.merge_and_unload(adapter_names=["nope"])
+    model.add_adapter("prompt", PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(TypeError, match="virtual tokens"):
+        model.merge_adapter(["prompt"])
