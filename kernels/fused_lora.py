@@ -13,9 +13,9 @@ Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its 
               dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   same GEMM kernel as y
 
 The mask D is never stored. Like Triton's tutorial 04 (low-memory dropout), every kernel that
-needs it redraws it from (seed, element offset) with `tl.rand`, where the offset of x[m, k] is
-its row-major index m * K + k. So the backward keeps only x, xa and an int, and
-`dropout_mask()` below can hand tests the exact mask the kernels used.
+needs it redraws it from the seed and the element's position (m, k) in x, with Philox
+(`_keep_tile`). So the backward keeps only x, xa and an int, and `dropout_mask()` below can
+hand tests the exact mask the kernels used.
 
 Four kernels:
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
@@ -57,9 +57,22 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _keep(seed, offsets, p):
-    """Dropout keep-mask for the elements at `offsets` (row-major indices into x, int64)."""
-    return tl.rand(seed, offsets) > p
+def _keep_tile(seed, offs_m, k_start, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dropout keep-mask (BLOCK_M, BLOCK_K) for x[offs_m, k_start : k_start + BLOCK_K].
+
+    One Philox call (tl.randint4x) returns 128 random bits; a dropout coin needs 16. So the
+    eight elements x[m, 8g : 8g + 8] share the call with counter m * cdiv(K, 8) + g, and
+    element 8g + j takes 16-bit half j % 2 of word j // 2. That is 8x less integer work than
+    tl.rand's one call per element, which on a GPU would cost more than reading x does.
+    k_start must be a multiple of 8 (every block size here is).
+    """
+    tl.static_assert(BLOCK_K % 8 == 0)
+    offs_g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    w0, w1, w2, w3 = tl.randint4x(seed, offs_m[:, None] * tl.cdiv(K, 8) + offs_g[None, :])
+    halves = tl.join(tl.join(tl.join(w0 & 0xFFFF, w0 >> 16), tl.join(w1 & 0xFFFF, w1 >> 16)),
+                     tl.join(tl.join(w2 & 0xFFFF, w2 >> 16), tl.join(w3 & 0xFFFF, w3 >> 16)))
+    coins = tl.reshape(halves, (BLOCK_M, BLOCK_K))  # (BLOCK_M, BLOCK_K // 8, 2, 2, 2): lane j = 4h + 2i + j'
+    return coins >= threshold  # uniform on [0, 65536): kept with probability 1 - threshold / 65536
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,14 +80,14 @@ def _keep(seed, offsets, p):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
 def _matmul_lowrank_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on,
-    scale, p, seed,
+    scale, threshold, seed,
     M_BUCKET,  # unused here; only the autotuner's cache key (one tuning per power-of-two M)
     ADD_TO_OUT: tl.constexpr,  # out already holds x @ w (+ bias) from cuBLAS: skip the K loop
     HAS_BIAS: tl.constexpr,
@@ -114,8 +127,8 @@ def _matmul_lowrank_kernel(
                     mask=offs_r[:, None] < R, other=0.0)  # (BLOCK_R, BLOCK_N)
         acc = _dot(l, r, acc)
     if HAS_DROPOUT:
-        # out has the shape of x here (out = dx), so x[m, n] has row-major index m * N + n.
-        acc = tl.where(_keep(seed, offs_m[:, None] * N + offs_n[None, :], p), acc, 0.0)
+        # out has the shape of x here (out = dx, N = x's K): the mask of x's tile at (m, n).
+        acc = tl.where(_keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N), acc, 0.0)
     acc = acc * scale
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -189,7 +202,7 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None):
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             l.stride(0), l.stride(1), r.stride(0), r.stride(1),
             out.stride(0), out.stride(1),
-            scale, p, seed, _m_bucket(M))
+            scale, _dropout_threshold(p), seed, _m_bucket(M))
     flags = dict(ADD_TO_OUT=add_to_out, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0,
                  BLOCK_R=_block_r(R))
     if add_to_out:
@@ -209,12 +222,12 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
 def _shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
-    p, seed,
+    keep_scale, threshold, seed,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -229,14 +242,14 @@ def _shrink_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=x_mask, other=0.0)  # (BLOCK_M, BLOCK_K)
         if HAS_DROPOUT:
-            keep = _keep(seed, offs_m[:, None] * K + offs_k[None, :], p)
+            keep = _keep_tile(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0).to(x.dtype)
         a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                       mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_K, BLOCK_R)
         acc = _dot(x, a_t, acc)
     # The 1 / (1 - p) of inverted dropout is applied once to the sum, not to every element.
     if HAS_DROPOUT:
-        acc = acc / (1.0 - p)
+        acc = acc * keep_scale
     tl.store(xa_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or,
              acc.to(xa_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
@@ -259,7 +272,7 @@ def _shrink(x, lora_A, p, seed):
     _shrink_kernel[grid](
         x, lora_A, xa, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        p, seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
+        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
     return xa
 
 
@@ -328,12 +341,12 @@ def _dy_pass(dy, lora_B, xa, scaling):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
 def _lora_a_grad_kernel(
     dxa_ptr, x_ptr, da_ptr,
     M, K, R,
     stride_dxam, stride_dxar, stride_xm, stride_xk, stride_dar, stride_dak,
-    p, seed,
+    keep_scale, threshold, seed,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -350,11 +363,11 @@ def _lora_a_grad_kernel(
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
         if HAS_DROPOUT:
             # The same (seed, offset) pairs as the forward's shrink: the same mask.
-            keep = _keep(seed, offs_m[:, None] * K + offs_k[None, :], p)
+            keep = _keep_tile(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0).to(x.dtype)
         acc = _dot(dxa_t, x, acc)
     if HAS_DROPOUT:
-        acc = acc / (1.0 - p)
+        acc = acc * keep_scale
     tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
              acc.to(da_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
@@ -369,7 +382,7 @@ def _lora_a_grad(dxa, x, p, seed, dtype):
     _lora_a_grad_kernel[grid](
         dxa, x, da, M, K, R,
         dxa.stride(0), dxa.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-        p, seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
+        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
     return da
 
 
@@ -378,18 +391,33 @@ def _lora_a_grad(dxa, x, p, seed, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed must not mean a new compile
-def _dropout_mask_kernel(out_ptr, numel, p, seed, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, _keep(seed, offs, p).to(tl.int8), mask=offs < numel)
+def _dropout_threshold(p):
+    """The 16-bit coin threshold for rate p: an element is dropped iff its coin < threshold.
+
+    So the drop rate is p rounded down to a multiple of 2**-16 (0.1 becomes 0.099991); the
+    1 / (1 - p) rescaling uses p itself.
+    """
+    return int(p * 65536)
+
+
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
+def _dropout_mask_kernel(out_ptr, M, K, threshold, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep_tile(seed, offs_m, tl.program_id(1) * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 def dropout_mask(seed, shape, p, device="cpu"):
     """The keep-mask D (bool, `shape`) that lora_linear draws for an x of `shape` with this
-    seed and p: element i (row-major) is kept iff tl.rand(seed, i) > p."""
+    seed and p (see `_keep_tile` for how each element's coin is drawn)."""
     out = torch.empty(shape, device=device, dtype=torch.int8)
-    numel = out.numel()
-    _dropout_mask_kernel[(triton.cdiv(numel, 1024),)](out, numel, p, seed, BLOCK=1024)
+    K = shape[-1] if len(shape) else 1
+    M = out.numel() // K if K else 0
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
+    if out.numel():
+        _dropout_mask_kernel[grid](out, M, K, _dropout_threshold(p), seed, BLOCK_M=32, BLOCK_K=64)
     return out.bool()
 
 
