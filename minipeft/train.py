@@ -296,6 +296,15 @@ def _count(batch: dict, task: str) -> int:
     return labels.numel() if task == "classification" else int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def _num_tokens(batch: dict) -> int | None:
+    """Real (unpadded) tokens in a batch for the throughput log; None when it holds no token ids."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
+    return None  # e.g. a plain module fed {"x", "labels"}: there are no tokens to count
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -467,7 +476,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     metric_name = config.metric
     stopped_early = False
     t_start = t_log = time.perf_counter()
-    tokens_since_log, loss_since_log, steps_since_log = 0, 0.0, 0
+    tokens_since_log, loss_since_log, steps_since_log = None, 0.0, 0  # tokens: None until a batch has some
     train_seconds = 0.0
     task = config.task
 
@@ -494,7 +503,9 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
                     loss, _ = _forward(model, batch, task)
                     (loss * weight).backward()
                 loss_value += loss.item() * weight
-                tokens_since_log += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                n_tokens = _num_tokens(batch)
+                if n_tokens is not None:
+                    tokens_since_log = (tokens_since_log or 0) + n_tokens
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], config.max_grad_norm)
             optimizer.step()
@@ -507,13 +518,15 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
             if step % config.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 rec = {"step": step, "epoch": epoch, "loss": loss_since_log / steps_since_log,
-                       "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": tokens_since_log * world / max(now - t_log, 1e-9)}
+                       "lr": scheduler.get_last_lr()[0]}
+                line = f"step {step}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
+                if tokens_since_log is not None:  # batches without token ids get no throughput
+                    rec["tokens_per_s"] = tokens_since_log * world / max(now - t_log, 1e-9)
+                    line += f" | {rec['tokens_per_s']:.0f} tok/s"
                 if main:
-                    print(f"step {step}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
+                    print(line, flush=True)
                 log(rec)
-                t_log, tokens_since_log, loss_since_log, steps_since_log = now, 0, 0.0, 0
+                t_log, tokens_since_log, loss_since_log, steps_since_log = now, None, 0.0, 0
 
             end_of_epoch = w == steps_per_epoch - 1
             due = (step % config.eval_every == 0) if config.eval_every else end_of_epoch

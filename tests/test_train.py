@@ -117,6 +117,42 @@ def test_loss_goes_down_and_frozen_weights_stay(tmp_path):
     assert sum(1 for l in lines if l.get("eval")) == 4  # once per epoch
 
 
+class PlainRegressor(nn.Module):
+    """A module whose batches hold features, not token ids: {"x", "labels"}."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x, labels=None):
+        return self.lin(x)  # logits [B, 2]
+
+
+def test_batches_without_token_ids_train_like_a_hand_written_loop(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(8, 4, generator=g), "labels": torch.randint(0, 2, (8,), generator=g)} for _ in range(6)]
+    torch.manual_seed(0)
+    model = PlainRegressor()
+    reference = PlainRegressor()
+    reference.load_state_dict(model.state_dict())
+
+    train(model, batches, batches, TrainConfig(output_dir=str(tmp_path), lr=1e-2, schedule="constant",
+                                               max_grad_norm=None, log_every=2))
+    # the reference: plain AdamW, one step a batch, on the mean cross-entropy
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    for b in batches:
+        nn.functional.cross_entropy(reference(b["x"]), b["labels"]).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "eval" not in r]
+    assert [r["step"] for r in steps] == [2, 4, 6]
+    assert all("tokens_per_s" not in r for r in steps)  # no token ids: no throughput, and no crash
+    assert "eval_accuracy" in records[-1]
+
+
 def test_full_finetuning_runs_through_the_same_loop(tmp_path):
     torch.manual_seed(0)
     model = TinyClassifier()
