@@ -9,8 +9,8 @@ Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its 
 
     backward  dxa = s * dy B                             (M, r)   } one pass over dy
               dB  = s * dy^T xa                          (N, r)   }
-              dA  = dxa^T (D * x / (1 - p))              (r, K)
-              dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   same GEMM kernel as y
+              dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   same GEMM kernel as y, and
+              dA  = dxa^T (D * x / (1 - p))              (r, K)   } summed in its epilogue
 
 The mask D is never stored. Like Triton's tutorial 04 (low-memory dropout), every kernel that
 needs it redraws it from the seed and the element's position (m, k) in x, with Philox
@@ -21,7 +21,8 @@ Four kernels:
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
     _dy_pass_kernel          dxa = s * dy @ B  and  dB += s * dy^T @ xa  (fp32 atomics)
-    _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)
+    _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)             only when dx is not needed:
+                                                                          the dx GEMM sums dA itself
 
 All accumulate in fp32 and store in the input dtype. r is handled in chunks of BLOCK_R (a power
 of two in [16, 64]: tl.dot needs at least 16 along each side, and 64 keeps the epilogue tiles
@@ -82,16 +83,17 @@ def _keep_tile(seed, offs_m, k_start, K, threshold, BLOCK_M: tl.constexpr, BLOCK
 
 @triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
 def _matmul_lowrank_kernel(
-    x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, xin_ptr, dr_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn,
-    stride_om, stride_on,
+    stride_om, stride_on, stride_im, stride_in, stride_drr, stride_drn,
     scale, threshold, seed,
     M_BUCKET,  # unused here; only the autotuner's cache key (one tuning per power-of-two M)
     ADD_TO_OUT: tl.constexpr,  # out already holds x @ w (+ bias) from cuBLAS: skip the K loop
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,  # mask the low-rank term with D (the dx of the backward)
+    R_GRAD: tl.constexpr,  # also dr (R, N) += scale * l^T ([D] * xin): the backward's dA
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -114,6 +116,20 @@ def _matmul_lowrank_kernel(
     offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
     offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
 
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_DROPOUT:
+        # out has the shape of x here (out = dx, N = x's K): the mask of x's tile at (m, n).
+        keep = _keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N)
+    if R_GRAD:
+        # In the backward, this tile of dx sits exactly where the tile of x that dA needs does:
+        # dA = dxa^T (D * x) / (1 - p) can be summed here, from the same l and the same mask, and
+        # x is read while the GEMM keeps the memory bus idle. Rows past M load as 0, so the
+        # wrapped rows of l add nothing.
+        xin = tl.load(xin_ptr + offs_m[:, None] * stride_im + offs_n[None, :] * stride_in,
+                      mask=out_mask, other=0.0)  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            xin = tl.where(keep, xin, 0.0).to(xin.dtype)
+
     # The accumulator starts as the low-rank term, scale * [D] * (l @ r), a (BLOCK_M, R) @
     # (R, BLOCK_N) product in chunks of BLOCK_R; the K loop then adds x @ w onto it. Adding the
     # term after the loop instead would keep a second (BLOCK_M, BLOCK_N) fp32 tile live, and at
@@ -126,13 +142,16 @@ def _matmul_lowrank_kernel(
         r = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_bn[None, :] * stride_rn,
                     mask=offs_r[:, None] < R, other=0.0)  # (BLOCK_R, BLOCK_N)
         acc = _dot(l, r, acc)
+        if R_GRAD:
+            # Every row tile adds its share of the sum over M: fp32 atomics, as in _dy_pass_kernel.
+            dr = _dot(tl.trans(l), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32))
+            tl.atomic_add(dr_ptr + offs_r[:, None] * stride_drr + offs_n[None, :] * stride_drn, scale * dr,
+                          mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
     if HAS_DROPOUT:
-        # out has the shape of x here (out = dx, N = x's K): the mask of x's tile at (m, n).
-        acc = tl.where(_keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N), acc, 0.0)
+        acc = tl.where(keep, acc, 0.0)
     acc = acc * scale
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ADD_TO_OUT:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     else:
@@ -171,8 +190,8 @@ def _gemm_configs():
 
 # Tuned once per (power-of-two bucket of M, N, K, dtypes): a new sequence length reuses the
 # bucket's winner instead of retuning.
-_matmul_lowrank_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(
-    _matmul_lowrank_kernel)
+_matmul_lowrank_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"],
+                                        reset_to_zero=["dr_ptr"])(_matmul_lowrank_kernel)
 
 
 def _block_r(R):
@@ -184,26 +203,30 @@ def _m_bucket(M):
     return min(triton.next_power_of_2(M), 16384)
 
 
-def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None):
+def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None, xin=None):
     """out = x @ w + bias + scale * [D] * (l @ r), or out += scale * [D] * (l @ r) if out is given.
 
     x (M, K), w (K, N), bias (N,) or None, l (M, R), r (R, N); any strides. D, when p > 0, is
     the dropout mask of an (M, N) tensor drawn from seed (the backward's dx has x's shape).
+    With xin (M, N), also returns dr (R, N) = scale * l^T ([D] * xin) in fp32: (out, dr).
     """
     M, N, R = l.shape[0], r.shape[1], l.shape[1]
+    dr = torch.zeros((R, N), device=l.device, dtype=torch.float32) if xin is not None else None
     add_to_out = out is not None
     if add_to_out:
         x, w, K = out, out, 0  # no base product; x and w are never read
     else:
         K = x.shape[1]
         out = torch.empty((M, N), device=l.device, dtype=l.dtype)
-    args = (x, w, bias if bias is not None else out, l, r, out,
+    unused = out  # a pointer the kernel never reads when its flag is off
+    xin_, dr_ = (xin, dr) if xin is not None else (unused, unused)
+    args = (x, w, bias if bias is not None else unused, l, r, out, xin_, dr_,
             M, N, K, R,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             l.stride(0), l.stride(1), r.stride(0), r.stride(1),
-            out.stride(0), out.stride(1),
+            out.stride(0), out.stride(1), xin_.stride(0), xin_.stride(1), dr_.stride(0), dr_.stride(1),
             scale, _dropout_threshold(p), seed, _m_bucket(M))
-    flags = dict(ADD_TO_OUT=add_to_out, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0,
+    flags = dict(ADD_TO_OUT=add_to_out, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, R_GRAD=xin is not None,
                  BLOCK_R=_block_r(R))
     if add_to_out:
         # A thin, memory-bound pass over out: one fixed config, no tuning (tuning would also
@@ -214,7 +237,7 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None):
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _matmul_lowrank_tuned[grid](*args, **flags)
-    return out
+    return out, dr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +478,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
         xa = _shrink(x2, lora_A, p, seed)  # (M, r)
         if use_fused_base(M, N, K):
-            y = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
+            y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
         else:
             y = F.linear(x2, weight, bias)
             y.addmm_(xa, lora_B.t(), alpha=scaling)
@@ -473,19 +496,23 @@ class LoraLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(M, N)
 
         dxa, db = _dy_pass(dy2, lora_B, xa, s)  # (M, r) with s folded in, (N, r) fp32
-        dA = _lora_a_grad(dxa, x2, p, seed, lora_A.dtype) if ctx.needs_input_grad[3] else None
         dB = db.to(lora_B.dtype) if ctx.needs_input_grad[4] else None
 
-        dx = None
+        dx = dA = None
         if ctx.needs_input_grad[0]:
-            # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, with the mask in the epilogue.
+            # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, with the mask in the
+            # epilogue; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
             scale = 1.0 / (1.0 - p)
+            xin = x2 if ctx.needs_input_grad[3] else None
             if use_fused_base(M, K, N):
-                dx = _matmul_lowrank(dy2, weight, None, dxa, lora_A, scale, p, seed)
+                dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, scale, p, seed, xin=xin)
             else:
                 dx = torch.mm(dy2, weight)
-                _matmul_lowrank(None, None, None, dxa, lora_A, scale, p, seed, out=dx)
+                _, da = _matmul_lowrank(None, None, None, dxa, lora_A, scale, p, seed, out=dx, xin=xin)
             dx = dx.reshape(ctx.x_shape)
+            dA = da.to(lora_A.dtype) if da is not None else None
+        elif ctx.needs_input_grad[3]:  # e.g. the first adapted layer, whose input needs no gradient
+            dA = _lora_a_grad(dxa, x2, p, seed, lora_A.dtype)
         # No gradient for the frozen weight and bias, nor for scaling, p and seed.
         return dx, None, None, dA, dB, None, None, None
 
