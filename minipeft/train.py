@@ -138,11 +138,37 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _check_same_trainable(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise, naming every difference, unless `state` holds exactly `model`'s trainable parameters.
+
+    Checked before anything is loaded: a checkpoint from another adapter config (another
+    rank r, other target modules) would otherwise fail halfway with a bare size or key error.
+    """
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n in trainable if n not in state]
+    unexpected = [n for n in state if n not in trainable]
+    shapes = [f"{n}: {tuple(state[n].shape)} in the checkpoint, {tuple(p.shape)} in the model"
+              for n, p in trainable.items() if n in state and state[n].shape != p.shape]
+    problems = []
+    if missing:
+        problems.append(f"trainable in the model but not in the checkpoint: {_some(missing)}")
+    if unexpected:
+        problems.append(f"in the checkpoint but not trainable in the model: {_some(unexpected)}")
+    if shapes:
+        problems.append(f"shapes differ: {_some(shapes)}")
+    if problems:
+        raise ValueError(
+            f"cannot resume from {path}: it holds the trainable parameters of another model or adapter config "
+            f"({'; '.join(problems)}). Use a new output_dir, or resume=False to start this run over in the same one."
+        )
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
 def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if missing:
-        raise RuntimeError(f"checkpoint lacks trainable parameters {missing[:5]}; was it written for another model?")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
@@ -442,6 +468,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     if config.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         _check_resumable(ckpt, config, totals, world, ckpt_path)
+        _check_same_trainable(raw_model, ckpt["trainable"], ckpt_path)
         _load_trainable_state(raw_model, ckpt["trainable"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -418,3 +418,44 @@ def test_distributed_on_gpus_pins_the_device_and_keeps_gloo_for_cpu_tensors(monk
     monkeypatch.setattr(train_module.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     train_module.setup_distributed()
     assert calls == [("set_device", 1), ("init", "cpu:gloo,cuda:nccl")]
+
+
+def test_resume_into_another_adapter_config_names_the_parameters_that_differ(tmp_path):
+    import re
+
+    from minipeft import LoraConfig, get_peft_model
+
+    def lora(**kw):
+        torch.manual_seed(0)
+        return get_peft_model(TinyClassifier(), LoraConfig(lora_alpha=8, **kw))
+
+    train_loader, eval_loader = loaders(n_train=32)
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100)
+    saved = lora(r=4, target_modules=["adapter", "classifier"])
+    train(saved, train_loader, eval_loader, config)
+    saved_shapes = {n: tuple(p.shape) for n, p in saved.named_parameters() if p.requires_grad}
+
+    # another rank: every LoRA matrix has another shape; the message names one with both shapes
+    wider = lora(r=8, target_modules=["adapter", "classifier"])
+    before = trainable(wider)
+    a = "base_model.model.adapter.lora_A.default.weight"
+    expected = f"{a}: {saved_shapes[a]} in the checkpoint, {tuple(wider.get_parameter(a).shape)} in the model"
+    assert saved_shapes[a] == (4, DIM) and expected.endswith(f"({8}, {DIM}) in the model")
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint\.pt.*shapes differ: .*" + re.escape(expected)
+                                         + r".*new output_dir, or resume=False"):
+        train(wider, train_loader, eval_loader, config)
+    for name, value in before.items():  # nothing was loaded before the error
+        assert torch.equal(trainable(wider)[name], value), name
+
+    # fewer targets: the classifier's LoRA matrices are in the checkpoint only
+    fewer = lora(r=4, target_modules=["adapter"])
+    only_saved = sorted(set(saved_shapes) - {n for n, p in fewer.named_parameters() if p.requires_grad})
+    assert only_saved and all(".classifier." in n for n in only_saved)
+    with pytest.raises(ValueError, match=r"in the checkpoint but not trainable in the model: "
+                                         + re.escape(", ".join(only_saved))) as err:
+        train(fewer, train_loader, eval_loader, config)
+    assert "trainable in the model but not in the checkpoint" not in str(err.value)
+    # and the other way round: more targets than the checkpoint holds
+    more = lora(r=4, target_modules=["adapter", "classifier"], modules_to_save=["embed"])
+    with pytest.raises(ValueError, match=r"trainable in the model but not in the checkpoint: .*modules_to_save"):
+        train(more, train_loader, eval_loader, config)
