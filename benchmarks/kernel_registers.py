@@ -1,0 +1,167 @@
+"""Registers and spills of the fused LoRA kernels on an H100 (sm_90), measured without a GPU.
+
+Triton compiles for a target it is told about, and its wheel ships NVIDIA's `ptxas` and
+`cuobjdump`: so the exact machine code a launch on an H100 would get can be built and inspected
+on any machine. This script specialises every kernel the way a real launch at the benchmark's
+shape specialises it (16-byte aligned pointers, integers divisible by 16 marked so, strides of
+1 made constants), compiles it for sm_90 once per autotuning config, and reports:
+
+- registers per thread (at most 255 on Hopper);
+- spill stack, in bytes: values that did not fit in registers and live in local memory
+  (off-chip, cached). A GEMM whose accumulator spills loses much of its speed, so a config
+  that spills here should not win the autotuner's race on a GPU;
+- shared memory, which with num_stages bounds how many programs share an SM.
+
+It says nothing about time; `bench_lora_linear.py` measures that on a GPU.
+
+    python benchmarks/kernel_registers.py            # writes results/sm90-registers.md
+    python benchmarks/kernel_registers.py --no-write
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default; set to silence its warning
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minipeft.kernels import fused_lora as fl  # noqa: E402
+
+if fl.INTERPRET:
+    sys.exit("unset TRITON_INTERPRET: under the interpreter there is no machine code to inspect")
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+M, K, N, R = 8192, 4096, 4096, 16  # the issue's flagship shape: a 4096 x 4096 layer, r = 16
+
+
+def compile_for_sm90(kernel, args, constexprs, num_warps=4, num_stages=3):
+    """Machine code for `kernel` as a launch with these argument values would specialise it.
+
+    args: name -> value for every runtime argument, in order. A value is a dtype string such
+    as "*bf16" for a pointer (assumed 16-byte aligned, as torch allocations are), an int, or a
+    float. Like triton's launcher, ints equal to 1 become compile-time constants and ints
+    divisible by 16 get a divisibility hint (which lets loads vectorise).
+    """
+    names = kernel.arg_names
+    signature, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name], consts[(i,)] = "constexpr", constexprs[name]
+            continue
+        value = args[name]
+        if isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1 and name not in kernel.do_not_specialize:
+            signature[name], consts[(i,)] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0 and name not in kernel.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resources(compiled):
+    """(registers per thread, spill stack bytes, dynamic shared memory bytes) from the cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", f.name],
+                                capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", report).groups()
+    return int(regs), int(stack), compiled.metadata.shared
+
+
+def gemm_args(dtype, backward):
+    """_matmul_lowrank_kernel's arguments for y (forward) or dx (backward) of the flagship layer.
+
+    forward: x (M, K) @ W^T, l = xa (M, R), r = B^T (R, N), out = y (M, N).
+    backward: dy (M, N) @ W, l = dxa (M, R), r = A (R, K), out = dx (M, K), xin = x, dr = dA.
+    """
+    p = f"*{dtype}"
+    red, cols = (N, K) if backward else (K, N)  # reduction length, output columns
+    w_strides = (cols, 1) if backward else (1, red)  # W (N, K) read as (K, N) in the forward
+    r_strides = (cols, 1) if backward else (1, R)
+    return dict(
+        x_ptr=p, w_ptr=p, bias_ptr=p, l_ptr=p, r_ptr=p, out_ptr=p, xin_ptr=p, dr_ptr="*fp32",
+        M=M, N=cols, K=red, R=R,
+        stride_xm=red, stride_xk=1, stride_wk=w_strides[0], stride_wn=w_strides[1],
+        stride_lm=R, stride_lr=1, stride_rr=r_strides[0], stride_rn=r_strides[1],
+        stride_om=cols, stride_on=1, stride_im=cols, stride_in=1, stride_drr=cols, stride_drn=1,
+        scale=1.0, threshold=6553, seed=1234, M_BUCKET=M)
+
+
+def gemm_rows(dtype, backward, dropout):
+    flags = dict(ADD_TO_OUT=False, HAS_BIAS=not backward, HAS_DROPOUT=dropout, R_GRAD=backward,
+                 BLOCK_R=fl._block_r(R))
+    for config in fl._gemm_configs():
+        compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward),
+                                    {**flags, **config.kwargs}, config.num_warps, config.num_stages)
+        tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        yield f"{tile}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
+
+
+def thin_rows(dtype):
+    """The memory-bound kernels, at the block sizes their launchers pick for M = 8192."""
+    p = f"*{dtype}"
+    bm, br = fl._thin_block_m(M), fl._block_r(R)
+    for dropout in (False, True):
+        args = dict(x_ptr=p, a_ptr=p, xa_ptr=p, M=M, K=K, R=R, stride_xm=K, stride_xk=1, stride_ar=K,
+                    stride_ak=1, stride_om=R, stride_or=1, keep_scale=1.0, threshold=6553, seed=1234)
+        compiled = compile_for_sm90(fl._shrink_kernel, args, dict(HAS_DROPOUT=dropout, BLOCK_M=bm,
+                                                                  BLOCK_K=128, BLOCK_R=br))
+        yield f"_shrink_kernel, {bm}x128{', dropout' if dropout else ''}", resources(compiled)
+    args = dict(dy_ptr=p, b_ptr=p, xa_ptr=p, dxa_ptr=p, db_ptr="*fp32", M=M, N=N, R=R, stride_dym=N,
+                stride_dyn=1, stride_bn=R, stride_br=1, stride_xam=R, stride_xar=1, stride_dxam=R,
+                stride_dxar=1, stride_dbn=R, stride_dbr=1, scaling=2.0)
+    compiled = compile_for_sm90(fl._dy_pass_kernel, args, dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_R=br))
+    yield f"_dy_pass_kernel, {bm}x64", resources(compiled)
+
+
+def table(title, rows):
+    lines = [f"### {title}", "", "| config | registers | spill stack (bytes) | shared memory (KiB) |", "|---|---|---|---|"]
+    for name, (regs, stack, smem) in rows:
+        lines.append(f"| {name} | {regs} | {stack} | {smem / 1024:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results/ alone")
+    args = parser.parse_args()
+
+    sections = [
+        table("y = x W^T + b + s * xa B^T (forward GEMM), bf16", gemm_rows("bf16", backward=False, dropout=False)),
+        table("y, float16", gemm_rows("fp16", backward=False, dropout=False)),
+        table("y, float32 (TF32 tensor cores)", gemm_rows("fp32", backward=False, dropout=False)),
+        table("dx GEMM with dA summed in it, bf16, dropout 0", gemm_rows("bf16", backward=True, dropout=False)),
+        table("dx GEMM with dA summed in it, bf16, dropout 0.1", gemm_rows("bf16", backward=True, dropout=True)),
+        table("thin kernels, bf16", thin_rows("bf16")),
+    ]
+    report = (f"## Registers and spills on sm_90, compiled offline\n\n"
+              f"`python benchmarks/kernel_registers.py`, triton {triton.__version__}, no GPU needed. "
+              f"Flagship layer: M = {M}, K = N = {K}, r = {R}. One row per autotuning config.\n\n"
+              + "\n".join(sections))
+    print(report)
+    if not args.no_write:
+        out = Path(__file__).parent / "results" / "sm90-registers.md"
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text(report)
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
