@@ -36,6 +36,12 @@ def _adapter_internals(model: nn.Module) -> tuple[list[str], list[str]]:
     return containers, wrapped
 
 
+def targets_of(model: nn.Module, config: PeftConfig) -> list[str]:
+    """Qualified names of the modules a new adapter with ``config`` would adapt in ``model`` now."""
+    skip, wrapped = _adapter_internals(model)
+    return find_targets(model, config, skip=skip, skip_exact=wrapped)
+
+
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 
 from torch import nn
 
 from . import checkpoint, injection
-from .config import PeftConfig, TaskType
+from .config import PeftConfig, PeftType, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
-from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for, virtual_tokens
+from .tuners import AdapterLayer, ModulesToSaveWrapper, lora, method_for, virtual_tokens
 
 
 class AdaptedModel(nn.Module):
@@ -163,10 +164,9 @@ class PeftModel(nn.Module):
         if "prompt_encoder" in self._modules:
             raise TypeError("virtual tokens (prompt/prefix tuning) are not weights and cannot be merged; use unload()")
         plan = self._merge_plan(adapter_names, safe_merge, already_merged="keep")
-        copies = [(name, here) for name, layer, here in plan if isinstance(layer, ModulesToSaveWrapper) and len(here) > 1]
-        if copies:
-            name, here = copies[0]
-            raise ValueError(f"adapters {here} each train their own copy of {name!r}; merge_and_unload can keep only one")
+        for name, layer, here in plan:
+            if isinstance(layer, ModulesToSaveWrapper) and len(here) > 1:
+                raise ValueError(f"adapters {here} each train their own copy of {name!r}; merge_and_unload keeps one")
         return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
 
     def _merge_plan(
@@ -211,6 +211,99 @@ class PeftModel(nn.Module):
         if "prompt_encoder" in self._modules:
             self.prompt_encoder.remove_hooks()
         return injection.unload(self.get_base_model(), merge=False)
+
+    # -- combining LoRA adapters --------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add LoRA adapter ``adapter_name`` whose update is ``sum_i weights[i] * s_i B_i A_i`` over
+        ``adapters`` (weights may be negative), per layer; the math is in ``lora.combine``.
+
+        combination_type: "cat" (exact; rank = the sum of the ranks), "svd" (the exact sum cut to
+        rank ``svd_rank``, default the largest rank; ``svd_clamp``: clip the factors to that
+        quantile; ``svd_full_matrices`` / ``svd_driver``: for ``torch.linalg.svd``) or "linear"
+        (A and B mixed separately: cheap, approximate, equal ranks only). A single adapter is
+        always combined "linear", which is exact for one. The new adapter has scaling 1
+        (r = lora_alpha = its rank) and is added inactive and frozen like any second adapter:
+        ``set_adapter(adapter_name)`` to use it. ``density`` and ``majority_sign_method`` belong to
+        peft's ties/dare types, which minipeft does not implement; they are accepted and unused.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        if not adapters or len(weights) != len(adapters):
+            raise ValueError(f"give one weight per adapter: got adapters {adapters} and weights {weights}")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; existing adapters: {list(self.peft_config)}")
+        types = {a: self.peft_config[a].peft_type for a in adapters}
+        other = {a: t.value for a, t in types.items() if t != PeftType.LORA}
+        if other:
+            raise TypeError(f"add_weighted_adapter combines LoRA adapters only; {other} are not LoRA")
+        sources = [(a, self.peft_config[a]) for a in adapters]
+        combination_type, rank = lora.combined_rank(sources, combination_type, svd_rank)
+
+        base = self.get_base_model()
+        layers = {name: layer for name, layer in injection.adapter_layers(base)
+                  if isinstance(layer, lora.LoraLayer) and any(a in layer.r for a in adapters)}
+        heads = {name: [a for a in dict.fromkeys(adapters) if a in layer.modules_to_save]
+                 for name, layer in injection.adapter_layers(base) if isinstance(layer, ModulesToSaveWrapper)}
+        for name, have in heads.items():
+            if len(have) > 1:
+                raise ValueError(f"adapters {have} each train their own copy of {name!r}; a combination keeps one")
+        # Every new factor is computed before the model changes: an error leaves it as it was.
+        factors = {
+            name: lora.combine(
+                [(*layer.lora_factors(a), w * layer.scaling[a]) for a, w in zip(adapters, weights) if a in layer.r],
+                combination_type, rank, svd_clamp, svd_full_matrices, svd_driver,
+            )
+            for name, layer in layers.items()
+        }
+        config = dataclasses.replace(
+            sources[0][1], r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+            modules_to_save=list(dict.fromkeys(m for _, c in sources for m in c.modules_to_save or [])) or None,
+            **self._combined_targets([c for _, c in sources], list(layers)),
+        )
+        self.add_adapter(adapter_name, config)
+        try:
+            for name, (A, B) in factors.items():
+                layers[name].set_lora_factors(adapter_name, A, B)
+            for name, have in heads.items():  # a trained head comes along from the one source that has it
+                if have:
+                    copies = base.get_submodule(name).modules_to_save
+                    copies[adapter_name].load_state_dict(copies[have[0]].state_dict())
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _combined_targets(self, configs: list[PeftConfig], layer_names: list[str]) -> dict:
+        """target_modules for a combined adapter: the union of the sources' (as peft writes it) when
+        that selects exactly the layers holding a source, else those layers by full name (e.g. when
+        the sources' layers_to_transform differ), so that the saved config reloads where it was."""
+        targets = [c.target_modules for c in configs]
+        union = None
+        if all(isinstance(t, list) for t in targets):
+            union = sorted(set().union(*targets))
+        elif all(isinstance(t, str) for t in targets):
+            patterns = list(dict.fromkeys(targets))
+            union = patterns[0] if len(patterns) == 1 else "|".join(f"({p})" for p in patterns)
+        if union is not None:
+            try:
+                trial = dataclasses.replace(configs[0], target_modules=union)
+                if injection.targets_of(self.get_base_model(), trial) == layer_names:
+                    return {"target_modules": union}
+            except ValueError:  # the union selects nothing or makes an invalid config: use the names
+                pass
+        return dict(target_modules=layer_names, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
 
     # -- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

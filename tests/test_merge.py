@@ -22,10 +22,10 @@ peft = pytest.importorskip("peft")
 TARGETS = ["fc1", "fc2", "embed", "conv2d"]
 
 
-def two_adapters(base, use_dora=False):
-    """TinyNet with LoRA "a" (active) and "b" on ``TARGETS``, random weights."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, use_dora=use_dora))
-    model.add_adapter("b", LoraConfig(r=3, lora_alpha=5, target_modules=TARGETS, use_rslora=True, use_dora=use_dora))
+def two_adapters(base):
+    """TinyNet with LoRA "default" (active) and "b" on ``TARGETS``, random weights."""
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+    model.add_adapter("b", LoraConfig(r=3, lora_alpha=5, use_rslora=True, target_modules=TARGETS))
     randomize_adapters(model)
     return model
 
