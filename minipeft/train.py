@@ -53,6 +53,10 @@ CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
 METRICS_NAME = "metrics.jsonl"
 LOWER_IS_BETTER = ("loss", "perplexity")
+SCHEDULES = ("linear", "cosine", "constant")
+TASKS = ("auto", "classification", "causal_lm")
+# what evaluate() reports for each task; "auto" picks accuracy or loss
+METRICS = {"classification": ("loss", "accuracy", "f1"), "causal_lm": ("loss", "perplexity")}
 
 
 @dataclass
@@ -82,6 +86,62 @@ class TrainConfig:
     seed: int = 0
     find_unused_parameters: bool = False
 
+    def __post_init__(self):
+        """Refuse bad values here, before a run starts, not as a ZeroDivisionError mid-run."""
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+            raise ValueError(f"output_dir must be a folder path, not {self.output_dir!r}")
+        if self.max_steps is None:
+            _check_int("epochs", self.epochs, 1, "(or set max_steps)")
+        else:
+            _check_int("max_steps", self.max_steps, 1, "or None to train for `epochs`")
+        for name in ("lr", "weight_decay"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), not {self.betas!r}")
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1) (a share of the steps), not {self.warmup_ratio!r}")
+        _check_int("grad_accum_steps", self.grad_accum_steps, 1, "(1: no accumulation)")
+        if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0, or None for no clipping, not {self.max_grad_norm!r}")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be True, False or None (automatic), not {self.bf16!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device {self.device!r} is not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1', "
+                                 "or None for automatic") from None
+        _check_choice("task", self.task, TASKS)
+        _check_int("eval_every", self.eval_every, 0, "(0: at the end of each epoch)")
+        valid = METRICS.get(self.task) or tuple(dict.fromkeys(m for ms in METRICS.values() for m in ms))
+        _check_choice("metric", self.metric, ("auto", *valid),
+                      f"for task {self.task!r}" if self.task != "auto" else "")
+        if self.patience is not None:
+            _check_int("patience", self.patience, 1, "or None for no early stopping")
+        _check_int("checkpoint_every", self.checkpoint_every, 0, "(0: only after evaluations and at the end)")
+        _check_int("log_every", self.log_every, 1)
+        _check_int("seed", self.seed, None)
+
+
+def _check_int(name: str, value, minimum: int | None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        want = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {want}{' ' + hint if hint else ''}, not {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_choice(name: str, value, choices: tuple, context: str = "") -> None:
+    if value not in choices:
+        where = f" {context}" if context else ""
+        raise ValueError(f"{name} {value!r} is not valid{where}; use one of {', '.join(map(repr, choices))}")
+
 
 @dataclass
 class TrainResult:
@@ -99,7 +159,7 @@ class TrainResult:
 
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the peak lr at a given step: linear warmup, then the schedule's decay to 0."""
-    if schedule not in ("linear", "cosine", "constant"):
+    if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be 'linear', 'cosine' or 'constant', not {schedule!r}")
 
     def f(step: int) -> float:
@@ -518,6 +578,10 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
         for w in range(window, steps_per_epoch):
             micro = [_to(b, device) for b in _take(mine, accum)]
             task = _task_of(micro[0], task)
+            if eval_batches is not None and metric_name not in ("auto", *METRICS[task]):
+                # task "auto" is known only now, from the labels: still before the first step
+                raise ValueError(f"metric {metric_name!r} is not reported for task {task!r}; use one of "
+                                 f"{', '.join(map(repr, ('auto', *METRICS[task])))}")
             n_total = sum(_count(b, task) for b in micro)
             loss_value = 0.0
             for j, batch in enumerate(micro):

@@ -459,3 +459,50 @@ def test_resume_into_another_adapter_config_names_the_parameters_that_differ(tmp
     more = lora(r=4, target_modules=["adapter", "classifier"], modules_to_save=["embed"])
     with pytest.raises(ValueError, match=r"trainable in the model but not in the checkpoint: .*modules_to_save"):
         train(more, train_loader, eval_loader, config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("grad_accum_steps", 0, r"grad_accum_steps must be an integer >= 1 \(1: no accumulation\), not 0"),
+    ("log_every", 0, r"log_every must be an integer >= 1, not 0"),
+    ("task", "clf", r"task 'clf' is not valid; use one of 'auto', 'classification', 'causal_lm'"),
+    ("metric", "acc", r"metric 'acc' is not valid; use one of 'auto', 'loss', 'accuracy', 'f1', 'perplexity'"),
+    ("schedule", "step", r"schedule 'step' is not valid; use one of 'linear', 'cosine', 'constant'"),
+    ("epochs", 0, r"epochs must be an integer >= 1 \(or set max_steps\), not 0"),
+    ("max_steps", 0, r"max_steps must be an integer >= 1 or None"),
+    ("lr", -1e-3, r"lr must be a number >= 0, not -0.001"),
+    ("lr", float("nan"), r"lr must be a number >= 0, not nan"),
+    ("warmup_ratio", 1.5, r"warmup_ratio must be in \[0, 1\)"),
+    ("betas", (0.9,), r"betas must be two numbers in \[0, 1\)"),
+    ("max_grad_norm", 0.0, r"max_grad_norm must be a number > 0, or None for no clipping, not 0.0"),
+    ("patience", 0, r"patience must be an integer >= 1 or None"),
+    ("eval_every", -1, r"eval_every must be an integer >= 0"),
+    ("epochs", 1.5, r"epochs must be an integer >= 1"),
+    ("device", "gpu", r"device 'gpu' is not a torch device; use e.g. 'cpu', 'cuda'"),
+])
+def test_config_refuses_bad_values_naming_the_valid_ones(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_config_metric_must_fit_the_task(tmp_path):
+    with pytest.raises(ValueError, match=r"metric 'perplexity' is not valid for task 'classification'; "
+                                         r"use one of 'auto', 'loss', 'accuracy', 'f1'"):
+        TrainConfig(output_dir=str(tmp_path), task="classification", metric="perplexity")
+    # the edges of the valid ranges are accepted
+    TrainConfig(output_dir=str(tmp_path), lr=0.0, warmup_ratio=0.0, eval_every=0, max_grad_norm=None, patience=1,
+                epochs=0, max_steps=3, task="causal_lm", metric="perplexity", device="cpu")
+
+
+def test_metric_of_another_task_fails_before_the_first_step(tmp_path):
+    # task "auto" learns from the first batch's labels that this is classification, which
+    # reports no perplexity: the run stops there, not at the first evaluation after training
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    before = trainable(model)
+    train_loader, eval_loader = loaders(n_train=32)
+    with pytest.raises(ValueError, match=r"metric 'perplexity' is not reported for task 'classification'; "
+                                         r"use one of 'auto', 'loss', 'accuracy', 'f1'"):
+        train(model, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), metric="perplexity"))
+    for name, value in before.items():
+        assert torch.equal(trainable(model)[name], value), name
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.jsonl").exists()
