@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -284,22 +285,36 @@ def encode_prompt_completion(
 
     Returns {"input_ids": prompt+completion(+eos), "labels": [-100]*len(prompt)+completion(+eos)}.
     The prompt gets the tokenizer's special tokens (e.g. BOS), the completion none. Rows
-    are cut at max_length from the right; a row whose completion is cut away entirely
-    would teach nothing, so it is dropped.
+    are cut at max_length from the right. A row with nothing left to predict would teach
+    nothing, so it is dropped, with a warning that counts them: its prompt fills all of
+    max_length, or its completion is empty (and there is no eos). When that leaves no row
+    at all, it is an error.
     """
     tok = load_tokenizer(tokenizer)
     prompts = tok.encode_batch([r["prompt"] for r in records])
     completions = tok.encode_batch([r["completion"] for r in records], add_special_tokens=False)
-    out = []
+    out, too_long, empty = [], 0, 0
     for p, c in zip(prompts, completions):
         target = c.ids + ([eos_token_id] if eos_token_id is not None else [])
+        if not target:
+            empty += 1
+            continue
+        if len(p.ids) >= max_length:  # truncation would cut the whole target away
+            too_long += 1
+            continue
         ids = (p.ids + target)[:max_length]
         labels = ([IGNORE_INDEX] * len(p.ids) + target)[:max_length]
-        if all(l == IGNORE_INDEX for l in labels):
-            continue
         out.append({"input_ids": ids, "labels": labels})
-    if records and not out:
-        raise DataError(f"every prompt is at least max_length={max_length} tokens long; raise max_length")
+    if too_long or empty:
+        reasons = []
+        if too_long:
+            reasons.append(f"{too_long} with a prompt of at least max_length={max_length} tokens (raise max_length)")
+        if empty:
+            reasons.append(f"{empty} with an empty completion (pass eos_token_id to teach the model to stop there)")
+        message = f"{too_long + empty} of {len(records)} rows have nothing to predict: {'; '.join(reasons)}"
+        if not out:
+            raise DataError(f"no row is left to train on; {message}")
+        warnings.warn(f"dropped {message}", stacklevel=2)
     return out
 
 

@@ -179,12 +179,29 @@ def test_prompt_tokens_and_padding_are_masked_for_causal_lm(tokenizer):
     assert batch["attention_mask"][1].tolist() == [1] * 7 + [0] * 2
 
 
-def test_prompt_longer_than_max_length_is_dropped(tokenizer):
-    records = [{"prompt": "a good film", "completion": "yes"}, {"prompt": "the film is very very bad", "completion": "no"}]
-    enc = encode_prompt_completion(records, tokenizer, max_length=6)
-    assert len(enc) == 1 and enc[0]["labels"][-1] == 12
-    with pytest.raises(DataError, match="raise max_length"):
-        encode_prompt_completion(records[1:], tokenizer, max_length=6)
+def test_prompt_longer_than_max_length_is_dropped_with_a_warning(tokenizer):
+    short = {"prompt": "a good film", "completion": "yes"}  # [CLS] a good film [SEP] = 5 tokens
+    exactly = {"prompt": "the film is bad", "completion": "no"}  # 6 tokens: nothing left of the completion
+    longer = {"prompt": "the film is very very bad", "completion": "no"}  # 8 tokens
+    with pytest.warns(UserWarning, match=r"dropped 2 of 3 rows have nothing to predict: "
+                                         r"2 with a prompt of at least max_length=6 tokens \(raise max_length\)"):
+        enc = encode_prompt_completion([short, exactly, longer], tokenizer, max_length=6)
+    assert enc == [{"input_ids": [2, 4, 5, 7, 3, 12], "labels": [IGNORE_INDEX] * 5 + [12]}]
+    with pytest.raises(DataError, match=r"no row is left to train on; 2 of 2 rows .* max_length=6 .*raise max_length"):
+        encode_prompt_completion([exactly, longer], tokenizer, max_length=6)
+
+
+def test_empty_completion_is_dropped_unless_an_eos_is_learned(tokenizer):
+    records = [{"prompt": "a good film", "completion": "yes"}, {"prompt": "is it good ?", "completion": ""}]
+    with pytest.warns(UserWarning, match=r"dropped 1 of 2 rows .*: 1 with an empty completion \(pass eos_token_id"):
+        assert len(encode_prompt_completion(records, tokenizer, max_length=16)) == 1
+    enc = encode_prompt_completion(records, tokenizer, max_length=16, eos_token_id=3)  # nothing dropped: no warning
+    assert len(enc) == 2 and enc[1]["labels"][-1] == 3
+
+
+def test_nothing_dropped_gives_no_warning(tokenizer, recwarn):
+    encode_prompt_completion([{"prompt": "a good film", "completion": "yes"}], tokenizer, max_length=16)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
 def make_examples(n):
