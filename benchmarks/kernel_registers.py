@@ -84,7 +84,7 @@ def resources(compiled):
     return int(regs), int(stack), compiled.metadata.shared
 
 
-def gemm_args(dtype, backward):
+def gemm_args(dtype, backward, rank=R):
     """_matmul_lowrank_kernel's arguments for y (forward) or dx (backward) of the flagship layer.
 
     forward: x (M, K) @ W^T, l = xa (M, R), r = B^T (R, N), out = y (M, N).
@@ -93,12 +93,12 @@ def gemm_args(dtype, backward):
     p = f"*{dtype}"
     red, cols = (N, K) if backward else (K, N)  # reduction length, output columns
     w_strides = (cols, 1) if backward else (1, red)  # W (N, K) read as (K, N) in the forward
-    r_strides = (cols, 1) if backward else (1, R)
+    r_strides = (cols, 1) if backward else (1, rank)
     return dict(
         x_ptr=p, w_ptr=p, bias_ptr=p, l_ptr=p, r_ptr=p, out_ptr=p, xin_ptr=p, dr_ptr="*fp32",
-        M=M, N=cols, K=red, R=R,
+        M=M, N=cols, K=red, R=rank,
         stride_xm=red, stride_xk=1, stride_wk=w_strides[0], stride_wn=w_strides[1],
-        stride_lm=R, stride_lr=1, stride_rr=r_strides[0], stride_rn=r_strides[1],
+        stride_lm=rank, stride_lr=1, stride_rr=r_strides[0], stride_rn=r_strides[1],
         stride_om=cols, stride_on=1, stride_im=cols, stride_in=1, stride_drr=cols, stride_drn=1,
         scale=1.0, threshold=6553, seed=1234, M_BUCKET=M)
 
@@ -130,6 +130,34 @@ def thin_rows(dtype):
     yield f"_dy_pass_kernel, {bm}x64", resources(compiled)
 
 
+def other_rows():
+    """Every other variant a launch can ask for, each in one config: that it compiles at all is
+    the point (the interpreter the tests use never runs triton's GPU code generation)."""
+    one = fl._gemm_configs()[3]  # 128x128x64, 8 warps
+    for dtype in ("fp16", "fp32"):
+        flags = dict(ADD_TO_OUT=False, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True, BLOCK_R=16)
+        compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward=True),
+                                    {**flags, **one.kwargs}, one.num_warps, one.num_stages)
+        yield f"dx GEMM + dA, dropout, {dtype}, 128x128x64", resources(compiled)
+    rank = 130  # three chunks of BLOCK_R = 64, the last one mostly padding
+    flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, BLOCK_R=fl._block_r(rank))
+    compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=False, rank=rank),
+                                {**flags, **one.kwargs}, one.num_warps, one.num_stages)
+    yield f"y GEMM, r = {rank}, bf16, 128x128x64", resources(compiled)
+    for r_grad in (False, True):  # the cuBLAS-base path: a pass over out adding the low-rank term
+        flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=r_grad, BLOCK_R=16,
+                     BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)
+        compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=True), flags)
+        yield f"add-to-out pass, dropout{', dA' if r_grad else ''}, bf16, 64x128", resources(compiled)
+    args = dict(dxa_ptr="*bf16", x_ptr="*bf16", da_ptr="*bf16", M=M, K=K, R=R, stride_dxam=R, stride_dxar=1,
+                stride_xm=K, stride_xk=1, stride_dar=K, stride_dak=1, keep_scale=1.0, threshold=6553, seed=1234)
+    compiled = compile_for_sm90(fl._lora_a_grad_kernel, args, dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_K=32, BLOCK_R=16))
+    yield "_lora_a_grad_kernel, dropout, bf16, 64x32", resources(compiled)
+    args = dict(out_ptr="*i8", M=M, K=K, threshold=6553, seed=1234)
+    compiled = compile_for_sm90(fl._dropout_mask_kernel, args, dict(BLOCK_M=32, BLOCK_K=64))
+    yield "_dropout_mask_kernel, 32x64", resources(compiled)
+
+
 def table(title, rows):
     lines = [f"### {title}", "", "| config | registers | spill stack (bytes) | shared memory (KiB) |", "|---|---|---|---|"]
     for name, (regs, stack, smem) in rows:
@@ -149,6 +177,7 @@ def main():
         table("dx GEMM with dA summed in it, bf16, dropout 0", gemm_rows("bf16", backward=True, dropout=False)),
         table("dx GEMM with dA summed in it, bf16, dropout 0.1", gemm_rows("bf16", backward=True, dropout=True)),
         table("thin kernels, bf16", thin_rows("bf16")),
+        table("other variants, one config each", other_rows()),
     ]
     report = (f"## Registers and spills on sm_90, compiled offline\n\n"
               f"`python benchmarks/kernel_registers.py`, triton {triton.__version__}, no GPU needed. "

@@ -169,7 +169,12 @@ def _matmul_lowrank_kernel(
 
 
 def _gemm_configs():
-    """Autotuning candidates. The interpreter gets one small config: tuning there only costs time."""
+    """Autotuning candidates. The interpreter gets one small config: tuning there only costs time.
+
+    float32 tiles take twice the shared memory of 16-bit ones; the largest configs then exceed
+    an H100's 227 KiB and fail to launch, which the autotuner skips
+    (`benchmarks/kernel_registers.py` tables registers, spills and shared memory per config).
+    """
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
     configs = []
