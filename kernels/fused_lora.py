@@ -223,7 +223,9 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None, xin=None):
     else:
         K = x.shape[1]
         out = torch.empty((M, N), device=l.device, dtype=l.dtype)
-    unused = out  # a pointer the kernel never reads when its flag is off
+    # Stand-in for the pointers whose flags are off. The autotuner zeroes dr_ptr before each
+    # trial; every trial rewrites all of out, so out may stand in for it.
+    unused = out
     xin_, dr_ = (xin, dr) if xin is not None else (unused, unused)
     args = (x, w, bias if bias is not None else unused, l, r, out, xin_, dr_,
             M, N, K, R,
