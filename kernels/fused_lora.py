@@ -29,8 +29,8 @@ of two in [16, 64]: tl.dot needs at least 16 along each side, and 64 keeps the e
 small), with masks for the padding, so any rank 1..256 (or more) works.
 
 When the base GEMM cannot be expected to beat cuBLAS (see `use_fused_base`), the base product
-is cuBLAS `F.linear` / `mm` and only the low-rank part is ours; the shrink always runs here so
-that dropout stays in-kernel.
+is cuBLAS `F.linear` / `mm` and only the low-rank part is ours. The shrink runs here when there
+is dropout to draw, and in cuBLAS when there is not.
 """
 
 import os
@@ -483,7 +483,10 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, K)  # (M, K), a view whenever the leading dims allow; strides go to the kernels
         M = x2.shape[0]
 
-        xa = _shrink(x2, lora_A, p, seed)  # (M, r)
+        # The shrink is ours only to draw the dropout mask in-kernel. Without dropout it is a
+        # plain skinny matmul, which cuBLAS does as well as anything (split-K when M is small,
+        # where our kernel would leave all but a few SMs idle).
+        xa = _shrink(x2, lora_A, p, seed) if p > 0 else x2 @ lora_A.t()  # (M, r)
         if use_fused_base(M, N, K):
             y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
         else:
