@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,bench,examples]"
 	touch $@
 
+# runs/demo is the demo's own folder: --overwrite replaces the previous demo run there, so
+# `make demo` can run again (the example refuses a folder with a run in it otherwise)
 demo: $(VENV)/.installed
-	$(PY) examples/lora_text_classification.py --data-dir "$(MINIPEFT_DATA_DIR)"
+	$(PY) examples/lora_text_classification.py --data-dir "$(MINIPEFT_DATA_DIR)" --output-dir runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

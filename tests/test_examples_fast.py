@@ -17,3 +17,41 @@ def test_bottleneck_plain_module_example_lowers_the_held_out_loss():
     before, after = map(float, match.groups())
     assert after < before, result.stdout
     assert "base model restored exactly" in result.stdout
+
+
+LORA_EXAMPLE = ROOT / "examples" / "lora_text_classification.py"
+
+
+def previous_run_files(folder: Path) -> dict[str, bytes]:
+    """A folder as an earlier run of the LoRA example leaves it, plus a file of the user's."""
+    (folder / "adapter").mkdir(parents=True)
+    files = {"checkpoint.pt": b"resumable state", "metrics.jsonl": b'{"step": 1}\n',
+             "adapter/adapter_model.safetensors": b"weights", "notes.txt": b"the user's own file"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_lora_example_refuses_an_output_dir_holding_a_run(tmp_path):
+    files = previous_run_files(tmp_path / "run")
+    # refused at once, before the model package or the data are looked at
+    cmd = [sys.executable, str(LORA_EXAMPLE), "--output-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "none")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0
+    assert re.search(r"run already holds a run \(checkpoint.pt, metrics.jsonl, adapter\); "
+                     r"pass a new --output-dir, or --overwrite", result.stderr), result.stderr
+    for name, data in files.items():  # nothing deleted or changed
+        assert (tmp_path / "run" / name).read_bytes() == data, name
+
+
+def test_lora_example_overwrite_removes_only_the_files_a_run_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lora_example", LORA_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    previous_run_files(tmp_path)
+    assert [p.name for p in example.previous_run(tmp_path)] == ["checkpoint.pt", "metrics.jsonl", "adapter"]
+    example.remove_previous_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert example.previous_run(tmp_path) == []
