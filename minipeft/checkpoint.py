@@ -24,6 +24,13 @@ with the two spellings peft 0.21 uses for special containers:
     <path>.modules_to_save.X.<rest>          ->  <path>.<rest>   (the copy under the module's own name)
     <path>.lora_magnitude_vector.X.weight    ->  <path>.lora_magnitude_vector   (DoRA)
 
+Module paths are written as in a model holding that one adapter alone: when another adapter's
+wrapper sits around this one (LoRA on ``value``, then (IA)^3 on ``value`` too), its
+``base_layer`` segment is dropped, so ``value.base_layer.lora_A.default.weight`` is saved as
+``value.lora_A.weight``. That is the only layout peft has (it cannot put two methods on one
+module), and the file loads into any model, stacked or not. The adapter's own wrappers keep
+their segment, as in peft: ``bias="all"`` saves ``value.base_layer.bias``.
+
 A module whose layout differs may define ``checkpoint_key(container, rest) -> str`` returning
 the on-disk key relative to itself. Prompt and prefix tuning (``prompt_encoder[X]`` on the
 ``PeftModel``) are saved as peft saves them: one computed tensor, ``prompt_embeddings``, which
@@ -61,6 +68,7 @@ from torch import nn
 
 from .config import PeftConfig, PeftType
 from .injection import trained_biases
+from .targeting import logical_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -113,6 +121,19 @@ def _owner(key: str, owned: dict) -> tuple[str, tuple] | None:
     return None
 
 
+def _on_disk_name(model: nn.Module, name: str, adapter_name: str) -> str:
+    """``name`` as it is in a model holding adapter ``adapter_name`` alone: the ``base_layer``
+    segments of other adapters' wrappers dropped, those of its own wrappers kept.
+
+    A checkpoint holds one adapter, and peft (which cannot put two methods on one module) reads
+    it into a model with that adapter only. So LoRA on ``value`` saves ``value.lora_A.weight``
+    whether or not an (IA)^3 wrapper was put around it later (really ``value.base_layer.lora_A``),
+    and with ``bias="all"`` ``value.base_layer.bias``, as peft names it.
+    """
+    logical = logical_name(model, name, keep_wrapped=lambda wrapper: adapter_name in wrapper.adapter_names)
+    return name if logical is None else logical
+
+
 def _checkpoint_key(path: str, module: nn.Module, container: str, rest: str) -> str:
     """On-disk key for ``<path>.<container>.<adapter>[.<rest>]`` (adapter name removed)."""
     hook = getattr(module, "checkpoint_key", None)
@@ -150,14 +171,14 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str
             continue
         prefix, (path, module, container) = found
         rest = key[len(prefix) + 1 :]
-        ckpt_key = _checkpoint_key(path, module, container, rest)
+        ckpt_key = _checkpoint_key(_on_disk_name(model, path, adapter_name), module, container, rest)
         if ckpt_key in mapping and mapping[ckpt_key] != key:
             raise ValueError(
                 f"two tensors of adapter {adapter_name!r} map to {ckpt_key!r}: {mapping[ckpt_key]!r} and {key!r}"
             )
         mapping[ckpt_key] = key
     for key in _trained_bias_keys(model, _config_of(model, adapter_name), adapter_name, state_dict):
-        mapping.setdefault(key, key)
+        mapping.setdefault(_on_disk_name(model, key, adapter_name), key)
     return mapping
 
 

@@ -10,13 +10,20 @@ Matching rules (the same as ``peft``):
 * ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 * ``layers_to_transform`` keeps only matches inside the listed layer indices, where the
   index is the number after ``layers_pattern`` (``"layers"``, ``"h"``, ...) in the name.
+
+Names are *logical* names: those of the model without adapter wrappers. A wrapper takes the
+place (and the name) of the module it adapts and keeps that module one level down, as
+``base_layer`` (``original_module`` for a module trained whole). So once a bottleneck adapter
+wraps ``layer.0.output``, its dense layer, really at ``layer.0.output.base_layer.dense``, is
+still selected by ``"output.dense"``; what a config selects does not depend on which adapters
+were added before it. The wrappers' own parts (``lora_A.default``, ...) are never selected.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -45,6 +52,44 @@ def is_linear_like(module: nn.Module) -> bool:
     if callable(get_base_layer):
         module = get_base_layer()
     return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
+
+
+def is_wrapper(module: nn.Module) -> bool:
+    """An adapter wrapper (``AdapterLayer``, ``ModulesToSaveWrapper``): a module that names the
+    attribute holding the module it wraps. Recognised by attribute, as this file imports no tuner."""
+    return isinstance(getattr(module, "base_layer_name", None), str) and hasattr(module, "adapter_layer_names")
+
+
+def logical_name(
+    model: nn.Module, name: str, keep_wrapped: Callable[[nn.Module], bool] | None = None
+) -> str | None:
+    """``name`` (a module or parameter of ``model``) as it reads without adapter wrappers.
+
+    Each wrapper's ``base_layer`` / ``original_module`` segment is dropped, since the wrapper
+    stands under the name of the module it wraps:
+
+        bert.encoder.layer.0.output.base_layer.dense       ->  bert.encoder.layer.0.output.dense
+        ...attention.self.value.base_layer.base_layer.bias  ->  ...attention.self.value.bias
+
+    Names inside a wrapper's own parts (``...value.lora_A.default``, ``...lora_dropout.default``)
+    have no logical name: ``None``. ``keep_wrapped(wrapper)`` returning True keeps that wrapper's
+    segment; checkpoints use it to name a tensor as it is in a model holding one adapter alone,
+    where that adapter's wrappers are real (peft saves ``value.base_layer.bias``).
+    The module tree is walked, not the string edited: a model may have its own ``base_layer``.
+    """
+    module: nn.Module | None = model
+    parts = []
+    for part in name.split(".") if name else ():
+        child = module._modules.get(part) if module is not None else None
+        if module is not None and is_wrapper(module):
+            if part != module.base_layer_name:
+                return None  # the wrapper's own parts: adapter internals
+            if keep_wrapped is None or not keep_wrapped(module):
+                module = child  # drop the segment: the wrapper already carries the name
+                continue
+        parts.append(part)
+        module = child
+    return ".".join(parts)
 
 
 def is_under(name: str, prefixes: Iterable[str]) -> bool:
@@ -88,43 +133,70 @@ def output_head_names(model: nn.Module, task_type=None) -> set[str]:
 def find_targets(model: nn.Module, config, skip: Iterable[str] = (), skip_exact: Iterable[str] = ()) -> list[str]:
     """Qualified names of the modules ``config`` selects, in model order.
 
-    ``skip`` holds names that must never be targeted, nor anything below them (adapter
-    internals); ``skip_exact`` names that must not be targeted themselves (modules already
-    wrapped). Raises ``ValueError`` naming the closest existing modules when nothing matches.
+    Names are matched as logical names (wrappers' ``base_layer`` segments dropped, see the
+    module docstring); the names returned are the real ones, for ``model.get_submodule``.
+    ``skip`` holds names that must never be targeted, nor anything below them; ``skip_exact``
+    names that must not be targeted themselves. Raises ``ValueError`` listing the nearest
+    existing names when nothing matches.
     """
-    skip, skip_exact = tuple(skip), set(skip_exact)
-    candidates = [
-        name
-        for name, _ in model.named_modules()
-        if name and name not in skip_exact and not is_under(name, skip)
-    ]
+    modules = dict(model.named_modules())
+    names = candidate_names(model, skip, skip_exact)  # {real name: logical name}
     targets = config.target_modules
     if targets is None:
+        nearest, _ = nearest_names([], _suggestion_pool(names, modules))
         raise ValueError(
             f"{type(config).__name__}.target_modules is None; give the names of the modules to adapt, "
-            f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in candidates})[:8]}, or 'all-linear'"
+            f"e.g. {nearest}, or 'all-linear'"
         )
-    modules = dict(model.named_modules())
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, getattr(config, "task_type", None))
-        selected = [n for n in candidates if is_linear_like(modules[n]) and n not in heads]
+        selected = [n for n in names if is_linear_like(modules[n]) and n not in heads]
     else:
-        selected = [n for n in candidates if name_matches(n, targets)]
-    selected = [n for n in selected if not _is_saved_module(n, getattr(config, "modules_to_save", None))]
+        selected = [n for n, logical in names.items() if name_matches(logical, targets)]
 
+    # Each filter in turn; the error names only the filters that removed a match.
+    applied: list[str] = []
+
+    def narrow(selected: list[str], attr: str, keep) -> list[str]:
+        kept = [n for n in selected if keep(names[n])]
+        if len(kept) < len(selected):
+            applied.append(f"{attr}={getattr(config, attr)!r}")
+        return kept
+
+    saved = getattr(config, "modules_to_save", None)
+    selected = narrow(selected, "modules_to_save", lambda n: not _is_saved_module(n, saved))
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
-        selected = [n for n in selected if not name_matches(n, exclude)]
-
+        selected = narrow(selected, "exclude_modules", lambda n: not name_matches(n, exclude))
     layers = getattr(config, "layers_to_transform", None)
     if layers is not None and layers != []:
-        layers = {layers} if isinstance(layers, int) else set(layers)
+        wanted = {layers} if isinstance(layers, int) else set(layers)
         pattern = getattr(config, "layers_pattern", None)
-        selected = [n for n in selected if layer_index(n, pattern) in layers]
+        selected = narrow(selected, "layers_to_transform", lambda n: layer_index(n, pattern) in wanted)
 
     if not selected:
-        raise ValueError(no_match_message(targets, candidates, type(model).__name__, config))
+        raise ValueError(no_match_message(targets, names, modules, type(model).__name__, applied))
     return selected
+
+
+def candidate_names(model: nn.Module, skip: Iterable[str] = (), skip_exact: Iterable[str] = ()) -> dict[str, str]:
+    """``{real name: logical name}`` of the modules an adapter may target, in model order.
+
+    Adapter internals are left out, and so is a wrapped module: its logical name is its
+    wrapper's, and the wrapper (outermost, first in model order) stands for it.
+    """
+    skip, skip_exact = tuple(skip), set(skip_exact)
+    names: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, _ in model.named_modules():
+        if not name or name in skip_exact or is_under(name, skip):
+            continue
+        logical = logical_name(model, name)
+        if logical is None or not logical or logical in seen:
+            continue
+        seen.add(logical)
+        names[name] = logical
+    return names
 
 
 def _is_saved_module(name: str, modules_to_save) -> bool:
@@ -134,22 +206,51 @@ def _is_saved_module(name: str, modules_to_save) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
 
 
-def no_match_message(targets, candidates: list[str], model_name: str, config=None) -> str:
-    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-    wanted = [targets] if isinstance(targets, str) else list(targets)
-    close = []
-    for want in wanted:
-        leaf = want.rsplit(".", 1)[-1]
-        close += difflib.get_close_matches(leaf, leaf_names, n=5, cutoff=0.3)
-    close = list(dict.fromkeys(close)) or leaf_names[:10]
-    example = next((n for n in candidates if n.rsplit(".", 1)[-1] in close), candidates[0] if candidates else "")
-    filters = []
-    for attr in ("exclude_modules", "layers_to_transform", "modules_to_save"):
-        if config is not None and getattr(config, attr, None):
-            filters.append(f"{attr}={getattr(config, attr)!r}")
+def no_match_message(
+    targets, names: dict[str, str], modules: dict[str, nn.Module], model_name: str, filters: Sequence[str] = ()
+) -> str:
+    """Why ``targets`` selected nothing, with the nearest linear layers by name (adapter internals
+    never appear: ``names`` are logical names of candidates)."""
+    if isinstance(targets, str):
+        # A regex: compare its last name-like piece (".*qurey" -> "qurey") with the layers' leaf names.
+        wanted = [re.sub(r"\W", "", re.split(r"\\?\.", targets)[-1])]
+    else:
+        wanted = [str(t) for t in targets]
+    nearest, example = nearest_names(wanted, _suggestion_pool(names, modules))
+    kind = "linear-layer" if any(is_linear_like(modules[n]) for n in names) else "module"
     after = f" (after applying {', '.join(filters)})" if filters else ""
     return (
-        f"target_modules={targets!r} matched no module of {model_name}{after}. "
-        f"Closest module names that exist: {close}. Names match exactly or as a dotted suffix, "
-        f"e.g. {example!r}; a string is a full regex match."
+        f"target_modules={targets!r} matched no module of {model_name}{after}. Nearest {kind} names, nearest "
+        f"first: {nearest}, e.g. {example!r}. A list entry matches a name exactly or as a dotted suffix; a string "
+        "is a full regex match."
     )
+
+
+def _suggestion_pool(names: dict[str, str], modules: dict[str, nn.Module]) -> list[str]:
+    """Logical names worth suggesting: the linear layers (what most methods adapt), else every module."""
+    linear = [logical for real, logical in names.items() if is_linear_like(modules[real])]
+    return linear or list(names.values())
+
+
+def nearest_names(wanted: Sequence[str], names: Sequence[str], limit: int = 10) -> tuple[list[str], str]:
+    """Suffixes of ``names`` nearest to the ``wanted`` entries (difflib ratio), nearest first,
+    and the full name of the nearest one.
+
+    Each name is compared by its last as many dotted segments as the wanted entry has (a
+    ``"q_proj"`` with ``"q_lin"``, an ``"output.dens"`` with ``"output.dense"``), widened so
+    that a suggestion never starts at a layer index (``"layer.0.output.dense"``, not
+    ``"0.output.dense"``). With nothing wanted: the leaf names in model order.
+    """
+    best: dict[str, tuple[float, str]] = {}  # suggested suffix -> (score, a full name ending in it)
+    for name in names:
+        parts = name.split(".")
+        for want in wanted or [""]:
+            start = max(len(parts) - want.count(".") - 1, 0)
+            while start > 0 and parts[start].isdigit():
+                start -= 1
+            suffix = ".".join(parts[start:])
+            score = difflib.SequenceMatcher(None, want, suffix).ratio() if want else 0.0
+            if suffix not in best or score > best[suffix][0]:
+                best[suffix] = (score, name)
+    ranked = sorted(best, key=lambda suffix: -best[suffix][0])  # stable: model order among equals
+    return ranked[:limit], (best[ranked[0]][1] if ranked else "")

@@ -352,6 +352,10 @@ def test_save_load_round_trip_with_two_adapters(tmp_path):
     x = ids()
     model = get_peft_model(copy.deepcopy(base), BottleneckConfig.preset("parallel", model_type="bert"))
     model.add_adapter("houlsby", BottleneckConfig.preset("houlsby", model_type="bert", non_linearity="gelu"))
+    # Houlsby adapts both dense layers of each block, also the one now inside the parallel
+    # adapter's wrapper (layer.N.output.base_layer.dense).
+    houlsby = [n for n, m in model.named_modules() if isinstance(m, BottleneckLayer) and "houlsby" in m.adapter_down]
+    assert len(houlsby) == 2 * 2 and sum(".output.base_layer.dense" in n for n in houlsby) == 2
     randomize_up(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -367,6 +371,9 @@ def test_save_load_round_trip_with_two_adapters(tmp_path):
     d, b = 32, 2
     assert sum(t.numel() for t in tensors.values()) == 2 * (2 * d * b + b + d)  # one per layer
     assert "base_model.model.encoder.layer.0.output.adapter_down.weight" in tensors
+    tensors = load_file(tmp_path / "houlsby" / "adapter_model.safetensors")
+    assert sum(t.numel() for t in tensors.values()) == 4 * (2 * d * b + b + d)  # two per layer
+    assert "base_model.model.encoder.layer.0.output.dense.adapter_down.weight" in tensors  # no base_layer
 
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     reloaded.load_adapter(tmp_path / "houlsby", adapter_name="houlsby")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from minipeft import LoraConfig
 from minipeft.targeting import find_targets, is_gpt2_conv1d, layer_index, name_matches
@@ -65,3 +66,48 @@ def test_no_match_message_when_filters_remove_everything():
 def test_target_modules_none_is_explained():
     with pytest.raises(ValueError, match="target_modules is None"):
         find_targets(TinyNet(), LoraConfig())
+
+
+# -- logical names: what matching sees once adapters are in the model ----------------------------
+def test_logical_name_drops_wrapper_segments_and_hides_adapter_internals():
+    from minipeft import BottleneckConfig, get_peft_model
+    from minipeft.targeting import logical_name
+
+    model = get_peft_model(tiny_transformers_model("bert"), BottleneckConfig(target_modules=["layer.0.output"],
+                                                                             bottleneck_size=2))
+    model.add_adapter("lora", LoraConfig(r=2, target_modules=["layer.0.output.dense"]))
+    inner = model.get_base_model()
+    real = "bert.encoder.layer.0.output.base_layer.dense.base_layer.bias"
+    assert isinstance(inner.get_parameter(real), torch.nn.Parameter)  # the path the test is about exists
+    assert logical_name(inner, real) == "bert.encoder.layer.0.output.dense.bias"
+    assert logical_name(inner, "bert.encoder.layer.0.output.base_layer.dense.lora_A.lora") is None
+    assert logical_name(inner, "bert.encoder.layer.0.output.adapter_dropout.default") is None
+    # keep_wrapped keeps the segments of chosen wrappers (a checkpoint keeps its own adapter's).
+    keep_lora = lambda wrapper: "lora" in wrapper.adapter_names  # noqa: E731
+    assert logical_name(inner, real, keep_lora) == "bert.encoder.layer.0.output.dense.base_layer.bias"
+
+
+def test_no_match_suggests_nearest_linear_layers_first():
+    bert = tiny_transformers_model("bert")
+    with pytest.raises(ValueError) as err:
+        find_targets(bert, LoraConfig(target_modules=["qurey"]))
+    message = str(err.value)
+    assert "Nearest linear-layer names, nearest first: ['query'," in message
+    assert "e.g. 'bert.encoder.layer.0.attention.self.query'" in message
+    assert "embeddings" not in message and "LayerNorm" not in message  # not linear layers
+    with pytest.raises(ValueError, match=r"first: \['attention.output.dense', 'layer.0.output.dense'"):
+        find_targets(bert, LoraConfig(target_modules=["attention.outptu.dense"]))
+    with pytest.raises(ValueError, match=r"first: \['query',"):
+        find_targets(bert, LoraConfig(target_modules=r".*\.qurey"))
+
+
+def test_no_match_blames_only_filters_that_removed_a_match():
+    from minipeft import get_peft_model
+
+    # SEQ_CLS adds modules_to_save=['classifier', 'score'] on its own; it removed nothing here.
+    with pytest.raises(ValueError) as err:
+        get_peft_model(tiny_transformers_model("bert"), LoraConfig(task_type="SEQ_CLS", target_modules=["qurey"]))
+    assert "modules_to_save" not in str(err.value) and "after applying" not in str(err.value)
+    with pytest.raises(ValueError, match=r"\(after applying exclude_modules=\['fc1'\]\)"):
+        find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], exclude_modules=["fc1"], layers_to_transform=[0],
+                                           layers_pattern="blocks"))
