@@ -12,7 +12,9 @@ A module that exposes ``adapter_layer_names`` (every ``AdapterLayer``, and any o
 e.g. a prompt encoder registered on the ``PeftModel``) lists containers keyed by adapter name.
 A state-dict entry belongs to adapter X when its dotted name is ``<module>.<container>.X`` or
 starts with ``<module>.<container>.X.``, for a container that module lists. Nothing else is
-saved, except the biases a config trains on purpose (``bias="all"`` / ``"lora_only"``, as peft).
+saved, except the biases a config trains on purpose (``bias="all"`` / ``"lora_only"``, as peft;
+under ``bias="all"`` also the two extra spellings peft writes for a head trained whole, see
+``peft_bias_extras``).
 
 On disk the adapter name is removed (it is chosen again at load time):
 
@@ -56,7 +58,6 @@ import dataclasses
 import enum
 import json
 import os
-import tempfile
 import types
 import typing
 from typing import Any
@@ -66,9 +67,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .atomic import fsync_dir as _fsync_dir
+from .atomic import write_temp
 from .config import PeftConfig, PeftType
 from .injection import trained_biases
 from .targeting import logical_name
+from .tuners import ModulesToSaveWrapper
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -182,6 +186,38 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str
     return mapping
 
 
+def peft_bias_extras(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
+    """``{checkpoint key: model state-dict key}`` for the two extra spellings peft 0.21 writes for
+    a module trained whole (``modules_to_save``) under ``bias="all"``.
+
+    peft's ``bias="all"`` saves every state-dict key that holds a bias, and a wrapped head has
+    two besides the adapter's copy saved under the head's own name (``classifier.bias``):
+
+        classifier.modules_to_save.bias   the adapter's copy again (adapter name removed)
+        classifier.original_module.bias   the frozen original, which peft loads back into it
+
+    minipeft writes both, so its files have peft's keys, and reads them when present (files
+    written before need not have them): the first must equal ``classifier.bias``, the second
+    goes into the original, as in peft.
+    """
+    config = _config_of(model, adapter_name)
+    if getattr(config, "bias", "none") != "all":
+        return {}
+    join = lambda *parts: ".".join(p for p in parts if p)  # noqa: E731
+    extras = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
+            continue
+        where = _on_disk_name(model, path, adapter_name)
+        for name, _ in module.modules_to_save[adapter_name].named_parameters():
+            if name.endswith("bias"):
+                extras[join(where, "modules_to_save", name)] = join(path, "modules_to_save", adapter_name, name)
+        for name, _ in module.original_module.named_parameters():
+            if name.endswith("bias"):
+                extras[join(where, "original_module", name)] = join(path, "original_module", name)
+    return extras
+
+
 def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as peft saves them (adapter name removed).
 
@@ -192,6 +228,7 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -
     virtual = _virtual_tokens(model, adapter_name)
     if not mapping and virtual is None:
         raise ValueError(f"the model has no tensors for adapter {adapter_name!r}; adapters: {_adapter_names(model)}")
+    mapping.update(peft_bias_extras(model, adapter_name))
     state_dict = model.state_dict()
     out = {ckpt_key: state_dict[model_key].detach() for ckpt_key, model_key in mapping.items()}
     if virtual is not None:
@@ -243,6 +280,7 @@ def set_peft_model_state_dict(
     virtual = _virtual_tokens(model, adapter_name)
     if not mapping and virtual is None:
         raise ValueError(f"the model has no adapter named {adapter_name!r}; adapters: {_adapter_names(model)}")
+    extras = peft_bias_extras(model, adapter_name)
     if virtual is not None:
         state_dict = dict(state_dict)
         prompt_embeddings = state_dict.pop(PROMPT_EMBEDDINGS, None)
@@ -258,7 +296,7 @@ def set_peft_model_state_dict(
     if bad:
         raise TypeError(f"state dict values must be tensors; {_describe(bad)} are not")
     missing = [k for k in mapping if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in mapping]
+    unexpected = [k for k in state_dict if k not in mapping and k not in extras]
     if missing or unexpected:
         parts = []
         if missing:
@@ -269,6 +307,16 @@ def set_peft_model_state_dict(
             f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. Was it saved from another base "
             "model or with other target_modules?"
         )
+    # peft's extra bias keys, when the file has them (see peft_bias_extras): a second copy must agree.
+    extras = {k: v for k, v in extras.items() if k in state_dict}
+    for ckpt_key, model_key in extras.items():
+        same = next((k for k, v in mapping.items() if v == model_key), None)
+        if same is not None and not torch.equal(state_dict[ckpt_key], state_dict[same]):
+            raise ValueError(
+                f"checkpoint holds two different values for one tensor of adapter {adapter_name!r}: {same!r} and "
+                f"{ckpt_key!r} (peft writes the same tensor under both names); the file was edited or damaged"
+            )
+    mapping = {**mapping, **extras}
     targets = model.state_dict(keep_vars=True)
     for ckpt_key, model_key in mapping.items():
         have, want = state_dict[ckpt_key].shape, targets[model_key].shape
@@ -370,33 +418,10 @@ def _config_bytes(config: PeftConfig) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-# -- atomic files ---------------------------------------------------------------------------------
+# -- atomic files (the recipe is minipeft.atomic's; both files are renamed only once both are written)
 def _write_temp(folder: str, name: str, data: bytes) -> str:
     """Write ``data`` to a new temporary file next to ``name`` and flush it to disk."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _fsync_dir(folder: str) -> None:
-    # Makes the renames themselves durable; not possible on every platform.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_temp(os.path.join(folder, name), lambda f: f.write(data))
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:

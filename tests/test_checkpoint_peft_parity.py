@@ -172,9 +172,17 @@ def test_second_named_adapter_both_ways(tmp_path, model_name):
     torch.testing.assert_close(logits(back), logits(theirs), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("bias", ["lora_only", "all"])
-def test_trained_biases_travel_with_the_adapter(tmp_path, bias):
-    base, task, targets, _ = make_base("gpt2" if bias == "all" else "bert")
+BIAS_CASES = [("bert", "lora_only"), ("gpt2", "all"), ("bert", "all")]  # BERT: a SEQ_CLS head trained whole
+
+
+def saved_keys(folder):
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("model_name,bias", BIAS_CASES)
+def test_trained_biases_travel_with_the_adapter(tmp_path, model_name, bias):
+    base, task, targets, _ = make_base(model_name)
     clean = copy.deepcopy(base)
     kwargs = {**lora_kwargs(task, targets, "lora"), "bias": bias}
     theirs = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
@@ -182,8 +190,41 @@ def test_trained_biases_travel_with_the_adapter(tmp_path, bias):
     theirs.eval().save_pretrained(tmp_path)
     ours = minipeft.PeftModel.from_pretrained(clean, tmp_path).eval()
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-6, rtol=0)
-    with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), "pt") as f:
-        assert set(minipeft.get_peft_model_state_dict(ours)) == set(f.keys())
+    assert set(minipeft.get_peft_model_state_dict(ours)) == saved_keys(tmp_path)
+
+
+@pytest.mark.parametrize("model_name,bias", BIAS_CASES)
+def test_trained_biases_minipeft_saves_peft_loads(tmp_path, model_name, bias):
+    base, task, targets, _ = make_base(model_name)
+    clean, reference = copy.deepcopy(base), copy.deepcopy(base)
+    kwargs = {**lora_kwargs(task, targets, "lora"), "bias": bias}
+    ours = minipeft.get_peft_model(base, minipeft.LoraConfig(**kwargs))
+    perturb(ours)
+    ours.eval().save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(clean, tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-6, rtol=0)
+    # The same keys as peft writes for this adapter (for a head trained whole under bias="all"
+    # that includes classifier.modules_to_save.bias and classifier.original_module.bias).
+    peft.get_peft_model(reference, peft.LoraConfig(**kwargs)).save_pretrained(tmp_path / "peft")
+    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
+
+
+def test_peft_duplicate_head_bias_must_agree(tmp_path):
+    """peft writes a trained head's bias twice under bias="all"; two different values are refused."""
+    from safetensors.torch import load_file, save_file
+
+    base, task, targets, _ = make_base("bert")
+    clean = copy.deepcopy(base)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**lora_kwargs(task, targets, "lora"), bias="all"))
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    tensors = load_file(path)
+    assert "base_model.model.classifier.modules_to_save.bias" in tensors  # peft's spelling this test is about
+    tensors["base_model.model.classifier.modules_to_save.bias"] += 1.0
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="two different values .*'base_model.model.classifier.bias'"):
+        minipeft.PeftModel.from_pretrained(clean, tmp_path)
 
 
 def test_peft_checkpoint_without_task_type_loads(tmp_path):
