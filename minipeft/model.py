@@ -97,30 +97,43 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
         config = self.peft_config[adapter_name]
+        base = self.get_base_model()
+        # Trained biases are base-model parameters, shared by all adapters: whatever the method
+        # of the new adapter, those the others train stop first (the new one's may start again).
+        for name, other in self.peft_config.items():
+            if name != adapter_name:
+                injection.set_biases_trainable(base, other, name, trainable=False)
         if config.is_prompt_learning:
             virtual_tokens.set_active(self, adapter_name, trainable=not config.inference_mode)
         else:
             if "prompt_encoder" in self._modules:
                 self.prompt_encoder.set_adapter(adapter_name)  # no virtual tokens while a layer adapter runs
-            base = self.get_base_model()
-            for name, other in self.peft_config.items():  # biases trained by the adapter that was active
-                if name != adapter_name and not other.is_prompt_learning:
-                    injection.set_biases_trainable(base, other, name, trainable=False)
             injection.set_adapter(base, [adapter_name], trainable=not config.inference_mode)
             if not config.inference_mode:
                 injection.set_biases_trainable(base, config, adapter_name)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it was active, the first remaining one becomes active."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
-        if self.peft_config[adapter_name].is_prompt_learning:
+        config = self.peft_config[adapter_name]
+        base = self.get_base_model()
+        # Its trained biases are found through its config and wrappers, so before either goes;
+        # they are frozen only once the deletion has succeeded (a merged adapter refuses).
+        params = dict(base.named_parameters())
+        biases = [params[name] for name in injection.trained_biases(base, config, adapter_name)]
+        if config.is_prompt_learning:
             virtual_tokens.delete(self, adapter_name)
         else:
-            injection.delete_adapter(self.get_base_model(), adapter_name)
+            injection.delete_adapter(base, adapter_name)
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
+        for p in biases:
+            p.requires_grad_(False)
+        if self.peft_config:
+            # Also when another adapter stays active: a bias both trained is trainable again.
+            survivor = self.active_adapter if self.active_adapter in self.peft_config else next(iter(self.peft_config))
+            self.set_adapter(survivor)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
