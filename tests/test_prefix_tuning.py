@@ -210,6 +210,44 @@ def test_checkpoints_load_in_peft_and_back(projection, tmp_path):
     assert m3.prompt_encoder["default"].embedding.weight.requires_grad
 
 
+def test_a_layer_subset_reloads_and_a_full_prefix_keeps_peft_config_keys(tmp_path):
+    """A prefix on some layers only (target_modules) saves them in adapter_config.json, so a reload
+    selects the same layers; without target_modules the file has exactly peft's keys."""
+    import json
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, target_modules=["h.0.attn"])
+    m = minipeft.get_peft_model(tiny("gpt2"), config)
+    with torch.no_grad():
+        m.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    inputs = batch()
+    expected = m(**inputs).logits
+    m.save_pretrained(tmp_path / "subset")
+    saved = json.loads((tmp_path / "subset" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["h.0.attn"] and saved["num_layers"] == 1
+
+    back = minipeft.PeftModel.from_pretrained(tiny("gpt2"), tmp_path / "subset")
+    assert back.prompt_encoder["default"].layer_of == {"transformer.h.0.attn": 0}
+    torch.testing.assert_close(back(**inputs).logits, expected, atol=1e-6, rtol=0)
+    with back.disable_adapter():
+        assert not torch.allclose(back(**inputs).logits, expected, atol=1e-4)
+
+    p, full = pair("gpt2", num_virtual_tokens=2)
+    full.save_pretrained(tmp_path / "ours")
+    p.save_pretrained(tmp_path / "peft")
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert "target_modules" not in ours and set(ours) <= set(theirs)
+
+
+def test_target_modules_name_an_attention_module_inside_another_adapter():
+    """A bottleneck around h.0.attn moves the SDPA caller to h.0.attn.base_layer; the name still matches."""
+    base = tiny("gpt2")
+    m = minipeft.get_peft_model(copy.deepcopy(base), minipeft.BottleneckConfig(target_modules=["h.0.attn"],
+                                                                               bottleneck_size=2))
+    m.add_adapter("prefix", PrefixTuningConfig(num_virtual_tokens=2, target_modules=["h.0.attn"]))
+    assert list(m.prompt_encoder["prefix"].layer_of) == ["transformer.h.0.attn.base_layer"]
+
+
 def test_fold_keeps_outputs():
     _, m = pair("gpt2", num_virtual_tokens=2, prefix_projection=True)
     inputs = batch()

@@ -48,7 +48,7 @@ it is folded away for inference: the checkpoint stores only the MLP's output, pe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..config import PeftType, TaskType
-from ..targeting import name_matches
+from ..targeting import logical_name, name_matches
 from . import virtual_tokens as vt
 
 SDPA = F.scaled_dot_product_attention
@@ -73,8 +73,11 @@ class PrefixTuningConfig(vt.PromptLearningConfig):
     layers*2*token_dim`` MLP (``encoder_hidden_size`` defaults to ``token_dim``).
     init_weights: ``None`` (standard normal) or ``"zero"`` (zero keys and values: each prefix
     position still takes attention mass ``exp(0)`` but adds nothing to the output).
-    target_modules (minipeft only, not saved): which attention modules get a prefix, by name
-    (exact, dotted suffix or full regex); default every module that calls SDPA.
+    target_modules (minipeft only): which attention modules get a prefix, by name (exact,
+    dotted suffix or full regex); default every module that calls SDPA. When given it is saved
+    in ``adapter_config.json``, since the saved prefix has one row block per selected layer and
+    a reload must select the same layers. peft has no such field: it ignores the key (with a
+    warning) and cannot load a prefix for fewer layers than the model has.
     """
 
     encoder_hidden_size: int | None = None
@@ -82,7 +85,11 @@ class PrefixTuningConfig(vt.PromptLearningConfig):
     init_weights: str | None = None
     target_modules: list[str] | str | None = None
 
-    runtime_only_fields: ClassVar[tuple[str, ...]] = ("target_modules",)
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.target_modules is None:
+            del out["target_modules"]  # every layer, the only layout peft knows: its file stays peft's
+        return out
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -320,11 +327,13 @@ def _infer(config: PrefixTuningConfig, model: nn.Module, found: dict[str, tuple[
     """Fill num_layers / token_dim / num_attention_heads from the found attention modules."""
     names = list(found)
     if config.target_modules is not None:
-        names = [n for n in names if name_matches(n, config.target_modules)]
+        # Matched by logical name: an attention module inside another adapter's wrapper keeps its name.
+        logical = {n: logical_name(model, n) or n for n in names}
+        names = [n for n in names if name_matches(logical[n], config.target_modules)]
         if not names:
             raise ValueError(
                 f"target_modules={config.target_modules!r} matched none of the attention modules that call SDPA: "
-                f"{list(found)[:6]}"
+                f"{list(logical.values())[:6]}"
             )
     shapes = {found[n][1:2] + found[n][3:] for n in names}  # (heads, head_dim) of each layer's keys
     if len(shapes) > 1:
