@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from minipeft.atomic import atomic_write
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
 
@@ -302,7 +304,10 @@ def command_line() -> str:
 
 def write_results(device: str, section: str, data: dict, markdown: str, results_dir: Path = RESULTS_DIR) -> Path:
     """Store one script's results as a section of ``<results_dir>/<slug>.json`` and re-render
-    ``<results_dir>/<slug>.md`` from every section (the scripts share the files)."""
+    ``<results_dir>/<slug>.md`` from every section (the scripts share the files).
+
+    Both files are replaced atomically: a run that dies while writing leaves the results of
+    the earlier runs as they were, not a truncated file."""
     results_dir.mkdir(parents=True, exist_ok=True)
     slug = device_slug(device)
     json_path, md_path = results_dir / f"{slug}.json", results_dir / f"{slug}.md"
@@ -311,7 +316,8 @@ def write_results(device: str, section: str, data: dict, markdown: str, results_
     doc["device"], doc["machine"], doc["versions"] = device, machine(device), versions()
     doc["sections"][section] = {"command": command_line(), "load_average_after": os.getloadavg(), "results": data,
                                 "markdown": markdown}
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    text = json.dumps(doc, indent=2) + "\n"
+    atomic_write(json_path, lambda f: f.write(text.encode()))
 
     lines = [f"# minipeft vs peft on {doc['machine']}", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), ""]
@@ -319,7 +325,8 @@ def write_results(device: str, section: str, data: dict, markdown: str, results_
         load = ", ".join(f"{x:.1f}" for x in sec["load_average_after"])
         lines += [f"## {name}", "", f"Command: `{sec['command']}` (machine load average at the end: {load})", "",
                   sec["markdown"].rstrip(), ""]
-    md_path.write_text("\n".join(lines))
+    markdown_text = "\n".join(lines)
+    atomic_write(md_path, lambda f: f.write(markdown_text.encode()))
     return md_path
 
 

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft.checkpoint import _fsync_dir
+from minipeft.atomic import atomic_write, fsync_dir
 from minipeft.data import IGNORE_INDEX
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
@@ -239,26 +238,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    """torch.save that a crash (or power cut) leaves as either the old file or the new one.
-
-    Like checkpoint._write_temp, but streamed: a full fine-tuning checkpoint (weights plus
-    two AdamW moments) should not be held in memory a second time as bytes.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(str(path.parent))  # and the rename itself survives a crash
-
-
 def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     """Save an adapter with model.save_pretrained, or a plain module's state_dict.
 
@@ -281,13 +260,13 @@ def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     for sub, _, files in os.walk(tmp):
         for name in files:
             _fsync_file(Path(sub) / name)
-        _fsync_dir(sub)
+        fsync_dir(sub)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)  # left by a finished swap; <dir> is readable
         os.replace(directory, old)
     # else a crash mid-swap may have left <dir>.old alone: it stays until <dir> is back
     os.replace(tmp, directory)
-    _fsync_dir(str(directory.parent))
+    fsync_dir(str(directory.parent))
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -547,13 +526,16 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
         else:
             rng = [_rng_state()]
         if main:
-            _atomic_torch_save({
+            state = {
                 "trainable": _trainable_state(raw_model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "best_metric": best_metric,
                 "best_step": best_step, "bad_evals": bad_evals, "history": history,
                 "best_state": best_state, "rng": rng, "stopped_early": stopped_early,
                 "config": asdict(config), "totals": totals,
-            }, ckpt_path)
+            }
+            # streamed into the file: a full fine-tuning checkpoint (weights and two AdamW
+            # moments) is never held in memory a second time as bytes
+            atomic_write(ckpt_path, lambda f: torch.save(state, f))
 
     def log(record: dict) -> None:
         if main:
