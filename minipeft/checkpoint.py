@@ -69,7 +69,7 @@ from torch import nn
 
 from .atomic import fsync_dir as _fsync_dir
 from .atomic import write_temp
-from .config import PeftConfig, PeftType
+from .config import PeftConfig, PeftType, check_adapter_name
 from .injection import trained_biases
 from .targeting import logical_name
 from .tuners import ModulesToSaveWrapper
@@ -429,6 +429,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     configs = getattr(model, "peft_config", None) or {}
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(configs)}")
+    check_adapter_name(adapter_name)
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"cannot save an adapter to {folder!r}: it is a file; give a folder")
@@ -465,6 +466,8 @@ def save_pretrained(
     unknown = [n for n in names if n not in configs]
     if unknown:
         raise ValueError(f"cannot save unknown adapter(s) {unknown}; the model has {list(configs)}")
+    for name in names:  # every name before any file: a name like "../x" or "/abs" would write outside the folder
+        check_adapter_name(name)
     for name in names:
         folder = save_directory if name == "default" else os.path.join(save_directory, name)
         save_adapter(model, folder, name)
@@ -547,6 +550,7 @@ def load_adapter(
     peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool = False
 ) -> None:
     """Add adapter ``adapter_name`` to ``peft_model`` from a checkpoint folder; all or nothing."""
+    check_adapter_name(adapter_name)
     if adapter_name in peft_model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(peft_model.peft_config)}")
     config, tensors = load_checkpoint(folder)
@@ -561,6 +565,7 @@ def from_pretrained(
 ):
     """Build ``cls(model, config, adapter_name)`` from a checkpoint and load its tensors; on error
     the base model is left as it was."""
+    check_adapter_name(adapter_name)
     config, tensors = load_checkpoint(folder)
     config.inference_mode = not is_trainable
     flags = _requires_grad(model)
