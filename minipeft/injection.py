@@ -23,6 +23,14 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
+def known_adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name some wrapper in ``model`` holds, in the order first met."""
+    names: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        names.update(dict.fromkeys(layer.adapter_names))
+    return list(names)
+
+
 def _adapter_internals(model: nn.Module) -> tuple[list[str], list[str]]:
     """Names a new adapter must not target: the containers inside wrappers (``...q_lin.lora_A``,
     with everything below them) and the wrapped modules themselves (``...q_lin.base_layer``:
@@ -62,7 +70,7 @@ def inject_adapter_in_model(
             f"{type(config).__name__} adds virtual tokens instead of wrapping layers, so it needs a PeftModel "
             "to hold them: use get_peft_model(model, config)"
         )
-    if any(adapter_name in layer.adapter_names for _, layer in adapter_layers(model)):
+    if adapter_name in known_adapter_names(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists in this model; choose another name")
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
@@ -169,10 +177,10 @@ def set_biases_trainable(model: nn.Module, config: PeftConfig, adapter_name: str
 
 def set_adapter(model: nn.Module, adapter_names: list[str], trainable: bool = True) -> None:
     """Make ``adapter_names`` the active adapters in every wrapper (of every method)."""
-    known = {a for _, layer in adapter_layers(model) for a in layer.adapter_names}
+    known = known_adapter_names(model)
     unknown = [a for a in adapter_names if a not in known]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
     for _, layer in adapter_layers(model):
         layer.set_adapter(adapter_names, trainable=trainable)
 
@@ -180,8 +188,7 @@ def set_adapter(model: nn.Module, adapter_names: list[str], trainable: bool = Tr
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     layers = [layer for _, layer in adapter_layers(model) if adapter_name in layer.adapter_names]
     if not layers:
-        known = sorted({a for _, layer in adapter_layers(model) for a in layer.adapter_names})
-        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {known}")
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {known_adapter_names(model)}")
     for layer in layers:
         layer.delete_adapter(adapter_name)
     # A wrapper left with no adapter at all goes back to being its base module.

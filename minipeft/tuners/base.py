@@ -13,7 +13,23 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 
+import torch
 from torch import nn
+
+
+def adapter_placement(reference: torch.Tensor | None) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for a new adapter's parameters, given a tensor of the module it adapts.
+
+    Adapters live on the base weights' device. An fp32 or fp64 base gives adapters of its own
+    dtype; a half-precision (or any other) base gives fp32 adapters, because small trainable
+    tensors optimise poorly in fp16/bf16 (peft's ``autocast_adapter_dtype``); each method's
+    forward reconciles the two dtypes. No reference tensor (a module with neither parameters
+    nor buffers): CPU, fp32.
+    """
+    if reference is None:
+        return torch.device("cpu"), torch.float32
+    dtype = reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
+    return reference.device, dtype
 
 
 class AdapterLayer(nn.Module):

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import is_gpt2_conv1d
-from .base import AdapterLayer
+from .base import AdapterLayer, adapter_placement
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = ("sequential", "parallel")
@@ -265,14 +265,11 @@ class BottleneckLayer(AdapterLayer):
         down, up = nn.Linear(d_in, b), nn.Linear(b, d_out)
         nn.init.zeros_(up.weight)
         nn.init.zeros_(up.bias)
-        # Adapters live where the module's weights live; half-precision bases keep fp32 adapters.
-        # A module with neither parameters nor buffers (an activation, say) gives CPU fp32 ones:
-        # the forward says to move them if its input lives elsewhere.
+        # Placed by the module's first parameter (or buffer). A module with neither (an activation,
+        # say) gets CPU fp32 adapters: the forward says to move them if its input lives elsewhere.
         base = self.get_base_layer()
         ref = next(base.parameters(), None)
-        ref = ref if ref is not None else next(base.buffers(), None)
-        device = ref.device if ref is not None else torch.device("cpu")
-        dtype = ref.dtype if ref is not None and ref.dtype in (torch.float32, torch.float64) else torch.float32
+        device, dtype = adapter_placement(ref if ref is not None else next(base.buffers(), None))
         self.adapter_down[adapter_name], self.adapter_up[adapter_name] = down.to(device, dtype), up.to(device, dtype)
         self.adapter_dropout[adapter_name] = (
             nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0 else nn.Identity()

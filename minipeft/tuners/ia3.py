@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import is_gpt2_conv1d, name_matches
-from .base import AdapterLayer
+from .base import AdapterLayer, adapter_placement
 
 
 @dataclass
@@ -112,14 +112,11 @@ class IA3Linear(AdapterLayer):
             raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
         feedforward = config.is_feedforward(key)
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        weight = self.get_base_layer().weight
-        # Half-precision bases keep fp32 vectors (stable optimisation), as LoRA does.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         # Drawn even when overwritten, as peft does, so the global RNG stream stays in step with it.
         init = torch.randn(shape)
         if config.init_ia3_weights:
             init = torch.ones(shape)
-        self.ia3_l[adapter_name] = nn.Parameter(init.to(weight.device, dtype))
+        self.ia3_l[adapter_name] = nn.Parameter(init.to(*adapter_placement(self.get_base_layer().weight)))
         self.is_feedforward[adapter_name] = feedforward
 
     # -- forward ------------------------------------------------------------------------------

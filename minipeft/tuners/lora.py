@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import is_gpt2_conv1d
-from .base import AdapterLayer
+from .base import AdapterLayer, adapter_placement
 
 
 @dataclass
@@ -171,12 +171,10 @@ class LoraLayer(AdapterLayer):
             nn.init.normal_(self.lora_embedding_B[adapter_name])
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
-        """Adapters live on the base weight's device. Half-precision bases keep fp32 adapters
-        (stable optimisation); the forward casts the small adapter weights, never the input."""
-        weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        """Put the adapter beside the base weight (fp32 on a half-precision base: ``adapter_placement``)."""
+        device, dtype = adapter_placement(self.get_base_layer().weight)
         for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(weight.device, dtype)
+            p.data = p.data.to(device, dtype)
 
     # -- merging ------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
