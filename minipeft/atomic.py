@@ -16,18 +16,18 @@ write_temp for each file, then their own renames, then fsync_dir.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from typing import BinaryIO, Callable
 
 
 def write_temp(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
     """Write a new temporary file beside `path` through `write(f)`, on disk; return its name."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL: never an existing file. Mode 0o666 less the umask, as a plain open() gives
+    # (mkstemp's 0600 would make an atomic save readable by fewer people than an ordinary one)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would, so
-        # that an atomic save is readable by the same people as an ordinary one
-        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -61,9 +61,3 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         os.unlink(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it, so set it straight back
-    os.umask(mask)
-    return mask
