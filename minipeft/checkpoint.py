@@ -54,6 +54,7 @@ Safety
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import json
@@ -561,12 +562,18 @@ def load_adapter(
 
 
 def from_pretrained(
-    cls, model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    cls,
+    model: nn.Module,
+    folder: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    config: PeftConfig | None = None,
 ):
     """Build ``cls(model, config, adapter_name)`` from a checkpoint and load its tensors; on error
-    the base model is left as it was."""
+    the base model is left as it was. ``config``: a copy of it replaces the saved config."""
     check_adapter_name(adapter_name)
-    config, tensors = load_checkpoint(folder)
+    saved_config, tensors = load_checkpoint(folder)
+    config = saved_config if config is None else copy.deepcopy(config)
     config.inference_mode = not is_trainable
     flags = _requires_grad(model)
     peft_model = cls(model, config, adapter_name)

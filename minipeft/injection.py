@@ -7,13 +7,15 @@ target has been checked, and any error restores what was there before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 from torch import nn
 
-from .config import PeftConfig
+from .config import PeftConfig, check_adapter_name
 from .targeting import find_targets, is_under
 from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for
+from .tuners.virtual_tokens import PromptEncoderDict
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -29,6 +31,29 @@ def known_adapter_names(model: nn.Module) -> list[str]:
     for _, layer in adapter_layers(model):
         names.update(dict.fromkeys(layer.adapter_names))
     return list(names)
+
+
+def check_new_adapter_name(adapter_name: str) -> None:
+    """Refuse a name that cannot name an adapter: one ``config.check_adapter_name`` refuses (not a
+    non-empty string, or holding '.', a path separator or a control character), or one that is
+    already an attribute of the ``nn.ModuleDict`` containers it keys ("train", "to", "keys", ...),
+    which torch refuses as a key."""
+    check_adapter_name(adapter_name)
+    if adapter_name in _module_dict_attributes():
+        raise ValueError(
+            f"invalid adapter name {adapter_name!r}: adapters are kept in nn.ModuleDicts keyed by name, and "
+            f"{adapter_name!r} is already an attribute of those (as 'train', 'to' and 'keys' are), so it cannot be a "
+            f"key. Choose another name, e.g. '{adapter_name}_adapter'"
+        )
+
+
+@functools.cache
+def _module_dict_attributes() -> frozenset[str]:
+    """Attribute names of an ``nn.ModuleDict`` (every ``nn.Module`` attribute and the dict methods)
+    and of the PeftModel's ``ModuleDict`` of prompt encoders, read from real instances."""
+    prompt_encoders = PromptEncoderDict(nn.Identity())
+    prompt_encoders.remove_hooks()
+    return frozenset(dir(nn.ModuleDict())) | frozenset(dir(prompt_encoders))
 
 
 def _adapter_internals(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -70,10 +95,9 @@ def inject_adapter_in_model(
             f"{type(config).__name__} adds virtual tokens instead of wrapping layers, so it needs a PeftModel "
             "to hold them: use get_peft_model(model, config)"
         )
+    check_new_adapter_name(adapter_name)
     if adapter_name in known_adapter_names(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists in this model; choose another name")
-    if not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
 
     skip, wrapped = _adapter_internals(model)
     targets = find_targets(model, config, skip=skip, skip_exact=wrapped)

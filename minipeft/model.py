@@ -2,8 +2,9 @@
 
 The wrapped model sits at ``peft_model.base_model.model`` so that parameter names read
 ``base_model.model.<path>...`` exactly as in peft, and state dicts move between the two
-libraries unchanged. Attributes the PeftModel does not have (``config``, ``generate``, ...)
-fall through to the wrapped model.
+libraries unchanged. Attributes the PeftModel does not have fall through, first to
+``base_model`` (``enable_adapter_layers``, as on peft's tuner model), then to the wrapped model
+(``config``, ``generate``, ...).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from . import checkpoint, injection
@@ -39,12 +42,29 @@ class AdaptedModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    def enable_adapter_layers(self) -> None:
+        """Let every adapter wrapper apply its active adapters again (after ``disable_adapter_layers``)."""
+        self._set_adapter_layers(enabled=True)
+
+    def disable_adapter_layers(self) -> None:
+        """Make every adapter wrapper run its base module alone until ``enable_adapter_layers()``;
+        a merged layer unmerges itself on its next forward. Trained biases are base-model
+        parameters and keep their trained values; virtual tokens (prompt/prefix tuning) are not
+        layers: ``PeftModel.disable_adapter()`` turns off both. requires_grad is left as it is
+        (a disabled adapter is not in the graph, so it gets no gradient anyway)."""
+        self._set_adapter_layers(enabled=False)
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for _, layer in injection.adapter_layers(self.model):
+            layer.disable_adapters = not enabled
+
 
 class PeftModel(nn.Module):
     """A base model with one or more named adapters; ``get_peft_model`` builds one."""
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        _check_not_adapted(model)
         self.base_model = AdaptedModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str = adapter_name
@@ -72,8 +92,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        self._check_new_name(adapter_name)
         config = copy.deepcopy(peft_config)
         if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
             # Classification heads are new: they must train and be saved with the adapter.
@@ -94,8 +113,7 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate one adapter in every layer; only it trains (unless loaded for inference)."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
+        self._check_known(adapter_name, "activate")
         config = self.peft_config[adapter_name]
         base = self.get_base_model()
         # Trained biases are base-model parameters, shared by all adapters: whatever the method
@@ -115,8 +133,7 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; if it was active, the first remaining one becomes active."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; existing adapters: {list(self.peft_config)}")
+        self._check_known(adapter_name, "delete")
         config = self.peft_config[adapter_name]
         base = self.get_base_model()
         # Its trained biases are found through its config and wrappers, so before either goes;
@@ -135,9 +152,22 @@ class PeftModel(nn.Module):
             survivor = self.active_adapter if self.active_adapter in self.peft_config else next(iter(self.peft_config))
             self.set_adapter(survivor)
 
+    def _check_new_name(self, adapter_name: str) -> None:
+        """A ValueError when ``adapter_name`` cannot name an adapter or names one that exists."""
+        injection.check_new_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+
+    def _check_known(self, names: str | list[str], action: str) -> None:
+        """A ValueError when one of ``names`` (one name, or a list) is not an adapter of this model."""
+        unknown = [n for n in ([names] if isinstance(names, str) else names) if n not in self.peft_config]
+        if unknown:
+            which = f"adapter {unknown[0]!r}" if isinstance(names, str) else f"adapter(s) {unknown}"
+            raise ValueError(f"cannot {action} unknown {which}; the model has {list(self.peft_config)}")
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the ``with`` block."""
+        """Run the base model alone inside the ``with`` block: no adapter layer, no virtual tokens."""
         layers = [layer for _, layer in injection.adapter_layers(self.get_base_model())]
         layers += [self.prompt_encoder] if "prompt_encoder" in self._modules else []
         before = [layer.disable_adapters for layer in layers]  # restored as found: nested blocks work
@@ -161,6 +191,7 @@ class PeftModel(nn.Module):
             layer.merge(here)
 
     def unmerge_adapter(self) -> None:
+        """Take every merged adapter out of the base weights again, newest first."""
         for _, layer in injection.adapter_layers(self.get_base_model()):
             layer.unmerge()
 
@@ -176,10 +207,9 @@ class PeftModel(nn.Module):
         """
         if "prompt_encoder" in self._modules:
             raise TypeError("virtual tokens (prompt/prefix tuning) are not weights and cannot be merged; use unload()")
-        plan = self._merge_plan(adapter_names, safe_merge, already_merged="keep")
-        for name, layer, here in plan:
-            if isinstance(layer, ModulesToSaveWrapper) and len(here) > 1:
-                raise ValueError(f"adapters {here} each train their own copy of {name!r}; merge_and_unload keeps one")
+        self._merge_plan(adapter_names, safe_merge, already_merged="keep")  # every check; unload merges
+        names = self.active_adapters if adapter_names is None else adapter_names
+        self._trained_copies(names, "merge_and_unload keeps one")
         return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
 
     def _merge_plan(
@@ -193,9 +223,7 @@ class PeftModel(nn.Module):
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names is a list of names, got the string {adapter_names!r}")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; existing adapters: {list(self.peft_config)}")
+        self._check_known(names, "merge")
         prompt = [n for n in names if self.peft_config[n].is_prompt_learning]
         if prompt:
             raise TypeError(f"adapter(s) {prompt} add virtual tokens, which are not weights and cannot be merged")
@@ -218,6 +246,18 @@ class PeftModel(nn.Module):
             for layer_name, layer, here in plan:
                 layer.check_merge_is_finite(here, layer_name)
         return plan
+
+    def _trained_copies(self, adapter_names: list[str], action: str) -> dict[str, list[str]]:
+        """``{module name: those of adapter_names with their own copy of it}`` for each module
+        trained whole (``modules_to_save``); a ValueError when two adapters have one, since
+        ``action`` (merging, combining) keeps a single copy."""
+        copies = {}
+        for name, layer in injection.adapter_layers(self.get_base_model()):
+            if isinstance(layer, ModulesToSaveWrapper):
+                copies[name] = [a for a in dict.fromkeys(adapter_names) if a in layer.modules_to_save]
+                if len(copies[name]) > 1:
+                    raise ValueError(f"adapters {copies[name]} each train their own copy of {name!r}; {action}")
+        return copies
 
     def unload(self) -> nn.Module:
         """The base model with every adapter removed, unmerged."""
@@ -251,13 +291,10 @@ class PeftModel(nn.Module):
         ``set_adapter(adapter_name)`` to use it. ``density`` and ``majority_sign_method`` belong to
         peft's ties/dare types, which minipeft does not implement; they are accepted and unused.
         """
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        self._check_new_name(adapter_name)
         if not adapters or len(weights) != len(adapters):
             raise ValueError(f"give one weight per adapter: got adapters {adapters} and weights {weights}")
-        unknown = [a for a in adapters if a not in self.peft_config]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; existing adapters: {list(self.peft_config)}")
+        self._check_known(adapters, "combine")
         types = {a: self.peft_config[a].peft_type for a in adapters}
         other = {a: t.value for a, t in types.items() if t != PeftType.LORA}
         if other:
@@ -268,11 +305,7 @@ class PeftModel(nn.Module):
         base = self.get_base_model()
         layers = {name: layer for name, layer in injection.adapter_layers(base)
                   if isinstance(layer, lora.LoraLayer) and any(a in layer.r for a in adapters)}
-        heads = {name: [a for a in dict.fromkeys(adapters) if a in layer.modules_to_save]
-                 for name, layer in injection.adapter_layers(base) if isinstance(layer, ModulesToSaveWrapper)}
-        for name, have in heads.items():
-            if len(have) > 1:
-                raise ValueError(f"adapters {have} each train their own copy of {name!r}; a combination keeps one")
+        heads = self._trained_copies(adapters, "a combination keeps one")
         # Every new factor is computed before the model changes: an error leaves it as it was.
         factors = {
             name: lora.combine(
@@ -330,19 +363,126 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    # -- checkpoints (peft's layout; the work is in checkpoint.py) ----------------------------
-    def save_pretrained(self, save_directory, selected_adapters: list[str] | None = None) -> None:
-        """Write adapter_config.json + adapter_model.safetensors; non-default adapters in subfolders."""
-        checkpoint.save_pretrained(self, save_directory, selected_adapters)
+    # -- checkpoints (peft's layout and signatures; the work is in checkpoint.py) ---------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+    ) -> None:
+        """Write adapter_config.json + adapter_model.safetensors for each of ``selected_adapters``
+        (default: all): ``default`` in ``save_directory``, any other in ``save_directory/<name>/``.
 
-    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an adapter from a checkpoint folder (inactive, frozen unless ``is_trainable``)."""
-        checkpoint.load_adapter(self, model_id, adapter_name, is_trainable)
+        ``is_main_process=False`` (the other processes of a distributed run) checks the arguments
+        and writes nothing. minipeft saves the adapter's own tensors only, in safetensors, so it
+        refuses peft's options for more: ``safe_serialization=False`` (a pickle),
+        ``save_embedding_layers=True`` (base-model embeddings; ``"auto"`` saves none) and
+        ``path_initial_model_for_weight_conversion`` (PiSSA/OLoRA conversion).
+        """
+        if not safe_serialization:
+            raise ValueError(
+                "minipeft writes adapter_model.safetensors only, never a pickled adapter_model.bin (loading a pickle "
+                "can run arbitrary code); leave safe_serialization=True: peft loads the safetensors file as well"
+            )
+        if save_embedding_layers not in ("auto", False):
+            raise ValueError(
+                f"save_embedding_layers={save_embedding_layers!r}: minipeft saves the adapter's tensors only, never "
+                "base-model layers; save a resized embedding with the base model itself (use 'auto' or False here)"
+            )
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError(
+                "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters, which minipeft does not "
+                "implement; leave it None"
+            )
+        self._check_known(list(self.peft_config) if selected_adapters is None else selected_adapters, "save")
+        if is_main_process:
+            checkpoint.save_pretrained(self, save_directory, selected_adapters)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        *,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        subfolder: str | None = None,
+    ) -> None:
+        """Add an adapter from a checkpoint folder (inactive, frozen unless ``is_trainable``).
+
+        ``subfolder``: the checkpoint is in ``model_id/subfolder``. ``torch_device``,
+        ``autocast_adapter_dtype`` and ``low_cpu_mem_usage`` as in ``from_pretrained``.
+        """
+        _check_load_options(torch_device, autocast_adapter_dtype)
+        checkpoint.load_adapter(self, _checkpoint_folder(model_id, subfolder), adapter_name, is_trainable)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False):
-        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``)."""
-        return checkpoint.from_pretrained(cls, model, model_id, adapter_name, is_trainable)
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        *,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        torch_device: str | torch.device | None = None,
+        subfolder: str | None = None,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``).
+
+        config: use a copy of this config instead of the saved one (the folder's
+            adapter_config.json is still read and checked against its tensors).
+        subfolder: the checkpoint is in ``model_id/subfolder`` (local folders only: minipeft
+            does not download).
+        torch_device: where peft stages the tensors while loading; the adapter ends up beside
+            the base weights either way, so minipeft only checks that it names a device.
+        autocast_adapter_dtype: True is what minipeft always does (fp32 adapters on a
+            half-precision base); False is refused.
+        low_cpu_mem_usage: accepted and ignored (peft's meta-device initialisation).
+        """
+        _check_load_options(torch_device, autocast_adapter_dtype)
+        if config is not None and not isinstance(config, PeftConfig):
+            raise TypeError(f"config must be a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
+        return checkpoint.from_pretrained(
+            cls, model, _checkpoint_folder(model_id, subfolder), adapter_name, is_trainable, config
+        )
+
+
+def _checkpoint_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    return os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+
+
+def _check_load_options(torch_device, autocast_adapter_dtype: bool) -> None:
+    """The loading options minipeft accepts from peft's signatures, checked for what they can mean here."""
+    if torch_device is not None:
+        try:
+            torch.device(torch_device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"torch_device={torch_device!r} is not a device ({err}); e.g. 'cpu', 'cuda:0'") from None
+    if not autocast_adapter_dtype:
+        raise ValueError(
+            "autocast_adapter_dtype=False would keep adapters in a half-precision base's dtype; minipeft always "
+            "keeps them in float32 there (stable training). Leave it True"
+        )
+
+
+def _check_not_adapted(model: nn.Module) -> None:
+    """A PeftModel starts from a model without minipeft adapters: a second PeftModel around the
+    same wrappers would not know their configs, so saving, switching and merging would miss them."""
+    held = list(model.peft_config) if isinstance(model, PeftModel) else injection.known_adapter_names(model)
+    if isinstance(model, PeftModel) or held:
+        raise ValueError(
+            f"this model already holds minipeft adapter(s) {held}. To add one, call add_adapter(name, config) on the "
+            "PeftModel that holds them, or load_adapter(folder, name) for a saved one (on a model adapted in place: "
+            "inject_adapter_in_model(config, model, name)); to start again from the plain model, take it from "
+            "unload() or merge_and_unload()"
+        )
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:

@@ -32,26 +32,27 @@ def peft_alone(base, config: dict, adapter_name: str):
 
 def test_switching_to_prompt_tuning_stops_lora_biases():
     base = tiny_transformers_model("bert")
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], bias="all"))
+    lora = dict(task_type="SEQ_CLS", r=2, target_modules=["query"], bias="all")
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora))
     assert any(n.endswith(".bias") and "base_layer" in n for n in trainable(model))
     model.add_adapter("p", PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
     model.set_adapter("p")
 
-    reference = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    prompt = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)
+    reference = peft.get_peft_model(copy.deepcopy(base), prompt)
     # peft holds a prompt-learning model at base_model (no .model) and names the adapter "default".
     assert trainable(model, {"base_model.model.": "base_model.", ".p.": ".default."}) == trainable(reference)
 
     model.set_adapter("default")  # and back: the LoRA adapter's biases train again
-    lora_only = get_peft_model(
-        copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], bias="all")
-    )
-    assert trainable(model) == trainable(lora_only)
+    assert trainable(model) == trainable(get_peft_model(copy.deepcopy(base), LoraConfig(**lora)))
 
 
 # (first adapter's config, second's, the adapter active when deleting, the one deleted)
 CASES = {
     "delete the active bias=all adapter": (dict(bias="all"), dict(bias="none"), "default", "default"),
-    "delete the active lora_only adapter": (dict(bias="lora_only"), dict(target_modules=["value"]), "default", "default"),
+    "delete the active lora_only adapter": (
+        dict(bias="lora_only"), dict(target_modules=["value"]), "default", "default"
+    ),
     "delete an inactive bias=all adapter": (dict(bias="none"), dict(bias="all"), "default", "b"),
     "delete the inactive one, both bias=all": (dict(bias="all"), dict(bias="all"), "default", "b"),
     "delete the active one, both bias=all": (dict(bias="all"), dict(bias="all"), "b", "b"),

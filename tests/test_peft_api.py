@@ -1,0 +1,219 @@
+"""PeftModel's peft-compatible surface: save/load keywords and argument order, enabling and
+disabling adapter layers, refusing a model that already holds adapters, and adapter names.
+The reference is peft itself: its signatures, the files it writes and the outputs it gives."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from minipeft import (
+    LoraConfig,
+    PeftModel,
+    PromptTuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+)
+from tests.models import TinyNet, input_ids, randomize_adapters, tiny_transformers_model
+
+peft = pytest.importorskip("peft")
+
+LORA = dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2", "embed"])
+
+
+def files_under(folder) -> set[str]:
+    """Every file below ``folder``, relative to it; peft's model card README.md left out."""
+    found = set()
+    for root, _, names in os.walk(folder):
+        found |= {os.path.relpath(os.path.join(root, n), folder) for n in names if n != "README.md"}
+    return found
+
+
+def both(base):
+    """minipeft and peft, each with LoRA "default" and "other" holding the same random weights."""
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
+    ours.add_adapter("other", LoraConfig(**{**LORA, "r": 3}))
+    randomize_adapters(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
+    theirs.add_adapter("other", peft.LoraConfig(**{**LORA, "r": 3}))
+    for name in ("default", "other"):
+        peft.set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours, name), adapter_name=name)
+    return ours, theirs
+
+
+def positional(fn) -> list[str]:
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind == p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "cls")]
+
+
+# -- signatures ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["save_pretrained", "load_adapter", "from_pretrained"])
+def test_positional_arguments_are_peft_s(method):
+    """Every positional argument minipeft takes sits where peft has it, so positional calls agree."""
+    ours, theirs = positional(getattr(PeftModel, method)), positional(getattr(peft.PeftModel, method))
+    assert ours == theirs[: len(ours)]
+
+
+# -- save_pretrained ---------------------------------------------------------------------------
+def test_save_pretrained_positional_selected_adapters_writes_what_peft_writes(tmp_path):
+    ours, theirs = both(TinyNet().eval())
+    ours.save_pretrained(tmp_path / "ours", True, ["other"])
+    theirs.save_pretrained(tmp_path / "theirs", True, ["other"])
+    assert files_under(tmp_path / "ours") == files_under(tmp_path / "theirs") == {
+        os.path.join("other", "adapter_config.json"), os.path.join("other", "adapter_model.safetensors")
+    }
+
+
+def test_save_pretrained_refuses_pickles_and_writes_nothing(tmp_path):
+    model, _ = both(TinyNet().eval())
+    with pytest.raises(ValueError, match="safetensors only.*leave safe_serialization=True"):
+        model.save_pretrained(tmp_path / "out", safe_serialization=False)
+    with pytest.raises(ValueError, match="never base-model layers"):
+        model.save_pretrained(tmp_path / "out", save_embedding_layers=True)
+    with pytest.raises(ValueError, match="PiSSA/OLoRA"):
+        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "init").exists()
+    model.save_pretrained(tmp_path / "out", save_embedding_layers=False)
+    assert files_under(tmp_path / "out")
+
+
+def test_save_pretrained_off_the_main_process_writes_no_file(tmp_path):
+    ours, theirs = both(TinyNet().eval())
+    ours.save_pretrained(tmp_path / "ours", is_main_process=False)
+    theirs.save_pretrained(tmp_path / "theirs", is_main_process=False)
+    assert files_under(tmp_path / "theirs") == set()  # peft: no file (it leaves empty folders)
+    assert not (tmp_path / "ours").exists()
+    # The arguments are still checked, so every process of a run fails alike.
+    with pytest.raises(ValueError, match=r"cannot save unknown adapter\(s\) \['nope'\]; the model has"):
+        ours.save_pretrained(tmp_path / "ours", selected_adapters=["nope"], is_main_process=False)
+
+
+# -- from_pretrained / load_adapter -----------------------------------------------------------
+def test_subfolder_loads_the_adapter_saved_there_as_peft_does(tmp_path):
+    base = TinyNet().eval()
+    ours, _ = both(base)
+    ours.save_pretrained(tmp_path)  # "default" at the top, "other" in other/
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, subfolder="other")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, subfolder="other")
+    expected = theirs(input_ids=input_ids())
+    torch.testing.assert_close(loaded(input_ids=input_ids()), expected)
+    ours.set_adapter("other")
+    torch.testing.assert_close(ours(input_ids=input_ids()), expected)
+
+    loaded.load_adapter(tmp_path, "first", False, "cpu", subfolder=None)  # torch_device is peft's 4th argument
+    loaded.set_adapter("first")
+    ours.set_adapter("default")
+    torch.testing.assert_close(loaded(input_ids=input_ids()), ours(input_ids=input_ids()))
+
+
+def test_config_replaces_the_saved_one_as_in_peft(tmp_path):
+    base = TinyNet().eval()
+    ours, _ = both(base)
+    ours.save_pretrained(tmp_path)
+    doubled = dict(LORA, lora_alpha=8)  # same shapes, twice the scaling
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, config=peft.LoraConfig(**doubled))
+    config = LoraConfig(**doubled)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, config=config, low_cpu_mem_usage=True)
+    torch.testing.assert_close(loaded(input_ids=input_ids()), theirs(input_ids=input_ids()))
+    assert not torch.allclose(loaded(input_ids=input_ids()), ours(input_ids=input_ids()))
+    assert config.inference_mode is False  # the caller's config is copied, not changed
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_bad_loading_options_say_what_would_work(tmp_path):
+    base = TinyNet().eval()
+    get_peft_model(copy.deepcopy(base), LoraConfig(**LORA)).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="config must be a PeftConfig"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, config=dict(LORA))
+    with pytest.raises(ValueError, match="torch_device='gpu0' is not a device"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, torch_device="gpu0")
+    with pytest.raises(ValueError, match="autocast_adapter_dtype=False.*Leave it True"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=False)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, subfolder="nowhere")
+
+
+# -- enable / disable adapter layers ----------------------------------------------------------
+@pytest.mark.parametrize("route", ["base_model", "peft_model"])
+def test_disable_and_enable_adapter_layers_as_peft(route):
+    base = TinyNet().eval()
+    ours, theirs = both(base)
+    ids = input_ids()
+    adapted = theirs(input_ids=ids)
+    torch.testing.assert_close(ours(input_ids=ids), adapted)
+    owner = (lambda m: m.base_model) if route == "base_model" else (lambda m: m)
+
+    for model in (ours, theirs):
+        owner(model).disable_adapter_layers()
+    torch.testing.assert_close(ours(input_ids=ids), theirs(input_ids=ids))
+    torch.testing.assert_close(ours(input_ids=ids), base(input_ids=ids))
+
+    for model in (ours, theirs):  # a merged layer unmerges itself while disabled
+        owner(model).enable_adapter_layers()
+        model.merge_adapter()
+        owner(model).disable_adapter_layers()
+    torch.testing.assert_close(ours(input_ids=ids), base(input_ids=ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs(input_ids=ids), base(input_ids=ids), atol=1e-6, rtol=0)
+
+    for model in (ours, theirs):
+        owner(model).enable_adapter_layers()
+    torch.testing.assert_close(ours(input_ids=ids), adapted, atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs(input_ids=ids), adapted, atol=1e-6, rtol=0)
+
+
+# -- a model that already holds adapters -------------------------------------------------------
+def test_get_peft_model_refuses_a_model_that_holds_adapters(tmp_path):
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    model.save_pretrained(tmp_path)
+    in_place = inject_adapter_in_model(LoraConfig(**LORA), TinyNet(), "mine")
+    for adapted, held in [(model, ["default"]), (model.get_base_model(), ["default"]), (in_place, ["mine"])]:
+        before = copy.deepcopy(adapted.state_dict())
+        message = re.escape(f"already holds minipeft adapter(s) {held}") + ".*add_adapter.*load_adapter"
+        with pytest.raises(ValueError, match=message):
+            get_peft_model(adapted, LoraConfig(**LORA), adapter_name="second")
+        with pytest.raises(ValueError, match="already holds minipeft adapter"):
+            PeftModel.from_pretrained(adapted, tmp_path, adapter_name="second")
+        assert adapted.state_dict().keys() == before.keys()
+    assert list(model.peft_config) == ["default"]
+
+
+# -- adapter names -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["train", "to", "half", "forward", "keys", "training"])
+def test_names_torch_cannot_use_as_keys_are_refused_clearly(name):
+    """peft lets these through to nn.ModuleDict, which fails with "attribute ... already exists"."""
+    with pytest.raises(KeyError, match="already exists"):
+        peft.get_peft_model(TinyNet(), peft.LoraConfig(**LORA), adapter_name=name)
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    with pytest.raises(ValueError, match=rf"invalid adapter name '{name}': .*nn.ModuleDicts.*e.g. '{name}_adapter'"):
+        model.add_adapter(name, LoraConfig(**LORA))
+    with pytest.raises(ValueError, match=rf"invalid adapter name '{name}'"):
+        get_peft_model(TinyNet(), LoraConfig(**LORA), adapter_name=name)
+    with pytest.raises(ValueError, match=rf"invalid adapter name '{name}'"):
+        inject_adapter_in_model(LoraConfig(**LORA), TinyNet(), name)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_prompt_encoder_attributes_are_refused_for_every_method():
+    model = get_peft_model(tiny_transformers_model("bert"), LoraConfig(r=2, target_modules=["query"]))
+    for name in ("active_adapter", "set_adapter"):
+        with pytest.raises(ValueError, match=rf"invalid adapter name '{name}'"):
+            model.add_adapter(name, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    assert "prompt_encoder" not in model._modules and list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("name, why", [("", "empty"), ("a.b", "contains '.'"), ("a/b", "path separator")])
+def test_add_adapter_uses_the_shared_name_check(name, why):
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    with pytest.raises(ValueError, match=rf"invalid adapter name .*{why}"):
+        model.add_adapter(name, LoraConfig(**LORA))
+    with pytest.raises(ValueError, match=rf"invalid adapter name .*{why}"):
+        model.add_weighted_adapter(["default"], [1.0], name)
+    assert list(model.peft_config) == ["default"]
