@@ -152,19 +152,6 @@ class PeftModel(nn.Module):
             survivor = self.active_adapter if self.active_adapter in self.peft_config else next(iter(self.peft_config))
             self.set_adapter(survivor)
 
-    def _check_new_name(self, adapter_name: str) -> None:
-        """A ValueError when ``adapter_name`` cannot name an adapter or names one that exists."""
-        injection.check_new_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
-
-    def _check_known(self, names: str | list[str], action: str) -> None:
-        """A ValueError when one of ``names`` (one name, or a list) is not an adapter of this model."""
-        unknown = [n for n in ([names] if isinstance(names, str) else names) if n not in self.peft_config]
-        if unknown:
-            which = f"adapter {unknown[0]!r}" if isinstance(names, str) else f"adapter(s) {unknown}"
-            raise ValueError(f"cannot {action} unknown {which}; the model has {list(self.peft_config)}")
-
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the ``with`` block: no adapter layer, no virtual tokens."""
@@ -178,6 +165,19 @@ class PeftModel(nn.Module):
         finally:
             for layer, flag in zip(layers, before):
                 layer.disable_adapters = flag
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        """A ValueError when ``adapter_name`` cannot name an adapter or names one that exists."""
+        injection.check_new_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+
+    def _check_known(self, names: str | list[str], action: str) -> None:
+        """A ValueError when one of ``names`` (one name, or a list) is not an adapter of this model."""
+        unknown = [n for n in ([names] if isinstance(names, str) else names) if n not in self.peft_config]
+        if unknown:
+            which = f"adapter {unknown[0]!r}" if isinstance(names, str) else f"adapter(s) {unknown}"
+            raise ValueError(f"cannot {action} unknown {which}; the model has {list(self.peft_config)}")
 
     # -- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -211,6 +211,12 @@ class PeftModel(nn.Module):
         names = self.active_adapters if adapter_names is None else adapter_names
         self._trained_copies(names, "merge_and_unload keeps one")
         return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """The base model with every adapter removed, unmerged."""
+        if "prompt_encoder" in self._modules:
+            self.prompt_encoder.remove_hooks()
+        return injection.unload(self.get_base_model(), merge=False)
 
     def _merge_plan(
         self, adapter_names: list[str] | None, safe_merge: bool, already_merged: str
@@ -258,12 +264,6 @@ class PeftModel(nn.Module):
                 if len(copies[name]) > 1:
                     raise ValueError(f"adapters {copies[name]} each train their own copy of {name!r}; {action}")
         return copies
-
-    def unload(self) -> nn.Module:
-        """The base model with every adapter removed, unmerged."""
-        if "prompt_encoder" in self._modules:
-            self.prompt_encoder.remove_hooks()
-        return injection.unload(self.get_base_model(), merge=False)
 
     # -- combining LoRA adapters --------------------------------------------------------------
     def add_weighted_adapter(
