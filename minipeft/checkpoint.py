@@ -71,7 +71,7 @@ from torch import nn
 from .atomic import fsync_dir as _fsync_dir
 from .atomic import write_temp
 from .config import PeftConfig, PeftType, check_adapter_name
-from .injection import trained_biases
+from .injection import known_adapter_names, trained_biases
 from .targeting import logical_name
 from .tuners import ModulesToSaveWrapper
 
@@ -228,7 +228,7 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -
     mapping = adapter_key_map(model, adapter_name)
     virtual = _virtual_tokens(model, adapter_name)
     if not mapping and virtual is None:
-        raise ValueError(f"the model has no tensors for adapter {adapter_name!r}; adapters: {_adapter_names(model)}")
+        raise ValueError(f"the model has no tensors for adapter {adapter_name!r}; adapters: {known_adapter_names(model)}")
     mapping.update(peft_bias_extras(model, adapter_name))
     state_dict = model.state_dict()
     out = {ckpt_key: state_dict[model_key].detach() for ckpt_key, model_key in mapping.items()}
@@ -255,14 +255,6 @@ def _virtual_tokens(model: nn.Module, adapter_name: str) -> nn.Module | None:
     return encoders[adapter_name] if encoders is not None and adapter_name in encoders else None
 
 
-def _adapter_names(model: nn.Module) -> list[str]:
-    names: dict[str, None] = {}
-    for module in model.modules():
-        for container in getattr(module, "adapter_layer_names", ()):
-            names.update(dict.fromkeys(getattr(module, container, {}) or {}))
-    return list(names)
-
-
 def _describe(keys: list[str], limit: int = 5) -> str:
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
@@ -280,7 +272,7 @@ def set_peft_model_state_dict(
     mapping = adapter_key_map(model, adapter_name)
     virtual = _virtual_tokens(model, adapter_name)
     if not mapping and virtual is None:
-        raise ValueError(f"the model has no adapter named {adapter_name!r}; adapters: {_adapter_names(model)}")
+        raise ValueError(f"the model has no adapter named {adapter_name!r}; adapters: {known_adapter_names(model)}")
     extras = peft_bias_extras(model, adapter_name)
     if virtual is not None:
         state_dict = dict(state_dict)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import PeftConfig, check_adapter_name
-from .targeting import find_targets, is_under
+from .targeting import find_targets, is_under, logical_name
 from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
@@ -49,11 +49,12 @@ def check_new_adapter_name(adapter_name: str) -> None:
 
 @functools.cache
 def _module_dict_attributes() -> frozenset[str]:
-    """Attribute names of an ``nn.ModuleDict`` (every ``nn.Module`` attribute and the dict methods)
-    and of the PeftModel's ``ModuleDict`` of prompt encoders, read from real instances."""
+    """Attribute names of an ``nn.ModuleDict`` and an ``nn.ParameterDict`` (every ``nn.Module``
+    attribute and the dict methods) and of the PeftModel's ``ModuleDict`` of prompt encoders,
+    read from real instances."""
     prompt_encoders = PromptEncoderDict(nn.Identity())
     prompt_encoders.remove_hooks()
-    return frozenset(dir(nn.ModuleDict())) | frozenset(dir(prompt_encoders))
+    return frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict())) | frozenset(dir(prompt_encoders))
 
 
 def _adapter_internals(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -107,11 +108,14 @@ def inject_adapter_in_model(
         plan = []
         for name in targets:
             module = model.get_submodule(name)
+            # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it
+            # reads without other adapters' wrappers, as the targets themselves do.
+            key = logical_name(model, name) or name
             if isinstance(module, method.layer_class):
                 updated.append(module)  # before the update, so a half-done update is rolled back too
-                module.update_layer(adapter_name, config, name)
+                module.update_layer(adapter_name, config, key)
             else:
-                plan.append((name, module, method.wrap(module, adapter_name, config, name)))
+                plan.append((name, module, method.wrap(module, adapter_name, config, key)))
         plan += _plan_modules_to_save(model, config, adapter_name, skip + wrapped, targets, updated)
         for name, module, wrapper in plan:
             wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces

@@ -201,6 +201,16 @@ def test_names_torch_cannot_use_as_keys_are_refused_clearly(name):
     assert list(model.peft_config) == ["default"]
 
 
+@pytest.mark.parametrize("name", ["copy", "setdefault", "fromkeys"])
+def test_parameter_dict_methods_are_refused_too(name):
+    """LoRA on an embedding and (IA)^3 keep their vectors in nn.ParameterDicts, whose dict methods
+    cannot be keys either; the name is refused for every method, before any layer is touched."""
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    with pytest.raises(ValueError, match=rf"invalid adapter name '{name}'"):
+        model.add_adapter(name, LoraConfig(**LORA))
+    assert list(model.peft_config) == ["default"]
+
+
 def test_prompt_encoder_attributes_are_refused_for_every_method():
     model = get_peft_model(tiny_transformers_model("bert"), LoraConfig(r=2, target_modules=["query"]))
     for name in ("active_adapter", "set_adapter"):

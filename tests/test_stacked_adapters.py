@@ -162,6 +162,25 @@ def test_a_config_selects_the_same_modules_after_other_adapters():
     assert adapted(stacked, "houlsby") == adapted(alone, "default")
 
 
+def test_per_module_settings_read_the_name_without_other_wrappers():
+    """(IA)^3's feedforward_modules (like LoRA's rank_pattern) name modules as targets do: a
+    ``layer.0.output.dense`` inside a bottleneck's wrapper is still feed-forward (it scales its
+    input), exactly as in a model holding (IA)^3 alone."""
+    base = tiny_transformers_model("bert")
+    ia3 = IA3Config(target_modules=["value", "output.dense"], feedforward_modules=["output.dense"])
+    stacked = get_peft_model(copy.deepcopy(base), BottleneckConfig(target_modules=["layer.0.output"], bottleneck_size=2))
+    stacked.add_adapter("ia3", ia3)
+    alone = get_peft_model(copy.deepcopy(base), ia3)
+
+    def sides(model, name):
+        inner = model.get_base_model()
+        return {minipeft.targeting.logical_name(inner, n): m.is_feedforward[name]
+                for n, m in inner.named_modules() if name in getattr(m, "is_feedforward", {})}
+
+    assert sides(stacked, "ia3") == sides(alone, "default")
+    assert sides(stacked, "ia3")["bert.encoder.layer.0.output.dense"] is True
+
+
 def test_adapter_internals_are_never_targets():
     """LoRA's dropout lives in ``lora_dropout["default"]``: not a module of the user's model."""
     model = get_peft_model(tiny_transformers_model("bert"), LoraConfig(r=2, target_modules=["query"]))

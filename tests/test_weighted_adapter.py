@@ -198,11 +198,11 @@ def test_new_adapter_is_inactive_frozen_and_keeps_the_trained_head():
     randomize_adapters(model)
     expected = model(input_ids=input_ids())
     # peft would give the new adapter an untrained copy of the original head; this one keeps default's.
-    model.add_weighted_adapter(["default"], [1.0], "copy")
+    model.add_weighted_adapter(["default"], [1.0], "scaled")
     assert model.active_adapter == "default"
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".copy" in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".scaled" in n)
     torch.testing.assert_close(model(input_ids=input_ids()), expected)
-    model.set_adapter("copy")
+    model.set_adapter("scaled")
     torch.testing.assert_close(model(input_ids=input_ids()), expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="each train their own copy of 'head'"):
         model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "both", combination_type="cat")
