@@ -49,14 +49,15 @@ import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minipeft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: E402
-from minipeft.data import collate, encode_classification, load_tokenizer, pad_token_id, read_classification  # noqa: E402
+from minipeft.data import (BatchLoader, collate, encode_classification, load_tokenizer, pad_token_id,  # noqa: E402
+                           read_classification)
+from minipeft.train import TrainConfig, train  # noqa: E402
 
 DEFAULTS = {  # (num_virtual_tokens, lr of the virtual tokens, lr of the head, training examples): ~5 min on 2 cores
     "prompt": (20, 3e-1, 1e-2, 14000),
@@ -143,33 +144,13 @@ def main(argv=None) -> dict:
     model.print_trainable_parameters()
     trainable, total = model.get_nb_trainable_parameters()
 
-    # Two learning rates: the virtual tokens (prompt_encoder.*) and the classifier head (the rest).
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    virtual = [p for n, p in named if n.startswith("prompt_encoder.")]
-    head = [p for n, p in named if not n.startswith("prompt_encoder.")]
-    opt = torch.optim.AdamW([{"params": virtual, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.0)
-    steps = args.epochs * ((len(train_set) + args.batch_size - 1) // args.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * (1 - s / steps))
-    start, step, recent = time.time(), 0, []
-    for _ in range(args.epochs):
-        random.shuffle(train_set)
-        model.train()
-        for i in range(0, len(train_set), args.batch_size):
-            batch = collate(train_set[i : i + args.batch_size], pad_id)
-            loss = model(**batch).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            recent.append(loss.item())
-            if step % 50 == 0 or step == steps:
-                mean = sum(recent) / len(recent)  # mean over the steps since the last line
-                print(f"step {step}/{steps}  loss {mean:.4f}  {time.time() - start:.0f}s", flush=True)
-                recent.clear()
-    train_seconds = time.time() - start
+    train_batches = BatchLoader(train_set, batch_size=args.batch_size, shuffle=True, pad_id=pad_id, seed=args.seed)
+    steps = args.epochs * len(train_batches)
+    with tempfile.TemporaryDirectory() as run_dir:  # train()'s checkpoint and log; the adapter is saved below
+        # Two learning rates: the virtual tokens (prompt_encoder.*) and the classifier head (the rest).
+        config = TrainConfig(output_dir=run_dir, epochs=args.epochs, lr=head_lr, lr_by_prefix={"prompt_encoder.": lr},
+                             warmup_ratio=0.1, schedule="linear", log_every=50, seed=args.seed, resume=False)
+        train_seconds = train(model, train_batches, None, config).train_seconds
 
     predictions = predict(model, dev_set, pad_id)
     accuracy = (predictions == dev_labels).float().mean().item()

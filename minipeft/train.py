@@ -64,6 +64,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; when set, overrides epochs
     lr: float = 1e-3
+    # Other peak learning rates by parameter-name prefix, longest prefix first, e.g.
+    # {"prompt_encoder.": 0.3}: virtual tokens often want a far larger lr than a new head.
+    lr_by_prefix: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0  # matrices only: not biases, norms or (IA)^3 scaling vectors
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "linear"  # "linear" | "cosine" | "constant", each after warmup
@@ -96,6 +99,10 @@ class TrainConfig:
         for name in ("lr", "weight_decay"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
+        if not isinstance(self.lr_by_prefix, dict) or not all(
+                isinstance(k, str) and k and _is_number(v) and v >= 0 for k, v in self.lr_by_prefix.items()):
+            raise ValueError("lr_by_prefix must map parameter-name prefixes to learning rates >= 0, e.g. "
+                             f"{{'prompt_encoder.': 0.3}}, not {self.lr_by_prefix!r}")
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
                 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999), not {self.betas!r}")
@@ -175,18 +182,28 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only: frozen weights get no optimizer state at all."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """AdamW over trainable parameters only: frozen weights get no optimizer state at all.
+
+    One group per (learning rate, decays or not): the lr is the one of the longest prefix in
+    ``config.lr_by_prefix`` the parameter's name starts with, else ``config.lr``.
+    """
+    prefixes = sorted(config.lr_by_prefix, key=len, reverse=True)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
+            lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), config.lr)
             # a true matrix has both sides > 1; biases, norms and (IA)^3 vectors (stored as
             # (out, 1) or (1, in)) are scales, and decay would pull them towards 0, not 1
-            (decay if p.dim() >= 2 and min(p.shape) > 1 else no_decay).append(p)
-    if not decay and not no_decay:
+            decays = p.dim() >= 2 and min(p.shape) > 1
+            groups.setdefault((lr, decays), []).append(p)
+    if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    unused = [pre for pre in prefixes if not any(name.startswith(pre) for name, _ in model.named_parameters())]
+    if unused:
+        raise ValueError(f"lr_by_prefix names prefixes no parameter starts with: {unused}; parameter names "
+                         f"look like {[n for n, p in model.named_parameters() if p.requires_grad][:3]}")
+    return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
+                              for (lr, decays), params in groups.items()], lr=config.lr, betas=config.betas)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -287,7 +304,7 @@ def _set_rng_state(state: dict) -> None:
 # Fields that change what a run computes: resuming with other values would continue an
 # optimizer state and schedule made for another run. (output_dir, logging, evaluation and
 # saving settings may change freely.)
-RESUME_FIELDS = ("epochs", "max_steps", "lr", "weight_decay", "betas", "schedule", "warmup_steps",
+RESUME_FIELDS = ("epochs", "max_steps", "lr", "lr_by_prefix", "weight_decay", "betas", "schedule", "warmup_steps",
                  "warmup_ratio", "grad_accum_steps", "max_grad_norm", "seed")
 
 

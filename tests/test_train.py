@@ -94,6 +94,25 @@ def test_optimizer_holds_only_trainable_params():
         make_optimizer(model, TrainConfig(output_dir="unused"))
 
 
+def test_lr_by_prefix_gives_those_parameters_their_own_learning_rate():
+    # Adam's first step moves every weight by lr * g / (|g| + eps): by almost exactly lr.
+    model = TinyClassifier()
+    config = TrainConfig(output_dir="unused", lr=1e-3, lr_by_prefix={"classifier.": 0.5, "classifier.bias": 0.25})
+    opt = make_optimizer(model, config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, VOCAB, (4, 6))
+    nn.functional.cross_entropy(model(ids, torch.ones_like(ids)), torch.tensor([0, 1, 0, 1])).backward()
+    opt.step()
+    expected = {"adapter.weight": 1e-3, "adapter.bias": 1e-3, "classifier.weight": 0.5, "classifier.bias": 0.25}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # the longest matching prefix wins
+            torch.testing.assert_close((p - before[name]).abs(), torch.full_like(p, expected[name]), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match=r"no parameter starts with: \['head.'\]"):
+        make_optimizer(model, TrainConfig(output_dir="unused", lr_by_prefix={"head.": 0.1}))
+    with pytest.raises(ValueError, match="lr_by_prefix must map"):
+        TrainConfig(output_dir="unused", lr_by_prefix={"classifier.": -1})
+
+
 def test_loss_goes_down_and_frozen_weights_stay(tmp_path):
     torch.manual_seed(0)
     model = TinyClassifier()
