@@ -62,17 +62,18 @@ def _keep_tile(seed, offs_m, k_start, K, threshold, BLOCK_M: tl.constexpr, BLOCK
     """Dropout keep-mask (BLOCK_M, BLOCK_K) for x[offs_m, k_start : k_start + BLOCK_K].
 
     One Philox call (tl.randint4x) returns 128 random bits; a dropout coin needs 16. So the
-    eight elements x[m, 8g : 8g + 8] share the call with counter m * cdiv(K, 8) + g, and
-    element 8g + j takes 16-bit half j % 2 of word j // 2. That is 8x less integer work than
-    tl.rand's one call per element, which on a GPU would cost more than reading x does.
-    k_start must be a multiple of 8 (every block size here is).
+    eight elements x[m, 8g : 8g + 8] share the call with counter m * cdiv(K, 8) + g, each taking
+    one 16-bit half of its four words. That is 8x less integer work than tl.rand's one call per
+    element, which on a GPU would cost more than reading x does. Which half goes to which
+    element is fixed by the joins below; any fixed spread would do, since every kernel and
+    dropout_mask() draw through this one function. k_start must be a multiple of 8.
     """
     tl.static_assert(BLOCK_K % 8 == 0)
     offs_g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
     w0, w1, w2, w3 = tl.randint4x(seed, offs_m[:, None] * tl.cdiv(K, 8) + offs_g[None, :])
     halves = tl.join(tl.join(tl.join(w0 & 0xFFFF, w0 >> 16), tl.join(w1 & 0xFFFF, w1 >> 16)),
                      tl.join(tl.join(w2 & 0xFFFF, w2 >> 16), tl.join(w3 & 0xFFFF, w3 >> 16)))
-    coins = tl.reshape(halves, (BLOCK_M, BLOCK_K))  # (BLOCK_M, BLOCK_K // 8, 2, 2, 2): lane j = 4h + 2i + j'
+    coins = tl.reshape(halves, (BLOCK_M, BLOCK_K))  # from (BLOCK_M, BLOCK_K // 8, 2, 2, 2)
     return coins >= threshold  # uniform on [0, 65536): kept with probability 1 - threshold / 65536
 
 
@@ -193,9 +194,10 @@ def _gemm_configs():
     return configs
 
 
-# Tuned once per (power-of-two bucket of M, N, K, dtypes): a new sequence length reuses the
-# bucket's winner instead of retuning.
-_matmul_lowrank_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"],
+# Tuned once per (power-of-two bucket of M, N, K, dtypes, variant): a new sequence length reuses
+# the bucket's winner instead of retuning. The variant is in the key because the backward's
+# (dropout, dA) needs more registers than the forward and may win with another tile.
+_matmul_lowrank_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "R_GRAD"],
                                         reset_to_zero=["dr_ptr"])(_matmul_lowrank_kernel)
 
 
@@ -209,11 +211,11 @@ def _m_bucket(M):
 
 
 def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None, xin=None):
-    """out = x @ w + bias + scale * [D] * (l @ r), or out += scale * [D] * (l @ r) if out is given.
+    """(out, dr): out = x @ w + bias + scale * [D] * (l @ r), or out += scale * [D] * (l @ r)
+    if out is given; dr (R, N) = scale * l^T ([D] * xin) in fp32 when xin (M, N) is given, else None.
 
     x (M, K), w (K, N), bias (N,) or None, l (M, R), r (R, N); any strides. D, when p > 0, is
     the dropout mask of an (M, N) tensor drawn from seed (the backward's dx has x's shape).
-    With xin (M, N), also returns dr (R, N) = scale * l^T ([D] * xin) in fp32: (out, dr).
     """
     M, N, R = l.shape[0], r.shape[1], l.shape[1]
     dr = torch.zeros((R, N), device=l.device, dtype=torch.float32) if xin is not None else None
@@ -392,7 +394,7 @@ def _lora_a_grad_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
         if HAS_DROPOUT:
-            # The same (seed, offset) pairs as the forward's shrink: the same mask.
+            # The same seed and positions as the forward's shrink: the same mask.
             keep = _keep_tile(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0).to(x.dtype)
         acc = _dot(dxa_t, x, acc)
