@@ -77,12 +77,21 @@ def _keep_tile(seed, offs_m, k_start, K, threshold, BLOCK_M: tl.constexpr, BLOCK
     return coins >= threshold  # uniform on [0, 65536): kept with probability 1 - threshold / 65536
 
 
+def _dropout_threshold(p):
+    """The 16-bit coin threshold for rate p: an element is dropped iff its coin < threshold.
+
+    So the drop rate is p rounded down to a multiple of 2**-16 (0.1 becomes 0.099991); the
+    1 / (1 - p) rescaling uses p itself.
+    """
+    return int(p * 65536)
+
+
 # ----------------------------------------------------------------------------------------------
 # The GEMM: out (M, N) = x (M, K) @ w (K, N) + bias + scale * [D] * (l (M, R) @ r (R, N))
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
 def _matmul_lowrank_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, xin_ptr, dr_ptr,
     M, N, K, R,
@@ -254,7 +263,7 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None, xin=None):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
 def _shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
     M, K, R,
@@ -373,7 +382,7 @@ def _dy_pass(dy, lora_B, xa, scaling):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
 def _lora_a_grad_kernel(
     dxa_ptr, x_ptr, da_ptr,
     M, K, R,
@@ -423,16 +432,7 @@ def _lora_a_grad(dxa, x, p, seed, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dropout_threshold(p):
-    """The 16-bit coin threshold for rate p: an element is dropped iff its coin < threshold.
-
-    So the drop rate is p rounded down to a multiple of 2**-16 (0.1 becomes 0.099991); the
-    1 / (1 - p) rescaling uses p itself.
-    """
-    return int(p * 65536)
-
-
-@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed must not mean a new compile
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
 def _dropout_mask_kernel(out_ptr, M, K, threshold, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
