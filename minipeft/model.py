@@ -22,6 +22,7 @@ from . import checkpoint, injection
 from .config import PeftConfig, PeftType, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
 from .tuners import AdapterLayer, ModulesToSaveWrapper, lora, method_for, virtual_tokens
+from .tuners.base import check_distinct
 
 
 class AdaptedModel(nn.Module):
@@ -223,13 +224,14 @@ class PeftModel(nn.Module):
     ) -> list[tuple[str, AdapterLayer, list[str]]]:
         """``(layer name, wrapper, adapters to merge there)`` for every wrapper that holds one of
         ``adapter_names`` (default: the active adapter). Checks all that can fail before anything
-        is merged: unknown names, adapters that are not linear maps of a weight, adapters merged
-        already (``already_merged``: "error", or "keep" them merged) and, with ``safe_merge``,
-        weights that would hold NaN or inf."""
+        is merged: unknown or repeated names, adapters that are not linear maps of a weight,
+        adapters merged already (``already_merged``: "error", or "keep" them merged) and, with
+        ``safe_merge``, weights that would hold NaN or inf."""
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names is a list of names, got the string {adapter_names!r}")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         self._check_known(names, "merge")
+        check_distinct(names)
         prompt = [n for n in names if self.peft_config[n].is_prompt_learning]
         if prompt:
             raise TypeError(f"adapter(s) {prompt} add virtual tokens, which are not weights and cannot be merged")

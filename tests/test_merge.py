@@ -165,3 +165,18 @@ def test_merge_argument_errors():
     model.add_adapter("prompt", PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(TypeError, match="virtual tokens"):
         model.merge_adapter(["prompt"])
+
+
+def test_an_adapter_named_twice_is_refused_not_merged_twice():
+    """``W + s B A`` once per adapter: a repeated name would fold the same update in twice."""
+    model = get_peft_model(TinyNet().eval(), LoraConfig(r=2, target_modules=["fc1"]))
+    randomize_adapters(model)
+    before = base_weights(model)
+    for merge in (model.merge_adapter, lambda names: model.merge_and_unload(adapter_names=names)):
+        with pytest.raises(ValueError, match=r"adapter_names lists \['default'\] more than once"):
+            merge(["default", "default"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    layer = model.base_model.model.blocks[0]["fc1"]
+    with pytest.raises(ValueError, match=r"adapter_names lists \['default'\] more than once"):
+        layer.merge(["default", "default"])
+    assert not layer.merged

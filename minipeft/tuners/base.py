@@ -32,6 +32,15 @@ def adapter_placement(reference: torch.Tensor | None) -> tuple[torch.device, tor
     return reference.device, dtype
 
 
+def check_distinct(adapter_names: list[str]) -> None:
+    """A ValueError when a name appears twice in ``adapter_names``: merging folds each adapter's
+    update in once per name, so a repeat would add it twice."""
+    repeated = list(dict.fromkeys(n for n in adapter_names if adapter_names.count(n) > 1))
+    if repeated:
+        distinct = list(dict.fromkeys(adapter_names))
+        raise ValueError(f"adapter_names lists {repeated} more than once; name each adapter once: {distinct}")
+
+
 class AdapterLayer(nn.Module):
     """Base class of every wrapper. Subclasses list their per-adapter containers."""
 
@@ -143,6 +152,7 @@ class AdapterLayer(nn.Module):
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
+        check_distinct(names)
         unknown = [n for n in names if n not in self.adapter_names]
         if unknown:
             raise ValueError(f"cannot merge unknown adapter(s) {unknown}; this layer has {self.adapter_names}")
