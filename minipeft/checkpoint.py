@@ -68,10 +68,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .atomic import fsync_dir as _fsync_dir
-from .atomic import write_temp
-from .config import PeftConfig, PeftType, check_adapter_name
-from .injection import known_adapter_names, trained_biases
+from .atomic import fsync_dir, write_temp
+from .config import PeftConfig, PeftType
+from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
 from .targeting import logical_name
 from .tuners import ModulesToSaveWrapper
 
@@ -443,7 +442,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
         os.replace(temps[0], os.path.join(folder, WEIGHTS_NAME))
         os.replace(temps[1], os.path.join(folder, CONFIG_NAME))
         temps.clear()
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
@@ -543,9 +542,7 @@ def load_adapter(
     peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool = False
 ) -> None:
     """Add adapter ``adapter_name`` to ``peft_model`` from a checkpoint folder; all or nothing."""
-    check_adapter_name(adapter_name)
-    if adapter_name in peft_model.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(peft_model.peft_config)}")
+    check_new_adapter_name(adapter_name, peft_model.peft_config)  # before any file is read
     config, tensors = load_checkpoint(folder)
     config.inference_mode = not is_trainable
     flags = _requires_grad(peft_model)
@@ -563,7 +560,7 @@ def from_pretrained(
 ):
     """Build ``cls(model, config, adapter_name)`` from a checkpoint and load its tensors; on error
     the base model is left as it was. ``config``: a copy of it replaces the saved config."""
-    check_adapter_name(adapter_name)
+    check_new_adapter_name(adapter_name)  # before any file is read; the model holds no adapter yet
     saved_config, tensors = load_checkpoint(folder)
     config = saved_config if config is None else copy.deepcopy(config)
     config.inference_mode = not is_trainable

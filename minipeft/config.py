@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,29 +32,6 @@ class TaskType(str, enum.Enum):
     TOKEN_CLS = "TOKEN_CLS"
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-
-def check_adapter_name(name: object) -> str:
-    """Return ``name`` if it can name an adapter, else raise an error saying why.
-
-    An adapter name keys ``nn.ModuleDict`` containers (``lora_A["default"]``), which refuse a
-    ``'.'``, and names the subfolder an adapter other than ``default`` is saved to
-    (``<folder>/<name>/``), which must stay inside ``<folder>``: no path separators, no
-    absolute path, no ``..`` (already ruled out by the ``'.'``).
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"an adapter name must be a string, got {type(name).__name__} {name!r}")
-    if not name.strip():
-        problem = "it is empty"
-    elif "." in name:
-        problem = "it contains '.', which nn.ModuleDict keys cannot hold and which could leave the save folder ('..')"
-    elif "/" in name or "\\" in name or os.path.isabs(name):
-        problem = "it contains a path separator, and the adapter is saved to a subfolder of that name"
-    elif any(ord(c) < 32 for c in name):
-        problem = "it contains a control character"
-    else:
-        return name
-    raise ValueError(f"invalid adapter name {name!r}: {problem}. Use letters, digits, '_' and '-', e.g. 'sst2_lora'")
 
 
 @dataclass

@@ -7,13 +7,13 @@ target has been checked, and any error restores what was there before.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from .config import PeftConfig, check_adapter_name
-from .targeting import find_targets, is_under, logical_name
+from .config import PeftConfig
+from .targeting import candidate_names, find_targets, is_under, logical_name
 from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
@@ -33,47 +33,73 @@ def known_adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def check_new_adapter_name(adapter_name: str) -> None:
-    """Refuse a name that cannot name an adapter: one ``config.check_adapter_name`` refuses (not a
-    non-empty string, or holding '.', a path separator or a control character), or one that is
-    already an attribute of the ``nn.ModuleDict`` containers it keys ("train", "to", "keys", ...),
-    which torch refuses as a key."""
-    check_adapter_name(adapter_name)
-    if adapter_name in _module_dict_attributes():
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if it can name an adapter, else raise an error saying what is wrong.
+
+    The one rule for adapter names, used wherever a name comes in (adding, loading, saving).
+    A name keys ``nn.ModuleDict`` / ``nn.ParameterDict`` containers (``lora_A["default"]``),
+    which refuse a ``'.'`` and any key that is already an attribute of the container ("train",
+    "to", "keys", ...); and it names the subfolder an adapter other than ``default`` is saved to
+    (``<folder>/<name>/``), which must stay inside ``<folder>``: no path separators, no absolute
+    path, no ``..`` (already ruled out by the ``'.'``).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"an adapter name must be a string, got {type(name).__name__} {name!r}")
+    if not name.strip():
+        problem = "it is empty"
+    elif "." in name:
+        problem = "it contains '.', which nn.ModuleDict keys cannot hold and which could leave the save folder ('..')"
+    elif "/" in name or "\\" in name or os.path.isabs(name):
+        problem = "it contains a path separator, and the adapter is saved to a subfolder of that name"
+    elif any(ord(c) < 32 for c in name):
+        problem = "it contains a control character"
+    else:
+        problem = None
+    if problem:
+        raise ValueError(f"invalid adapter name {name!r}: {problem}. Use letters, digits, '_' and '-', e.g. 'sst2_lora'")
+    if name in _container_attributes():
         raise ValueError(
-            f"invalid adapter name {adapter_name!r}: adapters are kept in nn.ModuleDicts keyed by name, and "
-            f"{adapter_name!r} is already an attribute of those (as 'train', 'to' and 'keys' are), so it cannot be a "
-            f"key. Choose another name, e.g. '{adapter_name}_adapter'"
+            f"invalid adapter name {name!r}: adapters are kept in nn.ModuleDicts keyed by name, and {name!r} is "
+            f"already an attribute of those (as 'train', 'to' and 'keys' are), so it cannot be a key. Choose "
+            f"another name, e.g. '{name}_adapter'"
         )
+    return name
 
 
-@functools.cache
-def _module_dict_attributes() -> frozenset[str]:
-    """Attribute names of an ``nn.ModuleDict`` and an ``nn.ParameterDict`` (every ``nn.Module``
-    attribute and the dict methods) and of the PeftModel's ``ModuleDict`` of prompt encoders,
-    read from real instances."""
-    prompt_encoders = PromptEncoderDict(nn.Identity())
-    prompt_encoders.remove_hooks()
-    return frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict())) | frozenset(dir(prompt_encoders))
+def check_new_adapter_name(adapter_name: object, existing: Iterable[str] = ()) -> str:
+    """Return ``adapter_name`` if a new adapter may take it: a valid name (``check_adapter_name``)
+    that none of the ``existing`` adapters has. Cheap, so callers check before any work."""
+    check_adapter_name(adapter_name)
+    existing = list(existing)
+    if adapter_name in existing:
+        raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {existing}. Choose another name")
+    return adapter_name
 
 
-def _adapter_internals(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Names a new adapter must not target: the containers inside wrappers (``...q_lin.lora_A``,
-    with everything below them) and the wrapped modules themselves (``...q_lin.base_layer``:
-    the wrapper, under the original name, stands for it). Modules *inside* a wrapped module stay
-    targetable: LoRA on ``down_proj`` inside a bottleneck-wrapped ``mlp`` is fine."""
-    containers, wrapped = [], []
-    for name, layer in adapter_layers(model):
-        prefix = f"{name}." if name else ""
-        containers += [prefix + attr for attr in layer.adapter_layer_names if hasattr(layer, attr)]
-        wrapped.append(prefix + layer.base_layer_name)
-    return containers, wrapped
+def _container_attributes() -> frozenset[str]:
+    """Names torch refuses as keys of the containers adapter names key, because they are attributes
+    already: those of ``nn.ModuleDict``, ``nn.ParameterDict`` (inside wrappers) and the PeftModel's
+    ``PromptEncoderDict``.
+
+    Methods and properties are read from the classes. Instance attributes matter too, and
+    ``dir()`` of a class misses them: every ``nn.Module`` sets "training", "_modules", ... in
+    ``__init__`` and ``nn.ParameterDict`` sets "_keys", so those are read from an empty
+    ``nn.ParameterDict`` (no model, no hooks); ``PromptEncoderDict`` declares its own
+    ("active_adapter", "disable_adapters", ...) on the class so that ``dir()`` lists them.
+    Read at each call, not cached: libraries add to nn.Module at run time (transformers'
+    ``smart_apply``, once a model is built).
+    """
+    classes = (nn.ModuleDict, nn.ParameterDict, PromptEncoderDict)
+    return frozenset().union(*map(dir, classes), vars(nn.ParameterDict()))
 
 
 def targets_of(model: nn.Module, config: PeftConfig) -> list[str]:
-    """Qualified names of the modules a new adapter with ``config`` would adapt in ``model`` now."""
-    skip, wrapped = _adapter_internals(model)
-    return find_targets(model, config, skip=skip, skip_exact=wrapped)
+    """Qualified names of the modules a new adapter with ``config`` would adapt in ``model`` now.
+
+    Adapter internals (``lora_A``, ...) and the modules wrappers hold (``base_layer``) are never
+    targets: ``targeting.candidate_names`` leaves them out, since they have no logical name of
+    their own."""
+    return find_targets(model, config)
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -96,12 +122,9 @@ def inject_adapter_in_model(
             f"{type(config).__name__} adds virtual tokens instead of wrapping layers, so it needs a PeftModel "
             "to hold them: use get_peft_model(model, config)"
         )
-    check_new_adapter_name(adapter_name)
-    if adapter_name in known_adapter_names(model):
-        raise ValueError(f"an adapter named {adapter_name!r} already exists in this model; choose another name")
+    check_new_adapter_name(adapter_name, known_adapter_names(model))
 
-    skip, wrapped = _adapter_internals(model)
-    targets = find_targets(model, config, skip=skip, skip_exact=wrapped)
+    targets = targets_of(model, config)
     replaced: list[tuple[str, nn.Module]] = []  # (name, original module) to restore on error
     updated: list[AdapterLayer] = []  # existing wrappers that received the adapter
     try:
@@ -116,7 +139,7 @@ def inject_adapter_in_model(
                 module.update_layer(adapter_name, config, key)
             else:
                 plan.append((name, module, method.wrap(module, adapter_name, config, key)))
-        plan += _plan_modules_to_save(model, config, adapter_name, skip + wrapped, targets, updated)
+        plan += _plan_modules_to_save(model, config, adapter_name, targets, updated)
         for name, module, wrapper in plan:
             wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
             parent, child = _get_parent(model, name)
@@ -137,21 +160,23 @@ def inject_adapter_in_model(
     return model
 
 
-def _plan_modules_to_save(model, config, adapter_name, skip, targets, updated) -> list:
+def _plan_modules_to_save(model, config, adapter_name, targets, updated) -> list:
     """Wrap the modules trained whole. peft matches these by plain suffix (``key.endswith``),
     so ``"classifier"`` also selects DistilBERT's ``pre_classifier``; we do the same so that
-    checkpoints line up."""
+    checkpoints line up. The names matched are logical names, as for ``target_modules``: a
+    module inside another adapter's wrapper is found under its own name, adapter internals never."""
     plan = []
     names = getattr(config, "modules_to_save", None) or []
-    for name, module in model.named_modules():
-        if not name or is_under(name, skip) or not any(name.endswith(target) for target in names):
+    for name, logical in candidate_names(model).items():
+        if not any(logical.endswith(target) for target in names):
             continue
         if name in targets:
             raise ValueError(
-                f"{name!r} is selected both by target_modules and by modules_to_save={names} (which match "
+                f"{logical!r} is selected both by target_modules and by modules_to_save={names} (which match "
                 f"by plain name suffix, as in peft); a module is either adapted or trained whole. "
                 f"Add it to exclude_modules, or narrow target_modules."
             )
+        module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             updated.append(module)
             module.update_layer(adapter_name)

@@ -130,17 +130,16 @@ def output_head_names(model: nn.Module, task_type=None) -> set[str]:
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 
 
-def find_targets(model: nn.Module, config, skip: Iterable[str] = (), skip_exact: Iterable[str] = ()) -> list[str]:
+def find_targets(model: nn.Module, config) -> list[str]:
     """Qualified names of the modules ``config`` selects, in model order.
 
     Names are matched as logical names (wrappers' ``base_layer`` segments dropped, see the
     module docstring); the names returned are the real ones, for ``model.get_submodule``.
-    ``skip`` holds names that must never be targeted, nor anything below them; ``skip_exact``
-    names that must not be targeted themselves. Raises ``ValueError`` listing the nearest
-    existing names when nothing matches.
+    Adapter internals are never selected (see ``candidate_names``). Raises ``ValueError``
+    listing the nearest existing names when nothing matches.
     """
     modules = dict(model.named_modules())
-    names = candidate_names(model, skip, skip_exact)  # {real name: logical name}
+    names = candidate_names(model)  # {real name: logical name}
     targets = config.target_modules
     if targets is None:
         nearest, _ = nearest_names([], _suggestion_pool(names, modules))
@@ -179,20 +178,19 @@ def find_targets(model: nn.Module, config, skip: Iterable[str] = (), skip_exact:
     return selected
 
 
-def candidate_names(model: nn.Module, skip: Iterable[str] = (), skip_exact: Iterable[str] = ()) -> dict[str, str]:
+def candidate_names(model: nn.Module) -> dict[str, str]:
     """``{real name: logical name}`` of the modules an adapter may target, in model order.
 
-    Adapter internals are left out, and so is a wrapped module: its logical name is its
-    wrapper's, and the wrapper (outermost, first in model order) stands for it.
+    Adapter internals (a wrapper's ``lora_A``, ``lora_dropout``, ... and all below them) have no
+    logical name and are left out. So is a wrapped module: its logical name is its wrapper's,
+    and the wrapper (outermost, first in model order) stands for it. Modules *inside* a wrapped
+    module stay: LoRA on ``dense`` inside a bottleneck-wrapped ``output`` is fine.
     """
-    skip, skip_exact = tuple(skip), set(skip_exact)
     names: dict[str, str] = {}
     seen: set[str] = set()
     for name, _ in model.named_modules():
-        if not name or name in skip_exact or is_under(name, skip):
-            continue
         logical = logical_name(model, name)
-        if logical is None or not logical or logical in seen:
+        if not logical or logical in seen:
             continue
         seen.add(logical)
         names[name] = logical

@@ -21,7 +21,16 @@ import torch
 from safetensors import safe_open
 
 import minipeft
-from minipeft import BottleneckConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from minipeft import (
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from minipeft.tuners import ModulesToSaveWrapper
 from tests.models import first_output, input_ids, randomize_adapters, tiny_transformers_model
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
@@ -189,3 +198,60 @@ def test_adapter_internals_are_never_targets():
     suggested = str(err.value).split("Nearest", 1)[1]
     assert "lora_" not in suggested and "default" not in suggested
     assert "b" not in model.peft_config
+
+
+def test_modules_to_save_inside_another_adapters_wrapper(tmp_path):
+    """modules_to_save names modules as target_modules do: ``layer.0.output.dense``, really at
+    ``layer.0.output.base_layer.dense`` once a parallel bottleneck wraps ``layer.0.output``, is
+    trained whole as in a model without the bottleneck. The reference is peft with the LoRA
+    adapter alone: the same keys on disk, and it computes what minipeft computed."""
+    base = tiny_transformers_model("bert")
+    lora = dict(r=2, target_modules=["query"], modules_to_save=["layer.0.output.dense"], init_lora_weights=False)
+    parallel = BottleneckConfig(target_modules=["layer.0.output"], placement="parallel",
+                                parallel_input="input_tensor", bottleneck_size=2)
+    model = get_peft_model(copy.deepcopy(base), parallel)
+    model.add_adapter("lora", LoraConfig(**lora))
+    model.set_adapter("lora")
+    saved_module = model.base_model.model.bert.encoder.layer[0].output.base_layer.dense
+    assert "lora" in saved_module.modules_to_save  # wrapped, inside the bottleneck's wrapper
+    assert saved_module.modules_to_save["lora"].weight.requires_grad
+    randomize_adapters(model, seed=3)
+    expected = logits(model.eval())
+    model.save_pretrained(tmp_path, selected_adapters=["lora"])
+
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora)).save_pretrained(tmp_path / "peft")
+    assert keys(tmp_path / "lora") == keys(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits(theirs), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["key"]),
+        PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2),
+        PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2),
+    ],
+    ids=["lora", "prompt_tuning", "prefix_tuning"],
+)
+def test_modules_to_save_never_selects_adapter_internals(second):
+    """A SEQ_CLS adapter trains the head: modules_to_save=["classifier", "score"], matched by plain
+    suffix as in peft. After a first adapter named "sst2_classifier", real names such as
+    ``query.lora_A.sst2_classifier``, ``classifier.modules_to_save.sst2_classifier`` and
+    ``classifier.original_module`` end in "classifier" too. The second adapter, whichever method
+    adds it (layer wrappers, or virtual tokens), trains exactly what it trains in a model holding
+    it alone: one copy of the head, in the one wrapper."""
+    base = tiny_transformers_model("bert")
+    first = LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"])
+    model = get_peft_model(copy.deepcopy(base), first, adapter_name="sst2_classifier")
+    model.add_adapter("second", second)
+    model.set_adapter("second")
+    alone = get_peft_model(copy.deepcopy(base), second, adapter_name="second")
+
+    def trained(m):
+        return sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+    assert trained(model) == trained(alone)
+    assert "base_model.model.classifier.modules_to_save.second.weight" in trained(model)
+    wrappers = [n for n, m in model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert wrappers == ["classifier"]

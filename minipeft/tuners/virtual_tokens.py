@@ -17,6 +17,7 @@ code: a hook sees each step and can tell the first one (empty KV cache) from the
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ def forward_parameters(model: nn.Module) -> list[str]:
         return []
 
 
-def args_to_kwargs(names: list[str], args: tuple, kwargs: dict) -> dict:
+def args_to_kwargs(names: Sequence[str], args: tuple, kwargs: dict) -> dict:
     """Positional arguments of a forward call, moved into ``kwargs`` under their names."""
     if not args:
         return dict(kwargs)
@@ -134,12 +135,18 @@ class PromptEncoderDict(nn.ModuleDict):
     inside ``PeftModel.disable_adapter()``.
     """
 
+    # Every instance attribute has a class-level default, so that dir(PromptEncoderDict) lists it:
+    # adapter names key this dict, and torch refuses a key that is an attribute already
+    # (injection.check_adapter_name reads the class, not an instance with hooks on a model).
+    active_adapter: str | None = None
+    disable_adapters: bool = False
+    _param_names: tuple[str, ...] = ()  # the user's model's forward parameters, to name positional args
+    _handles: tuple = ()  # the hooks on the user's model
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.active_adapter: str | None = None
-        self.disable_adapters = False
-        self._param_names = forward_parameters(model)
-        self._handles = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        self._param_names = tuple(forward_parameters(model))
+        self._handles = (model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),)
 
     def active_encoder(self) -> nn.Module | None:
         if self.disable_adapters or self.active_adapter is None or self.active_adapter not in self:
@@ -163,7 +170,7 @@ class PromptEncoderDict(nn.ModuleDict):
         """Take every hook out of the user's model (``unload``): it runs as before."""
         for handle in self._handles:
             handle.remove()
-        self._handles.clear()
+        self._handles = ()
         for encoder in self.values():
             if hasattr(encoder, "remove_hooks"):
                 encoder.remove_hooks()
@@ -182,8 +189,7 @@ def add_modules_to_save(peft_model: nn.Module, adapter_name: str, config: PeftCo
 
     model = peft_model.get_base_model()
     updated: list = []
-    skip, wrapped = injection._adapter_internals(model)
-    plan = injection._plan_modules_to_save(model, config, adapter_name, skip + wrapped, set(), updated)
+    plan = injection._plan_modules_to_save(model, config, adapter_name, targets=(), updated=updated)
     for name, _, wrapper in plan:
         parent, child = injection._get_parent(model, name)
         setattr(parent, child, wrapper)
