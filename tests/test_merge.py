@@ -180,3 +180,47 @@ def test_an_adapter_named_twice_is_refused_not_merged_twice():
     with pytest.raises(ValueError, match=r"adapter_names lists \['default'\] more than once"):
         layer.merge(["default", "default"])
     assert not layer.merged
+
+
+class _Scale(AdapterLayer):
+    """A toy method, y = c * (W x + b), that implements only the merge hook (and unmerge)."""
+
+    other_param_names = ("c",)
+    mergeable = True
+
+    def __init__(self, base_layer):
+        super().__init__(base_layer)
+        self.c = {}
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        for name in self.adapters_to_apply():
+            out = out * self.c[name]
+        return out
+
+    def merged_tensors(self, adapter_name, tensors):
+        return {k: t * self.c[adapter_name] for k, t in tensors.items()}, None
+
+    def unmerge(self):
+        while self.merged_adapters:
+            c = self.c[self.merged_adapters.pop()]
+            for p in self.get_base_layer().parameters():
+                p.data /= c
+
+
+def test_a_method_with_only_the_merge_hook_merges_and_safe_merges():
+    layer = _Scale(torch.nn.Linear(4, 3))
+    layer.c.update(a=2.0, b=-0.5, broken=float("inf"))
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(5, 4)
+    expected = layer(x)
+    layer.merge(["a", "b"], safe_merge=True)
+    assert layer.merged_adapters == ["a", "b"]
+    torch.testing.assert_close(layer(x), expected)  # the merged weight and bias alone: -(W x + b)
+    torch.testing.assert_close(layer.base_layer(x), expected)
+    layer.unmerge()
+    before = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    assert layer.first_nonfinite_merge(["a", "broken", "b"]) == "broken"
+    with pytest.raises(ValueError, match="adapter 'broken' into this _Scale"):
+        layer.merge(["a", "broken"], safe_merge=True)
+    assert not layer.merged and all(torch.equal(v, before[k]) for k, v in layer.base_layer.state_dict().items())

@@ -5,7 +5,12 @@ A wrapper keeps the module it adapts as ``base_layer`` and its trainable parts i
 ``lora_A["default"]``. That keeps the original parameter names one level down
 (``q_lin.base_layer.weight``), which is also the layout ``peft`` uses, so state dicts map
 one to one. Method files subclass ``AdapterLayer`` and implement ``update_layer`` (add an
-adapter) and ``forward``; mergeable methods also implement ``delta_weight``-style merging.
+adapter) and ``forward``.
+
+Merging is a template here: ``merge(adapter_names, safe_merge)`` and ``first_nonfinite_merge``
+(``safe_merge``'s dry run into copies) fold adapters in one at a time through a single hook,
+``merged_tensors(adapter_name, tensors)``: the base layer's weight (and bias) with that adapter
+folded in. A mergeable method (``mergeable = True``) implements that hook and ``unmerge``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class AdapterLayer(nn.Module):
         setattr(self, self.base_layer_name, base_layer)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        # Per merged adapter, what unmerging needs that the merged weights no longer hold.
+        self.unmerge_state: dict[str, torch.Tensor] = {}
         self.disable_adapters = False
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -111,17 +118,51 @@ class AdapterLayer(nn.Module):
         """Create the parameters of a new adapter (``key``: the module's qualified name)."""
         raise TypeError(f"{type(self).__name__} does not implement update_layer")
 
+    def merged_tensors(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The one hook of a mergeable method. ``tensors``: the base layer's, by attribute name
+        ("weight", and "bias" where it has one). Returns the ones adapter ``adapter_name``
+        changes, with it folded in, as new tensors; and what ``unmerge`` will need that the merged
+        tensors no longer hold (DoRA's row factor), or None. Writes nothing."""
+        raise TypeError(f"{type(self).__name__} does not implement merged_tensors")
+
+    def unmerge(self) -> None:
+        """Take the merged adapters out of the base weights again, newest first."""
+        if self.merged_adapters:
+            raise TypeError(f"{type(self).__name__} cannot hold merged adapters")
+
+    # -- merging: a template over merged_tensors ----------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights, in order. ``safe_merge``:
         first merge into copies and raise if a weight would hold NaN or inf (nothing written)."""
-        raise TypeError(
-            f"{type(self).__name__} cannot be merged: its adapter is not a linear map folded into a weight. "
-            "Use unload() to remove it instead."
-        )
+        if not self.mergeable:
+            raise TypeError(
+                f"{type(self).__name__} cannot be merged: its adapter is not a linear map folded into a weight. "
+                "Use unload() to remove it instead."
+            )
+        names = self._check_mergeable(adapter_names)
+        if safe_merge:
+            self.check_merge_is_finite(names)
+        base = self.get_base_layer()
+        for name in names:
+            merged, kept = self.merged_tensors(name, self._base_tensors())
+            with torch.no_grad():
+                for attr, tensor in merged.items():
+                    getattr(base, attr).copy_(tensor)  # in place: whatever shares the tensor sees it
+            if kept is not None:
+                self.unmerge_state[name] = kept
+            self.merged_adapters.append(name)
 
     def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
         """The first of ``adapter_names`` after whose merge (in order, into copies of the base
         weights) a weight holds NaN or inf; ``None`` when all stay finite. Writes nothing."""
+        tensors = self._base_tensors()
+        for name in adapter_names:
+            merged, _ = self.merged_tensors(name, tensors)
+            if not all(torch.isfinite(t).all() for t in merged.values()):
+                return name
+            tensors = {**tensors, **merged}
         return None
 
     def check_merge_is_finite(self, adapter_names: list[str], layer_name: str = "") -> None:
@@ -135,9 +176,13 @@ class AdapterLayer(nn.Module):
                 "the adapter's weights are probably broken"
             )
 
-    def unmerge(self) -> None:
-        if self.merged_adapters:
-            raise TypeError(f"{type(self).__name__} cannot hold merged adapters")
+    def _base_tensors(self) -> dict[str, torch.Tensor]:
+        """The base layer's weight and (where it has one) bias, detached: what merging changes."""
+        base = self.get_base_layer()
+        tensors = {"weight": base.weight.detach()}
+        if getattr(base, "bias", None) is not None:
+            tensors["bias"] = base.bias.detach()
+        return tensors
 
     def unwrap(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
         """The module that replaces this wrapper on unload: with ``adapter_names`` (default: the
@@ -186,8 +231,11 @@ class ModulesToSaveWrapper(AdapterLayer):
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[active[0]](*args, **kwargs)
 
+    # Nothing is folded into a weight: the adapter's copy replaces the original on unload (unwrap).
+    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
+        return {}, None
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        # Nothing to fold: the adapter's copy simply replaces the original on unload.
         pass
 
     def unmerge(self) -> None:

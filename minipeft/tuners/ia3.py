@@ -150,39 +150,15 @@ class IA3Linear(AdapterLayer):
         return l.T if self.fan_in_fan_out else l
 
     @torch.no_grad()
-    def _merged(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        """``(weight, bias)`` with vector ``name`` folded in, as new tensors: ``diag(l) W`` and
-        ``l * b`` (output side) or ``W diag(l)`` with ``b`` unchanged (input side)."""
-        weight = (weight.float() * self._weight_scale(name).float()).to(weight.dtype)
-        if not self.is_feedforward[name] and bias is not None:
-            bias = (bias.float() * self.ia3_l[name].detach().flatten().float()).to(bias.dtype)
-        return weight, bias
-
-    def _base_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base = self.get_base_layer()
-        return base.weight.detach(), None if base.bias is None else base.bias.detach()
-
-    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
-        weight, bias = self._base_tensors()
-        for name in adapter_names:
-            weight, bias = self._merged(name, weight, bias)
-            if not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
-                return name
-        return None
-
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the vectors into the weight: ``diag(l) W`` / ``l * b`` or ``W diag(l)``.
-        ``safe_merge``: raise (writing nothing) if the result would hold NaN or inf."""
-        names = self._check_mergeable(adapter_names)
-        if safe_merge:
-            self.check_merge_is_finite(names)
-        base = self.get_base_layer()
-        for name in names:
-            weight, bias = self._merged(name, *self._base_tensors())
-            base.weight.data = weight
-            if bias is not None:
-                base.bias.data = bias
-            self.merged_adapters.append(name)
+    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
+        """Vector ``adapter_name`` folded in: ``diag(l) W`` and ``l * b`` (output side), or
+        ``W diag(l)`` with ``b`` unchanged (input side)."""
+        weight, l = tensors["weight"], self.ia3_l[adapter_name].detach()
+        merged = {"weight": (weight.float() * self._weight_scale(adapter_name).float()).to(weight.dtype)}
+        if not self.is_feedforward[adapter_name] and "bias" in tensors:
+            bias = tensors["bias"]
+            merged["bias"] = (bias.float() * l.flatten().float()).to(bias.dtype)
+        return merged, None
 
     def unmerge(self) -> None:
         """Divide merged vectors back out, newest first (exact up to rounding)."""

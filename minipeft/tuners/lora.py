@@ -148,7 +148,8 @@ class LoraLayer(AdapterLayer):
         self._move_adapter_to_base(adapter_name)
         if config.use_dora:
             # ||W + s B A|| needs A and B on the base weight's device first.
-            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self._row_norm(adapter_name).detach())
+            norm = self._row_norm(adapter_name, self.get_base_layer().weight)
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.detach())
             self._move_adapter_to_base(adapter_name)
 
     def create_adapter(self, adapter_name: str, r: int) -> None:
@@ -200,49 +201,26 @@ class LoraLayer(AdapterLayer):
             old_A.copy_(A.reshape(old_A.shape))
             old_B.copy_(B.reshape(old_B.shape))
 
-    def _row_norm(self, adapter_name: str) -> torch.Tensor:
-        """DoRA's ``||W + s B A||`` per output row, computed in fp32."""
-        weight = self._weight_out_in(self.get_base_layer().weight).float()
-        return (weight + self._weight_out_in(self.delta_weight(adapter_name)).float()).norm(p=2, dim=1)
+    def _row_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + s B A||`` per output row (out,), in fp32; ``weight``: W as the base stores it."""
+        return self._weight_out_in(weight.float() + self.delta_weight(adapter_name).float()).norm(p=2, dim=1)
 
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
     @torch.no_grad()
-    def _merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``weight`` with adapter ``name`` folded in, as a new tensor, and DoRA's row factor:
+    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
+        """The weight with adapter ``adapter_name`` folded in (the bias is unchanged):
 
             LoRA:  W + s B A
             DoRA:  f * (W + s B A),   f = m / ||W + s B A||_row   (kept: unmerging divides by it)
         """
-        delta = self.delta_weight(name)
-        if not self.use_dora.get(name):
-            return weight + delta, None
-        merged = self._weight_out_in(weight).float() + self._weight_out_in(delta).float()  # (out, in)
-        factor = self.lora_magnitude_vector[name].weight / merged.norm(p=2, dim=1)  # (out,)
-        return self._weight_out_in(factor.view(-1, 1) * merged).to(weight.dtype), factor
-
-    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
-        weight = self.get_base_layer().weight.detach()
-        for name in adapter_names:
-            weight, _ = self._merged_weight(name, weight)
-            if not torch.isfinite(weight).all():
-                return name
-        return None
-
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the active (or given) adapters into the base weight: W <- W + s B A.
-        ``safe_merge``: raise (writing nothing) if the result would hold NaN or inf."""
-        names = self._check_mergeable(adapter_names)
-        if safe_merge:
-            self.check_merge_is_finite(names)
-        weight = self.get_base_layer().weight
-        for name in names:
-            merged, factor = self._merged_weight(name, weight)
-            weight.data.copy_(merged)
-            if factor is not None:
-                self._dora_factors = {**getattr(self, "_dora_factors", {}), name: factor}
-            self.merged_adapters.append(name)
+        weight, delta = tensors["weight"], self.delta_weight(adapter_name)
+        if not self.use_dora[adapter_name]:
+            return {"weight": weight + delta}, None
+        factor = self.lora_magnitude_vector[adapter_name].weight / self._row_norm(adapter_name, weight)  # (out,)
+        merged = factor.view(-1, 1) * self._weight_out_in(weight.float() + delta.float())  # (out, in)
+        return {"weight": self._weight_out_in(merged).to(weight.dtype)}, factor
 
     def unmerge(self) -> None:
         """Take merged adapters out again, newest first: W <- W - s B A."""
@@ -250,8 +228,8 @@ class LoraLayer(AdapterLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                if self.use_dora.get(name):
-                    factor = self._dora_factors.pop(name)
+                if self.use_dora[name]:
+                    factor = self.unmerge_state.pop(name)
                     base = self._weight_out_in(weight).float() / factor.view(-1, 1)
                     base = base - self._weight_out_in(self.delta_weight(name)).float()
                     weight.data.copy_(self._weight_out_in(base).to(weight.dtype))
