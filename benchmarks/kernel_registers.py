@@ -185,10 +185,10 @@ def main():
               + "\n".join(sections))
     print(report)
     if not args.no_write:
+        from minipeft.atomic import atomic_write  # the fsynced write-and-rename every result file uses
+
         out = Path(__file__).parent / "results" / "sm90-registers.md"
-        tmp = out.with_suffix(".md.tmp")
-        tmp.write_text(report)
-        os.replace(tmp, out)
+        atomic_write(out, lambda f: f.write(report.encode()))
         print(f"wrote {out}")
 
 

@@ -11,12 +11,19 @@ Streaming through `write(f)` means a large object is never held in memory a seco
 
 Callers that replace several files together (checkpoint.save_adapter) use the two halves:
 write_temp for each file, then their own renames, then fsync_dir.
+
+A whole folder (train.save_weights' best weights) cannot be renamed over a folder that has
+files in it, so atomic_replace_dir swaps it in two renames and keeps a readable copy at
+every moment instead:
+
+    atomic_replace_dir(path, lambda folder: model.save_pretrained(folder))
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from typing import BinaryIO, Callable
 
 
@@ -61,3 +68,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         os.unlink(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def replace_dir_side_names(path: str | os.PathLike) -> tuple[str, str]:
+    """The two folders atomic_replace_dir keeps beside `path` while it works (and a crash may
+    leave): the new copy being written, `<path>.tmp`, and the previous one moved aside, `<path>.old`."""
+    path = os.path.normpath(os.fspath(path))  # "best/" -> "best": the side folders are siblings
+    return path + ".tmp", path + ".old"
+
+
+def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Replace (or create) the folder `path` with one that `write(folder)` fills.
+
+    The new copy is written in full to `<path>.tmp` and synced, file by file (writers such as
+    peft's save_pretrained do not sync), then swapped in: `<path>` is renamed to `<path>.old`,
+    `<path>.tmp` to `<path>`, and `<path>.old` is deleted. A crash between the two renames
+    leaves only `<path>.old` (the previous copy), which a reader should then use and which the
+    next call cleans up; a `<path>.tmp` half-written before a crash is removed first.
+    """
+    tmp, old = replace_dir_side_names(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)  # left by a finished swap; <path> is readable
+        os.replace(path, old)
+    # else a crash mid-swap may have left <path>.old alone: it stays until <path> is back
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft.atomic import atomic_write, fsync_dir
+from minipeft.atomic import atomic_replace_dir, atomic_write
 from minipeft.data import IGNORE_INDEX
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
@@ -250,41 +249,20 @@ def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
             params[n].copy_(t)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Save an adapter with model.save_pretrained, or a plain module's state_dict.
+    """Save an adapter with model.save_pretrained, or a plain module's state_dict, replacing the
+    folder's previous contents atomically (minipeft.atomic.atomic_replace_dir: a readable copy
+    exists at every moment; a crash mid-swap leaves `<dir>.old`, the previous best)."""
 
-    The new copy is written in full to `<dir>.tmp` and synced, then swapped in: `<dir>` is
-    renamed to `<dir>.old`, `<dir>.tmp` to `<dir>`, and `<dir>.old` is deleted. A readable
-    copy exists at every moment; a crash between the two renames leaves only `<dir>.old`
-    (the previous best), which a reader should then use, and which the next save cleans up.
-    """
-    directory = Path(directory)
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # a half-written copy from a crash
-    tmp.mkdir(parents=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(tmp))
-    else:
-        from safetensors.torch import save_model  # dedups tied weights, which save_file rejects
+    def write(folder: str) -> None:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(folder)
+        else:
+            from safetensors.torch import save_model  # dedups tied weights, which save_file rejects
 
-        save_model(model, str(tmp / "model.safetensors"))  # tmp/ is private: no rename needed
-    # save_pretrained implementations need not sync (peft's does not): sync every file here
-    for sub, _, files in os.walk(tmp):
-        for name in files:
-            _fsync_file(Path(sub) / name)
-        fsync_dir(sub)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)  # left by a finished swap; <dir> is readable
-        os.replace(directory, old)
-    # else a crash mid-swap may have left <dir>.old alone: it stays until <dir> is back
-    os.replace(tmp, directory)
-    fsync_dir(str(directory.parent))
-    shutil.rmtree(old, ignore_errors=True)
+            save_model(model, os.path.join(folder, "model.safetensors"))  # the folder is private: no rename needed
+
+    atomic_replace_dir(directory, write)
 
 
 def _rng_state() -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minipeft.atomic import atomic_write
+from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,41 @@ def test_data_is_synced_before_the_rename_and_the_folder_after(tmp_path, monkeyp
     monkeypatch.setattr(os, "replace", replace)
     atomic_write(tmp_path / "a.bin", lambda f: f.write(b"data"))
     assert events == ["fsync file", "rename", "fsync folder"]
+
+
+def test_a_folder_is_replaced_only_once_its_new_copy_is_on_disk(tmp_path, monkeypatch):
+    target = tmp_path / "best"
+    atomic_replace_dir(target, lambda folder: (Path(folder) / "w.bin").write_bytes(b"first"))
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"rename {Path(src).name} -> {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_replace_dir(target, lambda folder: (Path(folder) / "w.bin").write_bytes(b"second"))
+    assert events == ["fsync file", "fsync folder", "rename best -> best.old", "rename best.tmp -> best",
+                      "fsync folder"]
+    assert os.listdir(tmp_path) == ["best"] and (target / "w.bin").read_bytes() == b"second"
+
+
+def test_a_failed_folder_write_leaves_the_old_folder_and_no_side_folder(tmp_path):
+    target = tmp_path / "best"
+    atomic_replace_dir(target, lambda folder: (Path(folder) / "w.bin").write_bytes(b"old"))
+
+    def half_then_fail(folder):
+        (Path(folder) / "w.bin").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_replace_dir(target, half_then_fail)
+    assert os.listdir(tmp_path) == ["best"] and (target / "w.bin").read_bytes() == b"old"
+    assert replace_dir_side_names(target) == (str(tmp_path / "best.tmp"), str(tmp_path / "best.old"))
 
 
 def test_training_checkpoint_is_written_atomically(tmp_path, monkeypatch):
