@@ -39,14 +39,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minipeft import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
 from minipeft.data import BatchLoader, encode_classification, load_tokenizer, pad_token_id, read_classification, split  # noqa: E402
-from minipeft.train import TrainConfig, train  # noqa: E402
+from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
 
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "linear-probe": 5e-3}
-# what a run writes into --output-dir: train()'s resumable checkpoint, log and best weights
-# (with the temporary names of its atomic swap), and the saved adapter or model
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "best", "best.tmp", "best.old", "adapter", "model")
+# what a run writes into --output-dir: whatever train() writes (its resumable checkpoint, log and
+# best weights, with the side folders of their atomic swap), and the saved adapter or model
+RUN_FILES = (*OUTPUT_NAMES, "adapter", "model")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -44,14 +44,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft.atomic import atomic_replace_dir, atomic_write
+from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
 METRICS_NAME = "metrics.jsonl"
+# Every name train() may leave in output_dir (with the side folders of the best weights'
+# atomic swap, which a crash can leave), for callers that clean up after a run.
+OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, BEST_DIR, *replace_dir_side_names(BEST_DIR))
 LOWER_IS_BETTER = ("loss", "perplexity")
-SCHEDULES = ("linear", "cosine", "constant")
+# after warmup, the multiplier of the peak lr as a function of progress through the rest, 0 -> 1
+DECAYS = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "constant": lambda progress: 1.0,
+}
+SCHEDULES = tuple(DECAYS)
 TASKS = ("auto", "classification", "causal_lm")
 # what evaluate() reports for each task; "auto" picks accuracy or loss
 METRICS = {"classification": ("loss", "accuracy", "f1"), "causal_lm": ("loss", "perplexity")}
@@ -68,7 +77,7 @@ class TrainConfig:
     lr_by_prefix: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0  # matrices only: not biases, norms or (IA)^3 scaling vectors
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "linear"  # "linear" | "cosine" | "constant", each after warmup
+    schedule: str = "linear"  # one of SCHEDULES (linear, cosine, constant), each after warmup
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     grad_accum_steps: int = 1
@@ -164,18 +173,13 @@ class TrainResult:
 
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the peak lr at a given step: linear warmup, then the schedule's decay to 0."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be 'linear', 'cosine' or 'constant', not {schedule!r}")
+    _check_choice("schedule", schedule, SCHEDULES)
+    decay = DECAYS[schedule]
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)  # never exactly 0: the first step still moves
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return 1.0 - progress
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+        return decay(min(1.0, (step - warmup) / max(1, total - warmup)))
 
     return f
 

@@ -55,3 +55,25 @@ def test_lora_example_overwrite_removes_only_the_files_a_run_writes(tmp_path):
     example.remove_previous_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert example.previous_run(tmp_path) == []
+
+
+def test_lora_example_overwrite_removes_what_train_left(tmp_path):
+    """The names come from train() itself: a real run, and the side folders a crash in the best
+    weights' swap leaves, are all removed; the user's file stays."""
+    import importlib.util
+
+    import minipeft.train as train_module
+    from tests.test_train import TinyClassifier, loaders
+
+    spec = importlib.util.spec_from_file_location("lora_example", LORA_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    train_loader, eval_loader = loaders(n_train=32)
+    train_module.train(TinyClassifier(), train_loader, eval_loader,
+                       train_module.TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100))
+    (tmp_path / "best").rename(tmp_path / "best.old")  # a crash between the swap's two renames ...
+    (tmp_path / "best.tmp").mkdir()  # ... with the new copy not yet in place
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    assert len(example.previous_run(tmp_path)) == 4
+    example.remove_previous_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

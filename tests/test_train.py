@@ -17,7 +17,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipeft.data import BatchLoader  # noqa: E402
-from minipeft.train import TrainConfig, evaluate, lr_lambda, make_optimizer, train  # noqa: E402
+from minipeft.train import OUTPUT_NAMES, TrainConfig, evaluate, lr_lambda, make_optimizer, train  # noqa: E402
 
 VOCAB, DIM = 32, 16
 
@@ -78,7 +78,9 @@ def test_lr_schedule_warmup_then_decay():
     assert f(9) == pytest.approx(0.5) and f(14) == 0.0
     c = lr_lambda("cosine", warmup=0, total=10)
     assert c(0) == 1.0 and c(5) == pytest.approx(0.5) and c(10) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="schedule"):
+    k = lr_lambda("constant", warmup=2, total=10)
+    assert k(0) < k(1) < k(2) == k(10) == 1.0
+    with pytest.raises(ValueError, match="schedule 'step' is not valid; use one of 'linear', 'cosine', 'constant'"):
         lr_lambda("step", 0, 10)
 
 
@@ -134,6 +136,9 @@ def test_loss_goes_down_and_frozen_weights_stay(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("tokens_per_s" in l and "lr" in l for l in lines)
     assert sum(1 for l in lines if l.get("eval")) == 4  # once per epoch
+    # what the run wrote is what train.OUTPUT_NAMES says it writes (callers clean up by those names)
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pt", "metrics.jsonl", "best"}
+    assert {"checkpoint.pt", "metrics.jsonl", "best"} <= set(OUTPUT_NAMES)
 
 
 class PlainRegressor(nn.Module):
@@ -421,6 +426,7 @@ def test_best_weights_swap_recovers_from_a_crash_between_renames(tmp_path):
         model.adapter.weight.add_(1.0)
     save_weights(model, tmp_path / "best")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert {"best.old", "best.tmp"} <= set(OUTPUT_NAMES)  # what such a crash leaves, for cleaning up a run
     assert not torch.equal(load_file(tmp_path / "best" / "model.safetensors")["adapter.weight"], first["adapter.weight"])
     assert {p.name for p in (tmp_path / "best").iterdir()} == {"model.safetensors"}
 
