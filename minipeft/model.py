@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -19,9 +18,9 @@ import torch
 from torch import nn
 
 from . import checkpoint, injection
-from .config import PeftConfig, PeftType, TaskType
+from .config import PeftConfig, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
-from .tuners import AdapterLayer, ModulesToSaveWrapper, lora, method_for, virtual_tokens
+from .tuners import AdapterLayer, ModulesToSaveWrapper, lora_combine, method_for, virtual_tokens
 from .tuners.base import check_distinct
 
 
@@ -209,8 +208,7 @@ class PeftModel(nn.Module):
         if "prompt_encoder" in self._modules:
             raise TypeError("virtual tokens (prompt/prefix tuning) are not weights and cannot be merged; use unload()")
         self._merge_plan(adapter_names, safe_merge, already_merged="keep")  # every check; unload merges
-        names = self.active_adapters if adapter_names is None else adapter_names
-        self._trained_copies(names, "merge_and_unload keeps one")
+        self._check_one_trained_copy(self.active_adapters if adapter_names is None else adapter_names)
         return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
@@ -255,19 +253,14 @@ class PeftModel(nn.Module):
                 layer.check_merge_is_finite(here, layer_name)
         return plan
 
-    def _trained_copies(self, adapter_names: list[str], action: str) -> dict[str, list[str]]:
-        """``{module name: those of adapter_names with their own copy of it}`` for each module
-        trained whole (``modules_to_save``); a ValueError when two adapters have one, since
-        ``action`` (merging, combining) keeps a single copy."""
-        copies = {}
+    def _check_one_trained_copy(self, adapter_names: list[str]) -> None:
+        """A ValueError when two of ``adapter_names`` each train their own copy of a module
+        (``modules_to_save``): merge_and_unload puts back a single copy."""
         for name, layer in injection.adapter_layers(self.get_base_model()):
             if isinstance(layer, ModulesToSaveWrapper):
-                copies[name] = [a for a in dict.fromkeys(adapter_names) if a in layer.modules_to_save]
-                if len(copies[name]) > 1:
-                    raise ValueError(f"adapters {copies[name]} each train their own copy of {name!r}; {action}")
-        return copies
+                layer.copy_of(adapter_names, name)
 
-    # -- combining LoRA adapters --------------------------------------------------------------
+    # -- combining LoRA adapters (the work is in tuners/lora_combine.py) ------------------------
     def add_weighted_adapter(
         self,
         adapters: list[str],
@@ -282,76 +275,26 @@ class PeftModel(nn.Module):
         majority_sign_method: str = "total",
     ) -> None:
         """Add LoRA adapter ``adapter_name`` whose update is ``sum_i weights[i] * s_i B_i A_i`` over
-        ``adapters`` (weights may be negative), per layer; the math is in ``lora.combine``.
+        ``adapters`` (weights may be negative), per layer.
 
         combination_type: "cat" (exact; rank = the sum of the ranks), "svd" (the exact sum cut to
         rank ``svd_rank``, default the largest rank; ``svd_clamp``: clip the factors to that
-        quantile; ``svd_full_matrices`` / ``svd_driver``: for ``torch.linalg.svd``) or "linear"
-        (A and B mixed separately: cheap, approximate, equal ranks only). A single adapter is
-        always combined "linear", which is exact for one. The new adapter has scaling 1
+        quantile, in (0, 1]; ``svd_full_matrices`` / ``svd_driver``: for ``torch.linalg.svd``) or
+        "linear" (A and B mixed separately: cheap, approximate, equal ranks only). A single adapter
+        is always combined "linear", which is exact for one. The new adapter has scaling 1
         (r = lora_alpha = its rank) and is added inactive and frozen like any second adapter:
         ``set_adapter(adapter_name)`` to use it. ``density`` and ``majority_sign_method`` belong to
         peft's ties/dare types, which minipeft does not implement; they are accepted and unused.
         """
+        if isinstance(adapters, str):
+            raise TypeError(f"adapters is a list of names, got the string {adapters!r}")
         self._check_new_name(adapter_name)
-        if not adapters or len(weights) != len(adapters):
-            raise ValueError(f"give one weight per adapter: got adapters {adapters} and weights {weights}")
         self._check_known(adapters, "combine")
-        types = {a: self.peft_config[a].peft_type for a in adapters}
-        other = {a: t.value for a, t in types.items() if t != PeftType.LORA}
-        if other:
-            raise TypeError(f"add_weighted_adapter combines LoRA adapters only; {other} are not LoRA")
-        sources = [(a, self.peft_config[a]) for a in adapters]
-        combination_type, rank = lora.combined_rank(sources, combination_type, svd_rank)
-
-        base = self.get_base_model()
-        layers = {name: layer for name, layer in injection.adapter_layers(base)
-                  if isinstance(layer, lora.LoraLayer) and any(a in layer.r for a in adapters)}
-        heads = self._trained_copies(adapters, "a combination keeps one")
-        # Every new factor is computed before the model changes: an error leaves it as it was.
-        factors = {
-            name: lora.combine(
-                [(*layer.lora_factors(a), w * layer.scaling[a]) for a, w in zip(adapters, weights) if a in layer.r],
-                combination_type, rank, svd_clamp, svd_full_matrices, svd_driver,
-            )
-            for name, layer in layers.items()
-        }
-        config = dataclasses.replace(
-            sources[0][1], r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
-            modules_to_save=list(dict.fromkeys(m for _, c in sources for m in c.modules_to_save or [])) or None,
-            **self._combined_targets([c for _, c in sources], list(layers)),
+        sources = [(name, self.peft_config[name]) for name in adapters]
+        self.peft_config[adapter_name] = lora_combine.add_weighted_adapter(
+            self.get_base_model(), sources, weights, adapter_name,
+            combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
         )
-        self.add_adapter(adapter_name, config)
-        try:
-            for name, (A, B) in factors.items():
-                layers[name].set_lora_factors(adapter_name, A, B)
-            for name, have in heads.items():  # a trained head comes along from the one source that has it
-                if have:
-                    copies = base.get_submodule(name).modules_to_save
-                    copies[adapter_name].load_state_dict(copies[have[0]].state_dict())
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            raise
-
-    def _combined_targets(self, configs: list[PeftConfig], layer_names: list[str]) -> dict:
-        """target_modules for a combined adapter: the union of the sources' (as peft writes it) when
-        that selects exactly the layers holding a source, else those layers by full name (e.g. when
-        the sources' layers_to_transform differ), so that the saved config reloads where it was."""
-        targets = [c.target_modules for c in configs]
-        union = None
-        if all(isinstance(t, list) for t in targets):
-            union = sorted(set().union(*targets))
-        elif all(isinstance(t, str) for t in targets):
-            patterns = list(dict.fromkeys(targets))
-            union = patterns[0] if len(patterns) == 1 else "|".join(f"({p})" for p in patterns)
-        if union is not None:
-            try:
-                trial = dataclasses.replace(configs[0], target_modules=union)
-                if injection.targets_of(self.get_base_model(), trial) == layer_names:
-                    return {"target_modules": union}
-            except ValueError:  # the union selects nothing or makes an invalid config: use the names
-                pass
-        return dict(target_modules=layer_names, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
 
     # -- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """add_weighted_adapter: LoRA adapters combined into a new one.
 
 References: peft itself on the same weights (the new adapter's A and B, its config and the
-outputs), and the hand-derived math of ``lora.combine``: "cat" gives exactly
+outputs), and the hand-derived math of ``lora_combine.combine``: "cat" gives exactly
 ``sum_i w_i s_i B_i A_i``, "svd" its best rank-k approximation (residual = the (k+1)-th
 singular value), a single adapter exactly ``w * delta``.
 """
@@ -106,6 +106,39 @@ def test_saved_combination_loads_in_peft(tmp_path):
     for library in (peft, minipeft):
         loaded = library.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix")
         torch.testing.assert_close(loaded(input_ids=input_ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_sources_inside_another_methods_wrapper(tmp_path):
+    """(IA)^3 added after the LoRA adapters wraps their LoraLinear, which now sits at
+    ``blocks.N.fc1.base_layer``. The combination goes into that LoraLinear (no new wrapper), its
+    config names the layers as peft's does, and it computes and saves what peft's combination of
+    the same adapters, in a model without (IA)^3, does."""
+    lora = dict(target_modules=["fc1"], r=4, lora_alpha=8)
+    base = TinyNet().eval()
+    peft_model, mini_model = pair(base, lora, {**lora, "r": 2, "use_rslora": True})
+    mini_model.add_adapter("ia3", IA3Config(target_modules=["fc1"], feedforward_modules=[]))
+    randomize_adapters(mini_model, seed=1, names=("ia3_l",), std=0.3, mean=1.0)
+    inner = mini_model.get_base_model()
+    wrappers_before = [n for n, m in inner.named_modules() if isinstance(m, minipeft.tuners.AdapterLayer)]
+    for model in (peft_model, mini_model):
+        model.add_weighted_adapter(["default", "b"], WEIGHTS, "mix", combination_type="cat")
+
+    assert [n for n, m in inner.named_modules() if isinstance(m, minipeft.tuners.AdapterLayer)] == wrappers_before
+    assert "mix" in inner.blocks[0]["fc1"].base_layer.lora_A  # inside the (IA)^3 wrapper
+    assert mini_model.peft_config["mix"].target_modules == sorted(peft_model.peft_config["mix"].target_modules)
+    theirs = {n: m for n, m in peft_model.get_base_model().named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    ours = {minipeft.targeting.logical_name(inner, n): m for n, m in lora_layers(mini_model).items()}
+    assert ours.keys() == theirs.keys()
+    for name, layer in ours.items():
+        torch.testing.assert_close(layer.delta_weight("mix"), theirs[name].get_delta_weight("mix"), atol=1e-6, rtol=0)
+
+    for model in (peft_model, mini_model):
+        model.set_adapter("mix")
+    expected = peft_model(input_ids=input_ids())
+    torch.testing.assert_close(mini_model(input_ids=input_ids()), expected, atol=1e-6, rtol=0)
+    mini_model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix")
+    torch.testing.assert_close(loaded(input_ids=input_ids()), expected, atol=1e-6, rtol=0)
 
 
 # -- the math by hand ---------------------------------------------------------------------------
@@ -222,6 +255,12 @@ def test_new_adapter_is_inactive_frozen_and_keeps_the_trained_head():
         ((["default", "b"], [1, 1], "x"), dict(svd_rank=0), ValueError, "svd_rank must be a positive integer"),
         ((["default", "ia3"], [1, 1], "x"), {}, TypeError, r"LoRA adapters only; \{'ia3': 'IA3'\}"),
         ((["default", "dora"], [1, 1], "x"), dict(combination_type="cat"), ValueError, r"DoRA adapters \['dora'\]"),
+        ((["default", "b"], [1, float("nan")], "x"), {}, ValueError, r"weights must be finite numbers.*\[nan\]"),
+        ((["default", "b"], [1, "2"], "x"), {}, ValueError, r"weights must be finite numbers.*\['2'\]"),
+        ((["default", "b"], [1, 1], "x"), dict(svd_clamp=0), ValueError, r"svd_clamp .* in \(0, 1\].*got 0"),
+        ((["default", "b"], [1, 1], "x"), dict(svd_clamp=1.5), ValueError, r"svd_clamp .* in \(0, 1\].*got 1.5"),
+        ((["default", "b"], [1, 1], "x"), dict(svd_clamp=float("nan")), ValueError, "svd_clamp .* got nan"),
+        (("default", [1], "x"), {}, TypeError, "adapters is a list of names"),
     ],
 )
 def test_errors_leave_the_model_unchanged(args, kwargs, error, match):

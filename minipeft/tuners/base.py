@@ -241,6 +241,19 @@ class ModulesToSaveWrapper(AdapterLayer):
     def unmerge(self) -> None:
         pass
 
+    def copy_of(self, adapter_names: list[str], name: str = "") -> str | None:
+        """The one of ``adapter_names`` that trains its own copy of this module (``name``), or None.
+        Two is a ValueError: merging or combining adapters keeps a single copy, and which one
+        would be a guess."""
+        have = [a for a in dict.fromkeys(adapter_names) if a in self.modules_to_save]
+        if len(have) > 1:
+            where = repr(name) if name else "this module"
+            raise ValueError(
+                f"adapters {have} each train their own copy of {where}; merging or combining adapters keeps a "
+                "single copy, so choose adapters of which at most one trains it"
+            )
+        return have[0] if have else None
+
     def unwrap(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
         """The copy of the adapter being merged (default: the active one), else the original."""
         wanted = self.active_adapters if adapter_names is None or not merge else adapter_names

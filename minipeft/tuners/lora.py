@@ -14,9 +14,8 @@ into a direction and a trainable per-row magnitude ``m``:
 Because ``B A`` is a matrix of the same shape as ``W``, the update can be folded into the
 weight (``merge``) for inference at zero cost and taken out again (``unmerge``).
 
-Adapters combine into a new one (``PeftModel.add_weighted_adapter``, math in ``combine``): a
-weighted sum of the updates ``s_i B_i A_i``, exactly (``cat``), truncated by SVD (``svd``), or
-approximately by mixing A and B separately (``linear``).
+Adapters combine into a new one, a weighted sum of their updates ``s_i B_i A_i``
+(``PeftModel.add_weighted_adapter``): that is in ``lora_combine.py``.
 
 Parameter names match peft's: ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``,
 ``lora_embedding_A.<adapter>``, ``lora_magnitude_vector.<adapter>.weight``.
@@ -418,89 +417,6 @@ class LoraConv(LoraLayer):
             xa = A._conv_forward(x_in, A.weight.to(x_in.dtype), None)
             result = result + B._conv_forward(xa, B.weight.to(x_in.dtype), None) * self.scaling[name]
         return result
-
-
-# -- combining adapters (PeftModel.add_weighted_adapter) --------------------------------------
-COMBINATION_TYPES = ("svd", "linear", "cat")
-
-
-def combined_rank(
-    sources: list[tuple[str, LoraConfig]], combination_type: str, svd_rank: int | None
-) -> tuple[str, int]:
-    """peft's rules for a combined adapter: the combination to use (a single source is always
-    combined "linear", which is exact for one) and the new rank. A source counts with its largest
-    rank (``r`` or a ``rank_pattern`` value): the new adapter has one rank everywhere, and layers
-    that need fewer are zero-padded."""
-    if combination_type not in COMBINATION_TYPES:
-        raise ValueError(
-            f"combination_type={combination_type!r} is not supported; minipeft implements {list(COMBINATION_TYPES)} "
-            "(not peft's ties, dare_linear, dare_ties, magnitude_prune or their _svd variants)"
-        )
-    dora = [name for name, config in sources if config.use_dora]
-    if dora:
-        raise ValueError(
-            f"cannot combine DoRA adapters {dora}: each scales its rows by a learned magnitude, so its update is "
-            "not s * B A and a weighted sum of updates is no DoRA adapter"
-        )
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ValueError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
-    ranks = [max([config.r, *config.rank_pattern.values()]) for _, config in sources]
-    if len(sources) == 1:
-        return "linear", ranks[0]
-    if combination_type == "linear":
-        if len(set(ranks)) > 1:
-            by_name = {name: rank for (name, _), rank in zip(sources, ranks)}
-            raise ValueError(f"combination_type='linear' needs adapters of one rank, got {by_name}; use 'cat' or 'svd'")
-        return "linear", ranks[0]
-    if combination_type == "cat":
-        return "cat", sum(ranks)
-    return "svd", svd_rank or max(ranks)
-
-
-def combine(
-    terms: list[tuple[torch.Tensor, torch.Tensor, float]],
-    combination_type: str,
-    rank: int,
-    svd_clamp: float | None = None,
-    svd_full_matrices: bool = True,
-    svd_driver: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pair A (rank, n), B (m, rank) from the terms ``(A_i, B_i, c_i)`` of one layer, where
-    ``c_i = weight_i * scaling_i``, so that the target update is ``sum_i c_i B_i A_i`` (m, n):
-
-        cat:     A = [c_1 A_1; c_2 A_2; ...],  B = [B_1, B_2, ...]       B A = sum_i c_i B_i A_i, exactly
-        svd:     sum_i c_i B_i A_i = U S V^T,  B = U_k S_k,  A = V_k^T    the best rank-k approximation
-                 (Eckart-Young); ``svd_clamp`` clips both to that quantile of their entries
-        linear:  A = sum_i sign(c_i) sqrt|c_i| A_i,  B = sum_i sqrt|c_i| B_i
-                 cheap but rough: B A also holds cross terms sqrt|c_i c_j| B_i A_j (i != j)
-
-    The result is zero-padded up to ``rank`` (extra rows of A and columns of B), which leaves
-    B A unchanged; the new adapter's scaling is 1.
-    """
-    terms = [(A.float(), B.float(), c) for A, B, c in terms]
-    if combination_type == "cat":
-        A = torch.cat([c * A for A, _, c in terms], dim=0)  # (sum r_i, n)
-        B = torch.cat([B for _, B, _ in terms], dim=1)  # (m, sum r_i)
-    elif combination_type == "svd":
-        delta = sum(c * (B @ A) for A, B, c in terms)  # (m, n)
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices, driver=svd_driver)
-        k = min(rank, S.numel())
-        B, A = U[:, :k] * S[:k], Vh[:k]  # (m, k), (k, n)
-        if svd_clamp is not None:
-            high = torch.quantile(torch.cat([B.flatten(), A.flatten()]), svd_clamp)
-            B, A = B.clamp(-high, high), A.clamp(-high, high)
-    elif combination_type == "linear":
-        terms = [(*_pad_rank(A, B, rank), c) for A, B, c in terms]  # equal shapes to add
-        A = sum(math.copysign(math.sqrt(abs(c)), c) * A for A, _, c in terms)  # the sign goes on one side only
-        B = sum(math.sqrt(abs(c)) * B for _, B, c in terms)
-    else:
-        raise ValueError(f"combination_type={combination_type!r} is not one of {list(COMBINATION_TYPES)}")
-    return _pad_rank(A, B, rank)
-
-
-def _pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = rank - A.shape[0]
-    return F.pad(A, (0, 0, 0, extra)), F.pad(B, (0, extra))
 
 
 def _innermost(module: nn.Module) -> nn.Module:
