@@ -308,7 +308,8 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    # -- checkpoints (peft's layout and signatures; the work is in checkpoint.py) ---------------
+    # -- checkpoints (peft's layout and signatures; the work is in checkpoint.py, the checks of
+    #    peft's arguments in the shims at the end of this file) --------------------------------
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -327,21 +328,7 @@ class PeftModel(nn.Module):
         ``save_embedding_layers=True`` (base-model embeddings; ``"auto"`` saves none) and
         ``path_initial_model_for_weight_conversion`` (PiSSA/OLoRA conversion).
         """
-        if not safe_serialization:
-            raise ValueError(
-                "minipeft writes adapter_model.safetensors only, never a pickled adapter_model.bin (loading a pickle "
-                "can run arbitrary code); leave safe_serialization=True: peft loads the safetensors file as well"
-            )
-        if save_embedding_layers not in ("auto", False):
-            raise ValueError(
-                f"save_embedding_layers={save_embedding_layers!r}: minipeft saves the adapter's tensors only, never "
-                "base-model layers; save a resized embedding with the base model itself (use 'auto' or False here)"
-            )
-        if path_initial_model_for_weight_conversion is not None:
-            raise ValueError(
-                "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters, which minipeft does not "
-                "implement; leave it None"
-            )
+        _check_save_options(safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion)
         self._check_known(list(self.peft_config) if selected_adapters is None else selected_adapters, "save")
         if is_main_process:
             checkpoint.save_pretrained(self, save_directory, selected_adapters)
@@ -399,24 +386,6 @@ class PeftModel(nn.Module):
         )
 
 
-def _checkpoint_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
-    return os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
-
-
-def _check_load_options(torch_device, autocast_adapter_dtype: bool) -> None:
-    """The loading options minipeft accepts from peft's signatures, checked for what they can mean here."""
-    if torch_device is not None:
-        try:
-            torch.device(torch_device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"torch_device={torch_device!r} is not a device ({err}); e.g. 'cpu', 'cuda:0'") from None
-    if not autocast_adapter_dtype:
-        raise ValueError(
-            "autocast_adapter_dtype=False would keep adapters in a half-precision base's dtype; minipeft always "
-            "keeps them in float32 there (stable training). Leave it True"
-        )
-
-
 def _check_not_adapted(model: nn.Module) -> None:
     """A PeftModel starts from a model without minipeft adapters: a second PeftModel around the
     same wrappers would not know their configs, so saving, switching and merging would miss them."""
@@ -433,3 +402,47 @@ def _check_not_adapted(model: nn.Module) -> None:
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` with a new adapter described by ``peft_config``; only the adapter trains."""
     return PeftModel(model, peft_config, adapter_name)
+
+
+# -- peft-signature shims ---------------------------------------------------------------------
+# The save/load methods above take peft's arguments so that peft code runs unchanged; some name
+# features minipeft leaves out (pickles, base-model embeddings, PiSSA conversion, a staging
+# device). These functions say what each argument can mean here and refuse the rest.
+def _check_save_options(
+    safe_serialization: bool, save_embedding_layers: str | bool, path_initial_model_for_weight_conversion: str | None
+) -> None:
+    """The saving options of peft's ``save_pretrained`` that minipeft cannot honour, refused."""
+    if not safe_serialization:
+        raise ValueError(
+            "minipeft writes adapter_model.safetensors only, never a pickled adapter_model.bin (loading a pickle "
+            "can run arbitrary code); leave safe_serialization=True: peft loads the safetensors file as well"
+        )
+    if save_embedding_layers not in ("auto", False):
+        raise ValueError(
+            f"save_embedding_layers={save_embedding_layers!r}: minipeft saves the adapter's tensors only, never "
+            "base-model layers; save a resized embedding with the base model itself (use 'auto' or False here)"
+        )
+    if path_initial_model_for_weight_conversion is not None:
+        raise ValueError(
+            "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters, which minipeft does not "
+            "implement; leave it None"
+        )
+
+
+def _check_load_options(torch_device, autocast_adapter_dtype: bool) -> None:
+    """The loading options minipeft accepts from peft's signatures, checked for what they can mean here."""
+    if torch_device is not None:
+        try:
+            torch.device(torch_device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"torch_device={torch_device!r} is not a device ({err}); e.g. 'cpu', 'cuda:0'") from None
+    if not autocast_adapter_dtype:
+        raise ValueError(
+            "autocast_adapter_dtype=False would keep adapters in a half-precision base's dtype; minipeft always "
+            "keeps them in float32 there (stable training). Leave it True"
+        )
+
+
+def _checkpoint_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    """peft's ``model_id`` + ``subfolder``: the local folder holding the checkpoint."""
+    return os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
