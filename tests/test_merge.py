@@ -224,3 +224,14 @@ def test_a_method_with_only_the_merge_hook_merges_and_safe_merges():
     with pytest.raises(ValueError, match="adapter 'broken' into this _Scale"):
         layer.merge(["a", "broken"], safe_merge=True)
     assert not layer.merged and all(torch.equal(v, before[k]) for k, v in layer.base_layer.state_dict().items())
+
+
+def test_safe_merge_with_a_module_trained_whole_that_has_no_weight():
+    """modules_to_save may name a whole block (no ``.weight``): nothing of it is folded, and the
+    merge equals the unmerged forward."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"], init_lora_weights=False))
+    x = torch.randn(3, 4)
+    expected = model(x)
+    model.merge_adapter(safe_merge=True)
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)

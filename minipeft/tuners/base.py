@@ -125,7 +125,7 @@ class AdapterLayer(nn.Module):
         ("weight", and "bias" where it has one). Returns the ones adapter ``adapter_name``
         changes, with it folded in, as new tensors; and what ``unmerge`` will need that the merged
         tensors no longer hold (DoRA's row factor), or None. Writes nothing."""
-        raise TypeError(f"{type(self).__name__} does not implement merged_tensors")
+        raise TypeError(f"{type(self).__name__} sets mergeable = True but does not implement merged_tensors")
 
     def unmerge(self) -> None:
         """Take the merged adapters out of the base weights again, newest first."""
@@ -137,10 +137,7 @@ class AdapterLayer(nn.Module):
         """Fold the active (or given) adapters into the base weights, in order. ``safe_merge``:
         first merge into copies and raise if a weight would hold NaN or inf (nothing written)."""
         if not self.mergeable:
-            raise TypeError(
-                f"{type(self).__name__} cannot be merged: its adapter is not a linear map folded into a weight. "
-                "Use unload() to remove it instead."
-            )
+            raise self._not_mergeable()
         names = self._check_mergeable(adapter_names)
         if safe_merge:
             self.check_merge_is_finite(names)
@@ -157,6 +154,8 @@ class AdapterLayer(nn.Module):
     def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
         """The first of ``adapter_names`` after whose merge (in order, into copies of the base
         weights) a weight holds NaN or inf; ``None`` when all stay finite. Writes nothing."""
+        if not self.mergeable:
+            raise self._not_mergeable()
         tensors = self._base_tensors()
         for name in adapter_names:
             merged, _ = self.merged_tensors(name, tensors)
@@ -175,6 +174,12 @@ class AdapterLayer(nn.Module):
                 f"merging adapter {bad!r} into {where} gives non-finite weights (NaN or inf), so nothing was merged; "
                 "the adapter's weights are probably broken"
             )
+
+    def _not_mergeable(self) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__} cannot be merged: its adapter is not a linear map folded into a weight. "
+            "Use unload() to remove it instead."
+        )
 
     def _base_tensors(self) -> dict[str, torch.Tensor]:
         """The base layer's weight and (where it has one) bias, detached: what merging changes."""
@@ -231,12 +236,13 @@ class ModulesToSaveWrapper(AdapterLayer):
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[active[0]](*args, **kwargs)
 
-    # Nothing is folded into a weight: the adapter's copy replaces the original on unload (unwrap).
-    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {}, None
-
+    # Nothing is folded into a weight (the module need not have one): the adapter's copy replaces
+    # the original on unload (unwrap).
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         pass
+
+    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
+        return None
 
     def unmerge(self) -> None:
         pass
