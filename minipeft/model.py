@@ -168,9 +168,7 @@ class PeftModel(nn.Module):
 
     def _check_new_name(self, adapter_name: str) -> None:
         """A ValueError when ``adapter_name`` cannot name an adapter or names one that exists."""
-        injection.check_new_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        injection.check_new_adapter_name(adapter_name, self.peft_config)
 
     def _check_known(self, names: str | list[str], action: str) -> None:
         """A ValueError when one of ``names`` (one name, or a list) is not an adapter of this model."""
