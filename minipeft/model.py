@@ -397,15 +397,35 @@ def _check_not_adapted(model: nn.Module) -> None:
         )
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config``; only the adapter trains."""
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config``; only the adapter trains.
+
+    peft's other arguments: ``mixed`` changes nothing (a minipeft PeftModel holds adapters of
+    different methods side by side anyway); ``revision``, the base model's revision, is recorded
+    in the adapter's config (the caller's config object is left as it was); ``low_cpu_mem_usage``
+    changes nothing (adapters are small and built where they live); ``autocast_adapter_dtype=False``
+    is refused, as in ``from_pretrained``.
+    """
+    _check_load_options(None, autocast_adapter_dtype)
+    if revision is not None:
+        peft_config = copy.copy(peft_config)
+        peft_config.revision = revision
     return PeftModel(model, peft_config, adapter_name)
 
 
 # -- peft-signature shims ---------------------------------------------------------------------
-# The save/load methods above take peft's arguments so that peft code runs unchanged; some name
-# features minipeft leaves out (pickles, base-model embeddings, PiSSA conversion, a staging
-# device). These functions say what each argument can mean here and refuse the rest.
+# get_peft_model and the save/load methods above take peft's arguments so that peft code runs
+# unchanged; some name features minipeft leaves out (pickles, base-model embeddings, PiSSA
+# conversion, a staging device). These functions say what each argument can mean here and
+# refuse the rest.
 def _check_save_options(
     safe_serialization: bool, save_embedding_layers: str | bool, path_initial_model_for_weight_conversion: str | None
 ) -> None:

@@ -62,6 +62,17 @@ def test_positional_arguments_are_peft_s(method):
     assert ours == theirs[: len(ours)]
 
 
+def test_get_peft_model_takes_peft_s_arguments(tmp_path):
+    assert positional(get_peft_model) == positional(peft.get_peft_model)
+    config = LoraConfig(**LORA)
+    model = get_peft_model(TinyNet(), config, "default", True, True, "v1.0", True)
+    assert model.peft_config["default"].revision == "v1.0" and config.revision is None
+    model.save_pretrained(tmp_path)
+    assert peft.PeftConfig.from_pretrained(tmp_path).revision == "v1.0"
+    with pytest.raises(ValueError, match="autocast_adapter_dtype=False"):
+        get_peft_model(TinyNet(), config, autocast_adapter_dtype=False)
+
+
 # -- save_pretrained ---------------------------------------------------------------------------
 def test_save_pretrained_positional_selected_adapters_writes_what_peft_writes(tmp_path):
     ours, theirs = both(TinyNet().eval())
