@@ -220,7 +220,7 @@ def main():
     results = []
     for M, K, N, r, p in case_list:
         rows = run_case(M, K, N, r, p, dtype, device, impls)
-        path = "triton GEMM" if use_fused_base(M, N, K) else "cuBLAS base"
+        path = "triton GEMM" if use_fused_base(M, N, K, dtype) else "cuBLAS base"
         results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
         print(f"M={M} K={K} N={N} r={r} p={p}: " +
               ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)

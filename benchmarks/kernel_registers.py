@@ -103,9 +103,10 @@ def gemm_args(dtype, backward, rank=R):
         scale=1.0, threshold=6553, seed=1234, M_BUCKET=M)
 
 
-def gemm_rows(dtype, backward, dropout):
+def gemm_rows(dtype, backward, dropout, precision="tf32"):
+    """precision: tl.dot's for fp32 tiles; "ieee" is what fp32 gets unless torch allows TF32."""
     flags = dict(ADD_TO_OUT=False, HAS_BIAS=not backward, HAS_DROPOUT=dropout, R_GRAD=backward,
-                 BLOCK_R=fl._block_r(R))
+                 DOT_PRECISION=precision, BLOCK_R=fl._block_r(R))
     for config in fl._gemm_configs():
         compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward),
                                     {**flags, **config.kwargs}, config.num_warps, config.num_stages)
@@ -120,13 +121,14 @@ def thin_rows(dtype):
     for dropout in (False, True):
         args = dict(x_ptr=p, a_ptr=p, xa_ptr=p, M=M, K=K, R=R, stride_xm=K, stride_xk=1, stride_ar=K,
                     stride_ak=1, stride_om=R, stride_or=1, keep_scale=1.0, threshold=6553, seed=1234)
-        compiled = compile_for_sm90(fl._shrink_kernel, args, dict(HAS_DROPOUT=dropout, BLOCK_M=bm,
-                                                                  BLOCK_K=128, BLOCK_R=br))
+        compiled = compile_for_sm90(fl._shrink_kernel, args, dict(HAS_DROPOUT=dropout, DOT_PRECISION="tf32",
+                                                                  BLOCK_M=bm, BLOCK_K=128, BLOCK_R=br))
         yield f"_shrink_kernel, {bm}x128{', dropout' if dropout else ''}", resources(compiled)
     args = dict(dy_ptr=p, b_ptr=p, xa_ptr=p, dxa_ptr=p, db_ptr="*fp32", M=M, N=N, R=R, stride_dym=N,
                 stride_dyn=1, stride_bn=R, stride_br=1, stride_xam=R, stride_xar=1, stride_dxam=R,
                 stride_dxar=1, stride_dbn=R, stride_dbr=1, scaling=2.0)
-    compiled = compile_for_sm90(fl._dy_pass_kernel, args, dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_R=br))
+    compiled = compile_for_sm90(fl._dy_pass_kernel, args, dict(DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=64,
+                                                                   BLOCK_R=br))
     yield f"_dy_pass_kernel, {bm}x64", resources(compiled)
 
 
@@ -134,24 +136,28 @@ def other_rows():
     """Every other variant a launch can ask for, each in one config: that it compiles at all is
     the point (the interpreter the tests use never runs triton's GPU code generation)."""
     one = fl._gemm_configs()[3]  # 128x128x64, 8 warps
-    for dtype in ("fp16", "fp32"):
-        flags = dict(ADD_TO_OUT=False, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True, BLOCK_R=16)
+    for dtype, precision in (("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
+        flags = dict(ADD_TO_OUT=False, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True,
+                     DOT_PRECISION=precision, BLOCK_R=16)
         compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward=True),
                                     {**flags, **one.kwargs}, one.num_warps, one.num_stages)
-        yield f"dx GEMM + dA, dropout, {dtype}, 128x128x64", resources(compiled)
+        name = f"{dtype}, {precision}" if dtype == "fp32" else dtype
+        yield f"dx GEMM + dA, dropout, {name}, 128x128x64", resources(compiled)
     rank = 130  # three chunks of BLOCK_R = 64, the last one mostly padding
-    flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, BLOCK_R=fl._block_r(rank))
+    flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32",
+                 BLOCK_R=fl._block_r(rank))
     compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=False, rank=rank),
                                 {**flags, **one.kwargs}, one.num_warps, one.num_stages)
     yield f"y GEMM, r = {rank}, bf16, 128x128x64", resources(compiled)
     for r_grad in (False, True):  # the cuBLAS-base path: a pass over out adding the low-rank term
-        flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=r_grad, BLOCK_R=16,
+        flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=r_grad, DOT_PRECISION="tf32", BLOCK_R=16,
                      BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)
         compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=True), flags)
         yield f"add-to-out pass, dropout{', dA' if r_grad else ''}, bf16, 64x128", resources(compiled)
     args = dict(dxa_ptr="*bf16", x_ptr="*bf16", da_ptr="*bf16", M=M, K=K, R=R, stride_dxam=R, stride_dxar=1,
                 stride_xm=K, stride_xk=1, stride_dar=K, stride_dak=1, keep_scale=1.0, threshold=6553, seed=1234)
-    compiled = compile_for_sm90(fl._lora_a_grad_kernel, args, dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_K=32, BLOCK_R=16))
+    compiled = compile_for_sm90(fl._lora_a_grad_kernel, args, dict(HAS_DROPOUT=True, DOT_PRECISION="tf32",
+                                                                        BLOCK_M=64, BLOCK_K=32, BLOCK_R=16))
     yield "_lora_a_grad_kernel, dropout, bf16, 64x32", resources(compiled)
     args = dict(out_ptr="*i8", M=M, K=K, threshold=6553, seed=1234)
     compiled = compile_for_sm90(fl._dropout_mask_kernel, args, dict(BLOCK_M=32, BLOCK_K=64))
@@ -173,7 +179,10 @@ def main():
     sections = [
         table("y = x W^T + b + s * xa B^T (forward GEMM), bf16", gemm_rows("bf16", backward=False, dropout=False)),
         table("y, float16", gemm_rows("fp16", backward=False, dropout=False)),
-        table("y, float32 (TF32 tensor cores)", gemm_rows("fp32", backward=False, dropout=False)),
+        table("y, float32 with torch.backends.cuda.matmul.allow_tf32 (TF32 tensor cores)",
+              gemm_rows("fp32", backward=False, dropout=False)),
+        table("y, float32 by default (full fp32, no tensor cores)",
+              gemm_rows("fp32", backward=False, dropout=False, precision="ieee")),
         table("dx GEMM with dA summed in it, bf16, dropout 0", gemm_rows("bf16", backward=True, dropout=False)),
         table("dx GEMM with dA summed in it, bf16, dropout 0.1", gemm_rows("bf16", backward=True, dropout=True)),
         table("thin kernels, bf16", thin_rows("bf16")),

@@ -43,18 +43,32 @@ import triton.language as tl
 # Under TRITON_INTERPRET=1 kernels run on the CPU through numpy. Its tl.dot multiplies
 # bfloat16 tiles as their raw uint16 storage (triton 3.9), so there we upcast both operands to
 # fp32 first. On a GPU this is False and tl.dot takes the 16-bit tiles straight to the tensor
-# cores. (fp32 inputs use TF32 there by default; set TRITON_F32_DEFAULT=ieee for full fp32.)
+# cores.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _dot(a, b, acc):
-    """acc + a @ b with an fp32 accumulator."""
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with an fp32 accumulator; PRECISION is what fp32 tiles get (`_dot_precision`)."""
     if _UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def _dot_precision(dtype):
+    """tl.dot's input precision for tensors of `dtype`.
+
+    tl.dot rounds fp32 tiles to TF32 by default, while cuBLAS (F.linear, and so the reference
+    path) computes in full fp32 unless torch.backends.cuda.matmul.allow_tf32 is set. Following
+    that flag keeps the two paths computing the same function: full fp32 ("ieee") by default,
+    TF32 where the user asked torch for it. 16-bit tiles are exact either way ("tf32" is the
+    default that leaves them alone).
+    """
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 @triton.jit
@@ -104,6 +118,7 @@ def _matmul_lowrank_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,  # mask the low-rank term with D (the dx of the backward)
     R_GRAD: tl.constexpr,  # also dr (R, N) += scale * l^T ([D] * xin): the backward's dA
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 tiles (_dot_precision)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -151,10 +166,10 @@ def _matmul_lowrank_kernel(
                     mask=offs_r[None, :] < R, other=0.0)  # (BLOCK_M, BLOCK_R)
         r = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_bn[None, :] * stride_rn,
                     mask=offs_r[:, None] < R, other=0.0)  # (BLOCK_R, BLOCK_N)
-        acc = _dot(l, r, acc)
+        acc = _dot(l, r, acc, DOT_PRECISION)
         if R_GRAD:
             # Every row tile adds its share of the sum over M: fp32 atomics, as in _dy_pass_kernel.
-            dr = _dot(tl.trans(l), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32))
+            dr = _dot(tl.trans(l), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
             tl.atomic_add(dr_ptr + offs_r[:, None] * stride_drr + offs_n[None, :] * stride_drn, scale * dr,
                           mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
     if HAS_DROPOUT:
@@ -171,7 +186,7 @@ def _matmul_lowrank_kernel(
                         mask=offs_k[None, :] < K, other=0.0)  # (BLOCK_M, BLOCK_K)
             w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
                         mask=offs_k[:, None] < K, other=0.0)  # (BLOCK_K, BLOCK_N)
-            acc = _dot(x, w, acc)
+            acc = _dot(x, w, acc, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
 
@@ -206,8 +221,9 @@ def _gemm_configs():
 # Tuned once per (power-of-two bucket of M, N, K, dtypes, variant): a new sequence length reuses
 # the bucket's winner instead of retuning. The variant is in the key because the backward's
 # (dropout, dA) needs more registers than the forward and may win with another tile.
-_matmul_lowrank_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "R_GRAD"],
-                                        reset_to_zero=["dr_ptr"])(_matmul_lowrank_kernel)
+_matmul_lowrank_tuned = triton.autotune(
+    configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "R_GRAD", "DOT_PRECISION"],
+    reset_to_zero=["dr_ptr"])(_matmul_lowrank_kernel)
 
 
 def _block_r(R):
@@ -245,7 +261,7 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None, xin=None):
             out.stride(0), out.stride(1), xin_.stride(0), xin_.stride(1), dr_.stride(0), dr_.stride(1),
             scale, _dropout_threshold(p), seed, _m_bucket(M))
     flags = dict(ADD_TO_OUT=add_to_out, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, R_GRAD=xin is not None,
-                 BLOCK_R=_block_r(R))
+                 DOT_PRECISION=_dot_precision(l.dtype), BLOCK_R=_block_r(R))
     if add_to_out:
         # A thin, memory-bound pass over out: one fixed config, no tuning (tuning would also
         # have to restore out between trials).
@@ -269,7 +285,7 @@ def _shrink_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
     keep_scale, threshold, seed,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -287,7 +303,7 @@ def _shrink_kernel(
             x = tl.where(keep, x, 0.0).to(x.dtype)
         a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                       mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_K, BLOCK_R)
-        acc = _dot(x, a_t, acc)
+        acc = _dot(x, a_t, acc, DOT_PRECISION)
     # The 1 / (1 - p) of inverted dropout is applied once to the sum, not to every element.
     if HAS_DROPOUT:
         acc = acc * keep_scale
@@ -313,7 +329,8 @@ def _shrink(x, lora_A, p, seed):
     _shrink_kernel[grid](
         x, lora_A, xa, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
+        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
     return xa
 
 
@@ -329,6 +346,7 @@ def _dy_pass_kernel(
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
     stride_dxam, stride_dxar, stride_dbn, stride_dbr,
     scaling,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Each program owns BLOCK_M rows of dy and walks along N: its rows of dxa are finished in
@@ -352,8 +370,8 @@ def _dy_pass_kernel(
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
-        dxa = _dot(dy, b, dxa)
-        db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32))
+        dxa = _dot(dy, b, dxa, DOT_PRECISION)
+        db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_PRECISION)
         tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                       scaling * db, mask=n_mask[:, None] & r_mask[None, :])
     tl.store(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
@@ -373,7 +391,7 @@ def _dy_pass(dy, lora_B, xa, scaling):
         dy, lora_B, xa, dxa, db, M, N, R,
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
         xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), db.stride(0), db.stride(1),
-        scaling, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br)
+        scaling, DOT_PRECISION=_dot_precision(dy.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br)
     return dxa, db
 
 
@@ -388,7 +406,7 @@ def _lora_a_grad_kernel(
     M, K, R,
     stride_dxam, stride_dxar, stride_xm, stride_xk, stride_dar, stride_dak,
     keep_scale, threshold, seed,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -406,7 +424,7 @@ def _lora_a_grad_kernel(
             # The same seed and positions as the forward's shrink: the same mask.
             keep = _keep_tile(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0).to(x.dtype)
-        acc = _dot(dxa_t, x, acc)
+        acc = _dot(dxa_t, x, acc, DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
     tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
@@ -423,7 +441,8 @@ def _lora_a_grad(dxa, x, p, seed, dtype):
     _lora_a_grad_kernel[grid](
         dxa, x, da, M, K, R,
         dxa.stride(0), dxa.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
+        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
     return da
 
 
@@ -458,16 +477,18 @@ def dropout_mask(seed, shape, p, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 
-def use_fused_base(M, N, K):
+def use_fused_base(M, N, K, dtype=torch.bfloat16):
     """Whether x W^T runs in our kernel (low-rank term in its epilogue, y written once) rather
     than in cuBLAS followed by an in-place addmm of the low-rank term.
 
     Fusing saves one read and one write of y (M, N). That only pays when the GEMM itself is as
-    fast as cuBLAS, which for a tutorial-style kernel means enough output tiles to fill the GPU
-    and a reduction long enough to pipeline. Few rows (decoding, small batches) or thin
-    matrices go to cuBLAS, which has split-K and hand-tuned small-M kernels.
+    fast as cuBLAS, which for a tutorial-style kernel means tensor cores, enough output tiles to
+    fill the GPU and a reduction long enough to pipeline. Few rows (decoding, small batches) or
+    thin matrices go to cuBLAS, which has split-K and hand-tuned small-M kernels; so does full
+    fp32 (no TF32), where tl.dot falls back to FMAs and half of our GEMM's configs spill
+    (`benchmarks/results/sm90-registers.md`).
     """
-    return M >= 256 and N >= 256 and K >= 256
+    return M >= 256 and N >= 256 and K >= 256 and _dot_precision(dtype) == "tf32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,7 +510,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # plain skinny matmul, which cuBLAS does as well as anything (split-K when M is small,
         # where our kernel would leave all but a few SMs idle).
         xa = _shrink(x2, lora_A, p, seed) if p > 0 else x2 @ lora_A.t()  # (M, r)
-        if use_fused_base(M, N, K):
+        if use_fused_base(M, N, K, x.dtype):
             y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
         else:
             y = F.linear(x2, weight, bias)
@@ -516,7 +537,7 @@ class LoraLinearFunction(torch.autograd.Function):
             # epilogue; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
             scale = 1.0 / (1.0 - p)
             xin = x2 if ctx.needs_input_grad[3] else None
-            if use_fused_base(M, K, N):
+            if use_fused_base(M, K, N, x2.dtype):
                 dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, scale, p, seed, xin=xin)
             else:
                 dx = torch.mm(dy2, weight)

@@ -3,6 +3,7 @@
 The kernels run on CPU tensors through Triton's interpreter, so this file needs no GPU.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fuse
         t.requires_grad_(name in needs_grad.split())
     seed = 1234
 
-    with mock.patch.object(impl, "use_fused_base", lambda M, N, K: fused):
+    with mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: fused):
         y = kernels.lora_linear(x, weight, b, lora_A, lora_B, scaling, dropout_p=p, seed=seed)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
         y.backward(dy)
@@ -242,9 +243,55 @@ def test_switch_and_fallback_rule():
         assert not kernels.enabled()
     finally:
         kernels.set_enabled(True)
-    # Decoding-sized batches go to cuBLAS; a long sequence runs our GEMM.
+    # Decoding-sized batches go to cuBLAS; a long sequence runs our GEMM, except in full fp32.
     assert not impl.use_fused_base(16, 4096, 4096)
     assert impl.use_fused_base(8192, 4096, 4096)
+    with tf32_allowed(False):
+        assert not impl.use_fused_base(8192, 4096, 4096, torch.float32)
+    with tf32_allowed(True):
+        assert impl.use_fused_base(8192, 4096, 4096, torch.float32)
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, allow_tf32, precision", [
+    (torch.float32, False, "ieee"), (torch.float32, True, "tf32"), (torch.bfloat16, False, "tf32")])
+def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
+    """On a GPU tl.dot rounds fp32 tiles to TF32 unless told otherwise, while cuBLAS (and so the
+    reference path) does that only when torch.backends.cuda.matmul.allow_tf32 is set. Every kernel
+    launch must ask for what cuBLAS would do. (The interpreter computes in full precision
+    either way, so this checks what the launches ask for.)"""
+    launched = {}
+    kernel_fns = [impl._matmul_lowrank_kernel, impl._shrink_kernel, impl._dy_pass_kernel, impl._lora_a_grad_kernel]
+
+    def spy(fn):
+        def run(*args, **kwargs):
+            launched.setdefault(fn.__name__, set()).add(kwargs["DOT_PRECISION"])
+            return original[fn](*args, **kwargs)
+        return run
+
+    original = {fn: fn.run for fn in kernel_fns}
+    x, weight, b, lora_A, lora_B = make_inputs((40,), 24, 20, 4, dtype)
+    lora_A.requires_grad_(True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tf32_allowed(allow_tf32))
+        for fn in kernel_fns:
+            stack.enter_context(mock.patch.object(fn, "run", spy(fn)))
+        for fused_base in (True, False):
+            stack.enter_context(mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: fused_base))
+            for x_needs_grad in (True, False):  # without dx, dA has a kernel of its own
+                x.requires_grad_(x_needs_grad)
+                kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.1, seed=3).sum().backward()
+    assert launched == {fn.__name__: {precision} for fn in kernel_fns}
 
 
 @interpreted
@@ -269,7 +316,7 @@ def _large_offsets_case():
     x = storage.as_strided((M, K), (row_stride, 1)).copy_(x_small).requires_grad_(True)
     lora_A.requires_grad_(True)
     for fused in (True, False):
-        with mock.patch.object(impl, "use_fused_base", lambda M, N, K: fused):
+        with mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: fused):
             y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.25, seed=5)
             y.float().sum().backward()
         mask = kernels.dropout_mask(5, (M, K), 0.25).double()
