@@ -4,6 +4,7 @@ from .checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
 from .injection import inject_adapter_in_model
 from .model import PeftModel, get_peft_model
+from .optimizers import create_loraplus_optimizer
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
 from .tuners.lora import LoraConfig
@@ -21,6 +22,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",

@@ -8,7 +8,8 @@ computed here. Batches are dicts of tensors with "labels": shape [B] means seque
 classification, shape [B, T] means a causal LM (labels already aligned with input_ids,
 -100 where there is nothing to predict; the shift happens in the loss).
 
-What one run does, in order: AdamW over the trainable parameters only; linear or cosine
+What one run does, in order: AdamW over the trainable parameters only (in LoRA+'s groups
+with `loraplus_lr_ratio`, minipeft.optimizers); linear or cosine
 schedule with warmup; gradient accumulation weighted by examples/tokens (on one process
 the update is exactly that of one big batch); gradient clipping; bf16 autocast on CUDA;
 evaluation every `eval_every` steps; early stopping; the best weights saved
@@ -35,7 +36,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -46,6 +47,7 @@ from torch import nn
 
 from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
+from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
@@ -75,7 +77,16 @@ class TrainConfig:
     # Other peak learning rates by parameter-name prefix, longest prefix first, e.g.
     # {"prompt_encoder.": 0.3}: virtual tokens often want a far larger lr than a new head.
     lr_by_prefix: dict[str, float] = field(default_factory=dict)
-    weight_decay: float = 0.0  # matrices only: not biases, norms or (IA)^3 scaling vectors
+    # LoRA+ (minipeft.optimizers): LoRA's B matrices, and every trainable vector, learn at
+    # loraplus_lr_ratio times the lr of the rest; LoRA embedding tables at loraplus_lr_embedding
+    # (peft's default 1e-6). With lr_by_prefix, a prefix's lr stands in for `lr` for the
+    # parameters it names: their A side gets it, their B side it times the ratio, and a LoRA
+    # embedding table it names gets it instead of loraplus_lr_embedding. None: plain AdamW.
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = LORAPLUS_LR_EMBEDDING
+    # matrices only: not biases, norms or (IA)^3 scaling vectors, with or without LoRA+ (peft's
+    # LoRA+ optimizer also decays vectors that are neither biases nor in a LayerNorm)
+    weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "linear"  # one of SCHEDULES (linear, cosine, constant), each after warmup
     warmup_steps: int = 0
@@ -107,6 +118,16 @@ class TrainConfig:
         for name in ("lr", "weight_decay"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
+        if self.loraplus_lr_ratio is not None and not (_is_number(self.loraplus_lr_ratio)
+                                                       and self.loraplus_lr_ratio > 0):
+            raise ValueError("loraplus_lr_ratio must be a number > 0 (LoRA+ means > 1, e.g. 16), or None for plain "
+                             f"AdamW, not {self.loraplus_lr_ratio!r}")
+        if not _is_number(self.loraplus_lr_embedding) or self.loraplus_lr_embedding < 0:
+            raise ValueError(f"loraplus_lr_embedding must be a number >= 0, not {self.loraplus_lr_embedding!r}")
+        if self.loraplus_lr_ratio is None and self.loraplus_lr_embedding != LORAPLUS_LR_EMBEDDING:
+            raise ValueError(f"loraplus_lr_embedding={self.loraplus_lr_embedding!r} is a LoRA+ setting and LoRA+ is "
+                             "off; set loraplus_lr_ratio too (e.g. 16), or give LoRA embeddings their own lr "
+                             "through lr_by_prefix")
         if not isinstance(self.lr_by_prefix, dict) or not all(
                 isinstance(k, str) and k and _is_number(v) and v >= 0 for k, v in self.lr_by_prefix.items()):
             raise ValueError("lr_by_prefix must map parameter-name prefixes to learning rates >= 0, e.g. "
@@ -188,13 +209,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters only: frozen weights get no optimizer state at all.
 
     One group per (learning rate, decays or not): the lr is the one of the longest prefix in
-    ``config.lr_by_prefix`` the parameter's name starts with, else ``config.lr``.
+    ``config.lr_by_prefix`` the parameter's name starts with, else ``config.lr``; with
+    ``config.loraplus_lr_ratio``, LoRA+ then scales it by its role (``TrainConfig``).
     """
     prefixes = sorted(config.lr_by_prefix, key=len, reverse=True)
+    roles = loraplus_roles(model) if config.loraplus_lr_ratio is not None else {}
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), config.lr)
+            lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), None)
+            lr = _peak_lr(roles.get(name, "A"), lr, config)
             # a true matrix has both sides > 1; biases, norms and (IA)^3 vectors (stored as
             # (out, 1) or (1, in)) are scales, and decay would pull them towards 0, not 1
             decays = p.dim() >= 2 and min(p.shape) > 1
@@ -207,6 +231,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
                          f"look like {[n for n, p in model.named_parameters() if p.requires_grad][:3]}")
     return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
                               for (lr, decays), params in groups.items()], lr=config.lr, betas=config.betas)
+
+
+def _peak_lr(role: str, prefix_lr: float | None, config: TrainConfig) -> float:
+    """A parameter's peak lr from its LoRA+ role ("A" without LoRA+) and its lr_by_prefix lr, if any."""
+    if role == "embedding":
+        return config.loraplus_lr_embedding if prefix_lr is None else prefix_lr
+    lr = config.lr if prefix_lr is None else prefix_lr
+    return lr * config.loraplus_lr_ratio if role == "B" else lr
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -286,13 +318,23 @@ def _set_rng_state(state: dict) -> None:
 # Fields that change what a run computes: resuming with other values would continue an
 # optimizer state and schedule made for another run. (output_dir, logging, evaluation and
 # saving settings may change freely.)
-RESUME_FIELDS = ("epochs", "max_steps", "lr", "lr_by_prefix", "weight_decay", "betas", "schedule", "warmup_steps",
-                 "warmup_ratio", "grad_accum_steps", "max_grad_norm", "seed")
+RESUME_FIELDS = ("epochs", "max_steps", "lr", "lr_by_prefix", "loraplus_lr_ratio", "loraplus_lr_embedding",
+                 "weight_decay", "betas", "schedule", "warmup_steps", "warmup_ratio", "grad_accum_steps",
+                 "max_grad_norm", "seed")
+
+
+def _config_defaults() -> dict:
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+            for f in fields(TrainConfig) if f.default is not MISSING or f.default_factory is not MISSING}
 
 
 def _check_resumable(ckpt: dict, config: TrainConfig, totals: dict, world: int, path: Path) -> None:
     """Raise when `ckpt` was written by a run other than the one `config` describes."""
     saved = {**ckpt.get("config", {}), **ckpt.get("totals", {})}
+    if "config" in ckpt:
+        # a field the checkpoint lacks is newer than it, and its run had the field's default
+        # (LoRA+ off): without this, turning a new setting on would resume silently
+        saved = {**_config_defaults(), **saved}
     new = {**asdict(config), **totals}
 
     def norm(v):  # betas may come as a tuple or a list
@@ -496,7 +538,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, warmup, total_steps))
+    multiplier = lr_lambda(config.schedule, warmup, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     # what the data and world size made of the config; a resumed run must agree on them too
     totals = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world}
 
@@ -590,7 +633,9 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
             if step % config.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 rec = {"step": step, "epoch": epoch, "loss": loss_since_log / steps_since_log,
-                       "lr": scheduler.get_last_lr()[0]}
+                       # config.lr on the schedule; groups with lrs of their own (lr_by_prefix,
+                       # LoRA+) follow the same curve, and the first group may be any of them
+                       "lr": config.lr * multiplier(step)}
                 line = f"step {step}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
                 if tokens_since_log is not None:  # batches without token ids get no throughput
                     rec["tokens_per_s"] = tokens_since_log * world / max(now - t_log, 1e-9)
