@@ -50,6 +50,10 @@ Safety
   Fields that do not change the math (``base_model_name_or_path``, ...) may still be edited by hand.
 * Loading validates everything (config fields and types, keys, shapes) before it changes the
   model, and removes the adapter again if anything fails after it was injected.
+
+``write_adapter`` is that writer for any config and tensors: a PiSSA/OLoRA adapter converted to
+plain LoRA on save (``PeftModel.save_pretrained(..., path_initial_model_for_weight_conversion=)``,
+the math in ``tuners/lora_init.py``) is written by it, as atomically as any other adapter.
 """
 
 from __future__ import annotations
@@ -422,14 +426,19 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(configs)}")
     check_adapter_name(adapter_name)
+    write_adapter(folder, configs[adapter_name], get_peft_model_state_dict(model, adapter_name))
+
+
+def write_adapter(folder: str | os.PathLike, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
+    """Write ``config`` and ``state`` (checkpoint keys) to ``folder`` as one adapter checkpoint,
+    atomically: ``save_adapter`` for a model's adapter, or what PiSSA/OLoRA conversion computed."""
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"cannot save an adapter to {folder!r}: it is a file; give a folder")
     os.makedirs(folder, exist_ok=True)
 
-    config_bytes = _config_bytes(configs[adapter_name])
+    config_bytes = _config_bytes(config)
     # safetensors wants contiguous, unshared CPU tensors.
-    state = get_peft_model_state_dict(model, adapter_name)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     metadata = {"format": "pt", SAVED_CONFIG_KEY: config_bytes.decode()}
 
@@ -461,8 +470,14 @@ def save_pretrained(
     for name in names:  # every name before any file: a name like "../x" or "/abs" would write outside the folder
         check_adapter_name(name)
     for name in names:
-        folder = save_directory if name == "default" else os.path.join(save_directory, name)
-        save_adapter(model, folder, name)
+        save_adapter(model, adapter_folder(save_directory, name), name)
+
+
+def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> str:
+    """Where ``save_pretrained(save_directory)`` puts an adapter: ``default`` in the folder itself,
+    any other in ``<folder>/<name>/`` (peft's layout)."""
+    directory = os.fspath(save_directory)
+    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
 
 
 # -- reading --------------------------------------------------------------------------------------
