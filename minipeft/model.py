@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -19,8 +21,8 @@ from torch import nn
 
 from . import checkpoint, injection
 from .config import PeftConfig, TaskType
-from .targeting import CLASSIFIER_HEAD_NAMES
-from .tuners import AdapterLayer, ModulesToSaveWrapper, lora_combine, method_for, virtual_tokens
+from .targeting import CLASSIFIER_HEAD_NAMES, logical_name
+from .tuners import AdapterLayer, ModulesToSaveWrapper, lora, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import check_distinct
 
 
@@ -105,6 +107,7 @@ class PeftModel(nn.Module):
             # Virtual tokens live beside the model (self.prompt_encoder) and reach it through hooks.
             method_for(config).attach(self, adapter_name, config)
         else:
+            self._check_base_changing_init(adapter_name, config)
             injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
         self.peft_config[adapter_name] = config
         if not first:
@@ -165,6 +168,26 @@ class PeftModel(nn.Module):
         finally:
             for layer, flag in zip(layers, before):
                 layer.disable_adapters = flag
+
+    def _check_base_changing_init(self, adapter_name: str, config: PeftConfig) -> None:
+        """PiSSA / OLoRA rewrite each target's base weight as the adapter is added there, so every
+        target is checked first (``lora.check_init``): an unsuitable layer or rank then fails with
+        the model untouched. Beside other adapters, peft's warning: they all see the residuals."""
+        if _changes_base_weights(config):
+            base = self.get_base_model()
+            for name in injection.targets_of(base, config):
+                lora.check_init(base.get_submodule(name), config, logical_name(base, name) or name)
+        changing = [n for n, c in self.peft_config.items() if _changes_base_weights(c)]
+        changing += [adapter_name] if _changes_base_weights(config) else []
+        if changing and self.peft_config:
+            warnings.warn(
+                f"adapter(s) {changing} (PiSSA/OLoRA) replaced the base weights they adapt by residuals W - s B0 A0, "
+                f"and adapter {adapter_name!r} joins {list(self.peft_config)}: every adapter on those layers then "
+                "works on the residuals, and disabling or deleting a PiSSA/OLoRA adapter does not give W back. "
+                "Convert such an adapter to plain LoRA to combine it with others: "
+                "save_pretrained(folder, path_initial_model_for_weight_conversion=<its initial adapter>)",
+                stacklevel=3,
+            )
 
     def _check_new_name(self, adapter_name: str) -> None:
         """A ValueError when ``adapter_name`` cannot name an adapter or names one that exists."""
@@ -288,7 +311,9 @@ class PeftModel(nn.Module):
             raise TypeError(f"adapters is a list of names, got the string {adapters!r}")
         self._check_new_name(adapter_name)
         self._check_known(adapters, "combine")
-        sources = [(name, self.peft_config[name]) for name in adapters]
+        # A PiSSA/OLoRA source's config would decompose the (already residual) base weight again
+        # when the new adapter is added; the combined factors are set explicitly, on the base as it is.
+        sources = [(name, _without_base_change(self.peft_config[name])) for name in adapters]
         self.peft_config[adapter_name] = lora_combine.add_weighted_adapter(
             self.get_base_model(), sources, weights, adapter_name,
             combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
@@ -315,21 +340,66 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
-        path_initial_model_for_weight_conversion: str | None = None,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
     ) -> None:
         """Write adapter_config.json + adapter_model.safetensors for each of ``selected_adapters``
         (default: all): ``default`` in ``save_directory``, any other in ``save_directory/<name>/``.
 
+        ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA adapter was saved to
+        right after initialisation, before training. The adapter is then saved as the plain LoRA
+        adapter (rank 2r, same scaling, ``init_lora_weights=True``) that computes the same on the
+        ORIGINAL base weights (``lora_init.py`` has the math), which peft and minipeft load onto
+        the unchanged base model. One adapter at a time (``selected_adapters=[name]`` when the
+        model holds several); the initial folder is only read.
+
         ``is_main_process=False`` (the other processes of a distributed run) checks the arguments
         and writes nothing. minipeft saves the adapter's own tensors only, in safetensors, so it
-        refuses peft's options for more: ``safe_serialization=False`` (a pickle),
-        ``save_embedding_layers=True`` (base-model embeddings; ``"auto"`` saves none) and
-        ``path_initial_model_for_weight_conversion`` (PiSSA/OLoRA conversion).
+        refuses peft's options for more: ``safe_serialization=False`` (a pickle) and
+        ``save_embedding_layers=True`` (base-model embeddings; ``"auto"`` saves none).
         """
         _check_save_options(safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion)
-        self._check_known(list(self.peft_config) if selected_adapters is None else selected_adapters, "save")
-        if is_main_process:
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_known(names, "save")
+        if path_initial_model_for_weight_conversion is not None:
+            if len(names) != 1:
+                raise ValueError(
+                    f"path_initial_model_for_weight_conversion holds the initial state of one adapter, and {names} "
+                    "would be saved; save the PiSSA/OLoRA adapter alone with selected_adapters=[name]"
+                )
+            lora_init.check_convertible(self.peft_config[names[0]])
+        if not is_main_process:
+            return
+        if path_initial_model_for_weight_conversion is None:
             checkpoint.save_pretrained(self, save_directory, selected_adapters)
+        else:
+            self._save_converted(save_directory, names[0], os.fspath(path_initial_model_for_weight_conversion))
+
+    def _save_converted(self, save_directory: str | os.PathLike, adapter_name: str, initial_folder: str) -> None:
+        """Save PiSSA/OLoRA adapter ``adapter_name`` converted to plain LoRA on the original weights,
+        given its initial state in ``initial_folder``. Everything is read and checked before the
+        one atomic write (checkpoint.write_adapter)."""
+        injection.check_adapter_name(adapter_name)
+        folder = checkpoint.adapter_folder(save_directory, adapter_name)
+        if os.path.realpath(folder) == os.path.realpath(initial_folder):
+            raise ValueError(
+                f"the converted adapter would be written to {folder!r}, over the initial adapter it is converted "
+                "with; save it to another folder (the initial one serves every later conversion)"
+            )
+        try:
+            initial_config, initial_tensors = checkpoint.load_checkpoint(initial_folder)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"path_initial_model_for_weight_conversion: {err}. Give the folder save_pretrained wrote right after "
+                f"the adapter was initialised (for an adapter not named 'default': that folder/<name>)"
+            ) from None
+        config, tensors = lora_init.convert_to_lora(
+            self.peft_config[adapter_name],
+            checkpoint.get_peft_model_state_dict(self, adapter_name),
+            initial_config,
+            initial_tensors,
+            source=repr(initial_folder),
+        )
+        checkpoint.write_adapter(folder, config, tensors)
 
     def load_adapter(
         self,
@@ -384,6 +454,17 @@ class PeftModel(nn.Module):
         )
 
 
+def _changes_base_weights(config: PeftConfig) -> bool:
+    """Whether adding an adapter with ``config`` rewrites base weights (LoRA with PiSSA / OLoRA)."""
+    return lora_init.base_changing_init(getattr(config, "init_lora_weights", None)) is not None
+
+
+def _without_base_change(config: PeftConfig) -> PeftConfig:
+    """``config``, or for PiSSA / OLoRA a copy with plain LoRA's init (for adapters whose factors
+    are set explicitly on the base weights as they are)."""
+    return dataclasses.replace(config, init_lora_weights=True) if _changes_base_weights(config) else config
+
+
 def _check_not_adapted(model: nn.Module) -> None:
     """A PeftModel starts from a model without minipeft adapters: a second PeftModel around the
     same wrappers would not know their configs, so saving, switching and merging would miss them."""
@@ -423,13 +504,15 @@ def get_peft_model(
 
 # -- peft-signature shims ---------------------------------------------------------------------
 # get_peft_model and the save/load methods above take peft's arguments so that peft code runs
-# unchanged; some name features minipeft leaves out (pickles, base-model embeddings, PiSSA
-# conversion, a staging device). These functions say what each argument can mean here and
-# refuse the rest.
+# unchanged; some name features minipeft leaves out (pickles, base-model embeddings, a staging
+# device). These functions say what each argument can mean here and refuse the rest.
 def _check_save_options(
-    safe_serialization: bool, save_embedding_layers: str | bool, path_initial_model_for_weight_conversion: str | None
+    safe_serialization: bool,
+    save_embedding_layers: str | bool,
+    path_initial_model_for_weight_conversion: str | os.PathLike | None,
 ) -> None:
-    """The saving options of peft's ``save_pretrained`` that minipeft cannot honour, refused."""
+    """The saving options of peft's ``save_pretrained`` that minipeft cannot honour, refused (and the
+    conversion folder checked to be a path)."""
     if not safe_serialization:
         raise ValueError(
             "minipeft writes adapter_model.safetensors only, never a pickled adapter_model.bin (loading a pickle "
@@ -440,10 +523,12 @@ def _check_save_options(
             f"save_embedding_layers={save_embedding_layers!r}: minipeft saves the adapter's tensors only, never "
             "base-model layers; save a resized embedding with the base model itself (use 'auto' or False here)"
         )
-    if path_initial_model_for_weight_conversion is not None:
-        raise ValueError(
-            "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters, which minipeft does not "
-            "implement; leave it None"
+    if path_initial_model_for_weight_conversion is not None and not isinstance(
+        path_initial_model_for_weight_conversion, (str, os.PathLike)
+    ):
+        raise TypeError(
+            "path_initial_model_for_weight_conversion is the folder of the adapter as saved right after its "
+            f"PiSSA/OLoRA initialisation, a path; got {type(path_initial_model_for_weight_conversion).__name__}"
         )
 
 

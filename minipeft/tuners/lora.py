@@ -15,7 +15,8 @@ Because ``B A`` is a matrix of the same shape as ``W``, the update can be folded
 weight (``merge``) for inference at zero cost and taken out again (``unmerge``).
 
 Adapters combine into a new one, a weighted sum of their updates ``s_i B_i A_i``
-(``PeftModel.add_weighted_adapter``): that is in ``lora_combine.py``.
+(``PeftModel.add_weighted_adapter``): that is in ``lora_combine.py``. PiSSA and OLoRA start A and
+B on a decomposition of ``W`` and leave the residual in the base layer: ``lora_init.py``.
 
 Parameter names match peft's: ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``,
 ``lora_embedding_A.<adapter>``, ``lora_magnitude_vector.<adapter>.weight``.
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import is_gpt2_conv1d
+from . import lora_init
 from .base import AdapterLayer, adapter_placement
 
 
@@ -47,7 +49,9 @@ class LoraConfig(PeftConfig):
     rank_pattern / alpha_pattern: per-module overrides, ``{"regex": value}`` matched against the
     end of the qualified name. bias: which biases train (``"none"``, ``"all"``, ``"lora_only"``).
     init_lora_weights: ``True`` (Kaiming-uniform A, zero B), ``"gaussian"`` (normal A with std
-    1/r, zero B) or ``False`` (both random: the adapter changes the output from the start).
+    1/r, zero B), ``False`` (both random: the adapter changes the output from the start), or, for
+    linear layers, ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
+    SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py).
     use_fused_kernels: minipeft only, not saved: use the Triton path on CUDA when available.
     """
 
@@ -80,8 +84,10 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.init_lora_weights not in (True, False, "gaussian") and not lora_init.base_changing_init(
+            self.init_lora_weights
+        ):
+            raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         # The same checks as peft, so that every config minipeft saves is one peft loads.
@@ -136,6 +142,7 @@ class LoraLayer(AdapterLayer):
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
         if adapter_name in self.adapter_names:
             raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
+        check_init(self, config, key)  # before anything changes: PiSSA/OLoRA rewrite the base weight
         r, alpha = config.rank_and_alpha(key)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -143,10 +150,16 @@ class LoraLayer(AdapterLayer):
         self.use_dora[adapter_name] = config.use_dora
         self.use_fused_kernels[adapter_name] = config.use_fused_kernels
         self.create_adapter(adapter_name, r)
-        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
-        self._move_adapter_to_base(adapter_name)
+        if lora_init.base_changing_init(config.init_lora_weights):
+            # Factors from W itself, computed where W lives: put the adapter there first.
+            self._move_adapter_to_base(adapter_name)
+            self.init_from_base_weight(adapter_name, config.init_lora_weights)
+        else:
+            self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+            self._move_adapter_to_base(adapter_name)
         if config.use_dora:
-            # ||W + s B A|| needs A and B on the base weight's device first.
+            # ||W + s B A|| needs A and B on the base weight's device first (after PiSSA/OLoRA
+            # it is ||W_res + s B0 A0|| = ||W||, the same magnitude as plain LoRA starts from).
             norm = self._row_norm(adapter_name, self.get_base_layer().weight)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.detach())
             self._move_adapter_to_base(adapter_name)
@@ -169,6 +182,17 @@ class LoraLayer(AdapterLayer):
             # Embeddings swap the roles: A at zero, B normal, as an nn.Embedding is initialised.
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    @torch.no_grad()
+    def init_from_base_weight(self, adapter_name: str, init: str) -> None:
+        """PiSSA / OLoRA: A0, B0 from a decomposition of W, and W <- W - s B0 A0 (lora_init.py).
+        The residual is computed from the factors as stored, so W_res + s B0 A0 = W holds for
+        the adapter the forward will use."""
+        base, s = self.get_base_layer(), self.scaling[adapter_name]
+        weight = self._weight_out_in(base.weight)  # (out, in)
+        self.set_lora_factors(adapter_name, *lora_init.decompose(weight, self.r[adapter_name], s, init))
+        A0, B0 = self.lora_factors(adapter_name)
+        base.weight.copy_(self._weight_out_in(lora_init.residual(weight, A0, B0, s)))  # cast back to W's dtype
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Put the adapter beside the base weight (fp32 on a half-precision base: ``adapter_placement``)."""
@@ -421,6 +445,24 @@ class LoraConv(LoraLayer):
 
 def _innermost(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, AdapterLayer) else module
+
+
+def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
+    """For an init that rewrites the base weight (PiSSA, OLoRA), the errors adding the adapter to
+    ``target`` (the module named ``key``, wrapped or not) would meet, raised before anything
+    changes. ``PeftModel`` runs it on every target first, so that a model is never left with
+    some weights rewritten and no adapter."""
+    init = config.init_lora_weights
+    if not lora_init.base_changing_init(init):
+        return
+    base = _innermost(target)
+    if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
+        raise TypeError(
+            f"init_lora_weights={init!r} decomposes the weight of a linear layer; {key!r} is a "
+            f"{type(base).__name__}. Target nn.Linear / Conv1D layers only, or adapt this one in a second adapter "
+            "with init_lora_weights=True"
+        )
+    lora_init.check_decomposable(init, key, base.weight, config.rank_and_alpha(key)[0], is_gpt2_conv1d(base))
 
 
 SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d and transformers' GPT-2 Conv1D"
