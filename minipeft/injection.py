@@ -125,21 +125,28 @@ def inject_adapter_in_model(
     check_new_adapter_name(adapter_name, known_adapter_names(model))
 
     targets = targets_of(model, config)
+    # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it reads
+    # without other adapters' wrappers, as the targets themselves do.
+    keys = {name: logical_name(model, name) or name for name in targets}
+    # What can be refused is refused before the first module changes: the rollback below puts
+    # modules back, but a base weight that an init rewrote (PiSSA, OLoRA) stays rewritten.
+    _check_not_saved_whole(model, config, targets)
+    if method.check is not None:
+        for name in targets:
+            method.check(model.get_submodule(name), config, keys[name])
+
     replaced: list[tuple[str, nn.Module]] = []  # (name, original module) to restore on error
     updated: list[AdapterLayer] = []  # existing wrappers that received the adapter
     try:
         plan = []
         for name in targets:
             module = model.get_submodule(name)
-            # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it
-            # reads without other adapters' wrappers, as the targets themselves do.
-            key = logical_name(model, name) or name
             if isinstance(module, method.layer_class):
                 updated.append(module)  # before the update, so a half-done update is rolled back too
-                module.update_layer(adapter_name, config, key)
+                module.update_layer(adapter_name, config, keys[name])
             else:
-                plan.append((name, module, method.wrap(module, adapter_name, config, key)))
-        plan += _plan_modules_to_save(model, config, adapter_name, targets, updated)
+                plan.append((name, module, method.wrap(module, adapter_name, config, keys[name])))
+        plan += _plan_modules_to_save(model, config, adapter_name, updated)
         for name, module, wrapper in plan:
             wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
             parent, child = _get_parent(model, name)
@@ -160,22 +167,33 @@ def inject_adapter_in_model(
     return model
 
 
-def _plan_modules_to_save(model, config, adapter_name, targets, updated) -> list:
-    """Wrap the modules trained whole. peft matches these by plain suffix (``key.endswith``),
-    so ``"classifier"`` also selects DistilBERT's ``pre_classifier``; we do the same so that
-    checkpoints line up. The names matched are logical names, as for ``target_modules``: a
-    module inside another adapter's wrapper is found under its own name, adapter internals never."""
-    plan = []
+def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:
+    """The modules ``config.modules_to_save`` selects, {qualified name: logical name}. peft
+    matches these by plain suffix (``key.endswith``), so ``"classifier"`` also selects
+    DistilBERT's ``pre_classifier``; we do the same so that checkpoints line up. The names
+    matched are logical names, as for ``target_modules``: a module inside another adapter's
+    wrapper is found under its own name, adapter internals never."""
     names = getattr(config, "modules_to_save", None) or []
-    for name, logical in candidate_names(model).items():
-        if not any(logical.endswith(target) for target in names):
-            continue
+    return {name: logical for name, logical in candidate_names(model).items()
+            if any(logical.endswith(target) for target in names)}
+
+
+def _check_not_saved_whole(model: nn.Module, config: PeftConfig, targets: list[str]) -> None:
+    """A module is either adapted or trained whole, never both."""
+    for name, logical in _saved_whole(model, config).items():
         if name in targets:
             raise ValueError(
-                f"{logical!r} is selected both by target_modules and by modules_to_save={names} (which match "
-                f"by plain name suffix, as in peft); a module is either adapted or trained whole. "
+                f"{logical!r} is selected both by target_modules and by modules_to_save={config.modules_to_save} "
+                f"(which match by plain name suffix, as in peft); a module is either adapted or trained whole. "
                 f"Add it to exclude_modules, or narrow target_modules."
             )
+
+
+def _plan_modules_to_save(model, config, adapter_name, updated) -> list:
+    """Wrap the modules trained whole (``_saved_whole``; ``_check_not_saved_whole`` made sure
+    no target is among them)."""
+    plan = []
+    for name in _saved_whole(model, config):
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             updated.append(module)

@@ -21,8 +21,8 @@ from torch import nn
 
 from . import checkpoint, injection
 from .config import PeftConfig, TaskType
-from .targeting import CLASSIFIER_HEAD_NAMES, logical_name
-from .tuners import AdapterLayer, ModulesToSaveWrapper, lora, lora_combine, lora_init, method_for, virtual_tokens
+from .targeting import CLASSIFIER_HEAD_NAMES
+from .tuners import AdapterLayer, ModulesToSaveWrapper, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import check_distinct
 
 
@@ -107,7 +107,7 @@ class PeftModel(nn.Module):
             # Virtual tokens live beside the model (self.prompt_encoder) and reach it through hooks.
             method_for(config).attach(self, adapter_name, config)
         else:
-            self._check_base_changing_init(adapter_name, config)
+            self._warn_base_changing_init(adapter_name, config)
             injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
         self.peft_config[adapter_name] = config
         if not first:
@@ -169,14 +169,10 @@ class PeftModel(nn.Module):
             for layer, flag in zip(layers, before):
                 layer.disable_adapters = flag
 
-    def _check_base_changing_init(self, adapter_name: str, config: PeftConfig) -> None:
-        """PiSSA / OLoRA rewrite each target's base weight as the adapter is added there, so every
-        target is checked first (``lora.check_init``): an unsuitable layer or rank then fails with
-        the model untouched. Beside other adapters, peft's warning: they all see the residuals."""
-        if _changes_base_weights(config):
-            base = self.get_base_model()
-            for name in injection.targets_of(base, config):
-                lora.check_init(base.get_submodule(name), config, logical_name(base, name) or name)
+    def _warn_base_changing_init(self, adapter_name: str, config: PeftConfig) -> None:
+        """PiSSA / OLoRA rewrite each target's base weight as the adapter is added there (after
+        injection has checked every target). Beside other adapters, peft's warning: they all see
+        the residuals."""
         changing = [n for n, c in self.peft_config.items() if _changes_base_weights(c)]
         changing += [adapter_name] if _changes_base_weights(config) else []
         if changing and self.peft_config:
@@ -311,9 +307,7 @@ class PeftModel(nn.Module):
             raise TypeError(f"adapters is a list of names, got the string {adapters!r}")
         self._check_new_name(adapter_name)
         self._check_known(adapters, "combine")
-        # A PiSSA/OLoRA source's config would decompose the (already residual) base weight again
-        # when the new adapter is added; the combined factors are set explicitly, on the base as it is.
-        sources = [(name, _without_base_change(self.peft_config[name])) for name in adapters]
+        sources = [(name, self.peft_config[name]) for name in adapters]
         self.peft_config[adapter_name] = lora_combine.add_weighted_adapter(
             self.get_base_model(), sources, weights, adapter_name,
             combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
@@ -457,12 +451,6 @@ class PeftModel(nn.Module):
 def _changes_base_weights(config: PeftConfig) -> bool:
     """Whether adding an adapter with ``config`` rewrites base weights (LoRA with PiSSA / OLoRA)."""
     return lora_init.base_changing_init(getattr(config, "init_lora_weights", None)) is not None
-
-
-def _without_base_change(config: PeftConfig) -> PeftConfig:
-    """``config``, or for PiSSA / OLoRA a copy with plain LoRA's init (for adapters whose factors
-    are set explicitly on the base weights as they are)."""
-    return dataclasses.replace(config, init_lora_weights=True) if _changes_base_weights(config) else config
 
 
 def _check_not_adapted(model: nn.Module) -> None:

@@ -310,6 +310,21 @@ def test_unsupported_layers_are_refused_before_any_weight_changes():
     assert state.keys() == original.keys() and all(torch.equal(state[k], v) for k, v in original.items())
 
 
+def test_direct_injection_is_all_or_nothing_too():
+    """inject_adapter_in_model, without a PeftModel, checks every target and the modules_to_save
+    overlap before it decomposes the first weight (a rollback could not undo that)."""
+    base = TinyNet()
+    original = copy.deepcopy(base.state_dict())
+    with pytest.raises(ValueError, match=r"'head'.*at most 3; r=4"):
+        minipeft.inject_adapter_in_model(LoraConfig(r=4, target_modules=["fc1", "head"], init_lora_weights="pissa"), base)
+    # modules_to_save matches by plain suffix, as peft's does: "c1" selects the target fc1 too.
+    with pytest.raises(ValueError, match="both by target_modules and by modules_to_save"):
+        minipeft.inject_adapter_in_model(
+            LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["c1"], init_lora_weights="pissa"), base)
+    state = base.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], v) for k, v in original.items())
+
+
 def test_olora_on_gpt2_conv1d_is_refused(bases):
     with pytest.raises(ValueError, match=r"'olora'.*GPT-2 Conv1D.*wrong shapes.*'pissa'"):
         build(minipeft, bases["gpt2"], **config("gpt2", "olora"))

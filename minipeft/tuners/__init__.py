@@ -25,7 +25,11 @@ class PeftMethod:
     layer_class: its wrapper; a target already wrapped by this class gets the new adapter
         added in place (``update_layer``) rather than a second wrapper.
     wrap: ``wrap(module, adapter_name, config, qualified_name) -> layer_class`` builds a new
-        wrapper holding one adapter. It must not modify ``module`` or the model.
+        wrapper holding one adapter. It must not modify ``module`` or the model, except where an
+        init is defined by rewriting the base weight (LoRA's PiSSA / OLoRA); see ``check``.
+    check: ``check(module, config, qualified_name)`` raises the errors that adding the adapter
+        to this target would meet. Injection runs it on every target before it changes
+        anything, because a base weight rewritten by an init cannot be rolled back.
     attach: for virtual-token methods (``config.is_prompt_learning``), which wrap no layer:
         ``attach(peft_model, adapter_name, config)`` adds the adapter to the PeftModel.
     """
@@ -34,6 +38,7 @@ class PeftMethod:
     layer_class: type[AdapterLayer] | None
     wrap: Callable[[nn.Module, str, PeftConfig, str], AdapterLayer] | None
     attach: Callable[[nn.Module, str, PeftConfig], None] | None = None
+    check: Callable[[nn.Module, PeftConfig, str], None] | None = None
 
 
 PEFT_METHODS: dict[PeftType, PeftMethod] = {}
@@ -51,7 +56,7 @@ def method_for(config: PeftConfig) -> PeftMethod:
         raise ValueError(f"unknown peft_type {config.peft_type!r}; minipeft supports: {known}") from None
 
 
-register_method(PeftType.LORA, PeftMethod(lora.LoraConfig, lora.LoraLayer, lora.wrap_module))
+register_method(PeftType.LORA, PeftMethod(lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_init))
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)

@@ -450,8 +450,8 @@ def _innermost(module: nn.Module) -> nn.Module:
 def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
     """For an init that rewrites the base weight (PiSSA, OLoRA), the errors adding the adapter to
     ``target`` (the module named ``key``, wrapped or not) would meet, raised before anything
-    changes. ``PeftModel`` runs it on every target first, so that a model is never left with
-    some weights rewritten and no adapter."""
+    changes. Injection runs it on every target first (the registry's ``check``), so that a model
+    is never left with some weights rewritten and no adapter."""
     init = config.init_lora_weights
     if not lora_init.base_changing_init(init):
         return

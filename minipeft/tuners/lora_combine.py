@@ -71,8 +71,11 @@ def add_weighted_adapter(
     }
     keys = {n: logical_name(model, n) or n for n in layers}
     configs = [config for _, config in sources]
+    # The factors are set below, so the init only matters for not rewriting the base weights
+    # a second time (a PiSSA/OLoRA source's init would decompose the residuals again).
     config = dataclasses.replace(
         copy.deepcopy(configs[0]), r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+        init_lora_weights=True,
         modules_to_save=list(dict.fromkeys(m for c in configs for m in c.modules_to_save or [])) or None,
     )
     config = _with_targets(model, config, [c.target_modules for c in configs], list(keys.values()))

@@ -189,7 +189,7 @@ def add_modules_to_save(peft_model: nn.Module, adapter_name: str, config: PeftCo
 
     model = peft_model.get_base_model()
     updated: list = []
-    plan = injection._plan_modules_to_save(model, config, adapter_name, targets=(), updated=updated)
+    plan = injection._plan_modules_to_save(model, config, adapter_name, updated)
     for name, _, wrapper in plan:
         parent, child = injection._get_parent(model, name)
         setattr(parent, child, wrapper)
