@@ -143,17 +143,29 @@ def _matmul_lowrank_kernel(
 
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_DROPOUT:
-        # out has the shape of x here (out = dx, N = x's K): the mask of x's tile at (m, n).
-        keep = _keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N)
+        # out has the shape of x here (out = dx, N = x's K): the mask of x's tile at (m, n). It
+        # is drawn once, before acc exists (Philox needs many registers), and lives through the
+        # dA sum and the low-rank product below; held as int8 rather than bool, the 128 x 128
+        # tiles with 4 warps spill 128 bytes instead of 656 (sm90-registers.md).
+        keep = _keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N).to(tl.int8)
     if R_GRAD:
         # In the backward, this tile of dx sits exactly where the tile of x that dA needs does:
         # dA = dxa^T (D * x) / (1 - p) can be summed here, from the same l and the same mask, and
         # x is read while the GEMM keeps the memory bus idle. Rows past M load as 0, so the
-        # wrapped rows of l add nothing.
+        # wrapped rows of l add nothing. It is summed before the accumulator exists, so that
+        # x's tile and acc are never live together (with both, the large tiles spill).
         xin = tl.load(xin_ptr + offs_m[:, None] * stride_im + offs_n[None, :] * stride_in,
                       mask=out_mask, other=0.0)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
-            xin = tl.where(keep, xin, 0.0).to(xin.dtype)
+            xin = tl.where(keep != 0, xin, 0.0).to(xin.dtype)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            l = tl.load(l_ptr + offs_am[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                        mask=offs_r[None, :] < R, other=0.0)  # (BLOCK_M, BLOCK_R)
+            # Every row tile adds its share of the sum over M: fp32 atomics, as in _dy_pass_kernel.
+            dr = _dot(tl.trans(l), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
+            tl.atomic_add(dr_ptr + offs_r[:, None] * stride_drr + offs_n[None, :] * stride_drn, scale * dr,
+                          mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
 
     # The accumulator starts as the low-rank term, scale * [D] * (l @ r), a (BLOCK_M, R) @
     # (R, BLOCK_N) product in chunks of BLOCK_R; the K loop then adds x @ w onto it. Adding the
@@ -167,13 +179,8 @@ def _matmul_lowrank_kernel(
         r = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_bn[None, :] * stride_rn,
                     mask=offs_r[:, None] < R, other=0.0)  # (BLOCK_R, BLOCK_N)
         acc = _dot(l, r, acc, DOT_PRECISION)
-        if R_GRAD:
-            # Every row tile adds its share of the sum over M: fp32 atomics, as in _dy_pass_kernel.
-            dr = _dot(tl.trans(l), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
-            tl.atomic_add(dr_ptr + offs_r[:, None] * stride_drr + offs_n[None, :] * stride_drn, scale * dr,
-                          mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
     if HAS_DROPOUT:
-        acc = tl.where(keep, acc, 0.0)
+        acc = tl.where(keep != 0, acc, 0.0)
     acc = acc * scale
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
