@@ -2,12 +2,17 @@
 
     python examples/lora_text_classification.py --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --method full --data-dir /path/to/SST-2
+    python examples/lora_text_classification.py --init-lora-weights pissa --data-dir /path/to/SST-2
+    python examples/lora_text_classification.py --loraplus-lr-ratio 16 --data-dir /path/to/SST-2
 
 Real weights, real data, on a 2-core CPU: the defaults (LoRA, 40k of SST-2's 67k training
 rows, one epoch) take about four minutes and reach about 0.86 dev accuracy with 0.33%
 of the parameters trainable; `--method full` takes about 1.6 times as long. The run trains, evaluates
 on the SST-2 dev set, saves the adapter, reloads it into a fresh base model and checks the
-dev predictions are unchanged, merges it into the base weights and checks once more.
+dev predictions are unchanged, merges it into the base weights and checks once more. With
+PiSSA/OLoRA (`--init-lora-weights pissa|olora`) the adapter is saved converted to plain LoRA
+(`path_initial_model_for_weight_conversion`), so the fresh base model it is reloaded into is the
+original one, not the residual the training ran on.
 The last line printed is one JSON object with the figures of the run.
 
 Outputs go to --output-dir (default runs/sst2-<method>). A folder that already holds a run
@@ -45,8 +50,9 @@ SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "linear-probe": 5e-3}
 # what a run writes into --output-dir: whatever train() writes (its resumable checkpoint, log and
-# best weights, with the side folders of their atomic swap), and the saved adapter or model
-RUN_FILES = (*OUTPUT_NAMES, "adapter", "model")
+# best weights, with the side folders of their atomic swap), and the saved adapter or model (and
+# for PiSSA/OLoRA the adapter as initialised, which the trained one is converted against)
+RUN_FILES = (*OUTPUT_NAMES, "adapter", "adapter-init", "model")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,8 +74,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--init-lora-weights", default="true", type=init_lora_weights,
+                   help="true (B = 0), gaussian, or pissa / pissa_niter_<n> / olora: the adapter starts on the top "
+                        "SVD / QR part of each weight, and is saved converted to plain LoRA on the original model")
+    p.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                   help="LoRA+: LoRA's B matrices learn at lr times this (e.g. 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
+
+
+def init_lora_weights(value: str) -> bool | str:
+    """--init-lora-weights as LoraConfig takes it: true / false as booleans, other names as they are."""
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def changes_base_weights(init: bool | str) -> bool:
+    """PiSSA / OLoRA take the adapter's initial update out of the base weights."""
+    return isinstance(init, str) and init != "gaussian"
 
 
 def find_data(data_dir: str | None) -> Path:
@@ -126,7 +147,8 @@ def load_base_model(path: str, seed: int):
 def prepare_model(base, method: str, args):
     if method == "lora":
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.r, lora_alpha=args.lora_alpha,
-                            lora_dropout=args.lora_dropout, target_modules=["query", "value"])
+                            lora_dropout=args.lora_dropout, target_modules=["query", "value"],
+                            init_lora_weights=args.init_lora_weights)
         return get_peft_model(base, config)  # the classifier head trains too (modules_to_save)
     for name, p in base.named_parameters():
         p.requires_grad_(method == "full" or name.startswith("classifier."))
@@ -207,11 +229,16 @@ def main(argv=None) -> dict:
     config = TrainConfig(output_dir=str(out_dir), epochs=args.epochs, lr=lr, warmup_ratio=0.06,
                          schedule="linear", eval_every=max(1, steps // (args.evals_per_epoch * args.epochs)),
                          metric="accuracy", log_every=50, seed=args.seed, resume=False,
-                         weight_decay=0.01 if args.method == "full" else 0.0)
+                         weight_decay=0.01 if args.method == "full" else 0.0, loraplus_lr_ratio=args.loraplus_lr_ratio)
     # with --overwrite, the old run goes only now, once data and model have loaded: a run
     # that fails before this point leaves it as it was
     if args.overwrite:
         remove_previous_run(out_dir)
+    # PiSSA/OLoRA: keep A0, B0 as initialised, to convert the trained adapter into plain LoRA on the
+    # ORIGINAL weights (the base model now holds the residuals W - s B0 A0)
+    converts = args.method == "lora" and changes_base_weights(args.init_lora_weights)
+    if converts:
+        model.save_pretrained(str(out_dir / "adapter-init"))
     cpu_start = time.process_time()
     result = train(model, train_loader, val_loader, config)  # ends holding the best weights
     train_cpu_seconds = time.process_time() - cpu_start  # all threads; unlike wall time, barely inflated by a busy machine
@@ -227,7 +254,10 @@ def main(argv=None) -> dict:
 
     # save, reload into a fresh base model, and (LoRA) merge: the dev predictions must hold
     saved = out_dir / ("adapter" if args.method == "lora" else "model")
-    model.save_pretrained(str(saved))
+    if converts:
+        model.save_pretrained(str(saved), path_initial_model_for_weight_conversion=str(out_dir / "adapter-init"))
+    else:
+        model.save_pretrained(str(saved))
     checks = {}
     if args.method == "lora":
         reloaded = PeftModel.from_pretrained(load_base_model(model_path, args.seed + 1), str(saved))
@@ -245,6 +275,8 @@ def main(argv=None) -> dict:
 
     summary = {
         "method": args.method,
+        "init_lora_weights": args.init_lora_weights if args.method == "lora" else None,
+        "loraplus_lr_ratio": args.loraplus_lr_ratio,
         "dev_accuracy": round(dev_accuracy, 4),
         "dev_f1": round(dev_f1, 4),
         "trainable_params": trainable,

