@@ -1,0 +1,37 @@
+"""A new adapter wrapper takes the train/eval mode of the module it replaces, so adding an adapter
+to a model in eval mode does not switch dropout on behind the user's back (the wrapper would
+otherwise start in nn.Module's default, training). Reference: the same adapter without dropout."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from minipeft import BottleneckConfig, LoraConfig, get_peft_model
+from minipeft.tuners.base import AdapterLayer
+from tests.models import TinyNet, input_ids, randomize_adapters
+
+
+def test_adapters_added_to_an_eval_model_run_without_dropout():
+    base = TinyNet().eval()
+    ids = input_ids()
+    for with_dropout, without in (
+        (LoraConfig(r=2, lora_dropout=0.9, target_modules=["fc1", "conv1d"]),
+         LoraConfig(r=2, lora_dropout=0.0, target_modules=["fc1", "conv1d"])),
+        (BottleneckConfig(target_modules=["fc2"], bottleneck_size=2, adapter_dropout=0.9),
+         BottleneckConfig(target_modules=["fc2"], bottleneck_size=2, adapter_dropout=0.0)),
+    ):
+        model = get_peft_model(copy.deepcopy(base), with_dropout)
+        reference = get_peft_model(copy.deepcopy(base), without)
+        randomize_adapters(model, names=("lora_", "adapter_"), std=0.3)
+        reference.load_state_dict(model.state_dict())
+        assert all(not m.training for m in model.get_base_model().modules() if isinstance(m, AdapterLayer))
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids), reference(input_ids=ids), rtol=0, atol=1e-6)
+
+
+def test_adapters_added_to_a_training_model_train():
+    model = get_peft_model(TinyNet().train(), LoraConfig(r=2, lora_dropout=0.5, target_modules=["fc1"]))
+    layer = model.base_model.model.blocks[0]["fc1"]
+    assert layer.training and layer.lora_dropout["default"].training
