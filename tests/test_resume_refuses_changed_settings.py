@@ -1,0 +1,72 @@
+"""Resuming from output_dir/checkpoint.pt is refused when a setting that changes what the run
+computes differs from the run that wrote it: the seed (dropout masks, shuffles), the optimizer's
+hyper-parameters, the schedule, clipping, the length of the run. The list here is written out
+by hand from what each field does, not read from train.RESUME_FIELDS, so a field dropped from
+that tuple is noticed. Settings that change no math (logging, evaluation cadence) may differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from minipeft.train import TrainConfig, train
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, labels=None):
+        return self.lin(self.drop(x))
+
+
+def batches() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(4, 4, generator=g), "labels": torch.randint(0, 2, (4,), generator=g)} for _ in range(4)]
+
+
+BASE = dict(epochs=1, lr=1e-2, log_every=100)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 1),
+    ("lr", 2e-2),
+    ("weight_decay", 0.1),
+    ("betas", (0.8, 0.99)),
+    ("lr_by_prefix", {"lin.bias": 0.1}),
+    ("schedule", "cosine"),
+    ("warmup_steps", 1),
+    ("warmup_ratio", 0.25),
+    ("max_grad_norm", 0.5),
+    ("grad_accum_steps", 2),
+    ("epochs", 2),
+    ("max_steps", 3),
+])
+def test_a_changed_setting_that_changes_the_math_is_refused(tmp_path, field, value):
+    train(Classifier(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    with pytest.raises(ValueError, match=rf"cannot resume from .*other settings \(.*{field}: "):
+        train(Classifier(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **{**BASE, field: value}))
+
+
+def test_settings_that_change_no_math_may_differ(tmp_path):
+    train(Classifier(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    result = train(Classifier(), batches(), batches(),
+                   TrainConfig(output_dir=str(tmp_path), **{**BASE, "log_every": 1, "eval_every": 2, "patience": 2,
+                                                            "checkpoint_every": 1, "save_best": False}))
+    assert result.step == 4
+
+
+@pytest.mark.parametrize("field, first, second", [("loraplus_lr_ratio", None, 16.0), ("loraplus_lr_ratio", 4.0, 16.0)])
+def test_a_changed_loraplus_ratio_is_refused(tmp_path, field, first, second):
+    from minipeft import LoraConfig, get_peft_model
+
+    def lora():
+        return get_peft_model(Classifier(), LoraConfig(r=2, target_modules=["lin"]))
+
+    train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE, **{field: first}))
+    with pytest.raises(ValueError, match=rf"cannot resume from .*other settings \(.*{field}: "):
+        train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE, **{field: second}))
