@@ -13,8 +13,16 @@ beyond the inputs. The table goes to stdout and, as the section "lora_linear", t
 benchmarks/results/<gpu>.md and .json (common.write_results: the device, the versions and the
 command beside it).
 
-    python benchmarks/bench_lora_linear.py            # on a GPU: bf16, M in {16, 512, 8192}
-    python benchmarks/bench_lora_linear.py --quick    # smoke test, also on CPU (prints only)
+    python benchmarks/bench_lora_linear.py                  # on a GPU: bf16, M in {16, 512, 8192}
+    python benchmarks/bench_lora_linear.py --cases targets  # the issue's target shapes only, with verdicts
+    python benchmarks/bench_lora_linear.py --quick          # smoke test, also on CPU (prints only)
+
+`--cases targets` times the shapes the targets are set on (M = 8192 and M = 16, K = N = 4096,
+r = 16), runs the fused function down both of its paths (our GEMM with the low-rank epilogue,
+and cuBLAS's base product with the low-rank term added after) so that `use_fused_base` can be
+set from data, and ends with a table of each target, the figure reached and whether it is met.
+Results are written after every case, and `--time-budget` stops starting new cases after that
+many seconds: a run cut short keeps what it measured.
 
 On CPU the fused row needs TRITON_INTERPRET=1 (very slow, correctness only) and is skipped
 otherwise; CPU timings say nothing about the GPU and are not results.
@@ -37,14 +45,34 @@ import common  # noqa: E402
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, fp32 on CPU: checks that the script runs")
+    ap.add_argument("--cases", choices=["all", "targets"], default="all",
+                    help="all: the full sweep; targets: the target shapes, both fused paths and a verdict table")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no new case after this many seconds (what was measured is kept)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results on a GPU; --quick writes nothing unless given); "
                          "the table becomes the 'lora_linear' section of <folder>/<device>.md and .json")
     return ap.parse_args()
 
 
-def cases(quick, device):
+# The issue's targets, as (M, p, phase, metric, bound): phase is fwd, bwd or fwd+bwd; metric
+# "x base" is the fused time over the frozen base layer's, "x faster than peft" peft's time over
+# the fused one, "MiB below peft" peft's peak memory minus the fused one. K = N = 4096, r = 16.
+TARGETS = [
+    (8192, 0.1, "fwd", "x base", 1.07),
+    (8192, 0.1, "bwd", "x base", 1.10),
+    (8192, 0.1, "fwd+bwd", "x base", 1.08),
+    (8192, 0.0, "fwd+bwd", "x faster than peft", 1.35),
+    (8192, 0.1, "fwd+bwd", "x faster than peft", 1.5),
+    (8192, 0.1, "fwd+bwd", "MiB below peft", 8192 * 4096 * 2 / 2**20),  # the dropped copy of x in bf16
+    (16, 0.0, "fwd", "x base", 1.15),
+]
+
+
+def cases(quick, device, which="all"):
     """(M, K, N, r, p) tuples and the dtype."""
+    if which == "targets":
+        return sorted({(M, 4096, 4096, 16, p) for M, p, *_ in TARGETS}, reverse=True), torch.bfloat16
     if quick:
         # One case for each path of the fused function: cuBLAS base (small M), Triton GEMM.
         return [(M, K, N, 8, p) for M, K, N in [(16, 64, 96), (256, 256, 256)] for p in (0.0, 0.1)], torch.float32
@@ -95,7 +123,25 @@ def make_fused(W, b, A, B, s, p):
     return lambda x: lora_linear(x, W, b, A, B, s, dropout_p=p, training=True)
 
 
+def make_fused_down(path):
+    """The fused function with its base product forced down one path ("triton" or "cublas")
+    instead of the one `use_fused_base` picks."""
+    def make(W, b, A, B, s, p):
+        from unittest import mock
+
+        import minipeft.kernels.fused_lora as impl
+
+        fused = make_fused(W, b, A, B, s, p)
+
+        def forced(x):
+            with mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: path == "triton"):
+                return fused(x)
+        return forced
+    return make
+
+
 IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": make_peft, "fused": make_fused}
+BOTH_PATHS = {"fused[triton GEMM]": make_fused_down("triton"), "fused[cuBLAS base]": make_fused_down("cublas")}
 
 
 def fused_runs_here(device):
@@ -164,7 +210,7 @@ def run_case(M, K, N, r, p, dtype, device, impls):
     rows, outputs = [], {}
     for name in impls:
         A_, B_ = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-        layer = IMPLEMENTATIONS[name](W, b, A_, B_, s, p)
+        layer = {**IMPLEMENTATIONS, **BOTH_PATHS}[name](W, b, A_, B_, s, p)
         if isinstance(layer, nn.Module):  # peft: its own copies of A and B
             A_, B_ = (t for t in layer.parameters() if t.requires_grad)
         params = [x, A_, B_]
@@ -174,7 +220,7 @@ def run_case(M, K, N, r, p, dtype, device, impls):
     # Correctness first, as in the Triton tutorials: without dropout every LoRA agrees.
     if p == 0:
         ref = outputs["torch"]
-        for row in rows[2:]:  # peft, fused
+        for row in rows[2:]:  # peft and the fused rows
             row["rel_err_vs_torch"] = ((outputs[row["method"]] - ref).norm() / ref.norm()).item()
             tolerance = 5e-3 if dtype == torch.float32 else 2e-2  # fp32 matmuls may take TF32 on a GPU
             if row["rel_err_vs_torch"] > tolerance:
@@ -205,25 +251,64 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def target_verdicts(results):
+    """One row per target of TARGETS whose case was measured: the figure reached and the verdict.
+
+    The fused function is judged by its own choice of path (row "fused"); the forced-path rows
+    are for setting that choice, not for the verdict."""
+    by_case = {(c["M"], c["K"], c["N"], c["r"], c["p"]): {row["method"]: row for row in c["rows"]} for c in results}
+    verdicts = []
+    for M, p, phase, metric, bound in TARGETS:
+        rows = by_case.get((M, 4096, 4096, 16, p))
+        if rows is None or "fused" not in rows:
+            continue
+        fused, peft = rows["fused"], rows.get("peft")
+        if metric == "x base":
+            value, met = fused[phase + "_x_base"], fused[phase + "_x_base"] <= bound
+        elif metric == "x faster than peft":
+            value = peft[phase] / fused[phase]
+            met = value >= bound
+        else:  # MiB below peft
+            if fused["peak_mib"] is None:
+                continue
+            value = peft["peak_mib"] - fused["peak_mib"]
+            met = value >= bound
+        verdicts.append({"M": M, "p": p, "phase": phase, "metric": metric, "target": bound, "value": value, "met": met})
+    return verdicts
+
+
+def verdicts_markdown(verdicts):
+    lines = ["| M | p | phase | figure | target | reached | met |", "|---:|---:|---|---|---:|---:|---|"]
+    for v in verdicts:
+        sign = "<=" if v["metric"] == "x base" else ">="
+        lines.append(f"| {v['M']} | {v['p']} | {v['phase']} | {v['metric']} | {sign} {v['target']:.2f} | "
+                     f"{v['value']:.3f} | {'yes' if v['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def autotuned_configs():
+    """The base GEMM's autotuning winners so far: {tuning key: config}, as text."""
+    import minipeft.kernels.fused_lora as impl
+
+    return {str(key): str(config) for key, config in impl._matmul_lowrank_tuned.cache.items()}
+
+
 def main():
     args = parse_args()
+    started = time.monotonic()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         sys.exit("no GPU: run with --quick for a CPU smoke test")
-    case_list, dtype = cases(args.quick, device)
+    case_list, dtype = cases(args.quick, device, args.cases)
     impls = [name for name in IMPLEMENTATIONS if name != "fused" or fused_runs_here(device)]
     if "fused" not in impls:
         print("fused kernels skipped: no GPU (set TRITON_INTERPRET=1 to run them interpreted)")
+    elif args.cases == "targets":
+        impls += list(BOTH_PATHS)
+    section = "lora_linear" if args.cases == "all" else "lora_linear (targets)"
+    out = args.out if args.out is not None else (None if args.quick else common.RESULTS_DIR)
 
     from minipeft.kernels import use_fused_base
-
-    results = []
-    for M, K, N, r, p in case_list:
-        rows = run_case(M, K, N, r, p, dtype, device, impls)
-        path = "triton GEMM" if use_fused_base(M, N, K, dtype) else "cuBLAS base"
-        results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
-        print(f"M={M} K={K} N={N} r={r} p={p}: " +
-              ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)
 
     meta = {
         "dtype": str(dtype).removeprefix("torch."),
@@ -231,15 +316,41 @@ def main():
         "timing": "median ms of triton.testing.do_bench (GPU) / of 3 calls (CPU); x base = ratio to base",
         "peak_mib": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
     }
-    table = markdown(results)
-    print()
-    print(table)
+    results = []
+    for M, K, N, r, p in case_list:
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: {len(case_list) - len(results)} cases not run")
+            meta["not_run"] = [list(c) for c in case_list[len(results):]]
+            break
+        rows = run_case(M, K, N, r, p, dtype, device, impls)
+        path = "triton GEMM" if use_fused_base(M, N, K, dtype) else "cuBLAS base"
+        results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
+        print(f"M={M} K={K} N={N} r={r} p={p}: " +
+              ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)
+        if out is not None:  # after every case, so that a run cut short keeps what it measured
+            write(device, section, meta, results, out, quiet=True)
 
-    out = args.out if args.out is not None else (None if args.quick else common.RESULTS_DIR)
+    print()
+    print(markdown(results))
+    verdicts = target_verdicts(results)
+    if verdicts:
+        print()
+        print(verdicts_markdown(verdicts))
     if out is not None:
-        header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-        path = common.write_results(device, "lora_linear", {"meta": meta, "cases": results}, f"{header}\n\n{table}\n",
-                                    results_dir=out)
+        write(device, section, meta, results, out)
+
+
+def write(device, section, meta, results, out, quiet=False):
+    if device == "cuda":
+        meta["autotuned"] = autotuned_configs()
+    verdicts = target_verdicts(results)
+    header = "\n".join(f"- {k}: {v}" for k, v in meta.items() if k not in ("autotuned", "not_run"))
+    text = f"{header}\n\n{markdown(results)}\n"
+    if verdicts:
+        text += f"\nTargets (fused, its own choice of path):\n\n{verdicts_markdown(verdicts)}\n"
+    path = common.write_results(device, section, {"meta": meta, "cases": results, "targets": verdicts}, text,
+                                results_dir=out)
+    if not quiet:
         print(f"\nwrote {path} and {path.with_suffix('.json')}")
 
 
