@@ -280,7 +280,7 @@ def test_peft_options_at_their_defaults_are_accepted(tmp_path):
     torch.testing.assert_close(PeftModel.from_pretrained(base(), tmp_path)(X), source(X))
 
 
-@pytest.mark.parametrize("key,value", [("use_qalora", True), ("lora_bias", True), ("qalora_group_size", 32)])
+@pytest.mark.parametrize("key,value", [("use_qalora", True), ("qalora_group_size", 32)])
 def test_unimplemented_peft_feature_is_refused(tmp_path, key, value):
     saved(tmp_path)
     _edit_config(tmp_path, **{key: value})

@@ -14,12 +14,18 @@ into a direction and a trainable per-row magnitude ``m``:
 Because ``B A`` is a matrix of the same shape as ``W``, the update can be folded into the
 weight (``merge``) for inference at zero cost and taken out again (``unmerge``).
 
+With ``lora_bias=True`` (peft's option, e.g. for adapters extracted from a full fine-tune whose
+biases changed too) B is an affine map with its own trainable bias ``b_B`` (out,), scaled with
+the rest of the update and folded into the base bias on merge:
+
+    y = W x + b + s * (B A dropout(x) + b_B),       merged:  W + s B A,  b + s b_B
+
 Adapters combine into a new one, a weighted sum of their updates ``s_i B_i A_i``
 (``PeftModel.add_weighted_adapter``): that is in ``lora_combine.py``. PiSSA and OLoRA start A and
 B on a decomposition of ``W`` and leave the residual in the base layer: ``lora_init.py``.
 
 Parameter names match peft's: ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``,
-``lora_embedding_A.<adapter>``, ``lora_magnitude_vector.<adapter>.weight``.
+``lora_B.<adapter>.bias``, ``lora_embedding_A.<adapter>``, ``lora_magnitude_vector.<adapter>.weight``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class LoraConfig(PeftConfig):
     1/r, zero B), ``False`` (both random: the adapter changes the output from the start), or, for
     linear layers, ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
     SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py).
+    lora_bias: give B a trainable bias ``b_B`` (out,), so the update is ``s (B A x + b_B)``; it starts
+    at zero (random with ``init_lora_weights=False``) and merges into the base bias. Linear, Conv1D
+    and conv layers only; not with DoRA or PiSSA/OLoRA/gaussian inits (peft's rules).
     use_fused_kernels: minipeft only, not saved: use the Triton path on CUDA when available.
     """
 
@@ -70,6 +79,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False
     use_fused_kernels: bool = True
 
     runtime_only_fields: ClassVar[tuple[str, ...]] = ("use_fused_kernels",)
@@ -90,7 +100,26 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        # lora_bias is easily confused with ``bias`` ("none" / "all" / "lora_only"), whose strings
+        # would all read as true here.
+        if not isinstance(self.lora_bias, bool):
+            raise TypeError(
+                f"lora_bias is True or False (a trainable bias on LoRA's B), got {self.lora_bias!r}; "
+                "to train the base model's biases use bias='all' or bias='lora_only'"
+            )
         # The same checks as peft, so that every config minipeft saves is one peft loads.
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "lora_bias=True does not combine with use_dora=True (peft refuses it too): DoRA rescales the "
+                "adapted weight's rows by m / ||W + s B A||, which leaves no place for a bias on B. "
+                "Set use_dora=False or lora_bias=False"
+            )
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"lora_bias=True works with init_lora_weights=True (the bias starts at zero) or False (random), "
+                f"got {self.init_lora_weights!r}; peft refuses every other init with it, so a config holding both "
+                "would not load there. Use init_lora_weights=True, or lora_bias=False"
+            )
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ValueError(
                 "layers_to_transform / layers_pattern need target_modules as a list of names; "
@@ -149,7 +178,13 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.use_dora[adapter_name] = config.use_dora
         self.use_fused_kernels[adapter_name] = config.use_fused_kernels
-        self.create_adapter(adapter_name, r)
+        if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            base = type(self.get_base_layer()).__name__
+            warnings.warn(
+                f"lora_bias=True on {key!r}, a {base} without bias: the adapter trains and runs, but cannot be "
+                "merged, as there is no base bias to fold s * lora_B.bias into (peft warns the same)"
+            )
+        self.create_adapter(adapter_name, r, config.lora_bias)
         if lora_init.base_changing_init(config.init_lora_weights):
             # Factors from W itself, computed where W lives: put the adapter there first.
             self._move_adapter_to_base(adapter_name)
@@ -164,7 +199,8 @@ class LoraLayer(AdapterLayer):
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.detach())
             self._move_adapter_to_base(adapter_name)
 
-    def create_adapter(self, adapter_name: str, r: int) -> None:
+    def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
+        """Create adapter ``adapter_name``'s factors of rank ``r`` (``bias``: B gets a bias, lora_bias)."""
         raise TypeError(f"{type(self).__name__} must define create_adapter")
 
     def reset_lora_parameters(self, adapter_name: str, init: bool | str) -> None:
@@ -178,6 +214,8 @@ class LoraLayer(AdapterLayer):
                 # The same init nn.Linear gives its weight (He et al. with a = sqrt(5)).
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
+            if self.lora_B[adapter_name].bias is not None:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)  # so the update starts at zero
         if adapter_name in self.lora_embedding_A:
             # Embeddings swap the roles: A at zero, B normal, as an nn.Embedding is initialised.
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
@@ -204,6 +242,21 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The update ``s * B A`` in the base weight's own layout and dtype."""
         raise TypeError(f"{type(self).__name__} must define delta_weight")
+
+    def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        """The bias update ``s * b_B`` (out,) in the base bias's dtype, or None without lora_bias.
+        Merging needs a base bias to add it to: a ValueError where the base layer has none."""
+        bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
+        if bias is None:
+            return None
+        base = self.get_base_layer()
+        if getattr(base, "bias", None) is None:
+            raise ValueError(
+                f"adapter {adapter_name!r} trains a bias on lora_B (lora_bias=True), but this {type(base).__name__} "
+                "has no bias to fold s * lora_B.bias into, so it cannot be merged; use the adapter unmerged (it "
+                "computes the same), or train it with lora_bias=False"
+            )
+        return (self.scaling[adapter_name] * bias).to(base.bias.dtype)
 
     def _factor_params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name in self.lora_A:
@@ -233,24 +286,30 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        """The weight with adapter ``adapter_name`` folded in (the bias is unchanged):
+        """The weight (and with lora_bias the bias) with adapter ``adapter_name`` folded in:
 
-            LoRA:  W + s B A
+            LoRA:  W + s B A,   b + s b_B   (lora_bias; else b is unchanged)
             DoRA:  f * (W + s B A),   f = m / ||W + s B A||_row   (kept: unmerging divides by it)
         """
         weight, delta = tensors["weight"], self.delta_weight(adapter_name)
         if not self.use_dora[adapter_name]:
-            return {"weight": weight + delta}, None
+            delta_bias = self.delta_bias(adapter_name)
+            if delta_bias is None:
+                return {"weight": weight + delta}, None
+            return {"weight": weight + delta, "bias": tensors["bias"] + delta_bias}, None
         factor = self.lora_magnitude_vector[adapter_name].weight / self._row_norm(adapter_name, weight)  # (out,)
         merged = factor.view(-1, 1) * self._weight_out_in(weight.float() + delta.float())  # (out, in)
         return {"weight": self._weight_out_in(merged).to(weight.dtype)}, factor
 
     def unmerge(self) -> None:
-        """Take merged adapters out again, newest first: W <- W - s B A."""
-        weight = self.get_base_layer().weight
+        """Take merged adapters out again, newest first: W <- W - s B A (and b <- b - s b_B)."""
+        weight, bias = self.get_base_layer().weight, getattr(self.get_base_layer(), "bias", None)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
+                delta_bias = self.delta_bias(name)  # None for DoRA, which refuses lora_bias
+                if delta_bias is not None:
+                    bias.data -= delta_bias
                 if self.use_dora[name]:
                     factor = self.unmerge_state.pop(name)
                     base = self._weight_out_in(weight).float() / factor.view(-1, 1)
@@ -282,9 +341,9 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
 
-    def create_adapter(self, adapter_name: str, r: int) -> None:
+    def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=bias)
 
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
@@ -309,24 +368,31 @@ class LoraLinear(LoraLayer):
         return result
 
     def _add_lora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """result + s * (dropout(x) A^T) B^T, without copying x and, when possible, in place."""
+        """result + s * ((dropout(x) A^T) B^T + b_B), without copying x and, when possible, in place
+        (b_B: B's bias (out,) with lora_bias, else absent)."""
         dropout, s = self.lora_dropout[name], self.scaling[name]
         x = x if isinstance(dropout, nn.Identity) else dropout(x)
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        A, B, b = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias
         if result.dtype == x.dtype and result.is_contiguous():
             if A.dtype != x.dtype:
                 # Cast the small (r x in) and (out x r) weights to the input's dtype, not x to fp32.
                 A, B = A.to(x.dtype), B.to(x.dtype)
+                b = None if b is None else b.to(x.dtype)
             xa = F.linear(x, A)  # (..., r)
             out2d, xa2d = result.view(-1, self.out_features), xa.reshape(-1, xa.shape[-1])
             if result.dim() == 2 or not torch.is_grad_enabled():
                 out2d.addmm_(xa2d, B.T, alpha=s)
+                if b is not None:
+                    out2d.add_(b, alpha=s)  # (out,) broadcast over the rows
                 return result
             # Under autograd, updating a view of (batch, seq, out) in place makes the backward
             # clone the whole output gradient (CopySlices); a fresh output is cheaper there.
-            return torch.addmm(out2d, xa2d, B.T, alpha=s).view(result.shape)
+            out2d = torch.addmm(out2d, xa2d, B.T, alpha=s)
+            if b is not None:
+                out2d.add_(b, alpha=s)  # in place is fine: addmm's backward does not read its output
+            return out2d.view(result.shape)
         # Autocast (x in fp32, result in bf16): let autocast choose the matmul dtype.
-        return result + s * F.linear(F.linear(x, A), B)
+        return result + s * F.linear(F.linear(x, A), B, b)
 
     def _add_dora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """DoRA: y = (m/||W + sBA||) (W x + s B A x) + b, with the norm treated as a constant
@@ -383,7 +449,8 @@ class LoraEmbedding(LoraLayer):
         num_embeddings, dim = _innermost(base_layer).weight.shape
         super().__init__(base_layer, num_embeddings, dim)
 
-    def create_adapter(self, adapter_name: str, r: int) -> None:
+    def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
+        # bias is False here: check_init refuses lora_bias on embeddings (their factors are bare tables).
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
 
@@ -414,7 +481,7 @@ class LoraConv(LoraLayer):
             raise ValueError(f"LoRA supports convolutions with groups=1 only, got groups={conv.groups}")
         super().__init__(base_layer, conv.in_channels, conv.out_channels)
 
-    def create_adapter(self, adapter_name: str, r: int) -> None:
+    def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
         conv = self.get_base_layer()
         conv_cls = type(conv)
         ones = (1,) * len(conv.kernel_size)
@@ -422,7 +489,7 @@ class LoraConv(LoraLayer):
             self.in_features, r, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             bias=False, padding_mode=conv.padding_mode,  # so that merging keeps the base's padding
         )
-        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=False)
+        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=bias)  # b_B: one per out channel
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -439,7 +506,8 @@ class LoraConv(LoraLayer):
             A, B = self.lora_A[name], self.lora_B[name]
             # Cast the small kernels to the input's dtype, never the activation to fp32.
             xa = A._conv_forward(x_in, A.weight.to(x_in.dtype), None)
-            result = result + B._conv_forward(xa, B.weight.to(x_in.dtype), None) * self.scaling[name]
+            b = None if B.bias is None else B.bias.to(x_in.dtype)  # lora_bias: s * b_B per output channel
+            result = result + B._conv_forward(xa, B.weight.to(x_in.dtype), b) * self.scaling[name]
         return result
 
 
@@ -448,14 +516,21 @@ def _innermost(module: nn.Module) -> nn.Module:
 
 
 def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
-    """For an init that rewrites the base weight (PiSSA, OLoRA), the errors adding the adapter to
-    ``target`` (the module named ``key``, wrapped or not) would meet, raised before anything
-    changes. Injection runs it on every target first (the registry's ``check``), so that a model
-    is never left with some weights rewritten and no adapter."""
+    """The errors adding the adapter to ``target`` (the module named ``key``, wrapped or not)
+    would meet, raised before anything changes: lora_bias on an embedding and, for an init that
+    rewrites the base weight (PiSSA, OLoRA), every reason it cannot. Injection runs it on every
+    target first (the registry's ``check``), so that a model is never left with some weights
+    rewritten and no adapter; ``update_layer`` runs it too, for targets already wrapped."""
+    base = _innermost(target)
+    if config.lora_bias and isinstance(base, nn.Embedding):
+        raise ValueError(
+            f"lora_bias=True on {key!r}, an nn.Embedding: LoRA's embedding factors are bare tables with no bias "
+            "(peft refuses this too). Leave it out of target_modules (or list it in exclude_modules), or adapt it "
+            "in a second adapter with lora_bias=False"
+        )
     init = config.init_lora_weights
     if not lora_init.base_changing_init(init):
         return
-    base = _innermost(target)
     if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
         raise TypeError(
             f"init_lora_weights={init!r} decomposes the weight of a linear layer; {key!r} is a "
