@@ -16,6 +16,10 @@ It says nothing about time; `bench_lora_linear.py` measures that on a GPU.
 
     python benchmarks/kernel_registers.py            # writes results/sm90-registers.md
     python benchmarks/kernel_registers.py --no-write
+    PYTHONPATH=/tmp/triton36 python benchmarks/kernel_registers.py --out results/sm90-registers-triton3.6.md
+
+Register use depends on the triton version. The last line tables the triton that a GPU machine
+may have instead (`pip install --no-deps --target /tmp/triton36 triton==3.6.0` first).
 """
 
 import argparse
@@ -174,6 +178,8 @@ def table(title, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print only; leave results/ alone")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sm90-registers.md",
+                        help="the markdown file to write (default results/sm90-registers.md)")
     args = parser.parse_args()
 
     sections = [
@@ -196,9 +202,8 @@ def main():
     if not args.no_write:
         from minipeft.atomic import atomic_write  # the fsynced write-and-rename every result file uses
 
-        out = Path(__file__).parent / "results" / "sm90-registers.md"
-        atomic_write(out, lambda f: f.write(report.encode()))
-        print(f"wrote {out}")
+        atomic_write(args.out, lambda f: f.write(report.encode()))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -423,11 +423,9 @@ class LoraLinear(LoraLayer):
         # The kernels compute no gradient for W or b: a trainable base takes the reference path.
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return False
-        # Triton's tl.dot multiplies fp32 tiles in TF32; take it for fp32 only where PyTorch's own
-        # matmuls may too, so that both paths compute the same numbers.
+        # fp32 too: the kernels round fp32 to TF32 exactly where torch's own matmuls do
+        # (torch.backends.cuda.matmul.allow_tf32), so both paths compute the same numbers.
         if x.dtype != base.weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return False
-        if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
             return False
         from .. import kernels
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check of the fused kernels in one command that ends inside a short GPU lease
+# (BUDGET seconds, 540 by default), most important first:
+#   1. the compiled kernels against the float64 reference: every autotuning config, the
+#      autotuned flagship shape, fp32 with and without TF32, the LoRA layer's own choice of path
+#   2. the issue's target shapes with both fused paths and the verdict table
+#   3. the same reference check on 30 random ragged shapes (hypothesis)
+#   4. the full kernel sweep for whatever time is left
+# Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
+# wrote. It runs on the GPU machine's own python3 with its torch and triton (nothing can be
+# installed there): minipeft is copied into a scratch site-packages rather than pip-installed.
+# Logs and results go to $OUT when set (the device tool's folder, at most 8 files), else to
+# benchmarks/results/gpu-session/; copy the <gpu>.md/.json into benchmarks/results/ to keep them.
+#
+#   bash benchmarks/gpu_session.sh            # BUDGET=400 bash ... for a shorter lease
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-session}"
+BUDGET="${BUDGET:-540}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+start=$SECONDS
+
+# minipeft and minipeft.kernels as the wheel lays them out (pyproject's package-dir mapping).
+site=$(mktemp -d)
+cp -r minipeft "$site/minipeft" && cp -r kernels "$site/minipeft/kernels" || exit 1
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# step CAP LOG COMMAND...: run COMMAND for at most CAP seconds, or what is left of BUDGET.
+step() {
+    local cap=$1 log=$2; shift 2
+    local left=$((BUDGET - (SECONDS - start)))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 20)); then echo "skipped (budget spent): $*" | tee -a "$OUT/$log"; return; fi
+    echo "== $* (limit ${limit}s)" | tee -a "$OUT/$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+    echo "== exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/$log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/machine.txt"
+
+step 200 gpu-tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
+step 200 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --out "$OUT"
+step 150 gpu-tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
+left=$((BUDGET - (SECONDS - start)))
+step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
+echo "done in $((SECONDS - start))s; files in $OUT"

@@ -1,0 +1,173 @@
+"""The fused LoRA kernels compiled for a real GPU, against the same float64 reference.
+
+test_kernels.py checks the kernels' logic through Triton's interpreter on CPU tensors. This file
+checks what only hardware shows: the machine code of every autotuning config, tensor-core
+rounding in each dtype (TF32 for float32 only where torch allows it), the autotuned flagship
+shape, and LoraLinear taking the fused path by itself on CUDA tensors. Without a GPU it is
+skipped; on one it runs with the rest of `make test`, or alone:
+
+    python -m pytest -q tests/test_kernels_cuda.py
+
+MINIPEFT_KERNEL_TEST_DEVICE=cpu runs the same tests through the interpreter instead, to check
+this file's own logic on a machine without a GPU (slow; the per-config test then has one config).
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("MINIPEFT_KERNEL_TEST_DEVICE", "cuda")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, as in test_kernels.py
+# A full test run may have switched the interpreter on for the whole process already (see
+# test_kernels.py); compiled kernels then need a fresh process: test_compiled_in_fresh_process.
+NO_GPU = DEVICE == "cuda" and not torch.cuda.is_available()
+INTERPRETED_HERE = DEVICE == "cuda" and not NO_GPU and os.environ.get("TRITON_INTERPRET") == "1"
+
+pytestmark = pytest.mark.skipif(NO_GPU, reason="needs a CUDA GPU")
+compiled = pytest.mark.skipif(INTERPRETED_HERE, reason="this process interprets triton; see test_compiled_in_fresh_process")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+import minipeft.kernels as kernels  # noqa: E402
+import minipeft.kernels.fused_lora as impl  # noqa: E402
+from minipeft import LoraConfig, get_peft_model  # noqa: E402
+from tests.kernel_checks import TOL, check_against_reference, rel_err  # noqa: E402
+
+# TF32 keeps 10 bits of mantissa: each product is off by up to ~2^-11 of its size.
+TF32_TOL = 3e-3
+
+
+@pytest.mark.skipif(not INTERPRETED_HERE, reason="this process runs the compiled kernels itself")
+def test_compiled_in_fresh_process():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+@contextlib.contextmanager
+def gemm_configs(configs):
+    """Run the base GEMM with only these autotuning configs (one config: no tuning at all)."""
+    import triton
+
+    tuned = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "R_GRAD", "DOT_PRECISION"],
+                            reset_to_zero=["dr_ptr"])(impl._matmul_lowrank_kernel)
+    with mock.patch.object(impl, "_matmul_lowrank_tuned", tuned):
+        yield
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# Small enough to compile once per kernel variant: tuning every random shape would cost minutes.
+SMALL_CONFIG = impl._gemm_configs()[-1]
+
+
+@compiled
+@settings(max_examples=30, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 9), min_size=1, max_size=3).filter(lambda s: torch.Size(s).numel() <= 300),
+    K=st.integers(1, 300),
+    N=st.integers(1, 300),
+    r=st.sampled_from([1, 2, 5, 16, 17, 40, 64, 65, 130, 256]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    bias=st.booleans(),
+    layout=st.sampled_from(["contiguous", "strided", "transposed"]),
+    p=st.sampled_from([0.0, 0.1, 0.5]),
+    fused=st.booleans(),
+)
+def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, fused):
+    with gemm_configs([SMALL_CONFIG]):
+        check_against_reference(lead, K, N, r, dtype, bias, layout, p, 2.0, fused, device=DEVICE)
+
+
+@compiled
+@pytest.mark.parametrize("config", impl._gemm_configs(), ids=str)
+def test_every_autotuning_config(config):
+    # Ragged in every block dimension of every config; forward GEMM and the dx GEMM with the
+    # dropout mask and dA in its epilogue, each compiled with this tile.
+    with gemm_configs([config]):
+        check_against_reference((301,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, True,
+                                device=DEVICE)
+
+
+@compiled
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_autotuned_flagship_shape(p):
+    # What the benchmark runs: the library's own choice of path and its autotuned tile.
+    M = 2048 if DEVICE == "cuda" else 64
+    K = N = 4096 if DEVICE == "cuda" else 96
+    check_against_reference((M,), K, N, 16, torch.bfloat16, True, "contiguous", p, 2.0, None, device=DEVICE)
+
+
+@compiled
+@pytest.mark.parametrize("allow_tf32", [False, True])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-base", "cublas-base"])
+def test_float32_follows_torchs_tf32_switch(allow_tf32, fused):
+    # Without TF32 every kernel must compute in full fp32 (the interpreter always does, so only a
+    # GPU can tell); with it, TF32's rounding is the tolerance.
+    tol = TF32_TOL if allow_tf32 else TOL[torch.float32]
+    with tf32_allowed(allow_tf32), gemm_configs([SMALL_CONFIG]):
+        check_against_reference((5, 77), 300, 140, 24, torch.float32, True, "strided", 0.1, 2.0, fused,
+                                device=DEVICE, tol=tol)
+
+
+@compiled
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_kept_fraction_is_one_minus_p(p):
+    kept = torch.stack([kernels.dropout_mask(seed, (64, 256), p, DEVICE).float().mean() for seed in range(100)])
+    assert abs(kept.mean().item() - (1 - p)) < 0.01
+    assert not torch.equal(kernels.dropout_mask(0, (64, 256), p, DEVICE), kernels.dropout_mask(1, (64, 256), p, DEVICE))
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_linear_layer_takes_the_fused_path(dtype):
+    # The layer decides by itself on CUDA tensors; on the interpreter dry run it is asked directly.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(96, 160)).to(DEVICE, dtype)
+    config = dict(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False)
+    fused_model = get_peft_model(base, LoraConfig(**config))
+    reference_model = get_peft_model(nn.Sequential(nn.Linear(96, 160)).to(DEVICE, dtype),
+                                     LoraConfig(**config, use_fused_kernels=False))
+    reference_model.load_state_dict(fused_model.state_dict())
+    x = torch.randn(4, 33, 96, device=DEVICE, dtype=dtype)
+
+    def step(model, spy=None):
+        model.zero_grad()
+        x_ = x.clone().requires_grad_(True)
+        with mock.patch.object(kernels, "lora_linear", spy) if spy else contextlib.nullcontext():
+            y = model(x_)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        layer = model.base_model.model[0]
+        return [y, x_.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+
+    calls = []
+    spy = lambda *a, **kw: calls.append(1) or impl.lora_linear(*a, **kw)  # noqa: E731
+    layer = fused_model.base_model.model[0]
+    with tf32_allowed(False):  # fp32: the default, where the kernels compute in full fp32
+        if DEVICE == "cpu":
+            layer._fused_path_applies = lambda x, adapters: True
+        got = step(fused_model, spy)
+        want = step(reference_model)
+    assert calls, "the fused path was not taken"
+    # Both paths round differently in bf16, so the error is measured on each tensor's norm.
+    tol = {torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
+    for name, g, w in zip(["y", "dx", "dA", "dB"], got, want):
+        assert rel_err(g, w.double()) < tol, name
