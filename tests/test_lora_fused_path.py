@@ -18,12 +18,19 @@ from minipeft import LoraConfig, get_peft_model
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
 
 
+@pytest.mark.filterwarnings("ignore:lora_bias=True on '0', a Linear without bias")
+@pytest.mark.parametrize("lora_bias", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_forward_and_grads_equal_the_reference(bias):
+def test_fused_forward_and_grads_equal_the_reference(bias, lora_bias):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(24, 40, bias=bias))
-    model = get_peft_model(base, LoraConfig(r=5, lora_alpha=10, target_modules=["0"], init_lora_weights=False))
+    config = LoraConfig(r=5, lora_alpha=10, target_modules=["0"], init_lora_weights=False, lora_bias=lora_bias)
+    model = get_peft_model(base, config)
     layer = model.base_model.model[0]
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    if lora_bias:  # init_lora_weights=False leaves it random, so a missing term shows
+        params.append(layer.lora_B["default"].bias)
+        assert params[-1].abs().min() > 0
     x = torch.randn(3, 7, 24)
 
     def run(fused: bool):
@@ -31,9 +38,11 @@ def test_fused_forward_and_grads_equal_the_reference(bias):
         x_ = x.clone().requires_grad_(True)
         y = layer._fused_forward(x_, "default") if fused else layer(x_)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        return y.detach(), x_.grad, layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone()
+        with torch.no_grad():  # the reference adds its terms in place here, and so does the fused lora_bias
+            y_no_grad = layer._fused_forward(x, "default") if fused else layer(x)
+        return y.detach(), y_no_grad, x_.grad, *(p.grad.clone() for p in params)
 
-    for got, want in zip(run(fused=True), run(fused=False)):
+    for got, want in zip(run(fused=True), run(fused=False), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

@@ -437,7 +437,16 @@ class LoraLinear(LoraLayer):
         base, dropout = self.base_layer, self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         A, B = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
-        return kernels.lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.training)
+        y = kernels.lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.training)
+        b = self.lora_B[name].bias
+        if b is None:
+            return y
+        # lora_bias: the kernels take only the frozen base bias (they compute no gradient for it),
+        # so s * b_B (N,) is added to their output here, one pass over y, and autograd gives b_B
+        # its gradient s * dy summed over the rows. Out of place under autograd: y is a view made
+        # inside the kernels' autograd Function, which PyTorch does not let us modify in place.
+        b = b.to(x.dtype)
+        return y + self.scaling[name] * b if torch.is_grad_enabled() else y.add_(b, alpha=self.scaling[name])
 
 
 class LoraEmbedding(LoraLayer):
