@@ -290,6 +290,32 @@ def test_embedding_is_refused_and_the_model_left_as_it_was():
     assert lora_layers(wrapped)["base_model.model.embed"].adapter_names == ["default"]
 
 
+@pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
+def test_add_weighted_adapter_refuses_lora_bias_adapters(combination_type):
+    peft_model, mini_model = tiny_pair()
+    mini_model.add_adapter("plain", minipeft.LoraConfig(r=2, lora_alpha=6, target_modules=TINY_TARGETS))
+    message = r"cannot combine adapters \['default'\] trained with lora_bias=True: .* merge_and_unload"
+    with pytest.raises(ValueError, match=message):
+        mini_model.add_weighted_adapter(["plain", "default"], [0.5, 1.0], "both", combination_type=combination_type)
+    assert list(mini_model.peft_config) == ["default", "plain"]
+    assert all("both" not in layer.adapter_names for layer in lora_layers(mini_model).values())
+    # Why: peft's combination of one adapter (exact for the factors) keeps none of its bias.
+    peft_model.add_weighted_adapter(["default"], [1.0], "copy", combination_type=combination_type)
+    assert not peft_model.base_model.model.head.lora_B["copy"].bias.any()
+    assert peft_model.base_model.model.head.lora_B["default"].bias.abs().min() > 0
+
+
+def test_merging_several_lora_bias_adapters_adds_each_bias():
+    """What the refusal above suggests instead: b + s_1 b_1 + s_2 b_2 in the merged model."""
+    _, model = tiny_pair()
+    model.add_adapter("second", minipeft.LoraConfig(r=3, lora_alpha=3, target_modules=TINY_TARGETS, lora_bias=True))
+    randomize_adapters(model, seed=4)
+    head = model.base_model.model.head
+    expected = head.base_layer.bias + sum(head.scaling[a] * head.lora_B[a].bias for a in ("default", "second"))
+    merged = model.merge_and_unload(adapter_names=["default", "second"])
+    torch.testing.assert_close(merged.head.bias, expected.detach())
+
+
 def test_no_warning_where_the_base_has_a_bias():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

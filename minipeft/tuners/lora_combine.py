@@ -116,6 +116,17 @@ def _check_arguments(sources: list[tuple[str, PeftConfig]], weights: list[float]
             f"cannot combine DoRA adapters {dora}: each scales its rows by a learned magnitude, so its update is "
             "not s * B A and a weighted sum of updates is no DoRA adapter"
         )
+    # peft 0.21 combines only the factors and leaves the combined adapter's lora_B bias at its
+    # init (zero), silently dropping every source's s_i b_i; minipeft refuses rather than do that.
+    biased = [name for name, config in sources if config.lora_bias]
+    if biased:
+        raise ValueError(
+            f"cannot combine adapters {biased} trained with lora_bias=True: the combinations act on the updates "
+            "s_i B_i A_i, and peft's add_weighted_adapter leaves the biases s_i b_i out (its combined adapter has a "
+            "zero bias), so the result would not compute what its sources do. Combine adapters trained with "
+            "lora_bias=False, or fold these into the base model with merge_and_unload(adapter_names=[...]), which "
+            "adds each one's bias exactly"
+        )
     if svd_clamp is not None and (
         isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real) or not 0 < svd_clamp <= 1
     ):
