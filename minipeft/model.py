@@ -291,17 +291,21 @@ class PeftModel(nn.Module):
         density: float | None = None,
         majority_sign_method: str = "total",
     ) -> None:
-        """Add LoRA adapter ``adapter_name`` whose update is ``sum_i weights[i] * s_i B_i A_i`` over
-        ``adapters`` (weights may be negative), per layer.
+        """Add LoRA adapter ``adapter_name`` whose update combines the updates ``s_i B_i A_i`` of
+        ``adapters`` with ``weights`` (which may be negative), per layer.
 
-        combination_type: "cat" (exact; rank = the sum of the ranks), "svd" (the exact sum cut to
-        rank ``svd_rank``, default the largest rank; ``svd_clamp``: clip the factors to that
+        combination_type: "cat" (exact sum; rank = the sum of the ranks), "svd" (the exact sum cut
+        to rank ``svd_rank``, default the largest rank; ``svd_clamp``: clip the factors to that
         quantile, in (0, 1]; ``svd_full_matrices`` / ``svd_driver``: for ``torch.linalg.svd``) or
-        "linear" (A and B mixed separately: cheap, approximate, equal ranks only). A single adapter
-        is always combined "linear", which is exact for one. The new adapter has scaling 1
-        (r = lora_alpha = its rank) and is added inactive and frozen like any second adapter:
-        ``set_adapter(adapter_name)`` to use it. ``density`` and ``majority_sign_method`` belong to
-        peft's ties/dare types, which minipeft does not implement; they are accepted and unused.
+        "linear" (A and B mixed separately: cheap, approximate, equal ranks only); or a task-arithmetic
+        merge (tuners/task_arithmetic.py) that keeps a fraction ``density`` in (0, 1] of each
+        adapter's entries: "ties", "dare_linear", "dare_ties", "magnitude_prune" (on A and B
+        separately, equal ranks only) or their "_svd" variants (on the updates, then as "svd").
+        ``majority_sign_method`` ("total" or "frequency") is how the ties types elect each entry's
+        sign; the dare types draw from torch's global generator. A single adapter is always
+        combined "linear", which is exact for one. The new adapter has scaling 1 (r = lora_alpha =
+        its rank) and is added inactive and frozen like any second adapter:
+        ``set_adapter(adapter_name)`` to use it.
         """
         if isinstance(adapters, str):
             raise TypeError(f"adapters is a list of names, got the string {adapters!r}")
@@ -310,7 +314,7 @@ class PeftModel(nn.Module):
         sources = [(name, self.peft_config[name]) for name in adapters]
         self.peft_config[adapter_name] = lora_combine.add_weighted_adapter(
             self.get_base_model(), sources, weights, adapter_name,
-            combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
+            combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method,
         )
 
     # -- parameters ---------------------------------------------------------------------------
