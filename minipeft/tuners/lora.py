@@ -524,11 +524,14 @@ def _innermost(module: nn.Module) -> nn.Module:
 
 def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
     """The errors adding the adapter to ``target`` (the module named ``key``, wrapped or not)
-    would meet, raised before anything changes: lora_bias on an embedding and, for an init that
-    rewrites the base weight (PiSSA, OLoRA), every reason it cannot. Injection runs it on every
-    target first (the registry's ``check``), so that a model is never left with some weights
-    rewritten and no adapter; ``update_layer`` runs it too, for targets already wrapped."""
+    would meet, raised before anything changes: DoRA on a layer that is not linear, lora_bias on
+    an embedding and, for an init that rewrites the base weight (PiSSA, OLoRA), every reason it
+    cannot. Injection runs it on every target first (the registry's ``check``), so that a model
+    is never left with some weights rewritten and no adapter; ``update_layer`` runs it too, for
+    targets already wrapped."""
     base = _innermost(target)
+    if config.use_dora and not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
+        raise TypeError(f"DoRA is implemented for linear layers; {key!r} is a {type(base).__name__}")
     if config.lora_bias and isinstance(base, nn.Embedding):
         raise ValueError(
             f"lora_bias=True on {key!r}, an nn.Embedding: LoRA's embedding factors are bare tables with no bias "
@@ -565,7 +568,5 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
         layer = LoraConv(target)
     else:
         raise TypeError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
-    if config.use_dora and not isinstance(layer, LoraLinear):
-        raise TypeError(f"DoRA is implemented for linear layers; {key!r} is a {type(base).__name__}")
     layer.update_layer(adapter_name, config, key)
     return layer
