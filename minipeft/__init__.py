@@ -10,6 +10,7 @@ from .tuners.ia3 import IA3Config
 from .tuners.lora import LoraConfig
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .tuners.trainable_tokens import TrainableTokensConfig
 
 __all__ = [
     "BottleneckConfig",
@@ -22,6 +23,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TrainableTokensConfig",
     "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",

@@ -33,9 +33,10 @@ wrapper sits around this one (LoRA on ``value``, then (IA)^3 on ``value`` too), 
 module), and the file loads into any model, stacked or not. The adapter's own wrappers keep
 their segment, as in peft: ``bias="all"`` saves ``value.base_layer.bias``.
 
-A module whose layout differs may define ``checkpoint_key(container, rest) -> str`` returning
-the on-disk key relative to itself. Prompt and prefix tuning (``prompt_encoder[X]`` on the
-``PeftModel``) are saved as peft saves them: one computed tensor, ``prompt_embeddings``, which
+A module whose layout differs may define ``checkpoint_key(container, rest, adapter_name)``
+returning the on-disk key relative to itself, or None for a tensor the file leaves out (trainable
+tokens: a tied head's view of rows another layer saves). Prompt and prefix tuning
+(``prompt_encoder[X]`` on the ``PeftModel``) are saved as peft saves them: one computed tensor, ``prompt_embeddings``, which
 the encoder produces and takes back (``tuners/virtual_tokens.py``). Loading applies the same mapping to the model's own keys and
 inverts it, so the two directions cannot drift apart.
 
@@ -142,11 +143,13 @@ def _on_disk_name(model: nn.Module, name: str, adapter_name: str) -> str:
     return name if logical is None else logical
 
 
-def _checkpoint_key(path: str, module: nn.Module, container: str, rest: str) -> str:
-    """On-disk key for ``<path>.<container>.<adapter>[.<rest>]`` (adapter name removed)."""
+def _checkpoint_key(path: str, module: nn.Module, container: str, rest: str, adapter_name: str) -> str | None:
+    """On-disk key for ``<path>.<container>.<adapter>[.<rest>]`` (adapter name removed); None: not saved."""
     hook = getattr(module, "checkpoint_key", None)
     if callable(hook):
-        local = hook(container, rest)
+        local = hook(container, rest, adapter_name)
+        if local is None:
+            return None
     elif container == "modules_to_save":
         local = rest  # peft 0.21 saves the trained copy under the wrapped module's own name
     elif container == "lora_magnitude_vector" and rest == "weight":
@@ -179,7 +182,9 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str
             continue
         prefix, (path, module, container) = found
         rest = key[len(prefix) + 1 :]
-        ckpt_key = _checkpoint_key(_on_disk_name(model, path, adapter_name), module, container, rest)
+        ckpt_key = _checkpoint_key(_on_disk_name(model, path, adapter_name), module, container, rest, adapter_name)
+        if ckpt_key is None:
+            continue
         if ckpt_key in mapping and mapping[ckpt_key] != key:
             raise ValueError(
                 f"two tensors of adapter {adapter_name!r} map to {ckpt_key!r}: {mapping[ckpt_key]!r} and {key!r}"

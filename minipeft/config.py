@@ -21,6 +21,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
 
 class TaskType(str, enum.Enum):

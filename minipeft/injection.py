@@ -124,6 +124,8 @@ def inject_adapter_in_model(
         )
     check_new_adapter_name(adapter_name, known_adapter_names(model))
 
+    if getattr(config, "target_modules", "") is None and method.default_targets is not None:
+        config.target_modules = method.default_targets(model)  # recorded in the config, as peft does
     targets = targets_of(model, config)
     # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it reads
     # without other adapters' wrappers, as the targets themselves do.
@@ -134,19 +136,26 @@ def inject_adapter_in_model(
     if method.check is not None:
         for name in targets:
             method.check(model.get_submodule(name), config, keys[name])
+    if method.check_model is not None:
+        method.check_model(model, config, targets)
 
     replaced: list[tuple[str, nn.Module]] = []  # (name, original module) to restore on error
     updated: list[AdapterLayer] = []  # existing wrappers that received the adapter
     try:
         plan = []
+        holders: dict[str, AdapterLayer] = {}  # target name -> the wrapper that holds the new adapter there
         for name in targets:
             module = model.get_submodule(name)
             if isinstance(module, method.layer_class):
                 updated.append(module)  # before the update, so a half-done update is rolled back too
                 module.update_layer(adapter_name, config, keys[name])
+                holders[name] = module
             else:
-                plan.append((name, module, method.wrap(module, adapter_name, config, keys[name])))
+                holders[name] = method.wrap(module, adapter_name, config, keys[name])
+                plan.append((name, module, holders[name]))
         plan += _plan_modules_to_save(model, config, adapter_name, updated)
+        if method.wrap_more is not None:
+            plan += method.wrap_more(model, config, adapter_name, holders, updated)
         for name, module, wrapper in plan:
             wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
             parent, child = _get_parent(model, name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import bottleneck, ia3, lora, prefix_tuning, prompt_tuning
+from . import bottleneck, ia3, lora, prefix_tuning, prompt_tuning, trainable_tokens
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -32,6 +32,14 @@ class PeftMethod:
         anything, because a base weight rewritten by an init cannot be rolled back.
     attach: for virtual-token methods (``config.is_prompt_learning``), which wrap no layer:
         ``attach(peft_model, adapter_name, config)`` adds the adapter to the PeftModel.
+    default_targets: ``default_targets(model) -> target_modules`` for a config whose
+        ``target_modules`` is None (trainable tokens: the input embedding); written into the config.
+    check_model: ``check_model(model, config, targets)``, run after ``check``: the errors that need
+        the whole model (trainable tokens: the vocabulary size, the modules tied to an embedding).
+    wrap_more: ``wrap_more(model, config, adapter_name, holders, updated) -> [(name, module, wrapper)]``,
+        wrappers beyond the targets, given ``holders`` (target name -> the wrapper holding the new
+        adapter there); existing wrappers it adds the adapter to go into ``updated`` (for the
+        rollback). Trainable tokens put one on each module tied to an adapted embedding.
     """
 
     config_class: type[PeftConfig]
@@ -39,6 +47,9 @@ class PeftMethod:
     wrap: Callable[[nn.Module, str, PeftConfig, str], AdapterLayer] | None
     attach: Callable[[nn.Module, str, PeftConfig], None] | None = None
     check: Callable[[nn.Module, PeftConfig, str], None] | None = None
+    default_targets: Callable[[nn.Module], list[str] | str] | None = None
+    check_model: Callable[[nn.Module, PeftConfig, list[str]], None] | None = None
+    wrap_more: Callable[..., list[tuple[str, nn.Module, AdapterLayer]]] | None = None
 
 
 PEFT_METHODS: dict[PeftType, PeftMethod] = {}
@@ -60,6 +71,15 @@ register_method(PeftType.LORA, PeftMethod(lora.LoraConfig, lora.LoraLayer, lora.
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
+)
+
+register_method(
+    PeftType.TRAINABLE_TOKENS,
+    PeftMethod(
+        trainable_tokens.TrainableTokensConfig, trainable_tokens.TrainableTokensLayer, trainable_tokens.wrap_module,
+        default_targets=trainable_tokens.input_embedding_name, check_model=trainable_tokens.check_token_targets,
+        wrap_more=trainable_tokens.wrap_beside,
+    ),
 )
 
 register_method(

@@ -1,0 +1,535 @@
+"""Trainable tokens: train a few rows of an embedding table and leave the rest frozen.
+
+New special tokens added to a tokenizer get new rows in the embedding table, and those rows
+are what needs training; training the whole (V x d) table for them wastes memory and optimizer
+state, and changes every other token as well. This method keeps the table ``W`` frozen and
+trains one (n, d) tensor ``R`` holding the rows of the n chosen token ids ``t_1..t_n``:
+
+    W'[t_j] = R[j],   W'[v] = W[v] for every other token v
+    embed(x) = W'[x]
+
+``R`` starts as a copy of ``W[t]`` (``init_weights=True``), so the adapted model equals the base
+model until it trains. It stores the rows' *values*, not a difference to ``W``: a vocabulary
+grown with ``resize_token_embeddings`` fills the new rows at random, differently each time the
+base model is built, and a stored difference would be added to whatever that draw was, while
+stored values give the same rows on any base. (peft's name for ``R``,
+``trainable_tokens_delta``, is kept for the checkpoint layout even so.)
+
+The forward never builds ``W'``, a (V x d) copy per step: it looks tokens up in the frozen
+table and then overwrites the positions whose id is one of ``t``, so the extra work is a
+gather of (batch, seq, d) rows. A row of ``R`` gets gradient where its token is in the batch
+(and, through a tied head, below, from every position). Embeddings with ``max_norm`` or
+``scale_grad_by_freq`` are refused: those act inside the lookup, on rows this forward swaps after it.
+
+Tied weights. Many language models share the table with the output head,
+``logits = h W^T`` (``lm_head.weight is embed.weight``). Trained rows of the input table must
+then be the head's rows too, or the model would read a new token with one vector and predict
+it with another. A module that holds the embedding's weight is wrapped by ``TiedTokensLayer``,
+which owns nothing and reads ``R`` from the embedding's layer: for a head it recomputes the
+logits of the trained tokens, ``logits[..., t_j] = h R[j]^T (+ b[t_j])``. Ties are found by
+weight identity, which is what makes the two modules one table (peft asks transformers'
+``_tied_weights_keys``, which names the same modules when the config ties them).
+
+Merging writes ``R`` into ``W`` (``W[t] <- R``); whatever shares ``W`` sees it at once. The
+rows it overwrote are kept, and unmerging writes them back.
+
+Two ways in, as in peft:
+
+* ``TrainableTokensConfig(token_indices=[...], target_modules=...)``, a method of its own; the
+  target defaults to the model's input embedding (``get_input_embeddings()``).
+* ``LoraConfig(trainable_token_indices=[...] or {module_name: [...]})``: the same layer beside
+  LoRA, under the LoRA adapter's name. A list goes to the input embedding; a dict names the
+  embeddings by plain name suffix, as ``modules_to_save`` does.
+
+Checkpoints hold ``R`` as peft does: ``<embedding>.trainable_tokens_delta`` for the method of
+its own (and again under each tied module's name, the same tensor), and
+``<embedding>.token_adapter.trainable_tokens_delta`` for LoRA's (tied modules not saved),
+because peft puts that layer one level down, inside a wrapper, as ``token_adapter``. In memory
+minipeft keeps it at the embedding's own name either way (one class, no wrapper around a wrapper);
+only the checkpoint key (``checkpoint_key``) adds the ``token_adapter.`` segment.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftConfig, PeftType
+from ..targeting import candidate_names, is_under, nearest_names
+from .base import AdapterLayer, adapter_placement
+
+# Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
+LORA_CHECKPOINT_PREFIX = "token_adapter."
+
+
+@dataclass
+class TrainableTokensConfig(PeftConfig):
+    """Trainable tokens, with peft's field names and meanings.
+
+    token_indices: the token ids whose rows train, e.g. the ids of tokens just added to the
+        tokenizer (``tokenizer.convert_tokens_to_ids([...])``). Distinct, non-negative.
+    target_modules: the embedding(s) to adapt (names exact or as a dotted suffix, or a full-match
+        regex). None: the model's input embedding (``get_input_embeddings()``), else a module
+        named ``embed_tokens``; the name found is what the saved config records, as in peft.
+    init_weights: start the rows as copies of the table's rows (the adapter changes nothing until
+        it trains); ``False`` draws them from N(0, 1).
+    """
+
+    token_indices: list[int] = field(default_factory=list)
+    target_modules: list[str] | str | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.TRAINABLE_TOKENS
+        self.token_indices = token_index_list(self.token_indices, "token_indices")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
+
+
+def token_index_list(indices: object, what: str) -> list[int]:
+    """``indices`` as a list of distinct, non-negative Python ints (numpy / torch integers are
+    converted), or an error saying what is wrong. ``what`` names the field in the message."""
+    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+        raise TypeError(f"{what} must be a list of token ids, got {type(indices).__name__} {indices!r}")
+    out = []
+    for i in indices:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            out.append(operator.index(i))
+        except TypeError:
+            raise TypeError(f"{what} must hold integer token ids, got {i!r} ({type(i).__name__})") from None
+    if not out:
+        raise ValueError(f"{what} is empty: give the ids of the tokens whose embeddings should train")
+    negative = [i for i in out if i < 0]
+    if negative:
+        raise ValueError(f"{what} holds negative token ids {negative}; token ids count from 0")
+    repeated = list(dict.fromkeys(i for i in out if out.count(i) > 1))
+    if repeated:
+        raise ValueError(f"{what} lists token ids {repeated} more than once; each row can train only once")
+    return out
+
+
+def normalize_lora_token_indices(value: object) -> list[int] | dict[str, list[int]] | None:
+    """``LoraConfig.trainable_token_indices`` checked: None, a list of token ids (the input
+    embedding's), or ``{module name: token ids}``."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        out = {}
+        for name, indices in value.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"trainable_token_indices keys are module names, got {name!r}")
+            out[name] = token_index_list(indices, f"trainable_token_indices[{name!r}]")
+        if not out:
+            raise ValueError("trainable_token_indices is an empty dict; name an embedding: {'embed_tokens': [...]}")
+        return out
+    return token_index_list(value, "trainable_token_indices")
+
+
+# -- the layer ------------------------------------------------------------------------------------
+class TrainableTokensLayer(AdapterLayer):
+    """Wraps an ``nn.Embedding``: the frozen table as ``base_layer``, per adapter the new rows
+    ``trainable_tokens_delta[name]`` (n, d) of the tokens ``token_indices[name]``."""
+
+    adapter_layer_names = ("trainable_tokens_delta",)
+    other_param_names = ("token_indices", "checkpoint_prefix")
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.trainable_tokens_delta = nn.ParameterDict()
+        self.token_indices: dict[str, list[int]] = {}
+        # "" for TrainableTokensConfig adapters, LORA_CHECKPOINT_PREFIX for LoRA's trainable_token_indices.
+        self.checkpoint_prefix: dict[str, str] = {}
+
+    def update_layer(self, adapter_name: str, config: PeftConfig, key: str) -> None:
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
+        indices = indices_for(config, key)
+        check_embedding(self, indices, key)
+        weight = self.get_base_layer().weight  # (V, d)
+        if getattr(config, "init_weights", True):
+            rows = weight.detach()[indices]
+        else:
+            rows = torch.randn((len(indices), weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        self.trainable_tokens_delta[adapter_name] = nn.Parameter(rows.to(*adapter_placement(weight)).clone())
+        self.token_indices[adapter_name] = indices
+        lora = not isinstance(config, TrainableTokensConfig)
+        self.checkpoint_prefix[adapter_name] = LORA_CHECKPOINT_PREFIX if lora else ""
+
+    def checkpoint_key(self, container: str, rest: str, adapter_name: str) -> str | None:
+        """peft's key for this adapter's rows, relative to this layer (checkpoint.py's hook)."""
+        return self.checkpoint_prefix[adapter_name] + container
+
+    # -- forward ------------------------------------------------------------------------------
+    def owner(self) -> TrainableTokensLayer:
+        """The layer that holds the rows and writes them into the table when merging."""
+        return self
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        owner = self.owner()
+        if self.disable_adapters and owner.merged:
+            owner.unmerge()  # peft semantics: a merged layer whose adapters are disabled unmerges first
+        result = self.base_layer(x, *args, **kwargs)
+        active = self.adapters_to_apply()
+        check_disjoint(self.token_indices, active)
+        base = self.get_base_layer()
+        for name in active:
+            if isinstance(base, nn.Embedding):
+                result = self._replace_rows(base, name, x, result)
+            else:
+                result = self._replace_logits(base, name, x, result)
+        return result
+
+    def _index(self, name: str, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.token_indices[name], dtype=torch.long, device=device)  # (n,)
+
+    def _replace_rows(self, emb: nn.Embedding, name: str, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` (..., d), looked up in the frozen table, with the positions whose id is one of
+        the adapter's tokens given that token's trained row instead."""
+        rows = self.trainable_tokens_delta[name]  # (n, d)
+        index = self._index(name, ids.device)
+        # slot[v]: the row of token v in ``rows``, -1 for a frozen token; one (V,) table per call
+        # (a V-length vector, not the V x d table).
+        slot = torch.full((emb.num_embeddings,), -1, dtype=torch.long, device=ids.device)
+        slot[index] = torch.arange(len(index), device=ids.device)
+        where = slot[ids]  # (...,)
+        new = rows[where.clamp(min=0)]  # (..., d); the frozen positions' rows are never used
+        if emb.padding_idx is not None:
+            # nn.Embedding never trains the padding row; nor does a trained copy of it.
+            new = torch.where((ids == emb.padding_idx).unsqueeze(-1), new.detach(), new)
+        new = new.to(result.dtype)
+        scale = _embed_scale(emb)
+        if scale is not None:
+            new = new * scale.to(result.dtype)  # the base lookup already carries it
+        return torch.where((where >= 0).unsqueeze(-1), new, result)
+
+    def _replace_logits(self, head: nn.Linear, name: str, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """A head tied to the table: ``result = h W^T (+ b)`` (..., V) with the adapter's tokens'
+        columns recomputed from their trained rows, ``h R^T (+ b[t])`` (..., n)."""
+        index = self._index(name, h.device)
+        rows = self.trainable_tokens_delta[name].to(h.dtype)
+        bias = None if head.bias is None else head.bias[index].to(h.dtype)
+        return result.index_copy(-1, index, F.linear(h, rows, bias).to(result.dtype))
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        # Already merged adapters count: the rows an overlapping one writes would hide theirs.
+        check_disjoint(self.token_indices, list(dict.fromkeys(self.merged_adapters + list(names))), merging=True)
+        super().merge(adapter_names, safe_merge)
+
+    @torch.no_grad()
+    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
+        """The table with the adapter's rows written in, ``W[t] <- R``; kept for unmerging: the
+        rows it overwrites, ``W[t]``."""
+        weight = tensors["weight"]  # (V, d)
+        index = self._index(adapter_name, weight.device)
+        rows = self.trainable_tokens_delta[adapter_name].detach().to(weight.dtype)
+        return {"weight": weight.index_copy(0, index, rows)}, weight[index].clone()
+
+    def unmerge(self) -> None:
+        """Write back the rows each merge overwrote, newest merge first."""
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            old = self.unmerge_state.pop(name)
+            with torch.no_grad():
+                weight.index_copy_(0, self._index(name, weight.device), old.to(weight))
+
+
+class TiedTokensLayer(TrainableTokensLayer):
+    """Wraps a module that holds the same weight as a ``TrainableTokensLayer``'s embedding (a tied
+    LM head, or a second embedding on the same table) and applies that layer's rows here too.
+
+    It owns nothing: its ``trainable_tokens_delta`` is the owner's ParameterDict (so the state dict
+    lists the rows under this module's name as well, as peft's does), its indices are the owner's,
+    and every adapter the owner gains or loses is gained or lost here. Merging is the owner's
+    business: it writes the shared weight, which this module sees.
+    """
+
+    def __init__(self, base_layer: nn.Module, owner: TrainableTokensLayer) -> None:
+        AdapterLayer.__init__(self, base_layer)  # not TrainableTokensLayer's: the containers are the owner's
+        self._owner = (owner,)  # in a tuple: the owner is its own module elsewhere in the model, not a child
+        self.trainable_tokens_delta = owner.trainable_tokens_delta
+        self.token_indices = owner.token_indices
+        self.checkpoint_prefix = owner.checkpoint_prefix
+
+    def owner(self) -> TrainableTokensLayer:
+        return self._owner[0]
+
+    def update_layer(self, adapter_name: str, config: PeftConfig, key: str) -> None:
+        raise ValueError(
+            f"{key!r} shares its weight with an embedding that already has trainable tokens, and follows that "
+            "embedding's rows; target that embedding instead"
+        )
+
+    def checkpoint_key(self, container: str, rest: str, adapter_name: str) -> str | None:
+        # peft saves the tied copy for its own method, and leaves it out for LoRA's trainable_token_indices.
+        return None if self.checkpoint_prefix[adapter_name] else container
+
+    def adapters_to_apply(self) -> list[str]:
+        if self.disable_adapters:
+            return []
+        merged = self.owner().merged_adapters  # merged adapters are in the shared weight already
+        return [a for a in self.active_adapters if a in self.token_indices and a not in merged]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        # The owner deletes the rows; here the adapter only stops being active.
+        if adapter_name in self.owner().merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge it before deleting it")
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        pass
+
+    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
+        return None
+
+    def unmerge(self) -> None:
+        pass
+
+
+def check_disjoint(token_indices: dict[str, list[int]], names: list[str], merging: bool = False) -> None:
+    """A ValueError when two of the adapters ``names`` train the same token: both would write its
+    row, and which one wins would be an accident of order (peft refuses this too)."""
+    if len(names) < 2:
+        return
+    seen: dict[int, str] = {}
+    for name in names:
+        for i in token_indices.get(name, ()):
+            if i in seen and seen[i] != name:
+                what = "merged" if merging else "active"
+                raise ValueError(
+                    f"adapters {seen[i]!r} and {name!r} both train token {i}; adapters {what} together on one "
+                    "embedding must train disjoint tokens"
+                )
+            seen[i] = name
+
+
+def _embed_scale(emb: nn.Module) -> torch.Tensor | None:
+    """The scalar some embeddings multiply their lookup by (transformers' Gemma-3
+    ``ScaledWordEmbedding`` keeps it as ``embed_scale``), or None."""
+    scale = getattr(emb, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return torch.tensor(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
+# -- which modules, which tokens ----------------------------------------------------------------
+def indices_for(config: PeftConfig, key: str) -> list[int]:
+    """The token ids ``config`` trains in the embedding named ``key`` (a logical name)."""
+    if isinstance(config, TrainableTokensConfig):
+        return config.token_indices
+    indices = getattr(config, "trainable_token_indices", None)
+    if isinstance(indices, dict):
+        for name, ids in indices.items():
+            if key.endswith(name):
+                return ids
+        raise ValueError(f"trainable_token_indices={indices} names no module that {key!r} ends with")
+    if indices is None:
+        raise ValueError(f"{type(config).__name__} trains no tokens (trainable_token_indices is None)")
+    return indices
+
+
+def input_embedding_name(model: nn.Module) -> str:
+    """peft's default target: the name of the module ``model.get_input_embeddings()`` returns, else
+    ``"embed_tokens"``. A logical name (as targets are matched), found by identity."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # transformers' base class, for a model that does not say
+        emb = None
+    if emb is not None:
+        for real, logical in candidate_names(model).items():
+            module = model.get_submodule(real)
+            if module is emb or _innermost(module) is emb:
+                return logical
+    return "embed_tokens"
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, AdapterLayer) else module
+
+
+def _layers(module: nn.Module):
+    """``module`` and the adapter wrappers below it, outermost first."""
+    while isinstance(module, AdapterLayer):
+        yield module
+        module = getattr(module, module.base_layer_name)
+
+
+def token_targets(model: nn.Module, config: PeftConfig, targets: list[str]) -> dict[str, list[int]]:
+    """``{real module name: token ids}`` for the embeddings ``config`` trains tokens of: the
+    targets of a ``TrainableTokensConfig``, or the modules LoRA's ``trainable_token_indices``
+    names (a list: the input embedding; a dict: modules whose name ends with a key, as peft
+    matches them)."""
+    if isinstance(config, TrainableTokensConfig):
+        return {name: config.token_indices for name in targets}
+    indices = getattr(config, "trainable_token_indices", None)
+    if indices is None:
+        return {}
+    if not isinstance(indices, dict):
+        indices = {input_embedding_name(model): indices}
+    names = candidate_names(model)  # {real: logical}
+    found: dict[str, list[int]] = {}
+    for key, ids in indices.items():
+        matched = [real for real, logical in names.items() if logical.endswith(key)]
+        if not matched:
+            tables = [n for r, n in names.items() if isinstance(_innermost(model.get_submodule(r)), nn.Embedding)]
+            nearest, _ = nearest_names([key], tables or list(names.values()))
+            raise ValueError(
+                f"trainable_token_indices names {key!r}, which no module of {type(model).__name__} ends with; "
+                f"embeddings there: {nearest}"
+            )
+        for real in matched:
+            found.setdefault(real, ids)
+    return found
+
+
+def _sharers(model: nn.Module, emb: nn.Module, skip: str) -> list[str]:
+    """Real names of the modules other than ``skip`` (and what is inside it) whose weight is
+    ``emb``'s weight: a tied LM head, a second embedding on the same table."""
+    weight = emb.weight
+    return [
+        real for real in candidate_names(model)
+        if not is_under(real, [skip]) and getattr(_innermost(model.get_submodule(real)), "weight", None) is weight
+    ]
+
+
+def check_embedding(layer_or_module: nn.Module, indices: list[int], key: str) -> None:
+    """The errors of training rows ``indices`` of the embedding ``key`` (wrapped or not)."""
+    emb = _innermost(layer_or_module)
+    if not isinstance(emb, nn.Embedding):
+        raise TypeError(
+            f"trainable tokens train rows of an embedding table; {key!r} is a {type(emb).__name__}, not an "
+            "nn.Embedding. Target the input embedding (e.g. 'embed_tokens', 'wte'); a head tied to it follows by itself"
+        )
+    if emb.max_norm is not None or emb.scale_grad_by_freq:
+        option = f"max_norm={emb.max_norm}" if emb.max_norm is not None else "scale_grad_by_freq=True"
+        raise ValueError(
+            f"{key!r} is an nn.Embedding with {option}, which trainable tokens do not reproduce (rows are replaced "
+            "after the frozen lookup); train the table with LoRA or modules_to_save instead"
+        )
+    vocab = emb.num_embeddings
+    outside = [i for i in indices if i >= vocab]
+    if outside:
+        raise ValueError(
+            f"token ids {outside} are out of range for {key!r}, whose vocabulary has {vocab} tokens (ids 0 to "
+            f"{vocab - 1}); resize the embeddings (model.resize_token_embeddings) before adding the adapter"
+        )
+
+
+def check_token_targets(model: nn.Module, config: PeftConfig, targets: list[str]) -> None:
+    """Every error adding trainable tokens with ``config`` to ``model`` would meet, raised before
+    anything changes (the registry's ``check_model``). ``targets``: the method's targets (for
+    LoRA, the modules it adapts, which must not be these embeddings too)."""
+    tokens = token_targets(model, config, targets)
+    names = candidate_names(model)
+    saved_names = getattr(config, "modules_to_save", None) or []
+    saved = [real for real, logical in names.items() if any(logical.endswith(m) for m in saved_names)]
+    lora = not isinstance(config, TrainableTokensConfig)
+    for name, indices in tokens.items():
+        key = names.get(name, name)
+        module = model.get_submodule(name)
+        tied = next((layer for layer in _layers(module) if isinstance(layer, TiedTokensLayer)), None)
+        if tied is not None:
+            raise ValueError(
+                f"{key!r} shares its weight with an embedding that already has trainable tokens and follows that "
+                "embedding's rows; train tokens of that embedding instead"
+            )
+        check_embedding(module, indices, key)
+        if is_under(name, saved):
+            raise ValueError(
+                f"{key!r} is trained whole by modules_to_save={saved_names} (plain name suffix, as in peft) and has "
+                "trainable tokens; train either the whole table or some of its rows, not both"
+            )
+        if lora and name in targets:
+            raise ValueError(
+                f"{key!r} is adapted by LoRA (target_modules) and has trainable_token_indices; give its tokens to one "
+                "of them: exclude it from target_modules, or drop it from trainable_token_indices"
+            )
+        aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+        if len(aliases) > 1:
+            raise ValueError(
+                f"{key!r} is one module reachable under several names {aliases}; minipeft replaces a module under one "
+                "name, so the others would bypass the trainable tokens. Give the model one reference to it"
+            )
+        for sharer in _sharers(model, _innermost(module), skip=name):
+            base = _innermost(model.get_submodule(sharer))
+            if not isinstance(base, (nn.Linear, nn.Embedding)):
+                raise TypeError(
+                    f"{names[sharer]!r} (a {type(base).__name__}) shares the weight of {key!r}; trainable tokens keep "
+                    "an nn.Linear head or an nn.Embedding on the same table in step, nothing else"
+                )
+            if sharer in tokens:
+                raise ValueError(
+                    f"{names[sharer]!r} and {key!r} share one weight, and both would train tokens of it; target one "
+                    "of them: the other follows"
+                )
+            if is_under(sharer, saved):
+                raise ValueError(
+                    f"{names[sharer]!r} shares the weight of {key!r}, so its rows follow the trainable tokens; it "
+                    f"cannot also be trained whole by modules_to_save={saved_names}"
+                )
+
+
+# -- wrapping (registry hooks) ------------------------------------------------------------------
+def wrap_module(target: nn.Module, adapter_name: str, config: TrainableTokensConfig, key: str) -> TrainableTokensLayer:
+    """Build the wrapper for the embedding ``target`` (named ``key``) with one adapter."""
+    layer = TrainableTokensLayer(target)
+    layer.update_layer(adapter_name, config, key)
+    return layer
+
+
+def wrap_beside(
+    model: nn.Module,
+    config: PeftConfig,
+    adapter_name: str,
+    holders: dict[str, AdapterLayer],
+    updated: list[AdapterLayer],
+) -> list[tuple[str, nn.Module, AdapterLayer]]:
+    """The wrappers trainable tokens need beyond the method's targets (the registry's ``wrap_more``),
+    as ``(name, module, new wrapper)``; existing wrappers that get the adapter go to ``updated``.
+
+    ``holders``: target name -> the wrapper holding the new adapter there. For a
+    ``TrainableTokensConfig`` those are the embeddings' layers already; for LoRA's
+    ``trainable_token_indices`` the embeddings are wrapped here. Then every module tied to one of
+    them gets a ``TiedTokensLayer`` (once: a later adapter finds it there and needs nothing)."""
+    tokens = token_targets(model, config, list(holders))
+    if not tokens:
+        return []  # a LoRA config without trainable_token_indices
+    plan: list[tuple[str, nn.Module, AdapterLayer]] = []
+    owners: dict[str, TrainableTokensLayer] = {}
+    names = candidate_names(model)
+    for name in tokens:
+        if isinstance(config, TrainableTokensConfig):
+            owners[name] = holders[name]
+            continue
+        module = model.get_submodule(name)
+        if type(module) is TrainableTokensLayer:
+            updated.append(module)  # before the update, so a half-done one is rolled back too
+            module.update_layer(adapter_name, config, names.get(name, name))
+            owners[name] = module
+        else:
+            owners[name] = TrainableTokensLayer(module)
+            owners[name].update_layer(adapter_name, config, names.get(name, name))
+            plan.append((name, module, owners[name]))
+    for name, owner in owners.items():
+        for sharer in _sharers(model, owner.get_base_layer(), skip=name):
+            # A head that this config's LoRA adapts too: wrap the new LoRA wrapper, not what it replaces.
+            module = holders.get(sharer) or model.get_submodule(sharer)
+            if any(isinstance(layer, TiedTokensLayer) and layer.owner() is owner for layer in _layers(module)):
+                continue
+            plan.append((sharer, module, TiedTokensLayer(module, owner)))
+    return plan
