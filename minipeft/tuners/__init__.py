@@ -67,7 +67,14 @@ def method_for(config: PeftConfig) -> PeftMethod:
         raise ValueError(f"unknown peft_type {config.peft_type!r}; minipeft supports: {known}") from None
 
 
-register_method(PeftType.LORA, PeftMethod(lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_init))
+# LoRA's trainable_token_indices: trainable tokens beside LoRA, under the LoRA adapter's name.
+register_method(
+    PeftType.LORA,
+    PeftMethod(
+        lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_init,
+        check_model=trainable_tokens.check_token_targets, wrap_more=trainable_tokens.wrap_beside,
+    ),
+)
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)

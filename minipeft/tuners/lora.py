@@ -42,7 +42,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import is_gpt2_conv1d
-from . import lora_init
+from . import lora_init, trainable_tokens
 from .base import AdapterLayer, adapter_placement
 
 
@@ -61,6 +61,8 @@ class LoraConfig(PeftConfig):
     lora_bias: give B a trainable bias ``b_B`` (out,), so the update is ``s (B A x + b_B)``; it starts
     at zero (random with ``init_lora_weights=False``) and merges into the base bias. Linear, Conv1D
     and conv layers only; not with DoRA or PiSSA/OLoRA/gaussian inits (peft's rules).
+    trainable_token_indices: also train these rows of an embedding table (trainable_tokens.py): a
+    list of token ids for the input embedding, or ``{embedding name: token ids}``.
     use_fused_kernels: minipeft only, not saved: use the Triton path on CUDA when available.
     """
 
@@ -80,6 +82,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     use_fused_kernels: bool = True
 
     runtime_only_fields: ClassVar[tuple[str, ...]] = ("use_fused_kernels",)
@@ -87,6 +90,7 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LORA
+        self.trainable_token_indices = trainable_tokens.normalize_lora_token_indices(self.trainable_token_indices)
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LoRA rank must be a positive integer, got {name}={value!r}")
