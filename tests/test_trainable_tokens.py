@@ -1,0 +1,329 @@
+"""Trainable tokens (``TrainableTokensConfig`` and LoRA's ``trainable_token_indices``) against peft.
+
+Tiny transformers models built from configs: GPT-2 ties its LM head to the input embedding
+(``lm_head.weight is transformer.wte.weight``), LLaMA here does not. Trained rows are set to
+random values so that an adapter that did nothing could not pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import minipeft
+from minipeft.tuners.trainable_tokens import TiedTokensLayer, TrainableTokensLayer
+from tests.models import VOCAB, input_ids, tiny_transformers_model
+
+peft = pytest.importorskip("peft")
+
+TOKENS = [5, 1, 60, 7]  # unsorted on purpose: the rows are stored in the order given
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_transformers_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_transformers_model("llama")
+
+
+def ids_with(tokens=(1, 5, 7)) -> torch.Tensor:
+    """A batch that holds ``tokens`` (and no other token of TOKENS), so their rows are looked up."""
+    ids = input_ids(2, 9, seed=3)
+    ids[torch.isin(ids, torch.tensor(TOKENS))] = 11
+    ids[0, : len(tokens)] = torch.tensor(tokens)
+    ids[1, -len(tokens) :] = torch.tensor(tokens)
+    return ids
+
+
+def randomize_rows(model: nn.Module, seed: int = 0) -> None:
+    """Move every trained row away from the table's row (a no-op adapter would match anything)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name or "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g))
+
+
+def logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def grads(model, ids) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    logits(model, ids).pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_no_adapter(model: nn.Module) -> None:
+    assert not any(isinstance(m, TrainableTokensLayer) for m in model.modules())
+
+
+# -- the method of its own, against peft ---------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_forward_and_gradients_match_peft(arch, request):
+    base = request.getfixturevalue(arch)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.TrainableTokensConfig(token_indices=TOKENS))
+    mini_model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.TrainableTokensConfig(token_indices=TOKENS))
+    randomize_rows(peft_model)
+    # The same module tree and parameter names as peft (the tied head included for GPT-2).
+    mini_model.load_state_dict(peft_model.state_dict(), strict=True)
+    assert mini_model.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
+    assert mini_model.peft_config["default"].target_modules == peft_model.peft_config["default"].target_modules
+
+    ids = ids_with()
+    torch.testing.assert_close(logits(mini_model, ids), logits(peft_model, ids), atol=2e-5, rtol=0)
+    peft_grads, mini_grads = grads(peft_model, ids), grads(mini_model, ids)
+    embedding = peft_model.peft_config["default"].target_modules
+    assert mini_grads.keys() == peft_grads.keys() == {f"base_model.model.{embedding}.trainable_tokens_delta.default"}
+    for name in peft_grads:
+        torch.testing.assert_close(mini_grads[name], peft_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_tied_head_sees_the_trained_rows(gpt2):
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.TrainableTokensConfig(token_indices=TOKENS))
+    randomize_rows(model)
+    inner = model.get_base_model()
+    assert isinstance(inner.lm_head, TiedTokensLayer) and inner.lm_head.owner() is inner.transformer.wte
+    rows = inner.transformer.wte.trainable_tokens_delta["default"]
+    table = inner.transformer.wte.get_base_layer().weight.detach().clone()
+    table[TOKENS] = rows.detach()
+    # Logits from the table with the rows written in, computed by hand from the final hidden state.
+    hidden = inner.transformer(input_ids=ids_with()).last_hidden_state
+    torch.testing.assert_close(logits(model, ids_with()), hidden @ table.T, atol=1e-5, rtol=0)
+
+
+def test_only_the_chosen_rows_train(llama):
+    """LLaMA's head is untied, so a row gets gradient only where its token is in the batch."""
+    model = minipeft.get_peft_model(copy.deepcopy(llama), minipeft.TrainableTokensConfig(token_indices=TOKENS))
+    table = model.get_base_model().model.embed_tokens.get_base_layer().weight
+    before = table.detach().clone()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "base_model.model.model.embed_tokens.trainable_tokens_delta.default"
+    ]
+    rows = model.get_base_model().model.embed_tokens.trainable_tokens_delta["default"]
+    torch.testing.assert_close(rows.detach(), before[TOKENS], atol=0, rtol=0)  # init_weights: copies
+
+    ids = ids_with((1, 5, 7))  # token 60 is chosen but absent
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    logits(model, ids).pow(2).mean().backward()
+    assert table.grad is None
+    got = rows.grad.abs().sum(1)
+    assert (got[[0, 1, 3]] > 0).all() and got[2] == 0
+    opt.step()
+    assert torch.equal(table, before)  # the frozen table never changes
+    merged = model.merge_and_unload().model.embed_tokens.weight
+    changed = (merged != before).any(1).nonzero().flatten().tolist()
+    assert changed == [1, 5, 7]
+
+
+def test_tied_rows_train_through_the_head_too(gpt2):
+    """GPT-2's head reads every trained row, so all of them change, and only they, in both tables."""
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.TrainableTokensConfig(token_indices=TOKENS))
+    before = gpt2.transformer.wte.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    logits(model, ids_with((1, 5))).pow(2).mean().backward()
+    opt.step()
+    plain = model.merge_and_unload()
+    assert plain.lm_head.weight is plain.transformer.wte.weight  # still tied
+    changed = (plain.transformer.wte.weight != before).any(1).nonzero().flatten().tolist()
+    assert changed == sorted(TOKENS)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_saved_in_minipeft_loads_in_peft_and_back(arch, request, tmp_path):
+    base = request.getfixturevalue(arch)
+    mini_model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.TrainableTokensConfig(token_indices=TOKENS))
+    randomize_rows(mini_model)
+    ids = ids_with()
+    expected = logits(mini_model, ids).detach()
+    mini_model.save_pretrained(tmp_path / "mini")
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
+    torch.testing.assert_close(logits(peft_model, ids), expected, atol=2e-5, rtol=0)
+    peft_model.save_pretrained(tmp_path / "peft")
+    # The same files: config fields and tensor keys (GPT-2: the tied head's copy too, as peft saves it).
+    mini_config = json.loads((tmp_path / "mini" / "adapter_config.json").read_text())
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {k: peft_config[k] for k in mini_config} == mini_config
+    from safetensors.torch import load_file
+
+    mini_tensors = load_file(tmp_path / "mini" / "adapter_model.safetensors")
+    peft_tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert mini_tensors.keys() == peft_tensors.keys()
+    for k in peft_tensors:
+        assert torch.equal(mini_tensors[k], peft_tensors[k]), k
+
+    back = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(back, ids), expected, atol=0, rtol=0)
+
+
+def test_merge_and_unload_equal_the_unmerged_forward(gpt2):
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.TrainableTokensConfig(token_indices=TOKENS))
+    randomize_rows(model)
+    ids = ids_with()
+    expected = logits(model, ids).detach()
+    table = model.get_base_model().transformer.wte.get_base_layer().weight
+    original = table.detach().clone()
+
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, ids), expected, atol=2e-5, rtol=0)
+    with model.disable_adapter():  # a merged layer unmerges itself when disabled
+        torch.testing.assert_close(logits(model, ids), logits(gpt2, ids), atol=0, rtol=0)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert torch.equal(table, original)
+
+    plain = model.merge_and_unload()
+    assert_no_adapter(plain)
+    assert type(plain.lm_head) is nn.Linear and plain.lm_head.weight is plain.transformer.wte.weight
+    torch.testing.assert_close(logits(plain, ids), expected, atol=2e-5, rtol=0)
+
+
+def test_unload_gives_the_base_model_back(gpt2):
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.TrainableTokensConfig(token_indices=TOKENS))
+    randomize_rows(model)
+    model.merge_adapter()
+    plain = model.unload()
+    assert_no_adapter(plain)
+    torch.testing.assert_close(logits(plain, ids_with()), logits(gpt2, ids_with()), atol=0, rtol=0)
+
+
+def test_several_named_adapters(gpt2, tmp_path):
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.TrainableTokensConfig(token_indices=[1, 5]))
+    model.add_adapter("other", minipeft.TrainableTokensConfig(token_indices=[5, 7], init_weights=False))
+    wte = model.get_base_model().transformer.wte
+    assert set(wte.trainable_tokens_delta) == {"default", "other"}
+    assert not wte.trainable_tokens_delta["other"].requires_grad  # added, not active
+    randomize_rows(model)
+    ids = ids_with()
+    default = logits(model, ids).detach()
+    model.set_adapter("other")
+    other = logits(model, ids).detach()
+    assert not torch.allclose(default, other)
+    model.save_pretrained(tmp_path, selected_adapters=["other"])
+
+    # Two adapters active at once may not train the same token (peft refuses it too).
+    minipeft.injection.set_adapter(model.get_base_model(), ["default", "other"])
+    with pytest.raises(ValueError, match="both train token 5"):
+        logits(model, ids)
+    with pytest.raises(ValueError, match="both train token 5"):
+        model.merge_adapter(["default", "other"])
+    model.set_adapter("other")
+
+    model.delete_adapter("other")
+    torch.testing.assert_close(logits(model, ids), default, atol=0, rtol=0)
+    model.load_adapter(tmp_path / "other", "again")
+    model.set_adapter("again")
+    torch.testing.assert_close(logits(model, ids), other, atol=0, rtol=0)
+    model.delete_adapter("default")
+    model.delete_adapter("again")
+    assert_no_adapter(model)
+
+
+def test_padding_row_and_tied_head_bias():
+    """A hand-written model: the padding row never trains (as in nn.Embedding), and a tied head with
+    a bias keeps it (the adapter at init changes nothing; peft 0.21 drops a tied head's bias)."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 8, padding_idx=0)
+            self.head = nn.Linear(8, VOCAB)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)))
+
+    torch.manual_seed(0)
+    base = Tiny()
+    ids = torch.tensor([[0, 3, 9, 0, 4]])
+    config = minipeft.TrainableTokensConfig(token_indices=[0, 3], target_modules=["embed"])
+    model = minipeft.get_peft_model(copy.deepcopy(base), config)
+    assert isinstance(model.base_model.model.head, TiedTokensLayer)
+    torch.testing.assert_close(model(ids), base(ids), atol=1e-6, rtol=0)
+
+    model.base_model.model.head.disable_adapters = True  # the head alone: only the input side trains
+    model(ids).sum().backward()
+    grad = model.base_model.model.embed.trainable_tokens_delta["default"].grad
+    assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0
+
+
+# -- LoRA's trainable_token_indices ---------------------------------------------------------------
+LORA_CASES = {
+    "gpt2_list": ("gpt2", dict(target_modules=["c_attn"], trainable_token_indices=TOKENS)),
+    "llama_dict": ("llama", dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": TOKENS})),
+}
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_with_trainable_tokens_matches_peft_both_ways(case, request, tmp_path):
+    arch, config = LORA_CASES[case]
+    base = request.getfixturevalue(arch)
+    ids = ids_with()
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **config))
+    randomize_rows(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    mini_model = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft", is_trainable=True)
+    torch.testing.assert_close(logits(mini_model, ids), logits(peft_model, ids), atol=2e-5, rtol=0)
+    assert mini_model.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
+    peft_grads, mini_grads = grads(peft_model, ids), grads(mini_model, ids)
+    rows = [n for n in peft_grads if "trainable_tokens_delta" in n]
+    assert len(rows) == 1
+    mini_rows = rows[0].replace(".token_adapter", "")  # minipeft's layer sits one level higher in memory
+    torch.testing.assert_close(mini_grads[mini_rows], peft_grads[rows[0]], atol=1e-6, rtol=1e-4)
+
+    mini_model.save_pretrained(tmp_path / "mini")
+    saved = minipeft.get_peft_model_state_dict(mini_model)
+    assert saved.keys() == peft.get_peft_model_state_dict(peft_model).keys()
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
+    torch.testing.assert_close(logits(again, ids), logits(peft_model, ids), atol=0, rtol=0)
+
+
+def test_lora_with_trainable_tokens_merges(gpt2):
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.LoraConfig(r=4, **LORA_CASES["gpt2_list"][1]))
+    inner = model.get_base_model()
+    assert isinstance(inner.transformer.wte, TrainableTokensLayer) and isinstance(inner.lm_head, TiedTokensLayer)
+    randomize_rows(model)
+    ids = ids_with()
+    expected = logits(model, ids).detach()
+    plain = model.merge_and_unload()
+    assert_no_adapter(plain)
+    torch.testing.assert_close(logits(plain, ids), expected, atol=2e-5, rtol=0)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_errors(gpt2):
+    model = copy.deepcopy(gpt2)
+    tokens = minipeft.TrainableTokensConfig
+    with pytest.raises(ValueError, match=r"\[64, 70\] are out of range .* vocabulary has 64 tokens"):
+        minipeft.get_peft_model(model, tokens(token_indices=[3, 64, 70]))
+    with pytest.raises(TypeError, match="'transformer.h.0.attn.c_attn' is a Conv1D, not an nn.Embedding"):
+        minipeft.get_peft_model(model, tokens(token_indices=[3], target_modules=["h.0.attn.c_attn"]))
+    with pytest.raises(ValueError, match=r"lists token ids \[1\] more than once"):
+        minipeft.TrainableTokensConfig(token_indices=[1, 2, 1])
+    with pytest.raises(ValueError, match=r"trainable_token_indices\['wte'\] lists token ids \[3\] more than once"):
+        minipeft.LoraConfig(target_modules=["c_attn"], trainable_token_indices={"wte": [3, 3]})
+    with pytest.raises(ValueError, match="negative"):
+        minipeft.LoraConfig(target_modules=["c_attn"], trainable_token_indices=[-1])
+    def lora(**kwargs):
+        return minipeft.LoraConfig(**{"target_modules": ["c_attn"], "trainable_token_indices": [3], **kwargs})
+
+    with pytest.raises(ValueError, match="trained whole by modules_to_save"):
+        minipeft.get_peft_model(model, lora(modules_to_save=["wte"]))
+    with pytest.raises(ValueError, match="'lm_head' shares the weight of 'transformer.wte'"):
+        minipeft.get_peft_model(model, lora(modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="adapted by LoRA"):
+        minipeft.get_peft_model(model, lora(target_modules=["wte", "c_attn"]))
+    with pytest.raises(ValueError, match="names 'embed_tokens', which no module of GPT2LMHeadModel ends with"):
+        minipeft.get_peft_model(model, lora(trainable_token_indices={"embed_tokens": [3]}))
+    # Every refusal left the model as it was.
+    assert not any(isinstance(m, minipeft.tuners.AdapterLayer) for m in model.modules())
