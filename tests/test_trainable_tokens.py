@@ -327,3 +327,35 @@ def test_errors(gpt2):
         minipeft.get_peft_model(model, lora(trainable_token_indices={"embed_tokens": [3]}))
     # Every refusal left the model as it was.
     assert not any(isinstance(m, minipeft.tuners.AdapterLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("first", ["tokens", "plain"])
+def test_add_weighted_adapter_refuses_trainable_tokens(llama, first):
+    """A combined adapter has no token rows to give: the rows are trained values, not updates
+    ``s B A``, and peft's add_weighted_adapter gives the new adapter fresh copies of the table's
+    rows (its sources' rows dropped). minipeft refuses, also when the adapter with tokens is not
+    the first (whose config the new one copies), and leaves the model as it was."""
+    model = minipeft.get_peft_model(copy.deepcopy(llama), minipeft.LoraConfig(r=4, **LORA_CASES["llama_dict"][1]))
+    model.add_adapter("plain", minipeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters = ["default", "plain"] if first == "tokens" else ["plain", "default"]
+    message = r"cannot combine adapters \['default'\] trained with trainable_token_indices: .* merge_and_unload"
+    for combination_type in ("cat", "svd", "linear"):
+        with pytest.raises(ValueError, match=message):
+            model.add_weighted_adapter(adapters, [0.5, 1.0], "both", combination_type=combination_type)
+    assert list(model.peft_config) == ["default", "plain"]
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    # Why: peft's combination of one adapter (exact for its LoRA factors) drops its trained rows.
+    peft_model = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=4, **LORA_CASES["llama_dict"][1]))
+    randomize_rows(peft_model)
+    peft_model.add_weighted_adapter(["default"], [1.0], "single", combination_type="linear")
+    rows = peft_model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta
+    torch.testing.assert_close(rows["single"], llama.model.embed_tokens.weight[TOKENS], atol=0, rtol=0)
+    assert not torch.allclose(rows["default"], rows["single"])
+
+    # What still works: adapters without trainable tokens combine (and reload).
+    model.add_adapter("plain2", minipeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_weighted_adapter(["plain", "plain2"], [0.5, 1.0], "both", combination_type="cat")
+    assert model.peft_config["both"].trainable_token_indices is None

@@ -146,6 +146,19 @@ def _check_arguments(sources: list[tuple[str, PeftConfig]], weights: list[float]
             "lora_bias=False, or fold these into the base model with merge_and_unload(adapter_names=[...]), which "
             "adds each one's bias exactly"
         )
+    # Trained token rows are the tokens' new embeddings (values), not updates s B A, so no weighting
+    # of updates applies to them. peft 0.21 copies the first source's config and gives the combined
+    # adapter fresh rows copied from the table, silently dropping every source's trained rows.
+    tokens = [name for name, config in sources if config.trainable_token_indices is not None]
+    if tokens:
+        raise ValueError(
+            f"cannot combine adapters {tokens} trained with trainable_token_indices: their trained rows are the "
+            "tokens' new embeddings, not low-rank updates s_i B_i A_i that a weighted sum could combine, and peft's "
+            "add_weighted_adapter gives the combined adapter fresh copies of the table's rows (every source's trained "
+            "rows lost), so the result would not compute what its sources do. Combine LoRA adapters trained without "
+            "trainable_token_indices, or fold these into the base model with merge_and_unload(adapter_names=[...]), "
+            "which writes each one's rows (the adapters must train disjoint tokens)"
+        )
     if svd_clamp is not None and (
         isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real) or not 0 < svd_clamp <= 1
     ):
