@@ -18,9 +18,10 @@ command beside it).
     python benchmarks/bench_lora_linear.py --quick          # smoke test, also on CPU (prints only)
 
 `--cases targets` times the shapes the targets are set on (M = 8192 and M = 16, K = N = 4096,
-r = 16), runs the fused function down both of its paths (our GEMM with the low-rank epilogue,
-and cuBLAS's base product with the low-rank term added after) so that `use_fused_base` can be
-set from data, and ends with a table of each target, the figure reached and whether it is met.
+r = 16), runs the fused function down each of its forward routes (our GEMM with the low-rank
+epilogue; the one-launch few-rows kernel; cuBLAS's base product with the low-rank term added
+after) so that the rules choosing them can be set from data, and ends with a table of each
+target, the figure reached and whether it is met.
 Results are written after every case, and `--time-budget` stops starting new cases after that
 many seconds: a run cut short keeps what it measured.
 
@@ -74,7 +75,7 @@ def cases(quick, device, which="all"):
     if which == "targets":
         return sorted({(M, 4096, 4096, 16, p) for M, p, *_ in TARGETS}, reverse=True), torch.bfloat16
     if quick:
-        # One case for each path of the fused function: cuBLAS base (small M), Triton GEMM.
+        # Two of the fused forward's routes: few rows (M = 16) and, fp32 being full fp32 here, cuBLAS base.
         return [(M, K, N, 8, p) for M, K, N in [(16, 64, 96), (256, 256, 256)] for p in (0.0, 0.1)], torch.float32
     shapes = [(4096, 4096), (4096, 11008)]
     return [(M, K, N, r, p) for M in (16, 512, 8192) for K, N in shapes for r in (8, 16, 64)
@@ -124,8 +125,10 @@ def make_fused(W, b, A, B, s, p):
 
 
 def make_fused_down(path):
-    """The fused function with its base product forced down one path ("triton" or "cublas")
-    instead of the one `use_fused_base` picks."""
+    """The fused function with its forward forced down one route ("triton GEMM", "few rows" or
+    "cuBLAS base", see minipeft.kernels.forward_path) instead of the one it picks by shape. The
+    backward follows the base GEMM's choice alone: forcing "few rows" forces the cuBLAS base
+    there."""
     def make(W, b, A, B, s, p):
         from unittest import mock
 
@@ -134,14 +137,16 @@ def make_fused_down(path):
         fused = make_fused(W, b, A, B, s, p)
 
         def forced(x):
-            with mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: path == "triton"):
+            with mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: path == "triton GEMM"), \
+                    mock.patch.object(impl, "use_few_rows", lambda *shape_and_dtype: path == "few rows"):
                 return fused(x)
         return forced
     return make
 
 
 IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": make_peft, "fused": make_fused}
-BOTH_PATHS = {"fused[triton GEMM]": make_fused_down("triton"), "fused[cuBLAS base]": make_fused_down("cublas")}
+# --cases targets: every route the fused forward can take, to set the rules from measurements.
+FORCED_PATHS = {f"fused[{path}]": make_fused_down(path) for path in ("triton GEMM", "few rows", "cuBLAS base")}
 
 
 def fused_runs_here(device):
@@ -210,7 +215,7 @@ def run_case(M, K, N, r, p, dtype, device, impls):
     rows, outputs = [], {}
     for name in impls:
         A_, B_ = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-        layer = {**IMPLEMENTATIONS, **BOTH_PATHS}[name](W, b, A_, B_, s, p)
+        layer = {**IMPLEMENTATIONS, **FORCED_PATHS}[name](W, b, A_, B_, s, p)
         if isinstance(layer, nn.Module):  # peft: its own copies of A and B
             A_, B_ = (t for t in layer.parameters() if t.requires_grad)
         params = [x, A_, B_]
@@ -304,11 +309,11 @@ def main():
     if "fused" not in impls:
         print("fused kernels skipped: no GPU (set TRITON_INTERPRET=1 to run them interpreted)")
     elif args.cases == "targets":
-        impls += list(BOTH_PATHS)
+        impls += list(FORCED_PATHS)
     section = "lora_linear" if args.cases == "all" else "lora_linear (targets)"
     out = args.out if args.out is not None else (None if args.quick else common.RESULTS_DIR)
 
-    from minipeft.kernels import use_fused_base
+    from minipeft.kernels.fused_lora import forward_path, use_few_rows
 
     meta = {
         "dtype": str(dtype).removeprefix("torch."),
@@ -322,8 +327,11 @@ def main():
             print(f"time budget of {args.time_budget:.0f} s spent: {len(case_list) - len(results)} cases not run")
             meta["not_run"] = [list(c) for c in case_list[len(results):]]
             break
-        rows = run_case(M, K, N, r, p, dtype, device, impls)
-        path = "triton GEMM" if use_fused_base(M, N, K, dtype) else "cuBLAS base"
+        # The few-rows kernel holds all of a program's rows and the whole rank at once: only
+        # shapes it is built for can be sent down it.
+        case_impls = [name for name in impls if name != "fused[few rows]" or use_few_rows(M, r, dtype)]
+        rows = run_case(M, K, N, r, p, dtype, device, case_impls)
+        path = forward_path(M, N, K, r, dtype)
         results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
         print(f"M={M} K={K} N={N} r={r} p={p}: " +
               ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)

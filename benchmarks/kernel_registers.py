@@ -136,6 +136,22 @@ def thin_rows(dtype):
     yield f"_dy_pass_kernel, {bm}x64", resources(compiled)
 
 
+def few_rows_rows(dtype, dropout, rows=16, rank=R):
+    """The decoding forward, _few_rows_kernel, at `rows` rows of the flagship layer."""
+    p = f"*{dtype}"
+    args = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, y_ptr=p, xa_ptr=p, M=rows, N=N, K=K, R=rank,
+                stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=rank,
+                stride_br=1, stride_ym=N, stride_yn=1, stride_xam=rank, stride_xar=1,
+                scale=2.0, keep_scale=1.0, threshold=6553, seed=1234, M_BUCKET=rows)
+    flags = dict(HAS_BIAS=True, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", BLOCK_M=max(16, rows),
+                 BLOCK_R=max(16, triton.next_power_of_2(rank)))
+    for config in fl._few_rows_configs():
+        compiled = compile_for_sm90(fl._few_rows_kernel, args, {**flags, **config.kwargs},
+                                    config.num_warps, config.num_stages)
+        tile = f"{max(16, rows)}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
+        yield f"{tile}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
+
+
 def other_rows():
     """Every other variant a launch can ask for, each in one config: that it compiles at all is
     the point (the interpreter the tests use never runs triton's GPU code generation)."""
@@ -191,6 +207,9 @@ def main():
               gemm_rows("fp32", backward=False, dropout=False, precision="ieee")),
         table("dx GEMM with dA summed in it, bf16, dropout 0", gemm_rows("bf16", backward=True, dropout=False)),
         table("dx GEMM with dA summed in it, bf16, dropout 0.1", gemm_rows("bf16", backward=True, dropout=True)),
+        table("few rows: y and xa in one launch (decoding forward), M = 16, bf16", few_rows_rows("bf16", False)),
+        table("few rows, M = 16, bf16, dropout 0.1", few_rows_rows("bf16", True)),
+        table("few rows at its limits, M = 32, r = 64, bf16", few_rows_rows("bf16", False, rows=32, rank=64)),
         table("thin kernels, bf16", thin_rows("bf16")),
         table("other variants, one config each", other_rows()),
     ]

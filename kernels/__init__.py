@@ -6,6 +6,7 @@ and otherwise runs its pure-PyTorch reference, which computes the same numbers.
 
     lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None)
     dropout_mask(seed, shape, p, device)   the keep-mask a call with that seed used (for tests)
+    forward_path(M, N, K, R, dtype)        which kernels the forward runs for that shape
     is_available()                         triton can be imported
     set_enabled(flag) / enabled()          global switch, on by default
 
@@ -40,7 +41,7 @@ def set_enabled(flag: bool) -> None:
 
 
 if is_available():
-    from .fused_lora import dropout_mask, lora_linear, use_fused_base
+    from .fused_lora import dropout_mask, forward_path, lora_linear, use_fused_base
 else:
     def lora_linear(*args, **kwargs):
         raise RuntimeError("minipeft.kernels.lora_linear needs triton; check minipeft.kernels.is_available()")

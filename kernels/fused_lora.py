@@ -17,8 +17,9 @@ needs it redraws it from the seed and the element's position (m, k) in x, with P
 (`_keep_tile`). So the backward keeps only x, xa and an int, and `dropout_mask()` below can
 hand tests the exact mask the kernels used.
 
-Four kernels:
+Five kernels:
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
+    _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
     _dy_pass_kernel          dxa = s * dy @ B  and  dB += s * dy^T @ xa  (fp32 atomics)
     _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)             only when dx is not needed:
@@ -30,7 +31,9 @@ small), with masks for the padding, so any rank 1..256 (or more) works.
 
 When the base GEMM cannot be expected to beat cuBLAS (see `use_fused_base`), the base product
 is cuBLAS `F.linear` / `mm` and only the low-rank part is ours. The shrink runs here when there
-is dropout to draw, and in cuBLAS when there is not.
+is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the exception:
+there y costs about one read of W, and the few-rows kernel saves the two extra launches
+(`forward_path` names the route a shape takes).
 """
 
 import os
@@ -342,6 +345,110 @@ def _shrink(x, lora_A, p, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# Few rows (decoding): y and xa in one launch
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
+def _few_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_xam, stride_xar,
+    scale, keep_scale, threshold, seed,
+    M_BUCKET,  # unused here; only the autotuner's cache key
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y = x W^T + b + s * xa B^T and xa = (D * x) A^T / (1 - p), for M of at most BLOCK_M rows.
+
+    With few rows, y costs what reading W costs, and three launches (shrink, GEMM, addmm) would
+    each pay a launch's latency on top. Here one launch does all: every program streams its
+    (BLOCK_N, K) slice of W once and, in the same K loop, the whole of A (from L2: A is small and
+    every program reads it), so each program has xa for its rows when the loop ends and adds the
+    low-rank term to its tile of y. Program 0 of each row block stores xa for the backward.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)  # the whole rank in one block
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x W^T
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # (D * x) A^T
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
+        w_t = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                      mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)  # (BLOCK_K, BLOCK_N)
+        a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                      mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_K, BLOCK_R)
+        acc = _dot(x, w_t, acc, DOT_PRECISION)
+        if HAS_DROPOUT:
+            x = tl.where(_keep_tile(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0).to(x.dtype)
+        xa = _dot(x, a_t, xa, DOT_PRECISION)
+    if HAS_DROPOUT:
+        xa = xa * keep_scale
+    # xa is rounded to the input dtype before it meets B, as the separate shrink stores it: the
+    # backward then sees the very xa the forward used.
+    xa = xa.to(xa_ptr.dtype.element_ty)
+    if pid_n == 0:
+        tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
+                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                  mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)  # (BLOCK_R, BLOCK_N)
+    acc += scale * _dot(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# Each program holds all the rows and the whole rank: (BLOCK_M + BLOCK_N + BLOCK_R) x BLOCK_K
+# 16-bit tiles per pipeline stage. These limits keep at least the 128-deep, 4-stage configs
+# inside an H100's shared memory (`benchmarks/results/sm90-registers.md`); fp32 would double
+# that, and decoding in fp32 is rare enough to leave to cuBLAS.
+FEW_ROWS_MAX_M, FEW_ROWS_MAX_R = 32, 64
+
+
+def _few_rows_configs():
+    """Autotuning candidates. Few programs run, so the tile that keeps the most loads of W in
+    flight wins; a config whose tiles do not fit in shared memory fails to launch and the
+    autotuner skips it."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            for bn, bk, warps, stages in [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
+                                          (16, 256, 4, 4), (32, 512, 8, 3)]]
+
+
+_few_rows_tuned = triton.autotune(configs=_few_rows_configs(),
+                                  key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "DOT_PRECISION", "BLOCK_R"])(
+    _few_rows_kernel)
+
+
+def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed):
+    """(y, xa) for x (M, K) with M <= FEW_ROWS_MAX_M and rank <= FEW_ROWS_MAX_R, in one launch."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    assert 1 <= M <= FEW_ROWS_MAX_M and R <= FEW_ROWS_MAX_R, \
+        f"the few-rows kernel is built for 1..{FEW_ROWS_MAX_M} rows and rank <= {FEW_ROWS_MAX_R}"
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    block_m = max(16, triton.next_power_of_2(M))  # tl.dot needs 16 rows at least
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
+    _few_rows_tuned[grid](
+        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
+        scale, 1.0 / (1.0 - p), _dropout_threshold(p), seed, block_m,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(R)))
+    return y, xa
+
+
+# ----------------------------------------------------------------------------------------------
 # Backward, one pass over dy: dxa (M, R) = s * dy @ B  and  dB (N, R) = s * dy^T @ xa
 # ----------------------------------------------------------------------------------------------
 
@@ -491,11 +598,25 @@ def use_fused_base(M, N, K, dtype=torch.bfloat16):
     Fusing saves one read and one write of y (M, N). That only pays when the GEMM itself is as
     fast as cuBLAS, which for a tutorial-style kernel means tensor cores, enough output tiles to
     fill the GPU and a reduction long enough to pipeline. Few rows (decoding, small batches) or
-    thin matrices go to cuBLAS, which has split-K and hand-tuned small-M kernels; so does full
-    fp32 (no TF32), where tl.dot falls back to FMAs and half of our GEMM's configs spill
-    (`benchmarks/results/sm90-registers.md`).
+    thin matrices go elsewhere: the forward to the one-launch few-rows kernel where
+    `use_few_rows` allows, the rest to cuBLAS, which has split-K and hand-tuned small-M kernels.
+    So does full fp32 (no TF32), where tl.dot falls back to FMAs and half of our GEMM's configs
+    spill (`benchmarks/results/sm90-registers.md`).
     """
     return M >= 256 and N >= 256 and K >= 256 and _dot_precision(dtype) == "tf32"
+
+
+def use_few_rows(M, R, dtype=torch.bfloat16):
+    """Whether the forward of a layer too small for our GEMM runs as one launch (`_few_rows`)
+    rather than three (shrink, cuBLAS's x W^T, addmm): decoding and small batches, 16-bit."""
+    return 1 <= M <= FEW_ROWS_MAX_M and R <= FEW_ROWS_MAX_R and dtype in (torch.bfloat16, torch.float16)
+
+
+def forward_path(M, N, K, R, dtype):
+    """The route lora_linear's forward takes for x (M, K), W (N, K) and rank R, by name."""
+    if use_fused_base(M, N, K, dtype):
+        return "triton GEMM"
+    return "few rows" if use_few_rows(M, R, dtype) else "cuBLAS base"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,15 +634,18 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, K)  # (M, K), a view whenever the leading dims allow; strides go to the kernels
         M = x2.shape[0]
 
-        # The shrink is ours only to draw the dropout mask in-kernel. Without dropout it is a
-        # plain skinny matmul, which cuBLAS does as well as anything (split-K when M is small,
-        # where our kernel would leave all but a few SMs idle).
-        xa = _shrink(x2, lora_A, p, seed) if p > 0 else x2 @ lora_A.t()  # (M, r)
-        if use_fused_base(M, N, K, x.dtype):
-            y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
+        R = lora_A.shape[0]
+        if not use_fused_base(M, N, K, x.dtype) and use_few_rows(M, R, x.dtype):
+            y, xa = _few_rows(x2, weight, bias, lora_A, lora_B, scaling, p, seed)
         else:
-            y = F.linear(x2, weight, bias)
-            y.addmm_(xa, lora_B.t(), alpha=scaling)
+            # The shrink is ours only to draw the dropout mask in-kernel. Without dropout it is a
+            # plain skinny matmul, which cuBLAS does as well as anything.
+            xa = _shrink(x2, lora_A, p, seed) if p > 0 else x2 @ lora_A.t()  # (M, r)
+            if use_fused_base(M, N, K, x.dtype):
+                y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
+            else:
+                y = F.linear(x2, weight, bias)
+                y.addmm_(xa, lora_B.t(), alpha=scaling)
 
         ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
@@ -595,4 +719,4 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed))
 
 
-__all__ = ["lora_linear", "dropout_mask", "use_fused_base", "LoraLinearFunction"]
+__all__ = ["lora_linear", "dropout_mask", "use_fused_base", "use_few_rows", "forward_path", "LoraLinearFunction"]

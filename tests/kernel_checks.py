@@ -67,19 +67,36 @@ def make_inputs(lead, K, N, r, dtype, bias=True, layout="contiguous", seed=0, de
     return x, weight, b, lora_A, lora_B
 
 
-def check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fused, needs_grad="x A B",
+# The forward's three routes (fused_lora.forward_path); the backward follows use_fused_base too.
+PATHS = ["triton GEMM", "few rows", "cuBLAS base"]
+
+
+@contextlib.contextmanager
+def forced_path(path):
+    """Send lora_linear down one route: our GEMM with the low-rank epilogue, the one-launch
+    few-rows kernel (where its own rule allows: at most 32 rows, rank 64, 16-bit), or cuBLAS's
+    base product with our low-rank kernels; None leaves the library's own choice."""
+    if path is None:
+        yield
+        return
+    assert path in PATHS, path
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: path == "triton GEMM"))
+        if path == "cuBLAS base":
+            stack.enter_context(mock.patch.object(impl, "use_few_rows", lambda *shape_and_dtype: False))
+        yield
+
+
+def check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, path, needs_grad="x A B",
                             device="cpu", tol=None):
     """Forward and the gradients asked for against the float64 reference, relative to the scale
-    of each sum. fused: force our base GEMM (True) or cuBLAS's (False); None keeps
-    `use_fused_base`'s own choice. tol defaults to TOL[dtype]."""
+    of each sum, with lora_linear sent down `path` (see forced_path). tol defaults to TOL[dtype]."""
     x, weight, b, lora_A, lora_B = make_inputs(lead, K, N, r, dtype, bias, layout, device=device)
     for name, t in zip("x A B".split(), (x, lora_A, lora_B)):
         t.requires_grad_(name in needs_grad.split())
     seed = 1234
 
-    choice = contextlib.nullcontext() if fused is None else \
-        mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: fused)
-    with choice:
+    with forced_path(path):
         y = kernels.lora_linear(x, weight, b, lora_A, lora_B, scaling, dropout_p=p, seed=seed)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         y.backward(dy)

@@ -40,7 +40,7 @@ def test_in_fresh_interpreter():
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 
-from tests.kernel_checks import TOL, check_against_reference, make_inputs, reference, rel_err  # noqa: E402
+from tests.kernel_checks import PATHS, TOL, check_against_reference, forced_path, make_inputs, reference, rel_err  # noqa: E402,E501
 
 
 @interpreted
@@ -55,27 +55,28 @@ from tests.kernel_checks import TOL, check_against_reference, make_inputs, refer
     layout=st.sampled_from(["contiguous", "strided", "transposed"]),
     p=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
     scaling=st.sampled_from([0.5, 2.0]),
-    fused=st.booleans(),
+    path=st.sampled_from(PATHS),
 )
-def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fused):
-    check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, fused)
+def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, scaling, path):
+    check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, path)
 
 
 @interpreted
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-base", "cublas-base"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_ragged_shapes_every_dtype(dtype, fused):
+def test_ragged_shapes_every_dtype(dtype, path):
     # Fixed cases next to the random ones: edges in every block dimension, r = 1, K < block.
-    check_against_reference((3, 37), 45, 29, 1, dtype, True, "strided", 0.0, 2.0, fused)
-    check_against_reference((70,), 5, 33, 8, dtype, False, "transposed", 0.25, 0.5, fused)
+    check_against_reference((3, 7), 45, 29, 1, dtype, True, "strided", 0.0, 2.0, path)
+    check_against_reference((3, 37), 45, 29, 1, dtype, True, "strided", 0.0, 2.0, path)  # > 32 rows
+    check_against_reference((70,), 5, 33, 8, dtype, False, "transposed", 0.25, 0.5, path)
 
 
 @interpreted
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-base", "cublas-base"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("needs_grad", ["x", "A", "B", "x B", "A B"])
-def test_only_the_gradients_asked_for(needs_grad, fused):
+def test_only_the_gradients_asked_for(needs_grad, path):
     # dA is summed inside the dx GEMM when dx is needed, and by its own kernel when it is not.
-    check_against_reference((3, 20), 40, 36, 5, torch.float32, True, "strided", 0.25, 2.0, fused, needs_grad)
+    check_against_reference((3, 20), 40, 36, 5, torch.float32, True, "strided", 0.25, 2.0, path, needs_grad)
 
 
 @interpreted
@@ -164,9 +165,17 @@ def test_switch_and_fallback_rule():
         assert not kernels.enabled()
     finally:
         kernels.set_enabled(True)
-    # Decoding-sized batches go to cuBLAS; a long sequence runs our GEMM, except in full fp32.
+    # A long sequence runs our GEMM, except in full fp32; decoding-sized batches run the
+    # one-launch few-rows kernel where the rank allows, and cuBLAS's base product otherwise.
     assert not impl.use_fused_base(16, 4096, 4096)
     assert impl.use_fused_base(8192, 4096, 4096)
+    bf16 = torch.bfloat16
+    assert impl.forward_path(8192, 4096, 4096, 16, bf16) == "triton GEMM"
+    assert impl.forward_path(16, 4096, 4096, 16, bf16) == "few rows"
+    assert impl.forward_path(32, 4096, 11008, 64, torch.float16) == "few rows"
+    assert impl.forward_path(16, 4096, 4096, 65, bf16) == "cuBLAS base"
+    assert impl.forward_path(33, 4096, 4096, 16, bf16) == "cuBLAS base"
+    assert impl.forward_path(16, 4096, 4096, 16, torch.float32) == "cuBLAS base"
     with tf32_allowed(False):
         assert not impl.use_fused_base(8192, 4096, 4096, torch.float32)
     with tf32_allowed(True):
@@ -192,7 +201,8 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
     launch must ask for what cuBLAS would do. (The interpreter computes in full precision
     either way, so this checks what the launches ask for.)"""
     launched = {}
-    kernel_fns = [impl._matmul_lowrank_kernel, impl._shrink_kernel, impl._dy_pass_kernel, impl._lora_a_grad_kernel]
+    kernel_fns = [impl._matmul_lowrank_kernel, impl._few_rows_kernel, impl._shrink_kernel, impl._dy_pass_kernel,
+                  impl._lora_a_grad_kernel]
 
     def spy(fn):
         def run(*args, **kwargs):
@@ -201,18 +211,20 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
         return run
 
     original = {fn: fn.run for fn in kernel_fns}
-    x, weight, b, lora_A, lora_B = make_inputs((40,), 24, 20, 4, dtype)
+    x, weight, b, lora_A, lora_B = make_inputs((20,), 24, 20, 4, dtype)
     lora_A.requires_grad_(True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(tf32_allowed(allow_tf32))
         for fn in kernel_fns:
             stack.enter_context(mock.patch.object(fn, "run", spy(fn)))
-        for fused_base in (True, False):
-            stack.enter_context(mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: fused_base))
+        for path in PATHS:
             for x_needs_grad in (True, False):  # without dx, dA has a kernel of its own
                 x.requires_grad_(x_needs_grad)
-                kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.1, seed=3).sum().backward()
-    assert launched == {fn.__name__: {precision} for fn in kernel_fns}
+                with forced_path(path):
+                    kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.1, seed=3).sum().backward()
+    # Every kernel ran (the few-rows one in 16-bit only: fp32 decoding is left to cuBLAS).
+    expected = [fn for fn in kernel_fns if fn is not impl._few_rows_kernel or dtype != torch.float32]
+    assert launched == {fn.__name__: {precision} for fn in expected}
 
 
 @interpreted
@@ -229,15 +241,15 @@ def test_shapes_devices_and_dropout_are_checked_up_front():
 def _large_offsets_case():
     """x whose last row starts 2**31 elements into its storage: offsets need int64.
 
-    The storage is ~4 GB of virtual memory, but only the pages of x's 33 rows are ever touched.
+    The storage is ~4 GB of virtual memory, but only the pages of x's 17 rows are ever touched.
     """
-    M, K, N, r, row_stride = 33, 16, 24, 4, 2**26  # (M - 1) * row_stride == 2**31
+    M, K, N, r, row_stride = 17, 16, 24, 4, 2**27  # (M - 1) * row_stride == 2**31; few enough rows for every path
     storage = torch.empty((M - 1) * row_stride + K, dtype=torch.float16)
     x_small, weight, b, lora_A, lora_B = make_inputs((M,), K, N, r, torch.float16)
     x = storage.as_strided((M, K), (row_stride, 1)).copy_(x_small).requires_grad_(True)
     lora_A.requires_grad_(True)
-    for fused in (True, False):
-        with mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: fused):
+    for path in PATHS:
+        with forced_path(path):
             y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.25, seed=5)
             y.float().sum().backward()
         mask = kernels.dropout_mask(5, (M, K), 0.25).double()

@@ -1,9 +1,10 @@
 """The fused LoRA kernels compiled for a real GPU, against the same float64 reference.
 
 test_kernels.py checks the kernels' logic through Triton's interpreter on CPU tensors. This file
-checks what only hardware shows: the machine code of every autotuning config, tensor-core
-rounding in each dtype (TF32 for float32 only where torch allows it), the autotuned flagship
-shape, and LoraLinear taking the fused path by itself on CUDA tensors. Without a GPU it is
+checks what only hardware shows: the machine code of every autotuning config of both GEMMs,
+tensor-core rounding in each dtype (TF32 for float32 only where torch allows it), the autotuned
+flagship shapes (decoding and a long sequence), and LoraLinear taking the fused path by itself
+on CUDA tensors. Without a GPU it is
 skipped; on one it runs with the rest of `make test`, or alone:
 
     python -m pytest -q tests/test_kernels_cuda.py
@@ -40,7 +41,7 @@ from torch import nn  # noqa: E402
 import minipeft.kernels as kernels  # noqa: E402
 import minipeft.kernels.fused_lora as impl  # noqa: E402
 from minipeft import LoraConfig, get_peft_model  # noqa: E402
-from tests.kernel_checks import TOL, check_against_reference, rel_err  # noqa: E402
+from tests.kernel_checks import PATHS, TOL, check_against_reference, rel_err  # noqa: E402
 
 # TF32 keeps 10 bits of mantissa: each product is off by up to ~2^-11 of its size.
 TF32_TOL = 3e-3
@@ -66,6 +67,17 @@ def gemm_configs(configs):
 
 
 @contextlib.contextmanager
+def few_rows_configs(configs):
+    """Run the few-rows kernel with only these autotuning configs."""
+    import triton
+
+    tuned = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "DOT_PRECISION", "BLOCK_R"])(
+        impl._few_rows_kernel)
+    with mock.patch.object(impl, "_few_rows_tuned", tuned):
+        yield
+
+
+@contextlib.contextmanager
 def tf32_allowed(allowed):
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allowed
@@ -77,6 +89,7 @@ def tf32_allowed(allowed):
 
 # Small enough to compile once per kernel variant: tuning every random shape would cost minutes.
 SMALL_CONFIG = impl._gemm_configs()[-1]
+SMALL_FEW_ROWS_CONFIG = impl._few_rows_configs()[0]
 
 
 @compiled
@@ -90,11 +103,11 @@ SMALL_CONFIG = impl._gemm_configs()[-1]
     bias=st.booleans(),
     layout=st.sampled_from(["contiguous", "strided", "transposed"]),
     p=st.sampled_from([0.0, 0.1, 0.5]),
-    fused=st.booleans(),
+    path=st.sampled_from(PATHS),
 )
-def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, fused):
-    with gemm_configs([SMALL_CONFIG]):
-        check_against_reference(lead, K, N, r, dtype, bias, layout, p, 2.0, fused, device=DEVICE)
+def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, path):
+    with gemm_configs([SMALL_CONFIG]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
+        check_against_reference(lead, K, N, r, dtype, bias, layout, p, 2.0, path, device=DEVICE)
 
 
 @compiled
@@ -103,28 +116,42 @@ def test_every_autotuning_config(config):
     # Ragged in every block dimension of every config; forward GEMM and the dx GEMM with the
     # dropout mask and dA in its epilogue, each compiled with this tile.
     with gemm_configs([config]):
-        check_against_reference((301,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, True,
+        check_against_reference((301,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "triton GEMM",
                                 device=DEVICE)
 
 
 @compiled
+@pytest.mark.parametrize("config", impl._few_rows_configs(), ids=str)
+@pytest.mark.parametrize("M", [1, 16, 32])
+def test_every_few_rows_config(config, M):
+    # Ragged in N and K for every tile; the backward behind it takes the cuBLAS base.
+    with few_rows_configs([config]):
+        check_against_reference((M,), 1000, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "few rows",
+                                device=DEVICE)
+
+
+@compiled
+@pytest.mark.parametrize("M", [16, 2048])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_autotuned_flagship_shape(p):
-    # What the benchmark runs: the library's own choice of path and its autotuned tile.
-    M = 2048 if DEVICE == "cuda" else 64
+def test_autotuned_flagship_shapes(M, p):
+    # What the benchmark runs: the library's own choice of path and its autotuned tile, for
+    # decoding (few rows) and for a long sequence (our GEMM).
+    if DEVICE == "cpu":
+        M = min(M, 80)
     K = N = 4096 if DEVICE == "cuda" else 96
     check_against_reference((M,), K, N, 16, torch.bfloat16, True, "contiguous", p, 2.0, None, device=DEVICE)
 
 
 @compiled
 @pytest.mark.parametrize("allow_tf32", [False, True])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-base", "cublas-base"])
-def test_float32_follows_torchs_tf32_switch(allow_tf32, fused):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("M", [7, 385])
+def test_float32_follows_torchs_tf32_switch(allow_tf32, path, M):
     # Without TF32 every kernel must compute in full fp32 (the interpreter always does, so only a
     # GPU can tell); with it, TF32's rounding is the tolerance.
     tol = TF32_TOL if allow_tf32 else TOL[torch.float32]
-    with tf32_allowed(allow_tf32), gemm_configs([SMALL_CONFIG]):
-        check_against_reference((5, 77), 300, 140, 24, torch.float32, True, "strided", 0.1, 2.0, fused,
+    with tf32_allowed(allow_tf32), gemm_configs([SMALL_CONFIG]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
+        check_against_reference((M,), 300, 140, 24, torch.float32, True, "strided", 0.1, 2.0, path,
                                 device=DEVICE, tol=tol)
 
 
