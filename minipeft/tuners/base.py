@@ -46,6 +46,21 @@ def check_distinct(adapter_names: list[str]) -> None:
         raise ValueError(f"adapter_names lists {repeated} more than once; name each adapter once: {distinct}")
 
 
+def embed_scale(embedding: nn.Module) -> torch.Tensor | None:
+    """The scalar some embeddings multiply their lookup by (transformers' Gemma-3
+    ``ScaledWordEmbedding`` keeps it as the buffer ``embed_scale``; a plain number counts too,
+    as a tensor of the table's dtype), or None. Whatever an adapter adds to such a lookup is
+    scaled by it as well, as peft does. A tensor of more than one entry is not a scale peft
+    recognises, and is left alone."""
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        weight = embedding.weight
+        return torch.tensor(scale, device=weight.device, dtype=weight.dtype)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    return None
+
+
 class AdapterLayer(nn.Module):
     """Base class of every wrapper. Subclasses list their per-adapter containers."""
 

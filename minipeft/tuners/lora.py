@@ -43,7 +43,7 @@ from torch import nn
 from ..config import PeftConfig, PeftType
 from ..targeting import is_gpt2_conv1d
 from . import lora_init, trainable_tokens
-from .base import AdapterLayer, adapter_placement
+from .base import AdapterLayer, adapter_placement, embed_scale
 
 
 @dataclass
@@ -454,7 +454,12 @@ class LoraLinear(LoraLayer):
 
 
 class LoraEmbedding(LoraLayer):
-    """LoRA around ``nn.Embedding``: the update ``s * (B A)^T`` is a (num_embeddings x dim) table."""
+    """LoRA around ``nn.Embedding``: the update ``s * (B A)^T`` is a (num_embeddings x dim) table.
+
+    An embedding that scales its lookup (``embed_scale``, Gemma-3) returns ``c W[x]``; the LoRA
+    term is scaled by ``c`` too, as peft does, so the adapted lookup is ``c (W + s (B A)^T)[x]``.
+    That is what the merged table ``W + s (B A)^T`` gives under the module's own scaling, so
+    merging needs no ``c``."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         num_embeddings, dim = _innermost(base_layer).weight.shape
@@ -474,11 +479,15 @@ class LoraEmbedding(LoraLayer):
         self._apply_lora_before()
         result = self.base_layer(x, *args, **kwargs)
         emb = self.get_base_layer()
+        scale = embed_scale(emb)  # the base lookup above already carries it
         for name in self.adapters_to_apply():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             # Look rows up in A^T (num_embeddings, r), then project up with B: (..., r) @ (r, dim).
             after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
-            result = result + (after_a @ B.T).to(result.dtype) * self.scaling[name]
+            term = (after_a @ B.T).to(result.dtype) * self.scaling[name]
+            if scale is not None:
+                term = term * scale.to(result.dtype)
+            result = result + term
         return result
 
 

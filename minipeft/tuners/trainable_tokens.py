@@ -60,7 +60,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import candidate_names, is_under, nearest_names
-from .base import AdapterLayer, adapter_placement
+from .base import AdapterLayer, adapter_placement, embed_scale
 
 # Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
 LORA_CHECKPOINT_PREFIX = "token_adapter."
@@ -207,7 +207,7 @@ class TrainableTokensLayer(AdapterLayer):
             # nn.Embedding never trains the padding row; nor does a trained copy of it.
             new = torch.where((ids == emb.padding_idx).unsqueeze(-1), new.detach(), new)
         new = new.to(result.dtype)
-        scale = _embed_scale(emb)
+        scale = embed_scale(emb)
         if scale is not None:
             new = new * scale.to(result.dtype)  # the base lookup already carries it
         return torch.where((where >= 0).unsqueeze(-1), new, result)
@@ -313,17 +313,6 @@ def check_disjoint(token_indices: dict[str, list[int]], names: list[str], mergin
                     "embedding must train disjoint tokens"
                 )
             seen[i] = name
-
-
-def _embed_scale(emb: nn.Module) -> torch.Tensor | None:
-    """The scalar some embeddings multiply their lookup by (transformers' Gemma-3
-    ``ScaledWordEmbedding`` keeps it as ``embed_scale``), or None."""
-    scale = getattr(emb, "embed_scale", None)
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return torch.tensor(scale)
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        return scale
-    return None
 
 
 # -- which modules, which tokens ----------------------------------------------------------------
