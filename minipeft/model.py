@@ -240,8 +240,9 @@ class PeftModel(nn.Module):
         """``(layer name, wrapper, adapters to merge there)`` for every wrapper that holds one of
         ``adapter_names`` (default: the active adapter). Checks all that can fail before anything
         is merged: unknown or repeated names, adapters that are not linear maps of a weight,
-        adapters merged already (``already_merged``: "error", or "keep" them merged) and, with
-        ``safe_merge``, weights that would hold NaN or inf."""
+        adapters merged already (``already_merged``: "error", or "keep" them merged), layers an
+        adapter cannot be folded into (``merge_blocker``) and, with ``safe_merge``, weights that
+        would hold NaN or inf."""
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names is a list of names, got the string {adapter_names!r}")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
@@ -265,6 +266,8 @@ class PeftModel(nn.Module):
                 f"cannot merge adapter(s) {names}: {blocking} adapters are not linear maps of a weight, so they "
                 "cannot be merged; call unload() to remove them without merging"
             )
+        for layer_name, layer, here in plan:
+            layer.check_merge_blockers(here, layer_name)
         if safe_merge:
             for layer_name, layer, here in plan:
                 layer.check_merge_is_finite(here, layer_name)

@@ -217,13 +217,32 @@ def test_merge_refused_where_the_base_has_no_bias():
     randomize_adapters(model)
     x = torch.randn(2, 4)
     expected, weight = model(x), model.base_model.model[0].base_layer.weight.clone()
-    message = r"adapter 'default' trains a bias on lora_B \(lora_bias=True\), but this Linear has no bias"
+    message = r"cannot merge adapter 'default' into '0', so nothing was merged: it trains a bias on lora_B " \
+              r"\(lora_bias=True\), but this Linear has no bias"
     for merge in (model.merge_adapter, lambda: model.merge_and_unload(safe_merge=True)):
         with pytest.raises(ValueError, match=message):
             merge()
         assert not model.base_model.model[0].merged
         assert torch.equal(model.base_model.model[0].base_layer.weight, weight)
     torch.testing.assert_close(model(x), expected)  # still adapted, unmerged
+
+
+@pytest.mark.filterwarnings("ignore:lora_bias=True on")
+def test_a_merge_that_cannot_finish_does_not_start():
+    # Layer "0" could take the adapter, layer "1" cannot: without safe_merge too, merging must
+    # refuse before "0" is written, or the model would be half merged.
+    base = nn.Sequential(nn.Linear(4, 4, bias=True), nn.Linear(4, 4, bias=False))
+    model = minipeft.get_peft_model(base, minipeft.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))
+    randomize_adapters(model)
+    x = torch.randn(2, 4)
+    expected, before = model(x), {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match=r"cannot merge adapter 'default' into '1', so nothing was merged"):
+            merge()
+        state = model.get_base_model().state_dict()
+        assert all(torch.equal(state[k], v) for k, v in before.items())
+        assert not any(layer.merged for layer in (model.base_model.model[0], model.base_model.model[1]))
+    torch.testing.assert_close(model(x), expected)
 
 
 # -- checkpoints, both ways -----------------------------------------------------------------------

@@ -147,6 +147,12 @@ class AdapterLayer(nn.Module):
         if self.merged_adapters:
             raise TypeError(f"{type(self).__name__} cannot hold merged adapters")
 
+    def merge_blocker(self, adapter_name: str) -> str | None:
+        """Why adapter ``adapter_name`` cannot be folded into this layer's weights, or None.
+        Asked of every layer before any is merged, so that a merge that could not finish does
+        not start (a half-merged model would compute neither the base nor the adapted model)."""
+        return None
+
     # -- merging: a template over merged_tensors ----------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights, in order. ``safe_merge``:
@@ -224,7 +230,16 @@ class AdapterLayer(nn.Module):
         twice = [n for n in names if n in self.merged_adapters]
         if twice:
             raise ValueError(f"adapter(s) {twice} already merged into this layer; unmerge before merging again")
+        self.check_merge_blockers(names)
         return list(names)
+
+    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
+        """A ValueError naming the first of ``adapter_names`` that ``merge_blocker`` refuses here."""
+        for name in adapter_names:
+            reason = self.merge_blocker(name)
+            if reason is not None:
+                where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
+                raise ValueError(f"cannot merge adapter {name!r} into {where}, so nothing was merged: {reason}")
 
 
 class ModulesToSaveWrapper(AdapterLayer):

@@ -249,18 +249,23 @@ class LoraLayer(AdapterLayer):
 
     def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
         """The bias update ``s * b_B`` (out,) in the base bias's dtype, or None without lora_bias.
-        Merging needs a base bias to add it to: a ValueError where the base layer has none."""
+        Merging needs a base bias to add it to (see merge_blocker)."""
         bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
         if bias is None:
             return None
+        reason = self.merge_blocker(adapter_name)
+        if reason is not None:
+            raise ValueError(f"cannot merge adapter {adapter_name!r}: {reason}")
+        return (self.scaling[adapter_name] * bias).to(self.get_base_layer().bias.dtype)
+
+    def merge_blocker(self, adapter_name: str) -> str | None:
         base = self.get_base_layer()
-        if getattr(base, "bias", None) is None:
-            raise ValueError(
-                f"adapter {adapter_name!r} trains a bias on lora_B (lora_bias=True), but this {type(base).__name__} "
-                "has no bias to fold s * lora_B.bias into, so it cannot be merged; use the adapter unmerged (it "
-                "computes the same), or train it with lora_bias=False"
-            )
-        return (self.scaling[adapter_name] * bias).to(base.bias.dtype)
+        has_lora_bias = adapter_name in self.lora_B and self.lora_B[adapter_name].bias is not None
+        if has_lora_bias and getattr(base, "bias", None) is None:
+            return (f"it trains a bias on lora_B (lora_bias=True), but this {type(base).__name__} has no bias to fold "
+                    "s * lora_B.bias into; use the adapter unmerged (it computes the same), or train it with "
+                    "lora_bias=False")
+        return None
 
     def _factor_params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name in self.lora_A:
