@@ -8,7 +8,9 @@
 #   4. the full kernel sweep for whatever time is left
 # Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
 # wrote. It runs on the GPU machine's own python3 with its torch and triton (nothing can be
-# installed there): minipeft is copied into a scratch site-packages rather than pip-installed.
+# installed there): minipeft is copied into a scratch folder on PYTHONPATH rather than installed.
+# Checked off the GPU with that image's versions (torch 2.11, triton 3.6; the tests then run
+# interpreted: MINIPEFT_KERNEL_TEST_DEVICE=cpu).
 # Logs and results go to $OUT when set (the device tool's folder, at most 8 files), else to
 # benchmarks/results/gpu-session/; copy the <gpu>.md/.json into benchmarks/results/ to keep them.
 #
@@ -23,10 +25,12 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 start=$SECONDS
 
-# minipeft and minipeft.kernels as the wheel lays them out (pyproject's package-dir mapping).
+# minipeft and minipeft.kernels as the wheel lays them out (pyproject's package-dir mapping),
+# with the tests beside them: pytest runs there, because `python -m pytest` puts its working
+# directory first on sys.path, and in the repository that finds minipeft/ without its kernels.
 site=$(mktemp -d)
-cp -r minipeft "$site/minipeft" && cp -r kernels "$site/minipeft/kernels" || exit 1
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+cp -r minipeft tests "$site/" && cp -r kernels "$site/minipeft/kernels" || exit 1
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
 # step CAP LOG COMMAND...: run COMMAND for at most CAP seconds, or what is left of BUDGET.
 step() {
@@ -43,9 +47,9 @@ step() {
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/machine.txt"
 
-step 200 gpu-tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
+step 200 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
 step 200 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --out "$OUT"
-step 150 gpu-tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
+step 150 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
 left=$((BUDGET - (SECONDS - start)))
 step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
 echo "done in $((SECONDS - start))s; files in $OUT"
