@@ -6,6 +6,8 @@ cached ones itself. Reference: the logits of the whole sequence run at once with
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -21,13 +23,15 @@ def test_cached_steps_without_position_ids_match_the_uncached_forward(kind):
         for p in model.prompt_encoder["default"].parameters():
             p.normal_(0, 0.5)
     ids = input_ids(batch=2, length=8)
+    # transformers renamed past_key_values to cache (5.2x); minipeft's hook reads either.
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.get_base_model().forward).parameters else "past_key_values"
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
         out = model(input_ids=ids[:, :5], use_cache=True)
         steps = [out.logits]
         cache = out.past_key_values
         for t in range(5, 8):  # one token at a time
-            out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{cache_kwarg: cache})
             steps.append(out.logits)
             cache = out.past_key_values
         with model.disable_adapter():
