@@ -271,8 +271,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {known_adapter_names(model)}")
     for layer in layers:
         layer.delete_adapter(adapter_name)
-    # A wrapper left with no adapter at all goes back to being its base module.
-    for name, layer in list(adapter_layers(model)):
+    # A wrapper left with no adapter at all goes back to being its base module; innermost first,
+    # so that nested wrappers (two parameters of one module, target_parameters) unwind cleanly.
+    for name, layer in reversed(list(adapter_layers(model))):
         if not layer.adapter_names:
             parent, child = _get_parent(model, name)
             setattr(parent, child, getattr(layer, layer.base_layer_name))

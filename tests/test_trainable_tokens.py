@@ -300,6 +300,17 @@ def test_lora_with_trainable_tokens_merges(gpt2):
     torch.testing.assert_close(logits(plain, ids), expected, atol=2e-5, rtol=0)
 
 
+def test_deleting_an_adapter_unwraps_a_tied_head_it_also_adapts(gpt2):
+    """LoRA on GPT-2's tied head puts two wrappers holding the adapter there (TiedTokensLayer around
+    LoraLinear); deleting the adapter must remove both, not leave an empty LoraLinear behind."""
+    model = minipeft.get_peft_model(
+        copy.deepcopy(gpt2), minipeft.LoraConfig(target_modules=["lm_head", "c_attn"], trainable_token_indices=TOKENS)
+    )
+    model.add_adapter("other", minipeft.LoraConfig(target_modules=["c_attn"]))
+    model.delete_adapter("default")
+    assert type(model.get_base_model().lm_head) is nn.Linear
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def test_errors(gpt2):
     model = copy.deepcopy(gpt2)
