@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from .config import PeftConfig
-from .targeting import candidate_names, find_targets, is_under, logical_name
+from .targeting import candidate_names, find_targets, is_under, logical_name, trained_whole
 from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
@@ -177,14 +177,11 @@ def inject_adapter_in_model(
 
 
 def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:
-    """The modules ``config.modules_to_save`` selects, {qualified name: logical name}. peft
-    matches these by plain suffix (``key.endswith``), so ``"classifier"`` also selects
-    DistilBERT's ``pre_classifier``; we do the same so that checkpoints line up. The names
-    matched are logical names, as for ``target_modules``: a module inside another adapter's
-    wrapper is found under its own name, adapter internals never."""
-    names = getattr(config, "modules_to_save", None) or []
-    return {name: logical for name, logical in candidate_names(model).items()
-            if any(logical.endswith(target) for target in names)}
+    """The modules ``config.modules_to_save`` selects (``targeting.trained_whole``), {qualified
+    name: logical name}. The names matched are logical names, as for ``target_modules``: a module
+    inside another adapter's wrapper is found under its own name, adapter internals never."""
+    saved = getattr(config, "modules_to_save", None)
+    return {name: logical for name, logical in candidate_names(model).items() if trained_whole(logical, saved)}
 
 
 def _check_not_saved_whole(model: nn.Module, config: PeftConfig, targets: list[str]) -> None:

@@ -163,7 +163,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
         return kept
 
     saved = getattr(config, "modules_to_save", None)
-    selected = narrow(selected, "modules_to_save", lambda n: not _is_saved_module(n, saved))
+    selected = narrow(selected, "modules_to_save", lambda n: not inside_trained_whole(n, saved))
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
         selected = narrow(selected, "exclude_modules", lambda n: not name_matches(n, exclude))
@@ -197,11 +197,17 @@ def candidate_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def _is_saved_module(name: str, modules_to_save) -> bool:
-    """Adapters never go inside a module that is trained whole (``modules_to_save``)."""
-    if not modules_to_save:
-        return False
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+def trained_whole(logical: str, modules_to_save) -> bool:
+    """Whether ``modules_to_save`` selects the module named ``logical``. peft matches these by
+    plain name suffix (``key.endswith``), so ``"classifier"`` also selects DistilBERT's
+    ``pre_classifier``; so do we, so that checkpoints line up."""
+    return any(logical.endswith(m) for m in modules_to_save or [])
+
+
+def inside_trained_whole(logical: str, modules_to_save) -> bool:
+    """Whether the module, or one around it, is trained whole: adapters never go there."""
+    parts = logical.split(".")
+    return any(trained_whole(".".join(parts[:i]), modules_to_save) for i in range(1, len(parts) + 1))
 
 
 def no_match_message(

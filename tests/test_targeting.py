@@ -51,6 +51,21 @@ def test_all_linear_skips_the_output_head():
     assert "classifier" not in targets and "bert.pooler.dense" in targets
 
 
+def test_modules_trained_whole_are_matched_by_suffix_everywhere():
+    # SEQ_CLS saves "classifier" whole; peft's suffix rule selects DistilBERT's "pre_classifier"
+    # too. So all-linear must leave it (and everything inside a saved module) to modules_to_save
+    # instead of adapting it and then refusing the overlap.
+    import minipeft
+
+    model = minipeft.get_peft_model(tiny_transformers_model("distilbert"),
+                                    LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=2))
+    inner = model.base_model.model
+    assert type(inner.pre_classifier).__name__ == "ModulesToSaveWrapper"
+    assert type(inner.classifier).__name__ == "ModulesToSaveWrapper"
+    assert type(inner.distilbert.transformer.layer[0].attention.q_lin).__name__ == "LoraLinear"
+    assert not any(".pre_classifier." in n and "lora_" in n for n, _ in model.named_parameters())
+
+
 def test_gpt2_conv1d_is_recognised_without_importing_transformers():
     gpt2 = tiny_transformers_model("gpt2")
     assert is_gpt2_conv1d(gpt2.transformer.h[0].attn.c_attn)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import candidate_names, is_under, nearest_names
+from ..targeting import candidate_names, is_under, nearest_names, trained_whole
 from .base import AdapterLayer, adapter_placement, embed_scale
 
 # Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
@@ -426,7 +426,7 @@ def check_token_targets(model: nn.Module, config: PeftConfig, targets: list[str]
     tokens = token_targets(model, config, targets)
     names = candidate_names(model)
     saved_names = getattr(config, "modules_to_save", None) or []
-    saved = [real for real, logical in names.items() if any(logical.endswith(m) for m in saved_names)]
+    saved = [real for real, logical in names.items() if trained_whole(logical, saved_names)]
     lora = not isinstance(config, TrainableTokensConfig)
     for name, indices in tokens.items():
         key = names.get(name, name)
