@@ -1,8 +1,9 @@
 """Fused Triton kernels for the LoRA hot path, shipped as `minipeft.kernels`.
 
 Functions of tensors only; they know nothing of configs or models. The LoRA layer calls
-`lora_linear` when `x.is_cuda and is_available() and enabled()` (and its config allows it),
-and otherwise runs its pure-PyTorch reference, which computes the same numbers.
+`lora_linear` for CUDA tensors when `is_available() and enabled()` and its adapter is one plain
+LoRA on a frozen nn.Linear (`LoraLinear._fused_path_applies` has the whole rule), and otherwise
+runs its pure-PyTorch reference, which computes the same numbers.
 
     lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None)
     dropout_mask(seed, shape, p, device)   the keep-mask a call with that seed used (for tests)
@@ -41,12 +42,13 @@ def set_enabled(flag: bool) -> None:
 
 
 if is_available():
-    from .fused_lora import dropout_mask, forward_path, lora_linear, use_fused_base
+    from .fused_lora import dropout_mask, forward_path, lora_linear
 else:
-    def lora_linear(*args, **kwargs):
-        raise RuntimeError("minipeft.kernels.lora_linear needs triton; check minipeft.kernels.is_available()")
+    def _needs_triton(name):
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"minipeft.kernels.{name} needs triton; check minipeft.kernels.is_available()")
+        return unavailable
 
-    def dropout_mask(*args, **kwargs):
-        raise RuntimeError("minipeft.kernels.dropout_mask needs triton")
+    lora_linear, dropout_mask, forward_path = (_needs_triton(n) for n in ("lora_linear", "dropout_mask", "forward_path"))
 
-__all__ = ["lora_linear", "dropout_mask", "is_available", "enabled", "set_enabled"]
+__all__ = ["lora_linear", "dropout_mask", "forward_path", "is_available", "enabled", "set_enabled"]

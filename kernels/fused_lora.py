@@ -17,7 +17,7 @@ needs it redraws it from the seed and the element's position (m, k) in x, with P
 (`_keep_tile`). So the backward keeps only x, xa and an int, and `dropout_mask()` below can
 hand tests the exact mask the kernels used.
 
-Five kernels:
+Five kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask()` runs):
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
@@ -25,9 +25,11 @@ Five kernels:
     _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)             only when dx is not needed:
                                                                           the dx GEMM sums dA itself
 
-All accumulate in fp32 and store in the input dtype. r is handled in chunks of BLOCK_R (a power
-of two in [16, 64]: tl.dot needs at least 16 along each side, and 64 keeps the epilogue tiles
-small), with masks for the padding, so any rank 1..256 (or more) works.
+All accumulate in fp32 and store in the input dtype, except dB and the dA summed in the dx GEMM:
+several programs add into those, so they are fp32 buffers the caller casts. r is handled in
+chunks of BLOCK_R (a power of two in [16, 64]: tl.dot needs at least 16 along each side, and 64
+keeps the epilogue tiles small), with masks for the padding, so any rank 1..256 (or more) works;
+the few-rows kernel holds its whole rank at once, up to 64.
 
 When the base GEMM cannot be expected to beat cuBLAS (see `use_fused_base`), the base product
 is cuBLAS `F.linear` / `mm` and only the low-rank part is ours. The shrink runs here when there
@@ -625,7 +627,8 @@ def forward_path(M, N, K, R, dtype):
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * dropout(x) A^T B^T with W and b frozen. Saves x, xa and the seed."""
+    """y = x W^T + b + s * dropout(x) A^T B^T with W and b frozen. Saves x, xa and the seed (and
+    references to W, A and B, which exist anyway): never the dropped copy of x."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
