@@ -141,6 +141,8 @@ def find_targets(model: nn.Module, config) -> list[str]:
     modules = dict(model.named_modules())
     names = candidate_names(model)  # {real name: logical name}
     targets = config.target_modules
+    if not targets and getattr(config, "target_parameters", None):
+        return []  # LoRA on parameters alone: no module is adapted as a whole
     if targets is None:
         nearest, _ = nearest_names([], _suggestion_pool(names, modules))
         raise ValueError(

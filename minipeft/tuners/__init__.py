@@ -67,12 +67,13 @@ def method_for(config: PeftConfig) -> PeftMethod:
         raise ValueError(f"unknown peft_type {config.peft_type!r}; minipeft supports: {known}") from None
 
 
-# LoRA's trainable_token_indices: trainable tokens beside LoRA, under the LoRA adapter's name.
+# LoRA's extra wrappers: trainable tokens beside it (trainable_token_indices), under the LoRA
+# adapter's name, and LoRA on bare parameters (target_parameters, tuners/lora_parameter.py).
 register_method(
     PeftType.LORA,
     PeftMethod(
-        lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_init,
-        check_model=trainable_tokens.check_token_targets, wrap_more=trainable_tokens.wrap_beside,
+        lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_target,
+        check_model=lora.check_model, wrap_more=lora.wrap_more,
     ),
 )
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))

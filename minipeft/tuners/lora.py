@@ -63,6 +63,9 @@ class LoraConfig(PeftConfig):
     and conv layers only; not with DoRA or PiSSA/OLoRA/gaussian inits (peft's rules).
     trainable_token_indices: also train these rows of an embedding table (trainable_tokens.py): a
     list of token ids for the input embedding, or ``{embedding name: token ids}``.
+    target_parameters: bare parameters to adapt, e.g. MoE experts' 3-D ``"mlp.experts.gate_up_proj"``,
+    matched against ``<module>.<parameter>`` exactly or as a dotted suffix (lora_parameter.py); with
+    them, ``target_modules=None`` means no module (recorded as ``[]``). Not with dropout, DoRA, lora_bias.
     use_fused_kernels: minipeft only, not saved: use the Triton path on CUDA when available.
     """
 
@@ -83,6 +86,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
     use_fused_kernels: bool = True
 
     runtime_only_fields: ClassVar[tuple[str, ...]] = ("use_fused_kernels",)
@@ -131,6 +135,10 @@ class LoraConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only says where layer numbers are; give layers_to_transform as well")
+        if self.target_parameters is not None:
+            from .lora_parameter import check_config  # late: lora_parameter builds on this file
+
+            check_config(self)
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Rank and alpha for the module named ``key``, after rank_pattern / alpha_pattern."""
@@ -588,3 +596,41 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
         raise TypeError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
     layer.update_layer(adapter_name, config, key)
     return layer
+
+
+# -- the registry's hooks beyond wrap_module (tuners/__init__.py) ------------------------------------
+def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
+    """``check_init``, and a module whose parameters LoRA adapts (target_parameters) refused as a
+    target_modules target: the wrapper there adapts one parameter, not the module's output."""
+    from .lora_parameter import LoraParameter  # late: lora_parameter builds on this file
+
+    if isinstance(target, LoraParameter):
+        adapted = []
+        while isinstance(target, LoraParameter):
+            adapted.append(target.parameter_name)
+            target = target.base_layer
+        raise ValueError(
+            f"{key!r} is in target_modules, but its parameters {adapted[::-1]} are adapted through target_parameters "
+            "already, by wrappers that change those parameters, not the module's output; leave it out of "
+            "target_modules, and give this adapter target_parameters for those parameters instead"
+        )
+    check_init(target, config, key)
+
+
+def check_model(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """The errors that need the whole model: trainable_token_indices' and target_parameters'."""
+    from .lora_parameter import find_parameters
+
+    trainable_tokens.check_token_targets(model, config, targets)
+    if config.target_parameters:
+        find_parameters(model, config, targets)
+
+
+def wrap_more(model: nn.Module, config: LoraConfig, adapter_name: str, holders: dict, updated: list) -> list:
+    """Wrappers beyond the targets: trainable tokens' layers, then one per adapted parameter."""
+    from .lora_parameter import wrap_parameters
+
+    plan = trainable_tokens.wrap_beside(model, config, adapter_name, holders, updated)
+    if config.target_parameters:
+        plan += wrap_parameters(model, config, adapter_name, [*holders, *(name for name, _, _ in plan)], updated)
+    return plan

@@ -159,6 +159,14 @@ def _check_arguments(sources: list[tuple[str, PeftConfig]], weights: list[float]
             "trainable_token_indices, or fold these into the base model with merge_and_unload(adapter_names=[...]), "
             "which writes each one's rows (the adapters must train disjoint tokens)"
         )
+    # peft refuses these too. Their factors hold one A_e, B_e per expert (lora_parameter.py), which
+    # the combinations here, written for one B A per layer, would mix across experts.
+    on_parameters = [name for name, config in sources if config.target_parameters]
+    if on_parameters:
+        raise ValueError(
+            f"cannot combine adapters {on_parameters} that use target_parameters (peft refuses them too); fold them "
+            "into the base model with merge_and_unload(adapter_names=[...]), which adds each one's update exactly"
+        )
     if svd_clamp is not None and (
         isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real) or not 0 < svd_clamp <= 1
     ):
