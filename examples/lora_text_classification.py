@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from minipeft import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
 from minipeft.data import BatchLoader, encode_classification, load_tokenizer, pad_token_id, read_classification, split  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
+from minipeft.tuners.lora_init import base_changing_init  # noqa: E402
 
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
@@ -86,11 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def init_lora_weights(value: str) -> bool | str:
     """--init-lora-weights as LoraConfig takes it: true / false as booleans, other names as they are."""
     return {"true": True, "false": False}.get(value.lower(), value)
-
-
-def changes_base_weights(init: bool | str) -> bool:
-    """PiSSA / OLoRA take the adapter's initial update out of the base weights."""
-    return isinstance(init, str) and init != "gaussian"
 
 
 def find_data(data_dir: str | None) -> Path:
@@ -236,7 +232,8 @@ def main(argv=None) -> dict:
         remove_previous_run(out_dir)
     # PiSSA/OLoRA: keep A0, B0 as initialised, to convert the trained adapter into plain LoRA on the
     # ORIGINAL weights (the base model now holds the residuals W - s B0 A0)
-    converts = args.method == "lora" and changes_base_weights(args.init_lora_weights)
+    # PiSSA / OLoRA take the adapter's initial update out of the base weights: save it converted.
+    converts = args.method == "lora" and base_changing_init(args.init_lora_weights) is not None
     if converts:
         model.save_pretrained(str(out_dir / "adapter-init"))
     cpu_start = time.process_time()

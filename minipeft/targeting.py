@@ -160,8 +160,10 @@ def find_targets(model: nn.Module, config) -> list[str]:
 
     def narrow(selected: list[str], attr: str, keep) -> list[str]:
         kept = [n for n in selected if keep(names[n])]
-        if len(kept) < len(selected):
-            applied.append(f"{attr}={getattr(config, attr)!r}")
+        removed = [names[n] for n in selected if n not in kept]
+        if removed:
+            more = f" and {len(removed) - 3} more" if len(removed) > 3 else ""
+            applied.append(f"{attr}={getattr(config, attr)!r}, which removed {removed[:3]}{more}")
         return kept
 
     saved = getattr(config, "modules_to_save", None)

@@ -265,12 +265,14 @@ def test_a_second_all_linear_adapter_goes_beside_the_first_not_inside_it():
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.second.weight" in model.state_dict()
 
 
-def test_a_module_both_targeted_and_saved_is_an_error():
-    # peft's plain-suffix rule makes "classifier" select DistilBERT's pre_classifier too.
-    with pytest.raises(ValueError, match="pre_classifier.*both by target_modules and by modules_to_save"):
+def test_a_module_trained_whole_is_never_a_target():
+    # peft's plain-suffix rule makes "classifier" select DistilBERT's pre_classifier too: named
+    # as a target, it is removed by modules_to_save, and the error says so.
+    with pytest.raises(ValueError, match=r"after applying modules_to_save=\['classifier', 'score'\], which removed "
+                                         r"\['pre_classifier', 'classifier'\]"):
         get_peft_model(
             tiny_transformers_model("distilbert"),
-            LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules="all-linear"),
+            LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["pre_classifier", "classifier"]),
         )
 
 

@@ -123,6 +123,6 @@ def test_no_match_blames_only_filters_that_removed_a_match():
     with pytest.raises(ValueError) as err:
         get_peft_model(tiny_transformers_model("bert"), LoraConfig(task_type="SEQ_CLS", target_modules=["qurey"]))
     assert "modules_to_save" not in str(err.value) and "after applying" not in str(err.value)
-    with pytest.raises(ValueError, match=r"\(after applying exclude_modules=\['fc1'\]\)"):
+    with pytest.raises(ValueError, match=r"\(after applying exclude_modules=\['fc1'\], which removed \['blocks.0.fc1', 'blocks.1.fc1'\]\)"):
         find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], exclude_modules=["fc1"], layers_to_transform=[0],
                                            layers_pattern="blocks"))

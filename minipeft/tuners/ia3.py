@@ -171,10 +171,10 @@ class IA3Linear(AdapterLayer):
                     f"cannot unmerge (IA)^3 adapter {name!r}: its vector has zero entries, so the rows or columns "
                     "they scaled are lost from the merged weight; reload the base weights instead"
                 )
-            with torch.no_grad():
-                base.weight.data = (base.weight.float() / self._weight_scale(name).float()).to(base.weight.dtype)
+            with torch.no_grad():  # in place, as merge writes: whatever shares the tensors sees them
+                base.weight.copy_(base.weight.float() / self._weight_scale(name).float())
                 if not self.is_feedforward[name] and base.bias is not None:
-                    base.bias.data = (base.bias.float() / l.flatten().float()).to(base.bias.dtype)
+                    base.bias.copy_(base.bias.float() / l.flatten().float())
             self.merged_adapters.pop()
 
 

@@ -30,6 +30,7 @@ Parameter names match peft's: ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.we
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -444,13 +445,11 @@ class LoraLinear(LoraLayer):
         # (torch.backends.cuda.matmul.allow_tf32), so both paths compute the same numbers.
         if x.dtype != base.weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False
-        from .. import kernels
-
-        return kernels.is_available() and kernels.enabled()
+        kernels = fused_kernels()
+        return kernels is not None and kernels.is_available() and kernels.enabled()
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        from .. import kernels
-
+        kernels = fused_kernels()
         base, dropout = self.base_layer, self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         A, B = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
@@ -464,6 +463,20 @@ class LoraLinear(LoraLayer):
         # inside the kernels' autograd Function, which PyTorch does not let us modify in place.
         b = b.to(x.dtype)
         return y + self.scaling[name] * b if torch.is_grad_enabled() else y.add_(b, alpha=self.scaling[name])
+
+
+@functools.cache  # asked on every forward on CUDA
+def fused_kernels():
+    """minipeft.kernels, or None where it cannot be imported. The wheel installs kernels/ as
+    minipeft.kernels; a source checkout put on sys.path without `pip install -e .` has kernels/
+    beside minipeft/ instead, and then LoRA runs its reference path, after one warning."""
+    try:
+        from .. import kernels
+    except ImportError as error:
+        warnings.warn(f"minipeft.kernels cannot be imported ({error}); is minipeft used from a checkout without "
+                      "`pip install -e .`? LoRA layers on CUDA run the pure-PyTorch reference path", stacklevel=2)
+        return None
+    return kernels
 
 
 class LoraEmbedding(LoraLayer):
