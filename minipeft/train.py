@@ -533,7 +533,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     # every rank takes batches rank, rank+world, ...; equal counts keep the ranks in step
     micro_per_epoch = len(train_batches) // world
     if micro_per_epoch == 0:
-        raise ValueError(f"{len(train_batches)} training batches cannot feed {world} ranks")
+        raise ValueError(f"{len(train_batches)} training batches cannot give each of {world} ranks one; "
+                         "use a smaller batch_size or fewer processes")
     accum = config.grad_accum_steps
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
