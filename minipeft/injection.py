@@ -93,15 +93,6 @@ def _container_attributes() -> frozenset[str]:
     return frozenset().union(*map(dir, classes), vars(nn.ParameterDict()))
 
 
-def targets_of(model: nn.Module, config: PeftConfig) -> list[str]:
-    """Qualified names of the modules a new adapter with ``config`` would adapt in ``model`` now.
-
-    Adapter internals (``lora_A``, ...) and the modules wrappers hold (``base_layer``) are never
-    targets: ``targeting.candidate_names`` leaves them out, since they have no logical name of
-    their own."""
-    return find_targets(model, config)
-
-
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -126,7 +117,7 @@ def inject_adapter_in_model(
 
     if getattr(config, "target_modules", "") is None and method.default_targets is not None:
         config.target_modules = method.default_targets(model)  # recorded in the config, as peft does
-    targets = targets_of(model, config)
+    targets = find_targets(model, config)  # never adapter internals nor the modules wrappers hold
     # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it reads
     # without other adapters' wrappers, as the targets themselves do.
     keys = {name: logical_name(model, name) or name for name in targets}

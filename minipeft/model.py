@@ -295,20 +295,9 @@ class PeftModel(nn.Module):
         majority_sign_method: str = "total",
     ) -> None:
         """Add LoRA adapter ``adapter_name`` whose update combines the updates ``s_i B_i A_i`` of
-        ``adapters`` with ``weights`` (which may be negative), per layer.
-
-        combination_type: "cat" (exact sum; rank = the sum of the ranks), "svd" (the exact sum cut
-        to rank ``svd_rank``, default the largest rank; ``svd_clamp``: clip the factors to that
-        quantile, in (0, 1]; ``svd_full_matrices`` / ``svd_driver``: for ``torch.linalg.svd``) or
-        "linear" (A and B mixed separately: cheap, approximate, equal ranks only); or a task-arithmetic
-        merge (tuners/task_arithmetic.py) that keeps a fraction ``density`` in (0, 1] of each
-        adapter's entries: "ties", "dare_linear", "dare_ties", "magnitude_prune" (on A and B
-        separately, equal ranks only) or their "_svd" variants (on the updates, then as "svd").
-        ``majority_sign_method`` ("total" or "frequency") is how the ties types elect each entry's
-        sign; the dare types draw from torch's global generator. A single adapter is always
-        combined "linear", which is exact for one. The new adapter has scaling 1 (r = lora_alpha =
-        its rank) and is added inactive and frozen like any second adapter:
-        ``set_adapter(adapter_name)`` to use it.
+        ``adapters`` with ``weights`` (which may be negative), per layer; added inactive and frozen
+        like any second adapter (``set_adapter(adapter_name)`` to use it). The combination types
+        and their options are described in ``tuners/lora_combine.py``.
         """
         if isinstance(adapters, str):
             raise TypeError(f"adapters is a list of names, got the string {adapters!r}")
@@ -316,8 +305,9 @@ class PeftModel(nn.Module):
         self._check_known(adapters, "combine")
         sources = [(name, self.peft_config[name]) for name in adapters]
         self.peft_config[adapter_name] = lora_combine.add_weighted_adapter(
-            self.get_base_model(), sources, weights, adapter_name,
-            combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method,
+            self.get_base_model(), sources, weights, adapter_name, combination_type=combination_type,
+            svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+            density=density, majority_sign_method=majority_sign_method,
         )
 
     # -- parameters ---------------------------------------------------------------------------

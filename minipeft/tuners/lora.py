@@ -262,9 +262,6 @@ class LoraLayer(AdapterLayer):
         bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
         if bias is None:
             return None
-        reason = self.merge_blocker(adapter_name)
-        if reason is not None:
-            raise ValueError(f"cannot merge adapter {adapter_name!r}: {reason}")
         return (self.scaling[adapter_name] * bias).to(self.get_base_layer().bias.dtype)
 
     def merge_blocker(self, adapter_name: str) -> str | None:
