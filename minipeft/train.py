@@ -507,15 +507,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    if config.device is not None:
-        device = torch.device(config.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    use_bf16 = config.bf16
-    if use_bf16 is None:
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    device, use_bf16 = _device_and_bf16(config, local_rank)
     torch.manual_seed(config.seed + rank)  # dropout differs per rank; grads are averaged anyway
     random.seed(config.seed + rank)
 
@@ -530,15 +522,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
             raw_model, device_ids=[local_rank] if device.type == "cuda" else None,
             find_unused_parameters=config.find_unused_parameters)
 
-    # every rank takes batches rank, rank+world, ...; equal counts keep the ranks in step
-    micro_per_epoch = len(train_batches) // world
-    if micro_per_epoch == 0:
-        raise ValueError(f"{len(train_batches)} training batches cannot give each of {world} ranks one; "
-                         "use a smaller batch_size or fewer processes")
+    micro_per_epoch, steps_per_epoch, total_steps, warmup = _step_counts(len(train_batches), world, config)
     accum = config.grad_accum_steps
-    steps_per_epoch = math.ceil(micro_per_epoch / accum)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
-    warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
     multiplier = lr_lambda(config.schedule, warmup, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     # what the data and world size made of the config; a resumed run must agree on them too
@@ -689,6 +674,33 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     if world > 1:
         dist.barrier()  # nobody reads output_dir before rank 0 has written it
     return _finish(raw_model, config, step, best_metric, best_step, stopped_early, train_seconds, history, best_state)
+
+
+def _device_and_bf16(config: TrainConfig, local_rank: int) -> tuple[torch.device, bool]:
+    """This rank's device (config.device, else its GPU, else the CPU), and whether to autocast to bf16."""
+    if config.device is not None:
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    bf16 = config.bf16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, bf16
+
+
+def _step_counts(num_batches: int, world: int, config: TrainConfig) -> tuple[int, int, int, int]:
+    """(micro-batches per rank per epoch, optimizer steps per epoch, total steps, warmup steps)."""
+    # every rank takes batches rank, rank+world, ...; equal counts keep the ranks in step
+    micro_per_epoch = num_batches // world
+    if micro_per_epoch == 0:
+        raise ValueError(f"{num_batches} training batches cannot give each of {world} ranks one; "
+                         "use a smaller batch_size or fewer processes")
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)  # the last window may be short
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
+    return micro_per_epoch, steps_per_epoch, total_steps, warmup
 
 
 def _finish(model, config, step, best_metric, best_step, stopped_early, seconds, history, best_state) -> TrainResult:
