@@ -38,7 +38,7 @@ import random
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -490,6 +490,52 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
 # The loop
 
 
+@dataclass
+class RunState:
+    """What changes as a run trains, saved in its checkpoint (besides weights, optimizer,
+    scheduler and RNG) so that a resumed run continues exactly where this one stopped."""
+
+    step: int = 0  # optimizer steps taken
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best one, for early stopping
+    history: list[dict] = field(default_factory=list)  # one record per evaluation
+    best_state: dict[str, torch.Tensor] | None = None  # the best trainable weights, kept for restore_best
+    stopped_early: bool = False
+
+
+@dataclass
+class _Run:
+    """What a run sets up before its first step and keeps unchanged to its end."""
+
+    config: TrainConfig
+    model: nn.Module  # what the batches go through: raw_model, or DDP around it under torchrun
+    raw_model: nn.Module  # the model itself, whose trainable weights are clipped, saved and restored
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    multiplier: Callable[[int], float]  # the schedule: the peak lr's multiplier at a step
+    device: torch.device
+    bf16: bool
+    rank: int
+    world: int
+    micro_per_epoch: int  # this rank's micro-batches in an epoch
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0  # rank 0 saves and logs
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """What the data and world size made of the config; a resumed run must agree on them too."""
+        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "world_size": self.world}
+
+
 def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfig | None = None) -> TrainResult:
     """Train `model`'s trainable parameters on `train_batches`; see the module docstring.
 
@@ -501,69 +547,16 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     """
     if config is None:
         raise ValueError("pass a TrainConfig (at least output_dir)")
-    rank, world, local_rank = setup_distributed()
-    main = rank == 0
-    out_dir = Path(config.output_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    run = _setup(model, len(train_batches), config)
+    state = _resume(run)
+    if state.stopped_early:  # the checkpoint's run had stopped early: nothing left to do
+        return _finish(run, state, 0.0)
 
-    device, use_bf16 = _device_and_bf16(config, local_rank)
-    torch.manual_seed(config.seed + rank)  # dropout differs per rank; grads are averaged anyway
-    random.seed(config.seed + rank)
-
-    model.to(device)
-    model.train()
-    raw_model = model
-    optimizer = make_optimizer(raw_model, config)
-    if world > 1:
-        # DDP registers only parameters with requires_grad: frozen base weights are
-        # broadcast once at construction and never all-reduced.
-        model = nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=config.find_unused_parameters)
-
-    micro_per_epoch, steps_per_epoch, total_steps, warmup = _step_counts(len(train_batches), world, config)
+    model, raw_model = run.model, run.raw_model
+    optimizer, scheduler, multiplier = run.optimizer, run.scheduler, run.multiplier
+    device, use_bf16, rank, world, main, out_dir = run.device, run.bf16, run.rank, run.world, run.main, run.out_dir
+    micro_per_epoch, steps_per_epoch, total_steps = run.micro_per_epoch, run.steps_per_epoch, run.total_steps
     accum = config.grad_accum_steps
-    multiplier = lr_lambda(config.schedule, warmup, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-    # what the data and world size made of the config; a resumed run must agree on them too
-    totals = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world}
-
-    step, best_metric, best_step, bad_evals, history = 0, None, None, 0, []
-    best_state = None
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    if config.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _check_resumable(ckpt, config, totals, world, ckpt_path)
-        _check_same_trainable(raw_model, ckpt["trainable"], ckpt_path)
-        _load_trainable_state(raw_model, ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, best_metric, best_step = ckpt["step"], ckpt["best_metric"], ckpt["best_step"]
-        bad_evals, history, best_state = ckpt["bad_evals"], ckpt["history"], ckpt["best_state"]
-        _set_rng_state(ckpt["rng"][rank])
-        if main:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
-        if ckpt["stopped_early"]:
-            return _finish(raw_model, config, step, best_metric, best_step, True, 0.0, history, best_state)
-
-    def save_checkpoint(stopped_early: bool) -> None:
-        rng = [None] * world
-        if world > 1:
-            dist.all_gather_object(rng, _rng_state())  # each rank resumes its own stream
-        else:
-            rng = [_rng_state()]
-        if main:
-            state = {
-                "trainable": _trainable_state(raw_model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "best_metric": best_metric,
-                "best_step": best_step, "bad_evals": bad_evals, "history": history,
-                "best_state": best_state, "rng": rng, "stopped_early": stopped_early,
-                "config": asdict(config), "totals": totals,
-            }
-            # streamed into the file: a full fine-tuning checkpoint (weights and two AdamW
-            # moments) is never held in memory a second time as bytes
-            atomic_write(ckpt_path, lambda f: torch.save(state, f))
 
     def log(record: dict) -> None:
         if main:
@@ -571,14 +564,13 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
                 f.write(json.dumps(record) + "\n")
 
     metric_name = config.metric
-    stopped_early = False
     t_start = t_log = time.perf_counter()
     tokens_since_log, loss_since_log, steps_since_log = None, 0.0, 0  # tokens: None until a batch has some
     train_seconds = 0.0
     task = config.task
 
-    while step < total_steps and not stopped_early:
-        epoch, window = divmod(step, steps_per_epoch)
+    while state.step < total_steps and not state.stopped_early:
+        epoch, window = divmod(state.step, steps_per_epoch)
         if hasattr(train_batches, "set_epoch"):
             train_batches.set_epoch(epoch)
         # this rank's micro-batches for the epoch, skipping what a resumed run already did
@@ -612,17 +604,17 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            state.step += 1
             loss_since_log += loss_value
             steps_since_log += 1
 
-            if step % config.log_every == 0 or step == total_steps:
+            if state.step % config.log_every == 0 or state.step == total_steps:
                 now = time.perf_counter()
-                rec = {"step": step, "epoch": epoch, "loss": loss_since_log / steps_since_log,
+                rec = {"step": state.step, "epoch": epoch, "loss": loss_since_log / steps_since_log,
                        # config.lr on the schedule; groups with lrs of their own (lr_by_prefix,
                        # LoRA+) follow the same curve, and the first group may be any of them
-                       "lr": config.lr * multiplier(step)}
-                line = f"step {step}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
+                       "lr": config.lr * multiplier(state.step)}
+                line = f"step {state.step}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
                 if tokens_since_log is not None:  # batches without token ids get no throughput
                     rec["tokens_per_s"] = tokens_since_log * world / max(now - t_log, 1e-9)
                     line += f" | {rec['tokens_per_s']:.0f} tok/s"
@@ -632,8 +624,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
                 t_log, tokens_since_log, loss_since_log, steps_since_log = now, None, 0.0, 0
 
             end_of_epoch = w == steps_per_epoch - 1
-            due = (step % config.eval_every == 0) if config.eval_every else end_of_epoch
-            if eval_batches is not None and (due or step == total_steps):
+            due = (state.step % config.eval_every == 0) if config.eval_every else end_of_epoch
+            if eval_batches is not None and (due or state.step == total_steps):
                 metrics = evaluate(model, eval_batches, task, device, use_bf16)
                 if metric_name == "auto":
                     metric_name = "accuracy" if "accuracy" in metrics else "loss"
@@ -641,39 +633,66 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
                     raise ValueError(f"metric {metric_name!r} is not one of {sorted(metrics)}")
                 value = metrics[metric_name]
                 lower = metric_name in LOWER_IS_BETTER
-                improved = best_metric is None or (value < best_metric if lower else value > best_metric)
+                improved = state.best_metric is None or (value < state.best_metric if lower else value > state.best_metric)
                 if improved:
-                    best_metric, best_step, bad_evals = value, step, 0
+                    state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
                     if config.restore_best:
-                        best_state = _trainable_state(raw_model)
+                        state.best_state = _trainable_state(raw_model)
                     if config.save_best and main:
                         save_weights(raw_model, out_dir / BEST_DIR)
                 else:
-                    bad_evals += 1
-                rec = {"step": step, "eval": True, **{f"eval_{k}": v for k, v in metrics.items()},
+                    state.bad_evals += 1
+                rec = {"step": state.step, "eval": True, **{f"eval_{k}": v for k, v in metrics.items()},
                        "best": improved}
-                history.append(rec)
+                state.history.append(rec)
                 log(rec)
                 if main:
-                    print(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    print(f"eval step {state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                           + (" | best" if improved else ""), flush=True)
-                if config.patience is not None and bad_evals >= config.patience:
-                    stopped_early = True
+                if config.patience is not None and state.bad_evals >= config.patience:
+                    state.stopped_early = True
                     if main:
-                        print(f"early stop: no {metric_name} improvement in {bad_evals} evaluations", flush=True)
-                save_checkpoint(stopped_early)
-            elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                save_checkpoint(False)
-            if stopped_early or step >= total_steps:
+                        print(f"early stop: no {metric_name} improvement in {state.bad_evals} evaluations", flush=True)
+                _save_checkpoint(run, state)
+            elif config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                _save_checkpoint(run, state)
+            if state.stopped_early or state.step >= total_steps:
                 break
 
     train_seconds = time.perf_counter() - t_start
     if eval_batches is None and config.save_best and main:
         save_weights(raw_model, out_dir / BEST_DIR)  # nothing to compare: the last is the best
-    save_checkpoint(stopped_early)
+    _save_checkpoint(run, state)
     if world > 1:
         dist.barrier()  # nobody reads output_dir before rank 0 has written it
-    return _finish(raw_model, config, step, best_metric, best_step, stopped_early, train_seconds, history, best_state)
+    return _finish(run, state, train_seconds)
+
+
+def _setup(model: nn.Module, num_batches: int, config: TrainConfig) -> _Run:
+    """Join the process group, seed, move the model to its device, and build the optimizer and schedule."""
+    rank, world, local_rank = setup_distributed()
+    if rank == 0:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    device, bf16 = _device_and_bf16(config, local_rank)
+    torch.manual_seed(config.seed + rank)  # dropout differs per rank; grads are averaged anyway
+    random.seed(config.seed + rank)
+
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, config)
+    wrapped = model
+    if world > 1:
+        # DDP registers only parameters with requires_grad: frozen base weights are
+        # broadcast once at construction and never all-reduced.
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters)
+    micro_per_epoch, steps_per_epoch, total_steps, warmup = _step_counts(num_batches, world, config)
+    multiplier = lr_lambda(config.schedule, warmup, total_steps)
+    return _Run(config=config, model=wrapped, raw_model=model, optimizer=optimizer,
+                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier), multiplier=multiplier,
+                device=device, bf16=bf16, rank=rank, world=world, micro_per_epoch=micro_per_epoch,
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 def _device_and_bf16(config: TrainConfig, local_rank: int) -> tuple[torch.device, bool]:
@@ -703,11 +722,47 @@ def _step_counts(num_batches: int, world: int, config: TrainConfig) -> tuple[int
     return micro_per_epoch, steps_per_epoch, total_steps, warmup
 
 
-def _finish(model, config, step, best_metric, best_step, stopped_early, seconds, history, best_state) -> TrainResult:
-    if config.restore_best and best_state is not None:
-        _load_trainable_state(model, best_state)
-    return TrainResult(step=step, best_metric=best_metric, best_step=best_step, stopped_early=stopped_early,
-                       train_seconds=seconds, history=history)
+def _resume(run: _Run) -> RunState:
+    """Load the checkpoint in output_dir into the model, optimizer, scheduler and RNG, and return
+    its RunState; a fresh RunState when there is none, or resume is off."""
+    path = run.out_dir / CHECKPOINT_NAME
+    if not (run.config.resume and path.exists()):
+        return RunState()
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    _check_resumable(ckpt, run.config, run.totals, run.world, path)
+    _check_same_trainable(run.raw_model, ckpt["trainable"], path)
+    _load_trainable_state(run.raw_model, ckpt["trainable"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    _set_rng_state(ckpt["rng"][run.rank])
+    if run.main:
+        print(f"resumed from {path} at step {ckpt['step']}", flush=True)
+    return RunState(**{f.name: ckpt[f.name] for f in fields(RunState)})
+
+
+def _save_checkpoint(run: _Run, state: RunState) -> None:
+    """Write what _resume reads back, atomically; every rank calls it, rank 0 writes."""
+    rng = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rng, _rng_state())  # each rank resumes its own stream
+    else:
+        rng = [_rng_state()]
+    if run.main:
+        # RunState's fields as plain values (vars, not asdict, which would copy every tensor):
+        # torch.load(weights_only=True) reads no class of ours back
+        ckpt = {"trainable": _trainable_state(run.raw_model), "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(), **vars(state), "rng": rng,
+                "config": asdict(run.config), "totals": run.totals}
+        # streamed into the file: a full fine-tuning checkpoint (weights and two AdamW
+        # moments) is never held in memory a second time as bytes
+        atomic_write(run.out_dir / CHECKPOINT_NAME, lambda f: torch.save(ckpt, f))
+
+
+def _finish(run: _Run, state: RunState, seconds: float) -> TrainResult:
+    if run.config.restore_best and state.best_state is not None:
+        _load_trainable_state(run.raw_model, state.best_state)
+    return TrainResult(step=state.step, best_metric=state.best_metric, best_step=state.best_step,
+                       stopped_early=state.stopped_early, train_seconds=seconds, history=state.history)
 
 
 def _take(iterator, n: int) -> list:
@@ -718,4 +773,3 @@ def _take(iterator, n: int) -> list:
         except StopIteration:
             break
     return out
-
