@@ -35,7 +35,11 @@ their segment, as in peft: ``bias="all"`` saves ``value.base_layer.bias``.
 
 A module whose layout differs may define ``checkpoint_key(container, rest, adapter_name)``
 returning the on-disk key relative to itself, or None for a tensor the file leaves out (trainable
-tokens: a tied head's view of rows another layer saves). Prompt and prefix tuning
+tokens: a tied head's view of rows another layer saves). State a method keeps for the whole adapter
+rather than per module, held by several modules at once (VeRA's random pair), is named by
+``shared_checkpoint_key(container, rest, adapter_name)``: a key under peft's tuner model,
+``base_model.<key>`` (in a plain model ``<key>``); the one tensor is saved once, however many
+modules hold it. Prompt and prefix tuning
 (``prompt_encoder[X]`` on the ``PeftModel``) are saved as peft saves them: one computed tensor, ``prompt_embeddings``, which
 the encoder produces and takes back (``tuners/virtual_tokens.py``). Loading applies the same mapping to the model's own keys and
 inverts it, so the two directions cannot drift apart.
@@ -145,6 +149,10 @@ def _on_disk_name(model: nn.Module, name: str, adapter_name: str) -> str:
 
 def _checkpoint_key(path: str, module: nn.Module, container: str, rest: str, adapter_name: str) -> str | None:
     """On-disk key for ``<path>.<container>.<adapter>[.<rest>]`` (adapter name removed); None: not saved."""
+    shared = getattr(module, "shared_checkpoint_key", None)
+    if callable(shared) and (key := shared(container, rest, adapter_name)) is not None:
+        # peft's tuner model is base_model in a PeftModel (paths start base_model.model.).
+        return f"base_model.{key}" if f"{path}.".startswith(PEFT_PREFIX) else key
     hook = getattr(module, "checkpoint_key", None)
     if callable(hook):
         local = hook(container, rest, adapter_name)
@@ -186,6 +194,8 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str
         if ckpt_key is None:
             continue
         if ckpt_key in mapping and mapping[ckpt_key] != key:
+            if state_dict[mapping[ckpt_key]] is state_dict[key]:
+                continue  # one tensor that several modules hold (VeRA's pair): saved and loaded once
             raise ValueError(
                 f"two tensors of adapter {adapter_name!r} map to {ckpt_key!r}: {mapping[ckpt_key]!r} and {key!r}"
             )
