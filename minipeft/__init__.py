@@ -11,6 +11,7 @@ from .tuners.lora import LoraConfig
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .tuners.trainable_tokens import TrainableTokensConfig
+from .tuners.vera import VeraConfig
 
 __all__ = [
     "BottleneckConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "TrainableTokensConfig",
+    "VeraConfig",
     "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",

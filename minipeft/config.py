@@ -22,6 +22,7 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    VERA = "VERA"
 
 
 class TaskType(str, enum.Enum):

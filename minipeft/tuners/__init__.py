@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import bottleneck, ia3, lora, prefix_tuning, prompt_tuning, trainable_tokens
+from . import bottleneck, ia3, lora, prefix_tuning, prompt_tuning, trainable_tokens, vera
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -39,7 +39,8 @@ class PeftMethod:
     wrap_more: ``wrap_more(model, config, adapter_name, holders, updated) -> [(name, module, wrapper)]``,
         wrappers beyond the targets, given ``holders`` (target name -> the wrapper holding the new
         adapter there); existing wrappers it adds the adapter to go into ``updated`` (for the
-        rollback). Trainable tokens put one on each module tied to an adapted embedding.
+        rollback). Trainable tokens put one on each module tied to an adapted embedding; VeRA wraps
+        nothing more but hands the new layers the random pair they share.
     """
 
     config_class: type[PeftConfig]
@@ -79,6 +80,15 @@ register_method(
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
+)
+
+# VeRA's shared random pair: every target is wrapped first, then wrap_more hands all of them one pair.
+register_method(
+    PeftType.VERA,
+    PeftMethod(
+        vera.VeraConfig, vera.VeraLinear, vera.wrap_module, check=vera.check_target,
+        check_model=vera.check_shared_projection, wrap_more=vera.attach_projection,
+    ),
 )
 
 register_method(
