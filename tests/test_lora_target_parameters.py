@@ -144,7 +144,12 @@ def lora_parameters(model: nn.Module) -> list[LoraParameter]:
 # -- forward, gradients and the layout, against peft -----------------------------------------------
 @pytest.mark.parametrize("kind", list(CASES))
 def test_forward_and_gradients_match_peft(kind):
-    base, peft_model, mini = peft_and_mini(kind, use_rslora=True)
+    # rank_pattern / alpha_pattern match "<module>.<parameter>": down_proj or proj at rank 3
+    patterns = {"down_proj": 3, "experts.proj": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that the patterns match no *module*
+        base, peft_model, mini = peft_and_mini(kind, use_rslora=True, rank_pattern=patterns, alpha_pattern=patterns)
+    assert {m.r["default"] for m in lora_parameters(mini)} == {2, 3}
     x = batch(kind)
     got, want = output(mini, x), output(peft_model, x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -200,6 +205,16 @@ def test_each_expert_gets_its_own_b_a(transposed):
     # Outside the forward the module is as it was: its own class, its frozen W, no parametrization.
     assert type(plain) is Experts and not parametrize.is_parametrized(plain)
     assert isinstance(plain.up, nn.Parameter) and torch.equal(plain.up, W) and not plain.up.requires_grad
+
+
+def test_module_filters_leave_parameters_alone():
+    """exclude_modules and layers_to_transform filter target_modules only, in peft and here."""
+    base = moe_model("qwen3_moe")
+    filters = dict(target_parameters=MOE_TARGETS, layers_to_transform=[0], exclude_modules=["layers.1.mlp.experts"])
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=[], **filters))
+    mini = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(**filters))
+    assert minipeft.get_peft_model_state_dict(mini).keys() == peft.get_peft_model_state_dict(peft_model).keys()
+    assert len(lora_parameters(mini)) == 4
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

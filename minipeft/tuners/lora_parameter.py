@@ -27,6 +27,11 @@ order the module registers its parameters (the first innermost). The nesting nam
 ``experts.base_layer.lora_A.weight`` (gate_up_proj) and ``experts.lora_A.weight`` (down_proj), so
 every adapter that uses target_parameters must adapt the same parameters (peft's rule).
 
+Which parameters: an entry of ``target_parameters`` matches ``<module>.<parameter>`` (the
+module's name without adapter wrappers) exactly or as a dotted suffix, as do ``rank_pattern`` and
+``alpha_pattern``; ``exclude_modules`` and ``layers_to_transform`` filter target_modules only (peft's
+rules, so that a config selects the same parameters in both libraries).
+
 What does not apply here, and is refused as in peft: ``lora_dropout`` (dropout acts on a layer's
 input x; this update lives in the weight, where no input passes), DoRA (a row norm of a linear
 layer's weight), ``lora_bias`` (no bias beside the parameter to fold it into), ``fan_in_fan_out``
