@@ -123,7 +123,6 @@ def inject_adapter_in_model(
     keys = {name: logical_name(model, name) or name for name in targets}
     # What can be refused is refused before the first module changes: the rollback below puts
     # modules back, but a base weight that an init rewrote (PiSSA, OLoRA) stays rewritten.
-    _check_not_saved_whole(model, config, targets)
     if method.check is not None:
         for name in targets:
             method.check(model.get_submodule(name), config, keys[name])
@@ -175,20 +174,9 @@ def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:
     return {name: logical for name, logical in candidate_names(model).items() if trained_whole(logical, saved)}
 
 
-def _check_not_saved_whole(model: nn.Module, config: PeftConfig, targets: list[str]) -> None:
-    """A module is either adapted or trained whole, never both."""
-    for name, logical in _saved_whole(model, config).items():
-        if name in targets:
-            raise ValueError(
-                f"{logical!r} is selected both by target_modules and by modules_to_save={config.modules_to_save} "
-                f"(which match by plain name suffix, as in peft); a module is either adapted or trained whole. "
-                f"Add it to exclude_modules, or narrow target_modules."
-            )
-
-
 def _plan_modules_to_save(model, config, adapter_name, updated) -> list:
-    """Wrap the modules trained whole (``_saved_whole``; ``_check_not_saved_whole`` made sure
-    no target is among them)."""
+    """Wrap the modules trained whole (``_saved_whole``). No target is among them, nor inside
+    them: ``find_targets`` leaves those to modules_to_save."""
     plan = []
     for name in _saved_whole(model, config):
         module = model.get_submodule(name)
