@@ -73,6 +73,14 @@ def test_ragged_shapes_every_dtype(dtype, path):
 
 @interpreted
 @pytest.mark.parametrize("path", PATHS)
+def test_an_empty_batch(path):
+    # No rows (an empty micro-batch): y is (0, N), dx (0, K), and dA, dB are zero, on every route.
+    check_against_reference((0,), 40, 24, 4, torch.float32, True, "contiguous", 0.1, 2.0, path)
+    check_against_reference((2, 0), 40, 24, 4, torch.bfloat16, False, "strided", 0.0, 2.0, path)
+
+
+@interpreted
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("needs_grad", ["x", "A", "B", "x B", "A B"])
 def test_only_the_gradients_asked_for(needs_grad, path):
     # dA is summed inside the dx GEMM when dx is needed, and by its own kernel when it is not.

@@ -111,6 +111,13 @@ def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, path):
 
 
 @compiled
+@pytest.mark.parametrize("path", PATHS)
+def test_an_empty_batch(path):
+    # Grids with no programs along M: every launch must be skipped or be a no-op.
+    check_against_reference((0,), 40, 24, 4, torch.bfloat16, True, "contiguous", 0.1, 2.0, path, device=DEVICE)
+
+
+@compiled
 @pytest.mark.parametrize("config", impl._gemm_configs(), ids=str)
 def test_every_autotuning_config(config):
     # Ragged in every block dimension of every config; forward GEMM and the dx GEMM with the
