@@ -37,8 +37,9 @@ import os
 import random
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -552,118 +553,37 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     if state.stopped_early:  # the checkpoint's run had stopped early: nothing left to do
         return _finish(run, state, 0.0)
 
-    model, raw_model = run.model, run.raw_model
-    optimizer, scheduler, multiplier = run.optimizer, run.scheduler, run.multiplier
-    device, use_bf16, rank, world, main, out_dir = run.device, run.bf16, run.rank, run.world, run.main, run.out_dir
-    micro_per_epoch, steps_per_epoch, total_steps = run.micro_per_epoch, run.steps_per_epoch, run.total_steps
-    accum = config.grad_accum_steps
-
-    def log(record: dict) -> None:
-        if main:
-            with open(out_dir / METRICS_NAME, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    metric_name = config.metric
-    t_start = t_log = time.perf_counter()
-    tokens_since_log, loss_since_log, steps_since_log = None, 0.0, 0  # tokens: None until a batch has some
-    train_seconds = 0.0
-    task = config.task
-
-    while state.step < total_steps and not state.stopped_early:
-        epoch, window = divmod(state.step, steps_per_epoch)
-        if hasattr(train_batches, "set_epoch"):
-            train_batches.set_epoch(epoch)
-        # this rank's micro-batches for the epoch, skipping what a resumed run already did
-        mine = (b for i, b in enumerate(train_batches) if i % world == rank and i // world < micro_per_epoch)
-        for _ in range(window * accum):
-            next(mine)
-        for w in range(window, steps_per_epoch):
-            micro = [_to(b, device) for b in _take(mine, accum)]
+    # task "auto" is settled by the first batch's labels, metric "auto" by the first evaluation
+    task, metric_name = config.task, config.metric
+    t_start = time.perf_counter()
+    since_log = _SinceLog(start=t_start)
+    while state.step < run.total_steps and not state.stopped_early:
+        epoch, first_window = divmod(state.step, run.steps_per_epoch)
+        for window, micro in _windows(run, train_batches, epoch, first_window):
             task = _task_of(micro[0], task)
-            if eval_batches is not None and metric_name not in ("auto", *METRICS[task]):
-                # task "auto" is known only now, from the labels: still before the first step
-                raise ValueError(f"metric {metric_name!r} is not reported for task {task!r}; use one of "
-                                 f"{', '.join(map(repr, ('auto', *METRICS[task])))}")
-            n_total = sum(_count(b, task) for b in micro)
-            loss_value = 0.0
-            for j, batch in enumerate(micro):
-                # weight by share of targets: the sum over the window equals the mean loss
-                # of one big batch, whatever the micro-batch sizes
-                weight = _count(batch, task) / max(1, n_total)
-                sync = j == len(micro) - 1 or world == 1
-                ctx = model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, _ = _forward(model, batch, task)
-                    (loss * weight).backward()
-                loss_value += loss.item() * weight
-                n_tokens = _num_tokens(batch)
-                if n_tokens is not None:
-                    tokens_since_log = (tokens_since_log or 0) + n_tokens
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if eval_batches is not None:
+                _check_metric_fits(metric_name, task)  # before the first step, not at the first evaluation
+            loss, tokens = _optimizer_step(run, micro, task)
+            since_log.add(loss, tokens)
             state.step += 1
-            loss_since_log += loss_value
-            steps_since_log += 1
+            if state.step % config.log_every == 0 or state.step == run.total_steps:
+                since_log = _log_progress(run, state.step, epoch, since_log)
 
-            if state.step % config.log_every == 0 or state.step == total_steps:
-                now = time.perf_counter()
-                rec = {"step": state.step, "epoch": epoch, "loss": loss_since_log / steps_since_log,
-                       # config.lr on the schedule; groups with lrs of their own (lr_by_prefix,
-                       # LoRA+) follow the same curve, and the first group may be any of them
-                       "lr": config.lr * multiplier(state.step)}
-                line = f"step {state.step}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
-                if tokens_since_log is not None:  # batches without token ids get no throughput
-                    rec["tokens_per_s"] = tokens_since_log * world / max(now - t_log, 1e-9)
-                    line += f" | {rec['tokens_per_s']:.0f} tok/s"
-                if main:
-                    print(line, flush=True)
-                log(rec)
-                t_log, tokens_since_log, loss_since_log, steps_since_log = now, None, 0.0, 0
-
-            end_of_epoch = w == steps_per_epoch - 1
-            due = (state.step % config.eval_every == 0) if config.eval_every else end_of_epoch
-            if eval_batches is not None and (due or state.step == total_steps):
-                metrics = evaluate(model, eval_batches, task, device, use_bf16)
-                if metric_name == "auto":
-                    metric_name = "accuracy" if "accuracy" in metrics else "loss"
-                if metric_name not in metrics:
-                    raise ValueError(f"metric {metric_name!r} is not one of {sorted(metrics)}")
-                value = metrics[metric_name]
-                lower = metric_name in LOWER_IS_BETTER
-                improved = state.best_metric is None or (value < state.best_metric if lower else value > state.best_metric)
-                if improved:
-                    state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-                    if config.restore_best:
-                        state.best_state = _trainable_state(raw_model)
-                    if config.save_best and main:
-                        save_weights(raw_model, out_dir / BEST_DIR)
-                else:
-                    state.bad_evals += 1
-                rec = {"step": state.step, "eval": True, **{f"eval_{k}": v for k, v in metrics.items()},
-                       "best": improved}
-                state.history.append(rec)
-                log(rec)
-                if main:
-                    print(f"eval step {state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                          + (" | best" if improved else ""), flush=True)
-                if config.patience is not None and state.bad_evals >= config.patience:
-                    state.stopped_early = True
-                    if main:
-                        print(f"early stop: no {metric_name} improvement in {state.bad_evals} evaluations", flush=True)
+            end_of_epoch = window == run.steps_per_epoch - 1
+            eval_due = (state.step % config.eval_every == 0) if config.eval_every else end_of_epoch
+            if eval_batches is not None and (eval_due or state.step == run.total_steps):
+                metric_name = _evaluate_and_track(run, state, eval_batches, task, metric_name)
                 _save_checkpoint(run, state)
             elif config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 _save_checkpoint(run, state)
-            if state.stopped_early or state.step >= total_steps:
+            if state.stopped_early or state.step >= run.total_steps:
                 break
 
     train_seconds = time.perf_counter() - t_start
-    if eval_batches is None and config.save_best and main:
-        save_weights(raw_model, out_dir / BEST_DIR)  # nothing to compare: the last is the best
+    if eval_batches is None and config.save_best and run.main:
+        save_weights(run.raw_model, run.out_dir / BEST_DIR)  # nothing to compare: the last is the best
     _save_checkpoint(run, state)
-    if world > 1:
+    if run.world > 1:
         dist.barrier()  # nobody reads output_dir before rank 0 has written it
     return _finish(run, state, train_seconds)
 
@@ -711,7 +631,6 @@ def _device_and_bf16(config: TrainConfig, local_rank: int) -> tuple[torch.device
 
 def _step_counts(num_batches: int, world: int, config: TrainConfig) -> tuple[int, int, int, int]:
     """(micro-batches per rank per epoch, optimizer steps per epoch, total steps, warmup steps)."""
-    # every rank takes batches rank, rank+world, ...; equal counts keep the ranks in step
     micro_per_epoch = num_batches // world
     if micro_per_epoch == 0:
         raise ValueError(f"{num_batches} training batches cannot give each of {world} ranks one; "
@@ -740,10 +659,129 @@ def _resume(run: _Run) -> RunState:
     return RunState(**{f.name: ckpt[f.name] for f in fields(RunState)})
 
 
+def _windows(run: _Run, train_batches, epoch: int, first: int) -> Iterator[tuple[int, list[dict]]]:
+    """(window, its micro-batches on the device) for each optimizer step of `epoch` on this
+    rank, from window `first` on: a resumed run skips the windows it already trained on."""
+    if hasattr(train_batches, "set_epoch"):
+        train_batches.set_epoch(epoch)
+    # every rank takes batches rank, rank+world, ..., micro_per_epoch of them: equal counts keep the ranks in step
+    mine = (b for i, b in enumerate(train_batches)
+            if i % run.world == run.rank and i // run.world < run.micro_per_epoch)
+    accum = run.config.grad_accum_steps
+    for _ in range(first * accum):
+        next(mine)
+    for window in range(first, run.steps_per_epoch):
+        yield window, [_to(b, run.device) for b in islice(mine, accum)]
+
+
+def _check_metric_fits(metric_name: str, task: str) -> None:
+    if metric_name not in ("auto", *METRICS[task]):
+        raise ValueError(f"metric {metric_name!r} is not reported for task {task!r}; use one of "
+                         f"{', '.join(map(repr, ('auto', *METRICS[task])))}")
+
+
+def _optimizer_step(run: _Run, micro: list[dict], task: str) -> tuple[float, int | None]:
+    """One optimizer step on a window of micro-batches; returns (the window's mean loss, its
+    tokens, or None when its batches hold no token ids)."""
+    n_total = sum(_count(b, task) for b in micro)
+    loss_value, tokens = 0.0, None
+    for j, batch in enumerate(micro):
+        # weight by share of targets: the sum over the window equals the mean loss
+        # of one big batch, whatever the micro-batch sizes
+        weight = _count(batch, task) / max(1, n_total)
+        sync = j == len(micro) - 1 or run.world == 1  # DDP all-reduces on the window's last backward only
+        ctx = run.model.no_sync() if not sync else contextlib.nullcontext()
+        with ctx, torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+            loss, _ = _forward(run.model, batch, task)
+            (loss * weight).backward()
+        loss_value += loss.item() * weight
+        n_tokens = _num_tokens(batch)
+        if n_tokens is not None:
+            tokens = (tokens or 0) + n_tokens
+    if run.config.max_grad_norm is not None:
+        trainable = [p for p in run.raw_model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, run.config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value, tokens
+
+
+@dataclass
+class _SinceLog:
+    """The steps since the last progress line: their summed loss, and their tokens."""
+
+    start: float  # time.perf_counter() when the window began
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int | None = None  # None until a batch holds token ids
+
+    def add(self, loss: float, tokens: int | None) -> None:
+        self.loss += loss
+        self.steps += 1
+        if tokens is not None:
+            self.tokens = (self.tokens or 0) + tokens
+
+
+def _log_progress(run: _Run, step: int, epoch: int, since: _SinceLog) -> _SinceLog:
+    """Print and record the mean loss, lr and throughput since the last line; returns the next window."""
+    now = time.perf_counter()
+    rec = {"step": step, "epoch": epoch, "loss": since.loss / since.steps,
+           # config.lr on the schedule; groups with lrs of their own (lr_by_prefix,
+           # LoRA+) follow the same curve, and the first group may be any of them
+           "lr": run.config.lr * run.multiplier(step)}
+    line = f"step {step}/{run.total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
+    if since.tokens is not None:  # batches without token ids get no throughput
+        rec["tokens_per_s"] = since.tokens * run.world / max(now - since.start, 1e-9)
+        line += f" | {rec['tokens_per_s']:.0f} tok/s"
+    if run.main:
+        print(line, flush=True)
+    _append_metrics(run, rec)
+    return _SinceLog(start=now)
+
+
+def _evaluate_and_track(run: _Run, state: RunState, eval_batches, task: str, metric_name: str) -> str:
+    """Evaluate; on a new best, keep (restore_best) and save (save_best) the weights; count the
+    evaluations without one and stop early after `patience`. Returns the metric's name, "auto" settled."""
+    metrics = evaluate(run.model, eval_batches, task, run.device, run.bf16)
+    if metric_name == "auto":
+        metric_name = "accuracy" if "accuracy" in metrics else "loss"
+    if metric_name not in metrics:
+        raise ValueError(f"metric {metric_name!r} is not one of {sorted(metrics)}")
+    value = metrics[metric_name]
+    lower = metric_name in LOWER_IS_BETTER
+    improved = state.best_metric is None or (value < state.best_metric if lower else value > state.best_metric)
+    if improved:
+        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+        if run.config.restore_best:
+            state.best_state = _trainable_state(run.raw_model)
+        if run.config.save_best and run.main:
+            save_weights(run.raw_model, run.out_dir / BEST_DIR)
+    else:
+        state.bad_evals += 1
+    rec = {"step": state.step, "eval": True, **{f"eval_{k}": v for k, v in metrics.items()}, "best": improved}
+    state.history.append(rec)
+    _append_metrics(run, rec)
+    if run.main:
+        print(f"eval step {state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+              + (" | best" if improved else ""), flush=True)
+    if run.config.patience is not None and state.bad_evals >= run.config.patience:
+        state.stopped_early = True
+        if run.main:
+            print(f"early stop: no {metric_name} improvement in {state.bad_evals} evaluations", flush=True)
+    return metric_name
+
+
+def _append_metrics(run: _Run, record: dict) -> None:
+    if run.main:
+        with open(run.out_dir / METRICS_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def _save_checkpoint(run: _Run, state: RunState) -> None:
     """Write what _resume reads back, atomically; every rank calls it, rank 0 writes."""
-    rng = [None] * run.world
     if run.world > 1:
+        rng = [None] * run.world
         dist.all_gather_object(rng, _rng_state())  # each rank resumes its own stream
     else:
         rng = [_rng_state()]
@@ -759,17 +797,8 @@ def _save_checkpoint(run: _Run, state: RunState) -> None:
 
 
 def _finish(run: _Run, state: RunState, seconds: float) -> TrainResult:
+    """The run's TrainResult, after loading the best weights back into the model (restore_best)."""
     if run.config.restore_best and state.best_state is not None:
         _load_trainable_state(run.raw_model, state.best_state)
     return TrainResult(step=state.step, best_metric=state.best_metric, best_step=state.best_step,
                        stopped_early=state.stopped_early, train_seconds=seconds, history=state.history)
-
-
-def _take(iterator, n: int) -> list:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(iterator))
-        except StopIteration:
-            break
-    return out
