@@ -48,9 +48,7 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear or GPT-2's Conv1D, also when an adapter wrapper already holds it."""
-    get_base_layer = getattr(module, "get_base_layer", None)
-    if callable(get_base_layer):
-        module = get_base_layer()
+    module = innermost(module)
     return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
 
 
@@ -58,6 +56,14 @@ def is_wrapper(module: nn.Module) -> bool:
     """An adapter wrapper (``AdapterLayer``, ``ModulesToSaveWrapper``): a module that names the
     attribute holding the module it wraps. Recognised by attribute, as this file imports no tuner."""
     return isinstance(getattr(module, "base_layer_name", None), str) and hasattr(module, "adapter_layer_names")
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The original module under any adapter wrappers around it (``module`` itself when unwrapped):
+    wrappers nest when several adapters adapt one module, each holding the next as its base layer."""
+    while is_wrapper(module):
+        module = getattr(module, module.base_layer_name)
+    return module
 
 
 def logical_name(

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..targeting import innermost
+
 
 def adapter_placement(reference: torch.Tensor | None) -> tuple[torch.device, torch.dtype]:
     """Device and dtype for a new adapter's parameters, given a tensor of the module it adapts.
@@ -85,8 +87,7 @@ class AdapterLayer(nn.Module):
     # -- bookkeeping --------------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:
         """The original module, unwrapping nested adapter wrappers."""
-        base = getattr(self, self.base_layer_name)
-        return base.get_base_layer() if isinstance(base, AdapterLayer) else base
+        return innermost(getattr(self, self.base_layer_name))
 
     @property
     def adapter_names(self) -> list[str]:

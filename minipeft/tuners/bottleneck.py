@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d
 from .base import AdapterLayer, adapter_placement
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -351,7 +351,7 @@ def _split_hidden(out):
 
 def wrap_module(target: nn.Module, adapter_name: str, config: BottleneckConfig, key: str) -> BottleneckLayer:
     """Build the bottleneck wrapper for ``target`` (the module named ``key``) with one adapter."""
-    base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
+    base = innermost(target)
     if isinstance(base, nn.modules.conv._ConvNd):
         # The MLP acts on the last dimension; a convolution's features are on dimension 1.
         raise TypeError(

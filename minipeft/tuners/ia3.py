@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import is_gpt2_conv1d, name_matches
+from ..targeting import innermost, is_gpt2_conv1d, name_matches
 from .base import AdapterLayer, adapter_placement
 
 
@@ -183,7 +183,7 @@ SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 
 def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: str) -> IA3Linear:
     """Build the (IA)^3 wrapper for ``target`` (the module named ``key``) with one adapter."""
-    base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
+    base = innermost(target)
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")

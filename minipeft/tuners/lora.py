@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, adapter_placement, embed_scale
 
@@ -351,7 +351,7 @@ class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight stored (in, out))."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
-        weight = _innermost(base_layer).weight
+        weight = innermost(base_layer).weight
         out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         super().__init__(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
@@ -485,7 +485,7 @@ class LoraEmbedding(LoraLayer):
     merging needs no ``c``."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        num_embeddings, dim = _innermost(base_layer).weight.shape
+        num_embeddings, dim = innermost(base_layer).weight.shape
         super().__init__(base_layer, num_embeddings, dim)
 
     def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
@@ -519,7 +519,7 @@ class LoraConv(LoraLayer):
     channels, B a 1x1 conv back up, so ``B A`` is again a kernel of the base's shape."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        conv = _innermost(base_layer)
+        conv = innermost(base_layer)
         if conv.groups != 1:
             raise ValueError(f"LoRA supports convolutions with groups=1 only, got groups={conv.groups}")
         super().__init__(base_layer, conv.in_channels, conv.out_channels)
@@ -554,10 +554,6 @@ class LoraConv(LoraLayer):
         return result
 
 
-def _innermost(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, AdapterLayer) else module
-
-
 def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
     """The errors adding the adapter to ``target`` (the module named ``key``, wrapped or not)
     would meet, raised before anything changes: DoRA on a layer that is not linear, lora_bias on
@@ -565,7 +561,7 @@ def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
     cannot. Injection runs it on every target first (the registry's ``check``), so that a model
     is never left with some weights rewritten and no adapter; ``update_layer`` runs it too, for
     targets already wrapped."""
-    base = _innermost(target)
+    base = innermost(target)
     if config.use_dora and not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
         raise TypeError(f"DoRA is implemented for linear layers; {key!r} is a {type(base).__name__}")
     if config.lora_bias and isinstance(base, nn.Embedding):
@@ -591,7 +587,7 @@ SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d and transformers' GPT
 
 def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLayer:
     """Build the LoRA wrapper for ``target`` (the module named ``key``) with one adapter."""
-    base = _innermost(target)
+    base = innermost(target)
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")

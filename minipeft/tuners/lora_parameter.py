@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..targeting import inside_trained_whole, is_wrapper, logical_name, name_matches, nearest_names
+from ..targeting import innermost, inside_trained_whole, is_wrapper, logical_name, name_matches, nearest_names
 from . import lora_init
 from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement
 from .lora import LoraConfig, LoraLayer
@@ -65,7 +65,7 @@ class LoraParameter(LoraLayer):
     """
 
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
-        module = base_layer.get_base_layer() if isinstance(base_layer, AdapterLayer) else base_layer
+        module = innermost(base_layer)
         shape = getattr(module, parameter_name).shape
         # 2-D: one expert stored (out, in); 3-D: (E, out, in), or (E, in, out) when transposed.
         transposed = len(shape) == 3 and bool(getattr(module, "is_transposed", False))

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import candidate_names, is_under, nearest_names, trained_whole
+from ..targeting import candidate_names, innermost, is_under, nearest_names, trained_whole
 from .base import AdapterLayer, adapter_placement, embed_scale
 
 # Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
@@ -342,13 +342,9 @@ def input_embedding_name(model: nn.Module) -> str:
     if emb is not None:
         for real, logical in candidate_names(model).items():
             module = model.get_submodule(real)
-            if module is emb or _innermost(module) is emb:
+            if module is emb or innermost(module) is emb:
                 return logical
     return "embed_tokens"
-
-
-def _innermost(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, AdapterLayer) else module
 
 
 def _layers(module: nn.Module):
@@ -375,7 +371,7 @@ def token_targets(model: nn.Module, config: PeftConfig, targets: list[str]) -> d
     for key, ids in indices.items():
         matched = [real for real, logical in names.items() if logical.endswith(key)]
         if not matched:
-            tables = [n for r, n in names.items() if isinstance(_innermost(model.get_submodule(r)), nn.Embedding)]
+            tables = [n for r, n in names.items() if isinstance(innermost(model.get_submodule(r)), nn.Embedding)]
             nearest, _ = nearest_names([key], tables or list(names.values()))
             raise ValueError(
                 f"trainable_token_indices names {key!r}, which no module of {type(model).__name__} ends with; "
@@ -392,13 +388,13 @@ def _sharers(model: nn.Module, emb: nn.Module, skip: str) -> list[str]:
     weight = emb.weight
     return [
         real for real in candidate_names(model)
-        if not is_under(real, [skip]) and getattr(_innermost(model.get_submodule(real)), "weight", None) is weight
+        if not is_under(real, [skip]) and getattr(innermost(model.get_submodule(real)), "weight", None) is weight
     ]
 
 
 def check_embedding(layer_or_module: nn.Module, indices: list[int], key: str) -> None:
     """The errors of training rows ``indices`` of the embedding ``key`` (wrapped or not)."""
-    emb = _innermost(layer_or_module)
+    emb = innermost(layer_or_module)
     if not isinstance(emb, nn.Embedding):
         raise TypeError(
             f"trainable tokens train rows of an embedding table; {key!r} is a {type(emb).__name__}, not an "
@@ -454,8 +450,8 @@ def check_token_targets(model: nn.Module, config: PeftConfig, targets: list[str]
                 f"{key!r} is one module reachable under several names {aliases}; minipeft replaces a module under one "
                 "name, so the others would bypass the trainable tokens. Give the model one reference to it"
             )
-        for sharer in _sharers(model, _innermost(module), skip=name):
-            base = _innermost(model.get_submodule(sharer))
+        for sharer in _sharers(model, innermost(module), skip=name):
+            base = innermost(model.get_submodule(sharer))
             if not isinstance(base, (nn.Linear, nn.Embedding)):
                 raise TypeError(
                     f"{names[sharer]!r} (a {type(base).__name__}) shares the weight of {key!r}; trainable tokens keep "

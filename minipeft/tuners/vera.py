@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d
 from .base import AdapterLayer, adapter_placement
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
@@ -290,13 +290,9 @@ class VeraLinear(AdapterLayer):
 
 
 # -- injection hooks (registered in tuners/__init__.py) --------------------------------------------
-def _innermost(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, AdapterLayer) else module
-
-
 def check_target(target: nn.Module, config: VeraConfig, key: str) -> None:
     """The layer types peft's VeRA adapts (quantised linear layers aside), else a TypeError."""
-    base = _innermost(target)
+    base = innermost(target)
     if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
         raise TypeError(
             f"cannot apply VeRA to {key!r}: it is a {type(base).__name__}, and VeRA (here as in peft) supports "
@@ -308,7 +304,7 @@ def check_target(target: nn.Module, config: VeraConfig, key: str) -> None:
 def wrap_module(target: nn.Module, adapter_name: str, config: VeraConfig, key: str) -> VeraLinear:
     """Build the VeRA wrapper for ``target`` (the module named ``key``) with one adapter's vectors."""
     check_target(target, config, key)
-    conv1d = is_gpt2_conv1d(_innermost(target))
+    conv1d = is_gpt2_conv1d(innermost(target))
     if config.fan_in_fan_out and not conv1d:
         warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
     layer = VeraLinear(target, fan_in_fan_out=conv1d)
@@ -351,7 +347,7 @@ def check_shared_projection(model: nn.Module, config: VeraConfig, targets: list[
             "add this adapter to a fresh copy of the base model"
         )
     for name in targets:
-        base = _innermost(model.get_submodule(name))
+        base = innermost(model.get_submodule(name))
         out_features, in_features = base.weight.shape[::-1] if is_gpt2_conv1d(base) else base.weight.shape
         if in_features > pair.in_max or out_features > pair.out_max:
             raise ValueError(
