@@ -106,6 +106,12 @@ class AdapterLayer(nn.Module):
             return []
         return [a for a in self.active_adapters if a in self.adapter_names and a not in self.merged_adapters]
 
+    def unmerge_if_disabled(self) -> None:
+        """peft semantics: a merged layer whose adapters are disabled unmerges itself first. The
+        forward of every layer that can hold merged adapters starts with this call."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+
     def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)

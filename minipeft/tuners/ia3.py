@@ -132,9 +132,7 @@ class IA3Linear(AdapterLayer):
         return scale_in, scale_out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # peft semantics: a merged layer whose adapters are disabled unmerges itself first.
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        self.unmerge_if_disabled()
         scale_in, scale_out = self._scales(self.adapters_to_apply())
         if scale_in is not None:
             x = x * scale_in.to(x.dtype)  # (..., in)

@@ -333,11 +333,6 @@ class LoraLayer(AdapterLayer):
                 else:
                     weight.data -= self.delta_weight(name)
 
-    def _apply_lora_before(self) -> None:
-        # peft semantics: a merged layer whose adapters are disabled unmerges itself first.
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-
     def adapters_to_apply(self) -> list[str]:
         # AdapterLayer's answer, read from the plain dict ``r`` (every LoRA adapter here has a
         # rank) instead of rebuilding ``adapter_names`` from ten containers: this runs in every
@@ -370,7 +365,7 @@ class LoraLinear(LoraLayer):
         return self._weight_out_in(delta).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._apply_lora_before()
+        self.unmerge_if_disabled()
         adapters = self.adapters_to_apply()
         if adapters and self._fused_path_applies(x, adapters):
             return self._fused_forward(x, adapters[0])
@@ -499,7 +494,7 @@ class LoraEmbedding(LoraLayer):
         return delta.to(self.get_base_layer().weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._apply_lora_before()
+        self.unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         emb = self.get_base_layer()
         scale = embed_scale(emb)  # the base lookup above already carries it
@@ -541,7 +536,7 @@ class LoraConv(LoraLayer):
         return delta.to(self.get_base_layer().weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._apply_lora_before()
+        self.unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         for name in self.adapters_to_apply():
             dropout = self.lora_dropout[name]

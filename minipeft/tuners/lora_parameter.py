@@ -117,7 +117,7 @@ class LoraParameter(LoraLayer):
         return (delta.mT if self.transposed else delta).reshape(W.shape).to(W.dtype)
 
     def forward(self, *args, **kwargs):
-        self._apply_lora_before()
+        self.unmerge_if_disabled()
         adapters = self.adapters_to_apply()
         if not adapters:
             return self.base_layer(*args, **kwargs)

@@ -174,10 +174,14 @@ class TrainableTokensLayer(AdapterLayer):
         """The layer that holds the rows and writes them into the table when merging."""
         return self
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def unmerge_if_disabled(self) -> None:
+        # The owner's merge wrote the shared table, so a tied module disabled here unmerges the owner.
         owner = self.owner()
         if self.disable_adapters and owner.merged:
-            owner.unmerge()  # peft semantics: a merged layer whose adapters are disabled unmerges first
+            owner.unmerge()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         active = self.adapters_to_apply()
         check_disjoint(self.token_indices, active)

@@ -242,9 +242,7 @@ class VeraLinear(AdapterLayer):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # peft semantics: a merged layer whose adapters are disabled unmerges itself first.
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        self.unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         for name in self.adapters_to_apply():
             result = result + self._vera_term(x, name).to(result.dtype)
