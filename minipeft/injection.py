@@ -138,7 +138,7 @@ def inject_adapter_in_model(
             module = model.get_submodule(name)
             if isinstance(module, method.layer_class):
                 updated.append(module)  # before the update, so a half-done update is rolled back too
-                module.update_layer(adapter_name, config, keys[name])
+                module.add_adapter(adapter_name, config, keys[name])
                 holders[name] = module
             else:
                 holders[name] = method.wrap(module, adapter_name, config, keys[name])
@@ -182,10 +182,10 @@ def _plan_modules_to_save(model, config, adapter_name, updated) -> list:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             updated.append(module)
-            module.update_layer(adapter_name)
+            module.add_adapter(adapter_name)
         elif not any(name.startswith(p + ".") for p, _, _ in plan):
             wrapper = ModulesToSaveWrapper(module)
-            wrapper.update_layer(adapter_name)
+            wrapper.add_adapter(adapter_name)
             plan.append((name, module, wrapper))
     return plan
 

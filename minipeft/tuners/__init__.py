@@ -23,7 +23,7 @@ class PeftMethod:
 
     config_class: its config dataclass.
     layer_class: its wrapper; a target already wrapped by this class gets the new adapter
-        added in place (``update_layer``) rather than a second wrapper.
+        added in place (``add_adapter``) rather than a second wrapper.
     wrap: ``wrap(module, adapter_name, config, qualified_name) -> layer_class`` builds a new
         wrapper holding one adapter. It must not modify ``module`` or the model, except where an
         init is defined by rewriting the base weight (LoRA's PiSSA / OLoRA); see ``check``.

@@ -4,8 +4,9 @@ A wrapper keeps the module it adapts as ``base_layer`` and its trainable parts i
 ``nn.ModuleDict`` / ``nn.ParameterDict`` attributes keyed by adapter name, e.g.
 ``lora_A["default"]``. That keeps the original parameter names one level down
 (``q_lin.base_layer.weight``), which is also the layout ``peft`` uses, so state dicts map
-one to one. Method files subclass ``AdapterLayer`` and implement ``update_layer`` (add an
-adapter) and ``forward``.
+one to one. Method files subclass ``AdapterLayer`` and implement ``update_layer`` (create a
+new adapter's parameters) and ``forward``. Callers add an adapter with ``add_adapter``, which
+refuses a name the layer holds already and then runs ``update_layer``.
 
 Merging is a template here: ``merge(adapter_names, safe_merge)`` and ``first_nonfinite_merge``
 (``safe_merge``'s dry run into copies) fold adapters in one at a time through a single hook,
@@ -135,9 +136,18 @@ class AdapterLayer(nn.Module):
                 del container[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
+    def add_adapter(self, adapter_name: str, config=None, key: str = "") -> None:
+        """Add adapter ``adapter_name`` described by ``config`` to this layer (``key``: the module's
+        qualified name, for messages). A name the layer holds already is refused: ``update_layer``
+        would replace that adapter's parameters."""
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
+        self.update_layer(adapter_name, config, key)
+
     # -- what subclasses provide --------------------------------------------------------------
     def update_layer(self, adapter_name: str, config, key: str) -> None:
-        """Create the parameters of a new adapter (``key``: the module's qualified name)."""
+        """Create the parameters of a new adapter (``key``: the module's qualified name); called by
+        ``add_adapter``, which has checked the name is new here."""
         raise TypeError(f"{type(self).__name__} does not implement update_layer")
 
     def merged_tensors(

@@ -258,8 +258,6 @@ class BottleneckLayer(AdapterLayer):
         self.parallel_input: dict[str, int | str] = {}
 
     def update_layer(self, adapter_name: str, config: BottleneckConfig, key: str) -> None:
-        if adapter_name in self.adapter_names:
-            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
         d_in, d_out = infer_widths(self.get_base_layer(), config, key)
         b = config.size_for(d_out)
         down, up = nn.Linear(d_in, b), nn.Linear(b, d_out)
@@ -360,5 +358,5 @@ def wrap_module(target: nn.Module, adapter_name: str, config: BottleneckConfig, 
             "(..., features), e.g. a Linear, an MLP or a transformer block"
         )
     layer = BottleneckLayer(target)
-    layer.update_layer(adapter_name, config, key)
+    layer.add_adapter(adapter_name, config, key)
     return layer

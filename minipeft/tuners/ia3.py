@@ -108,8 +108,6 @@ class IA3Linear(AdapterLayer):
         self.is_feedforward: dict[str, bool] = {}
 
     def update_layer(self, adapter_name: str, config: IA3Config, key: str) -> None:
-        if adapter_name in self.adapter_names:
-            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
         feedforward = config.is_feedforward(key)
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         # Drawn even when overwritten, as peft does, so the global RNG stream stays in step with it.
@@ -190,5 +188,5 @@ def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: st
         layer = IA3Linear(target, fan_in_fan_out=True)
     else:
         raise TypeError(f"cannot apply (IA)^3 to {key!r}: it is a {type(base).__name__}; (IA)^3 supports {SUPPORTED}")
-    layer.update_layer(adapter_name, config, key)
+    layer.add_adapter(adapter_name, config, key)
     return layer

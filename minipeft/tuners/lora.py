@@ -182,8 +182,6 @@ class LoraLayer(AdapterLayer):
         self.use_fused_kernels: dict[str, bool] = {}
 
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
-        if adapter_name in self.adapter_names:
-            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
         check_init(self, config, key)  # before anything changes: PiSSA/OLoRA rewrite the base weight
         r, alpha = config.rank_and_alpha(key)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
@@ -595,7 +593,7 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
         layer = LoraConv(target)
     else:
         raise TypeError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
-    layer.update_layer(adapter_name, config, key)
+    layer.add_adapter(adapter_name, config, key)
     return layer
 
 

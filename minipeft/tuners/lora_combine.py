@@ -97,10 +97,10 @@ def add_weighted_adapter(
         # dare types draw the masks peft draws.
         for n, layer in layers.items():
             changed.append(layer)
-            layer.update_layer(adapter_name, config, keys[n])
+            layer.add_adapter(adapter_name, config, keys[n])
         for wrapper, source in heads:
             changed.append(wrapper)
-            wrapper.update_layer(adapter_name)
+            wrapper.add_adapter(adapter_name)
             copies = wrapper.modules_to_save
             copies[adapter_name].load_state_dict(copies[source].state_dict())
         for layer in layers.values():

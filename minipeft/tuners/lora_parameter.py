@@ -339,11 +339,11 @@ def wrap_parameters(
         existing = next((w for w in target.wrappers if w.parameter_name == target.parameter_name), None)
         if existing is not None:
             updated.append(existing)  # before the update, so a half-done one is rolled back too
-            existing.update_layer(adapter_name, config, target.key)
+            existing.add_adapter(adapter_name, config, target.key)
             continue
         inner = outermost.get(target.spot) or model.get_submodule(target.spot)
         wrapper = LoraParameter(inner, target.parameter_name)
-        wrapper.update_layer(adapter_name, config, target.key)
+        wrapper.add_adapter(adapter_name, config, target.key)
         plan.append((target.spot, inner, wrapper))
         outermost[target.spot] = wrapper
     return plan

@@ -151,8 +151,6 @@ class TrainableTokensLayer(AdapterLayer):
         self.checkpoint_prefix: dict[str, str] = {}
 
     def update_layer(self, adapter_name: str, config: PeftConfig, key: str) -> None:
-        if adapter_name in self.adapter_names:
-            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
         indices = indices_for(config, key)
         check_embedding(self, indices, key)
         weight = self.get_base_layer().weight  # (V, d)
@@ -477,7 +475,7 @@ def check_token_targets(model: nn.Module, config: PeftConfig, targets: list[str]
 def wrap_module(target: nn.Module, adapter_name: str, config: TrainableTokensConfig, key: str) -> TrainableTokensLayer:
     """Build the wrapper for the embedding ``target`` (named ``key``) with one adapter."""
     layer = TrainableTokensLayer(target)
-    layer.update_layer(adapter_name, config, key)
+    layer.add_adapter(adapter_name, config, key)
     return layer
 
 
@@ -508,11 +506,11 @@ def wrap_beside(
         module = model.get_submodule(name)
         if type(module) is TrainableTokensLayer:
             updated.append(module)  # before the update, so a half-done one is rolled back too
-            module.update_layer(adapter_name, config, names.get(name, name))
+            module.add_adapter(adapter_name, config, names.get(name, name))
             owners[name] = module
         else:
             owners[name] = TrainableTokensLayer(module)
-            owners[name].update_layer(adapter_name, config, names.get(name, name))
+            owners[name].add_adapter(adapter_name, config, names.get(name, name))
             plan.append((name, module, owners[name]))
     for name, owner in owners.items():
         for sharer in _sharers(model, owner.get_base_layer(), skip=name):

@@ -212,8 +212,6 @@ class VeraLinear(AdapterLayer):
 
     def update_layer(self, adapter_name: str, config: VeraConfig, key: str) -> None:
         """Add adapter ``adapter_name``'s vectors; its projection comes from ``attach_projection``."""
-        if adapter_name in self.adapter_names:
-            raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
         r = config.r
         self.r[adapter_name] = r
         self.vera_dropout[adapter_name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
@@ -306,7 +304,7 @@ def wrap_module(target: nn.Module, adapter_name: str, config: VeraConfig, key: s
     if config.fan_in_fan_out and not conv1d:
         warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
     layer = VeraLinear(target, fan_in_fan_out=conv1d)
-    layer.update_layer(adapter_name, config, key)
+    layer.add_adapter(adapter_name, config, key)
     return layer
 
 
