@@ -1,8 +1,20 @@
 """The registry of PEFT methods: one entry per tuner file.
 
-Adding a method means writing ``tuners/<method>.py`` (its config, its wrapper layers, its
-math) and one ``register_method`` call here; the injection code in ``minipeft/injection.py``
-and ``PeftModel`` work from this table alone.
+Adding a method that wraps layers means four edits:
+
+* ``tuners/<method>.py``: its config (whose ``__post_init__`` sets ``peft_type``), its wrapper
+  layers, its math;
+* a ``PeftType`` member in ``minipeft/config.py``, the name ``adapter_config.json`` stores;
+* one ``register_method`` call here;
+* its config exported from ``minipeft/__init__.py``, where users import it.
+
+Injection (``minipeft/injection.py``), checkpoints and ``PeftModel`` then work from this table.
+A virtual-token method (``attach`` instead of a wrapper) needs two more things: its type in
+``PeftConfig.is_prompt_learning`` (config.py), which is how ``PeftModel`` tells it from a layer
+method, and an encoder in ``peft_model.prompt_encoder`` that speaks the protocol of
+``tuners/virtual_tokens.py`` (``prepare_call``, and ``prompt_embeddings`` /
+``check_prompt_embeddings`` / ``load_prompt_embeddings`` for checkpoints), through which
+``PeftModel`` activates, deletes and saves it.
 """
 
 from __future__ import annotations
