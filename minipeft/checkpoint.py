@@ -81,7 +81,7 @@ from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
 from .targeting import logical_name
-from .tuners import ModulesToSaveWrapper
+from .tuners import ModulesToSaveWrapper, lora_init
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -435,18 +435,9 @@ def _write_temp(folder: str, name: str, data: bytes) -> str:
     return write_temp(os.path.join(folder, name), lambda f: f.write(data))
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Write one adapter's config and tensors to ``folder``, atomically (see the module docstring)."""
-    configs = getattr(model, "peft_config", None) or {}
-    if adapter_name not in configs:
-        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(configs)}")
-    check_adapter_name(adapter_name)
-    write_adapter(folder, configs[adapter_name], get_peft_model_state_dict(model, adapter_name))
-
-
 def write_adapter(folder: str | os.PathLike, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
     """Write ``config`` and ``state`` (checkpoint keys) to ``folder`` as one adapter checkpoint,
-    atomically: ``save_adapter`` for a model's adapter, or what PiSSA/OLoRA conversion computed."""
+    atomically: a model's adapter, or what PiSSA/OLoRA conversion computed (``save_pretrained``)."""
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"cannot save an adapter to {folder!r}: it is a file; give a folder")
@@ -474,18 +465,65 @@ def write_adapter(folder: str | os.PathLike, config: PeftConfig, state: dict[str
 
 
 def save_pretrained(
-    model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    selected_adapters: list[str] | None = None,
+    initial_folder: str | None = None,
+    is_main_process: bool = True,
 ) -> None:
-    """Save adapters in peft's layout: ``default`` in the folder, others in ``<folder>/<name>/``."""
+    """Save adapters in peft's layout: ``default`` in the folder, others in ``<folder>/<name>/``
+    (the arguments are ``PeftModel.save_pretrained``'s). Every argument is checked before the first
+    file is written, also where ``is_main_process`` is False and nothing is written."""
     configs = getattr(model, "peft_config", None) or {}
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in configs]
     if unknown:
         raise ValueError(f"cannot save unknown adapter(s) {unknown}; the model has {list(configs)}")
-    for name in names:  # every name before any file: a name like "../x" or "/abs" would write outside the folder
+    for name in names:  # a name like "../x" or "/abs" would write outside the folder
         check_adapter_name(name)
+    if initial_folder is not None:
+        if len(names) != 1:
+            raise ValueError(
+                f"path_initial_model_for_weight_conversion holds the initial state of one adapter, and {names} "
+                "would be saved; save the PiSSA/OLoRA adapter alone with selected_adapters=[name]"
+            )
+        lora_init.check_convertible(configs[names[0]])
+    if not is_main_process:
+        return
+    if initial_folder is not None:
+        _save_converted(model, save_directory, names[0], initial_folder)
+        return
     for name in names:
-        save_adapter(model, adapter_folder(save_directory, name), name)
+        write_adapter(adapter_folder(save_directory, name), configs[name], get_peft_model_state_dict(model, name))
+
+
+def _save_converted(
+    model: nn.Module, save_directory: str | os.PathLike, adapter_name: str, initial_folder: str
+) -> None:
+    """Save PiSSA/OLoRA adapter ``adapter_name`` converted to plain LoRA on the original weights,
+    given its initial state in ``initial_folder``. Everything is read and checked before the
+    one atomic write (``write_adapter``)."""
+    folder = adapter_folder(save_directory, adapter_name)
+    if os.path.realpath(folder) == os.path.realpath(initial_folder):
+        raise ValueError(
+            f"the converted adapter would be written to {folder!r}, over the initial adapter it is converted "
+            "with; save it to another folder (the initial one serves every later conversion)"
+        )
+    try:
+        initial_config, initial_tensors = load_checkpoint(initial_folder)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"path_initial_model_for_weight_conversion: {err}. Give the folder save_pretrained wrote right after "
+            f"the adapter was initialised (for an adapter not named 'default': that folder/<name>)"
+        ) from None
+    config, tensors = lora_init.convert_to_lora(
+        model.peft_config[adapter_name],
+        get_peft_model_state_dict(model, adapter_name),
+        initial_config,
+        initial_tensors,
+        source=repr(initial_folder),
+    )
+    write_adapter(folder, config, tensors)
 
 
 def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> str:

@@ -349,48 +349,10 @@ class PeftModel(nn.Module):
         ``save_embedding_layers=True`` (base-model embeddings; ``"auto"`` saves none).
         """
         _check_save_options(safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion)
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        self._check_known(names, "save")
-        if path_initial_model_for_weight_conversion is not None:
-            if len(names) != 1:
-                raise ValueError(
-                    f"path_initial_model_for_weight_conversion holds the initial state of one adapter, and {names} "
-                    "would be saved; save the PiSSA/OLoRA adapter alone with selected_adapters=[name]"
-                )
-            lora_init.check_convertible(self.peft_config[names[0]])
-        if not is_main_process:
-            return
-        if path_initial_model_for_weight_conversion is None:
-            checkpoint.save_pretrained(self, save_directory, selected_adapters)
-        else:
-            self._save_converted(save_directory, names[0], os.fspath(path_initial_model_for_weight_conversion))
-
-    def _save_converted(self, save_directory: str | os.PathLike, adapter_name: str, initial_folder: str) -> None:
-        """Save PiSSA/OLoRA adapter ``adapter_name`` converted to plain LoRA on the original weights,
-        given its initial state in ``initial_folder``. Everything is read and checked before the
-        one atomic write (checkpoint.write_adapter)."""
-        injection.check_adapter_name(adapter_name)
-        folder = checkpoint.adapter_folder(save_directory, adapter_name)
-        if os.path.realpath(folder) == os.path.realpath(initial_folder):
-            raise ValueError(
-                f"the converted adapter would be written to {folder!r}, over the initial adapter it is converted "
-                "with; save it to another folder (the initial one serves every later conversion)"
-            )
-        try:
-            initial_config, initial_tensors = checkpoint.load_checkpoint(initial_folder)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"path_initial_model_for_weight_conversion: {err}. Give the folder save_pretrained wrote right after "
-                f"the adapter was initialised (for an adapter not named 'default': that folder/<name>)"
-            ) from None
-        config, tensors = lora_init.convert_to_lora(
-            self.peft_config[adapter_name],
-            checkpoint.get_peft_model_state_dict(self, adapter_name),
-            initial_config,
-            initial_tensors,
-            source=repr(initial_folder),
+        initial = path_initial_model_for_weight_conversion
+        checkpoint.save_pretrained(
+            self, save_directory, selected_adapters, None if initial is None else os.fspath(initial), is_main_process
         )
-        checkpoint.write_adapter(folder, config, tensors)
 
     def load_adapter(
         self,
