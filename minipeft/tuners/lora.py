@@ -182,7 +182,9 @@ class LoraLayer(AdapterLayer):
         self.use_fused_kernels: dict[str, bool] = {}
 
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
-        check_init(self, config, key)  # before anything changes: PiSSA/OLoRA rewrite the base weight
+        # Before anything changes: PiSSA/OLoRA rewrite the base weight. Asked of the module this layer
+        # adapts, not of the layer: a LoraParameter is no target_modules target, but it is a LoraLayer.
+        check_target(self.get_base_layer(), config, key)
         r, alpha = config.rank_and_alpha(key)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -482,7 +484,7 @@ class LoraEmbedding(LoraLayer):
         super().__init__(base_layer, num_embeddings, dim)
 
     def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
-        # bias is False here: check_init refuses lora_bias on embeddings (their factors are bare tables).
+        # bias is False here: check_target refuses lora_bias on embeddings (their factors are bare tables).
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
 
@@ -512,9 +514,7 @@ class LoraConv(LoraLayer):
     channels, B a 1x1 conv back up, so ``B A`` is again a kernel of the base's shape."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        conv = innermost(base_layer)
-        if conv.groups != 1:
-            raise ValueError(f"LoRA supports convolutions with groups=1 only, got groups={conv.groups}")
+        conv = innermost(base_layer)  # groups=1: check_target refuses grouped convolutions
         super().__init__(base_layer, conv.in_channels, conv.out_channels)
 
     def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
@@ -547,16 +547,32 @@ class LoraConv(LoraLayer):
         return result
 
 
-def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
+def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
     """The errors adding the adapter to ``target`` (the module named ``key``, wrapped or not)
-    would meet, raised before anything changes: DoRA on a layer that is not linear, lora_bias on
-    an embedding and, for an init that rewrites the base weight (PiSSA, OLoRA), every reason it
-    cannot. Injection runs it on every target first (the registry's ``check``), so that a model
-    is never left with some weights rewritten and no adapter; ``update_layer`` runs it too, for
-    targets already wrapped."""
+    would meet, raised before anything changes: a module whose parameters LoRA adapts already
+    (target_parameters: those wrappers change a parameter, not the module's output), DoRA on a
+    layer that is not linear, lora_bias on an embedding, every reason an init that rewrites the
+    base weight (PiSSA, OLoRA) cannot, and a grouped convolution. Injection runs it on every target
+    first (the registry's ``check``), so that a model is never left with some weights rewritten
+    and no adapter; ``update_layer`` runs it too, for callers other than injection."""
+    from .lora_parameter import LoraParameter  # late: lora_parameter builds on this file
+
+    if isinstance(target, LoraParameter):
+        adapted = []
+        while isinstance(target, LoraParameter):
+            adapted.append(target.parameter_name)
+            target = target.base_layer
+        raise ValueError(
+            f"{key!r} is in target_modules, but its parameters {adapted[::-1]} are adapted through target_parameters "
+            "already, by wrappers that change those parameters, not the module's output; leave it out of "
+            "target_modules, and give this adapter target_parameters for those parameters instead"
+        )
     base = innermost(target)
     if config.use_dora and not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
-        raise TypeError(f"DoRA is implemented for linear layers; {key!r} is a {type(base).__name__}")
+        raise TypeError(
+            f"DoRA is implemented for linear layers; {key!r} is a {type(base).__name__}: leave it out of "
+            "target_modules, or set use_dora=False"
+        )
     if config.lora_bias and isinstance(base, nn.Embedding):
         raise ValueError(
             f"lora_bias=True on {key!r}, an nn.Embedding: LoRA's embedding factors are bare tables with no bias "
@@ -564,15 +580,20 @@ def check_init(target: nn.Module, config: LoraConfig, key: str) -> None:
             "in a second adapter with lora_bias=False"
         )
     init = config.init_lora_weights
-    if not lora_init.base_changing_init(init):
-        return
-    if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
-        raise TypeError(
-            f"init_lora_weights={init!r} decomposes the weight of a linear layer; {key!r} is a "
-            f"{type(base).__name__}. Target nn.Linear / Conv1D layers only, or adapt this one in a second adapter "
-            "with init_lora_weights=True"
+    if lora_init.base_changing_init(init):
+        if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
+            raise TypeError(
+                f"init_lora_weights={init!r} decomposes the weight of a linear layer; {key!r} is a "
+                f"{type(base).__name__}. Target nn.Linear / Conv1D layers only, or adapt this one in a second adapter "
+                "with init_lora_weights=True"
+            )
+        lora_init.check_decomposable(init, key, base.weight, config.rank_and_alpha(key)[0], is_gpt2_conv1d(base))
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups != 1:
+        # A and B stand for a dense kernel (out, in, k...); a grouped one is (out, in / groups, k...).
+        raise ValueError(
+            f"LoRA on {key!r} needs a convolution with groups=1, got groups={base.groups}; leave it out of "
+            "target_modules (or add it to exclude_modules)"
         )
-    lora_init.check_decomposable(init, key, base.weight, config.rank_and_alpha(key)[0], is_gpt2_conv1d(base))
 
 
 SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d and transformers' GPT-2 Conv1D"
@@ -597,25 +618,7 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
     return layer
 
 
-# -- the registry's hooks beyond wrap_module (tuners/__init__.py) ------------------------------------
-def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
-    """``check_init``, and a module whose parameters LoRA adapts (target_parameters) refused as a
-    target_modules target: the wrapper there adapts one parameter, not the module's output."""
-    from .lora_parameter import LoraParameter  # late: lora_parameter builds on this file
-
-    if isinstance(target, LoraParameter):
-        adapted = []
-        while isinstance(target, LoraParameter):
-            adapted.append(target.parameter_name)
-            target = target.base_layer
-        raise ValueError(
-            f"{key!r} is in target_modules, but its parameters {adapted[::-1]} are adapted through target_parameters "
-            "already, by wrappers that change those parameters, not the module's output; leave it out of "
-            "target_modules, and give this adapter target_parameters for those parameters instead"
-        )
-    check_init(target, config, key)
-
-
+# -- the registry's hooks beyond check_target and wrap_module (tuners/__init__.py) -------------------
 def check_model(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
     """The errors that need the whole model: trainable_token_indices' and target_parameters'."""
     from .lora_parameter import find_parameters
