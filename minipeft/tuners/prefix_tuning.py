@@ -323,19 +323,30 @@ class PrefixEncoder(nn.Module):
         self._handles.clear()
 
 
-def _infer(config: PrefixTuningConfig, model: nn.Module, found: dict[str, tuple[int, ...]]) -> list[str]:
-    """Fill num_layers / token_dim / num_attention_heads from the found attention modules."""
+def _select_attention_modules(
+    config: PrefixTuningConfig, model: nn.Module, found: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """The attention modules that get a prefix: every one ``found`` (those that call SDPA), or
+    those ``config.target_modules`` selects among them."""
     names = list(found)
-    if config.target_modules is not None:
-        # Matched by logical name: an attention module inside another adapter's wrapper keeps its name.
-        logical = {n: logical_name(model, n) or n for n in names}
-        names = [n for n in names if name_matches(logical[n], config.target_modules)]
-        if not names:
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matched none of the attention modules that call SDPA: "
-                f"{list(logical.values())[:6]}"
-            )
-    shapes = {found[n][1:2] + found[n][3:] for n in names}  # (heads, head_dim) of each layer's keys
+    if config.target_modules is None:
+        return names
+    # Matched by logical name: an attention module inside another adapter's wrapper keeps its name.
+    logical = {n: logical_name(model, n) or n for n in names}
+    names = [n for n in names if name_matches(logical[n], config.target_modules)]
+    if not names:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched none of the attention modules that call SDPA: "
+            f"{list(logical.values())[:6]}"
+        )
+    return names
+
+
+def _fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes: list[tuple[int, ...]]) -> None:
+    """Fill num_layers / token_dim / num_attention_heads (and peft's bookkeeping fields) from the
+    key shapes (B, heads, S, head_dim) of the selected attention modules, one per module; a field
+    the config gives must agree with the model."""
+    shapes = {shape[1:2] + shape[3:] for shape in key_shapes}  # (heads, head_dim) of each layer's keys
     if len(shapes) > 1:
         raise ValueError(f"the attention modules have keys of different shapes (heads, head_dim): {sorted(shapes)}; "
                          "select modules of one shape with target_modules")
@@ -343,19 +354,19 @@ def _infer(config: PrefixTuningConfig, model: nn.Module, found: dict[str, tuple[
     kv_heads = vt.model_config_value(model, "num_key_value_heads")
     if kv_heads and heads % kv_heads == 0:
         heads = kv_heads  # the probe saw repeated key/value heads; peft stores the prefix per kv head
-    wanted: dict[str, Any] = {"num_layers": len(names), "num_attention_heads": heads, "token_dim": heads * head_dim}
+    layers = len(key_shapes)
+    wanted: dict[str, Any] = {"num_layers": layers, "num_attention_heads": heads, "token_dim": heads * head_dim}
     for field, value in wanted.items():
         given = getattr(config, field)
         if given is not None and given != value:
             raise ValueError(
-                f"{field}={given} does not match the model: it has {value} ({len(names)} attention modules with keys "
+                f"{field}={given} does not match the model: it has {value} ({layers} attention modules with keys "
                 f"of {heads} heads x {head_dim}). Leave {field} unset to infer it, or set {field}={value}."
             )
         setattr(config, field, value)
     config.num_transformer_submodules = config.num_transformer_submodules or 1
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim  # as peft records it, projection or not
-    return names
 
 
 def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
@@ -372,7 +383,8 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig)
     finally:
         if existing is not None:
             existing.disable_adapters = was_disabled
-    names = _infer(config, model, found)
+    names = _select_attention_modules(config, model, found)
+    _fill_shape_fields(config, model, [found[n] for n in names])
     device = next((p.device for p in model.parameters()), None)
     encoder = PrefixEncoder(config, names, device=device)
     encoders = vt.prompt_encoders(peft_model)
