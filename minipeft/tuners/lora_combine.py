@@ -70,7 +70,7 @@ def add_weighted_adapter(
     source that trains it. On error the model is left as it was."""
     _check_arguments(sources, weights, svd_clamp)
     requested = combination_type
-    combination_type, rank = combined_rank(sources, combination_type, svd_rank)
+    combination_type, rank = resolve_combination(sources, combination_type, svd_rank)
     _check_merge_options(requested, density, majority_sign_method)
     names = [name for name, _ in sources]
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and any(a in m.r for a in names)}
@@ -204,13 +204,13 @@ def _merge_of(combination_type: str) -> str | None:
     return combination_type.removesuffix("_svd")
 
 
-def combined_rank(
+def resolve_combination(
     sources: list[tuple[str, LoraConfig]], combination_type: str, svd_rank: int | None
 ) -> tuple[str, int]:
-    """peft's rules for a combined adapter: the combination to use (a single source is always
-    combined "linear", which is exact for one) and the new rank. A source counts with its largest
-    rank (``r`` or a ``rank_pattern`` value): the new adapter has one rank everywhere, and layers
-    that need fewer are zero-padded.
+    """``combination_type`` and ``svd_rank`` checked, then peft's rules for a combined adapter: the
+    combination to use (a single source is always combined "linear", which is exact for one) and
+    the new rank. A source counts with its largest rank (``r`` or a ``rank_pattern`` value): the
+    new adapter has one rank everywhere, and layers that need fewer are zero-padded.
 
         linear, ties, dare_linear, dare_ties, magnitude_prune:  the sources' one rank
         cat:                                                    the sum of the ranks
@@ -298,10 +298,8 @@ def combine(
     elif combination_type in SVD_TYPES:
         delta = _merged_update(terms, _merge_of(combination_type), density, majority_sign_method, transposed)
         B, A = _truncated_svd(delta, rank, svd_clamp, svd_full_matrices, svd_driver)
-    elif combination_type in FACTOR_TYPES:
+    else:  # FACTOR_TYPES, the rest of what resolve_combination accepts
         A, B = _merged_factors(terms, combination_type, density, majority_sign_method)
-    else:
-        raise ValueError(f"combination_type={combination_type!r} is not one of {list(COMBINATION_TYPES)}")
     return _pad_rank(A, B, rank)
 
 
