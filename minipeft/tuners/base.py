@@ -11,7 +11,8 @@ refuses a name the layer holds already and then runs ``update_layer``.
 Merging is a template here: ``merge(adapter_names, safe_merge)`` and ``first_nonfinite_merge``
 (``safe_merge``'s dry run into copies) fold adapters in one at a time through a single hook,
 ``merged_tensors(adapter_name, tensors)``: the base layer's weight (and bias) with that adapter
-folded in. A mergeable method (``mergeable = True``) implements that hook and ``unmerge``.
+folded in. A mergeable method (``mergeable = True``) implements that hook and ``unmerge``, unless
+its merge has nothing to write into a weight (``folds_into_weight = False``).
 """
 
 from __future__ import annotations
@@ -73,8 +74,14 @@ class AdapterLayer(nn.Module):
     other_param_names: tuple[str, ...] = ()
     # Attribute under which the wrapped module is stored.
     base_layer_name: str = "base_layer"
-    # Whether the adapter can be folded into the base weights (LoRA, (IA)^3: yes; a bottleneck MLP: no).
+    # Whether the layer lets the model's adapters be merged (merge_adapter, merge_and_unload): LoRA,
+    # (IA)^3, VeRA, trainable tokens and modules trained whole do; a bottleneck MLP, which is no
+    # linear map of a weight, blocks it.
     mergeable: bool = False
+    # Whether merging writes this layer's adapters into its base weights. False where a mergeable
+    # layer has nothing to write: a module trained whole (unloading swaps in the adapter's copy), a
+    # module tied to trainable tokens (the embedding's layer writes the table both share).
+    folds_into_weight: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -176,6 +183,8 @@ class AdapterLayer(nn.Module):
         first merge into copies and raise if a weight would hold NaN or inf (nothing written)."""
         if not self.mergeable:
             raise self._not_mergeable()
+        if not self.folds_into_weight:
+            return
         names = self._check_mergeable(adapter_names)
         if safe_merge:
             self.check_merge_is_finite(names)
@@ -194,6 +203,8 @@ class AdapterLayer(nn.Module):
         weights) a weight holds NaN or inf; ``None`` when all stay finite. Writes nothing."""
         if not self.mergeable:
             raise self._not_mergeable()
+        if not self.folds_into_weight:
+            return None
         tensors = self._base_tensors()
         for name in adapter_names:
             merged, _ = self.merged_tensors(name, tensors)
@@ -269,6 +280,7 @@ class ModulesToSaveWrapper(AdapterLayer):
     adapter_layer_names = ("modules_to_save",)
     base_layer_name = "original_module"
     mergeable = True
+    folds_into_weight = False  # the adapter's copy replaces the original on unload (unwrap)
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
@@ -282,17 +294,6 @@ class ModulesToSaveWrapper(AdapterLayer):
         if not active:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[active[0]](*args, **kwargs)
-
-    # Nothing is folded into a weight (the module need not have one): the adapter's copy replaces
-    # the original on unload (unwrap).
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        pass
-
-    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
-        return None
-
-    def unmerge(self) -> None:
-        pass
 
     def copy_of(self, adapter_names: list[str], name: str = "") -> str | None:
         """The one of ``adapter_names`` that trains its own copy of this module (``name``), or None.

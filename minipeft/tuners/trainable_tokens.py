@@ -223,11 +223,11 @@ class TrainableTokensLayer(AdapterLayer):
         return result.index_copy(-1, index, F.linear(h, rows, bias).to(result.dtype))
 
     # -- merging ------------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def _check_mergeable(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
         # Already merged adapters count: the rows an overlapping one writes would hide theirs.
         check_disjoint(self.token_indices, list(dict.fromkeys(self.merged_adapters + list(names))), merging=True)
-        super().merge(adapter_names, safe_merge)
+        return super()._check_mergeable(adapter_names)
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
@@ -257,6 +257,8 @@ class TiedTokensLayer(TrainableTokensLayer):
     and every adapter the owner gains or loses is gained or lost here. Merging is the owner's
     business: it writes the shared weight, which this module sees.
     """
+
+    folds_into_weight = False
 
     def __init__(self, base_layer: nn.Module, owner: TrainableTokensLayer) -> None:
         AdapterLayer.__init__(self, base_layer)  # not TrainableTokensLayer's: the containers are the owner's
@@ -289,15 +291,6 @@ class TiedTokensLayer(TrainableTokensLayer):
         if adapter_name in self.owner().merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge it before deleting it")
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
-
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        pass
-
-    def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
-        return None
-
-    def unmerge(self) -> None:
-        pass
 
 
 def check_disjoint(token_indices: dict[str, list[int]], names: list[str], merging: bool = False) -> None:
