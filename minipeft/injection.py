@@ -1,12 +1,20 @@
 """Putting adapters into any ``nn.Module`` and taking them out again.
 
 These functions work on a plain model, in place; ``PeftModel`` is a thin owner around them.
-Injection is all-or-nothing: wrappers are built first, the model is changed only once every
-target has been checked, and any error restores what was there before.
+
+Injection goes in three steps. ``_check_all`` raises every refusal the method knows, for every
+target, before anything changes. ``_build_plan`` builds the new wrappers, and already changes the
+model in two ways: a target that a wrapper of the method holds gets the new adapter in that
+wrapper, in place, and an init defined by rewriting the base weight (LoRA's PiSSA / OLoRA)
+rewrites it as the adapter is created. ``_apply_plan`` then puts the new wrappers in place of
+their modules. An error in the last two steps puts the replaced modules back and takes the
+adapter out of the wrappers that got it in place; a rewritten base weight stays rewritten, which
+is why the refusals come first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 
@@ -14,7 +22,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .targeting import candidate_names, find_targets, is_under, logical_name, trained_whole
-from .tuners import AdapterLayer, ModulesToSaveWrapper, method_for
+from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
 
@@ -121,31 +129,68 @@ def inject_adapter_in_model(
     # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it reads
     # without other adapters' wrappers, as the targets themselves do.
     keys = {name: logical_name(model, name) or name for name in targets}
-    # What can be refused is refused before the first module changes: the rollback below puts
-    # modules back, but a base weight that an init rewrote (PiSSA, OLoRA) stays rewritten.
-    if method.check is not None:
-        for name in targets:
-            method.check(model.get_submodule(name), config, keys[name])
-    if method.check_model is not None:
-        method.check_model(model, config, targets)
+    _check_all(model, config, method, keys)
+    with _taken_back_on_error(adapter_name) as updated:
+        _apply_plan(model, _build_plan(model, config, method, adapter_name, keys, updated))
+    _freeze_base(model)
+    if activate:
+        set_adapter(model, [adapter_name], trainable=not config.inference_mode)
+        set_biases_trainable(model, config, adapter_name, trainable=not config.inference_mode)
+    return model
 
-    replaced: list[tuple[str, nn.Module]] = []  # (name, original module) to restore on error
-    updated: list[AdapterLayer] = []  # existing wrappers that received the adapter
+
+def wrap_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """Wrap the modules ``config.modules_to_save`` selects, so that each trains a copy with adapter
+    ``adapter_name`` (a module wrapped already gets the adapter in its wrapper). For virtual-token
+    methods, which wrap nothing else; ``inject_adapter_in_model`` does this inside its own plan."""
+    with _taken_back_on_error(adapter_name) as updated:
+        _apply_plan(model, _plan_modules_to_save(model, config, adapter_name, updated))
+
+
+def _check_all(model: nn.Module, config: PeftConfig, method: PeftMethod, keys: dict[str, str]) -> None:
+    """The method's refusals (the registry's ``check`` on each target, then ``check_model``),
+    raised before anything changes. ``keys``: target's real name -> its logical name."""
+    if method.check is not None:
+        for name, key in keys.items():
+            method.check(model.get_submodule(name), config, key)
+    if method.check_model is not None:
+        method.check_model(model, config, list(keys))
+
+
+def _build_plan(
+    model: nn.Module,
+    config: PeftConfig,
+    method: PeftMethod,
+    adapter_name: str,
+    keys: dict[str, str],
+    updated: list[AdapterLayer],
+) -> list[tuple[str, nn.Module, AdapterLayer]]:
+    """The new wrappers, as ``(name, module it replaces, wrapper)`` in the order to install them:
+    one per target no wrapper of the method holds yet, one per module trained whole, then the
+    method's ``wrap_more``. A target a wrapper of the method holds gets the adapter there, in
+    place; such wrappers go into ``updated``."""
+    plan = []
+    holders: dict[str, AdapterLayer] = {}  # target name -> the wrapper that holds the new adapter there
+    for name, key in keys.items():
+        module = model.get_submodule(name)
+        if isinstance(module, method.layer_class):
+            updated.append(module)  # before the update, so a half-done update is rolled back too
+            module.add_adapter(adapter_name, config, key)
+            holders[name] = module
+        else:
+            holders[name] = method.wrap(module, adapter_name, config, key)
+            plan.append((name, module, holders[name]))
+    plan += _plan_modules_to_save(model, config, adapter_name, updated)
+    if method.wrap_more is not None:
+        plan += method.wrap_more(model, config, adapter_name, holders, updated)
+    return plan
+
+
+def _apply_plan(model: nn.Module, plan: list[tuple[str, nn.Module, AdapterLayer]]) -> None:
+    """Put each wrapper of ``plan`` in place of its module, in that module's train/eval mode; on an
+    error, put the modules replaced so far back."""
+    replaced: list[tuple[str, nn.Module]] = []
     try:
-        plan = []
-        holders: dict[str, AdapterLayer] = {}  # target name -> the wrapper that holds the new adapter there
-        for name in targets:
-            module = model.get_submodule(name)
-            if isinstance(module, method.layer_class):
-                updated.append(module)  # before the update, so a half-done update is rolled back too
-                module.add_adapter(adapter_name, config, keys[name])
-                holders[name] = module
-            else:
-                holders[name] = method.wrap(module, adapter_name, config, keys[name])
-                plan.append((name, module, holders[name]))
-        plan += _plan_modules_to_save(model, config, adapter_name, updated)
-        if method.wrap_more is not None:
-            plan += method.wrap_more(model, config, adapter_name, holders, updated)
         for name, module, wrapper in plan:
             wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
             parent, child = _get_parent(model, name)
@@ -155,15 +200,20 @@ def inject_adapter_in_model(
         for name, module in reversed(replaced):
             parent, child = _get_parent(model, name)
             setattr(parent, child, module)
+        raise
+
+
+@contextlib.contextmanager
+def _taken_back_on_error(adapter_name: str) -> Iterator[list[AdapterLayer]]:
+    """Yields a list for the existing wrappers that get adapter ``adapter_name`` in place; if the
+    block fails, each of them loses it again."""
+    updated: list[AdapterLayer] = []
+    try:
+        yield updated
+    except BaseException:
         for layer in updated:
             layer.delete_adapter(adapter_name)
         raise
-
-    _freeze_base(model)
-    if activate:
-        set_adapter(model, [adapter_name], trainable=not config.inference_mode)
-        set_biases_trainable(model, config, adapter_name, trainable=not config.inference_mode)
-    return model
 
 
 def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:

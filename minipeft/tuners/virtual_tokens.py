@@ -188,11 +188,7 @@ def add_modules_to_save(peft_model: nn.Module, adapter_name: str, config: PeftCo
     from .. import injection  # deferred: injection imports the tuner registry
 
     model = peft_model.get_base_model()
-    updated: list = []
-    plan = injection._plan_modules_to_save(model, config, adapter_name, updated)
-    for name, _, wrapper in plan:
-        parent, child = injection._get_parent(model, name)
-        setattr(parent, child, wrapper)
+    injection.wrap_modules_to_save(model, config, adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
 
