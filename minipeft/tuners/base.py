@@ -143,13 +143,14 @@ class AdapterLayer(nn.Module):
                 del container[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
-    def add_adapter(self, adapter_name: str, config=None, key: str = "") -> None:
+    def add_adapter(self, adapter_name: str, config=None, key: str = "", **options) -> None:
         """Add adapter ``adapter_name`` described by ``config`` to this layer (``key``: the module's
-        qualified name, for messages). A name the layer holds already is refused: ``update_layer``
-        would replace that adapter's parameters."""
+        qualified name, for messages; ``options``: what a method's ``update_layer`` takes beyond
+        the config). A name the layer holds already is refused: ``update_layer`` would replace that
+        adapter's parameters."""
         if adapter_name in self.adapter_names:
             raise ValueError(f"adapter {adapter_name!r} already exists on {key!r}")
-        self.update_layer(adapter_name, config, key)
+        self.update_layer(adapter_name, config, key, **options)
 
     # -- what subclasses provide --------------------------------------------------------------
     def update_layer(self, adapter_name: str, config, key: str) -> None:

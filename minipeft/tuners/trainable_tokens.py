@@ -150,8 +150,14 @@ class TrainableTokensLayer(AdapterLayer):
         # "" for TrainableTokensConfig adapters, LORA_CHECKPOINT_PREFIX for LoRA's trainable_token_indices.
         self.checkpoint_prefix: dict[str, str] = {}
 
-    def update_layer(self, adapter_name: str, config: PeftConfig, key: str) -> None:
-        indices = indices_for(config, key)
+    def update_layer(
+        self, adapter_name: str, config: PeftConfig, key: str, token_indices: list[int] | None = None
+    ) -> None:
+        """Add adapter ``adapter_name``'s rows: those of ``config.token_indices`` for a
+        ``TrainableTokensConfig``; for LoRA's ``trainable_token_indices``, ``token_indices``, this
+        embedding's ids as ``token_targets`` resolved them."""
+        lora = not isinstance(config, TrainableTokensConfig)
+        indices = token_indices if lora else config.token_indices
         check_embedding(self, indices, key)
         weight = self.get_base_layer().weight  # (V, d)
         if getattr(config, "init_weights", True):
@@ -160,7 +166,6 @@ class TrainableTokensLayer(AdapterLayer):
             rows = torch.randn((len(indices), weight.shape[1]), dtype=weight.dtype, device=weight.device)
         self.trainable_tokens_delta[adapter_name] = nn.Parameter(rows.to(*adapter_placement(weight)).clone())
         self.token_indices[adapter_name] = indices
-        lora = not isinstance(config, TrainableTokensConfig)
         self.checkpoint_prefix[adapter_name] = LORA_CHECKPOINT_PREFIX if lora else ""
 
     def checkpoint_key(self, container: str, rest: str, adapter_name: str) -> str | None:
@@ -311,21 +316,6 @@ def check_disjoint(token_indices: dict[str, list[int]], names: list[str], mergin
 
 
 # -- which modules, which tokens ----------------------------------------------------------------
-def indices_for(config: PeftConfig, key: str) -> list[int]:
-    """The token ids ``config`` trains in the embedding named ``key`` (a logical name)."""
-    if isinstance(config, TrainableTokensConfig):
-        return config.token_indices
-    indices = getattr(config, "trainable_token_indices", None)
-    if isinstance(indices, dict):
-        for name, ids in indices.items():
-            if key.endswith(name):
-                return ids
-        raise ValueError(f"trainable_token_indices={indices} names no module that {key!r} ends with")
-    if indices is None:
-        raise ValueError(f"{type(config).__name__} trains no tokens (trainable_token_indices is None)")
-    return indices
-
-
 def input_embedding_name(model: nn.Module) -> str:
     """peft's default target: the name of the module ``model.get_input_embeddings()`` returns, else
     ``"embed_tokens"``. A logical name (as targets are matched), found by identity."""
@@ -492,18 +482,18 @@ def wrap_beside(
     plan: list[tuple[str, nn.Module, AdapterLayer]] = []
     owners: dict[str, TrainableTokensLayer] = {}
     names = candidate_names(model)
-    for name in tokens:
+    for name, ids in tokens.items():
         if isinstance(config, TrainableTokensConfig):
             owners[name] = holders[name]
             continue
         module = model.get_submodule(name)
         if type(module) is TrainableTokensLayer:
             updated.append(module)  # before the update, so a half-done one is rolled back too
-            module.add_adapter(adapter_name, config, names.get(name, name))
+            module.add_adapter(adapter_name, config, names.get(name, name), token_indices=ids)
             owners[name] = module
         else:
             owners[name] = TrainableTokensLayer(module)
-            owners[name].add_adapter(adapter_name, config, names.get(name, name))
+            owners[name].add_adapter(adapter_name, config, names.get(name, name), token_indices=ids)
             plan.append((name, module, owners[name]))
     for name, owner in owners.items():
         for sharer in _sharers(model, owner.get_base_layer(), skip=name):
