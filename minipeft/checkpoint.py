@@ -594,7 +594,8 @@ def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> N
         )
 
 
-def _requires_grad(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+def _requires_grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """Each parameter with its requires_grad now, for ``_roll_back`` to restore."""
     return [(p, p.requires_grad) for p in model.parameters()]
 
 
@@ -613,27 +614,28 @@ def load_adapter(
     check_new_adapter_name(adapter_name, peft_model.peft_config)  # before any file is read
     config, tensors = load_checkpoint(folder)
     config.inference_mode = not is_trainable
-    flags = _requires_grad(peft_model)
+    flags = _requires_grad_flags(peft_model)
     peft_model.add_adapter(adapter_name, config)
     _fill_adapter(peft_model, tensors, adapter_name, flags, is_trainable)
 
 
 def from_pretrained(
-    cls,
+    peft_model_cls: type,
     model: nn.Module,
     folder: str | os.PathLike,
     adapter_name: str = "default",
     is_trainable: bool = False,
     config: PeftConfig | None = None,
 ):
-    """Build ``cls(model, config, adapter_name)`` from a checkpoint and load its tensors; on error
-    the base model is left as it was. ``config``: a copy of it replaces the saved config."""
+    """Build ``peft_model_cls(model, config, adapter_name)`` (``PeftModel`` or a subclass) from a
+    checkpoint and load its tensors; on error the base model is left as it was. ``config``: a copy
+    of it replaces the saved config."""
     check_new_adapter_name(adapter_name)  # before any file is read; the model holds no adapter yet
     saved_config, tensors = load_checkpoint(folder)
     config = saved_config if config is None else copy.deepcopy(config)
     config.inference_mode = not is_trainable
-    flags = _requires_grad(model)
-    peft_model = cls(model, config, adapter_name)
+    flags = _requires_grad_flags(model)
+    peft_model = peft_model_cls(model, config, adapter_name)
     _fill_adapter(peft_model, tensors, adapter_name, flags, is_trainable)
     return peft_model
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
@@ -204,7 +203,7 @@ class PeftModel(nn.Module):
         layer if any weight would hold NaN or inf. Every layer is checked before any is written,
         so a failed merge leaves the model as it was.
         """
-        for _, layer, here in self._merge_plan(adapter_names, safe_merge, already_merged="error"):
+        for _, layer, here in self._merge_plan(adapter_names, safe_merge, refuse_already_merged=True):
             layer.merge(here)
 
     def unmerge_adapter(self) -> None:
@@ -224,7 +223,7 @@ class PeftModel(nn.Module):
         """
         if "prompt_encoder" in self._modules:
             raise TypeError("virtual tokens (prompt/prefix tuning) are not weights and cannot be merged; use unload()")
-        self._merge_plan(adapter_names, safe_merge, already_merged="keep")  # every check; unload merges
+        self._merge_plan(adapter_names, safe_merge, refuse_already_merged=False)  # every check; unload merges
         self._check_one_trained_copy(self.active_adapters if adapter_names is None else adapter_names)
         return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
 
@@ -235,12 +234,12 @@ class PeftModel(nn.Module):
         return injection.unload(self.get_base_model(), merge=False)
 
     def _merge_plan(
-        self, adapter_names: list[str] | None, safe_merge: bool, already_merged: str
+        self, adapter_names: list[str] | None, safe_merge: bool, refuse_already_merged: bool
     ) -> list[tuple[str, AdapterLayer, list[str]]]:
         """``(layer name, wrapper, adapters to merge there)`` for every wrapper that holds one of
         ``adapter_names`` (default: the active adapter). Checks all that can fail before anything
         is merged: unknown or repeated names, adapters that are not linear maps of a weight,
-        adapters merged already (``already_merged``: "error", or "keep" them merged), layers an
+        adapters merged already (when ``refuse_already_merged``; else they stay merged), layers an
         adapter cannot be folded into (``merge_blocker``) and, with ``safe_merge``, weights that
         would hold NaN or inf."""
         if isinstance(adapter_names, str):
@@ -255,7 +254,7 @@ class PeftModel(nn.Module):
         for layer_name, layer in injection.adapter_layers(self.get_base_model()):
             here = [n for n in names if n in layer.adapter_names]
             twice = [n for n in here if n in layer.merged_adapters]
-            if twice and already_merged == "error":
+            if twice and refuse_already_merged:
                 raise ValueError(f"adapter(s) {twice} already merged into {layer_name!r}; unmerge_adapter() first")
             here = [n for n in here if n not in layer.merged_adapters]
             if here:
