@@ -80,7 +80,7 @@ from torch import nn
 from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
-from .targeting import logical_name
+from .targeting import join_name, logical_name
 from .tuners import ModulesToSaveWrapper, lora_init
 
 CONFIG_NAME = "adapter_config.json"
@@ -116,11 +116,7 @@ def _containers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, nn.
         for container in getattr(module, "adapter_layer_names", ()):
             holder = getattr(module, container, None)
             if isinstance(holder, (nn.ModuleDict, nn.ParameterDict, dict)) and adapter_name in holder:
-                owned[f"{path}.{container}.{adapter_name}" if path else f"{container}.{adapter_name}"] = (
-                    path,
-                    module,
-                    container,
-                )
+                owned[join_name(path, container, adapter_name)] = (path, module, container)
     return owned
 
 
@@ -222,7 +218,6 @@ def peft_bias_extras(model: nn.Module, adapter_name: str = "default") -> dict[st
     config = _config_of(model, adapter_name)
     if getattr(config, "bias", "none") != "all":
         return {}
-    join = lambda *parts: ".".join(p for p in parts if p)  # noqa: E731
     extras = {}
     for path, module in model.named_modules():
         if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
@@ -230,10 +225,10 @@ def peft_bias_extras(model: nn.Module, adapter_name: str = "default") -> dict[st
         where = _on_disk_name(model, path, adapter_name)
         for name, _ in module.modules_to_save[adapter_name].named_parameters():
             if name.endswith("bias"):
-                extras[join(where, "modules_to_save", name)] = join(path, "modules_to_save", adapter_name, name)
+                extras[join_name(where, "modules_to_save", name)] = join_name(path, "modules_to_save", adapter_name, name)
         for name, _ in module.original_module.named_parameters():
             if name.endswith("bias"):
-                extras[join(where, "original_module", name)] = join(path, "original_module", name)
+                extras[join_name(where, "original_module", name)] = join_name(path, "original_module", name)
     return extras
 
 

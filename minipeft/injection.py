@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from .config import PeftConfig
-from .targeting import candidate_names, find_targets, is_under, logical_name, trained_whole
+from .targeting import candidate_names, find_targets, is_under, join_name, logical_name, trained_whole
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
@@ -257,10 +257,9 @@ def trained_biases(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     for ``bias="lora_only"``."""
     bias = getattr(config, "bias", "none")
     layers = list(adapter_layers(model))
-    join = lambda *parts: ".".join(p for p in parts if p)  # noqa: E731
     if bias == "all":
-        inside = [join(n, c) for n, layer in layers for c in layer.adapter_layer_names]
-        inside += [join(n, layer.base_layer_name) for n, layer in layers if isinstance(layer, ModulesToSaveWrapper)]
+        inside = [join_name(n, c) for n, layer in layers for c in layer.adapter_layer_names]
+        inside += [join_name(n, layer.base_layer_name) for n, layer in layers if isinstance(layer, ModulesToSaveWrapper)]
         return [n for n, _ in model.named_parameters() if n.endswith("bias") and not is_under(n, inside)]
     names = []
     if bias.endswith("_only"):
@@ -269,9 +268,9 @@ def trained_biases(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
                 continue
             module = layer
             while isinstance(module, AdapterLayer):  # down to the original module
-                name, module = join(name, module.base_layer_name), getattr(module, module.base_layer_name)
+                name, module = join_name(name, module.base_layer_name), getattr(module, module.base_layer_name)
             if isinstance(getattr(module, "bias", None), nn.Parameter):
-                names.append(join(name, "bias"))
+                names.append(join_name(name, "bias"))
     return names
 
 

@@ -98,6 +98,12 @@ def logical_name(
     return ".".join(parts)
 
 
+def join_name(*parts: str) -> str:
+    """A qualified name from its parts, empty ones left out: ``join_name("", "fc", "bias")`` is
+    ``"fc.bias"`` (the model itself has the empty name)."""
+    return ".".join(p for p in parts if p)
+
+
 def is_under(name: str, prefixes: Iterable[str]) -> bool:
     """Whether ``name`` is one of ``prefixes`` or a module inside one of them."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
