@@ -50,6 +50,7 @@ class DataError(ValueError):
 def read_rows(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
     """Read a .tsv, .csv or .jsonl file into (rows, columns).
 
+    A .json file is read as JSON Lines too (one object per line), not as one JSON document.
     TSV and CSV files must have a header line. Each row is a dict keyed by column name and
     carries its 1-based line number under "_line" so later errors can point at it.
     """
@@ -64,7 +65,7 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
     elif suffix in (".jsonl", ".json"):
         rows, columns = _read_jsonl(path)
     else:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl (.json is read as JSON Lines)")
     if not rows:
         raise DataError(f"{path}: the file has no data rows (an empty file, or a header only)")
     return rows, columns
