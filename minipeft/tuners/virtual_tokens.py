@@ -104,12 +104,13 @@ def cache_length(kwargs: dict) -> int:
 
 
 def batch_and_length(kwargs: dict) -> tuple[int, int, torch.device]:
-    """(batch, new tokens, device) of a call, from ``input_ids`` or ``inputs_embeds``."""
+    """(batch, new tokens, device) of a call, from ``input_ids``, ``inputs_embeds`` or ``idx``
+    (nanoGPT's name for the token ids)."""
     for key in ("input_ids", "inputs_embeds", "idx"):
         x = kwargs.get(key)
         if isinstance(x, torch.Tensor):
             return x.shape[0], x.shape[1], x.device
-    raise ValueError("cannot find the inputs of this call: pass input_ids or inputs_embeds")
+    raise ValueError("cannot find the inputs of this call: pass input_ids, inputs_embeds or idx (nanoGPT)")
 
 
 def widen_attention_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
