@@ -319,7 +319,10 @@ class BottleneckLayer(AdapterLayer):
         if isinstance(which, int):
             if which < len(args):
                 return args[which]
-            raise ValueError(f"parallel adapter {name!r} reads positional argument {which}, but only {len(args)} were given")
+            raise ValueError(
+                f"parallel adapter {name!r} reads positional argument {which}, but only {len(args)} were given; it was "
+                "probably passed by keyword: set parallel_input to the argument's name"
+            )
         if which in kwargs:
             return kwargs[which]
         bound = inspect.signature(self.base_layer.forward).bind_partial(*args, **kwargs).arguments
