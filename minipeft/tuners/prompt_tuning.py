@@ -111,7 +111,10 @@ def find_input_embeddings(model: nn.Module, config: PromptTuningConfig) -> nn.Mo
             )
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"the input embeddings {type(module).__name__} have no 2-D weight (vocab, dim)")
+        raise ValueError(
+            f"the input embeddings {type(module).__name__} have no 2-D weight (vocab, dim); name the token embedding "
+            "with PromptTuningConfig(input_embeddings_name=...)"
+        )
     return module
 
 
