@@ -76,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--init-lora-weights", default="true", type=init_lora_weights,
-                   help="true (B = 0), gaussian, or pissa / pissa_niter_<n> / olora: the adapter starts on the top "
-                        "SVD / QR part of each weight, and is saved converted to plain LoRA on the original model")
+                   help="true (B = 0), false (A and B random: the adapter changes the output from the start), "
+                        "gaussian, or pissa / pissa_niter_<n> / olora: the adapter starts on the top SVD / QR part of "
+                        "each weight, and is saved converted to plain LoRA on the original model")
     p.add_argument("--loraplus-lr-ratio", type=float, default=None,
                    help="LoRA+: LoRA's B matrices learn at lr times this (e.g. 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
