@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check of the fused kernels in one command that ends inside a short GPU lease
 # (BUDGET seconds, 540 by default), most important first:
-#   1. the compiled kernels against the float64 reference: every autotuning config, the
-#      autotuned flagship shape, fp32 with and without TF32, the LoRA layer's own choice of path
-#   2. the target shapes with both fused paths and the verdict table
+#   1. the target shapes with every fused route and the verdict table (without dropout each
+#      output is also checked against plain PyTorch before it is timed)
+#   2. the compiled kernels against the float64 reference: every autotuning config, the
+#      autotuned flagship shapes, fp32 with and without TF32, the LoRA layer's own choice of path
 #   3. the same reference check on 30 random ragged shapes (hypothesis)
 #   4. the full kernel sweep for whatever time is left
 # Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
@@ -47,9 +48,9 @@ step() {
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/machine.txt"
 
+step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --out "$OUT"
 step 200 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
-step 200 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --out "$OUT"
-step 150 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
+step 120 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
 left=$((BUDGET - (SECONDS - start)))
 step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
 echo "done in $((SECONDS - start))s; files in $OUT"

@@ -119,21 +119,15 @@ def gemm_rows(dtype, backward, dropout, precision="tf32"):
 
 
 def thin_rows(dtype):
-    """The memory-bound kernels, at the block sizes their launchers pick for M = 8192."""
+    """The shrink, memory-bound, at the block sizes its launcher picks."""
     p = f"*{dtype}"
-    bm, br = fl._thin_block_m(M), fl._block_r(R)
+    bm, br = fl.SHRINK_BLOCK_M, fl._block_r(R)
     for dropout in (False, True):
         args = dict(x_ptr=p, a_ptr=p, xa_ptr=p, M=M, K=K, R=R, stride_xm=K, stride_xk=1, stride_ar=K,
                     stride_ak=1, stride_om=R, stride_or=1, keep_scale=1.0, threshold=6553, seed=1234)
         compiled = compile_for_sm90(fl._shrink_kernel, args, dict(HAS_DROPOUT=dropout, DOT_PRECISION="tf32",
                                                                   BLOCK_M=bm, BLOCK_K=128, BLOCK_R=br))
         yield f"_shrink_kernel, {bm}x128{', dropout' if dropout else ''}", resources(compiled)
-    args = dict(dy_ptr=p, b_ptr=p, xa_ptr=p, dxa_ptr=p, db_ptr="*fp32", M=M, N=N, R=R, stride_dym=N,
-                stride_dyn=1, stride_bn=R, stride_br=1, stride_xam=R, stride_xar=1, stride_dxam=R,
-                stride_dxar=1, stride_dbn=R, stride_dbr=1, scaling=2.0)
-    compiled = compile_for_sm90(fl._dy_pass_kernel, args, dict(DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=64,
-                                                                   BLOCK_R=br))
-    yield f"_dy_pass_kernel, {bm}x64", resources(compiled)
 
 
 def few_rows_rows(dtype, dropout, rows=16, rank=R):
@@ -210,7 +204,7 @@ def main():
         table("few rows: y and xa in one launch (decoding forward), M = 16, bf16", few_rows_rows("bf16", False)),
         table("few rows, M = 16, bf16, dropout 0.1", few_rows_rows("bf16", True)),
         table("few rows at its limits, M = 32, r = 64, bf16", few_rows_rows("bf16", False, rows=32, rank=64)),
-        table("thin kernels, bf16", thin_rows("bf16")),
+        table("the shrink, bf16", thin_rows("bf16")),
         table("other variants, one config each", other_rows()),
     ]
     report = (f"## Registers and spills on sm_90, compiled offline\n\n"

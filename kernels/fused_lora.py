@@ -7,7 +7,7 @@ Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its 
     forward   xa = (D * x / (1 - p)) A^T                 (M, r)   "shrink"
               y  = x W^T + b + s * xa B^T                (M, N)   base GEMM, low-rank in epilogue
 
-    backward  dxa = s * dy B                             (M, r)   } one pass over dy
+    backward  dxa = s * dy B                             (M, r)   } two cuBLAS GEMMs
               dB  = s * dy^T xa                          (N, r)   }
               dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   same GEMM kernel as y, and
               dA  = dxa^T (D * x / (1 - p))              (r, K)   } summed in its epilogue
@@ -17,16 +17,20 @@ needs it redraws it from the seed and the element's position (m, k) in x, with P
 (`_keep_tile`). So the backward keeps only x, xa and an int, and `dropout_mask()` below can
 hand tests the exact mask the kernels used.
 
-Five kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask()` runs):
+Four kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask()` runs):
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
-    _dy_pass_kernel          dxa = s * dy @ B  and  dB += s * dy^T @ xa  (fp32 atomics)
     _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)             only when dx is not needed:
                                                                           the dx GEMM sums dA itself
 
-All accumulate in fp32 and store in the input dtype, except dB and the dA summed in the dx GEMM:
-several programs add into those, so they are fp32 buffers the caller casts. r is handled in
+dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single pass over dy that produced
+both, adding each row block's share of dB with fp32 atomics, took ~0.26 ms at the flagship shape
+on an H200, against ~0.05 ms for the two GEMMs that each read dy once:
+`benchmarks/results/nvidia-h200.md`.)
+
+All accumulate in fp32 and store in the input dtype, except the dA summed in the dx GEMM:
+several programs add into it, so it is an fp32 buffer the caller casts. r is handled in
 chunks of BLOCK_R (a power of two in [16, 64]: tl.dot needs at least 16 along each side, and 64
 keeps the epilogue tiles small), with masks for the padding, so any rank 1..256 (or more) works;
 the few-rows kernel holds its whole rank at once, up to 64.
@@ -143,8 +147,14 @@ def _matmul_lowrank_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,) columns of out
     # Rows and columns past the edge wrap back into the matrix, so the loads below need a mask
     # only along the reduction axis; what those rows compute is dropped by the final store.
-    offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    # Unlike tutorial 03, no tl.multiple_of / tl.max_contiguous hints here: they promise that
+    # the wrapped offsets run on in aligned blocks, which is false at a ragged edge, and a unit
+    # stride then turns that promise into vector loads at odd addresses (a bf16 bias with N = 37
+    # crashed with "misaligned address" on an H200). Triton infers from M and N themselves when
+    # the blocks really are aligned (their multiples of 16), so the flagship shapes compile to
+    # the same code either way (`benchmarks/results/sm90-registers.md`).
+    offs_am = offs_m % M
+    offs_bn = offs_n % N
 
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_DROPOUT:
@@ -167,7 +177,7 @@ def _matmul_lowrank_kernel(
             offs_r = r0 + tl.arange(0, BLOCK_R)
             l = tl.load(l_ptr + offs_am[:, None] * stride_lm + offs_r[None, :] * stride_lr,
                         mask=offs_r[None, :] < R, other=0.0)  # (BLOCK_M, BLOCK_R)
-            # Every row tile adds its share of the sum over M: fp32 atomics, as in _dy_pass_kernel.
+            # Every row tile adds its share of the sum over M: fp32 atomics.
             dr = _dot(tl.trans(l), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
             tl.atomic_add(dr_ptr + offs_r[:, None] * stride_drr + offs_n[None, :] * stride_drn, scale * dr,
                           mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
@@ -323,19 +333,17 @@ def _shrink_kernel(
              acc.to(xa_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-def _thin_block_m(M):
-    """Rows per program of the thin kernels: small M gets small blocks, so that there are
-    enough programs to fill the GPU."""
-    if INTERPRET:
-        return 32
-    return 16 if M <= 1024 else 64
+# Rows per program of the shrink: few, so that even a long sequence gives many programs (x is
+# read once, and with 64 rows a program 8192 rows made one program per SM, each waiting on its
+# own loads).
+SHRINK_BLOCK_M = 16
 
 
 def _shrink(x, lora_A, p, seed):
     M, K = x.shape
     R = lora_A.shape[0]
     xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    bm, br = _thin_block_m(M), _block_r(R)
+    bm, br = (32 if INTERPRET else SHRINK_BLOCK_M), _block_r(R)
     bk = 32 if INTERPRET else 128
     grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
     _shrink_kernel[grid](
@@ -448,67 +456,6 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed):
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(R)))
     return y, xa
-
-
-# ----------------------------------------------------------------------------------------------
-# Backward, one pass over dy: dxa (M, R) = s * dy @ B  and  dB (N, R) = s * dy^T @ xa
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dy_pass_kernel(
-    dy_ptr, b_ptr, xa_ptr, dxa_ptr, db_ptr,
-    M, N, R,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
-    stride_dxam, stride_dxar, stride_dbn, stride_dbr,
-    scaling,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # Each program owns BLOCK_M rows of dy and walks along N: its rows of dxa are finished in
-    # registers; its share of dB (a sum over all M) is added to a zeroed fp32 buffer with
-    # atomics. So dy, the one big tensor here, is read exactly once (when R <= BLOCK_R). The
-    # price: cdiv(M, BLOCK_M) * N * R atomic adds, and a dB whose last bits depend on the
-    # order they land in (not bitwise reproducible run to run on a GPU).
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_mask = offs_m < M
-    r_mask = offs_r < R
-    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                 mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
-    dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        n_mask = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
-        dxa = _dot(dy, b, dxa, DOT_PRECISION)
-        db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_PRECISION)
-        tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                      scaling * db, mask=n_mask[:, None] & r_mask[None, :])
-    tl.store(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
-             (scaling * dxa).to(dxa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
-
-
-def _dy_pass(dy, lora_B, xa, scaling):
-    """Returns dxa (M, R) in dy's dtype and dB (N, R) in fp32 (cast by the caller)."""
-    M, N = dy.shape
-    R = lora_B.shape[1]
-    dxa = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
-    db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
-    bm, br = _thin_block_m(M), _block_r(R)
-    bn = 32 if INTERPRET else 64
-    grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
-    _dy_pass_kernel[grid](
-        dy, lora_B, xa, dxa, db, M, N, R,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), db.stride(0), db.stride(1),
-        scaling, DOT_PRECISION=_dot_precision(dy.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br)
-    return dxa, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,8 +609,8 @@ class LoraLinearFunction(torch.autograd.Function):
         N = weight.shape[0]
         dy2 = dy.reshape(M, N)
 
-        dxa, db = _dy_pass(dy2, lora_B, xa, s)  # (M, r) with s folded in, (N, r) fp32
-        dB = db.to(lora_B.dtype) if ctx.needs_input_grad[4] else None
+        dxa = dy2 @ (s * lora_B)  # (M, r), s folded into the small factor
+        dB = torch.mm(dy2.t(), xa).mul_(s) if ctx.needs_input_grad[4] else None  # (N, r)
 
         dx = dA = None
         if ctx.needs_input_grad[0]:

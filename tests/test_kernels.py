@@ -209,8 +209,7 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
     launch must ask for what cuBLAS would do. (The interpreter computes in full precision
     either way, so this checks what the launches ask for.)"""
     launched = {}
-    kernel_fns = [impl._matmul_lowrank_kernel, impl._few_rows_kernel, impl._shrink_kernel, impl._dy_pass_kernel,
-                  impl._lora_a_grad_kernel]
+    kernel_fns = [impl._matmul_lowrank_kernel, impl._few_rows_kernel, impl._shrink_kernel, impl._lora_a_grad_kernel]
 
     def spy(fn):
         def run(*args, **kwargs):

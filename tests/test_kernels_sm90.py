@@ -39,3 +39,32 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert spilling("dx GEMM with dA summed in it, bf16, dropout 0") == []
     # Decoding: the one-launch forward keeps x W^T and xa in registers in every config.
     assert spilling("few rows: y and xa in one launch (decoding forward), M = 16, bf16", configs=6) == []
+
+
+RAGGED_LOADS = """
+import re, sys
+sys.path.insert(0, "benchmarks")
+import kernel_registers as kr
+from minipeft.kernels import fused_lora as fl
+args = kr.gemm_args("bf16", backward=False)
+args.update(N=37, stride_om=37, stride_im=37, stride_drr=37)  # a ragged last tile of odd width
+flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32", BLOCK_R=16)
+config = fl._gemm_configs()[-1]
+ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, args, {**flags, **config.kwargs}, config.num_warps,
+                          config.num_stages).asm["ptx"]
+print(sorted(set(re.findall(r"ld\\.global[.\\w]*", ptx))))
+"""
+
+
+@pytest.mark.slow
+def test_a_ragged_edge_is_not_read_with_wide_loads():
+    # The bias is read with unit stride across the last tile's columns. With N = 37 those run
+    # past the edge and wrap, so no 32-bit (two bf16) or vector load may straddle them: such a
+    # load at an odd address crashed the forward with "misaligned address" on an H200, when the
+    # kernel still promised triton aligned blocks there (tl.multiple_of / tl.max_contiguous).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", RAGGED_LOADS], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loads = eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  a list literal printed above
+    assert loads and all(load.endswith(".b16") for load in loads), loads
