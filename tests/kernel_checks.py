@@ -67,6 +67,17 @@ def make_inputs(lead, K, N, r, dtype, bias=True, layout="contiguous", seed=0, de
     return x, weight, b, lora_A, lora_B
 
 
+@contextlib.contextmanager
+def tf32_allowed(allowed):
+    """torch.backends.cuda.matmul.allow_tf32 set to ``allowed`` inside, restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 # The forward's three routes (fused_lora.forward_path); the backward follows use_fused_base too.
 PATHS = ["triton GEMM", "few rows", "cuBLAS base"]
 

@@ -40,7 +40,9 @@ def test_in_fresh_interpreter():
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 
-from tests.kernel_checks import PATHS, TOL, check_against_reference, forced_path, make_inputs, reference, rel_err  # noqa: E402,E501
+from tests.kernel_checks import (  # noqa: E402
+    PATHS, TOL, check_against_reference, forced_path, make_inputs, reference, rel_err, tf32_allowed,
+)
 
 
 @interpreted
@@ -188,16 +190,6 @@ def test_switch_and_fallback_rule():
         assert not impl.use_fused_base(8192, 4096, 4096, torch.float32)
     with tf32_allowed(True):
         assert impl.use_fused_base(8192, 4096, 4096, torch.float32)
-
-
-@contextlib.contextmanager
-def tf32_allowed(allowed):
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @interpreted

@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 import minipeft.kernels as kernels  # noqa: E402
 import minipeft.kernels.fused_lora as impl  # noqa: E402
 from minipeft import LoraConfig, get_peft_model  # noqa: E402
-from tests.kernel_checks import PATHS, TOL, check_against_reference, rel_err  # noqa: E402
+from tests.kernel_checks import PATHS, TOL, check_against_reference, rel_err, tf32_allowed  # noqa: E402
 
 # TF32 keeps 10 bits of mantissa: each product is off by up to ~2^-11 of its size.
 TF32_TOL = 3e-3
@@ -75,16 +75,6 @@ def few_rows_configs(configs):
         impl._few_rows_kernel)
     with mock.patch.object(impl, "_few_rows_tuned", tuned):
         yield
-
-
-@contextlib.contextmanager
-def tf32_allowed(allowed):
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # Small enough to compile once per kernel variant: tuning every random shape would cost minutes.
