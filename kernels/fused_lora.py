@@ -24,10 +24,11 @@ Four kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask(
     _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)             only when dx is not needed:
                                                                           the dx GEMM sums dA itself
 
-dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single pass over dy that produced
-both, adding each row block's share of dB with fp32 atomics, took ~0.26 ms at the flagship shape
-on an H200, against ~0.05 ms for the two GEMMs that each read dy once:
-`benchmarks/results/nvidia-h200.md`.)
+dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single Triton pass over dy that
+produced both, adding each row block's share of dB with fp32 atomics, was slower: with the two
+GEMMs instead (and the shrink's smaller row blocks), forward + backward at M = 8192, K = N =
+4096, r = 16 went from 1.10 to 0.99 ms without dropout on an H200,
+`benchmarks/results/nvidia-h200-first-run.md` against `nvidia-h200.md`.)
 
 All accumulate in fp32 and store in the input dtype, except the dA summed in the dx GEMM:
 several programs add into it, so it is an fp32 buffer the caller casts. r is handled in
