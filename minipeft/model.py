@@ -207,8 +207,10 @@ class PeftModel(nn.Module):
             layer.merge(here)
 
     def unmerge_adapter(self) -> None:
-        """Take every merged adapter out of the base weights again, newest first."""
-        for _, layer in injection.adapter_layers(self.get_base_model()):
+        """Take every merged adapter out of the base weights again, newest first: layers in the
+        reverse of merge_adapter's order, since two layers may write one weight (trainable tokens
+        on an embedding and LoRA on the head tied to it), and each layer newest first."""
+        for _, layer in reversed(list(injection.adapter_layers(self.get_base_model()))):
             layer.unmerge()
 
     def merge_and_unload(

@@ -288,6 +288,39 @@ def test_lora_with_trainable_tokens_matches_peft_both_ways(case, request, tmp_pa
     torch.testing.assert_close(logits(again, ids), logits(peft_model, ids), atol=0, rtol=0)
 
 
+def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_path):
+    """LoRA on GPT-2's tied head plus trainable tokens: the trained tokens' logits are ``h R^T`` plus
+    the head's LoRA term, as in peft (which nests LoRA around the token layer); replacing those
+    columns by ``h R^T`` would drop the LoRA term there. Logits and gradients against peft, and
+    merging gives the unmerged forward."""
+    config = dict(r=4, target_modules=["lm_head", "c_attn"], trainable_token_indices=TOKENS)
+    ids = ids_with()
+    peft_model = peft.get_peft_model(copy.deepcopy(gpt2), peft.LoraConfig(**config))
+    randomize_rows(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    mini_model = minipeft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path / "peft", is_trainable=True)
+
+    expected = logits(peft_model, ids)
+    assert (expected[..., TOKENS] - logits(gpt2, ids)[..., TOKENS]).abs().max() > 1e-2  # the adapter acts there
+    torch.testing.assert_close(logits(mini_model, ids), expected, atol=2e-5, rtol=0)
+    peft_grads, mini_grads = grads(peft_model, ids), grads(mini_model, ids)
+    assert len(mini_grads) == len(peft_grads)
+    for name, grad in peft_grads.items():
+        mini_name = name.replace(".token_adapter", "")  # minipeft's embedding layer sits one level higher
+        torch.testing.assert_close(mini_grads[mini_name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+    # Merging writes R into the shared table and then LoRA's update on top (which the input side
+    # sees too: LoRA on a tied head cannot merge exactly, in peft neither); unmerging takes them
+    # out newest first, so the table comes back.
+    table = mini_model.get_base_model().transformer.wte.get_base_layer().weight
+    original = table.detach().clone()
+    unmerged = logits(mini_model, ids).detach()
+    mini_model.merge_adapter()
+    mini_model.unmerge_adapter()
+    torch.testing.assert_close(table.detach(), original, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(mini_model, ids), unmerged, atol=2e-5, rtol=0)
+
+
 def test_lora_with_trainable_tokens_merges(gpt2):
     model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.LoraConfig(r=4, **LORA_CASES["gpt2_list"][1]))
     inner = model.get_base_model()
@@ -301,8 +334,8 @@ def test_lora_with_trainable_tokens_merges(gpt2):
 
 
 def test_deleting_an_adapter_unwraps_a_tied_head_it_also_adapts(gpt2):
-    """LoRA on GPT-2's tied head puts two wrappers holding the adapter there (TiedTokensLayer around
-    LoraLinear); deleting the adapter must remove both, not leave an empty LoraLinear behind."""
+    """LoRA on GPT-2's tied head puts two wrappers holding the adapter there (LoraLinear around
+    TiedTokensLayer, as peft nests them); deleting the adapter must remove both, not leave an empty LoraLinear behind."""
     model = minipeft.get_peft_model(
         copy.deepcopy(gpt2), minipeft.LoraConfig(target_modules=["lm_head", "c_attn"], trainable_token_indices=TOKENS)
     )

@@ -26,7 +26,10 @@ Tied weights. Many language models share the table with the output head,
 then be the head's rows too, or the model would read a new token with one vector and predict
 it with another. A module that holds the embedding's weight is wrapped by ``TiedTokensLayer``,
 which owns nothing and reads ``R`` from the embedding's layer: for a head it recomputes the
-logits of the trained tokens, ``logits[..., t_j] = h R[j]^T (+ b[t_j])``. Ties are found by
+logits of the trained tokens, ``logits[..., t_j] = h R[j]^T (+ b[t_j])``, as a correction added to
+those columns, so that what a wrapper inside it adds there is kept. When the same LoRA config also
+adapts the tied head, the ``TiedTokensLayer`` goes inside the ``LoraLinear`` (as peft nests them):
+LoRA's term is added to logits that hold the trained rows. Ties are found by
 weight identity, which is what makes the two modules one table (peft asks transformers'
 ``_tied_weights_keys``, which names the same modules when the config ties them).
 
@@ -221,11 +224,13 @@ class TrainableTokensLayer(AdapterLayer):
 
     def _replace_logits(self, head: nn.Linear, name: str, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A head tied to the table: ``result = h W^T (+ b)`` (..., V) with the adapter's tokens'
-        columns recomputed from their trained rows, ``h R^T (+ b[t])`` (..., n)."""
+        columns read from their trained rows, ``h R^T (+ b[t])``. Written as a correction added
+        to those columns, ``h (R - W[t])^T`` (..., n), not as an overwrite: whatever a wrapper
+        inside this one added to them (another adapter's LoRA term on the head) is kept, and the
+        bias, in ``result`` already, cancels."""
         index = self._index(name, h.device)
-        rows = self.trainable_tokens_delta[name].to(h.dtype)
-        bias = None if head.bias is None else head.bias[index].to(h.dtype)
-        return result.index_copy(-1, index, F.linear(h, rows, bias).to(result.dtype))
+        correction = self.trainable_tokens_delta[name] - head.weight[index]  # (n, d); no gradient to W (frozen)
+        return result.index_add(-1, index, F.linear(h, correction.to(h.dtype)).to(result.dtype))
 
     # -- merging ------------------------------------------------------------------------------
     def _check_mergeable(self, adapter_names: list[str] | None) -> list[str]:
@@ -497,9 +502,17 @@ def wrap_beside(
             plan.append((name, module, owners[name]))
     for name, owner in owners.items():
         for sharer in _sharers(model, owner.get_base_layer(), skip=name):
-            # A head that this config's LoRA adapts too: wrap the new LoRA wrapper, not what it replaces.
-            module = holders.get(sharer) or model.get_submodule(sharer)
+            holder = holders.get(sharer)
+            module = holder or model.get_submodule(sharer)
             if any(isinstance(layer, TiedTokensLayer) and layer.owner() is owner for layer in _layers(module)):
                 continue
-            plan.append((sharer, module, TiedTokensLayer(module, owner)))
+            if holder is not None:
+                # A head that this config's LoRA adapts too: the tied layer goes inside the LoRA
+                # wrapper, around what it wraps, as peft nests them (LoRA's term is added to logits
+                # that already hold the trained rows; the checkpoint keys are peft's). Installed
+                # after the wrapper itself, which comes earlier in the plan.
+                inner = getattr(holder, holder.base_layer_name)
+                plan.append((f"{sharer}.{holder.base_layer_name}", inner, TiedTokensLayer(inner, owner)))
+            else:
+                plan.append((sharer, module, TiedTokensLayer(module, owner)))
     return plan
