@@ -30,6 +30,7 @@ otherwise; CPU timings say nothing about the GPU and are not results.
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -118,35 +119,17 @@ def make_peft(W, b, A, B, s, p):
     return layer
 
 
-def make_fused(W, b, A, B, s, p):
+def make_fused(W, b, A, B, s, p, route=None):
     from minipeft.kernels import lora_linear
 
-    return lambda x: lora_linear(x, W, b, A, B, s, dropout_p=p, training=True)
-
-
-def make_fused_down(path):
-    """The fused function with its forward forced down one route ("triton GEMM", "few rows" or
-    "cuBLAS base", see minipeft.kernels.forward_path) instead of the one it picks by shape. The
-    backward follows the base GEMM's choice alone: forcing "few rows" forces the cuBLAS base
-    there."""
-    def make(W, b, A, B, s, p):
-        from unittest import mock
-
-        import minipeft.kernels.fused_lora as impl
-
-        fused = make_fused(W, b, A, B, s, p)
-
-        def forced(x):
-            with mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: path == "triton GEMM"), \
-                    mock.patch.object(impl, "use_few_rows", lambda *shape_and_dtype: path == "few rows"):
-                return fused(x)
-        return forced
-    return make
+    return lambda x: lora_linear(x, W, b, A, B, s, dropout_p=p, training=True, route=route)
 
 
 IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": make_peft, "fused": make_fused}
-# --cases targets: every route the fused forward can take, to set the rules from measurements.
-FORCED_PATHS = {f"fused[{path}]": make_fused_down(path) for path in ("triton GEMM", "few rows", "cuBLAS base")}
+# --cases targets: every route the fused function can take (lora_linear's route argument), to
+# set the rules that choose between them from measurements.
+FORCED_PATHS = {f"fused[{route}]": functools.partial(make_fused, route=route)
+                for route in ("triton GEMM", "few rows", "cuBLAS base")}
 
 
 def fused_runs_here(device):

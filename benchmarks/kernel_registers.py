@@ -118,7 +118,7 @@ def gemm_rows(dtype, backward, dropout, precision="tf32"):
         yield f"{tile}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
 
 
-def thin_rows(dtype):
+def shrink_rows(dtype):
     """The shrink, memory-bound, at the block sizes its launcher picks."""
     p = f"*{dtype}"
     bm, br = fl.SHRINK_BLOCK_M, fl._block_r(R)
@@ -204,7 +204,7 @@ def main():
         table("few rows: y and xa in one launch (decoding forward), M = 16, bf16", few_rows_rows("bf16", False)),
         table("few rows, M = 16, bf16, dropout 0.1", few_rows_rows("bf16", True)),
         table("few rows at its limits, M = 32, r = 64, bf16", few_rows_rows("bf16", False, rows=32, rank=64)),
-        table("the shrink, bf16", thin_rows("bf16")),
+        table("the shrink, bf16", shrink_rows("bf16")),
         table("other variants, one config each", other_rows()),
     ]
     report = (f"## Registers and spills on sm_90, compiled offline\n\n"

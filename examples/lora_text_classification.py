@@ -231,9 +231,9 @@ def main(argv=None) -> dict:
     # that fails before this point leaves it as it was
     if args.overwrite:
         remove_previous_run(out_dir)
-    # PiSSA/OLoRA: keep A0, B0 as initialised, to convert the trained adapter into plain LoRA on the
-    # ORIGINAL weights (the base model now holds the residuals W - s B0 A0)
-    # PiSSA / OLoRA take the adapter's initial update out of the base weights: save it converted.
+    # PiSSA/OLoRA take the adapter's initial update out of the base weights (which now hold the
+    # residuals W - s B0 A0): keep A0, B0 as initialised, to convert the trained adapter into
+    # plain LoRA on the ORIGINAL weights.
     converts = args.method == "lora" and base_changing_init(args.init_lora_weights) is not None
     if converts:
         model.save_pretrained(str(out_dir / "adapter-init"))

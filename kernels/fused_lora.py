@@ -244,9 +244,12 @@ def _gemm_configs():
 # Tuned once per (power-of-two bucket of M, N, K, dtypes, variant): a new sequence length reuses
 # the bucket's winner instead of retuning. The variant is in the key because the backward's
 # (dropout, dA) needs more registers than the forward and may win with another tile.
-_matmul_lowrank_tuned = triton.autotune(
-    configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "R_GRAD", "DOT_PRECISION"],
-    reset_to_zero=["dr_ptr"])(_matmul_lowrank_kernel)
+def _autotuned_gemm(configs):
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "R_GRAD", "DOT_PRECISION"],
+                           reset_to_zero=["dr_ptr"])(_matmul_lowrank_kernel)
+
+
+_matmul_lowrank_tuned = _autotuned_gemm(_gemm_configs())
 
 
 def _block_r(R):
@@ -433,9 +436,12 @@ def _few_rows_configs():
                                           (16, 256, 4, 4), (32, 512, 8, 3)]]
 
 
-_few_rows_tuned = triton.autotune(configs=_few_rows_configs(),
-                                  key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "DOT_PRECISION", "BLOCK_R"])(
-    _few_rows_kernel)
+def _autotuned_few_rows(configs):
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "DOT_PRECISION", "BLOCK_R"])(
+        _few_rows_kernel)
+
+
+_few_rows_tuned = _autotuned_few_rows(_few_rows_configs())
 
 
 def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed):
@@ -562,8 +568,12 @@ def use_few_rows(M, R, dtype=torch.bfloat16):
     return 1 <= M <= FEW_ROWS_MAX_M and R <= FEW_ROWS_MAX_R and dtype in (torch.bfloat16, torch.float16)
 
 
+ROUTES = ("triton GEMM", "few rows", "cuBLAS base")
+
+
 def forward_path(M, N, K, R, dtype):
-    """The route lora_linear's forward takes for x (M, K), W (N, K) and rank R, by name."""
+    """The route lora_linear's forward takes for x (M, K), W (N, K) and rank R, by name: one of
+    ROUTES. (The backward's dx GEMM decides for itself, by `use_fused_base` on its own shape.)"""
     if use_fused_base(M, N, K, dtype):
         return "triton GEMM"
     return "few rows" if use_few_rows(M, R, dtype) else "cuBLAS base"
@@ -579,20 +589,23 @@ class LoraLinearFunction(torch.autograd.Function):
     references to W, A and B, which exist anyway): never the dropped copy of x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, route):
         K = x.shape[-1]
         N = weight.shape[0]
         x2 = x.reshape(-1, K)  # (M, K), a view whenever the leading dims allow; strides go to the kernels
         M = x2.shape[0]
 
-        R = lora_A.shape[0]
-        if not use_fused_base(M, N, K, x.dtype) and use_few_rows(M, R, x.dtype):
+        # A route given by the caller sends the backward's dx down the same way; else the dx
+        # GEMM, whose shape is not y's, decides by its own.
+        ctx.dx_in_our_gemm = use_fused_base(M, K, N, x.dtype) if route is None else route == "triton GEMM"
+        route = route or forward_path(M, N, K, lora_A.shape[0], x.dtype)
+        if route == "few rows":
             y, xa = _few_rows(x2, weight, bias, lora_A, lora_B, scaling, p, seed)
         else:
             # The shrink is ours only to draw the dropout mask in-kernel. Without dropout it is a
             # plain skinny matmul, which cuBLAS does as well as anything.
             xa = _shrink(x2, lora_A, p, seed) if p > 0 else x2 @ lora_A.t()  # (M, r)
-            if use_fused_base(M, N, K, x.dtype):
+            if route == "triton GEMM":
                 y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
             else:
                 y = F.linear(x2, weight, bias)
@@ -619,7 +632,7 @@ class LoraLinearFunction(torch.autograd.Function):
             # epilogue; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
             scale = 1.0 / (1.0 - p)
             xin = x2 if ctx.needs_input_grad[3] else None
-            if use_fused_base(M, K, N, x2.dtype):
+            if ctx.dx_in_our_gemm:
                 dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, scale, p, seed, xin=xin)
             else:
                 dx = torch.mm(dy2, weight)
@@ -628,11 +641,11 @@ class LoraLinearFunction(torch.autograd.Function):
             dA = da.to(lora_A.dtype) if da is not None else None
         elif ctx.needs_input_grad[3]:  # e.g. the first adapted layer, whose input needs no gradient
             dA = _lora_a_grad(dxa, x2, p, seed, lora_A.dtype)
-        # No gradient for the frozen weight and bias, nor for scaling, p and seed.
-        return dx, None, None, dA, dB, None, None, None
+        # No gradient for the frozen weight and bias, nor for scaling, p, seed and route.
+        return dx, None, None, dA, dB, None, None, None, None
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None):
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, route=None):
     """Fused LoRA linear: x W^T + b + scaling * dropout(x) A^T B^T.
 
     x (..., K) any strides; weight (N, K) and bias (N,) or None, frozen; lora_A (r, K);
@@ -641,7 +654,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     `seed`: an int in [0, 2**31), or None to draw one from torch's default generator (so
     torch.manual_seed makes runs repeatable). `dropout_mask(seed, x.shape, dropout_p)` is the
     mask a call used. Gradients flow to x, lora_A and lora_B only: the weight and bias must not
-    require grad (the backward never computes their gradients).
+    require grad (the backward never computes their gradients). `route` (one of ROUTES) sends
+    the call down that route instead of the one `forward_path` picks by shape: for benchmarks
+    and tests, which compare the routes.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear treats weight and bias as frozen; they must not require grad "
@@ -663,11 +678,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             raise ValueError(f"lora_linear: {name} is on {t.device}, x on {x.device}; all must share one device")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES} or None (chosen by shape), got {route!r}")
+    if route == "few rows" and not use_few_rows(x.numel() // K if K else 0, r, x.dtype):
+        raise ValueError(f"the few-rows route takes 1 to {FEW_ROWS_MAX_M} rows of bfloat16 or float16 and rank <= "
+                         f"{FEW_ROWS_MAX_R}; got {x.numel() // K if K else 0} rows of {x.dtype}, rank {r}")
     p = float(dropout_p) if training else 0.0
     bias = bias.contiguous() if bias is not None else None  # the GEMM reads the bias with stride 1
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed))
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed), route)
 
 
-__all__ = ["lora_linear", "dropout_mask", "use_fused_base", "use_few_rows", "forward_path", "LoraLinearFunction"]
+__all__ = ["lora_linear", "dropout_mask", "use_fused_base", "use_few_rows", "forward_path", "ROUTES", "LoraLinearFunction"]

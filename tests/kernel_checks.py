@@ -6,7 +6,6 @@ where the kernels are to be interpreted.
 """
 
 import contextlib
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -78,39 +77,25 @@ def tf32_allowed(allowed):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-# The forward's three routes (fused_lora.forward_path); the backward follows use_fused_base too.
-PATHS = ["triton GEMM", "few rows", "cuBLAS base"]
-
-
-@contextlib.contextmanager
-def forced_path(path):
-    """Send lora_linear down one route: our GEMM with the low-rank epilogue, the one-launch
-    few-rows kernel (where its own rule allows: at most 32 rows, rank 64, 16-bit), or cuBLAS's
-    base product with our low-rank kernels; None leaves the library's own choice."""
-    if path is None:
-        yield
-        return
-    assert path in PATHS, path
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(impl, "use_fused_base", lambda *shape_and_dtype: path == "triton GEMM"))
-        if path == "cuBLAS base":
-            stack.enter_context(mock.patch.object(impl, "use_few_rows", lambda *shape_and_dtype: False))
-        yield
+# lora_linear's routes (fused_lora.ROUTES): our GEMM with the low-rank epilogue, the one-launch
+# few-rows kernel (1 to 32 rows, rank <= 64, 16-bit), cuBLAS's base product with our low-rank
+# kernels. A test that names one sends the call down it (lora_linear's route argument).
+PATHS = list(impl.ROUTES)
 
 
 def check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, path, needs_grad="x A B",
                             device="cpu", tol=None):
     """Forward and the gradients asked for against the float64 reference, relative to the scale
-    of each sum, with lora_linear sent down `path` (see forced_path). tol defaults to TOL[dtype]."""
+    of each sum, with lora_linear sent down route `path` (None: its own choice by shape). tol
+    defaults to TOL[dtype]."""
     x, weight, b, lora_A, lora_B = make_inputs(lead, K, N, r, dtype, bias, layout, device=device)
     for name, t in zip("x A B".split(), (x, lora_A, lora_B)):
         t.requires_grad_(name in needs_grad.split())
     seed = 1234
 
-    with forced_path(path):
-        y = kernels.lora_linear(x, weight, b, lora_A, lora_B, scaling, dropout_p=p, seed=seed)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-        y.backward(dy)
+    y = kernels.lora_linear(x, weight, b, lora_A, lora_B, scaling, dropout_p=p, seed=seed, route=path)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    y.backward(dy)
 
     # The reference uses the kernels' own mask, so values match element for element.
     mask = kernels.dropout_mask(seed, x.shape, p, x.device).double() if p > 0 else None

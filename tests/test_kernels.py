@@ -22,8 +22,7 @@ from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import minipeft.kernels as kernels  # noqa: E402
@@ -41,7 +40,7 @@ def test_in_fresh_interpreter():
 
 
 from tests.kernel_checks import (  # noqa: E402
-    PATHS, TOL, check_against_reference, forced_path, make_inputs, reference, rel_err, tf32_allowed,
+    PATHS, TOL, check_against_reference, make_inputs, reference, rel_err, tf32_allowed,
 )
 
 
@@ -60,23 +59,26 @@ from tests.kernel_checks import (  # noqa: E402
     path=st.sampled_from(PATHS),
 )
 def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, scaling, path):
+    assume(path != "few rows" or impl.use_few_rows(torch.Size(lead).numel(), r, dtype))
     check_against_reference(lead, K, N, r, dtype, bias, layout, p, scaling, path)
 
 
 @interpreted
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path, dtype", [(path, dtype) for path in PATHS
+                                         for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                         if path != "few rows" or dtype != torch.float32])  # few rows: 16-bit
 def test_ragged_shapes_every_dtype(dtype, path):
-    # Fixed cases next to the random ones: edges in every block dimension, r = 1, K < block.
-    check_against_reference((3, 7), 45, 29, 1, dtype, True, "strided", 0.0, 2.0, path)
-    check_against_reference((3, 37), 45, 29, 1, dtype, True, "strided", 0.0, 2.0, path)  # > 32 rows
-    check_against_reference((70,), 5, 33, 8, dtype, False, "transposed", 0.25, 0.5, path)
+    # Fixed cases next to the random ones: edges in every block dimension, r = 1, K < block;
+    # the few-rows route takes at most 32 rows.
+    rows = [(3, 7), (30,)] if path == "few rows" else [(3, 37), (70,)]
+    check_against_reference(rows[0], 45, 29, 1, dtype, True, "strided", 0.0, 2.0, path)
+    check_against_reference(rows[1], 5, 33, 8, dtype, False, "transposed", 0.25, 0.5, path)
 
 
 @interpreted
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["triton GEMM", "cuBLAS base"])  # the few-rows route takes 1 to 32 rows
 def test_an_empty_batch(path):
-    # No rows (an empty micro-batch): y is (0, N), dx (0, K), and dA, dB are zero, on every route.
+    # No rows (an empty micro-batch): y is (0, N), dx (0, K), and dA, dB are zero.
     check_against_reference((0,), 40, 24, 4, torch.float32, True, "contiguous", 0.1, 2.0, path)
     check_against_reference((2, 0), 40, 24, 4, torch.bfloat16, False, "strided", 0.0, 2.0, path)
 
@@ -86,7 +88,8 @@ def test_an_empty_batch(path):
 @pytest.mark.parametrize("needs_grad", ["x", "A", "B", "x B", "A B"])
 def test_only_the_gradients_asked_for(needs_grad, path):
     # dA is summed inside the dx GEMM when dx is needed, and by its own kernel when it is not.
-    check_against_reference((3, 20), 40, 36, 5, torch.float32, True, "strided", 0.25, 2.0, path, needs_grad)
+    dtype = torch.bfloat16 if path == "few rows" else torch.float32  # few rows: 16-bit only
+    check_against_reference((3, 10), 40, 36, 5, dtype, True, "strided", 0.25, 2.0, path, needs_grad)
 
 
 @interpreted
@@ -217,13 +220,24 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
         for fn in kernel_fns:
             stack.enter_context(mock.patch.object(fn, "run", spy(fn)))
         for path in PATHS:
+            if path == "few rows" and dtype == torch.float32:
+                continue  # fp32 decoding is left to cuBLAS
             for x_needs_grad in (True, False):  # without dx, dA has a kernel of its own
                 x.requires_grad_(x_needs_grad)
-                with forced_path(path):
-                    kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.1, seed=3).sum().backward()
-    # Every kernel ran (the few-rows one in 16-bit only: fp32 decoding is left to cuBLAS).
+                y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.1, seed=3, route=path)
+                y.sum().backward()
+    # Every kernel ran (the few-rows one in 16-bit only).
     expected = [fn for fn in kernel_fns if fn is not impl._few_rows_kernel or dtype != torch.float32]
     assert launched == {fn.__name__: {precision} for fn in expected}
+
+
+@interpreted
+def test_a_route_that_cannot_take_the_shape_is_refused():
+    x, weight, b, lora_A, lora_B = make_inputs((40,), 8, 6, 2, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"few-rows route takes 1 to 32 rows .* got 40 rows"):
+        kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, route="few rows")
+    with pytest.raises(ValueError, match=r"route must be one of"):
+        kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, route="fastest")
 
 
 @interpreted
@@ -248,9 +262,8 @@ def _large_offsets_case():
     x = storage.as_strided((M, K), (row_stride, 1)).copy_(x_small).requires_grad_(True)
     lora_A.requires_grad_(True)
     for path in PATHS:
-        with forced_path(path):
-            y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.25, seed=5)
-            y.float().sum().backward()
+        y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.25, seed=5, route=path)
+        y.float().sum().backward()
         mask = kernels.dropout_mask(5, (M, K), 0.25).double()
         x64, A64 = (t.detach().double().requires_grad_(True) for t in (x, lora_A))
         y64 = reference(x64, weight.double(), b.double(), A64, lora_B.double(), 2.0, mask, 0.25, torch.float16)
