@@ -5,7 +5,7 @@ Functions of tensors only; they know nothing of configs or models. The LoRA laye
 LoRA on a frozen nn.Linear (`LoraLinear._fused_path_applies` has the whole rule), and otherwise
 runs its pure-PyTorch reference, which computes the same numbers.
 
-    lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None)
+    lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, route=None)
     dropout_mask(seed, shape, p, device)   the keep-mask a call with that seed used (for tests)
     forward_path(M, N, K, R, dtype)        which kernels the forward runs for that shape
     is_available()                         triton can be imported
