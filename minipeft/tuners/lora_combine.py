@@ -181,18 +181,8 @@ def _check_merge_options(combination_type: str, density: float | None, majority_
     type was asked for, also when a single source makes it "linear"); the others ignore them,
     as peft's do."""
     merge = _merge_of(combination_type)
-    if merge in task_arithmetic.PRUNING_MERGES and (
-        isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1
-    ):
-        raise ValueError(
-            f"combination_type={combination_type!r} keeps a fraction `density` of each adapter's entries: "
-            f"give density as a number in (0, 1] (e.g. 0.5; 1 prunes nothing), got {density!r}"
-        )
-    if merge in task_arithmetic.SIGN_ELECTING_MERGES and majority_sign_method not in task_arithmetic.MAJORITY_SIGN_METHODS:
-        raise ValueError(
-            f"majority_sign_method must be one of {list(task_arithmetic.MAJORITY_SIGN_METHODS)} ('total': the sign "
-            f"of the summed entries wins, 'frequency': the sign most adapters have), got {majority_sign_method!r}"
-        )
+    if merge is not None:
+        task_arithmetic.check_options(merge, density, majority_sign_method, f"combination_type={combination_type!r}")
 
 
 def _merge_of(combination_type: str) -> str | None:

@@ -45,6 +45,8 @@ References:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 MERGES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -92,12 +94,8 @@ def elect_sign(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
 
     A tie (including all zero) elects +1.
     """
-    if method == "total":
-        score = stacked.sum(dim=0)
-    elif method == "frequency":
-        score = stacked.sign().sum(dim=0)
-    else:
-        raise ValueError(f"majority_sign_method must be one of {list(MAJORITY_SIGN_METHODS)}, got {method!r}")
+    check_sign_method(method)
+    score = stacked.sum(dim=0) if method == "total" else stacked.sign().sum(dim=0)
     return torch.where(score >= 0, 1.0, -1.0).to(stacked.dtype)
 
 
@@ -141,6 +139,30 @@ def magnitude_prune(taus: list[torch.Tensor], weights: list[float], density: flo
     return weighted_sum([prune_by_magnitude(tau, density) for tau in taus], weights)
 
 
+def check_options(method: str, density, majority_sign_method: str, name: str | None = None) -> None:
+    """A ValueError unless ``density`` and ``majority_sign_method`` suit merge ``method``: the
+    pruning merges keep a fraction density in (0, 1] of each vector; the sign-electing ones
+    need a known sign method. Other merges ignore both. ``name``: what the caller calls the
+    merge in its message (e.g. ``"combination_type='ties_svd'"``)."""
+    if method in PRUNING_MERGES and (
+        isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1
+    ):
+        raise ValueError(
+            f"{name or f'the {method} merge'} keeps a fraction `density` of each adapter's entries: give density as "
+            f"a number in (0, 1] (e.g. 0.5; 1 prunes nothing), got {density!r}"
+        )
+    if method in SIGN_ELECTING_MERGES:
+        check_sign_method(majority_sign_method)
+
+
+def check_sign_method(majority_sign_method: str) -> None:
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        raise ValueError(
+            f"majority_sign_method must be one of {list(MAJORITY_SIGN_METHODS)} ('total': the sign of the summed "
+            f"entries wins, 'frequency': the sign most adapters have), got {majority_sign_method!r}"
+        )
+
+
 def merge(
     method: str,
     taus: list[torch.Tensor],
@@ -150,12 +172,11 @@ def merge(
 ) -> torch.Tensor:
     """The merge named ``method`` (one of ``MERGES``; "linear" is the plain weighted sum) of the
     task vectors ``taus`` with ``weights``."""
+    if method not in MERGES:
+        raise ValueError(f"unknown merge {method!r}; the merges are {list(MERGES)}")
+    check_options(method, density, majority_sign_method)
     if method == "linear":
         return weighted_sum(taus, weights)
-    if method not in PRUNING_MERGES:
-        raise ValueError(f"unknown merge {method!r}; the merges are {list(MERGES)}")
-    if density is None or not 0 < density <= 1:
-        raise ValueError(f"{method} keeps a fraction density of each task vector, in (0, 1]; got {density!r}")
     if method == "ties":
         return ties(taus, weights, density, majority_sign_method)
     if method == "dare_ties":
