@@ -253,8 +253,8 @@ def _freeze_base(model: nn.Module) -> None:
 def trained_biases(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str]:
     """Qualified names of the base-model biases ``config`` trains (and checkpoints save) with
     adapter ``adapter_name``: every bias for ``bias="all"`` (except the adapters' own and the
-    frozen originals kept by ``modules_to_save``), or those of the layers that hold the adapter
-    for ``bias="lora_only"``."""
+    frozen originals kept by ``modules_to_save``), or for ``bias="lora_only"`` those of the
+    method's own layers that hold the adapter."""
     bias = getattr(config, "bias", "none")
     layers = list(adapter_layers(model))
     if bias == "all":
@@ -263,8 +263,11 @@ def trained_biases(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         return [n for n, _ in model.named_parameters() if n.endswith("bias") and not is_under(n, inside)]
     names = []
     if bias.endswith("_only"):
+        # Only the method's own layers count: not the modules trained whole, nor the layers of
+        # LoRA's trainable_token_indices (a tied head's bias is not LoRA's; peft leaves it frozen).
+        own = method_for(config).layer_class
         for name, layer in layers:
-            if isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.adapter_names:
+            if own is None or not isinstance(layer, own) or adapter_name not in layer.adapter_names:
                 continue
             module = layer
             while isinstance(module, AdapterLayer):  # down to the original module

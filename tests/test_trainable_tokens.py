@@ -256,6 +256,46 @@ def test_padding_row_and_tied_head_bias():
     assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0
 
 
+def test_lora_only_bias_with_trainable_tokens_matches_peft(tmp_path):
+    """bias="lora_only" trains the biases of the layers LoRA wraps, not the bias of a head tied to
+    an embedding with trainable tokens (peft neither trains nor saves it), so peft's checkpoint
+    loads in minipeft and minipeft's in peft."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 8)
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, VOCAB)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.proj(self.embed(ids))))
+
+    torch.manual_seed(0)
+    base = Tiny()
+    ids = torch.tensor([[1, 3, 9, 5, 4]])
+    config = dict(r=2, target_modules=["proj"], bias="lora_only", trainable_token_indices={"embed": [3, 5]})
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    mini_model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(**config))
+    trained = {n for n, p in mini_model.named_parameters() if p.requires_grad}
+    assert trained == {n.replace(".token_adapter", "") for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert "base_model.model.head.base_layer.bias" not in trained
+
+    randomize_rows(peft_model)
+    with torch.no_grad():
+        peft_model.base_model.model.proj.base_layer.bias.add_(1.0)  # a trained bias, saved with the adapter
+    peft_model.save_pretrained(tmp_path / "peft")
+    mini_model = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    # peft 0.21 drops a tied head's bias on the trained tokens' logits, minipeft keeps it (see
+    # test_padding_row_and_tied_head_bias): the other columns are compared.
+    frozen = [v for v in range(VOCAB) if v not in (3, 5)]
+    torch.testing.assert_close(mini_model(ids)[..., frozen], peft_model(ids)[..., frozen], atol=1e-5, rtol=0)
+    mini_model.save_pretrained(tmp_path / "mini")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
+    torch.testing.assert_close(again(ids), peft_model(ids), atol=0, rtol=0)
+
+
 # -- LoRA's trainable_token_indices ---------------------------------------------------------------
 LORA_CASES = {
     "gpt2_list": ("gpt2", dict(target_modules=["c_attn"], trainable_token_indices=TOKENS)),
@@ -295,6 +335,7 @@ def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_pa
     merging gives the unmerged forward."""
     config = dict(r=4, target_modules=["lm_head", "c_attn"], trainable_token_indices=TOKENS)
     ids = ids_with()
+    torch.manual_seed(0)  # LoRA's A: the same draw whichever tests ran before
     peft_model = peft.get_peft_model(copy.deepcopy(gpt2), peft.LoraConfig(**config))
     randomize_rows(peft_model)
     peft_model.save_pretrained(tmp_path / "peft")
@@ -307,7 +348,7 @@ def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_pa
     assert len(mini_grads) == len(peft_grads)
     for name, grad in peft_grads.items():
         mini_name = name.replace(".token_adapter", "")  # minipeft's embedding layer sits one level higher
-        torch.testing.assert_close(mini_grads[mini_name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(mini_grads[mini_name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
     # Merging writes R into the shared table and then LoRA's update on top (which the input side
     # sees too: LoRA on a tied head cannot merge exactly, in peft neither); unmerging takes them
@@ -317,8 +358,8 @@ def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_pa
     unmerged = logits(mini_model, ids).detach()
     mini_model.merge_adapter()
     mini_model.unmerge_adapter()
-    torch.testing.assert_close(table.detach(), original, atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(mini_model, ids), unmerged, atol=2e-5, rtol=0)
+    torch.testing.assert_close(table.detach(), original, atol=1e-6, rtol=0)  # W + dW - dW: rounding only
+    torch.testing.assert_close(logits(mini_model, ids), unmerged, atol=1e-4, rtol=0)
 
 
 def test_lora_with_trainable_tokens_merges(gpt2):
