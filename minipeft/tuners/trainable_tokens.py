@@ -67,6 +67,9 @@ from .base import AdapterLayer, adapter_placement, embed_scale
 
 # Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
 LORA_CHECKPOINT_PREFIX = "token_adapter."
+# Names of the per-adapter lookup buffers (+ adapter name) the owner layer keeps; see update_layer.
+INDEX_BUFFER = "_token_index_"
+SLOT_BUFFER = "_token_slot_"
 
 
 @dataclass
@@ -170,6 +173,21 @@ class TrainableTokensLayer(AdapterLayer):
         self.trainable_tokens_delta[adapter_name] = nn.Parameter(rows.to(*adapter_placement(weight)).clone())
         self.token_indices[adapter_name] = indices
         self.checkpoint_prefix[adapter_name] = LORA_CHECKPOINT_PREFIX if lora else ""
+        # What the forward indexes with, built once here and not per call (a host-to-device copy
+        # and a (V,) fill each time): the ids as a tensor (n,), and slot[v], the row of token v
+        # in the adapter's rows or -1 for a frozen token. Non-persistent buffers: .to() moves
+        # them with the layer, checkpoints leave them out (the ids are in the config).
+        index = torch.tensor(indices, dtype=torch.long, device=weight.device)
+        slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slot[index] = torch.arange(len(indices), device=weight.device)
+        self.register_buffer(INDEX_BUFFER + adapter_name, index, persistent=False)
+        self.register_buffer(SLOT_BUFFER + adapter_name, slot, persistent=False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for prefix in (INDEX_BUFFER, SLOT_BUFFER):
+            if hasattr(self, prefix + adapter_name):
+                delattr(self, prefix + adapter_name)
 
     def checkpoint_key(self, container: str, rest: str, adapter_name: str) -> str | None:
         """peft's key for this adapter's rows, relative to this layer (checkpoint.py's hook)."""
@@ -200,18 +218,18 @@ class TrainableTokensLayer(AdapterLayer):
         return result
 
     def _index(self, name: str, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.token_indices[name], dtype=torch.long, device=device)  # (n,)
+        """The adapter's token ids (n,) on ``device`` (the owner's buffer: no copy on its device)."""
+        return getattr(self.owner(), INDEX_BUFFER + name).to(device)
+
+    def _slot(self, name: str, device: torch.device) -> torch.Tensor:
+        """slot[v] (V,): the row of token v in the adapter's rows, -1 for a frozen token."""
+        return getattr(self.owner(), SLOT_BUFFER + name).to(device)
 
     def _replace_rows(self, emb: nn.Embedding, name: str, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` (..., d), looked up in the frozen table, with the positions whose id is one of
         the adapter's tokens given that token's trained row instead."""
         rows = self.trainable_tokens_delta[name]  # (n, d)
-        index = self._index(name, ids.device)
-        # slot[v]: the row of token v in ``rows``, -1 for a frozen token; one (V,) table per call
-        # (a V-length vector, not the V x d table).
-        slot = torch.full((emb.num_embeddings,), -1, dtype=torch.long, device=ids.device)
-        slot[index] = torch.arange(len(index), device=ids.device)
-        where = slot[ids]  # (...,)
+        where = self._slot(name, ids.device)[ids]  # (...,)
         new = rows[where.clamp(min=0)]  # (..., d); the frozen positions' rows are never used
         if emb.padding_idx is not None:
             # nn.Embedding never trains the padding row; nor does a trained copy of it.
