@@ -321,8 +321,9 @@ def test_dora_refusal_also_reaches_wrapped_layers(target):
     assert list(model.peft_config) == ["default"]
 
 
-@pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
-def test_add_weighted_adapter_refuses_lora_bias_adapters(combination_type):
+def test_add_weighted_adapter_refuses_lora_bias_adapters():
+    # One combination type: the refusal comes before the type is looked at.
+    combination_type = "linear"
     peft_model, mini_model = tiny_pair()
     mini_model.add_adapter("plain", minipeft.LoraConfig(r=2, lora_alpha=6, target_modules=TINY_TARGETS))
     message = r"cannot combine adapters \['default'\] trained with lora_bias=True: .* merge_and_unload"

@@ -425,9 +425,8 @@ def test_add_weighted_adapter_refuses_trainable_tokens(llama, first):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     adapters = ["default", "plain"] if first == "tokens" else ["plain", "default"]
     message = r"cannot combine adapters \['default'\] trained with trainable_token_indices: .* merge_and_unload"
-    for combination_type in ("cat", "svd", "linear"):
-        with pytest.raises(ValueError, match=message):
-            model.add_weighted_adapter(adapters, [0.5, 1.0], "both", combination_type=combination_type)
+    with pytest.raises(ValueError, match=message):  # one type: the refusal comes before the type matters
+        model.add_weighted_adapter(adapters, [0.5, 1.0], "both", combination_type="svd")
     assert list(model.peft_config) == ["default", "plain"]
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
