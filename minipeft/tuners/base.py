@@ -74,6 +74,10 @@ class AdapterLayer(nn.Module):
     other_param_names: tuple[str, ...] = ()
     # Attribute under which the wrapped module is stored.
     base_layer_name: str = "base_layer"
+    # One per-adapter container (of the two lists above) that holds every adapter of this layer,
+    # e.g. LoRA's ``r``: what adapters_to_apply, run in every forward, asks instead of rebuilding
+    # ``adapter_names`` from all the containers. None: ask ``adapter_names``.
+    adapter_key_name: str | None = None
     # Whether the layer lets the model's adapters be merged (merge_adapter, merge_and_unload): LoRA,
     # (IA)^3, VeRA, trainable tokens and modules trained whole do; a bottleneck MLP, which is no
     # linear map of a weight, blocks it.
@@ -112,7 +116,9 @@ class AdapterLayer(nn.Module):
         """Adapters whose term the forward adds: active, present here, not merged into the weight."""
         if self.disable_adapters:
             return []
-        return [a for a in self.active_adapters if a in self.adapter_names and a not in self.merged_adapters]
+        # On small layers the Python work of rebuilding adapter_names showed up in the step time.
+        have = self.adapter_names if self.adapter_key_name is None else getattr(self, self.adapter_key_name)
+        return [a for a in self.active_adapters if a in have and a not in self.merged_adapters]
 
     def unmerge_if_disabled(self) -> None:
         """peft semantics: a merged layer whose adapters are disabled unmerges itself first. The
@@ -280,6 +286,7 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     adapter_layer_names = ("modules_to_save",)
     base_layer_name = "original_module"
+    adapter_key_name = "modules_to_save"
     mergeable = True
     folds_into_weight = False  # the adapter's copy replaces the original on unload (unwrap)
 

@@ -246,6 +246,7 @@ class BottleneckLayer(AdapterLayer):
 
     adapter_layer_names = ("adapter_down", "adapter_up")
     other_param_names = ("placement", "scaling", "non_linearity", "parallel_input", "adapter_dropout")
+    adapter_key_name = "adapter_down"
     mergeable = False
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -96,6 +96,7 @@ class IA3Linear(AdapterLayer):
 
     adapter_layer_names = ("ia3_l",)
     other_param_names = ("is_feedforward",)
+    adapter_key_name = "ia3_l"
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:

@@ -166,6 +166,7 @@ class LoraLayer(AdapterLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_fused_kernels")
+    adapter_key_name = "r"  # every LoRA adapter here has a rank
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
@@ -332,14 +333,6 @@ class LoraLayer(AdapterLayer):
                     weight.data.copy_(self._weight_out_in(base).to(weight.dtype))
                 else:
                     weight.data -= self.delta_weight(name)
-
-    def adapters_to_apply(self) -> list[str]:
-        # AdapterLayer's answer, read from the plain dict ``r`` (every LoRA adapter here has a
-        # rank) instead of rebuilding ``adapter_names`` from ten containers: this runs in every
-        # forward, and on small layers that Python work showed up in the step time.
-        if self.disable_adapters:
-            return []
-        return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
 
 
 class LoraLinear(LoraLayer):

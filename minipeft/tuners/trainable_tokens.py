@@ -147,6 +147,7 @@ class TrainableTokensLayer(AdapterLayer):
 
     adapter_layer_names = ("trainable_tokens_delta",)
     other_param_names = ("token_indices", "checkpoint_prefix")
+    adapter_key_name = "token_indices"
     mergeable = True
 
     def __init__(self, base_layer: nn.Module) -> None:

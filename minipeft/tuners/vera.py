@@ -189,6 +189,7 @@ class VeraLinear(AdapterLayer):
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d", "vera_projection")
     other_param_names = ("r", "vera_dropout")
+    adapter_key_name = "r"
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
