@@ -32,6 +32,11 @@ ALL_LINEAR = "all-linear"
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 
 
+def out_in_features(weight, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(out, in) of a linear layer's weight: nn.Linear stores (out, in), GPT-2's Conv1D (in, out)."""
+    return tuple(weight.shape[::-1] if fan_in_fan_out else weight.shape)
+
+
 def is_gpt2_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D`` is a linear layer with a transposed (in, out) weight.
 

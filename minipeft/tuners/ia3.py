@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import innermost, is_gpt2_conv1d, name_matches
+from ..targeting import innermost, is_gpt2_conv1d, name_matches, out_in_features
 from .base import AdapterLayer, adapter_placement
 
 
@@ -102,8 +102,7 @@ class IA3Linear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer)
         weight = self.get_base_layer().weight
-        # nn.Linear stores (out, in); Conv1D stores (in, out).
-        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.out_features, self.in_features = out_in_features(weight, fan_in_fan_out)
         self.fan_in_fan_out = fan_in_fan_out
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import innermost, is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, adapter_placement, embed_scale
 
@@ -340,7 +340,7 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         weight = innermost(base_layer).weight
-        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        out_features, in_features = out_in_features(weight, fan_in_fan_out)
         super().__init__(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
 

@@ -76,6 +76,7 @@ import re
 import torch
 
 from ..config import PeftConfig, PeftType
+from ..targeting import out_in_features
 
 PISSA, OLORA = "pissa", "olora"
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -112,7 +113,7 @@ def check_decomposable(init: str, key: str, weight: torch.Tensor, r: int, fan_in
             "a floating-point weight (float32, float16 or bfloat16): initialise in full precision and quantise the "
             "residual model afterwards"
         )
-    out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+    out_features, in_features = out_in_features(weight, fan_in_fan_out)
     if r > min(out_features, in_features):
         what = "singular directions" if method == PISSA else "columns of Q"
         raise ValueError(

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import innermost, is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from .base import AdapterLayer, adapter_placement
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
@@ -195,7 +195,7 @@ class VeraLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer)
         weight = self.get_base_layer().weight
-        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.out_features, self.in_features = out_in_features(weight, fan_in_fan_out)
         self.fan_in_fan_out = fan_in_fan_out
         self.r: dict[str, int] = {}
         self.vera_dropout = nn.ModuleDict()
@@ -345,7 +345,7 @@ def check_shared_projection(model: nn.Module, config: VeraConfig, targets: list[
         )
     for name in targets:
         base = innermost(model.get_submodule(name))
-        out_features, in_features = base.weight.shape[::-1] if is_gpt2_conv1d(base) else base.weight.shape
+        out_features, in_features = out_in_features(base.weight, is_gpt2_conv1d(base))
         if in_features > pair.in_max or out_features > pair.out_max:
             raise ValueError(
                 f"{name!r} is {in_features} -> {out_features} wide, larger than the shared VeRA pair of adapter "
