@@ -307,6 +307,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             setattr(parent, child, getattr(layer, layer.base_layer_name))
 
 
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter out of the base weights again, newest first: wrappers in the
+    reverse of the order merging visits them, since two may write one weight (trainable tokens on
+    an embedding and LoRA on the head tied to it), and in each wrapper its newest merge first."""
+    for _, layer in reversed(list(adapter_layers(model))):
+        layer.unmerge()
+
+
 def unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
     """Replace every wrapper by its base module (merging ``adapter_names``, default the active
     adapters, first when ``merge``), innermost wrappers first so nested wrappers unwind cleanly."""

@@ -48,14 +48,17 @@ class AdaptedModel(nn.Module):
         self._set_adapter_layers(enabled=True)
 
     def disable_adapter_layers(self) -> None:
-        """Make every adapter wrapper run its base module alone until ``enable_adapter_layers()``;
-        a merged layer unmerges itself on its next forward. Trained biases are base-model
-        parameters and keep their trained values; virtual tokens (prompt/prefix tuning) are not
-        layers: ``PeftModel.disable_adapter()`` turns off both. requires_grad is left as it is
-        (a disabled adapter is not in the graph, so it gets no gradient anyway)."""
+        """Make every adapter wrapper run its base module alone until ``enable_adapter_layers()``.
+        Merged adapters are unmerged first (and stay unmerged once enabled again, as in peft).
+        Trained biases are base-model parameters and keep their trained values; virtual tokens
+        (prompt/prefix tuning) are not layers: ``PeftModel.disable_adapter()`` turns off both.
+        requires_grad is left as it is (a disabled adapter is not in the graph, so it gets no
+        gradient anyway)."""
         self._set_adapter_layers(enabled=False)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
+        if not enabled:
+            injection.unmerge(self.model)  # all at once, in reverse merge order: see disable_adapter
         for _, layer in injection.adapter_layers(self.model):
             layer.disable_adapters = not enabled
 
@@ -156,7 +159,13 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the ``with`` block: no adapter layer, no virtual tokens."""
+        """Run the base model alone inside the ``with`` block: no adapter layer, no virtual tokens.
+
+        Merged adapters are unmerged as the block starts and stay unmerged after it (as in peft).
+        All at once, in the reverse of the merge order: two layers may write one weight (trainable
+        tokens on an embedding, LoRA on the head tied to it), and each unmerging itself at its
+        next forward would go in forward order and leave that weight wrong."""
+        injection.unmerge(self.get_base_model())
         layers = [layer for _, layer in injection.adapter_layers(self.get_base_model())]
         layers += [self.prompt_encoder] if "prompt_encoder" in self._modules else []
         before = [layer.disable_adapters for layer in layers]  # restored as found: nested blocks work
@@ -207,11 +216,8 @@ class PeftModel(nn.Module):
             layer.merge(here)
 
     def unmerge_adapter(self) -> None:
-        """Take every merged adapter out of the base weights again, newest first: layers in the
-        reverse of merge_adapter's order, since two layers may write one weight (trainable tokens
-        on an embedding and LoRA on the head tied to it), and each layer newest first."""
-        for _, layer in reversed(list(injection.adapter_layers(self.get_base_model()))):
-            layer.unmerge()
+        """Take every merged adapter out of the base weights again, newest first (``injection.unmerge``)."""
+        injection.unmerge(self.get_base_model())
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None

@@ -362,6 +362,35 @@ def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_pa
     torch.testing.assert_close(logits(mini_model, ids), unmerged, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("route", ["disable_adapter", "disable_adapter_layers"])
+def test_disabling_merged_lora_on_the_tied_head_gives_the_base_model(gpt2, route):
+    """LoRA on GPT-2's tied head and trainable tokens on its input embedding both write the one
+    table when merged: the trained rows first, then LoRA's update on top of every row. Disabling
+    must take them out in the reverse order, as unmerge_adapter does. (Each layer unmerging itself
+    at its next forward would go in forward order, rows first, and leave the table wrong: the base
+    model would not come back inside the block, nor the table after it.)"""
+    config = minipeft.LoraConfig(r=4, target_modules=["lm_head", "c_attn"], trainable_token_indices=TOKENS)
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), config)
+    randomize_rows(model)  # rows away from the table's, and a nonzero LoRA term on the head
+    ids = ids_with()
+    table = model.get_base_model().transformer.wte.get_base_layer().weight
+    original = table.detach().clone()
+    unmerged = logits(model, ids).detach()
+    base = logits(gpt2, ids)
+
+    model.merge_adapter()
+    if route == "disable_adapter":
+        with model.disable_adapter():
+            torch.testing.assert_close(logits(model, ids), base, atol=1e-4, rtol=0)
+    else:
+        model.disable_adapter_layers()
+        torch.testing.assert_close(logits(model, ids), base, atol=1e-4, rtol=0)
+        model.enable_adapter_layers()
+    torch.testing.assert_close(table.detach(), original, atol=1e-6, rtol=0)  # W + dW - dW: rounding only
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-4, rtol=0)  # enabled again, unmerged
+
+
 def test_lora_with_trainable_tokens_merges(gpt2):
     model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.LoraConfig(r=4, **LORA_CASES["gpt2_list"][1]))
     inner = model.get_base_model()

@@ -122,7 +122,9 @@ class AdapterLayer(nn.Module):
 
     def unmerge_if_disabled(self) -> None:
         """peft semantics: a merged layer whose adapters are disabled unmerges itself first. The
-        forward of every layer that can hold merged adapters starts with this call."""
+        forward of every layer that can hold merged adapters starts with this call. Disabling a
+        whole model unmerges every layer beforehand, in the right order (``injection.unmerge``);
+        this catches a layer disabled by hand, or merged while disabled."""
         if self.disable_adapters and self.merged:
             self.unmerge()
 
