@@ -2,10 +2,12 @@
 # Every GPU check of the fused kernels in one command that ends inside a short GPU lease
 # (BUDGET seconds, 540 by default), most important first:
 #   1. the target shapes with every fused route and the verdict table (without dropout each
-#      output is also checked against plain PyTorch before it is timed)
-#   2. the compiled kernels against the float64 reference: every autotuning config, the
-#      autotuned flagship shapes, fp32 with and without TF32, the LoRA layer's own choice of path
-#   3. the same reference check on 30 random ragged shapes (hypothesis)
+#      output is also checked against plain PyTorch before it is timed), and each method's
+#      kernels at M = 8192 (--profile)
+#   2. the compiled kernels against the float64 reference on 30 random ragged shapes
+#      (hypothesis; the check that found the misaligned loads)
+#   3. the same reference check on every autotuning config, the autotuned flagship shapes, fp32
+#      with and without TF32, the LoRA layer's own choice of path
 #   4. the full kernel sweep for whatever time is left
 # Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
 # wrote. It runs on the GPU machine's own python3 with its torch and triton (nothing can be
@@ -48,9 +50,9 @@ step() {
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/machine.txt"
 
-step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --out "$OUT"
-step 200 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
+step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
 step 120 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
+step 200 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
 left=$((BUDGET - (SECONDS - start)))
 step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
 echo "done in $((SECONDS - start))s; files in $OUT"
