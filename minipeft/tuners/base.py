@@ -11,8 +11,9 @@ refuses a name the layer holds already and then runs ``update_layer``.
 Merging is a template here: ``merge(adapter_names, safe_merge)`` and ``first_nonfinite_merge``
 (``safe_merge``'s dry run into copies) fold adapters in one at a time through a single hook,
 ``merged_tensors(adapter_name, tensors)``: the base layer's weight (and bias) with that adapter
-folded in. A mergeable method (``mergeable = True``) implements that hook and ``unmerge``, unless
-its merge has nothing to write into a weight (``folds_into_weight = False``).
+folded in. ``unmerge`` runs it backwards through the inverse hook, ``unmerged_tensors``. A
+mergeable method (``mergeable = True``) implements both hooks, unless its merge has nothing to
+write into a weight (``folds_into_weight = False``).
 """
 
 from __future__ import annotations
@@ -175,10 +176,13 @@ class AdapterLayer(nn.Module):
         tensors no longer hold (DoRA's row factor), or None. Writes nothing."""
         raise TypeError(f"{type(self).__name__} sets mergeable = True but does not implement merged_tensors")
 
-    def unmerge(self) -> None:
-        """Take the merged adapters out of the base weights again, newest first."""
-        if self.merged_adapters:
-            raise TypeError(f"{type(self).__name__} cannot hold merged adapters")
+    def unmerged_tensors(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The inverse of ``merged_tensors``: ``tensors``, the base layer's with adapter
+        ``adapter_name`` merged last, with that adapter taken out again, as new tensors. ``kept``:
+        what ``merged_tensors`` returned for unmerging, or None. Writes nothing."""
+        raise TypeError(f"{type(self).__name__} sets mergeable = True but does not implement unmerged_tensors")
 
     def merge_blocker(self, adapter_name: str) -> str | None:
         """Why adapter ``adapter_name`` cannot be folded into this layer's weights, or None.
@@ -197,15 +201,21 @@ class AdapterLayer(nn.Module):
         names = self._check_mergeable(adapter_names)
         if safe_merge:
             self.check_merge_is_finite(names)
-        base = self.get_base_layer()
         for name in names:
             merged, kept = self.merged_tensors(name, self._base_tensors())
-            with torch.no_grad():
-                for attr, tensor in merged.items():
-                    getattr(base, attr).copy_(tensor)  # in place: whatever shares the tensor sees it
+            self._write_base(merged)
             if kept is not None:
                 self.unmerge_state[name] = kept
             self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take the merged adapters out of the base weights again, newest first (the merges need
+        not commute: DoRA's and (IA)^3's rescale what earlier ones wrote)."""
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            self._write_base(self.unmerged_tensors(name, self._base_tensors(), self.unmerge_state.get(name)))
+            self.merged_adapters.pop()  # after the write: a refused unmerge leaves the adapter merged
+            self.unmerge_state.pop(name, None)
 
     def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
         """The first of ``adapter_names`` after whose merge (in order, into copies of the base
@@ -238,6 +248,14 @@ class AdapterLayer(nn.Module):
             f"{type(self).__name__} cannot be merged: its adapter is not a linear map folded into a weight. "
             "Use unload() to remove it instead."
         )
+
+    @torch.no_grad()
+    def _write_base(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` into the base layer's tensors of those names, in place: whatever shares
+        a tensor (a tied head) sees the new values."""
+        base = self.get_base_layer()
+        for attr, tensor in tensors.items():
+            getattr(base, attr).copy_(tensor)
 
     def _base_tensors(self) -> dict[str, torch.Tensor]:
         """The base layer's weight and (where it has one) bias, detached: what merging changes."""

@@ -156,22 +156,20 @@ class IA3Linear(AdapterLayer):
             merged["bias"] = (bias.float() * l.flatten().float()).to(bias.dtype)
         return merged, None
 
-    def unmerge(self) -> None:
-        """Divide merged vectors back out, newest first (exact up to rounding)."""
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            l = self.ia3_l[name].detach()
-            if (l == 0).any():
-                raise ValueError(
-                    f"cannot unmerge (IA)^3 adapter {name!r}: its vector has zero entries, so the rows or columns "
-                    "they scaled are lost from the merged weight; reload the base weights instead"
-                )
-            with torch.no_grad():  # in place, as merge writes: whatever shares the tensors sees them
-                base.weight.copy_(base.weight.float() / self._weight_scale(name).float())
-                if not self.is_feedforward[name] and base.bias is not None:
-                    base.bias.copy_(base.bias.float() / l.flatten().float())
-            self.merged_adapters.pop()
+    @torch.no_grad()
+    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        """The vector divided back out (exact up to rounding), where merging multiplied it in."""
+        weight, l = tensors["weight"], self.ia3_l[adapter_name].detach()
+        if (l == 0).any():
+            raise ValueError(
+                f"cannot unmerge (IA)^3 adapter {adapter_name!r}: its vector has zero entries, so the rows or "
+                "columns they scaled are lost from the merged weight; reload the base weights instead"
+            )
+        unmerged = {"weight": (weight.float() / self._weight_scale(adapter_name).float()).to(weight.dtype)}
+        if not self.is_feedforward[adapter_name] and "bias" in tensors:
+            bias = tensors["bias"]
+            unmerged["bias"] = (bias.float() / l.flatten().float()).to(bias.dtype)
+        return unmerged
 
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"

@@ -317,22 +317,18 @@ class LoraLayer(AdapterLayer):
         merged = factor.view(-1, 1) * self._weight_out_in(weight.float() + delta.float())  # (out, in)
         return {"weight": self._weight_out_in(merged).to(weight.dtype)}, factor
 
-    def unmerge(self) -> None:
-        """Take merged adapters out again, newest first: W <- W - s B A (and b <- b - s b_B)."""
-        weight, bias = self.get_base_layer().weight, getattr(self.get_base_layer(), "bias", None)
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                delta_bias = self.delta_bias(name)  # None for DoRA, which refuses lora_bias
-                if delta_bias is not None:
-                    bias.data -= delta_bias
-                if self.use_dora[name]:
-                    factor = self.unmerge_state.pop(name)
-                    base = self._weight_out_in(weight).float() / factor.view(-1, 1)
-                    base = base - self._weight_out_in(self.delta_weight(name)).float()
-                    weight.data.copy_(self._weight_out_in(base).to(weight.dtype))
-                else:
-                    weight.data -= self.delta_weight(name)
+    @torch.no_grad()
+    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        """The adapter taken out again: W - s B A (and b - s b_B); DoRA: W / f - s B A, with the
+        row factor f that merging kept."""
+        weight, delta = tensors["weight"], self.delta_weight(adapter_name)
+        if not self.use_dora[adapter_name]:
+            delta_bias = self.delta_bias(adapter_name)
+            if delta_bias is None:
+                return {"weight": weight - delta}
+            return {"weight": weight - delta, "bias": tensors["bias"] - delta_bias}
+        unscaled = self._weight_out_in(weight).float() / kept.view(-1, 1)  # (out, in)
+        return {"weight": self._weight_out_in(unscaled - self._weight_out_in(delta).float()).to(weight.dtype)}
 
 
 class LoraLinear(LoraLayer):

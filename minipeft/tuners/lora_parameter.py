@@ -143,12 +143,8 @@ class LoraParameter(LoraLayer):
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
         return {self.parameter_name: tensors[self.parameter_name] + self.delta_weight(adapter_name)}, None
 
-    def unmerge(self) -> None:
-        W = self.parameter()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                W -= self.delta_weight(name)
+    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        return {self.parameter_name: tensors[self.parameter_name] - self.delta_weight(adapter_name)}
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, shape={tuple(self.parameter().shape)}"

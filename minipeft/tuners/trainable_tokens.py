@@ -267,14 +267,11 @@ class TrainableTokensLayer(AdapterLayer):
         rows = self.trainable_tokens_delta[adapter_name].detach().to(weight.dtype)
         return {"weight": weight.index_copy(0, index, rows)}, weight[index].clone()
 
-    def unmerge(self) -> None:
-        """Write back the rows each merge overwrote, newest merge first."""
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            old = self.unmerge_state.pop(name)
-            with torch.no_grad():
-                weight.index_copy_(0, self._index(name, weight.device), old.to(weight))
+    @torch.no_grad()
+    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        """The table with the rows the merge overwrote, ``kept``, written back."""
+        weight = tensors["weight"]  # (V, d)
+        return {"weight": weight.index_copy(0, self._index(adapter_name, weight.device), kept.to(weight))}
 
 
 class TiedTokensLayer(TrainableTokensLayer):

@@ -275,15 +275,13 @@ class VeraLinear(AdapterLayer):
         delta = self.delta_weight(adapter_name, compute).to(weight.device)
         return {"weight": (weight.to(compute) + delta).to(weight.dtype)}, None
 
-    def unmerge(self) -> None:
-        """Take merged adapters out again, newest first: ``W <- W - Delta W``."""
-        weight = self.get_base_layer().weight
+    @torch.no_grad()
+    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        """``W - Delta W``, as merging adds it."""
+        weight = tensors["weight"]
         compute = torch.promote_types(weight.dtype, torch.float32)
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                delta = self.delta_weight(name, compute).to(weight.device)
-                weight.copy_((weight.to(compute) - delta).to(weight.dtype))
+        delta = self.delta_weight(adapter_name, compute).to(weight.device)
+        return {"weight": (weight.to(compute) - delta).to(weight.dtype)}
 
 
 # -- injection hooks (registered in tuners/__init__.py) --------------------------------------------
