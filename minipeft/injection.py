@@ -308,11 +308,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def unmerge(model: nn.Module) -> None:
-    """Take every merged adapter out of the base weights again, newest first: wrappers in the
-    reverse of the order merging visits them, since two may write one weight (trainable tokens on
-    an embedding and LoRA on the head tied to it), and in each wrapper its newest merge first."""
-    for _, layer in reversed(list(adapter_layers(model))):
-        layer.unmerge()
+    """Take every merged adapter out of the base weights again, the newest merge in the whole
+    model first: two wrappers may write one weight (trainable tokens on an embedding and LoRA on
+    the head tied to it), and their merges need not commute."""
+    merges = [(layer.merge_number[name], layer) for _, layer in adapter_layers(model) for name in layer.merged_adapters]
+    for _, layer in sorted(merges, key=lambda merge: merge[0], reverse=True):
+        layer.unmerge_newest()  # a wrapper's merges are numbered in its own order: this is that one
 
 
 def unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:

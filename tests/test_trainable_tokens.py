@@ -391,6 +391,28 @@ def test_disabling_merged_lora_on_the_tied_head_gives_the_base_model(gpt2, route
     torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-4, rtol=0)  # enabled again, unmerged
 
 
+@pytest.mark.parametrize("order", [["a", "b"], ["b", "a"]])
+def test_adapters_merged_one_call_at_a_time_unmerge_newest_first(gpt2, order):
+    """Adapter "a" is LoRA on GPT-2's tied head; "b" trains tokens of the input embedding, which is
+    the same table. Merged in two calls, they must come out in the reverse of the order they went
+    in, whatever the order of their layers in the model: the rows "b" writes back on unmerging are
+    the ones it overwrote, which hold "a"'s update when "a" was merged first."""
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.LoraConfig(r=4, target_modules=["lm_head"]), "a")
+    model.add_adapter("b", minipeft.LoraConfig(r=4, target_modules=["c_attn"], trainable_token_indices=TOKENS))
+    randomize_rows(model)
+    table = model.get_base_model().transformer.wte.get_base_layer().weight
+    original = table.detach().clone()
+    ids = ids_with()
+    unmerged = logits(model, ids).detach()  # adapter "a" active
+
+    for name in order:
+        model.merge_adapter([name])
+    model.unmerge_adapter()
+    torch.testing.assert_close(table.detach(), original, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-4, rtol=0)
+
+
 def test_lora_with_trainable_tokens_merges(gpt2):
     model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.LoraConfig(r=4, **LORA_CASES["gpt2_list"][1]))
     inner = model.get_base_model()

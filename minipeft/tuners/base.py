@@ -19,12 +19,19 @@ write into a weight (``folds_into_weight = False``).
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..targeting import innermost
+
+
+# Every merge of an adapter into a layer takes the next number (process-wide), so that unmerging a
+# whole model can undo merges newest first across its layers (injection.unmerge): two layers may
+# write one weight, and their merges need not commute.
+_merge_numbers = itertools.count()
 
 
 def adapter_placement(reference: torch.Tensor | None) -> tuple[torch.device, torch.dtype]:
@@ -93,7 +100,9 @@ class AdapterLayer(nn.Module):
         setattr(self, self.base_layer_name, base_layer)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        # Per merged adapter, what unmerging needs that the merged weights no longer hold.
+        # Per merged adapter: its merge's number (_merge_numbers), and what unmerging needs that
+        # the merged weights no longer hold.
+        self.merge_number: dict[str, int] = {}
         self.unmerge_state: dict[str, torch.Tensor] = {}
         self.disable_adapters = False
 
@@ -207,15 +216,21 @@ class AdapterLayer(nn.Module):
             if kept is not None:
                 self.unmerge_state[name] = kept
             self.merged_adapters.append(name)
+            self.merge_number[name] = next(_merge_numbers)
 
     def unmerge(self) -> None:
         """Take the merged adapters out of the base weights again, newest first (the merges need
         not commute: DoRA's and (IA)^3's rescale what earlier ones wrote)."""
         while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            self._write_base(self.unmerged_tensors(name, self._base_tensors(), self.unmerge_state.get(name)))
-            self.merged_adapters.pop()  # after the write: a refused unmerge leaves the adapter merged
-            self.unmerge_state.pop(name, None)
+            self.unmerge_newest()
+
+    def unmerge_newest(self) -> None:
+        """Take the adapter merged last out of the base weights again."""
+        name = self.merged_adapters[-1]
+        self._write_base(self.unmerged_tensors(name, self._base_tensors(), self.unmerge_state.get(name)))
+        self.merged_adapters.pop()  # after the write: a refused unmerge leaves the adapter merged
+        self.merge_number.pop(name)
+        self.unmerge_state.pop(name, None)
 
     def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
         """The first of ``adapter_names`` after whose merge (in order, into copies of the base
