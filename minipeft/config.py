@@ -89,3 +89,22 @@ class PeftConfig:
     def is_prompt_learning(self) -> bool:
         """Prompt and prefix tuning add virtual tokens instead of wrapping layers."""
         return self.peft_type in (PeftType.PROMPT_TUNING, PeftType.PREFIX_TUNING)
+
+
+# -- checks that several method configs share ---------------------------------------------------
+def is_positive_int(value: object) -> bool:
+    """An int > 0, and not a bool (``True`` is an int to Python, but no rank or size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_layer_selection(config: PeftConfig) -> None:
+    """peft's rules for ``layers_to_transform`` / ``layers_pattern`` (LoRA, VeRA): the pattern only
+    says where layer numbers are, and a regex ``target_modules`` takes no layer list (peft's LoRA
+    refuses it, and peft's VeRA ignores it, so honouring it here would adapt other layers)."""
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError("layers_pattern only says where layer numbers are; give layers_to_transform as well")
+    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        raise ValueError(
+            "layers_to_transform needs target_modules as a list of names; with a regex (or 'all-linear'), "
+            "put the layer numbers in the regex instead"
+        )

@@ -70,3 +70,27 @@ def test_a_layers_pattern_is_a_whole_name_segment():
     assert layer_index("sublayers.1.proj", "layers") is None
     assert layer_index("model.sublayers.1.proj", ["layers"]) is None
     assert layer_index("model.sublayers.1.proj", ["layers", "sublayers"]) == 1
+
+
+@pytest.mark.parametrize("method", ["LoraConfig", "VeraConfig"])
+@pytest.mark.parametrize(
+    "selection, error",
+    [
+        (dict(target_modules=["proj"], layers_pattern="layers"), "layers_pattern only says where layer numbers are"),
+        (dict(target_modules=r"layers\.\d\.proj", layers_to_transform=[0]), "layers_to_transform needs target_modules as a list"),
+    ],
+)
+def test_layer_selection_that_peft_refuses_or_ignores_is_refused(method, selection, error):
+    """A layers_pattern without layers_to_transform, and a layer list with a regex target_modules:
+    peft's LoRA refuses both, peft's VeRA refuses the first and ignores the list with a regex
+    (adapting layers it leaves out). minipeft refuses all four, so no config of its means less or
+    other than it says there."""
+    with pytest.raises(ValueError, match=error):
+        getattr(minipeft, method)(**selection)
+    if method == "LoraConfig" or "layers_pattern" in selection:
+        with pytest.raises(ValueError):
+            getattr(peft, method)(**selection)
+    else:
+        theirs = peft.get_peft_model(Net(), getattr(peft, method)(r=2, **selection))
+        adapted = sorted(n for n, m in theirs.named_modules() if hasattr(m, "vera_lambda_b"))
+        assert adapted == ["base_model.model.layers.0.proj", "base_model.model.layers.1.proj"]  # not layer 0 alone

@@ -206,6 +206,13 @@ def test_num_virtual_tokens_must_be_positive(n):
         PromptTuningConfig(num_virtual_tokens=n)
 
 
+@pytest.mark.parametrize("dim", [0, True, 2.5])
+def test_token_dim_must_be_a_positive_integer(dim):
+    # True is an int to Python; as a width it would read as 1
+    with pytest.raises(ValueError, match="token_dim must be a positive integer"):
+        PromptTuningConfig(num_virtual_tokens=2, token_dim=dim)
+
+
 def test_text_init_needs_text_and_tokenizer():
     with pytest.raises(ValueError, match="needs prompt_tuning_init_text"):
         PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")

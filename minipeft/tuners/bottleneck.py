@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType
+from ..config import PeftConfig, PeftType, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d
 from .base import AdapterLayer, adapter_placement
 
@@ -118,7 +118,7 @@ class BottleneckConfig(PeftConfig):
                 f"(b = hidden // factor, e.g. 16); got bottleneck_size={self.bottleneck_size!r}, "
                 f"reduction_factor={self.reduction_factor!r}"
             )
-        if self.bottleneck_size is not None and not _positive_int(self.bottleneck_size):
+        if self.bottleneck_size is not None and not is_positive_int(self.bottleneck_size):
             raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
         if self.reduction_factor is not None and not (
             isinstance(self.reduction_factor, (int, float))
@@ -134,7 +134,7 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(f"parallel_input must be an argument position or name, got {self.parallel_input!r}")
         if not (isinstance(self.adapter_dropout, (int, float)) and 0.0 <= self.adapter_dropout < 1.0):
             raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
-        if self.hidden_size is not None and not _positive_int(self.hidden_size):
+        if self.hidden_size is not None and not is_positive_int(self.hidden_size):
             raise ValueError(f"hidden_size must be a positive integer, got {self.hidden_size!r}")
 
     @classmethod
@@ -162,10 +162,6 @@ class BottleneckConfig(PeftConfig):
         if self.bottleneck_size is not None:
             return self.bottleneck_size
         return max(1, int(hidden // self.reduction_factor))
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # -- widths -------------------------------------------------------------------------------------
@@ -201,14 +197,14 @@ def infer_widths(module: nn.Module, config: BottleneckConfig, key: str) -> tuple
     if d_out is None:
         d_out = getattr(module, "out_features", None)
     for attr in WIDTH_ATTRIBUTES:
-        if d_out is None and _positive_int(getattr(module, attr, None)):
+        if d_out is None and is_positive_int(getattr(module, attr, None)):
             d_out = getattr(module, attr)
-    if d_out is None and _positive_int(getattr(getattr(module, "config", None), "hidden_size", None)):
+    if d_out is None and is_positive_int(getattr(getattr(module, "config", None), "hidden_size", None)):
         d_out = module.config.hidden_size
     if d_out is None:
         norms = [w for m in module.modules() if (w := _norm_width(m))]
         d_out = norms[-1] if norms else None
-    if not _positive_int(d_out):
+    if not is_positive_int(d_out):
         raise ValueError(
             f"cannot infer the output width of {key!r} ({type(module).__name__}): it has no out_features, "
             f"{'/'.join(WIDTH_ATTRIBUTES)} attribute, config.hidden_size or LayerNorm inside; "

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType
+from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, adapter_placement, embed_scale
@@ -97,7 +97,7 @@ class LoraConfig(PeftConfig):
         self.peft_type = PeftType.LORA
         self.trainable_token_indices = trainable_tokens.normalize_lora_token_indices(self.trainable_token_indices)
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_positive_int(value):
                 raise ValueError(f"LoRA rank must be a positive integer, got {name}={value!r}")
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -129,13 +129,7 @@ class LoraConfig(PeftConfig):
                 f"got {self.init_lora_weights!r}; peft refuses every other init with it, so a config holding both "
                 "would not load there. Use init_lora_weights=True, or lora_bias=False"
             )
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            raise ValueError(
-                "layers_to_transform / layers_pattern need target_modules as a list of names; "
-                "with a regex (or 'all-linear'), put the layer numbers in the regex instead"
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern only says where layer numbers are; give layers_to_transform as well")
+        check_layer_selection(self)
         if self.target_parameters is not None:
             from .lora_parameter import check_config  # late: lora_parameter builds on this file
 

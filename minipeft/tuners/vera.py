@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType
+from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from .base import AdapterLayer, adapter_placement
 
@@ -106,7 +106,7 @@ class VeraConfig(PeftConfig):
         self.peft_type = PeftType.VERA
         if isinstance(self.target_modules, (set, frozenset, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        if not is_positive_int(self.r):
             raise ValueError(f"VeRA's r must be a positive integer, got r={self.r!r}")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise TypeError(f"projection_prng_key seeds a torch.Generator and must be an int, got {self.projection_prng_key!r}")
@@ -119,14 +119,7 @@ class VeraConfig(PeftConfig):
             raise TypeError(f"d_initial is the starting value of the vector d, a number; got {self.d_initial!r}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern only says where layer numbers are; give layers_to_transform as well")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            # peft ignores layers_to_transform for a regex, so honouring it here would adapt other layers.
-            raise ValueError(
-                "layers_to_transform needs target_modules as a list of names; with a regex (or 'all-linear'), "
-                "put the layer numbers in the regex instead"
-            )
+        check_layer_selection(self)
         if not self.save_projection:
             warnings.warn(
                 "save_projection=False: checkpoints will not hold VeRA's random matrices A and B; loading draws them "

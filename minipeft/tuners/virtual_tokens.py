@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig
+from ..config import PeftConfig, is_positive_int
 
 # Keyword names transformers uses for the KV cache (``cache`` from 5.x on).
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -50,11 +50,11 @@ class PromptLearningConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         n = self.num_virtual_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        if not is_positive_int(n):
             raise ValueError(
                 f"{type(self).__name__}.num_virtual_tokens must be a positive integer (e.g. 20), got {n!r}"
             )
-        if self.token_dim is not None and (not isinstance(self.token_dim, int) or self.token_dim <= 0):
+        if self.token_dim is not None and not is_positive_int(self.token_dim):
             raise ValueError(f"token_dim must be a positive integer or None (inferred), got {self.token_dim!r}")
 
 
