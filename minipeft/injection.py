@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from .config import PeftConfig
-from .targeting import candidate_names, find_targets, is_under, join_name, logical_name, trained_whole
+from .targeting import candidate_names, find_targets, innermost, is_under, join_name, logical_name, trained_whole, wrapper_chain
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
@@ -269,11 +269,9 @@ def trained_biases(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
         for name, layer in layers:
             if own is None or not isinstance(layer, own) or adapter_name not in layer.adapter_names:
                 continue
-            module = layer
-            while isinstance(module, AdapterLayer):  # down to the original module
-                name, module = join_name(name, module.base_layer_name), getattr(module, module.base_layer_name)
-            if isinstance(getattr(module, "bias", None), nn.Parameter):
-                names.append(join_name(name, "bias"))
+            # The original module's bias, one base_layer segment down for every wrapper around it.
+            if isinstance(getattr(innermost(layer), "bias", None), nn.Parameter):
+                names.append(join_name(name, *(w.base_layer_name for w in wrapper_chain(layer)), "bias"))
     return names
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -63,11 +63,18 @@ def is_wrapper(module: nn.Module) -> bool:
     return isinstance(getattr(module, "base_layer_name", None), str) and hasattr(module, "adapter_layer_names")
 
 
-def innermost(module: nn.Module) -> nn.Module:
-    """The original module under any adapter wrappers around it (``module`` itself when unwrapped):
+def wrapper_chain(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` and the adapter wrappers below it, outermost first (nothing when unwrapped):
     wrappers nest when several adapters adapt one module, each holding the next as its base layer."""
     while is_wrapper(module):
+        yield module
         module = getattr(module, module.base_layer_name)
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The original module under any adapter wrappers around it (``module`` itself when unwrapped)."""
+    for wrapper in wrapper_chain(module):
+        module = getattr(wrapper, wrapper.base_layer_name)
     return module
 
 

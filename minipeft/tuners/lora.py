@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
-from ..targeting import innermost, is_gpt2_conv1d, out_in_features
+from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, adapter_placement, embed_scale
 
@@ -541,10 +541,7 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
     from .lora_parameter import LoraParameter  # late: lora_parameter builds on this file
 
     if isinstance(target, LoraParameter):
-        adapted = []
-        while isinstance(target, LoraParameter):
-            adapted.append(target.parameter_name)
-            target = target.base_layer
+        adapted = [w.parameter_name for w in wrapper_chain(target) if isinstance(w, LoraParameter)]
         raise ValueError(
             f"{key!r} is in target_modules, but its parameters {adapted[::-1]} are adapted through target_parameters "
             "already, by wrappers that change those parameters, not the module's output; leave it out of "

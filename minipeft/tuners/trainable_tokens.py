@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import candidate_names, innermost, is_under, nearest_names, trained_whole
+from ..targeting import candidate_names, innermost, is_under, nearest_names, trained_whole, wrapper_chain
 from .base import AdapterLayer, adapter_placement, embed_scale
 
 # Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
@@ -353,13 +353,6 @@ def input_embedding_name(model: nn.Module) -> str:
     return "embed_tokens"
 
 
-def _layers(module: nn.Module):
-    """``module`` and the adapter wrappers below it, outermost first."""
-    while isinstance(module, AdapterLayer):
-        yield module
-        module = getattr(module, module.base_layer_name)
-
-
 def token_targets(model: nn.Module, config: PeftConfig, targets: list[str]) -> dict[str, list[int]]:
     """``{real module name: token ids}`` for the embeddings ``config`` trains tokens of: the
     targets of a ``TrainableTokensConfig``, or the modules LoRA's ``trainable_token_indices``
@@ -433,7 +426,7 @@ def check_token_targets(model: nn.Module, config: PeftConfig, targets: list[str]
     for name, indices in tokens.items():
         key = names.get(name, name)
         module = model.get_submodule(name)
-        tied = next((layer for layer in _layers(module) if isinstance(layer, TiedTokensLayer)), None)
+        tied = next((layer for layer in wrapper_chain(module) if isinstance(layer, TiedTokensLayer)), None)
         if tied is not None:
             raise ValueError(
                 f"{key!r} shares its weight with an embedding that already has trainable tokens and follows that "
@@ -520,7 +513,7 @@ def wrap_beside(
         for sharer in _sharers(model, owner.get_base_layer(), skip=name):
             holder = holders.get(sharer)
             module = holder or model.get_submodule(sharer)
-            if any(isinstance(layer, TiedTokensLayer) and layer.owner() is owner for layer in _layers(module)):
+            if any(isinstance(layer, TiedTokensLayer) and layer.owner() is owner for layer in wrapper_chain(module)):
                 continue
             if holder is not None:
                 # A head that this config's LoRA adapts too: the tied layer goes inside the LoRA
