@@ -50,7 +50,7 @@ step() {
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/machine.txt"
 
-step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
+step 300 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
 step 120 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
 step 200 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
 left=$((BUDGET - (SECONDS - start)))

@@ -51,9 +51,10 @@ def compile_for_sm90(kernel, args, constexprs, num_warps=4, num_stages=3):
     """Machine code for `kernel` as a launch with these argument values would specialise it.
 
     args: name -> value for every runtime argument, in order. A value is a dtype string such
-    as "*bf16" for a pointer (assumed 16-byte aligned, as torch allocations are), an int, or a
-    float. Like triton's launcher, ints equal to 1 become compile-time constants and ints
-    divisible by 16 get a divisibility hint (which lets loads vectorise).
+    as "*bf16" for a pointer (assumed 16-byte aligned, as torch allocations are) or
+    "tensordesc<bf16[128, 64]>" for a TMA descriptor with its block shape, None, an int, or a
+    float. Like triton's launcher, None and ints equal to 1 become compile-time constants and
+    ints divisible by 16 get a divisibility hint (which lets loads vectorise).
     """
     names = kernel.arg_names
     signature, consts, attrs = {}, {}, {}
@@ -62,7 +63,11 @@ def compile_for_sm90(kernel, args, constexprs, num_warps=4, num_stages=3):
             signature[name], consts[(i,)] = "constexpr", constexprs[name]
             continue
         value = args[name]
-        if isinstance(value, str):
+        if value is None:
+            signature[name], consts[(i,)] = "constexpr", None
+        elif isinstance(value, str) and value.startswith("tensordesc"):
+            signature[name] = value
+        elif isinstance(value, str):
             signature[name] = value
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
@@ -88,31 +93,40 @@ def resources(compiled):
     return int(regs), int(stack), compiled.metadata.shared
 
 
-def gemm_args(dtype, backward, rank=R):
+def gemm_args(dtype, backward, rank=R, config=None):
     """_matmul_lowrank_kernel's arguments for y (forward) or dx (backward) of the flagship layer.
 
     forward: x (M, K) @ W^T, l = xa (M, R), r = B^T (R, N), out = y (M, N).
     backward: dy (M, N) @ W, l = dxa (M, R), r = A (R, K), out = dx (M, K), xin = x, dr = dA.
+    With a config, the TMA descriptors a launch on Hopper passes with it (with every config:
+    see `_set_tma_blocks`); without, none.
     """
     p = f"*{dtype}"
+    x_desc = w_desc = None
+    if config is not None:
+        bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        x_desc = f"tensordesc<{dtype}[{bm}, {bk}]>"
+        w_desc = f"tensordesc<{dtype}[{bk}, {bn}]>" if backward else f"tensordesc<{dtype}[{bn}, {bk}]>"
     red, cols = (N, K) if backward else (K, N)  # reduction length, output columns
     w_strides = (cols, 1) if backward else (1, red)  # W (N, K) read as (K, N) in the forward
     r_strides = (cols, 1) if backward else (1, rank)
     return dict(
         x_ptr=p, w_ptr=p, bias_ptr=p, l_ptr=p, r_ptr=p, out_ptr=p, xin_ptr=p, dr_ptr="*fp32",
+        x_desc=x_desc, w_desc=w_desc,
         M=M, N=cols, K=red, R=rank,
         stride_xm=red, stride_xk=1, stride_wk=w_strides[0], stride_wn=w_strides[1],
         stride_lm=rank, stride_lr=1, stride_rr=r_strides[0], stride_rn=r_strides[1],
         stride_om=cols, stride_on=1, stride_im=cols, stride_in=1, stride_drr=cols, stride_drn=1,
-        scale=1.0, threshold=6553, seed=1234, M_BUCKET=M)
+        scale=1.0, threshold=6553, seed=1234, M_BUCKET=M, TMA_READY=int(config is not None))
 
 
-def gemm_rows(dtype, backward, dropout, precision="tf32"):
-    """precision: tl.dot's for fp32 tiles; "ieee" is what fp32 gets unless torch allows TF32."""
+def gemm_rows(dtype, backward, dropout, precision="tf32", tma=False):
+    """precision: tl.dot's for fp32 tiles; "ieee" is what fp32 gets unless torch allows TF32.
+    tma: the configs that load through the TMA copy engine."""
     flags = dict(ADD_TO_OUT=False, HAS_BIAS=not backward, HAS_DROPOUT=dropout, R_GRAD=backward,
-                 DOT_PRECISION=precision, BLOCK_R=fl._block_r(R))
-    for config in fl._gemm_configs():
-        compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward),
+                 DOT_PRECISION=precision, W_TRANSPOSED=not backward, BLOCK_R=fl._block_r(R))
+    for config in fl._gemm_configs(tma=tma):
+        compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward, config=config),
                                     {**flags, **config.kwargs}, config.num_warps, config.num_stages)
         tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         yield f"{tile}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
@@ -152,20 +166,20 @@ def other_rows():
     one = fl._gemm_configs()[3]  # 128x128x64, 8 warps
     for dtype, precision in (("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
         flags = dict(ADD_TO_OUT=False, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True,
-                     DOT_PRECISION=precision, BLOCK_R=16)
+                     DOT_PRECISION=precision, W_TRANSPOSED=False, BLOCK_R=16)
         compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward=True),
                                     {**flags, **one.kwargs}, one.num_warps, one.num_stages)
         name = f"{dtype}, {precision}" if dtype == "fp32" else dtype
         yield f"dx GEMM + dA, dropout, {name}, 128x128x64", resources(compiled)
     rank = 130  # three chunks of BLOCK_R = 64, the last one mostly padding
     flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32",
-                 BLOCK_R=fl._block_r(rank))
+                 W_TRANSPOSED=True, BLOCK_R=fl._block_r(rank))
     compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=False, rank=rank),
                                 {**flags, **one.kwargs}, one.num_warps, one.num_stages)
     yield f"y GEMM, r = {rank}, bf16, 128x128x64", resources(compiled)
     for r_grad in (False, True):  # the cuBLAS-base path: a pass over out adding the low-rank term
-        flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=r_grad, DOT_PRECISION="tf32", BLOCK_R=16,
-                     BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8)
+        flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=r_grad, DOT_PRECISION="tf32",
+                     W_TRANSPOSED=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
         compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=True), flags)
         yield f"add-to-out pass, dropout{', dA' if r_grad else ''}, bf16, 64x128", resources(compiled)
     args = dict(dxa_ptr="*bf16", x_ptr="*bf16", da_ptr="*bf16", M=M, K=K, R=R, stride_dxam=R, stride_dxar=1,
@@ -201,6 +215,9 @@ def main():
               gemm_rows("fp32", backward=False, dropout=False, precision="ieee")),
         table("dx GEMM with dA summed in it, bf16, dropout 0", gemm_rows("bf16", backward=True, dropout=False)),
         table("dx GEMM with dA summed in it, bf16, dropout 0.1", gemm_rows("bf16", backward=True, dropout=True)),
+        table("y with TMA loads, bf16", gemm_rows("bf16", backward=False, dropout=False, tma=True)),
+        table("dx GEMM + dA with TMA loads, bf16, dropout 0.1",
+              gemm_rows("bf16", backward=True, dropout=True, tma=True)),
         table("few rows: y and xa in one launch (decoding forward), M = 16, bf16", few_rows_rows("bf16", False)),
         table("few rows, M = 16, bf16, dropout 0.1", few_rows_rows("bf16", True)),
         table("few rows at its limits, M = 32, r = 64, bf16", few_rows_rows("bf16", False, rows=32, rank=64)),

@@ -36,6 +36,12 @@ chunks of BLOCK_R (a power of two in [16, 64]: tl.dot needs at least 16 along ea
 keeps the epilogue tiles small), with masks for the padding, so any rank 1..256 (or more) works;
 the few-rows kernel holds its whole rank at once, up to 64.
 
+The GEMM's K loop reads its tiles of x and w either through pointers, as in Triton's tutorial
+03, or, on Hopper and newer where every row starts on 16 bytes, through TMA descriptors: the
+copy engine then fetches whole tiles into shared memory while the warps only issue tensor-core
+instructions (tutorial 09). Which is faster is the autotuner's call: the large tiles are
+candidates both ways (`_gemm_configs`).
+
 When the base GEMM cannot be expected to beat cuBLAS (see `use_fused_base`), the base product
 is cuBLAS `F.linear` / `mm` and only the low-rank part is ours. The shrink runs here when there
 is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the exception:
@@ -49,6 +55,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Under TRITON_INTERPRET=1 kernels run on the CPU through numpy. Its tl.dot multiplies
 # bfloat16 tiles as their raw uint16 storage (triton 3.9), so there we upcast both operands to
@@ -118,19 +125,23 @@ def _dropout_threshold(p):
 @triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
 def _matmul_lowrank_kernel(
     x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, xin_ptr, dr_ptr,
+    x_desc, w_desc,  # TMA descriptors of x and w, or None (`_tma_descriptors`)
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_om, stride_on, stride_im, stride_in, stride_drr, stride_drn,
     scale, threshold, seed,
     M_BUCKET,  # unused here; only the autotuner's cache key (one tuning per power-of-two M)
+    TMA_READY,  # unused here; only the autotuner's cache key (1 when the descriptors are given)
     ADD_TO_OUT: tl.constexpr,  # out already holds x @ w (+ bias) from cuBLAS: skip the K loop
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,  # mask the low-rank term with D (the dx of the backward)
     R_GRAD: tl.constexpr,  # also dr (R, N) += scale * l^T ([D] * xin): the backward's dA
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 tiles (_dot_precision)
+    W_TRANSPOSED: tl.constexpr,  # w_desc describes w^T (N, K), the layout nn.Linear stores W in
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,  # the K loop's tiles come from the TMA copy engine (an autotuning choice)
 ):
     # Grouped ordering, as in tutorial 03: GROUP_M consecutive programs walk down a column of
     # output tiles, so the w tiles they share are still in L2 when the next one needs them.
@@ -204,11 +215,20 @@ def _matmul_lowrank_kernel(
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     else:
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            x = tl.load(x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=offs_k[None, :] < K, other=0.0)  # (BLOCK_M, BLOCK_K)
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
-                        mask=offs_k[:, None] < K, other=0.0)  # (BLOCK_K, BLOCK_N)
+            if USE_TMA:
+                # Hopper's copy engine moves each whole tile into shared memory by itself, with
+                # no address arithmetic in the warps, and fills what lies past an edge with 0.
+                x = x_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K)
+                if W_TRANSPOSED:
+                    w = w_desc.load([pid_n * BLOCK_N, k0]).T  # (BLOCK_K, BLOCK_N) from W's (N, K)
+                else:
+                    w = w_desc.load([k0, pid_n * BLOCK_N])  # (BLOCK_K, BLOCK_N)
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+                x = tl.load(x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=offs_k[None, :] < K, other=0.0)  # (BLOCK_M, BLOCK_K)
+                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
+                            mask=offs_k[:, None] < K, other=0.0)  # (BLOCK_K, BLOCK_N)
             acc = _dot(x, w, acc, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
@@ -216,40 +236,82 @@ def _matmul_lowrank_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _gemm_configs():
-    """Autotuning candidates. The interpreter gets one small config: tuning there only costs time.
+def _gemm_configs(tma=False):
+    """Autotuning candidates: tiles whose K loop loads through pointers, or (tma=True) the large
+    tiles again with TMA loads. The interpreter gets one small config: tuning there only costs
+    time (tests run the TMA config there on purpose).
 
     float32 tiles take twice the shared memory of 16-bit ones; the largest configs then exceed
     an H100's 227 KiB and fail to launch, which the autotuner skips
     (`benchmarks/kernel_registers.py` tables registers, spills and shared memory per config).
     """
+    def config(bm, bn, bk, group_m, warps=4, stages=3):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "USE_TMA": tma},
+                             num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    configs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (128, 128, 64, 8, 4),
-        (64, 256, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 5),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=warps, num_stages=stages))
-    return configs
+        return [config(32, 32, 32, 4)]
+    if tma:
+        # A tutorial-style GEMM on Hopper reaches ~90% of cuBLAS (nvidia-h200.md); the copy
+        # engine frees the warps' registers and issue slots for the tensor cores, which matters
+        # most for the largest tiles.
+        tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                 (128, 128, 64, 8, 4)]
+    else:
+        tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+                 (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 5)]
+    return [config(bm, bn, bk, 8, warps, stages) for bm, bn, bk, warps, stages in tiles]
 
 
-# Tuned once per (power-of-two bucket of M, N, K, dtypes, variant): a new sequence length reuses
-# the bucket's winner instead of retuning. The variant is in the key because the backward's
-# (dropout, dA) needs more registers than the forward and may win with another tile.
+def _set_tma_blocks(nargs):
+    """Every config's pre-hook: the descriptors fetch tiles of the config's block shape. A
+    pointer config never reads them, but their block shapes are part of the signature a kernel
+    is compiled for: set the same way at every launch, each config compiles once."""
+    if nargs["x_desc"] is None:
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_TRANSPOSED"] else [bk, bn]
+
+
+def _tma_descriptors(x, w):
+    """(x_desc, w_desc, w_transposed) through which the TMA copy engine can read x (M, K) and
+    w (K, N), or None where it cannot: it needs Hopper or newer, a unit stride along rows
+    whose starts are 16-byte aligned, and no empty dimension. w given as the transpose of a
+    row-major (N, K) tensor (the forward's W^T) is described as that tensor. Block shapes are
+    placeholders until a config's `_set_tma_blocks`.
+    """
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+
+    def readable(t):
+        return (min(t.shape) > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+                and (t.stride(0) * t.element_size()) % 16 == 0)
+    if not readable(x):
+        return None
+    for w_transposed, stored in ((False, w), (True, w.t())):
+        if readable(stored):
+            return (TensorDescriptor.from_tensor(x, [1, 1]), TensorDescriptor.from_tensor(stored, [1, 1]),
+                    w_transposed)
+    return None
+
+
+def _usable_configs(configs, named_args, **kwargs):
+    """TMA configs only for calls that come with descriptors."""
+    return [c for c in configs if named_args["TMA_READY"] or not c.kwargs["USE_TMA"]]
+
+
+# Tuned once per (power-of-two bucket of M, N, K, dtypes, variant, TMA or not): a new sequence
+# length reuses the bucket's winner instead of retuning. The variant is in the key because the
+# backward's (dropout, dA) needs more registers than the forward and may win with another tile.
 def _autotuned_gemm(configs):
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "R_GRAD", "DOT_PRECISION"],
+    return triton.autotune(configs=configs, key=["M_BUCKET", "TMA_READY", "N", "K", "HAS_DROPOUT", "R_GRAD",
+                                                 "DOT_PRECISION", "W_TRANSPOSED"],
+                           prune_configs_by={"early_config_prune": _usable_configs},
                            reset_to_zero=["dr_ptr"])(_matmul_lowrank_kernel)
 
 
-_matmul_lowrank_tuned = _autotuned_gemm(_gemm_configs())
+# Under the interpreter: the pointer config only (one config, no tuning).
+_matmul_lowrank_tuned = _autotuned_gemm(_gemm_configs() + ([] if INTERPRET else _gemm_configs(tma=True)))
 
 
 def _block_r(R):
@@ -280,20 +342,24 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None, xin=None):
     # trial; every trial rewrites all of out, so out may stand in for it.
     unused = out
     xin_, dr_ = (xin, dr) if xin is not None else (unused, unused)
-    args = (x, w, bias if bias is not None else unused, l, r, out, xin_, dr_,
+    precision = _dot_precision(l.dtype)
+    # Full fp32 ("ieee") multiplies on the FMA units, which need no tiles from the copy engine.
+    descriptors = None if add_to_out or precision == "ieee" else _tma_descriptors(x, w)
+    x_desc, w_desc, w_transposed = descriptors or (None, None, False)
+    args = (x, w, bias if bias is not None else unused, l, r, out, xin_, dr_, x_desc, w_desc,
             M, N, K, R,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             l.stride(0), l.stride(1), r.stride(0), r.stride(1),
             out.stride(0), out.stride(1), xin_.stride(0), xin_.stride(1), dr_.stride(0), dr_.stride(1),
-            scale, _dropout_threshold(p), seed, _m_bucket(M))
+            scale, _dropout_threshold(p), seed, _m_bucket(M), int(descriptors is not None))
     flags = dict(ADD_TO_OUT=add_to_out, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, R_GRAD=xin is not None,
-                 DOT_PRECISION=_dot_precision(l.dtype), BLOCK_R=_block_r(R))
+                 DOT_PRECISION=precision, W_TRANSPOSED=w_transposed, BLOCK_R=_block_r(R))
     if add_to_out:
         # A thin, memory-bound pass over out: one fixed config, no tuning (tuning would also
         # have to restore out between trials).
         bm, bn = (32, 32) if INTERPRET else (64, 128)
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8)
+        _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _matmul_lowrank_tuned[grid](*args, **flags)

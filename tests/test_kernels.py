@@ -231,6 +231,67 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
     assert launched == {fn.__name__: {precision} for fn in expected}
 
 
+@contextlib.contextmanager
+def gemm_launches():
+    """(USE_TMA, whether descriptors were passed) of every launch of the GEMM kernel inside."""
+    launches, run = [], impl._matmul_lowrank_kernel.run
+    x_desc = impl._matmul_lowrank_kernel.arg_names.index("x_desc")
+
+    def spy(*args, **kwargs):
+        launches.append((kwargs["USE_TMA"], args[x_desc] is not None))
+        return run(*args, **kwargs)
+    with mock.patch.object(impl._matmul_lowrank_kernel, "run", spy):
+        yield launches
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tma_loads_match_the_reference(dtype):
+    # The TMA configs' K loop, forced (on a GPU the autotuner picks TMA or pointer loads by
+    # speed): ragged M, N and K; the forward reads W through a descriptor of W itself, (N, K),
+    # the dx GEMM as stored, with the dropout mask and dA in its epilogue. K and N are multiples
+    # of 8, so that every row is a multiple of 16 bytes, as the copy engine needs. float32 takes
+    # TMA only where torch allows TF32 (full fp32 runs on FMAs); the interpreter computes in full
+    # precision either way.
+    with mock.patch.object(impl, "_matmul_lowrank_tuned", impl._autotuned_gemm(impl._gemm_configs(tma=True))), \
+            tf32_allowed(True), gemm_launches() as launches:
+        for p in (0.0, 0.1):
+            check_against_reference((3, 37), 72, 40, 5, dtype, True, "contiguous", p, 2.0, "triton GEMM")
+        check_against_reference((70,), 8, 104, 17, dtype, False, "contiguous", 0.25, 0.5, "triton GEMM")
+    assert launches and set(launches) == {(True, True)}
+
+
+@interpreted
+def test_tma_only_where_the_copy_engine_can_read():
+    bf16 = torch.bfloat16
+    x, weight = torch.randn(64, 40, dtype=bf16), torch.randn(24, 40, dtype=bf16)  # x (M, K), W (N, K)
+    x_desc, w_desc, w_transposed = impl._tma_descriptors(x, weight.t())  # the forward: w = W^T
+    assert w_transposed and x_desc.base is x
+    assert w_desc.base.data_ptr() == weight.data_ptr()
+    assert (list(w_desc.shape), list(w_desc.strides)) == ([24, 40], [40, 1])
+    dy = torch.randn(64, 24, dtype=bf16)
+    _, w_desc, w_transposed = impl._tma_descriptors(dy, weight)  # the dx GEMM: w = W, (N, K) as stored
+    assert not w_transposed and w_desc.base is weight
+    refused = {
+        "x with a column stride": (x[:, ::2], weight[:, ::2].t()),
+        "rows not 16-byte aligned": (x[:, 1:], weight[:, 1:].t()),
+        "rows of 37 bf16 (74 bytes)": (x[:, :37].contiguous(), weight[:, :37].contiguous().t()),
+        "an empty batch": (x[:0], weight.t()),
+        "w with no unit stride": (x, torch.randn(80, 48, dtype=bf16)[::2, ::2]),
+    }
+    for why, (x_, w_) in refused.items():
+        assert impl._tma_descriptors(x_, w_) is None, why
+    # Nor does full fp32 get descriptors: its dot runs on FMAs, not on the tensor cores.
+    x, weight, b, lora_A, lora_B = make_inputs((40,), 16, 24, 4, torch.float32)
+    with tf32_allowed(False), gemm_launches() as launches:
+        kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, route="triton GEMM")
+    assert launches == [(False, False)]
+    # The TMA configs are tuned only for calls that come with descriptors.
+    pointer, tma = impl._gemm_configs()[0], impl._gemm_configs(tma=True)[0]
+    assert impl._usable_configs([pointer, tma], {"TMA_READY": 0}) == [pointer]
+    assert impl._usable_configs([pointer, tma], {"TMA_READY": 1}) == [pointer, tma]
+
+
 @interpreted
 def test_a_route_that_cannot_take_the_shape_is_refused():
     x, weight, b, lora_A, lora_B = make_inputs((40,), 8, 6, 2, torch.bfloat16)

@@ -25,7 +25,7 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert result.returncode == 0, result.stderr[-5000:]
 
     sections = dict(re.findall(r"### (.+?)\n(.*?)(?=\n### |\Z)", result.stdout, flags=re.S))
-    assert len(sections) == 11, list(sections)
+    assert len(sections) == 13, list(sections)
 
     def spilling(title, configs=8):
         """The autotuning configs of a table whose kernel spills registers to local memory."""
@@ -37,6 +37,8 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert spilling("y = x W^T + b + s * xa B^T (forward GEMM), bf16") == []
     # The backward sums dA before the accumulator exists, so x's tile and acc are never both live.
     assert spilling("dx GEMM with dA summed in it, bf16, dropout 0") == []
+    # The TMA configs (large tiles only) keep the forward in registers too.
+    assert spilling("y with TMA loads, bf16", configs=5) == []
     # Decoding: the one-launch forward keeps x W^T and xa in registers in every config.
     assert spilling("few rows: y and xa in one launch (decoding forward), M = 16, bf16", configs=6) == []
 
@@ -48,7 +50,8 @@ import kernel_registers as kr
 from minipeft.kernels import fused_lora as fl
 args = kr.gemm_args("bf16", backward=False)
 args.update(N=37, stride_om=37, stride_im=37, stride_drr=37)  # a ragged last tile of odd width
-flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32", BLOCK_R=16)
+flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32", W_TRANSPOSED=True,
+             BLOCK_R=16)
 config = fl._gemm_configs()[-1]
 ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, args, {**flags, **config.kwargs}, config.num_warps,
                           config.num_stages).asm["ptx"]
