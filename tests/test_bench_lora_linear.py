@@ -1,0 +1,121 @@
+"""The kernel benchmark's own arithmetic: interleaved rounds, ratios taken within a round, the
+verdicts, and the CUDA-graph timer's bookkeeping (against a stand-in for torch.cuda).
+
+A mistake here costs a GPU session or, worse, prints a wrong ratio; the GPU itself is not needed
+to check any of it.
+"""
+
+import contextlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_lora_linear", ROOT / "benchmarks" / "bench_lora_linear.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_flip_the_order_of_the_methods(bench):
+    calls = []
+    timers = {name: {"fwd": lambda name=name: calls.append(name) or 1.0} for name in ("base", "peft", "fused")}
+    samples = bench.interleaved(timers, rounds=3)
+    assert calls == ["base", "peft", "fused", "fused", "peft", "base", "base", "peft", "fused"]
+    assert samples == {name: {"fwd": [1.0, 1.0, 1.0]} for name in timers}
+
+
+def test_ratios_are_taken_within_each_round(bench):
+    # The clock halves its speed in round 2: every time doubles, the ratios stay.
+    samples = {"base": {"fwd": [1.0, 2.0, 1.0]}, "fused": {"fwd": [1.1, 2.4, 1.3]}}
+    base, fused = bench.summarise(samples)
+    assert base["fwd_x_base"] == 1.0 and base["fwd_x_base_range"] == [1.0, 1.0]
+    assert fused["fwd"] == 1.3  # the median time
+    assert fused["fwd_x_base"] == pytest.approx(1.2)  # median of 1.1, 1.2 and 1.3; the ratio of medians is 1.3
+    assert fused["fwd_x_base_range"] == pytest.approx([1.1, 1.3])
+    assert fused["fwd_rounds"] == [1.1, 2.4, 1.3]
+
+
+def test_verdicts_use_the_median_and_report_the_spread(bench):
+    def row(method, fwd, peak):
+        r = {"method": method, "peak_mib": peak}
+        r.update(bench.summarise({"base": {"fwd+bwd": [1.0, 1.0, 1.0]}, method: {"fwd+bwd": fwd}})[1])
+        return r
+    case = {"M": 8192, "K": 4096, "N": 4096, "r": 16, "p": 0.0,
+            "rows": [row("fused", [1.0, 1.0, 1.0], 129), row("peft", [1.3, 1.5, 1.4], 192)]}
+    (verdict,) = bench.target_verdicts([case])  # the only target at p = 0: x faster than peft
+    assert verdict["phase"] == "fwd+bwd" and verdict["metric"] == "x faster than peft"
+    assert verdict["value"] == pytest.approx(1.4) and verdict["spread"] == pytest.approx([1.3, 1.5])
+    assert verdict["met"]  # 1.4 >= 1.35
+
+
+class FakeCuda:
+    """Enough of torch.cuda for graph_timer: a graph records the calls made while capturing and
+    makes them again on replay; every forward call takes 2 ms of a fake clock the events read."""
+
+    def __init__(self):
+        self.clock = 0.0
+        self.capturing = None
+
+    def forward(self, calls):
+        def f():
+            assert not torch.is_grad_enabled(), "decoding is timed without autograd"
+            if self.capturing is not None:
+                self.capturing.append(f)
+            else:
+                self.clock += 2.0
+            calls.append(1)
+        return f
+
+    def patch(self, monkeypatch):
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.calls = []
+
+            def replay(self):
+                for f in self.calls:
+                    fake.clock += 2.0
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.capturing = g.calls
+            yield
+            fake.capturing = None
+
+        class Event:
+            def __init__(self, enable_timing):
+                self.time = None
+
+            def record(self):
+                self.time = fake.clock
+
+            def elapsed_time(self, end):
+                return end.time - self.time
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        for name, value in {"CUDAGraph": Graph, "graph": graph, "Event": Event, "Stream": Stream,
+                            "current_stream": Stream, "stream": lambda s: contextlib.nullcontext(),
+                            "synchronize": lambda: None}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_graph_timer_reports_the_time_of_one_forward(bench, monkeypatch):
+    fake = FakeCuda()
+    fake.patch(monkeypatch)
+    calls = []
+    forwards = [fake.forward(calls) for _ in range(3)]  # one per copy of the weights
+    replay_ms = bench.graph_timer(forwards)
+    # Each forward ran once before the capture, then GRAPH_CALLS times inside it.
+    assert len(calls) == 3 * (1 + bench.GRAPH_CALLS)
+    assert replay_ms() == pytest.approx(2.0)  # each replay makes all its calls: time / calls
