@@ -250,15 +250,20 @@ def _gemm_configs(tma=False):
                              num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
     if INTERPRET:
         return [config(32, 32, 32, 4)]
+    # 128 x 128 with 4 warps and 3 stages (96 KiB of shared memory, <= 255 registers for 128
+    # threads) is the large tile of which two programs fit on one SM: one's prologue (the
+    # low-rank seed, and in the backward the dropout mask and dA) then runs while the other's
+    # K loop keeps the tensor cores busy. Every other large tile holds an SM alone.
     if tma:
         # A tutorial-style GEMM on Hopper reaches ~90% of cuBLAS (nvidia-h200.md); the copy
         # engine frees the warps' registers and issue slots for the tensor cores, which matters
         # most for the largest tiles.
         tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-                 (128, 128, 64, 8, 4)]
+                 (128, 128, 64, 8, 4), (128, 128, 64, 4, 3)]
     else:
         tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
-                 (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 5)]
+                 (128, 128, 64, 4, 3), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                 (64, 64, 64, 4, 5)]
     return [config(bm, bn, bk, 8, warps, stages) for bm, bn, bk, warps, stages in tiles]
 
 

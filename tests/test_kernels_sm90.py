@@ -27,7 +27,7 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     sections = dict(re.findall(r"### (.+?)\n(.*?)(?=\n### |\Z)", result.stdout, flags=re.S))
     assert len(sections) == 13, list(sections)
 
-    def spilling(title, configs=8):
+    def spilling(title, configs=9):
         """The autotuning configs of a table whose kernel spills registers to local memory."""
         rows = re.findall(r"\| (\S[^|]*?) \| (\d+) \| (\d+) \|", sections[title])  # (config, registers, spill)
         assert len(rows) == configs, rows
@@ -38,7 +38,7 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     # The backward sums dA before the accumulator exists, so x's tile and acc are never both live.
     assert spilling("dx GEMM with dA summed in it, bf16, dropout 0") == []
     # The TMA configs (large tiles only) keep the forward in registers too.
-    assert spilling("y with TMA loads, bf16", configs=5) == []
+    assert spilling("y with TMA loads, bf16", configs=6) == []
     # Decoding: the one-launch forward keeps x W^T and xa in registers in every config.
     assert spilling("few rows: y and xa in one launch (decoding forward), M = 16, bf16", configs=6) == []
 
