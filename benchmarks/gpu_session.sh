@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the fused kernels in one command that ends inside a short GPU lease
-# (BUDGET seconds, 540 by default), most important first:
+# (BUDGET seconds, 420 by default: with the machine's start that leaves a 15-minute lease time to
+# rerun a step; give the device call a timeout of BUDGET + 60), most important first:
 #   1. the target shapes with every fused route and the verdict table (without dropout each
 #      output is also checked against plain PyTorch before it is timed), and each method's
 #      kernels at M = 8192 (--profile)
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-session}"
-BUDGET="${BUDGET:-540}"
+BUDGET="${BUDGET:-420}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -141,7 +141,9 @@ def _matmul_lowrank_kernel(
     W_TRANSPOSED: tl.constexpr,  # w_desc describes w^T (N, K), the layout nn.Linear stores W in
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr,  # the K loop's tiles come from the TMA copy engine (an autotuning choice)
+    USE_TMA: tl.constexpr,  # the K loop's tiles come from the TMA copy engine where descriptors are given
+    # (an autotuning choice; the autotuner offers TMA configs only to calls with descriptors, but a
+    # lone config, which it runs without pruning, must work for every call)
 ):
     # Grouped ordering, as in tutorial 03: GROUP_M consecutive programs walk down a column of
     # output tiles, so the w tiles they share are still in L2 when the next one needs them.
@@ -215,7 +217,7 @@ def _matmul_lowrank_kernel(
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     else:
         for k0 in range(0, K, BLOCK_K):
-            if USE_TMA:
+            if USE_TMA and x_desc is not None:  # (without descriptors a TMA config reads as below)
                 # Hopper's copy engine moves each whole tile into shared memory by itself, with
                 # no address arithmetic in the warps, and fills what lies past an edge with 0.
                 x = x_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K)
@@ -281,7 +283,8 @@ def _set_tma_blocks(nargs):
 def _tma_descriptors(x, w):
     """(x_desc, w_desc, w_transposed) through which the TMA copy engine can read x (M, K) and
     w (K, N), or None where it cannot: it needs Hopper or newer, a unit stride along rows
-    whose starts are 16-byte aligned, and no empty dimension. w given as the transpose of a
+    whose starts are 16-byte aligned, rows that do not overlap (an expanded dy, stride 0, is
+    read through pointers) and no empty dimension. w given as the transpose of a
     row-major (N, K) tensor (the forward's W^T) is described as that tensor. Block shapes are
     placeholders until a config's `_set_tma_blocks`.
     """
@@ -289,7 +292,7 @@ def _tma_descriptors(x, w):
         return None
 
     def readable(t):
-        return (min(t.shape) > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+        return (min(t.shape) > 0 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
                 and (t.stride(0) * t.element_size()) % 16 == 0)
     if not readable(x):
         return None
@@ -724,7 +727,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Returns y (..., N). Dropout (when training and dropout_p > 0) is drawn in the kernels from
     `seed`: an int in [0, 2**31), or None to draw one from torch's default generator (so
     torch.manual_seed makes runs repeatable). `dropout_mask(seed, x.shape, dropout_p)` is the
-    mask a call used. Gradients flow to x, lora_A and lora_B only: the weight and bias must not
+    mask a call used; a seed drawn here while a CUDA graph is captured is fixed in the graph, so
+    every replay drops the same elements (pass a seed per replay's call, or capture without
+    dropout). Gradients flow to x, lora_A and lora_B only: the weight and bias must not
     require grad (the backward never computes their gradients). `route` (one of ROUTES) sends
     the call down that route instead of the one `forward_path` picks by shape: for benchmarks
     and tests, which compare the routes.

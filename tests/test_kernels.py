@@ -262,6 +262,25 @@ def test_tma_loads_match_the_reference(dtype):
 
 
 @interpreted
+@settings(max_examples=15, deadline=None)
+@given(
+    M=st.integers(1, 70),
+    K8=st.integers(1, 9),
+    N8=st.integers(1, 9),
+    r=st.sampled_from([1, 16, 17, 40]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    layout=st.sampled_from(["contiguous", "contiguous", "strided"]),
+    p=st.sampled_from([0.0, 0.1]),
+)
+def test_a_tma_config_matches_the_reference_on_any_shape(M, K8, N8, r, dtype, layout, p):
+    # K and N multiples of 8 make x's, dy's and W's rows multiples of 16 bytes: those calls take
+    # TMA loads; strided x (and so no descriptor) makes the same config read through pointers.
+    with mock.patch.object(impl, "_matmul_lowrank_tuned", impl._autotuned_gemm(impl._gemm_configs(tma=True))), \
+            tf32_allowed(True):
+        check_against_reference((M,), 8 * K8, 8 * N8, r, dtype, True, layout, p, 2.0, "triton GEMM")
+
+
+@interpreted
 def test_tma_only_where_the_copy_engine_can_read():
     bf16 = torch.bfloat16
     x, weight = torch.randn(64, 40, dtype=bf16), torch.randn(24, 40, dtype=bf16)  # x (M, K), W (N, K)
@@ -277,6 +296,7 @@ def test_tma_only_where_the_copy_engine_can_read():
         "rows not 16-byte aligned": (x[:, 1:], weight[:, 1:].t()),
         "rows of 37 bf16 (74 bytes)": (x[:, :37].contiguous(), weight[:, :37].contiguous().t()),
         "an empty batch": (x[:0], weight.t()),
+        "rows that overlap (an expanded dy)": (x[:1].expand(64, 40), weight.t()),
         "w with no unit stride": (x, torch.randn(80, 48, dtype=bf16)[::2, ::2]),
     }
     for why, (x_, w_) in refused.items():

@@ -70,7 +70,9 @@ def few_rows_configs(configs):
 
 
 # Small enough to compile once per kernel variant: tuning every random shape would cost minutes.
+# The TMA one reads through descriptors where a shape's rows allow, through pointers elsewhere.
 SMALL_CONFIG = impl._gemm_configs()[-1]
+SMALL_TMA_CONFIG = impl._gemm_configs(tma=True)[-1]
 SMALL_FEW_ROWS_CONFIG = impl._few_rows_configs()[0]
 
 
@@ -86,10 +88,11 @@ SMALL_FEW_ROWS_CONFIG = impl._few_rows_configs()[0]
     layout=st.sampled_from(["contiguous", "strided", "transposed"]),
     p=st.sampled_from([0.0, 0.1, 0.5]),
     path=st.sampled_from(PATHS),
+    config=st.sampled_from([SMALL_CONFIG, SMALL_TMA_CONFIG]),
 )
-def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, path):
+def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, path, config):
     assume(path != "few rows" or impl.use_few_rows(torch.Size(lead).numel(), r, dtype))
-    with gemm_configs([SMALL_CONFIG]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
+    with gemm_configs([config]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
         check_against_reference(lead, K, N, r, dtype, bias, layout, p, 2.0, path, device=DEVICE)
 
 
