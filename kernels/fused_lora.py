@@ -284,8 +284,8 @@ def _tma_descriptors(x, w):
     """(x_desc, w_desc, w_transposed) through which the TMA copy engine can read x (M, K) and
     w (K, N), or None where it cannot: it needs Hopper or newer, a unit stride along rows
     whose starts are 16-byte aligned, rows that do not overlap (an expanded dy, stride 0, is
-    read through pointers) and no empty dimension. w given as the transpose of a
-    row-major (N, K) tensor (the forward's W^T) is described as that tensor. Block shapes are
+    read through pointers) and no empty dimension. w given as the transpose of a row-major
+    (N, K) tensor (the forward's W^T) is described as that tensor. Block shapes are
     placeholders until a config's `_set_tma_blocks`.
     """
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
@@ -727,12 +727,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     Returns y (..., N). Dropout (when training and dropout_p > 0) is drawn in the kernels from
     `seed`: an int in [0, 2**31), or None to draw one from torch's default generator (so
     torch.manual_seed makes runs repeatable). `dropout_mask(seed, x.shape, dropout_p)` is the
-    mask a call used; a seed drawn here while a CUDA graph is captured is fixed in the graph, so
-    every replay drops the same elements (pass a seed per replay's call, or capture without
-    dropout). Gradients flow to x, lora_A and lora_B only: the weight and bias must not
-    require grad (the backward never computes their gradients). `route` (one of ROUTES) sends
-    the call down that route instead of the one `forward_path` picks by shape: for benchmarks
-    and tests, which compare the routes.
+    mask a call used. A seed drawn while a CUDA graph is being captured is baked into the graph,
+    so every replay drops the same elements: capture without dropout (inference). Gradients
+    flow to x, lora_A and lora_B only: the weight and bias must not require grad (the backward
+    never computes their gradients). `route` (one of ROUTES) sends the call down that route
+    instead of the one `forward_path` picks by shape: for benchmarks and tests, which compare
+    the routes.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear treats weight and bias as frozen; they must not require grad "
