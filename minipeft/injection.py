@@ -21,7 +21,9 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from .config import PeftConfig
-from .targeting import candidate_names, find_targets, innermost, is_under, join_name, logical_name, trained_whole, wrapper_chain
+from .targeting import (
+    candidate_names, find_targets, innermost, is_under, join_name, logical_name, trained_whole, wrapper_chain,
+)
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
