@@ -285,8 +285,8 @@ def _tma_descriptors(x, w):
     w (K, N), or None where it cannot: it needs Hopper or newer, a unit stride along rows
     whose starts are 16-byte aligned, rows that do not overlap (an expanded dy, stride 0, is
     read through pointers) and no empty dimension. w given as the transpose of a row-major
-    (N, K) tensor (the forward's W^T) is described as that tensor. Block shapes are
-    placeholders until a config's `_set_tma_blocks`.
+    (N, K) tensor (the forward's W^T) is described as that tensor. The block shapes start at
+    [1, 1]; each config's `_set_tma_blocks` sets its own before the launch.
     """
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return None
