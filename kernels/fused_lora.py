@@ -49,6 +49,7 @@ there y costs about one read of W, and the few-rows kernel saves the two extra l
 (`forward_path` names the route a shape takes).
 """
 
+import functools
 import os
 
 import torch
@@ -280,6 +281,13 @@ def _set_tma_blocks(nargs):
     nargs["w_desc"].block_shape = [bn, bk] if nargs["W_TRANSPOSED"] else [bk, bn]
 
 
+@functools.cache
+def _has_tma(device_index):
+    """Whether the GPU has the TMA copy engine (Hopper, sm_90, and newer); asked once per device,
+    not on every launch."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _tma_descriptors(x, w):
     """(x_desc, w_desc, w_transposed) through which the TMA copy engine can read x (M, K) and
     w (K, N), or None where it cannot: it needs Hopper or newer, a unit stride along rows
@@ -288,7 +296,7 @@ def _tma_descriptors(x, w):
     (N, K) tensor (the forward's W^T) is described as that tensor. The block shapes start at
     [1, 1]; each config's `_set_tma_blocks` sets its own before the launch.
     """
-    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+    if x.is_cuda and not _has_tma(x.device.index):
         return None
 
     def readable(t):
