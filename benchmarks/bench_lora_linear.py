@@ -442,10 +442,11 @@ def verdicts_markdown(verdicts):
 
 
 def autotuned_configs():
-    """The base GEMM's autotuning winners so far: {tuning key: config}, as text."""
+    """Each autotuned kernel's winners so far: {kernel: {tuning key: config}}, as text."""
     import minipeft.kernels.fused_lora as impl
 
-    return {str(key): str(config) for key, config in impl._matmul_lowrank_tuned.cache.items()}
+    tuned = {"base GEMM": impl._matmul_lowrank_tuned, "few rows": impl._few_rows_tuned, "shrink": impl._shrink_tuned}
+    return {name: {str(key): str(config) for key, config in kernel.cache.items()} for name, kernel in tuned.items()}
 
 
 def main():

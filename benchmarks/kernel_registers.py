@@ -10,7 +10,9 @@ shape specialises it (16-byte aligned pointers, integers divisible by 16 marked 
 - spill stack, in bytes: values that did not fit in registers and live in local memory
   (off-chip, cached). A GEMM whose accumulator spills loses much of its speed, so a config
   that spills here should not win the autotuner's race on a GPU;
-- shared memory, which with num_stages bounds how many programs share an SM.
+- shared memory, which with num_stages bounds how many programs share an SM;
+- for the shrink, the instructions one thread issues per K step (its loop's length in SASS):
+  drawing the dropout mask, it computes about as long as it reads.
 
 It says nothing about time; `bench_lora_linear.py` measures that on a GPU.
 
@@ -82,15 +84,35 @@ def compile_for_sm90(kernel, args, constexprs, num_warps=4, num_stages=3):
     return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def resources(compiled):
-    """(registers per thread, spill stack bytes, dynamic shared memory bytes) from the cubin."""
+def cuobjdump(compiled, *flags):
+    """cuobjdump's report on the compiled kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        report = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", f.name],
-                                capture_output=True, text=True, check=True).stdout
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", report).groups()
+        return subprocess.run([TOOLS / "cuobjdump", *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(compiled):
+    """(registers per thread, spill stack bytes, dynamic shared memory bytes) from the cubin."""
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(compiled, "--dump-resource-usage")).groups()
     return int(regs), int(stack), compiled.metadata.shared
+
+
+def loop_instructions(compiled):
+    """Instructions in the body of a kernel's one loop (the shrink's K loop), in SASS.
+
+    A loop ends in a branch back to its start; this counts from the branch's target to the
+    branch, which is what each thread issues per trip. (Only for kernels with one loop: in the
+    GEMM the r-chunk loops, the TMA barrier waits and the pipeliner's own code paths make
+    "the" loop a matter of reading the listing.)
+    """
+    code = [(int(addr, 16), text) for addr, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);",
+                                                               cuobjdump(compiled, "-sass"))]
+    loops = [(int(target, 16), addr) for addr, text in code
+             for target in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", text) if int(target, 16) < addr]
+    assert len(loops) == 1, f"expected one loop, found {len(loops)}"
+    (start, end), = loops
+    return sum(1 for addr, _ in code if start <= addr <= end)
 
 
 def gemm_args(dtype, backward, rank=R, config=None):
@@ -133,15 +155,20 @@ def gemm_rows(dtype, backward, dropout, precision="tf32", tma=False):
 
 
 def shrink_rows(dtype):
-    """The shrink, memory-bound, at the block sizes its launcher picks."""
+    """The shrink in each autotuning config, with the K loop's cost per element of x: with
+    dropout the shrink is bound by issuing instructions as much as by reading x."""
     p = f"*{dtype}"
-    bm, br = fl.SHRINK_BLOCK_M, fl._block_r(R)
-    for dropout in (False, True):
-        args = dict(x_ptr=p, a_ptr=p, xa_ptr=p, M=M, K=K, R=R, stride_xm=K, stride_xk=1, stride_ar=K,
-                    stride_ak=1, stride_om=R, stride_or=1, keep_scale=1.0, threshold=6553, seed=1234)
-        compiled = compile_for_sm90(fl._shrink_kernel, args, dict(HAS_DROPOUT=dropout, DOT_PRECISION="tf32",
-                                                                  BLOCK_M=bm, BLOCK_K=128, BLOCK_R=br))
-        yield f"_shrink_kernel, {bm}x128{', dropout' if dropout else ''}", resources(compiled)
+    for config in fl._shrink_configs():
+        for dropout in (False, True):
+            bm, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+            args = dict(x_ptr=p, a_ptr=p, xa_ptr=p, M=M, K=K, R=R, stride_xm=K, stride_xk=1, stride_ar=K,
+                        stride_ak=1, stride_om=R, stride_or=1, keep_scale=1.0, threshold=6553, seed=1234, M_BUCKET=M)
+            flags = dict(HAS_DROPOUT=dropout, DOT_PRECISION="tf32", BLOCK_R=fl._block_r(R), **config.kwargs)
+            compiled = compile_for_sm90(fl._shrink_kernel, args, flags, config.num_warps, config.num_stages)
+            loop = loop_instructions(compiled)
+            per_element = loop * config.num_warps * 32 / (bm * bk)  # one K step covers bm x bk of x
+            name = f"{bm}x{bk}, {config.num_warps} warps{', dropout' if dropout else ''}"
+            yield name, (*resources(compiled), f"{loop} ({per_element:.1f} per element of x)")
 
 
 def few_rows_rows(dtype, dropout, rows=16, rank=R):
@@ -192,10 +219,13 @@ def other_rows():
     yield "_dropout_mask_kernel, 32x64", resources(compiled)
 
 
-def table(title, rows):
-    lines = [f"### {title}", "", "| config | registers | spill stack (bytes) | shared memory (KiB) |", "|---|---|---|---|"]
-    for name, (regs, stack, smem) in rows:
-        lines.append(f"| {name} | {regs} | {stack} | {smem / 1024:.0f} |")
+def table(title, rows, loop_column=False):
+    """A markdown table of (config, (registers, spill, shared memory[, K loop])) rows."""
+    header = ["config", "registers", "spill stack (bytes)", "shared memory (KiB)"]
+    header += ["K loop (SASS instructions per thread)"] if loop_column else []
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, (regs, stack, smem, *loop) in rows:
+        lines.append(" | ".join(["", name, str(regs), str(stack), f"{smem / 1024:.0f}", *loop, ""]).strip())
     return "\n".join(lines) + "\n"
 
 
@@ -221,7 +251,7 @@ def main():
         table("few rows: y and xa in one launch (decoding forward), M = 16, bf16", few_rows_rows("bf16", False)),
         table("few rows, M = 16, bf16, dropout 0.1", few_rows_rows("bf16", True)),
         table("few rows at its limits, M = 32, r = 64, bf16", few_rows_rows("bf16", False, rows=32, rank=64)),
-        table("the shrink, bf16", shrink_rows("bf16")),
+        table("the shrink, bf16", shrink_rows("bf16"), loop_column=True),
         table("other variants, one config each", other_rows()),
     ]
     report = (f"## Registers and spills on sm_90, compiled offline\n\n"

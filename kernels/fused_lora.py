@@ -393,6 +393,7 @@ def _shrink_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
     keep_scale, threshold, seed,
+    M_BUCKET,  # unused here; only the autotuner's cache key
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -419,24 +420,46 @@ def _shrink_kernel(
              acc.to(xa_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-# Rows per program of the shrink: few, so that even a long sequence gives many programs (x is
-# read once, and with 64 rows a program 8192 rows made one program per SM, each waiting on its
-# own loads).
-SHRINK_BLOCK_M = 16
+def _shrink_configs():
+    """Autotuning candidates: (rows, K step, warps) per program.
+
+    The shrink runs on a GPU only with dropout (without, it is cuBLAS), and there it is bound
+    by instruction issue as much as by memory: reading x takes 16 us at the flagship shape, the
+    mask's Philox about as long (`benchmarks/lora_linear_notes.md`). The two pull apart. Many
+    small programs keep many loads of x in flight, while each thread's fixed cost per K step
+    (addresses, the hand-over of the masked tile to the tensor cores) is shared by fewer
+    elements: compiled for sm_90, a K step costs 20 SASS instructions per element of x with 16
+    elements per thread (16 rows, 4 warps), against 14-17 with 32 or more
+    (`benchmarks/results/sm90-registers.md`). The H200 runs had 64 rows per program (one program
+    per SM at 8192 rows) and then 16, but changed more than that in between, so which balance
+    wins is left to the autotuner.
+    """
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps)
+            for bm, bk, warps in [(16, 128, 4), (16, 128, 2), (16, 256, 2), (32, 128, 4), (32, 128, 2),
+                                  (64, 128, 4)]]
+
+
+def _autotuned_shrink(configs):
+    return triton.autotune(configs=configs, key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "DOT_PRECISION", "BLOCK_R"])(
+        _shrink_kernel)
+
+
+_shrink_tuned = _autotuned_shrink(_shrink_configs())
 
 
 def _shrink(x, lora_A, p, seed):
     M, K = x.shape
     R = lora_A.shape[0]
     xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    bm, br = (32 if INTERPRET else SHRINK_BLOCK_M), _block_r(R)
-    bk = 32 if INTERPRET else 128
-    grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
-    _shrink_kernel[grid](
+    br = _block_r(R)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))
+    _shrink_tuned[grid](
         x, lora_A, xa, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
+        1.0 / (1.0 - p), _dropout_threshold(p), seed, _m_bucket(M), HAS_DROPOUT=p > 0,
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=br)
     return xa
 
 

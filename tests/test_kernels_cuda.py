@@ -1,11 +1,11 @@
 """The fused LoRA kernels compiled for a real GPU, against the same float64 reference.
 
 test_kernels.py checks the kernels' logic through Triton's interpreter on CPU tensors. This file
-checks what only hardware shows: the machine code of every autotuning config of both GEMMs,
-tensor-core rounding in each dtype (TF32 for float32 only where torch allows it), the autotuned
-flagship shapes (decoding and a long sequence), and LoraLinear taking the fused path by itself
-on CUDA tensors. Without a GPU it is
-skipped; on one it runs with the rest of `make test`, or alone:
+checks what only hardware shows: the machine code of every autotuning config of both GEMMs and
+of the shrink, tensor-core rounding in each dtype (TF32 for float32 only where torch allows it),
+the autotuned flagship shapes (decoding and a long sequence), and LoraLinear taking the fused
+path by itself on CUDA tensors. Without a GPU it is skipped; on one it runs with the rest of
+`make test`, or alone:
 
     python -m pytest -q tests/test_kernels_cuda.py
 
@@ -69,11 +69,19 @@ def few_rows_configs(configs):
         yield
 
 
+@contextlib.contextmanager
+def shrink_configs(configs):
+    """Run the shrink (with dropout; without, it is cuBLAS) with only these autotuning configs."""
+    with mock.patch.object(impl, "_shrink_tuned", impl._autotuned_shrink(configs)):
+        yield
+
+
 # Small enough to compile once per kernel variant: tuning every random shape would cost minutes.
 # The TMA one reads through descriptors where a shape's rows allow, through pointers elsewhere.
 SMALL_CONFIG = impl._gemm_configs()[-1]
 SMALL_TMA_CONFIG = impl._gemm_configs(tma=True)[-1]
 SMALL_FEW_ROWS_CONFIG = impl._few_rows_configs()[0]
+SMALL_SHRINK_CONFIG = impl._shrink_configs()[0]
 
 
 @compiled
@@ -92,7 +100,7 @@ SMALL_FEW_ROWS_CONFIG = impl._few_rows_configs()[0]
 )
 def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, path, config):
     assume(path != "few rows" or impl.use_few_rows(torch.Size(lead).numel(), r, dtype))
-    with gemm_configs([config]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
+    with gemm_configs([config]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]), shrink_configs([SMALL_SHRINK_CONFIG]):
         check_against_reference(lead, K, N, r, dtype, bias, layout, p, 2.0, path, device=DEVICE)
 
 
@@ -111,7 +119,7 @@ def test_ragged_edges_with_unit_strides(dtype, layout):
     # the bias, lora_B's columns (r = 1) and a transposed x are read with unit stride across
     # them: loads vectorised on a promise of aligned blocks (tutorial 03's hints) hit odd
     # addresses there ("misaligned address" on an H200, now fixed).
-    with gemm_configs([SMALL_CONFIG]):
+    with gemm_configs([SMALL_CONFIG]), shrink_configs([SMALL_SHRINK_CONFIG]):
         for r in (1, 16):
             check_against_reference((301,), 45, 37, r, dtype, True, layout, 0.1, 2.0, "triton GEMM", device=DEVICE)
 
@@ -122,7 +130,7 @@ def test_every_autotuning_config(config):
     # Ragged in every block dimension of every config; forward GEMM and the dx GEMM with the
     # dropout mask and dA in its epilogue, each compiled with this tile, with pointer or TMA
     # loads (K = 200 and N = 520 make rows of 16-byte multiples, which TMA needs).
-    with gemm_configs([config]):
+    with gemm_configs([config]), shrink_configs([SMALL_SHRINK_CONFIG]):
         check_against_reference((301,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "triton GEMM",
                                 device=DEVICE)
 
@@ -134,6 +142,16 @@ def test_every_few_rows_config(config, M):
     # Ragged in N and K for every tile; the backward behind it takes the cuBLAS base.
     with few_rows_configs([config]):
         check_against_reference((M,), 1000, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "few rows",
+                                device=DEVICE)
+
+
+@compiled
+@pytest.mark.parametrize("config", impl._shrink_configs(), ids=str)
+def test_every_shrink_config(config):
+    # Ragged in rows and K for every tile, with the mask drawn (the shrink's only use on a GPU);
+    # the dx GEMM behind it draws the same mask again, so any mismatch between the two shows.
+    with gemm_configs([SMALL_CONFIG]), shrink_configs([config]):
+        check_against_reference((301,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "triton GEMM",
                                 device=DEVICE)
 
 
@@ -157,7 +175,8 @@ def test_float32_follows_torchs_tf32_switch(allow_tf32, path, M):
     # Without TF32 every kernel must compute in full fp32 (the interpreter always does, so only a
     # GPU can tell); with it, TF32's rounding is the tolerance.
     tol = TF32_TOL if allow_tf32 else TOL[torch.float32]
-    with tf32_allowed(allow_tf32), gemm_configs([SMALL_CONFIG]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
+    with tf32_allowed(allow_tf32), gemm_configs([SMALL_CONFIG]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]), \
+            shrink_configs([SMALL_SHRINK_CONFIG]):
         check_against_reference((M,), 300, 140, 24, torch.float32, True, "strided", 0.1, 2.0, path,
                                 device=DEVICE, tol=tol)
 

@@ -41,6 +41,8 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert spilling("y with TMA loads, bf16", configs=6) == []
     # Decoding: the one-launch forward keeps x W^T and xa in registers in every config.
     assert spilling("few rows: y and xa in one launch (decoding forward), M = 16, bf16", configs=6) == []
+    # The shrink, with and without the dropout mask, in every config.
+    assert spilling("the shrink, bf16", configs=12) == []
 
 
 RAGGED_LOADS = """
