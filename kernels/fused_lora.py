@@ -420,8 +420,8 @@ def _shrink_kernel(
              acc.to(xa_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-def _shrink_configs():
-    """Autotuning candidates: (rows, K step, warps) per program.
+def _shrink_configs(interpreted=INTERPRET):
+    """Autotuning candidates: (rows, K step, warps) per program; the interpreter gets one.
 
     The shrink runs on a GPU only with dropout (without, it is cuBLAS), and there it is bound
     by instruction issue as much as by memory: reading x takes 16 us at the flagship shape, the
@@ -434,7 +434,7 @@ def _shrink_configs():
     per SM at 8192 rows) and then 16, but changed more than that in between, so which balance
     wins is left to the autotuner.
     """
-    if INTERPRET:
+    if interpreted:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps)
             for bm, bk, warps in [(16, 128, 4), (16, 128, 2), (16, 256, 2), (32, 128, 4), (32, 128, 2),

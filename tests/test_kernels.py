@@ -122,6 +122,21 @@ def test_backward_redraws_the_forward_mask():
 
 
 @interpreted
+@pytest.mark.parametrize("config", impl._shrink_configs(interpreted=False), ids=str)
+def test_every_gpu_shrink_tile_draws_the_same_mask(config):
+    # The GPU's shrink tiles (16 to 64 rows, K steps of 128 or 256), through the interpreter:
+    # whatever tile the autotuner picks, xa is (D * x) A^T / (1 - p) with the mask that
+    # dropout_mask() and the backward draw, here over ragged rows and K (70 x 300).
+    p, seed = 0.3, 11
+    x = torch.randn(70, 300)
+    lora_A = torch.randn(5, 300)
+    with mock.patch.object(impl, "_shrink_tuned", impl._autotuned_shrink([config])):
+        xa = impl._shrink(x, lora_A, p, seed)
+    mask = kernels.dropout_mask(seed, x.shape, p).double()
+    assert rel_err(xa, (mask * x.double() / (1 - p)) @ lora_A.double().t()) < 1e-5
+
+
+@interpreted
 def test_saves_only_x_xa_and_the_weights():
     # The dropped copy of x is never kept for the backward: only the seed is.
     x, weight, b, lora_A, lora_B = make_inputs((32,), 48, 20, 4, torch.float32)
