@@ -1,5 +1,6 @@
 """The kernel benchmark's own arithmetic: interleaved rounds, ratios taken within a round, the
-verdicts, and the CUDA-graph timer's bookkeeping (against a stand-in for torch.cuda).
+verdicts, our GEMM against cuBLAS's from the profile, and the CUDA-graph timer's bookkeeping
+(against a stand-in for torch.cuda).
 
 A mistake here costs a GPU session or, worse, prints a wrong ratio; the GPU itself is not needed
 to check any of it.
@@ -53,6 +54,21 @@ def test_verdicts_use_the_median_and_report_the_spread(bench):
     assert verdict["phase"] == "fwd+bwd" and verdict["metric"] == "x faster than peft"
     assert verdict["value"] == pytest.approx(1.4) and verdict["spread"] == pytest.approx([1.3, 1.5])
     assert verdict["met"]  # 1.4 >= 1.35
+
+
+def test_gemm_speed_compares_our_gemm_with_cublas_in_the_frozen_layer(bench):
+    # Kernel names as torch.profiler reports them on an H200 (cuBLAS's, then ours).
+    base = {"method": "base", "kernels": [("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", 1, 350.0),
+                                          ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", 1, 340.0),
+                                          ("void at::native::vectorized_elementwise_kernel<4>", 1, 30.0)]}
+    fused = {"method": "fused", "kernels": [("_matmul_lowrank_kernel", 2, 800.0), ("_shrink_kernel", 1, 20.0),
+                                            ("nvjet_hsh_64x32_64x16_2x1_v_bz_TNN", 2, 40.0)]}
+    case = {"M": 8192, "K": 4096, "N": 4096, "r": 16, "p": 0.1, "rows": [base, fused]}
+    ours, cublas, ratio = bench.gemm_speed(case)
+    assert (ours, cublas) == (800.0, 690.0)  # the elementwise kernel and the thin cuBLAS GEMMs are not counted
+    assert ratio == pytest.approx(690 / 800)
+    assert "86% of cuBLAS's speed" in bench.kernels_markdown([case])
+    assert bench.gemm_speed({**case, "rows": [base]}) is None  # no fused row profiled
 
 
 class FakeCuda:
