@@ -70,6 +70,8 @@ def parse_args():
     ap.add_argument("--profile", action="store_true",
                     help="also list the kernels of one forward + backward of each method, with their GPU "
                          "time (torch.profiler): where the time over the base goes")
+    ap.add_argument("--no-graph", action="store_true",
+                    help="skip the decoding cases' CUDA-graph timing (a replay that faults ends the process)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results on a GPU; --quick writes nothing unless given); "
                          "the table becomes the 'lora_linear' section of <folder>/<device>.md and .json")
@@ -198,7 +200,16 @@ def eager_timer(fn, device, params):
 def graph_timer(forwards):
     """A timer for decoding: forwards (one no-grad forward per copy of the weights) are captured
     once into a CUDA graph, GRAPH_CALLS rounds of all of them; each call of the timer replays it
-    ten times and returns the median time of one forward in ms."""
+    ten times and returns the median time of one forward in ms.
+
+    Each graph is warmed up and captured on a stream of its own. cuBLAS keeps one workspace per
+    stream: warmed up on that stream, it comes from the ordinary allocator before the capture.
+    Captured on torch's shared default capture stream instead, the first graph's capture
+    allocates it in that graph's private pool and later graphs reuse it; releasing it then
+    leaves a live graph pointing at freed memory (pytorch/pytorch#193402; the first GPU run of
+    this timer replayed into an illegal memory access). The timer also keeps `forwards` alive:
+    a replay reads the tensors they close over (e.g. peft's own copies of the weights).
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
@@ -206,13 +217,13 @@ def graph_timer(forwards):
             f()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
+    with torch.no_grad(), torch.cuda.graph(graph, stream=side):
         for _ in range(GRAPH_CALLS):
             for f in forwards:
                 f()
     calls = GRAPH_CALLS * len(forwards)
 
-    def replay_ms():
+    def replay_ms(keep_alive=(forwards, side)):
         times = []
         for _ in range(10):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -275,7 +286,7 @@ def summarise(samples, baseline="base"):
     return rows
 
 
-def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False):
+def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=True):
     g = torch.Generator(device=device).manual_seed(0)
     randn = lambda *shape, std=1.0: torch.randn(*shape, generator=g, device=device, dtype=dtype) * std  # noqa: E731
     s = 2.0
@@ -294,7 +305,7 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False):
     x = randn(M, K).requires_grad_(True)
     dy = randn(M, N)
     W, b, A, B = weights()
-    decoding = device == "cuda" and M <= DECODE_MAX_M and p == 0  # a decoding step runs without dropout
+    decoding = graph and device == "cuda" and M <= DECODE_MAX_M and p == 0  # a decoding step runs without dropout
     copies = [weights() for _ in range(GRAPH_WEIGHT_COPIES - 1)] if decoding else []
 
     timers, outputs, steps = {}, {}, {}
@@ -514,7 +525,7 @@ def main():
         case_impls = [name for name in impls if name != "fused[few rows]" or use_few_rows(M, r, dtype)]
         # The profile is taken at the largest shape only: that is where the targets are.
         profile = args.profile and M == max(c[0] for c in case_list)
-        rows = run_case(M, K, N, r, p, dtype, device, case_impls, rounds, profile)
+        rows = run_case(M, K, N, r, p, dtype, device, case_impls, rounds, profile, graph=not args.no_graph)
         path = forward_path(M, N, K, r, dtype)
         results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
         print(f"M={M} K={K} N={N} r={r} p={p}: " +

@@ -2,14 +2,16 @@
 # Every GPU check of the fused kernels in one command that ends inside a short GPU lease
 # (BUDGET seconds, 420 by default: with the machine's start that leaves a 15-minute lease time to
 # rerun a step; give the device call a timeout of BUDGET + 60), most important first:
-#   1. the target shapes with every fused route and the verdict table (without dropout each
+#   1. each route replayed from a CUDA graph (seconds; the benchmark's decoding timing relies on it)
+#   2. the target shapes with every fused route and the verdict table (without dropout each
 #      output is also checked against plain PyTorch before it is timed), and each method's
-#      kernels at M = 8192 (--profile)
-#   2. the compiled kernels against the float64 reference on 20 random ragged shapes
+#      kernels at M = 8192 (--profile); if a graph replay crashes it, again without graphs
+#   3. the compiled kernels against the float64 reference on 20 random ragged shapes
 #      (hypothesis; the check that found the misaligned loads)
-#   3. the same reference check on every autotuning config, the autotuned flagship shapes, fp32
-#      with and without TF32, the LoRA layer's own choice of path
-#   4. the full kernel sweep for whatever time is left
+#   4. the same reference check on every autotuning config, the autotuned flagship shapes, fp32
+#      with and without TF32, the LoRA layer's own choice of path (TESTS, a pytest -k
+#      expression, picks fewer)
+#   5. the full kernel sweep for whatever time is left
 # Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
 # wrote. It runs on the GPU machine's own python3 with its torch and triton (nothing can be
 # installed there): minipeft is copied into a scratch folder on PYTHONPATH rather than installed.
@@ -19,6 +21,7 @@
 # benchmarks/results/gpu-session/; copy the <gpu>.md/.json into benchmarks/results/ to keep them.
 #
 #   bash benchmarks/gpu_session.sh            # BUDGET=400 bash ... for a shorter lease
+#   TESTS="flagship or float32" bash benchmarks/gpu_session.sh   # step 4: only these tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-session}"
@@ -44,16 +47,26 @@ step() {
     if ((limit < 20)); then echo "skipped (budget spent): $*" | tee -a "$OUT/$log"; return; fi
     echo "== $* (limit ${limit}s)" | tee -a "$OUT/$log"
     timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
-    echo "== exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/$log"
+    local rc=${PIPESTATUS[0]}
+    echo "== exit $rc after $((SECONDS - start))s" | tee -a "$OUT/$log"
+    return "$rc"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/machine.txt"
 
+pytest=(env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py)
+step 90 gpu-tests.log "${pytest[@]}" -k "cuda_graph"
 step 300 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
-step 150 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "matches_float64_reference"
-step 200 gpu-tests.log env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -k "not matches_float64_reference"
+rc=$?
+if ((rc != 0 && rc != 124)); then  # a crash (not the time limit): the figures without the graph timing
+    step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --no-graph --out "$OUT"
+fi
+if [[ -z "${TESTS:-}" ]]; then
+    step 150 gpu-tests.log "${pytest[@]}" -k "matches_float64_reference"
+fi
+step 200 gpu-tests.log "${pytest[@]}" -k "${TESTS:-not matches_float64_reference and not cuda_graph}"
 left=$((BUDGET - (SECONDS - start)))
 step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
 echo "done in $((SECONDS - start))s; files in $OUT"

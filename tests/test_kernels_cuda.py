@@ -41,7 +41,8 @@ from torch import nn  # noqa: E402
 import minipeft.kernels as kernels  # noqa: E402
 import minipeft.kernels.fused_lora as impl  # noqa: E402
 from minipeft import LoraConfig, get_peft_model  # noqa: E402
-from tests.kernel_checks import PATHS, TOL, check_against_reference, rel_err, tf32_allowed  # noqa: E402
+from tests.kernel_checks import (PATHS, TOL, check_against_reference, make_inputs, reference, rel_err,  # noqa: E402
+                                 tf32_allowed)  # noqa: E402
 
 # TF32 keeps 10 bits of mantissa: each product is off by up to ~2^-11 of its size.
 TF32_TOL = 3e-3
@@ -165,6 +166,33 @@ def test_autotuned_flagship_shapes(M, p):
         M = min(M, 80)
     K = N = 4096 if DEVICE == "cuda" else 96
     check_against_reference((M,), K, N, 16, torch.bfloat16, True, "contiguous", p, 2.0, None, device=DEVICE)
+
+
+@compiled
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("route", impl.ROUTES)
+def test_replays_from_a_cuda_graph(route):
+    # Decoding is deployed as a captured graph: after capture, each replay must compute y from
+    # whatever x holds then, with nothing the kernels read freed or reallocated in between.
+    M, K, N, r = 16, 256, 384, 16
+    x, weight, bias, lora_A, lora_B = make_inputs((M,), K, N, r, torch.bfloat16, device=DEVICE)
+    forward = lambda: kernels.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, training=False, route=route)  # noqa: E731
+    with gemm_configs([SMALL_CONFIG]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
+        side = torch.cuda.Stream()  # warm-up (compiling, cuBLAS's workspace) and capture on one stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            y = forward()
+    for seed in (1, 2):
+        x.copy_(make_inputs((M,), K, N, r, torch.bfloat16, seed=seed, device=DEVICE)[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference(*(t.double() for t in (x, weight, bias, lora_A, lora_B)), 2.0, None, 0.0,
+                             xa_dtype=torch.bfloat16)
+        assert rel_err(y, expected) < TOL[torch.bfloat16], f"replay {seed} on the {route!r} route"
 
 
 @compiled
