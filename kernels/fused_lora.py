@@ -192,10 +192,13 @@ def _matmul_lowrank_kernel(
             offs_r = r0 + tl.arange(0, BLOCK_R)
             l = tl.load(l_ptr + offs_am[:, None] * stride_lm + offs_r[None, :] * stride_lr,
                         mask=offs_r[None, :] < R, other=0.0)  # (BLOCK_M, BLOCK_R)
-            # Every row tile adds its share of the sum over M: fp32 atomics.
+            # Every row tile adds its share of the sum over M: fp32 atomics. Relaxed, because
+            # nothing in this launch reads dr (the next kernel sees it whole): triton's default,
+            # acq_rel, wraps each in memory barriers (MEMBAR and CCTL in the sm_90 code) that
+            # wait for this thread's loads and stores, in the prologue, before the K loop.
             dr = _dot(tl.trans(l), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
             tl.atomic_add(dr_ptr + offs_r[:, None] * stride_drr + offs_n[None, :] * stride_drn, scale * dr,
-                          mask=(offs_r[:, None] < R) & (offs_n[None, :] < N))
+                          mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), sem="relaxed")
 
     # The accumulator starts as the low-rank term, scale * [D] * (l @ r), a (BLOCK_M, R) @
     # (R, BLOCK_N) product in chunks of BLOCK_R; the K loop then adds x @ w onto it. Adding the
