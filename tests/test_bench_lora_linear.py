@@ -101,10 +101,15 @@ class FakeCuda:
                     fake.clock += 2.0
 
         @contextlib.contextmanager
-        def graph(g):
+        def graph(g, stream=None):
+            fake.capture_stream = stream
             fake.capturing = g.calls
             yield
             fake.capturing = None
+
+        def stream(s):
+            fake.warmup_stream = s
+            return contextlib.nullcontext()
 
         class Event:
             def __init__(self, enable_timing):
@@ -121,7 +126,7 @@ class FakeCuda:
                 pass
 
         for name, value in {"CUDAGraph": Graph, "graph": graph, "Event": Event, "Stream": Stream,
-                            "current_stream": Stream, "stream": lambda s: contextlib.nullcontext(),
+                            "current_stream": Stream, "stream": stream,
                             "synchronize": lambda: None}.items():
             monkeypatch.setattr(torch.cuda, name, value)
 
@@ -135,3 +140,6 @@ def test_graph_timer_reports_the_time_of_one_forward(bench, monkeypatch):
     # Each forward ran once before the capture, then GRAPH_CALLS times inside it.
     assert len(calls) == 3 * (1 + bench.GRAPH_CALLS)
     assert replay_ms() == pytest.approx(2.0)  # each replay makes all its calls: time / calls
+    # Captured on the stream it was warmed up on (cuBLAS's workspace for that stream then
+    # predates the capture), not on torch's shared default capture stream.
+    assert fake.capture_stream is not None and fake.capture_stream is fake.warmup_stream
