@@ -206,9 +206,10 @@ def graph_timer(forwards):
     stream: warmed up on that stream, it comes from the ordinary allocator before the capture.
     Captured on torch's shared default capture stream instead, the first graph's capture
     allocates it in that graph's private pool and later graphs reuse it; releasing it then
-    leaves a live graph pointing at freed memory (pytorch/pytorch#193402; the first GPU run of
-    this timer replayed into an illegal memory access). The timer also keeps `forwards` alive:
-    a replay reads the tensors they close over (e.g. peft's own copies of the weights).
+    leaves a live graph pointing at freed memory (pytorch/pytorch#193402). Captured that way,
+    the first GPU run of this timer replayed into an illegal memory access; captured this way,
+    the next ran. The timer also keeps `forwards` alive: a replay reads the tensors they close
+    over (e.g. peft's own copies of the weights).
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -402,13 +403,15 @@ CUBLAS_GEMM = re.compile(r"gemm|nvjet|cutlass|xmma", re.IGNORECASE)
 
 def gemm_speed(case):
     """(our GEMM's us, cuBLAS's us, cuBLAS / ours) per forward + backward of a profiled case, or
-    None: `_matmul_lowrank_kernel` (y, and dx with dA, epilogues and all) in the fused row
-    against the frozen layer's GEMMs (y and dx). Fusing the low-rank term into the GEMM pays only
-    if this GEMM keeps about 95% of cuBLAS's speed (the issue's rule)."""
+    None: `_matmul_lowrank_kernel` (y, and dx with dA, epilogues and all) in a row whose GEMMs
+    are ours (`fused[triton GEMM]`, or `fused` where that is its own route) against the frozen
+    layer's GEMMs (y and dx). Fusing the low-rank term into the GEMM pays only if this GEMM keeps
+    about 95% of cuBLAS's speed (the issue's rule; `FUSE_BASE_GEMM` in kernels/fused_lora.py)."""
     rows = {row["method"]: row for row in case["rows"] if "kernels" in row}
-    if "base" not in rows or "fused" not in rows:
+    ours_row = rows.get("fused[triton GEMM]") or (rows.get("fused") if case.get("fused_path") == "triton GEMM" else None)
+    if "base" not in rows or ours_row is None:
         return None
-    ours = sum(us for name, _, us in rows["fused"]["kernels"] if "_matmul_lowrank_kernel" in name)
+    ours = sum(us for name, _, us in ours_row["kernels"] if "_matmul_lowrank_kernel" in name)
     cublas = sum(us for name, _, us in rows["base"]["kernels"] if CUBLAS_GEMM.search(name))
     return (ours, cublas, cublas / ours) if ours and cublas else None
 
@@ -550,6 +553,9 @@ def write(device, section, meta, results, out, quiet=False):
         meta["autotuned"] = autotuned_configs()
     verdicts = target_verdicts(results)
     header = "\n".join(f"- {k}: {v}" for k, v in meta.items() if k not in ("autotuned", "not_run"))
+    if meta.get("not_run"):
+        header += "\n- not run (time budget spent): " + ", ".join(
+            f"M={M} {K} -> {N} r={r} p={p}" for M, K, N, r, p in meta["not_run"])
     text = f"{header}\n\n{markdown(results)}\n"
     if verdicts:
         text += f"\nTargets (fused, its own choice of path):\n\n{verdicts_markdown(verdicts)}\n"

@@ -28,7 +28,7 @@ dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single Triton pass ove
 produced both, adding each row block's share of dB with fp32 atomics, was slower: with the two
 GEMMs instead (and the shrink's smaller row blocks), forward + backward at M = 8192, K = N =
 4096, r = 16 went from 1.10 to 0.99 ms without dropout on an H200,
-`benchmarks/results/nvidia-h200-first-run.md` against `nvidia-h200.md`.)
+`benchmarks/results/nvidia-h200-first-run.md` against `nvidia-h200-run2.md`.)
 
 All accumulate in fp32 and store in the input dtype, except the dA summed in the dx GEMM:
 several programs add into it, so it is an fp32 buffer the caller casts. r is handled in
@@ -42,8 +42,10 @@ copy engine then fetches whole tiles into shared memory while the warps only iss
 instructions (tutorial 09). Which is faster is the autotuner's call: the large tiles are
 candidates both ways (`_gemm_configs`).
 
-When the base GEMM cannot be expected to beat cuBLAS (see `use_fused_base`), the base product
-is cuBLAS `F.linear` / `mm` and only the low-rank part is ours. The shrink runs here when there
+Where our GEMM is not as fast as cuBLAS (`FUSE_BASE_GEMM`, `use_fused_base`: measured on an
+H200, everywhere so far), the base product is cuBLAS `F.linear` / `mm` and only the low-rank
+part is ours: the forward adds it with an addmm, the backward's dx gets it, masked, from a thin
+pass of `_matmul_lowrank_kernel` over cuBLAS's dy W that also sums dA. The shrink runs here when there
 is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the exception:
 there y costs about one read of W, and the few-rows kernel saves the two extra launches
 (`forward_path` names the route a shape takes).
@@ -261,9 +263,10 @@ def _gemm_configs(tma=False):
     # low-rank seed, and in the backward the dropout mask and dA) then runs while the other's
     # K loop keeps the tensor cores busy. Every other large tile holds an SM alone.
     if tma:
-        # A tutorial-style GEMM on Hopper reaches ~90% of cuBLAS (nvidia-h200.md); the copy
-        # engine frees the warps' registers and issue slots for the tensor cores, which matters
-        # most for the largest tiles.
+        # A tutorial-style GEMM on Hopper reaches 76-84% of cuBLAS here, epilogues included
+        # (nvidia-h200.md, with these TMA candidates; the autotuner chose TMA for y and dx); the
+        # copy engine frees the warps' registers and issue slots for the tensor cores, which
+        # matters most for the largest tiles.
         tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                  (128, 128, 64, 8, 4), (128, 128, 64, 4, 3)]
     else:
@@ -655,19 +658,29 @@ def dropout_mask(seed, shape, p, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 
+# Whether shapes that our GEMM could run (`use_fused_base`) are given to it. Fusing saves one
+# read and one write of y, about 5% of a large layer's time, so it pays only where our GEMM is
+# at least ~95% as fast as cuBLAS. `bench_lora_linear.py --profile` measures that share at the
+# issue's flagship shape (y and dx with their epilogues): on an H200 with triton 3.6 it was 84%
+# without dropout and 76% with (benchmarks/results/nvidia-h200.md), and the cuBLAS route beat
+# ours forward + backward in the same run (0.97 against 1.02 ms, and 1.20 against 1.50 ms at
+# p = 0.1). So cuBLAS runs the base product by default; set this to True, or pass
+# route="triton GEMM", to run ours (on a GPU where it measures >= 95%).
+FUSE_BASE_GEMM = False
+
+
 def use_fused_base(M, N, K, dtype=torch.bfloat16):
     """Whether x W^T runs in our kernel (low-rank term in its epilogue, y written once) rather
-    than in cuBLAS followed by an in-place addmm of the low-rank term.
+    than in cuBLAS followed by an in-place addmm of the low-rank term: only with FUSE_BASE_GEMM.
 
-    Fusing saves one read and one write of y (M, N). That only pays when the GEMM itself is as
-    fast as cuBLAS, which for a tutorial-style kernel means tensor cores, enough output tiles to
-    fill the GPU and a reduction long enough to pipeline. Few rows (decoding, small batches) or
-    thin matrices go elsewhere: the forward to the one-launch few-rows kernel where
-    `use_few_rows` allows, the rest to cuBLAS, which has split-K and hand-tuned small-M kernels.
-    So does full fp32 (no TF32), where tl.dot falls back to FMAs and half of our GEMM's configs
-    spill (`benchmarks/results/sm90-registers.md`).
+    Even then only where a tutorial-style kernel can hope to match cuBLAS: tensor cores, enough
+    output tiles to fill the GPU and a reduction long enough to pipeline. Few rows (decoding,
+    small batches) or thin matrices go elsewhere: the forward to the one-launch few-rows kernel
+    where `use_few_rows` allows, the rest to cuBLAS, which has split-K and hand-tuned small-M
+    kernels. So does full fp32 (no TF32), where tl.dot falls back to FMAs and half of our GEMM's
+    configs spill (`benchmarks/results/sm90-registers.md`).
     """
-    return M >= 256 and N >= 256 and K >= 256 and _dot_precision(dtype) == "tf32"
+    return FUSE_BASE_GEMM and M >= 256 and N >= 256 and K >= 256 and _dot_precision(dtype) == "tf32"
 
 
 def use_few_rows(M, R, dtype=torch.bfloat16):

@@ -63,12 +63,18 @@ def test_gemm_speed_compares_our_gemm_with_cublas_in_the_frozen_layer(bench):
                                           ("void at::native::vectorized_elementwise_kernel<4>", 1, 30.0)]}
     fused = {"method": "fused", "kernels": [("_matmul_lowrank_kernel", 2, 800.0), ("_shrink_kernel", 1, 20.0),
                                             ("nvjet_hsh_64x32_64x16_2x1_v_bz_TNN", 2, 40.0)]}
-    case = {"M": 8192, "K": 4096, "N": 4096, "r": 16, "p": 0.1, "rows": [base, fused]}
+    case = {"M": 8192, "K": 4096, "N": 4096, "r": 16, "p": 0.1, "fused_path": "triton GEMM", "rows": [base, fused]}
     ours, cublas, ratio = bench.gemm_speed(case)
     assert (ours, cublas) == (800.0, 690.0)  # the elementwise kernel and the thin cuBLAS GEMMs are not counted
     assert ratio == pytest.approx(690 / 800)
     assert "86% of cuBLAS's speed" in bench.kernels_markdown([case])
     assert bench.gemm_speed({**case, "rows": [base]}) is None  # no fused row profiled
+    # Where the fused function takes cuBLAS's route, its one _matmul_lowrank_kernel is the thin
+    # pass over dx, not a GEMM: only the forced route's row says how fast our GEMM is.
+    thin = {"method": "fused", "kernels": [("_matmul_lowrank_kernel", 1, 74.0), ("nvjet_sm90_tst_256x128", 2, 690.0)]}
+    assert bench.gemm_speed({**case, "fused_path": "cuBLAS base", "rows": [base, thin]}) is None
+    forced = {**fused, "method": "fused[triton GEMM]"}
+    assert bench.gemm_speed({**case, "fused_path": "cuBLAS base", "rows": [base, thin, forced]})[0] == 800.0
 
 
 class FakeCuda:

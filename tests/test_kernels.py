@@ -193,21 +193,28 @@ def test_switch_and_fallback_rule():
         assert not kernels.enabled()
     finally:
         kernels.set_enabled(True)
-    # A long sequence runs our GEMM, except in full fp32; decoding-sized batches run the
-    # one-launch few-rows kernel where the rank allows, and cuBLAS's base product otherwise.
-    assert not impl.use_fused_base(16, 4096, 4096)
-    assert impl.use_fused_base(8192, 4096, 4096)
+    # Decoding-sized batches run the one-launch few-rows kernel where the rank allows, and
+    # cuBLAS's base product otherwise; so does a long sequence while our GEMM is slower than
+    # cuBLAS (FUSE_BASE_GEMM off, as measured).
     bf16 = torch.bfloat16
-    assert impl.forward_path(8192, 4096, 4096, 16, bf16) == "triton GEMM"
+    assert not impl.FUSE_BASE_GEMM
+    assert not impl.use_fused_base(8192, 4096, 4096)
+    assert impl.forward_path(8192, 4096, 4096, 16, bf16) == "cuBLAS base"
     assert impl.forward_path(16, 4096, 4096, 16, bf16) == "few rows"
     assert impl.forward_path(32, 4096, 11008, 64, torch.float16) == "few rows"
     assert impl.forward_path(16, 4096, 4096, 65, bf16) == "cuBLAS base"
     assert impl.forward_path(33, 4096, 4096, 16, bf16) == "cuBLAS base"
     assert impl.forward_path(16, 4096, 4096, 16, torch.float32) == "cuBLAS base"
-    with tf32_allowed(False):
-        assert not impl.use_fused_base(8192, 4096, 4096, torch.float32)
-    with tf32_allowed(True):
-        assert impl.use_fused_base(8192, 4096, 4096, torch.float32)
+    # With it on, a long sequence runs our GEMM, except in full fp32.
+    with mock.patch.object(impl, "FUSE_BASE_GEMM", True):
+        assert not impl.use_fused_base(16, 4096, 4096)
+        assert impl.use_fused_base(8192, 4096, 4096)
+        assert impl.forward_path(8192, 4096, 4096, 16, bf16) == "triton GEMM"
+        assert impl.forward_path(16, 4096, 4096, 16, bf16) == "few rows"
+        with tf32_allowed(False):
+            assert not impl.use_fused_base(8192, 4096, 4096, torch.float32)
+        with tf32_allowed(True):
+            assert impl.use_fused_base(8192, 4096, 4096, torch.float32)
 
 
 @interpreted

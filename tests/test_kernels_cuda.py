@@ -157,15 +157,16 @@ def test_every_shrink_config(config):
 
 
 @compiled
-@pytest.mark.parametrize("M", [16, 2048])
+@pytest.mark.parametrize("M, path", [(16, None), (2048, None), (2048, "triton GEMM")])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_autotuned_flagship_shapes(M, p):
-    # What the benchmark runs: the library's own choice of path and its autotuned tile, for
-    # decoding (few rows) and for a long sequence (our GEMM).
+def test_autotuned_flagship_shapes(M, path, p):
+    # What the benchmark runs: the library's own choice of path and its autotuned tiles, for
+    # decoding (few rows) and for a long sequence (cuBLAS's base product with our shrink and
+    # backward pass), and our GEMM with its autotuned tile where FUSE_BASE_GEMM would send it.
     if DEVICE == "cpu":
         M = min(M, 80)
     K = N = 4096 if DEVICE == "cuda" else 96
-    check_against_reference((M,), K, N, 16, torch.bfloat16, True, "contiguous", p, 2.0, None, device=DEVICE)
+    check_against_reference((M,), K, N, 16, torch.bfloat16, True, "contiguous", p, 2.0, path, device=DEVICE)
 
 
 @compiled
