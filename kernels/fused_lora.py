@@ -744,8 +744,11 @@ class LoraLinearFunction(torch.autograd.Function):
         N = weight.shape[0]
         dy2 = dy.reshape(M, N)
 
-        dxa = dy2 @ (s * lora_B)  # (M, r), s folded into the small factor
-        dB = torch.mm(dy2.t(), xa).mul_(s) if ctx.needs_input_grad[4] else None  # (N, r)
+        # dxa = s * dy B (M, r) and dB = s * dy^T xa (N, r), each one cuBLAS call: addmm with
+        # beta = 0 never reads its first argument (a tensor of the result's shape) and applies
+        # alpha = s in fp32 in the GEMM's epilogue, where a separate scaling would be a launch.
+        dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s)
+        dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if ctx.needs_input_grad[4] else None
 
         dx = dA = None
         if ctx.needs_input_grad[0]:
