@@ -322,7 +322,7 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
                 timers[name]["fwd graph"] = graph_timer([functools.partial(each, x) for each in layers])
             except RuntimeError as err:  # a method that cannot be captured loses this column, not the run
                 print(f"WARNING: {name} could not be captured in a CUDA graph at M={M}: {err}")
-        steps[name] = (lambda layer=layer: layer(x).backward(dy), params)
+        steps[name] = (lambda layer=layer: layer(x).backward(dy), lambda layer=layer: layer(x), params)
 
     # Correctness first, as in the Triton tutorials: without dropout every LoRA agrees.
     errors = {}
@@ -337,14 +337,18 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
 
     rows = summarise(interleaved(timers, rounds))
     for row in rows:
-        step, params = steps[row["method"]]
+        step, forward, params = steps[row["method"]]
         for t in params:
             t.grad = None
         row["peak_mib"] = peak_mib(step, device)
         if row["method"] in errors:
             row["rel_err_vs_torch"] = errors[row["method"]]
         if profile:
-            row["kernels"] = kernel_times(step, params, device)
+            # The forward alone is profiled too, so that each kernel's time splits into forward
+            # and backward (y's GEMM and dx's share a kernel name).
+            fwd_us = {name: us for name, _, us in kernel_times(forward, params, device)}
+            row["kernels"] = [(name, calls, us, fwd_us.get(name, 0.0))
+                              for name, calls, us in kernel_times(step, params, device)]
     return rows
 
 
@@ -401,18 +405,27 @@ def markdown(results):
 CUBLAS_GEMM = re.compile(r"gemm|nvjet|cutlass|xmma", re.IGNORECASE)
 
 
-def gemm_speed(case):
-    """(our GEMM's us, cuBLAS's us, cuBLAS / ours) per forward + backward of a profiled case, or
-    None: `_matmul_lowrank_kernel` (y, and dx with dA, epilogues and all) in a row whose GEMMs
-    are ours (`fused[triton GEMM]`, or `fused` where that is its own route) against the frozen
-    layer's GEMMs (y and dx). Fusing the low-rank term into the GEMM pays only if this GEMM keeps
-    about 95% of cuBLAS's speed (the issue's rule; `FUSE_BASE_GEMM` in kernels/fused_lora.py)."""
+def phase_us(kernel, phase):
+    """A profiled kernel's us per step in phase "fwd", "bwd" or "fwd+bwd"; kernel is (name,
+    calls, us per forward + backward, us per forward)."""
+    _, _, total, fwd = kernel
+    return {"fwd": fwd, "bwd": total - fwd, "fwd+bwd": total}[phase]
+
+
+def gemm_speed(case, phase="fwd+bwd"):
+    """(our GEMM's us, cuBLAS's us, cuBLAS / ours) in one phase of a profiled case, or None:
+    `_matmul_lowrank_kernel` (y in the forward, dx with dA in the backward, epilogues and all) in
+    a row whose GEMMs are ours (`fused[triton GEMM]`, or `fused` where that is its own route)
+    against the frozen layer's GEMMs. Fusing the low-rank term into the GEMM pays only if this
+    GEMM keeps about 95% of cuBLAS's speed (the issue's rule; `FUSE_BASE_GEMM` in
+    kernels/fused_lora.py)."""
     rows = {row["method"]: row for row in case["rows"] if "kernels" in row}
-    ours_row = rows.get("fused[triton GEMM]") or (rows.get("fused") if case.get("fused_path") == "triton GEMM" else None)
+    own_route_is_ours = case.get("fused_path") == "triton GEMM"
+    ours_row = rows.get("fused[triton GEMM]") or (rows.get("fused") if own_route_is_ours else None)
     if "base" not in rows or ours_row is None:
         return None
-    ours = sum(us for name, _, us in ours_row["kernels"] if "_matmul_lowrank_kernel" in name)
-    cublas = sum(us for name, _, us in rows["base"]["kernels"] if CUBLAS_GEMM.search(name))
+    ours = sum(phase_us(k, phase) for k in ours_row["kernels"] if "_matmul_lowrank_kernel" in k[0])
+    cublas = sum(phase_us(k, phase) for k in rows["base"]["kernels"] if CUBLAS_GEMM.search(k[0]))
     return (ours, cublas, cublas / ours) if ours and cublas else None
 
 
@@ -424,18 +437,20 @@ def kernels_markdown(results, top=8):
         for row in case["rows"]:
             if "kernels" not in row:
                 continue
-            total = sum(us for _, _, us in row["kernels"])
+            total = sum(us for _, _, us, _ in row["kernels"])
             lines += [f"\n{row['method']} at M={case['M']} K={case['K']} N={case['N']} r={case['r']} p={case['p']}: "
                       f"{total:.1f} us of kernels per forward + backward\n",
-                      "| kernel | calls | us | share |", "|---|---:|---:|---:|"]
-            lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} | {us / total:.0%} |"
-                      for name, calls, us in row["kernels"][:top]]
-        speed = gemm_speed(case)
-        if speed:
-            ours, cublas, ratio = speed
+                      "| kernel | calls | us | of which forward | share |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} | {fwd:.1f} | {us / total:.0%} |"
+                      for name, calls, us, fwd in row["kernels"][:top]]
+        speed = {phase: gemm_speed(case, phase) for phase in ("fwd", "bwd", "fwd+bwd")}
+        if all(speed.values()):
+            ours, cublas, ratio = speed["fwd+bwd"]
+            (y_ours, y_cublas, y_ratio), (dx_ours, dx_cublas, dx_ratio) = speed["fwd"], speed["bwd"]
             lines.append(f"\nOur GEMM (y and dx, with the low-rank epilogue and dA): {ours:.1f} us against "
                          f"cuBLAS's {cublas:.1f} us in the frozen layer: {ratio:.0%} of cuBLAS's speed "
-                         "(fusing pays above ~95%).")
+                         f"(fusing pays above ~95%); y {y_ours:.1f} us against {y_cublas:.1f} ({y_ratio:.0%}), "
+                         f"dx {dx_ours:.1f} us against {dx_cublas:.1f} ({dx_ratio:.0%}).")
     return "\n".join(lines)
 
 

@@ -57,21 +57,29 @@ def test_verdicts_use_the_median_and_report_the_spread(bench):
 
 
 def test_gemm_speed_compares_our_gemm_with_cublas_in_the_frozen_layer(bench):
-    # Kernel names as torch.profiler reports them on an H200 (cuBLAS's, then ours).
-    base = {"method": "base", "kernels": [("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", 1, 350.0),
-                                          ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", 1, 340.0),
-                                          ("void at::native::vectorized_elementwise_kernel<4>", 1, 30.0)]}
-    fused = {"method": "fused", "kernels": [("_matmul_lowrank_kernel", 2, 800.0), ("_shrink_kernel", 1, 20.0),
-                                            ("nvjet_hsh_64x32_64x16_2x1_v_bz_TNN", 2, 40.0)]}
+    # Kernel names as torch.profiler reports them on an H200 (cuBLAS's, then ours), each with its
+    # us per forward + backward and the part of it in the forward.
+    base = {"method": "base", "kernels": [
+        ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", 1, 350.0, 0.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", 1, 340.0, 340.0),
+        ("void at::native::vectorized_elementwise_kernel<4>", 1, 30.0, 0.0)]}
+    fused = {"method": "fused", "kernels": [
+        ("_matmul_lowrank_kernel", 2, 800.0, 380.0), ("_shrink_kernel", 1, 20.0, 20.0),
+        ("nvjet_hsh_64x32_64x16_2x1_v_bz_TNN", 2, 40.0, 0.0)]}
     case = {"M": 8192, "K": 4096, "N": 4096, "r": 16, "p": 0.1, "fused_path": "triton GEMM", "rows": [base, fused]}
     ours, cublas, ratio = bench.gemm_speed(case)
     assert (ours, cublas) == (800.0, 690.0)  # the elementwise kernel and the thin cuBLAS GEMMs are not counted
     assert ratio == pytest.approx(690 / 800)
-    assert "86% of cuBLAS's speed" in bench.kernels_markdown([case])
+    assert bench.gemm_speed(case, "fwd") == pytest.approx((380.0, 340.0, 340 / 380))  # y
+    assert bench.gemm_speed(case, "bwd") == pytest.approx((420.0, 350.0, 350 / 420))  # dx
+    text = bench.kernels_markdown([case])
+    assert "86% of cuBLAS's speed" in text and "y 380.0 us against 340.0 (89%)" in text
+    assert "dx 420.0 us against 350.0 (83%)" in text
     assert bench.gemm_speed({**case, "rows": [base]}) is None  # no fused row profiled
     # Where the fused function takes cuBLAS's route, its one _matmul_lowrank_kernel is the thin
     # pass over dx, not a GEMM: only the forced route's row says how fast our GEMM is.
-    thin = {"method": "fused", "kernels": [("_matmul_lowrank_kernel", 1, 74.0), ("nvjet_sm90_tst_256x128", 2, 690.0)]}
+    thin = {"method": "fused", "kernels": [("_matmul_lowrank_kernel", 1, 74.0, 0.0),
+                                           ("nvjet_sm90_tst_256x128", 2, 690.0, 345.0)]}
     assert bench.gemm_speed({**case, "fused_path": "cuBLAS base", "rows": [base, thin]}) is None
     forced = {**fused, "method": "fused[triton GEMM]"}
     assert bench.gemm_speed({**case, "fused_path": "cuBLAS base", "rows": [base, thin, forced]})[0] == 800.0
