@@ -178,6 +178,22 @@ def test_eval_mode_and_seed_handling():
 
 
 @interpreted
+@pytest.mark.parametrize("path", PATHS)
+def test_a_call_with_nothing_to_differentiate_skips_autograd(path):
+    # Inference (no_grad, or no input that needs a gradient) runs the same kernels without the
+    # autograd Function: the same numbers, and the same dropout mask for the same seed.
+    x, weight, b, lora_A, lora_B = make_inputs((3, 7), 40, 24, 8, torch.bfloat16)
+    lora_A.requires_grad_(True)
+    call = lambda: kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, 0.25, seed=5, route=path)  # noqa: E731
+    recorded = call()
+    assert recorded.grad_fn is not None
+    refuse = mock.patch.object(impl.LoraLinearFunction, "apply", side_effect=AssertionError("autograd was used"))
+    with torch.no_grad(), refuse:
+        bare = call()
+    assert bare.shape == recorded.shape and torch.equal(bare, recorded.detach())
+
+
+@interpreted
 def test_rejects_mixed_dtypes():
     x, weight, b, lora_A, lora_B = make_inputs((4,), 8, 8, 2, torch.float32)
     with pytest.raises(TypeError, match="one dtype"):
