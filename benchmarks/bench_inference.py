@@ -123,6 +123,8 @@ def main() -> None:
                         help="on a bf16 base, bf16 adapters in both libraries (peft autocast_adapter_dtype=False, "
                              "minipeft's adapters cast): identical math instead of each library's default")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR,
+                        help="results folder: the table becomes a section of <folder>/<device>.md and .json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible to torch")
@@ -157,7 +159,7 @@ def main() -> None:
     print(table)
     if not args.no_write:
         section = "inference" + (" (same adapter dtype)" if args.same_adapter_dtype else "")
-        path = common.write_results(args.device, section, results, table)
+        path = common.write_results(args.device, section, results, table, results_dir=args.out)
         print(f"wrote {path} and {path.with_suffix('.json')}")
     print(json.dumps({"device": common.device_slug(args.device), "latency_ratio_vs_peft": {
         f"{m}/batch{b}/{what}": {k: round(v, 4) for k, v in lat[what]["ratio_vs_peft"].items() if k != "peft"}

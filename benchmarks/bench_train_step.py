@@ -278,6 +278,8 @@ def main() -> None:
                         help="on a bf16 base, bf16 adapters in both libraries (peft autocast_adapter_dtype=False, "
                              "minipeft's adapters cast): identical math instead of each library's default")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR,
+                        help="results folder: the table becomes a section of <folder>/<device>.md and .json")
     parser.add_argument("--memory-child", choices=["minipeft", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
@@ -319,7 +321,7 @@ def main() -> None:
     print(table)
     if not args.no_write:
         section = "train_step" + (" (same adapter dtype)" if args.same_adapter_dtype else "")
-        path = common.write_results(args.device, section, results, table)
+        path = common.write_results(args.device, section, results, table, results_dir=args.out)
         print(f"wrote {path} and {path.with_suffix('.json')}")
     print(json.dumps({"device": common.device_slug(args.device),
                       "step_time_ratio": {k: round(r["step"]["ratio"], 4) for k, r in results.items()},
