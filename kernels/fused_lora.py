@@ -44,11 +44,11 @@ candidates both ways (`_gemm_configs`).
 
 Where our GEMM is not as fast as cuBLAS (`FUSE_BASE_GEMM`, `use_fused_base`: measured on an
 H200, everywhere so far), the base product is cuBLAS `F.linear` / `mm` and only the low-rank
-part is ours: the forward adds it with an addmm, the backward's dx gets it, masked, from a thin
-pass of `_matmul_lowrank_kernel` over cuBLAS's dy W that also sums dA. The shrink runs here when there
-is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the exception:
-there y costs about one read of W, and the few-rows kernel saves the two extra launches
-(`forward_path` names the route a shape takes).
+part is ours: the forward adds it with an addmm, and the backward's dx gets it, masked, from a
+thin pass of `_matmul_lowrank_kernel` over cuBLAS's dy W that also sums dA. The shrink runs
+here when there is dropout to draw, and in cuBLAS when there is not. The forward with few rows
+is the exception: there y costs about one read of W, and the few-rows kernel saves the two
+extra launches (`forward_path` names the route a shape takes).
 """
 
 import functools
