@@ -73,3 +73,28 @@ def test_a_ragged_edge_is_not_read_with_wide_loads():
     assert result.returncode == 0, result.stderr[-3000:]
     loads = eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  a list literal printed above
     assert loads and all(load.endswith(".b16") for load in loads), loads
+
+
+DA_REDUCTIONS = """
+import re, sys
+sys.path.insert(0, "benchmarks")
+import kernel_registers as kr
+from minipeft.kernels import fused_lora as fl
+flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True, DOT_PRECISION="tf32",
+             W_TRANSPOSED=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
+ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, kr.gemm_args("bf16", backward=True), flags).asm["ptx"]
+print(sorted(set(re.findall(r"\\b(?:atom|red)\\.global[.\\w]*", ptx))))
+"""
+
+
+@pytest.mark.slow
+def test_da_is_summed_with_relaxed_reductions():
+    # dA's fp32 atomics (the default route's backward pass over dx) are read by no one in the
+    # launch: relaxed, they compile to fire-and-forget reductions (red), where triton's default
+    # acq_rel gives atom.acq_rel and memory barriers around each in the machine code.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", DA_REDUCTIONS], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ops = eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  a list literal printed above
+    assert ops and all(op.startswith("red.global") and ".relaxed." in op for op in ops), ops
