@@ -45,20 +45,23 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert spilling("the shrink, bf16", configs=12) == []
 
 
-RAGGED_LOADS = """
-import re, sys
-sys.path.insert(0, "benchmarks")
-import kernel_registers as kr
-from minipeft.kernels import fused_lora as fl
-args = kr.gemm_args("bf16", backward=False)
-args.update(N=37, stride_om=37, stride_im=37, stride_drr=37)  # a ragged last tile of odd width
-flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32", W_TRANSPOSED=True,
-             BLOCK_R=16)
-config = fl._gemm_configs()[-1]
-ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, args, {**flags, **config.kwargs}, config.num_warps,
-                          config.num_stages).asm["ptx"]
-print(sorted(set(re.findall(r"ld\\.global[.\\w]*", ptx))))
-"""
+def ptx_instructions(compile_kernel, pattern):
+    """The distinct PTX instructions matching the regex `pattern` in the kernel variant that the
+    code `compile_kernel` compiles for sm_90 (it binds the PTX text to `ptx`), in a child process:
+    triton's GPU code generation needs TRITON_INTERPRET unset."""
+    script = "\n".join([
+        "import re, sys",
+        "sys.path.insert(0, 'benchmarks')",
+        "import kernel_registers as kr",
+        "from minipeft.kernels import fused_lora as fl",
+        compile_kernel,
+        f"print(sorted(set(re.findall({pattern!r}, ptx))))",
+    ])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  a list literal the child printed
 
 
 @pytest.mark.slow
@@ -67,24 +70,16 @@ def test_a_ragged_edge_is_not_read_with_wide_loads():
     # past the edge and wrap, so no 32-bit (two bf16) or vector load may straddle them: such a
     # load at an odd address crashed the forward with "misaligned address" on an H200, when the
     # kernel still promised triton aligned blocks there (tl.multiple_of / tl.max_contiguous).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", RAGGED_LOADS], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loads = eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  a list literal printed above
+    loads = ptx_instructions("""
+args = kr.gemm_args("bf16", backward=False)
+args.update(N=37, stride_om=37, stride_im=37, stride_drr=37)  # a ragged last tile of odd width
+flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32", W_TRANSPOSED=True,
+             BLOCK_R=16)
+config = fl._gemm_configs()[-1]
+ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, args, {**flags, **config.kwargs}, config.num_warps,
+                          config.num_stages).asm["ptx"]
+""", r"ld\.global[.\w]*")
     assert loads and all(load.endswith(".b16") for load in loads), loads
-
-
-DA_REDUCTIONS = """
-import re, sys
-sys.path.insert(0, "benchmarks")
-import kernel_registers as kr
-from minipeft.kernels import fused_lora as fl
-flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True, DOT_PRECISION="tf32",
-             W_TRANSPOSED=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
-ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, kr.gemm_args("bf16", backward=True), flags).asm["ptx"]
-print(sorted(set(re.findall(r"\\b(?:atom|red)\\.global[.\\w]*", ptx))))
-"""
 
 
 @pytest.mark.slow
@@ -92,9 +87,9 @@ def test_da_is_summed_with_relaxed_reductions():
     # dA's fp32 atomics (the default route's backward pass over dx) are read by no one in the
     # launch: relaxed, they compile to fire-and-forget reductions (red), where triton's default
     # acq_rel gives atom.acq_rel and memory barriers around each in the machine code.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", DA_REDUCTIONS], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ops = eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  a list literal printed above
+    ops = ptx_instructions("""
+flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True, DOT_PRECISION="tf32",
+             W_TRANSPOSED=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
+ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, kr.gemm_args("bf16", backward=True), flags).asm["ptx"]
+""", r"\b(?:atom|red)\.global[.\w]*")
     assert ops and all(op.startswith("red.global") and ".relaxed." in op for op in ops), ops
