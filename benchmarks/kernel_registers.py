@@ -145,7 +145,7 @@ def gemm_args(dtype, backward, rank=R, config=None):
 def gemm_rows(dtype, backward, dropout, precision="tf32", tma=False):
     """precision: tl.dot's for fp32 tiles; "ieee" is what fp32 gets unless torch allows TF32.
     tma: the configs that load through the TMA copy engine."""
-    flags = dict(ADD_TO_OUT=False, HAS_BIAS=not backward, HAS_DROPOUT=dropout, R_GRAD=backward,
+    flags = dict(HAS_BIAS=not backward, HAS_DROPOUT=dropout, R_GRAD=backward,
                  DOT_PRECISION=precision, W_TRANSPOSED=not backward, BLOCK_R=fl._block_r(R))
     for config in fl._gemm_configs(tma=tma):
         compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward, config=config),
@@ -187,33 +187,47 @@ def few_rows_rows(dtype, dropout, rows=16, rank=R):
         yield f"{tile}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
 
 
+def lowrank_grad_args(dtype, rank=R):
+    """(arguments, flags) of _lowrank_grad_kernel, the backward's low-rank pass, at the flagship
+    layer with dropout: dx's masked low-rank part and dA, before cuBLAS adds dy W onto dx."""
+    p = f"*{dtype}"
+    block_r = max(16, triton.next_power_of_2(rank))
+    args = dict(dxa_ptr=p, a_ptr=p, x_ptr=p, dx_ptr=p, da_ptr="*fp32", M=M, K=K, R=rank,
+                stride_dxam=rank, stride_dxar=1, stride_ar=K, stride_ak=1, stride_xm=K, stride_xk=1,
+                stride_dxm=K, stride_dxk=1, stride_dar=K, stride_dak=1, keep_scale=1.0, threshold=6553, seed=1234,
+                M_BUCKET=M)
+    flags = dict(WRITE_DX=True, SUM_DA=True, HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_R=block_r,
+                 BLOCK_K=fl._lowrank_grad_block_k(block_r))
+    return args, flags
+
+
+def lowrank_grad_rows(dtype, rank=R):
+    """The backward's low-rank pass in each autotuning config."""
+    args, flags = lowrank_grad_args(dtype, rank)
+    for config in fl._lowrank_grad_configs():
+        compiled = compile_for_sm90(fl._lowrank_grad_kernel, args, {**flags, **config.kwargs}, config.num_warps,
+                                    config.num_stages)
+        bm, rows = config.kwargs["BLOCK_M"], config.kwargs["ROWS_PER_PROGRAM"]
+        yield f"{bm}x{flags['BLOCK_K']}, {rows} rows per program, {config.num_warps} warps", resources(compiled)
+
+
 def other_rows():
     """Every other variant a launch can ask for, each in one config: that it compiles at all is
     the point (the interpreter the tests use never runs triton's GPU code generation)."""
     one = fl._gemm_configs()[3]  # 128x128x64, 8 warps
     for dtype, precision in (("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
-        flags = dict(ADD_TO_OUT=False, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True,
+        flags = dict(HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True,
                      DOT_PRECISION=precision, W_TRANSPOSED=False, BLOCK_R=16)
         compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args(dtype, backward=True),
                                     {**flags, **one.kwargs}, one.num_warps, one.num_stages)
         name = f"{dtype}, {precision}" if dtype == "fp32" else dtype
         yield f"dx GEMM + dA, dropout, {name}, 128x128x64", resources(compiled)
     rank = 130  # three chunks of BLOCK_R = 64, the last one mostly padding
-    flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32",
+    flags = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32",
                  W_TRANSPOSED=True, BLOCK_R=fl._block_r(rank))
     compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=False, rank=rank),
                                 {**flags, **one.kwargs}, one.num_warps, one.num_stages)
     yield f"y GEMM, r = {rank}, bf16, 128x128x64", resources(compiled)
-    for r_grad in (False, True):  # the cuBLAS-base path: a pass over out adding the low-rank term
-        flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=r_grad, DOT_PRECISION="tf32",
-                     W_TRANSPOSED=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
-        compiled = compile_for_sm90(fl._matmul_lowrank_kernel, gemm_args("bf16", backward=True), flags)
-        yield f"add-to-out pass, dropout{', dA' if r_grad else ''}, bf16, 64x128", resources(compiled)
-    args = dict(dxa_ptr="*bf16", x_ptr="*bf16", da_ptr="*bf16", M=M, K=K, R=R, stride_dxam=R, stride_dxar=1,
-                stride_xm=K, stride_xk=1, stride_dar=K, stride_dak=1, keep_scale=1.0, threshold=6553, seed=1234)
-    compiled = compile_for_sm90(fl._lora_a_grad_kernel, args, dict(HAS_DROPOUT=True, DOT_PRECISION="tf32",
-                                                                        BLOCK_M=64, BLOCK_K=32, BLOCK_R=16))
-    yield "_lora_a_grad_kernel, dropout, bf16, 64x32", resources(compiled)
     args = dict(out_ptr="*i8", M=M, K=K, threshold=6553, seed=1234)
     compiled = compile_for_sm90(fl._dropout_mask_kernel, args, dict(BLOCK_M=32, BLOCK_K=64))
     yield "_dropout_mask_kernel, 32x64", resources(compiled)
@@ -252,6 +266,8 @@ def main():
         table("few rows, M = 16, bf16, dropout 0.1", few_rows_rows("bf16", True)),
         table("few rows at its limits, M = 32, r = 64, bf16", few_rows_rows("bf16", False, rows=32, rank=64)),
         table("the shrink, bf16", shrink_rows("bf16"), loop_column=True),
+        table("the backward's low-rank pass (dx_lr and dA), bf16, dropout 0.1", lowrank_grad_rows("bf16")),
+        table("the backward's low-rank pass at r = 256, bf16, dropout 0.1", lowrank_grad_rows("bf16", rank=256)),
         table("other variants, one config each", other_rows()),
     ]
     report = (f"## Registers and spills on sm_90, compiled offline\n\n"

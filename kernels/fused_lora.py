@@ -21,8 +21,8 @@ Four kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask(
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
-    _lora_a_grad_kernel      dA  = dxa^T @ (D * x) / (1 - p)             only when dx is not needed:
-                                                                          the dx GEMM sums dA itself
+    _lowrank_grad_kernel     dx_lr = (D * (dxa A)) / (1 - p) and         backward, when cuBLAS computes
+                             dA = dxa^T @ (D * x) / (1 - p)               dy W (or dx is not needed)
 
 dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single Triton pass over dy that
 produced both, adding each row block's share of dB with fp32 atomics, was slower: with the two
@@ -30,11 +30,12 @@ GEMMs instead (and the shrink's smaller row blocks), forward + backward at M = 8
 4096, r = 16 went from 1.10 to 0.99 ms without dropout on an H200,
 `benchmarks/results/nvidia-h200-first-run.md` against `nvidia-h200-run2.md`.)
 
-All accumulate in fp32 and store in the input dtype, except the dA summed in the dx GEMM:
-several programs add into it, so it is an fp32 buffer the caller casts. r is handled in
-chunks of BLOCK_R (a power of two in [16, 64]: tl.dot needs at least 16 along each side, and 64
-keeps the epilogue tiles small), with masks for the padding, so any rank 1..256 (or more) works;
-the few-rows kernel holds its whole rank at once, up to 64.
+All accumulate in fp32 and store in the input dtype, except dA in the backward: several
+programs add into it, so it is an fp32 buffer the caller casts. The GEMM and the shrink handle
+r in chunks of BLOCK_R (a power of two in [16, 64]: tl.dot needs at least 16 along each side,
+and 64 keeps the epilogue tiles small); the few-rows kernel (up to rank 64) and the backward's
+low-rank pass hold the whole rank at once; all mask the padding, so any rank 1..256 (or more)
+works.
 
 The GEMM's K loop reads its tiles of x and w either through pointers, as in Triton's tutorial
 03, or, on Hopper and newer where every row starts on 16 bytes, through TMA descriptors: the
@@ -43,19 +44,21 @@ instructions (tutorial 09). Which is faster is the autotuner's call: the large t
 candidates both ways (`_gemm_configs`).
 
 Where our GEMM is not as fast as cuBLAS (`FUSE_BASE_GEMM`, `use_fused_base`: measured on an
-H200, everywhere so far), the base product is cuBLAS `F.linear` / `mm` and only the low-rank
-part is ours: the forward adds it with an addmm, and the backward's dx gets it, masked, from a
-thin pass of `_matmul_lowrank_kernel` over cuBLAS's dy W that also sums dA. The shrink runs
-here when there is dropout to draw, and in cuBLAS when there is not. The forward with few rows
-is the exception: there y costs about one read of W, and the few-rows kernel saves the two
-extra launches (`forward_path` names the route a shape takes).
+H200, everywhere so far), the base product is cuBLAS's and only the low-rank part is ours. The
+low-rank part is then written first and cuBLAS adds its product onto it in place (beta = 1),
+reading it in the epilogue of a GEMM that is bound by its tensor cores, not by memory: in the
+forward y starts as b + s * xa B^T (a cuBLAS addmm); in the backward `_lowrank_grad_kernel`
+writes dx's masked low-rank part and sums dA in one pass. Run 3 added the low-rank part after
+cuBLAS instead, a pass that read and wrote all of y, and of dx. The shrink runs here when
+there is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the
+exception: there y costs about one read of W, and the few-rows kernel saves the two extra
+launches (`forward_path` names the route a shape takes).
 """
 
 import functools
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -136,7 +139,6 @@ def _matmul_lowrank_kernel(
     scale, threshold, seed,
     M_BUCKET,  # unused here; only the autotuner's cache key (one tuning per power-of-two M)
     TMA_READY,  # unused here; only the autotuner's cache key (1 when the descriptors are given)
-    ADD_TO_OUT: tl.constexpr,  # out already holds x @ w (+ bias) from cuBLAS: skip the K loop
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,  # mask the low-rank term with D (the dx of the backward)
     R_GRAD: tl.constexpr,  # also dr (R, N) += scale * l^T ([D] * xin): the backward's dA
@@ -218,29 +220,26 @@ def _matmul_lowrank_kernel(
         acc = tl.where(keep != 0, acc, 0.0)
     acc = acc * scale
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if ADD_TO_OUT:
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            if USE_TMA and x_desc is not None:  # (without descriptors a TMA config reads as below)
-                # Hopper's copy engine moves each whole tile into shared memory by itself, with
-                # no address arithmetic in the warps, and fills what lies past an edge with 0.
-                x = x_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K)
-                if W_TRANSPOSED:
-                    w = w_desc.load([pid_n * BLOCK_N, k0]).T  # (BLOCK_K, BLOCK_N) from W's (N, K)
-                else:
-                    w = w_desc.load([k0, pid_n * BLOCK_N])  # (BLOCK_K, BLOCK_N)
+    for k0 in range(0, K, BLOCK_K):
+        if USE_TMA and x_desc is not None:  # (without descriptors a TMA config reads as below)
+            # Hopper's copy engine moves each whole tile into shared memory by itself, with
+            # no address arithmetic in the warps, and fills what lies past an edge with 0.
+            x = x_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K)
+            if W_TRANSPOSED:
+                w = w_desc.load([pid_n * BLOCK_N, k0]).T  # (BLOCK_K, BLOCK_N) from W's (N, K)
             else:
-                offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                x = tl.load(x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                            mask=offs_k[None, :] < K, other=0.0)  # (BLOCK_M, BLOCK_K)
-                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
-                            mask=offs_k[:, None] < K, other=0.0)  # (BLOCK_K, BLOCK_N)
-            acc = _dot(x, w, acc, DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+                w = w_desc.load([k0, pid_n * BLOCK_N])  # (BLOCK_K, BLOCK_N)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            x = tl.load(x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=offs_k[None, :] < K, other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
+                        mask=offs_k[:, None] < K, other=0.0)  # (BLOCK_K, BLOCK_N)
+        acc = _dot(x, w, acc, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
 
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -345,46 +344,33 @@ def _m_bucket(M):
     return min(triton.next_power_of_2(M), 16384)
 
 
-def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, out=None, xin=None):
-    """(out, dr): out = x @ w + bias + scale * [D] * (l @ r), or out += scale * [D] * (l @ r)
-    if out is given; dr (R, N) = scale * l^T ([D] * xin) in fp32 when xin (M, N) is given, else None.
+def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, xin=None):
+    """(out, dr): out = x @ w + bias + scale * [D] * (l @ r), and dr (R, N) = scale * l^T ([D] * xin)
+    in fp32 when xin (M, N) is given, else None.
 
     x (M, K), w (K, N), bias (N,) or None, l (M, R), r (R, N); any strides. D, when p > 0, is
     the dropout mask of an (M, N) tensor drawn from seed (the backward's dx has x's shape).
     """
-    M, N, R = l.shape[0], r.shape[1], l.shape[1]
-    dr = torch.zeros((R, N), device=l.device, dtype=torch.float32) if xin is not None else None
-    add_to_out = out is not None
-    if add_to_out:
-        x, w, K = out, out, 0  # no base product; x and w are never read
-    else:
-        K = x.shape[1]
-        out = torch.empty((M, N), device=l.device, dtype=l.dtype)
+    M, N, K, R = x.shape[0], w.shape[1], x.shape[1], l.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    dr = torch.zeros((R, N), device=x.device, dtype=torch.float32) if xin is not None else None
     # Stand-in for the pointers whose flags are off. The autotuner zeroes dr_ptr before each
     # trial; every trial rewrites all of out, so out may stand in for it.
-    unused = out
-    xin_, dr_ = (xin, dr) if xin is not None else (unused, unused)
-    precision = _dot_precision(l.dtype)
+    xin_, dr_ = (xin, dr) if xin is not None else (out, out)
+    precision = _dot_precision(x.dtype)
     # Full fp32 ("ieee") multiplies on the FMA units, which need no tiles from the copy engine.
-    descriptors = None if add_to_out or precision == "ieee" else _tma_descriptors(x, w)
+    descriptors = None if precision == "ieee" else _tma_descriptors(x, w)
     x_desc, w_desc, w_transposed = descriptors or (None, None, False)
-    args = (x, w, bias if bias is not None else unused, l, r, out, xin_, dr_, x_desc, w_desc,
-            M, N, K, R,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            l.stride(0), l.stride(1), r.stride(0), r.stride(1),
-            out.stride(0), out.stride(1), xin_.stride(0), xin_.stride(1), dr_.stride(0), dr_.stride(1),
-            scale, _dropout_threshold(p), seed, _m_bucket(M), int(descriptors is not None))
-    flags = dict(ADD_TO_OUT=add_to_out, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, R_GRAD=xin is not None,
-                 DOT_PRECISION=precision, W_TRANSPOSED=w_transposed, BLOCK_R=_block_r(R))
-    if add_to_out:
-        # A thin, memory-bound pass over out: one fixed config, no tuning (tuning would also
-        # have to restore out between trials).
-        bm, bn = (32, 32) if INTERPRET else (64, 128)
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _matmul_lowrank_tuned[grid](*args, **flags)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _matmul_lowrank_tuned[grid](
+        x, w, bias if bias is not None else out, l, r, out, xin_, dr_, x_desc, w_desc,
+        M, N, K, R,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        l.stride(0), l.stride(1), r.stride(0), r.stride(1),
+        out.stride(0), out.stride(1), xin_.stride(0), xin_.stride(1), dr_.stride(0), dr_.stride(1),
+        scale, _dropout_threshold(p), seed, _m_bucket(M), int(descriptors is not None),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, R_GRAD=xin is not None, DOT_PRECISION=precision,
+        W_TRANSPOSED=w_transposed, BLOCK_R=_block_r(R))
     return out, dr
 
 
@@ -487,8 +473,8 @@ def _few_rows_kernel(
 ):
     """y = x W^T + b + s * xa B^T and xa = (D * x) A^T / (1 - p), for M of at most BLOCK_M rows.
 
-    With few rows, y costs what reading W costs, and three launches (shrink, GEMM, addmm) would
-    each pay a launch's latency on top. Here one launch does all: every program streams its
+    With few rows, y costs what reading W costs, and three launches (shrink, low-rank term,
+    GEMM) would each pay a launch's latency on top. Here one launch does all: every program streams its
     (BLOCK_N, K) slice of W once and, in the same K loop, the whole of A (from L2: A is small and
     every program reads it), so each program has xa for its rows when the loop ends and adds the
     low-rank term to its tile of y. Program 0 of each row block stores xa for the backward.
@@ -577,54 +563,121 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward: dA (R, K) = dxa^T (R, M) @ (D * x) (M, K) / (1 - p)
+# Backward, low-rank part: dx_lr (M, K) = (D * (dxa A)) / (1 - p) and dA (R, K) = dxa^T (D * x) / (1 - p)
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
-def _lora_a_grad_kernel(
-    dxa_ptr, x_ptr, da_ptr,
+def _lowrank_grad_kernel(
+    dxa_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     M, K, R,
-    stride_dxam, stride_dxar, stride_xm, stride_xk, stride_dar, stride_dak,
+    stride_dxam, stride_dxar, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
+    stride_dar, stride_dak,
     keep_scale, threshold, seed,
+    M_BUCKET,  # unused here; only the autotuner's cache key
+    WRITE_DX: tl.constexpr,  # store dx_lr, onto which cuBLAS then adds dy W
+    SUM_DA: tl.constexpr,  # add this program's share of dA into the fp32 da
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
+    """Columns [k0, k0 + BLOCK_K) of rows [m0, m0 + ROWS_PER_PROGRAM), BLOCK_M rows at a time.
+
+    Both outputs need, at each tile of x's shape, the same mask and the same rows of dxa, so one
+    pass draws and reads them once. dA sums over all M rows: each program keeps its share of
+    that sum in registers and adds it to da once, at the end, so every element of dA takes
+    M / ROWS_PER_PROGRAM atomic adds. (Run 3's pass, one tile per program, took M / 64: 8.4
+    million fp32 atomics at the flagship shape, 128 on each address of dA.)
+    """
+    pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    offs_r = tl.arange(0, BLOCK_R)  # the whole rank, padded to a power of two
+    ra_mask = (offs_r[:, None] < R) & (offs_k[None, :] < K)  # (BLOCK_R, BLOCK_K)
+    if WRITE_DX:
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=ra_mask, other=0.0)  # (BLOCK_R, BLOCK_K): the same for every row
+    da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    row_start = pid_m * ROWS_PER_PROGRAM
+    for m0 in range(row_start, min(row_start + ROWS_PER_PROGRAM, M), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        dxa_t = tl.load(dxa_ptr + offs_r[:, None] * stride_dxar + offs_m[None, :] * stride_dxam,
-                        mask=(offs_r[:, None] < R) & (offs_m[None, :] < M), other=0.0)  # (BLOCK_R, BLOCK_M)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
+        tile_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)  # (BLOCK_M, BLOCK_K)
+        dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+                      mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
         if HAS_DROPOUT:
             # The same seed and positions as the forward's shrink: the same mask.
             keep = _keep_tile(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
-            x = tl.where(keep, x, 0.0).to(x.dtype)
-        acc = _dot(dxa_t, x, acc, DOT_PRECISION)
-    if HAS_DROPOUT:
-        acc = acc * keep_scale
-    tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-             acc.to(da_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+        if SUM_DA:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=tile_mask, other=0.0)  # (BLOCK_M, BLOCK_K); rows past M are 0 and add nothing
+            if HAS_DROPOUT:
+                x = tl.where(keep, x, 0.0).to(x.dtype)
+            da = _dot(tl.trans(dxa), x, da, DOT_PRECISION)
+        if WRITE_DX:
+            dx = _dot(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION)
+            if HAS_DROPOUT:
+                dx = tl.where(keep, dx, 0.0)
+            tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                     (dx * keep_scale).to(dx_ptr.dtype.element_ty), mask=tile_mask)
+    if SUM_DA:
+        # Relaxed atomics: nothing in this launch reads da (the next kernel sees it whole), and
+        # triton's default, acq_rel, would fence every one of them with memory barriers.
+        tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, da * keep_scale,
+                      mask=ra_mask, sem="relaxed")
 
 
-def _lora_a_grad(dxa, x, p, seed, dtype):
+def _lowrank_grad_configs(interpreted=INTERPRET):
+    """Autotuning candidates: (rows per tile, rows per program, warps). More rows per program
+    mean fewer atomic adds into dA but fewer programs to keep loads in flight: at the flagship
+    shape, from 1024 programs with 64 adds per element of dA (128 rows each) to 128 with 8. The
+    interpreter gets one."""
+    def config(bm, rows, warps):
+        return triton.Config({"BLOCK_M": bm, "ROWS_PER_PROGRAM": rows}, num_warps=warps)
+    if interpreted:
+        return [config(32, 64, 4)]
+    return [config(bm, rows, warps) for bm, rows, warps in [(64, 128, 4), (32, 256, 4), (64, 256, 4), (32, 512, 4),
+                                                             (64, 512, 4), (64, 512, 8), (64, 1024, 4)]]
+
+
+def _autotuned_lowrank_grad(configs):
+    # Every trial rewrites all of dx and adds into da from zero, so the kernel can be tuned on
+    # the live tensors: da is zeroed before each trial, dx needs no restoring.
+    return triton.autotune(configs=configs, key=["M_BUCKET", "K", "BLOCK_R", "WRITE_DX", "SUM_DA", "HAS_DROPOUT",
+                                                 "DOT_PRECISION"],
+                           reset_to_zero=["da_ptr"])(_lowrank_grad_kernel)
+
+
+_lowrank_grad_tuned = _autotuned_lowrank_grad(_lowrank_grad_configs())
+
+
+def _lowrank_grad_block_k(block_r):
+    """Columns per program: dA's partial sum, a (BLOCK_R, BLOCK_K) fp32 tile, lives through the
+    whole row loop, so the wider the rank the narrower the columns (at most 4096 floats; 16 is
+    tl.dot's minimum)."""
+    return min(128, max(16, 4096 // block_r))
+
+
+def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da):
+    """(dx_lr, da): dx_lr (M, K) = (D * (dxa A)) / (1 - p) in x's dtype if want_dx, and
+    da (r, K) = dxa^T (D * x) / (1 - p) in fp32 if want_da; None for the one not wanted.
+    D is the mask the forward drew for x from seed."""
     M, K = x.shape
-    R = dxa.shape[1]
-    da = torch.empty((R, K), device=x.device, dtype=dtype)
-    br = _block_r(R)
-    bm, bk = (32, 32) if INTERPRET else (64, 32)
-    grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
-    _lora_a_grad_kernel[grid](
-        dxa, x, da, M, K, R,
-        dxa.stride(0), dxa.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-        1.0 / (1.0 - p), _dropout_threshold(p), seed, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br)
-    return da
+    R = lora_A.shape[0]
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if want_dx else None
+    da = torch.zeros((R, K), device=x.device, dtype=torch.float32) if want_da else None
+    # Stand-ins for the output not wanted: never written, and zeroing the other before a
+    # trial changes nothing the trial does not rewrite.
+    dx_, da_ = (dx if want_dx else da), (da if want_da else dx)
+    block_r = max(16, triton.next_power_of_2(R))
+    block_k = _lowrank_grad_block_k(block_r)
+    grid = lambda meta: (triton.cdiv(M, meta["ROWS_PER_PROGRAM"]), triton.cdiv(K, block_k))
+    _lowrank_grad_tuned[grid](
+        dxa, lora_A, x, dx_, da_, M, K, R,
+        dxa.stride(0), dxa.stride(1), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
+        dx_.stride(0), dx_.stride(1), da_.stride(0), da_.stride(1),
+        1.0 / (1.0 - p), _dropout_threshold(p), seed, _m_bucket(M),
+        WRITE_DX=want_dx, SUM_DA=want_da, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_K=block_k, BLOCK_R=block_r)
+    return dx, da
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,7 +724,7 @@ FUSE_BASE_GEMM = False
 
 def use_fused_base(M, N, K, dtype=torch.bfloat16):
     """Whether x W^T runs in our kernel (low-rank term in its epilogue, y written once) rather
-    than in cuBLAS followed by an in-place addmm of the low-rank term: only with FUSE_BASE_GEMM.
+    than in cuBLAS, which adds it onto the low-rank term written first: only with FUSE_BASE_GEMM.
 
     Even then only where a tutorial-style kernel can hope to match cuBLAS: tensor cores, enough
     output tiles to fill the GPU and a reduction long enough to pipeline. Few rows (decoding,
@@ -685,7 +738,8 @@ def use_fused_base(M, N, K, dtype=torch.bfloat16):
 
 def use_few_rows(M, R, dtype=torch.bfloat16):
     """Whether the forward of a layer too small for our GEMM runs as one launch (`_few_rows`)
-    rather than three (shrink, cuBLAS's x W^T, addmm): decoding and small batches, 16-bit."""
+    rather than three (shrink, the low-rank term, cuBLAS's x W^T added onto it): decoding and
+    small batches, 16-bit."""
     return 1 <= M <= FEW_ROWS_MAX_M and R <= FEW_ROWS_MAX_R and dtype in (torch.bfloat16, torch.float16)
 
 
@@ -719,8 +773,14 @@ def _lora_forward(x2, weight, bias, lora_A, lora_B, scaling, p, seed, route):
     if route == "triton GEMM":
         y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
     else:
-        y = F.linear(x2, weight, bias)
-        y.addmm_(xa, lora_B.t(), alpha=scaling)
+        # y starts as b + s * xa B^T, a thin product that only writes y, and cuBLAS then adds
+        # x W^T onto it in place (beta = 1): it reads y in its epilogue while its tensor cores
+        # keep it compute-bound, where adding the low-rank term after it would be a separate
+        # pass that reads and writes all of y. (beta = 0 ignores the input: any tensor that
+        # broadcasts to (M, N) stands in for a missing bias.)
+        y = torch.addmm(bias if bias is not None else xa.new_empty(()), xa, lora_B.t(),
+                        beta=int(bias is not None), alpha=scaling)
+        y.addmm_(x2, weight.t())
     return y, xa
 
 
@@ -756,21 +816,21 @@ class LoraLinearFunction(torch.autograd.Function):
         dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s)
         dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if ctx.needs_input_grad[4] else None
 
-        dx = dA = None
-        if ctx.needs_input_grad[0]:
+        want_dx, want_da = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        dx = da = None
+        if want_dx and ctx.dx_in_our_gemm:
             # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, with the mask in the
             # epilogue; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
-            scale = 1.0 / (1.0 - p)
-            xin = x2 if ctx.needs_input_grad[3] else None
-            if ctx.dx_in_our_gemm:
-                dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, scale, p, seed, xin=xin)
-            else:
-                dx = torch.mm(dy2, weight)
-                _, da = _matmul_lowrank(None, None, None, dxa, lora_A, scale, p, seed, out=dx, xin=xin)
-            dx = dx.reshape(ctx.x_shape)
-            dA = da.to(lora_A.dtype) if da is not None else None
-        elif ctx.needs_input_grad[3]:  # e.g. the first adapted layer, whose input needs no gradient
-            dA = _lora_a_grad(dxa, x2, p, seed, lora_A.dtype)
+            dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, 1.0 / (1.0 - p), p, seed,
+                                     xin=x2 if want_da else None)
+        elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)
+            # One pass writes dx's masked low-rank part and sums dA; cuBLAS then adds dy W onto
+            # that dx in place (beta = 1), as in the forward.
+            dx, da = _lowrank_grads(dxa, lora_A, x2, p, seed, want_dx, want_da)
+            if want_dx:
+                dx.addmm_(dy2, weight)
+        dx = dx.reshape(ctx.x_shape) if dx is not None else None
+        dA = da.to(lora_A.dtype) if da is not None else None
         # No gradient for the frozen weight and bias, nor for scaling, p, seed and route.
         return dx, None, None, dA, dB, None, None, None, None
 

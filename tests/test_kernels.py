@@ -87,7 +87,8 @@ def test_an_empty_batch(path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("needs_grad", ["x", "A", "B", "x B", "A B"])
 def test_only_the_gradients_asked_for(needs_grad, path):
-    # dA is summed inside the dx GEMM when dx is needed, and by its own kernel when it is not.
+    # dx and dA come from one kernel (the dx GEMM, or the backward's low-rank pass), which
+    # must compute each alone too.
     dtype = torch.bfloat16 if path == "few rows" else torch.float32  # few rows: 16-bit only
     check_against_reference((3, 10), 40, 36, 5, dtype, True, "strided", 0.25, 2.0, path, needs_grad)
 
@@ -134,6 +135,23 @@ def test_every_gpu_shrink_tile_draws_the_same_mask(config):
         xa = impl._shrink(x, lora_A, p, seed)
     mask = kernels.dropout_mask(seed, x.shape, p).double()
     assert rel_err(xa, (mask * x.double() / (1 - p)) @ lora_A.double().t()) < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("config", impl._lowrank_grad_configs(interpreted=False), ids=str)
+@pytest.mark.parametrize("r", [5, 130])
+def test_every_gpu_lowrank_grad_tile(config, r):
+    # The backward's low-rank pass in each of the GPU's tiles, through the interpreter: 1100
+    # rows span several programs of every config (their partial dA sums meet in the atomics)
+    # and end inside a row block; rank 130 pads to 256 and narrows the columns to 16.
+    p, seed = 0.3, 11
+    x = torch.randn(1100, 40)
+    dxa, lora_A = torch.randn(1100, r), torch.randn(r, 40)
+    with mock.patch.object(impl, "_lowrank_grad_tuned", impl._autotuned_lowrank_grad([config])):
+        dx, da = impl._lowrank_grads(dxa, lora_A, x, p, seed, want_dx=True, want_da=True)
+    dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - p)
+    assert rel_err(dx, dropped * (dxa.double() @ lora_A.double())) < 1e-5
+    assert rel_err(da, dxa.double().t() @ (dropped * x.double())) < 1e-5
 
 
 @interpreted
@@ -242,7 +260,8 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
     launch must ask for what cuBLAS would do. (The interpreter computes in full precision
     either way, so this checks what the launches ask for.)"""
     launched = {}
-    kernel_fns = [impl._matmul_lowrank_kernel, impl._few_rows_kernel, impl._shrink_kernel, impl._lora_a_grad_kernel]
+    kernel_fns = [impl._matmul_lowrank_kernel, impl._few_rows_kernel, impl._shrink_kernel,
+                  impl._lowrank_grad_kernel]
 
     def spy(fn):
         def run(*args, **kwargs):
@@ -260,7 +279,7 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
         for path in PATHS:
             if path == "few rows" and dtype == torch.float32:
                 continue  # fp32 decoding is left to cuBLAS
-            for x_needs_grad in (True, False):  # without dx, dA has a kernel of its own
+            for x_needs_grad in (True, False):  # with and without dx
                 x.requires_grad_(x_needs_grad)
                 y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout_p=0.1, seed=3, route=path)
                 y.sum().backward()

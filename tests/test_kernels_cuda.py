@@ -77,12 +77,20 @@ def shrink_configs(configs):
         yield
 
 
+@contextlib.contextmanager
+def lowrank_grad_configs(configs):
+    """Run the backward's low-rank pass (dx's low-rank part and dA) with only these configs."""
+    with mock.patch.object(impl, "_lowrank_grad_tuned", impl._autotuned_lowrank_grad(configs)):
+        yield
+
+
 # Small enough to compile once per kernel variant: tuning every random shape would cost minutes.
 # The TMA one reads through descriptors where a shape's rows allow, through pointers elsewhere.
 SMALL_CONFIG = impl._gemm_configs()[-1]
 SMALL_TMA_CONFIG = impl._gemm_configs(tma=True)[-1]
 SMALL_FEW_ROWS_CONFIG = impl._few_rows_configs()[0]
 SMALL_SHRINK_CONFIG = impl._shrink_configs()[0]
+SMALL_LOWRANK_GRAD_CONFIG = impl._lowrank_grad_configs()[0]
 
 
 @compiled
@@ -101,7 +109,8 @@ SMALL_SHRINK_CONFIG = impl._shrink_configs()[0]
 )
 def test_matches_float64_reference(lead, K, N, r, dtype, bias, layout, p, path, config):
     assume(path != "few rows" or impl.use_few_rows(torch.Size(lead).numel(), r, dtype))
-    with gemm_configs([config]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]), shrink_configs([SMALL_SHRINK_CONFIG]):
+    with gemm_configs([config]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]), shrink_configs([SMALL_SHRINK_CONFIG]), \
+            lowrank_grad_configs([SMALL_LOWRANK_GRAD_CONFIG]):
         check_against_reference(lead, K, N, r, dtype, bias, layout, p, 2.0, path, device=DEVICE)
 
 
@@ -153,6 +162,18 @@ def test_every_shrink_config(config):
     # the dx GEMM behind it draws the same mask again, so any mismatch between the two shows.
     with gemm_configs([SMALL_CONFIG]), shrink_configs([config]):
         check_against_reference((301,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "triton GEMM",
+                                device=DEVICE)
+
+
+@compiled
+@pytest.mark.parametrize("config", impl._lowrank_grad_configs(), ids=str)
+@pytest.mark.parametrize("r", [16, 130])
+def test_every_lowrank_grad_config(config, r):
+    # The cuBLAS route's backward pass in each tile: 1100 rows span several programs of every
+    # config and end inside a row block, K = 200 ends inside a column block, and rank 130
+    # narrows the columns; the mask is the shrink's, drawn again.
+    with lowrank_grad_configs([config]), shrink_configs([SMALL_SHRINK_CONFIG]):
+        check_against_reference((1100,), 200, 520, r, torch.bfloat16, True, "contiguous", 0.1, 2.0, "cuBLAS base",
                                 device=DEVICE)
 
 

@@ -25,7 +25,7 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert result.returncode == 0, result.stderr[-5000:]
 
     sections = dict(re.findall(r"### (.+?)\n(.*?)(?=\n### |\Z)", result.stdout, flags=re.S))
-    assert len(sections) == 13, list(sections)
+    assert len(sections) == 15, list(sections)
 
     def spilling(title, configs=9):
         """The autotuning configs of a table whose kernel spills registers to local memory."""
@@ -43,6 +43,9 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert spilling("few rows: y and xa in one launch (decoding forward), M = 16, bf16", configs=6) == []
     # The shrink, with and without the dropout mask, in every config.
     assert spilling("the shrink, bf16", configs=12) == []
+    # The backward's low-rank pass, at the flagship rank and at 256 (narrower columns).
+    assert spilling("the backward's low-rank pass (dx_lr and dA), bf16, dropout 0.1", configs=7) == []
+    assert spilling("the backward's low-rank pass at r = 256, bf16, dropout 0.1", configs=7) == []
 
 
 def ptx_instructions(compile_kernel, pattern):
@@ -73,7 +76,7 @@ def test_a_ragged_edge_is_not_read_with_wide_loads():
     loads = ptx_instructions("""
 args = kr.gemm_args("bf16", backward=False)
 args.update(N=37, stride_om=37, stride_im=37, stride_drr=37)  # a ragged last tile of odd width
-flags = dict(ADD_TO_OUT=False, HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32", W_TRANSPOSED=True,
+flags = dict(HAS_BIAS=True, HAS_DROPOUT=False, R_GRAD=False, DOT_PRECISION="tf32", W_TRANSPOSED=True,
              BLOCK_R=16)
 config = fl._gemm_configs()[-1]
 ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, args, {**flags, **config.kwargs}, config.num_warps,
@@ -83,13 +86,23 @@ ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, args, {**flags, **config.kw
 
 
 @pytest.mark.slow
-def test_da_is_summed_with_relaxed_reductions():
-    # dA's fp32 atomics (the default route's backward pass over dx) are read by no one in the
-    # launch: relaxed, they compile to fire-and-forget reductions (red), where triton's default
-    # acq_rel gives atom.acq_rel and memory barriers around each in the machine code.
-    ops = ptx_instructions("""
-flags = dict(ADD_TO_OUT=True, HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True, DOT_PRECISION="tf32",
-             W_TRANSPOSED=False, BLOCK_R=16, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, USE_TMA=False)
-ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, kr.gemm_args("bf16", backward=True), flags).asm["ptx"]
-""", r"\b(?:atom|red)\.global[.\w]*")
+@pytest.mark.parametrize("kernel", ["low-rank pass", "dx GEMM"])
+def test_da_is_summed_with_relaxed_reductions(kernel):
+    # dA's fp32 atomics are read by no one in the launch: relaxed, they compile to
+    # fire-and-forget reductions (red), where triton's default acq_rel gives atom.acq_rel and
+    # memory barriers around each in the machine code.
+    compile_kernel = {
+        "low-rank pass": """
+args, flags = kr.lowrank_grad_args("bf16")
+config = fl._lowrank_grad_configs()[0]
+ptx = kr.compile_for_sm90(fl._lowrank_grad_kernel, args, {**flags, **config.kwargs}, config.num_warps,
+                          config.num_stages).asm["ptx"]
+""",
+        "dx GEMM": """
+flags = dict(HAS_BIAS=False, HAS_DROPOUT=True, R_GRAD=True, DOT_PRECISION="tf32", W_TRANSPOSED=False, BLOCK_R=16)
+config = fl._gemm_configs()[-1]
+ptx = kr.compile_for_sm90(fl._matmul_lowrank_kernel, kr.gemm_args("bf16", backward=True),
+                          {**flags, **config.kwargs}, config.num_warps, config.num_stages).asm["ptx"]
+"""}[kernel]
+    ops = ptx_instructions(compile_kernel, r"\b(?:atom|red)\.global[.\w]*")
     assert ops and all(op.startswith("red.global") and ".relaxed." in op for op in ops), ops
