@@ -56,6 +56,20 @@ from .tuners.lora import LoraEmbedding, LoraLayer
 LORAPLUS_LR_EMBEDDING = 1e-6
 
 
+def lora_factors(model: nn.Module) -> dict[int, str]:
+    """The LoRA factors of ``model``'s LoRA layers, by ``id`` of the parameter: ``"A"``, ``"B"``
+    (B's bias too, with ``lora_bias``) or ``"embedding"`` (either table of a LoRA embedding).
+    Read from the modules that hold them, not from parameter names."""
+    factors = {}
+    for m in model.modules():
+        if isinstance(m, LoraEmbedding):
+            factors.update((id(p), "embedding") for p in (*m.lora_embedding_A.values(), *m.lora_embedding_B.values()))
+        elif isinstance(m, LoraLayer):
+            factors.update((id(p), "A") for p in m.lora_A.parameters())
+            factors.update((id(p), "B") for p in m.lora_B.parameters())
+    return factors
+
+
 def loraplus_roles(model: nn.Module) -> dict[str, str]:
     """The LoRA+ role of each trainable parameter of ``model``, by name, in the model's order:
     ``"B"`` (LoRA B matrices and every vector), ``"embedding"`` (LoRA embedding tables) or
@@ -67,9 +81,9 @@ def loraplus_roles(model: nn.Module) -> dict[str, str]:
     if not trainable:
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to optimize")
     lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    embedding = {id(p) for m in lora_layers.values() if isinstance(m, LoraEmbedding)
-                 for p in (*m.lora_embedding_A.values(), *m.lora_embedding_B.values())}
-    lora_b = {id(p) for m in lora_layers.values() for p in m.lora_B.parameters()}
+    factors = lora_factors(model)
+    embedding = {i for i, kind in factors.items() if kind == "embedding"}
+    lora_b = {i for i, kind in factors.items() if kind == "B"}
 
     roles = {}
     for name, p in trainable.items():

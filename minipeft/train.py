@@ -49,7 +49,7 @@ from torch import nn
 
 from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
-from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
+from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, lora_factors, loraplus_roles
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
@@ -216,21 +216,25 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """
     prefixes = sorted(config.lr_by_prefix, key=len, reverse=True)
     roles = loraplus_roles(model) if config.loraplus_lr_ratio is not None else {}
+    factors = lora_factors(model)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), None)
-            lr = _peak_lr(roles.get(name, "A"), lr, config)
-            # a true matrix has both sides > 1; biases, norms and (IA)^3 vectors (stored as
-            # (out, 1) or (1, in)) are scales, and decay would pull them towards 0, not 1
-            decays = p.dim() >= 2 and min(p.shape) > 1
-            groups.setdefault((lr, decays), []).append(p)
+    for name, p in trainable:
+        lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), None)
+        lr = _peak_lr(roles.get(name, "A"), lr, config)
+        # a true matrix has both sides > 1; biases, norms and (IA)^3 vectors (stored as
+        # (out, 1) or (1, in)) are scales, and decay would pull them towards 0, not 1. LoRA's
+        # A (1, in) and B (out, 1) at rank 1 are matrices all the same.
+        decays = p.dim() >= 2 and (min(p.shape) > 1 or id(p) in factors)
+        groups.setdefault((lr, decays), []).append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-    unused = [pre for pre in prefixes if not any(name.startswith(pre) for name, _ in model.named_parameters())]
+    unused = [pre for pre in prefixes if not any(name.startswith(pre) for name, _ in trainable)]
     if unused:
-        raise ValueError(f"lr_by_prefix names prefixes no parameter starts with: {unused}; parameter names "
-                         f"look like {[n for n, p in model.named_parameters() if p.requires_grad][:3]}")
+        frozen = [pre for pre in unused if any(name.startswith(pre) for name, _ in model.named_parameters())]
+        raise ValueError(f"lr_by_prefix names prefixes no trainable parameter starts with: {unused}"
+                         + (f" ({frozen} name only frozen ones)" if frozen else "")
+                         + f"; trainable parameter names look like {[n for n, _ in trainable][:3]}")
     return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
                               for (lr, decays), params in groups.items()], lr=config.lr, betas=config.betas)
 
@@ -318,11 +322,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 # Fields that change what a run computes: resuming with other values would continue an
-# optimizer state and schedule made for another run. (output_dir, logging, evaluation and
-# saving settings may change freely.)
+# optimizer state and schedule made for another run, compare evaluations with a best value of
+# another metric, or restore best weights that were never kept (restore_best off). (output_dir,
+# logging, how often to evaluate, patience and saving settings may change freely.)
 RESUME_FIELDS = ("epochs", "max_steps", "lr", "lr_by_prefix", "loraplus_lr_ratio", "loraplus_lr_embedding",
                  "weight_decay", "betas", "schedule", "warmup_steps", "warmup_ratio", "grad_accum_steps",
-                 "max_grad_norm", "seed")
+                 "max_grad_norm", "seed", "task", "metric", "restore_best")
 
 
 def _config_defaults() -> dict:
@@ -379,6 +384,9 @@ def setup_distributed() -> tuple[int, int, int]:
 
 
 def _task_of(batch: dict, task: str) -> str:
+    if "labels" not in batch:
+        raise ValueError(f"a batch needs its targets under 'labels' (shape [B] for classification, [B, T] for a "
+                         f"causal LM); this one has {sorted(batch)}")
     if task != "auto":
         return task
     return "classification" if batch["labels"].dim() == 1 else "causal_lm"
@@ -393,8 +401,10 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
         labels = batch["labels"]
         if task == "classification":
             loss = F.cross_entropy(logits.float(), labels)
-        else:  # position t predicts token t+1
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        else:  # position t predicts token t+1; the mean over the batch's target tokens, 0 when it has none
+            targets = labels[:, 1:].flatten()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / (targets != IGNORE_INDEX).sum().clamp(min=1)
     return loss, logits
 
 
@@ -428,7 +438,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
     each rank evaluates its share of batches and the sums are all-reduced.
     """
     model = _unwrap(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each submodule's own: some may be kept in eval
     model.eval()
     device = device or next(model.parameters()).device
     distributed = shard and dist.is_initialized()
@@ -443,14 +453,16 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss, logits = _forward(model, batch, task)
         n = _count(batch, task)
-        loss_sum += loss.item() * n
-        count += n
+        if n:  # (a model's own mean over no target token is NaN)
+            loss_sum += loss.item() * n
+            count += n
         if task == "classification":
             n_logits = max(n_logits, logits.shape[-1])
             pred = logits.argmax(-1)
             preds.append(pred.cpu())
             golds.append(batch["labels"].cpu())
-    model.train(was_training)
+    for m, training in modes:
+        m.training = training
 
     is_cls = task == "classification"
     # the classes are the model's outputs, not the labels this eval set happens to hold:
@@ -504,6 +516,10 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # one record per evaluation
     best_state: dict[str, torch.Tensor] | None = None  # the best trainable weights, kept for restore_best
     stopped_early: bool = False
+    # the steps since the last progress line: a resumed run's first line then averages the
+    # same steps as the uninterrupted run's
+    loss_since_log: float = 0.0
+    steps_since_log: int = 0
 
 
 @dataclass
@@ -549,8 +565,11 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     """
     if config is None:
         raise ValueError("pass a TrainConfig (at least output_dir)")
+    if eval_batches is not None and hasattr(eval_batches, "__len__") and len(eval_batches) == 0:
+        raise ValueError("eval_batches is empty: pass some evaluation examples, or None for no evaluation")
     run = _setup(model, len(train_batches), config)
     state = _resume(run)
+    _trim_metrics(run, state.step)
     if state.stopped_early:  # the checkpoint's run had stopped early: nothing left to do
         return _finish(run, state, 0.0)
 
@@ -565,10 +584,12 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
             if eval_batches is not None:
                 _check_metric_fits(metric_name, task)  # before the first step, not at the first evaluation
             loss, tokens = _optimizer_step(run, micro, task)
-            since_log.add(loss, tokens)
+            state.loss_since_log += loss
+            state.steps_since_log += 1
+            since_log.add(tokens)
             state.step += 1
             if state.step % config.log_every == 0 or state.step == run.total_steps:
-                since_log = _log_progress(run, state.step, epoch, since_log)
+                since_log = _log_progress(run, state, epoch, since_log)
 
             end_of_epoch = window == run.steps_per_epoch - 1
             eval_due = (state.step % config.eval_every == 0) if config.eval_every else end_of_epoch
@@ -632,6 +653,8 @@ def _device_and_bf16(config: TrainConfig, local_rank: int) -> tuple[torch.device
 
 def _step_counts(num_batches: int, world: int, config: TrainConfig) -> tuple[int, int, int, int]:
     """(micro-batches per rank per epoch, optimizer steps per epoch, total steps, warmup steps)."""
+    if num_batches == 0:
+        raise ValueError("train_batches is empty: no training examples (check the data file and the split)")
     micro_per_epoch = num_batches // world
     if micro_per_epoch == 0:
         raise ValueError(f"{num_batches} training batches cannot give each of {world} ranks one; "
@@ -639,6 +662,9 @@ def _step_counts(num_batches: int, world: int, config: TrainConfig) -> tuple[int
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)  # the last window may be short
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
+    if warmup > total_steps:
+        raise ValueError(f"warmup_steps={warmup} is longer than the run's {total_steps} steps: the lr would never "
+                         "reach its peak; use fewer warmup steps (or warmup_ratio)")
     return micro_per_epoch, steps_per_epoch, total_steps, warmup
 
 
@@ -657,7 +683,23 @@ def _resume(run: _Run) -> RunState:
     _set_rng_state(ckpt["rng"][run.rank])
     if run.main:
         print(f"resumed from {path} at step {ckpt['step']}", flush=True)
-    return RunState(**{f.name: ckpt[f.name] for f in fields(RunState)})
+    # (a checkpoint older than a RunState field leaves it at its default)
+    return RunState(**{f.name: ckpt[f.name] for f in fields(RunState) if f.name in ckpt})
+
+
+def _trim_metrics(run: _Run, step: int) -> None:
+    """Keep in metrics.jsonl only the records of steps up to `step`, where this run starts: a
+    resumed run logs the steps after its checkpoint again, and a run started over (no
+    checkpoint, or resume=False) logs all of its own."""
+    path = run.out_dir / METRICS_NAME
+    if not (run.main and path.exists()):
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        print(f"{path}: keeping the {len(kept)} records up to step {step}, dropping {len(lines) - len(kept)} "
+              "written after it by an earlier run", flush=True)
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 def _windows(run: _Run, train_batches, epoch: int, first: int) -> Iterator[tuple[int, list[dict]]]:
@@ -710,27 +752,26 @@ def _optimizer_step(run: _Run, micro: list[dict], task: str) -> tuple[float, int
 
 @dataclass
 class _SinceLog:
-    """The steps since the last progress line: their summed loss, and their tokens."""
+    """This process's time and tokens since the last progress line, for the throughput."""
 
     start: float  # time.perf_counter() when the window began
-    loss: float = 0.0
-    steps: int = 0
     tokens: int | None = None  # None until a batch holds token ids
 
-    def add(self, loss: float, tokens: int | None) -> None:
-        self.loss += loss
-        self.steps += 1
+    def add(self, tokens: int | None) -> None:
         if tokens is not None:
             self.tokens = (self.tokens or 0) + tokens
 
 
-def _log_progress(run: _Run, step: int, epoch: int, since: _SinceLog) -> _SinceLog:
+def _log_progress(run: _Run, state: RunState, epoch: int, since: _SinceLog) -> _SinceLog:
     """Print and record the mean loss, lr and throughput since the last line; returns the next window."""
     now = time.perf_counter()
-    rec = {"step": step, "epoch": epoch, "loss": since.loss / since.steps,
-           # config.lr on the schedule; groups with lrs of their own (lr_by_prefix,
-           # LoRA+) follow the same curve, and the first group may be any of them
-           "lr": run.config.lr * run.multiplier(step)}
+    step = state.step
+    rec = {"step": step, "epoch": epoch, "loss": state.loss_since_log / state.steps_since_log,
+           # the lr the step just taken used (its multiplier is the schedule's at step - 1, as
+           # steps count from 0 there): config.lr on the schedule; groups with lrs of their own
+           # (lr_by_prefix, LoRA+) follow the same curve, and the first group may be any of them
+           "lr": run.config.lr * run.multiplier(step - 1)}
+    state.loss_since_log, state.steps_since_log = 0.0, 0
     line = f"step {step}/{run.total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}"
     if since.tokens is not None:  # batches without token ids get no throughput
         rec["tokens_per_s"] = since.tokens * run.world / max(now - since.start, 1e-9)

@@ -35,3 +35,13 @@ def test_evaluate_leaves_the_mode_it_found():
     model.train()
     evaluate(model, batches)
     assert model.training and model.drop.training
+
+
+def test_evaluate_leaves_each_submodule_in_its_own_mode():
+    # A training model whose dropout the caller froze in eval mode (as for a frozen BatchNorm):
+    # it stays in eval after evaluate(), where model.train() would have switched it back on.
+    model = Dropped()
+    model.train()
+    model.drop.eval()
+    evaluate(model, [{"x": torch.randn(6, 4), "labels": torch.randint(0, 3, (6,))}])
+    assert model.training and model.lin.training and not model.drop.training

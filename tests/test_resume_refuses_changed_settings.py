@@ -1,6 +1,8 @@
 """Resuming from output_dir/checkpoint.pt is refused when a setting that changes what the run
 computes differs from the run that wrote it: the seed (dropout masks, shuffles), the optimizer's
-hyper-parameters, the schedule, clipping, the length of the run. The list here is written out
+hyper-parameters, the schedule, clipping, the length of the run, and what "best" means (the
+task and metric the best value so far was measured in, and restore_best: a run without it kept
+no best weights to restore). The list here is written out
 by hand from what each field does, not read from train.RESUME_FIELDS, so a field dropped from
 that tuple is noticed. Settings that change no math (logging, evaluation cadence) may differ."""
 
@@ -45,6 +47,9 @@ BASE = dict(epochs=1, lr=1e-2, log_every=100)
     ("grad_accum_steps", 2),
     ("epochs", 2),
     ("max_steps", 3),
+    ("task", "classification"),
+    ("metric", "loss"),
+    ("restore_best", False),
 ])
 def test_a_changed_setting_that_changes_the_math_is_refused(tmp_path, field, value):
     train(Classifier(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))

@@ -5,6 +5,7 @@ this file is also the worker of the two-process DDP test.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -111,7 +112,7 @@ def test_lr_by_prefix_gives_those_parameters_their_own_learning_rate():
         if p.requires_grad:  # the longest matching prefix wins
             step = expected[name] * p.grad.abs() / (p.grad.abs() + 1e-8)
             torch.testing.assert_close((p - before[name]).abs(), step, rtol=1e-4, atol=1e-7)  # atol: float32 rounding of p
-    with pytest.raises(ValueError, match=r"no parameter starts with: \['head.'\]"):
+    with pytest.raises(ValueError, match=r"no trainable parameter starts with: \['head.'\]"):
         make_optimizer(model, TrainConfig(output_dir="unused", lr_by_prefix={"head.": 0.1}))
     with pytest.raises(ValueError, match="lr_by_prefix must map"):
         TrainConfig(output_dir="unused", lr_by_prefix={"classifier.": -1})
@@ -262,8 +263,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
     def config(out):
         # dropout on: resume must restore the RNG too, not only weights and optimizer
+        # progress lines every 4 steps: the checkpoint at step 10 falls between two of them
         return TrainConfig(output_dir=str(out), epochs=3, lr=1e-2, eval_every=5, checkpoint_every=3,
-                           grad_accum_steps=2, log_every=100, schedule="cosine", warmup_steps=2)
+                           grad_accum_steps=2, log_every=4, schedule="cosine", warmup_steps=2)
 
     torch.manual_seed(0)
     reference = TinyClassifier(dropout=0.3)
@@ -286,6 +288,33 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert result.best_step == ref_result.best_step
     for name, value in trainable(reference).items():
         torch.testing.assert_close(trainable(resumed)[name], value, rtol=0, atol=0)
+
+    # The log reads as the uninterrupted run's: no step twice (the crashed run logged none past
+    # its checkpoint here, but an eval or a line after it would be), and the line at step 12
+    # averages steps 9 to 12, two of them trained before the crash. Throughput is this process's.
+    def records(out):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+    assert records(tmp_path / "b") == records(tmp_path / "a")
+
+
+def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
+    train_loader, eval_loader = loaders(n_train=32)  # 4 steps an epoch
+    config = TrainConfig(output_dir=str(tmp_path), epochs=2, lr=1e-2, log_every=1)
+    train(TinyClassifier(), train_loader, eval_loader, config)
+    log = tmp_path / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    # As if the run had died after logging steps 5 and 6 but before its next checkpoint, at 4.
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "step": 4}, tmp_path / "checkpoint.pt")
+    log.write_text("\n".join(line for line in lines if json.loads(line)["step"] <= 6) + "\n")
+    train(TinyClassifier(), train_loader, eval_loader, config)
+    steps = [(json.loads(line)["step"], "eval" in json.loads(line)) for line in log.read_text().splitlines()]
+    assert steps == [(1, False), (2, False), (3, False), (4, False), (4, True),
+                     (5, False), (6, False), (7, False), (8, False), (8, True)]
+    # Started over (resume=False), the run logs only its own records.
+    train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**{**vars(config), "resume": False}))
+    assert len(log.read_text().splitlines()) == 10
 
 
 def test_ddp_two_processes_end_with_identical_adapters(tmp_path):
@@ -357,6 +386,28 @@ def test_weight_decay_skips_vectors_stored_as_matrices():
     opt = make_optimizer(model, TrainConfig(output_dir="unused", weight_decay=0.1))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model.adapter.weight), id(model.classifier.weight)}
+
+
+def test_weight_decay_takes_lora_factors_at_rank_one():
+    # At r = 1, LoRA's A (1, in) and B (out, 1) are shaped like (IA)^3 vectors, but they are the
+    # factors of a matrix: they decay as they do at any other rank. DoRA's magnitude does not.
+    from minipeft import LoraConfig, get_peft_model
+
+    for r in (1, 2):
+        model = get_peft_model(TinyClassifier(), LoraConfig(r=r, target_modules=["adapter"], use_dora=True))
+        opt = make_optimizer(model, TrainConfig(output_dir="unused", weight_decay=0.1))
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        layer = model.base_model.model.adapter
+        factors = {id(layer.lora_A["default"].weight), id(layer.lora_B["default"].weight)}
+        assert decayed == factors, r
+        assert id(layer.lora_magnitude_vector["default"].weight) not in decayed
+
+
+def test_lr_by_prefix_naming_only_frozen_parameters_is_refused():
+    model = TinyClassifier()  # its embedding is frozen
+    with pytest.raises(ValueError, match=r"no trainable parameter starts with: \['embed.'\] \(\['embed.'\] name only "
+                                         r"frozen ones\)"):
+        make_optimizer(model, TrainConfig(output_dir="unused", lr_by_prefix={"embed.": 0.1}))
 
 
 class FixedLogits(nn.Module):
@@ -533,3 +584,34 @@ def test_metric_of_another_task_fails_before_the_first_step(tmp_path):
     for name, value in before.items():
         assert torch.equal(trainable(model)[name], value), name
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_batch_without_target_tokens_adds_nothing_to_the_loss(tmp_path):
+    # A causal-LM batch whose labels are all -100 after the shift (a one-token target at
+    # position 0) has no mean loss; it must not turn the evaluation or the logged loss into NaN.
+    torch.manual_seed(0)
+    examples = [{"input_ids": [(s + i) % VOCAB for i in range(6)], "labels": [(s + i) % VOCAB for i in range(6)]}
+                for s in range(8)]
+    empty = {"input_ids": [5, 6], "labels": [5, -100]}
+    model = TinyLM()
+    with_empty = evaluate(model, [*BatchLoader(examples, batch_size=4), next(iter(BatchLoader([empty], batch_size=1)))])
+    assert with_empty == evaluate(model, BatchLoader(examples, batch_size=4))
+    train(model, BatchLoader([empty] * 4 + examples, batch_size=4), None,
+          TrainConfig(output_dir=str(tmp_path), log_every=1, max_grad_norm=None))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] == 0.0 and all(math.isfinite(x) and x > 0 for x in losses[1:])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no labels", r"a batch needs its targets under 'labels' .*; this one has \['input_ids', 'label'\]"),
+    ("empty eval", r"eval_batches is empty: pass some evaluation examples, or None"),
+    ("long warmup", r"warmup_steps=10 is longer than the run's 4 steps"),
+])
+def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
+    train_loader, eval_loader = loaders(n_train=32)  # 4 steps an epoch
+    config = TrainConfig(output_dir=str(tmp_path), warmup_steps=10 if case == "long warmup" else 0)
+    if case == "no labels":
+        train_loader = [{"input_ids": b["input_ids"], "label": b["labels"]} for b in train_loader]
+    with pytest.raises(ValueError, match=message):
+        train(TinyClassifier(), train_loader, [] if case == "empty eval" else eval_loader, config)

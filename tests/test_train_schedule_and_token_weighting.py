@@ -7,6 +7,8 @@ metric that picks the best evaluation (lower is better).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -36,7 +38,10 @@ def test_warmup_then_linear_decay_with_clipping_matches_a_hand_written_loop(tmp_
     model, reference = Regressor(), Regressor()
     reference.load_state_dict(model.state_dict())
     train(model, batches, None, TrainConfig(output_dir=str(tmp_path), lr=0.05, **warmup, schedule="linear",
-                                            max_grad_norm=0.05, log_every=100))
+                                            max_grad_norm=0.05, log_every=1))
+    # each progress line gives the lr its step trained with
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([0.05 * m for m in multipliers])
 
     opt = torch.optim.AdamW(reference.parameters(), lr=0.05, weight_decay=0.0)
     for b, m in zip(batches, multipliers):
