@@ -56,6 +56,14 @@ DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "linear-probe": 5e-3}
 RUN_FILES = (*OUTPUT_NAMES, "adapter", "adapter-init", "model")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of epochs, examples, tokens, ...)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=["lora", "full", "linear-probe"], default="lora")
@@ -64,15 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in --output-dir (its checkpoint, metrics, best weights and adapter)")
     p.add_argument("--max-train-examples", type=int, default=40000, help="sampled from the 67k rows; 0 = all")
-    p.add_argument("--val-examples", type=int, default=500, help="held out of train to pick the best step")
+    p.add_argument("--val-examples", type=positive_int, default=500, help="held out of train to pick the best step")
     p.add_argument("--max-dev-examples", type=int, default=0, help="0 = the whole dev set (872)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--evals-per-epoch", type=int, default=4)
-    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--evals-per-epoch", type=positive_int, default=4)
+    p.add_argument("--r", type=positive_int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--init-lora-weights", default="true", type=init_lora_weights,

@@ -68,6 +68,14 @@ DEFAULTS = {
 INIT_TEXT = "classify the sentiment of this review: positive or negative"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of epochs, examples, tokens, ...)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=["prompt", "prefix"], default="prompt")
@@ -75,13 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder with train.tsv and dev.tsv (default: $MINIPEFT_DATA_DIR)")
     p.add_argument("--max-train-examples", type=int, default=None, help="sampled from the 67k rows; 0 = all; default per method")
     p.add_argument("--max-dev-examples", type=int, default=0, help="0 = the whole dev set (872)")
-    p.add_argument("--num-virtual-tokens", type=int, default=None, help=f"default per method: {DEFAULTS}")
+    p.add_argument("--num-virtual-tokens", type=positive_int, default=None, help=f"default per method: {DEFAULTS}")
     p.add_argument("--lr", type=float, default=None, help="lr of the virtual tokens; default per method (see above)")
     p.add_argument("--head-lr", type=float, default=None, help="lr of the classifier head; default per method")
     p.add_argument("--init-text", default=INIT_TEXT, help="prompt tuning: the text the prompt starts from")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=48)
     p.add_argument("--prefix-projection", action="store_true",
                    help="prefix tuning: learn the prefix through an MLP (slower to start on this model, see above)")
     p.add_argument("--seed", type=int, default=0)

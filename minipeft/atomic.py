@@ -28,7 +28,11 @@ from typing import BinaryIO, Callable
 
 
 def write_temp(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
-    """Write a new temporary file beside `path` through `write(f)`, on disk; return its name."""
+    """Write a new temporary file beside `path` through `write(f)`, on disk; return its name.
+
+    It is hidden, `.<name>.<random hex>.tmp`, and removed if `write` raises; a process killed
+    outright mid-write (SIGKILL, power loss) leaves it behind, never read, to be deleted by hand.
+    """
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
     # O_EXCL: never an existing file. Mode 0o666 less the umask, as a plain open() gives
@@ -83,8 +87,9 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
     The new copy is written in full to `<path>.tmp` and synced, file by file (writers such as
     peft's save_pretrained do not sync), then swapped in: `<path>` is renamed to `<path>.old`,
     `<path>.tmp` to `<path>`, and `<path>.old` is deleted. A crash between the two renames
-    leaves only `<path>.old` (the previous copy), which a reader should then use and which the
-    next call cleans up; a `<path>.tmp` half-written before a crash is removed first.
+    leaves no `<path>`, but `<path>.old` (the previous copy, which a reader should then use)
+    beside the complete new `<path>.tmp`; the next call removes that `<path>.tmp` (as it does a
+    half-written one) and brings `<path>` back.
     """
     tmp, old = replace_dir_side_names(path)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -55,6 +55,8 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
     carries its 1-based line number under "_line" so later errors can point at it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass the .tsv, .csv or .jsonl file in it")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -218,10 +220,15 @@ def split(
     """
     n = len(records)
 
-    def size(frac: float) -> int:
+    def size(name: str, frac: float) -> int:
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (frac >= 0 and math.isfinite(frac)):
+            raise DataError(f"{name} must be a share of the records in [0, 1) or a count >= 1, not {frac!r}")
+        if frac >= 1 and frac != int(frac):
+            raise DataError(f"{name}={frac!r} is read as a count of records, which must be a whole number; "
+                            f"for a share use a number below 1")
         return int(frac) if frac >= 1 else int(round(n * frac))
 
-    n_val, n_test = size(val_fraction), size(test_fraction)
+    n_val, n_test = size("val_fraction", val_fraction), size("test_fraction", test_fraction)
     if n_val + n_test > n:
         raise DataError(f"cannot take {n_val} validation + {n_test} test records from {n}")
     order = list(range(n))
@@ -287,32 +294,36 @@ def encode_prompt_completion(
     Returns {"input_ids": prompt+completion(+eos), "labels": [-100]*len(prompt)+completion(+eos)}.
     The prompt gets the tokenizer's special tokens (e.g. BOS), the completion none. Rows
     are cut at max_length from the right. A row with nothing left to predict would teach
-    nothing, so it is dropped, with a warning that counts them: its prompt fills all of
-    max_length, or its completion is empty (and there is no eos). When that leaves no row
-    at all, it is an error.
+    nothing (and its loss would be a mean over no token), so it is dropped, with a warning
+    that counts them: its prompt fills all of max_length, its completion is empty (and there
+    is no eos), or its prompt is empty and its target one token long: the first token has no
+    position before it to be predicted from (position t predicts token t + 1). When that
+    leaves no row at all, it is an error.
     """
     tok = load_tokenizer(tokenizer)
     prompts = tok.encode_batch([r["prompt"] for r in records])
     completions = tok.encode_batch([r["completion"] for r in records], add_special_tokens=False)
-    out, too_long, empty = [], 0, 0
+    out = []
+    dropped = {"too_long": 0, "empty": 0, "unpredictable": 0}
     for p, c in zip(prompts, completions):
         target = c.ids + ([eos_token_id] if eos_token_id is not None else [])
         if not target:
-            empty += 1
-            continue
-        if len(p.ids) >= max_length:  # truncation would cut the whole target away
-            too_long += 1
-            continue
-        ids = (p.ids + target)[:max_length]
-        labels = ([IGNORE_INDEX] * len(p.ids) + target)[:max_length]
-        out.append({"input_ids": ids, "labels": labels})
-    if too_long or empty:
-        reasons = []
-        if too_long:
-            reasons.append(f"{too_long} with a prompt of at least max_length={max_length} tokens (raise max_length)")
-        if empty:
-            reasons.append(f"{empty} with an empty completion (pass eos_token_id to teach the model to stop there)")
-        message = f"{too_long + empty} of {len(records)} rows have nothing to predict: {'; '.join(reasons)}"
+            dropped["empty"] += 1
+        elif len(p.ids) >= max_length:  # truncation would cut the whole target away
+            dropped["too_long"] += 1
+        elif not p.ids and len(target) == 1:
+            dropped["unpredictable"] += 1
+        else:
+            ids = (p.ids + target)[:max_length]
+            labels = ([IGNORE_INDEX] * len(p.ids) + target)[:max_length]
+            out.append({"input_ids": ids, "labels": labels})
+    if any(dropped.values()):
+        why = {"too_long": f"a prompt of at least max_length={max_length} tokens (raise max_length)",
+               "empty": "an empty completion (pass eos_token_id to teach the model to stop there)",
+               "unpredictable": "an empty prompt and a one-token target, which no position precedes (give a "
+                                "prompt, or a tokenizer that adds a BOS token)"}
+        reasons = [f"{count} with {why[kind]}" for kind, count in dropped.items() if count]
+        message = f"{sum(dropped.values())} of {len(records)} rows have nothing to predict: {'; '.join(reasons)}"
         if not out:
             raise DataError(f"no row is left to train on; {message}")
         warnings.warn(f"dropped {message}", stacklevel=2)
@@ -370,6 +381,14 @@ class BatchLoader:
     seed: int = 0
     epoch: int = 0
 
+    def __post_init__(self):
+        for name in ("batch_size", "bucket_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        if len(self.examples) == 0:
+            raise ValueError("BatchLoader got no examples: check the data file and the split that produced them")
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -382,6 +401,10 @@ class BatchLoader:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         if self.shuffle:
             rng.shuffle(order)
+        if self.drop_last:
+            # drop the partial batch's worth before grouping by length, so the examples left out
+            # are random ones (the shuffle's last), not always the longest
+            order = order[: len(order) - len(order) % self.batch_size]
         if self.group_by_length:
             chunk = self.batch_size * self.bucket_size
             order = [
@@ -390,8 +413,6 @@ class BatchLoader:
                 for i in sorted(order[start : start + chunk], key=lambda j: len(self.examples[j]["input_ids"]))
             ]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
         if self.group_by_length and self.shuffle:
             rng.shuffle(batches)  # else every chunk would run short-to-long
         return batches

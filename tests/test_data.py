@@ -138,6 +138,16 @@ def test_split_is_seeded_disjoint_and_complete():
         split(records, val_fraction=80, test_fraction=30)
 
 
+@pytest.mark.parametrize("fraction, message", [
+    (-0.1, r"val_fraction must be a share of the records in \[0, 1\) or a count >= 1, not -0.1"),
+    (float("nan"), r"val_fraction must be a share .*, not nan"),
+    (1.5, r"val_fraction=1.5 is read as a count of records, which must be a whole number"),
+])
+def test_split_refuses_fractions_that_are_neither_a_share_nor_a_count(fraction, message):
+    with pytest.raises(DataError, match=message):
+        split(list(range(100)), val_fraction=fraction)
+
+
 # -- tokenising and batching ----------------------------------------------------------------
 
 
@@ -199,6 +209,18 @@ def test_empty_completion_is_dropped_unless_an_eos_is_learned(tokenizer):
     assert len(enc) == 2 and enc[1]["labels"][-1] == 3
 
 
+def test_a_one_token_target_after_an_empty_prompt_is_dropped(tokenizer):
+    # Without a BOS token an empty prompt leaves the target's first token at position 0, which
+    # no position predicts: a one-token target would leave the row nothing to learn (and a
+    # batch of such rows a mean loss over no token).
+    bare = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    bare.pre_tokenizer = pre_tokenizers.Whitespace()
+    records = [{"prompt": "", "completion": "yes"}, {"prompt": "", "completion": "yes no"}]
+    with pytest.warns(UserWarning, match=r"dropped 1 of 2 rows .*: 1 with an empty prompt and a one-token target"):
+        enc = encode_prompt_completion(records, bare, max_length=16)
+    assert enc == [{"input_ids": [12, 13], "labels": [12, 13]}]
+
+
 def test_nothing_dropped_gives_no_warning(tokenizer, recwarn):
     encode_prompt_completion([{"prompt": "a good film", "completion": "yes"}], tokenizer, max_length=16)
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
@@ -220,6 +242,36 @@ def test_loader_is_deterministic_per_epoch_and_covers_everything():
     loader.set_epoch(1)
     assert loader.batch_indices() != first
     assert len(BatchLoader(examples, batch_size=8, drop_last=True)) == 12 == len(list(BatchLoader(examples, 8, drop_last=True)))
+
+
+def test_drop_last_with_group_by_length_drops_random_examples():
+    # The examples a dropped partial batch leaves out change from epoch to epoch; they are
+    # not the longest ones every time (as when the cut came after sorting by length).
+    examples = make_examples(10)
+    loader = BatchLoader(examples, batch_size=4, shuffle=True, group_by_length=True, drop_last=True)
+    left_out = []
+    for epoch in range(20):
+        loader.set_epoch(epoch)
+        batches = loader.batch_indices()
+        assert [len(b) for b in batches] == [4, 4]
+        left_out.append(frozenset(range(10)) - {i for b in batches for i in b})
+    assert len(set(left_out)) > 5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), r"batch_size must be an integer >= 1, not 0"),
+    (dict(bucket_size=0), r"bucket_size must be an integer >= 1, not 0"),
+])
+def test_loader_refuses_bad_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BatchLoader(make_examples(4), **kwargs)
+    with pytest.raises(ValueError, match="BatchLoader got no examples"):
+        BatchLoader([])
+
+
+def test_a_folder_given_as_data_file_is_named_so(tmp_path):
+    with pytest.raises(DataError, match=r"is a folder; pass the .tsv, .csv or .jsonl file in it"):
+        read_classification(tmp_path)
 
 
 def test_group_by_length_cuts_padding_but_stays_shuffled():

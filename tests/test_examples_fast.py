@@ -77,3 +77,13 @@ def test_lora_example_overwrite_removes_what_train_left(tmp_path):
     assert len(example.previous_run(tmp_path)) == 4
     example.remove_previous_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_the_sst2_examples_refuse_counts_below_one():
+    # a zero count would otherwise fail later, as a ZeroDivisionError deep in a run
+    for example, flag in [(LORA_EXAMPLE, "--evals-per-epoch"), (LORA_EXAMPLE, "--val-examples"),
+                          (ROOT / "examples" / "prompt_and_prefix_tuning_sst2.py", "--batch-size")]:
+        result = subprocess.run([sys.executable, str(example), flag, "0"], capture_output=True, text=True, timeout=120,
+                                cwd=ROOT)
+        assert result.returncode == 2, result.stderr
+        assert f"argument {flag}: must be a whole number >= 1, not 0" in result.stderr
