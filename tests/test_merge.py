@@ -117,13 +117,16 @@ def test_merge_and_unload_of_two_adapters_is_base_plus_both_deltas():
         torch.testing.assert_close(params[name], W, atol=1e-6, rtol=0, msg=name)
 
 
-def test_merging_two_adapters_matches_peft():
+@pytest.mark.parametrize("dora_first, dora_second", [(False, False), (False, True), (True, True)])
+def test_merging_two_adapters_matches_peft(dora_first, dora_second):
+    # With DoRA second, its row norm must come from the base weight as the forward reads it,
+    # not from the weight that already holds the first adapter (off by up to 0.15 here when it did).
     base = tiny_transformers_model("llama")
     config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     models = {}
     for library in (peft, minipeft):
-        model = library.get_peft_model(copy.deepcopy(base), library.LoraConfig(**config))
-        model.add_adapter("b", library.LoraConfig(**{**config, "r": 2, "use_rslora": True}))
+        model = library.get_peft_model(copy.deepcopy(base), library.LoraConfig(**config, use_dora=dora_first))
+        model.add_adapter("b", library.LoraConfig(**{**config, "r": 2, "use_rslora": True, "use_dora": dora_second}))
         models[library.__name__] = model
     randomize_adapters(models["peft"])
     models["minipeft"].load_state_dict(models["peft"].state_dict(), strict=True)

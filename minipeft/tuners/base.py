@@ -232,6 +232,15 @@ class AdapterLayer(nn.Module):
         self.merge_number.pop(name)
         self.unmerge_state.pop(name, None)
 
+    def unmerged_base_tensors(self) -> dict[str, torch.Tensor]:
+        """The base layer's tensors as they were before any adapter was merged: the merged ones
+        taken out of copies, newest first (the live tensors themselves when none is merged). For
+        a merge whose math reads the base weight, as the unmerged forward sees it."""
+        tensors = self._base_tensors()
+        for name in reversed(self.merged_adapters):
+            tensors = {**tensors, **self.unmerged_tensors(name, tensors, self.unmerge_state.get(name))}
+        return tensors
+
     def first_nonfinite_merge(self, adapter_names: list[str]) -> str | None:
         """The first of ``adapter_names`` after whose merge (in order, into copies of the base
         weights) a weight holds NaN or inf; ``None`` when all stay finite. Writes nothing."""

@@ -299,7 +299,10 @@ class LoraLayer(AdapterLayer):
         """The weight (and with lora_bias the bias) with adapter ``adapter_name`` folded in:
 
             LoRA:  W + s B A,   b + s b_B   (lora_bias; else b is unchanged)
-            DoRA:  f * (W + s B A),   f = m / ||W + s B A||_row   (kept: unmerging divides by it)
+            DoRA:  f * (W + s B A),   f = m / ||W0 + s B A||_row   (kept: unmerging divides by it)
+
+        W is the weight as it stands, holding the adapters merged before this one; W0 the base
+        weight without them, which DoRA's forward takes its norm of (as peft's merge does).
         """
         weight, delta = tensors["weight"], self.delta_weight(adapter_name)
         if not self.use_dora[adapter_name]:
@@ -307,7 +310,8 @@ class LoraLayer(AdapterLayer):
             if delta_bias is None:
                 return {"weight": weight + delta}, None
             return {"weight": weight + delta, "bias": tensors["bias"] + delta_bias}, None
-        factor = self.lora_magnitude_vector[adapter_name].weight / self._row_norm(adapter_name, weight)  # (out,)
+        norm = self._row_norm(adapter_name, self.unmerged_base_tensors()["weight"])  # (out,)
+        factor = self.lora_magnitude_vector[adapter_name].weight / norm
         merged = factor.view(-1, 1) * self._weight_out_in(weight.float() + delta.float())  # (out, in)
         return {"weight": self._weight_out_in(merged).to(weight.dtype)}, factor
 
