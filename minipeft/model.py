@@ -112,7 +112,9 @@ class PeftModel(nn.Module):
             self._warn_base_changing_init(adapter_name, config)
             injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
         self.peft_config[adapter_name] = config
-        if not first:
+        if first:  # (also after the last adapter was deleted: the name active then is gone)
+            self.active_adapter = adapter_name
+        else:
             # Keep the current adapter active everywhere, including the new wrappers.
             self.set_adapter(self.active_adapter)
 

@@ -49,3 +49,18 @@ def test_deleting_the_active_adapter_hands_over_to_the_first_remaining():
     assert model.active_adapter == "a"
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids), reference(input_ids=ids), rtol=0, atol=0)
+
+
+def test_an_adapter_added_after_the_last_was_deleted_is_the_active_one():
+    # (peft 0.21 refuses add_adapter here.) The new adapter is the model's only one: it is the
+    # one active, trained and merged, as a first adapter is.
+    model = get_peft_model(TinyNet().eval(), LoraConfig(r=2, target_modules=["fc1"]))
+    model.delete_adapter("default")
+    model.add_adapter("x", LoraConfig(r=2, target_modules=["fc1"]))
+    assert model.active_adapter == "x" and model.active_adapters == ["x"]
+    assert trainable(model) and all(".x." in n for n in trainable(model))
+    randomize_adapters(model)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = model(input_ids=ids)
+        torch.testing.assert_close(model.merge_and_unload()(input_ids=ids), expected, atol=1e-5, rtol=0)
