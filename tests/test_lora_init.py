@@ -1,4 +1,4 @@
-"""PiSSA and OLoRA initialisations, and their conversion to plain LoRA on save.
+"""PiSSA, OLoRA and orthogonal initialisations, and PiSSA/OLoRA's conversion to plain LoRA on save.
 
 References: peft itself (the same base model and init option give the same A, B and residual
 weight; for ``pissa_niter_<n>`` torch is seeded identically before both), the identity
@@ -93,6 +93,33 @@ def test_init_is_peft_s_to_the_bit(bases, kind, init, extra):
     assert changed and all(not torch.equal(mine[k], base_weights[k.replace("base_model.model.", "").replace(
         ".base_layer", "")]) for k in changed)  # every target holds a residual now
     torch.testing.assert_close(logits(ours), logits(bases[kind]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind, extra", [("llama", {}), ("llama", dict(rank_pattern={"down_proj": 2}, use_dora=True)),
+                                          ("gpt2", {})])
+def test_orthogonal_init_is_peft_s_to_the_bit_and_changes_nothing_at_first(bases, kind, extra):
+    # Both factors random and non-zero, their product exactly zero: the base weights stay, and
+    # so does the output.
+    theirs = build(peft, bases[kind], **config(kind, "orthogonal", **extra))
+    ours = build(minipeft, bases[kind], **config(kind, "orthogonal", **extra))
+    mine, their_state = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == their_state.keys()
+    for key, value in their_state.items():
+        assert torch.equal(mine[key], value), key
+    for _, layer in lora_layers(ours):
+        A, B = layer.lora_factors("default")
+        assert A.abs().min() > 0 and B.abs().min() > 0
+        assert (B @ A).abs().max() < 1e-6
+    torch.testing.assert_close(logits(ours), logits(bases[kind]), atol=1e-6, rtol=0)
+
+
+def test_orthogonal_init_needs_even_ranks_and_linear_layers():
+    with pytest.raises(ValueError, match=r"init_lora_weights='orthogonal' .* needs even ranks, got \{'r': 3\}"):
+        LoraConfig(r=3, init_lora_weights="orthogonal")
+    with pytest.raises(ValueError, match=r"needs even ranks, got \{'fc1': 5\}"):
+        LoraConfig(r=4, rank_pattern={"fc1": 5}, init_lora_weights="orthogonal")
+    with pytest.raises(TypeError, match=r"'orthogonal' is for linear layers .*'embed' is a Embedding"):
+        get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["embed"], init_lora_weights="orthogonal"))
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])

@@ -57,11 +57,12 @@ class LoraConfig(PeftConfig):
     end of the qualified name. bias: which biases train (``"none"``, ``"all"``, ``"lora_only"``).
     init_lora_weights: ``True`` (Kaiming-uniform A, zero B), ``"gaussian"`` (normal A with std
     1/r, zero B), ``False`` (both random: the adapter changes the output from the start), or, for
-    linear layers, ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
+    linear layers, ``"orthogonal"`` (both random with B A = 0; even ranks) or
+    ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
     SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py).
     lora_bias: give B a trainable bias ``b_B`` (out,), so the update is ``s (B A x + b_B)``; it starts
     at zero (random with ``init_lora_weights=False``) and merges into the base bias. Linear, Conv1D
-    and conv layers only; not with DoRA or PiSSA/OLoRA/gaussian inits (peft's rules).
+    and conv layers only; not with DoRA, nor with inits other than True and False (peft's rules).
     trainable_token_indices: also train these rows of an embedding table (trainable_tokens.py): a
     list of token ids for the input embedding, or ``{embedding name: token ids}``.
     target_parameters: bare parameters to adapt, e.g. MoE experts' 3-D ``"mlp.experts.gate_up_proj"``,
@@ -103,10 +104,14 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian") and not lora_init.base_changing_init(
-            self.init_lora_weights
-        ):
+        if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \
+                lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
+        if self.init_lora_weights == lora_init.ORTHOGONAL:
+            odd = {name: r for name, r in [("r", self.r), *self.rank_pattern.items()] if r % 2}
+            if odd:
+                raise ValueError(f"init_lora_weights='orthogonal' splits the rank into two halves and needs even "
+                                 f"ranks, got {odd}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         # lora_bias is easily confused with ``bias`` ("none" / "all" / "lora_only"), whose strings
@@ -216,6 +221,12 @@ class LoraLayer(AdapterLayer):
             return
         if adapter_name in self.lora_A:
             A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            if init == lora_init.ORTHOGONAL:
+                with torch.no_grad():
+                    A0, B0 = lora_init.orthogonal_factors(self.r[adapter_name], A.shape[1], B.shape[0])
+                    A.copy_(A0)
+                    B.copy_(B0)
+                return
             if init == "gaussian":
                 nn.init.normal_(A, std=1 / self.r[adapter_name])
             else:
@@ -564,6 +575,11 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
             "in a second adapter with lora_bias=False"
         )
     init = config.init_lora_weights
+    if init == lora_init.ORTHOGONAL and not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
+        raise TypeError(
+            f"init_lora_weights='orthogonal' is for linear layers (as in peft); {key!r} is a {type(base).__name__}. "
+            "Target nn.Linear / Conv1D layers only, or adapt this one in a second adapter with init_lora_weights=True"
+        )
     if lora_init.base_changing_init(init):
         if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
             raise TypeError(

@@ -1,4 +1,5 @@
-"""LoRA initialised from the base weight itself (PiSSA, OLoRA), and its conversion to plain LoRA.
+"""LoRA initialised from the base weight itself (PiSSA, OLoRA), and its conversion to plain LoRA;
+also the orthogonal init, which leaves the base alone (``orthogonal_factors``).
 
 Plain LoRA starts with ``B = 0``, so the update ``s B A`` is zero and the model is unchanged.
 PiSSA (Meng et al. 2024) and OLoRA (Buyukakyuz 2024) instead start A and B on a dominant part
@@ -78,10 +79,31 @@ import torch
 from ..config import PeftConfig, PeftType
 from ..targeting import out_in_features
 
-PISSA, OLORA = "pissa", "olora"
+PISSA, OLORA, ORTHOGONAL = "pissa", "olora", "orthogonal"
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # What LoraConfig.init_lora_weights accepts, for error messages.
-INIT_CHOICES = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' (n >= 0 subspace iterations) or 'olora'"
+INIT_CHOICES = ("True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' (n >= 0 subspace iterations) "
+                "or 'olora'")
+
+
+def orthogonal_factors(r: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``init_lora_weights="orthogonal"``: A (r, in) and B (out, r), both random and non-zero,
+    whose product is exactly zero, so the adapted model starts as the base one (as with B = 0)
+    while both factors already receive gradients.
+
+    Q, the Q of a random (r, r) matrix, has orthonormal rows; Q_o and Q_e are its odd and even
+    ones (r/2 each), so Q_e Q_o^T = 0. With Gaussian G_A (in, r/2) and G_B (out, r/2):
+
+        A = (G_A Q_o)^T / 10,   B = G_B Q_e / 10,   B A = G_B (Q_e Q_o^T) G_A^T / 100 = 0
+
+    Drawn in peft's order and shapes (Q's matrix, then G_A, then G_B^T), so the same seed gives
+    peft's factors. r must be even.
+    """
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    q_odd, q_even = q[0::2], q[1::2]  # rows 0, 2, ... and 1, 3, ...: (r/2, r) each
+    A = torch.randn(fan_in, r // 2).mm(q_odd).T / 10.0
+    B = torch.randn(r // 2, fan_out).T.mm(q_even) / 10.0
+    return A, B
 
 
 def base_changing_init(init: bool | str) -> str | None:
