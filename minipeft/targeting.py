@@ -9,7 +9,8 @@ Matching rules (the same as ``peft``):
   head.
 * ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 * ``layers_to_transform`` keeps only matches inside the listed layer indices, where the
-  index is the number after ``layers_pattern`` (``"layers"``, ``"h"``, ...) in the name.
+  index is the number after ``layers_pattern`` (``"layers"``, ``"h"``, ...) in the name; a
+  module that a list entry names in full is kept wherever it is.
 
 Names are *logical* names: those of the model without adapter wrappers. A wrapper takes the
 place (and the name) of the module it adapts and keeps that module one level down, as
@@ -199,7 +200,11 @@ def find_targets(model: nn.Module, config) -> list[str]:
     if layers is not None and layers != []:
         wanted = {layers} if isinstance(layers, int) else set(layers)
         pattern = getattr(config, "layers_pattern", None)
-        selected = narrow(selected, "layers_to_transform", lambda n: layer_index(n, pattern) in wanted)
+        # A name given in full is taken as meant, whatever its layer (peft does the same, so
+        # its checkpoints of such configs hold that module's adapter).
+        named_in_full = set(targets) if not isinstance(targets, str) else set()
+        selected = narrow(selected, "layers_to_transform",
+                          lambda n: layer_index(n, pattern) in wanted or n in named_in_full)
 
     if not selected:
         raise ValueError(no_match_message(targets, names, modules, type(model).__name__, applied))

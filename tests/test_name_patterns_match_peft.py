@@ -52,6 +52,8 @@ def shapes(model) -> dict[str, tuple[int, ...]]:
         dict(target_modules=["proj", "out_proj"], rank_pattern={"out_proj": 2}),
         dict(target_modules=["proj"], layers_to_transform=[0], layers_pattern="layers"),
         dict(target_modules=["proj", "out_proj"], layers_to_transform=[1], layers_pattern=["sublayers"]),
+        # a module named in full is adapted outside the chosen layers too
+        dict(target_modules=["layers.0.proj", "out_proj"], layers_to_transform=[1], layers_pattern="layers"),
     ],
 )
 def test_same_modules_and_ranks_as_peft(config):
