@@ -203,7 +203,7 @@ def test_unsupported_layer_type_is_named():
             super().__init__()
             self.emb = nn.Embedding(10, 4)
 
-    with pytest.raises(TypeError, match=r"'emb': it is a Embedding; \(IA\)\^3 supports nn.Linear"):
+    with pytest.raises(ValueError, match=r"'emb': it is a Embedding; \(IA\)\^3 supports nn.Linear"):
         get_peft_model(WithEmbedding(), IA3Config(target_modules=["emb"], feedforward_modules=[]))
 
 

@@ -185,6 +185,6 @@ def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: st
     elif is_gpt2_conv1d(base):
         layer = IA3Linear(target, fan_in_fan_out=True)
     else:
-        raise TypeError(f"cannot apply (IA)^3 to {key!r}: it is a {type(base).__name__}; (IA)^3 supports {SUPPORTED}")
+        raise ValueError(f"cannot apply (IA)^3 to {key!r}: it is a {type(base).__name__}; (IA)^3 supports {SUPPORTED}")
     layer.add_adapter(adapter_name, config, key)
     return layer

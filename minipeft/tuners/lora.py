@@ -613,7 +613,7 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
     elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
         layer = LoraConv(target)
     else:
-        raise TypeError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
+        raise ValueError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
     layer.add_adapter(adapter_name, config, key)
     return layer
 
