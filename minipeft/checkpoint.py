@@ -44,6 +44,17 @@ modules hold it. Prompt and prefix tuning (``prompt_encoder[X]`` on the ``PeftMo
 which the encoder produces and takes back (``tuners/virtual_tokens.py``). Loading applies the
 same mapping to the model's own keys and inverts it, so the two directions cannot drift apart.
 
+Embedding layers in peft's files
+--------------------------------
+peft's ``save_embedding_layers`` (by default: when LoRA targets ``embed_tokens`` / ``lm_head``, or
+the vocabulary was resized) also writes the tensors of the input and output embedding layers, e.g.
+the frozen table as ``<layer>.base_layer.weight``, and peft's loader copies them back into the
+model. minipeft reads them the same way (``peft_embedding_extras``): a base table goes into the
+base model (a warning says so when that changes it; a resized one needs the base resized first,
+and a shape mismatch says so), a second copy of an adapter tensor must equal the first. Any other
+key still fails the load. minipeft itself saves the adapter's tensors only (peft loads those files
+all the same), so ``save_embedding_layers=True`` is refused on saving.
+
 Safety
 ------
 * Tensors are read with safetensors only; a pickled ``adapter_model.bin`` is refused.
@@ -70,17 +81,19 @@ import json
 import os
 import types
 import typing
+import warnings
 from typing import Any
 
 import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns, and so peft
 
 from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
-from .targeting import join_name, logical_name
+from .targeting import is_wrapper, join_name, logical_name
 from .tuners import ModulesToSaveWrapper, lora_init
 
 CONFIG_NAME = "adapter_config.json"
@@ -232,19 +245,54 @@ def peft_bias_extras(model: nn.Module, adapter_name: str = "default") -> dict[st
     return extras
 
 
-def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors of one adapter, keyed as peft saves them (adapter name removed).
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as peft saves them (adapter name removed); peft's signature.
 
     ``model`` is a ``PeftModel`` (keys start with ``base_model.model.``) or a plain model that
     went through ``inject_adapter_in_model`` (keys without that prefix, as in peft).
+
+    state_dict: the model's full state dict to take the tensors from instead of the live model
+        (DeepSpeed ZeRO-3 / FSDP gather the sharded parameters into one on the main process).
+        Its keys are the model's own (``model.state_dict()``'s). Prompt and prefix tuning save the
+        tensor their encoder computes, from the live model either way (as peft does).
+    unwrap_compiled: take the model inside a ``torch.compile`` wrapper (``_orig_mod``).
+    save_embedding_layers: ``"auto"`` or False. minipeft saves the adapter's own tensors only
+        (peft's ``"auto"`` adds the base embedding when LoRA targets it; peft loads minipeft's
+        files all the same); True is refused, as in ``PeftModel.save_pretrained``.
     """
+    if state_dict is not None and not isinstance(state_dict, typing.Mapping):
+        raise TypeError(
+            f"state_dict must be the model's full state dict (a dict of tensors), got {type(state_dict).__name__} "
+            f"{state_dict!r:.40}; the adapter's name goes to adapter_name= (peft's order: model, state_dict, "
+            "adapter_name)"
+        )
+    if save_embedding_layers not in ("auto", False):
+        raise ValueError(
+            f"save_embedding_layers={save_embedding_layers!r}: minipeft returns the adapter's tensors only, never "
+            "base-model layers (use 'auto' or False); a resized embedding is saved with the base model itself"
+        )
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule holds the model there
+
     mapping = adapter_key_map(model, adapter_name)
     virtual = _virtual_tokens(model, adapter_name)
     if not mapping and virtual is None:
         raise ValueError(f"the model has no tensors for adapter {adapter_name!r}; adapters: {known_adapter_names(model)}")
     mapping.update(peft_bias_extras(model, adapter_name))
-    state_dict = model.state_dict()
-    out = {ckpt_key: state_dict[model_key].detach() for ckpt_key, model_key in mapping.items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    absent = [model_key for model_key in mapping.values() if model_key not in source]
+    if absent:
+        raise KeyError(
+            f"the state_dict passed lacks {len(absent)} tensor(s) of adapter {adapter_name!r}: {_describe(absent)}; "
+            "pass the full state dict of this model, keyed as model.state_dict() keys it"
+        )
+    out = {ckpt_key: source[model_key].detach() for ckpt_key, model_key in mapping.items()}
     if virtual is not None:
         out = {_prompt_learning_key(k): v for k, v in out.items()}
         out[PROMPT_EMBEDDINGS] = virtual.prompt_embeddings().detach()
@@ -273,20 +321,121 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return ", ".join(repr(k) for k in keys[:limit]) + more
 
 
+def _embedding_paths(model: nn.Module) -> list[str]:
+    """Paths of the model's input and output embeddings (transformers' ``get_input_embeddings`` /
+    ``get_output_embeddings``, as wrapped now), the layers peft's ``save_embedding_layers`` saves."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue  # not a transformers model, or one without that layer: peft saves none either
+        if isinstance(layer, nn.Module):
+            found += [path for path, module in model.named_modules() if module is layer and path not in found]
+    return found
+
+
+def _peft_embedding_key(model: nn.Module, key: str, adapter_name: str) -> tuple[str, bool] | None:
+    """``key`` (a model state-dict key inside an embedding layer) as peft's ``save_embedding_layers``
+    writes it for adapter ``adapter_name``, and whether it is a base-model tensor; None for a tensor
+    of another adapter.
+
+    peft saves every key under the layer's name with the adapter name removed, in its own module
+    tree: other adapters' wrappers are not there (their ``base_layer`` segment goes), and trainable
+    tokens beside LoRA sit one level down, as ``token_adapter`` (the layer's ``checkpoint_prefix``):
+
+        embed_tokens.base_layer.weight              (LoRA on the embedding: the frozen table)
+        embed_tokens.token_adapter.base_layer.weight  (LoRA's trainable_token_indices)
+        embed_tokens.original_module.weight         (modules_to_save: the frozen original)
+        embed_tokens.modules_to_save.weight         (modules_to_save: the trained copy, a second time)
+    """
+    module: nn.Module | None = model
+    names = key.split(".")
+    parts: list[str] = []
+    for i, part in enumerate(names):
+        if module is not None and is_wrapper(module):
+            mine = adapter_name in module.adapter_names
+            prefix = getattr(module, "checkpoint_prefix", {}).get(adapter_name, "") if mine else ""
+            prefix_parts = [p for p in prefix.split(".") if p]
+            if part == module.base_layer_name:
+                if mine:  # (another adapter's wrapper is not in peft's tree: its segment goes)
+                    parts += prefix_parts + [part]
+                module = module._modules.get(part)
+                continue
+            if mine and part in module.adapter_layer_names and names[i + 1 : i + 2] == [adapter_name]:
+                return ".".join(parts + prefix_parts + [part] + names[i + 2 :]), False  # adapter name removed
+            return None  # another adapter's tensor, or a wrapper's own state
+        parts.append(part)
+        module = module._modules.get(part) if module is not None else None
+    return ".".join(parts), True
+
+
+def peft_embedding_extras(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, str], set[str]]:
+    """``{checkpoint key: model state-dict key}`` for what peft's ``save_embedding_layers`` adds to
+    a file of adapter ``adapter_name`` (every tensor of the input and output embedding layers), and
+    which of those checkpoint keys are base-model tensors.
+
+    peft writes them by default when LoRA targets ``embed_tokens`` / ``lm_head`` (the frozen table
+    as ``<layer>.base_layer.weight``), and for any embedding when the vocabulary was resized. Its
+    loader puts them back into the model (``load_state_dict(strict=False)``): the saved table
+    replaces the base model's, a resized one included (the base must be resized to the same size
+    first, or the shapes do not match). minipeft loads them the same way; the adapter's own tensors
+    saved there a second time must equal the copy loaded under the adapter's key.
+    """
+    state_dict = model.state_dict(keep_vars=True)
+    extras: dict[str, str] = {}
+    base: set[str] = set()
+    for path in _embedding_paths(model):
+        for key in state_dict:
+            if not key.startswith(f"{path}."):
+                continue
+            spelled = _peft_embedding_key(model, key, adapter_name)
+            if spelled is None:
+                continue
+            ckpt_key, is_base = spelled
+            extras.setdefault(ckpt_key, key)
+            if is_base:
+                base.add(ckpt_key)
+    return extras, base
+
+
 def set_peft_model_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
-) -> None:
-    """Copy a checkpoint state dict (peft keys, no adapter name) into adapter ``adapter_name``.
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> _IncompatibleKeys:
+    """Copy a checkpoint state dict (peft keys, no adapter name) into adapter ``adapter_name``;
+    peft's signature.
 
     The adapter must already exist in ``model``. Strict: every adapter tensor must be present,
     no other key may be, and every shape must match; all of it is checked before anything is
-    copied, so a failed call leaves the model as it was.
+    copied, so a failed call leaves the model as it was. Keys peft writes besides the adapter's
+    are read as peft reads them: the trained-bias spellings of ``bias="all"`` (``peft_bias_extras``)
+    and the embedding layers of ``save_embedding_layers`` (``peft_embedding_extras``), whose base
+    tables are copied into the base model (with a warning when that changes it).
+
+    ignore_mismatched_sizes: as peft, a tensor whose shape differs from the model's is left out
+        with a warning (its model key is then among the missing keys) instead of refused.
+    low_cpu_mem_usage: peft's flag for adapters created on the meta device; minipeft creates
+        adapters beside the base weights, so it changes nothing (a tensor on the meta device is refused).
+
+    Returns what peft returns, ``model.load_state_dict(..., strict=False)``'s result:
+    ``missing_keys`` the model's state-dict keys this call did not write (the base model, other
+    adapters, anything left out for ignore_mismatched_sizes), ``unexpected_keys`` always empty (an
+    unknown key is an error here).
     """
+    del low_cpu_mem_usage  # nothing to do: see the docstring
+    state_dict = peft_model_state_dict
     mapping = adapter_key_map(model, adapter_name)
     virtual = _virtual_tokens(model, adapter_name)
     if not mapping and virtual is None:
         raise ValueError(f"the model has no adapter named {adapter_name!r}; adapters: {known_adapter_names(model)}")
     extras = peft_bias_extras(model, adapter_name)
+    embedding_extras, embedding_base = peft_embedding_extras(model, adapter_name)
+    # Where a key is both (a trained head's bias under bias="all"), the bias rule already covers it.
+    extras = {**embedding_extras, **extras}
     if virtual is not None:
         state_dict = dict(state_dict)
         prompt_embeddings = state_dict.pop(PROMPT_EMBEDDINGS, None)
@@ -294,6 +443,8 @@ def set_peft_model_state_dict(
             raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it has no {PROMPT_EMBEDDINGS!r} tensor")
         virtual.check_prompt_embeddings(prompt_embeddings)
         mapping = {_prompt_learning_key(k): v for k, v in mapping.items()}
+        extras = {_prompt_learning_key(k): v for k, v in extras.items()}
+        embedding_base = {_prompt_learning_key(k) for k in embedding_base}
     # A plain (not PeftModel) model has no "base_model.model." prefix; peft strips it there too.
     if not any(k.startswith(PEFT_PREFIX) for k in mapping):
         state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
@@ -313,34 +464,76 @@ def set_peft_model_state_dict(
             f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. Was it saved from another base "
             "model or with other target_modules?"
         )
-    # peft's extra bias keys, when the file has them (see peft_bias_extras): a second copy must agree.
-    extras = {k: v for k, v in extras.items() if k in state_dict}
-    for ckpt_key, model_key in extras.items():
-        same = next((k for k, v in mapping.items() if v == model_key), None)
-        if same is not None and not torch.equal(state_dict[ckpt_key], state_dict[same]):
-            raise ValueError(
-                f"checkpoint holds two different values for one tensor of adapter {adapter_name!r}: {same!r} and "
-                f"{ckpt_key!r} (peft writes the same tensor under both names); the file was edited or damaged"
-            )
-    mapping = {**mapping, **extras}
+    mapping = {**mapping, **{k: v for k, v in extras.items() if k in state_dict}}
     targets = model.state_dict(keep_vars=True)
-    for ckpt_key, model_key in mapping.items():
+
+    skipped = []
+    # Saved embedding tables first: a resized vocabulary shows there, with the hint that fixes it.
+    for ckpt_key in sorted(mapping, key=lambda k: k not in embedding_base):
+        model_key = mapping[ckpt_key]
         have, want = state_dict[ckpt_key].shape, targets[model_key].shape
         if have != want:
+            if ignore_mismatched_sizes:
+                skipped.append(f"- {ckpt_key}: found shape {tuple(have)} in the checkpoint, {tuple(want)} in the model")
+                continue
+            hint = (
+                " (a saved embedding table: resize the base model's embeddings to the checkpoint's vocabulary "
+                "first, e.g. model.resize_token_embeddings(n))"
+                if ckpt_key in embedding_base
+                else " (another rank or another base model?)"
+            )
             raise ValueError(
-                f"shape mismatch for {ckpt_key!r}: checkpoint has {tuple(have)}, the model expects {tuple(want)} "
-                "(another rank or another base model?)"
+                f"shape mismatch for {ckpt_key!r}: checkpoint has {tuple(have)}, the model expects {tuple(want)}{hint}"
             )
         if state_dict[ckpt_key].is_floating_point() != targets[model_key].is_floating_point():
             raise TypeError(
                 f"dtype mismatch for {ckpt_key!r}: checkpoint has {state_dict[ckpt_key].dtype}, "
                 f"the model expects {targets[model_key].dtype}"
             )
+        if targets[model_key].is_meta:
+            raise ValueError(
+                f"{model_key!r} is on the meta device, where a copy would be lost; minipeft creates adapters beside "
+                "the base weights, so materialise the base model (load its weights) before loading the adapter"
+            )
+    mapping = {k: v for k, v in mapping.items() if targets[v].shape == state_dict[k].shape}
+
+    # One tensor may be saved under several keys (a head tied to the embedding, peft's second
+    # spellings of a trained copy); each copy must agree, and it is written once.
+    writes: dict[int, tuple[str, str]] = {}
+    for ckpt_key, model_key in mapping.items():
+        first = writes.setdefault(id(targets[model_key]), (ckpt_key, model_key))[0]
+        if first != ckpt_key and not torch.equal(state_dict[first], state_dict[ckpt_key]):
+            raise ValueError(
+                f"checkpoint holds two different values for one tensor of adapter {adapter_name!r}: {first!r} and "
+                f"{ckpt_key!r} (peft writes the same tensor under both names); the file was edited or damaged"
+            )
+    replaced = [
+        ckpt_key
+        for ckpt_key, model_key in writes.values()
+        if ckpt_key in embedding_base
+        and not torch.equal(targets[model_key].detach(), state_dict[ckpt_key].to(targets[model_key]))
+    ]
+    if replaced:
+        warnings.warn(
+            f"adapter {adapter_name!r}: the checkpoint holds base-model embedding weights that differ from the "
+            f"model's ({_describe(replaced)}), saved by peft's save_embedding_layers; they replace the model's, "
+            "as peft loads them",
+            stacklevel=2,
+        )
+    if skipped:
+        warnings.warn(
+            f"adapter {adapter_name!r}: tensors left out because ignore_mismatched_sizes=True:\n" + "\n".join(skipped),
+            stacklevel=2,
+        )
     with torch.no_grad():
-        for ckpt_key, model_key in mapping.items():
+        for ckpt_key, model_key in writes.values():
             targets[model_key].copy_(state_dict[ckpt_key])
+    written = set(mapping.values())
     if virtual is not None:
         virtual.load_prompt_embeddings(prompt_embeddings)
+        encoder_prefix = next((p + "." for p, m in model.named_modules() if m is virtual), None)
+        written |= {k for k in targets if encoder_prefix is not None and k.startswith(encoder_prefix)}
+    return _IncompatibleKeys(missing_keys=[k for k in targets if k not in written], unexpected_keys=[])
 
 
 # -- config files ---------------------------------------------------------------------------------
@@ -489,7 +682,8 @@ def save_pretrained(
         _save_converted(model, save_directory, names[0], initial_folder)
         return
     for name in names:
-        write_adapter(adapter_folder(save_directory, name), configs[name], get_peft_model_state_dict(model, name))
+        state = get_peft_model_state_dict(model, adapter_name=name)
+        write_adapter(adapter_folder(save_directory, name), configs[name], state)
 
 
 def _save_converted(
@@ -513,7 +707,7 @@ def _save_converted(
         ) from None
     config, tensors = lora_init.convert_to_lora(
         model.peft_config[adapter_name],
-        get_peft_model_state_dict(model, adapter_name),
+        get_peft_model_state_dict(model, adapter_name=adapter_name),
         initial_config,
         initial_tensors,
         source=repr(initial_folder),

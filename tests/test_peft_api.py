@@ -45,7 +45,7 @@ def both(base):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
     theirs.add_adapter("other", peft.LoraConfig(**{**LORA, "r": 3}))
     for name in ("default", "other"):
-        peft.set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours, name), adapter_name=name)
+        peft.set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours, adapter_name=name), adapter_name=name)
     return ours, theirs
 
 
