@@ -579,6 +579,11 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         known = ", ".join(t.value for t in PEFT_METHODS)
         raise ValueError(f"{source}: unknown peft_type {peft_type!r}; minipeft supports: {known}") from None
     cls = method.config_class
+    if peft_type == PeftType.LORA.value and data.get("init_lora_weights") == "eva":
+        # EVA (peft's initialize_lora_eva_weights) starts A from the model's activations on data,
+        # which minipeft does not implement. That decides only where training started; the file
+        # holds where it ended, so the adapter loads as a plainly initialised one overwritten by it.
+        data = {**data, "init_lora_weights": True, "eva_config": None}
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}

@@ -97,6 +97,20 @@ def test_loads_peft_lora_on_embedding_layers(tmp_path, tied, targets, base_key):
     assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path) - {base_key}
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_loads_peft_adapters_started_by_other_inits(tmp_path, init):
+    """The init decides where training started; the file holds where it ended. minipeft starts
+    adapters orthogonally too, and loads EVA's (whose data-driven start it does not implement)."""
+    base = llama()
+    extra = {"eva_config": peft.EvaConfig()} if init == "eva" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: EVA's init needs initialize_lora_eva_weights
+        theirs = peft_model(base, r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init, **extra)
+        theirs.save_pretrained(tmp_path)
+    ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-6)
+
+
 def test_saved_base_table_replaces_the_models_as_in_peft(tmp_path):
     """A table saved with the adapter that differs from the base model's (an embedding changed
     during fine-tuning) goes into the base model in peft; minipeft does the same, and warns."""
