@@ -93,7 +93,7 @@ from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict re
 from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
-from .targeting import is_wrapper, join_name, logical_name
+from .targeting import declared_embedding, is_wrapper, join_name, logical_name
 from .tuners import ModulesToSaveWrapper, lora_init
 
 CONFIG_NAME = "adapter_config.json"
@@ -325,12 +325,9 @@ def _embedding_paths(model: nn.Module) -> list[str]:
     """Paths of the model's input and output embeddings (transformers' ``get_input_embeddings`` /
     ``get_output_embeddings``, as wrapped now), the layers peft's ``save_embedding_layers`` saves."""
     found = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            layer = getattr(model, getter)()
-        except (AttributeError, NotImplementedError, TypeError):
-            continue  # not a transformers model, or one without that layer: peft saves none either
-        if isinstance(layer, nn.Module):
+    for which in ("input", "output"):
+        layer = declared_embedding(model, which)  # none outside transformers: peft saves none there either
+        if layer is not None:
             found += [path for path, module in model.named_modules() if module is layer and path not in found]
     return found
 

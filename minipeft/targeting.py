@@ -143,11 +143,21 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
     return int(match.group(1)) if match else None
 
 
+def declared_embedding(model: nn.Module, which: str) -> nn.Module | None:
+    """The module a transformers model names as its ``"input"`` or ``"output"`` embedding
+    (``get_input_embeddings()`` / ``get_output_embeddings()``), or None where it names none."""
+    get = getattr(model, f"get_{which}_embeddings", None)
+    try:
+        layer = get() if callable(get) else None
+    except NotImplementedError:  # transformers' base class, for a model that does not say
+        return None
+    return layer if isinstance(layer, nn.Module) else None
+
+
 def output_head_names(model: nn.Module, task_type=None) -> set[str]:
     """Linear layers that 'all-linear' must leave alone: the LM head, or a classifier head."""
     heads = []
-    get_output_embeddings = getattr(model, "get_output_embeddings", None)
-    output = get_output_embeddings() if callable(get_output_embeddings) else None
+    output = declared_embedding(model, "output")
     if output is not None:
         heads.append(output)
     elif str(getattr(task_type, "value", task_type)) == "SEQ_CLS":

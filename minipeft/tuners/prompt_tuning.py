@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..config import PeftType, TaskType
+from ..targeting import declared_embedding
 from . import virtual_tokens as vt
 
 
@@ -101,8 +102,7 @@ def find_input_embeddings(model: nn.Module, config: PromptTuningConfig) -> nn.Mo
                 f"input_embeddings_name={config.input_embeddings_name!r} is not a module of {type(model).__name__}"
             ) from None
     else:
-        get = getattr(model, "get_input_embeddings", None)
-        module = get() if callable(get) else None
+        module = declared_embedding(model, "input")
         if module is None:
             embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
             raise ValueError(

@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import candidate_names, innermost, is_under, nearest_names, trained_whole, wrapper_chain
+from ..targeting import (candidate_names, declared_embedding, innermost, is_under, nearest_names, trained_whole,
+                         wrapper_chain)
 from .base import AdapterLayer, adapter_placement, embed_scale
 
 # Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
@@ -340,11 +341,7 @@ def check_disjoint(token_indices: dict[str, list[int]], names: list[str], mergin
 def input_embedding_name(model: nn.Module) -> str:
     """peft's default target: the name of the module ``model.get_input_embeddings()`` returns, else
     ``"embed_tokens"``. A logical name (as targets are matched), found by identity."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except NotImplementedError:  # transformers' base class, for a model that does not say
-        emb = None
+    emb = declared_embedding(model, "input")
     if emb is not None:
         for real, logical in candidate_names(model).items():
             module = model.get_submodule(real)
