@@ -56,32 +56,25 @@ def test_compiled_in_fresh_process():
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 
-@contextlib.contextmanager
+# Each runs one autotuned kernel with only the configs given (one config: no tuning at all).
 def gemm_configs(configs):
-    """Run the base GEMM with only these autotuning configs (one config: no tuning at all)."""
-    with mock.patch.object(impl, "_matmul_lowrank_tuned", impl._autotuned_gemm(configs)):
-        yield
+    """The base GEMM."""
+    return mock.patch.object(impl, "_matmul_lowrank_tuned", impl._autotuned_gemm(configs))
 
 
-@contextlib.contextmanager
 def few_rows_configs(configs):
-    """Run the few-rows kernel with only these autotuning configs."""
-    with mock.patch.object(impl, "_few_rows_tuned", impl._autotuned_few_rows(configs)):
-        yield
+    """The few-rows kernel."""
+    return mock.patch.object(impl, "_few_rows_tuned", impl._autotuned_few_rows(configs))
 
 
-@contextlib.contextmanager
 def shrink_configs(configs):
-    """Run the shrink (with dropout; without, it is cuBLAS) with only these autotuning configs."""
-    with mock.patch.object(impl, "_shrink_tuned", impl._autotuned_shrink(configs)):
-        yield
+    """The shrink (with dropout; without, it is cuBLAS)."""
+    return mock.patch.object(impl, "_shrink_tuned", impl._autotuned_shrink(configs))
 
 
-@contextlib.contextmanager
 def lowrank_grad_configs(configs):
-    """Run the backward's low-rank pass (dx's low-rank part and dA) with only these configs."""
-    with mock.patch.object(impl, "_lowrank_grad_tuned", impl._autotuned_lowrank_grad(configs)):
-        yield
+    """The backward's low-rank pass (dx's low-rank part and dA)."""
+    return mock.patch.object(impl, "_lowrank_grad_tuned", impl._autotuned_lowrank_grad(configs))
 
 
 # Small enough to compile once per kernel variant: tuning every random shape would cost minutes.
