@@ -118,10 +118,13 @@ class PeftModel(nn.Module):
             # Keep the current adapter active everywhere, including the new wrappers.
             self.set_adapter(self.active_adapter)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Activate one adapter in every layer; only it trains (unless loaded for inference)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activate one adapter in every layer; only it trains, unless ``inference_mode`` or loaded
+        for inference (``from_pretrained`` / ``load_adapter`` without ``is_trainable=True``; peft's
+        set_adapter makes such an adapter trainable again, minipeft keeps it frozen)."""
         self._check_known(adapter_name, "activate")
         config = self.peft_config[adapter_name]
+        frozen = inference_mode or config.inference_mode
         base = self.get_base_model()
         # Trained biases are base-model parameters, shared by all adapters: whatever the method
         # of the new adapter, those the others train stop first (the new one's may start again).
@@ -129,14 +132,30 @@ class PeftModel(nn.Module):
             if name != adapter_name:
                 injection.set_biases_trainable(base, other, name, trainable=False)
         if config.is_prompt_learning:
-            virtual_tokens.set_active(self, adapter_name, trainable=not config.inference_mode)
+            virtual_tokens.set_active(self, adapter_name, trainable=not frozen)
         else:
             if "prompt_encoder" in self._modules:
                 self.prompt_encoder.set_adapter(adapter_name)  # no virtual tokens while a layer adapter runs
-            injection.set_adapter(base, [adapter_name], trainable=not config.inference_mode)
-            if not config.inference_mode:
+            injection.set_adapter(base, [adapter_name], trainable=not frozen)
+            if not frozen:
                 injection.set_biases_trainable(base, config, adapter_name)
         self.active_adapter = adapter_name
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the parameters of ``adapter_names`` in every layer, active
+        or not (peft's method): e.g. to train two adapters at once, or freeze the active one.
+        Not for prompt learning, whose one adapter is its prompt encoder (as in peft)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_known(names, "set requires_grad on")
+        for name in names:
+            if self.peft_config[name].is_prompt_learning:
+                raise TypeError(f"adapter {name!r} is {self.peft_config[name].peft_type.value}: set_requires_grad "
+                                "is for adapters in layers; freeze a prompt encoder through its parameters")
+        base = self.get_base_model()
+        for _, layer in injection.adapter_layers(base):
+            for name in names:
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; if it was active, the first remaining one becomes active."""

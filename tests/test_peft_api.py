@@ -5,15 +5,14 @@ The reference is peft itself: its signatures, the files it writes and the output
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import os
 import re
 
 import pytest
 import torch
-from torch import nn
 
+import minipeft
 from minipeft import (
     LoraConfig,
     PeftModel,
@@ -238,3 +237,24 @@ def test_add_adapter_uses_the_shared_name_check(name, why):
     with pytest.raises(ValueError, match=rf"invalid adapter name .*{why}"):
         model.add_weighted_adapter(["default"], [1.0], name)
     assert list(model.peft_config) == ["default"]
+
+
+def test_set_requires_grad_and_set_adapter_inference_mode_as_in_peft():
+    # Gradients on for a second, inactive adapter (two adapters train at once), off for the
+    # active one; then the other made active but frozen. peft decides which parameters train.
+    base = tiny_transformers_model("llama")
+    trains = {}
+    for library in (peft, minipeft):
+        model = library.get_peft_model(copy.deepcopy(base),
+                                       library.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        model.add_adapter("b", library.LoraConfig(r=2, target_modules=["v_proj"]))
+        steps = []
+        model.set_requires_grad("b")
+        steps.append({n for n, p in model.named_parameters() if p.requires_grad})
+        model.set_requires_grad(["default"], requires_grad=False)
+        steps.append({n for n, p in model.named_parameters() if p.requires_grad})
+        model.set_adapter("b", inference_mode=True)
+        steps.append({n for n, p in model.named_parameters() if p.requires_grad})
+        trains[library.__name__] = steps
+    assert trains["minipeft"] == trains["peft"]
+    assert len(trains["peft"][0]) == 9 and trains["peft"][2] == set()
