@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 

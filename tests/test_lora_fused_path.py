@@ -6,7 +6,6 @@ Triton's interpreter (see conftest.py), so the test calls the fused forward dire
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
