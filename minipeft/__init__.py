@@ -5,6 +5,7 @@ from .config import PeftConfig, PeftType, TaskType
 from .injection import inject_adapter_in_model
 from .model import PeftModel, get_peft_model
 from .optimizers import create_loraplus_optimizer
+from .status import get_layer_status, get_model_status
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
 from .tuners.lora import LoraConfig
@@ -27,6 +28,8 @@ __all__ = [
     "TrainableTokensConfig",
     "VeraConfig",
     "create_loraplus_optimizer",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import checkpoint, injection
+from . import checkpoint, injection, status
 from .config import PeftConfig, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
 from .tuners import AdapterLayer, ModulesToSaveWrapper, lora_combine, lora_init, method_for, virtual_tokens
@@ -349,6 +349,14 @@ class PeftModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """Each adapter layer's state (active, merged, enabled, training): ``minipeft.status``."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """The adapter layers' states summed up, "irregular" where they disagree: ``minipeft.status``."""
+        return status.get_model_status(self)
 
     # -- checkpoints (peft's layout and signatures; the work is in checkpoint.py, the checks of
     #    peft's arguments in the shims at the end of this file) --------------------------------
