@@ -181,8 +181,10 @@ def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: st
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
+            config.fan_in_fan_out = False  # what the adapter uses, as peft records it in the config it saves
         layer = IA3Linear(target, fan_in_fan_out=False)
     elif is_gpt2_conv1d(base):
+        config.fan_in_fan_out = True  # (in, out) weights: recorded in the config as peft does
         layer = IA3Linear(target, fan_in_fan_out=True)
     else:
         raise ValueError(f"cannot apply (IA)^3 to {key!r}: it is a {type(base).__name__}; (IA)^3 supports {SUPPORTED}")

@@ -605,8 +605,10 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
+            config.fan_in_fan_out = False  # what the adapter uses, as peft records it in the config it saves
         layer: LoraLayer = LoraLinear(target, fan_in_fan_out=False)
     elif is_gpt2_conv1d(base):
+        config.fan_in_fan_out = True  # (in, out) weights: recorded in the config as peft does
         layer = LoraLinear(target, fan_in_fan_out=True)
     elif isinstance(base, nn.Embedding):
         layer = LoraEmbedding(target)
