@@ -35,6 +35,10 @@ def tiny_transformers_model(kind: str) -> nn.Module:
             num_attention_heads=4, num_key_value_heads=2,
         )
         return transformers.LlamaForCausalLM(cfg).eval()
+    if kind == "t5":  # encoder-decoder; its feed-forward reads `self.wo.weight` itself
+        cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0)
+        return transformers.T5ForConditionalGeneration(cfg).eval()
     raise ValueError(kind)
 
 

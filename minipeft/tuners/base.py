@@ -111,6 +111,23 @@ class AdapterLayer(nn.Module):
         """The original module, unwrapping nested adapter wrappers."""
         return innermost(getattr(self, self.base_layer_name))
 
+    def module_in_use(self) -> nn.Module:
+        """The module whose weights the layer runs on: the base layer (a method that trains its own
+        copy of the module says which copy)."""
+        return self.get_base_layer()
+
+    # Model code reads its layers' tensors directly (T5's feed-forward checks `self.wo.weight.dtype`
+    # before calling `self.wo`), and the wrapper sits where the layer was: it answers for it, as
+    # peft's layers do. (A property that raises AttributeError falls back to nn.Module's lookup,
+    # whose error names the wrapper.)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module_in_use().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.module_in_use().bias
+
     @property
     def adapter_names(self) -> list[str]:
         names: dict[str, None] = {}
@@ -341,11 +358,13 @@ class ModulesToSaveWrapper(AdapterLayer):
     def update_layer(self, adapter_name: str, config=None, key: str = "") -> None:
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
 
-    def forward(self, *args, **kwargs):
+    def module_in_use(self) -> nn.Module:
+        """The active adapter's copy, else the original (as in peft)."""
         active = self.adapters_to_apply()
-        if not active:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[active[0]](*args, **kwargs)
+        return self.modules_to_save[active[0]] if active else self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.module_in_use()(*args, **kwargs)
 
     def copy_of(self, adapter_names: list[str], name: str = "") -> str | None:
         """The one of ``adapter_names`` that trains its own copy of this module (``name``), or None.
