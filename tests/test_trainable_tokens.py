@@ -86,6 +86,30 @@ def test_forward_and_gradients_match_peft(arch, request):
         torch.testing.assert_close(mini_grads[name], peft_grads[name], atol=1e-6, rtol=1e-4)
 
 
+def test_an_untied_head_trains_its_own_rows_as_in_peft(llama, tmp_path):
+    # LLaMA's lm_head is not tied: targeted beside the embedding, its rows of the chosen tokens
+    # (their logits' weights) train too. Same logits as peft, and each loads the other's file.
+    config = dict(token_indices=TOKENS, target_modules=["embed_tokens", "lm_head"])
+    peft_model = peft.get_peft_model(copy.deepcopy(llama), peft.TrainableTokensConfig(**config))
+    mini_model = minipeft.get_peft_model(copy.deepcopy(llama), minipeft.TrainableTokensConfig(**config))
+    randomize_rows(peft_model)
+    mini_model.load_state_dict(peft_model.state_dict(), strict=True)
+    ids = ids_with()
+    torch.testing.assert_close(logits(mini_model, ids), logits(peft_model, ids), atol=2e-5, rtol=0)
+    head = mini_model.get_base_model().lm_head
+    assert isinstance(head, TrainableTokensLayer) and not isinstance(head, TiedTokensLayer)
+
+    mini_model.save_pretrained(tmp_path / "ours")
+    peft_model.save_pretrained(tmp_path / "theirs")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path / "ours")
+    torch.testing.assert_close(logits(reloaded, ids), logits(peft_model, ids), atol=2e-5, rtol=0)
+    reloaded = minipeft.PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path / "theirs")
+    torch.testing.assert_close(logits(reloaded, ids), logits(peft_model, ids), atol=2e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(mini_model.merge_and_unload(), ids),
+                                   logits(peft_model.merge_and_unload(), ids), atol=2e-5, rtol=0)
+
+
 def test_tied_head_sees_the_trained_rows(gpt2):
     model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.TrainableTokensConfig(token_indices=TOKENS))
     randomize_rows(model)
@@ -441,7 +465,7 @@ def test_errors(gpt2):
     tokens = minipeft.TrainableTokensConfig
     with pytest.raises(ValueError, match=r"\[64, 70\] are out of range .* vocabulary has 64 tokens"):
         minipeft.get_peft_model(model, tokens(token_indices=[3, 64, 70]))
-    with pytest.raises(TypeError, match="'transformer.h.0.attn.c_attn' is a Conv1D, not an nn.Embedding"):
+    with pytest.raises(TypeError, match="untied output head, an nn.Linear\); 'transformer.h.0.attn.c_attn' is a Conv1D"):
         minipeft.get_peft_model(model, tokens(token_indices=[3], target_modules=["h.0.attn.c_attn"]))
     with pytest.raises(ValueError, match=r"lists token ids \[1\] more than once"):
         minipeft.TrainableTokensConfig(token_indices=[1, 2, 1])

@@ -33,6 +33,10 @@ LoRA's term is added to logits that hold the trained rows. Ties are found by
 weight identity, which is what makes the two modules one table (peft asks transformers'
 ``_tied_weights_keys``, which names the same modules when the config ties them).
 
+An untied head (an ``nn.Linear`` with a (V, d) weight of its own, LLaMA's ``lm_head``) is a
+table too: targeted beside the embedding, it trains its own rows of the chosen tokens, those
+tokens' logit weights, in the same way (the correction above, from rows of its own).
+
 Merging writes ``R`` into ``W`` (``W[t] <- R``); whatever shares ``W`` sees it at once. The
 rows it overwrote are kept, and unmerging writes them back.
 
@@ -143,8 +147,9 @@ def normalize_lora_token_indices(value: object) -> list[int] | dict[str, list[in
 
 # -- the layer ------------------------------------------------------------------------------------
 class TrainableTokensLayer(AdapterLayer):
-    """Wraps an ``nn.Embedding``: the frozen table as ``base_layer``, per adapter the new rows
-    ``trainable_tokens_delta[name]`` (n, d) of the tokens ``token_indices[name]``."""
+    """Wraps an ``nn.Embedding`` (or an untied head, an ``nn.Linear``): the frozen table as
+    ``base_layer``, per adapter the new rows ``trainable_tokens_delta[name]`` (n, d) of the tokens
+    ``token_indices[name]``."""
 
     adapter_layer_names = ("trainable_tokens_delta",)
     other_param_names = ("token_indices", "checkpoint_prefix")
@@ -243,11 +248,11 @@ class TrainableTokensLayer(AdapterLayer):
         return torch.where((where >= 0).unsqueeze(-1), new, result)
 
     def _replace_logits(self, head: nn.Linear, name: str, h: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """A head tied to the table: ``result = h W^T (+ b)`` (..., V) with the adapter's tokens'
-        columns read from their trained rows, ``h R^T (+ b[t])``. Written as a correction added
-        to those columns, ``h (R - W[t])^T`` (..., n), not as an overwrite: whatever a wrapper
-        inside this one added to them (another adapter's LoRA term on the head) is kept, and the
-        bias, in ``result`` already, cancels."""
+        """A head, tied to the table or with rows of its own: ``result = h W^T (+ b)`` (..., V)
+        with the adapter's tokens' columns read from their trained rows, ``h R^T (+ b[t])``.
+        Written as a correction added to those columns, ``h (R - W[t])^T`` (..., n), not as an
+        overwrite: whatever a wrapper inside this one added to them (another adapter's LoRA term
+        on the head) is kept, and the bias, in ``result`` already, cancels."""
         index = self._index(name, h.device)
         correction = self.trainable_tokens_delta[name] - head.weight[index]  # (n, d); no gradient to W (frozen)
         return result.index_add(-1, index, F.linear(h, correction.to(h.dtype)).to(result.dtype))
@@ -391,18 +396,22 @@ def _sharers(model: nn.Module, emb: nn.Module, skip: str) -> list[str]:
 def check_embedding(layer_or_module: nn.Module, indices: list[int], key: str) -> None:
     """The errors of training rows ``indices`` of the embedding ``key`` (wrapped or not)."""
     emb = innermost(layer_or_module)
-    if not isinstance(emb, nn.Embedding):
+    if isinstance(emb, nn.Linear):
+        vocab = emb.out_features  # an untied output head: row t of its (V, d) weight scores token t
+    elif isinstance(emb, nn.Embedding):
+        if emb.max_norm is not None or emb.scale_grad_by_freq:
+            option = f"max_norm={emb.max_norm}" if emb.max_norm is not None else "scale_grad_by_freq=True"
+            raise ValueError(
+                f"{key!r} is an nn.Embedding with {option}, which trainable tokens do not reproduce (rows are "
+                "replaced after the frozen lookup); train the table with LoRA or modules_to_save instead"
+            )
+        vocab = emb.num_embeddings
+    else:
         raise TypeError(
-            f"trainable tokens train rows of an embedding table; {key!r} is a {type(emb).__name__}, not an "
-            "nn.Embedding. Target the input embedding (e.g. 'embed_tokens', 'wte'); a head tied to it follows by itself"
+            f"trainable tokens train rows of an embedding table (or of an untied output head, an nn.Linear); {key!r} "
+            f"is a {type(emb).__name__}. Target the input embedding (e.g. 'embed_tokens', 'wte'), and the head too "
+            "if it is not tied to it (a tied head follows by itself)"
         )
-    if emb.max_norm is not None or emb.scale_grad_by_freq:
-        option = f"max_norm={emb.max_norm}" if emb.max_norm is not None else "scale_grad_by_freq=True"
-        raise ValueError(
-            f"{key!r} is an nn.Embedding with {option}, which trainable tokens do not reproduce (rows are replaced "
-            "after the frozen lookup); train the table with LoRA or modules_to_save instead"
-        )
-    vocab = emb.num_embeddings
     outside = [i for i in indices if i >= vocab]
     if outside:
         raise ValueError(
