@@ -98,7 +98,8 @@ def is_positive_int(value: object) -> bool:
 
 
 def check_layer_selection(config: PeftConfig) -> None:
-    """peft's rules for ``layers_to_transform`` / ``layers_pattern`` (LoRA, VeRA): the pattern only
+    """peft's rules for ``layers_to_transform`` / ``layers_pattern`` (LoRA, VeRA; the bottleneck
+    adapters follow them too): the pattern only
     says where layer numbers are, and a regex ``target_modules`` takes no layer list (peft's LoRA
     refuses it, and peft's VeRA ignores it, so honouring it here would adapt other layers)."""
     if config.layers_pattern and config.layers_to_transform is None:

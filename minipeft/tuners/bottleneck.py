@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, is_positive_int
+from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d
 from .base import AdapterLayer, adapter_placement
 
@@ -90,6 +90,7 @@ class BottleneckConfig(PeftConfig):
     scaling: ``s``, the factor on the adapter's term (He et al. use 4 for the parallel form).
     adapter_dropout: dropout on the adapter's input.
     hidden_size: the module's output width ``d``, when it cannot be inferred.
+    modules_to_save, exclude_modules, layers_to_transform, layers_pattern: as in LoRA.
     Build the papers' setups with ``BottleneckConfig.preset("houlsby", model_type="bert")``.
     """
 
@@ -126,6 +127,7 @@ class BottleneckConfig(PeftConfig):
             and self.reduction_factor >= 1
         ):
             raise ValueError(f"reduction_factor must be a number >= 1, got {self.reduction_factor!r}")
+        check_layer_selection(self)
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity={self.non_linearity!r} is not supported; use one of {sorted(ACTIVATIONS)}")
         if self.placement not in PLACEMENTS:

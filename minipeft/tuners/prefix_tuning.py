@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..config import PeftType, TaskType
+from ..config import PeftType
 from ..targeting import logical_name, name_matches
 from . import virtual_tokens as vt
 
@@ -372,8 +372,7 @@ def _fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes:
 def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
     """Add a prefix-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
     model = peft_model.get_base_model()
-    if config.task_type == TaskType.SEQ_2_SEQ_LM:
-        raise ValueError("minipeft's prefix tuning supports encoder and decoder-only models, not SEQ_2_SEQ_LM")
+    vt.refuse_encoder_decoder(model, config, "prefix tuning")
     # Probe and infer before creating the container: a failure must leave no hook on the user's model.
     existing = peft_model._modules.get("prompt_encoder")
     if existing is not None:

@@ -245,8 +245,7 @@ class PromptEmbedding(nn.Module):
 def attach(peft_model: nn.Module, adapter_name: str, config: PromptTuningConfig) -> None:
     """Add a prompt-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
     model = peft_model.get_base_model()
-    if config.task_type == TaskType.SEQ_2_SEQ_LM:
-        raise ValueError("minipeft's prompt tuning supports encoder and decoder-only models, not SEQ_2_SEQ_LM")
+    vt.refuse_encoder_decoder(model, config, "prompt tuning")
     embeddings = find_input_embeddings(model, config)
     if "inputs_embeds" not in vt.forward_parameters(model):
         raise ValueError(

@@ -70,6 +70,19 @@ def model_config_value(model: nn.Module, *names: str) -> int | None:
     return None
 
 
+def refuse_encoder_decoder(model: nn.Module, config: PeftConfig, method: str) -> None:
+    """Virtual tokens here go before a single stack's input (an encoder's, or a decoder-only
+    model's); an encoder-decoder model, said by the task or by the model's own config, is refused
+    (peft prompts both of its stacks)."""
+    task = getattr(config.task_type, "value", config.task_type)
+    model_config = getattr(model, "config", None)
+    if task == "SEQ_2_SEQ_LM" or getattr(model_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"minipeft's {method} supports encoder and decoder-only models; {type(model).__name__} is an "
+            "encoder-decoder model (SEQ_2_SEQ_LM), which it does not prompt. Use peft for it, or adapt it with LoRA"
+        )
+
+
 def forward_parameters(model: nn.Module) -> list[str]:
     """Names of ``model.forward``'s parameters, in order (to name positional arguments)."""
     try:
