@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from . import checkpoint, injection, status
-from .config import PeftConfig, TaskType
+from .config import PeftConfig, PeftType, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
-from .tuners import AdapterLayer, ModulesToSaveWrapper, lora_combine, lora_init, method_for, virtual_tokens
+from .tuners import AdapterLayer, ModulesToSaveWrapper, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import check_distinct
 
 
@@ -326,12 +326,32 @@ class PeftModel(nn.Module):
         ``adapters`` with ``weights`` (which may be negative), per layer; added inactive and frozen
         like any second adapter (``set_adapter(adapter_name)`` to use it). The combination types
         and their options are described in ``tuners/lora_combine.py``.
+
+        (IA)^3 adapters combine too, as in peft: the new vectors are ``sum_i w_i l_i`` (``ia3.py``,
+        ``set_combined_vectors``); the options of the LoRA combinations do not apply to them.
         """
         if isinstance(adapters, str):
             raise TypeError(f"adapters is a list of names, got the string {adapters!r}")
         self._check_new_name(adapter_name)
         self._check_known(adapters, "combine")
         sources = [(name, self.peft_config[name]) for name in adapters]
+        if all(config.peft_type == PeftType.IA3 for _, config in sources):
+            options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                           svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
+            given = [k for k, v in options.items() if v != {"svd_full_matrices": True,
+                                                            "majority_sign_method": "total"}.get(k)]
+            if combination_type not in ("svd", "linear") or given:  # "svd": the default, unset
+                raise ValueError(f"(IA)^3 adapters combine linearly, sum_i w_i l_i, with no other option; got "
+                                 f"combination_type={combination_type!r}" + (f" and {given}" if given else ""))
+            if len(weights) != len(adapters):
+                raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+            self.add_adapter(adapter_name, ia3.combined_config([config for _, config in sources]))
+            try:
+                ia3.set_combined_vectors(self.get_base_model(), list(adapters), list(weights), adapter_name)
+            except BaseException:
+                self.delete_adapter(adapter_name)
+                raise
+            return
         self.peft_config[adapter_name] = lora_combine.add_weighted_adapter(
             self.get_base_model(), sources, weights, adapter_name, combination_type=combination_type,
             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,

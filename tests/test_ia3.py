@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minipeft  # noqa: E402
 from minipeft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
 from minipeft.tuners.ia3 import IA3Linear  # noqa: E402
 from tests.models import first_output, fit, randomize_adapters, tiny_transformers_model  # noqa: E402
@@ -170,6 +171,34 @@ def test_same_outputs_and_state_dict_as_peft(kind):
     for (n1, p1), (n2, p2) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
         assert n1 == n2
         torch.testing.assert_close(p1, p2, atol=1e-6, rtol=0)
+
+
+def test_add_weighted_adapter_combines_vectors_as_peft():
+    # Two adapters on overlapping modules: the new vectors are sum_i w_i l_i over the adapters
+    # present in each layer (peft's rule), and the combined adapter computes what peft's does.
+    peft = pytest.importorskip("peft")
+    base = tiny("llama")
+    configs = [dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])]
+    models = {}
+    for library in (peft, minipeft):
+        model = library.get_peft_model(copy.deepcopy(base), library.IA3Config(**configs[0]))
+        model.add_adapter("b", library.IA3Config(**configs[1]))
+        models[library.__name__] = model
+    randomize_ia3(models["peft"], seed=3)
+    models["minipeft"].load_state_dict(models["peft"].state_dict(), strict=True)
+    for model in models.values():
+        model.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix")
+        model.set_adapter("mix")
+    ours, theirs = models["minipeft"], models["peft"]
+    assert ours.peft_config["mix"].target_modules == sorted(theirs.peft_config["mix"].target_modules)
+    assert {k: v for k, v in ours.state_dict().items() if ".mix" in k}.keys() == \
+        {k for k in theirs.state_dict() if ".mix" in k}
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, atol=1e-7, rtol=0, msg=key)
+    torch.testing.assert_close(first_output(ours(ids())), first_output(theirs(ids())), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"\(IA\)\^3 adapters combine linearly, .* combination_type='ties'"):
+        ours.add_weighted_adapter(["default", "b"], [0.5, 0.5], "ties", combination_type="ties")
 
 
 # -- errors ---------------------------------------------------------------------------------------

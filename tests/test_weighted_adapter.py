@@ -253,7 +253,7 @@ def test_new_adapter_is_inactive_frozen_and_keeps_the_trained_head():
         ((["default", "b"], [1, 1], "x"), dict(combination_type="linear"), ValueError,
          r"'linear' needs adapters of one rank, got \{'default': 2, 'b': 3\}"),
         ((["default", "b"], [1, 1], "x"), dict(svd_rank=0), ValueError, "svd_rank must be a positive integer"),
-        ((["default", "ia3"], [1, 1], "x"), {}, TypeError, r"LoRA adapters only; \{'ia3': 'IA3'\}"),
+        ((["default", "ia3"], [1, 1], "x"), {}, TypeError, r"each kind only with its own; \{'ia3': 'IA3'\} are not LoRA"),
         ((["default", "dora"], [1, 1], "x"), dict(combination_type="cat"), ValueError, r"DoRA adapters \['dora'\]"),
         ((["default", "b"], [1, float("nan")], "x"), {}, ValueError, r"weights must be finite numbers.*\[nan\]"),
         ((["default", "b"], [1, "2"], "x"), {}, ValueError, r"weights must be finite numbers.*\['2'\]"),

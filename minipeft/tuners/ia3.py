@@ -21,6 +21,8 @@ side (GPT-2's ``Conv1D`` included: its ``(in, out)`` weight only changes how mer
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -190,3 +192,39 @@ def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: st
         raise ValueError(f"cannot apply (IA)^3 to {key!r}: it is a {type(base).__name__}; (IA)^3 supports {SUPPORTED}")
     layer.add_adapter(adapter_name, config, key)
     return layer
+
+
+# -- combining adapters ---------------------------------------------------------------------------
+def combined_config(configs: list[IA3Config]) -> IA3Config:
+    """The config of a weighted combination of (IA)^3 adapters (peft's): every module any source
+    adapts, and as feed-forward every module any source scales the input of. Names are united;
+    regexes (all sources must then use them) are joined into one alternation."""
+    def united(field: str):
+        values = [getattr(c, field) for c in configs]
+        if len({isinstance(v, str) for v in values}) > 1:
+            raise ValueError(f"the adapters give {field} as a regex in some configs and as names in others; "
+                             "combine adapters whose configs use the same form")
+        if isinstance(values[0], str):
+            return "|".join(f"({v})" for v in values)
+        return sorted(set().union(*values))
+    return dataclasses.replace(copy.deepcopy(configs[0]), target_modules=united("target_modules"),
+                               feedforward_modules=united("feedforward_modules"))
+
+
+@torch.no_grad()
+def set_combined_vectors(model: nn.Module, sources: list[str], weights: list[float], adapter_name: str) -> None:
+    """In every (IA)^3 layer holding adapter ``adapter_name``: its vector = sum_i w_i l_i over the
+    sources that adapt that layer (peft's rule: starting from zero, so a layer only some sources
+    adapt gets only their share). The sources must scale the same side there."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, IA3Linear) or adapter_name not in layer.ia3_l:
+            continue
+        target = layer.ia3_l[adapter_name]
+        terms = [(layer.ia3_l[s], w) for s, w in zip(sources, weights) if s in layer.ia3_l]
+        mismatched = [s for s in sources if s in layer.ia3_l and layer.ia3_l[s].shape != target.shape]
+        if mismatched:
+            raise ValueError(f"adapters {mismatched} scale the other side of {name!r} (input versus output) than the "
+                             "combination does; combine adapters that agree on feedforward_modules")
+        target.zero_()
+        for vector, weight in terms:
+            target.add_(vector.to(target.dtype), alpha=weight)

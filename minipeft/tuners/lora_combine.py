@@ -128,7 +128,8 @@ def _check_arguments(sources: list[tuple[str, PeftConfig]], weights: list[float]
         raise ValueError(f"weights must be finite numbers (negative subtracts an adapter), got {bad} in {weights}")
     other = {name: config.peft_type.value for name, config in sources if not isinstance(config, LoraConfig)}
     if other:
-        raise TypeError(f"add_weighted_adapter combines LoRA adapters only; {other} are not LoRA")
+        raise TypeError(f"add_weighted_adapter combines LoRA adapters, or (IA)^3 adapters, each kind only with its "
+                        f"own; {other} are not LoRA")
     dora = [name for name, config in sources if config.use_dora]
     if dora:
         raise ValueError(
