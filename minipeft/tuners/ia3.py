@@ -201,6 +201,8 @@ def combined_config(configs: list[IA3Config]) -> IA3Config:
     regexes (all sources must then use them) are joined into one alternation."""
     def united(field: str):
         values = [getattr(c, field) for c in configs]
+        if all(v == values[0] for v in values):
+            return copy.deepcopy(values[0])  # ("all-linear" too, which no alternation could hold)
         if len({isinstance(v, str) for v in values}) > 1:
             raise ValueError(f"the adapters give {field} as a regex in some configs and as names in others; "
                              "combine adapters whose configs use the same form")
