@@ -300,3 +300,37 @@ def test_checkpoints_load_both_ways_with_peft(kind, tmp_path):
     # And peft's checkpoint loads into minipeft.
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs")
     torch.testing.assert_close(first_output(reloaded(x)), first_output(ours(x)), atol=1e-6, rtol=0)
+
+
+class Convs(nn.Module):
+    """Convolutions (IA)^3 adapts as peft does: 2-D, grouped 2-D, 3-D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 6, 3, padding=1, groups=2)
+        self.volume = nn.Conv3d(6, 4, 1)
+
+    def forward(self, x):
+        h = self.grouped(torch.relu(self.conv(x)))
+        return self.volume(torch.relu(h).unsqueeze(2))
+
+
+@pytest.mark.parametrize("feedforward", [[], ["grouped"], ["grouped", "volume"]])
+def test_convolutions_match_peft(feedforward):
+    # The vectors scale channels, (1, C, 1, ...) as peft stores them; outputs, files and merged
+    # kernels (grouped input channels included) as peft's.
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base, x = Convs().eval(), torch.randn(2, 3, 5, 5)
+    config = dict(target_modules=["conv", "grouped", "volume"], feedforward_modules=feedforward)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**config))
+    ours = get_peft_model(copy.deepcopy(base), IA3Config(**config))
+    randomize_ia3(theirs, seed=5)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
+        merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
+        torch.testing.assert_close(merged_ours(x), merged_theirs(x), atol=1e-5, rtol=0)
+        for (name, p), (_, q) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)

@@ -16,7 +16,9 @@ Unmerging divides again, which is exact unless ``l`` has zero entries.
 
 Parameter names and shapes match peft's so checkpoints load both ways:
 ``ia3_l.<adapter>`` of shape ``(out, 1)`` on the output side and ``(1, in)`` on the input
-side (GPT-2's ``Conv1D`` included: its ``(in, out)`` weight only changes how merging indexes).
+side (GPT-2's ``Conv1D`` included: its ``(in, out)`` weight only changes how merging indexes);
+on a convolution, which is a linear map over channels at every position, ``(1, C, 1, ...)``
+scaling the output or input channels (``IA3Conv``).
 """
 
 from __future__ import annotations
@@ -109,9 +111,13 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
 
+    def vector_shape(self, feedforward: bool) -> tuple[int, ...]:
+        """peft's shape of a vector: ``(1, in)`` scaling the input, ``(out, 1)`` the output."""
+        return (1, self.in_features) if feedforward else (self.out_features, 1)
+
     def update_layer(self, adapter_name: str, config: IA3Config, key: str) -> None:
         feedforward = config.is_feedforward(key)
-        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        shape = self.vector_shape(feedforward)
         # Drawn even when overwritten, as peft does, so the global RNG stream stays in step with it.
         init = torch.randn(shape)
         if config.init_ia3_weights:
@@ -131,14 +137,19 @@ class IA3Linear(AdapterLayer):
                 scale_out = l if scale_out is None else scale_out * l
         return scale_in, scale_out
 
+    def on_features(self, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` (features,) shaped to multiply an input or output along its features: the last
+        axis of (..., features)."""
+        return scale
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
         scale_in, scale_out = self._scales(self.adapters_to_apply())
         if scale_in is not None:
-            x = x * scale_in.to(x.dtype)  # (..., in)
+            x = x * self.on_features(scale_in).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
         if scale_out is not None:
-            result = result * scale_out.to(result.dtype)  # (..., out)
+            result = result * self.on_features(scale_out).to(result.dtype)
         return result
 
     # -- merging ------------------------------------------------------------------------------
@@ -174,7 +185,42 @@ class IA3Linear(AdapterLayer):
         return unmerged
 
 
-SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
+class IA3Conv(IA3Linear):
+    """(IA)^3 around ``nn.Conv2d`` / ``nn.Conv3d``, as peft has it. A convolution is a linear map over
+    channels at every position, so a vector scales the input or output channels of x (B, C, ...),
+    shaped ``(1, C, 1, ...)`` as peft stores it, and folds into the kernel (out, in / groups, k...)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        AdapterLayer.__init__(self, base_layer)
+        conv = self.get_base_layer()
+        self.out_features, self.in_features = conv.out_channels, conv.in_channels
+        self.fan_in_fan_out = False
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward: dict[str, bool] = {}
+
+    def _kernel_dims(self) -> int:
+        return self.get_base_layer().weight.dim() - 2  # 2 for Conv2d, 3 for Conv3d
+
+    def vector_shape(self, feedforward: bool) -> tuple[int, ...]:
+        return (1, self.in_features if feedforward else self.out_features) + (1,) * self._kernel_dims()
+
+    def on_features(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.view(-1, *(1,) * self._kernel_dims())  # (C, 1, ...): the channel axis of (B, C, ...)
+
+    def _weight_scale(self, name: str) -> torch.Tensor:
+        """``l`` against the kernel (out, in / groups, k...): along its first axis for the output
+        side; for the input side along its second, each group's output channels reading their
+        group's slice of the input channels."""
+        l = self.ia3_l[name].detach().flatten()
+        conv, k = self.get_base_layer(), (1,) * self._kernel_dims()
+        if not self.is_feedforward[name]:
+            return l.view(-1, 1, *k)
+        per_group = conv.in_channels // conv.groups
+        return l.view(conv.groups, 1, per_group).expand(-1, conv.out_channels // conv.groups, -1).reshape(
+            conv.out_channels, per_group, *k)
+
+
+SUPPORTED = "nn.Linear, transformers' GPT-2 Conv1D, nn.Conv2d and nn.Conv3d"
 
 
 def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: str) -> IA3Linear:
@@ -188,6 +234,8 @@ def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: st
     elif is_gpt2_conv1d(base):
         config.fan_in_fan_out = True  # (in, out) weights: recorded in the config as peft does
         layer = IA3Linear(target, fan_in_fan_out=True)
+    elif isinstance(base, (nn.Conv2d, nn.Conv3d)):
+        layer = IA3Conv(target)
     else:
         raise ValueError(f"cannot apply (IA)^3 to {key!r}: it is a {type(base).__name__}; (IA)^3 supports {SUPPORTED}")
     layer.add_adapter(adapter_name, config, key)
