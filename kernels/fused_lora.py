@@ -55,12 +55,14 @@ exception: there y costs about one read of W, and the few-rows kernel saves the 
 launches (`forward_path` names the route a shape takes).
 """
 
+import contextlib
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Under TRITON_INTERPRET=1 kernels run on the CPU through numpy. Its tl.dot multiplies
@@ -344,15 +346,16 @@ def _m_bucket(M):
     return min(triton.next_power_of_2(M), 16384)
 
 
-def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, xin=None):
+def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, xin=None, out=None):
     """(out, dr): out = x @ w + bias + scale * [D] * (l @ r), and dr (R, N) = scale * l^T ([D] * xin)
     in fp32 when xin (M, N) is given, else None.
 
     x (M, K), w (K, N), bias (N,) or None, l (M, R), r (R, N); any strides. D, when p > 0, is
     the dropout mask of an (M, N) tensor drawn from seed (the backward's dx has x's shape).
+    out: the (M, N) tensor to write, or None for a new one.
     """
     M, N, K, R = x.shape[0], w.shape[1], x.shape[1], l.shape[1]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     dr = torch.zeros((R, N), device=x.device, dtype=torch.float32) if xin is not None else None
     # Stand-in for the pointers whose flags are off. The autotuner zeroes dr_ptr before each
     # trial; every trial rewrites all of out, so out may stand in for it.
@@ -541,13 +544,14 @@ def _autotuned_few_rows(configs):
 _few_rows_tuned = _autotuned_few_rows(_few_rows_configs())
 
 
-def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed):
-    """(y, xa) for x (M, K) with M <= FEW_ROWS_MAX_M and rank <= FEW_ROWS_MAX_R, in one launch."""
+def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
+    """(y, xa) for x (M, K) with M <= FEW_ROWS_MAX_M and rank <= FEW_ROWS_MAX_R, in one launch;
+    y: the (M, N) tensor to write, or None for a new one."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     assert 1 <= M <= FEW_ROWS_MAX_M and R <= FEW_ROWS_MAX_R, \
         f"the few-rows kernel is built for 1..{FEW_ROWS_MAX_M} rows and rank <= {FEW_ROWS_MAX_R}"
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype) if y is None else y
     xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     block_m = max(16, triton.next_power_of_2(M))  # tl.dot needs 16 rows at least
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
@@ -588,6 +592,7 @@ def _lowrank_grad_kernel(
     M / ROWS_PER_PROGRAM atomic adds. (Run 3's pass, one tile per program, took M / 64: 8.4
     million fp32 atomics at the flagship shape, 128 on each address of dA.)
     """
+    tl.static_assert(ROWS_PER_PROGRAM % BLOCK_M == 0)  # else the last tile would reach the next program's rows
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -651,8 +656,8 @@ _lowrank_grad_tuned = _autotuned_lowrank_grad(_lowrank_grad_configs())
 
 def _lowrank_grad_block_k(block_r):
     """Columns per program: dA's partial sum, a (BLOCK_R, BLOCK_K) fp32 tile, lives through the
-    whole row loop, so the wider the rank the narrower the columns (at most 4096 floats; 16 is
-    tl.dot's minimum)."""
+    whole row loop, so the wider the rank the narrower the columns (4096 floats up to rank 256;
+    then 16 columns, tl.dot's minimum)."""
     return min(128, max(16, 4096 // block_r))
 
 
@@ -759,29 +764,46 @@ def forward_path(M, N, K, R, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _lora_forward(x2, weight, bias, lora_A, lora_B, scaling, p, seed, route):
-    """(y, xa) for x2 (M, K) down `route` (one of ROUTES, or None to choose by shape): the
-    forward that LoraLinearFunction records for autograd and an inference call runs bare."""
-    M, K = x2.shape
-    N = weight.shape[0]
-    route = route or forward_path(M, N, K, lora_A.shape[0], x2.dtype)
+def _lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, route):
+    """(y, xa) for x (..., K): y (..., N) and xa (M, r), M the rows of x, down `route` (one of
+    ROUTES, or None to choose by shape): the forward that LoraLinearFunction records for autograd
+    and an inference call runs bare. y is allocated in its final shape and the kernels write its
+    (M, N) view: a tensor of its own, not a view of one, which callers may modify in place."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)  # (M, K), a view whenever the leading dims allow; strides go to the kernels
+    M = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    y2 = y.view(M, N)
+    route = route or forward_path(M, N, K, lora_A.shape[0], x.dtype)
     if route == "few rows":
-        return _few_rows(x2, weight, bias, lora_A, lora_B, scaling, p, seed)
+        _, xa = _few_rows(x2, weight, bias, lora_A, lora_B, scaling, p, seed, y=y2)
+        return y, xa
     # The shrink is ours only to draw the dropout mask in-kernel. Without dropout it is a plain
     # skinny matmul, which cuBLAS does as well as anything.
     xa = _shrink(x2, lora_A, p, seed) if p > 0 else x2 @ lora_A.t()  # (M, r)
     if route == "triton GEMM":
-        y, _ = _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling)
+        _matmul_lowrank(x2, weight.t(), bias, xa, lora_B.t(), scaling, out=y2)
     else:
         # y starts as b + s * xa B^T, a thin product that only writes y, and cuBLAS then adds
         # x W^T onto it in place (beta = 1): it reads y in its epilogue while its tensor cores
         # keep it compute-bound, where adding the low-rank term after it would be a separate
         # pass that reads and writes all of y. (beta = 0 ignores the input: any tensor that
         # broadcasts to (M, N) stands in for a missing bias.)
-        y = torch.addmm(bias if bias is not None else xa.new_empty(()), xa, lora_B.t(),
-                        beta=int(bias is not None), alpha=scaling)
-        y.addmm_(x2, weight.t())
+        torch.addmm(bias if bias is not None else xa.new_empty(()), xa, lora_B.t(), beta=int(bias is not None),
+                    alpha=scaling, out=y2)
+        y2.addmm_(x2, weight.t())
     return y, xa
+
+
+def _launch_context(t):
+    """Where the kernels and the cuBLAS calls between them run: on t's GPU, which need not be
+    the current one that triton launches on; and with autocast off, as they take the tensors'
+    own dtype, one for all (an autocast bf16 matmul beside an fp32 one would not add up)."""
+    stack = contextlib.ExitStack()
+    if t.is_cuda:
+        stack.enter_context(torch.cuda.device(t.device))
+    stack.enter_context(torch.autocast(t.device.type, enabled=False))
+    return stack
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -790,20 +812,25 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, route):
-        K = x.shape[-1]
-        N = weight.shape[0]
-        x2 = x.reshape(-1, K)  # (M, K), a view whenever the leading dims allow; strides go to the kernels
-        M = x2.shape[0]
+        K, N = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, K)
         # A route given by the caller sends the backward's dx down the same way; else the dx
         # GEMM, whose shape is not y's, decides by its own.
-        ctx.dx_in_our_gemm = use_fused_base(M, K, N, x.dtype) if route is None else route == "triton GEMM"
-        y, xa = _lora_forward(x2, weight, bias, lora_A, lora_B, scaling, p, seed, route)
+        ctx.dx_in_our_gemm = use_fused_base(x2.shape[0], K, N, x.dtype) if route is None else route == "triton GEMM"
+        with _launch_context(x):
+            y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, route)
         ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
-        return y.reshape(*x.shape[:-1], N)
+        return y
 
     @staticmethod
+    @once_differentiable  # the kernels' work is not recorded: a second derivative must raise, not be wrong
     def backward(ctx, dy):
+        with _launch_context(dy):
+            return LoraLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
         s, p, seed = ctx.scaling, ctx.p, ctx.seed
         M, K = x2.shape
@@ -813,10 +840,10 @@ class LoraLinearFunction(torch.autograd.Function):
         # dxa = s * dy B (M, r) and dB = s * dy^T xa (N, r), each one cuBLAS call: addmm with
         # beta = 0 never reads its first argument (a tensor of the result's shape) and applies
         # alpha = s in fp32 in the GEMM's epilogue, where a separate scaling would be a launch.
-        dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s)
+        want_dx, want_da = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s) if want_dx or want_da else None
         dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if ctx.needs_input_grad[4] else None
 
-        want_dx, want_da = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         dx = da = None
         if want_dx and ctx.dx_in_our_gemm:
             # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, with the mask in the
@@ -883,8 +910,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         # Nothing to differentiate (inference, decoding): the forward runs without autograd's
         # bookkeeping, which costs the host about as much as one more tensor operation (4 of
         # the 19 us of a small no-grad call on a 2-core CPU).
-        y, _ = _lora_forward(x.reshape(-1, K), weight, bias, lora_A, lora_B, float(scaling), p, int(seed), route)
-        return y.reshape(*x.shape[:-1], N)
+        with _launch_context(x):
+            y, _ = _lora_forward(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed), route)
+        return y
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed), route)
 
 

@@ -182,6 +182,40 @@ def test_frozen_weight_gets_no_gradient():
 
 
 @interpreted
+@pytest.mark.parametrize("path", PATHS)
+def test_the_output_takes_in_place_ops_and_a_second_derivative_is_refused(path):
+    # The output is a tensor of its own, not a view made inside the autograd Function: a model
+    # may modify it in place (ReLU(inplace=True) after the layer), as after the reference path.
+    # The kernels' work is invisible to autograd, so create_graph=True must raise rather than
+    # give a second derivative without the low-rank terms.
+    x, weight, b, lora_A, lora_B = make_inputs((2, 5), 24, 20, 4, torch.bfloat16)
+    x.requires_grad_(True)
+    lora_A.requires_grad_(True)
+    y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, route=path)
+    expected = reference(*(t.double() for t in (x, weight, b, lora_A, lora_B)), 2.0, None, 0.0, torch.bfloat16).relu()
+    torch.relu_(y)
+    assert rel_err(y, expected) < TOL[torch.bfloat16]
+    y.sum().backward()  # the in-place op is differentiated through
+    assert x.grad is not None and lora_A.grad is not None
+    (gx,) = torch.autograd.grad(kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, route=path).sum(), x,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()
+
+
+@interpreted
+def test_a_call_under_autocast_computes_in_the_tensors_dtype():
+    # Called directly under autocast (the LoRA layer itself leaves autocast to the reference
+    # path), the kernels and the cuBLAS calls between them keep the tensors' one dtype.
+    x, weight, b, lora_A, lora_B = make_inputs((6,), 24, 20, 4, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+    assert y.dtype == torch.float32
+    expected = reference(*(t.double() for t in (x, weight, b, lora_A, lora_B)), 2.0, None, 0.0, torch.float32)
+    assert rel_err(y, expected) < TOL[torch.float32]
+
+
+@interpreted
 def test_eval_mode_and_seed_handling():
     x, weight, b, lora_A, lora_B = make_inputs((2, 9), 20, 10, 4, torch.float32)
     call = lambda **kw: kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, **kw)  # noqa: E731
