@@ -448,11 +448,9 @@ class LoraLinear(LoraLayer):
         if b is None:
             return y
         # lora_bias: the kernels take only the frozen base bias (they compute no gradient for it),
-        # so s * b_B (N,) is added to their output here, one pass over y, and autograd gives b_B
-        # its gradient s * dy summed over the rows. Out of place under autograd: y is a view made
-        # inside the kernels' autograd Function, which PyTorch does not let us modify in place.
-        b = b.to(x.dtype)
-        return y + self.scaling[name] * b if torch.is_grad_enabled() else y.add_(b, alpha=self.scaling[name])
+        # so s * b_B (N,) is added to their output here, in place, one pass over y, and autograd
+        # gives b_B its gradient s * dy summed over the rows.
+        return y.add_(b.to(x.dtype), alpha=self.scaling[name])
 
 
 @functools.cache  # asked on every forward on CUDA
