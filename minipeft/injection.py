@@ -232,6 +232,17 @@ def _plan_modules_to_save(model, config, adapter_name, updated) -> list:
     plan = []
     for name in _saved_whole(model, config):
         module = model.get_submodule(name)
+        # A copy of a module that holds another adapter's wrapper would copy that adapter too
+        # (and save its tensors under this one's name); peft refuses the same.
+        holding = [n for n, m in module.named_modules() if isinstance(m, AdapterLayer)
+                   and not (n == "" and isinstance(m, ModulesToSaveWrapper))]
+        if holding:
+            wrapper = module.get_submodule(holding[0])
+            raise ValueError(
+                f"modules_to_save names {name!r}, where adapter(s) {wrapper.adapter_names} already sit "
+                f"({type(wrapper).__name__} at {join_name(name, holding[0])!r}); a copy trained whole would copy them "
+                "too. Train it whole in the adapter that adapts it, or leave it out of modules_to_save"
+            )
         if isinstance(module, ModulesToSaveWrapper):
             updated.append(module)
             module.add_adapter(adapter_name)
@@ -294,10 +305,16 @@ def set_adapter(model: nn.Module, adapter_names: list[str], trainable: bool = Tr
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    layers = [layer for _, layer in adapter_layers(model) if adapter_name in layer.adapter_names]
+    layers = [(name, layer) for name, layer in adapter_layers(model) if adapter_name in layer.adapter_names]
     if not layers:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {known_adapter_names(model)}")
-    for layer in layers:
+    # Refused before any layer lets it go: a deletion that stopped halfway would leave a model
+    # that computes neither with the adapter nor without it.
+    merged = [name for name, layer in layers if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged into the weights of {merged[:3]}"
+                         f"{' ...' if len(merged) > 3 else ''}; unmerge it before deleting it")
+    for _, layer in layers:
         layer.delete_adapter(adapter_name)
     # A wrapper left with no adapter at all goes back to being its base module; innermost first,
     # so that nested wrappers (two parameters of one module, target_parameters) unwind cleanly.

@@ -105,24 +105,47 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None
         first = not self.peft_config
-        if config.is_prompt_learning:
-            # Virtual tokens live beside the model (self.prompt_encoder) and reach it through hooks.
-            method_for(config).attach(self, adapter_name, config)
-        else:
-            self._warn_base_changing_init(adapter_name, config)
-            injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
-        self.peft_config[adapter_name] = config
-        if first:  # (also after the last adapter was deleted: the name active then is gone)
-            self.active_adapter = adapter_name
-        else:
-            # Keep the current adapter active everywhere, including the new wrappers.
-            self.set_adapter(self.active_adapter)
+        # What trains stays as it was (set_requires_grad may have chosen otherwise than
+        # activating does); the new adapter's parameters start as activating sets them.
+        with self._requires_grad_kept():
+            if config.is_prompt_learning:
+                # Virtual tokens live beside the model (self.prompt_encoder) and reach it through hooks.
+                method_for(config).attach(self, adapter_name, config)
+            else:
+                self._warn_base_changing_init(adapter_name, config)
+                injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
+            self.peft_config[adapter_name] = config
+            if first:  # (also after the last adapter was deleted: the name active then is gone)
+                self.active_adapter = adapter_name
+            else:
+                self._activate(self.active_adapter)  # also in the new wrappers
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Activate one adapter in every layer; only it trains, unless ``inference_mode`` or loaded
         for inference (``from_pretrained`` / ``load_adapter`` without ``is_trainable=True``; peft's
-        set_adapter makes such an adapter trainable again, minipeft keeps it frozen)."""
+        set_adapter makes such an adapter trainable again, minipeft keeps it frozen). Merged
+        adapters are unmerged first, with a warning, as in peft: else they would stay in the
+        weights under the new one."""
         self._check_known(adapter_name, "activate")
+        if any(layer.merged for _, layer in injection.adapter_layers(self.get_base_model())):
+            warnings.warn(f"adapters are merged into the weights; unmerging them before activating {adapter_name!r}",
+                          stacklevel=2)
+            injection.unmerge(self.get_base_model())
+        self._activate(adapter_name, inference_mode)
+
+    @contextlib.contextmanager
+    def _requires_grad_kept(self) -> Iterator[None]:
+        """The adapters' parameters that exist before the block (what set_requires_grad sets) have
+        their requires_grad back after it."""
+        layers = [layer for _, layer in injection.adapter_layers(self.get_base_model())]
+        params = [p for layer in layers for a in layer.adapter_names for p in layer.adapter_parameters(a)]
+        before = [(p, p.requires_grad) for p in params]
+        yield
+        for p, requires_grad in before:
+            p.requires_grad_(requires_grad)
+
+    def _activate(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """set_adapter's work, without its merge check."""
         config = self.peft_config[adapter_name]
         frozen = inference_mode or config.inference_mode
         base = self.get_base_model()
@@ -173,10 +196,13 @@ class PeftModel(nn.Module):
         del self.peft_config[adapter_name]
         for p in biases:
             p.requires_grad_(False)
-        if self.peft_config:
-            # Also when another adapter stays active: a bias both trained is trainable again.
-            survivor = self.active_adapter if self.active_adapter in self.peft_config else next(iter(self.peft_config))
-            self.set_adapter(survivor)
+        if self.active_adapter in self.peft_config:
+            # Another adapter stays active: re-activated, as a bias both trained is trainable
+            # again, with what trains as it was (set_requires_grad may have chosen otherwise).
+            with self._requires_grad_kept():
+                self._activate(self.active_adapter)
+        elif self.peft_config:
+            self._activate(next(iter(self.peft_config)))  # the first remaining one, as peft
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -233,6 +259,13 @@ class PeftModel(nn.Module):
         layer if any weight would hold NaN or inf. Every layer is checked before any is written,
         so a failed merge leaves the model as it was.
         """
+        disabled = [name for name, layer in injection.adapter_layers(self.get_base_model()) if layer.disable_adapters]
+        if disabled:
+            # A disabled layer unmerges itself at its next forward, in forward order, which two
+            # layers writing one weight (a tied head) must not do: merge after the block.
+            raise ValueError(f"adapter layers are disabled ({disabled[:3]}{' ...' if len(disabled) > 3 else ''}: "
+                             "inside disable_adapter() or after disable_adapter_layers()); merge outside the block, "
+                             "or after enable_adapter_layers()")
         for _, layer, here in self._merge_plan(adapter_names, safe_merge, refuse_already_merged=True):
             layer.merge(here)
 
@@ -257,7 +290,9 @@ class PeftModel(nn.Module):
         return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """The base model with every adapter removed, unmerged."""
+        """The base model with every adapter removed, unmerged. A module trained whole
+        (``modules_to_save``) comes back as the active adapter's trained copy, as in peft; the
+        original is the one ``disable_adapter()`` runs."""
         if "prompt_encoder" in self._modules:
             self.prompt_encoder.remove_hooks()
         return injection.unload(self.get_base_model(), merge=False)

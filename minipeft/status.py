@@ -57,12 +57,24 @@ def _agreed(values: list, default):
     return next(iter(distinct.values())) if len(distinct) == 1 else "irregular"
 
 
+def _merged_everywhere(layers: list[TunerLayerStatus]) -> list[str] | Irregular:
+    """The adapters merged somewhere, if each is merged in every layer that holds it (an adapter
+    is judged only where it is: "b" on fewer layers than "a" is still merged everywhere)."""
+    merged = sorted({a for s in layers for a in s.merged_adapters})
+    if any(set(merged) & (set(s.available_adapters) - set(s.merged_adapters)) for s in layers):
+        return "irregular"
+    return merged
+
+
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """One ``TunerLayerStatus`` per adapter layer of ``model`` (a ``PeftModel`` or a model that
     ``inject_adapter_in_model`` adapted), in model order; named as in peft, from the PeftModel's
     ``base_model`` (``model.<the base model's name>``) or from the adapted model itself."""
     from .model import PeftModel  # (late: model.py builds on this file)
 
+    if isinstance(model, PeftModel) and all(c.is_prompt_learning for c in model.peft_config.values()):
+        raise TypeError("prompt and prefix tuning keep their virtual tokens beside the model, in no adapter layer: "
+                        "there is no layer status to report (peft refuses them too)")
     statuses = []
     for name, layer in adapter_layers(model.base_model if isinstance(model, PeftModel) else model):
         requires_grad, devices = {}, {}
@@ -72,7 +84,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             devices[adapter] = sorted({p.device.type for p in params})
         statuses.append(TunerLayerStatus(
             name=name, module_type=type(layer).__name__, enabled=not layer.disable_adapters,
-            active_adapters=list(layer.active_adapters), merged_adapters=list(layer.merged_adapters),
+            active_adapters=list(layer.active_adapters), merged_adapters=list(layer.merged_here()),
             requires_grad=requires_grad, available_adapters=sorted(layer.adapter_names), devices=devices))
     return statuses
 
@@ -96,7 +108,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         num_adapter_layers=len(layers),
         enabled=_agreed([s.enabled for s in layers], True),
         active_adapters=_agreed([s.active_adapters for s in layers], []),
-        merged_adapters=_agreed([s.merged_adapters for s in layers], []),
+        merged_adapters=_merged_everywhere(layers),
         requires_grad=requires_grad,
         available_adapters=adapters,
         devices={a: sorted({d for s in layers for d in s.devices.get(a, [])}) for a in adapters},

@@ -111,6 +111,11 @@ class AdapterLayer(nn.Module):
         """The original module, unwrapping nested adapter wrappers."""
         return innermost(getattr(self, self.base_layer_name))
 
+    def merged_here(self) -> list[str]:
+        """The adapters whose merge this layer's weights hold (a layer that shares another's
+        weight, a tied head, reports that layer's merges)."""
+        return self.merged_adapters
+
     def module_in_use(self) -> nn.Module:
         """The module whose weights the layer runs on: the base layer (a method that trains its own
         copy of the module says which copy)."""

@@ -302,6 +302,9 @@ class TiedTokensLayer(TrainableTokensLayer):
     def owner(self) -> TrainableTokensLayer:
         return self._owner[0]
 
+    def merged_here(self) -> list[str]:
+        return self.owner().merged_adapters  # the owner's merge wrote the weight this module shares
+
     def update_layer(self, adapter_name: str, config: PeftConfig, key: str) -> None:
         raise ValueError(
             f"{key!r} shares its weight with an embedding that already has trainable tokens, and follows that "
