@@ -23,6 +23,7 @@ from .config import PeftConfig, PeftType, TaskType
 from .targeting import CLASSIFIER_HEAD_NAMES
 from .tuners import AdapterLayer, ModulesToSaveWrapper, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import check_distinct
+from .tuners.trainable_tokens import TrainableTokensLayer
 
 
 class AdaptedModel(nn.Module):
@@ -331,10 +332,31 @@ class PeftModel(nn.Module):
             )
         for layer_name, layer, here in plan:
             layer.check_merge_blockers(here, layer_name)
+        self._warn_tied_merges(plan)
         if safe_merge:
             for layer_name, layer, here in plan:
                 layer.check_merge_is_finite(here, layer_name)
         return plan
+
+    def _warn_tied_merges(self, plan: list[tuple[str, AdapterLayer, list[str]]]) -> None:
+        """Warn (as peft does) where a merge writes a weight another module shares (a tied LM head
+        and its embedding): merged, both modules change; unmerged, only the adapted one did. The
+        trainable-tokens layers are exempt: writing the shared table is how their rows reach both."""
+        base = self.get_base_model()
+        sharers: dict[int, list[str]] = {}
+        for name, module in base.named_modules():
+            weight = module._parameters.get("weight")
+            if weight is not None:
+                sharers.setdefault(id(weight), []).append(name)
+        for layer_name, layer, here in plan:
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            if not layer.folds_into_weight or isinstance(layer, TrainableTokensLayer) or weight is None:
+                continue
+            others = [n for n in sharers.get(id(weight), []) if not n.startswith(layer_name + ".")]
+            if others:
+                warnings.warn(f"merging adapter(s) {here} into {layer_name!r} writes the weight it shares with "
+                              f"{others}: the merged model changes that module too, where the unmerged adapter "
+                              "changed only this one", stacklevel=4)
 
     def _check_one_trained_copy(self, adapter_names: list[str]) -> None:
         """A ValueError when two of ``adapter_names`` each train their own copy of a module

@@ -112,3 +112,17 @@ def test_status_judges_each_adapter_where_it_is_and_a_tied_head_by_its_embedding
     prompt = get_peft_model(tiny_transformers_model("llama"), minipeft.PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(TypeError, match="no layer status to report"):
         prompt.get_model_status()
+
+
+def test_merging_into_a_tied_weight_warns_and_trainable_tokens_do_not():
+    # LoRA on GPT-2's head writes the table the embedding shares: merged, the embedding changes
+    # too (peft warns the same). Trainable tokens write their rows there by design.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = get_peft_model(tiny_transformers_model("gpt2"), LoraConfig(r=2, target_modules=["lm_head"]))
+        tokens = get_peft_model(tiny_transformers_model("gpt2"), minipeft.TrainableTokensConfig(token_indices=[3]))
+    with pytest.warns(UserWarning, match=r"into 'lm_head' writes the weight it shares with \['transformer.wte'\]"):
+        lora.merge_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokens.merge_adapter()
