@@ -171,6 +171,23 @@ def test_every_lowrank_grad_config(config, r):
 
 
 @compiled
+@pytest.mark.parametrize("needs_grad", ["x B", "A B"])
+def test_the_low_rank_pass_computes_each_output_alone(needs_grad):
+    # dx alone (lora_A frozen) and dA alone (x needs no gradient: the first adapted layer) are
+    # variants of their own, each autotuned over every tile.
+    check_against_reference((300,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "cuBLAS base",
+                            needs_grad, device=DEVICE)
+
+
+@compiled
+def test_a_rank_above_256_in_float32_is_autotuned():
+    # Rank 300 pads to 512 and narrows the pass's columns to 16; in fp32 most of its tiles
+    # exceed an H100's shared memory, which the autotuner must skip, not fail on.
+    check_against_reference((300,), 200, 96, 300, torch.float32, True, "contiguous", 0.1, 2.0, "cuBLAS base",
+                            device=DEVICE)
+
+
+@compiled
 @pytest.mark.parametrize("M, path", [(16, None), (2048, None), (2048, "triton GEMM")])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_autotuned_flagship_shapes(M, path, p):
