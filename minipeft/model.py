@@ -393,21 +393,14 @@ class PeftModel(nn.Module):
         self._check_known(adapters, "combine")
         sources = [(name, self.peft_config[name]) for name in adapters]
         if all(config.peft_type == PeftType.IA3 for _, config in sources):
-            options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
-                           svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
-            given = [k for k, v in options.items() if v != {"svd_full_matrices": True,
-                                                            "majority_sign_method": "total"}.get(k)]
-            if combination_type not in ("svd", "linear") or given:  # "svd": the default, unset
+            lora_options = {"svd_rank": (svd_rank, None), "svd_clamp": (svd_clamp, None),
+                            "svd_full_matrices": (svd_full_matrices, True), "svd_driver": (svd_driver, None),
+                            "density": (density, None), "majority_sign_method": (majority_sign_method, "total")}
+            given = [name for name, (value, default) in lora_options.items() if value != default]
+            if combination_type not in ("svd", "linear") or given:  # "svd": the default, i.e. not chosen
                 raise ValueError(f"(IA)^3 adapters combine linearly, sum_i w_i l_i, with no other option; got "
                                  f"combination_type={combination_type!r}" + (f" and {given}" if given else ""))
-            if len(weights) != len(adapters):
-                raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-            self.add_adapter(adapter_name, ia3.combined_config([config for _, config in sources]))
-            try:
-                ia3.set_combined_vectors(self.get_base_model(), list(adapters), list(weights), adapter_name)
-            except BaseException:
-                self.delete_adapter(adapter_name)
-                raise
+            ia3.add_weighted_adapter(self, list(adapters), list(weights), adapter_name)
             return
         self.peft_config[adapter_name] = lora_combine.add_weighted_adapter(
             self.get_base_model(), sources, weights, adapter_name, combination_type=combination_type,

@@ -261,6 +261,19 @@ def combined_config(configs: list[IA3Config]) -> IA3Config:
                                feedforward_modules=united("feedforward_modules"))
 
 
+def add_weighted_adapter(peft_model: nn.Module, sources: list[str], weights: list[float], adapter_name: str) -> None:
+    """Add (IA)^3 adapter ``adapter_name`` to ``peft_model`` as the weighted combination of the
+    adapters ``sources`` (``PeftModel.add_weighted_adapter``); on error it is removed again."""
+    if len(weights) != len(sources):
+        raise ValueError(f"give one weight per adapter: {len(sources)} adapters, {len(weights)} weights")
+    peft_model.add_adapter(adapter_name, combined_config([peft_model.peft_config[s] for s in sources]))
+    try:
+        set_combined_vectors(peft_model.get_base_model(), sources, weights, adapter_name)
+    except BaseException:
+        peft_model.delete_adapter(adapter_name)
+        raise
+
+
 @torch.no_grad()
 def set_combined_vectors(model: nn.Module, sources: list[str], weights: list[float], adapter_name: str) -> None:
     """In every (IA)^3 layer holding adapter ``adapter_name``: its vector = sum_i w_i l_i over the
