@@ -83,7 +83,8 @@ def latencies(models: dict, spec, device: str, batch: int, prompt: int, new_toke
 
 
 def markdown(results: dict, args, device: str) -> str:
-    clock = ("process CPU time, one intra-op thread (the machine is shared; wall times are in the JSON)"
+    threads = "one intra-op thread" if args.threads == 1 else f"{args.threads} intra-op threads, summed"
+    clock = (f"process CPU time, {threads} (the machine is shared; wall times are in the JSON)"
              if device == "cpu" else "wall time, CUDA synchronised")
     rows = []
     for model, r in results.items():
