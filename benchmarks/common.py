@@ -288,18 +288,31 @@ def versions() -> dict[str, str]:
         rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=repo, capture_output=True, text=True).stdout.strip()
     except OSError:
         rev = ""
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "minipeft": minipeft.__version__ + (f" (git {rev})" if rev else "")}
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+             "peft": peft.__version__, "minipeft": minipeft.__version__ + (f" (git {rev})" if rev else "")}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        found["cuda"] = torch.version.cuda
+        found["tf32 matmul"] = str(torch.backends.cuda.matmul.allow_tf32)
+    return found
 
 
 def command_line() -> str:
-    """The command as typed from the repository root (``make bench`` runs the same)."""
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(Path(__file__).resolve().parents[1])
-    except ValueError:
-        pass
-    return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+    """The command as run: this interpreter (``.venv/bin/python`` from the repository root, or
+    the GPU machine's own ``python3``), the script relative to the repository, its arguments."""
+    root = Path(__file__).resolve().parents[1]
+    paths = []
+    for path in (Path(sys.executable), Path(sys.argv[0]).resolve()):
+        try:
+            paths.append(str(path.relative_to(root)))
+        except ValueError:
+            paths.append(str(path))
+    return " ".join([*paths, *sys.argv[1:]])
 
 
 def write_results(device: str, section: str, data: dict, markdown: str, results_dir: Path = RESULTS_DIR) -> Path:
@@ -314,7 +327,10 @@ def write_results(device: str, section: str, data: dict, markdown: str, results_
     doc = json.loads(json_path.read_text()) if json_path.exists() else {}
     doc.setdefault("sections", {})
     doc["device"], doc["machine"], doc["versions"] = device, machine(device), versions()
-    doc["sections"][section] = {"command": command_line(), "load_average_after": os.getloadavg(), "results": data,
+    # Each section keeps the machine and versions of its own run: the file's top-level ones are
+    # the latest writer's, and sections of earlier runs (another commit, another CPU) stay.
+    doc["sections"][section] = {"command": command_line(), "load_average_after": os.getloadavg(),
+                                "machine": doc["machine"], "versions": doc["versions"], "results": data,
                                 "markdown": markdown}
     text = json.dumps(doc, indent=2) + "\n"
     atomic_write(json_path, lambda f: f.write(text.encode()))
@@ -323,8 +339,11 @@ def write_results(device: str, section: str, data: dict, markdown: str, results_
              "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), ""]
     for name, sec in doc["sections"].items():
         load = ", ".join(f"{x:.1f}" for x in sec["load_average_after"])
-        lines += [f"## {name}", "", f"Command: `{sec['command']}` (machine load average at the end: {load})", "",
-                  sec["markdown"].rstrip(), ""]
+        lines += [f"## {name}", "", f"Command: `{sec['command']}` (machine load average at the end: {load})", ""]
+        if "versions" in sec and (sec["versions"], sec["machine"]) != (doc["versions"], doc["machine"]):
+            own = ", ".join(f"{k} {v}" for k, v in sec["versions"].items())
+            lines += [f"(An earlier run, on {sec['machine']}: {own}.)", ""]
+        lines += [sec["markdown"].rstrip(), ""]
     markdown_text = "\n".join(lines)
     atomic_write(md_path, lambda f: f.write(markdown_text.encode()))
     return md_path
