@@ -798,11 +798,17 @@ def _lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, route):
 def _launch_context(t):
     """Where the kernels and the cuBLAS calls between them run: on t's GPU, which need not be
     the current one that triton launches on; and with autocast off, as they take the tensors'
-    own dtype, one for all (an autocast bf16 matmul beside an fp32 one would not add up)."""
+    own dtype, one for all (an autocast bf16 matmul beside an fp32 one would not add up). Each
+    only where it changes something: this is on every call's host path."""
+    other_gpu = t.is_cuda and t.device.index != torch.cuda.current_device()
+    autocast = torch.is_autocast_enabled(t.device.type)
+    if not (other_gpu or autocast):
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    if t.is_cuda:
+    if other_gpu:
         stack.enter_context(torch.cuda.device(t.device))
-    stack.enter_context(torch.autocast(t.device.type, enabled=False))
+    if autocast:
+        stack.enter_context(torch.autocast(t.device.type, enabled=False))
     return stack
 
 
