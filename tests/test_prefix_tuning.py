@@ -279,9 +279,21 @@ def test_num_virtual_tokens_must_be_positive(n):
         PrefixTuningConfig(num_virtual_tokens=n)
 
 
+def test_a_grouped_query_models_sizes_over_all_heads_are_taken_as_peft_takes_them():
+    # LLaMA here: 4 attention heads, 2 key/value heads of 8. peft accepts token_dim=32 and
+    # num_attention_heads=4 (all heads) and stores the prefix per key/value head (16 and 2).
+    p, m = pair("llama", num_virtual_tokens=3, token_dim=32, num_attention_heads=4)
+    for model in (p, m):
+        config = model.peft_config["default"]
+        assert (config.token_dim, config.num_attention_heads) == (16, 2)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, p(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
 def test_dims_that_do_not_match_the_model_are_refused():
-    with pytest.raises(ValueError, match="token_dim=32 does not match the model: it has 16"):
-        minipeft.get_peft_model(tiny("llama"), PrefixTuningConfig(num_virtual_tokens=2, token_dim=32))
+    with pytest.raises(ValueError, match="token_dim=24 does not match the model: it has 16"):
+        minipeft.get_peft_model(tiny("llama"), PrefixTuningConfig(num_virtual_tokens=2, token_dim=24))
     with pytest.raises(ValueError, match="num_layers=5 does not match the model: it has 2"):
         minipeft.get_peft_model(tiny("llama"), PrefixTuningConfig(num_virtual_tokens=2, num_layers=5))
     with pytest.raises(ValueError, match="matched none of the attention modules"):

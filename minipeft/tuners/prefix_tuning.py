@@ -352,13 +352,17 @@ def _fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes:
                          "select modules of one shape with target_modules")
     heads, head_dim = shapes.pop()
     kv_heads = vt.model_config_value(model, "num_key_value_heads")
+    # A grouped-query model's sizes over all its attention heads, which peft accepts as given and
+    # converts to those of its key/value heads, the ones found here: they agree too.
+    all_heads = vt.model_config_value(model, "num_attention_heads")
+    full = {"num_attention_heads": all_heads, "token_dim": all_heads * head_dim} if all_heads else {}
     if kv_heads and heads % kv_heads == 0:
         heads = kv_heads  # the probe saw repeated key/value heads; peft stores the prefix per kv head
     layers = len(key_shapes)
     wanted: dict[str, Any] = {"num_layers": layers, "num_attention_heads": heads, "token_dim": heads * head_dim}
     for field, value in wanted.items():
         given = getattr(config, field)
-        if given is not None and given != value:
+        if given is not None and given != value and given != full.get(field):
             raise ValueError(
                 f"{field}={given} does not match the model: it has {value} ({layers} attention modules with keys "
                 f"of {heads} heads x {head_dim}). Leave {field} unset to infer it, or set {field}={value}."
