@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -221,7 +222,7 @@ def split(
     n = len(records)
 
     def size(name: str, frac: float) -> int:
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (frac >= 0 and math.isfinite(frac)):
+        if isinstance(frac, bool) or not isinstance(frac, numbers.Real) or not (frac >= 0 and math.isfinite(frac)):
             raise DataError(f"{name} must be a share of the records in [0, 1) or a count >= 1, not {frac!r}")
         if frac >= 1 and frac != int(frac):
             raise DataError(f"{name}={frac!r} is read as a count of records, which must be a whole number; "

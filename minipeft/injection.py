@@ -145,13 +145,16 @@ def wrap_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str
     """Wrap the modules ``config.modules_to_save`` selects, so that each trains a copy with adapter
     ``adapter_name`` (a module wrapped already gets the adapter in its wrapper). For virtual-token
     methods, which wrap nothing else; ``inject_adapter_in_model`` does this inside its own plan."""
+    _check_modules_to_save(model, config)
     with _taken_back_on_error(adapter_name) as updated:
         _apply_plan(model, _plan_modules_to_save(model, config, adapter_name, updated))
 
 
 def _check_all(model: nn.Module, config: PeftConfig, method: PeftMethod, keys: dict[str, str]) -> None:
-    """The method's refusals (the registry's ``check`` on each target, then ``check_model``),
-    raised before anything changes. ``keys``: target's real name -> its logical name."""
+    """The method's refusals (the registry's ``check`` on each target, then ``check_model``), and
+    those of the modules trained whole, raised before anything changes (an init such as PiSSA
+    rewrites base weights as its wrappers are built). ``keys``: target's real name -> its logical name."""
+    _check_modules_to_save(model, config)
     if method.check is not None:
         for name, key in keys.items():
             method.check(model.get_submodule(name), config, key)
@@ -226,14 +229,11 @@ def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:
     return {name: logical for name, logical in candidate_names(model).items() if trained_whole(logical, saved)}
 
 
-def _plan_modules_to_save(model, config, adapter_name, updated) -> list:
-    """Wrap the modules trained whole (``_saved_whole``). No target is among them, nor inside
-    them: ``find_targets`` leaves those to modules_to_save."""
-    plan = []
+def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
+    """A module trained whole must hold no other adapter's wrapper: its copy would copy that
+    adapter too (and save its tensors under this one's name); peft refuses the same."""
     for name in _saved_whole(model, config):
         module = model.get_submodule(name)
-        # A copy of a module that holds another adapter's wrapper would copy that adapter too
-        # (and save its tensors under this one's name); peft refuses the same.
         holding = [n for n, m in module.named_modules() if isinstance(m, AdapterLayer)
                    and not (n == "" and isinstance(m, ModulesToSaveWrapper))]
         if holding:
@@ -243,6 +243,14 @@ def _plan_modules_to_save(model, config, adapter_name, updated) -> list:
                 f"({type(wrapper).__name__} at {join_name(name, holding[0])!r}); a copy trained whole would copy them "
                 "too. Train it whole in the adapter that adapts it, or leave it out of modules_to_save"
             )
+
+
+def _plan_modules_to_save(model, config, adapter_name, updated) -> list:
+    """Wrap the modules trained whole (``_saved_whole``). No target is among them, nor inside
+    them: ``find_targets`` leaves those to modules_to_save."""
+    plan = []
+    for name in _saved_whole(model, config):
+        module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             updated.append(module)
             module.add_adapter(adapter_name)

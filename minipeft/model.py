@@ -392,7 +392,7 @@ class PeftModel(nn.Module):
         self._check_new_name(adapter_name)
         self._check_known(adapters, "combine")
         sources = [(name, self.peft_config[name]) for name in adapters]
-        if all(config.peft_type == PeftType.IA3 for _, config in sources):
+        if sources and all(config.peft_type == PeftType.IA3 for _, config in sources):
             lora_options = {"svd_rank": (svd_rank, None), "svd_clamp": (svd_clamp, None),
                             "svd_full_matrices": (svd_full_matrices, True), "svd_driver": (svd_driver, None),
                             "density": (density, None), "majority_sign_method": (majority_sign_method, "total")}

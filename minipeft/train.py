@@ -687,15 +687,23 @@ def _resume(run: _Run) -> RunState:
     return RunState(**{f.name: ckpt[f.name] for f in fields(RunState) if f.name in ckpt})
 
 
+def _record_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _trim_metrics(run: _Run, step: int) -> None:
     """Keep in metrics.jsonl only the records of steps up to `step`, where this run starts: a
     resumed run logs the steps after its checkpoint again, and a run started over (no
-    checkpoint, or resume=False) logs all of its own."""
+    checkpoint, or resume=False) logs all of its own. A line cut short by a crash goes too."""
     path = run.out_dir / METRICS_NAME
     if not (run.main and path.exists()):
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if (at := _record_step(line)) is not None and at <= step]
     if len(kept) < len(lines):
         print(f"{path}: keeping the {len(kept)} records up to step {step}, dropping {len(lines) - len(kept)} "
               "written after it by an earlier run", flush=True)

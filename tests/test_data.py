@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -134,6 +135,7 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split(records, 0.1, 0.2, seed=3) == (train, val, test)
     assert split(records, 0.1, 0.2, seed=4) != (train, val, test)
     assert len(split(records, val_fraction=25)[1]) == 25  # >= 1 reads as a count
+    assert len(split(records, val_fraction=np.int64(25))[1]) == 25  # numpy numbers too
     with pytest.raises(DataError, match="cannot take"):
         split(records, val_fraction=80, test_fraction=30)
 

@@ -201,6 +201,32 @@ def test_add_weighted_adapter_combines_vectors_as_peft():
         ours.add_weighted_adapter(["default", "b"], [0.5, 0.5], "ties", combination_type="ties")
 
 
+def test_add_weighted_adapter_takes_the_trained_head_of_its_one_source():
+    # As with LoRA: the combination trains the copy of the one source that trains the head, and
+    # two sources with a copy each are refused (peft refuses that too).
+    base = TwoLinear()
+    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["attn"], feedforward_modules=[],
+                                                          modules_to_save=["ff"]))
+    model.add_adapter("b", IA3Config(target_modules=["attn"], feedforward_modules=[], modules_to_save=["ff"]))
+    heads = model.get_base_model().ff.modules_to_save
+    with torch.no_grad():
+        heads["default"].weight.add_(1.0)  # "trained"
+    model.add_weighted_adapter(["default"], [1.0], "one")
+    assert torch.equal(heads["one"].weight, heads["default"].weight)
+    with pytest.raises(ValueError, match="each train their own copy of 'ff'"):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "two")
+    assert "two" not in model.peft_config
+
+
+def test_add_weighted_adapter_refuses_vectors_of_different_sides_on_a_convolution():
+    # Equal in and out channels give both sides one shape; the side itself must agree.
+    conv = nn.Sequential(nn.Conv2d(4, 4, 1))
+    model = get_peft_model(conv, IA3Config(target_modules=["0"], feedforward_modules=[]))
+    model.add_adapter("input", IA3Config(target_modules=["0"], feedforward_modules=["0"]))
+    with pytest.raises(ValueError, match=r"scale the other side of '0'"):
+        model.add_weighted_adapter(["default", "input"], [1.0, 1.0], "mix", )
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def test_feedforward_modules_must_be_given_with_targets():
     # peft fills a None per architecture (LLaMA down_proj: input side); minipeft asks instead.

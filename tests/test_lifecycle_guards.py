@@ -126,3 +126,19 @@ def test_merging_into_a_tied_weight_warns_and_trainable_tokens_do_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokens.merge_adapter()
+
+
+def test_a_refused_modules_to_save_comes_before_pissa_rewrites_the_base():
+    # PiSSA takes its adapter out of fc1's weight as its wrapper is built; the refusal of head
+    # (LoRA of "default" sits there) must come first, or fc1 would keep the residual.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("fc1", torch.nn.Linear(16, 16))
+    net.add_module("head", torch.nn.Linear(16, 3))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["head"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="modules_to_save names 'head'"):
+        model.add_adapter("b", LoraConfig(r=2, target_modules=["fc1"], init_lora_weights="pissa",
+                                          modules_to_save=["head"]))
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

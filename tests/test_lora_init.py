@@ -113,11 +113,13 @@ def test_orthogonal_init_is_peft_s_to_the_bit_and_changes_nothing_at_first(bases
     torch.testing.assert_close(logits(ours), logits(bases[kind]), atol=1e-6, rtol=0)
 
 
-def test_orthogonal_init_needs_even_ranks_and_linear_layers():
-    with pytest.raises(ValueError, match=r"init_lora_weights='orthogonal' .* needs even ranks, got \{'r': 3\}"):
-        LoraConfig(r=3, init_lora_weights="orthogonal")
-    with pytest.raises(ValueError, match=r"needs even ranks, got \{'fc1': 5\}"):
-        LoraConfig(r=4, rank_pattern={"fc1": 5}, init_lora_weights="orthogonal")
+def test_orthogonal_init_needs_an_even_rank_where_it_is_used_and_linear_layers():
+    with pytest.raises(ValueError, match=r"'orthogonal' .* needs an even rank; 'blocks.0.fc1' gets r=5 \(from r or rank_pattern\)"):
+        get_peft_model(TinyNet(), LoraConfig(r=4, rank_pattern={"fc1": 5}, target_modules=["fc1"],
+                                             init_lora_weights="orthogonal"))
+    # as in peft, only the ranks of the layers adapted count: r=3 is never used here
+    get_peft_model(TinyNet(), LoraConfig(r=3, rank_pattern={"fc1": 2}, target_modules=["fc1"],
+                                         init_lora_weights="orthogonal"))
     with pytest.raises(TypeError, match=r"'orthogonal' is for linear layers .*'embed' is a Embedding"):
         get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["embed"], init_lora_weights="orthogonal"))
 

@@ -312,6 +312,10 @@ def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
     steps = [(json.loads(line)["step"], "eval" in json.loads(line)) for line in log.read_text().splitlines()]
     assert steps == [(1, False), (2, False), (3, False), (4, False), (4, True),
                      (5, False), (6, False), (7, False), (8, False), (8, True)]
+    # A line a killed run left half-written goes too, and the run resumes.
+    log.write_text(log.read_text() + '{"step": 9, "lo')
+    train(TinyClassifier(), train_loader, eval_loader, config)
+    assert all(json.loads(line) for line in log.read_text().splitlines())
     # Started over (resume=False), the run logs only its own records.
     train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**{**vars(config), "resume": False}))
     assert len(log.read_text().splitlines()) == 10

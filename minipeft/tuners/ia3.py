@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import innermost, is_gpt2_conv1d, name_matches, out_in_features
-from .base import AdapterLayer, adapter_placement
+from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement
 
 
 @dataclass
@@ -103,13 +103,16 @@ class IA3Linear(AdapterLayer):
     adapter_key_name = "ia3_l"
     mergeable = True
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
-        weight = self.get_base_layer().weight
-        self.out_features, self.in_features = out_in_features(weight, fan_in_fan_out)
         self.fan_in_fan_out = fan_in_fan_out
+        self.out_features, self.in_features = self.features()
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
+
+    def features(self) -> tuple[int, int]:
+        """(out, in): the sizes the vectors scale."""
+        return out_in_features(self.get_base_layer().weight, self.fan_in_fan_out)
 
     def vector_shape(self, feedforward: bool) -> tuple[int, ...]:
         """peft's shape of a vector: ``(1, in)`` scaling the input, ``(out, 1)`` the output."""
@@ -190,13 +193,9 @@ class IA3Conv(IA3Linear):
     channels at every position, so a vector scales the input or output channels of x (B, C, ...),
     shaped ``(1, C, 1, ...)`` as peft stores it, and folds into the kernel (out, in / groups, k...)."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        AdapterLayer.__init__(self, base_layer)
+    def features(self) -> tuple[int, int]:
         conv = self.get_base_layer()
-        self.out_features, self.in_features = conv.out_channels, conv.in_channels
-        self.fan_in_fan_out = False
-        self.ia3_l = nn.ParameterDict()
-        self.is_feedforward: dict[str, bool] = {}
+        return conv.out_channels, conv.in_channels
 
     def _kernel_dims(self) -> int:
         return self.get_base_layer().weight.dim() - 2  # 2 for Conv2d, 3 for Conv3d
@@ -257,8 +256,9 @@ def combined_config(configs: list[IA3Config]) -> IA3Config:
         if isinstance(values[0], str):
             return "|".join(f"({v})" for v in values)
         return sorted(set().union(*values))
-    return dataclasses.replace(copy.deepcopy(configs[0]), target_modules=united("target_modules"),
-                               feedforward_modules=united("feedforward_modules"))
+    return dataclasses.replace(
+        copy.deepcopy(configs[0]), target_modules=united("target_modules"), feedforward_modules=united("feedforward_modules"),
+        modules_to_save=list(dict.fromkeys(m for c in configs for m in c.modules_to_save or [])) or None)
 
 
 def add_weighted_adapter(peft_model: nn.Module, sources: list[str], weights: list[float], adapter_name: str) -> None:
@@ -266,9 +266,18 @@ def add_weighted_adapter(peft_model: nn.Module, sources: list[str], weights: lis
     adapters ``sources`` (``PeftModel.add_weighted_adapter``); on error it is removed again."""
     if len(weights) != len(sources):
         raise ValueError(f"give one weight per adapter: {len(sources)} adapters, {len(weights)} weights")
+    # A module trained whole comes along as the copy of the one source that trains it, as with
+    # LoRA (two sources training it is an error: which copy would be a guess).
+    model = peft_model.get_base_model()
+    heads = [(wrapper, wrapper.copy_of(sources, name)) for name, wrapper in model.named_modules()
+             if isinstance(wrapper, ModulesToSaveWrapper)]
     peft_model.add_adapter(adapter_name, combined_config([peft_model.peft_config[s] for s in sources]))
     try:
-        set_combined_vectors(peft_model.get_base_model(), sources, weights, adapter_name)
+        set_combined_vectors(model, sources, weights, adapter_name)
+        for wrapper, source in heads:
+            if source is not None:
+                copies = wrapper.modules_to_save
+                copies[adapter_name].load_state_dict(copies[source].state_dict())
     except BaseException:
         peft_model.delete_adapter(adapter_name)
         raise
@@ -284,7 +293,8 @@ def set_combined_vectors(model: nn.Module, sources: list[str], weights: list[flo
             continue
         target = layer.ia3_l[adapter_name]
         terms = [(layer.ia3_l[s], w) for s, w in zip(sources, weights) if s in layer.ia3_l]
-        mismatched = [s for s in sources if s in layer.ia3_l and layer.ia3_l[s].shape != target.shape]
+        side = layer.is_feedforward[adapter_name]
+        mismatched = [s for s in sources if s in layer.ia3_l and layer.is_feedforward[s] != side]
         if mismatched:
             raise ValueError(f"adapters {mismatched} scale the other side of {name!r} (input versus output) than the "
                              "combination does; combine adapters that agree on feedforward_modules")

@@ -57,7 +57,7 @@ class LoraConfig(PeftConfig):
     end of the qualified name. bias: which biases train (``"none"``, ``"all"``, ``"lora_only"``).
     init_lora_weights: ``True`` (Kaiming-uniform A, zero B), ``"gaussian"`` (normal A with std
     1/r, zero B), ``False`` (both random: the adapter changes the output from the start), or, for
-    linear layers, ``"orthogonal"`` (both random with B A = 0; even ranks) or
+    linear layers, ``"orthogonal"`` (both random with B A = 0; an even rank per layer) or
     ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
     SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py).
     lora_bias: give B a trainable bias ``b_B`` (out,), so the update is ``s (B A x + b_B)``; it starts
@@ -107,11 +107,6 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \
                 lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
-        if self.init_lora_weights == lora_init.ORTHOGONAL:
-            odd = {name: r for name, r in [("r", self.r), *self.rank_pattern.items()] if r % 2}
-            if odd:
-                raise ValueError(f"init_lora_weights='orthogonal' splits the rank into two halves and needs even "
-                                 f"ranks, got {odd}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         # lora_bias is easily confused with ``bias`` ("none" / "all" / "lora_only"), whose strings
@@ -573,11 +568,16 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
             "in a second adapter with lora_bias=False"
         )
     init = config.init_lora_weights
-    if init == lora_init.ORTHOGONAL and not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
-        raise TypeError(
-            f"init_lora_weights='orthogonal' is for linear layers (as in peft); {key!r} is a {type(base).__name__}. "
-            "Target nn.Linear / Conv1D layers only, or adapt this one in a second adapter with init_lora_weights=True"
-        )
+    if init == lora_init.ORTHOGONAL:
+        if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
+            raise TypeError(
+                f"init_lora_weights='orthogonal' is for linear layers (as in peft); {key!r} is a {type(base).__name__}. "
+                "Target nn.Linear / Conv1D layers only, or adapt this one in a second adapter with init_lora_weights=True"
+            )
+        r = config.rank_and_alpha(key)[0]
+        if r % 2:
+            raise ValueError(f"init_lora_weights='orthogonal' splits the rank into two halves and needs an even rank; "
+                             f"{key!r} gets r={r} (from r or rank_pattern)")
     if lora_init.base_changing_init(init):
         if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
             raise TypeError(
