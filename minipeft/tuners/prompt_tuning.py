@@ -25,8 +25,16 @@ find the prompt's keys and values already cached, so they only shift positions b
 widen the mask. The hook sits on the user's model forward, so this works whether
 ``generate`` is called through the PeftModel or on the base model.
 
+Encoder-decoder models (T5, BART): the prompt goes in front of the encoder's input only, as
+in peft and in Lester et al.'s T5 experiments. A hook on the encoder stack (``get_encoder()``)
+puts it there, so that ``generate()``, which runs the encoder by itself before decoding, sees it
+too; the model's own forward only widens ``attention_mask``, which the decoder's
+cross-attention reads over the encoder's ``n + T`` states. The decoder's input, mask and labels
+are untouched.
+
 Checkpoints: the parameter is ``prompt_encoder.<adapter>.embedding.weight`` (n, d), which
-peft saves as ``prompt_embeddings``.
+peft saves as ``prompt_embeddings``. For SEQ_2_SEQ_LM peft sizes it (2n, d), a row block per
+stack, and uses only the first ``n`` rows; minipeft does the same so that files match.
 """
 
 from __future__ import annotations
@@ -167,6 +175,7 @@ class PromptEmbedding(nn.Module):
         total = config.num_virtual_tokens * (config.num_transformer_submodules or 1)
         self.embedding = nn.Embedding(total, config.token_dim, device=word_embeddings.weight.device)
         self._word_embeddings = [word_embeddings]  # a list keeps it out of this module's state dict
+        self._encoder_hooks: list = []  # encoder-decoder models: the hook on the encoder stack
         init = config.prompt_tuning_init
         if init != PromptTuningInit.RANDOM and not config.inference_mode:
             if init == PromptTuningInit.TEXT:
@@ -205,17 +214,8 @@ class PromptEmbedding(nn.Module):
             return labels.shape[1] == length
         return self.task_type in (TaskType.CAUSAL_LM, TaskType.TOKEN_CLS)
 
-    def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
-        n = self.num_virtual_tokens
-        if kwargs.get("attention_mask") is not None:  # a model may take no attention_mask at all
-            kwargs["attention_mask"] = vt.widen_attention_mask(kwargs["attention_mask"], n)
-        positions = kwargs.get("position_ids")
-        if vt.cache_length(kwargs) > 0:
-            # A later generation step: the prompt is in the cache already; only positions move.
-            if positions is not None:
-                kwargs["position_ids"] = positions + n
-            return kwargs
-
+    def prepend_prompt(self, kwargs: dict) -> tuple[int, int]:
+        """Replace the call's input by ``inputs_embeds`` with the prompt in front; (B, T) of the input."""
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             input_ids = kwargs.get("input_ids")
@@ -225,7 +225,24 @@ class PromptEmbedding(nn.Module):
         batch, length = embeds.shape[:2]
         kwargs["inputs_embeds"] = torch.cat([self.prompt(batch, embeds.dtype), embeds], dim=1)  # (B, n+T, d)
         kwargs["input_ids"] = None
+        return batch, length
 
+    def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
+        n = self.num_virtual_tokens
+        if kwargs.get("attention_mask") is not None:  # a model may take no attention_mask at all
+            kwargs["attention_mask"] = vt.widen_attention_mask(kwargs["attention_mask"], n)
+        if self._encoder_hooks:
+            # An encoder-decoder model: its encoder's hook adds the prompt (`hook_encoder`); the
+            # mask widened here reaches the encoder and the decoder's cross-attention.
+            return kwargs
+        positions = kwargs.get("position_ids")
+        if vt.cache_length(kwargs) > 0:
+            # A later generation step: the prompt is in the cache already; only positions move.
+            if positions is not None:
+                kwargs["position_ids"] = positions + n
+            return kwargs
+
+        batch, length = self.prepend_prompt(kwargs)
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and self.token_labels(labels, length):
             # No loss on the prompt.
@@ -241,23 +258,66 @@ class PromptEmbedding(nn.Module):
             kwargs["position_ids"] = torch.cat([first, positions + n], dim=1)
         return kwargs
 
+    def hook_encoder(self, encoder: nn.Module, enabled) -> None:
+        """An encoder-decoder model's prompt: in front of every input of its ``encoder`` stack
+        while ``enabled()``. The model's forward calls the encoder with the mask already widened
+        (by ``prepare_call``); ``generate()`` calls it with the user's mask, widened here."""
+        names = vt.forward_parameters(encoder)
+
+        def pre_forward(module, args, kwargs):
+            if not enabled():
+                return None
+            kwargs = vt.args_to_kwargs(names, args, kwargs)
+            _, length = self.prepend_prompt(kwargs)
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
+                kwargs["attention_mask"] = vt.widen_attention_mask(mask, self.num_virtual_tokens)
+            return (), kwargs
+
+        self._encoder_hooks.append(encoder.register_forward_pre_hook(pre_forward, with_kwargs=True))
+
+    def remove_hooks(self) -> None:
+        for handle in self._encoder_hooks:
+            handle.remove()
+        self._encoder_hooks.clear()
+
+
+def encoder_stack(model: nn.Module) -> nn.Module:
+    """The encoder of an encoder-decoder model, which takes the prompt: ``model.get_encoder()``."""
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    if not isinstance(encoder, nn.Module) or encoder is model:  # transformers 5 returns the model itself when it has none
+        raise ValueError(
+            f"prompt tuning puts the prompt in front of an encoder-decoder model's encoder, but "
+            f"{type(model).__name__} has no get_encoder() that returns one (transformers' encoder-decoder models do). "
+            "Is task_type='SEQ_2_SEQ_LM' meant for this model?"
+        )
+    return encoder
+
 
 def attach(peft_model: nn.Module, adapter_name: str, config: PromptTuningConfig) -> None:
     """Add a prompt-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
     model = peft_model.get_base_model()
-    vt.refuse_encoder_decoder(model, config, "prompt tuning")
+    encoder_decoder = vt.is_encoder_decoder(model, config)
+    prompted = encoder_stack(model) if encoder_decoder else model  # the module whose input gets the prompt
     embeddings = find_input_embeddings(model, config)
-    if "inputs_embeds" not in vt.forward_parameters(model):
+    if "inputs_embeds" not in vt.forward_parameters(prompted):
         raise ValueError(
-            f"prompt tuning passes the prompt as inputs_embeds, but {type(model).__name__}.forward has no "
+            f"prompt tuning passes the prompt as inputs_embeds, but {type(prompted).__name__}.forward has no "
             "inputs_embeds argument; add one (embed input_ids only when inputs_embeds is None)"
         )
     vt.check_token_dim(config, embeddings.weight.shape[1], f"the input embedding {type(embeddings).__name__}")
     config.token_dim = embeddings.weight.shape[1]
-    config.num_transformer_submodules = config.num_transformer_submodules or 1
+    # As peft: a row block per stack for SEQ_2_SEQ_LM (only the encoder's is used), else one.
+    task = getattr(config.task_type, "value", config.task_type)
+    config.num_transformer_submodules = config.num_transformer_submodules or (2 if task == "SEQ_2_SEQ_LM" else 1)
     config.num_layers = config.num_layers or vt.model_config_value(model, "num_hidden_layers", "n_layer", "num_layers")
     config.num_attention_heads = config.num_attention_heads or vt.model_config_value(
         model, "num_attention_heads", "n_head", "num_heads"
     )
-    vt.prompt_encoders(peft_model)[adapter_name] = PromptEmbedding(config, embeddings)
+    prompt = PromptEmbedding(config, embeddings)
+    encoders = vt.prompt_encoders(peft_model)
+    if encoder_decoder:
+        prompt.hook_encoder(prompted, enabled=lambda: encoders.active_encoder() is prompt)
+    encoders[adapter_name] = prompt
     vt.add_modules_to_save(peft_model, adapter_name, config)

@@ -70,16 +70,20 @@ def model_config_value(model: nn.Module, *names: str) -> int | None:
     return None
 
 
-def refuse_encoder_decoder(model: nn.Module, config: PeftConfig, method: str) -> None:
-    """Virtual tokens here go before a single stack's input (an encoder's, or a decoder-only
-    model's); an encoder-decoder model, said by the task or by the model's own config, is refused
-    (peft prompts both of its stacks)."""
+def is_encoder_decoder(model: nn.Module, config: PeftConfig) -> bool:
+    """Whether the model is an encoder-decoder (T5, BART), said by the task or by its own config."""
     task = getattr(config.task_type, "value", config.task_type)
-    model_config = getattr(model, "config", None)
-    if task == "SEQ_2_SEQ_LM" or getattr(model_config, "is_encoder_decoder", False):
+    return task == "SEQ_2_SEQ_LM" or bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def refuse_encoder_decoder(model: nn.Module, config: PeftConfig, method: str) -> None:
+    """Refuse an encoder-decoder model for a method that prompts one stack only (an encoder's,
+    or a decoder-only model's); peft puts a prefix into both of its stacks."""
+    if is_encoder_decoder(model, config):
         raise ValueError(
             f"minipeft's {method} supports encoder and decoder-only models; {type(model).__name__} is an "
-            "encoder-decoder model (SEQ_2_SEQ_LM), which it does not prompt. Use peft for it, or adapt it with LoRA"
+            "encoder-decoder model (SEQ_2_SEQ_LM), which it does not prefix. Use prompt tuning or LoRA for it, "
+            "or peft"
         )
 
 
@@ -144,7 +148,8 @@ class PromptEncoderDict(nn.ModuleDict):
     the active one.
 
     Each encoder implements ``prepare_call(kwargs, model) -> kwargs``, called before every
-    forward of the user's model while its adapter is active. ``active_adapter`` is None when
+    forward of the user's model while its adapter is active, and ``remove_hooks()`` for the
+    hooks of its own (on attention modules, or on an encoder stack). ``active_adapter`` is None when
     the active adapter of the PeftModel is not a virtual-token one, and ``disable_adapters`` is set
     inside ``PeftModel.disable_adapter()``.
     """
@@ -186,8 +191,7 @@ class PromptEncoderDict(nn.ModuleDict):
             handle.remove()
         self._handles = ()
         for encoder in self.values():
-            if hasattr(encoder, "remove_hooks"):
-                encoder.remove_hooks()
+            encoder.remove_hooks()
 
 
 def prompt_encoders(peft_model: nn.Module) -> PromptEncoderDict:
@@ -220,8 +224,7 @@ def delete(peft_model: nn.Module, adapter_name: str) -> None:
     from .. import injection
 
     encoders = prompt_encoders(peft_model)
-    if hasattr(encoders[adapter_name], "remove_hooks"):
-        encoders[adapter_name].remove_hooks()  # prefix tuning's attention hooks
+    encoders[adapter_name].remove_hooks()  # prefix tuning's attention hooks, an encoder-decoder's encoder hook
     del encoders[adapter_name]
     if encoders.active_adapter == adapter_name:
         encoders.active_adapter = None
