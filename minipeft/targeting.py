@@ -6,7 +6,7 @@ Matching rules (the same as ``peft``):
   or ends with ``"." + entry``; ``"q_lin"`` selects ``distilbert.transformer.layer.0.attention.q_lin``.
 * ``target_modules`` as a string: a full regular-expression match on the qualified name;
   the special string ``"all-linear"`` selects every linear layer except the model's output
-  head.
+  head (and the ``out_proj`` of an ``nn.MultiheadAttention``, which that module never calls).
 * ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 * ``layers_to_transform`` keeps only matches inside the listed layer indices, where the
   index is the number after ``layers_pattern`` (``"layers"``, ``"h"``, ...) in the name; a
@@ -184,11 +184,21 @@ def find_targets(model: nn.Module, config) -> list[str]:
             f"{type(config).__name__}.target_modules is None; give the names of the modules to adapt, "
             f"e.g. {nearest}, or 'all-linear'"
         )
+    never_called = attention_out_projections(model)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, getattr(config, "task_type", None))
-        selected = [n for n in names if is_linear_like(modules[n]) and n not in heads]
+        selected = [n for n in names if is_linear_like(modules[n]) and n not in heads and n not in never_called]
     else:
         selected = [n for n, logical in names.items() if name_matches(logical, targets)]
+        for name in selected:
+            if name in never_called:
+                attention = logical_name(model, never_called[name])
+                raise ValueError(
+                    f"{names[name]!r} is the out_proj of the nn.MultiheadAttention {attention!r}, which reads its "
+                    "weight and bias directly and never calls it: an adapter there would never run. Leave it out "
+                    f"of target_modules; LoRA can adapt the attention module itself (target {attention!r}: its "
+                    "in_proj and out_proj, as in peft)"
+                )
 
     # Each filter in turn; the error names only the filters that removed a match.
     applied: list[str] = []
@@ -219,6 +229,15 @@ def find_targets(model: nn.Module, config) -> list[str]:
     if not selected:
         raise ValueError(no_match_message(targets, names, modules, type(model).__name__, applied))
     return selected
+
+
+def attention_out_projections(model: nn.Module) -> dict[str, str]:
+    """``{out_proj's name: its attention's name}`` for every ``nn.MultiheadAttention``. Its forward
+    reads ``out_proj.weight`` and ``.bias`` itself (``F.multi_head_attention_forward``) and never
+    calls the module, so a wrapper there would never run: 'all-linear' leaves these out, and
+    naming one is an error."""
+    return {join_name(name, "out_proj"): name for name, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)}
 
 
 def candidate_names(model: nn.Module) -> dict[str, str]:

@@ -586,6 +586,18 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
                 "with init_lora_weights=True"
             )
         lora_init.check_decomposable(init, key, base.weight, config.rank_and_alpha(key)[0], is_gpt2_conv1d(base))
+    if isinstance(base, nn.MultiheadAttention):
+        if not base._qkv_same_embed_dim:
+            raise ValueError(
+                f"LoRA on {key!r}, an nn.MultiheadAttention, needs query, key and value of one width (kdim = vdim = "
+                f"embed_dim: one (3E, E) in_proj_weight); it has kdim={base.kdim}, vdim={base.vdim}, "
+                f"embed_dim={base.embed_dim} (peft refuses it too). Leave it out of target_modules"
+            )
+        if config.lora_bias:
+            raise ValueError(
+                f"lora_bias=True on {key!r}, an nn.MultiheadAttention: its LoRA lives in the weights, with no bias "
+                "beside them to train; leave it out of target_modules, or adapt it with lora_bias=False"
+            )
     if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups != 1:
         # A and B stand for a dense kernel (out, in, k...); a grouped one is (out, in / groups, k...).
         raise ValueError(
@@ -594,7 +606,7 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
         )
 
 
-SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d and transformers' GPT-2 Conv1D"
+SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention and transformers' GPT-2 Conv1D"
 
 
 def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLayer:
@@ -612,6 +624,10 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
         layer = LoraEmbedding(target)
     elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
         layer = LoraConv(target)
+    elif isinstance(base, nn.MultiheadAttention):
+        from .lora_attention import LoraMultiheadAttention  # late: lora_attention builds on this file
+
+        layer = LoraMultiheadAttention(target)
     else:
         raise ValueError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
     layer.add_adapter(adapter_name, config, key)

@@ -96,6 +96,8 @@ def add_weighted_adapter(
         # each layer's factors are computed and set, so that under one torch.manual_seed the
         # dare types draw the masks peft draws.
         for n, layer in layers.items():
+            if adapter_name in layer.r:
+                continue  # added by the layer that holds this one (an attention's, to its out_proj)
             changed.append(layer)
             layer.add_adapter(adapter_name, config, keys[n])
         for wrapper, source in heads:
