@@ -8,6 +8,7 @@ from .optimizers import create_loraplus_optimizer
 from .status import get_layer_status, get_model_status
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
+from .tuners.loha import LoHaConfig
 from .tuners.lora import LoraConfig
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
@@ -17,6 +18,7 @@ from .tuners.vera import VeraConfig
 __all__ = [
     "BottleneckConfig",
     "IA3Config",
+    "LoHaConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +24,7 @@ class PeftType(str, enum.Enum):
     PREFIX_TUNING = "PREFIX_TUNING"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     VERA = "VERA"
+    LOHA = "LOHA"
 
 
 class TaskType(str, enum.Enum):
@@ -92,6 +94,15 @@ class PeftConfig:
 
 
 # -- checks that several method configs share ---------------------------------------------------
+def pattern_value(patterns: dict, key: str, default):
+    """The value ``rank_pattern`` / ``alpha_pattern`` give the module named ``key``: that of the
+    first pattern matching the end of the name at a dot (peft's rule), else ``default``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
 def is_positive_int(value: object) -> bool:
     """An int > 0, and not a bool (``True`` is an int to Python, but no rank or size)."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
+from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, pattern_value
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, adapter_placement, embed_scale
@@ -137,14 +136,7 @@ class LoraConfig(PeftConfig):
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Rank and alpha for the module named ``key``, after rank_pattern / alpha_pattern."""
-        return _pattern_value(self.rank_pattern, key, self.r), _pattern_value(self.alpha_pattern, key, self.lora_alpha)
-
-
-def _pattern_value(patterns: dict, key: str, default):
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
+        return pattern_value(self.rank_pattern, key, self.r), pattern_value(self.alpha_pattern, key, self.lora_alpha)
 
 
 class DoraMagnitude(nn.Module):
