@@ -150,3 +150,17 @@ def test_seq2seq_task_on_a_model_without_an_encoder_is_refused():
     config = minipeft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2)
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no get_encoder\(\) that returns one"):
         minipeft.get_peft_model(gpt2, config)
+
+
+def test_text_init_fills_both_row_blocks_and_warns_about_the_n_the_encoder_uses():
+    """peft's rule: the text's ids, repeated or cut to the 2n rows of the table; only the first n
+    reach the encoder, so a text longer than n is cut for the prompt, and the warning says so."""
+    base = tiny("t5")
+    ids = [5, 6, 7, 8, 9]
+    config = minipeft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N_VIRTUAL,
+                                         prompt_tuning_init="TEXT", prompt_tuning_init_text="five words of text",
+                                         tokenizer=lambda text: ids)
+    with pytest.warns(UserWarning, match=r"has 5 tokens but num_virtual_tokens=3: only the first 3 are used"):
+        m = minipeft.get_peft_model(base, config)
+    table = base.get_input_embeddings().weight
+    torch.testing.assert_close(m.prompt_encoder["default"].embedding.weight, table[[5, 6, 7, 8, 9, 5]])

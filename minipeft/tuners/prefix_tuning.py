@@ -47,6 +47,7 @@ it is folded away for inference: the checkpoint stores only the MLP's output, pe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,7 +230,8 @@ class PrefixEncoder(nn.Module):
             if last is not None:
                 nn.init.zeros_(last.bias)
         self._handles: list = []
-        self._enabled = [lambda: True]  # set by attach: whether this adapter is the active one
+        self._owner: list[vt.PromptEncoderDict] = []  # set by hook: the container that says which adapter is active
+        self._modes: dict[str, list[_PrefixSDPA]] = {}  # per adapted module: its SDPA mode while it runs
         self._takes_positions = False  # set by hook: whether the model's forward has position_ids
         self._checkpointed: list[nn.Module] = []  # set by hook: modules with transformers' gradient_checkpointing flag
         self._table: torch.Tensor | None = None  # prompt_embeddings() of the running forward
@@ -289,33 +291,34 @@ class PrefixEncoder(nn.Module):
             kwargs["position_ids"] = positions + self.num_virtual_tokens
         return kwargs
 
-    def hook(self, model: nn.Module, enabled) -> None:
-        """Put the prefix into each adapted attention module's SDPA calls while ``enabled()``."""
-        self._enabled = [enabled]
+    def hook(self, model: nn.Module, encoders: vt.PromptEncoderDict) -> None:
+        """Put the prefix into each adapted attention module's SDPA calls while this encoder is
+        the active one of ``encoders``. The hooks are this object's bound methods (``partial``
+        names the module), not closures: a deep copy of the model gets hooks that read the
+        copy's prefix, and the model pickles."""
+        self._owner = [encoders]  # a list: the container is no submodule of its own member
         self._takes_positions = "position_ids" in vt.forward_parameters(model)
         self._checkpointed = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-
-        def forget_table(mod, args, output) -> None:  # a recomputation (activation checkpointing) makes its own
-            self._table = None
-
-        self._handles.append(model.register_forward_hook(forget_table, always_call=True))
+        self._handles.append(model.register_forward_hook(self._forget_table, always_call=True))
         modules = dict(model.named_modules())
-        for name, layer in self.layer_of.items():
-            module = modules[name]
-            modes: list[_PrefixSDPA] = []
+        for name in self.layer_of:
+            self._modes[name] = []
+            self._handles.append(modules[name].register_forward_pre_hook(functools.partial(self._enter, name)))
+            self._handles.append(modules[name].register_forward_hook(functools.partial(self._leave, name),
+                                                                     always_call=True))
 
-            def enter(mod, args, layer=layer, modes=modes):
-                if self._enabled[0]():
-                    mode = _PrefixSDPA(*self.layer_prefix(layer))
-                    mode.__enter__()
-                    modes.append(mode)
+    def _forget_table(self, model: nn.Module, args, output) -> None:
+        self._table = None  # a recomputation (activation checkpointing) makes its own
 
-            def leave(mod, args, output, modes=modes):
-                if modes:
-                    modes.pop().__exit__(None, None, None)
+    def _enter(self, name: str, module: nn.Module, args) -> None:
+        if self._owner[0].active_encoder() is self:
+            mode = _PrefixSDPA(*self.layer_prefix(self.layer_of[name]))
+            mode.__enter__()
+            self._modes[name].append(mode)
 
-            self._handles.append(module.register_forward_pre_hook(enter))
-            self._handles.append(module.register_forward_hook(leave, always_call=True))
+    def _leave(self, name: str, module: nn.Module, args, output) -> None:  # None: keeps the output
+        if self._modes[name]:
+            self._modes[name].pop().__exit__(None, None, None)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -391,6 +394,6 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig)
     device = next((p.device for p in model.parameters()), None)
     encoder = PrefixEncoder(config, names, device=device)
     encoders = vt.prompt_encoders(peft_model)
-    encoder.hook(model, enabled=lambda: encoders.active_encoder() is encoder)
+    encoder.hook(model, encoders)
     encoders[adapter_name] = encoder
     vt.add_modules_to_save(peft_model, adapter_name, config)

@@ -155,10 +155,11 @@ def _init_token_ids(config: PromptTuningConfig, n: int) -> list[int]:
         raise ValueError(f"tokenizer must be a tokenizers.Tokenizer, a path or a callable, got {type(tokenizer).__name__}")
     if not ids:
         raise ValueError(f"prompt_tuning_init_text={text!r} tokenizes to no tokens")
-    if len(ids) > n:
+    used = config.num_virtual_tokens  # n of the n rows per stack; an encoder-decoder's table has 2n, the first n used
+    if len(ids) > used:
         warnings.warn(
-            f"prompt_tuning_init_text has {len(ids)} tokens but num_virtual_tokens={n}: only the first {n} are used "
-            "to initialise the prompt (as in peft). Raise num_virtual_tokens to keep the whole text.",
+            f"prompt_tuning_init_text has {len(ids)} tokens but num_virtual_tokens={used}: only the first {used} are "
+            "used to initialise the prompt (as in peft). Raise num_virtual_tokens to keep the whole text.",
             stacklevel=3,
         )
     return (ids * math.ceil(n / len(ids)))[:n]
@@ -176,6 +177,8 @@ class PromptEmbedding(nn.Module):
         self.embedding = nn.Embedding(total, config.token_dim, device=word_embeddings.weight.device)
         self._word_embeddings = [word_embeddings]  # a list keeps it out of this module's state dict
         self._encoder_hooks: list = []  # encoder-decoder models: the hook on the encoder stack
+        self._owner: list[vt.PromptEncoderDict] = []  # and the container that says which prompt is active
+        self._encoder_parameters: list[str] = []  # the encoder's forward parameters, to name positional args
         init = config.prompt_tuning_init
         if init != PromptTuningInit.RANDOM and not config.inference_mode:
             if init == PromptTuningInit.TEXT:
@@ -258,23 +261,25 @@ class PromptEmbedding(nn.Module):
             kwargs["position_ids"] = torch.cat([first, positions + n], dim=1)
         return kwargs
 
-    def hook_encoder(self, encoder: nn.Module, enabled) -> None:
+    def hook_encoder(self, encoder: nn.Module, encoders: vt.PromptEncoderDict) -> None:
         """An encoder-decoder model's prompt: in front of every input of its ``encoder`` stack
-        while ``enabled()``. The model's forward calls the encoder with the mask already widened
-        (by ``prepare_call``); ``generate()`` calls it with the user's mask, widened here."""
-        names = vt.forward_parameters(encoder)
+        while this prompt is the active one of ``encoders``. The hook is a bound method, not a
+        closure, so that a deep copy of the model prompts with the copy's own table."""
+        self._owner = [encoders]  # a list: the container is no submodule of its own member
+        self._encoder_parameters = vt.forward_parameters(encoder)
+        self._encoder_hooks.append(encoder.register_forward_pre_hook(self._prompt_encoder_input, with_kwargs=True))
 
-        def pre_forward(module, args, kwargs):
-            if not enabled():
-                return None
-            kwargs = vt.args_to_kwargs(names, args, kwargs)
-            _, length = self.prepend_prompt(kwargs)
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
-                kwargs["attention_mask"] = vt.widen_attention_mask(mask, self.num_virtual_tokens)
-            return (), kwargs
-
-        self._encoder_hooks.append(encoder.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    def _prompt_encoder_input(self, encoder: nn.Module, args: tuple, kwargs: dict):
+        """The model's forward calls the encoder with the mask already widened (by
+        ``prepare_call``); ``generate()`` calls it with the user's mask, widened here."""
+        if self._owner[0].active_encoder() is not self:
+            return None
+        kwargs = vt.args_to_kwargs(self._encoder_parameters, args, kwargs)
+        _, length = self.prepend_prompt(kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == length:
+            kwargs["attention_mask"] = vt.widen_attention_mask(mask, self.num_virtual_tokens)
+        return (), kwargs
 
     def remove_hooks(self) -> None:
         for handle in self._encoder_hooks:
@@ -318,6 +323,6 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PromptTuningConfig)
     prompt = PromptEmbedding(config, embeddings)
     encoders = vt.prompt_encoders(peft_model)
     if encoder_decoder:
-        prompt.hook_encoder(prompted, enabled=lambda: encoders.active_encoder() is prompt)
+        prompt.hook_encoder(prompted, encoders)
     encoders[adapter_name] = prompt
     vt.add_modules_to_save(peft_model, adapter_name, config)
