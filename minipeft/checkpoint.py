@@ -93,7 +93,7 @@ from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict re
 from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
-from .targeting import declared_embedding, is_wrapper, join_name, logical_name
+from .targeting import declared_embedding, is_bias, is_wrapper, join_name, logical_name
 from .tuners import ModulesToSaveWrapper, lora_init
 
 CONFIG_NAME = "adapter_config.json"
@@ -237,10 +237,10 @@ def peft_bias_extras(model: nn.Module, adapter_name: str = "default") -> dict[st
             continue
         where = _on_disk_name(model, path, adapter_name)
         for name, _ in module.modules_to_save[adapter_name].named_parameters():
-            if name.endswith("bias"):
+            if is_bias(name):
                 extras[join_name(where, "modules_to_save", name)] = join_name(path, "modules_to_save", adapter_name, name)
         for name, _ in module.original_module.named_parameters():
-            if name.endswith("bias"):
+            if is_bias(name):
                 extras[join_name(where, "original_module", name)] = join_name(path, "original_module", name)
     return extras
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .targeting import (
-    candidate_names, find_targets, innermost, is_under, join_name, logical_name, trained_whole, wrapper_chain,
+    candidate_names, find_targets, innermost, is_bias, is_under, join_name, logical_name, trained_whole, wrapper_chain,
 )
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.virtual_tokens import PromptEncoderDict
@@ -176,18 +176,23 @@ def _build_plan(
     place; such wrappers go into ``updated``."""
     plan = []
     holders: dict[str, AdapterLayer] = {}  # target name -> the wrapper that holds the new adapter there
-    for name, key in keys.items():
-        module = model.get_submodule(name)
-        if isinstance(module, method.layer_class):
-            updated.append(module)  # before the update, so a half-done update is rolled back too
-            module.add_adapter(adapter_name, config, key)
-            holders[name] = module
-        else:
-            holders[name] = method.wrap(module, adapter_name, config, key)
-            plan.append((name, module, holders[name]))
-    plan += _plan_modules_to_save(model, config, adapter_name, updated)
-    if method.wrap_more is not None:
-        plan += method.wrap_more(model, config, adapter_name, holders, updated)
+    try:
+        for name, key in keys.items():
+            module = model.get_submodule(name)
+            if isinstance(module, method.layer_class):
+                updated.append(module)  # before the update, so a half-done update is rolled back too
+                module.add_adapter(adapter_name, config, key)
+                holders[name] = module
+            else:
+                holders[name] = method.wrap(module, adapter_name, config, key)
+                plan.append((name, module, holders[name]))
+        plan += _plan_modules_to_save(model, config, adapter_name, updated)
+        if method.wrap_more is not None:
+            plan += method.wrap_more(model, config, adapter_name, holders, updated)
+    except BaseException:
+        for _, _, wrapper in plan:
+            wrapper.unwrap(merge=False)  # what a wrapper changed inside its module (an attention's out_proj)
+        raise
     return plan
 
 
@@ -281,7 +286,7 @@ def trained_biases(model: nn.Module, config: PeftConfig, adapter_name: str) -> l
     if bias == "all":
         inside = [join_name(n, c) for n, layer in layers for c in layer.adapter_layer_names]
         inside += [join_name(n, layer.base_layer_name) for n, layer in layers if isinstance(layer, ModulesToSaveWrapper)]
-        return [n for n, _ in model.named_parameters() if n.endswith("bias") and not is_under(n, inside)]
+        return [n for n, _ in model.named_parameters() if is_bias(n) and not is_under(n, inside)]
     names = []
     if bias.endswith("_only"):
         # Only the method's own layers count: not the modules trained whole, nor the layers of

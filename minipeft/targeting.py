@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import nn
@@ -111,6 +112,12 @@ def logical_name(
     return ".".join(parts)
 
 
+def is_bias(name: str) -> bool:
+    """Whether the parameter named ``name`` is a bias as peft reads it for ``bias="all"``: ``bias``
+    or ``<module>.bias``, not nn.MultiheadAttention's ``in_proj_bias``."""
+    return name == "bias" or name.endswith(".bias")
+
+
 def join_name(*parts: str) -> str:
     """A qualified name from its parts, empty ones left out: ``join_name("", "fc", "bias")`` is
     ``"fc.bias"`` (the model itself has the empty name)."""
@@ -190,15 +197,6 @@ def find_targets(model: nn.Module, config) -> list[str]:
         selected = [n for n in names if is_linear_like(modules[n]) and n not in heads and n not in never_called]
     else:
         selected = [n for n, logical in names.items() if name_matches(logical, targets)]
-        for name in selected:
-            if name in never_called:
-                attention = logical_name(model, never_called[name])
-                raise ValueError(
-                    f"{names[name]!r} is the out_proj of the nn.MultiheadAttention {attention!r}, which reads its "
-                    "weight and bias directly and never calls it: an adapter there would never run. Leave it out "
-                    f"of target_modules; LoRA can adapt the attention module itself (target {attention!r}: its "
-                    "in_proj and out_proj, as in peft)"
-                )
 
     # Each filter in turn; the error names only the filters that removed a match.
     applied: list[str] = []
@@ -226,9 +224,31 @@ def find_targets(model: nn.Module, config) -> list[str]:
         selected = narrow(selected, "layers_to_transform",
                           lambda n: layer_index(n, pattern) in wanted or n in named_in_full)
 
+    selected = _without_uncalled(selected, never_called, names, targets, model)
     if not selected:
         raise ValueError(no_match_message(targets, names, modules, type(model).__name__, applied))
     return selected
+
+
+def _without_uncalled(selected: list[str], never_called: dict[str, str], names: dict[str, str], targets,
+                      model: nn.Module) -> list[str]:
+    """``selected`` without the out_proj of an nn.MultiheadAttention (``attention_out_projections``),
+    with a warning: a suffix or a regex may reach one beside the linear layers it is meant for
+    (CLIP's ``out_proj``). One named in full, or the only match left, is an error."""
+    hit = [n for n in selected if n in never_called]
+    if not hit:
+        return selected
+    kept = [n for n in selected if n not in never_called]
+    named_in_full = [n for n in hit if not isinstance(targets, str) and names[n] in targets]
+    attention = logical_name(model, never_called[(named_in_full or hit)[0]])
+    why = (f"nn.MultiheadAttention reads its out_proj's weight and bias directly and never calls it, so an adapter "
+           f"there would never run; LoRA can adapt the attention module itself (target {attention!r}: its in_proj and "
+           "out_proj, as in peft)")
+    if named_in_full or not kept:
+        raise ValueError(f"{names[(named_in_full or hit)[0]]!r} is the out_proj of the nn.MultiheadAttention "
+                         f"{attention!r}: {why}. Leave it out of target_modules")
+    warnings.warn(f"target_modules={targets!r} also matched {[names[n] for n in hit]}, left out: {why}", stacklevel=4)
+    return kept
 
 
 def attention_out_projections(model: nn.Module) -> dict[str, str]:

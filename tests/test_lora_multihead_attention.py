@@ -10,6 +10,7 @@ the two libraries must agree, and the checkpoints are compared tensor by tensor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -262,3 +263,93 @@ def test_weighted_combination_sums_both_projections_updates(combination_type):
                                    svd_rank=2 * R)
         model.set_adapter("both")
         torch.testing.assert_close(model(x, mask), want, atol=1e-5, rtol=0)
+
+
+class Pooled(nn.Module):
+    """Ordinary linear layers named out_proj (a CLIP-like encoder) beside an attention pooler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"out_proj": nn.Linear(E, E)}) for _ in range(2))
+        self.pool = nn.MultiheadAttention(E, HEADS, batch_first=True)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["out_proj"](x)
+        return self.pool(x[:, :1], x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("options, warned", [
+    (dict(target_modules=["out_proj"]), True),
+    (dict(target_modules=r".*out_proj"), True),
+    (dict(target_modules=["out_proj"], exclude_modules=["pool.out_proj"]), False),
+    (dict(target_modules=["out_proj"], layers_to_transform=[0, 1], layers_pattern="layers"), False),
+])
+def test_a_suffix_or_regex_leaves_an_attentions_out_proj_out(options, warned, recwarn):
+    model = minipeft.get_peft_model(Pooled(), minipeft.LoraConfig(r=R, **options))
+    adapted_layers = {n.split(".lora_A")[0].removeprefix("base_model.model.")
+                      for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert adapted_layers == {"layers.0.out_proj", "layers.1.out_proj"}
+    messages = [str(w.message) for w in recwarn if "never calls it" in str(w.message)]
+    assert bool(messages) == warned
+    if warned:
+        assert "also matched ['pool.out_proj'], left out" in messages[0]
+
+
+def test_an_attentions_out_proj_named_in_full_is_refused():
+    with pytest.raises(ValueError, match=r"'pool.out_proj' is the out_proj of the nn.MultiheadAttention 'pool'"):
+        minipeft.get_peft_model(Pooled(), minipeft.LoraConfig(target_modules=["pool.out_proj", "layers.0.out_proj"]))
+
+
+def test_a_padded_batch_through_a_nested_tensor_encoder_with_gradients_on():
+    """nn.TransformerEncoder packs a padded batch into a nested tensor at eval unless the
+    attention's weights need gradients; it reads in_proj_weight to tell, and must see the adapters'."""
+    torch.manual_seed(0)
+    base = Encoder().eval()
+    layer = base.enc.layers[0]
+    base.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)  # its default
+    model = adapted(base).eval()
+    x, mask = data(Encoder)
+    got = model(x, mask)  # grad enabled: not nested
+    torch.testing.assert_close(got, by_hand(base, model, x, mask), atol=1e-6, rtol=0)
+    got.sum().backward()
+    assert all(t.grad is not None for four in factors(model).values() for t in four)
+    with torch.no_grad():  # nested (padded positions come out as zeros), as the base model with the summed weights
+        torch.testing.assert_close(model(x, mask), by_hand(base, model, x, mask), atol=1e-5, rtol=0)
+
+
+def test_a_refused_injection_leaves_the_attention_as_it_was(monkeypatch):
+    """A target that fails after the attention's wrapper was built (and put a LoraLinear on its
+    out_proj) must leave the user's model untouched."""
+    from minipeft.config import PeftType
+    from minipeft.tuners import PEFT_METHODS
+
+    method = PEFT_METHODS[PeftType.LORA]
+
+    def wrap(module, adapter_name, config, key):
+        if key == "head":
+            raise RuntimeError("a failure after the attention's wrapper was built")
+        return method.wrap(module, adapter_name, config, key)
+
+    monkeypatch.setitem(PEFT_METHODS, PeftType.LORA, dataclasses.replace(method, wrap=wrap))
+    model = Encoder()
+    names = sorted(dict(model.named_modules()))
+    with pytest.raises(RuntimeError, match="a failure after"):
+        minipeft.inject_adapter_in_model(minipeft.LoraConfig(r=R, target_modules=["self_attn", "head"]), model)
+    assert sorted(dict(model.named_modules())) == names
+    assert type(model.enc.layers[0].self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_bias_all_trains_biases_as_peft_picks_them(tmp_path):
+    """peft's bias="all" takes parameters named bias (not the attention's in_proj_bias): the same
+    biases train, and peft's checkpoint loads."""
+    torch.manual_seed(0)
+    base = Encoder()
+    config = dict(r=R, target_modules=["self_attn"], bias="all")
+    p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    m = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(**config))
+    trained = sorted(n for n, t in m.named_parameters() if t.requires_grad)
+    assert trained == sorted(n for n, t in p.named_parameters() if t.requires_grad)
+    assert not any("in_proj_bias" in n for n in trained)
+    p.save_pretrained(tmp_path)
+    minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)

@@ -85,7 +85,7 @@ def method_for(config: PeftConfig) -> PeftMethod:
 register_method(
     PeftType.LORA,
     PeftMethod(
-        lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_target,
+        lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_module,
         check_model=lora.check_model, wrap_more=lora.wrap_more,
     ),
 )

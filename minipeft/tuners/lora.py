@@ -621,9 +621,23 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
 
         layer = LoraMultiheadAttention(target)
     else:
-        raise ValueError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
+        raise _unsupported(base, key)
     layer.add_adapter(adapter_name, config, key)
     return layer
+
+
+def _unsupported(base: nn.Module, key: str) -> ValueError:
+    return ValueError(f"cannot apply LoRA to {key!r}: it is a {type(base).__name__}; LoRA supports {SUPPORTED}")
+
+
+def check_module(target: nn.Module, config: LoraConfig, key: str) -> None:
+    """The registry's check on each target, before any wrapper is built: a type LoRA supports
+    (a wrapper may change its module as it is built: the attention's out_proj), then ``check_target``."""
+    base = innermost(target)
+    supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+    if not isinstance(target, LoraLayer) and not (isinstance(base, supported) or is_gpt2_conv1d(base)):
+        raise _unsupported(base, key)
+    check_target(target, config, key)
 
 
 # -- the registry's hooks beyond check_target and wrap_module (tuners/__init__.py) -------------------

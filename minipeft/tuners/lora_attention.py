@@ -38,7 +38,6 @@ class LoraMultiheadAttention(LoraLayer):
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         embed_dim = base_layer.embed_dim
         super().__init__(base_layer, embed_dim, 3 * embed_dim)
-        base_layer.out_proj = LoraLinear(base_layer.out_proj)
 
     # Code around the attention reads its attributes (nn.TransformerEncoderLayer checks them for its
     # fused fast path): the wrapper answers for the module it stands in for.
@@ -47,7 +46,6 @@ class LoraMultiheadAttention(LoraLayer):
     head_dim = property(lambda self: self.base_layer.head_dim)
     batch_first = property(lambda self: self.base_layer.batch_first)
     dropout = property(lambda self: self.base_layer.dropout)
-    in_proj_weight = property(lambda self: self.base_layer.in_proj_weight)
     in_proj_bias = property(lambda self: self.base_layer.in_proj_bias)
     out_proj = property(lambda self: self.base_layer.out_proj)  # the LoraLinear holding out_proj's factors
     bias_k = property(lambda self: self.base_layer.bias_k)
@@ -58,6 +56,13 @@ class LoraMultiheadAttention(LoraLayer):
     # the projections differ in width is what turns that path off (it then calls the wrapper).
     _qkv_same_embed_dim = False
 
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        """The in_proj weight the attention computes with, adapters included. nn.TransformerEncoder
+        reads it to decide whether to pack a padded batch into a nested tensor, which it must not
+        do while the weights need gradients: the frozen base weight would say they do not."""
+        return self.adapted_weights().get("in_proj_weight", self.base_layer.in_proj_weight)
+
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
         super().update_layer(adapter_name, config, key)
         if config.lora_dropout > 0:
@@ -66,7 +71,11 @@ class LoraMultiheadAttention(LoraLayer):
                 "added to the weights, where no input passes to drop (peft ignores it there too)"
             )
             self.lora_dropout[adapter_name] = nn.Identity()
-        # The same rank and alpha on out_proj, as peft gives it (one target, one rank).
+        # The same rank and alpha on out_proj, as peft gives it (one target, one rank). The first
+        # adapter puts a LoraLinear there, inside the attention: peft's layout, and the place
+        # whose .weight the attention reads (undone by unwrap).
+        if not isinstance(self.out_proj, LoraLinear):
+            self.base_layer.out_proj = LoraLinear(self.out_proj)
         self.out_proj.add_adapter(adapter_name, config, key)
 
     def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
@@ -80,27 +89,40 @@ class LoraMultiheadAttention(LoraLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.out_proj.delete_adapter(adapter_name)  # (a no-op when the model deleted it there first)
+        if isinstance(self.out_proj, LoraLinear):
+            self.out_proj.delete_adapter(adapter_name)  # (a no-op when the model deleted it there first)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s B_in A_in`` (3E, E) in in_proj_weight's dtype."""
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         return ((B.float() @ A.float()) * self.scaling[adapter_name]).to(self.base_layer.in_proj_weight.dtype)
 
-    def forward(self, query: torch.Tensor, *args, **kwargs):
-        self.unmerge_if_disabled()
-        out_proj = self.out_proj
-        out_proj.unmerge_if_disabled()  # its forward, which would do this, never runs
-        weights = {}
+    def adapted_weights(self) -> dict[str, torch.Tensor]:
+        """``W + sum of s B A`` over the active unmerged adapters, for each weight they change, by
+        its name in the attention (out_proj's is read through its LoraLinear, from base_layer.weight)."""
+        out_proj, weights = self.out_proj, {}
         if names := self.adapters_to_apply():
             weights["in_proj_weight"] = self.base_layer.in_proj_weight + sum(self.delta_weight(n) for n in names)
-        if names := out_proj.adapters_to_apply():
-            # Where out_proj.weight (which the wrapper answers for) reads from.
+        if isinstance(out_proj, LoraLinear) and (names := out_proj.adapters_to_apply()):
             weights["out_proj.base_layer.weight"] = out_proj.base_layer.weight + sum(
                 out_proj.delta_weight(n) for n in names)
+        return weights
+
+    def forward(self, query: torch.Tensor, *args, **kwargs):
+        self.unmerge_if_disabled()
+        if isinstance(self.out_proj, LoraLinear):
+            self.out_proj.unmerge_if_disabled()  # its forward, which would do this, never runs
+        weights = self.adapted_weights()
         if not weights:
             return self.base_layer(query, *args, **kwargs)
         return functional_call(self.base_layer, weights, (query, *args), kwargs)
+
+    def unwrap(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+        """The attention as it was, out_proj included (unloading unwraps that LoraLinear first;
+        a refused injection, which built this wrapper, relies on this alone)."""
+        if isinstance(self.out_proj, LoraLinear):
+            self.base_layer.out_proj = self.out_proj.unwrap(merge, adapter_names)
+        return super().unwrap(merge, adapter_names)
 
     # -- merging: in_proj_weight here; out_proj's LoraLinear merges its own weight ----------------
     def _base_tensors(self) -> dict[str, torch.Tensor]:
