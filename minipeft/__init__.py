@@ -9,6 +9,7 @@ from .status import get_layer_status, get_model_status
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
 from .tuners.loha import LoHaConfig
+from .tuners.lokr import LoKrConfig
 from .tuners.lora import LoraConfig
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
@@ -19,6 +20,7 @@ __all__ = [
     "BottleneckConfig",
     "IA3Config",
     "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

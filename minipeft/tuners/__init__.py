@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import bottleneck, ia3, loha, lora, prefix_tuning, prompt_tuning, trainable_tokens, vera
+from . import bottleneck, ia3, loha, lokr, lora, prefix_tuning, prompt_tuning, trainable_tokens, vera
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -91,6 +91,7 @@ register_method(
 )
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
 register_method(PeftType.LOHA, PeftMethod(loha.LoHaConfig, loha.LoHaLayer, loha.wrap_module))
+register_method(PeftType.LOKR, PeftMethod(lokr.LoKrConfig, lokr.LoKrLayer, lokr.wrap_module))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
 )
