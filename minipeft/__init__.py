@@ -6,6 +6,7 @@ from .injection import inject_adapter_in_model
 from .model import PeftModel, get_peft_model
 from .optimizers import create_loraplus_optimizer
 from .status import get_layer_status, get_model_status
+from .tuners.adalora import AdaLoraConfig
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
 from .tuners.loha import LoHaConfig
@@ -17,6 +18,7 @@ from .tuners.trainable_tokens import TrainableTokensConfig
 from .tuners.vera import VeraConfig
 
 __all__ = [
+    "AdaLoraConfig",
     "BottleneckConfig",
     "IA3Config",
     "LoHaConfig",

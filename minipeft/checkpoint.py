@@ -94,7 +94,7 @@ from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
 from .targeting import declared_embedding, is_bias, is_wrapper, join_name, logical_name
-from .tuners import ModulesToSaveWrapper, lora_init
+from .tuners import ModulesToSaveWrapper, lora_init, method_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -293,6 +293,10 @@ def get_peft_model_state_dict(
             "pass the full state dict of this model, keyed as model.state_dict() keys it"
         )
     out = {ckpt_key: source[model_key].detach() for ckpt_key, model_key in mapping.items()}
+    config = _config_of(model, adapter_name)
+    saved_tensors = method_for(config).saved_tensors if config is not None else None
+    if saved_tensors is not None:
+        out = saved_tensors(config, out, PEFT_PREFIX if hasattr(model, "base_model") else "")
     if virtual is not None:
         out = {_prompt_learning_key(k): v for k, v in out.items()}
         out[PROMPT_EMBEDDINGS] = virtual.prompt_embeddings().detach()

@@ -26,6 +26,7 @@ class PeftType(str, enum.Enum):
     VERA = "VERA"
     LOHA = "LOHA"
     LOKR = "LOKR"
+    ADALORA = "ADALORA"
 
 
 class TaskType(str, enum.Enum):

@@ -32,9 +32,25 @@ class AdaptedModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.rank_allocators: dict = {}  # AdaLoRA: per training adapter, its RankAllocator
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA, peft's call: after ``optimizer.step()`` and before ``optimizer.zero_grad()`` of
+        training step ``global_step``, fold the step's gradients into the importance scores and
+        prune the active AdaLoRA adapter's ranks on its schedule (``tuners/adalora_budget.py``)."""
+        from .tuners.adalora_budget import update_and_allocate
+
+        active = [a for a in self.rank_allocators.values() if a.is_active()]
+        if not active:
+            raise ValueError(
+                "update_and_allocate allocates the ranks of a training AdaLoRA adapter, and none is active"
+                + (f" (AdaLoRA adapters: {list(self.rank_allocators)}; activate one with set_adapter)"
+                   if self.rank_allocators else "")
+            )
+        update_and_allocate(active[0], global_step)
 
     def __getattr__(self, name: str):
         try:
@@ -85,7 +101,10 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        outputs = self.base_model(*args, **kwargs)
+        config = self.peft_config.get(self.active_adapter)
+        on_output = method_for(config).on_output if config is not None else None
+        return outputs if on_output is None else on_output(self, self.active_adapter, config, outputs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -116,6 +135,8 @@ class PeftModel(nn.Module):
                 self._warn_base_changing_init(adapter_name, config)
                 injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)
             self.peft_config[adapter_name] = config
+            if method_for(config).after_add is not None:
+                method_for(config).after_add(self, adapter_name, config)
             if first:  # (also after the last adapter was deleted: the name active then is gone)
                 self.active_adapter = adapter_name
             else:
@@ -195,6 +216,7 @@ class PeftModel(nn.Module):
         else:
             injection.delete_adapter(base, adapter_name)
         del self.peft_config[adapter_name]
+        self.base_model.rank_allocators.pop(adapter_name, None)
         for p in biases:
             p.requires_grad_(False)
         if self.active_adapter in self.peft_config:

@@ -50,6 +50,7 @@ from torch import nn
 from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, lora_factors, loraplus_roles
+from minipeft.tuners.adalora_budget import RankAllocator, update_and_allocate
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
@@ -539,6 +540,7 @@ class _Run:
     micro_per_epoch: int  # this rank's micro-batches in an epoch
     steps_per_epoch: int
     total_steps: int
+    rank_allocator: RankAllocator | None = None  # AdaLoRA's, when the model trains an AdaLoRA adapter
 
     @property
     def main(self) -> bool:
@@ -583,7 +585,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
             task = _task_of(micro[0], task)
             if eval_batches is not None:
                 _check_metric_fits(metric_name, task)  # before the first step, not at the first evaluation
-            loss, tokens = _optimizer_step(run, micro, task)
+            loss, tokens = _optimizer_step(run, micro, task, state.step + 1)
             state.loss_since_log += loss
             state.steps_since_log += 1
             since_log.add(tokens)
@@ -634,7 +636,23 @@ def _setup(model: nn.Module, num_batches: int, config: TrainConfig) -> _Run:
     return _Run(config=config, model=wrapped, raw_model=model, optimizer=optimizer,
                 scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier), multiplier=multiplier,
                 device=device, bf16=bf16, rank=rank, world=world, micro_per_epoch=micro_per_epoch,
-                steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                rank_allocator=_rank_allocator(model, total_steps))
+
+
+def _rank_allocator(model: nn.Module, total_steps: int) -> RankAllocator | None:
+    """The active AdaLoRA adapter's rank allocator, which each optimizer step then drives; its
+    budget schedule must span this run's steps."""
+    allocators = getattr(getattr(model, "base_model", None), "rank_allocators", None) or {}
+    active = [a for a in allocators.values() if a.is_active()]
+    if not active:
+        return None
+    if active[0].config.total_step != total_steps:
+        raise ValueError(
+            f"AdaLoRA lays its rank budget over total_step={active[0].config.total_step} steps, but this run takes "
+            f"{total_steps} optimizer steps; create the adapter with AdaLoraConfig(total_step={total_steps})"
+        )
+    return active[0]
 
 
 def _device_and_bf16(config: TrainConfig, local_rank: int) -> tuple[torch.device, bool]:
@@ -680,6 +698,8 @@ def _resume(run: _Run) -> RunState:
     _load_trainable_state(run.raw_model, ckpt["trainable"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.rank_allocator is not None:
+        run.rank_allocator.load_state_dict(ckpt["rank_allocator"])
     _set_rng_state(ckpt["rng"][run.rank])
     if run.main:
         print(f"resumed from {path} at step {ckpt['step']}", flush=True)
@@ -731,9 +751,9 @@ def _check_metric_fits(metric_name: str, task: str) -> None:
                          f"{', '.join(map(repr, ('auto', *METRICS[task])))}")
 
 
-def _optimizer_step(run: _Run, micro: list[dict], task: str) -> tuple[float, int | None]:
-    """One optimizer step on a window of micro-batches; returns (the window's mean loss, its
-    tokens, or None when its batches hold no token ids)."""
+def _optimizer_step(run: _Run, micro: list[dict], task: str, step: int) -> tuple[float, int | None]:
+    """Optimizer step number ``step`` (from 1) on a window of micro-batches; returns (the window's
+    mean loss, its tokens, or None when its batches hold no token ids)."""
     n_total = sum(_count(b, task) for b in micro)
     loss_value, tokens = 0.0, None
     for j, batch in enumerate(micro):
@@ -754,6 +774,8 @@ def _optimizer_step(run: _Run, micro: list[dict], task: str) -> tuple[float, int
         torch.nn.utils.clip_grad_norm_(trainable, run.config.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
+    if run.rank_allocator is not None:  # AdaLoRA: between the step and zero_grad, as peft asks
+        update_and_allocate(run.rank_allocator, step)
     run.optimizer.zero_grad(set_to_none=True)
     return loss_value, tokens
 
@@ -841,6 +863,8 @@ def _save_checkpoint(run: _Run, state: RunState) -> None:
         ckpt = {"trainable": _trainable_state(run.raw_model), "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(), **vars(state), "rng": rng,
                 "config": asdict(run.config), "totals": run.totals}
+        if run.rank_allocator is not None:
+            ckpt["rank_allocator"] = run.rank_allocator.state_dict()
         # streamed into the file: a full fine-tuning checkpoint (weights and two AdamW
         # moments) is never held in memory a second time as bytes
         atomic_write(run.out_dir / CHECKPOINT_NAME, lambda f: torch.save(ckpt, f))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import bottleneck, ia3, loha, lokr, lora, prefix_tuning, prompt_tuning, trainable_tokens, vera
+from . import adalora, adalora_budget, bottleneck, ia3, loha, lokr, lora, prefix_tuning, prompt_tuning, trainable_tokens, vera
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -53,6 +53,13 @@ class PeftMethod:
         adapter there); existing wrappers it adds the adapter to go into ``updated`` (for the
         rollback). Trainable tokens put one on each module tied to an adapted embedding; VeRA wraps
         nothing more but hands the new layers the random pair they share.
+    after_add: ``after_add(peft_model, adapter_name, config)``, once the adapter is in the model:
+        state a method keeps beside its layers (AdaLoRA's rank allocator).
+    on_output: ``on_output(peft_model, adapter_name, config, outputs) -> outputs`` after each forward
+        of the PeftModel while the adapter is active (AdaLoRA adds its regulariser to the loss).
+    saved_tensors: ``saved_tensors(config, tensors, prefix) -> tensors``, the adapter's tensors as
+        its checkpoint holds them (AdaLoRA keeps the ranks it allocated); ``prefix`` comes before
+        the layer names in the keys.
     """
 
     config_class: type[PeftConfig]
@@ -63,6 +70,9 @@ class PeftMethod:
     default_targets: Callable[[nn.Module], list[str] | str] | None = None
     check_model: Callable[[nn.Module, PeftConfig, list[str]], None] | None = None
     wrap_more: Callable[..., list[tuple[str, nn.Module, AdapterLayer]]] | None = None
+    after_add: Callable[[nn.Module, str, PeftConfig], None] | None = None
+    on_output: Callable[[nn.Module, str, PeftConfig, object], object] | None = None
+    saved_tensors: Callable[[PeftConfig, dict, str], dict] | None = None
 
 
 PEFT_METHODS: dict[PeftType, PeftMethod] = {}
@@ -90,6 +100,15 @@ register_method(
     ),
 )
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
+# AdaLoRA's rank allocator lives beside its layers, its regulariser joins the loss, and its
+# checkpoints keep the ranks it allocated.
+register_method(
+    PeftType.ADALORA,
+    PeftMethod(
+        adalora.AdaLoraConfig, adalora.SVDLinear, adalora.wrap_module, after_add=adalora_budget.attach_allocator,
+        on_output=adalora.add_orthogonal_regularization, saved_tensors=adalora.kept_triplets,
+    ),
+)
 register_method(PeftType.LOHA, PeftMethod(loha.LoHaConfig, loha.LoHaLayer, loha.wrap_module))
 register_method(PeftType.LOKR, PeftMethod(lokr.LoKrConfig, lokr.LoKrLayer, lokr.wrap_module))
 register_method(

@@ -1,0 +1,235 @@
+"""AdaLoRA against peft (a training run with rank allocation, step for step; checkpoints both
+ways at the allocated ranks) and against hand-derived math (the SVD-form update, the orthogonal
+regulariser, the budget schedule); and the training loop driving the allocator, resume included."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import minipeft
+from minipeft.train import TrainConfig, train
+from minipeft.tuners.adalora_budget import RankAllocator
+from tests.models import VOCAB
+from tests.test_train import Crash, CrashingLoader, TinyClassifier, loaders, trainable
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+SCHEDULE = dict(init_r=6, target_r=3, tinit=2, tfinal=3, deltaT=2, total_step=12)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def pair(**options):
+    """(peft model, minipeft model) on one tiny LLaMA, minipeft holding peft's factors."""
+    base = tiny_llama()
+    config = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], lora_alpha=8, **SCHEDULE) | options
+    p = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**config))
+    m = minipeft.get_peft_model(copy.deepcopy(base), minipeft.AdaLoraConfig(**config))
+    # peft keeps R (ranknum) as a frozen parameter; minipeft as a number. All else is one to one.
+    m.load_state_dict({k: v for k, v in p.state_dict().items() if ".ranknum." not in k}, strict=True)
+    return base, p, m
+
+
+def ids(seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def run_in_step(p, m, steps: int) -> None:
+    """Train both for ``steps`` steps as peft documents: backward, step, update_and_allocate, zero_grad."""
+    batch = ids()
+    opt_p = torch.optim.Adam([t for t in p.parameters() if t.requires_grad], lr=0.02)
+    opt_m = torch.optim.Adam([t for t in m.parameters() if t.requires_grad], lr=0.02)
+    for step in range(1, steps + 1):
+        loss_p, loss_m = p(input_ids=batch, labels=batch).loss, m(input_ids=batch, labels=batch).loss
+        torch.testing.assert_close(loss_m, loss_p, atol=1e-6, rtol=0)
+        loss_p.backward()
+        loss_m.backward()
+        opt_p.step()
+        opt_m.step()
+        p.base_model.update_and_allocate(step)
+        m.base_model.update_and_allocate(step)
+        opt_p.zero_grad()
+        opt_m.zero_grad()
+        for name, t in p.named_parameters():
+            if ".ranknum." not in name:
+                torch.testing.assert_close(m.get_parameter(name), t, atol=1e-6, rtol=0, msg=f"{name} at step {step}")
+
+
+def test_training_with_rank_allocation_matches_peft_step_by_step():
+    _, p, m = pair()
+    run_in_step(p, m, 14)  # warm-up, pruning every other step, the final budget, then fine-tuning
+    theirs = {k.removesuffix(".default"): v for k, v in p.peft_config["default"].rank_pattern.items()}
+    ours = m.peft_config["default"].rank_pattern
+    assert ours == theirs
+    assert sum(sum(mask) for mask in ours.values()) == 3 * 4  # the final budget: target_r per layer
+    for mask_key, mask in ours.items():  # pruned singular values stay at zero
+        E = m.get_base_model().get_submodule(mask_key.removesuffix(".lora_E")).lora_E["default"]
+        assert not E[~torch.tensor(mask)].any()
+
+
+def test_checkpoints_keep_the_allocated_ranks_both_ways(tmp_path):
+    base, p, m = pair()
+    run_in_step(p, m, 14)
+    batch = ids()
+    with torch.no_grad():
+        adapted = m(input_ids=batch).logits
+    m.save_pretrained(tmp_path / "mini")
+    saved = json.loads((tmp_path / "mini" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == m.peft_config["default"].rank_pattern
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "mini" / "adapter_model.safetensors")
+    for mask_key, mask in saved["rank_pattern"].items():  # each layer cut to the triplets it keeps
+        layer = "base_model.model." + mask_key.removesuffix(".lora_E")
+        assert tensors[f"{layer}.lora_A"].shape[0] == tensors[f"{layer}.lora_B"].shape[1] == sum(mask)
+    p2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
+    with torch.no_grad():
+        torch.testing.assert_close(p2(input_ids=batch).logits, adapted, atol=1e-6, rtol=0)
+
+    p.save_pretrained(tmp_path / "peft")
+    m2 = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    layer = m2.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.r["default"] == sum(m.peft_config["default"].rank_pattern["model.layers.0.self_attn.q_proj.lora_E"])
+    assert layer.ranknum["default"] == 6  # R stays the rank the budget started from
+    with torch.no_grad():
+        torch.testing.assert_close(m2(input_ids=batch).logits, adapted, atol=1e-6, rtol=0)
+
+
+def test_the_update_is_p_diag_e_q_over_the_initial_rank():
+    _, _, m = pair(init_lora_weights=False)
+    layer = m.get_base_model().model.layers[0].self_attn.q_proj
+    A, B, E = (getattr(layer, f)["default"] for f in ("lora_A", "lora_B", "lora_E"))
+    x = torch.randn(3, 32)
+    want = layer.base_layer(x) + x @ (B @ torch.diag(E.view(-1)) @ A).T * 8 / (6 + 1e-5)
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        before = layer(x)
+        m.merge_adapter()
+        torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_the_orthogonal_regulariser_joins_a_computed_loss():
+    _, _, m = pair(init_lora_weights=False, orth_reg_weight=0.3)
+    batch = ids()
+    terms = []
+    for module in m.get_base_model().modules():
+        if isinstance(module, minipeft.tuners.adalora.SVDLinear):
+            A, B = module.lora_A["default"], module.lora_B["default"]
+            terms += [torch.linalg.norm(A @ A.T - torch.eye(6)), torch.linalg.norm(B.T @ B - torch.eye(6))]
+    with torch.no_grad():
+        with_loss = m(input_ids=batch, labels=batch).loss
+        logits = m(input_ids=batch).logits
+        plain = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    torch.testing.assert_close(with_loss, plain + 0.3 * torch.stack(terms).mean(), atol=1e-5, rtol=0)
+
+
+def test_the_budget_shrinks_on_a_cubic_schedule():
+    _, _, m = pair(init_r=6, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12)
+    allocator = m.base_model.rank_allocators["default"]
+    b0, bT = 6 * 4, 2 * 4
+    assert [allocator.budget(t) for t in (1, 2)] == [(b0, False), (b0, False)]
+    for t in range(3, 10):
+        assert allocator.budget(t) == (int((b0 - bT) * (1 - (t - 2) / 7) ** 3 + bT), t % 2 == 0)
+    assert allocator.budget(10) == allocator.budget(11) == (bT, True)  # past T - tfinal: the final budget
+
+
+def test_update_and_allocate_needs_the_gradients_and_an_active_adapter():
+    _, _, m = pair()
+    with pytest.raises(RuntimeError, match=r"found no gradient on .*lora_A: call it after loss.backward\(\)"):
+        m.base_model.update_and_allocate(3)
+    m.add_adapter("lora", minipeft.LoraConfig(target_modules=["q_proj"]))
+    m.set_adapter("lora")
+    with pytest.raises(ValueError, match=r"none is active \(AdaLoRA adapters: \['default'\]; activate one"):
+        m.base_model.update_and_allocate(3)
+
+
+def test_bad_configs_are_refused_with_what_would_be_right():
+    with pytest.raises(ValueError, match=r"give total_step, the number of steps"):
+        minipeft.AdaLoraConfig(target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"tinit=5 and tfinal=5 leave no step to allocate ranks in"):
+        minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, tinit=5, tfinal=5)
+    with pytest.raises(ValueError, match=r"cannot apply AdaLoRA to 'embed': it is a Embedding"):
+        model = nn.Module()
+        model.embed = nn.Embedding(4, 4)
+        minipeft.get_peft_model(model, minipeft.AdaLoraConfig(target_modules=["embed"], total_step=10))
+
+
+# -- the training loop --------------------------------------------------------------------------
+def adalora_classifier(total_step: int) -> nn.Module:
+    torch.manual_seed(0)
+    config = minipeft.AdaLoraConfig(target_modules=["adapter", "classifier"], init_r=4, target_r=1, tinit=1, tfinal=2,
+                                    total_step=total_step, init_lora_weights=False, lora_alpha=4)
+    return minipeft.get_peft_model(TinyClassifier(), config)
+
+
+def test_the_training_loop_allocates_ranks_and_resumes_the_allocator(tmp_path):
+    train_loader, eval_loader = loaders(n_train=96)  # 12 steps an epoch
+
+    def config(out):
+        return TrainConfig(output_dir=str(out), epochs=2, lr=1e-2, eval_every=6, checkpoint_every=3)
+
+    reference = adalora_classifier(24)
+    train(reference, train_loader, eval_loader, config(tmp_path / "a"))
+    pattern = reference.peft_config["default"].rank_pattern
+    assert pattern is not None and sum(map(sum, pattern.values())) == 2  # pruned to target_r per layer by the loop
+
+    model = adalora_classifier(24)
+    with pytest.raises(Crash):  # dies after the checkpoint at step 15, in the pruning phase
+        train(model, CrashingLoader(train_loader, after=12 + 4), eval_loader, config(tmp_path / "b"))
+    resumed = adalora_classifier(24)
+    train(resumed, train_loader, eval_loader, config(tmp_path / "b"))
+    assert resumed.peft_config["default"].rank_pattern == pattern
+    for name, value in trainable(reference).items():
+        torch.testing.assert_close(trainable(resumed)[name], value, rtol=0, atol=0)
+
+
+def test_the_training_loop_refuses_a_schedule_of_other_length(tmp_path):
+    train_loader, eval_loader = loaders(n_train=96)
+    with pytest.raises(ValueError, match=r"total_step=10 steps, but this run takes 12 optimizer steps; create the "
+                                         r"adapter with AdaLoraConfig\(total_step=12\)"):
+        train(adalora_classifier(10), train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=1))
+
+
+def test_rank_allocator_is_built_only_for_a_training_adapter():
+    base = tiny_llama()
+    config = minipeft.AdaLoraConfig(target_modules=["q_proj"], inference_mode=True, **SCHEDULE)
+    m = minipeft.get_peft_model(base, config)
+    assert m.base_model.rank_allocators == {}
+    assert RankAllocator(m.get_base_model(), config, "default").initial_budget == 6 * 2  # init_r, 2 layers
+
+
+@pytest.mark.parametrize("restored", [True, False])
+def test_an_allocator_restored_from_its_state_continues_as_the_original(restored):
+    """What a resumed run relies on: the importance statistics carry the pruning decisions; an
+    allocator started afresh midway decides otherwise."""
+    _, _, m = pair()
+    twin = copy.deepcopy(m)
+    twin.base_model.rank_allocators["default"] = RankAllocator(twin.get_base_model(), twin.peft_config["default"],
+                                                               "default")
+    batch = ids()
+    optimizers = [torch.optim.Adam([t for t in model.parameters() if t.requires_grad], lr=0.02) for model in (m, twin)]
+    for step in range(1, 9):
+        for model, optimizer in zip((m, twin), optimizers):
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
+            optimizer.zero_grad()
+        if step == 4:  # the twin "resumes" here with a fresh allocator, given the original's state or not
+            allocator = RankAllocator(twin.get_base_model(), twin.peft_config["default"], "default")
+            if restored:
+                allocator.load_state_dict(copy.deepcopy(m.base_model.rank_allocators["default"].state_dict()))
+            twin.base_model.rank_allocators["default"] = allocator
+    same = twin.peft_config["default"].rank_pattern == m.peft_config["default"].rank_pattern and all(
+        torch.equal(t, twin.get_parameter(n)) for n, t in m.named_parameters() if t.requires_grad)
+    assert same == restored
