@@ -49,7 +49,7 @@ from torch import nn
 
 from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
-from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, lora_factors, loraplus_roles
+from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
 from minipeft.tuners.adalora_budget import RankAllocator, update_and_allocate
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
@@ -217,7 +217,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """
     prefixes = sorted(config.lr_by_prefix, key=len, reverse=True)
     roles = loraplus_roles(model) if config.loraplus_lr_ratio is not None else {}
-    factors = lora_factors(model)
+    factors = _low_rank_factors(model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in trainable:
@@ -225,7 +225,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         lr = _peak_lr(roles.get(name, "A"), lr, config)
         # a true matrix has both sides > 1; biases, norms and (IA)^3 vectors (stored as
         # (out, 1) or (1, in)) are scales, and decay would pull them towards 0, not 1. LoRA's
-        # A (1, in) and B (out, 1) at rank 1 are matrices all the same.
+        # A (1, in) and B (out, 1) at rank 1 are matrices all the same, as are LoHa's and LoKr's
+        # factors and cores (r, r, k, 1).
         decays = p.dim() >= 2 and (min(p.shape) > 1 or id(p) in factors)
         groups.setdefault((lr, decays), []).append(p)
     if not groups:
@@ -238,6 +239,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
                          + f"; trainable parameter names look like {[n for n, _ in trainable][:3]}")
     return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
                               for (lr, decays), params in groups.items()], lr=config.lr, betas=config.betas)
+
+
+def _low_rank_factors(model: nn.Module) -> set[int]:
+    """``id`` of every tensor an adapter layer lists among its low-rank factors (``factor_names``)."""
+    return {id(p) for module in model.modules() for name in getattr(module, "factor_names", ())
+            for p in getattr(module, name).parameters()}
 
 
 def _peak_lr(role: str, prefix_lr: float | None, config: TrainConfig) -> float:

@@ -196,5 +196,9 @@ def test_bad_input_is_refused_with_what_would_be_right():
         minipeft.get_peft_model(model, minipeft.LoHaConfig(target_modules=["embed"]))
     with pytest.raises(ValueError, match=r"LoHa's rank must be a positive integer, got r=0"):
         minipeft.LoHaConfig(r=0, target_modules=["fc1"])
-    with pytest.raises(ValueError, match=r"module_dropout is a probability in \[0, 1\), got 1.0"):
-        minipeft.LoHaConfig(module_dropout=1.0, target_modules=["fc1"])
+    with pytest.raises(ValueError, match=r"module_dropout is a probability in \[0, 1\], got 1.5"):
+        minipeft.LoHaConfig(module_dropout=1.5, target_modules=["fc1"])
+    with pytest.raises(ValueError, match=r"LoHa's alpha is a number \(the scale is alpha / r\), got fc1='2'"):
+        minipeft.LoHaConfig(alpha_pattern={"fc1": "2"}, target_modules=["fc1"])
+    with pytest.raises(ValueError, match=r"LoHa's init_weights is True \(a zero update\) or False"):
+        minipeft.LoHaConfig(init_weights="gaussian", target_modules=["fc1"])

@@ -407,6 +407,28 @@ def test_weight_decay_takes_lora_factors_at_rank_one():
         assert id(layer.lora_magnitude_vector["default"].weight) not in decayed
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr", "adalora"])
+def test_weight_decay_takes_every_low_rank_factor_at_rank_one(method):
+    """LoHa's (out, 1) and (1, in) factors, LoKr's and their convolution cores (r, r, k, 1) and
+    AdaLoRA's P and Q are factors of a matrix too; AdaLoRA's singular values E are scales."""
+    import minipeft
+
+    configs = {"loha": minipeft.LoHaConfig(r=1, target_modules=["adapter", "conv"], use_effective_conv2d=True),
+               "lokr": minipeft.LoKrConfig(r=1, target_modules=["adapter", "conv"], use_effective_conv2d=True,
+                                           decompose_both=True),
+               "adalora": minipeft.AdaLoraConfig(init_r=1, target_r=1, total_step=4, target_modules=["adapter"])}
+    base = TinyClassifier()
+    base.conv = nn.Conv1d(32, 32, 3)  # 32 = 4 x 8 channels: LoKr's W2 a product, with a (1, 1, 3, 1) core
+    model = minipeft.get_peft_model(base, configs[method])
+    opt = make_optimizer(model, TrainConfig(output_dir="unused", weight_decay=0.1))
+    decayed = {n for n, p in model.named_parameters()
+               if any(p is q for g in opt.param_groups if g["weight_decay"] > 0 for q in g["params"])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    scales = {n for n in trainable if "lora_E" in n}
+    assert decayed == trainable - scales and decayed
+    assert any(min(model.get_parameter(n).shape) == 1 for n in decayed)
+
+
 def test_lr_by_prefix_naming_only_frozen_parameters_is_refused():
     model = TinyClassifier()  # its embedding is frozen
     with pytest.raises(ValueError, match=r"no trainable parameter starts with: \['embed.'\] \(\['embed.'\] name only "

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
-from .base import AdapterLayer, adapter_placement
+from .base import AdapterLayer, adapter_placement, plus
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 MASK_SUFFIX = ".lora_E"  # rank_pattern's keys: "<layer>.lora_E"
@@ -121,6 +121,7 @@ class SVDLinear(AdapterLayer):
     """AdaLoRA around an ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight (in, out))."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
+    factor_names = ("lora_A", "lora_B")  # (E holds scales: singular values)
     other_param_names = ("r", "lora_alpha", "scaling", "ranknum", "lora_dropout")
     adapter_key_name = "r"
     mergeable = True
@@ -155,10 +156,10 @@ class SVDLinear(AdapterLayer):
             p.data = p.data.to(device, dtype)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s / (R + 1e-5) * P diag(E) Q`` in the base weight's layout and dtype."""
+        """``s / (R + 1e-5) * P diag(E) Q`` in the base weight's layout, in fp32."""
         A, B, E = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
         delta = B.float() @ (A.float() * E.float()) * (self.scaling[adapter_name] / (self.ranknum[adapter_name] + 1e-5))
-        return (delta.T if self.fan_in_fan_out else delta).to(self.get_base_layer().weight.dtype)
+        return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
@@ -173,11 +174,11 @@ class SVDLinear(AdapterLayer):
     # -- merging ------------------------------------------------------------------------------
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"weight": tensors["weight"] + self.delta_weight(adapter_name)}, None
+        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name))}, None
 
     @torch.no_grad()
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {"weight": tensors["weight"] - self.delta_weight(adapter_name)}
+        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
 
 
 def wrap_module(target: nn.Module, adapter_name: str, config: AdaLoraConfig, key: str) -> SVDLinear:

@@ -49,6 +49,14 @@ def adapter_placement(reference: torch.Tensor | None) -> tuple[torch.device, tor
     return reference.device, dtype
 
 
+def plus(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """``weight + sign * delta`` computed in fp32 (or wider) and rounded once to the weight's dtype:
+    merging into a half-precision weight rounds as peft's in-place add does, not twice (delta
+    rounded to bf16 first, then the sum)."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    return (weight.to(wide) + sign * delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
+
+
 def check_distinct(adapter_names: list[str]) -> None:
     """A ValueError when a name appears twice in ``adapter_names``: merging folds each adapter's
     update in once per name, so a repeat would add it twice."""
@@ -86,6 +94,10 @@ class AdapterLayer(nn.Module):
     # e.g. LoRA's ``r``: what adapters_to_apply, run in every forward, asks instead of rebuilding
     # ``adapter_names`` from all the containers. None: ask ``adapter_names``.
     adapter_key_name: str | None = None
+    # Containers whose tensors are factors of a low-rank update (LoRA's A and B, LoHa's and LoKr's
+    # factors and cores): matrices even where one side is 1 (rank 1), which the training loop's
+    # weight decay must not mistake for the scale vectors it leaves alone.
+    factor_names: tuple[str, ...] = ()
     # Whether the layer lets the model's adapters be merged (merge_adapter, merge_and_unload): LoRA,
     # (IA)^3, VeRA, trainable tokens and modules trained whole do; a bottleneck MLP, which is no
     # linear map of a weight, blocks it.

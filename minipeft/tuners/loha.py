@@ -7,9 +7,10 @@ parameters as a rank-``2r`` LoRA:
     Delta W = s * (W1a W1b) * (W2a W2b),     W1a, W2a: (out, r),  W1b, W2b: (r, in),  s = alpha / r
     y       = W x + b + Delta W x
 
-A convolution's kernel (out, in, k...) is adapted as the (out, in * k...) matrix it flattens to.
-With ``use_effective_conv2d`` a kernel larger than 1 is instead built from a small core tensor
-per factor (a Tucker/CP form), ``t: (r, r, kh, kw)``:
+A convolution's kernel (out, in / groups, k...) is adapted as the matrix it flattens to. With
+``use_effective_conv2d`` a kernel larger than 1 is instead built, for each of the two products,
+from a small core ``t: (r, r, kh, kw)`` and two factor matrices (a Tucker-2 form; LyCORIS and
+peft call it CP):
 
     (W1)[p, q, k, l] = sum_ij t1[i, j, k, l] W1b[j, q] W1a[i, p],   W1a: (r, out),  W1b: (r, in)
 
@@ -49,12 +50,16 @@ class LoHaConfig(LycorisConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LOHA
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"LoHa's init_weights is True (a zero update) or False (every factor drawn), "
+                             f"got {self.init_weights!r}")
 
 
 class LoHaLayer(LycorisLayer):
     """LoHa around an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``."""
 
     adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    factor_names = adapter_layer_names
 
     def create_factors(self, adapter_name: str, r: int, config: LoHaConfig) -> None:
         weight = self.get_base_layer().weight  # (out, in) or (out, in / groups, k...)

@@ -14,10 +14,10 @@ W2 is itself a product, W2 = W2a W2b (W2a: (b, r), W2b: (r, d)), unless r is at 
 its larger side, where a product would save nothing: then W2 is trained whole. With
 ``decompose_both`` W1 is split the same way (W1a: (a, r), W1b: (r, c)).
 
-Convolutions, kernel (out, in, k...): W2 carries the kernel, whole as (b, d, k...), or as the
-product W2a W2b with W2b (r, d k...), or with ``use_effective_conv2d`` through a CP core
-t2 (r, r, kh, kw): W2[p, q, k, l] = sum_ij t2[i, j, k, l] W2a[i, p] W2b[j, q] (a Conv1d's
-kernel as (k, 1)). The product is laid out as peft's ``torch.kron``, so that the same factors
+Convolutions, kernel (out, in / groups, k...): W2 carries the kernel, whole as (b, d, k...),
+or as the product W2a W2b with W2b (r, d k...), or with ``use_effective_conv2d`` through a core
+t2 (r, r, kh, kw) (LyCORIS's "CP" form): W2[p, q, k, l] = sum_ij t2[i, j, k, l] W2a[i, p] W2b[j, q]
+(a Conv1d's kernel as (k, 1)). The product is laid out as peft's ``torch.kron``, so that the same factors
 give the same update in both libraries.
 
 Initialisation (peft's): W1 (or W1a) zero and the rest Kaiming-uniform, so the update starts at
@@ -87,6 +87,7 @@ class LoKrLayer(LycorisLayer):
     """LoKr around an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``."""
 
     adapter_layer_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    factor_names = adapter_layer_names
     other_param_names = (*LycorisLayer.other_param_names, "rank_dropout_scale")
 
     def __init__(self, base_layer: nn.Module) -> None:

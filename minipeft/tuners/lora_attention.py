@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .base import adapter_placement
+from .base import adapter_placement, plus
 from .lora import LoraConfig, LoraLayer, LoraLinear
 
 
@@ -93,19 +93,19 @@ class LoraMultiheadAttention(LoraLayer):
             self.out_proj.delete_adapter(adapter_name)  # (a no-op when the model deleted it there first)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s B_in A_in`` (3E, E) in in_proj_weight's dtype."""
+        """``s B_in A_in`` (3E, E), in fp32."""
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        return ((B.float() @ A.float()) * self.scaling[adapter_name]).to(self.base_layer.in_proj_weight.dtype)
+        return (B.float() @ A.float()) * self.scaling[adapter_name]
 
     def adapted_weights(self) -> dict[str, torch.Tensor]:
         """``W + sum of s B A`` over the active unmerged adapters, for each weight they change, by
         its name in the attention (out_proj's is read through its LoraLinear, from base_layer.weight)."""
         out_proj, weights = self.out_proj, {}
         if names := self.adapters_to_apply():
-            weights["in_proj_weight"] = self.base_layer.in_proj_weight + sum(self.delta_weight(n) for n in names)
+            weights["in_proj_weight"] = plus(self.base_layer.in_proj_weight, sum(self.delta_weight(n) for n in names))
         if isinstance(out_proj, LoraLinear) and (names := out_proj.adapters_to_apply()):
-            weights["out_proj.base_layer.weight"] = out_proj.base_layer.weight + sum(
-                out_proj.delta_weight(n) for n in names)
+            weights["out_proj.base_layer.weight"] = plus(out_proj.base_layer.weight,
+                                                         sum(out_proj.delta_weight(n) for n in names))
         return weights
 
     def forward(self, query: torch.Tensor, *args, **kwargs):
@@ -130,8 +130,8 @@ class LoraMultiheadAttention(LoraLayer):
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"in_proj_weight": tensors["in_proj_weight"] + self.delta_weight(adapter_name)}, None
+        return {"in_proj_weight": plus(tensors["in_proj_weight"], self.delta_weight(adapter_name))}, None
 
     @torch.no_grad()
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {"in_proj_weight": tensors["in_proj_weight"] - self.delta_weight(adapter_name)}
+        return {"in_proj_weight": plus(tensors["in_proj_weight"], self.delta_weight(adapter_name), -1)}

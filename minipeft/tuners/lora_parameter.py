@@ -51,7 +51,7 @@ from torch.nn.utils import parametrize
 
 from ..targeting import innermost, inside_trained_whole, is_wrapper, logical_name, name_matches, nearest_names
 from . import lora_init
-from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement
+from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement, plus
 from .lora import LoraConfig, LoraLayer
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -110,11 +110,11 @@ class LoraParameter(LoraLayer):
         return out.view(W.shape)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s ΔW`` in the parameter's layout and dtype (computed in fp32)."""
+        """``s ΔW`` in the parameter's layout, in fp32 (merging rounds the sum once)."""
         A, B = self.expert_factors(adapter_name, torch.float32)
         delta = (B @ A) * self.scaling[adapter_name]  # (E, out, in)
         W = self.parameter()
-        return (delta.mT if self.transposed else delta).reshape(W.shape).to(W.dtype)
+        return (delta.mT if self.transposed else delta).reshape(W.shape)
 
     def forward(self, *args, **kwargs):
         self.unmerge_if_disabled()
@@ -141,10 +141,10 @@ class LoraParameter(LoraLayer):
         return {self.parameter_name: self.parameter().detach()}
 
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {self.parameter_name: tensors[self.parameter_name] + self.delta_weight(adapter_name)}, None
+        return {self.parameter_name: plus(tensors[self.parameter_name], self.delta_weight(adapter_name))}, None
 
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {self.parameter_name: tensors[self.parameter_name] - self.delta_weight(adapter_name)}
+        return {self.parameter_name: plus(tensors[self.parameter_name], self.delta_weight(adapter_name), -1)}
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, shape={tuple(self.parameter().shape)}"

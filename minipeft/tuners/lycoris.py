@@ -9,8 +9,8 @@ trains; the forward, the dropouts and merging are here:
 * ``rank_dropout`` (training only): each output row of ``Delta W`` is dropped with that
   probability, and the kept rows are rescaled by the kept fraction (always for LoHa, with
   ``rank_dropout_scale`` for LoKr, as in peft);
-* ``module_dropout`` (training only): the adapter is skipped for a whole step with that
-  probability;
+* ``module_dropout`` (training only): each layer skips its adapter in a forward call with that
+  probability (a coin per layer and call);
 * merging adds ``Delta W`` to the weight (no dropout), unmerging subtracts it.
 
 Scale ``s = alpha / r``, per module through ``rank_pattern`` / ``alpha_pattern``.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, check_layer_selection, is_positive_int, pattern_value
-from .base import AdapterLayer, adapter_placement
+from .base import AdapterLayer, adapter_placement, plus
 
 SUPPORTED = "nn.Linear, nn.Conv1d and nn.Conv2d"
 
@@ -37,7 +37,7 @@ class LycorisConfig(PeftConfig):
     r / alpha: rank of the low-rank factors, and the update's scale ``s = alpha / r``.
     rank_pattern / alpha_pattern: per-module r and alpha, keyed by a name suffix or a regex.
     rank_dropout: probability of dropping a row of the update in a training step.
-    module_dropout: probability of skipping the adapter altogether in a training step.
+    module_dropout: probability that a layer skips its adapter in a training forward call (1: always).
     use_effective_conv2d: build convolution kernels larger than 1 from a CP core (see the method).
     target_modules / exclude_modules / layers_to_transform / layers_pattern: which modules, as for LoRA.
     modules_to_save: modules trained whole beside the adapter (e.g. a classifier head).
@@ -62,10 +62,13 @@ class LycorisConfig(PeftConfig):
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"{method}'s rank must be a positive integer, got {name}={value!r}")
-        for name in ("rank_dropout", "module_dropout"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-                raise ValueError(f"{name} is a probability in [0, 1), got {value!r}")
+        if not (isinstance(self.rank_dropout, (int, float)) and 0.0 <= self.rank_dropout < 1.0):
+            raise ValueError(f"rank_dropout is a probability in [0, 1), got {self.rank_dropout!r}")
+        if not (isinstance(self.module_dropout, (int, float)) and 0.0 <= self.module_dropout <= 1.0):
+            raise ValueError(f"module_dropout is a probability in [0, 1], got {self.module_dropout!r}")
+        for name, value in [("alpha", self.alpha), *self.alpha_pattern.items()]:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{method}'s alpha is a number (the scale is alpha / r), got {name}={value!r}")
         for name in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, name), (set, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))
@@ -117,7 +120,7 @@ class LycorisLayer(AdapterLayer):
         self.unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         for name in self.adapters_to_apply():
-            # One coin per adapter and training step, drawn even when module_dropout is 0 because
+            # One coin per adapter and training call, drawn even when module_dropout is 0 because
             # peft draws it: the random stream stays in step with peft's, so that under one seed
             # the model's other dropout layers draw the same masks in both libraries.
             if self.training and not bool(torch.rand(1) > self.module_dropout[name]):
@@ -146,13 +149,11 @@ class LycorisLayer(AdapterLayer):
     # -- merging ------------------------------------------------------------------------------
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        weight = tensors["weight"]
-        return {"weight": weight + self.delta_weight(adapter_name).to(weight.dtype)}, None
+        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name))}, None
 
     @torch.no_grad()
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        weight = tensors["weight"]
-        return {"weight": weight - self.delta_weight(adapter_name).to(weight.dtype)}
+        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
 
 
 def check_supported(base: nn.Module, method: str, key: str) -> None:
