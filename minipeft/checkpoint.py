@@ -93,7 +93,9 @@ from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict re
 from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
-from .targeting import declared_embedding, is_bias, is_wrapper, join_name, logical_name
+from .targeting import (
+    attention_out_projections, declared_embedding, is_bias, is_under, is_wrapper, join_name, logical_name,
+)
 from .tuners import ModulesToSaveWrapper, lora_init, method_for
 
 CONFIG_NAME = "adapter_config.json"
@@ -455,6 +457,16 @@ def set_peft_model_state_dict(
         raise TypeError(f"state dict values must be tensors; {_describe(bad)} are not")
     missing = [k for k in mapping if k not in state_dict]
     unexpected = [k for k in state_dict if k not in mapping and k not in extras]
+    uncalled = _keys_of_uncalled_layers(model, unexpected)
+    if uncalled:
+        warnings.warn(
+            f"adapter {adapter_name!r}: the checkpoint adapts the out_proj of an nn.MultiheadAttention "
+            f"({_describe(uncalled)}), which peft's 'all-linear' selects although the attention never calls it: "
+            "those tensors changed nothing there and are left out",
+            stacklevel=2,
+        )
+        unexpected = [k for k in unexpected if k not in uncalled]
+        state_dict = {k: v for k, v in state_dict.items() if k not in uncalled}
     if missing or unexpected:
         parts = []
         if missing:
@@ -535,6 +547,12 @@ def set_peft_model_state_dict(
         encoder_prefix = next((p + "." for p, m in model.named_modules() if m is virtual), None)
         written |= {k for k in targets if encoder_prefix is not None and k.startswith(encoder_prefix)}
     return _IncompatibleKeys(missing_keys=[k for k in targets if k not in written], unexpected_keys=[])
+
+
+def _keys_of_uncalled_layers(model: nn.Module, keys: list[str]) -> list[str]:
+    """The ``keys`` under the out_proj of an ``nn.MultiheadAttention`` (``attention_out_projections``)."""
+    layers = [logical_name(model, name) or name for name in attention_out_projections(model)]
+    return [k for k in keys if is_under(k, layers)]
 
 
 # -- config files ---------------------------------------------------------------------------------

@@ -234,19 +234,19 @@ def _without_uncalled(selected: list[str], never_called: dict[str, str], names: 
                       model: nn.Module) -> list[str]:
     """``selected`` without the out_proj of an nn.MultiheadAttention (``attention_out_projections``),
     with a warning: a suffix or a regex may reach one beside the linear layers it is meant for
-    (CLIP's ``out_proj``). One named in full, or the only match left, is an error."""
+    (CLIP's ``out_proj``), and peft's 'all-linear' lists them in the configs it saves. When
+    nothing else is left, an error."""
     hit = [n for n in selected if n in never_called]
     if not hit:
         return selected
     kept = [n for n in selected if n not in never_called]
-    named_in_full = [n for n in hit if not isinstance(targets, str) and names[n] in targets]
-    attention = logical_name(model, never_called[(named_in_full or hit)[0]])
+    attention = logical_name(model, never_called[hit[0]])
     why = (f"nn.MultiheadAttention reads its out_proj's weight and bias directly and never calls it, so an adapter "
            f"there would never run; LoRA can adapt the attention module itself (target {attention!r}: its in_proj and "
            "out_proj, as in peft)")
-    if named_in_full or not kept:
-        raise ValueError(f"{names[(named_in_full or hit)[0]]!r} is the out_proj of the nn.MultiheadAttention "
-                         f"{attention!r}: {why}. Leave it out of target_modules")
+    if not kept:
+        raise ValueError(f"{names[hit[0]]!r} is the out_proj of the nn.MultiheadAttention {attention!r}: {why}. "
+                         "Leave it out of target_modules")
     warnings.warn(f"target_modules={targets!r} also matched {[names[n] for n in hit]}, left out: {why}", stacklevel=4)
     return kept
 

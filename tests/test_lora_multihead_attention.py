@@ -296,9 +296,13 @@ def test_a_suffix_or_regex_leaves_an_attentions_out_proj_out(options, warned, re
         assert "also matched ['pool.out_proj'], left out" in messages[0]
 
 
-def test_an_attentions_out_proj_named_in_full_is_refused():
+def test_an_attentions_out_proj_named_alone_is_refused_and_beside_others_left_out():
     with pytest.raises(ValueError, match=r"'pool.out_proj' is the out_proj of the nn.MultiheadAttention 'pool'"):
-        minipeft.get_peft_model(Pooled(), minipeft.LoraConfig(target_modules=["pool.out_proj", "layers.0.out_proj"]))
+        minipeft.get_peft_model(Pooled(), minipeft.LoraConfig(target_modules=["pool.out_proj"]))
+    with pytest.warns(UserWarning, match=r"also matched \['pool.out_proj'\], left out"):
+        model = minipeft.get_peft_model(Pooled(), minipeft.LoraConfig(target_modules=["pool.out_proj", "layers.0.out_proj"]))
+    assert [n for n, _ in model.named_parameters() if ".lora_A." in n] == [
+        "base_model.model.layers.0.out_proj.lora_A.default.weight"]
 
 
 def test_a_padded_batch_through_a_nested_tensor_encoder_with_gradients_on():
@@ -353,3 +357,24 @@ def test_bias_all_trains_biases_as_peft_picks_them(tmp_path):
     assert not any("in_proj_bias" in n for n in trained)
     p.save_pretrained(tmp_path)
     minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["LoraConfig", "LoHaConfig"])
+def test_a_peft_all_linear_checkpoint_with_an_attentions_out_proj_loads(method, tmp_path):
+    """peft's 'all-linear' adapts an nn.MultiheadAttention's out_proj too, where the attention never
+    calls it (those tensors change nothing in peft): minipeft leaves them out, with warnings, and
+    computes what peft computes."""
+    torch.manual_seed(0)
+    base = Pooled().eval()
+    options = dict(target_modules="all-linear", init_lora_weights=False) if method == "LoraConfig" else \
+        dict(target_modules="all-linear", init_weights=False)
+    p = peft.get_peft_model(copy.deepcopy(base), getattr(peft, method)(**options))
+    p.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        m = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "left out" in messages and "pool.out_proj" in messages
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), p(x), atol=1e-6, rtol=0)
+        assert (m(x) - base(x)).abs().max() > 1e-3
