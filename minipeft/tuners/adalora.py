@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
-from .base import AdapterLayer, adapter_placement, plus
+from .base import AdapterLayer, AddedUpdate, adapter_placement
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 MASK_SUFFIX = ".lora_E"  # rank_pattern's keys: "<layer>.lora_E"
@@ -117,7 +117,7 @@ class AdaLoraConfig(PeftConfig):
         return self.init_r if mask is None else sum(bool(m) for m in mask)
 
 
-class SVDLinear(AdapterLayer):
+class SVDLinear(AddedUpdate, AdapterLayer):
     """AdaLoRA around an ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight (in, out))."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
@@ -170,15 +170,6 @@ class SVDLinear(AdapterLayer):
             scale = self.scaling[name] / (self.ranknum[name] + 1e-5)
             result = result + ((x_in @ (A * E).T @ B.T) * scale).to(result.dtype)  # (..., in) -> (..., r) -> (..., out)
         return result
-
-    # -- merging ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name))}, None
-
-    @torch.no_grad()
-    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
 
 
 def wrap_module(target: nn.Module, adapter_name: str, config: AdaLoraConfig, key: str) -> SVDLinear:

@@ -355,6 +355,19 @@ class AdapterLayer(nn.Module):
                 raise ValueError(f"cannot merge adapter {name!r} into {where}, so nothing was merged: {reason}")
 
 
+class AddedUpdate:
+    """The merge of a method whose update is a matrix of the weight's shape, ``delta_weight(name)``
+    (fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA). Mixed into an AdapterLayer."""
+
+    @torch.no_grad()
+    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
+        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name))}, None
+
+    @torch.no_grad()
+    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
+
+
 class ModulesToSaveWrapper(AdapterLayer):
     """Trains a whole module (a classifier head, say) as part of an adapter.
 

@@ -11,7 +11,7 @@ trains; the forward, the dropouts and merging are here:
   ``rank_dropout_scale`` for LoKr, as in peft);
 * ``module_dropout`` (training only): each layer skips its adapter in a forward call with that
   probability (a coin per layer and call);
-* merging adds ``Delta W`` to the weight (no dropout), unmerging subtracts it.
+* merging adds ``Delta W`` to the weight (no dropout), unmerging subtracts it (``AddedUpdate``).
 
 Scale ``s = alpha / r``, per module through ``rank_pattern`` / ``alpha_pattern``.
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, check_layer_selection, is_positive_int, pattern_value
-from .base import AdapterLayer, adapter_placement, plus
+from .base import AdapterLayer, AddedUpdate, adapter_placement
 
 SUPPORTED = "nn.Linear, nn.Conv1d and nn.Conv2d"
 
@@ -75,7 +75,7 @@ class LycorisConfig(PeftConfig):
         check_layer_selection(self)
 
 
-class LycorisLayer(AdapterLayer):
+class LycorisLayer(AddedUpdate, AdapterLayer):
     """The wrapper of an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``; subclasses name their
     factor containers (``adapter_layer_names``), create them (``create_factors``) and build the
     update from them (``delta_weight``)."""
@@ -145,15 +145,6 @@ class LycorisLayer(AdapterLayer):
         if isinstance(base, nn.Linear):
             return F.linear(x, delta)
         return base._conv_forward(x, delta, None)  # stride, padding (and its mode), dilation, groups
-
-    # -- merging ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name))}, None
-
-    @torch.no_grad()
-    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
 
 
 def check_supported(base: nn.Module, method: str, key: str) -> None:
