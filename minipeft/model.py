@@ -48,7 +48,9 @@ class AdaptedModel(nn.Module):
             raise ValueError(
                 "update_and_allocate allocates the ranks of a training AdaLoRA adapter, and none is active"
                 + (f" (AdaLoRA adapters: {list(self.rank_allocators)}; activate one with set_adapter)"
-                   if self.rank_allocators else "")
+                   if self.rank_allocators else
+                   "; an AdaLoRA adapter loaded for inference, or with its ranks allocated already (rank_pattern), "
+                   "has no allocator")
             )
         update_and_allocate(active[0], global_step)
 

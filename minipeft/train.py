@@ -31,6 +31,7 @@ different numbers of target tokens (a token on a rank with fewer counts a little
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -40,6 +41,7 @@ import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -50,6 +52,7 @@ from torch import nn
 from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
+from minipeft.tuners import method_for
 from minipeft.tuners.adalora_budget import RankAllocator, update_and_allocate
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
@@ -217,17 +220,17 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """
     prefixes = sorted(config.lr_by_prefix, key=len, reverse=True)
     roles = loraplus_roles(model) if config.loraplus_lr_ratio is not None else {}
-    factors = _low_rank_factors(model)
+    adapter_tensors, scales = _adapter_tensors(model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in trainable:
         lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), None)
         lr = _peak_lr(roles.get(name, "A"), lr, config)
-        # a true matrix has both sides > 1; biases, norms and (IA)^3 vectors (stored as
-        # (out, 1) or (1, in)) are scales, and decay would pull them towards 0, not 1. LoRA's
-        # A (1, in) and B (out, 1) at rank 1 are matrices all the same, as are LoHa's and LoKr's
-        # factors and cores (r, r, k, 1).
-        decays = p.dim() >= 2 and (min(p.shape) > 1 or id(p) in factors)
+        # Weights decay, scales do not (decay would pull them towards 0, not 1): biases and norms
+        # (1-D), and the tensors adapter layers list as scales ((IA)^3's vectors, stored (out, 1)).
+        # An adapter's other tensors are weights whatever their shape (LoRA's A (1, in) at rank
+        # 1, a one-token prompt, LoKr's (r, r, k, 1) cores); elsewhere a side of 1 marks a vector.
+        decays = p.dim() >= 2 and id(p) not in scales and (min(p.shape) > 1 or id(p) in adapter_tensors)
         groups.setdefault((lr, decays), []).append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
@@ -241,10 +244,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
                               for (lr, decays), params in groups.items()], lr=config.lr, betas=config.betas)
 
 
-def _low_rank_factors(model: nn.Module) -> set[int]:
-    """``id`` of every tensor an adapter layer lists among its low-rank factors (``factor_names``)."""
-    return {id(p) for module in model.modules() for name in getattr(module, "factor_names", ())
-            for p in getattr(module, name).parameters()}
+def _adapter_tensors(model: nn.Module) -> tuple[set[int], set[int]]:
+    """``id`` of every adapter tensor (the adapter layers' containers, trained copies included, and
+    the virtual tokens), and of those the layers list as scales (``scale_names``)."""
+    adapter, scales = set(), set()
+    for module in model.modules():
+        for name in getattr(module, "adapter_layer_names", ()):
+            ids = {id(p) for p in getattr(module, name).parameters()}
+            adapter |= ids
+            if name in getattr(module, "scale_names", ()):
+                scales |= ids
+    encoders = getattr(model, "prompt_encoder", None)
+    if isinstance(encoders, nn.Module):
+        adapter |= {id(p) for p in encoders.parameters()}
+    return adapter, scales
 
 
 def _peak_lr(role: str, prefix_lr: float | None, config: TrainConfig) -> float:
@@ -413,7 +426,20 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
             targets = labels[:, 1:].flatten()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
                                    reduction="sum") / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        loss = _with_method_terms(model, loss)
     return loss, logits
+
+
+def _with_method_terms(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """What a PeftModel adds to a loss its model computes (AdaLoRA's orthogonal regulariser, while
+    training), added to one this loop computed from the logits."""
+    peft_model = getattr(model, "module", model)  # DDP holds the model as .module
+    configs = getattr(peft_model, "peft_config", None)
+    config = configs.get(peft_model.active_adapter) if isinstance(configs, dict) else None
+    on_output = method_for(config).on_output if config is not None else None
+    if on_output is None:
+        return loss
+    return on_output(peft_model, peft_model.active_adapter, config, SimpleNamespace(loss=loss)).loss
 
 
 def _count(batch: dict, task: str) -> int:
@@ -523,6 +549,7 @@ class RunState:
     bad_evals: int = 0  # evaluations since the best one, for early stopping
     history: list[dict] = field(default_factory=list)  # one record per evaluation
     best_state: dict[str, torch.Tensor] | None = None  # the best trainable weights, kept for restore_best
+    best_rank_pattern: dict | None = None  # AdaLoRA: the ranks allocated at that evaluation, restored with them
     stopped_early: bool = False
     # the steps since the last progress line: a resumed run's first line then averages the
     # same steps as the uninterrupted run's
@@ -834,6 +861,8 @@ def _evaluate_and_track(run: _Run, state: RunState, eval_batches, task: str, met
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         if run.config.restore_best:
             state.best_state = _trainable_state(run.raw_model)
+            if run.rank_allocator is not None:
+                state.best_rank_pattern = copy.deepcopy(run.rank_allocator.config.rank_pattern)
         if run.config.save_best and run.main:
             save_weights(run.raw_model, run.out_dir / BEST_DIR)
     else:
@@ -881,6 +910,8 @@ def _finish(run: _Run, state: RunState, seconds: float) -> TrainResult:
     """The run's TrainResult, after loading the best weights back into the model (restore_best)."""
     if run.config.restore_best and state.best_state is not None:
         _load_trainable_state(run.raw_model, state.best_state)
+        if run.rank_allocator is not None:  # the weights and the ranks they were evaluated with
+            run.rank_allocator.config.rank_pattern = state.best_rank_pattern
     if run.model is not run.raw_model:
         # The DDP wrapper lives in reference cycles, so only the garbage collector frees it. Left
         # to the collector's last pass at interpreter exit, after the caller has destroyed the

@@ -15,7 +15,8 @@ import minipeft
 from minipeft.train import TrainConfig, train
 from minipeft.tuners.adalora_budget import RankAllocator
 from tests.models import VOCAB
-from tests.test_train import Crash, CrashingLoader, TinyClassifier, loaders, trainable
+from minipeft.data import BatchLoader
+from tests.test_train import Crash, CrashingLoader, TinyClassifier, loaders, tiny_examples, trainable
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -159,6 +160,10 @@ def test_bad_configs_are_refused_with_what_would_be_right():
         minipeft.AdaLoraConfig(target_modules=["q_proj"])
     with pytest.raises(ValueError, match=r"tinit=5 and tfinal=5 leave no step to allocate ranks in"):
         minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, tinit=5, tfinal=5)
+    with pytest.raises(ValueError, match=r"target_r=16 is the average rank the budget shrinks to from init_r=12"):
+        minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, target_r=16)
+    with pytest.raises(ValueError, match=r"tfinal is a number of steps, >= 0; got -1"):
+        minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, tfinal=-1)
     with pytest.raises(ValueError, match=r"cannot apply AdaLoRA to 'embed': it is a Embedding"):
         model = nn.Module()
         model.embed = nn.Embedding(4, 4)
@@ -166,18 +171,19 @@ def test_bad_configs_are_refused_with_what_would_be_right():
 
 
 # -- the training loop --------------------------------------------------------------------------
-def adalora_classifier(total_step: int) -> nn.Module:
+def adalora_classifier(total_step: int, init_lora_weights: bool = False) -> nn.Module:
     torch.manual_seed(0)
     config = minipeft.AdaLoraConfig(target_modules=["adapter", "classifier"], init_r=4, target_r=1, tinit=1, tfinal=2,
-                                    total_step=total_step, init_lora_weights=False, lora_alpha=4)
+                                    total_step=total_step, init_lora_weights=init_lora_weights, lora_alpha=4)
     return minipeft.get_peft_model(TinyClassifier(), config)
 
 
 def test_the_training_loop_allocates_ranks_and_resumes_the_allocator(tmp_path):
     train_loader, eval_loader = loaders(n_train=96)  # 12 steps an epoch
 
-    def config(out):
-        return TrainConfig(output_dir=str(out), epochs=2, lr=1e-2, eval_every=6, checkpoint_every=3)
+    def config(out):  # (the last weights, not the best: restore_best has a test of its own)
+        return TrainConfig(output_dir=str(out), epochs=2, lr=1e-2, eval_every=6, checkpoint_every=3,
+                           restore_best=False)
 
     reference = adalora_classifier(24)
     train(reference, train_loader, eval_loader, config(tmp_path / "a"))
@@ -194,11 +200,56 @@ def test_the_training_loop_allocates_ranks_and_resumes_the_allocator(tmp_path):
         torch.testing.assert_close(trainable(resumed)[name], value, rtol=0, atol=0)
 
 
+def test_restore_best_restores_the_ranks_the_best_weights_were_evaluated_with(tmp_path):
+    """The best evaluation falls before the final allocation here (the evaluation set has its labels
+    flipped, so it only gets worse): the model ends with that evaluation's weights and rank_pattern
+    together, so it computes what its own checkpoint does."""
+    train_loader, _ = loaders(n_train=96)
+    eval_loader = BatchLoader([{**e, "label": 1 - e["label"]} for e in tiny_examples(64, 1)], batch_size=32)
+    model = adalora_classifier(24, init_lora_weights=True)  # starts as the base model: it can only learn to be wrong
+    result = train(model, train_loader, eval_loader,
+                   TrainConfig(output_dir=str(tmp_path / "run"), epochs=2, lr=5e-2, eval_every=4, metric="loss"))
+    assert result.best_step < 24 - 2  # before the final allocation at T - tfinal
+    batch = {k: v for k, v in next(iter(eval_loader)).items() if k != "labels"}
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = minipeft.PeftModel.from_pretrained(TinyClassifier(), tmp_path / "saved")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch), model(**batch), atol=1e-6, rtol=0)
+
+
+def test_the_training_loop_adds_the_regulariser_to_a_loss_it_computes():
+    """TinyClassifier returns logits, so train() computes the loss: AdaLoRA's regulariser must join it."""
+    from minipeft.train import _forward
+
+    model = adalora_classifier(24)
+    batch = next(iter(loaders()[0]))
+    model.train()
+    loss, logits = _forward(model, batch, "classification")
+    plain = nn.functional.cross_entropy(logits.float(), batch["labels"])
+    reg = minipeft.tuners.adalora.orthogonal_regularization(model.get_base_model(), "default")
+    torch.testing.assert_close(loss, plain + 0.5 * reg)
+    model.eval()  # evaluation losses leave it out
+    torch.testing.assert_close(_forward(model, batch, "classification")[0], plain)
+
+
 def test_the_training_loop_refuses_a_schedule_of_other_length(tmp_path):
     train_loader, eval_loader = loaders(n_train=96)
     with pytest.raises(ValueError, match=r"total_step=10 steps, but this run takes 12 optimizer steps; create the "
                                          r"adapter with AdaLoraConfig\(total_step=12\)"):
         train(adalora_classifier(10), train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=1))
+
+
+def test_an_adapter_loaded_with_its_ranks_allocated_fine_tunes_without_an_allocator(tmp_path):
+    """Its layers are sum(mask) wide, not init_r: the allocator's masks and budget no longer fit."""
+    base, p, m = pair()
+    run_in_step(p, m, 14)
+    m.save_pretrained(tmp_path)
+    loaded = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert loaded.base_model.rank_allocators == {}
+    assert any(t.requires_grad for t in loaded.parameters())
+    with pytest.raises(ValueError, match=r"with its ranks allocated already \(rank_pattern\), has no allocator"):
+        loaded.base_model.update_and_allocate(15)
 
 
 def test_rank_allocator_is_built_only_for_a_training_adapter():

@@ -8,16 +8,19 @@ on average. To prune a rank it writes the update as a singular value decompositi
 
 ``s = lora_alpha`` (not divided by r), ``R = init_r`` the rank the layer started at. Pruning the
 i-th triplet (P[:, i], E[i], Q[i]) is setting E[i] = 0, which keeps P and Q intact for a triplet
-that comes back. Two things keep the triplets close to singular vectors:
-
-* an orthogonal regulariser added to the loss, ``orth_reg_weight * mean over factors of
-  ||Q Q^T - I||_F`` and ``||P^T P - I||_F`` (``add_orthogonal_regularization``, applied to a
-  forward's ``outputs.loss`` as peft applies it);
-* E starts at zero (so the update does), P and Q at N(0, 0.02^2).
+that comes back. E starts at zero (so the update does), P and Q at N(0, 0.02^2); what pulls the
+triplets towards singular vectors is an orthogonal regulariser added to the training loss,
+``orth_reg_weight * mean over factors of ||Q Q^T - I||_F`` and ``||P^T P - I||_F``
+(``add_orthogonal_regularization``, applied to a forward's ``outputs.loss`` as peft applies it).
 
 Which triplets to keep is decided from how much the loss depends on them, smoothed over steps:
-``adalora_budget.py`` (``RankAllocator``); the training loop calls
-``peft_model.base_model.update_and_allocate(step)`` after each optimizer step, as with peft.
+``adalora_budget.py`` (``RankAllocator``). A training loop calls
+``peft_model.base_model.update_and_allocate(step)`` after each optimizer step, as with peft;
+``minipeft.train`` passes the number of steps taken, 1 to total_step, which gives exactly
+``tinit`` warm-up and ``tfinal`` fine-tuning steps (peft's example loops pass 0 to total_step - 1,
+which prunes one step later). A loaded adapter whose ranks were allocated (a ``rank_pattern`` in
+its config) fine-tunes at those ranks, without an allocator. Layers: nn.Linear and GPT-2's
+Conv1D (peft also adapts nn.Conv2d).
 
 Checkpoints are peft's: ``<layer>.lora_A`` (r, in), ``lora_B`` (out, r), ``lora_E`` (r, 1), no
 ``.weight`` suffix. Once ranks have been allocated, ``rank_pattern`` holds, per layer, which
@@ -35,7 +38,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
-from .base import AdapterLayer, AddedUpdate, adapter_placement
+from .base import AdapterLayer, AddedUpdate, adapter_placement, wide
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 MASK_SUFFIX = ".lora_E"  # rank_pattern's keys: "<layer>.lora_E"
@@ -86,6 +89,12 @@ class AdaLoraConfig(PeftConfig):
         for name in ("init_r", "target_r", "deltaT"):
             if not is_positive_int(getattr(self, name)):
                 raise ValueError(f"AdaLoRA's {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r={self.target_r} is the average rank the budget shrinks to from init_r="
+                             f"{self.init_r}; it cannot be larger")
+        for name in ("tinit", "tfinal"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} is a number of steps, >= 0; got {getattr(self, name)!r}")
         if not is_positive_int(self.total_step):
             raise ValueError(
                 f"AdaLoRA lays its rank budget over the training steps: give total_step, the number of steps "
@@ -121,7 +130,7 @@ class SVDLinear(AddedUpdate, AdapterLayer):
     """AdaLoRA around an ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight (in, out))."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
-    factor_names = ("lora_A", "lora_B")  # (E holds scales: singular values)
+    scale_names = ("lora_E",)  # the singular values
     other_param_names = ("r", "lora_alpha", "scaling", "ranknum", "lora_dropout")
     adapter_key_name = "r"
     mergeable = True
@@ -156,9 +165,9 @@ class SVDLinear(AddedUpdate, AdapterLayer):
             p.data = p.data.to(device, dtype)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s / (R + 1e-5) * P diag(E) Q`` in the base weight's layout, in fp32."""
+        """``s / (R + 1e-5) * P diag(E) Q`` in the base weight's layout, in at least fp32."""
         A, B, E = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
-        delta = B.float() @ (A.float() * E.float()) * (self.scaling[adapter_name] / (self.ranknum[adapter_name] + 1e-5))
+        delta = wide(B) @ (wide(A) * wide(E)) * (self.scaling[adapter_name] / (self.ranknum[adapter_name] + 1e-5))
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -168,7 +177,8 @@ class SVDLinear(AddedUpdate, AdapterLayer):
             A, B, E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
             x_in = self.lora_dropout[name](x).to(A.dtype)
             scale = self.scaling[name] / (self.ranknum[name] + 1e-5)
-            result = result + ((x_in @ (A * E).T @ B.T) * scale).to(result.dtype)  # (..., in) -> (..., r) -> (..., out)
+            # (..., in) -> (..., r) -> (..., out) in the adapter's dtype, added and rounded once (as peft)
+            result = (result + (x_in @ (A * E).T @ B.T) * scale).to(result.dtype)
         return result
 
 
@@ -198,9 +208,10 @@ def orthogonal_regularization(model: nn.Module, adapter_name: str) -> torch.Tens
 
 def add_orthogonal_regularization(peft_model: nn.Module, adapter_name: str, config: AdaLoraConfig, outputs):
     """peft's AdaLoRA forward: a trainable adapter's regulariser goes into ``outputs.loss``, when the
-    forward computed one (labels were given)."""
+    forward computed one (labels were given). Only in training mode: it is a training objective,
+    and peft's adding it at eval too puts it into every evaluation loss (and perplexity) reported."""
     loss = getattr(outputs, "loss", None)
-    if isinstance(loss, torch.Tensor) and not config.inference_mode and config.orth_reg_weight > 0:
+    if isinstance(loss, torch.Tensor) and peft_model.training and not config.inference_mode and config.orth_reg_weight > 0:
         outputs.loss = loss + config.orth_reg_weight * orthogonal_regularization(peft_model.get_base_model(), adapter_name)
     return outputs
 

@@ -9,14 +9,16 @@ cubic schedule between step ``tinit`` and step ``T - tfinal`` (``T = total_step`
     b(t) = bT                                        t > T - tfinal      (fine-tuning, pattern fixed)
 
 How much a triplet matters is its sensitivity: for every entry w of P, E and Q, ``I = |w * dL/dw|``
-(the first-order change of the loss if w went to zero), smoothed over steps, times its uncertainty:
+(the first-order change of the loss if w went to zero; taken, as in peft, with the weight after
+the optimizer step and the gradient of the step), smoothed over steps, times its uncertainty:
 
     Ibar = beta1 Ibar + (1 - beta1) I         U = beta2 U + (1 - beta2) |I - Ibar|         s(w) = Ibar U
 
 and a triplet's score is ``s(E_i) + mean_j s(Q_ij) + mean_k s(P_ki)``. At each pruning step the
 scores of all layers' triplets are ranked together and every triplet at or below the
 (b0 - b(t))-th smallest gets E_i = 0; which ones survive is recorded in the config's
-``rank_pattern``. This is peft's RankAllocator, step for step (its tests compare the two).
+``rank_pattern``. This is peft's RankAllocator, step for step (its tests compare the two), except
+where peft raises because no triplet is to be pruned (the budget has not shrunk yet): nothing is.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def update_and_allocate(allocator: RankAllocator, step: int) -> None:
         budget, prunes = allocator.budget(step)
         if prunes:
             config.rank_pattern = allocator.mask_to_budget(budget)
-    elif step == final:  # (this step's gradients are not folded in: the pruning they could change is over)
+    elif step == final:  # the last pruning, on the scores so far (peft folds this step's gradients in no more)
         config.rank_pattern = allocator.mask_to_budget(allocator.budget(step)[0])
         allocator.reset_importance()
     elif config.rank_pattern:
@@ -138,7 +140,9 @@ def update_and_allocate(allocator: RankAllocator, step: int) -> None:
 
 def attach_allocator(peft_model: nn.Module, adapter_name: str, config: AdaLoraConfig) -> None:
     """The registry's ``after_add``: an AdaLoRA adapter that trains gets an allocator, kept by the
-    model that holds the layers (``peft_model.base_model``, peft's place for it)."""
-    if not config.inference_mode:
+    model that holds the layers (``peft_model.base_model``, peft's place for it). One loaded with
+    its ranks allocated (a rank_pattern) fine-tunes at those ranks: its layers are no longer init_r
+    wide, which the allocator's masks and budget are laid over."""
+    if not config.inference_mode and not config.rank_pattern:
         allocators = peft_model.base_model.rank_allocators
         allocators[adapter_name] = RankAllocator(peft_model.get_base_model(), config, adapter_name)
