@@ -250,7 +250,8 @@ def test_a_half_precision_weight_is_rounded_once_when_merged(method):
                "lora_bias": LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, lora_bias=True),
                "loha": minipeft.LoHaConfig(r=4, target_modules=["0"], init_weights=False),
                "lokr": minipeft.LoKrConfig(r=4, target_modules=["0"], init_weights=False),
-               "adalora": minipeft.AdaLoraConfig(init_r=4, total_step=10, target_modules=["0"], init_lora_weights=False)}
+               "adalora": minipeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["0"],
+                                                 init_lora_weights=False)}
     model = get_peft_model(copy.deepcopy(base), configs[method])
     layer = model.get_base_model()[0]
     with torch.no_grad():
@@ -273,3 +274,25 @@ def test_a_half_precision_weight_is_rounded_once_when_merged(method):
     model.merge_adapter()
     assert torch.equal(layer.get_base_layer().weight, want_weight)
     assert torch.equal(layer.get_base_layer().bias, want_bias)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lora_embedding", "adalora"])
+def test_an_fp64_weight_merges_in_fp64(method):
+    """Updates are computed in at least fp32: an fp64 model (and fp64 adapters) merge to fp64
+    precision, not to fp32's 1e-7."""
+    torch.manual_seed(0)
+    embedding = method == "lora_embedding"
+    base = torch.nn.Sequential(torch.nn.Embedding(40, 24) if embedding else torch.nn.Linear(48, 24)).double()
+    configs = {"lora": LoraConfig(r=4, target_modules=["0"], init_lora_weights=False),
+               "dora": LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, use_dora=True),
+               "lora_embedding": LoraConfig(r=4, target_modules=["0"], init_lora_weights=False),
+               "adalora": minipeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["0"],
+                                                 init_lora_weights=False)}
+    model = get_peft_model(copy.deepcopy(base), configs[method])
+    x = torch.randint(0, 40, (3, 5)) if embedding else torch.randn(3, 48, dtype=torch.float64)
+    with torch.no_grad():
+        unmerged = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), unmerged, atol=1e-10, rtol=1e-10)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model.get_base_model()[0].base_layer.weight, base[0].weight, atol=1e-12, rtol=0)

@@ -407,26 +407,44 @@ def test_weight_decay_takes_lora_factors_at_rank_one():
         assert id(layer.lora_magnitude_vector["default"].weight) not in decayed
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "adalora"])
-def test_weight_decay_takes_every_low_rank_factor_at_rank_one(method):
-    """LoHa's (out, 1) and (1, in) factors, LoKr's and their convolution cores (r, r, k, 1) and
-    AdaLoRA's P and Q are factors of a matrix too; AdaLoRA's singular values E are scales."""
+@pytest.mark.parametrize("method", ["loha", "lokr", "adalora", "ia3", "vera", "bottleneck", "tokens", "prompt",
+                                    "one_label_head"])
+def test_weight_decay_takes_every_adapter_weight_whatever_its_shape_and_no_scale(method):
+    """An adapter's weights decay even with a side of 1: LoHa's rank-1 factors, LoKr's convolution
+    cores (r, r, k, 1), a one-unit bottleneck, one trainable token, a one-token prompt, a one-label
+    head trained whole. Scales do not: (IA)^3's vectors (stored (out, 1)), VeRA's lambdas,
+    AdaLoRA's singular values E."""
     import minipeft
 
-    configs = {"loha": minipeft.LoHaConfig(r=1, target_modules=["adapter", "conv"], use_effective_conv2d=True),
-               "lokr": minipeft.LoKrConfig(r=1, target_modules=["adapter", "conv"], use_effective_conv2d=True,
-                                           decompose_both=True),
-               "adalora": minipeft.AdaLoraConfig(init_r=1, target_r=1, total_step=4, target_modules=["adapter"])}
-    base = TinyClassifier()
+    configs = {
+        "loha": minipeft.LoHaConfig(r=1, target_modules=["adapter", "conv"], use_effective_conv2d=True),
+        "lokr": minipeft.LoKrConfig(r=1, target_modules=["adapter", "conv"], use_effective_conv2d=True,
+                                    decompose_both=True),
+        "adalora": minipeft.AdaLoraConfig(init_r=1, target_r=1, total_step=4, target_modules=["adapter"]),
+        "ia3": minipeft.IA3Config(target_modules=["adapter"], feedforward_modules=[]),
+        "vera": minipeft.VeraConfig(r=4, target_modules=["adapter"]),
+        "bottleneck": minipeft.BottleneckConfig(target_modules=["adapter"], bottleneck_size=1),
+        "tokens": minipeft.TrainableTokensConfig(target_modules=["embed"], token_indices=[3]),
+        "prompt": minipeft.PromptTuningConfig(num_virtual_tokens=1, input_embeddings_name="embed"),
+        "one_label_head": minipeft.LoraConfig(r=1, target_modules=["adapter"], modules_to_save=["regressor"]),
+    }
+
+    class Prompted(TinyClassifier):  # takes inputs_embeds, as prompt tuning needs (the optimizer never runs it)
+        def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None):
+            raise NotImplementedError
+
+    base = Prompted()
     base.conv = nn.Conv1d(32, 32, 3)  # 32 = 4 x 8 channels: LoKr's W2 a product, with a (1, 1, 3, 1) core
+    base.regressor = nn.Linear(DIM, 1)  # a one-label head, (1, DIM)
     model = minipeft.get_peft_model(base, configs[method])
     opt = make_optimizer(model, TrainConfig(output_dir="unused", weight_decay=0.1))
     decayed = {n for n, p in model.named_parameters()
                if any(p is q for g in opt.param_groups if g["weight_decay"] > 0 for q in g["params"])}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    scales = {n for n in trainable if "lora_E" in n}
-    assert decayed == trainable - scales and decayed
-    assert any(min(model.get_parameter(n).shape) == 1 for n in decayed)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    scales = {n for n, p in trainable.items()
+              if p.dim() < 2 or any(s in n for s in ("lora_E", "ia3_l", "vera_lambda", "bias"))}
+    assert decayed == set(trainable) - scales and decayed | scales
+    assert method in ("ia3", "vera") or any(min(trainable[n].shape) == 1 for n in decayed)
 
 
 def test_lr_by_prefix_naming_only_frozen_parameters_is_refused():

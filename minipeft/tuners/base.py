@@ -49,12 +49,17 @@ def adapter_placement(reference: torch.Tensor | None) -> tuple[torch.device, tor
     return reference.device, dtype
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least fp32 (fp64 stays fp64): the precision updates are computed in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def plus(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    """``weight + sign * delta`` computed in fp32 (or wider) and rounded once to the weight's dtype:
-    merging into a half-precision weight rounds as peft's in-place add does, not twice (delta
-    rounded to bf16 first, then the sum)."""
-    wide = torch.promote_types(weight.dtype, torch.float32)
-    return (weight.to(wide) + sign * delta.to(device=weight.device, dtype=wide)).to(weight.dtype)
+    """``weight + sign * delta`` computed in at least fp32 and rounded once to the weight's dtype: a
+    half-precision weight is not rounded twice (delta to bf16 first, then the sum). (peft's merge of
+    linear layers rounds once too; its embedding merge and safe_merge round the delta first.)"""
+    dtype = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+    return (weight.to(dtype) + sign * delta.to(device=weight.device, dtype=dtype)).to(weight.dtype)
 
 
 def check_distinct(adapter_names: list[str]) -> None:
@@ -94,10 +99,10 @@ class AdapterLayer(nn.Module):
     # e.g. LoRA's ``r``: what adapters_to_apply, run in every forward, asks instead of rebuilding
     # ``adapter_names`` from all the containers. None: ask ``adapter_names``.
     adapter_key_name: str | None = None
-    # Containers whose tensors are factors of a low-rank update (LoRA's A and B, LoHa's and LoKr's
-    # factors and cores): matrices even where one side is 1 (rank 1), which the training loop's
-    # weight decay must not mistake for the scale vectors it leaves alone.
-    factor_names: tuple[str, ...] = ()
+    # Containers (of adapter_layer_names) whose tensors are scales, not weights: (IA)^3's vectors,
+    # DoRA's magnitudes, AdaLoRA's singular values, VeRA's lambdas. The training loop leaves them
+    # out of weight decay, which would pull them towards 0 where they mean "unchanged" at 1.
+    scale_names: tuple[str, ...] = ()
     # Whether the layer lets the model's adapters be merged (merge_adapter, merge_and_unload): LoRA,
     # (IA)^3, VeRA, trainable tokens and modules trained whole do; a bottleneck MLP, which is no
     # linear map of a weight, blocks it.
@@ -357,7 +362,7 @@ class AdapterLayer(nn.Module):
 
 class AddedUpdate:
     """The merge of a method whose update is a matrix of the weight's shape, ``delta_weight(name)``
-    (fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA). Mixed into an AdapterLayer."""
+    (at least fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA). Mixed into an AdapterLayer."""
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):

@@ -99,6 +99,7 @@ class IA3Linear(AdapterLayer):
     """
 
     adapter_layer_names = ("ia3_l",)
+    scale_names = adapter_layer_names
     other_param_names = ("is_feedforward",)
     adapter_key_name = "ia3_l"
     mergeable = True

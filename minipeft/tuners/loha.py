@@ -59,7 +59,6 @@ class LoHaLayer(LycorisLayer):
     """LoHa around an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``."""
 
     adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-    factor_names = adapter_layer_names
 
     def create_factors(self, adapter_name: str, r: int, config: LoHaConfig) -> None:
         weight = self.get_base_layer().weight  # (out, in) or (out, in / groups, k...)

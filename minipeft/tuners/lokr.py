@@ -46,7 +46,8 @@ class LoKrConfig(LycorisConfig):
     """LoKr hyper-parameters, with peft's field names: those of ``LycorisConfig``, and
 
     decompose_both: W1 low-rank too (as W1a W1b) when r is under half its larger side.
-    decompose_factor: the size to split dimensions at (a and c), or -1 for near-square factors.
+    decompose_factor: the size to split dimensions at (a and c), or -1 for near-square factors
+        (another value that is not a positive divisor splits d as (1, d), as in peft).
     rank_dropout_scale: rescale the rows kept by rank dropout by the kept fraction.
     init_weights: True (W1 zero), "lycoris" (W2 zero) or False (every factor drawn).
     """
@@ -61,8 +62,8 @@ class LoKrConfig(LycorisConfig):
         self.peft_type = PeftType.LOKR
         if self.init_weights not in (True, False, "lycoris"):
             raise ValueError(f"init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
-        if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
-            raise ValueError(f"decompose_factor is a positive size to split dimensions at, or -1; "
+        if not isinstance(self.decompose_factor, int) or isinstance(self.decompose_factor, bool):
+            raise ValueError(f"decompose_factor is a size to split dimensions at (-1: near the square root), "
                              f"got {self.decompose_factor!r}")
 
 
@@ -87,7 +88,6 @@ class LoKrLayer(LycorisLayer):
     """LoKr around an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``."""
 
     adapter_layer_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-    factor_names = adapter_layer_names
     other_param_names = (*LycorisLayer.other_param_names, "rank_dropout_scale")
 
     def __init__(self, base_layer: nn.Module) -> None:

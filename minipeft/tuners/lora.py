@@ -43,7 +43,7 @@ from torch import nn
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, pattern_value
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
-from .base import AdapterLayer, adapter_placement, embed_scale, plus
+from .base import AdapterLayer, adapter_placement, embed_scale, plus, wide
 
 
 @dataclass
@@ -153,7 +153,7 @@ class LoraLayer(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_fused_kernels")
     adapter_key_name = "r"  # every LoRA adapter here has a rank
-    factor_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    scale_names = ("lora_magnitude_vector",)
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
@@ -247,16 +247,16 @@ class LoraLayer(AdapterLayer):
 
     # -- merging ------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The update ``s * B A`` in the base weight's own layout, in fp32 (merging rounds the sum once)."""
+        """The update ``s * B A`` in the base weight's own layout, in at least fp32 (merging rounds the sum once)."""
         raise TypeError(f"{type(self).__name__} must define delta_weight")
 
     def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
-        """The bias update ``s * b_B`` (out,) in fp32, or None without lora_bias.
+        """The bias update ``s * b_B`` (out,) in at least fp32, or None without lora_bias.
         Merging needs a base bias to add it to (see merge_blocker)."""
         bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
         if bias is None:
             return None
-        return self.scaling[adapter_name] * bias.float()
+        return self.scaling[adapter_name] * wide(bias)
 
     def merge_blocker(self, adapter_name: str) -> str | None:
         base = self.get_base_layer()
@@ -288,7 +288,7 @@ class LoraLayer(AdapterLayer):
 
     def _row_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's ``||W + s B A||`` per output row (out,), in fp32; ``weight``: W as the base stores it."""
-        return self._weight_out_in(weight.float() + self.delta_weight(adapter_name).float()).norm(p=2, dim=1)
+        return self._weight_out_in(wide(weight) + self.delta_weight(adapter_name)).norm(p=2, dim=1)
 
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
@@ -311,7 +311,7 @@ class LoraLayer(AdapterLayer):
             return {"weight": plus(weight, delta), "bias": plus(tensors["bias"], delta_bias)}, None
         norm = self._row_norm(adapter_name, self.unmerged_base_tensors()["weight"])  # (out,)
         factor = self.lora_magnitude_vector[adapter_name].weight / norm
-        merged = factor.view(-1, 1) * self._weight_out_in(weight.float() + delta.float())  # (out, in)
+        merged = factor.view(-1, 1) * self._weight_out_in(wide(weight) + delta)  # (out, in)
         return {"weight": self._weight_out_in(merged).to(weight.dtype)}, factor
 
     @torch.no_grad()
@@ -324,8 +324,8 @@ class LoraLayer(AdapterLayer):
             if delta_bias is None:
                 return {"weight": plus(weight, delta, -1)}
             return {"weight": plus(weight, delta, -1), "bias": plus(tensors["bias"], delta_bias, -1)}
-        unscaled = self._weight_out_in(weight).float() / kept.view(-1, 1)  # (out, in)
-        return {"weight": self._weight_out_in(unscaled - self._weight_out_in(delta).float()).to(weight.dtype)}
+        unscaled = wide(self._weight_out_in(weight)) / kept.view(-1, 1)  # (out, in)
+        return {"weight": self._weight_out_in(unscaled - self._weight_out_in(delta)).to(weight.dtype)}
 
 
 class LoraLinear(LoraLayer):
@@ -346,7 +346,7 @@ class LoraLinear(LoraLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        delta = (B.float() @ A.float()) * self.scaling[adapter_name]  # (out, in)
+        delta = (wide(B) @ wide(A)) * self.scaling[adapter_name]  # (out, in)
         return self._weight_out_in(delta)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -473,7 +473,7 @@ class LoraEmbedding(LoraLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        return (B.float() @ A.float()).T * self.scaling[adapter_name]  # (num_embeddings, dim)
+        return (wide(B) @ wide(A)).T * self.scaling[adapter_name]  # (num_embeddings, dim)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
@@ -512,7 +512,7 @@ class LoraConv(LoraLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         # B: (out, r, 1, ...), A: (r, in, k, ...) -> (out, in, k, ...)
-        return torch.einsum("or,ri...->oi...", B.flatten(1).float(), A.float()) * self.scaling[adapter_name]
+        return torch.einsum("or,ri...->oi...", wide(B.flatten(1)), wide(A)) * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .base import adapter_placement, plus
+from .base import adapter_placement, plus, wide
 from .lora import LoraConfig, LoraLayer, LoraLinear
 
 
@@ -93,9 +93,9 @@ class LoraMultiheadAttention(LoraLayer):
             self.out_proj.delete_adapter(adapter_name)  # (a no-op when the model deleted it there first)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s B_in A_in`` (3E, E), in fp32."""
+        """``s B_in A_in`` (3E, E), in at least fp32."""
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        return (B.float() @ A.float()) * self.scaling[adapter_name]
+        return (wide(B) @ wide(A)) * self.scaling[adapter_name]
 
     def adapted_weights(self) -> dict[str, torch.Tensor]:
         """``W + sum of s B A`` over the active unmerged adapters, for each weight they change, by

@@ -110,8 +110,8 @@ class LoraParameter(LoraLayer):
         return out.view(W.shape)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s ΔW`` in the parameter's layout, in fp32 (merging rounds the sum once)."""
-        A, B = self.expert_factors(adapter_name, torch.float32)
+        """``s ΔW`` in the parameter's layout, in at least fp32 (merging rounds the sum once)."""
+        A, B = self.expert_factors(adapter_name, torch.promote_types(self.lora_A[adapter_name].weight.dtype, torch.float32))
         delta = (B @ A) * self.scaling[adapter_name]  # (E, out, in)
         W = self.parameter()
         return (delta.mT if self.transposed else delta).reshape(W.shape)

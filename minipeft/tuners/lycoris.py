@@ -128,7 +128,8 @@ class LycorisLayer(AddedUpdate, AdapterLayer):
             delta = self.delta_weight(name)
             if self.training and self.rank_dropout[name] > 0:
                 delta = delta * self._row_mask(name, delta)
-            result = result + self._update_output(x, delta.to(x.dtype))
+            # Delta W x in the adapter's dtype (fp32 on a half-precision base), added and rounded once, as peft does.
+            result = (result + self._update_output(x.to(delta.dtype), delta)).to(result.dtype)
         return result
 
     def _row_mask(self, adapter_name: str, delta: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,7 @@ class VeraLinear(AdapterLayer):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d", "vera_projection")
+    scale_names = ("vera_lambda_b", "vera_lambda_d")
     other_param_names = ("r", "vera_dropout")
     adapter_key_name = "r"
     mergeable = True
