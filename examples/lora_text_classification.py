@@ -1,6 +1,7 @@
-"""Fine-tune all-MiniLM-L6-v2 on SST-2 with LoRA (or full fine-tuning, or a linear probe).
+"""Fine-tune all-MiniLM-L6-v2 on SST-2 with LoRA (or a LoRA variant, full fine-tuning, a linear probe).
 
     python examples/lora_text_classification.py --data-dir /path/to/SST-2
+    python examples/lora_text_classification.py --method adalora|loha|lokr --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --method full --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --init-lora-weights pissa --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --loraplus-lr-ratio 16 --data-dir /path/to/SST-2
@@ -9,7 +10,9 @@ Real weights, real data, on a 2-core CPU: the defaults (LoRA, 40k of SST-2's 67k
 rows, one epoch) take about four minutes and reach about 0.86 dev accuracy with 0.33%
 of the parameters trainable; `--method full` takes about 1.6 times as long. The run trains, evaluates
 on the SST-2 dev set, saves the adapter, reloads it into a fresh base model and checks the
-dev predictions are unchanged, merges it into the base weights and checks once more. With
+dev predictions are unchanged, merges it into the base weights and checks once more. The
+variants adapt the same layers (query, value) with --r and --lora-alpha: AdaLoRA starts at rank
+r + 4 and allocates an average of r over the run; LoHa and LoKr use r for their factors. With
 PiSSA/OLoRA (`--init-lora-weights pissa|olora`) the adapter is saved converted to plain LoRA
 (`path_initial_model_for_weight_conversion`), so the fresh base model it is reloaded into is the
 original one, not the residual the training ran on.
@@ -42,14 +45,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from minipeft import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
+from minipeft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
 from minipeft.data import BatchLoader, encode_classification, load_tokenizer, pad_token_id, read_classification, split  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
 from minipeft.tuners.lora_init import base_changing_init  # noqa: E402
 
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
-DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "linear-probe": 5e-3}
+# (AdaLoRA, LoHa and LoKr start from an update further from moving than LoRA's: E = 0 with
+# N(0, 0.02^2) factors, a zero factor in a product; they take a larger step to train as fast)
+DEFAULT_LR = {"lora": 1e-3, "adalora": 1e-2, "loha": 5e-3, "lokr": 1e-2, "full": 5e-5, "linear-probe": 5e-3}
+ADAPTERS = ("lora", "adalora", "loha", "lokr")  # saved as adapters: reloaded, and merged
 # what a run writes into --output-dir: whatever train() writes (its resumable checkpoint, log and
 # best weights, with the side folders of their atomic swap), and the saved adapter or model (and
 # for PiSSA/OLoRA the adapter as initialised, which the trained one is converted against)
@@ -66,7 +72,7 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["lora", "full", "linear-probe"], default="lora")
+    p.add_argument("--method", choices=[*ADAPTERS, "full", "linear-probe"], default="lora")
     p.add_argument("--data-dir", default=None, help="folder with train.tsv and dev.tsv (default: $MINIPEFT_DATA_DIR)")
     p.add_argument("--output-dir", default=None, help="default: runs/sst2-<method>; refused if it holds a run")
     p.add_argument("--overwrite", action="store_true",
@@ -149,12 +155,23 @@ def load_base_model(path: str, seed: int):
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 
-def prepare_model(base, method: str, args):
-    if method == "lora":
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.r, lora_alpha=args.lora_alpha,
-                            lora_dropout=args.lora_dropout, target_modules=["query", "value"],
-                            init_lora_weights=args.init_lora_weights)
-        return get_peft_model(base, config)  # the classifier head trains too (modules_to_save)
+def prepare_model(base, method: str, args, steps: int):
+    """The model to train: an adapter on query and value (the classifier head trains too, as
+    modules_to_save), or the base model with all or only its head trainable. ``steps``: the
+    run's optimizer steps, over which AdaLoRA lays its rank budget."""
+    targets = dict(task_type=TaskType.SEQ_CLS, target_modules=["query", "value"])
+    if method in ADAPTERS:
+        config = {
+            "lora": lambda: LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                       init_lora_weights=args.init_lora_weights, **targets),
+            # warm-up for the first 10% of the steps, the final ranks fixed for the last 20%
+            "adalora": lambda: AdaLoraConfig(init_r=args.r + 4, target_r=args.r, lora_alpha=args.lora_alpha,
+                                             lora_dropout=args.lora_dropout, total_step=steps, tinit=steps // 10,
+                                             tfinal=steps // 5, deltaT=10, **targets),
+            "loha": lambda: LoHaConfig(r=args.r, alpha=args.lora_alpha, **targets),
+            "lokr": lambda: LoKrConfig(r=args.r, alpha=args.lora_alpha, **targets),
+        }[method]()
+        return get_peft_model(base, config)
     for name, p in base.named_parameters():
         p.requires_grad_(method == "full" or name.startswith("classifier."))
     return base
@@ -225,12 +242,12 @@ def main(argv=None) -> dict:
     print(f"SST-2 from {data_dir}: {len(train_recs)} train, {len(val_recs)} validation, {len(dev_recs)} dev",
           flush=True)
 
-    model = prepare_model(load_base_model(model_path, args.seed), args.method, args)
+    steps = len(train_loader) * args.epochs
+    model = prepare_model(load_base_model(model_path, args.seed), args.method, args, steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"{args.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)", flush=True)
 
-    steps = len(train_loader) * args.epochs
     config = TrainConfig(output_dir=str(out_dir), epochs=args.epochs, lr=lr, warmup_ratio=0.06,
                          schedule="linear", eval_every=max(1, steps // (args.evals_per_epoch * args.epochs)),
                          metric="accuracy", log_every=50, seed=args.seed, resume=False,
@@ -259,13 +276,13 @@ def main(argv=None) -> dict:
     print(f"dev accuracy {dev_accuracy:.4f} | f1 {dev_f1:.4f} | best validation step {result.best_step}", flush=True)
 
     # save, reload into a fresh base model, and (LoRA) merge: the dev predictions must hold
-    saved = out_dir / ("adapter" if args.method == "lora" else "model")
+    saved = out_dir / ("adapter" if args.method in ADAPTERS else "model")
     if converts:
         model.save_pretrained(str(saved), path_initial_model_for_weight_conversion=str(out_dir / "adapter-init"))
     else:
         model.save_pretrained(str(saved))
     checks = {}
-    if args.method == "lora":
+    if args.method in ADAPTERS:
         reloaded = PeftModel.from_pretrained(load_base_model(model_path, args.seed + 1), str(saved))
         checks["reload"] = consistent(logits, predict(reloaded, dev_loader), atol=1e-5)
         merged = reloaded.merge_and_unload()

@@ -849,6 +849,10 @@ def _log_progress(run: _Run, state: RunState, epoch: int, since: _SinceLog) -> _
 def _evaluate_and_track(run: _Run, state: RunState, eval_batches, task: str, metric_name: str) -> str:
     """Evaluate; on a new best, keep (restore_best) and save (save_best) the weights; count the
     evaluations without one and stop early after `patience`. Returns the metric's name, "auto" settled."""
+    if run.rank_allocator is not None and run.rank_allocator.config.rank_pattern:
+        # AdaLoRA: between pruning steps the optimizer moves the singular values of pruned triplets
+        # again; the adapter evaluated (and kept as the best) is the one a checkpoint holds, without them.
+        run.rank_allocator.mask_to_pattern(run.rank_allocator.config.rank_pattern)
     metrics = evaluate(run.model, eval_batches, task, run.device, run.bf16)
     if metric_name == "auto":
         metric_name = "accuracy" if "accuracy" in metrics else "loss"

@@ -171,10 +171,11 @@ def test_bad_configs_are_refused_with_what_would_be_right():
 
 
 # -- the training loop --------------------------------------------------------------------------
-def adalora_classifier(total_step: int, init_lora_weights: bool = False) -> nn.Module:
+def adalora_classifier(total_step: int, init_lora_weights: bool = False, deltaT: int = 1) -> nn.Module:
     torch.manual_seed(0)
     config = minipeft.AdaLoraConfig(target_modules=["adapter", "classifier"], init_r=4, target_r=1, tinit=1, tfinal=2,
-                                    total_step=total_step, init_lora_weights=init_lora_weights, lora_alpha=4)
+                                    total_step=total_step, init_lora_weights=init_lora_weights, lora_alpha=4,
+                                    deltaT=deltaT)
     return minipeft.get_peft_model(TinyClassifier(), config)
 
 
@@ -202,11 +203,12 @@ def test_the_training_loop_allocates_ranks_and_resumes_the_allocator(tmp_path):
 
 def test_restore_best_restores_the_ranks_the_best_weights_were_evaluated_with(tmp_path):
     """The best evaluation falls before the final allocation here (the evaluation set has its labels
-    flipped, so it only gets worse): the model ends with that evaluation's weights and rank_pattern
-    together, so it computes what its own checkpoint does."""
+    flipped, so it only gets worse), between two pruning steps (deltaT = 3), where the optimizer has
+    moved pruned singular values again: the model ends with that evaluation's weights and
+    rank_pattern together, pruned values at zero, so it computes what its own checkpoint does."""
     train_loader, _ = loaders(n_train=96)
     eval_loader = BatchLoader([{**e, "label": 1 - e["label"]} for e in tiny_examples(64, 1)], batch_size=32)
-    model = adalora_classifier(24, init_lora_weights=True)  # starts as the base model: it can only learn to be wrong
+    model = adalora_classifier(24, init_lora_weights=True, deltaT=3)  # starts as the base model: it can only get worse
     result = train(model, train_loader, eval_loader,
                    TrainConfig(output_dir=str(tmp_path / "run"), epochs=2, lr=5e-2, eval_every=4, metric="loss"))
     assert result.best_step < 24 - 2  # before the final allocation at T - tfinal

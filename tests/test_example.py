@@ -62,3 +62,19 @@ def test_lora_example_with_pissa_and_loraplus_saves_plain_lora_for_the_original_
     saved = json.loads((Path(summary["output_dir"]) / "adapter_config.json").read_text())
     assert saved["r"] == 16 and saved["lora_alpha"] == 32 and saved["init_lora_weights"] is True  # rank 2r, same scaling
     assert (tmp_path / "run" / "adapter-init" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adalora", "loha", "lokr"])
+def test_lora_variants_in_the_example_train_save_reload_and_merge(method, tmp_path):
+    """AdaLoRA (its ranks allocated over the run by train()), LoHa and LoKr on the real model: they
+    learn, and the saved adapter reloads and merges to the trained model's dev predictions."""
+    summary, stdout = run_example(tmp_path / "run", "--method", method, "--max-train-examples", "3000",
+                                  "--max-dev-examples", "300")
+    assert summary["method"] == method
+    assert summary["dev_accuracy"] > 0.65  # chance is 0.52 on these 300
+    assert summary["reload_ok"] is True and summary["merge_ok"] is True
+    saved = json.loads((Path(summary["output_dir"]) / "adapter_config.json").read_text())
+    assert saved["peft_type"] == method.upper()
+    if method == "adalora":  # allocated: 12 layers' ranks, r = 8 on average out of init_r = 12
+        assert sum(map(sum, saved["rank_pattern"].values())) == 8 * 12
