@@ -40,16 +40,34 @@ def inputs(dtype=torch.float32):
             torch.randn(2, 4, 9, generator=g, dtype=dtype))
 
 
+def seeded_pair(base, method: str, config: dict, seed: int = 1):
+    """(peft model, minipeft model) of config class ``method`` on copies of ``base``, each built
+    right after ``torch.manual_seed(seed)``: the same seed must give both the same factors."""
+    torch.manual_seed(seed)
+    p = peft.get_peft_model(copy.deepcopy(base), getattr(peft, method)(**config))
+    torch.manual_seed(seed)
+    m = minipeft.get_peft_model(copy.deepcopy(base), getattr(minipeft, method)(**config))
+    return p, m
+
+
+def assert_same_training_draws(p, m, atol: float) -> None:
+    """Six training forwards of each from one seed give the same outputs (the same rank- and
+    module-dropout draws), and the draws do change the output."""
+    p.train(), m.train()
+    torch.manual_seed(5)
+    theirs = [p(*inputs()) for _ in range(6)]
+    torch.manual_seed(5)
+    ours = [m(*inputs()) for _ in range(6)]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+    assert len({round(o.sum().item(), 4) for o in ours}) > 1
+
+
 def pair(seed: int = 1, **config):
-    """(peft model, minipeft model) on one base, each built right after ``torch.manual_seed(seed)``."""
     torch.manual_seed(0)
     base = Net()
     config = dict(r=3, alpha=6, target_modules=TARGETS, init_weights=False) | config
-    torch.manual_seed(seed)
-    p = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(**config))
-    torch.manual_seed(seed)
-    m = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoHaConfig(**config))
-    return base, p, m
+    return base, *seeded_pair(base, "LoHaConfig", config, seed)
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
@@ -110,14 +128,7 @@ def test_effective_conv_gradients_pass_gradcheck_and_match_peft_where_peft_is_ri
 @pytest.mark.parametrize("effective_conv", [False, True])
 def test_rank_and_module_dropout_draw_what_peft_draws(effective_conv):
     _, p, m = pair(rank_dropout=0.3, module_dropout=0.4, use_effective_conv2d=effective_conv)
-    p.train(), m.train()
-    torch.manual_seed(5)
-    theirs = [p(*inputs()) for _ in range(6)]
-    torch.manual_seed(5)
-    ours = [m(*inputs()) for _ in range(6)]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    assert len({round(o.sum().item(), 4) for o in ours}) > 1  # the draws do change the output
+    assert_same_training_draws(p, m, atol=1e-6)
     m.eval()
     torch.testing.assert_close(m(*inputs()), m(*inputs()), atol=0, rtol=0)  # no dropout at eval
 
