@@ -43,8 +43,8 @@ class AdaptedModel(nn.Module):
         prune the active AdaLoRA adapter's ranks on its schedule (``tuners/adalora_budget.py``)."""
         from .tuners.adalora_budget import update_and_allocate
 
-        active = [a for a in self.rank_allocators.values() if a.is_active()]
-        if not active:
+        allocator = self.active_rank_allocator()
+        if allocator is None:
             raise ValueError(
                 "update_and_allocate allocates the ranks of a training AdaLoRA adapter, and none is active"
                 + (f" (AdaLoRA adapters: {list(self.rank_allocators)}; activate one with set_adapter)"
@@ -52,7 +52,11 @@ class AdaptedModel(nn.Module):
                    "; an AdaLoRA adapter loaded for inference, or with its ranks allocated already (rank_pattern), "
                    "has no allocator")
             )
-        update_and_allocate(active[0], global_step)
+        update_and_allocate(allocator, global_step)
+
+    def active_rank_allocator(self):
+        """The RankAllocator of the active AdaLoRA adapter that trains, or None."""
+        return next((a for a in self.rank_allocators.values() if a.is_active()), None)
 
     def __getattr__(self, name: str):
         try:
@@ -103,7 +107,12 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        outputs = self.base_model(*args, **kwargs)
+        return self.with_training_terms(self.base_model(*args, **kwargs))
+
+    def with_training_terms(self, outputs):
+        """``outputs`` with what the active adapter's method adds to the loss they carry, if any
+        (AdaLoRA's orthogonal regulariser, while training). A training loop that computes its own
+        loss from the logits passes it in as ``SimpleNamespace(loss=loss)``."""
         config = self.peft_config.get(self.active_adapter)
         on_output = method_for(config).on_output if config is not None else None
         return outputs if on_output is None else on_output(self, self.active_adapter, config, outputs)

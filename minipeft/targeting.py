@@ -254,8 +254,8 @@ def _without_uncalled(selected: list[str], never_called: dict[str, str], names: 
 def attention_out_projections(model: nn.Module) -> dict[str, str]:
     """``{out_proj's name: its attention's name}`` for every ``nn.MultiheadAttention``. Its forward
     reads ``out_proj.weight`` and ``.bias`` itself (``F.multi_head_attention_forward``) and never
-    calls the module, so a wrapper there would never run: 'all-linear' leaves these out, and
-    naming one is an error."""
+    calls the module, so a wrapper there would never run: 'all-linear' leaves these out, other
+    selections leave them out with a warning, and selecting nothing else is an error."""
     return {join_name(name, "out_proj"): name for name, module in model.named_modules()
             if isinstance(module, nn.MultiheadAttention)}
 

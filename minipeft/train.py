@@ -12,6 +12,7 @@ What one run does, in order: AdamW over the trainable parameters only (in LoRA+'
 with `loraplus_lr_ratio`, minipeft.optimizers); linear or cosine
 schedule with warmup; gradient accumulation weighted by examples/tokens (on one process
 the update is exactly that of one big batch); gradient clipping; bf16 autocast on CUDA;
+AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA adapter);
 evaluation every `eval_every` steps; early stopping; the best weights saved
 (save_pretrained, or a safetensors state_dict for a plain module); a resumable
 checkpoint (optimizer, scheduler, step, RNG, trainable weights) written atomically and
@@ -52,8 +53,7 @@ from torch import nn
 from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
-from minipeft.tuners import method_for
-from minipeft.tuners.adalora_budget import RankAllocator, update_and_allocate
+from minipeft.model import PeftModel
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
@@ -90,8 +90,9 @@ class TrainConfig:
     # embedding table it names gets it instead of loraplus_lr_embedding. None: plain AdamW.
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = LORAPLUS_LR_EMBEDDING
-    # matrices only: not biases, norms or (IA)^3 scaling vectors, with or without LoRA+ (peft's
-    # LoRA+ optimizer also decays vectors that are neither biases nor in a LayerNorm)
+    # weights only: not biases, norms, or the tensors adapter layers declare as scales ((IA)^3,
+    # DoRA, VeRA, AdaLoRA's E), with or without LoRA+ (make_optimizer; peft's LoRA+ optimizer also
+    # decays vectors that are neither biases nor in a LayerNorm)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "linear"  # one of SCHEDULES (linear, cosine, constant), each after warmup
@@ -426,20 +427,11 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
             targets = labels[:, 1:].flatten()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
                                    reduction="sum") / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        loss = _with_method_terms(model, loss)
+        # What a PeftModel adds to a loss its model computes (AdaLoRA's regulariser), added to this one.
+        peft_model = getattr(model, "module", model)  # DDP holds the model as .module
+        if isinstance(peft_model, PeftModel):
+            loss = peft_model.with_training_terms(SimpleNamespace(loss=loss)).loss
     return loss, logits
-
-
-def _with_method_terms(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
-    """What a PeftModel adds to a loss its model computes (AdaLoRA's orthogonal regulariser, while
-    training), added to one this loop computed from the logits."""
-    peft_model = getattr(model, "module", model)  # DDP holds the model as .module
-    configs = getattr(peft_model, "peft_config", None)
-    config = configs.get(peft_model.active_adapter) if isinstance(configs, dict) else None
-    on_output = method_for(config).on_output if config is not None else None
-    if on_output is None:
-        return loss
-    return on_output(peft_model, peft_model.active_adapter, config, SimpleNamespace(loss=loss)).loss
 
 
 def _count(batch: dict, task: str) -> int:
@@ -574,7 +566,7 @@ class _Run:
     micro_per_epoch: int  # this rank's micro-batches in an epoch
     steps_per_epoch: int
     total_steps: int
-    rank_allocator: RankAllocator | None = None  # AdaLoRA's, when the model trains an AdaLoRA adapter
+    rank_allocator: object | None = None  # AdaLoRA's RankAllocator, when the model trains an AdaLoRA adapter
 
     @property
     def main(self) -> bool:
@@ -674,19 +666,16 @@ def _setup(model: nn.Module, num_batches: int, config: TrainConfig) -> _Run:
                 rank_allocator=_rank_allocator(model, total_steps))
 
 
-def _rank_allocator(model: nn.Module, total_steps: int) -> RankAllocator | None:
+def _rank_allocator(model: nn.Module, total_steps: int):
     """The active AdaLoRA adapter's rank allocator, which each optimizer step then drives; its
     budget schedule must span this run's steps."""
-    allocators = getattr(getattr(model, "base_model", None), "rank_allocators", None) or {}
-    active = [a for a in allocators.values() if a.is_active()]
-    if not active:
-        return None
-    if active[0].config.total_step != total_steps:
+    allocator = model.base_model.active_rank_allocator() if isinstance(model, PeftModel) else None
+    if allocator is not None and allocator.config.total_step != total_steps:
         raise ValueError(
-            f"AdaLoRA lays its rank budget over total_step={active[0].config.total_step} steps, but this run takes "
+            f"AdaLoRA lays its rank budget over total_step={allocator.config.total_step} steps, but this run takes "
             f"{total_steps} optimizer steps; create the adapter with AdaLoraConfig(total_step={total_steps})"
         )
-    return active[0]
+    return allocator
 
 
 def _device_and_bf16(config: TrainConfig, local_rank: int) -> tuple[torch.device, bool]:
@@ -809,7 +798,7 @@ def _optimizer_step(run: _Run, micro: list[dict], task: str, step: int) -> tuple
     run.optimizer.step()
     run.scheduler.step()
     if run.rank_allocator is not None:  # AdaLoRA: between the step and zero_grad, as peft asks
-        update_and_allocate(run.rank_allocator, step)
+        run.raw_model.base_model.update_and_allocate(step)
     run.optimizer.zero_grad(set_to_none=True)
     return loss_value, tokens
 
@@ -849,28 +838,28 @@ def _log_progress(run: _Run, state: RunState, epoch: int, since: _SinceLog) -> _
 def _evaluate_and_track(run: _Run, state: RunState, eval_batches, task: str, metric_name: str) -> str:
     """Evaluate; on a new best, keep (restore_best) and save (save_best) the weights; count the
     evaluations without one and stop early after `patience`. Returns the metric's name, "auto" settled."""
-    if run.rank_allocator is not None and run.rank_allocator.config.rank_pattern:
-        # AdaLoRA: between pruning steps the optimizer moves the singular values of pruned triplets
-        # again; the adapter evaluated (and kept as the best) is the one a checkpoint holds, without them.
-        run.rank_allocator.mask_to_pattern(run.rank_allocator.config.rank_pattern)
-    metrics = evaluate(run.model, eval_batches, task, run.device, run.bf16)
-    if metric_name == "auto":
-        metric_name = "accuracy" if "accuracy" in metrics else "loss"
-    if metric_name not in metrics:
-        raise ValueError(f"metric {metric_name!r} is not one of {sorted(metrics)}")
-    value = metrics[metric_name]
-    lower = metric_name in LOWER_IS_BETTER
-    improved = state.best_metric is None or (value < state.best_metric if lower else value > state.best_metric)
-    if improved:
-        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-        if run.config.restore_best:
-            state.best_state = _trainable_state(run.raw_model)
-            if run.rank_allocator is not None:
-                state.best_rank_pattern = copy.deepcopy(run.rank_allocator.config.rank_pattern)
-        if run.config.save_best and run.main:
-            save_weights(run.raw_model, run.out_dir / BEST_DIR)
-    else:
-        state.bad_evals += 1
+    # AdaLoRA: the adapter evaluated, and kept or saved as the best, is the one its checkpoint holds,
+    # without the pruned singular values the optimizer moves between pruning steps; training then
+    # goes on from them as they were.
+    with run.rank_allocator.as_saved() if run.rank_allocator is not None else contextlib.nullcontext():
+        metrics = evaluate(run.model, eval_batches, task, run.device, run.bf16)
+        if metric_name == "auto":
+            metric_name = "accuracy" if "accuracy" in metrics else "loss"
+        if metric_name not in metrics:
+            raise ValueError(f"metric {metric_name!r} is not one of {sorted(metrics)}")
+        value = metrics[metric_name]
+        lower = metric_name in LOWER_IS_BETTER
+        improved = state.best_metric is None or (value < state.best_metric if lower else value > state.best_metric)
+        if improved:
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            if run.config.restore_best:
+                state.best_state = _trainable_state(run.raw_model)
+                if run.rank_allocator is not None:
+                    state.best_rank_pattern = copy.deepcopy(run.rank_allocator.config.rank_pattern)
+            if run.config.save_best and run.main:
+                save_weights(run.raw_model, run.out_dir / BEST_DIR)
+        else:
+            state.bad_evals += 1
     rec = {"step": state.step, "eval": True, **{f"eval_{k}": v for k, v in metrics.items()}, "best": improved}
     state.history.append(rec)
     _append_metrics(run, rec)

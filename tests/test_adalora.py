@@ -164,6 +164,8 @@ def test_bad_configs_are_refused_with_what_would_be_right():
         minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, target_r=16)
     with pytest.raises(ValueError, match=r"tfinal is a number of steps, >= 0; got -1"):
         minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, tfinal=-1)
+    with pytest.raises(ValueError, match=r"the final pruning needs the importance of a step before it"):
+        minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10, tfinal=9)  # step 1 would be the final one
     with pytest.raises(ValueError, match=r"cannot apply AdaLoRA to 'embed': it is a Embedding"):
         model = nn.Module()
         model.embed = nn.Embedding(4, 4)
@@ -235,6 +237,19 @@ def test_the_training_loop_adds_the_regulariser_to_a_loss_it_computes():
     torch.testing.assert_close(_forward(model, batch, "classification")[0], plain)
 
 
+def test_evaluating_leaves_the_training_as_it_would_be_without(tmp_path):
+    """Evaluation looks at the adapter as its checkpoint holds it (pruned values at zero), then puts
+    the values the optimizer moved back: with or without evaluations, the same weights at the end."""
+    train_loader, eval_loader = loaders(n_train=96)
+    models = {}
+    for evals in (eval_loader, None):
+        models[evals is None] = adalora_classifier(24, deltaT=3)
+        train(models[evals is None], train_loader, evals, TrainConfig(output_dir=str(tmp_path / str(evals is None)),
+                                                                      epochs=2, lr=1e-2, eval_every=4, restore_best=False))
+    for name, value in trainable(models[True]).items():
+        torch.testing.assert_close(trainable(models[False])[name], value, rtol=0, atol=0)
+
+
 def test_the_training_loop_refuses_a_schedule_of_other_length(tmp_path):
     train_loader, eval_loader = loaders(n_train=96)
     with pytest.raises(ValueError, match=r"total_step=10 steps, but this run takes 12 optimizer steps; create the "
@@ -259,7 +274,6 @@ def test_rank_allocator_is_built_only_for_a_training_adapter():
     config = minipeft.AdaLoraConfig(target_modules=["q_proj"], inference_mode=True, **SCHEDULE)
     m = minipeft.get_peft_model(base, config)
     assert m.base_model.rank_allocators == {}
-    assert RankAllocator(m.get_base_model(), config, "default").initial_budget == 6 * 2  # init_r, 2 layers
 
 
 @pytest.mark.parametrize("restored", [True, False])

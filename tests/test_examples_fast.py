@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,3 +89,14 @@ def test_the_sst2_examples_refuse_counts_below_one():
                                 cwd=ROOT)
         assert result.returncode == 2, result.stderr
         assert f"argument {flag}: must be a whole number >= 1, not 0" in result.stderr
+
+
+@pytest.mark.parametrize("method, flags, message", [
+    ("loha", ["--lora-dropout", "0.2"], "--lora-dropout applies to --method lora or adalora, not loha"),
+    ("adalora", ["--init-lora-weights", "pissa"], "--init-lora-weights applies to --method lora, not adalora"),
+    ("lokr", ["--loraplus-lr-ratio", "16"], "--loraplus-lr-ratio applies to --method lora, not lokr"),
+])
+def test_the_lora_example_refuses_an_option_of_another_method(method, flags, message):
+    result = subprocess.run([sys.executable, str(LORA_EXAMPLE), "--method", method, *flags], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

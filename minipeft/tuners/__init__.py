@@ -12,7 +12,7 @@ Injection (``minipeft/injection.py``), checkpoints and ``PeftModel`` then work f
 A virtual-token method (``attach`` instead of a wrapper) needs two more things: its type in
 ``PeftConfig.is_prompt_learning`` (config.py), which is how ``PeftModel`` tells it from a layer
 method, and an encoder in ``peft_model.prompt_encoder`` that speaks the protocol of
-``tuners/virtual_tokens.py`` (``prepare_call``, and ``prompt_embeddings`` /
+``tuners/virtual_tokens.py`` (``prepare_call``, ``remove_hooks``, and ``prompt_embeddings`` /
 ``check_prompt_embeddings`` / ``load_prompt_embeddings`` for checkpoints), through which
 ``PeftModel`` activates, deletes and saves it.
 """

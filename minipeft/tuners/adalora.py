@@ -11,7 +11,8 @@ i-th triplet (P[:, i], E[i], Q[i]) is setting E[i] = 0, which keeps P and Q inta
 that comes back. E starts at zero (so the update does), P and Q at N(0, 0.02^2); what pulls the
 triplets towards singular vectors is an orthogonal regulariser added to the training loss,
 ``orth_reg_weight * mean over factors of ||Q Q^T - I||_F`` and ``||P^T P - I||_F``
-(``add_orthogonal_regularization``, applied to a forward's ``outputs.loss`` as peft applies it).
+(``add_orthogonal_regularization``, applied to a forward's ``outputs.loss`` as peft applies it,
+but in training mode only).
 
 Which triplets to keep is decided from how much the loss depends on them, smoothed over steps:
 ``adalora_budget.py`` (``RankAllocator``). A training loop calls
@@ -38,7 +39,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
-from .base import AdapterLayer, AddedUpdate, adapter_placement, wide
+from .base import AdapterLayer, AddedUpdate, wide
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 MASK_SUFFIX = ".lora_E"  # rank_pattern's keys: "<layer>.lora_E"
@@ -100,10 +101,11 @@ class AdaLoraConfig(PeftConfig):
                 f"AdaLoRA lays its rank budget over the training steps: give total_step, the number of steps "
                 f"(got {self.total_step!r})"
             )
-        if self.tinit >= self.total_step - self.tfinal:
+        if self.tinit >= self.total_step - self.tfinal or self.total_step - self.tfinal < 2:
             raise ValueError(
                 f"tinit={self.tinit} and tfinal={self.tfinal} leave no step to allocate ranks in (total_step="
-                f"{self.total_step}): the budget shrinks between step tinit and step total_step - tfinal"
+                f"{self.total_step}): the budget shrinks between step tinit and step total_step - tfinal, and the "
+                "final pruning needs the importance of a step before it"
             )
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
@@ -160,9 +162,7 @@ class SVDLinear(AddedUpdate, AdapterLayer):
         nn.init.normal_(self.lora_B[adapter_name], std=std)
         if not config.init_lora_weights:
             nn.init.normal_(self.lora_E[adapter_name])
-        device, dtype = adapter_placement(self.get_base_layer().weight)
-        for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(device, dtype)
+        self.place_adapter(adapter_name, self.get_base_layer().weight)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s / (R + 1e-5) * P diag(E) Q`` in the base weight's layout, in at least fp32."""

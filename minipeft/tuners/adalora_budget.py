@@ -23,6 +23,9 @@ where peft raises because no triplet is to be pruned (the budget has not shrunk 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -100,6 +103,11 @@ class RankAllocator:
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
         """Zero E for every triplet scored at or below the (b0 - budget)-th smallest score; the
         surviving triplets, per layer."""
+        if not self.smoothed:
+            raise RuntimeError(
+                "AdaLoRA's allocation needs the importance of at least one step before it prunes: call "
+                "update_and_allocate on every step, from the first (tinit and tfinal leave one before the final pruning)"
+            )
         scores = {key: self.triplet_scores(key) for key in self.layers}
         drop = self.initial_budget - budget
         if drop <= 0:
@@ -111,6 +119,24 @@ class RankAllocator:
             self.layers[key].lora_E[self.adapter_name].masked_fill_(~keep.view(-1, 1), 0.0)
             pattern[key] = keep.tolist()
         return pattern
+
+    @contextlib.contextmanager
+    def as_saved(self) -> Iterator[None]:
+        """The adapter as its checkpoint holds it, for the block: between pruning steps the optimizer
+        moves pruned singular values again, and a checkpoint drops them. Afterwards they are back,
+        as training left them (their importance feeds the next pruning)."""
+        pattern = self.config.rank_pattern
+        if not pattern:
+            yield
+            return
+        values = {key: layer.lora_E[self.adapter_name].detach().clone() for key, layer in self.layers.items()}
+        self.mask_to_pattern(pattern)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, layer in self.layers.items():
+                    layer.lora_E[self.adapter_name].copy_(values[key])
 
     @torch.no_grad()
     def mask_to_pattern(self, pattern: dict[str, list[bool]]) -> None:

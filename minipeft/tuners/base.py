@@ -184,6 +184,13 @@ class AdapterLayer(nn.Module):
                 item = container[adapter_name]
                 yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
 
+    def place_adapter(self, adapter_name: str, reference: torch.Tensor | None) -> None:
+        """Move adapter ``adapter_name``'s tensors beside ``reference``, a tensor of the adapted
+        module: its device, and its dtype or fp32 (``adapter_placement``)."""
+        device, dtype = adapter_placement(reference)
+        for p in self.adapter_parameters(adapter_name):
+            p.data = p.data.to(device, dtype)
+
     def set_adapter(self, adapter_names: list[str], trainable: bool = True) -> None:
         """Activate ``adapter_names``; only active adapters train (when ``trainable``)."""
         self.active_adapters = list(adapter_names)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import PeftType
 from ..targeting import innermost
+from .base import wide
 from .lycoris import LycorisConfig, LycorisLayer, check_supported
 
 
@@ -85,14 +86,14 @@ class LoHaLayer(LycorisLayer):
         return getattr(self, f"hada_t{i}" if kind == "t" else f"hada_w{i}_{kind}")
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s (W1a W1b) * (W2a W2b)`` in the base weight's shape, in the adapter's dtype."""
+        """``s (W1a W1b) * (W2a W2b)`` in the base weight's shape, in at least fp32."""
         if adapter_name in self.hada_t1:
             # Each product rebuilt from its core: (r, r, kh, kw), (r, in), (r, out) -> (out, in, kh, kw).
-            w1, w2 = (torch.einsum("ijkl,jq,ip->pqkl", self.factor("t", i)[adapter_name],
-                                   self.factor("b", i)[adapter_name], self.factor("a", i)[adapter_name])
+            w1, w2 = (torch.einsum("ijkl,jq,ip->pqkl", wide(self.factor("t", i)[adapter_name]),
+                                   wide(self.factor("b", i)[adapter_name]), wide(self.factor("a", i)[adapter_name]))
                       for i in ("1", "2"))
         else:
-            w1, w2 = (self.factor("a", i)[adapter_name] @ self.factor("b", i)[adapter_name]  # (out, in * k...)
+            w1, w2 = (wide(self.factor("a", i)[adapter_name]) @ wide(self.factor("b", i)[adapter_name])  # (out, in * k...)
                       for i in ("1", "2"))
         return (w1 * w2 * self.scaling[adapter_name]).reshape(self.get_base_layer().weight.shape)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..config import PeftType
 from ..targeting import innermost
+from .base import wide
 from .lycoris import LycorisConfig, LycorisLayer, check_supported
 
 
@@ -47,7 +48,7 @@ class LoKrConfig(LycorisConfig):
 
     decompose_both: W1 low-rank too (as W1a W1b) when r is under half its larger side.
     decompose_factor: the size to split dimensions at (a and c), or -1 for near-square factors
-        (another value that is not a positive divisor splits d as (1, d), as in peft).
+        (see ``factorization``: as peft reads it).
     rank_dropout_scale: rescale the rows kept by rank dropout by the kept fraction.
     init_weights: True (W1 zero), "lycoris" (W2 zero) or False (every factor drawn).
     """
@@ -128,16 +129,16 @@ class LoKrLayer(LycorisLayer):
         return self.rank_dropout_scale[adapter_name]
 
     def _factor(self, i: str, adapter_name: str) -> torch.Tensor:
-        """W1 or W2 as a tensor: whole, or rebuilt from its product (or its CP core)."""
+        """W1 or W2 as a tensor in at least fp32: whole, or rebuilt from its product (or its core)."""
         if adapter_name in getattr(self, f"lokr_w{i}"):
-            return getattr(self, f"lokr_w{i}")[adapter_name]
-        wa, wb = getattr(self, f"lokr_w{i}_a")[adapter_name], getattr(self, f"lokr_w{i}_b")[adapter_name]
+            return wide(getattr(self, f"lokr_w{i}")[adapter_name])
+        wa, wb = wide(getattr(self, f"lokr_w{i}_a")[adapter_name]), wide(getattr(self, f"lokr_w{i}_b")[adapter_name])
         if i == "2" and adapter_name in self.lokr_t2:
-            return torch.einsum("ijkl,ip,jq->pqkl", self.lokr_t2[adapter_name], wa, wb)  # (b, d, kh, kw)
+            return torch.einsum("ijkl,ip,jq->pqkl", wide(self.lokr_t2[adapter_name]), wa, wb)  # (b, d, kh, kw)
         return wa @ wb
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s (W1 (x) W2)`` in the base weight's shape, in the adapter's dtype."""
+        """``s (W1 (x) W2)`` in the base weight's shape, in at least fp32."""
         w1, w2 = self._factor("1", adapter_name), self._factor("2", adapter_name)  # (a, c), (b, d, k...)
         (a, c), (b, d) = w1.shape, w2.shape[:2]
         # peft's torch.kron, written out (it refuses some of the CP einsum's strides):

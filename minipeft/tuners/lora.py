@@ -43,7 +43,7 @@ from torch import nn
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, pattern_value
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
-from .base import AdapterLayer, adapter_placement, embed_scale, plus, wide
+from .base import AdapterLayer, embed_scale, plus, wide
 
 
 @dataclass
@@ -241,9 +241,7 @@ class LoraLayer(AdapterLayer):
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Put the adapter beside the base weight (fp32 on a half-precision base: ``adapter_placement``)."""
-        device, dtype = adapter_placement(self.get_base_layer().weight)
-        for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(device, dtype)
+        self.place_adapter(adapter_name, self.get_base_layer().weight)
 
     # -- merging ------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -533,9 +531,10 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
     would meet, raised before anything changes: a module whose parameters LoRA adapts already
     (target_parameters: those wrappers change a parameter, not the module's output), DoRA on a
     layer that is not linear, lora_bias on an embedding, every reason an init that rewrites the
-    base weight (PiSSA, OLoRA) cannot, and a grouped convolution. Injection runs it on every target
-    first (the registry's ``check``), so that a model is never left with some weights rewritten
-    and no adapter; ``update_layer`` runs it too, for callers other than injection."""
+    base weight (PiSSA, OLoRA) cannot, a grouped convolution, and an nn.MultiheadAttention whose
+    projections differ in width or with lora_bias. Injection runs it on every target first (through
+    the registry's ``check``, ``check_module``), so that a model is never left with some weights
+    rewritten and no adapter; ``update_layer`` runs it too, for callers other than injection."""
     from .lora_parameter import LoraParameter  # late: lora_parameter builds on this file
 
     if isinstance(target, LoraParameter):
@@ -638,7 +637,7 @@ def check_module(target: nn.Module, config: LoraConfig, key: str) -> None:
     check_target(target, config, key)
 
 
-# -- the registry's hooks beyond check_target and wrap_module (tuners/__init__.py) -------------------
+# -- the registry's hooks beyond check_module and wrap_module (tuners/__init__.py) -------------------
 def check_model(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
     """The errors that need the whole model: trainable_token_indices' and target_parameters'."""
     from .lora_parameter import find_parameters

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .base import adapter_placement, plus, wide
+from .base import plus, wide
 from .lora import LoraConfig, LoraLayer, LoraLinear
 
 
@@ -83,9 +83,7 @@ class LoraMultiheadAttention(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
-        device, dtype = adapter_placement(self.base_layer.in_proj_weight)
-        for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(device, dtype)
+        self.place_adapter(adapter_name, self.base_layer.in_proj_weight)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

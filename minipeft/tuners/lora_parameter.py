@@ -51,7 +51,7 @@ from torch.nn.utils import parametrize
 
 from ..targeting import innermost, inside_trained_whole, is_wrapper, logical_name, name_matches, nearest_names
 from . import lora_init
-from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement, plus
+from .base import AdapterLayer, ModulesToSaveWrapper, plus
 from .lora import LoraConfig, LoraLayer
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -86,9 +86,7 @@ class LoraParameter(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)  # (out, r E)
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
-        device, dtype = adapter_placement(self.parameter())
-        for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(device, dtype)
+        self.place_adapter(adapter_name, self.parameter())
 
     def expert_factors(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter ``adapter_name``'s A_e and B_e for every expert, stacked: (E, r, in), (E, out, r)."""

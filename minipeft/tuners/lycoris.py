@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, check_layer_selection, is_positive_int, pattern_value
-from .base import AdapterLayer, AddedUpdate, adapter_placement
+from .base import AdapterLayer, AddedUpdate
 
 SUPPORTED = "nn.Linear, nn.Conv1d and nn.Conv2d"
 
@@ -101,15 +101,13 @@ class LycorisLayer(AddedUpdate, AdapterLayer):
         self.rank_dropout[adapter_name] = config.rank_dropout
         self.module_dropout[adapter_name] = config.module_dropout
         self.create_factors(adapter_name, r, config)
-        device, dtype = adapter_placement(self.get_base_layer().weight)
-        for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(device, dtype)
+        self.place_adapter(adapter_name, self.get_base_layer().weight)
 
     def create_factors(self, adapter_name: str, r: int, config: LycorisConfig) -> None:
         raise TypeError(f"{type(self).__name__} must define create_factors")
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The update in the base weight's shape, in the adapter's dtype (no dropout)."""
+        """The update in the base weight's shape, in at least fp32 (no dropout)."""
         raise TypeError(f"{type(self).__name__} must define delta_weight")
 
     def scales_kept_rows(self, adapter_name: str) -> bool:
@@ -128,7 +126,7 @@ class LycorisLayer(AddedUpdate, AdapterLayer):
             delta = self.delta_weight(name)
             if self.training and self.rank_dropout[name] > 0:
                 delta = delta * self._row_mask(name, delta)
-            # Delta W x in the adapter's dtype (fp32 on a half-precision base), added and rounded once, as peft does.
+            # Delta W x in at least fp32 (peft: in the adapter's dtype), added and rounded once.
             result = (result + self._update_output(x.to(delta.dtype), delta)).to(result.dtype)
         return result
 
