@@ -300,3 +300,50 @@ def test_an_allocator_restored_from_its_state_continues_as_the_original(restored
     same = twin.peft_config["default"].rank_pattern == m.peft_config["default"].rank_pattern and all(
         torch.equal(t, twin.get_parameter(n)) for n, t in m.named_parameters() if t.requires_grad)
     assert same == restored
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x, labels=None):
+        from types import SimpleNamespace
+
+        logits = self.fc(self.conv2(torch.relu(self.conv(x))).mean((2, 3)))
+        return SimpleNamespace(logits=logits, loss=None if labels is None else nn.functional.cross_entropy(logits, labels))
+
+
+def test_conv2d_layers_train_allocate_and_save_as_peft_s(tmp_path):
+    """nn.Conv2d, its kernel flattened to (out, in * kh * kw) as peft's SVDConv2d: the same
+    training with allocation, step for step, and checkpoints both ways. (peft's generic PeftModel,
+    with no task type, leaves the regulariser out: weight 0 here.)"""
+    torch.manual_seed(0)
+    base = ConvNet()
+    config = dict(target_modules=["conv", "conv2", "fc"], lora_alpha=8, init_lora_weights=False, orth_reg_weight=0.0,
+                  **SCHEDULE)
+    p = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**config))
+    m = minipeft.get_peft_model(copy.deepcopy(base), minipeft.AdaLoraConfig(**config))
+    m.load_state_dict({k: v for k, v in p.state_dict().items() if ".ranknum." not in k}, strict=True)
+    x, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 1])
+    optimizers = [torch.optim.Adam([t for t in model.parameters() if t.requires_grad], lr=0.02) for model in (p, m)]
+    for step in range(1, 15):
+        for model, optimizer in zip((p, m), optimizers):
+            model(x, labels=y).loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
+            optimizer.zero_grad()
+    for name, t in p.named_parameters():
+        if ".ranknum." not in name:
+            torch.testing.assert_close(m.get_parameter(name), t, atol=1e-5, rtol=1e-5)
+    assert m.peft_config["default"].rank_pattern == {k.removesuffix(".default"): v
+                                                     for k, v in p.peft_config["default"].rank_pattern.items()}
+    m.save_pretrained(tmp_path / "mini")
+    p.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")(x).logits,
+                                   m(x).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")(x).logits,
+                                   p(x).logits, atol=1e-5, rtol=1e-5)

@@ -20,8 +20,8 @@ Which triplets to keep is decided from how much the loss depends on them, smooth
 ``minipeft.train`` passes the number of steps taken, 1 to total_step, which gives exactly
 ``tinit`` warm-up and ``tfinal`` fine-tuning steps (peft's example loops pass 0 to total_step - 1,
 which prunes one step later). A loaded adapter whose ranks were allocated (a ``rank_pattern`` in
-its config) fine-tunes at those ranks, without an allocator. Layers: nn.Linear and GPT-2's
-Conv1D (peft also adapts nn.Conv2d).
+its config) fine-tunes at those ranks, without an allocator. Layers: nn.Linear, GPT-2's
+Conv1D and nn.Conv2d (its kernel flattened to a matrix, as peft's SVDConv2d).
 
 Checkpoints are peft's: ``<layer>.lora_A`` (r, in), ``lora_B`` (out, r), ``lora_E`` (r, 1), no
 ``.weight`` suffix. Once ranks have been allocated, ``rank_pattern`` holds, per layer, which
@@ -41,7 +41,7 @@ from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_in
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from .base import AdapterLayer, AddedUpdate, wide
 
-SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
+SUPPORTED = "nn.Linear, nn.Conv2d and transformers' GPT-2 Conv1D"
 MASK_SUFFIX = ".lora_E"  # rank_pattern's keys: "<layer>.lora_E"
 
 
@@ -140,7 +140,9 @@ class SVDLinear(AddedUpdate, AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = out_in_features(innermost(base_layer).weight, fan_in_fan_out)
+        weight = innermost(base_layer).weight
+        # A convolution's kernel (out, in / groups, kh, kw) is adapted flattened: in = its other sides.
+        self.out_features, self.in_features = out_in_features(weight.flatten(1), fan_in_fan_out)
         self.lora_A, self.lora_B, self.lora_E = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -182,13 +184,38 @@ class SVDLinear(AddedUpdate, AdapterLayer):
         return result
 
 
+class SVDConv2d(SVDLinear):
+    """AdaLoRA around an ``nn.Conv2d``: the update is the kernel flattened to a matrix,
+    (out, in / groups * kh * kw), and runs as the layer's own convolution (stride, padding, ...)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer, fan_in_fan_out=False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The update as a kernel, (out, in / groups, kh, kw), in at least fp32."""
+        return super().delta_weight(adapter_name).reshape(self.get_base_layer().weight.shape)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.unmerge_if_disabled()
+        result = self.base_layer(x, *args, **kwargs)
+        conv = self.get_base_layer()
+        for name in self.adapters_to_apply():
+            delta = self.delta_weight(name)
+            x_in = self.lora_dropout[name](x).to(delta.dtype)
+            result = (result + conv._conv_forward(x_in, delta, None)).to(result.dtype)  # added, rounded once
+        return result
+
+
 def wrap_module(target: nn.Module, adapter_name: str, config: AdaLoraConfig, key: str) -> SVDLinear:
     """Build the AdaLoRA wrapper for ``target`` (the module named ``key``) with one adapter."""
     base = innermost(target)
-    if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
+    if isinstance(base, nn.Conv2d):
+        layer = SVDConv2d(target)
+    elif isinstance(base, nn.Linear) or is_gpt2_conv1d(base):
+        config.fan_in_fan_out = is_gpt2_conv1d(base)  # as peft records it in the config it saves
+        layer = SVDLinear(target, fan_in_fan_out=config.fan_in_fan_out)
+    else:
         raise ValueError(f"cannot apply AdaLoRA to {key!r}: it is a {type(base).__name__}; AdaLoRA supports {SUPPORTED}")
-    config.fan_in_fan_out = is_gpt2_conv1d(base)  # as peft records it in the config it saves
-    layer = SVDLinear(target, fan_in_fan_out=config.fan_in_fan_out)
     layer.add_adapter(adapter_name, config, key)
     return layer
 
