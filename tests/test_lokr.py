@@ -17,6 +17,7 @@ from torch import nn
 
 import minipeft
 from minipeft.tuners.lokr import factorization
+from tests.test_loha import Net as LoHaNet
 from tests.test_loha import assert_same_training_draws, inputs, seeded_pair
 
 peft = pytest.importorskip("peft")
@@ -25,18 +26,15 @@ from peft.tuners.lokr.layer import factorization as peft_factorization  # noqa: 
 TARGETS = ["fc1", "conv", "conv1d", "wide"]
 
 
-class Net(nn.Module):
+class Net(LoHaNet):
+    """LoHa's test model, and a layer wide enough for W2 to be a product at small ranks."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(12, 20)
-        self.fc2 = nn.Linear(20, 3)
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.conv1d = nn.Conv1d(4, 4, 3, padding=1)
-        self.wide = nn.Linear(64, 48)  # big enough for W2 to be a product at small ranks
+        self.wide = nn.Linear(64, 48)
 
     def forward(self, x, image, sequence):
-        return torch.cat([self.fc2(torch.relu(self.fc1(x))).flatten(), self.conv(image).flatten(),
-                          self.conv1d(sequence).flatten(), self.wide(x.repeat(1, 6)[:, :64]).flatten()])
+        return torch.cat([super().forward(x, image, sequence), self.wide(x.repeat(1, 6)[:, :64]).flatten()])
 
 
 def pair(seed: int = 1, **config):
