@@ -20,6 +20,7 @@ from torch import nn
 
 from . import checkpoint, injection, status
 from .config import PeftConfig, PeftType, TaskType
+from .mixed_batch import mixed_batch
 from .targeting import CLASSIFIER_HEAD_NAMES
 from .tuners import AdapterLayer, ModulesToSaveWrapper, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import check_distinct
@@ -106,8 +107,29 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.with_training_terms(self.base_model(*args, **kwargs))
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward, with the active adapter; ``adapter_names``: a mixed batch, one
+        adapter name per sample (``minipeft/mixed_batch.py``)."""
+        with self._mixed_batch(adapter_names):
+            return self.with_training_terms(self.base_model(*args, **kwargs))
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's ``generate``; ``adapter_names`` as in ``forward``, one per prompt."""
+        with self._mixed_batch(adapter_names, follows_repeats=True):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _mixed_batch(self, adapter_names: list[str] | None, follows_repeats: bool = False):
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        virtual = [n for n in dict.fromkeys([self.active_adapter, *adapter_names])
+                   if n in self.peft_config and self.peft_config[n].is_prompt_learning]
+        if virtual:
+            raise ValueError(
+                f"adapter(s) {virtual} put virtual tokens into every row (prompt or prefix tuning), so they cannot "
+                "take part in a mixed batch (adapter_names), whether named or active; activate a layer adapter "
+                "(set_adapter) and name only those"
+            )
+        return mixed_batch(self.get_base_model(), adapter_names, follows_repeats)
 
     def with_training_terms(self, outputs):
         """``outputs`` with what the active adapter's method adds to the loss they carry, if any

@@ -135,6 +135,7 @@ class SVDLinear(AddedUpdate, AdapterLayer):
     scale_names = ("lora_E",)  # the singular values
     other_param_names = ("r", "lora_alpha", "scaling", "ranknum", "lora_dropout")
     adapter_key_name = "r"
+    supports_mixed_batch = True
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
@@ -174,14 +175,14 @@ class SVDLinear(AddedUpdate, AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.adapters_to_apply():
-            A, B, E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
-            x_in = self.lora_dropout[name](x).to(A.dtype)
-            scale = self.scaling[name] / (self.ranknum[name] + 1e-5)
-            # (..., in) -> (..., r) -> (..., out) in the adapter's dtype, added and rounded once (as peft)
-            result = (result + (x_in @ (A * E).T @ B.T) * scale).to(result.dtype)
-        return result
+        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
+
+    def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B, E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
+        x_in = self.lora_dropout[name](x).to(A.dtype)
+        scale = self.scaling[name] / (self.ranknum[name] + 1e-5)
+        # (..., in) -> (..., r) -> (..., out) in the adapter's dtype, added and rounded once (as peft)
+        return (result + (x_in @ (A * E).T @ B.T) * scale).to(result.dtype)
 
 
 class SVDConv2d(SVDLinear):
@@ -195,15 +196,11 @@ class SVDConv2d(SVDLinear):
         """The update as a kernel, (out, in / groups, kh, kw), in at least fp32."""
         return super().delta_weight(adapter_name).reshape(self.get_base_layer().weight.shape)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.unmerge_if_disabled()
-        result = self.base_layer(x, *args, **kwargs)
+    def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        delta = self.delta_weight(name)
+        x_in = self.lora_dropout[name](x).to(delta.dtype)
         conv = self.get_base_layer()
-        for name in self.adapters_to_apply():
-            delta = self.delta_weight(name)
-            x_in = self.lora_dropout[name](x).to(delta.dtype)
-            result = (result + conv._conv_forward(x_in, delta, None)).to(result.dtype)  # added, rounded once
-        return result
+        return (result + conv._conv_forward(x_in, delta, None)).to(result.dtype)  # added, rounded once
 
 
 def wrap_module(target: nn.Module, adapter_name: str, config: AdaLoraConfig, key: str) -> SVDLinear:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,45 @@ def embed_scale(embedding: nn.Module) -> torch.Tensor | None:
     return None
 
 
+# In a mixed batch, the name of a row that runs the base model alone (peft's).
+BASE_ROWS = "__base__"
+
+
+class RowRouting:
+    """A mixed batch: the adapter each row (sample) of the batch runs, ``BASE_ROWS`` for none.
+
+    ``generate()`` repeats every sample k times in a row (``repeat_interleave``: k beams, or k
+    sequences sampled per prompt) before decoding, while an encoder-decoder model's encoder still
+    sees the samples once. With ``follows_repeats`` a layer that sees ``k * len(names)`` rows
+    gives each sample's name to its k rows; any other row count is an error.
+    """
+
+    def __init__(self, names: Sequence[str], follows_repeats: bool = False) -> None:
+        self.names = list(names)
+        self.follows_repeats = follows_repeats
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(self, rows: int, device: torch.device, layer: str = "layer") -> list[tuple[str, torch.Tensor]]:
+        """``(name, row indices)`` per name, for a batch of ``rows`` rows on ``device``; built once
+        per row count and device, since every adapted layer of the model asks the same."""
+        key = (rows, device)
+        if key not in self._groups:
+            samples = len(self.names)
+            repeats, extra = divmod(rows, samples)
+            if extra or not repeats or (repeats > 1 and not self.follows_repeats):
+                raise ValueError(
+                    f"a {layer} got an input of {rows} rows in a mixed batch of {samples} samples (adapter_names "
+                    "names one adapter per sample); mixed batches need every adapted layer to see the samples along "
+                    "its input's first dim, one row each"
+                    + (" (or, in generate(), each sample repeated for its beams)" if self.follows_repeats else "")
+                )
+            indices: dict[str, list[int]] = {}
+            for row in range(rows):
+                indices.setdefault(self.names[row // repeats], []).append(row)
+            self._groups[key] = [(name, torch.tensor(i, device=device)) for name, i in indices.items()]
+        return self._groups[key]
+
+
 class AdapterLayer(nn.Module):
     """Base class of every wrapper. Subclasses list their per-adapter containers."""
 
@@ -107,6 +146,10 @@ class AdapterLayer(nn.Module):
     # (IA)^3, VeRA, trainable tokens and modules trained whole do; a bottleneck MLP, which is no
     # linear map of a weight, blocks it.
     mergeable: bool = False
+    # Whether the forward can run a mixed batch, each row with its own adapter (row_routing):
+    # every layer whose forward goes through apply_adapters, and the wrappers of whole modules.
+    # The others (bottleneck, LoRA on nn.MultiheadAttention or on bare parameters) refuse one.
+    supports_mixed_batch: bool = False
     # Whether merging writes this layer's adapters into its base weights. False where a mergeable
     # layer has nothing to write: a module trained whole (unloading swaps in the adapter's copy), a
     # module tied to trainable tokens (the embedding's layer writes the table both share).
@@ -122,6 +165,9 @@ class AdapterLayer(nn.Module):
         self.merge_number: dict[str, int] = {}
         self.unmerge_state: dict[str, torch.Tensor] = {}
         self.disable_adapters = False
+        # A mixed batch (minipeft.mixed_batch): which adapter each row of the batch runs, set on
+        # every layer for the length of one call of the model; None: all rows run the active adapters.
+        self.row_routing: RowRouting | None = None
 
     # -- bookkeeping --------------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:
@@ -161,13 +207,45 @@ class AdapterLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def adapters_to_apply(self) -> list[str]:
-        """Adapters whose term the forward adds: active, present here, not merged into the weight."""
+    def adapters_to_apply(self, candidates: list[str] | None = None) -> list[str]:
+        """Adapters whose term the forward adds: of ``candidates`` (default: the active adapters),
+        those present here and not merged into the weight; none while the layer is disabled.
+        In a mixed batch the default is none: each row runs the adapter it names, and a layer
+        applies the active ones to no row."""
         if self.disable_adapters:
             return []
+        if candidates is None:
+            candidates = self.active_adapters if self.row_routing is None else []
         # On small layers the Python work of rebuilding adapter_names showed up in the step time.
         have = self.adapter_names if self.adapter_key_name is None else getattr(self, self.adapter_key_name)
-        return [a for a in self.active_adapters if a in have and a not in self.merged_adapters]
+        merged = self.merged_here()
+        return [a for a in candidates if a in have and a not in merged]
+
+    def apply_adapters(
+        self,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        apply: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+        adapters: list[str] | None = None,
+    ) -> torch.Tensor:
+        """``result`` after ``apply(result, x, name)`` for each adapter in turn, where ``apply``
+        adds (or multiplies in) one adapter's term given the layer's input ``x``: for the active
+        adapters (or ``adapters``, when the caller has them already) on every row; in a mixed
+        batch, for each adapter a row names on those rows only, the others left as they are."""
+        if self.row_routing is None:
+            for name in self.adapters_to_apply() if adapters is None else adapters:
+                result = apply(result, x, name)
+            return result
+        for name, rows in self.row_groups(x):
+            result = result.index_copy(0, rows, apply(result[rows], x[rows], name).to(result.dtype))
+        return result
+
+    def row_groups(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """In a mixed batch, ``(adapter, the indices of its rows)`` for each adapter of this layer
+        that some row of ``x`` (the batch along dim 0) names."""
+        groups = self.row_routing.groups(len(x), x.device, type(self).__name__)
+        here = self.adapters_to_apply([name for name, _ in groups])
+        return [(name, rows) for name, rows in groups if name in here]
 
     def unmerge_if_disabled(self) -> None:
         """peft semantics: a merged layer whose adapters are disabled unmerges itself first. The
@@ -390,6 +468,7 @@ class ModulesToSaveWrapper(AdapterLayer):
     adapter_layer_names = ("modules_to_save",)
     base_layer_name = "original_module"
     adapter_key_name = "modules_to_save"
+    supports_mixed_batch = True
     mergeable = True
     folds_into_weight = False  # the adapter's copy replaces the original on unload (unwrap)
 
@@ -406,7 +485,24 @@ class ModulesToSaveWrapper(AdapterLayer):
         return self.modules_to_save[active[0]] if active else self.original_module
 
     def forward(self, *args, **kwargs):
-        return self.module_in_use()(*args, **kwargs)
+        if self.row_routing is None:
+            return self.module_in_use()(*args, **kwargs)
+        # A mixed batch: each group of rows through its adapter's copy (the original for rows
+        # whose adapter has none here), the outputs put back in the rows' order.
+        x, *rest = args
+        out = None
+        here = self.adapters_to_apply(self.row_routing.names)
+        for name, rows in self.row_routing.groups(len(x), x.device, type(self).__name__):
+            module = self.modules_to_save[name] if name in here else self.original_module
+            part = module(x[rows], *rest, **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(
+                    f"a mixed batch splits this {type(module).__name__}'s rows by adapter, which needs a tensor "
+                    f"output to put back together; it returned a {type(part).__name__}"
+                )
+            out = part.new_empty((len(x), *part.shape[1:])) if out is None else out
+            out = out.index_copy(0, rows, part)
+        return out
 
     def copy_of(self, adapter_names: list[str], name: str = "") -> str | None:
         """The one of ``adapter_names`` that trains its own copy of this module (``name``), or None.

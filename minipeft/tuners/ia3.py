@@ -102,6 +102,7 @@ class IA3Linear(AdapterLayer):
     scale_names = adapter_layer_names
     other_param_names = ("is_feedforward",)
     adapter_key_name = "ia3_l"
+    supports_mixed_batch = True
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -148,6 +149,10 @@ class IA3Linear(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
+        if self.row_routing is not None:  # a mixed batch: each row scaled by its own adapter's vector
+            x = self.apply_adapters(x, x, lambda rows, _, name: self._scaled(rows, name, input_side=True))
+            result = self.base_layer(x, *args, **kwargs)
+            return self.apply_adapters(result, x, lambda rows, _, name: self._scaled(rows, name, input_side=False))
         scale_in, scale_out = self._scales(self.adapters_to_apply())
         if scale_in is not None:
             x = x * self.on_features(scale_in).to(x.dtype)
@@ -155,6 +160,13 @@ class IA3Linear(AdapterLayer):
         if scale_out is not None:
             result = result * self.on_features(scale_out).to(result.dtype)
         return result
+
+    def _scaled(self, t: torch.Tensor, name: str, input_side: bool) -> torch.Tensor:
+        """``t`` (an input if ``input_side``, else an output) times adapter ``name``'s vector when
+        the vector scales that side; ``t`` itself otherwise."""
+        if self.is_feedforward[name] != input_side:
+            return t
+        return t * self.on_features(self.ia3_l[name].flatten()).to(t.dtype)
 
     # -- merging ------------------------------------------------------------------------------
     def _weight_scale(self, name: str) -> torch.Tensor:

@@ -154,6 +154,7 @@ class LoraLayer(AdapterLayer):
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_fused_kernels")
     adapter_key_name = "r"  # every LoRA adapter here has a rank
     scale_names = ("lora_magnitude_vector",)
+    supports_mixed_batch = True
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
@@ -353,12 +354,12 @@ class LoraLinear(LoraLayer):
         if adapters and self._fused_path_applies(x, adapters):
             return self._fused_forward(x, adapters[0])
         result = self.base_layer(x, *args, **kwargs)
-        for name in adapters:
-            if self.use_dora[name]:
-                result = self._add_dora_term(result, x, name)
-            else:
-                result = self._add_lora_term(result, x, name)
-        return result
+        return self.apply_adapters(result, x, self._add_term, adapters)
+
+    def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.use_dora[name]:
+            return self._add_dora_term(result, x, name)
+        return self._add_lora_term(result, x, name)
 
     def _add_lora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """result + s * ((dropout(x) A^T) B^T + b_B), without copying x and, when possible, in place
@@ -475,18 +476,18 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        result = self.base_layer(x, *args, **kwargs)
+        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
+
+    def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         emb = self.get_base_layer()
-        scale = embed_scale(emb)  # the base lookup above already carries it
-        for name in self.adapters_to_apply():
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            # Look rows up in A^T (num_embeddings, r), then project up with B: (..., r) @ (r, dim).
-            after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
-            term = (after_a @ B.T).to(result.dtype) * self.scaling[name]
-            if scale is not None:
-                term = term * scale.to(result.dtype)
-            result = result + term
-        return result
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        # Look rows up in A^T (num_embeddings, r), then project up with B: (..., r) @ (r, dim).
+        after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+        term = (after_a @ B.T).to(result.dtype) * self.scaling[name]
+        scale = embed_scale(emb)  # the base lookup in result already carries it
+        if scale is not None:
+            term = term * scale.to(result.dtype)
+        return result + term
 
 
 class LoraConv(LoraLayer):
@@ -514,16 +515,16 @@ class LoraConv(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.adapters_to_apply():
-            dropout = self.lora_dropout[name]
-            x_in = x if isinstance(dropout, nn.Identity) else dropout(x)
-            A, B = self.lora_A[name], self.lora_B[name]
-            # Cast the small kernels to the input's dtype, never the activation to fp32.
-            xa = A._conv_forward(x_in, A.weight.to(x_in.dtype), None)
-            b = None if B.bias is None else B.bias.to(x_in.dtype)  # lora_bias: s * b_B per output channel
-            result = result + B._conv_forward(xa, B.weight.to(x_in.dtype), b) * self.scaling[name]
-        return result
+        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
+
+    def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        dropout = self.lora_dropout[name]
+        x_in = x if isinstance(dropout, nn.Identity) else dropout(x)
+        A, B = self.lora_A[name], self.lora_B[name]
+        # Cast the small kernels to the input's dtype, never the activation to fp32.
+        xa = A._conv_forward(x_in, A.weight.to(x_in.dtype), None)
+        b = None if B.bias is None else B.bias.to(x_in.dtype)  # lora_bias: s * b_B per output channel
+        return result + B._conv_forward(xa, B.weight.to(x_in.dtype), b) * self.scaling[name]
 
 
 def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:

@@ -35,6 +35,8 @@ from .lora import LoraConfig, LoraLayer, LoraLinear
 class LoraMultiheadAttention(LoraLayer):
     """LoRA on the in_proj and out_proj of an ``nn.MultiheadAttention`` (query, key and value of one width)."""
 
+    supports_mixed_batch = False  # its forward swaps weights for the whole call, not per row
+
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         embed_dim = base_layer.embed_dim
         super().__init__(base_layer, embed_dim, 3 * embed_dim)

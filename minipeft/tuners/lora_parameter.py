@@ -64,6 +64,8 @@ class LoraParameter(LoraLayer):
     expert's; ``transposed``: the experts are stored (in, out), the module's ``is_transposed``.
     """
 
+    supports_mixed_batch = False  # it changes a weight for the whole call, and sees no batch
+
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         module = innermost(base_layer)
         shape = getattr(module, parameter_name).shape

@@ -82,6 +82,7 @@ class LycorisLayer(AddedUpdate, AdapterLayer):
 
     other_param_names = ("r", "alpha", "scaling", "rank_dropout", "module_dropout")
     adapter_key_name = "r"
+    supports_mixed_batch = True
     mergeable = True
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -116,19 +117,19 @@ class LycorisLayer(AddedUpdate, AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.adapters_to_apply():
-            # One coin per adapter and training call, drawn even when module_dropout is 0 because
-            # peft draws it: the random stream stays in step with peft's, so that under one seed
-            # the model's other dropout layers draw the same masks in both libraries.
-            if self.training and not bool(torch.rand(1) > self.module_dropout[name]):
-                continue
-            delta = self.delta_weight(name)
-            if self.training and self.rank_dropout[name] > 0:
-                delta = delta * self._row_mask(name, delta)
-            # Delta W x in at least fp32 (peft: in the adapter's dtype), added and rounded once.
-            result = (result + self._update_output(x.to(delta.dtype), delta)).to(result.dtype)
-        return result
+        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
+
+    def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        # One coin per adapter and training call, drawn even when module_dropout is 0 because
+        # peft draws it: the random stream stays in step with peft's, so that under one seed
+        # the model's other dropout layers draw the same masks in both libraries.
+        if self.training and not bool(torch.rand(1) > self.module_dropout[name]):
+            return result
+        delta = self.delta_weight(name)
+        if self.training and self.rank_dropout[name] > 0:
+            delta = delta * self._row_mask(name, delta)
+        # Delta W x in at least fp32 (peft: in the adapter's dtype), added and rounded once.
+        return (result + self._update_output(x.to(delta.dtype), delta)).to(result.dtype)
 
     def _row_mask(self, adapter_name: str, delta: torch.Tensor) -> torch.Tensor:
         """Keep each output row with probability 1 - rank_dropout (out, 1, ...), rescaled by the

@@ -154,6 +154,7 @@ class TrainableTokensLayer(AdapterLayer):
     adapter_layer_names = ("trainable_tokens_delta",)
     other_param_names = ("token_indices", "checkpoint_prefix")
     adapter_key_name = "token_indices"
+    supports_mixed_batch = True
     mergeable = True
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -215,14 +216,10 @@ class TrainableTokensLayer(AdapterLayer):
         self.unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         active = self.adapters_to_apply()
-        check_disjoint(self.token_indices, active)
+        check_disjoint(self.token_indices, active)  # a mixed batch runs one adapter a row: none overlap
         base = self.get_base_layer()
-        for name in active:
-            if isinstance(base, nn.Embedding):
-                result = self._replace_rows(base, name, x, result)
-            else:
-                result = self._replace_logits(base, name, x, result)
-        return result
+        replace = self._replace_rows if isinstance(base, nn.Embedding) else self._replace_logits
+        return self.apply_adapters(result, x, lambda result, x, name: replace(base, name, x, result), active)
 
     def _index(self, name: str, device: torch.device) -> torch.Tensor:
         """The adapter's token ids (n,) on ``device`` (the owner's buffer: no copy on its device)."""
@@ -314,12 +311,6 @@ class TiedTokensLayer(TrainableTokensLayer):
     def checkpoint_key(self, container: str, rest: str, adapter_name: str) -> str | None:
         # peft saves the tied copy for its own method, and leaves it out for LoRA's trainable_token_indices.
         return None if self.checkpoint_prefix[adapter_name] else container
-
-    def adapters_to_apply(self) -> list[str]:
-        if self.disable_adapters:
-            return []
-        merged = self.owner().merged_adapters  # merged adapters are in the shared weight already
-        return [a for a in self.active_adapters if a in self.token_indices and a not in merged]
 
     def delete_adapter(self, adapter_name: str) -> None:
         # The owner deletes the rows; here the adapter only stops being active.

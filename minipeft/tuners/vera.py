@@ -184,6 +184,7 @@ class VeraLinear(AdapterLayer):
     scale_names = ("vera_lambda_b", "vera_lambda_d")
     other_param_names = ("r", "vera_dropout")
     adapter_key_name = "r"
+    supports_mixed_batch = True
     mergeable = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
@@ -236,10 +237,8 @@ class VeraLinear(AdapterLayer):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.adapters_to_apply():
-            result = result + self._vera_term(x, name).to(result.dtype)
-        return result
+        add_term = lambda result, x, name: result + self._vera_term(x, name).to(result.dtype)  # noqa: E731
+        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, add_term)
 
     def _vera_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``b * (B_m (d * (A_n dropout(x))))``: (..., in) -> (..., out), in x's dtype.
