@@ -33,11 +33,13 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_mixed_batch.py
 
 bench-gpu: $(VENV)/.installed
 	$(PY) benchmarks/bench_lora_linear.py
 	$(PY) benchmarks/bench_train_step.py --device cuda
 	$(PY) benchmarks/bench_inference.py --device cuda
+	$(PY) benchmarks/bench_mixed_batch.py --device cuda
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

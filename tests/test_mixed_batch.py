@@ -8,6 +8,7 @@ decoder-only and an encoder-decoder model, and for a ``modules_to_save`` head.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -26,23 +27,32 @@ from minipeft import (
     VeraConfig,
     get_peft_model,
 )
-from tests.models import TinyNet, first_output, input_ids, randomize_adapters, tiny_transformers_model
+from tests.models import TinyNet, input_ids, randomize_adapters, tiny_transformers_model
 
 NAMES = ["b", "__base__", "default", "b", "default"]  # one per row of a batch of 5
 
 
-def per_row_reference(model, names, run):
-    """Row i of ``run()`` with adapter ``names[i]`` alone active (adapters disabled for "__base__")."""
+@contextlib.contextmanager
+def only(model, name):
+    """Adapter ``name`` alone active inside the block; for "__base__", adapters disabled."""
+    if name == "__base__":
+        with model.disable_adapter():
+            yield
+        return
     active = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
+
+
+def per_row_reference(model, names, run):
+    """Row i of ``run()`` run with adapter ``names[i]`` alone."""
     rows = []
     for i, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                rows.append(run()[i])
-        else:
-            model.set_adapter(name)
+        with only(model, name):
             rows.append(run()[i])
-    model.set_adapter(active)
     return torch.stack(rows)
 
 
@@ -183,9 +193,9 @@ def test_generate_with_beams_matches_peft_and_one_adapter_at_a_time(kind):
         mixed = ours.generate(input_ids=ids, adapter_names=names, **options)
         alone = []
         for i, name in enumerate(names):
-            ours.set_adapter(name) if name != "__base__" else None
-            with ours.disable_adapter() if name == "__base__" else torch.no_grad():
-                alone.append(ours.generate(input_ids=ids[i:i + 1], **{**options, "attention_mask": options["attention_mask"][i:i + 1]}))
+            with only(ours, name):
+                one = dict(options, attention_mask=options["attention_mask"][i:i + 1])
+                alone.append(ours.generate(input_ids=ids[i:i + 1], **one))
     assert torch.equal(mixed, expected)
     assert torch.equal(mixed, torch.cat(alone))
 
@@ -259,3 +269,18 @@ def test_the_routing_ends_with_the_call_even_when_it_fails(lora_model):
         assert torch.equal(lora_model(x), per_row_reference(lora_model, ["default"] * 2, lambda: lora_model(x)))
     layers = [m for m in lora_model.modules() if isinstance(m, minipeft.tuners.AdapterLayer)]
     assert layers and all(layer.row_routing is None for layer in layers)
+
+
+def test_with_autograd_on_each_adapter_learns_from_its_own_rows_only(lora_model):
+    """Eval mode with gradients on (attribution, say): the rows are put together out of place, the
+    output is the same, and a row's gradient reaches its adapter and no other."""
+    x = input_ids(batch=2)
+    for name, p in lora_model.named_parameters():
+        p.requires_grad_(".lora_" in name)  # both adapters, not only the active one
+    out = lora_model(x, adapter_names=["b", "__base__"])
+    with torch.no_grad():
+        torch.testing.assert_close(out, lora_model(x, adapter_names=["b", "__base__"]), rtol=0, atol=0)
+    out[0].sum().backward()
+    grads = {n: p.grad for n, p in lora_model.named_parameters() if ".lora_" in n}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".b." in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".default." in n)

@@ -231,13 +231,18 @@ class AdapterLayer(nn.Module):
         """``result`` after ``apply(result, x, name)`` for each adapter in turn, where ``apply``
         adds (or multiplies in) one adapter's term given the layer's input ``x``: for the active
         adapters (or ``adapters``, when the caller has them already) on every row; in a mixed
-        batch, for each adapter a row names on those rows only, the others left as they are."""
+        batch, for each adapter a row names on those rows only, the others left as they are.
+        There, without autograd, the rows are written into ``result`` in place (one pass over
+        the rows, not a copy of the whole output per adapter): ``result`` must be the layer's
+        own new tensor, never its input."""
         if self.row_routing is None:
             for name in self.adapters_to_apply() if adapters is None else adapters:
                 result = apply(result, x, name)
             return result
+        in_place = not torch.is_grad_enabled()
         for name, rows in self.row_groups(x):
-            result = result.index_copy(0, rows, apply(result[rows], x[rows], name).to(result.dtype))
+            part = apply(result[rows], x[rows], name).to(result.dtype)
+            result = result.index_copy_(0, rows, part) if in_place else result.index_copy(0, rows, part)
         return result
 
     def row_groups(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -501,7 +506,7 @@ class ModulesToSaveWrapper(AdapterLayer):
                     f"output to put back together; it returned a {type(part).__name__}"
                 )
             out = part.new_empty((len(x), *part.shape[1:])) if out is None else out
-            out = out.index_copy(0, rows, part)
+            out.index_copy_(0, rows, part)  # autograd records it: out is the wrapper's own tensor
         return out
 
     def copy_of(self, adapter_names: list[str], name: str = "") -> str | None:

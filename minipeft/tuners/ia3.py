@@ -150,7 +150,8 @@ class IA3Linear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
         if self.row_routing is not None:  # a mixed batch: each row scaled by its own adapter's vector
-            x = self.apply_adapters(x, x, lambda rows, _, name: self._scaled(rows, name, input_side=True))
+            # A copy: apply_adapters may write into its first argument, and x may be read elsewhere.
+            x = self.apply_adapters(x.clone(), x, lambda rows, _, name: self._scaled(rows, name, input_side=True))
             result = self.base_layer(x, *args, **kwargs)
             return self.apply_adapters(result, x, lambda rows, _, name: self._scaled(rows, name, input_side=False))
         scale_in, scale_out = self._scales(self.adapters_to_apply())
