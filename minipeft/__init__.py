@@ -13,6 +13,7 @@ from .tuners.ia3 import IA3Config
 from .tuners.loha import LoHaConfig
 from .tuners.lokr import LoKrConfig
 from .tuners.lora import LoraConfig
+from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .tuners.trainable_tokens import TrainableTokensConfig
@@ -29,6 +30,8 @@ __all__ = [
     "PeftModel",
     "PeftType",
     "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",

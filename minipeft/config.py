@@ -22,6 +22,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     VERA = "VERA"
     LOHA = "LOHA"
@@ -91,8 +92,8 @@ class PeftConfig:
 
     @property
     def is_prompt_learning(self) -> bool:
-        """Prompt and prefix tuning add virtual tokens instead of wrapping layers."""
-        return self.peft_type in (PeftType.PROMPT_TUNING, PeftType.PREFIX_TUNING)
+        """Prompt tuning, P-tuning and prefix tuning add virtual tokens instead of wrapping layers."""
+        return self.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.PREFIX_TUNING)
 
 
 # -- checks that several method configs share ---------------------------------------------------

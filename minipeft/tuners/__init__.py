@@ -25,7 +25,20 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from . import adalora, adalora_budget, bottleneck, ia3, loha, lokr, lora, prefix_tuning, prompt_tuning, trainable_tokens, vera
+from . import (
+    adalora,
+    adalora_budget,
+    bottleneck,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    trainable_tokens,
+    vera,
+)
 from .base import AdapterLayer, ModulesToSaveWrapper
 
 
@@ -136,6 +149,7 @@ register_method(
 register_method(
     PeftType.PROMPT_TUNING, PeftMethod(prompt_tuning.PromptTuningConfig, None, None, attach=prompt_tuning.attach)
 )
+register_method(PeftType.P_TUNING, PeftMethod(p_tuning.PromptEncoderConfig, None, None, attach=p_tuning.attach))
 register_method(
     PeftType.PREFIX_TUNING, PeftMethod(prefix_tuning.PrefixTuningConfig, None, None, attach=prefix_tuning.attach)
 )

@@ -179,22 +179,32 @@ class PromptEmbedding(nn.Module):
         self._encoder_hooks: list = []  # encoder-decoder models: the hook on the encoder stack
         self._owner: list[vt.PromptEncoderDict] = []  # and the container that says which prompt is active
         self._encoder_parameters: list[str] = []  # the encoder's forward parameters, to name positional args
+        self.initialise(config, word_embeddings)
+
+    def initialise(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
+        """Start the table as ``config.prompt_tuning_init`` says (it is standard normal already)."""
         init = config.prompt_tuning_init
-        if init != PromptTuningInit.RANDOM and not config.inference_mode:
-            if init == PromptTuningInit.TEXT:
-                ids = torch.tensor(_init_token_ids(config, total), device=word_embeddings.weight.device)
-            else:
-                ids = torch.randint(0, word_embeddings.weight.shape[0], (total,), device=word_embeddings.weight.device)
-            with torch.no_grad():
-                self.embedding.weight.copy_(word_embeddings(ids).float())
+        if init == PromptTuningInit.RANDOM or config.inference_mode:
+            return
+        total, device = self.embedding.weight.shape[0], word_embeddings.weight.device
+        if init == PromptTuningInit.TEXT:
+            ids = torch.tensor(_init_token_ids(config, total), device=device)
+        else:
+            ids = torch.randint(0, word_embeddings.weight.shape[0], (total,), device=device)
+        with torch.no_grad():
+            self.embedding.weight.copy_(word_embeddings(ids).float())
+
+    def rows(self) -> torch.Tensor:
+        """The virtual tokens' embeddings, (total, d): here the table itself."""
+        return self.embedding.weight
 
     def prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """The prompt for a batch, ``(B, n, d)``; expand shares the storage, gradients sum over the batch."""
-        return self.embedding.weight[: self.num_virtual_tokens].to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        return self.rows()[: self.num_virtual_tokens].to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
     # -- checkpoints: peft's single tensor ``prompt_embeddings`` (n, d) ---------------------------
     def prompt_embeddings(self) -> torch.Tensor:
-        return self.embedding.weight
+        return self.rows()
 
     def check_prompt_embeddings(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != tuple(self.embedding.weight.shape):
@@ -300,8 +310,11 @@ def encoder_stack(model: nn.Module) -> nn.Module:
     return encoder
 
 
-def attach(peft_model: nn.Module, adapter_name: str, config: PromptTuningConfig) -> None:
-    """Add a prompt-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
+def attach(
+    peft_model: nn.Module, adapter_name: str, config: PromptTuningConfig, encoder_class: type = PromptEmbedding
+) -> None:
+    """Add a prompt-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields);
+    ``encoder_class`` makes the prompt (P-tuning's computes it, ``p_tuning.py``)."""
     model = peft_model.get_base_model()
     encoder_decoder = vt.is_encoder_decoder(model, config)
     prompted = encoder_stack(model) if encoder_decoder else model  # the module whose input gets the prompt
@@ -320,7 +333,7 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PromptTuningConfig)
     config.num_attention_heads = config.num_attention_heads or vt.model_config_value(
         model, "num_attention_heads", "n_head", "num_heads"
     )
-    prompt = PromptEmbedding(config, embeddings)
+    prompt = encoder_class(config, embeddings)
     encoders = vt.prompt_encoders(peft_model)
     if encoder_decoder:
         prompt.hook_encoder(prompted, encoders)
