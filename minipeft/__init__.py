@@ -3,7 +3,7 @@
 from .checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
 from .injection import inject_adapter_in_model
-from .mixed_batch import mixed_batch
+from .mixed_batches import mixed_batch
 from .model import PeftModel, get_peft_model
 from .optimizers import create_loraplus_optimizer
 from .status import get_layer_status, get_model_status

@@ -25,6 +25,7 @@ from .targeting import (
     candidate_names, find_targets, innermost, is_bias, is_under, join_name, logical_name, trained_whole, wrapper_chain,
 )
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
+from .tuners.base import BASE_MODEL_NAME
 from .tuners.virtual_tokens import PromptEncoderDict
 
 
@@ -63,6 +64,8 @@ def check_adapter_name(name: object) -> str:
         problem = "it contains a path separator, and the adapter is saved to a subfolder of that name"
     elif any(ord(c) < 32 for c in name):
         problem = "it contains a control character"
+    elif name == BASE_MODEL_NAME:
+        problem = "in a mixed batch (adapter_names) it stands for the base model alone, with no adapter"
     else:
         problem = None
     if problem:

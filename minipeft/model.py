@@ -4,7 +4,8 @@ The wrapped model sits at ``peft_model.base_model.model`` so that parameter name
 ``base_model.model.<path>...`` exactly as in peft, and state dicts move between the two
 libraries unchanged. Attributes the PeftModel does not have fall through, first to
 ``base_model`` (``enable_adapter_layers``, as on peft's tuner model), then to the wrapped model
-(``config``, ``generate``, ...).
+(``config``, ...). ``forward`` and ``generate`` are the wrapped model's, with peft's
+``adapter_names`` for mixed batches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from . import checkpoint, injection, status
 from .config import PeftConfig, PeftType, TaskType
-from .mixed_batch import mixed_batch
+from .mixed_batches import mixed_batch
 from .targeting import CLASSIFIER_HEAD_NAMES
 from .tuners import AdapterLayer, ModulesToSaveWrapper, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import check_distinct
@@ -109,7 +110,7 @@ class PeftModel(nn.Module):
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward, with the active adapter; ``adapter_names``: a mixed batch, one
-        adapter name per sample (``minipeft/mixed_batch.py``)."""
+        adapter name per sample (``minipeft/mixed_batches.py``)."""
         with self._mixed_batch(adapter_names):
             return self.with_training_terms(self.base_model(*args, **kwargs))
 
@@ -121,14 +122,6 @@ class PeftModel(nn.Module):
     def _mixed_batch(self, adapter_names: list[str] | None, follows_repeats: bool = False):
         if adapter_names is None:
             return contextlib.nullcontext()
-        virtual = [n for n in dict.fromkeys([self.active_adapter, *adapter_names])
-                   if n in self.peft_config and self.peft_config[n].is_prompt_learning]
-        if virtual:
-            raise ValueError(
-                f"adapter(s) {virtual} put virtual tokens into every row (prompt or prefix tuning), so they cannot "
-                "take part in a mixed batch (adapter_names), whether named or active; activate a layer adapter "
-                "(set_adapter) and name only those"
-            )
         return mixed_batch(self.get_base_model(), adapter_names, follows_repeats)
 
     def with_training_terms(self, outputs):

@@ -253,12 +253,42 @@ def test_layers_that_cannot_split_rows_are_named():
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_prompt_tuning_is_refused_named_or_active():
+def test_prompt_tuning_is_refused_named_or_active_through_the_peft_model_or_its_base_model():
     model = get_peft_model(tiny_transformers_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     model.add_adapter("lora", LoraConfig(r=2, target_modules=["q_proj"]))
     model.eval()
-    with pytest.raises(ValueError, match=r"\['default'\] put virtual tokens into every row"):
+    refused = r"\['default'\] put virtual tokens into every row"
+    with pytest.raises(ValueError, match=refused):
         model(input_ids=input_ids(batch=1), adapter_names=["lora"])  # "default", prompt tuning, is active
+    with pytest.raises(ValueError, match=refused), minipeft.mixed_batch(model.get_base_model(), ["lora"]):
+        pass
+    model.set_adapter("lora")
+    with pytest.raises(ValueError, match=refused):
+        model(input_ids=input_ids(batch=2), adapter_names=["lora", "default"])  # named
+
+
+def test_an_adapter_cannot_be_named_like_the_base_model(lora_model):
+    with pytest.raises(ValueError, match="'__base__'.*stands for the base model alone"):
+        lora_model.add_adapter("__base__", LoraConfig(**LORA_EVERYWHERE))
+
+
+def test_under_autocast_dora_returns_the_base_output_s_dtype_alone_and_mixed():
+    """Under bf16 autocast DoRA's terms are fp32; its layer returns the base output's bf16, as
+    peft's does, so a mixed batch computes each row exactly as that row's adapter alone."""
+    model = two_adapters(TinyNet(), LoraConfig(**LORA_EVERYWHERE),
+                         LoraConfig(r=2, target_modules=["fc1"], use_dora=True, init_lora_weights=False))
+    seen = []
+
+    def record_dtype(module, args, out):
+        seen.append(out.dtype)
+
+    model.base_model.model.blocks[0]["fc1"].register_forward_hook(record_dtype)
+    x = input_ids(batch=len(NAMES))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x, adapter_names=NAMES)
+        expected = per_row_reference(model, NAMES, lambda: model(x))
+    assert set(seen) == {torch.bfloat16}
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
 
 
 def test_the_routing_ends_with_the_call_even_when_it_fails(lora_model):

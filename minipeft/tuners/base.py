@@ -86,17 +86,22 @@ def embed_scale(embedding: nn.Module) -> torch.Tensor | None:
     return None
 
 
-# In a mixed batch, the name of a row that runs the base model alone (peft's).
-BASE_ROWS = "__base__"
+# In a mixed batch's adapter_names, the name that runs a sample on the base model alone (peft's).
+BASE_MODEL_NAME = "__base__"
 
 
 class RowRouting:
-    """A mixed batch: the adapter each row (sample) of the batch runs, ``BASE_ROWS`` for none.
+    """A mixed batch: the adapter each sample of the batch runs, ``BASE_MODEL_NAME`` for none.
+
+    Every adapted layer must see the samples along its input's first dim, one row each. The row
+    count is all a layer can check: one that does not fit the samples is an error, but a layer
+    whose first dim means something else (a sequence-first attention, an MoE expert that sees
+    the tokens routed to it) and happens to have as many rows would be routed wrongly.
 
     ``generate()`` repeats every sample k times in a row (``repeat_interleave``: k beams, or k
     sequences sampled per prompt) before decoding, while an encoder-decoder model's encoder still
     sees the samples once. With ``follows_repeats`` a layer that sees ``k * len(names)`` rows
-    gives each sample's name to its k rows; any other row count is an error.
+    gives each sample's name to its k rows.
     """
 
     def __init__(self, names: Sequence[str], follows_repeats: bool = False) -> None:
@@ -104,22 +109,22 @@ class RowRouting:
         self.follows_repeats = follows_repeats
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
 
-    def groups(self, rows: int, device: torch.device, layer: str = "layer") -> list[tuple[str, torch.Tensor]]:
-        """``(name, row indices)`` per name, for a batch of ``rows`` rows on ``device``; built once
-        per row count and device, since every adapted layer of the model asks the same."""
-        key = (rows, device)
+    def groups(self, batch: int, device: torch.device, layer: str = "layer") -> list[tuple[str, torch.Tensor]]:
+        """``(name, the indices of its rows)`` per name, for an input of ``batch`` rows on ``device``;
+        built once per row count and device, since every adapted layer of the model asks the same."""
+        key = (batch, device)
         if key not in self._groups:
             samples = len(self.names)
-            repeats, extra = divmod(rows, samples)
+            repeats, extra = divmod(batch, samples)
             if extra or not repeats or (repeats > 1 and not self.follows_repeats):
                 raise ValueError(
-                    f"a {layer} got an input of {rows} rows in a mixed batch of {samples} samples (adapter_names "
+                    f"a {layer} got an input of {batch} rows in a mixed batch of {samples} samples (adapter_names "
                     "names one adapter per sample); mixed batches need every adapted layer to see the samples along "
                     "its input's first dim, one row each"
                     + (" (or, in generate(), each sample repeated for its beams)" if self.follows_repeats else "")
                 )
             indices: dict[str, list[int]] = {}
-            for row in range(rows):
+            for row in range(batch):
                 indices.setdefault(self.names[row // repeats], []).append(row)
             self._groups[key] = [(name, torch.tensor(i, device=device)) for name, i in indices.items()]
         return self._groups[key]
@@ -225,23 +230,23 @@ class AdapterLayer(nn.Module):
         self,
         result: torch.Tensor,
         x: torch.Tensor,
-        apply: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+        with_adapter: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
         adapters: list[str] | None = None,
     ) -> torch.Tensor:
-        """``result`` after ``apply(result, x, name)`` for each adapter in turn, where ``apply``
-        adds (or multiplies in) one adapter's term given the layer's input ``x``: for the active
+        """``result`` after ``with_adapter(result, x, name)`` for each adapter in turn, which adds
+        (or multiplies in) one adapter's term given the layer's input ``x``: for the active
         adapters (or ``adapters``, when the caller has them already) on every row; in a mixed
-        batch, for each adapter a row names on those rows only, the others left as they are.
-        There, without autograd, the rows are written into ``result`` in place (one pass over
-        the rows, not a copy of the whole output per adapter): ``result`` must be the layer's
-        own new tensor, never its input."""
+        batch, for each adapter that some row names, on those rows only, the others left as they
+        are. There, without autograd, the rows are written into ``result`` in place (one pass over
+        them, not a copy of the whole output per adapter): ``result`` must be the layer's own new
+        tensor, never its input."""
         if self.row_routing is None:
             for name in self.adapters_to_apply() if adapters is None else adapters:
-                result = apply(result, x, name)
+                result = with_adapter(result, x, name)
             return result
         in_place = not torch.is_grad_enabled()
         for name, rows in self.row_groups(x):
-            part = apply(result[rows], x[rows], name).to(result.dtype)
+            part = with_adapter(result[rows], x[rows], name).to(result.dtype)
             result = result.index_copy_(0, rows, part) if in_place else result.index_copy(0, rows, part)
         return result
 

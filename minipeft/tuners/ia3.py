@@ -151,9 +151,9 @@ class IA3Linear(AdapterLayer):
         self.unmerge_if_disabled()
         if self.row_routing is not None:  # a mixed batch: each row scaled by its own adapter's vector
             # A copy: apply_adapters may write into its first argument, and x may be read elsewhere.
-            x = self.apply_adapters(x.clone(), x, lambda rows, _, name: self._scaled(rows, name, input_side=True))
+            x = self.apply_adapters(x.clone(), x, lambda t, _, name: self._scaled(t, name, input_side=True))
             result = self.base_layer(x, *args, **kwargs)
-            return self.apply_adapters(result, x, lambda rows, _, name: self._scaled(rows, name, input_side=False))
+            return self.apply_adapters(result, x, lambda t, _, name: self._scaled(t, name, input_side=False))
         scale_in, scale_out = self._scales(self.adapters_to_apply())
         if scale_in is not None:
             x = x * self.on_features(scale_in).to(x.dtype)

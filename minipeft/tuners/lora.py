@@ -404,7 +404,8 @@ class LoraLinear(LoraLayer):
             x = dropout(x)
             base_result = F.linear(x, weight)
         lora_result = F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
-        return result + (scale - 1) * base_result + scale * lora_result * s
+        # In the base output's dtype, as peft returns it (under autocast the terms are wider).
+        return (result + (scale - 1) * base_result + scale * lora_result * s).to(result.dtype)
 
     # -- fused Triton path --------------------------------------------------------------------
     def _fused_path_applies(self, x: torch.Tensor, adapters: list[str]) -> bool:

@@ -217,9 +217,15 @@ class TrainableTokensLayer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         active = self.adapters_to_apply()
         check_disjoint(self.token_indices, active)  # a mixed batch runs one adapter a row: none overlap
+        return self.apply_adapters(result, x, self._with_tokens, active)
+
+    def _with_tokens(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` with adapter ``name``'s tokens read from its trained rows (``x``: the ids an
+        embedding looks up, or the hidden states a head reads)."""
         base = self.get_base_layer()
-        replace = self._replace_rows if isinstance(base, nn.Embedding) else self._replace_logits
-        return self.apply_adapters(result, x, lambda result, x, name: replace(base, name, x, result), active)
+        if isinstance(base, nn.Embedding):
+            return self._replace_rows(base, name, x, result)
+        return self._replace_logits(base, name, x, result)
 
     def _index(self, name: str, device: torch.device) -> torch.Tensor:
         """The adapter's token ids (n,) on ``device`` (the owner's buffer: no copy on its device)."""

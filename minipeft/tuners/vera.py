@@ -237,8 +237,10 @@ class VeraLinear(AdapterLayer):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        add_term = lambda result, x, name: result + self._vera_term(x, name).to(result.dtype)  # noqa: E731
-        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, add_term)
+        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
+
+    def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return result + self._vera_term(x, name).to(result.dtype)
 
     def _vera_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``b * (B_m (d * (A_n dropout(x))))``: (..., in) -> (..., out), in x's dtype.

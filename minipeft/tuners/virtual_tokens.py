@@ -194,6 +194,13 @@ class PromptEncoderDict(nn.ModuleDict):
             encoder.remove_hooks()
 
 
+def hooked_prompt_encoders(model: nn.Module) -> list[PromptEncoderDict]:
+    """The virtual-token containers whose hooks sit on ``model`` or a module inside it (found by
+    the hooks, as the containers live on a PeftModel, outside the user's model)."""
+    return [hook.__self__ for module in model.modules() for hook in module._forward_pre_hooks.values()
+            if isinstance(getattr(hook, "__self__", None), PromptEncoderDict)]
+
+
 def prompt_encoders(peft_model: nn.Module) -> PromptEncoderDict:
     """The PeftModel's ``prompt_encoder`` container, created (and hooked in) on first use."""
     if "prompt_encoder" not in peft_model._modules:
