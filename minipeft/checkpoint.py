@@ -13,8 +13,8 @@ A state-dict entry belongs to adapter X when its dotted name is ``<module>.<cont
 starts with ``<module>.<container>.X.``, for a container that module lists. Nothing else is
 saved, except the biases a config trains on purpose (``bias="all"`` / ``"lora_only"``, as peft;
 under ``bias="all"`` also the two extra spellings peft writes for a head trained whole, see
-``peft_bias_extras``) and the virtual tokens of prompt and prefix tuning, which are no layer's
-containers and are saved as one computed tensor (below).
+``peft_bias_extras``) and the virtual tokens of prompt tuning, P-tuning and prefix tuning, which
+are no layer's containers and are saved as one computed tensor (below).
 
 On disk the adapter name is removed (it is chosen again at load time):
 
@@ -39,9 +39,9 @@ tokens: a tied head's view of rows another layer saves). State a method keeps fo
 rather than per module, held by several modules at once (VeRA's random pair), is named by
 ``shared_checkpoint_key(container, rest, adapter_name)``: a key under peft's tuner model,
 ``base_model.<key>`` (in a plain model ``<key>``); the one tensor is saved once, however many
-modules hold it. Prompt and prefix tuning (``prompt_encoder[X]`` on the ``PeftModel``, found by
-``_virtual_tokens``) are saved as peft saves them: one computed tensor, ``prompt_embeddings``,
-which the encoder produces and takes back (``tuners/virtual_tokens.py``). Loading applies the
+modules hold it. Prompt tuning, P-tuning and prefix tuning (``prompt_encoder[X]`` on the
+``PeftModel``, found by ``_virtual_tokens``) are saved as peft saves them: one computed tensor,
+``prompt_embeddings``, which the encoder produces and takes back (``tuners/virtual_tokens.py``). Loading applies the
 same mapping to the model's own keys and inverts it, so the two directions cannot drift apart.
 
 Embedding layers in peft's files

@@ -73,7 +73,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     from .model import PeftModel  # (late: model.py builds on this file)
 
     if isinstance(model, PeftModel) and all(c.is_prompt_learning for c in model.peft_config.values()):
-        raise TypeError("prompt and prefix tuning keep their virtual tokens beside the model, in no adapter layer: "
+        raise TypeError("prompt tuning, P-tuning and prefix tuning keep their virtual tokens beside the model, in no adapter layer: "
                         "there is no layer status to report (peft refuses them too)")
     statuses = []
     for name, layer in adapter_layers(model.base_model if isinstance(model, PeftModel) else model):

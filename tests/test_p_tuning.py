@@ -123,17 +123,50 @@ def test_loading_to_train_trains_the_saved_prompt_itself(tmp_path):
     assert encoder.embedding.weight.grad.abs().sum() > 0
 
 
+def test_a_checkpoint_holds_the_eval_mode_prompt_even_when_saved_in_training_mode():
+    """LSTM dropout draws anew each call in training mode; the saved prompt is the one the model
+    computes in eval mode, so saving twice gives the same file and the reload is the evaluated model."""
+    _, ours = pair("llama", "LSTM", encoder_num_layers=2, encoder_dropout=0.5)
+    encoder = ours.prompt_encoder["default"]
+    ours.train()
+    first, second = encoder.prompt_embeddings(), encoder.prompt_embeddings()
+    assert encoder.training  # the mode is put back
+    ours.eval()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, encoder.rows(), rtol=0, atol=0)
+
+
+def test_a_warm_start_keeps_the_parameter_an_optimizer_already_trains(tmp_path):
+    _, ours = pair("llama")
+    ours.save_pretrained(tmp_path)
+    _, fresh = pair("llama")
+    encoder = fresh.prompt_encoder["default"]
+    table = encoder.embedding.weight
+    optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="training goes on on the prompt itself"):
+        minipeft.set_peft_model_state_dict(fresh, state)
+    assert encoder.embedding.weight is table and encoder.mlp_head is None
+    torch.testing.assert_close(table.detach(), state["prompt_embeddings"])
+    fresh(**inputs("llama")).loss.backward()
+    optimizer.step()
+    assert not torch.equal(table.detach(), state["prompt_embeddings"])
+
+
 def test_bad_settings_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="encoder_reparameterization_type='GRU' is not one of: MLP, LSTM"):
         PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="GRU")
     with pytest.raises(ValueError, match="encoder_num_layers must be a positive integer"):
         PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_num_layers=0)
-    with pytest.raises(ValueError, match=r"encoder_dropout must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"encoder_dropout must be a number in \[0, 1\)"):
         PromptEncoderConfig(num_virtual_tokens=3, encoder_dropout=1.0)
     with pytest.raises(ValueError, match="encoder_hidden_size must be a positive integer"):
         PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=0)
-    with pytest.warns(UserWarning, match="encoder_num_layers=3 is ignored by the MLP encoder"):
-        PromptEncoderConfig(num_virtual_tokens=3, encoder_num_layers=3)
+    with pytest.raises(ValueError, match=r"encoder_dropout must be a number in \[0, 1\), got '0.1'"):
+        PromptEncoderConfig(num_virtual_tokens=3, encoder_dropout="0.1")
+    for field, value in (("encoder_num_layers", 3), ("encoder_dropout", 0.1)):
+        with pytest.warns(UserWarning, match=f"{field}={value} is ignored by the MLP encoder"):
+            PromptEncoderConfig(num_virtual_tokens=3, **{field: value})
 
 
 def test_encoder_hidden_size_defaults_to_the_token_width():

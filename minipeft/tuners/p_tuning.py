@@ -77,12 +77,16 @@ class PromptEncoderConfig(vt.PromptLearningConfig):
                              f"got {self.encoder_hidden_size!r}")
         if not is_positive_int(self.encoder_num_layers):
             raise ValueError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        dropout = self.encoder_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"encoder_dropout must be a number in [0, 1), got {dropout!r}")
         mlp = self.encoder_reparameterization_type == PromptEncoderReparameterizationType.MLP
-        if mlp and self.encoder_num_layers != 2 and not self.inference_mode:
-            warnings.warn(f"encoder_num_layers={self.encoder_num_layers} is ignored by the MLP encoder, which always "
-                          "has three linear layers (as in peft); it sets the LSTM's depth", stacklevel=3)
+        if mlp and not self.inference_mode:
+            for name, value, default in (("encoder_num_layers", self.encoder_num_layers, 2),
+                                         ("encoder_dropout", dropout, 0.0)):
+                if value != default:
+                    warnings.warn(f"{name}={value} is ignored by the MLP encoder, which always has three linear "
+                                  "layers and no dropout (as in peft); it applies to the LSTM", stacklevel=3)
 
 
 class PromptEncoder(prompt_tuning.PromptEmbedding):
@@ -90,14 +94,19 @@ class PromptEncoder(prompt_tuning.PromptEmbedding):
     ``mlp_head``, peft's module names. In inference mode (a loaded adapter) there is no network,
     and the table is the prompt."""
 
+    def __init__(self, config: PromptEncoderConfig, word_embeddings: nn.Module) -> None:
+        # h defaults to the token width; written into the config, which is saved with the adapter.
+        config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
+        super().__init__(config, word_embeddings)
+
     def initialise(self, config: PromptEncoderConfig, word_embeddings: nn.Module) -> None:
-        # Built in peft's order (table, LSTM, MLP), so that under one seed both draw the same weights.
+        """Build the network (the table stays standard normal, as peft's), in peft's order: table,
+        LSTM, MLP, so that under one seed both libraries draw the same weights."""
         self.lstm_head: nn.LSTM | None = None
         self.mlp_head: nn.Sequential | None = None
         if config.inference_mode:
             return
-        d = config.token_dim
-        h = config.encoder_hidden_size = config.encoder_hidden_size or d
+        d, h = config.token_dim, config.encoder_hidden_size
         device = word_embeddings.weight.device
         if config.encoder_reparameterization_type == PromptEncoderReparameterizationType.LSTM:
             self.lstm_head = nn.LSTM(d, h, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
@@ -117,13 +126,24 @@ class PromptEncoder(prompt_tuning.PromptEmbedding):
             table = self.lstm_head(table.unsqueeze(0))[0].squeeze(0)  # (total, 2h): both directions
         return self.mlp_head(table)
 
+    def prompt_embeddings(self) -> torch.Tensor:
+        """``P`` as the model computes it in eval mode (no LSTM dropout, no random draw), whatever
+        the current mode: what a checkpoint holds."""
+        training = self.training
+        self.eval()
+        try:
+            return self.rows()
+        finally:
+            self.train(training)
+
     def fold(self) -> None:
-        """Replace the network by the table it computes: the same prompt, no network."""
+        """Replace the network by the prompt it computes, written into the table (the same
+        Parameter, so an optimizer built before goes on training it): the same prompt in eval
+        mode, no network."""
         if self.mlp_head is None:
             return
         with torch.no_grad():
-            table = self.rows().detach().clone()
-        self.embedding = nn.Embedding.from_pretrained(table, freeze=not self.embedding.weight.requires_grad)
+            self.embedding.weight.copy_(self.prompt_embeddings())
         self.lstm_head = self.mlp_head = None
 
     def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:

@@ -115,13 +115,13 @@ def find_input_embeddings(model: nn.Module, config: PromptTuningConfig) -> nn.Mo
             embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
             raise ValueError(
                 f"cannot find the input embeddings of {type(model).__name__}: it has no get_input_embeddings(). "
-                f"Name the module with PromptTuningConfig(input_embeddings_name=...), e.g. one of {embeddings[:5]}"
+                f"Name the module with {type(config).__name__}(input_embeddings_name=...), e.g. one of {embeddings[:5]}"
             )
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(
             f"the input embeddings {type(module).__name__} have no 2-D weight (vocab, dim); name the token embedding "
-            "with PromptTuningConfig(input_embeddings_name=...)"
+            f"with {type(config).__name__}(input_embeddings_name=...)"
         )
     return module
 
@@ -166,7 +166,8 @@ def _init_token_ids(config: PromptTuningConfig, n: int) -> list[int]:
 
 
 class PromptEmbedding(nn.Module):
-    """The learned prompt ``P`` (n, d) and the rewrite of a forward call that puts it in front."""
+    """The prompt ``P`` (n, d), learned directly as a table (P-tuning's subclass computes it), and
+    the rewrite of a forward call that puts it in front."""
 
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
         super().__init__()
@@ -209,8 +210,9 @@ class PromptEmbedding(nn.Module):
     def check_prompt_embeddings(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != tuple(self.embedding.weight.shape):
             raise ValueError(
-                f"prompt_embeddings has shape {tuple(tensor.shape)}, this prompt-tuning adapter expects "
-                f"{tuple(self.embedding.weight.shape)} (num_virtual_tokens, token_dim): another base model?"
+                f"prompt_embeddings has shape {tuple(tensor.shape)}, this adapter expects "
+                f"{tuple(self.embedding.weight.shape)} (num_virtual_tokens, times 2 for SEQ_2_SEQ_LM; token_dim): "
+                "another num_virtual_tokens, task_type or base model?"
             )
 
     def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
