@@ -23,7 +23,6 @@ The last line printed is one JSON object with the latency ratios against peft.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -111,26 +110,15 @@ def markdown(results: dict, args, device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = common.argument_parser(__doc__.split("\n")[0], same_adapter_dtype=True)
     parser.add_argument("--models", default="llama,gpt2")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 16 CPU, 128 CUDA)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--gen-reps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1; CUDA ignores it)")
-    parser.add_argument("--same-adapter-dtype", action="store_true",
-                        help="on a bf16 base, bf16 adapters in both libraries (peft autocast_adapter_dtype=False, "
-                             "minipeft's adapters cast): identical math instead of each library's default")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR,
-                        help="results folder: the table becomes a section of <folder>/<device>.md and .json")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible to torch")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    common.prepare_device(args)
     args.prompt = args.prompt or (32 if args.device == "cpu" else 512)
     args.new_tokens = args.new_tokens or (16 if args.device == "cpu" else 128)
 

@@ -20,7 +20,6 @@ The last line printed is one JSON object with the ratios against peft.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -133,22 +132,14 @@ def markdown(r: dict, args, spec, device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = common.argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=None, help="prompts in the batch (default 8 CPU, 32 CUDA)")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 8 CPU, 64 CUDA)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--gen-reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1; CUDA ignores it)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR,
-                        help="results folder: the table becomes a section of <folder>/<device>.md and .json")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible to torch")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    common.prepare_device(args)
     cpu = args.device == "cpu"
     args.batch = args.batch or (8 if cpu else 32)
     args.prompt = args.prompt or (32 if cpu else 512)

@@ -280,28 +280,16 @@ def markdown(results: dict, device: str, adapters: str, threads: int = 1) -> str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = common.argument_parser(__doc__.split("\n")[0], same_adapter_dtype=True)
     parser.add_argument("--models", default="llama,gpt2,bert")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 40 CPU, 30 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU intra-op threads (default 1: steadiest on a shared machine; CUDA ignores it)")
     parser.add_argument("--rounds", type=int, default=5, help="repeats of inject / save / load")
-    parser.add_argument("--same-adapter-dtype", action="store_true",
-                        help="on a bf16 base, bf16 adapters in both libraries (peft autocast_adapter_dtype=False, "
-                             "minipeft's adapters cast): identical math instead of each library's default")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR,
-                        help="results folder: the table becomes a section of <folder>/<device>.md and .json")
     parser.add_argument("--memory-child", choices=["minipeft", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible to torch")
+    common.prepare_device(args)
     if args.memory_child:
         memory_child(args.memory_child, models, args.device, args.memory_steps, args.same_adapter_dtype)
         return

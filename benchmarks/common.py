@@ -14,6 +14,7 @@ minipeft's adapter parameters cast to the base's dtype), so that the math is ide
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -32,6 +33,32 @@ from minipeft.atomic import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
+
+
+# -- command line ------------------------------------------------------------------------------
+def argument_parser(description: str, same_adapter_dtype: bool = False) -> argparse.ArgumentParser:
+    """The options every side-by-side script takes: where it runs, its CPU threads, where its
+    results go (and, for the scripts that time a bf16 model, ``--same-adapter-dtype``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads (default 1: steadiest on a shared machine; CUDA ignores it)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="results folder: the table becomes a section of <folder>/<device>.md and .json")
+    if same_adapter_dtype:
+        parser.add_argument("--same-adapter-dtype", action="store_true",
+                            help="on a bf16 base, bf16 adapters in both libraries (peft autocast_adapter_dtype=False, "
+                                 "minipeft's adapters cast): identical math instead of each library's default")
+    return parser
+
+
+def prepare_device(args: argparse.Namespace) -> None:
+    """Stop when CUDA is asked for and absent; on the CPU, use ``--threads`` threads."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
 
 
 # -- models ------------------------------------------------------------------------------------
