@@ -76,9 +76,9 @@ class AdaptedModel(nn.Module):
         """Make every adapter wrapper run its base module alone until ``enable_adapter_layers()``.
         Merged adapters are unmerged first (and stay unmerged once enabled again, as in peft).
         Trained biases are base-model parameters and keep their trained values; virtual tokens
-        (prompt tuning, P-tuning, prefix tuning) are not layers: ``PeftModel.disable_adapter()`` turns off both.
-        requires_grad is left as it is (a disabled adapter is not in the graph, so it gets no
-        gradient anyway)."""
+        (prompt tuning, P-tuning, prefix tuning) are not layers: ``PeftModel.disable_adapter()``
+        turns off both. requires_grad is left as it is (a disabled adapter is not in the graph,
+        so it gets no gradient anyway)."""
         self._set_adapter_layers(enabled=False)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
@@ -333,7 +333,9 @@ class PeftModel(nn.Module):
         ``progressbar`` is accepted for peft's signature and ignored (merging takes no time to watch).
         """
         if "prompt_encoder" in self._modules:
-            raise TypeError("virtual tokens (prompt tuning, P-tuning, prefix tuning) are not weights and cannot be merged; use unload()")
+            raise TypeError(
+                "virtual tokens (prompt tuning, P-tuning, prefix tuning) are not weights and cannot be merged; use unload()"
+            )
         self._merge_plan(adapter_names, safe_merge, refuse_already_merged=False)  # every check; unload merges
         self._check_one_trained_copy(self.active_adapters if adapter_names is None else adapter_names)
         return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
