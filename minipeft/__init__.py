@@ -10,6 +10,7 @@ from .status import get_layer_status, get_model_status
 from .tuners.adalora import AdaLoraConfig
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.ia3 import IA3Config
+from .tuners.ln_tuning import LNTuningConfig
 from .tuners.loha import LoHaConfig
 from .tuners.lokr import LoKrConfig
 from .tuners.lora import LoraConfig
@@ -23,6 +24,7 @@ __all__ = [
     "AdaLoraConfig",
     "BottleneckConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",

@@ -28,6 +28,7 @@ class PeftType(str, enum.Enum):
     LOHA = "LOHA"
     LOKR = "LOKR"
     ADALORA = "ADALORA"
+    LN_TUNING = "LN_TUNING"
 
 
 class TaskType(str, enum.Enum):

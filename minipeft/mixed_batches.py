@@ -5,7 +5,8 @@ of the batch with adapter ``adapter_names[i]`` alone, as if it were the only act
 (``"__base__"``: no adapter at all). Serving several fine-tunes of one base model then takes one
 batch, not one per adapter: every layer sees the whole batch and reads the frozen weights once,
 and each adapter layer adds each adapter's term to that adapter's rows only
-(``AdapterLayer.apply_adapters``). ``generate(..., adapter_names=...)`` keeps each sample's adapter
+(``AdapterLayer.apply_adapters``); a module trained whole (``modules_to_save``, LN tuning) runs
+each group of rows through that adapter's copy (``TrainedCopies``). ``generate(..., adapter_names=...)`` keeps each sample's adapter
 on all of its beams.
 
 How: for the length of the call, every adapter layer of the model holds the same ``RowRouting``
@@ -100,6 +101,6 @@ def check_mixed_batch(model: nn.Module, adapter_names: object, layers: list[tupl
         raise ValueError(
             f"these layers cannot split a batch by rows, and hold adapters that adapter_names names: "
             f"{', '.join(refused)}. Mixed batches work with LoRA (also DoRA) on linear, embedding and conv layers, "
-            "AdaLoRA, LoHa, LoKr, (IA)^3, VeRA, trainable tokens and modules_to_save; run these adapters in a batch "
-            "of their own"
+            "AdaLoRA, LoHa, LoKr, (IA)^3, VeRA, LN tuning, trainable tokens and modules_to_save; run these adapters "
+            "in a batch of their own"
         )

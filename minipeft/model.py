@@ -23,8 +23,8 @@ from . import checkpoint, injection, status
 from .config import PeftConfig, PeftType, TaskType
 from .mixed_batches import mixed_batch
 from .targeting import CLASSIFIER_HEAD_NAMES
-from .tuners import AdapterLayer, ModulesToSaveWrapper, ia3, lora_combine, lora_init, method_for, virtual_tokens
-from .tuners.base import check_distinct
+from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
+from .tuners.base import TrainedCopies, check_distinct
 from .tuners.trainable_tokens import TrainableTokensLayer
 
 
@@ -410,9 +410,9 @@ class PeftModel(nn.Module):
 
     def _check_one_trained_copy(self, adapter_names: list[str]) -> None:
         """A ValueError when two of ``adapter_names`` each train their own copy of a module
-        (``modules_to_save``): merge_and_unload puts back a single copy."""
+        (``modules_to_save``, LN tuning): merge_and_unload puts back a single copy."""
         for name, layer in injection.adapter_layers(self.get_base_model()):
-            if isinstance(layer, ModulesToSaveWrapper):
+            if isinstance(layer, TrainedCopies):
                 layer.copy_of(adapter_names, name)
 
     # -- combining LoRA adapters (the work is in tuners/lora_combine.py) ------------------------

@@ -31,6 +31,7 @@ from . import (
     bottleneck,
     ia3,
     loha,
+    ln_tuning,
     lokr,
     lora,
     p_tuning,
@@ -124,6 +125,11 @@ register_method(
 )
 register_method(PeftType.LOHA, PeftMethod(loha.LoHaConfig, loha.LoHaLayer, loha.wrap_module))
 register_method(PeftType.LOKR, PeftMethod(lokr.LoKrConfig, lokr.LoKrLayer, lokr.wrap_module))
+register_method(
+    PeftType.LN_TUNING,
+    PeftMethod(ln_tuning.LNTuningConfig, ln_tuning.LNTuningLayer, ln_tuning.wrap_module,
+               default_targets=ln_tuning.normalisation_layers),
+)
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
 )

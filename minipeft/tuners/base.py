@@ -468,31 +468,28 @@ class AddedUpdate:
         return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
 
 
-class ModulesToSaveWrapper(AdapterLayer):
-    """Trains a whole module (a classifier head, say) as part of an adapter.
+class TrainedCopies(AdapterLayer):
+    """A wrapper whose adapters are whole trained copies of the module it wraps: each adapter
+    trains its own copy in the ModuleDict named ``copies_name``, the original stays frozen, and
+    the forward runs the active adapter's copy (the original when none is active). Merging has
+    nothing to write; unloading puts the merged adapter's copy in the original's place.
+    ``ModulesToSaveWrapper`` (a classifier head trained beside an adapter) and LN tuning's layer."""
 
-    The original stays frozen as ``original_module``; each adapter trains its own copy in
-    ``modules_to_save[name]``, and the forward runs the active copy.
-    """
-
-    adapter_layer_names = ("modules_to_save",)
-    base_layer_name = "original_module"
-    adapter_key_name = "modules_to_save"
+    copies_name: str = ""
     supports_mixed_batch = True
     mergeable = True
     folds_into_weight = False  # the adapter's copy replaces the original on unload (unwrap)
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
-        self.modules_to_save = nn.ModuleDict()
+    def copies(self) -> nn.ModuleDict:
+        return getattr(self, self.copies_name)
 
     def update_layer(self, adapter_name: str, config=None, key: str = "") -> None:
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.copies()[adapter_name] = copy.deepcopy(getattr(self, self.base_layer_name))
 
     def module_in_use(self) -> nn.Module:
         """The active adapter's copy, else the original (as in peft)."""
         active = self.adapters_to_apply()
-        return self.modules_to_save[active[0]] if active else self.original_module
+        return self.copies()[active[0]] if active else getattr(self, self.base_layer_name)
 
     def forward(self, *args, **kwargs):
         if self.row_routing is None:
@@ -503,7 +500,7 @@ class ModulesToSaveWrapper(AdapterLayer):
         out = None
         here = self.adapters_to_apply(self.row_routing.names)
         for name, rows in self.row_routing.groups(len(x), x.device, type(self).__name__):
-            module = self.modules_to_save[name] if name in here else self.original_module
+            module = self.copies()[name] if name in here else getattr(self, self.base_layer_name)
             part = module(x[rows], *rest, **kwargs)
             if not isinstance(part, torch.Tensor):
                 raise TypeError(
@@ -518,7 +515,7 @@ class ModulesToSaveWrapper(AdapterLayer):
         """The one of ``adapter_names`` that trains its own copy of this module (``name``), or None.
         Two is a ValueError: merging or combining adapters keeps a single copy, and which one
         would be a guess."""
-        have = [a for a in dict.fromkeys(adapter_names) if a in self.modules_to_save]
+        have = [a for a in dict.fromkeys(adapter_names) if a in self.copies()]
         if len(have) > 1:
             where = repr(name) if name else "this module"
             raise ValueError(
@@ -528,7 +525,26 @@ class ModulesToSaveWrapper(AdapterLayer):
         return have[0] if have else None
 
     def unwrap(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
-        """The copy of the adapter being merged (default: the active one), else the original."""
-        wanted = self.active_adapters if adapter_names is None or not merge else adapter_names
-        have = [a for a in wanted if a in self.modules_to_save]
-        return self.modules_to_save[have[0]] if have else self.original_module
+        """Merging: the copy of the adapter being merged (default: the active one); else, or when
+        that adapter has no copy here, the original."""
+        wanted = (self.active_adapters if adapter_names is None else adapter_names) if merge else []
+        have = [a for a in wanted if a in self.copies()]
+        return self.copies()[have[0]] if have else getattr(self, self.base_layer_name)
+
+
+class ModulesToSaveWrapper(TrainedCopies):
+    """Trains a whole module (a classifier head, say) as part of an adapter: the original stays
+    frozen as ``original_module``, each adapter's copy is ``modules_to_save[name]``."""
+
+    adapter_layer_names = ("modules_to_save",)
+    base_layer_name = "original_module"
+    adapter_key_name = copies_name = "modules_to_save"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.modules_to_save = nn.ModuleDict()
+
+    def unwrap(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+        """As in peft, ``unload()`` too keeps the active adapter's copy (the head trained for the
+        task, which the model needs to mean anything); merging keeps the merged adapter's."""
+        return super().unwrap(True, adapter_names if merge else None)
