@@ -1,7 +1,7 @@
-"""Fine-tune all-MiniLM-L6-v2 on SST-2 with LoRA (or a LoRA variant, full fine-tuning, a linear probe).
+"""Fine-tune all-MiniLM-L6-v2 on SST-2 with LoRA (or a LoRA variant, LN tuning, full fine-tuning, a linear probe).
 
     python examples/lora_text_classification.py --data-dir /path/to/SST-2
-    python examples/lora_text_classification.py --method adalora|loha|lokr --data-dir /path/to/SST-2
+    python examples/lora_text_classification.py --method adalora|loha|lokr|ln_tuning --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --method full --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --init-lora-weights pissa --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --loraplus-lr-ratio 16 --data-dir /path/to/SST-2
@@ -12,7 +12,8 @@ of the parameters trainable; `--method full` takes about 1.6 times as long. The 
 on the SST-2 dev set, saves the adapter, reloads it into a fresh base model and checks the
 dev predictions are unchanged, merges it into the base weights and checks once more. The
 variants adapt the same layers (query, value) with --r and --lora-alpha: AdaLoRA starts at rank
-r + 4 and allocates an average of r over the run; LoHa and LoKr use r for their factors. With
+r + 4 and allocates an average of r over the run; LoHa and LoKr use r for their factors. LN
+tuning trains a copy of every LayerNorm instead (and the head), and takes no --r. With
 PiSSA/OLoRA (`--init-lora-weights pissa|olora`) the adapter is saved converted to plain LoRA
 (`path_initial_model_for_weight_conversion`), so the fresh base model it is reloaded into is the
 original one, not the residual the training ran on.
@@ -45,7 +46,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from minipeft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
+from minipeft import (AdaLoraConfig, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, TaskType,  # noqa: E402
+                      get_peft_model)
 from minipeft.data import BatchLoader, encode_classification, load_tokenizer, pad_token_id, read_classification, split  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
 from minipeft.tuners.lora_init import base_changing_init  # noqa: E402
@@ -54,8 +56,10 @@ SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
 # (the variants' rates are set from short runs on 3k sentences: at LoRA's 1e-3 they stayed at
 # chance there; AdaLoRA's update starts slower still, E = 0 between N(0, 0.02^2) factors)
-DEFAULT_LR = {"lora": 1e-3, "adalora": 1e-2, "loha": 5e-3, "lokr": 1e-2, "full": 5e-5, "linear-probe": 5e-3}
-ADAPTERS = ("lora", "adalora", "loha", "lokr")  # saved as adapters: reloaded, and merged
+DEFAULT_LR = {"lora": 1e-3, "adalora": 1e-2, "loha": 5e-3, "lokr": 1e-2, "ln_tuning": 1e-2, "full": 5e-5,
+              "linear-probe": 5e-3}
+ADAPTERS = ("lora", "adalora", "loha", "lokr", "ln_tuning")  # saved as adapters: reloaded, and merged
+RANKED = ("lora", "adalora", "loha", "lokr")  # the adapters --r and --lora-alpha size
 # what a run writes into --output-dir: whatever train() writes (its resumable checkpoint, log and
 # best weights, with the side folders of their atomic swap), and the saved adapter or model (and
 # for PiSSA/OLoRA the adapter as initialised, which the trained one is converted against)
@@ -86,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--evals-per-epoch", type=positive_int, default=4)
-    p.add_argument("--r", type=positive_int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--r", type=positive_int, default=None, help="rank of the ranked adapters (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="their alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=None, help="LoRA and AdaLoRA (default 0.1)")
     p.add_argument("--init-lora-weights", default="true", type=init_lora_weights,
                    help="true (B = 0), false (A and B random: the adapter changes the output from the start), "
@@ -100,12 +104,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Options of one method are refused for another, rather than ignored.
     only = {"--init-lora-weights": (args.init_lora_weights is not True, ("lora",)),
             "--loraplus-lr-ratio": (args.loraplus_lr_ratio is not None, ("lora",)),
-            "--lora-dropout": (args.lora_dropout is not None, ("lora", "adalora"))}
+            "--lora-dropout": (args.lora_dropout is not None, ("lora", "adalora")),
+            "--r": (args.r is not None, RANKED),
+            "--lora-alpha": (args.lora_alpha is not None, RANKED)}
     for flag, (given, methods) in only.items():
         if given and args.method not in methods:
             p.error(f"{flag} applies to --method {' or '.join(methods)}, not {args.method}")
-    if args.lora_dropout is None:
-        args.lora_dropout = 0.1
+    for name, default in (("lora_dropout", 0.1), ("r", 8), ("lora_alpha", 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return args
 
 
@@ -180,6 +187,8 @@ def prepare_model(base, method: str, args, steps: int):
                                              tfinal=steps // 5, deltaT=10, **targets),
             "loha": lambda: LoHaConfig(r=args.r, alpha=args.lora_alpha, **targets),
             "lokr": lambda: LoKrConfig(r=args.r, alpha=args.lora_alpha, **targets),
+            # every LayerNorm of the encoder (its default targets), not query and value
+            "ln_tuning": lambda: LNTuningConfig(task_type=TaskType.SEQ_CLS),
         }[method]()
         return get_peft_model(base, config)
     for name, p in base.named_parameters():
