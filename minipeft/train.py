@@ -273,17 +273,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: the trainable parameters, and the buffers of the modules that own
+    them (a trained batch norm's running statistics, which its weights are only right with)."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                tensors[f"{name}.{buffer_name}" if name else buffer_name] = buffer
+    return tensors
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().clone() for n, t in _trained_tensors(model).items()}
 
 
 def _check_same_trainable(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Raise, naming every difference, unless `state` holds exactly `model`'s trainable parameters.
+    """Raise, naming every difference, unless `state` holds exactly `model`'s trained tensors
+    (``_trained_tensors``).
 
     Checked before anything is loaded: a checkpoint from another adapter config (another
     rank r, other target modules) would otherwise fail halfway with a bare size or key error.
     """
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable = _trained_tensors(model)
     missing = [n for n in trainable if n not in state]
     unexpected = [n for n in state if n not in trainable]
     shapes = [f"{n}: {tuple(state[n].shape)} in the checkpoint, {tuple(p.shape)} in the model"
@@ -307,10 +319,10 @@ def _some(items: list[str], limit: int = 5) -> str:
 
 
 def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    tensors = _trained_tensors(model)
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t)
+            tensors[n].copy_(t)
 
 
 def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:

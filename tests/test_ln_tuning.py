@@ -146,3 +146,98 @@ def test_a_model_without_normalisation_layers_needs_named_targets():
         get_peft_model(copy.deepcopy(model), LNTuningConfig(target_modules=["1"]))
     tuned = get_peft_model(copy.deepcopy(model), LNTuningConfig(target_modules=["0"]))  # any module may be tuned
     assert tuned.get_nb_trainable_parameters()[0] == 4 * 4 + 4
+
+
+def test_merge_adapter_puts_one_copy_in_place_as_peft_does():
+    """peft merges an LN adapter by swapping its copy in for the layer: the merged adapter runs
+    whichever is active, one at a time, until unmerged."""
+    base = tiny_transformers_model("llama")
+    models = []
+    for library in (peft, minipeft):
+        model = library.get_peft_model(copy.deepcopy(base), library.LNTuningConfig(task_type="CAUSAL_LM"))
+        model.add_adapter("b", library.LNTuningConfig(task_type="CAUSAL_LM"))
+        models.append(model.eval())
+    randomize_adapters(models[0], names=("ln_tuning_layers",), std=0.3, mean=1.0)
+    models[1].load_state_dict(models[0].state_dict())
+    theirs, ours = models
+    batch = {"input_ids": input_ids(batch=2, length=5)}
+    with torch.no_grad():
+        active = ours(**batch).logits
+        for model in models:
+            model.merge_adapter(["b"])
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=0, atol=0)
+        assert not torch.equal(ours(**batch).logits, active)
+        assert ours.get_model_status().merged_adapters == ["b"]
+        with pytest.raises(ValueError, match="merged"):
+            ours.merge_adapter(["default"])
+        ours.unmerge_adapter()
+        torch.testing.assert_close(ours(**batch).logits, active, rtol=0, atol=0)
+
+
+def test_targets_that_hold_other_adapters_or_each_other_are_refused():
+    lora = get_peft_model(tiny_transformers_model("llama"), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                        modules_to_save=["model.norm"]))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn': adapter\(s\) \['default'\] already sit inside"):
+        lora.add_adapter("ln", LNTuningConfig(target_modules=["self_attn"]))
+    with pytest.raises(ValueError, match=r"'model.norm': .*ModulesToSaveWrapper on the module itself"):
+        lora.add_adapter("ln", LNTuningConfig())
+    with pytest.raises(ValueError, match=r"targets 'model.layers.0.input_layernorm' inside 'model.layers.0'"):
+        get_peft_model(tiny_transformers_model("llama"), LNTuningConfig(target_modules=["layers.0", "input_layernorm"]))
+
+
+class NormInNorm(nn.Module):
+    """A norm class with a gain of its own around an nn.LayerNorm, and a Linear named like a norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.Module()
+        self.norm.__class__ = type("ScaledNorm", (nn.Module,), {"forward": lambda m, x: m.gain * m.inner(x)})
+        self.norm.gain = nn.Parameter(torch.ones(4))
+        self.norm.inner = nn.LayerNorm(4)
+        self.proj = nn.Sequential()
+        self.proj.norm = nn.Linear(4, 4)  # not a normalisation layer, though it is called "norm"
+
+    def forward(self, x):
+        return self.proj.norm(self.norm(x))
+
+
+def test_default_targets_are_the_outermost_norms_by_full_name_when_a_suffix_would_select_more():
+    model = get_peft_model(NormInNorm(), LNTuningConfig())
+    assert model.peft_config["default"].target_modules == "norm"  # a regex: the inner LayerNorm is in its copy
+    assert model.get_nb_trainable_parameters()[0] == 4 + 4 + 4  # gain, and the inner weight and bias
+    llama = get_peft_model(tiny_transformers_model("llama"), LNTuningConfig())
+    assert sorted(llama.peft_config["default"].target_modules) == ["input_layernorm", "norm",
+                                                                    "post_attention_layernorm"]
+
+
+def test_train_restores_the_best_copies_with_their_running_statistics(tmp_path):
+    """A batch norm's copy is its weights and its running statistics: restore_best puts back both,
+    so the model after train() is the best one evaluated, as best/ holds it."""
+    from minipeft.train import TrainConfig, train
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.head = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+        def forward(self, x, labels=None):
+            return self.head(torch.relu(self.bn(self.fc(x))))
+
+    torch.manual_seed(0)
+    base = Net()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(shift):
+        x = torch.randn(16, 4, generator=g) * 3 + shift
+        return {"x": x, "labels": (x[:, 0] > shift).long()}
+
+    batches = [batch(s) for s in (0.0, 5.0, -5.0, 10.0, 20.0, 40.0)]  # drifting: the statistics keep moving
+    model = get_peft_model(copy.deepcopy(base), LNTuningConfig())
+    result = train(model, batches, [batch(0.0)], TrainConfig(output_dir=str(tmp_path), lr=0.3, eval_every=1,
+                                                             log_every=100, checkpoint_every=0))
+    assert result.best_step < result.step  # the best is not the last: restoring has something to do
+    best = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "best").eval()
+    model.eval()
+    x = torch.randn(8, 4, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), best(x), rtol=0, atol=0)

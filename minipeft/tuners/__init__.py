@@ -128,7 +128,8 @@ register_method(PeftType.LOKR, PeftMethod(lokr.LoKrConfig, lokr.LoKrLayer, lokr.
 register_method(
     PeftType.LN_TUNING,
     PeftMethod(ln_tuning.LNTuningConfig, ln_tuning.LNTuningLayer, ln_tuning.wrap_module,
-               default_targets=ln_tuning.normalisation_layers),
+               check=ln_tuning.check_target, default_targets=ln_tuning.normalisation_layers,
+               check_model=ln_tuning.check_targets_apart),
 )
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
