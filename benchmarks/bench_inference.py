@@ -71,14 +71,8 @@ def latencies(models: dict, spec, device: str, batch: int, prompt: int, new_toke
     gen = {name: (lambda m=m: inner(m).generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                 do_sample=False, pad_token_id=0))
            for name, m in models.items()}
-    clock = "cpu" if device == "cpu" else "wall"
-    out = {}
-    for what, fns, n in (("forward", fwd, reps), ("generate", gen, gen_reps)):
-        times = common.alternate(fns, n, device, warmup=1)
-        med = {name: common.median(t[clock]) for name, t in times.items()}
-        out[what] = {"s": med, "wall_s": {name: common.median(t["wall"]) for name, t in times.items()},
-                     "ratio_vs_peft": {name: med[name] / med["peft"] for name in VARIANTS}}
-    return out
+    return {what: common.median_times(fns, n, device, "peft", "ratio_vs_peft")
+            for what, fns, n in (("forward", fwd, reps), ("generate", gen, gen_reps))}
 
 
 def markdown(results: dict, args, device: str) -> str:

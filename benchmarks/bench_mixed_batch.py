@@ -98,13 +98,9 @@ def run(spec, device: str, batch: int, prompt: int, new_tokens: int, reps: int, 
         "peft mixed": lambda: theirs.generate(**ids, adapter_names=names, **generate),
         "minipeft by adapter": lambda: by_adapter(ours, lambda rows, m: m.generate(**rows_of(rows), **generate), names),
     }
-    clock = "cpu" if device == "cpu" else "wall"
     out = {"logits_rel_diff_vs_peft_mixed": agree}
     for what, fns, n in (("forward", forward, reps), ("generate", gen, gen_reps)):
-        times = common.alternate(fns, n, device, warmup=1)
-        med = {name: common.median(t[clock]) for name, t in times.items()}
-        out[what] = {"s": med, "wall_s": {name: common.median(t["wall"]) for name, t in times.items()},
-                     "ratio_vs_peft_mixed": {name: med[name] / med["peft mixed"] for name in VARIANTS}}
+        out[what] = common.median_times(fns, n, device, "peft mixed", "ratio_vs_peft_mixed")
     return out
 
 

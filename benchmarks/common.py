@@ -247,6 +247,17 @@ def alternate(fns: dict, rounds: int, device: str, warmup: int = 0) -> dict[str,
     return times
 
 
+def median_times(fns: dict, rounds: int, device: str, reference: str, ratio_key: str) -> dict:
+    """``alternate``'s rounds (after one warm-up) as medians: ``s`` in the clock that means most
+    here (process CPU time on the CPU, wall time on CUDA), ``wall_s``, and under ``ratio_key``
+    each function's ``s`` over ``reference``'s."""
+    times = alternate(fns, rounds, device, warmup=1)
+    clock = "cpu" if device == "cpu" else "wall"
+    med = {name: median(t[clock]) for name, t in times.items()}
+    return {"s": med, "wall_s": {name: median(t["wall"]) for name, t in times.items()},
+            ratio_key: {name: med[name] / med[reference] for name in fns}}
+
+
 # -- memory ------------------------------------------------------------------------------------
 def _proc_status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -25,7 +25,7 @@ from .targeting import (
     candidate_names, find_targets, innermost, is_bias, is_under, join_name, logical_name, trained_whole, wrapper_chain,
 )
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
-from .tuners.base import BASE_MODEL_NAME
+from .tuners.base import BASE_MODEL_NAME, layers_a_copy_would_copy
 from .tuners.virtual_tokens import PromptEncoderDict
 
 
@@ -242,8 +242,7 @@ def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
     adapter too (and save its tensors under this one's name); peft refuses the same."""
     for name in _saved_whole(model, config):
         module = model.get_submodule(name)
-        holding = [n for n, m in module.named_modules() if isinstance(m, AdapterLayer)
-                   and not (n == "" and isinstance(m, ModulesToSaveWrapper))]
+        holding = layers_a_copy_would_copy(module, ModulesToSaveWrapper)
         if holding:
             wrapper = module.get_submodule(holding[0])
             raise ValueError(

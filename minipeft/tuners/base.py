@@ -468,6 +468,14 @@ class AddedUpdate:
         return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
 
 
+def layers_a_copy_would_copy(module: nn.Module, own_class: type) -> list[str]:
+    """The adapter layers inside ``module`` (by name; ``""`` for ``module`` itself) that a trained
+    copy of it would copy along, and save under the wrong adapter's name: all of them but
+    ``module`` itself when it is a wrapper of ``own_class``, which adds the copy beside the others."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, AdapterLayer) and not (name == "" and isinstance(m, own_class))]
+
+
 class TrainedCopies(AdapterLayer):
     """A wrapper whose adapters are whole trained copies of the module it wraps: each adapter
     trains its own copy in the ModuleDict named ``copies_name``, the original stays frozen, and

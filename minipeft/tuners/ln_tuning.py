@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import candidate_names, innermost, is_under, name_matches
-from .base import AdapterLayer, TrainedCopies, _merge_numbers
+from .base import TrainedCopies, _merge_numbers, layers_a_copy_would_copy
 
 
 @dataclass
@@ -120,8 +120,7 @@ def check_target(target: nn.Module, config: LNTuningConfig, key: str) -> None:
     too (and save their tensors under this adapter's name), as ``modules_to_save`` refuses."""
     if not any(True for _ in target.parameters()):
         raise ValueError(f"cannot apply LN tuning to {key!r}: this {type(target).__name__} has no parameters to train")
-    inside = [n for n, m in target.named_modules() if isinstance(m, AdapterLayer)
-              and not (n == "" and isinstance(m, LNTuningLayer))]
+    inside = layers_a_copy_would_copy(target, LNTuningLayer)
     if inside:
         wrapper = target.get_submodule(inside[0])
         raise ValueError(
