@@ -59,6 +59,8 @@ class LNTuningLayer(TrainedCopies):
 
     # -- merging, peft's way: the merged adapter's copy runs in the layer's place ------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Let the adapter's copy run in the layer's place, whichever adapter is active (nothing is
+        added up, so ``safe_merge`` has nothing to check)."""
         names = self._check_mergeable(adapter_names)
         if len(self.merged_adapters) + len(names) > 1:
             raise ValueError(
