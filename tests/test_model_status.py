@@ -58,3 +58,16 @@ def test_status_inside_disable_adapter():
     with model.disable_adapter():
         assert model.get_model_status().enabled is False
     assert minipeft.get_model_status(model).enabled is True
+
+
+def test_layer_names_of_lora_s_trainable_tokens_are_peft_s():
+    """peft holds LoRA's trainable tokens one module down (``<embedding>.token_adapter``), also on a
+    head tied to the embedding."""
+    base = tiny_transformers_model("gpt2")
+    names = []
+    for library in (peft, minipeft):
+        model = library.get_peft_model(copy.deepcopy(base), library.LoraConfig(r=2, target_modules=["c_attn"],
+                                                                               trainable_token_indices=[1, 2]))
+        names.append([s.name for s in model.get_layer_status()])
+    assert names[1] == names[0]
+    assert "model.lm_head.token_adapter" in names[1]
