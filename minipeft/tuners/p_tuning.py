@@ -15,9 +15,11 @@ and positions widened, generation, encoder-decoder models).
 
 Checkpoints, as peft's: only the network's output ``P`` is saved (``prompt_embeddings``). A
 loaded adapter is that table with no network (``fold``), which computes the same prompt. Loaded
-to train (``is_trainable=True``) it trains ``P`` directly, after a warning; peft instead runs a
-new, randomly initialised network on top of the saved ``P``, which computes neither the saved
-prompt nor one learned from it.
+to train (``is_trainable=True``, or ``set_peft_model_state_dict`` into a model built to train)
+it trains ``P`` directly, after a warning. peft refuses ``is_trainable=True`` for virtual-token
+methods, and its ``set_peft_model_state_dict`` into a model built to train runs that model's new,
+randomly initialised network on top of the saved ``P``, which computes neither the saved prompt
+nor one learned from it.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class PromptEncoderConfig(vt.PromptLearningConfig):
 
     encoder_reparameterization_type: ``MLP`` (three linear layers) or ``LSTM`` (a bidirectional
     LSTM of ``encoder_num_layers`` layers, then two linear layers).
-    encoder_hidden_size: h above; ``token_dim`` when omitted (peft needs it given).
+    encoder_hidden_size: h above; ``token_dim`` when omitted, as in peft.
     encoder_num_layers: the LSTM's layers (the MLP always has three; another value is ignored,
     with a warning, as in peft).
     encoder_dropout: dropout between the LSTM's layers.
