@@ -12,7 +12,7 @@
 #      with and without TF32, the LoRA layer's own choice of path (TESTS, a pytest -k
 #      expression, picks fewer)
 #   5. end to end against peft on the ~1B LLaMA-style model: no-grad inference (a prompt's
-#      forward and generation) and a training step
+#      forward and generation), a training step, and a mixed batch of four adapters
 #   6. the full kernel sweep for whatever time is left
 # Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
 # wrote. It runs on the GPU machine's own python3 with its torch and triton (nothing can be
@@ -71,6 +71,7 @@ fi
 step 200 gpu-tests.log "${pytest[@]}" -k "${TESTS:-not matches_float64_reference and not cuda_graph}"
 step 150 e2e.log "$PY" benchmarks/bench_inference.py --device cuda --models llama --out "$OUT"
 step 200 e2e.log "$PY" benchmarks/bench_train_step.py --device cuda --models llama --out "$OUT"
+step 120 e2e.log "$PY" benchmarks/bench_mixed_batch.py --device cuda --out "$OUT"
 left=$((BUDGET - (SECONDS - start)))
 step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
 echo "done in $((SECONDS - start))s; files in $OUT"
