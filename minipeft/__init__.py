@@ -14,6 +14,7 @@ from .tuners.ln_tuning import LNTuningConfig
 from .tuners.loha import LoHaConfig
 from .tuners.lokr import LoKrConfig
 from .tuners.lora import LoraConfig
+from .tuners.oft import OFTConfig
 from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
@@ -28,6 +29,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftType",

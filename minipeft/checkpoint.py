@@ -79,6 +79,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import types
 import typing
 import warnings
@@ -580,6 +581,19 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True  # an annotation we do not model: the config's own __post_init__ judges it
 
 
+def check_oft_version(data: dict[str, Any], source: str) -> None:
+    """peft changed OFT twice: before 0.14 it stored other tensors (no ``oft_block_size`` field),
+    and in 0.18 the Neumann series (the one minipeft computes). An older file says so."""
+    if "oft_block_size" not in data:
+        raise ValueError(f"{source}: an OFT adapter from peft before 0.14 (no oft_block_size), whose tensors "
+                         "minipeft and newer peft do not read; retrain it, or load it with peft 0.13")
+    version = re.match(r"(\d+)\.(\d+)", str(data.get("peft_version", "0.0")))
+    if data.get("use_cayley_neumann") and (not version or tuple(map(int, version.groups())) < (0, 18)):
+        warnings.warn(f"{source}: an OFT adapter saved before peft 0.18 (peft_version "
+                      f"{data.get('peft_version')!r}) with the Neumann series, which peft 0.18 changed: it computes "
+                      "a slightly different rotation here than where it was trained", stacklevel=3)
+
+
 def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig:
     """Build the right config class from a peft-style dict (``adapter_config.json``).
 
@@ -603,6 +617,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         # which minipeft does not implement. That decides only where training started; the file
         # holds where it ended, so the adapter loads as a plainly initialised one overwritten by it.
         data = {**data, "init_lora_weights": True, "eva_config": None}
+    if peft_type == PeftType.OFT.value:
+        check_oft_version(data, source)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}

@@ -29,6 +29,7 @@ class PeftType(str, enum.Enum):
     LOKR = "LOKR"
     ADALORA = "ADALORA"
     LN_TUNING = "LN_TUNING"
+    OFT = "OFT"
 
 
 class TaskType(str, enum.Enum):

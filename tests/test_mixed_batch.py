@@ -22,6 +22,7 @@ from minipeft import (
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    OFTConfig,
     PromptTuningConfig,
     TrainableTokensConfig,
     VeraConfig,
@@ -87,6 +88,11 @@ TINYNET_CASES = {
     "loha and lokr": (
         LoHaConfig(r=2, target_modules=["fc1", "conv2d"], init_weights=False),
         LoKrConfig(r=2, target_modules=["fc1", "conv1d"], init_weights=False),
+        (),
+    ),
+    "oft on linear, embedding, conv1d, conv2d; and block_share": (
+        OFTConfig(oft_block_size=4, target_modules=["embed", "conv1d", "fc1"], init_weights=False),
+        OFTConfig(oft_block_size=3, target_modules=["conv2d", "fc1"], block_share=True, init_weights=False),
         (),
     ),
     "adalora and lora stacked on one layer": (

@@ -34,6 +34,7 @@ from . import (
     ln_tuning,
     lokr,
     lora,
+    oft,
     p_tuning,
     prefix_tuning,
     prompt_tuning,
@@ -131,6 +132,7 @@ register_method(
                check=ln_tuning.check_target, default_targets=ln_tuning.normalisation_layers,
                check_model=ln_tuning.check_targets_apart),
 )
+register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
 )

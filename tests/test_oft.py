@@ -1,0 +1,292 @@
+"""OFT against hand-derived math (a 2 x 2 Cayley rotation in closed form, orthogonality, the
+rotated weight) and against peft (one seed, the same rotation parameters, outputs, gradients and
+checkpoints both ways, for each option).
+
+Deliberate differences, each checked here: on a convolution minipeft's forward is the rotated
+kernel, which peft's merge computes too (peft's unmerged Conv2d forward is not: it folds
+overlapping input patches back by summing them); ``module_dropout`` is applied (peft 0.21 builds
+the dropout layer but never calls it); GPT-2's Conv1D and Conv1d/Conv3d are supported."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import minipeft
+from minipeft import OFTConfig, get_peft_model, injection
+from minipeft.tuners.oft import cayley, nearest_divisor, skew_symmetric
+from tests.models import input_ids, tiny_transformers_model
+
+peft = pytest.importorskip("peft")
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+
+
+# -- the rotation, by hand ----------------------------------------------------------------------
+def test_a_2x2_block_is_the_closed_form_cayley_rotation():
+    """For b = 2, Q = [[0, q], [-q, 0]] and Q^2 = -q^2 I, so (I - Q)(I + Q)^{-1} is the rotation
+    [[1 - q^2, -2q], [2q, 1 - q^2]] / (1 + q^2), and peft's 5-term series
+    I + 2Q + 2Q^2 + 2Q^3 + Q^4 is (1 - 2q^2 + q^4) I + (2 - 2q^2) Q."""
+    q = 0.3
+    Q = skew_symmetric(torch.tensor([[q]], dtype=torch.float64), 2)
+    torch.testing.assert_close(Q[0], torch.tensor([[0.0, q], [-q, 0.0]], dtype=torch.float64))
+    exact = torch.tensor([[1 - q * q, -2 * q], [2 * q, 1 - q * q]], dtype=torch.float64) / (1 + q * q)
+    torch.testing.assert_close(cayley(Q, None)[0], exact)
+    series = (1 - 2 * q * q + q**4) * torch.eye(2, dtype=torch.float64) + (2 - 2 * q * q) * Q[0]
+    torch.testing.assert_close(cayley(Q, 5)[0], series)
+    # The two forms turn the opposite ways: the series approximates the exact rotation's transpose.
+    torch.testing.assert_close(cayley(Q * 1e-3, 12)[0], cayley(Q * 1e-3, None)[0].T)
+
+
+@pytest.mark.parametrize("terms", [None, 1, 2, 3, 4, 6])
+def test_exact_rotations_are_orthogonal_and_series_match_peft(terms):
+    torch.manual_seed(0)
+    upper = torch.randn(3, 10) * 0.1  # three 5 x 5 blocks
+    R = cayley(skew_symmetric(upper, 5), terms)
+    if terms is None:
+        torch.testing.assert_close(R @ R.transpose(-2, -1), torch.eye(5).expand(3, 5, 5), atol=1e-6, rtol=0)
+    layer = peft.tuners.oft.layer.OFTRotationModule(3, 10, 5, 15, use_cayley_neumann=terms is not None,
+                                                    num_cayley_neumann_terms=terms or 5)
+    torch.testing.assert_close(R, layer._cayley_batch(upper, 5, terms is not None, terms or 5), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size, value, want", [(32, 6, 4), (32, 8, 8), (12, 5, 4), (12, 5 + 0, 4), (30, 4, 3),
+                                               (12, 40, 12), (7, 3, 1)])
+def test_sizes_that_do_not_divide_move_to_the_nearest_divisor(size, value, want):
+    assert nearest_divisor(size, value) == want
+
+
+def test_the_forward_rotates_the_input_and_a_new_adapter_is_the_base_model():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 5))
+    model = get_peft_model(copy.deepcopy(base), OFTConfig(oft_block_size=4, target_modules=["0"]))
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(model(x), base(x), atol=0, rtol=0)
+    with torch.no_grad():
+        model.get_base_model()[0].oft_R["default"].weight.normal_()
+    layer = model.get_base_model()[0]
+    R = torch.block_diag(*layer.rotation("default"))  # (12, 12)
+    torch.testing.assert_close(model(x), x @ R @ base[0].weight.T + base[0].bias, atol=1e-5, rtol=0)
+    assert layer.r["default"] == 3 and layer.oft_block_size["default"] == 4
+
+
+# -- against peft -------------------------------------------------------------------------------
+def seeded_pair(base, config: dict, seed: int = 3):
+    """(peft model, minipeft model) from one seed, each built right after ``torch.manual_seed``."""
+    models = []
+    for library in (peft, minipeft):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # block sizes moved to a divisor: both say so
+            models.append(library.get_peft_model(copy.deepcopy(base), library.OFTConfig(**config)))
+    return models
+
+
+OPTIONS = {
+    "neumann": {},
+    "exact cayley": dict(use_cayley_neumann=False),
+    "block_share": dict(block_share=True),
+    "coft": dict(coft=True, eps=1e-2),
+    "r instead of the block size": dict(r=4, oft_block_size=0),
+    "a block size that does not divide": dict(oft_block_size=6),
+    "bias oft_only": dict(bias="oft_only"),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_logits_gradients_and_parameters_match_peft(option):
+    base = tiny_transformers_model("llama")
+    config = dict(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False) | OPTIONS[option]
+    p, m = seeded_pair(base, config)
+    ids = input_ids()
+    grads, logits = [], []
+    for model in (p, m):
+        model.train()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        logits.append(out.logits)
+        grads.append({n: t.grad for n, t in model.named_parameters() if t.requires_grad})
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=1e-5)
+    assert sorted(grads[1]) == sorted(grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4)
+    for name, t in p.named_parameters():
+        torch.testing.assert_close(m.get_parameter(name), t, atol=1e-9, rtol=0)  # coft: also after its projection
+
+
+@pytest.mark.parametrize("option", ["neumann", "exact cayley", "block_share"])
+def test_checkpoints_load_in_peft_and_back(tmp_path, option):
+    base = tiny_transformers_model("llama")
+    p, m = seeded_pair(base, dict(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                  init_weights=False) | OPTIONS[option])
+    ids = input_ids()
+    m.save_pretrained(tmp_path / "mini")
+    p2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
+    torch.testing.assert_close(p2(input_ids=ids).logits, m(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        for t in p.parameters():
+            if t.requires_grad:
+                t.mul_(-1.5)
+    p.save_pretrained(tmp_path / "peft")
+    m2 = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(m2(input_ids=ids).logits, p(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_an_embedding_rotates_its_vectors_as_peft_does(tmp_path):
+    base = tiny_transformers_model("llama")
+    p, m = seeded_pair(base, dict(oft_block_size=8, target_modules=["embed_tokens"], init_weights=False))
+    ids = input_ids()
+    torch.testing.assert_close(m(input_ids=ids).logits, p(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+    layer = m.get_base_model().model.embed_tokens
+    R = torch.block_diag(*layer.rotation("default"))
+    torch.testing.assert_close(layer(ids), layer.base_layer.weight[ids] @ R, atol=1e-6, rtol=0)
+    # peft's file also holds the frozen table (save_embedding_layers); minipeft loads it as peft does.
+    p.save_pretrained(tmp_path / "peft")
+    m2 = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(m2(input_ids=ids).logits, p(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, image):
+        return self.conv(image)
+
+
+def test_a_convolution_runs_with_its_rotated_kernel_which_peft_merges():
+    torch.manual_seed(0)
+    base = ConvNet()
+    image = torch.randn(2, 4, 7, 7)
+    p, m = seeded_pair(base, dict(oft_block_size=4, target_modules=["conv"]))  # R = I
+    torch.testing.assert_close(m(image), base(image), atol=0, rtol=0)
+    p, m = seeded_pair(base, dict(oft_block_size=4, target_modules=["conv"], init_weights=False))
+    assert m.get_base_model().conv.oft_R["default"].weight.shape == (9, 6)  # 36 = 4 x 3 x 3 in blocks of 4
+    with torch.no_grad():
+        theirs = p.merge_and_unload()(image)
+    torch.testing.assert_close(m(image), theirs, atol=1e-5, rtol=1e-5)
+    layer = m.get_base_model().conv
+    R = torch.block_diag(*layer.rotation("default"))  # (36, 36)
+    kernel = (base.conv.weight.flatten(1) @ R.T).view_as(base.conv.weight)
+    torch.testing.assert_close(m(image), nn.functional.conv2d(image, kernel, base.conv.bias, padding=1),
+                               atol=1e-5, rtol=1e-5)
+
+
+# -- layers peft does not adapt -------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2 conv1d", "conv1d", "conv3d"])
+def test_more_layer_types_merge_to_what_their_forward_computes(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2 conv1d":
+        base, targets = tiny_transformers_model("gpt2"), ["c_attn", "c_fc"]
+        run = lambda model: model(input_ids=input_ids()).logits  # noqa: E731
+    else:
+        conv = nn.Conv1d(4, 6, 3, padding=1) if kind == "conv1d" else nn.Conv3d(2, 3, 2, dilation=2)
+        base, targets = nn.Sequential(conv), ["0"]
+        x = torch.randn(2, 4, 9) if kind == "conv1d" else torch.randn(2, 2, 5, 5, 5)
+        run = lambda model: model(x)  # noqa: E731
+    model = get_peft_model(copy.deepcopy(base), OFTConfig(oft_block_size=4, target_modules=targets, init_weights=False))
+    with torch.no_grad():
+        adapted = run(model)
+        assert not torch.allclose(adapted, run(base), atol=1e-4)
+        merged = run(copy.deepcopy(model).merge_and_unload())
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_conv1d_rotates_the_input_side_of_its_transposed_weight():
+    base = tiny_transformers_model("gpt2")
+    model = get_peft_model(copy.deepcopy(base), OFTConfig(oft_block_size=8, target_modules=["c_fc"], init_weights=False))
+    layer = model.get_base_model().transformer.h[0].mlp.c_fc
+    assert layer.fan_in_fan_out and model.peft_config["default"].fan_in_fan_out
+    x = torch.randn(3, 32)
+    R = torch.block_diag(*layer.rotation("default"))
+    torch.testing.assert_close(layer(x), x @ R @ layer.base_layer.weight + layer.base_layer.bias, atol=1e-5, rtol=0)
+
+
+# -- merging, several adapters, dropout, mixed batches ------------------------------------------------
+def test_merge_unmerge_and_two_adapters_compose_as_their_merges():
+    base = tiny_transformers_model("llama")
+    config = dict(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False)
+    model = get_peft_model(copy.deepcopy(base), OFTConfig(**config))
+    model.add_adapter("b", OFTConfig(**config | dict(oft_block_size=4, use_cayley_neumann=False)))
+    ids = input_ids()
+    with torch.no_grad():
+        injection.set_adapter(model.get_base_model(), ["default", "b"])  # both active on every layer
+        both = model(input_ids=ids).logits
+        model.merge_adapter(["default", "b"])
+        torch.testing.assert_close(model(input_ids=ids).logits, both, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        restored = copy.deepcopy(model).unload().state_dict()  # the inverse blocks give the weights back
+        for name, t in base.state_dict().items():
+            torch.testing.assert_close(restored[name], t, atol=1e-6, rtol=0)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+def test_module_dropout_replaces_whole_blocks_by_the_identity_in_training_only():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 4)), OFTConfig(oft_block_size=2, module_dropout=0.25,
+                                                                      target_modules=["0"], init_weights=False))
+    rotation = model.get_base_model()[0].oft_R["default"]
+    eye = torch.eye(2)
+    model.train()
+    draws = set()
+    for _ in range(20):
+        blocks = rotation.matrices()
+        identity = [i for i in range(8) if torch.equal(blocks[i], eye)]
+        assert len(identity) == 2  # int(0.25 x 8)
+        draws.add(tuple(identity))
+    assert len(draws) > 1
+    model.eval()
+    assert not any(torch.equal(b, eye) for b in rotation.matrices())
+
+
+def test_each_row_of_a_mixed_batch_computes_what_its_adapter_alone_computes():
+    base = tiny_transformers_model("llama")
+    config = dict(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False)
+    model = get_peft_model(copy.deepcopy(base), OFTConfig(**config))
+    model.add_adapter("b", OFTConfig(**config | dict(block_share=True)))
+    model.eval()
+    ids = input_ids(batch=3)
+    names = ["b", "__base__", "default"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    want = model(input_ids=ids[row:row + 1]).logits
+            else:
+                model.set_adapter(name)
+                want = model(input_ids=ids[row:row + 1]).logits
+            torch.testing.assert_close(mixed[row:row + 1], want, atol=1e-5, rtol=1e-5)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_bad_configs_and_targets_say_what_would_be_right():
+    with pytest.raises(ValueError, match="either r .* or oft_block_size"):
+        OFTConfig(r=4, oft_block_size=8)
+    with pytest.raises(ValueError, match="either r .* or oft_block_size"):
+        OFTConfig(r=0, oft_block_size=0)
+    with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'oft_only'"):
+        OFTConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="OFT supports nn.Linear"):
+        get_peft_model(nn.Sequential(nn.LayerNorm(8)), OFTConfig(target_modules=["0"]))
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3))
+    model = get_peft_model(conv, minipeft.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="Add the OFT adapter first"):
+        model.add_adapter("oft", OFTConfig(oft_block_size=2, target_modules=["0"]))
+
+
+def test_files_from_older_peft_versions_are_refused_or_warned_about(tmp_path):
+    from minipeft.checkpoint import config_from_dict
+
+    data = OFTConfig(target_modules=["q_proj"]).to_dict()
+    assert data["peft_version"] == "0.18.0"  # peft reads the series as its own, without a warning
+    with pytest.warns(UserWarning, match="saved before peft 0.18"):
+        config_from_dict({**data, "peft_version": "0.17.1"})
+    with pytest.raises(ValueError, match="peft before 0.14"):
+        config_from_dict({k: v for k, v in data.items() if k != "oft_block_size"})
