@@ -24,6 +24,8 @@ the same way (``repeat_interleave``).
 The attention modules are found by running the model once on a two-token input and noting
 which innermost modules call SDPA. A model whose attention does not go through SDPA has none:
 that is an error saying so (transformers: load with ``attn_implementation="sdpa"``).
+Encoder-decoder models take peft's route instead, a prefix in the decoder's KV cache
+(``prefix_tuning_seq2seq.py``): there T5's relative position bias must cover the prefix too.
 
 Positions: the prefix occupies positions ``0..n-1``
 ---------------------------------------------------
@@ -75,7 +77,8 @@ class PrefixTuningConfig(vt.PromptLearningConfig):
     init_weights: ``None`` (standard normal) or ``"zero"`` (zero keys and values: each prefix
     position still takes attention mass ``exp(0)`` but adds nothing to the output).
     target_modules (minipeft only): which attention modules get a prefix, by name (exact,
-    dotted suffix or full regex); default every module that calls SDPA. When given it is saved
+    dotted suffix or full regex); default every module that calls SDPA (not for encoder-decoder
+    models, where every decoder layer gets one). When given it is saved
     in ``adapter_config.json``, since the saved prefix has one row block per selected layer and
     a reload must select the same layers. peft has no such field: it ignores the key (with a
     warning) and cannot load a prefix for fewer layers than the model has.
@@ -345,7 +348,7 @@ def _select_attention_modules(
     return names
 
 
-def _fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes: list[tuple[int, ...]]) -> None:
+def fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes: list[tuple[int, ...]]) -> None:
     """Fill num_layers / token_dim / num_attention_heads (and peft's bookkeeping fields) from the
     key shapes (B, heads, S, head_dim) of the selected attention modules, one per module; a field
     the config gives must agree with the model."""
@@ -379,7 +382,10 @@ def _fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes:
 def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
     """Add a prefix-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
     model = peft_model.get_base_model()
-    vt.refuse_encoder_decoder(model, config, "prefix tuning")
+    if vt.is_encoder_decoder(model, config):  # the decoder's KV cache instead of SDPA hooks
+        from .prefix_tuning_seq2seq import attach as attach_encoder_decoder  # (it builds on this module)
+
+        return attach_encoder_decoder(peft_model, adapter_name, config)
     # Probe and infer before creating the container: a failure must leave no hook on the user's model.
     existing = peft_model._modules.get("prompt_encoder")
     if existing is not None:
@@ -390,7 +396,7 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig)
         if existing is not None:
             existing.disable_adapters = was_disabled
     names = _select_attention_modules(config, model, found)
-    _fill_shape_fields(config, model, [found[n] for n in names])
+    fill_shape_fields(config, model, [found[n] for n in names])
     device = next((p.device for p in model.parameters()), None)
     encoder = PrefixEncoder(config, names, device=device)
     encoders = vt.prompt_encoders(peft_model)

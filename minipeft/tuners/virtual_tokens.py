@@ -76,17 +76,6 @@ def is_encoder_decoder(model: nn.Module, config: PeftConfig) -> bool:
     return task == "SEQ_2_SEQ_LM" or bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def refuse_encoder_decoder(model: nn.Module, config: PeftConfig, method: str) -> None:
-    """Refuse an encoder-decoder model for a method that prompts one stack only (an encoder's,
-    or a decoder-only model's); peft puts a prefix into both of its stacks."""
-    if is_encoder_decoder(model, config):
-        raise ValueError(
-            f"minipeft's {method} supports encoder and decoder-only models; {type(model).__name__} is an "
-            "encoder-decoder model (SEQ_2_SEQ_LM), which it does not prefix. Use prompt tuning or LoRA for it, "
-            "or peft"
-        )
-
-
 def forward_parameters(model: nn.Module) -> list[str]:
     """Names of ``model.forward``'s parameters, in order (to name positional arguments)."""
     try:

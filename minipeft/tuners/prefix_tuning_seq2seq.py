@@ -1,0 +1,163 @@
+"""Prefix tuning on encoder-decoder models (T5, BART, ...): the prefix in the decoder's KV cache.
+
+On an encoder-decoder model peft prefixes the decoder's self-attention only: the encoder and
+the cross-attention see no virtual token. It does so by handing the model a KV cache that holds
+the prefix already, as if ``n`` decoder tokens had been seen before the real ones. The model then
+does the rest itself: every self-attention layer attends to the cached prefix, the decoder numbers
+its tokens from ``n`` (BART's learned positions), and T5's relative position bias covers the
+prefix columns too (as the distance to positions ``0..n-1``). The SDPA route of
+``prefix_tuning.py`` could not give those bias columns, so here minipeft does what peft does:
+before each forward of the model, a cache whose self-attention part is empty (the first call,
+the first step of ``generate``) is filled with the prefix, and a decoder padding mask
+``(B, T)`` is widened with ``n`` visible columns.
+
+Which rows of the table a layer reads: peft's layout
+----------------------------------------------------
+The table is peft's: ``(n, L * 2 * heads * head_dim)``, a key and a value for each of the ``L``
+decoder layers. peft writes the list ``[k_0, v_0, ..., k_{L-1}, v_{L-1}]`` twice in a row and cuts
+it into fours, one ``(self k, self v, cross k, cross v)`` per decoder layer, then empties the
+cross-attention part of the cache. Decoder layer ``j``'s self-attention thus reads the table's
+layer ``2j mod L``; with an even ``L`` the odd layers' rows are never read (they get no gradient).
+minipeft reads the same rows, so that a checkpoint computes the same function in both libraries.
+
+The cache classes are the model's own (transformers' ``EncoderDecoderCache`` of two
+``DynamicCache``): attaching runs the model once with ``use_cache=True`` and keeps the types of
+the cache it returns, which also tell the number of decoder layers and the shape of their keys.
+minipeft never imports transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import virtual_tokens as vt
+from .prefix_tuning import PrefixEncoder, PrefixTuningConfig, fill_shape_fields
+
+
+def table_layer(decoder_layer: int, layers: int) -> int:
+    """The layer of peft's table whose key and value decoder layer ``decoder_layer`` reads."""
+    return 2 * decoder_layer % layers
+
+
+def probe_decoder_cache(model: nn.Module):
+    """The cache the model fills in one forward (encoder input of 3 tokens, decoder input of 2)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 3, dtype=torch.long, device=device),
+                        decoder_input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=True)
+    except Exception as err:
+        raise ValueError(
+            f"prefix tuning runs the encoder-decoder {type(model).__name__} once (input_ids and decoder_input_ids, "
+            f"use_cache=True) to find its decoder layers, and that call failed: {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        model.train(was_training)
+    cache = next((out[key] for key in vt.CACHE_KWARGS if key in out and out[key] is not None), None)
+    if cache is None or not hasattr(cache, "self_attention_cache"):
+        raise ValueError(
+            f"prefix tuning puts the prefix into an encoder-decoder model's KV cache, but {type(model).__name__} "
+            f"returned {type(cache).__name__} as its cache, not one with a self_attention_cache (transformers' "
+            "EncoderDecoderCache). Use a transformers encoder-decoder model (T5, BART, ...), or prompt tuning or LoRA"
+        )
+    return cache
+
+
+class DecoderCachePrefix(PrefixEncoder):
+    """The prefix of an encoder-decoder model, put into the decoder's KV cache before each call."""
+
+    def __init__(self, config: PrefixTuningConfig, cache, device=None) -> None:
+        super().__init__(config, layer_names=[], device=device)
+        self.layers = config.num_layers
+        self.cache_type = type(cache)
+        self.layer_cache_type = type(cache.self_attention_cache)
+
+    def hook(self, model: nn.Module, encoders: vt.PromptEncoderDict) -> None:
+        """No hooks beyond the model's pre-hook (``prepare_call``): the model reads its cache itself."""
+        self._owner = [encoders]
+        self._checkpointed = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        self._cache_kwarg = next((k for k in vt.CACHE_KWARGS if k in vt.forward_parameters(model)), "past_key_values")
+
+    def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
+        if torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointed):
+            # A recomputed layer would write its prefix into the cache a second time (peft refuses it too).
+            raise ValueError("prefix tuning on an encoder-decoder model does not work with gradient checkpointing, "
+                             "which recomputes the layers that write the KV cache; turn it off for this model")
+        key = next((k for k in vt.CACHE_KWARGS if kwargs.get(k) is not None), self._cache_kwarg)
+        cache = kwargs.get(key)
+        if cache is None:
+            cache = kwargs[key] = self.cache_type(self.layer_cache_type(), self.layer_cache_type())
+        own = cache.self_attention_cache
+        if own.get_seq_length() == 0:
+            self._fill(own, decoder_batch_size(kwargs), next(model.parameters()).dtype)
+        mask = kwargs.get("decoder_attention_mask")
+        new_tokens = decoder_length(kwargs)
+        if mask is not None and new_tokens is not None and mask.shape[-1] + self.num_virtual_tokens == \
+                own.get_seq_length() + new_tokens:  # a mask of the real tokens only: the prefix is visible
+            kwargs["decoder_attention_mask"] = vt.widen_attention_mask(mask, self.num_virtual_tokens)
+        return kwargs
+
+    def _fill(self, cache, batch: int, dtype: torch.dtype) -> None:
+        """Write each decoder layer's prefix (batch, heads, n, head_dim) into an empty cache."""
+        self._table = self.prompt_embeddings()  # the MLP, if any, runs once for all layers
+        try:
+            for layer in range(self.layers):
+                key, value = self.layer_prefix(table_layer(layer, self.layers))
+                cache.update(key.to(dtype).expand(batch, -1, -1, -1), value.to(dtype).expand(batch, -1, -1, -1), layer)
+        finally:
+            self._table = None
+
+
+def decoder_batch_size(kwargs: dict) -> int:
+    """The batch of a call: from the decoder's inputs, the labels, or the encoder's."""
+    for key in ("decoder_input_ids", "decoder_inputs_embeds", "labels", "input_ids", "inputs_embeds"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    encoder_outputs = kwargs.get("encoder_outputs")
+    if encoder_outputs is not None:
+        return encoder_outputs[0].shape[0]
+    raise ValueError("cannot tell the batch size of this call: pass input_ids, decoder_input_ids or labels")
+
+
+def decoder_length(kwargs: dict) -> int | None:
+    """How many decoder tokens this call adds (None when the model derives them from labels)."""
+    for key in ("decoder_input_ids", "decoder_inputs_embeds", "labels"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[1]
+    return None
+
+
+def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
+    """Add a prefix-tuning adapter to an encoder-decoder ``peft_model``."""
+    model = peft_model.get_base_model()
+    existing = peft_model._modules.get("prompt_encoder")
+    if existing is not None:
+        existing.disable_adapters, was_disabled = True, existing.disable_adapters  # probe the bare model
+    try:
+        cache = probe_decoder_cache(model)
+    finally:
+        if existing is not None:
+            existing.disable_adapters = was_disabled
+    own = cache.self_attention_cache
+    key_shapes = [tuple(layer.keys.shape) for layer in own.layers]
+    encoder_layers = vt.model_config_value(model, "num_hidden_layers")
+    if encoder_layers is not None and encoder_layers != len(key_shapes):
+        raise ValueError(
+            f"{type(model).__name__} has {encoder_layers} encoder and {len(key_shapes)} decoder layers; peft lays out "
+            "an encoder-decoder prefix by the encoder's count and fills the decoder's cache with it, which needs "
+            "the two to be equal. Use prompt tuning or LoRA for this model"
+        )
+    if config.target_modules is not None:
+        raise ValueError("target_modules selects attention modules for the SDPA route of decoder-only and encoder "
+                         "models; on an encoder-decoder model every decoder layer gets a prefix, as in peft")
+    config.num_transformer_submodules = 2
+    fill_shape_fields(config, model, key_shapes)
+    device = next((p.device for p in model.parameters()), None)
+    encoder = DecoderCachePrefix(config, cache, device=device)
+    encoders = vt.prompt_encoders(peft_model)
+    encoder.hook(model, encoders)
+    encoders[adapter_name] = encoder
+    vt.add_modules_to_save(peft_model, adapter_name, config)
