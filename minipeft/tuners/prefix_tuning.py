@@ -382,23 +382,17 @@ def fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes: 
 def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
     """Add a prefix-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
     model = peft_model.get_base_model()
-    if vt.is_encoder_decoder(model, config):  # the decoder's KV cache instead of SDPA hooks
-        from .prefix_tuning_seq2seq import attach as attach_encoder_decoder  # (it builds on this module)
-
-        return attach_encoder_decoder(peft_model, adapter_name, config)
     # Probe and infer before creating the container: a failure must leave no hook on the user's model.
-    existing = peft_model._modules.get("prompt_encoder")
-    if existing is not None:
-        existing.disable_adapters, was_disabled = True, existing.disable_adapters  # probe the bare model
-    try:
-        found = find_attention_modules(model)
-    finally:
-        if existing is not None:
-            existing.disable_adapters = was_disabled
-    names = _select_attention_modules(config, model, found)
-    fill_shape_fields(config, model, [found[n] for n in names])
-    device = next((p.device for p in model.parameters()), None)
-    encoder = PrefixEncoder(config, names, device=device)
+    with vt.adapters_off(peft_model):
+        if vt.is_encoder_decoder(model, config):  # the decoder's KV cache instead of SDPA hooks
+            from .prefix_tuning_seq2seq import decoder_cache_prefix  # (that module builds on this one)
+
+            encoder = decoder_cache_prefix(model, config)
+        else:
+            found = find_attention_modules(model)
+            names = _select_attention_modules(config, model, found)
+            fill_shape_fields(config, model, [found[n] for n in names])
+            encoder = PrefixEncoder(config, names, device=next((p.device for p in model.parameters()), None))
     encoders = vt.prompt_encoders(peft_model)
     encoder.hook(model, encoders)
     encoders[adapter_name] = encoder

@@ -130,19 +130,13 @@ def decoder_length(kwargs: dict) -> int | None:
     return None
 
 
-def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
-    """Add a prefix-tuning adapter to an encoder-decoder ``peft_model``."""
-    model = peft_model.get_base_model()
-    existing = peft_model._modules.get("prompt_encoder")
-    if existing is not None:
-        existing.disable_adapters, was_disabled = True, existing.disable_adapters  # probe the bare model
-    try:
-        cache = probe_decoder_cache(model)
-    finally:
-        if existing is not None:
-            existing.disable_adapters = was_disabled
-    own = cache.self_attention_cache
-    key_shapes = [tuple(layer.keys.shape) for layer in own.layers]
+def decoder_cache_prefix(model: nn.Module, config: PrefixTuningConfig) -> DecoderCachePrefix:
+    """The prefix encoder of an encoder-decoder ``model`` (fills ``config``'s inferred fields)."""
+    if config.target_modules is not None:
+        raise ValueError("target_modules selects attention modules for the SDPA route of decoder-only and encoder "
+                         "models; on an encoder-decoder model every decoder layer gets a prefix, as in peft")
+    cache = probe_decoder_cache(model)
+    key_shapes = [tuple(layer.keys.shape) for layer in cache.self_attention_cache.layers]
     encoder_layers = vt.model_config_value(model, "num_hidden_layers")
     if encoder_layers is not None and encoder_layers != len(key_shapes):
         raise ValueError(
@@ -150,14 +144,6 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig)
             "an encoder-decoder prefix by the encoder's count and fills the decoder's cache with it, which needs "
             "the two to be equal. Use prompt tuning or LoRA for this model"
         )
-    if config.target_modules is not None:
-        raise ValueError("target_modules selects attention modules for the SDPA route of decoder-only and encoder "
-                         "models; on an encoder-decoder model every decoder layer gets a prefix, as in peft")
     config.num_transformer_submodules = 2
     fill_shape_fields(config, model, key_shapes)
-    device = next((p.device for p in model.parameters()), None)
-    encoder = DecoderCachePrefix(config, cache, device=device)
-    encoders = vt.prompt_encoders(peft_model)
-    encoder.hook(model, encoders)
-    encoders[adapter_name] = encoder
-    vt.add_modules_to_save(peft_model, adapter_name, config)
+    return DecoderCachePrefix(config, cache, device=next((p.device for p in model.parameters()), None))

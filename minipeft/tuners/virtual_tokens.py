@@ -16,6 +16,7 @@ code: a hook sees each step and can tell the first one (empty KV cache) from the
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,6 +182,21 @@ class PromptEncoderDict(nn.ModuleDict):
         self._handles = ()
         for encoder in self.values():
             encoder.remove_hooks()
+
+
+@contextlib.contextmanager
+def adapters_off(peft_model: nn.Module):
+    """The virtual tokens of ``peft_model``'s adapters left out of the calls inside the block (a
+    probe of the bare model, while another adapter of this kind is active)."""
+    encoders = peft_model._modules.get("prompt_encoder")
+    if encoders is None:
+        yield
+        return
+    encoders.disable_adapters, was_disabled = True, encoders.disable_adapters
+    try:
+        yield
+    finally:
+        encoders.disable_adapters = was_disabled
 
 
 def hooked_prompt_encoders(model: nn.Module) -> list[PromptEncoderDict]:
