@@ -36,6 +36,18 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
+def innermost_first(layers: list[tuple[str, AdapterLayer]]) -> list[tuple[str, AdapterLayer]]:
+    """``layers`` (in model order) with every wrapper after the wrappers nested inside it, other
+    layers keeping their order: the order merges must take, since a wrapper's merge writes the
+    weight its inner wrappers' base layer holds (OFT rotates what an inner LoRA added to)."""
+    ordered, open_wrappers = [], []
+    for name, layer in layers:
+        while open_wrappers and open_wrappers[-1][0] != "" and not is_under(name, [open_wrappers[-1][0]]):
+            ordered.append(open_wrappers.pop())
+        open_wrappers.append((name, layer))
+    return ordered + open_wrappers[::-1]
+
+
 def known_adapter_names(model: nn.Module) -> list[str]:
     """Every adapter name some wrapper in ``model`` holds, in the order first met."""
     names: dict[str, None] = {}
@@ -350,7 +362,8 @@ def unmerge(model: nn.Module) -> None:
 
 def unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
     """Replace every wrapper by its base module (merging ``adapter_names``, default the active
-    adapters, first when ``merge``), innermost wrappers first so nested wrappers unwind cleanly."""
+    adapters, first when ``merge``), innermost wrappers first so nested wrappers unwind cleanly
+    and merge in the order ``merge_adapter`` merges them."""
     layers = list(adapter_layers(model))
     if merge:
         blocking = [f"{name} ({type(layer).__name__})" for name, layer in layers if not layer.mergeable]
@@ -359,7 +372,7 @@ def unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = None
                 f"cannot merge: {', '.join(blocking[:3])}{' ...' if len(blocking) > 3 else ''} hold adapters that are "
                 "not linear maps of a weight; call unload() to remove them without merging"
             )
-    for name, layer in reversed(layers):
+    for name, layer in innermost_first(layers):
         replacement = layer.unwrap(merge, adapter_names)
         if name == "":
             return replacement

@@ -366,7 +366,7 @@ class PeftModel(nn.Module):
         if prompt:
             raise TypeError(f"adapter(s) {prompt} add virtual tokens, which are not weights and cannot be merged")
         plan = []
-        for layer_name, layer in injection.adapter_layers(self.get_base_model()):
+        for layer_name, layer in injection.innermost_first(list(injection.adapter_layers(self.get_base_model()))):
             here = [n for n in names if n in layer.adapter_names]
             twice = [n for n in here if n in layer.merged_adapters]
             if twice and refuse_already_merged:

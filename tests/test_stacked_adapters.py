@@ -255,3 +255,29 @@ def test_modules_to_save_never_selects_adapter_internals(second):
     assert "base_model.model.classifier.modules_to_save.second.weight" in trained(model)
     wrappers = [n for n, m in model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
     assert wrappers == ["classifier"]
+
+
+@pytest.mark.parametrize("outer", ["oft", "ia3 on the input side"])
+@pytest.mark.parametrize("inner_first", [True, False])
+def test_nested_wrappers_merge_innermost_first_in_both_merges(outer, inner_first):
+    """An outer wrapper whose merge is not an addition (OFT's rotation, (IA)^3 on the input side)
+    transforms whatever the inner wrapper folded into the weight, so merging must go innermost
+    first, in merge_adapter as in merge_and_unload; merged outer-first, the model changed by ~2."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    second = {"oft": minipeft.OFTConfig(oft_block_size=4, target_modules=["0"], init_weights=False),
+              "ia3 on the input side": IA3Config(target_modules=["0"], feedforward_modules=["0"])}[outer]
+    lora = LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    first, other = (lora, second) if inner_first else (second, lora)
+    model = get_peft_model(copy.deepcopy(base), first)
+    model.add_adapter("other", other)
+    randomize_adapters(model, names=("ia3_l",), std=0.5, mean=1.0)
+    minipeft.injection.set_adapter(model.get_base_model(), ["default", "other"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+        unloaded = copy.deepcopy(model).merge_and_unload()(x)
+        model.merge_adapter(["default", "other"])
+        merged = model(x)
+    torch.testing.assert_close(unloaded, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=0)
