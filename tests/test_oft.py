@@ -42,7 +42,7 @@ def test_a_2x2_block_is_the_closed_form_cayley_rotation():
     torch.testing.assert_close(cayley(Q * 1e-3, 12)[0], cayley(Q * 1e-3, None)[0].T)
 
 
-@pytest.mark.parametrize("terms", [None, 1, 2, 3, 4, 6])
+@pytest.mark.parametrize("terms", [None, 2, 3, 4, 6])
 def test_exact_rotations_are_orthogonal_and_series_match_peft(terms):
     torch.manual_seed(0)
     upper = torch.randn(3, 10) * 0.1  # three 5 x 5 blocks
@@ -54,8 +54,7 @@ def test_exact_rotations_are_orthogonal_and_series_match_peft(terms):
     torch.testing.assert_close(R, layer._cayley_batch(upper, 5, terms is not None, terms or 5), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("size, value, want", [(32, 6, 4), (32, 8, 8), (12, 5, 4), (12, 5 + 0, 4), (30, 4, 3),
-                                               (12, 40, 12), (7, 3, 1)])
+@pytest.mark.parametrize("size, value, want", [(32, 6, 4), (32, 8, 8), (12, 5, 4), (30, 4, 3), (12, 40, 12), (7, 3, 1)])
 def test_sizes_that_do_not_divide_move_to_the_nearest_divisor(size, value, want):
     assert nearest_divisor(size, value) == want
 
@@ -93,7 +92,6 @@ OPTIONS = {
     "coft": dict(coft=True, eps=1e-2),
     "r instead of the block size": dict(r=4, oft_block_size=0),
     "a block size that does not divide": dict(oft_block_size=6),
-    "bias oft_only": dict(bias="oft_only"),
 }
 
 
@@ -118,7 +116,21 @@ def test_logits_gradients_and_parameters_match_peft(option):
         torch.testing.assert_close(m.get_parameter(name), t, atol=1e-9, rtol=0)  # coft: also after its projection
 
 
-@pytest.mark.parametrize("option", ["neumann", "exact cayley", "block_share"])
+@pytest.mark.parametrize("bias", ["oft_only", "all"])
+def test_trained_biases_match_peft(bias):
+    base = tiny_transformers_model("bert")  # its linear layers have biases (the tiny LLaMA's have none)
+    p, m = seeded_pair(base, dict(oft_block_size=8, target_modules=["query", "value"], init_weights=False, bias=bias))
+    ids = input_ids()
+    trained = []
+    for model in (p, m):
+        model(input_ids=ids).logits.square().sum().backward()
+        trained.append({n: t.grad for n, t in model.named_parameters() if t.requires_grad})
+    assert sorted(trained[1]) == sorted(trained[0]) and any(n.endswith(".bias") for n in trained[0])
+    for name, grad in trained[0].items():
+        torch.testing.assert_close(trained[1][name], grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["neumann", "exact cayley", "block_share", "coft"])
 def test_checkpoints_load_in_peft_and_back(tmp_path, option):
     base = tiny_transformers_model("llama")
     p, m = seeded_pair(base, dict(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -159,7 +171,7 @@ class ConvNet(nn.Module):
         return self.conv(image)
 
 
-def test_a_convolution_runs_with_its_rotated_kernel_which_peft_merges():
+def test_a_convolution_runs_with_its_rotated_kernel_which_peft_merges(tmp_path):
     torch.manual_seed(0)
     base = ConvNet()
     image = torch.randn(2, 4, 7, 7)
@@ -170,6 +182,10 @@ def test_a_convolution_runs_with_its_rotated_kernel_which_peft_merges():
     with torch.no_grad():
         theirs = p.merge_and_unload()(image)
     torch.testing.assert_close(m(image), theirs, atol=1e-5, rtol=1e-5)
+    m.save_pretrained(tmp_path / "mini")
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
+                                   .merge_and_unload()(image), m(image), atol=1e-5, rtol=1e-5)
     layer = m.get_base_model().conv
     R = torch.block_diag(*layer.rotation("default"))  # (36, 36)
     kernel = (base.conv.weight.flatten(1) @ R.T).view_as(base.conv.weight)
@@ -227,6 +243,65 @@ def test_merge_unmerge_and_two_adapters_compose_as_their_merges():
             torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6, rtol=0)
 
 
+def test_several_active_adapters_merge_only_in_their_order():
+    base = nn.Sequential(nn.Linear(8, 8))
+    model = get_peft_model(base, OFTConfig(oft_block_size=4, target_modules=["0"], init_weights=False))
+    model.add_adapter("b", OFTConfig(oft_block_size=4, target_modules=["0"], init_weights=False))
+    injection.set_adapter(model.get_base_model(), ["default", "b"])
+    with pytest.raises(ValueError, match=r"merge them in order \(\['default'\] first\)"):
+        model.merge_adapter(["b"])
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        want = model(x)
+        model.merge_adapter(["default"])  # the first one alone: the other still acts after it
+        torch.testing.assert_close(model(x), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_keeps_its_dtype_and_merges_to_its_forward(dtype):
+    base = tiny_transformers_model("llama").to(dtype)
+    model = get_peft_model(base, OFTConfig(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = input_ids()
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+    assert unmerged.dtype == dtype
+    torch.testing.assert_close(merged.float(), unmerged.float(), atol=0.02, rtol=0.02)
+
+
+def test_module_dropout_acts_in_training_forwards_only():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 4)), OFTConfig(oft_block_size=2, module_dropout=0.5,
+                                                                      target_modules=["0"], init_weights=False))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        model.eval()
+        full = model(x)
+        model.train()
+        dropped = [model(x) for _ in range(3)]
+        merged = copy.deepcopy(model).merge_and_unload()(x)  # merged in training mode: nothing dropped
+    assert all(not torch.allclose(d, full) for d in dropped) and not torch.allclose(dropped[0], dropped[1])
+    torch.testing.assert_close(merged, full, atol=1e-6, rtol=0)
+
+
+def test_coft_projects_in_the_forward_but_a_merge_writes_nothing():
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 4)), OFTConfig(oft_block_size=4, coft=True, eps=1e-2,
+                                                                     target_modules=["0"]))
+    layer = model.get_base_model()[0]
+    with torch.no_grad():
+        layer.oft_R["default"].weight.fill_(0.5)
+    before = layer.oft_R["default"].weight.clone()
+    assert layer.first_nonfinite_merge(["default"]) is None  # a dry run: no write
+    merged, _ = layer.merged_tensors("default", layer._base_tensors())
+    torch.testing.assert_close(layer.oft_R["default"].weight, before, atol=0, rtol=0)
+    model(torch.randn(2, 8))  # a forward projects in place, as peft's does
+    q = skew_symmetric(layer.oft_R["default"].weight.detach(), 4)
+    torch.testing.assert_close(q.flatten(1).norm(dim=1), torch.full((2,), 1e-2 / 2 ** 0.5), atol=1e-7, rtol=0)
+    torch.testing.assert_close(merged["weight"], layer.merged_tensors("default", layer._base_tensors())[0]["weight"])
+
+
 def test_module_dropout_replaces_whole_blocks_by_the_identity_in_training_only():
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(16, 4)), OFTConfig(oft_block_size=2, module_dropout=0.25,
@@ -273,6 +348,12 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         OFTConfig(r=0, oft_block_size=0)
     with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'oft_only'"):
         OFTConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="use_cayley_neumann is True or False, got 'False'"):
+        OFTConfig(use_cayley_neumann="False")
+    with pytest.raises(ValueError, match="with 1 the series is I"):
+        OFTConfig(num_cayley_neumann_terms=1)
+    with pytest.warns(UserWarning, match="blocks are 1 x 1 .* stays the identity"):
+        get_peft_model(nn.Sequential(nn.Linear(7, 2)), OFTConfig(oft_block_size=4, target_modules=["0"]))
     with pytest.raises(ValueError, match="OFT supports nn.Linear"):
         get_peft_model(nn.Sequential(nn.LayerNorm(8)), OFTConfig(target_modules=["0"]))
     conv = nn.Sequential(nn.Conv2d(2, 2, 3))

@@ -7,8 +7,8 @@ vector (a row ``w_j`` of ``W``: (out, d)) is multiplied by one learned orthogona
 
 An orthogonal ``R`` keeps each row's norm and the angles between rows (the paper's "hyperspherical
 energy", which the pretrained model is thought to rely on) and changes only their common
-orientation. The forward rotates the input and calls the frozen layer, as peft does: no copy of
-the weight is made.
+orientation. On a linear layer the forward rotates the input and calls the frozen layer, as peft
+does: no copy of the weight is made.
 
 The rotation: block diagonal, each block a Cayley transform
 -----------------------------------------------------------
@@ -22,7 +22,7 @@ above the diagonal (``weight``: (r, b(b-1)/2), each row in ``torch.triu_indices`
 The exact form is orthogonal for every skew ``Q``. The Neumann form replaces the inverse by the
 first terms of its series (matrix products, no solve), orthogonal up to ``O(Q^{m+1})``; peft counts
 ``k = num_cayley_neumann_terms`` and uses ``m = max(2, k - 2)`` for ``k >= 3`` (``I + 2Q`` for
-``k = 2``, ``I`` for ``k = 1``). The two are transforms of opposite sign: for the same stored ``Q``
+``k = 2``; ``k = 1``, the constant ``I``, is refused). The two are transforms of opposite sign: for the same stored ``Q``
 they rotate in opposite directions. peft defines them so, and minipeft keeps both as they are,
 so that a checkpoint means here what it meant there.
 
@@ -34,8 +34,8 @@ not divide ``d`` is moved to the nearest one that does, with a warning, by peft'
 Options (peft's names)
 ----------------------
 * ``block_share``: one block ``R_1`` repeated ``r`` times (``b(b-1)/2`` parameters per layer).
-* ``coft`` (constrained OFT): before each use, every ``Q_i`` is pulled back, in place, to
-  ``||Q_i||_F <= eps / sqrt(stored blocks)``: ``R`` stays near ``I``.
+* ``coft`` (constrained OFT): in each forward, every ``Q_i`` is pulled back, in place, to
+  ``||Q_i||_F <= eps / sqrt(stored blocks)``: ``R`` stays near ``I`` (a merge uses a projected copy).
 * ``module_dropout`` (training only): in each forward, ``int(p r)`` of the layer's blocks, chosen
   at random, are replaced by ``I`` (BOFT's multiplicative dropout; not with ``block_share``).
   peft 0.21 builds this layer but never calls it, so there the option does nothing.
@@ -57,7 +57,8 @@ writes the rotated weight; unmerging applies the inverse blocks, exact also for 
 form, which is not quite orthogonal.
 
 Checkpoints: ``<layer>.oft_R.weight`` (``<layer>.oft_embedding_R.weight`` on an embedding), peft's keys
-and shapes, so files load both ways.
+and shapes: files load both ways for the layers peft adapts (``nn.Linear``, ``nn.Embedding``, and
+``nn.Conv2d`` with one group, a square kernel and no dilation).
 """
 
 from __future__ import annotations
@@ -130,8 +131,12 @@ class OFTConfig(PeftConfig):
             raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"OFT's init_weights is True (R = I) or False (Q drawn at random), got {self.init_weights!r}")
-        if not is_positive_int(self.num_cayley_neumann_terms):
-            raise ValueError(f"num_cayley_neumann_terms is a positive integer, got {self.num_cayley_neumann_terms!r}")
+        for name in ("use_cayley_neumann", "coft", "block_share", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OFT's {name} is True or False, got {getattr(self, name)!r}")
+        if not is_positive_int(self.num_cayley_neumann_terms) or self.num_cayley_neumann_terms < 2:
+            raise ValueError(f"num_cayley_neumann_terms is an integer >= 2 (with 1 the series is I and R never "
+                             f"moves), got {self.num_cayley_neumann_terms!r}")
         if self.coft and not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise ValueError(f"coft needs eps > 0 (how far each block may rotate), got eps={self.eps!r}")
         check_layer_selection(self)
@@ -163,8 +168,8 @@ def cayley(q: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
     if neumann_terms is None:
         return torch.linalg.solve(eye + q, eye - q, left=False)  # X (I + Q) = I - Q
-    if neumann_terms <= 2:
-        return eye + 2 * q if neumann_terms == 2 else eye.clone()
+    if neumann_terms == 2:
+        return eye + 2 * q
     series, power = eye, eye
     for _ in range(max(2, neumann_terms - 2)):  # I + Q + ... + Q^m, the series of (I - Q)^{-1}
         power = power @ q
@@ -191,12 +196,19 @@ class BlockRotation(nn.Module):
         self.coft_eps = config.eps if config.coft else None
         self.module_dropout = config.module_dropout
 
-    def matrices(self, dropout: bool = True) -> torch.Tensor:
-        """The blocks (r, b, b); in training, with ``dropout``, some replaced by ``I`` (module_dropout)."""
+    def matrices(self, in_forward: bool = True) -> torch.Tensor:
+        """The blocks (r, b, b). In a forward, COFT's projection is written into ``weight`` (as in
+        peft: the optimizer then steps from the projected point) and, in training, some blocks are
+        replaced by ``I`` (module_dropout); a merge computes from a projected copy and drops nothing."""
+        weight = self.weight
         if self.coft_eps is not None:
-            self.constrain()
-        stored = cayley(skew_symmetric(self.weight, self.block_size), self.neumann_terms)
-        if dropout and self.training and self.module_dropout > 0 and len(stored) > 1:
+            if in_forward:
+                with torch.no_grad():
+                    weight.copy_(self.projected())
+            else:
+                weight = self.projected()
+        stored = cayley(skew_symmetric(weight, self.block_size), self.neumann_terms)
+        if in_forward and self.training and self.module_dropout > 0 and len(stored) > 1:
             # Exactly int(p r) blocks become I, at positions drawn afresh in each call.
             dropped = torch.randperm(len(stored), device=stored.device)[: int(self.module_dropout * len(stored))]
             stored = stored.index_copy(0, dropped, torch.eye(self.block_size, dtype=stored.dtype,
@@ -204,11 +216,11 @@ class BlockRotation(nn.Module):
         return stored.expand(self.blocks, -1, -1)  # a shared block repeated (a view, no copy)
 
     @torch.no_grad()
-    def constrain(self) -> None:
-        """COFT: scale each ``Q_i`` down, in place, to ``||Q_i||_F <= eps / sqrt(stored blocks)``."""
+    def projected(self) -> torch.Tensor:
+        """COFT: ``weight`` with each ``Q_i`` scaled down to ``||Q_i||_F <= eps / sqrt(stored blocks)``."""
         limit = self.coft_eps / math.sqrt(self.weight.shape[0])
         norms = skew_symmetric(self.weight, self.block_size).flatten(1).norm(dim=1, keepdim=True)  # (n, 1)
-        self.weight.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
+        return self.weight * torch.where(norms > limit, limit / norms, torch.ones_like(norms))
 
 
 def nearest_divisor(size: int, value: int) -> int:
@@ -251,6 +263,10 @@ class OFTLayer(AdapterLayer):
         if value != asked:
             warnings.warn(f"OFT on {key!r}: {field}={asked} does not divide its size {d}; using {field}={value}")
         blocks, block_size = (value, d // value) if field == "r" else (d // value, value)
+        if block_size == 1:
+            warnings.warn(f"OFT on {key!r}: its blocks are 1 x 1 (size {d}, {blocks} blocks), which hold no "
+                          "parameter, so this layer's adapter stays the identity; choose a block size that divides "
+                          f"{d} and is at least 2")
         rotation = BlockRotation(blocks, block_size, config)
         if not config.init_weights:
             nn.init.normal_(rotation.weight, mean=0.0, std=0.1)
@@ -258,9 +274,9 @@ class OFTLayer(AdapterLayer):
         self.r[adapter_name], self.oft_block_size[adapter_name] = blocks, block_size
         self.place_adapter(adapter_name, self.get_base_layer().weight)
 
-    def rotation(self, adapter_name: str, dropout: bool = True) -> torch.Tensor:
-        """Adapter ``adapter_name``'s blocks of ``R`` (r, b, b)."""
-        return getattr(self, self.adapter_layer_names[0])[adapter_name].matrices(dropout)
+    def rotation(self, adapter_name: str, in_forward: bool = True) -> torch.Tensor:
+        """Adapter ``adapter_name``'s blocks of ``R`` (r, b, b) (``BlockRotation.matrices``)."""
+        return getattr(self, self.adapter_layer_names[0])[adapter_name].matrices(in_forward)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -288,13 +304,27 @@ class OFTLayer(AdapterLayer):
         """``weight_times`` in at least fp32, rounded once to the weight's dtype."""
         return self.weight_times(wide(weight), wide(blocks)).to(weight.dtype)
 
+    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
+        """Rotations do not commute, and merged ones act first (module docstring): the active OFT
+        adapters of this layer can be merged only in their order, each after those before it."""
+        super().check_merge_blockers(adapter_names, layer_name)
+        active = [a for a in self.active_adapters if a in self.r]
+        merged = [a for a in [*self.merged_adapters, *adapter_names] if a in active]
+        if merged != active[: len(merged)]:
+            where = repr(layer_name) if layer_name else "this layer"
+            raise ValueError(
+                f"cannot merge OFT adapter(s) {list(adapter_names)} into {where}, so nothing was merged: its active "
+                f"rotations {active} compose in that order and do not commute, so merging {merged} would change the "
+                f"model; merge them in order ({active[: len(merged)]} first)"
+            )
+
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"weight": self._rotated_weight(tensors["weight"], self.rotation(adapter_name, dropout=False))}, None
+        return {"weight": self._rotated_weight(tensors["weight"], self.rotation(adapter_name, in_forward=False))}, None
 
     @torch.no_grad()
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        inverse = torch.linalg.inv(wide(self.rotation(adapter_name, dropout=False)))
+        inverse = torch.linalg.inv(wide(self.rotation(adapter_name, in_forward=False)))
         return {"weight": self._rotated_weight(tensors["weight"], inverse)}
 
 
