@@ -474,6 +474,10 @@ def set_peft_model_state_dict(
             parts.append(f"missing {len(missing)} key(s) the adapter needs: {_describe(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
+        if any(k.endswith((".oft_r", ".oft_s")) for k in unexpected):  # peft 0.14 to 0.15.2 (see check_oft_version)
+            raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it holds oft_r / oft_s tensors, the "
+                             "OFT of peft 0.15.2 and before, which minipeft and newer peft do not read; retrain it, "
+                             "or load it with peft 0.15")
         raise ValueError(
             f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. Was it saved from another base "
             "model or with other target_modules?"
@@ -582,8 +586,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def check_oft_version(data: dict[str, Any], source: str) -> None:
-    """peft changed OFT twice: before 0.14 it stored other tensors (no ``oft_block_size`` field),
-    and in 0.18 the Neumann series (the one minipeft computes). An older file says so."""
+    """peft changed OFT three times: files from before 0.14 have no ``oft_block_size`` field, those
+    of 0.14 to 0.15.2 hold other tensors (``oft_r`` / ``oft_s``: refused when the tensors are
+    read), and 0.18 changed the Neumann series (to the one minipeft computes). An older file says so."""
     if "oft_block_size" not in data:
         raise ValueError(f"{source}: an OFT adapter from peft before 0.14 (no oft_block_size), whose tensors "
                          "minipeft and newer peft do not read; retrain it, or load it with peft 0.13")

@@ -371,3 +371,7 @@ def test_files_from_older_peft_versions_are_refused_or_warned_about(tmp_path):
         config_from_dict({**data, "peft_version": "0.17.1"})
     with pytest.raises(ValueError, match="peft before 0.14"):
         config_from_dict({k: v for k, v in data.items() if k != "oft_block_size"})
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 4)), OFTConfig(oft_block_size=4, target_modules=["0"]))
+    old_tensors = {"base_model.model.0.oft_r": torch.zeros(2, 4, 4), "base_model.model.0.oft_s": torch.ones(4, 1)}
+    with pytest.raises(ValueError, match="oft_r / oft_s tensors, the OFT of peft 0.15.2 and before"):
+        minipeft.set_peft_model_state_dict(model, old_tensors)
