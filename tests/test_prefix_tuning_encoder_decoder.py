@@ -168,6 +168,51 @@ def test_what_the_cache_route_refuses():
         minipeft.get_peft_model(uneven, minipeft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
     _, _, m = pair("t5")
     m.get_base_model().gradient_checkpointing_enable()
+    m.eval()
+    m(**batch(), labels=labels()).loss.backward()  # no checkpointing in eval mode: it works
     m.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         m(**batch(), labels=labels())
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_generate_without_a_cache_equals_generate_with_one(kind):
+    """With use_cache=False the cache minipeft makes for a call is not handed back to generate, which
+    would feed it in again with the whole decoder input (every token cached twice)."""
+    _, _, m = pair(kind)
+    settings = dict(**batch(), max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached, uncached = m.generate(**settings), m.generate(**settings, use_cache=False)
+        assert m(**batch(), decoder_input_ids=labels(), use_cache=False).cache is None  # as the bare model
+    assert torch.equal(uncached.sequences, cached.sequences)
+    for a, b in zip(uncached.logits, cached.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_decoder_mask_is_widened_when_bart_derives_its_decoder_input():
+    """BART shifts input_ids into the decoder input when none is given; the decoder mask is of those
+    tokens and gets the prefix's columns, as in peft."""
+    _, p, m = pair("bart")
+    inputs = batch()
+    decoder_mask = inputs["attention_mask"].clone()
+    with torch.no_grad():
+        ours = m(**inputs, decoder_attention_mask=decoder_mask).logits
+        theirs = p(**inputs, decoder_attention_mask=decoder_mask).logits
+        explicit = m(**inputs, decoder_input_ids=transformers.models.bart.modeling_bart.shift_tokens_right(
+            inputs["input_ids"], 1, 2), decoder_attention_mask=decoder_mask).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours, explicit, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="decoder_attention_mask has 5 columns"):
+        m(**inputs, decoder_input_ids=labels(), decoder_attention_mask=torch.ones(2, 5, dtype=torch.long))
+
+
+def test_static_caches_and_decoders_that_refuse_a_prefilled_cache_are_refused():
+    _, _, m = pair("t5")
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        m.generate(**batch(), max_new_tokens=3, cache_implementation="static")
+    torch.manual_seed(0)
+    prophetnet = transformers.ProphetNetForConditionalGeneration(transformers.ProphetNetConfig(
+        vocab_size=VOCAB, hidden_size=32, encoder_ffn_dim=48, decoder_ffn_dim=48, num_encoder_layers=2,
+        num_decoder_layers=2, num_encoder_attention_heads=4, num_decoder_attention_heads=4, ngram=2))
+    with pytest.raises(ValueError, match="with a prefilled cache, as prefix tuning runs it"):
+        minipeft.get_peft_model(prophetnet, minipeft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))

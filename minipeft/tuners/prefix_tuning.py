@@ -71,7 +71,8 @@ class PrefixTuningConfig(vt.PromptLearningConfig):
     """Prefix tuning hyper-parameters, with peft's field names.
 
     num_layers / token_dim / num_attention_heads: inferred from the model (the number of
-    adapted attention modules; the key/value heads and their width), as peft records them.
+    adapted attention modules, on an encoder-decoder model of decoder layers; the key/value
+    heads and their width), as peft records them.
     prefix_projection: learn the prefix through a ``token_dim -> encoder_hidden_size ->
     layers*2*token_dim`` MLP (``encoder_hidden_size`` defaults to ``token_dim``).
     init_weights: ``None`` (standard normal) or ``"zero"`` (zero keys and values: each prefix
@@ -350,8 +351,8 @@ def _select_attention_modules(
 
 def fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes: list[tuple[int, ...]]) -> None:
     """Fill num_layers / token_dim / num_attention_heads (and peft's bookkeeping fields) from the
-    key shapes (B, heads, S, head_dim) of the selected attention modules, one per module; a field
-    the config gives must agree with the model."""
+    key shapes (B, heads, S, head_dim) of the prefixed layers (attention modules, or an
+    encoder-decoder's decoder layers), one per layer; a field the config gives must agree with the model."""
     shapes = {shape[1:2] + shape[3:] for shape in key_shapes}  # (heads, head_dim) of each layer's keys
     if len(shapes) > 1:
         raise ValueError(f"the attention modules have keys of different shapes (heads, head_dim): {sorted(shapes)}; "
@@ -370,7 +371,7 @@ def fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes: 
         given = getattr(config, field)
         if given is not None and given != value and given != full.get(field):
             raise ValueError(
-                f"{field}={given} does not match the model: it has {value} ({layers} attention modules with keys "
+                f"{field}={given} does not match the model: it has {value} ({layers} prefixed layers with keys "
                 f"of {heads} heads x {head_dim}). Leave {field} unset to infer it, or set {field}={value}."
             )
         setattr(config, field, value)

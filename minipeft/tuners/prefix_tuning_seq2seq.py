@@ -8,8 +8,8 @@ its tokens from ``n`` (BART's learned positions), and T5's relative position bia
 prefix columns too (as the distance to positions ``0..n-1``). The SDPA route of
 ``prefix_tuning.py`` could not give those bias columns, so here minipeft does what peft does:
 before each forward of the model, a cache whose self-attention part is empty (the first call,
-the first step of ``generate``) is filled with the prefix, and a decoder padding mask
-``(B, T)`` is widened with ``n`` visible columns.
+the first step of ``generate``) is filled with the prefix, and a decoder padding mask of the
+real tokens, ``(B, T)``, is widened with ``n`` visible columns.
 
 Which rows of the table a layer reads: peft's layout
 ----------------------------------------------------
@@ -41,29 +41,44 @@ def table_layer(decoder_layer: int, layers: int) -> int:
 
 
 def probe_decoder_cache(model: nn.Module):
-    """The cache the model fills in one forward (encoder input of 3 tokens, decoder input of 2)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(input_ids=torch.zeros(1, 3, dtype=torch.long, device=device),
-                        decoder_input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=True)
-    except Exception as err:
-        raise ValueError(
-            f"prefix tuning runs the encoder-decoder {type(model).__name__} once (input_ids and decoder_input_ids, "
-            f"use_cache=True) to find its decoder layers, and that call failed: {type(err).__name__}: {err}"
-        ) from err
-    finally:
-        model.train(was_training)
-    cache = next((out[key] for key in vt.CACHE_KWARGS if key in out and out[key] is not None), None)
+    """The cache the model fills in one forward (encoder input of 3 tokens, decoder input of 2),
+    after a second forward checks that its decoder takes a prefilled cache and several new tokens
+    at once, as every training step will give it (ProphetNet's and FSMT's decoders do not)."""
+    cache = _probe(model, "to find its decoder layers", use_cache=True)
+    cache = next((cache[key] for key in vt.CACHE_KWARGS if key in cache and cache[key] is not None), None)
     if cache is None or not hasattr(cache, "self_attention_cache"):
         raise ValueError(
             f"prefix tuning puts the prefix into an encoder-decoder model's KV cache, but {type(model).__name__} "
             f"returned {type(cache).__name__} as its cache, not one with a self_attention_cache (transformers' "
             "EncoderDecoderCache). Use a transformers encoder-decoder model (T5, BART, ...), or prompt tuning or LoRA"
         )
+    prefilled = type(cache)(type(cache.self_attention_cache)(), type(cache.self_attention_cache)())
+    for i, layer in enumerate(cache.self_attention_cache.layers):
+        one_token = torch.zeros_like(layer.keys[:, :, :1])  # (1, heads, 1, head_dim)
+        prefilled.self_attention_cache.update(one_token, one_token.clone(), i)
+    cache_kwarg = next((k for k in vt.CACHE_KWARGS if k in vt.forward_parameters(model)), "past_key_values")
+    _probe(model, "with a prefilled cache, as prefix tuning runs it,", use_cache=False, **{cache_kwarg: prefilled})
     return cache
+
+
+def _probe(model: nn.Module, purpose: str, **kwargs):
+    """One forward of ``model`` in eval mode on 3 encoder and 2 decoder tokens; a failure says ``purpose``."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=torch.zeros(1, 3, dtype=torch.long, device=device),
+                         decoder_input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), **kwargs)
+    except Exception as err:
+        message = str(err).splitlines()[0][:300] if str(err) else ""
+        raise ValueError(
+            f"prefix tuning runs the encoder-decoder {type(model).__name__} once (input_ids and 2 decoder_input_ids) "
+            f"{purpose} and that call failed: {type(err).__name__}: {message}. Its decoder may not take a KV cache "
+            "the way prefix tuning needs; use prompt tuning or LoRA for this model"
+        ) from err
+    finally:
+        model.train(was_training)
 
 
 class DecoderCachePrefix(PrefixEncoder):
@@ -76,29 +91,60 @@ class DecoderCachePrefix(PrefixEncoder):
         self.layer_cache_type = type(cache.self_attention_cache)
 
     def hook(self, model: nn.Module, encoders: vt.PromptEncoderDict) -> None:
-        """No hooks beyond the model's pre-hook (``prepare_call``): the model reads its cache itself."""
+        """One hook beyond the model's pre-hook (``prepare_call``), which the model reads its cache
+        from: after the call, a cache minipeft made is taken out of the output when the call asked
+        for none (``use_cache=False``), as the bare model returns none. ``generate(use_cache=False)``
+        would otherwise feed it back with the whole decoder input, and the tokens would be cached twice."""
         self._owner = [encoders]
         self._checkpointed = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
         self._cache_kwarg = next((k for k in vt.CACHE_KWARGS if k in vt.forward_parameters(model)), "past_key_values")
+        self._made_unasked: object | None = None  # the cache made for a call with use_cache=False
+        self._handles.append(model.register_forward_hook(self._drop_made_cache, always_call=True))
 
     def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
-        if torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointed):
-            # A recomputed layer would write its prefix into the cache a second time (peft refuses it too).
+        if torch.is_grad_enabled() and any(m.gradient_checkpointing and m.training for m in self._checkpointed):
+            # transformers calls checkpointed layers without the cache, so the prefix would never reach them.
             raise ValueError("prefix tuning on an encoder-decoder model does not work with gradient checkpointing, "
-                             "which recomputes the layers that write the KV cache; turn it off for this model")
+                             "whose layers are called without the KV cache that holds the prefix; call "
+                             "model.gradient_checkpointing_disable()")
         key = next((k for k in vt.CACHE_KWARGS if kwargs.get(k) is not None), self._cache_kwarg)
         cache = kwargs.get(key)
         if cache is None:
             cache = kwargs[key] = self.cache_type(self.layer_cache_type(), self.layer_cache_type())
+            use_cache = kwargs.get("use_cache")
+            if use_cache is False or (use_cache is None and not getattr(model.config, "use_cache", True)):
+                self._made_unasked = cache
         own = cache.self_attention_cache
-        if own.get_seq_length() == 0:
+        if type(own) is not self.layer_cache_type:
+            raise ValueError(
+                f"prefix tuning on an encoder-decoder model writes its prefix into a {self.layer_cache_type.__name__} "
+                f"(it grows by n tokens); this call's cache is a {type(own).__name__}, sized for the real tokens "
+                "only. Use the default dynamic cache (no cache_implementation='static' in generate)"
+            )
+        filling = own.get_seq_length() == 0
+        if filling:
             self._fill(own, decoder_batch_size(kwargs), next(model.parameters()).dtype)
         mask = kwargs.get("decoder_attention_mask")
-        new_tokens = decoder_length(kwargs)
-        if mask is not None and new_tokens is not None and mask.shape[-1] + self.num_virtual_tokens == \
-                own.get_seq_length() + new_tokens:  # a mask of the real tokens only: the prefix is visible
-            kwargs["decoder_attention_mask"] = vt.widen_attention_mask(mask, self.num_virtual_tokens)
+        if mask is not None:
+            new_tokens = decoder_length(kwargs)
+            n, cached = self.num_virtual_tokens, own.get_seq_length()
+            # A mask of the real tokens only gets the prefix's columns, visible. On the first call
+            # the model may derive its decoder input from input_ids (BART): the mask is then of it.
+            if (new_tokens is None and filling) or (new_tokens is not None and mask.shape[-1] + n == cached + new_tokens):
+                kwargs["decoder_attention_mask"] = vt.widen_attention_mask(mask, n)
+            elif new_tokens is not None and mask.shape[-1] != cached + new_tokens:
+                raise ValueError(
+                    f"decoder_attention_mask has {mask.shape[-1]} columns; with {cached - n} real token(s) cached and "
+                    f"{new_tokens} new it should have {cached - n + new_tokens} (the prefix's {n} are added here)"
+                )
         return kwargs
+
+    def _drop_made_cache(self, model: nn.Module, args, output) -> None:
+        made, self._made_unasked = self._made_unasked, None
+        if made is not None and isinstance(output, dict):
+            for key in vt.CACHE_KWARGS:
+                if output.get(key) is made:
+                    output[key] = None
 
     def _fill(self, cache, batch: int, dtype: torch.dtype) -> None:
         """Write each decoder layer's prefix (batch, heads, n, head_dim) into an empty cache."""
