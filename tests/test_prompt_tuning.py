@@ -326,12 +326,13 @@ def test_labels_are_padded_by_task_type(task, padded):
 
 
 @pytest.mark.parametrize("task_type", ["SEQ_2_SEQ_LM", None])
-def test_prefix_tuning_refuses_an_encoder_decoder_model_whatever_the_task_type_says(task_type):
-    # Without task_type the model's own config says it: refused at get_peft_model, not later in
-    # generate(). (Prompt tuning takes them: tests/test_prompt_tuning_encoder_decoder.py.)
+def test_prefix_tuning_takes_the_cache_route_on_an_encoder_decoder_whatever_the_task_type_says(task_type):
+    # Without task_type the model's own config says it (tests/test_prefix_tuning_encoder_decoder.py
+    # checks that route against peft).
+    from minipeft.tuners.prefix_tuning_seq2seq import DecoderCachePrefix
     from tests.models import tiny_transformers_model
 
     config = minipeft.PrefixTuningConfig(num_virtual_tokens=4, task_type=task_type)
-    with pytest.raises(ValueError, match=r"minipeft's prefix tuning supports encoder and decoder-only models; "
-                                         r"T5ForConditionalGeneration is an encoder-decoder model.*prompt tuning or LoRA"):
-        minipeft.get_peft_model(tiny_transformers_model("t5"), config)
+    model = minipeft.get_peft_model(tiny_transformers_model("t5"), config)
+    assert isinstance(model.prompt_encoder["default"], DecoderCachePrefix)
+    assert model.peft_config["default"].num_transformer_submodules == 2
