@@ -113,6 +113,15 @@ def is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def check_flags(config: PeftConfig, *names: str) -> None:
+    """A ValueError for a switch of ``config`` that is not a bool: a string such as ``"False"``
+    would read as true, and the saved config would not load back (fields are type-checked there)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(config).__name__}.{name} is True or False, got {value!r}")
+
+
 def check_layer_selection(config: PeftConfig) -> None:
     """peft's rules for ``layers_to_transform`` / ``layers_pattern`` (LoRA, VeRA; the bottleneck
     adapters follow them too): the pattern only

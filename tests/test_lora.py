@@ -325,3 +325,10 @@ def test_nested_disable_adapter_blocks():
         base_out = model(input_ids=input_ids())
     assert not torch.allclose(base_out, with_adapter)
     torch.testing.assert_close(model(input_ids=input_ids()), with_adapter)
+
+
+@pytest.mark.parametrize("field", ["use_rslora", "use_dora", "fan_in_fan_out"])
+def test_a_switch_given_as_a_string_is_refused(field):
+    # "False" would read as true, and the saved config would not load back.
+    with pytest.raises(ValueError, match=rf"LoraConfig.{field} is True or False, got 'False'"):
+        LoraConfig(target_modules=["q"], **{field: "False"})

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, pattern_value
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, pattern_value
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, embed_scale, plus, wide
@@ -128,6 +128,7 @@ class LoraConfig(PeftConfig):
                 f"got {self.init_lora_weights!r}; peft refuses every other init with it, so a config holding both "
                 "would not load there. Use init_lora_weights=True, or lora_bias=False"
             )
+        check_flags(self, "use_rslora", "use_dora", "fan_in_fan_out")
         check_layer_selection(self)
         if self.target_parameters is not None:
             from .lora_parameter import check_config  # late: lora_parameter builds on this file

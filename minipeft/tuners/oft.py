@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d
 from .base import AdapterLayer, wide
 
@@ -129,11 +129,7 @@ class OFTConfig(PeftConfig):
             raise ValueError(f"module_dropout is a fraction of blocks in [0, 1), got {self.module_dropout!r}")
         if self.bias not in ("none", "all", "oft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(f"OFT's init_weights is True (R = I) or False (Q drawn at random), got {self.init_weights!r}")
-        for name in ("use_cayley_neumann", "coft", "block_share", "fan_in_fan_out"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"OFT's {name} is True or False, got {getattr(self, name)!r}")
+        check_flags(self, "use_cayley_neumann", "coft", "block_share", "fan_in_fan_out", "init_weights")
         if not is_positive_int(self.num_cayley_neumann_terms) or self.num_cayley_neumann_terms < 2:
             raise ValueError(f"num_cayley_neumann_terms is an integer >= 2 (with 1 the series is I and R never "
                              f"moves), got {self.num_cayley_neumann_terms!r}")
