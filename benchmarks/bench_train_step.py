@@ -1,4 +1,4 @@
-"""LoRA training step, minipeft against peft: parity, speed, memory, inject / save / load.
+"""LoRA (or OFT) training step, minipeft against peft: parity, speed, memory, inject / save / load.
 
 For each model (LLaMA-style, GPT-2, BERT; transformers configs, random weights from one seed):
 
@@ -15,6 +15,7 @@ For each model (LLaMA-style, GPT-2, BERT; transformers configs, random weights f
     python benchmarks/bench_train_step.py                 # quick CPU form (about a minute)
     python benchmarks/bench_train_step.py --device cuda   # ~1B LLaMA-style + GPT-2/BERT medium, bf16
     python benchmarks/bench_train_step.py --device cuda --same-adapter-dtype   # bf16 adapters in both
+    python benchmarks/bench_train_step.py --method oft --models llama,bert   # OFT instead (common.METHODS)
 
 On a bf16 base each library runs its default adapter dtype, which is not the same math (see
 common.py); ``--same-adapter-dtype`` gives both bf16 adapters.
@@ -78,10 +79,10 @@ def parity(mp, pf, batch) -> dict:
             "grad_max_abs_diff": grad_diff, "grad_max_abs": grad_scale, "ok": ok}
 
 
-def parity_check(spec, device: str) -> dict:
+def parity_check(spec, device: str, method: str = "lora") -> dict:
     """Parity in float32 (on CUDA: a float32 build of the same config, with the fused kernels
     on, and again on the reference PyTorch path)."""
-    mp, pf = common.build_twins(spec, device, dtype=torch.float32)
+    mp, pf = common.build_twins(spec, device, dtype=torch.float32, method=method)
     batch = common.make_batches(spec, 1, device)[0]
     out = parity(mp, pf, batch)
     if device == "cuda":
@@ -97,7 +98,7 @@ def parity_check(spec, device: str) -> dict:
 
 # -- 2. step time ------------------------------------------------------------------------------
 def step_times(mp, pf, spec, device: str, steps: int, warmup: int) -> dict:
-    mp.train(), pf.train()  # lora_dropout 0.1 active
+    mp.train(), pf.train()  # training mode: LoRA's dropout of 0.1 acts
     batches = common.make_batches(spec, 4, device)
     runs = {}
     for name, model in (("minipeft", mp), ("peft", pf)):
@@ -120,8 +121,8 @@ def import_libraries() -> None:
 
     import minipeft  # noqa: F401
 
-def memory_child(lib: str, models: list[str], device: str, steps: int, same_adapter_dtype: bool) -> None:
-    """Child process: for each model, the peak of a LoRA training run of one library alone."""
+def memory_child(lib: str, models: list[str], device: str, steps: int, same_adapter_dtype: bool, method: str) -> None:
+    """Child process: for each model, the peak of a training run of one library alone."""
     specs = common.model_specs(device)
     for name in models:
         spec = specs[name]
@@ -129,7 +130,7 @@ def memory_child(lib: str, models: list[str], device: str, steps: int, same_adap
         batches = common.make_batches(spec, 2, device)
         import_libraries()  # before the window: importing peft and minipeft is not the model's memory
         baseline = common.reset_peak_memory(device)  # base model and batches resident
-        model = common.lora_model(lib, base, spec.family, same_adapter_dtype=same_adapter_dtype)
+        model = common.lora_model(lib, base, spec.family, same_adapter_dtype=same_adapter_dtype, method=method)
         model.train()
         optimizer = adamw(model)
         for i in range(steps):
@@ -146,7 +147,8 @@ def memory_child(lib: str, models: list[str], device: str, steps: int, same_adap
         del model, base, optimizer, batches
 
 
-def peak_memory(models: list[str], device: str, steps: int, threads: int, same_adapter_dtype: bool) -> dict:
+def peak_memory(models: list[str], device: str, steps: int, threads: int, same_adapter_dtype: bool,
+                method: str) -> dict:
     """Run one child per library, side by side, and collect their peaks."""
     # A fixed mmap threshold stops glibc from raising it as big blocks are freed, so every large
     # tensor is its own mapping, returned on free: the RSS then follows the live tensors closely.
@@ -154,7 +156,7 @@ def peak_memory(models: list[str], device: str, steps: int, threads: int, same_a
     extra = ["--same-adapter-dtype"] if same_adapter_dtype else []
     procs = {lib: subprocess.Popen([sys.executable, __file__, "--device", device, "--models", ",".join(models),
                                     "--memory-child", lib, "--memory-steps", str(steps), "--threads", str(threads),
-                                    *extra],
+                                    "--method", method, *extra],
                                    stdout=subprocess.PIPE, text=True, env=env)
              for lib in ("minipeft", "peft")}
     out: dict = {}
@@ -179,7 +181,7 @@ def peak_memory(models: list[str], device: str, steps: int, threads: int, same_a
 
 
 # -- 4. inject, save, load ---------------------------------------------------------------------
-def inject_save_load(spec, device: str, mp, pf, rounds: int, same_adapter_dtype: bool) -> dict:
+def inject_save_load(spec, device: str, mp, pf, rounds: int, same_adapter_dtype: bool, method: str) -> dict:
     import peft
 
     import minipeft
@@ -195,7 +197,8 @@ def inject_save_load(spec, device: str, mp, pf, rounds: int, same_adapter_dtype:
             copies[lib][:] = [copy.deepcopy(base)]
 
     out = {}
-    inject = {lib: lambda lib=lib: common.lora_model(lib, fresh(lib), spec.family, same_adapter_dtype=same_adapter_dtype)
+    inject = {lib: lambda lib=lib: common.lora_model(lib, fresh(lib), spec.family, same_adapter_dtype=same_adapter_dtype,
+                                                     method=method)
               for lib in ("minipeft", "peft")}
     out["inject_s"] = _alternate_with_setup(inject, refill, rounds, device)
 
@@ -210,7 +213,8 @@ def inject_save_load(spec, device: str, mp, pf, rounds: int, same_adapter_dtype:
         refill()
         try:
             loaded = minipeft.PeftModel.from_pretrained(fresh("minipeft"), dirs["peft"])
-            got, ref = loaded.state_dict(), {k: v for k, v in pf.state_dict().items() if ".lora_" in k}
+            marker = common.METHODS[method].marker
+            got, ref = loaded.state_dict(), {k: v for k, v in pf.state_dict().items() if marker in k}
             out["loads_peft_checkpoint"] = all(torch.equal(got[k].to(v.dtype), v) for k, v in ref.items())
         except Exception as e:  # a finding to report, not a reason to lose the other numbers
             out["loads_peft_checkpoint"] = False
@@ -239,7 +243,7 @@ def _ms(s):
     return f"{1e3 * s:.1f}"
 
 
-def markdown(results: dict, device: str, adapters: str, threads: int = 1) -> str:
+def markdown(results: dict, device: str, adapters: str, threads: int = 1, method: str = "lora") -> str:
     rows = []
     for name, r in results.items():
         st, mem = r["step"], r["memory"]
@@ -273,7 +277,7 @@ def markdown(results: dict, device: str, adapters: str, threads: int = 1) -> str
                              "minipeft loads peft's file"], rows)
     any_r = next(iter(results.values()))
     return "\n".join([
-        f"LoRA r=16, alpha=32, dropout 0.1 on every linear layer of the blocks; AdamW on the adapters; "
+        f"{common.METHODS[method].description} on every linear layer of the blocks; AdamW on the adapters; "
         f"{any_r['dtype']}; medians of {any_r['step']['steps']} steps per library, alternating step by step "
         "in one process. Ratios are minipeft / peft (lower is better for minipeft).", "",
         adapters, "", f"Step time: {clock}. Peak memory: {mem_what}.", "", speed, "", other, ""])
@@ -282,6 +286,7 @@ def markdown(results: dict, device: str, adapters: str, threads: int = 1) -> str
 def main() -> None:
     parser = common.argument_parser(__doc__.split("\n")[0], same_adapter_dtype=True)
     parser.add_argument("--models", default="llama,gpt2,bert")
+    parser.add_argument("--method", choices=sorted(common.METHODS), default="lora")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 40 CPU, 30 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=3)
@@ -291,16 +296,17 @@ def main() -> None:
     models = args.models.split(",")
     common.prepare_device(args)
     if args.memory_child:
-        memory_child(args.memory_child, models, args.device, args.memory_steps, args.same_adapter_dtype)
+        memory_child(args.memory_child, models, args.device, args.memory_steps, args.same_adapter_dtype, args.method)
         return
     steps = args.steps or (40 if args.device == "cpu" else 30)
     from minipeft import kernels  # on CUDA, LoraLinear takes the fused path when these say so
 
-    memory = peak_memory(models, args.device, args.memory_steps, args.threads, args.same_adapter_dtype)  # children first: no overlap with timing
+    # children first: no overlap with timing
+    memory = peak_memory(models, args.device, args.memory_steps, args.threads, args.same_adapter_dtype, args.method)
     specs, results = common.model_specs(args.device), {}
     for name in models:
         spec = specs[name]
-        par = parity_check(spec, args.device)
+        par = parity_check(spec, args.device, args.method)
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the float32 parity twins are gone; give their memory back
         print(f"[{name}] parity: |loss diff| {par['loss_abs_diff']:.2e}, max grad diff "
@@ -309,11 +315,11 @@ def main() -> None:
             # Timing two models that compute different things would compare nothing.
             raise SystemExit(f"[{name}] minipeft and peft disagree (loss or adapter gradients beyond {PARITY_TOL:g}); "
                              f"not timed: {par}")
-        mp, pf = common.build_twins(spec, args.device, same_adapter_dtype=args.same_adapter_dtype)
+        mp, pf = common.build_twins(spec, args.device, same_adapter_dtype=args.same_adapter_dtype, method=args.method)
         step = step_times(mp, pf, spec, args.device, steps, args.warmup)
         print(f"[{name}] step ms minipeft {1e3 * step['step_s']['minipeft']:.1f} peft {1e3 * step['step_s']['peft']:.1f} "
               f"ratio {step['ratio']:.3f}; peak memory ratio {memory[name]['ratio']:.3f}", flush=True)
-        isl = inject_save_load(spec, args.device, mp, pf, args.rounds, args.same_adapter_dtype)
+        isl = inject_save_load(spec, args.device, mp, pf, args.rounds, args.same_adapter_dtype, args.method)
         results[name] = {"shape": f"{spec.batch} x {spec.seq}", "dtype": str(spec.dtype).replace("torch.", ""),
                          "fused_kernels": args.device == "cuda" and kernels.is_available() and kernels.enabled(),
                          "same_adapter_dtype": args.same_adapter_dtype,
@@ -324,10 +330,11 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     adapters = common.adapter_dtypes(specs[models[0]].dtype, args.same_adapter_dtype)
-    table = markdown(results, args.device, adapters, args.threads)
+    table = markdown(results, args.device, adapters, args.threads, args.method)
     print(table)
     if not args.no_write:
-        section = "train_step" + (" (same adapter dtype)" if args.same_adapter_dtype else "")
+        section = "train_step" + (f" ({args.method})" if args.method != "lora" else "") + \
+            (" (same adapter dtype)" if args.same_adapter_dtype else "")
         path = common.write_results(args.device, section, results, table, results_dir=args.out)
         print(f"wrote {path} and {path.with_suffix('.json')}")
     print(json.dumps({"device": common.device_slug(args.device),

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,31 @@ def lora_kwargs(family: str, dropout: float = 0.1) -> dict:
                 fan_in_fan_out=family == "gpt2")  # GPT-2's Conv1D stores its weight (in, out)
 
 
+def oft_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The OFT hyper-parameters, for both libraries' ``OFTConfig``: 32 x 32 blocks (peft's default),
+    the Neumann series. ``dropout`` is not used: module_dropout stays 0, because peft 0.21 ignores
+    it where minipeft applies it, and the two would not run the same math."""
+    if family == "gpt2":
+        raise SystemExit("peft's OFT does not adapt GPT-2's Conv1D layers: compare OFT on llama or bert")
+    return dict(oft_block_size=32, target_modules=TARGETS[family])
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method both libraries have under one config name, as the side-by-side scripts run it."""
+
+    config_class: str  # the config's class name in both libraries
+    kwargs: Callable[[str, float], dict]  # (model family, dropout) -> the config's keyword arguments
+    marker: str  # a substring of the name of every adapter tensor
+    description: str  # for the results tables
+
+
+METHODS = {
+    "lora": Method("LoraConfig", lora_kwargs, ".lora_", "LoRA r=16, alpha=32, dropout 0.1"),
+    "oft": Method("OFTConfig", oft_kwargs, ".oft_", "OFT with 32 x 32 blocks (Neumann series, no module dropout)"),
+}
+
+
 def make_batches(spec: ModelSpec, n: int, device: str, batch: int | None = None, seq: int | None = None,
                  seed: int = 1) -> list[dict]:
     """``n`` batches of random tokens; the labels are the inputs (causal LM / MLM on every token)."""
@@ -161,47 +187,52 @@ def adapter_dtypes(base_dtype: torch.dtype, same_adapter_dtype: bool) -> str:
             f"in {half}. `--same-adapter-dtype` compares identical math.")
 
 
-def lora_model(lib: str, base, family: str, dropout: float = 0.1, same_adapter_dtype: bool = False):
-    """``base`` with LoRA injected by ``lib`` ("minipeft" or "peft"). By default each library
-    keeps its own adapter dtype (float32 on a half-precision base); ``same_adapter_dtype``
-    keeps both in the base's dtype (see the module docstring)."""
+def lora_model(lib: str, base, family: str, dropout: float = 0.1, same_adapter_dtype: bool = False,
+               method: str = "lora"):
+    """``base`` with the adapter of ``method`` (LoRA by default) injected by ``lib`` ("minipeft" or
+    "peft"). By default each library keeps its own adapter dtype (float32 on a half-precision
+    base); ``same_adapter_dtype`` keeps both in the base's dtype (see the module docstring)."""
     import peft
 
     import minipeft
 
+    spec = METHODS[method]
+    config = dict(spec.kwargs(family, dropout))
     if lib == "peft":
-        return peft.get_peft_model(base, peft.LoraConfig(**lora_kwargs(family, dropout)),
+        return peft.get_peft_model(base, getattr(peft, spec.config_class)(**config),
                                    autocast_adapter_dtype=not same_adapter_dtype)
-    model = minipeft.get_peft_model(base, minipeft.LoraConfig(**lora_kwargs(family, dropout)))
+    model = minipeft.get_peft_model(base, getattr(minipeft, spec.config_class)(**config))
     if same_adapter_dtype:
         dtype = next(base.parameters()).dtype
         for name, p in model.named_parameters():
-            if ".lora_" in name:
+            if spec.marker in name:
                 p.data = p.data.to(dtype)
     return model
 
 
 def build_twins(spec: ModelSpec, device: str, dtype: torch.dtype | None = None, dropout: float = 0.1,
-                same_adapter_dtype: bool = False):
-    """(minipeft model, peft model): the same base model built twice
-    from one seed, LoRA injected by each library, then peft's adapter weights (with a nonzero
-    B, so the adapters matter) copied into minipeft under the shared names."""
+                same_adapter_dtype: bool = False, method: str = "lora"):
+    """(minipeft model, peft model): the same base model built twice from one seed, the adapter
+    injected by each library, then peft's adapter weights copied into minipeft under the shared
+    names, drawn first so that the adapters matter (LoRA's B nonzero, OFT's rotations not I)."""
     bases = [build_base_model(spec, device, dtype) for _ in range(2)]
     for (name, a), b in zip(bases[0].state_dict().items(), bases[1].state_dict().values()):
         assert torch.equal(a, b), f"the two base models differ at {name}"
 
-    mp = lora_model("minipeft", bases[0], spec.family, dropout, same_adapter_dtype)
-    pf = lora_model("peft", bases[1], spec.family, dropout, same_adapter_dtype)
+    mp = lora_model("minipeft", bases[0], spec.family, dropout, same_adapter_dtype, method)
+    pf = lora_model("peft", bases[1], spec.family, dropout, same_adapter_dtype, method)
 
+    marker = METHODS[method].marker
+    drawn = ".lora_B." if method == "lora" else marker
     torch.manual_seed(SEED + 1)
     with torch.no_grad():
         for name, p in pf.named_parameters():
-            if ".lora_B." in name:
+            if drawn in name:
                 p.normal_(std=0.1)
-    adapter_state = {k: v for k, v in pf.state_dict().items() if ".lora_" in k}
+    adapter_state = {k: v for k, v in pf.state_dict().items() if marker in k}
     missing, unexpected = mp.load_state_dict(adapter_state, strict=False)
     assert not unexpected, f"peft adapter names minipeft does not have: {unexpected[:3]}"
-    assert not [k for k in missing if ".lora_" in k], "minipeft has adapter weights peft did not provide"
+    assert not [k for k in missing if marker in k], "minipeft has adapter weights peft did not provide"
     n_mp = sum(p.numel() for p in mp.parameters() if p.requires_grad)
     n_pf = sum(p.numel() for p in pf.parameters() if p.requires_grad)
     assert n_mp == n_pf, f"trainable parameters differ: minipeft {n_mp}, peft {n_pf}"

@@ -63,6 +63,7 @@ and shapes: files load both ways for the layers peft adapts (``nn.Linear``, ``nn
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -150,9 +151,15 @@ NEUMANN_SERIES_SINCE = "0.18.0"
 
 
 # -- the rotation ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def upper_indices(block_size: int, device: torch.device) -> torch.Tensor:
+    """(rows, cols) of the entries above the diagonal of a b x b matrix, made once per size and device."""
+    return torch.triu_indices(block_size, block_size, 1, device=device)
+
+
 def skew_symmetric(upper: torch.Tensor, block_size: int) -> torch.Tensor:
     """``Q`` (n, b, b) with ``Q^T = -Q`` from its entries above the diagonal, ``upper`` (n, b(b-1)/2)."""
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=upper.device)
+    rows, cols = upper_indices(block_size, upper.device)
     q = upper.new_zeros(upper.shape[0], block_size, block_size)
     q[:, rows, cols] = upper
     return q - q.transpose(-2, -1)
@@ -166,11 +173,11 @@ def cayley(q: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
         return torch.linalg.solve(eye + q, eye - q, left=False)  # X (I + Q) = I - Q
     if neumann_terms == 2:
         return eye + 2 * q
-    series, power = eye, eye
-    for _ in range(max(2, neumann_terms - 2)):  # I + Q + ... + Q^m, the series of (I - Q)^{-1}
+    series, power = eye + q, q
+    for _ in range(max(2, neumann_terms - 2) - 1):  # I + Q + ... + Q^m, the series of (I - Q)^{-1}
         power = power @ q
         series = series + power
-    return (eye + q) @ series
+    return (eye + q) @ series  # m matrix products in all, as many as peft's
 
 
 def rotate(t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
