@@ -30,6 +30,7 @@ class PeftType(str, enum.Enum):
     ADALORA = "ADALORA"
     LN_TUNING = "LN_TUNING"
     OFT = "OFT"
+    HRA = "HRA"
 
 
 class TaskType(str, enum.Enum):

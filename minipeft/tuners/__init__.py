@@ -29,6 +29,7 @@ from . import (
     adalora,
     adalora_budget,
     bottleneck,
+    hra,
     ia3,
     loha,
     ln_tuning,
@@ -133,6 +134,7 @@ register_method(
                check_model=ln_tuning.check_targets_apart),
 )
 register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target))
+register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
 )

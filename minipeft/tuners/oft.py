@@ -51,10 +51,9 @@ Layers
   changes the output. (peft: ``nn.Conv2d`` only, no dilation.)
 * ``nn.Embedding``: each embedding vector rotated, ``y = E[ids] R``; merged ``E' = E R``.
 
-Several adapters active on one layer compose as their merges do: merging ``R_1`` then ``R_2``
-gives ``W R_1^T R_2^T``, so the forward rotates ``x`` by ``R_2`` first, then ``R_1``. Merging
-writes the rotated weight; unmerging applies the inverse blocks, exact also for the Neumann
-form, which is not quite orthogonal.
+In the terms of ``weight_transform.py``, which holds the forward and merging that OFT shares with
+HRA, ``M = R^T``: several adapters active on one layer compose as their merges do, and unmerging
+applies the inverse blocks, exact also for the Neumann form, which is not quite orthogonal.
 
 Checkpoints: ``<layer>.oft_R.weight`` (``<layer>.oft_embedding_R.weight`` on an embedding), peft's keys
 and shapes: files load both ways for the layers peft adapts (``nn.Linear``, ``nn.Embedding``, and
@@ -73,7 +72,8 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d
-from .base import AdapterLayer, wide
+from .base import wide
+from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
 
 
 @dataclass
@@ -236,31 +236,23 @@ def nearest_divisor(size: int, value: int) -> int:
     return lower if value - lower <= higher - value else higher
 
 
-# -- the layers -----------------------------------------------------------------------------------
-class OFTLayer(AdapterLayer):
+# -- the layers (the forward, merging and their order are weight_transform.py's: M = R^T) ----------
+class OFTLayer(InputTransformLayer):
     """OFT around a linear layer (``nn.Linear``, GPT-2's ``Conv1D``): the input rotated by each
-    active adapter's ``R``. Subclasses rotate a convolution's kernel or an embedding's output."""
+    active adapter's ``R`` (``x M^T = x R``)."""
 
     adapter_layer_names = ("oft_R",)
     other_param_names = ("r", "oft_block_size")
     adapter_key_name = "r"
-    supports_mixed_batch = True
-    mergeable = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
-        super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
+        super().__init__(base_layer, fan_in_fan_out)
         setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
 
-    def rotated_size(self) -> int:
-        """``d``, the size of the vectors ``R`` rotates."""
-        weight = self.get_base_layer().weight
-        return weight.shape[0] if self.fan_in_fan_out else weight.shape[1]
-
     def update_layer(self, adapter_name: str, config: OFTConfig, key: str) -> None:
-        d = self.rotated_size()
+        d = self.transformed_size()
         asked, field = (config.r, "r") if config.r else (config.oft_block_size, "oft_block_size")
         value = nearest_divisor(d, asked)
         if value != asked:
@@ -281,98 +273,38 @@ class OFTLayer(AdapterLayer):
         """Adapter ``adapter_name``'s blocks of ``R`` (r, b, b) (``BlockRotation.matrices``)."""
         return getattr(self, self.adapter_layer_names[0])[adapter_name].matrices(in_forward)
 
-    # -- forward ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.unmerge_if_disabled()
-        if self.row_routing is not None:  # each row rotated by its own adapter (a copy: rows are written in place)
-            x = self.apply_adapters(x.clone(), x, self._rotated)
-        else:  # the adapter merged last acts on x first (module docstring)
-            x = self.apply_adapters(x, x, self._rotated, adapters=self.adapters_to_apply()[::-1])
-        return self.base_layer(x, *args, **kwargs)
-
-    def _rotated(self, t: torch.Tensor, _x: torch.Tensor, name: str) -> torch.Tensor:
-        """``t R`` (the vectors ``R`` acts on: a linear layer's input, an embedding's output) for adapter ``name``, in the adapter's precision, returned in ``t``'s dtype."""
-        blocks = self.rotation(name)
-        return rotate(t.to(blocks.dtype), blocks).to(t.dtype)
-
-    # -- merging ------------------------------------------------------------------------------
-    def weight_times(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The stored weight with ``blocks`` applied as merging applies ``R``: ``W R^T`` for a (out, d)
-        weight, ``R W`` for GPT-2's (d, out) one."""
-        if self.fan_in_fan_out:
-            return rotate(weight.T, blocks.transpose(-2, -1)).T
-        return rotate(weight, blocks.transpose(-2, -1))
-
-    def _rotated_weight(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """``weight_times`` in at least fp32, rounded once to the weight's dtype."""
-        return self.weight_times(wide(weight), wide(blocks)).to(weight.dtype)
-
-    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
-        """Rotations do not commute, and merged ones act first (module docstring): the active OFT
-        adapters of this layer can be merged only in their order, each after those before it."""
-        super().check_merge_blockers(adapter_names, layer_name)
-        active = [a for a in self.active_adapters if a in self.r]
-        merged = [a for a in [*self.merged_adapters, *adapter_names] if a in active]
-        if merged != active[: len(merged)]:
-            where = repr(layer_name) if layer_name else "this layer"
-            raise ValueError(
-                f"cannot merge OFT adapter(s) {list(adapter_names)} into {where}, so nothing was merged: its active "
-                f"rotations {active} compose in that order and do not commute, so merging {merged} would change the "
-                f"model; merge them in order ({active[: len(merged)]} first)"
-            )
-
-    @torch.no_grad()
-    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"weight": self._rotated_weight(tensors["weight"], self.rotation(adapter_name, in_forward=False))}, None
-
-    @torch.no_grad()
-    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        inverse = torch.linalg.inv(wide(self.rotation(adapter_name, in_forward=False)))
-        return {"weight": self._rotated_weight(tensors["weight"], inverse)}
+    def apply_map(self, t: torch.Tensor, adapter_name: str, transpose: bool, inverse: bool = False,
+                  in_forward: bool = True) -> torch.Tensor:
+        """``t M`` with ``M = R^T``: ``t R^T`` block by block, ``t R`` with ``transpose``; the inverse
+        blocks with ``inverse`` (exact also for the Neumann form, which is not quite orthogonal)."""
+        blocks = self.rotation(adapter_name, in_forward)
+        if inverse:
+            blocks = torch.linalg.inv(wide(blocks))
+        blocks = blocks if transpose else blocks.transpose(-2, -1)
+        dtype = torch.promote_types(t.dtype, blocks.dtype)
+        return rotate(t.to(dtype), blocks.to(dtype))
 
 
-class OFTConv(OFTLayer):
-    """OFT around ``nn.Conv1d/2d/3d``: the kernel's rows (out, in / groups x k...) rotated, and the
-    layer's own convolution (stride, padding, dilation, groups) run with ``W R^T``."""
-
-    def rotated_size(self) -> int:
-        return self.get_base_layer().weight[0].numel()
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.unmerge_if_disabled()
-        if self.row_routing is not None:
-            result = self.base_layer(x, *args, **kwargs)
-            return self.apply_adapters(result, x, lambda _, rows, name: self._convolve(rows, [name]))
-        adapters = self.adapters_to_apply()
-        return self._convolve(x, adapters) if adapters else self.base_layer(x, *args, **kwargs)
-
-    def _convolve(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """The convolution with its kernel rotated by each adapter in turn (as merged in turn)."""
-        conv = self.get_base_layer()
-        weight = conv.weight
-        for name in adapter_names:
-            blocks = self.rotation(name)
-            weight = self.weight_times(weight.to(blocks.dtype), blocks)
-        return conv._conv_forward(x, weight.to(conv.weight.dtype), conv.bias)
-
-    def weight_times(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return rotate(weight.flatten(1), blocks.transpose(-2, -1)).reshape(weight.shape)
+class OFTConv(InputTransformConv, OFTLayer):
+    """OFT around ``nn.Conv1d/2d/3d``: the kernel's rows rotated, ``W R^T``, and the layer's own
+    convolution run with them."""
 
 
 class OFTEmbedding(OFTLayer):
-    """OFT around ``nn.Embedding``: each looked-up vector rotated, ``E[ids] R``; merged ``E' = E R``."""
+    """OFT around ``nn.Embedding``: each looked-up vector rotated, ``E[ids] R``; merged ``E' = E R``
+    (the table's rows are the vectors rotated, so here ``M^T = R`` acts on the rows too)."""
 
     adapter_layer_names = ("oft_embedding_R",)
 
-    def rotated_size(self) -> int:
+    def transformed_size(self) -> int:
         return self.get_base_layer().embedding_dim
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._rotated)
+        return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._mapped_input)
 
-    def weight_times(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        return rotate(weight, blocks)
+    def weight_times(self, weight: torch.Tensor, name: str, inverse: bool = False, in_forward: bool = False):
+        return self.apply_map(weight, name, transpose=True, inverse=inverse, in_forward=in_forward)
 
 
 SUPPORTED = "nn.Linear, transformers' GPT-2 Conv1D, nn.Conv1d/2d/3d and nn.Embedding"
@@ -403,9 +335,4 @@ def check_target(target: nn.Module, config: OFTConfig, key: str) -> None:
     base = innermost(target)
     if not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) and not is_gpt2_conv1d(base):
         raise ValueError(f"cannot apply OFT to {key!r}: it is a {type(base).__name__}; OFT supports {SUPPORTED}")
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target is not base and not isinstance(target, OFTConv):
-        raise ValueError(
-            f"cannot apply OFT to {key!r}: the convolution already holds another method's adapter, and OFT runs the "
-            "convolution itself with a rotated kernel, which would skip that adapter. Add the OFT adapter first "
-            "(another method may then wrap it)"
-        )
+    refuse_wrapped_convolution(target, base, OFTConv, "OFT", key)

@@ -1,0 +1,161 @@
+"""HRA: Householder reflection adaptation (Yuan et al., NeurIPS 2024), in peft's layout.
+
+Like OFT, HRA multiplies a frozen weight ``W`` (out, d) on its input side by an orthogonal matrix
+(``weight_transform.py``: the forward, merging and their order). HRA builds it as a chain of ``r``
+Householder reflections, each the mirror through the hyperplane orthogonal to a learned vector:
+
+    H_i = I - 2 u_i u_i^T / ||u_i||^2,      M = H_1 H_2 ... H_r,      W' = W M
+
+A reflection is orthogonal and its own inverse, so ``M`` is orthogonal for any ``u``. It costs
+``d r`` parameters per layer, as many as a rank-``r / 2`` LoRA on a square layer. The forward never
+builds a (d, d) matrix: ``x M^T = x H_r ... H_1`` is ``r`` rank-one updates of ``x``,
+``x <- x - 2 (x . u) u^T`` (with ``u`` normalised), where peft builds ``M`` and then ``W M``.
+
+Initialisation (peft's): the columns of ``hra_u`` (d, r) come in equal pairs, ``u_1 = u_2``,
+``u_3 = u_4``, ..., each pair drawn Kaiming-uniform; a reflection twice is the identity, so the
+adapter starts as the unchanged model. An odd ``r`` cannot pair its vectors: it starts at a
+random ``M`` (with a warning); ``init_weights=False`` draws every vector (for tests).
+
+``apply_GS`` (peft's option): the vectors are orthonormalised first (Gram-Schmidt, in column order)
+and ``M = I - 2 U U^T``, which is symmetric and its own inverse.
+
+Layers: ``nn.Linear`` and ``nn.Conv2d`` as in peft (the flattened kernel, ``d = in x kh x kw``);
+GPT-2's ``Conv1D``, ``nn.Conv1d``, ``nn.Conv3d`` and grouped convolutions too (peft: none of these).
+Checkpoints: ``<layer>.hra_u`` (d, r), peft's key and shape.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int
+from ..targeting import innermost, is_gpt2_conv1d
+from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
+
+
+@dataclass
+class HRAConfig(PeftConfig):
+    """HRA hyper-parameters, with peft's field names and defaults.
+
+    r: the number of reflections per layer (even, for the identity start).
+    apply_GS: orthonormalise the vectors (Gram-Schmidt) and use ``M = I - 2 U U^T``.
+    init_weights: True starts at ``M = I`` (paired vectors); False draws every vector.
+    bias: which biases train, ``"none"``, ``"all"`` or ``"hra_only"`` (those of HRA's layers).
+    target_modules / exclude_modules / layers_to_transform / layers_pattern / modules_to_save: as for LoRA.
+    """
+
+    r: int = 8
+    apply_GS: bool = False
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.HRA
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), (set, frozenset, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
+        if not is_positive_int(self.r):
+            raise ValueError(f"HRA's r (the number of reflections) is a positive integer, got {self.r!r}")
+        if self.bias not in ("none", "all", "hra_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'hra_only', got {self.bias!r}")
+        check_flags(self, "apply_GS", "init_weights")
+        check_layer_selection(self)
+
+
+def unit_vectors(u: torch.Tensor, gram_schmidt: bool) -> torch.Tensor:
+    """The columns of ``u`` (d, r) normalised; with ``gram_schmidt`` also made orthogonal, each
+    column with the earlier ones' directions taken out (in order, as peft does)."""
+    if not gram_schmidt:
+        return u / u.norm(dim=0)
+    columns = []
+    for i in range(u.shape[1]):
+        v = u[:, i]
+        for w in columns:
+            v = v - (w @ v) * w
+        columns.append(v / v.norm())
+    return torch.stack(columns, dim=1)
+
+
+class HRALayer(InputTransformLayer):
+    """HRA around a linear layer (``nn.Linear``, GPT-2's ``Conv1D``): the input reflected by each
+    active adapter's vectors (``x M^T = x H_r ... H_1``)."""
+
+    adapter_layer_names = ("hra_u",)
+    other_param_names = ("hra_r", "hra_apply_GS")
+    adapter_key_name = "hra_r"
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, fan_in_fan_out)
+        self.hra_u = nn.ParameterDict()
+        self.hra_r: dict[str, int] = {}
+        self.hra_apply_GS: dict[str, bool] = {}
+
+    def update_layer(self, adapter_name: str, config: HRAConfig, key: str) -> None:
+        d, r = self.transformed_size(), config.r
+        if config.init_weights and r % 2 == 0:
+            # Drawn as peft draws it (one Kaiming-uniform half, fan-in r / 2), so one seed gives both the same vectors.
+            half = torch.zeros(d, r // 2)
+            nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+            u = half.repeat_interleave(2, dim=1)  # u_1 = u_2, u_3 = u_4, ...: M = I
+        else:
+            if config.init_weights:
+                warnings.warn(f"HRA on {key!r}: r={r} is odd, so its reflections cannot come in equal pairs and the "
+                              "adapter does not start as the unchanged model; use an even r")
+            u = torch.empty(d, r)
+            nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+        self.hra_u[adapter_name] = nn.Parameter(u)
+        self.hra_r[adapter_name], self.hra_apply_GS[adapter_name] = r, config.apply_GS
+        self.place_adapter(adapter_name, self.get_base_layer().weight)
+
+    def apply_map(self, t: torch.Tensor, adapter_name: str, transpose: bool, inverse: bool = False,
+                  in_forward: bool = True) -> torch.Tensor:
+        """``t M`` with ``M = H_1 ... H_r`` (reflections applied to ``t`` in that order), ``t M^T``
+        and ``t M^{-1}`` (both ``t H_r ... H_1``: each reflection is its own inverse)."""
+        u = self.hra_u[adapter_name]
+        dtype = torch.promote_types(t.dtype, u.dtype)
+        t, u = t.to(dtype), unit_vectors(u.to(dtype), self.hra_apply_GS[adapter_name])
+        if self.hra_apply_GS[adapter_name]:  # M = I - 2 U U^T: symmetric, its own inverse
+            return t - 2 * (t @ u) @ u.T
+        order = range(u.shape[1]) if transpose == inverse else reversed(range(u.shape[1]))
+        for i in order:
+            t = t - 2 * (t @ u[:, i]).unsqueeze(-1) * u[:, i]  # the mirror image of each row of t
+        return t
+
+
+class HRAConv(InputTransformConv, HRALayer):
+    """HRA around ``nn.Conv1d/2d/3d``: the kernel's rows reflected, ``W M``, and the layer's own
+    convolution run with them."""
+
+
+SUPPORTED = "nn.Linear, transformers' GPT-2 Conv1D and nn.Conv1d/2d/3d"
+
+
+def wrap_module(target: nn.Module, adapter_name: str, config: HRAConfig, key: str) -> HRALayer:
+    """Build the HRA wrapper for ``target`` (the module named ``key``) with one adapter."""
+    check_target(target, config, key)
+    base = innermost(target)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        layer = HRAConv(target)
+    else:
+        layer = HRALayer(target, fan_in_fan_out=is_gpt2_conv1d(base))
+    layer.add_adapter(adapter_name, config, key)
+    return layer
+
+
+def check_target(target: nn.Module, config: HRAConfig, key: str) -> None:
+    """The errors adding HRA to ``target`` would meet, raised before the model is changed."""
+    base = innermost(target)
+    if not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_gpt2_conv1d(base):
+        raise ValueError(f"cannot apply HRA to {key!r}: it is a {type(base).__name__}; HRA supports {SUPPORTED}")
+    refuse_wrapped_convolution(target, base, HRAConv, "HRA", key)

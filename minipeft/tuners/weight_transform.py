@@ -1,0 +1,137 @@
+"""What OFT and HRA share: a frozen weight multiplied on its input side by a learned square matrix.
+
+Both methods keep a layer's weight ``W`` (out, d) and learn an orthogonal-ish ``M`` (d, d), OFT as
+block rotations, HRA as a product of Householder reflections:
+
+    W' = W M,        y = x W'^T + b = (x M^T) W^T + b,        x: (..., d)
+
+so the rows of ``W`` (one per output neuron) are all transformed alike. A linear layer's forward
+applies ``M^T`` to its input and calls the frozen layer: no copy of the weight, and any wrapper
+around it (or inside it) still sees a plain input. A convolution is a linear map of each flattened
+patch, so its kernel rows (out, in / groups x k...) are multiplied by ``M`` and the layer's own
+convolution (stride, padding, dilation, groups) runs with them: nothing acts on the input alone.
+
+Several adapters active on one layer compose as their merges do: merging ``M_1`` then ``M_2``
+gives ``W M_1 M_2``, so the forward applies ``M_2^T`` to ``x`` first, then ``M_1^T``. These
+matrices do not commute, so the active adapters of a layer merge only in their order (an adapter
+merged out of turn would change the model; it is refused). Merging writes ``W M``; unmerging
+multiplies by ``M^{-1}``.
+
+A method subclasses these layers and provides one operation, ``apply_map(t, name, transpose,
+inverse, in_forward)``: ``t @ M`` along ``t``'s last axis, or ``M^T``, ``M^{-1}``, ``M^{-T}``,
+without building the (d, d) matrix where it can avoid it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, wide
+
+
+class InputTransformLayer(AdapterLayer):
+    """Around a linear layer (``nn.Linear``, GPT-2's ``Conv1D``, whose weight is stored (d, out)):
+    the input multiplied by each active adapter's ``M^T``."""
+
+    supports_mixed_batch = True
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def transformed_size(self) -> int:
+        """``d``, the size of the vectors ``M`` acts on."""
+        weight = self.get_base_layer().weight
+        return weight.shape[0] if self.fan_in_fan_out else weight.shape[1]
+
+    def apply_map(self, t: torch.Tensor, adapter_name: str, transpose: bool, inverse: bool = False,
+                  in_forward: bool = True) -> torch.Tensor:
+        """``t @ M`` for adapter ``adapter_name`` (``M^T`` with ``transpose``, ``M^{-1}`` with
+        ``inverse``), along the last axis, in at least the adapter's precision. ``in_forward``:
+        for a forward (training-time randomness and in-place constraints act), not a merge."""
+        raise TypeError(f"{type(self).__name__} must define apply_map")
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.unmerge_if_disabled()
+        if self.row_routing is not None:  # each row by its own adapter (a copy: rows are written in place)
+            x = self.apply_adapters(x.clone(), x, self._mapped_input)
+        else:  # the adapter merged last acts on x first (module docstring)
+            x = self.apply_adapters(x, x, self._mapped_input, adapters=self.adapters_to_apply()[::-1])
+        return self.base_layer(x, *args, **kwargs)
+
+    def _mapped_input(self, t: torch.Tensor, _x: torch.Tensor, name: str) -> torch.Tensor:
+        """``t M^T`` for adapter ``name``, returned in ``t``'s dtype."""
+        return self.apply_map(t, name, transpose=True).to(t.dtype)
+
+    # -- merging ------------------------------------------------------------------------------
+    def weight_times(self, weight: torch.Tensor, name: str, inverse: bool = False, in_forward: bool = False):
+        """The stored weight times ``M`` (or ``M^{-1}``) on its input side: ``W M`` for a (out, d)
+        weight, ``M^T W`` for GPT-2's (d, out) one."""
+        if self.fan_in_fan_out:
+            return self.apply_map(weight.T, name, transpose=False, inverse=inverse, in_forward=in_forward).T
+        return self.apply_map(weight, name, transpose=False, inverse=inverse, in_forward=in_forward)
+
+    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
+        """The active adapters of this layer merge only in their order (module docstring)."""
+        super().check_merge_blockers(adapter_names, layer_name)
+        active = [a for a in self.active_adapters if a in self.adapter_names]
+        merged = [a for a in [*self.merged_adapters, *adapter_names] if a in active]
+        if merged != active[: len(merged)]:
+            where = repr(layer_name) if layer_name else "this layer"
+            raise ValueError(
+                f"cannot merge adapter(s) {list(adapter_names)} into {where}, so nothing was merged: its active "
+                f"adapters {active} multiply its weight in that order and do not commute, so merging {merged} would "
+                f"change the model; merge them in order ({active[: len(merged)]} first)"
+            )
+
+    @torch.no_grad()
+    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
+        weight = tensors["weight"]
+        return {"weight": self.weight_times(wide(weight), adapter_name).to(weight.dtype)}, None
+
+    @torch.no_grad()
+    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        weight = tensors["weight"]
+        return {"weight": self.weight_times(wide(weight), adapter_name, inverse=True).to(weight.dtype)}
+
+
+class InputTransformConv(InputTransformLayer):
+    """Around ``nn.Conv1d/2d/3d``: the kernel's rows (out, in / groups x k...) multiplied by ``M``,
+    and the layer's own convolution run with them."""
+
+    def transformed_size(self) -> int:
+        return self.get_base_layer().weight[0].numel()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.unmerge_if_disabled()
+        if self.row_routing is not None:
+            result = self.base_layer(x, *args, **kwargs)
+            return self.apply_adapters(result, x, lambda _, rows, name: self._convolve(rows, [name]))
+        adapters = self.adapters_to_apply()
+        return self._convolve(x, adapters) if adapters else self.base_layer(x, *args, **kwargs)
+
+    def _convolve(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """The convolution with its kernel multiplied by each adapter's ``M`` in turn (as merged in turn)."""
+        conv = self.get_base_layer()
+        weight = conv.weight
+        for name in adapter_names:
+            weight = self.weight_times(weight, name, in_forward=True)
+        return conv._conv_forward(x, weight.to(conv.weight.dtype), conv.bias)
+
+    def weight_times(self, weight: torch.Tensor, name: str, inverse: bool = False, in_forward: bool = False):
+        rows = self.apply_map(weight.flatten(1), name, transpose=False, inverse=inverse, in_forward=in_forward)
+        return rows.reshape(weight.shape)
+
+
+def refuse_wrapped_convolution(target: nn.Module, base: nn.Module, layer_class: type, method: str, key: str) -> None:
+    """The methods here run a convolution themselves, with its kernel changed: around another
+    method's wrapper that would skip that adapter."""
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target is not base and not isinstance(target, layer_class):
+        raise ValueError(
+            f"cannot apply {method} to {key!r}: the convolution already holds another method's adapter, and {method} "
+            "runs the convolution itself with a changed kernel, which would skip that adapter. Add the "
+            f"{method} adapter first (another method may then wrap it)"
+        )

@@ -1,0 +1,193 @@
+"""HRA against hand-derived math (a reflection, the product of reflections, the paired identity
+start) and against peft (one seed: the same vectors, logits, gradients, checkpoints both ways),
+plus what minipeft adds: GPT-2's Conv1D and other convolutions, merged equal to their forward."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import minipeft
+from minipeft import HRAConfig, get_peft_model, injection
+from minipeft.tuners.hra import unit_vectors
+from tests.models import input_ids, tiny_transformers_model
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def householder_product(u: torch.Tensor, gram_schmidt: bool = False) -> torch.Tensor:
+    """M = H_1 ... H_r, H_i = I - 2 u_i u_i^T / |u_i|^2, built as a (d, d) matrix (peft's way)."""
+    units = unit_vectors(u, gram_schmidt)
+    eye = torch.eye(u.shape[0], dtype=u.dtype)
+    if gram_schmidt:
+        return eye - 2 * units @ units.T
+    m = eye
+    for i in range(u.shape[1]):
+        m = m @ (eye - 2 * torch.outer(units[:, i], units[:, i]))
+    return m
+
+
+def test_a_reflection_mirrors_through_the_plane_orthogonal_to_its_vector():
+    torch.manual_seed(0)
+    layer = get_peft_model(nn.Sequential(nn.Linear(2, 2)), HRAConfig(r=1, target_modules=["0"],
+                                                                     init_weights=False)).get_base_model()[0]
+    with torch.no_grad():
+        layer.hra_u["default"].copy_(torch.tensor([[3.0], [0.0]]))  # the mirror is the y axis
+    x = torch.tensor([[1.0, 2.0]])
+    torch.testing.assert_close(layer.apply_map(x, "default", transpose=True), torch.tensor([[-1.0, 2.0]]))
+
+
+@pytest.mark.parametrize("gram_schmidt", [False, True])
+def test_the_forward_is_the_reflected_weight_and_it_is_orthogonal(gram_schmidt):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 5))
+    model = get_peft_model(copy.deepcopy(base), HRAConfig(r=4, apply_GS=gram_schmidt, target_modules=["0"],
+                                                          init_weights=False))
+    u = model.get_base_model()[0].hra_u["default"].detach()
+    m = householder_product(u, gram_schmidt)
+    torch.testing.assert_close(m @ m.T, torch.eye(12), atol=1e-5, rtol=0)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(model(x), x @ (base[0].weight @ m).T + base[0].bias, atol=1e-5, rtol=0)
+
+
+def test_paired_vectors_start_at_the_identity_and_an_odd_rank_says_it_cannot():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 5))
+    x = torch.randn(3, 12)
+    model = get_peft_model(copy.deepcopy(base), HRAConfig(r=4, target_modules=["0"]))
+    u = model.get_base_model()[0].hra_u["default"]
+    torch.testing.assert_close(u[:, 0], u[:, 1], atol=0, rtol=0)
+    torch.testing.assert_close(model(x), base(x), atol=1e-6, rtol=0)
+    with pytest.warns(UserWarning, match="r=3 is odd"):
+        get_peft_model(copy.deepcopy(base), HRAConfig(r=3, target_modules=["0"]))
+
+
+# -- against peft -------------------------------------------------------------------------------
+def seeded_pair(base, config: dict, seed: int = 3):
+    models = []
+    for library in (peft, minipeft):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an odd r: both say so
+            models.append(library.get_peft_model(copy.deepcopy(base), library.HRAConfig(**config)))
+    return models
+
+
+OPTIONS = {"paired start": {}, "random": dict(init_weights=False), "gram-schmidt": dict(init_weights=False, apply_GS=True),
+           "odd r": dict(r=3)}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_vectors_logits_and_gradients_match_peft(option):
+    p, m = seeded_pair(tiny_transformers_model("llama"), dict(target_modules=TARGETS) | OPTIONS[option])
+    ids = input_ids()
+    logits, grads = [], []
+    for model in (p, m):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        logits.append(out.logits)
+        grads.append({n: t.grad for n, t in model.named_parameters() if t.requires_grad})
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=1e-5)
+    assert sorted(grads[1]) == sorted(grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(m.get_parameter(name), p.get_parameter(name), atol=0, rtol=0)
+
+
+def test_checkpoints_load_in_peft_and_back(tmp_path):
+    base = tiny_transformers_model("llama")
+    p, m = seeded_pair(base, dict(target_modules=TARGETS, init_weights=False, apply_GS=True))
+    ids = input_ids()
+    m.save_pretrained(tmp_path / "mini")
+    p2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
+    torch.testing.assert_close(p2(input_ids=ids).logits, m(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        for t in p.parameters():
+            if t.requires_grad:
+                t.mul_(-1.5)
+    p.save_pretrained(tmp_path / "peft")
+    m2 = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(m2(input_ids=ids).logits, p(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_a_convolution_matches_peft():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1))
+    p, m = seeded_pair(base, dict(r=4, target_modules=["0"], init_weights=False))
+    image = torch.randn(2, 4, 7, 7)
+    assert m.get_base_model()[0].hra_u["default"].shape == (36, 4)
+    torch.testing.assert_close(m(image), p(image), atol=1e-5, rtol=1e-5)
+
+
+# -- what minipeft adds, and the lifecycle ----------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2 conv1d", "conv1d", "grouped conv2d"])
+def test_more_layer_types_merge_to_what_their_forward_computes(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2 conv1d":
+        base, targets = tiny_transformers_model("gpt2"), ["c_attn", "c_fc"]
+        run = lambda model: model(input_ids=input_ids()).logits  # noqa: E731
+    else:
+        conv = nn.Conv1d(4, 6, 3, padding=1) if kind == "conv1d" else nn.Conv2d(4, 6, 3, groups=2)
+        base, targets = nn.Sequential(conv), ["0"]
+        x = torch.randn(2, 4, 9) if kind == "conv1d" else torch.randn(2, 4, 6, 6)
+        run = lambda model: model(x)  # noqa: E731
+    model = get_peft_model(copy.deepcopy(base), HRAConfig(r=4, target_modules=targets, init_weights=False))
+    with torch.no_grad():
+        adapted = run(model)
+        assert not torch.allclose(adapted, run(base), atol=1e-4)
+        merged = run(copy.deepcopy(model).merge_and_unload())
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_two_adapters_compose_as_their_merges_and_unmerge_restores_the_weights():
+    base = tiny_transformers_model("llama")
+    model = get_peft_model(copy.deepcopy(base), HRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    model.add_adapter("b", HRAConfig(r=2, apply_GS=True, target_modules=TARGETS, init_weights=False))
+    injection.set_adapter(model.get_base_model(), ["default", "b"])
+    ids = input_ids()
+    with torch.no_grad():
+        both = model(input_ids=ids).logits
+        with pytest.raises(ValueError, match="merge them in order"):
+            model.merge_adapter(["b"])
+        model.merge_adapter(["default", "b"])
+        torch.testing.assert_close(model(input_ids=ids).logits, both, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        restored = copy.deepcopy(model).unload().state_dict()
+    for name, t in base.state_dict().items():
+        torch.testing.assert_close(restored[name], t, atol=1e-6, rtol=0)
+
+
+def test_each_row_of_a_mixed_batch_computes_what_its_adapter_alone_computes():
+    base = tiny_transformers_model("llama")
+    model = get_peft_model(copy.deepcopy(base), HRAConfig(r=4, target_modules=TARGETS, init_weights=False))
+    model.add_adapter("b", HRAConfig(r=2, target_modules=TARGETS, init_weights=False))
+    model.eval()
+    ids = input_ids(batch=3)
+    names = ["b", "__base__", "default"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    want = model(input_ids=ids[row:row + 1]).logits
+            else:
+                model.set_adapter(name)
+                want = model(input_ids=ids[row:row + 1]).logits
+            torch.testing.assert_close(mixed[row:row + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_configs_and_targets_say_what_would_be_right():
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        HRAConfig(r=0)
+    with pytest.raises(ValueError, match="'none', 'all' or 'hra_only'"):
+        HRAConfig(bias="oft_only")
+    with pytest.raises(ValueError, match="HRAConfig.apply_GS is True or False"):
+        HRAConfig(apply_GS="yes")
+    with pytest.raises(ValueError, match="HRA supports nn.Linear"):
+        get_peft_model(nn.Sequential(nn.Embedding(4, 4)), HRAConfig(target_modules=["0"]))
