@@ -22,7 +22,7 @@ from torch import nn
 from . import checkpoint, injection, status
 from .config import PeftConfig, PeftType, TaskType
 from .mixed_batches import mixed_batch
-from .targeting import CLASSIFIER_HEAD_NAMES
+from .targeting import CLASSIFIER_HEAD_NAMES, wrapper_chain
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
 from .tuners.trainable_tokens import TrainableTokensLayer
@@ -382,11 +382,31 @@ class PeftModel(nn.Module):
             )
         for layer_name, layer, here in plan:
             layer.check_merge_blockers(here, layer_name)
+        self._check_nested_merges(plan)
         self._warn_tied_merges(plan)
         if safe_merge:
             for layer_name, layer, here in plan:
                 layer.check_merge_is_finite(here, layer_name)
         return plan
+
+    @staticmethod
+    def _check_nested_merges(plan: list[tuple[str, AdapterLayer, list[str]]]) -> None:
+        """A wrapper's merge writes the weight that the wrappers inside it hold too. Unless every
+        merge involved only adds an update (``merge_is_addition``), the adapters those inner
+        wrappers still apply must be merged first: an outer OFT merged over an unmerged inner LoRA
+        would rotate a weight that LoRA then adds to, which the unmerged model never computes."""
+        merging = {id(layer): here for _, layer, here in plan}
+        for layer_name, layer, here in plan:
+            for inner in wrapper_chain(getattr(layer, layer.base_layer_name)):
+                pending = [a for a in inner.adapters_to_apply() if a not in merging.get(id(inner), [])]
+                additive = all(layer.merge_is_addition(a) for a in here) and \
+                    all(inner.merge_is_addition(a) for a in pending)
+                if pending and not additive:
+                    raise ValueError(
+                        f"cannot merge adapter(s) {here} into {layer_name!r}, so nothing was merged: the "
+                        f"{type(inner).__name__} inside it applies adapter(s) {pending} unmerged, and these merges do "
+                        "not commute. Merge those too (in the same call, or first)"
+                    )
 
     def _warn_tied_merges(self, plan: list[tuple[str, AdapterLayer, list[str]]]) -> None:
         """Warn (as peft does) where a merge writes a weight another module shares (a tied LM head

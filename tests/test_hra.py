@@ -191,3 +191,18 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         HRAConfig(apply_GS="yes")
     with pytest.raises(ValueError, match="HRA supports nn.Linear"):
         get_peft_model(nn.Sequential(nn.Embedding(4, 4)), HRAConfig(target_modules=["0"]))
+
+
+def test_gram_schmidt_refuses_more_vectors_than_dimensions_and_warns_about_paired_starts():
+    with pytest.raises(ValueError, match="holds at most 4 orthonormal vectors; use r <= 4"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 2)), HRAConfig(r=6, apply_GS=True, target_modules=["0"],
+                                                                 init_weights=False))
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="Use init_weights=False with apply_GS"):
+        model = get_peft_model(copy.deepcopy(base), HRAConfig(r=4, apply_GS=True, target_modules=["0"]))
+    # Its M is no orthogonal matrix, so unmerging solves against it: the weights come back.
+    with torch.no_grad():
+        model.merge_adapter()
+        model.unmerge_adapter()
+    torch.testing.assert_close(model.get_base_model()[0].base_layer.weight, base[0].weight, atol=1e-4, rtol=1e-4)

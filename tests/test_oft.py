@@ -358,7 +358,7 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         get_peft_model(nn.Sequential(nn.LayerNorm(8)), OFTConfig(target_modules=["0"]))
     conv = nn.Sequential(nn.Conv2d(2, 2, 3))
     model = get_peft_model(conv, minipeft.LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises(ValueError, match="Add the OFT adapter first"):
+    with pytest.raises(ValueError, match="Add the OFT adapters to a convolution first"):
         model.add_adapter("oft", OFTConfig(oft_block_size=2, target_modules=["0"]))
 
 

@@ -281,3 +281,33 @@ def test_nested_wrappers_merge_innermost_first_in_both_merges(outer, inner_first
         merged = model(x)
     torch.testing.assert_close(unloaded, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("outer_first", [True, False])
+def test_a_partial_merge_across_nested_wrappers_is_refused_when_merges_do_not_commute(outer_first):
+    """Merging only one of two nested adapters is fine when both merges just add an update (LoRA
+    over LoRA); with an OFT in the chain the merged weight would be transformed wrongly, so it waits."""
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    oft = minipeft.OFTConfig(oft_block_size=4, target_modules=["0"], init_weights=False)
+    x = torch.randn(3, 8)
+    for second, refused in [(LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), False), (oft, True)]:
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), lora)
+        model.add_adapter("other", second)
+        minipeft.injection.set_adapter(model.get_base_model(), ["default", "other"])
+        alone = ["other"] if outer_first else ["default"]  # "other" wraps "default"
+        with torch.no_grad():
+            want = model(x)
+            if refused and outer_first:
+                with pytest.raises(ValueError, match="applies adapter.*unmerged, and these merges do not commute"):
+                    model.merge_adapter(alone)
+                continue
+            model.merge_adapter(alone)  # an inner merge first is always safe
+            torch.testing.assert_close(model(x), want, atol=1e-5, rtol=0)
+
+
+def test_dora_is_refused_around_a_layer_that_multiplies_the_weight():
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                           minipeft.OFTConfig(oft_block_size=4, target_modules=["0"]))
+    with pytest.raises(ValueError, match="Add the DoRA adapter first"):
+        model.add_adapter("dora", LoraConfig(r=2, target_modules=["0"], use_dora=True))

@@ -327,6 +327,13 @@ class AdapterLayer(nn.Module):
         what ``merged_tensors`` returned for unmerging, or None. Writes nothing."""
         raise TypeError(f"{type(self).__name__} sets mergeable = True but does not implement unmerged_tensors")
 
+    def merge_is_addition(self, adapter_name: str) -> bool:
+        """Whether merging adapter ``adapter_name`` adds an update that does not depend on the
+        weight (LoRA without DoRA, LoHa, LoKr, AdaLoRA, VeRA). Such merges commute with each
+        other, so nested wrappers of these may merge in any order; any other merge transforms
+        the weight the layers inside it hold, and must wait for them (``PeftModel``'s merge plan)."""
+        return False
+
     def merge_blocker(self, adapter_name: str) -> str | None:
         """Why adapter ``adapter_name`` cannot be folded into this layer's weights, or None.
         Asked of every layer before any is merged, so that a merge that could not finish does
@@ -458,6 +465,9 @@ class AdapterLayer(nn.Module):
 class AddedUpdate:
     """The merge of a method whose update is a matrix of the weight's shape, ``delta_weight(name)``
     (at least fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA). Mixed into an AdapterLayer."""
+
+    def merge_is_addition(self, adapter_name: str) -> bool:
+        return True
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):

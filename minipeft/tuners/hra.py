@@ -6,10 +6,17 @@ Householder reflections, each the mirror through the hyperplane orthogonal to a 
 
     H_i = I - 2 u_i u_i^T / ||u_i||^2,      M = H_1 H_2 ... H_r,      W' = W M
 
-A reflection is orthogonal and its own inverse, so ``M`` is orthogonal for any ``u``. It costs
-``d r`` parameters per layer, as many as a rank-``r / 2`` LoRA on a square layer. The forward never
-builds a (d, d) matrix: ``x M^T = x H_r ... H_1`` is ``r`` rank-one updates of ``x``,
-``x <- x - 2 (x . u) u^T`` (with ``u`` normalised), where peft builds ``M`` and then ``W M``.
+A reflection is orthogonal and its own inverse, so ``M`` is orthogonal for any non-zero ``u``. It
+costs ``d r`` parameters per layer, as many as a rank-``r / 2`` LoRA on a square layer.
+
+The forward never builds a (d, d) matrix (peft builds ``M`` and then ``W M``). With the vectors
+normalised into ``V`` (d, r), a product of reflections has the compact "WY" form
+``H_1 ... H_r = I - V T V^T`` with ``T`` (r, r) upper triangular, built one reflection at a time:
+
+    (I - V T V^T)(I - 2 v v^T) = I - [V v] [[T, -2 T V^T v], [0, 2]] [V v]^T
+
+so ``x M^T = x - ((x V) T^T) V^T``: two thin products, and only ``x V`` (tokens, r) is kept for
+the backward besides ``x``.
 
 Initialisation (peft's): the columns of ``hra_u`` (d, r) come in equal pairs, ``u_1 = u_2``,
 ``u_3 = u_4``, ..., each pair drawn Kaiming-uniform; a reflection twice is the identity, so the
@@ -17,7 +24,11 @@ adapter starts as the unchanged model. An odd ``r`` cannot pair its vectors: it 
 random ``M`` (with a warning); ``init_weights=False`` draws every vector (for tests).
 
 ``apply_GS`` (peft's option): the vectors are orthonormalised first (Gram-Schmidt, in column order)
-and ``M = I - 2 U U^T``, which is symmetric and its own inverse.
+and ``M = I - 2 U U^T`` (``T = 2 I``), symmetric, and orthogonal when ``U`` is. That needs ``r <= d``
+independent vectors, so it cannot start at ``I``: paired vectors (``init_weights=True``) leave
+Gram-Schmidt only rounding noise to normalise (peft's default start; a warning says so), and
+``init_weights=False`` is the start that works. Unmerging solves against ``M`` rather than
+trusting it to be its own inverse.
 
 Layers: ``nn.Linear`` and ``nn.Conv2d`` as in peft (the flattened kernel, ``d = in x kh x kw``);
 GPT-2's ``Conv1D``, ``nn.Conv1d``, ``nn.Conv3d`` and grouped convolutions too (peft: none of these).
@@ -44,7 +55,8 @@ class HRAConfig(PeftConfig):
 
     r: the number of reflections per layer (even, for the identity start).
     apply_GS: orthonormalise the vectors (Gram-Schmidt) and use ``M = I - 2 U U^T``.
-    init_weights: True starts at ``M = I`` (paired vectors); False draws every vector.
+    init_weights: True draws the vectors in equal pairs, so that ``M = I`` (not with an odd r, nor
+        with apply_GS: see the module docstring); False draws every vector.
     bias: which biases train, ``"none"``, ``"all"`` or ``"hra_only"`` (those of HRA's layers).
     target_modules / exclude_modules / layers_to_transform / layers_pattern / modules_to_save: as for LoRA.
     """
@@ -87,9 +99,21 @@ def unit_vectors(u: torch.Tensor, gram_schmidt: bool) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def compact_wy(v: torch.Tensor) -> torch.Tensor:
+    """``T`` (r, r), upper triangular, with ``H_1 ... H_r = I - V T V^T`` for the unit columns of
+    ``v`` (d, r), ``H_i = I - 2 v_i v_i^T``: one column per reflection (module docstring)."""
+    gram = v.T @ v  # (r, r)
+    t = v.new_zeros(0, 0)
+    for k in range(v.shape[1]):
+        column = -2 * t @ gram[:k, k]  # (k,)
+        t = torch.cat([torch.cat([t, column[:, None]], dim=1),
+                       torch.cat([v.new_zeros(1, k), v.new_full((1, 1), 2.0)], dim=1)], dim=0)
+    return t
+
+
 class HRALayer(InputTransformLayer):
     """HRA around a linear layer (``nn.Linear``, GPT-2's ``Conv1D``): the input reflected by each
-    active adapter's vectors (``x M^T = x H_r ... H_1``)."""
+    active adapter's vectors (``x M^T = x H_r ... H_1``, in the compact form)."""
 
     adapter_layer_names = ("hra_u",)
     other_param_names = ("hra_r", "hra_apply_GS")
@@ -103,6 +127,13 @@ class HRALayer(InputTransformLayer):
 
     def update_layer(self, adapter_name: str, config: HRAConfig, key: str) -> None:
         d, r = self.transformed_size(), config.r
+        if config.apply_GS and r > d:
+            raise ValueError(f"HRA on {key!r}: apply_GS orthonormalises the r={r} vectors, but the layer's size is "
+                             f"{d}, which holds at most {d} orthonormal vectors; use r <= {d}")
+        if config.apply_GS and config.init_weights:
+            warnings.warn(f"HRA on {key!r}: apply_GS with init_weights=True orthonormalises paired vectors, whose "
+                          "second of each pair is rounding noise after Gram-Schmidt: the adapter starts at a random "
+                          "reflection with large gradients (as in peft). Use init_weights=False with apply_GS")
         if config.init_weights and r % 2 == 0:
             # Drawn as peft draws it (one Kaiming-uniform half, fan-in r / 2), so one seed gives both the same vectors.
             half = torch.zeros(d, r // 2)
@@ -120,17 +151,19 @@ class HRALayer(InputTransformLayer):
 
     def apply_map(self, t: torch.Tensor, adapter_name: str, transpose: bool, inverse: bool = False,
                   in_forward: bool = True) -> torch.Tensor:
-        """``t M`` with ``M = H_1 ... H_r`` (reflections applied to ``t`` in that order), ``t M^T``
-        and ``t M^{-1}`` (both ``t H_r ... H_1``: each reflection is its own inverse)."""
+        """``t M`` with ``M = I - V T V^T`` (module docstring), ``t M^T`` with ``transpose``; with
+        ``inverse``, ``t M^{-1} = t M^T`` (an exact product of reflections is orthogonal)."""
         u = self.hra_u[adapter_name]
         dtype = torch.promote_types(t.dtype, u.dtype)
-        t, u = t.to(dtype), unit_vectors(u.to(dtype), self.hra_apply_GS[adapter_name])
-        if self.hra_apply_GS[adapter_name]:  # M = I - 2 U U^T: symmetric, its own inverse
-            return t - 2 * (t @ u) @ u.T
-        order = range(u.shape[1]) if transpose == inverse else reversed(range(u.shape[1]))
-        for i in order:
-            t = t - 2 * (t @ u[:, i]).unsqueeze(-1) * u[:, i]  # the mirror image of each row of t
-        return t
+        t, gram_schmidt = t.to(dtype), self.hra_apply_GS[adapter_name]
+        v = unit_vectors(u.to(dtype), gram_schmidt)
+        if gram_schmidt and inverse:  # M = I - 2 U U^T is orthogonal only if U came out orthonormal
+            m = torch.eye(len(v), dtype=dtype, device=v.device) - 2 * v @ v.T
+            return torch.linalg.solve(m.T if transpose else m, t, left=False)
+        wy = 2 * torch.eye(v.shape[1], dtype=dtype, device=v.device) if gram_schmidt else compact_wy(v)
+        if transpose != inverse:
+            wy = wy.T
+        return t - ((t @ v) @ wy) @ v.T
 
 
 class HRAConv(InputTransformConv, HRALayer):

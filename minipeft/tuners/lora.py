@@ -44,6 +44,7 @@ from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, i
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, embed_scale, plus, wide
+from .weight_transform import InputTransformLayer
 
 
 @dataclass
@@ -292,6 +293,9 @@ class LoraLayer(AdapterLayer):
 
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
+
+    def merge_is_addition(self, adapter_name: str) -> bool:
+        return not self.use_dora[adapter_name]  # DoRA rescales rows by the weight's own norms
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
@@ -637,6 +641,11 @@ def check_module(target: nn.Module, config: LoraConfig, key: str) -> None:
     supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
     if not isinstance(target, LoraLayer) and not (isinstance(base, supported) or is_gpt2_conv1d(base)):
         raise _unsupported(base, key)
+    if config.use_dora and any(isinstance(w, InputTransformLayer) for w in wrapper_chain(target)):
+        raise ValueError(
+            f"cannot add a DoRA adapter around {key!r}: an OFT or HRA adapter inside it multiplies the weight, "
+            "whose row norms DoRA reads from the original weight. Add the DoRA adapter first, or use plain LoRA"
+        )
     check_target(target, config, key)
 
 

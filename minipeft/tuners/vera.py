@@ -262,6 +262,9 @@ class VeraLinear(AdapterLayer):
         delta = (b[:, None] * B.to(dtype)) @ (d[:, None] * A.to(dtype))  # (out, r) @ (r, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def merge_is_addition(self, adapter_name: str) -> bool:
+        return True
+
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
         """The weight with ``Delta W`` added, summed in at least fp32; the bias is unchanged."""

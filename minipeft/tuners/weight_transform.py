@@ -14,8 +14,9 @@ convolution (stride, padding, dilation, groups) runs with them: nothing acts on 
 Several adapters active on one layer compose as their merges do: merging ``M_1`` then ``M_2``
 gives ``W M_1 M_2``, so the forward applies ``M_2^T`` to ``x`` first, then ``M_1^T``. These
 matrices do not commute, so the active adapters of a layer merge only in their order (an adapter
-merged out of turn would change the model; it is refused). Merging writes ``W M``; unmerging
-multiplies by ``M^{-1}``.
+merged out of turn would change the model; it is refused, and so is merging a wrapper around
+another method's unmerged adapter, ``PeftModel._check_nested_merges``). Merging writes ``W M``;
+unmerging multiplies by ``M^{-1}``.
 
 A method subclasses these layers and provides one operation, ``apply_map(t, name, transpose,
 inverse, in_forward)``: ``t @ M`` along ``t``'s last axis, or ``M^T``, ``M^{-1}``, ``M^{-T}``,
@@ -131,7 +132,7 @@ def refuse_wrapped_convolution(target: nn.Module, base: nn.Module, layer_class: 
     method's wrapper that would skip that adapter."""
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target is not base and not isinstance(target, layer_class):
         raise ValueError(
-            f"cannot apply {method} to {key!r}: the convolution already holds another method's adapter, and {method} "
+            f"cannot apply {method} to {key!r}: another method's wrapper is around the convolution, and {method} "
             "runs the convolution itself with a changed kernel, which would skip that adapter. Add the "
-            f"{method} adapter first (another method may then wrap it)"
+            f"{method} adapters to a convolution first, before any other method's (which may then wrap them)"
         )
