@@ -144,6 +144,14 @@ def oft_kwargs(family: str, dropout: float = 0.1) -> dict:
     return dict(oft_block_size=32, target_modules=TARGETS[family])
 
 
+def hra_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The HRA hyper-parameters, for both libraries' ``HRAConfig``: 8 reflections (peft's default).
+    ``dropout`` is not used: HRA has none."""
+    if family == "gpt2":
+        raise SystemExit("peft's HRA does not adapt GPT-2's Conv1D layers: compare HRA on llama or bert")
+    return dict(r=8, target_modules=TARGETS[family])
+
+
 @dataclass(frozen=True)
 class Method:
     """A method both libraries have under one config name, as the side-by-side scripts run it."""
@@ -157,6 +165,7 @@ class Method:
 METHODS = {
     "lora": Method("LoraConfig", lora_kwargs, ".lora_", "LoRA r=16, alpha=32, dropout 0.1"),
     "oft": Method("OFTConfig", oft_kwargs, ".oft_", "OFT with 32 x 32 blocks (Neumann series, no module dropout)"),
+    "hra": Method("HRAConfig", hra_kwargs, ".hra_", "HRA with 8 reflections"),
 }
 
 

@@ -95,7 +95,8 @@ def test_the_sst2_examples_refuse_counts_below_one():
     ("loha", ["--lora-dropout", "0.2"], "--lora-dropout applies to --method lora or adalora, not loha"),
     ("adalora", ["--init-lora-weights", "pissa"], "--init-lora-weights applies to --method lora, not adalora"),
     ("lokr", ["--loraplus-lr-ratio", "16"], "--loraplus-lr-ratio applies to --method lora, not lokr"),
-    ("ln_tuning", ["--r", "4"], "--r applies to --method lora or adalora or loha or lokr, not ln_tuning"),
+    ("ln_tuning", ["--r", "4"], "--r applies to --method lora or adalora or loha or lokr or hra, not ln_tuning"),
+    ("hra", ["--lora-alpha", "4"], "--lora-alpha applies to --method lora or adalora or loha or lokr, not hra"),
     ("oft", ["--lora-alpha", "4"], "--lora-alpha applies to --method lora or adalora or loha or lokr, not oft"),
 ])
 def test_the_lora_example_refuses_an_option_of_another_method(method, flags, message):
