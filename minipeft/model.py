@@ -397,7 +397,11 @@ class PeftModel(nn.Module):
         would rotate a weight that LoRA then adds to, which the unmerged model never computes."""
         merging = {id(layer): here for _, layer, here in plan}
         for layer_name, layer, here in plan:
+            if not layer.folds_into_weight:  # it writes nothing here (a tied head: the embedding writes)
+                continue
             for inner in wrapper_chain(getattr(layer, layer.base_layer_name)):
+                if not inner.folds_into_weight:
+                    continue
                 pending = [a for a in inner.adapters_to_apply() if a not in merging.get(id(inner), [])]
                 additive = all(layer.merge_is_addition(a) for a in here) and \
                     all(inner.merge_is_addition(a) for a in pending)
