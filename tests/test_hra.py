@@ -163,25 +163,6 @@ def test_two_adapters_compose_as_their_merges_and_unmerge_restores_the_weights()
         torch.testing.assert_close(restored[name], t, atol=1e-6, rtol=0)
 
 
-def test_each_row_of_a_mixed_batch_computes_what_its_adapter_alone_computes():
-    base = tiny_transformers_model("llama")
-    model = get_peft_model(copy.deepcopy(base), HRAConfig(r=4, target_modules=TARGETS, init_weights=False))
-    model.add_adapter("b", HRAConfig(r=2, target_modules=TARGETS, init_weights=False))
-    model.eval()
-    ids = input_ids(batch=3)
-    names = ["b", "__base__", "default"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    want = model(input_ids=ids[row:row + 1]).logits
-            else:
-                model.set_adapter(name)
-                want = model(input_ids=ids[row:row + 1]).logits
-            torch.testing.assert_close(mixed[row:row + 1], want, atol=1e-5, rtol=1e-5)
-
-
 def test_bad_configs_and_targets_say_what_would_be_right():
     with pytest.raises(ValueError, match="positive integer, got 0"):
         HRAConfig(r=0)

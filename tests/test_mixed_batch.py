@@ -18,6 +18,7 @@ import minipeft
 from minipeft import (
     AdaLoraConfig,
     BottleneckConfig,
+    HRAConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -93,6 +94,11 @@ TINYNET_CASES = {
     "oft on linear, embedding, conv1d, conv2d; and block_share": (
         OFTConfig(oft_block_size=4, target_modules=["embed", "conv1d", "fc1"], init_weights=False),
         OFTConfig(oft_block_size=3, target_modules=["conv2d", "fc1"], block_share=True, init_weights=False),
+        (),
+    ),
+    "hra on linear and conv, and with gram-schmidt": (
+        HRAConfig(r=4, target_modules=["conv1d", "conv2d", "fc1"], init_weights=False),
+        HRAConfig(r=2, target_modules=["fc1", "fc2"], apply_GS=True, init_weights=False),
         (),
     ),
     "adalora and lora stacked on one layer": (

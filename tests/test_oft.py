@@ -223,7 +223,7 @@ def test_gpt2_conv1d_rotates_the_input_side_of_its_transposed_weight():
     torch.testing.assert_close(layer(x), x @ R @ layer.base_layer.weight + layer.base_layer.bias, atol=1e-5, rtol=0)
 
 
-# -- merging, several adapters, dropout, mixed batches ------------------------------------------------
+# -- merging, several adapters, dropout (mixed batches: test_mixed_batch.py) -------------------------------------------
 def test_merge_unmerge_and_two_adapters_compose_as_their_merges():
     base = tiny_transformers_model("llama")
     config = dict(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False)
@@ -318,26 +318,6 @@ def test_module_dropout_replaces_whole_blocks_by_the_identity_in_training_only()
     assert len(draws) > 1
     model.eval()
     assert not any(torch.equal(b, eye) for b in rotation.matrices())
-
-
-def test_each_row_of_a_mixed_batch_computes_what_its_adapter_alone_computes():
-    base = tiny_transformers_model("llama")
-    config = dict(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False)
-    model = get_peft_model(copy.deepcopy(base), OFTConfig(**config))
-    model.add_adapter("b", OFTConfig(**config | dict(block_share=True)))
-    model.eval()
-    ids = input_ids(batch=3)
-    names = ["b", "__base__", "default"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    want = model(input_ids=ids[row:row + 1]).logits
-            else:
-                model.set_adapter(name)
-                want = model(input_ids=ids[row:row + 1]).logits
-            torch.testing.assert_close(mixed[row:row + 1], want, atol=1e-5, rtol=1e-5)
 
 
 # -- bad input ------------------------------------------------------------------------------------
