@@ -5,15 +5,14 @@ plus what minipeft adds: GPT-2's Conv1D and other convolutions, merged equal to 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-import minipeft
 from minipeft import HRAConfig, get_peft_model, injection
 from minipeft.tuners.hra import unit_vectors
+from tests import against_peft
 from tests.models import input_ids, tiny_transformers_model
 
 peft = pytest.importorskip("peft")
@@ -70,13 +69,7 @@ def test_paired_vectors_start_at_the_identity_and_an_odd_rank_says_it_cannot():
 
 # -- against peft -------------------------------------------------------------------------------
 def seeded_pair(base, config: dict, seed: int = 3):
-    models = []
-    for library in (peft, minipeft):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an odd r: both say so
-            models.append(library.get_peft_model(copy.deepcopy(base), library.HRAConfig(**config)))
-    return models
+    return against_peft.seeded_pair(base, "HRAConfig", config, seed)
 
 
 OPTIONS = {"paired start": {}, "random": dict(init_weights=False), "gram-schmidt": dict(init_weights=False, apply_GS=True),
@@ -104,16 +97,7 @@ def test_checkpoints_load_in_peft_and_back(tmp_path):
     base = tiny_transformers_model("llama")
     p, m = seeded_pair(base, dict(target_modules=TARGETS, init_weights=False, apply_GS=True))
     ids = input_ids()
-    m.save_pretrained(tmp_path / "mini")
-    p2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
-    torch.testing.assert_close(p2(input_ids=ids).logits, m(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
-    with torch.no_grad():
-        for t in p.parameters():
-            if t.requires_grad:
-                t.mul_(-1.5)
-    p.save_pretrained(tmp_path / "peft")
-    m2 = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(m2(input_ids=ids).logits, p(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+    against_peft.assert_checkpoints_load_both_ways(base, p, m, lambda model: model(input_ids=ids).logits, tmp_path)
 
 
 def test_a_convolution_matches_peft():

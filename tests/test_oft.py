@@ -10,7 +10,6 @@ the dropout layer but never calls it); GPT-2's Conv1D and Conv1d/Conv3d are supp
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 import minipeft
 from minipeft import OFTConfig, get_peft_model, injection
 from minipeft.tuners.oft import cayley, nearest_divisor, skew_symmetric
+from tests import against_peft
 from tests.models import input_ids, tiny_transformers_model
 
 peft = pytest.importorskip("peft")
@@ -75,14 +75,7 @@ def test_the_forward_rotates_the_input_and_a_new_adapter_is_the_base_model():
 
 # -- against peft -------------------------------------------------------------------------------
 def seeded_pair(base, config: dict, seed: int = 3):
-    """(peft model, minipeft model) from one seed, each built right after ``torch.manual_seed``."""
-    models = []
-    for library in (peft, minipeft):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # block sizes moved to a divisor: both say so
-            models.append(library.get_peft_model(copy.deepcopy(base), library.OFTConfig(**config)))
-    return models
+    return against_peft.seeded_pair(base, "OFTConfig", config, seed)
 
 
 OPTIONS = {
@@ -136,16 +129,7 @@ def test_checkpoints_load_in_peft_and_back(tmp_path, option):
     p, m = seeded_pair(base, dict(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                   init_weights=False) | OPTIONS[option])
     ids = input_ids()
-    m.save_pretrained(tmp_path / "mini")
-    p2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
-    torch.testing.assert_close(p2(input_ids=ids).logits, m(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
-    with torch.no_grad():
-        for t in p.parameters():
-            if t.requires_grad:
-                t.mul_(-1.5)
-    p.save_pretrained(tmp_path / "peft")
-    m2 = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-    torch.testing.assert_close(m2(input_ids=ids).logits, p(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+    against_peft.assert_checkpoints_load_both_ways(base, p, m, lambda model: model(input_ids=ids).logits, tmp_path)
 
 
 def test_an_embedding_rotates_its_vectors_as_peft_does(tmp_path):
@@ -223,7 +207,7 @@ def test_gpt2_conv1d_rotates_the_input_side_of_its_transposed_weight():
     torch.testing.assert_close(layer(x), x @ R @ layer.base_layer.weight + layer.base_layer.bias, atol=1e-5, rtol=0)
 
 
-# -- merging, several adapters, dropout (mixed batches: test_mixed_batch.py) -------------------------------------------
+# -- merging, several adapters, dropout (mixed batches: test_mixed_batch.py) ----------------------
 def test_merge_unmerge_and_two_adapters_compose_as_their_merges():
     base = tiny_transformers_model("llama")
     config = dict(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False)
