@@ -42,3 +42,19 @@ def assert_checkpoints_load_both_ways(base, p, m, run, tmp_path, atol: float = 1
     p.save_pretrained(tmp_path / "peft")
     ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(run(ours), run(p), atol=atol, rtol=rtol)
+
+
+def assert_same_outputs_and_gradients(p, m, ids: torch.Tensor) -> None:
+    """One language-model loss of each (``labels = ids``), in training mode: the same logits, the
+    same trainable tensors, and the same gradient for each."""
+    logits, grads = [], []
+    for model in (p, m):
+        model.train()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        logits.append(out.logits)
+        grads.append({n: t.grad for n, t in model.named_parameters() if t.requires_grad})
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=1e-5)
+    assert sorted(grads[1]) == sorted(grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4)

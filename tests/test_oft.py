@@ -93,18 +93,7 @@ def test_logits_gradients_and_parameters_match_peft(option):
     base = tiny_transformers_model("llama")
     config = dict(oft_block_size=8, target_modules=LLAMA_TARGETS, init_weights=False) | OPTIONS[option]
     p, m = seeded_pair(base, config)
-    ids = input_ids()
-    grads, logits = [], []
-    for model in (p, m):
-        model.train()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        logits.append(out.logits)
-        grads.append({n: t.grad for n, t in model.named_parameters() if t.requires_grad})
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=1e-5)
-    assert sorted(grads[1]) == sorted(grads[0])
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4)
+    against_peft.assert_same_outputs_and_gradients(p, m, input_ids())
     for name, t in p.named_parameters():
         torch.testing.assert_close(m.get_parameter(name), t, atol=1e-9, rtol=0)  # coft: also after its projection
 
