@@ -24,9 +24,10 @@ adapter starts as the unchanged model. An odd ``r`` cannot pair its vectors: it 
 random ``M`` (with a warning); ``init_weights=False`` draws every vector (for tests).
 
 ``apply_GS`` (peft's option): the vectors are orthonormalised first (Gram-Schmidt, in column order)
-and ``M = I - 2 U U^T`` (``T = 2 I``), symmetric, and orthogonal when ``U`` is. That needs ``r <= d``
-independent vectors, so it cannot start at ``I``: paired vectors (``init_weights=True``) leave
-Gram-Schmidt only rounding noise to normalise (peft's default start; a warning says so), and
+and ``M = I - 2 U U^T`` (``T = 2 I``), symmetric, and orthogonal when ``U`` is, which needs
+``r <= d`` independent vectors. It is never ``I`` (it flips the span of ``U``), so this variant
+cannot start as the unchanged model; from paired vectors (``init_weights=True``, peft's default)
+Gram-Schmidt is left only rounding noise to normalise (a warning says so), and
 ``init_weights=False`` is the start that works. Unmerging solves against ``M`` rather than
 trusting it to be its own inverse.
 
