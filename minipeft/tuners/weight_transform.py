@@ -6,8 +6,9 @@ block rotations, HRA as a product of Householder reflections:
     W' = W M,        y = x W'^T + b = (x M^T) W^T + b,        x: (..., d)
 
 so the rows of ``W`` (one per output neuron) are all transformed alike. A linear layer's forward
-applies ``M^T`` to its input and calls the frozen layer: no copy of the weight, and any wrapper
-around it (or inside it) still sees a plain input. A convolution is a linear map of each flattened
+applies ``M^T`` to its input and calls the frozen layer: no copy of the weight is made, and a
+wrapper inside it (another method's adapter on the same layer) gets the transformed input, as the
+weight it adapts will once merged. A convolution is a linear map of each flattened
 patch, so its kernel rows (out, in / groups x k...) are multiplied by ``M`` and the layer's own
 convolution (stride, padding, dilation, groups) runs with them: nothing acts on the input alone.
 
