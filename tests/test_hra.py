@@ -5,11 +5,13 @@ plus what minipeft adds: GPT-2's Conv1D and other convolutions, merged equal to 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import minipeft
 from minipeft import HRAConfig, get_peft_model, injection
 from minipeft.tuners.hra import unit_vectors
 from tests import against_peft
@@ -143,3 +145,16 @@ def test_gram_schmidt_refuses_more_vectors_than_dimensions_and_warns_about_paire
         model.merge_adapter()
         model.unmerge_adapter()
     torch.testing.assert_close(model.get_base_model()[0].base_layer.weight, base[0].weight, atol=1e-4, rtol=1e-4)
+
+
+def test_loading_an_odd_rank_for_inference_does_not_warn_about_its_start(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="r=3 is odd"):
+        model = get_peft_model(copy.deepcopy(base), HRAConfig(r=3, target_modules=["0"]))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trained vectors replace the start: nothing to say
+        loaded = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)

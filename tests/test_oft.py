@@ -286,6 +286,10 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         OFTConfig(use_cayley_neumann="False")
     with pytest.raises(ValueError, match="with 1 the series is I"):
         OFTConfig(num_cayley_neumann_terms=1)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 4)), OFTConfig(oft_block_size=4, target_modules=["0"]))
+    with pytest.raises(ValueError, match="OFT rotates vectors of size 8 \\(2 blocks of 4\\); got an input whose last "
+                                         "dimension is 6"):
+        model(torch.randn(2, 6))
     with pytest.warns(UserWarning, match="blocks are 1 x 1 .* stays the identity"):
         get_peft_model(nn.Sequential(nn.Linear(7, 2)), OFTConfig(oft_block_size=4, target_modules=["0"]))
     with pytest.raises(ValueError, match="OFT supports nn.Linear"):

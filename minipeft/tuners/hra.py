@@ -131,7 +131,7 @@ class HRALayer(InputTransformLayer):
         if config.apply_GS and r > d:
             raise ValueError(f"HRA on {key!r}: apply_GS orthonormalises the r={r} vectors, but the layer's size is "
                              f"{d}, which holds at most {d} orthonormal vectors; use r <= {d}")
-        if config.apply_GS and config.init_weights:
+        if config.apply_GS and config.init_weights and not config.inference_mode:  # (loading: the start is overwritten)
             warnings.warn(f"HRA on {key!r}: apply_GS with init_weights=True orthonormalises paired vectors, whose "
                           "second of each pair is rounding noise after Gram-Schmidt: the adapter starts at a random "
                           "reflection with large gradients (as in peft). Use init_weights=False with apply_GS")
@@ -141,7 +141,7 @@ class HRALayer(InputTransformLayer):
             nn.init.kaiming_uniform_(half, a=math.sqrt(5))
             u = half.repeat_interleave(2, dim=1)  # u_1 = u_2, u_3 = u_4, ...: M = I
         else:
-            if config.init_weights:
+            if config.init_weights and not config.inference_mode:
                 warnings.warn(f"HRA on {key!r}: r={r} is odd, so its reflections cannot come in equal pairs and the "
                               "adapter does not start as the unchanged model; use an even r")
             u = torch.empty(d, r)

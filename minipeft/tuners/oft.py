@@ -184,6 +184,9 @@ def rotate(t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``t @ diag(blocks)`` along the last axis: ``t`` (..., r b), ``blocks`` (r, b, b). Each slice
     of ``b`` features is multiplied by its own block, without building the (d, d) matrix."""
     r, b, _ = blocks.shape
+    if t.shape[-1] != r * b:
+        raise ValueError(f"OFT rotates vectors of size {r * b} ({r} blocks of {b}); got an input whose last "
+                         f"dimension is {t.shape[-1]}")
     return torch.einsum("...rk,rkc->...rc", t.reshape(*t.shape[:-1], r, b), blocks).reshape(t.shape)
 
 
