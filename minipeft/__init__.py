@@ -9,6 +9,7 @@ from .optimizers import create_loraplus_optimizer
 from .status import get_layer_status, get_model_status
 from .tuners.adalora import AdaLoraConfig
 from .tuners.bottleneck import BottleneckConfig
+from .tuners.fourierft import FourierFTConfig
 from .tuners.hra import HRAConfig
 from .tuners.ia3 import IA3Config
 from .tuners.ln_tuning import LNTuningConfig
@@ -25,6 +26,7 @@ from .tuners.vera import VeraConfig
 __all__ = [
     "AdaLoraConfig",
     "BottleneckConfig",
+    "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
     "LNTuningConfig",

@@ -31,6 +31,7 @@ class PeftType(str, enum.Enum):
     LN_TUNING = "LN_TUNING"
     OFT = "OFT"
     HRA = "HRA"
+    FOURIERFT = "FOURIERFT"
 
 
 class TaskType(str, enum.Enum):

@@ -45,11 +45,13 @@ def assert_checkpoints_load_both_ways(base, p, m, run, tmp_path, atol: float = 1
 
 
 def assert_same_outputs_and_gradients(p, m, ids: torch.Tensor) -> None:
-    """One language-model loss of each (``labels = ids``), in training mode: the same logits, the
-    same trainable tensors, and the same gradient for each."""
+    """One language-model loss of each (``labels = ids``), in training mode (the model's dropout
+    drawing the same masks from one seed): the same logits, the same trainable tensors, and the
+    same gradient for each."""
     logits, grads = [], []
     for model in (p, m):
         model.train()
+        torch.manual_seed(11)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         logits.append(out.logits)

@@ -18,6 +18,7 @@ import minipeft
 from minipeft import (
     AdaLoraConfig,
     BottleneckConfig,
+    FourierFTConfig,
     HRAConfig,
     IA3Config,
     LoHaConfig,
@@ -99,6 +100,11 @@ TINYNET_CASES = {
     "hra on linear and conv, and with gram-schmidt": (
         HRAConfig(r=4, target_modules=["conv1d", "conv2d", "fc1"], init_weights=False),
         HRAConfig(r=2, target_modules=["fc1", "fc2"], apply_GS=True, init_weights=False),
+        (),
+    ),
+    "fourierft on linear layers, two sizes": (
+        FourierFTConfig(n_frequency=40, scaling=30.0, target_modules=["fc1", "fc2", "head"]),
+        FourierFTConfig(n_frequency=10, scaling=30.0, random_loc_seed=3, target_modules=["fc1"]),
         (),
     ),
     "adalora and lora stacked on one layer": (

@@ -29,6 +29,7 @@ from . import (
     adalora,
     adalora_budget,
     bottleneck,
+    fourierft,
     hra,
     ia3,
     loha,
@@ -135,6 +136,7 @@ register_method(
 )
 register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target))
 register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target))
+register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
 )

@@ -329,7 +329,7 @@ class AdapterLayer(nn.Module):
 
     def merge_is_addition(self, adapter_name: str) -> bool:
         """Whether merging adapter ``adapter_name`` adds an update that does not depend on the
-        weight (LoRA without DoRA, LoHa, LoKr, AdaLoRA, VeRA). Such merges commute with each
+        weight (LoRA without DoRA, LoHa, LoKr, AdaLoRA, VeRA, FourierFT). Such merges commute with each
         other, so nested wrappers of these may merge in any order; any other merge transforms
         the weight the layers inside it hold, and must wait for them (``PeftModel``'s merge plan)."""
         return False
