@@ -152,6 +152,12 @@ def hra_kwargs(family: str, dropout: float = 0.1) -> dict:
     return dict(r=8, target_modules=TARGETS[family])
 
 
+def fourierft_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The FourierFT hyper-parameters, for both libraries' ``FourierFTConfig``: peft's defaults (1000
+    coefficients, scaling 150, drawn at random). ``dropout`` is not used: FourierFT has none."""
+    return dict(target_modules=TARGETS[family], fan_in_fan_out=family == "gpt2")
+
+
 @dataclass(frozen=True)
 class Method:
     """A method both libraries have under one config name, as the side-by-side scripts run it."""
@@ -166,6 +172,7 @@ METHODS = {
     "lora": Method("LoraConfig", lora_kwargs, ".lora_", "LoRA r=16, alpha=32, dropout 0.1"),
     "oft": Method("OFTConfig", oft_kwargs, ".oft_", "OFT with 32 x 32 blocks (Neumann series, no module dropout)"),
     "hra": Method("HRAConfig", hra_kwargs, ".hra_", "HRA with 8 reflections"),
+    "fourierft": Method("FourierFTConfig", fourierft_kwargs, ".fourierft_", "FourierFT, 1000 coefficients per layer"),
 }
 
 
