@@ -115,6 +115,14 @@ def is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def names_as_lists(config: PeftConfig, *fields: str) -> None:
+    """Module-name fields given as sets or tuples (peft takes sets) become sorted lists: what
+    ``adapter_config.json`` can hold, in an order that does not change from run to run."""
+    for field_name in fields:
+        if isinstance(getattr(config, field_name), (set, frozenset, tuple)):
+            setattr(config, field_name, sorted(getattr(config, field_name)))
+
+
 def check_flags(config: PeftConfig, *names: str) -> None:
     """A ValueError for a switch of ``config`` that is not a bool: a string such as ``"False"``
     would read as true, and the saved config would not load back (fields are type-checked there)."""

@@ -97,6 +97,7 @@ def test_the_sst2_examples_refuse_counts_below_one():
     ("lokr", ["--loraplus-lr-ratio", "16"], "--loraplus-lr-ratio applies to --method lora, not lokr"),
     ("ln_tuning", ["--r", "4"], "--r applies to --method lora or adalora or loha or lokr or hra, not ln_tuning"),
     ("hra", ["--lora-alpha", "4"], "--lora-alpha applies to --method lora or adalora or loha or lokr, not hra"),
+    ("fourierft", ["--r", "4"], "--r applies to --method lora or adalora or loha or lokr or hra, not fourierft"),
     ("oft", ["--lora-alpha", "4"], "--lora-alpha applies to --method lora or adalora or loha or lokr, not oft"),
 ])
 def test_the_lora_example_refuses_an_option_of_another_method(method, flags, message):
