@@ -79,5 +79,9 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         FourierFTConfig(bias="lora_only")
     with pytest.raises(ValueError, match="use at most 12"):
         get_peft_model(nn.Sequential(nn.Linear(4, 3)), FourierFTConfig(n_frequency=13, target_modules=["0"]))
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True but '0' is an nn.Linear"):
+        model = get_peft_model(nn.Sequential(nn.Linear(4, 3)), FourierFTConfig(n_frequency=4, fan_in_fan_out=True,
+                                                                               target_modules=["0"]))
+    assert model.peft_config["default"].fan_in_fan_out is False  # what the layer uses, as peft saves it
     with pytest.raises(ValueError, match="FourierFT supports nn.Linear"):
         get_peft_model(nn.Sequential(nn.Conv2d(2, 2, 3)), FourierFTConfig(target_modules=["0"]))

@@ -1,8 +1,8 @@
 """FourierFT: fine-tuning with the discrete Fourier transform (Gao et al., ICML 2024), in peft's layout.
 
 LoRA spends its parameters on low-rank factors. FourierFT spends them on ``n`` coefficients of the
-update's 2-D spectrum, at locations drawn once from a seed and shared by every adapter that uses
-that seed; the update is the real part of the inverse transform:
+update's 2-D spectrum, at locations drawn once from a seed (the same for every layer of one shape
+under one seed); the update is the real part of the inverse transform:
 
     F = zeros(out, in);  F[rows_k, cols_k] = c_k  (k = 1..n)
     Delta W = s * Re(IDFT2(F))                      (out, in),   s = ``scaling``
@@ -19,11 +19,14 @@ starts them at zero.
 
 Layers: ``nn.Linear`` and GPT-2's ``Conv1D`` (whose weight is ``(in, out)``: the update is
 transposed to merge). The update is added like LoHa's (``AddedUpdate``): merging adds it to the
-weight, unmerging subtracts it. Checkpoints: ``<layer>.fourierft_spectrum`` (n,), peft's key.
+weight, unmerging subtracts it. In a mixed batch each row gets its own adapter's update (peft
+0.21's FourierFT ignores ``adapter_names`` and applies the active adapter to every row).
+Checkpoints: ``<layer>.fourierft_spectrum`` (n,), peft's key.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +52,8 @@ class FourierFTConfig(PeftConfig):
 
     n_frequency: coefficients per layer; n_frequency_pattern: per-module values, keyed by a name
         suffix or a regex (as LoRA's rank_pattern).
-    scaling: the update's scale ``s`` (like LoRA's alpha / r; the paper uses 150 for language models).
+    scaling: the update's scale ``s`` (like LoRA's alpha / r); peft's advice: 100 or 150 for RoBERTa on
+        GLUE, 300 for LLaMA instruction tuning and for ViT.
     random_loc_seed: the seed the coefficients' locations are drawn from.
     init_weights: False (the default) draws the coefficients from N(0, 1); True starts them at zero.
     bias: which biases train, ``"none"``, ``"all"`` or ``"fourier_only"`` (those of FourierFT's layers).
@@ -59,7 +63,7 @@ class FourierFTConfig(PeftConfig):
 
     n_frequency: int = 1000
     scaling: float = 150.0
-    random_loc_seed: int | None = 777
+    random_loc_seed: int = 777
     fan_in_fan_out: bool = False
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -154,6 +158,9 @@ def wrap_module(target: nn.Module, adapter_name: str, config: FourierFTConfig, k
     """Build the FourierFT wrapper for ``target`` (the module named ``key``) with one adapter."""
     base = innermost(target)
     if isinstance(base, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
+            config.fan_in_fan_out = False  # as peft records it in the config it saves
         layer = FourierFTLayer(target)
     elif is_gpt2_conv1d(base):
         config.fan_in_fan_out = True  # (in, out) weights, recorded in the config as peft does
