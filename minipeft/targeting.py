@@ -73,6 +73,19 @@ def wrapper_chain(module: nn.Module) -> Iterator[nn.Module]:
         module = getattr(module, module.base_layer_name)
 
 
+def linear_weight_layout(base: nn.Module, config, key: str) -> bool:
+    """``fan_in_fan_out`` for a linear ``base`` (the module named ``key``): True for GPT-2's Conv1D,
+    whose weight is (in, out), False for ``nn.Linear``. The config records what the layer uses, as
+    peft records it in the config it saves, with a warning where it said otherwise for an nn.Linear."""
+    if is_gpt2_conv1d(base):
+        config.fan_in_fan_out = True
+        return True
+    if config.fan_in_fan_out:
+        warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
+        config.fan_in_fan_out = False
+    return False
+
+
 def innermost(module: nn.Module) -> nn.Module:
     """The original module under any adapter wrappers around it (``module`` itself when unwrapped)."""
     for wrapper in wrapper_chain(module):

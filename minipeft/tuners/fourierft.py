@@ -26,7 +26,6 @@ Checkpoints: ``<layer>.fourierft_spectrum`` (n,), peft's key.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +41,7 @@ from ..config import (
     names_as_lists,
     pattern_value,
 )
-from ..targeting import innermost, is_gpt2_conv1d, out_in_features
+from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
 from .base import AdapterLayer, AddedUpdate
 
 
@@ -157,14 +156,8 @@ SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 def wrap_module(target: nn.Module, adapter_name: str, config: FourierFTConfig, key: str) -> FourierFTLayer:
     """Build the FourierFT wrapper for ``target`` (the module named ``key``) with one adapter."""
     base = innermost(target)
-    if isinstance(base, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
-            config.fan_in_fan_out = False  # as peft records it in the config it saves
-        layer = FourierFTLayer(target)
-    elif is_gpt2_conv1d(base):
-        config.fan_in_fan_out = True  # (in, out) weights, recorded in the config as peft does
-        layer = FourierFTLayer(target, fan_in_fan_out=True)
+    if isinstance(base, nn.Linear) or is_gpt2_conv1d(base):
+        layer = FourierFTLayer(target, fan_in_fan_out=linear_weight_layout(base, config, key))
     else:
         raise ValueError(f"cannot apply FourierFT to {key!r}: it is a {type(base).__name__}; FourierFT supports {SUPPORTED}")
     layer.add_adapter(adapter_name, config, key)

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import innermost, is_gpt2_conv1d, name_matches, out_in_features
+from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, name_matches, out_in_features
 from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement
 
 
@@ -239,14 +238,8 @@ SUPPORTED = "nn.Linear, transformers' GPT-2 Conv1D, nn.Conv2d and nn.Conv3d"
 def wrap_module(target: nn.Module, adapter_name: str, config: IA3Config, key: str) -> IA3Linear:
     """Build the (IA)^3 wrapper for ``target`` (the module named ``key``) with one adapter."""
     base = innermost(target)
-    if isinstance(base, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
-            config.fan_in_fan_out = False  # what the adapter uses, as peft records it in the config it saves
-        layer = IA3Linear(target, fan_in_fan_out=False)
-    elif is_gpt2_conv1d(base):
-        config.fan_in_fan_out = True  # (in, out) weights: recorded in the config as peft does
-        layer = IA3Linear(target, fan_in_fan_out=True)
+    if isinstance(base, nn.Linear) or is_gpt2_conv1d(base):
+        layer = IA3Linear(target, fan_in_fan_out=linear_weight_layout(base, config, key))
     elif isinstance(base, (nn.Conv2d, nn.Conv3d)):
         layer = IA3Conv(target)
     else:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, pattern_value
-from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
+from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, embed_scale, plus, wide
 from .weight_transform import InputTransformLayer
@@ -608,14 +608,8 @@ SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttentio
 def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLayer:
     """Build the LoRA wrapper for ``target`` (the module named ``key``) with one adapter."""
     base = innermost(target)
-    if isinstance(base, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
-            config.fan_in_fan_out = False  # what the adapter uses, as peft records it in the config it saves
-        layer: LoraLayer = LoraLinear(target, fan_in_fan_out=False)
-    elif is_gpt2_conv1d(base):
-        config.fan_in_fan_out = True  # (in, out) weights: recorded in the config as peft does
-        layer = LoraLinear(target, fan_in_fan_out=True)
+    if isinstance(base, nn.Linear) or is_gpt2_conv1d(base):
+        layer: LoraLayer = LoraLinear(target, fan_in_fan_out=linear_weight_layout(base, config, key))
     elif isinstance(base, nn.Embedding):
         layer = LoraEmbedding(target)
     elif isinstance(base, (nn.Conv1d, nn.Conv2d)):

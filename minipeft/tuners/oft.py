@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
 
@@ -315,14 +315,8 @@ def wrap_module(target: nn.Module, adapter_name: str, config: OFTConfig, key: st
     """Build the OFT wrapper for ``target`` (the module named ``key``) with one adapter."""
     check_target(target, config, key)
     base = innermost(target)
-    if isinstance(base, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
-            config.fan_in_fan_out = False  # as peft records it in the config it saves
-        layer = OFTLayer(target)
-    elif is_gpt2_conv1d(base):
-        config.fan_in_fan_out = True  # (in, out) weights
-        layer = OFTLayer(target, fan_in_fan_out=True)
+    if isinstance(base, nn.Linear) or is_gpt2_conv1d(base):
+        layer = OFTLayer(target, fan_in_fan_out=linear_weight_layout(base, config, key))
     elif isinstance(base, nn.Embedding):
         layer = OFTEmbedding(target)
     else:
