@@ -8,6 +8,7 @@ from .model import PeftModel, get_peft_model
 from .optimizers import create_loraplus_optimizer
 from .status import get_layer_status, get_model_status
 from .tuners.adalora import AdaLoraConfig
+from .tuners.boft import BOFTConfig
 from .tuners.bottleneck import BottleneckConfig
 from .tuners.fourierft import FourierFTConfig
 from .tuners.hra import HRAConfig
@@ -25,6 +26,7 @@ from .tuners.vera import VeraConfig
 
 __all__ = [
     "AdaLoraConfig",
+    "BOFTConfig",
     "BottleneckConfig",
     "FourierFTConfig",
     "HRAConfig",

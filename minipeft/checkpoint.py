@@ -97,7 +97,7 @@ from .injection import check_adapter_name, check_new_adapter_name, known_adapter
 from .targeting import (
     attention_out_projections, declared_embedding, is_bias, is_under, is_wrapper, join_name, logical_name,
 )
-from .tuners import ModulesToSaveWrapper, lora_init, method_for
+from .tuners import ModulesToSaveWrapper, boft, lora_init, method_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -805,6 +805,8 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
         ) from None
     if SAVED_CONFIG_KEY in metadata:
         _check_same_config(config, metadata[SAVED_CONFIG_KEY], folder)
+    if config.peft_type == PeftType.BOFT:
+        config = boft.fit_factor_count(config, tensors, config_path)
     return config, tensors
 
 

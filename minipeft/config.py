@@ -32,6 +32,7 @@ class PeftType(str, enum.Enum):
     OFT = "OFT"
     HRA = "HRA"
     FOURIERFT = "FOURIERFT"
+    BOFT = "BOFT"
 
 
 class TaskType(str, enum.Enum):

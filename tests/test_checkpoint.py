@@ -252,9 +252,9 @@ def _edit_config(folder, **changes):
 
 def test_unknown_peft_type(tmp_path):
     saved(tmp_path)
-    _edit_config(tmp_path, peft_type="BOFT")
+    _edit_config(tmp_path, peft_type="XLORA")
     model = base()
-    with pytest.raises(ValueError, match=r"unknown peft_type 'BOFT'; minipeft supports: .*LORA"):
+    with pytest.raises(ValueError, match=r"unknown peft_type 'XLORA'; minipeft supports: .*LORA"):
         PeftModel.from_pretrained(model, tmp_path)
     assert_untouched(model)
 

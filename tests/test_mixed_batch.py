@@ -17,6 +17,7 @@ import torch
 import minipeft
 from minipeft import (
     AdaLoraConfig,
+    BOFTConfig,
     BottleneckConfig,
     FourierFTConfig,
     HRAConfig,
@@ -100,6 +101,12 @@ TINYNET_CASES = {
     "hra on linear and conv, and with gram-schmidt": (
         HRAConfig(r=4, target_modules=["conv1d", "conv2d", "fc1"], init_weights=False),
         HRAConfig(r=2, target_modules=["fc1", "fc2"], apply_GS=True, init_weights=False),
+        (),
+    ),
+    "boft with two butterfly factors on linear and conv1d, one dense block on conv2d": (
+        BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["conv1d", "fc1", "fc2"],
+                   init_weights=False),
+        BOFTConfig(boft_block_size=0, boft_block_num=1, target_modules=["conv2d", "fc1"], init_weights=False),
         (),
     ),
     "fourierft on linear layers, two sizes": (

@@ -1,4 +1,4 @@
-"""What OFT and HRA share (tuners/weight_transform.py), on the layers peft does not adapt with
+"""What OFT, HRA and BOFT share (tuners/weight_transform.py), on the layers peft does not adapt with
 them: GPT-2's Conv1D (a transposed weight), Conv1d, Conv3d with dilation and a grouped Conv2d.
 The forward, which transforms the input or builds the kernel, must equal the merged weights."""
 
@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from minipeft import HRAConfig, OFTConfig, get_peft_model
+from minipeft import BOFTConfig, HRAConfig, OFTConfig, get_peft_model
 from tests.models import input_ids, tiny_transformers_model
 
 CONFIGS = {"oft": lambda targets: OFTConfig(oft_block_size=4, target_modules=targets, init_weights=False),
-           "hra": lambda targets: HRAConfig(r=4, target_modules=targets, init_weights=False)}
+           "hra": lambda targets: HRAConfig(r=4, target_modules=targets, init_weights=False),
+           "boft": lambda targets: BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=targets,
+                                              init_weights=False)}
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
@@ -27,7 +29,7 @@ def test_layers_peft_does_not_adapt_merge_to_what_their_forward_computes(method,
     else:
         conv, x = {"conv1d": (nn.Conv1d(4, 6, 3, padding=1), torch.randn(2, 4, 9)),
                    "dilated conv3d": (nn.Conv3d(2, 3, 2, dilation=2), torch.randn(2, 2, 5, 5, 5)),
-                   "grouped conv2d": (nn.Conv2d(4, 6, 3, groups=2), torch.randn(2, 4, 6, 6))}[kind]
+                   "grouped conv2d": (nn.Conv2d(8, 6, 3, groups=2), torch.randn(2, 8, 6, 6))}[kind]
         base, targets = nn.Sequential(conv), ["0"]
         run = lambda model: model(x)  # noqa: E731
     model = get_peft_model(copy.deepcopy(base), CONFIGS[method](targets))

@@ -28,6 +28,7 @@ from ..config import PeftConfig, PeftType
 from . import (
     adalora,
     adalora_budget,
+    boft,
     bottleneck,
     fourierft,
     hra,
@@ -135,6 +136,7 @@ register_method(
                check_model=ln_tuning.check_targets_apart),
 )
 register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target))
+register_method(PeftType.BOFT, PeftMethod(boft.BOFTConfig, boft.BOFTLayer, boft.wrap_module, check=boft.check_target))
 register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target))
 register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module))
 register_method(

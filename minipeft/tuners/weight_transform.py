@@ -21,7 +21,10 @@ unmerging multiplies by ``M^{-1}``.
 
 A method subclasses these layers and provides one operation, ``apply_map(t, name, transpose,
 inverse, in_forward)``: ``t @ M`` along ``t``'s last axis, or ``M^T``, ``M^{-1}``, ``M^{-T}``,
-without building the (d, d) matrix where it can avoid it.
+without building the (d, d) matrix where it can avoid it. A method may also scale each output
+feature (BOFT's magnitude ``s``: (out,)), ``W' = diag(s) W M``: it sets ``scales_outputs`` and
+provides ``output_scale``. The bias is not scaled: ``y = s * (x M^T W^T) + b``. A row scale and a
+map on the input side commute, so the order rule above is unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class InputTransformLayer(AdapterLayer):
 
     supports_mixed_batch = True
     mergeable = True
+    # Whether adapters also scale each output feature (``output_scale``; module docstring).
+    scales_outputs = False
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -55,26 +60,53 @@ class InputTransformLayer(AdapterLayer):
         for a forward (training-time randomness and in-place constraints act), not a merge."""
         raise TypeError(f"{type(self).__name__} must define apply_map")
 
+    def output_scale(self, adapter_name: str) -> torch.Tensor:
+        """The scale ``s`` (out,) of each output feature, where ``scales_outputs``."""
+        raise TypeError(f"{type(self).__name__} sets scales_outputs = True but does not define output_scale")
+
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
-        if self.row_routing is not None:  # each row by its own adapter (a copy: rows are written in place)
-            x = self.apply_adapters(x.clone(), x, self._mapped_input)
+        routed = self.row_routing is not None
+        adapters = None if routed else self.adapters_to_apply()
+        if routed:  # each row by its own adapter (a copy: rows are written in place)
+            mapped = self.apply_adapters(x.clone(), x, self._mapped_input)
         else:  # the adapter merged last acts on x first (module docstring)
-            x = self.apply_adapters(x, x, self._mapped_input, adapters=self.adapters_to_apply()[::-1])
-        return self.base_layer(x, *args, **kwargs)
+            mapped = self.apply_adapters(x, x, self._mapped_input, adapters=adapters[::-1])
+        result = self.base_layer(mapped, *args, **kwargs)
+        if self.scales_outputs:
+            result = self.apply_adapters(result, x, self._scaled_output, adapters=adapters)
+        return result
 
     def _mapped_input(self, t: torch.Tensor, _x: torch.Tensor, name: str) -> torch.Tensor:
         """``t M^T`` for adapter ``name``, returned in ``t``'s dtype."""
         return self.apply_map(t, name, transpose=True).to(t.dtype)
 
+    def _scaled_output(self, result: torch.Tensor, _x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s * (result - b) + b``: adapter ``name``'s scale on the layer's output, not on its bias."""
+        scale, bias = self.output_scale(name).to(result.dtype), self.get_base_layer().bias
+        return result * scale if bias is None else (result - bias) * scale + bias
+
+    def scale_rows(self, weight: torch.Tensor, name: str, inverse: bool) -> torch.Tensor:
+        """The stored weight with output feature ``j`` multiplied by ``s_j`` (divided, with
+        ``inverse``); the weight itself where the method scales nothing."""
+        if not self.scales_outputs:
+            return weight
+        scale = self.output_scale(name).to(weight.dtype)
+        scale = 1 / scale if inverse else scale
+        # (out, d) for nn.Linear and convolutions (out, in, k...); (d, out) for GPT-2's Conv1D
+        return weight * scale if self.fan_in_fan_out else weight * scale.view(-1, *[1] * (weight.dim() - 1))
+
     # -- merging ------------------------------------------------------------------------------
     def weight_times(self, weight: torch.Tensor, name: str, inverse: bool = False, in_forward: bool = False):
-        """The stored weight times ``M`` (or ``M^{-1}``) on its input side: ``W M`` for a (out, d)
-        weight, ``M^T W`` for GPT-2's (d, out) one."""
+        """The stored weight times ``M`` (or ``M^{-1}``) on its input side, its rows scaled where
+        the method scales outputs: ``diag(s) W M`` for a (out, d) weight, ``M^T W diag(s)`` for
+        GPT-2's (d, out) one."""
         if self.fan_in_fan_out:
-            return self.apply_map(weight.T, name, transpose=False, inverse=inverse, in_forward=in_forward).T
-        return self.apply_map(weight, name, transpose=False, inverse=inverse, in_forward=in_forward)
+            mapped = self.apply_map(weight.T, name, transpose=False, inverse=inverse, in_forward=in_forward).T
+        else:
+            mapped = self.apply_map(weight, name, transpose=False, inverse=inverse, in_forward=in_forward)
+        return self.scale_rows(mapped, name, inverse)
 
     def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
         """The active adapters of this layer merge only in their order (module docstring)."""
@@ -125,7 +157,7 @@ class InputTransformConv(InputTransformLayer):
 
     def weight_times(self, weight: torch.Tensor, name: str, inverse: bool = False, in_forward: bool = False):
         rows = self.apply_map(weight.flatten(1), name, transpose=False, inverse=inverse, in_forward=in_forward)
-        return rows.reshape(weight.shape)
+        return self.scale_rows(rows.reshape(weight.shape), name, inverse)
 
 
 def refuse_wrapped_convolution(target: nn.Module, base: nn.Module, layer_class: type, method: str, key: str) -> None:
