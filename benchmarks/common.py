@@ -158,6 +158,24 @@ def fourierft_kwargs(family: str, dropout: float = 0.1) -> dict:
     return dict(target_modules=TARGETS[family], fan_in_fan_out=family == "gpt2")
 
 
+def boft_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The BOFT hyper-parameters, for both libraries' ``BOFTConfig``: 8 x 8 blocks, one butterfly
+    factor, which is all peft computes without its CUDA extension (``peft_without_extension``).
+    ``dropout`` is not used: boft_dropout stays 0, whose blocks are drawn at random in each forward."""
+    if family == "gpt2":
+        raise SystemExit("peft's BOFT does not adapt GPT-2's Conv1D layers: compare BOFT on llama or bert")
+    return dict(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=TARGETS[family])
+
+
+def peft_without_extension() -> None:
+    """peft's BOFT as it runs where its CUDA extension is not built (any CPU; a GPU machine without
+    ninja and nvcc): its one-factor path. Without this, peft tries to compile the extension again
+    for every layer it adapts."""
+    from peft.tuners.boft import layer
+
+    layer.get_fbd_cuda = lambda: None
+
+
 @dataclass(frozen=True)
 class Method:
     """A method both libraries have under one config name, as the side-by-side scripts run it."""
@@ -172,6 +190,7 @@ METHODS = {
     "lora": Method("LoraConfig", lora_kwargs, ".lora_", "LoRA r=16, alpha=32, dropout 0.1"),
     "oft": Method("OFTConfig", oft_kwargs, ".oft_", "OFT with 32 x 32 blocks (Neumann series, no module dropout)"),
     "hra": Method("HRAConfig", hra_kwargs, ".hra_", "HRA with 8 reflections"),
+    "boft": Method("BOFTConfig", boft_kwargs, ".boft_", "BOFT with 8 x 8 blocks, one butterfly factor"),
     "fourierft": Method("FourierFTConfig", fourierft_kwargs, ".fourierft_", "FourierFT, 1000 coefficients per layer"),
 }
 
@@ -215,6 +234,8 @@ def lora_model(lib: str, base, family: str, dropout: float = 0.1, same_adapter_d
     spec = METHODS[method]
     config = dict(spec.kwargs(family, dropout))
     if lib == "peft":
+        if method == "boft":
+            peft_without_extension()
         return peft.get_peft_model(base, getattr(peft, spec.config_class)(**config),
                                    autocast_adapter_dtype=not same_adapter_dtype)
     model = minipeft.get_peft_model(base, getattr(minipeft, spec.config_class)(**config))
@@ -239,7 +260,7 @@ def build_twins(spec: ModelSpec, device: str, dtype: torch.dtype | None = None, 
     pf = lora_model("peft", bases[1], spec.family, dropout, same_adapter_dtype, method)
 
     marker = METHODS[method].marker
-    drawn = ".lora_B." if method == "lora" else marker
+    drawn = {"lora": ".lora_B.", "boft": ".boft_R"}.get(method, marker)  # (BOFT's scales stay 1)
     torch.manual_seed(SEED + 1)
     with torch.no_grad():
         for name, p in pf.named_parameters():
