@@ -624,6 +624,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         data = {**data, "init_lora_weights": True, "eva_config": None}
     if peft_type == PeftType.OFT.value:
         check_oft_version(data, source)
+    if peft_type == PeftType.BOFT.value:
+        data = boft.read_factor_count(data, source)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}

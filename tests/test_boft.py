@@ -239,11 +239,65 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         BOFTConfig(bias="oft_only")
     with pytest.raises(ValueError, match=r"boft_block_size=5 does not divide its size 16; use one of \[1, 2, 4, 8, 16\]"):
         get_peft_model(nn.Sequential(nn.Linear(16, 4)), BOFTConfig(boft_block_size=5, target_modules=["0"]))
-    with pytest.raises(ValueError, match="block size must be even; got 3"):
-        get_peft_model(nn.Sequential(nn.Linear(12, 4)), BOFTConfig(boft_block_size=3, boft_n_butterfly_factor=2,
-                                                                   target_modules=["0"]))
-    with pytest.raises(ValueError, match="divisible by 2\\^2 = 4, got 6 blocks .* use boft_n_butterfly_factor <= 2"):
-        get_peft_model(nn.Sequential(nn.Linear(12, 4)), BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3,
-                                                                   target_modules=["0"]))
+    cases = {  # (size, block size, factors): what the message offers; each offer is then checked to work
+        (12, 3, 2): r"got 4 blocks of 3 \(size 12\)\. Use boft_n_butterfly_factor <= 1 with these blocks, or for 2 "
+                    r"factors boft_block_size one of \[2, 6\]",
+        (16, 16, 2): r"Use boft_n_butterfly_factor <= 1 with these blocks, or for 2 factors boft_block_size one of "
+                     r"\[2, 4, 8\]",
+        (12, 2, 3): r"Use boft_n_butterfly_factor <= 2 with these blocks; no block size gives 3 factors here \(the "
+                    r"size would have to be a multiple of 8\)",
+    }
+    for (size, block_size, factors), message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            get_peft_model(nn.Sequential(nn.Linear(size, 4)), BOFTConfig(boft_block_size=block_size,
+                                                                         boft_n_butterfly_factor=factors,
+                                                                         target_modules=["0"]))
+    for size, block_size, factors in [(12, 3, 1), (12, 2, 2), (12, 6, 2), (16, 16, 1), (16, 8, 2)]:
+        get_peft_model(nn.Sequential(nn.Linear(size, 4)), BOFTConfig(boft_block_size=block_size,
+                                                                     boft_n_butterfly_factor=factors,
+                                                                     target_modules=["0"]))
     with pytest.raises(ValueError, match="BOFT supports nn.Linear"):
         get_peft_model(nn.Sequential(nn.Embedding(4, 4)), BOFTConfig(target_modules=["0"]))
+
+
+def test_half_precision_adapters_solve_their_blocks_in_float32():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 8))
+    model = get_peft_model(copy.deepcopy(base), BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
+                                                           target_modules=["0"], init_weights=False))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+        model.to(torch.bfloat16)  # adapters too: torch has no bf16 solve, so the blocks are solved in fp32
+        assert model.get_base_model()[0].boft_R["default"].dtype == torch.bfloat16
+        torch.testing.assert_close(model(x.bfloat16()).float(), want, atol=0.05, rtol=0.05)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x.bfloat16()).float(), want, atol=0.05, rtol=0.05)
+
+
+def test_unmerging_a_zero_scale_is_refused_rather_than_writing_infinities():
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 4)), BOFTConfig(boft_block_size=4, target_modules=["0"],
+                                                                      init_weights=False))
+    with torch.no_grad():
+        model.get_base_model()[0].boft_s["default"][1] = 0.0
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="output scale has zero entries.*reload the base weights"):
+            model.unmerge_adapter()
+    assert torch.isfinite(model.get_base_model()[0].base_layer.weight).all()
+
+
+def test_peft_files_with_settings_only_its_cpu_path_accepts_load(tmp_path, peft_without_extension):
+    """Without its extension peft takes boft_n_butterfly_factor=0 (and trains one factor); a
+    dropout of 1 (a whole factor's blocks) is valid in both."""
+    base = tiny_transformers_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=0,
+                                                                     boft_dropout=1.0, target_modules=TARGETS,
+                                                                     init_weights=False))
+    p.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="boft_n_butterfly_factor=0, which peft without its CUDA extension"):
+        ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert ours.peft_config["default"].boft_dropout == 1.0
+    ids = input_ids()
+    torch.testing.assert_close(ours(input_ids=ids).logits, p.eval()(input_ids=ids).logits, atol=1e-6, rtol=1e-5)

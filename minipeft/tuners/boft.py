@@ -25,7 +25,8 @@ by two (d, d) products and ``R`` by ``m - 1`` more, ``O(m d^3)`` per layer and f
 
 ``boft_dropout`` (training only, peft's multiplicative dropout): in each forward one factor is
 chosen at random, and ``int(p D)`` of its blocks, chosen at random, are replaced by ``I``; the
-random draws are peft's, so one seed drops the same blocks in both.
+random draws are peft's, so one seed drops the same blocks in both (with one active adapter per
+layer: of several, peft draws for the first first, minipeft for the one it applies first, the last).
 
 Initialisation: ``Q = 0`` and ``s = 1``, the unchanged model; ``init_weights=False`` draws the
 stored ``R`` (whose skew part is ``Q``) from N(0, 0.1^2) and ``s`` from N(1, 0.1^2), as peft.
@@ -34,7 +35,9 @@ peft builds the butterfly only when its CUDA extension compiles; elsewhere (a CP
 sets ``boft_n_butterfly_factor`` to 1 with a warning, keeps the configured value in the saved
 config, and saves tensors for one factor. minipeft computes every factor on any device. A file
 whose tensors hold one factor while its config asks for more is such a file: it loads as one
-factor, with a warning (``fit_factor_count``).
+factor, with a warning (``fit_factor_count``). The other way round, a minipeft file with several
+factors loads in peft only where its extension builds (elsewhere peft expects one factor's tensors
+and stops with a size mismatch).
 
 Layers: ``nn.Linear`` and ``nn.Conv2d`` as in peft (the flattened kernel, ``d = in x kh x kw``);
 GPT-2's ``Conv1D``, ``nn.Conv1d/3d``, dilated and grouped convolutions too. The forward, merging and
@@ -103,8 +106,8 @@ class BOFTConfig(PeftConfig):
         if not is_positive_int(self.boft_n_butterfly_factor):
             raise ValueError(f"boft_n_butterfly_factor is the number of butterfly factors, a positive integer "
                              f"(1 is OFT); got {self.boft_n_butterfly_factor!r}")
-        if not (isinstance(self.boft_dropout, (int, float)) and 0.0 <= self.boft_dropout < 1.0):
-            raise ValueError(f"boft_dropout is a fraction of blocks in [0, 1), got {self.boft_dropout!r}")
+        if not (isinstance(self.boft_dropout, (int, float)) and 0.0 <= self.boft_dropout <= 1.0):
+            raise ValueError(f"boft_dropout is a fraction of blocks in [0, 1], got {self.boft_dropout!r}")
         if self.bias not in ("none", "all", "boft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'boft_only', got {self.bias!r}")
         check_flags(self, "fan_in_fan_out", "init_weights")
@@ -131,18 +134,26 @@ def inverse_permutation(size: int, block_size: int, factor: int, device: torch.d
     return torch.argsort(butterfly_permutation(size, block_size, factor, device))
 
 
-def check_butterfly(size: int, blocks: int, block_size: int, factors: int, key: str) -> None:
-    """The shapes a butterfly of ``factors`` factors needs, refused with the values that work."""
-    if factors == 1:
+def butterfly_fits(size: int, block_size: int, factors: int) -> bool:
+    """Whether ``factors`` butterfly factors fit blocks of ``block_size`` on ``size`` features: one
+    always does; more need an even block size and a block count divisible by ``2^(factors - 1)``."""
+    blocks = size // block_size
+    return factors == 1 or (block_size % 2 == 0 and blocks % 2 ** (factors - 1) == 0)
+
+
+def check_butterfly(size: int, block_size: int, factors: int, key: str) -> None:
+    """Refuse a butterfly that does not fit, naming the settings that would."""
+    if butterfly_fits(size, block_size, factors):
         return
-    if block_size % 2:
-        raise ValueError(f"BOFT on {key!r}: boft_n_butterfly_factor={factors} splits each block in halves, so the "
-                         f"block size must be even; got {block_size} (size {size}, {blocks} blocks)")
-    if blocks % 2 ** (factors - 1):
-        fitting = [m for m in range(1, factors) if blocks % 2 ** (m - 1) == 0][-1]
-        raise ValueError(f"BOFT on {key!r}: {factors} butterfly factors need a number of blocks divisible by "
-                         f"2^{factors - 1} = {2 ** (factors - 1)}, got {blocks} blocks of {block_size} (size {size}); "
-                         f"use boft_n_butterfly_factor <= {fitting} or fewer, larger blocks")
+    most = max(m for m in range(1, factors) if butterfly_fits(size, block_size, m))
+    sizes = [b for b in range(2, size + 1) if size % b == 0 and butterfly_fits(size, b, factors)]
+    other = (f", or for {factors} factors boft_block_size one of {sizes}" if sizes else
+             f"; no block size gives {factors} factors here (the size would have to be a multiple of {2 ** factors})")
+    raise ValueError(
+        f"BOFT on {key!r}: {factors} butterfly factors need an even block size and a number of blocks divisible by "
+        f"2^{factors - 1} = {2 ** (factors - 1)}; got {size // block_size} blocks of {block_size} (size {size}). "
+        f"Use boft_n_butterfly_factor <= {most} with these blocks{other}"
+    )
 
 
 def block_count(size: int, config: BOFTConfig, key: str) -> tuple[int, int]:
@@ -181,7 +192,7 @@ class BOFTLayer(InputTransformLayer):
     def update_layer(self, adapter_name: str, config: BOFTConfig, key: str) -> None:
         d, factors = self.transformed_size(), config.boft_n_butterfly_factor
         blocks, block_size = block_count(d, config, key)
-        check_butterfly(d, blocks, block_size, factors, key)
+        check_butterfly(d, block_size, factors, key)
         rotations = torch.zeros(factors, blocks, block_size, block_size)
         weight = self.get_base_layer().weight
         scale = torch.ones(self.scale_shape(weight.shape[1] if self.fan_in_fan_out else weight.shape[0]))
@@ -201,12 +212,14 @@ class BOFTLayer(InputTransformLayer):
         ``boft_dropout``'s blocks replaced by ``I``, drawn as peft draws them."""
         stored = self.boft_R[adapter_name]
         m, blocks, b, _ = stored.shape
-        rotations = cayley(0.5 * (stored - stored.transpose(-2, -1)), None)  # its skew part is Q
+        # its skew part is Q; solved in fp32 at least (no half-precision solve in torch), as peft does
+        rotations = cayley(wide(0.5 * (stored - stored.transpose(-2, -1))), None).to(stored.dtype)
         p = self.boft_dropout[adapter_name]
         if in_forward and self.training and p > 0:
             factor = int(torch.randint(0, m, (1,)))
             # peft shuffles int(p D) ones among D positions: block j drops where perm[j] < int(p D).
-            dropped = torch.randperm(blocks, device=stored.device) < int(p * blocks)
+            # (Both draws from the CPU generator, as peft's, also for CUDA tensors.)
+            dropped = (torch.randperm(blocks) < int(p * blocks)).to(stored.device)
             eye = torch.eye(b, dtype=rotations.dtype, device=rotations.device)
             rotations = rotations.clone()
             rotations[factor] = torch.where(dropped[:, None, None], eye, rotations[factor])
@@ -270,8 +283,8 @@ def check_target(target: nn.Module, config: BOFTConfig, key: str) -> None:
     refuse_wrapped_convolution(target, base, BOFTConv, "BOFT", key)
     size = base.weight[0].numel() if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else (
         base.weight.shape[0] if is_gpt2_conv1d(base) else base.in_features)
-    blocks, block_size = block_count(size, config, key)
-    check_butterfly(size, blocks, block_size, config.boft_n_butterfly_factor, key)
+    _, block_size = block_count(size, config, key)
+    check_butterfly(size, block_size, config.boft_n_butterfly_factor, key)
 
 
 def fit_factor_count(config: BOFTConfig, tensors: dict[str, torch.Tensor], source: str) -> BOFTConfig:
@@ -285,3 +298,14 @@ def fit_factor_count(config: BOFTConfig, tensors: dict[str, torch.Tensor], sourc
                       "trained", stacklevel=3)
         config.boft_n_butterfly_factor = 1
     return config
+
+
+def read_factor_count(data: dict, source: str) -> dict:
+    """A saved config whose ``boft_n_butterfly_factor`` is 0 or less: peft without its extension
+    accepts one, and trains one factor whatever the value. It loads as one factor."""
+    factors = data.get("boft_n_butterfly_factor", 1)
+    if isinstance(factors, int) and not isinstance(factors, bool) and factors < 1:
+        warnings.warn(f"{source}: boft_n_butterfly_factor={factors}, which peft without its CUDA extension trains "
+                      "as one factor; loaded as boft_n_butterfly_factor=1", stacklevel=3)
+        data = {**data, "boft_n_butterfly_factor": 1}
+    return data

@@ -128,6 +128,9 @@ class InputTransformLayer(AdapterLayer):
 
     @torch.no_grad()
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
+        if self.scales_outputs and (self.output_scale(adapter_name) == 0).any():
+            raise ValueError(f"cannot unmerge adapter {adapter_name!r}: its output scale has zero entries, so the "
+                             "rows they scaled are lost from the merged weight; reload the base weights instead")
         weight = tensors["weight"]
         return {"weight": self.weight_times(wide(weight), adapter_name, inverse=True).to(weight.dtype)}
 
