@@ -17,6 +17,7 @@ from .tuners.ln_tuning import LNTuningConfig
 from .tuners.loha import LoHaConfig
 from .tuners.lokr import LoKrConfig
 from .tuners.lora import LoraConfig
+from .tuners.miss import MissConfig
 from .tuners.oft import OFTConfig
 from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixTuningConfig
@@ -35,6 +36,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MissConfig",
     "OFTConfig",
     "PeftConfig",
     "PeftModel",

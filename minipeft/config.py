@@ -33,6 +33,7 @@ class PeftType(str, enum.Enum):
     HRA = "HRA"
     FOURIERFT = "FOURIERFT"
     BOFT = "BOFT"
+    MISS = "MISS"
 
 
 class TaskType(str, enum.Enum):

@@ -25,6 +25,7 @@ from minipeft import (
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    MissConfig,
     OFTConfig,
     PromptTuningConfig,
     TrainableTokensConfig,
@@ -108,6 +109,16 @@ TINYNET_CASES = {
                    init_weights=False),
         BOFTConfig(boft_block_size=0, boft_block_num=1, target_modules=["conv2d", "fc1"], init_weights=False),
         (),
+    ),
+    "miss balance (padded shards) and mini": (
+        MissConfig(r=5, init_weights=False, target_modules=["fc1", "fc2", "head"]),
+        MissConfig(r=4, init_weights="mini", mini_r=4, target_modules=["fc1"]),
+        ("miss_block",),
+    ),
+    "miss bat, two tile sizes": (
+        MissConfig(r=4, init_weights="bat", target_modules=["fc1", "fc2"]),
+        MissConfig(r=8, init_weights="bat", target_modules=["fc1"]),
+        ("miss_block",),
     ),
     "fourierft on linear layers, two sizes": (
         FourierFTConfig(n_frequency=40, scaling=30.0, target_modules=["fc1", "fc2", "head"]),
