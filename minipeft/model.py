@@ -380,8 +380,8 @@ class PeftModel(nn.Module):
                 f"cannot merge adapter(s) {names}: {blocking} adapters are not linear maps of a weight, so they "
                 "cannot be merged; call unload() to remove them without merging"
             )
-        for layer_name, layer, here in plan:
-            layer.check_merge_blockers(here, layer_name)
+        for layer_name, layer, here in plan:  # (merge_and_unload: refuse_already_merged=False)
+            layer.check_merge_blockers(here, layer_name, unloading=not refuse_already_merged)
         self._check_nested_merges(plan)
         self._warn_tied_merges(plan)
         if safe_merge:

@@ -161,6 +161,32 @@ def test_bat_adapters_compose_in_order_and_unmerge_restores_the_weights():
         torch.testing.assert_close(restored[name], t, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["miss bat", "oft"])
+def test_unloading_merges_any_of_the_ordered_adapters_alone(method):
+    """merge_adapter keeps the model, so it must merge the first of two order-bound adapters first;
+    merge_and_unload drops the adapters it does not merge, so either one alone is a model."""
+    torch.manual_seed(0)
+    make = {"miss bat": lambda r: MissConfig(r=r, init_weights="bat", target_modules=["0"]),
+            "oft": lambda r: minipeft.OFTConfig(oft_block_size=r, target_modules=["0"], init_weights=False)}[method]
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), make(4))
+    model.add_adapter("b", make(2))
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "miss_block" in name:
+                t.normal_(std=0.2)
+    injection.set_adapter(model.get_base_model(), ["default", "b"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="merge them in order"):
+            copy.deepcopy(model).merge_adapter(["b"])
+        alone = copy.deepcopy(model)
+        alone.set_adapter("b")
+        torch.testing.assert_close(copy.deepcopy(model).merge_and_unload(adapter_names=["b"])(x), alone(x),
+                                   atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"merge them in order \(\['default', 'b'\] first\)"):
+            copy.deepcopy(model).merge_and_unload(adapter_names=["b", "default"])
+
+
 def test_bad_configs_and_targets_say_what_would_be_right():
     with pytest.raises(ValueError, match="True \\(balance\\), False \\(random, for tests\\), 'bat' or 'mini'"):
         MissConfig(init_weights="balance")
@@ -179,6 +205,10 @@ def test_bad_configs_and_targets_say_what_would_be_right():
     lora = get_peft_model(copy.deepcopy(layer), LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="another method's wrapper is around the layer"):
         lora.add_adapter("bat", MissConfig(r=4, init_weights="bat", target_modules=["0"]))
+    wrapped = get_peft_model(copy.deepcopy(layer), MissConfig(r=4, init_weights="bat", target_modules=["0"]))
+    wrapped.add_adapter("lora", LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="add every MiSS adapter of this layer before another method wraps it"):
+        wrapped.add_adapter("bat2", MissConfig(r=2, init_weights="bat", target_modules=["0"]))
     with pytest.raises(ValueError, match="MiSS supports nn.Linear"):
         get_peft_model(nn.Sequential(nn.Conv1d(4, 4, 1)), MissConfig(r=2, target_modules=["0"]))
 

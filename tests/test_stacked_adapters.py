@@ -306,8 +306,16 @@ def test_a_partial_merge_across_nested_wrappers_is_refused_when_merges_do_not_co
             torch.testing.assert_close(model(x), want, atol=1e-5, rtol=0)
 
 
-def test_dora_is_refused_around_a_layer_that_multiplies_the_weight():
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
-                           minipeft.OFTConfig(oft_block_size=4, target_modules=["0"]))
-    with pytest.raises(ValueError, match="Add the DoRA adapter first"):
+@pytest.mark.parametrize("inner", ["oft", "loha", "miss"])
+def test_dora_is_refused_around_another_methods_layer(inner):
+    """DoRA's row norms come from the original weight, without the inner layer's unmerged update,
+    while a merge (inner first) would put that update under the norm: the merged model would differ."""
+    config = {"oft": minipeft.OFTConfig(oft_block_size=4, target_modules=["0"]),
+              "loha": minipeft.LoHaConfig(r=2, target_modules=["0"]),
+              "miss": minipeft.MissConfig(r=4, target_modules=["0"])}[inner]
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), config)
+    with pytest.raises(ValueError, match="another method's layer .* inside it.*Add the DoRA adapter first"):
         model.add_adapter("dora", LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"],
+                                                                                  use_dora=True))
+    model.add_adapter("outer", config)  # the other way round merges to its forward (test above)

@@ -341,14 +341,15 @@ class AdapterLayer(nn.Module):
         return None
 
     # -- merging: a template over merged_tensors ----------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False, checked: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights, in order. ``safe_merge``:
-        first merge into copies and raise if a weight would hold NaN or inf (nothing written)."""
+        first merge into copies and raise if a weight would hold NaN or inf (nothing written).
+        ``checked``: the caller has run ``check_merge_blockers`` (an unload, with its own rules)."""
         if not self.mergeable:
             raise self._not_mergeable()
         if not self.folds_into_weight:
             return
-        names = self._check_mergeable(adapter_names)
+        names = self._check_mergeable(adapter_names, checked)
         if safe_merge:
             self.check_merge_is_finite(names)
         for name in names:
@@ -436,12 +437,14 @@ class AdapterLayer(nn.Module):
         (the original weights). Adapters merged earlier stay merged."""
         if merge:
             wanted = self.active_adapters if adapter_names is None else adapter_names
-            self.merge([a for a in wanted if a in self.adapter_names and a not in self.merged_adapters])
+            names = [a for a in wanted if a in self.adapter_names and a not in self.merged_adapters]
+            self.check_merge_blockers(names, unloading=True)
+            self.merge(names, checked=True)
         else:
             self.unmerge()
         return getattr(self, self.base_layer_name)
 
-    def _check_mergeable(self, adapter_names: list[str] | None) -> list[str]:
+    def _check_mergeable(self, adapter_names: list[str] | None, checked: bool = False) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
         check_distinct(names)
         unknown = [n for n in names if n not in self.adapter_names]
@@ -450,16 +453,33 @@ class AdapterLayer(nn.Module):
         twice = [n for n in names if n in self.merged_adapters]
         if twice:
             raise ValueError(f"adapter(s) {twice} already merged into this layer; unmerge before merging again")
-        self.check_merge_blockers(names)
+        if not checked:
+            self.check_merge_blockers(names)
         return list(names)
 
-    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
-        """A ValueError naming the first of ``adapter_names`` that ``merge_blocker`` refuses here."""
+    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "", unloading: bool = False) -> None:
+        """A ValueError naming the first of ``adapter_names`` that ``merge_blocker`` refuses here.
+        ``unloading``: the merge ends in an unload, which drops the adapters it does not merge."""
         for name in adapter_names:
             reason = self.merge_blocker(name)
             if reason is not None:
                 where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
                 raise ValueError(f"cannot merge adapter {name!r} into {where}, so nothing was merged: {reason}")
+
+    def check_merge_order(self, adapter_names: list[str], ordered: list[str], layer_name: str, unloading: bool) -> None:
+        """For adapters whose merges do not commute (each changes the weight the next one acts on),
+        ``ordered`` being the active ones in the order the forward applies them: a merge must keep
+        the model, so the merged adapters come first in that order (the others still act after
+        them). An unload drops the others: the merged ones need only keep their order."""
+        merged = [a for a in [*self.merged_adapters, *adapter_names] if a in ordered]
+        expected = [a for a in ordered if a in merged] if unloading else ordered[: len(merged)]
+        if merged != expected:
+            where = repr(layer_name) if layer_name else "this layer"
+            raise ValueError(
+                f"cannot merge adapter(s) {list(adapter_names)} into {where}, so nothing was merged: its active "
+                f"adapters {ordered} change its weight in that order and do not commute, so merging {merged} would "
+                f"change the model; merge them in order ({expected} first)"
+            )
 
 
 class AddedUpdate:

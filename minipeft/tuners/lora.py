@@ -44,7 +44,6 @@ from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, i
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, embed_scale, plus, wide
-from .weight_transform import InputTransformLayer
 
 
 @dataclass
@@ -635,10 +634,13 @@ def check_module(target: nn.Module, config: LoraConfig, key: str) -> None:
     supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
     if not isinstance(target, LoraLayer) and not (isinstance(base, supported) or is_gpt2_conv1d(base)):
         raise _unsupported(base, key)
-    if config.use_dora and any(isinstance(w, InputTransformLayer) for w in wrapper_chain(target)):
+    inner = [type(w).__name__ for w in wrapper_chain(target) if not isinstance(w, LoraLayer)]
+    if config.use_dora and inner:
         raise ValueError(
-            f"cannot add a DoRA adapter around {key!r}: an OFT or HRA adapter inside it multiplies the weight, "
-            "whose row norms DoRA reads from the original weight. Add the DoRA adapter first, or use plain LoRA"
+            f"cannot add a DoRA adapter around {key!r}: another method's layer ({inner[0]}) is inside it, whose "
+            "unmerged update DoRA's row norms (read from the original weight) leave out and a merge would put in, "
+            "so merging would change the model. Add the DoRA adapter first (other methods may then wrap it), or "
+            "use plain LoRA"
         )
     check_target(target, config, key)
 

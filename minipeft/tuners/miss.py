@@ -24,10 +24,12 @@ Several adapters on one layer: "balance" and "mini" updates add and commute; "ba
 change the weight in turn (``W -> W'`` for the first, then the second on that result), so the
 forward applies them in the active order and a merge out of that order is refused. One layer
 holds adapters of one kind, "bat" or not (peft keeps one variant per layer and computes the
-others' adapters with it; minipeft refuses the mix instead).
+others' adapters with it; minipeft refuses the mix instead). "balance" and "mini" adapters on one
+layer work here; peft computes both with the first one's variant, so it cannot run such a file.
 
 ``miss_dropout`` drops elements of the (padded) input of the "balance" and "mini" terms, drawn as
-peft draws them; "bat" has no dropout (peft builds the layer but never calls it there).
+peft draws them (for one adapter per layer: peft pads the input again for the next adapter, so
+its masks differ from there on); "bat" has no dropout (peft builds the layer but never calls it).
 
 Layers: ``nn.Linear`` as in peft; GPT-2's ``Conv1D`` too. Checkpoints: ``<layer>.miss_block``,
 (r, out), (r, mini_r) or (out / r, r, r), peft's key and shapes.
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d, wrapper_chain
 from .base import AdapterLayer, plus, wide
 
 VARIANTS = (True, False, "bat", "mini")
@@ -90,9 +92,14 @@ class MissConfig(PeftConfig):
         check_layer_selection(self)
 
 
+def padded(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``x`` with zeros appended to its last dim up to a multiple of ``r`` (itself, no copy, when it is one)."""
+    return F.pad(x, (0, -x.shape[-1] % r)) if x.shape[-1] % r else x
+
+
 def fold(x: torch.Tensor, r: int) -> torch.Tensor:
     """``sum_c x[..., c r : (c + 1) r]`` (..., r): the input's shards summed, the last one zero-padded."""
-    x = F.pad(x, (0, -x.shape[-1] % r))
+    x = padded(x, r)
     return x.reshape(*x.shape[:-1], -1, r).sum(-2)
 
 
@@ -192,7 +199,7 @@ class MissLayer(AdapterLayer):
         """``fold(dropout(x)) D``, x padded first (so dropout draws what peft draws)."""
         d = self.shared_matrix(name)
         r = d.shape[0]
-        x = self.miss_dropout[name](F.pad(x, (0, -x.shape[-1] % r)).to(d.dtype))
+        x = self.miss_dropout[name](padded(x, r).to(d.dtype))
         return (result + fold(x, r) @ d).to(result.dtype)
 
     def _linear_with(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
@@ -208,18 +215,11 @@ class MissLayer(AdapterLayer):
     def merge_is_addition(self, adapter_name: str) -> bool:
         return self.miss_variant[adapter_name] != "bat"
 
-    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
+    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "", unloading: bool = False) -> None:
         """"bat" adapters merge only in their active order (module docstring)."""
-        super().check_merge_blockers(adapter_names, layer_name)
-        active = [a for a in self.active_adapters if self.miss_variant.get(a) == "bat"]
-        merged = [a for a in [*self.merged_adapters, *adapter_names] if a in active]
-        if merged != active[: len(merged)]:
-            where = repr(layer_name) if layer_name else "this layer"
-            raise ValueError(
-                f"cannot merge adapter(s) {list(adapter_names)} into {where}, so nothing was merged: its active 'bat' "
-                f"adapters {active} change its weight in that order, so merging {merged} would change the model; "
-                f"merge them in order ({active[: len(merged)]} first)"
-            )
+        super().check_merge_blockers(adapter_names, layer_name, unloading)
+        bat = [a for a in self.active_adapters if self.miss_variant.get(a) == "bat"]
+        self.check_merge_order(adapter_names, bat, layer_name, unloading)
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
@@ -277,8 +277,10 @@ def check_target(target: nn.Module, config: MissConfig, key: str) -> None:
     out_features, in_features = base.weight.shape[::-1] if is_gpt2_conv1d(base) else base.weight.shape
     check_shapes(out_features, in_features, config, key)
     if variant_of(config) == "bat" and target is not base and not isinstance(target, MissLayer):
+        first = ("add every MiSS adapter of this layer before another method wraps it"
+                 if any(isinstance(w, MissLayer) for w in wrapper_chain(target)) else
+                 "add the MiSS adapters first, before any other method's (which may then wrap them)")
         raise ValueError(
             f"cannot apply MiSS with init_weights='bat' to {key!r}: another method's wrapper is around the layer, "
-            "and 'bat' runs the layer itself with a changed weight, which would skip that adapter. Add the MiSS "
-            "adapters first, before any other method's (which may then wrap them)"
+            f"and 'bat' runs the layer itself with a changed weight, which would skip that adapter; {first}"
         )

@@ -261,11 +261,11 @@ class TrainableTokensLayer(AdapterLayer):
         return result.index_add(-1, index, F.linear(h, correction.to(h.dtype)).to(result.dtype))
 
     # -- merging ------------------------------------------------------------------------------
-    def _check_mergeable(self, adapter_names: list[str] | None) -> list[str]:
+    def _check_mergeable(self, adapter_names: list[str] | None, checked: bool = False) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
         # Already merged adapters count: the rows an overlapping one writes would hide theirs.
         check_disjoint(self.token_indices, list(dict.fromkeys(self.merged_adapters + list(names))), merging=True)
-        return super()._check_mergeable(adapter_names)
+        return super()._check_mergeable(adapter_names, checked)
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):

@@ -108,18 +108,11 @@ class InputTransformLayer(AdapterLayer):
             mapped = self.apply_map(weight, name, transpose=False, inverse=inverse, in_forward=in_forward)
         return self.scale_rows(mapped, name, inverse)
 
-    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "") -> None:
+    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "", unloading: bool = False) -> None:
         """The active adapters of this layer merge only in their order (module docstring)."""
-        super().check_merge_blockers(adapter_names, layer_name)
+        super().check_merge_blockers(adapter_names, layer_name, unloading)
         active = [a for a in self.active_adapters if a in self.adapter_names]
-        merged = [a for a in [*self.merged_adapters, *adapter_names] if a in active]
-        if merged != active[: len(merged)]:
-            where = repr(layer_name) if layer_name else "this layer"
-            raise ValueError(
-                f"cannot merge adapter(s) {list(adapter_names)} into {where}, so nothing was merged: its active "
-                f"adapters {active} multiply its weight in that order and do not commute, so merging {merged} would "
-                f"change the model; merge them in order ({active[: len(merged)]} first)"
-            )
+        self.check_merge_order(adapter_names, active, layer_name, unloading)
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
