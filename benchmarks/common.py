@@ -167,6 +167,14 @@ def boft_kwargs(family: str, dropout: float = 0.1) -> dict:
     return dict(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=TARGETS[family])
 
 
+def miss_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The MiSS hyper-parameters, for both libraries' ``MissConfig``: peft's defaults (r = 64, the
+    "balance" variant), with ``dropout`` on the input of its term."""
+    if family == "gpt2":
+        raise SystemExit("peft's MiSS does not adapt GPT-2's Conv1D layers: compare MiSS on llama or bert")
+    return dict(r=64, miss_dropout=dropout, target_modules=TARGETS[family])
+
+
 def peft_without_extension() -> None:
     """peft's BOFT as it runs where its CUDA extension is not built (any CPU; a GPU machine without
     ninja and nvcc): its one-factor path. Without this, peft tries to compile the extension again
@@ -191,6 +199,7 @@ METHODS = {
     "oft": Method("OFTConfig", oft_kwargs, ".oft_", "OFT with 32 x 32 blocks (Neumann series, no module dropout)"),
     "hra": Method("HRAConfig", hra_kwargs, ".hra_", "HRA with 8 reflections"),
     "boft": Method("BOFTConfig", boft_kwargs, ".boft_", "BOFT with 8 x 8 blocks, one butterfly factor"),
+    "miss": Method("MissConfig", miss_kwargs, ".miss_", "MiSS r=64 (balance), dropout 0.1"),
     "fourierft": Method("FourierFTConfig", fourierft_kwargs, ".fourierft_", "FourierFT, 1000 coefficients per layer"),
 }
 
