@@ -22,6 +22,7 @@ from .tuners.oft import OFTConfig
 from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners.prefix_tuning import PrefixTuningConfig
 from .tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .tuners.road import RoadConfig
 from .tuners.trainable_tokens import TrainableTokensConfig
 from .tuners.vera import VeraConfig
 
@@ -46,6 +47,7 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "RoadConfig",
     "TaskType",
     "TrainableTokensConfig",
     "VeraConfig",

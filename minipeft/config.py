@@ -34,6 +34,7 @@ class PeftType(str, enum.Enum):
     FOURIERFT = "FOURIERFT"
     BOFT = "BOFT"
     MISS = "MISS"
+    ROAD = "ROAD"
 
 
 class TaskType(str, enum.Enum):

@@ -28,6 +28,7 @@ from minipeft import (
     MissConfig,
     OFTConfig,
     PromptTuningConfig,
+    RoadConfig,
     TrainableTokensConfig,
     VeraConfig,
     get_peft_model,
@@ -119,6 +120,11 @@ TINYNET_CASES = {
         MissConfig(r=4, init_weights="bat", target_modules=["fc1", "fc2"]),
         MissConfig(r=8, init_weights="bat", target_modules=["fc1"]),
         ("miss_block",),
+    ),
+    "road, two variants and group sizes": (
+        RoadConfig(variant="road_4", group_size=8, target_modules=["fc1", "fc2"], init_weights=False),
+        RoadConfig(variant="road_1", group_size=16, target_modules=["fc1"], init_weights=False),
+        (),
     ),
     "fourierft on linear layers, two sizes": (
         FourierFTConfig(n_frequency=40, scaling=30.0, target_modules=["fc1", "fc2", "head"]),

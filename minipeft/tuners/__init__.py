@@ -42,6 +42,7 @@ from . import (
     p_tuning,
     prefix_tuning,
     prompt_tuning,
+    road,
     trainable_tokens,
     vera,
 )
@@ -139,6 +140,7 @@ register_method(
 register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target))
 register_method(PeftType.BOFT, PeftMethod(boft.BOFTConfig, boft.BOFTLayer, boft.wrap_module, check=boft.check_target))
 register_method(PeftType.MISS, PeftMethod(miss.MissConfig, miss.MissLayer, miss.wrap_module, check=miss.check_target))
+register_method(PeftType.ROAD, PeftMethod(road.RoadConfig, road.RoadLayer, road.wrap_module, check=road.check_target))
 register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target))
 register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module))
 register_method(
