@@ -175,6 +175,14 @@ def miss_kwargs(family: str, dropout: float = 0.1) -> dict:
     return dict(r=64, miss_dropout=dropout, target_modules=TARGETS[family])
 
 
+def road_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The RoAd hyper-parameters, for both libraries' ``RoadConfig``: road_1 (peft's default) in groups
+    of 16 (peft's 64 does not divide the LLaMA MLP's 688 features). ``dropout`` is not used: RoAd has none."""
+    if family == "gpt2":
+        raise SystemExit("peft's RoAd does not adapt GPT-2's Conv1D layers: compare RoAd on llama or bert")
+    return dict(group_size=16, target_modules=TARGETS[family])
+
+
 def peft_without_extension() -> None:
     """peft's BOFT as it runs where its CUDA extension is not built (any CPU; a GPU machine without
     ninja and nvcc): its one-factor path. Without this, peft tries to compile the extension again
@@ -200,6 +208,7 @@ METHODS = {
     "hra": Method("HRAConfig", hra_kwargs, ".hra_", "HRA with 8 reflections"),
     "boft": Method("BOFTConfig", boft_kwargs, ".boft_", "BOFT with 8 x 8 blocks, one butterfly factor"),
     "miss": Method("MissConfig", miss_kwargs, ".miss_", "MiSS r=64 (balance), dropout 0.1"),
+    "road": Method("RoadConfig", road_kwargs, ".road_", "RoAd road_1, groups of 16"),
     "fourierft": Method("FourierFTConfig", fourierft_kwargs, ".fourierft_", "FourierFT, 1000 coefficients per layer"),
 }
 
@@ -269,7 +278,7 @@ def build_twins(spec: ModelSpec, device: str, dtype: torch.dtype | None = None, 
     pf = lora_model("peft", bases[1], spec.family, dropout, same_adapter_dtype, method)
 
     marker = METHODS[method].marker
-    drawn = {"lora": ".lora_B.", "boft": ".boft_R"}.get(method, marker)  # (BOFT's scales stay 1)
+    drawn = {"lora": ".lora_B.", "boft": ".boft_R", "road": ".road_theta"}.get(method, marker)  # (scales stay 1)
     torch.manual_seed(SEED + 1)
     with torch.no_grad():
         for name, p in pf.named_parameters():
