@@ -134,14 +134,22 @@ def test_gpt2_conv1d_merges_to_its_forward_and_two_adapters_merge_in_order():
         torch.testing.assert_close(restored[name], t, atol=1e-5, rtol=1e-5)
 
 
-def test_a_singular_block_refuses_to_unmerge_rather_than_writing_infinities():
-    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), RoadConfig(group_size=4, target_modules=["0"]))
+@pytest.mark.parametrize("case", ["a scale of 0", "angles a right angle apart"])
+def test_a_singular_block_refuses_to_unmerge_rather_than_writing_noise(case):
+    variant = "road_1" if case == "a scale of 0" else "road_2"
+    base = nn.Sequential(nn.Linear(4, 4))
+    model = get_peft_model(copy.deepcopy(base), RoadConfig(variant=variant, group_size=4, target_modules=["0"]))
     with torch.no_grad():
-        model.get_base_model()[0].road_alpha["default"][0] = 0.0
+        layer = model.get_base_model()[0]
+        if case == "a scale of 0":
+            layer.road_alpha["default"][0] = 0.0
+        else:  # road_2's block of pair (0, 2) has det cos(theta_0 - theta_2): 0 at a right angle
+            layer.road_theta["default"].copy_(torch.tensor([0.0, 0.3, math.pi / 2, 0.3]))
         model.merge_adapter()
-        with pytest.raises(ValueError, match="singular .* reload the base weights"):
+        merged = layer.base_layer.weight.clone()
+        with pytest.raises(ValueError, match="singular or nearly so .* reload the base weights"):
             model.unmerge_adapter()
-    assert torch.isfinite(model.get_base_model()[0].base_layer.weight).all()
+    torch.testing.assert_close(layer.base_layer.weight, merged, atol=0, rtol=0)  # left merged, not half undone
 
 
 def test_bad_configs_and_targets_say_what_would_be_right():
@@ -151,5 +159,7 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         RoadConfig(group_size=5)
     with pytest.raises(ValueError, match=r"group_size=64 does not divide its output size 12; use one of \[2, 4, 6, 12\]"):
         get_peft_model(nn.Sequential(nn.Linear(4, 12)), RoadConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match="needs an even output size: leave this layer out of target_modules"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 5)), RoadConfig(group_size=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="RoAd supports nn.Linear"):
         get_peft_model(nn.Sequential(nn.Embedding(4, 4)), RoadConfig(group_size=2, target_modules=["0"]))

@@ -12,7 +12,7 @@ the first half of a group with feature ``k + g/2`` of the second half. With per-
 that is ``y = h * c + rotate_half(h) * s``, ``rotate_half`` mapping each group's halves
 ``(h1, h2)`` to ``(-h2, h1)``: elementwise products, no matrix. As a matrix ``R`` (out, out), two
 non-zeros per row, so the layer merges as ``W' = R W``, ``b' = R b``; unmerging applies ``R^{-1}``,
-whose 2 x 2 blocks are inverted in closed form (refused where a block is singular).
+whose 2 x 2 blocks are inverted in closed form (refused where a block is singular or nearly so).
 
 How ``c`` and ``s`` come from the trained ``theta`` and ``alpha`` (peft's ``variant``):
 
@@ -44,6 +44,7 @@ from ..targeting import innermost, is_gpt2_conv1d
 from .base import AdapterLayer, wide
 
 PARAMETERS_PER_FEATURE = {"road_1": 0.5, "road_2": 1, "road_4": 2}
+NEARLY_SINGULAR = 1e-4  # |det| of a pair's block over its row norms' product, below which unmerging refuses
 
 
 @dataclass
@@ -97,9 +98,13 @@ def inverse_columns(c: torch.Tensor, s: torch.Tensor, group_size: int):
     pairs = lambda t: t.reshape(-1, 2, group_size // 2)  # noqa: E731  (group, half, k)
     cp, sp = pairs(c), pairs(s)
     det = cp[:, 0] * cp[:, 1] + sp[:, 0] * sp[:, 1]  # (group, k), one per pair
-    if (det == 0).any():
-        raise ValueError("a RoAd adapter has a pair whose 2 x 2 block is singular (a scale of 0), so its merge "
-                         "cannot be undone; reload the base weights instead")
+    # Singular, or so nearly that dividing by det returns rounding noise: |det| is at most the
+    # product of the block's row norms, and their ratio is the sine of the angle between the rows
+    # (road_2: the rows are a right angle from parallel when theta_k and theta_l are, with no scale 0).
+    rows = (cp[:, 0].square() + sp[:, 0].square()).sqrt() * (cp[:, 1].square() + sp[:, 1].square()).sqrt()
+    if (det.abs() <= NEARLY_SINGULAR * rows).any():
+        raise ValueError("a RoAd adapter has a pair whose 2 x 2 block is singular or nearly so (a scale of 0, or "
+                         "angles a right angle apart), so its merge cannot be undone; reload the base weights instead")
     return (cp.flip(1) / det[:, None]).flatten(), (-sp / det[:, None]).flatten()
 
 
@@ -176,8 +181,10 @@ class RoadLayer(AdapterLayer):
 def check_group_size(out_features: int, group_size: int, key: str) -> None:
     if out_features % group_size:
         fitting = [g for g in range(2, out_features + 1, 2) if out_features % g == 0]
+        advice = (f"use one of {fitting[-8:]}" if fitting else
+                  "RoAd pairs output features, so it needs an even output size: leave this layer out of target_modules")
         raise ValueError(f"RoAd on {key!r}: group_size={group_size} does not divide its output size {out_features}; "
-                         f"use one of {fitting[-8:]}")
+                         f"{advice}")
 
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
