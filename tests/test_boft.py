@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import minipeft
-from minipeft import BOFTConfig, get_peft_model, injection
-from tests import against_peft
+from minipeft import BOFTConfig, get_peft_model
+from tests import against_peft, merge_checks
 from tests.models import input_ids, tiny_transformers_model
 
 peft = pytest.importorskip("peft")
@@ -198,18 +198,8 @@ def test_two_adapters_compose_as_their_merges_and_unmerge_restores_the_weights()
     model = get_peft_model(copy.deepcopy(base), BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2,
                                                            target_modules=TARGETS, init_weights=False))
     model.add_adapter("b", BOFTConfig(boft_block_size=0, boft_block_num=2, target_modules=TARGETS, init_weights=False))
-    injection.set_adapter(model.get_base_model(), ["default", "b"])
     ids = input_ids()
-    with torch.no_grad():
-        both = model(input_ids=ids).logits
-        with pytest.raises(ValueError, match="merge them in order"):
-            model.merge_adapter(["b"])
-        model.merge_adapter(["default", "b"])
-        torch.testing.assert_close(model(input_ids=ids).logits, both, atol=1e-5, rtol=1e-5)
-        model.unmerge_adapter()
-        restored = copy.deepcopy(model).unload().state_dict()
-    for name, t in base.state_dict().items():
-        torch.testing.assert_close(restored[name], t, atol=1e-6, rtol=1e-6)
+    merge_checks.assert_merge_in_order_and_unmerge(model, base, lambda m: m(input_ids=ids).logits)
 
 
 def test_dropout_replaces_int_p_blocks_of_one_factor_in_training_only():

@@ -13,7 +13,7 @@ from torch import nn
 
 import minipeft
 from minipeft import LoraConfig, MissConfig, get_peft_model, injection
-from tests import against_peft
+from tests import against_peft, merge_checks
 from tests.models import input_ids, tiny_transformers_model
 
 peft = pytest.importorskip("peft")
@@ -147,18 +147,8 @@ def test_bat_adapters_compose_in_order_and_unmerge_restores_the_weights():
         for name, t in model.named_parameters():
             if "miss_block" in name:
                 t.normal_(std=0.1)
-    injection.set_adapter(model.get_base_model(), ["default", "b"])
     ids = input_ids()
-    with torch.no_grad():
-        both = model(input_ids=ids).logits
-        with pytest.raises(ValueError, match="merge them in order"):
-            model.merge_adapter(["b"])
-        model.merge_adapter(["default", "b"])
-        torch.testing.assert_close(model(input_ids=ids).logits, both, atol=1e-5, rtol=1e-5)
-        model.unmerge_adapter()
-        restored = copy.deepcopy(model).unload().state_dict()
-    for name, t in base.state_dict().items():
-        torch.testing.assert_close(restored[name], t, atol=1e-5, rtol=1e-5)
+    merge_checks.assert_merge_in_order_and_unmerge(model, base, lambda m: m(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("method", ["miss bat", "oft"])

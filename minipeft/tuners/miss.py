@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d, wrapper_chain
+from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
 from .base import AdapterLayer, plus, wide
 
 VARIANTS = (True, False, "bat", "mini")
@@ -127,8 +127,7 @@ class MissLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = self.get_base_layer().weight
-        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.out_features, self.in_features = out_in_features(self.get_base_layer().weight, fan_in_fan_out)
         self.miss_block = nn.ParameterDict()
         self.miss_r: dict[str, int] = {}
         self.miss_variant: dict[str, str] = {}  # "balance", "mini" or "bat"
@@ -274,8 +273,7 @@ def check_target(target: nn.Module, config: MissConfig, key: str) -> None:
     base = innermost(target)
     if not isinstance(base, nn.Linear) and not is_gpt2_conv1d(base):
         raise ValueError(f"cannot apply MiSS to {key!r}: it is a {type(base).__name__}; MiSS supports {SUPPORTED}")
-    out_features, in_features = base.weight.shape[::-1] if is_gpt2_conv1d(base) else base.weight.shape
-    check_shapes(out_features, in_features, config, key)
+    check_shapes(*out_in_features(base.weight, is_gpt2_conv1d(base)), config, key)
     if variant_of(config) == "bat" and target is not base and not isinstance(target, MissLayer):
         first = ("add every MiSS adapter of this layer before another method wraps it"
                  if any(isinstance(w, MissLayer) for w in wrapper_chain(target)) else

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d
+from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from .base import AdapterLayer, wide
 
 PARAMETERS_PER_FEATURE = {"road_1": 0.5, "road_2": 1, "road_4": 2}
@@ -121,8 +121,7 @@ class RoadLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = self.get_base_layer().weight
-        self.out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+        self.out_features = out_in_features(self.get_base_layer().weight, fan_in_fan_out)[0]
         self.road_theta = nn.ParameterDict()
         self.road_alpha = nn.ParameterDict()
         self.variant: dict[str, str] = {}
@@ -203,4 +202,4 @@ def check_target(target: nn.Module, config: RoadConfig, key: str) -> None:
     base = innermost(target)
     if not isinstance(base, nn.Linear) and not is_gpt2_conv1d(base):
         raise ValueError(f"cannot apply RoAd to {key!r}: it is a {type(base).__name__}; RoAd supports {SUPPORTED}")
-    check_group_size(base.weight.shape[1] if is_gpt2_conv1d(base) else base.weight.shape[0], config.group_size, key)
+    check_group_size(out_in_features(base.weight, is_gpt2_conv1d(base))[0], config.group_size, key)
