@@ -10,6 +10,7 @@ from .status import get_layer_status, get_model_status
 from .tuners.adalora import AdaLoraConfig
 from .tuners.boft import BOFTConfig
 from .tuners.bottleneck import BottleneckConfig
+from .tuners.c3a import C3AConfig
 from .tuners.fourierft import FourierFTConfig
 from .tuners.hra import HRAConfig
 from .tuners.ia3 import IA3Config
@@ -30,6 +31,7 @@ __all__ = [
     "AdaLoraConfig",
     "BOFTConfig",
     "BottleneckConfig",
+    "C3AConfig",
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",

@@ -35,6 +35,7 @@ class PeftType(str, enum.Enum):
     BOFT = "BOFT"
     MISS = "MISS"
     ROAD = "ROAD"
+    C3A = "C3A"
 
 
 class TaskType(str, enum.Enum):

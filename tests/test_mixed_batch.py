@@ -19,6 +19,7 @@ from minipeft import (
     AdaLoraConfig,
     BOFTConfig,
     BottleneckConfig,
+    C3AConfig,
     FourierFTConfig,
     HRAConfig,
     IA3Config,
@@ -124,6 +125,11 @@ TINYNET_CASES = {
     "road, two variants and group sizes": (
         RoadConfig(variant="road_4", group_size=8, target_modules=["fc1", "fc2"], init_weights=False),
         RoadConfig(variant="road_1", group_size=16, target_modules=["fc1"], init_weights=False),
+        (),
+    ),
+    "c3a, two block sizes": (
+        C3AConfig(block_size=8, init_weights="gaussian", target_modules=["fc1", "fc2"]),
+        C3AConfig(block_size=4, init_weights="gaussian", target_modules=["fc1"]),
         (),
     ),
     "fourierft on linear layers, two sizes": (

@@ -30,6 +30,7 @@ from . import (
     adalora_budget,
     boft,
     bottleneck,
+    c3a,
     fourierft,
     hra,
     ia3,
@@ -141,6 +142,7 @@ register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_m
 register_method(PeftType.BOFT, PeftMethod(boft.BOFTConfig, boft.BOFTLayer, boft.wrap_module, check=boft.check_target))
 register_method(PeftType.MISS, PeftMethod(miss.MissConfig, miss.MissLayer, miss.wrap_module, check=miss.check_target))
 register_method(PeftType.ROAD, PeftMethod(road.RoadConfig, road.RoadLayer, road.wrap_module, check=road.check_target))
+register_method(PeftType.C3A, PeftMethod(c3a.C3AConfig, c3a.C3ALayer, c3a.wrap_module, check=c3a.check_target))
 register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target))
 register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module))
 register_method(
