@@ -183,6 +183,15 @@ def road_kwargs(family: str, dropout: float = 0.1) -> dict:
     return dict(group_size=16, target_modules=TARGETS[family])
 
 
+def c3a_kwargs(family: str, dropout: float = 0.1) -> dict:
+    """The C3A hyper-parameters, for both libraries' ``C3AConfig``: blocks of 16 (peft's 256 does not
+    divide the LLaMA MLP's 688 features), peft's default init. ``dropout`` is not used: C3A has none.
+    peft's input gradients are wrong (tuners/c3a.py): the parity check compares the loss alone."""
+    if family == "gpt2":
+        raise SystemExit("peft's C3A does not adapt GPT-2's Conv1D layers: compare C3A on llama or bert")
+    return dict(block_size=16, target_modules=TARGETS[family])
+
+
 def peft_without_extension() -> None:
     """peft's BOFT as it runs where its CUDA extension is not built (any CPU; a GPU machine without
     ninja and nvcc): its one-factor path. Without this, peft tries to compile the extension again
@@ -200,6 +209,7 @@ class Method:
     kwargs: Callable[[str, float], dict]  # (model family, dropout) -> the config's keyword arguments
     marker: str  # a substring of the name of every adapter tensor
     description: str  # for the results tables
+    peft_gradients_wrong: str = ""  # why peft's adapter gradients are no reference (the parity then checks the loss)
 
 
 METHODS = {
@@ -209,6 +219,8 @@ METHODS = {
     "boft": Method("BOFTConfig", boft_kwargs, ".boft_", "BOFT with 8 x 8 blocks, one butterfly factor"),
     "miss": Method("MissConfig", miss_kwargs, ".miss_", "MiSS r=64 (balance), dropout 0.1"),
     "road": Method("RoadConfig", road_kwargs, ".road_", "RoAd road_1, groups of 16"),
+    "c3a": Method("C3AConfig", c3a_kwargs, ".c3a_", "C3A with 16 x 16 circulant blocks",
+                  peft_gradients_wrong="peft 0.21's C3A backward sends a wrong input gradient to the layers before"),
     "fourierft": Method("FourierFTConfig", fourierft_kwargs, ".fourierft_", "FourierFT, 1000 coefficients per layer"),
 }
 

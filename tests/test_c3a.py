@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from minipeft import C3AConfig, get_peft_model
+from minipeft.tuners.c3a import CircularCorrelation
 from tests import against_peft
 from tests.models import input_ids, tiny_transformers_model
 
@@ -59,6 +60,13 @@ def test_the_forward_and_every_gradient_equal_the_dense_updates():
         model.merge_adapter()
         torch.testing.assert_close(model.get_base_model()[0].base_layer.weight,
                                    base[0].weight + dense_update(kernels[0]) / 12, atol=1e-6, rtol=1e-6)
+
+
+def test_the_hand_written_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(CircularCorrelation.apply, (x, kernel))
 
 
 # -- against peft ---------------------------------------------------------------------------------

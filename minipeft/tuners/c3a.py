@@ -13,11 +13,11 @@ real FFTs of length ``b`` (``X = rfft(x_j)``, ``K = rfft(w_ij)``, ``b / 2 + 1`` 
     y_i = irfft( sum_j conj(K_ij) X_j ) / in
 
 so a token costs ``(in + out) / b`` FFTs and ``out in / b x (b / 2 + 1) / b`` complex products
-instead of ``out in`` real ones. Autograd differentiates this directly. (peft 0.21 computes the
-same forward with complex FFTs and a hand-written backward whose input gradient uses ``w[u + t]``
-where the chain rule gives ``w[t - u]``: a C3A layer there sends wrong gradients to every
-trainable parameter before it, while its own kernel's gradient is right. minipeft's gradients
-match the dense ``Delta W``'s; see the tests.)
+instead of ``out in`` real ones (``CircularCorrelation``, with its backward). (peft 0.21 computes
+the same forward with complex FFTs and a hand-written backward whose input gradient uses
+``w[u + t]`` where the chain rule gives ``w[t - u]``: a C3A layer there sends wrong gradients to
+every trainable parameter before it, while its own kernel's gradient is right. minipeft's
+gradients match the dense ``Delta W``'s; see the tests.)
 
 Initialisation (``init_weights``, peft's names): ``"xavier_uniform"`` (the default, as in peft; also
 ``False``) draws ``U(-a, a)`` with ``a = sqrt(6 / (in + out))``, ``"kaiming_uniform"``
@@ -92,12 +92,39 @@ def circulant_update(kernel: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)
 
 
-def correlate(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """``x (circulant_update(kernel))^T`` for ``x`` (..., in), through real FFTs (module docstring)."""
-    m, n, b = kernel.shape
-    spectrum = torch.fft.rfft(x.reshape(*x.shape[:-1], n, b))  # (..., n, b/2 + 1)
-    mixed = torch.einsum("...nf,mnf->...mf", spectrum, torch.fft.rfft(kernel).conj())
-    return torch.fft.irfft(mixed, n=b).reshape(*x.shape[:-1], m * b)
+class CircularCorrelation(torch.autograd.Function):
+    """``x (circulant_update(kernel))^T`` for ``x`` (..., in), through real FFTs (module docstring).
+
+    Written out so that the backward keeps ``x`` and the kernel alone and recomputes their
+    spectra, as peft's does, instead of autograd's complex intermediates (about one more copy of
+    ``x``). With ``G = rfft(dy)``, ``X = rfft(x)``, ``K = rfft(w)`` per block:
+
+        dx_j   = irfft( sum_i G_i K_ij )                  (dx[t] = sum_u dy[u] w[t - u]: a convolution)
+        dw_ij  = irfft( sum_tokens conj(G_i) X_j )        (dw[s] = sum_u dy[u] x[u + s]: a correlation)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        m, n, b = kernel.shape
+        ctx.save_for_backward(x, kernel)
+        spectrum = torch.fft.rfft(x.reshape(*x.shape[:-1], n, b))  # (..., n, b/2 + 1)
+        mixed = torch.einsum("...nf,mnf->...mf", spectrum, torch.fft.rfft(kernel).conj())
+        return torch.fft.irfft(mixed, n=b).reshape(*x.shape[:-1], m * b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, kernel = ctx.saved_tensors
+        m, n, b = kernel.shape
+        g = torch.fft.rfft(grad.reshape(*grad.shape[:-1], m, b))  # (..., m, b/2 + 1)
+        grad_x = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            mixed = torch.einsum("...mf,mnf->...nf", g, torch.fft.rfft(kernel))
+            grad_x = torch.fft.irfft(mixed, n=b).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            spectrum = torch.fft.rfft(x.reshape(*x.shape[:-1], n, b)).reshape(-1, n, b // 2 + 1)
+            mixed = torch.einsum("tmf,tnf->mnf", g.reshape(-1, m, b // 2 + 1).conj(), spectrum)
+            grad_kernel = torch.fft.irfft(mixed, n=b)
+        return grad_x, grad_kernel
 
 
 class C3ALayer(AddedUpdate, AdapterLayer):
@@ -143,7 +170,7 @@ class C3ALayer(AddedUpdate, AdapterLayer):
         return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
 
     def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        term = correlate(x.float(), self.c3a_kernel[name].float()) / self.in_features
+        term = CircularCorrelation.apply(x.float(), self.c3a_kernel[name].float()) / self.in_features
         return (result + term).to(result.dtype)
 
 
