@@ -265,7 +265,7 @@ def _gemm_configs(tma=False):
     # K loop keeps the tensor cores busy. Every other large tile holds an SM alone.
     if tma:
         # A tutorial-style GEMM on Hopper reaches 76-84% of cuBLAS here, epilogues included
-        # (nvidia-h200.md, with these TMA candidates; the autotuner chose TMA for y and dx); the
+        # (nvidia-h200-run3.md, with these TMA candidates; the autotuner chose TMA for y and dx); the
         # copy engine frees the warps' registers and issue slots for the tensor cores, which
         # matters most for the largest tiles.
         tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
@@ -720,7 +720,7 @@ def dropout_mask(seed, shape, p, device="cpu"):
 # read and one write of y, about 5% of a large layer's time, so it pays only where our GEMM is
 # at least ~95% as fast as cuBLAS. `bench_lora_linear.py --profile` measures that share at the
 # issue's flagship shape (y and dx with their epilogues): on an H200 with triton 3.6 it was 84%
-# without dropout and 76% with (benchmarks/results/nvidia-h200.md), and the cuBLAS route beat
+# without dropout and 76% with (benchmarks/results/nvidia-h200-run3.md), and the cuBLAS route beat
 # ours forward + backward in the same run (0.97 against 1.02 ms, and 1.20 against 1.50 ms at
 # p = 0.1). So cuBLAS runs the base product by default; set this to True, or pass
 # route="triton GEMM", to run ours (on a GPU where it measures >= 95%).
