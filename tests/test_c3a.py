@@ -108,6 +108,20 @@ def test_peft_0_21_sends_another_input_gradient_and_minipeft_the_dense_updates()
     assert not torch.allclose(grads[0], grads[2], atol=1e-3)
 
 
+def test_block_size_patterns_pick_what_peft_picks():
+    """peft's C3A rule, not LoRA's rank_pattern rule: "q_proj|v_proj" after ".*\\." groups as
+    "(.*\\.q_proj)|(v_proj)", so only q_proj matches; a key naming a whole module matches it."""
+    patterns = {"q_proj|v_proj": 4, "model.layers.1.mlp.down_proj": 16}
+    p, m = against_peft.seeded_pair(tiny_transformers_model("llama"), "C3AConfig",
+                                    dict(block_size=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                         block_size_pattern=patterns))
+    shapes = {n: t.shape for n, t in p.named_parameters() if t.requires_grad}
+    assert {n: t.shape for n, t in m.named_parameters() if t.requires_grad} == shapes
+    assert shapes["base_model.model.model.layers.0.self_attn.q_proj.c3a_kernel.default"][-1] == 4
+    assert shapes["base_model.model.model.layers.0.self_attn.v_proj.c3a_kernel.default"][-1] == 8
+    assert shapes["base_model.model.model.layers.1.mlp.down_proj.c3a_kernel.default"][-1] == 16
+
+
 def test_checkpoints_load_in_peft_and_back(tmp_path):
     base = tiny_transformers_model("llama")
     p, m = against_peft.seeded_pair(base, "C3AConfig", dict(block_size=8, target_modules=["q_proj", "v_proj"],
@@ -128,9 +142,24 @@ def test_gpt2_conv1d_merges_to_its_forward():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_float64_models_stay_in_float64_and_an_empty_batch_passes_through():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 4)).double()
+    model = get_peft_model(copy.deepcopy(base), C3AConfig(block_size=4, init_weights="gaussian",
+                                                          target_modules=["0"]))
+    kernel = model.get_base_model()[0].c3a_kernel["default"]
+    assert kernel.dtype == torch.float64
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = x @ (base[0].weight + dense_update(kernel.detach()) / 8).T + base[0].bias
+    torch.testing.assert_close(model(x), want, atol=1e-12, rtol=1e-12)
+    assert model(x[:0]).shape == (0, 4)
+
+
 def test_bad_configs_and_targets_say_what_would_be_right():
     with pytest.raises(ValueError, match="init_weights is one of"):
         C3AConfig(init_weights="orthogonal")
+    with pytest.raises(ValueError, match="init_weights is one of"):
+        C3AConfig(init_weights=0.0)  # (== False to Python, but no init)
     with pytest.raises(ValueError, match="positive integers; got 0 for 'x'"):
         C3AConfig(block_size_pattern={"x": 0})
     with pytest.raises(ValueError, match="'none', 'all' or 'c3a_only'"):

@@ -7,7 +7,7 @@ the circulant matrix of one trained kernel ``w_ij`` (b,), and the whole is divid
 
 a circular cross-correlation of each input block with each kernel. It costs ``out in / b``
 parameters per layer and has a rank up to ``min(out, in)``, where a LoRA of as many parameters
-has rank ``b / 2``-ish. The forward never builds ``Delta W``: by the correlation theorem, with
+on a square ``d x d`` layer has rank ``d / (2 b)``. The forward never builds ``Delta W``: by the correlation theorem, with
 real FFTs of length ``b`` (``X = rfft(x_j)``, ``K = rfft(w_ij)``, ``b / 2 + 1`` frequencies),
 
     y_i = irfft( sum_j conj(K_ij) X_j ) / in
@@ -15,15 +15,18 @@ real FFTs of length ``b`` (``X = rfft(x_j)``, ``K = rfft(w_ij)``, ``b / 2 + 1`` 
 so a token costs ``(in + out) / b`` FFTs and ``out in / b x (b / 2 + 1) / b`` complex products
 instead of ``out in`` real ones (``CircularCorrelation``, with its backward). (peft 0.21 computes
 the same forward with complex FFTs and a hand-written backward whose input gradient uses
-``w[u + t]`` where the chain rule gives ``w[t - u]``: a C3A layer there sends wrong gradients to
-every trainable parameter before it, while its own kernel's gradient is right. minipeft's
+``w[u + t]`` where the chain rule gives ``w[t - u]`` (the same entry only for blocks of 1 or 2):
+a C3A layer there sends wrong gradients to every trainable parameter before it, while its own
+kernel's gradient is right. minipeft's
 gradients match the dense ``Delta W``'s; see the tests.)
 
 Initialisation (``init_weights``, peft's names): ``"xavier_uniform"`` (the default, as in peft; also
 ``False``) draws ``U(-a, a)`` with ``a = sqrt(6 / (in + out))``, ``"kaiming_uniform"``
 ``U(-1/sqrt(in), 1/sqrt(in))``, ``"gaussian"`` ``N(0, 1)``, all as peft draws them: the adapter
 does not start as the unchanged model (``Delta W`` is small, divided by ``in``). ``True`` starts at
-zero. ``block_size`` must divide both sizes; ``block_size_pattern`` sets it per module.
+zero. ``block_size`` must divide both sizes; ``block_size_pattern`` sets it per module, by
+peft's C3A rule (a key is a regex matched against the end of the module's name after a dot, or
+the whole name), which differs from LoRA's ``rank_pattern`` for keys such as ``"q|v"``.
 
 Layers: ``nn.Linear`` as in peft; GPT-2's ``Conv1D`` too. Merged by addition. Checkpoints:
 ``<layer>.c3a_kernel`` (out / b, in / b, b), peft's key and shape.
@@ -32,15 +35,15 @@ Layers: ``nn.Linear`` as in peft; GPT-2's ``Conv1D`` too. Merged by addition. Ch
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..config import (PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists,
-                      pattern_value)
+from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
-from .base import AdapterLayer, AddedUpdate
+from .base import AdapterLayer, AddedUpdate, wide
 
 INITS = (True, False, "xavier_uniform", "kaiming_uniform", "gaussian")
 
@@ -51,8 +54,8 @@ class C3AConfig(PeftConfig):
 
     block_size: the size ``b`` of the circulant blocks; it must divide each adapted layer's input
         and output sizes (peft's advice: their greatest common divisor).
-    block_size_pattern: per-module block sizes, keyed by a name or regex matching the end of the
-        module's name (as LoRA's rank_pattern).
+    block_size_pattern: per-module block sizes, keyed by a regex matching the end of the module's
+        name after a dot, or by the whole name (peft's C3A rule).
     init_weights: "xavier_uniform" (default), "kaiming_uniform", "gaussian", False (= xavier) or
         True (zeros: the unchanged model).
     bias: which biases train, ``"none"``, ``"all"`` or ``"c3a_only"`` (those of C3A's layers).
@@ -75,8 +78,7 @@ class C3AConfig(PeftConfig):
         for name, value in [("block_size", self.block_size), *self.block_size_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"C3A's block sizes are positive integers; got {value!r} for {name!r}")
-        if self.init_weights not in INITS or (isinstance(self.init_weights, int) and
-                                              not isinstance(self.init_weights, bool)):
+        if not isinstance(self.init_weights, (bool, str)) or self.init_weights not in INITS:
             raise ValueError(f"C3A's init_weights is one of {list(INITS)}; got {self.init_weights!r}")
         if self.bias not in ("none", "all", "c3a_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'c3a_only', got {self.bias!r}")
@@ -161,8 +163,8 @@ class C3ALayer(AddedUpdate, AdapterLayer):
         self.place_adapter(adapter_name, self.get_base_layer().weight)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``Delta W`` in the stored layout, in fp32 (torch's FFTs and peft's kernels are fp32)."""
-        delta = circulant_update(self.c3a_kernel[adapter_name].float()) / self.in_features
+        """``Delta W`` in the stored layout, in at least fp32 (torch has no half-precision FFT on a CPU)."""
+        delta = circulant_update(wide(self.c3a_kernel[adapter_name])) / self.in_features
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -170,12 +172,20 @@ class C3ALayer(AddedUpdate, AdapterLayer):
         return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
 
     def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        term = CircularCorrelation.apply(x.float(), self.c3a_kernel[name].float()) / self.in_features
-        return (result + term).to(result.dtype)
+        if x.numel() == 0:  # (torch's FFTs refuse empty batches)
+            return result
+        kernel = wide(self.c3a_kernel[name])
+        term = CircularCorrelation.apply(x.to(torch.promote_types(x.dtype, kernel.dtype)), kernel)
+        return (result + term / self.in_features).to(result.dtype)
 
 
 def block_size_for(config: C3AConfig, key: str) -> int:
-    return pattern_value(config.block_size_pattern, key, config.block_size)
+    """peft's C3A rule: the first key that, as a regex, matches the end of ``key`` after a dot;
+    else the value under ``key`` itself; else ``block_size``."""
+    for pattern, value in config.block_size_pattern.items():
+        if re.match(rf".*\.{pattern}$", key):
+            return value
+    return config.block_size_pattern.get(key, config.block_size)
 
 
 def check_block_size(out_features: int, in_features: int, block_size: int, key: str) -> None:
