@@ -59,6 +59,16 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
 
 
+def linear_sizes(target: nn.Module, method: str, key: str) -> tuple[int, int]:
+    """(out, in) of the linear layer in ``target`` (the module named ``key``), for a method that
+    adapts nn.Linear and GPT-2's Conv1D only; any other module is refused, naming ``method``."""
+    base = innermost(target)
+    if not is_linear_like(base):
+        raise ValueError(f"cannot apply {method} to {key!r}: it is a {type(base).__name__}; {method} supports "
+                         "nn.Linear and transformers' GPT-2 Conv1D")
+    return out_in_features(base.weight, is_gpt2_conv1d(base))
+
+
 def is_wrapper(module: nn.Module) -> bool:
     """An adapter wrapper (``AdapterLayer``, ``ModulesToSaveWrapper``): a module that names the
     attribute holding the module it wraps. Recognised by attribute, as this file imports no tuner."""

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d, out_in_features
+from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features
 from .base import AdapterLayer, AddedUpdate, wide
 
 INITS = (True, False, "xavier_uniform", "kaiming_uniform", "gaussian")
@@ -197,9 +197,6 @@ def check_block_size(out_features: int, in_features: int, block_size: int, key: 
                          "for this module)")
 
 
-SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
-
-
 def wrap_module(target: nn.Module, adapter_name: str, config: C3AConfig, key: str) -> C3ALayer:
     """Build the C3A wrapper for ``target`` (the module named ``key``) with one adapter."""
     check_target(target, config, key)
@@ -210,7 +207,4 @@ def wrap_module(target: nn.Module, adapter_name: str, config: C3AConfig, key: st
 
 def check_target(target: nn.Module, config: C3AConfig, key: str) -> None:
     """The errors adding C3A to ``target`` would meet, raised before the model is changed."""
-    base = innermost(target)
-    if not isinstance(base, nn.Linear) and not is_gpt2_conv1d(base):
-        raise ValueError(f"cannot apply C3A to {key!r}: it is a {type(base).__name__}; C3A supports {SUPPORTED}")
-    check_block_size(*out_in_features(base.weight, is_gpt2_conv1d(base)), block_size_for(config, key), key)
+    check_block_size(*linear_sizes(target, "C3A", key), block_size_for(config, key), key)

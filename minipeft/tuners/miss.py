@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d, out_in_features, wrapper_chain
+from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features, wrapper_chain
 from .base import AdapterLayer, plus, wide
 
 VARIANTS = (True, False, "bat", "mini")
@@ -256,9 +256,6 @@ def check_shapes(out_features: int, in_features: int, config: MissConfig, key: s
                          f"along its output size {out_features}, so mini_r must divide it")
 
 
-SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
-
-
 def wrap_module(target: nn.Module, adapter_name: str, config: MissConfig, key: str) -> MissLayer:
     """Build the MiSS wrapper for ``target`` (the module named ``key``) with one adapter."""
     check_target(target, config, key)
@@ -270,10 +267,8 @@ def wrap_module(target: nn.Module, adapter_name: str, config: MissConfig, key: s
 
 def check_target(target: nn.Module, config: MissConfig, key: str) -> None:
     """The errors adding MiSS to ``target`` would meet, raised before the model is changed."""
+    check_shapes(*linear_sizes(target, "MiSS", key), config, key)
     base = innermost(target)
-    if not isinstance(base, nn.Linear) and not is_gpt2_conv1d(base):
-        raise ValueError(f"cannot apply MiSS to {key!r}: it is a {type(base).__name__}; MiSS supports {SUPPORTED}")
-    check_shapes(*out_in_features(base.weight, is_gpt2_conv1d(base)), config, key)
     if variant_of(config) == "bat" and target is not base and not isinstance(target, MissLayer):
         first = ("add every MiSS adapter of this layer before another method wraps it"
                  if any(isinstance(w, MissLayer) for w in wrapper_chain(target)) else

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d, out_in_features
+from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features
 from .base import AdapterLayer, wide
 
 PARAMETERS_PER_FEATURE = {"road_1": 0.5, "road_2": 1, "road_4": 2}
@@ -186,9 +186,6 @@ def check_group_size(out_features: int, group_size: int, key: str) -> None:
                          f"{advice}")
 
 
-SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
-
-
 def wrap_module(target: nn.Module, adapter_name: str, config: RoadConfig, key: str) -> RoadLayer:
     """Build the RoAd wrapper for ``target`` (the module named ``key``) with one adapter."""
     check_target(target, config, key)
@@ -199,7 +196,4 @@ def wrap_module(target: nn.Module, adapter_name: str, config: RoadConfig, key: s
 
 def check_target(target: nn.Module, config: RoadConfig, key: str) -> None:
     """The errors adding RoAd to ``target`` would meet, raised before the model is changed."""
-    base = innermost(target)
-    if not isinstance(base, nn.Linear) and not is_gpt2_conv1d(base):
-        raise ValueError(f"cannot apply RoAd to {key!r}: it is a {type(base).__name__}; RoAd supports {SUPPORTED}")
-    check_group_size(out_in_features(base.weight, is_gpt2_conv1d(base))[0], config.group_size, key)
+    check_group_size(linear_sizes(target, "RoAd", key)[0], config.group_size, key)
