@@ -143,10 +143,20 @@ def make_peft(W, b, A, B, s, p):
     return layer
 
 
-def make_fused(W, b, A, B, s, p, route=None):
-    from minipeft.kernels import lora_linear
+def make_fused(W, b, A, B, s, p, route=None, dx_gemm_first=None):
+    """The fused function down `route`; dx_gemm_first, when given, stands in for the library's
+    DX_GEMM_FIRST during the forward, which records it for the backward."""
+    import minipeft.kernels.fused_lora as impl
 
-    return lambda x: lora_linear(x, W, b, A, B, s, dropout_p=p, training=True, route=route)
+    def fused(x):
+        if dx_gemm_first is None:
+            return impl.lora_linear(x, W, b, A, B, s, dropout_p=p, training=True, route=route)
+        default, impl.DX_GEMM_FIRST = impl.DX_GEMM_FIRST, dx_gemm_first
+        try:
+            return impl.lora_linear(x, W, b, A, B, s, dropout_p=p, training=True, route=route)
+        finally:
+            impl.DX_GEMM_FIRST = default
+    return fused
 
 
 IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": make_peft, "fused": make_fused}
@@ -154,6 +164,9 @@ IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": mak
 # set the rules that choose between them from measurements.
 FORCED_PATHS = {f"fused[{route}]": functools.partial(make_fused, route=route)
                 for route in ("triton GEMM", "few rows", "cuBLAS base")}
+# ... and the backward's other order on the cuBLAS route: the low-rank pass first, dy W added
+# onto it last (DX_GEMM_FIRST off), beside the library's (dy W first).
+FORCED_PATHS["fused[dx GEMM last]"] = functools.partial(make_fused, route="cuBLAS base", dx_gemm_first=False)
 
 
 def fused_runs_here(device):
@@ -235,6 +248,26 @@ def graph_timer(forwards):
             times.append(start.elapsed_time(end) / calls)
         return common.median(times)
     return replay_ms
+
+
+HOST_CALLS = 21  # calls per phase whose host time is taken (the median)
+
+
+def host_ms(fn, device, params):
+    """The median host time of one call of fn in ms: from the call to its return, with the GPU
+    idle at the start (synchronised before each call), so that no launch waits for room in the
+    queue. Where it approaches the GPU time of the same call, the GPU waits for the host, and
+    the wall clock that do_bench measures is the host's."""
+    times = []
+    for _ in range(HOST_CALLS):
+        for t in params:
+            t.grad = None
+        common.sync(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    common.sync(device)
+    return common.median(times)
 
 
 def peak_mib(fn, device):
@@ -322,12 +355,13 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
     decoding = graph and device == "cuda" and M <= DECODE_MAX_M and p == 0  # a decoding step runs without dropout
     copies = [weights() for _ in range(GRAPH_WEIGHT_COPIES - 1)] if decoding else []
 
-    timers, outputs, steps = {}, {}, {}
+    timers, outputs, steps, calls = {}, {}, {}, {}
     for name in impls:
         layer, lora_params = build(name, W, b, A, B)
         params = [x, *lora_params]
         outputs[name] = output_and_grads(layer, x, dy, params)
-        timers[name] = {phase: eager_timer(fn, device, params) for phase, fn in phases(layer, x, dy).items()}
+        calls[name] = phases(layer, x, dy)
+        timers[name] = {phase: eager_timer(fn, device, params) for phase, fn in calls[name].items()}
         if decoding:
             layers = [layer] + [build(name, *c)[0] for c in copies]
             try:
@@ -354,6 +388,7 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
         for t in params:
             t.grad = None
         row["peak_mib"] = peak_mib(step, device)
+        row["host_ms"] = {phase: host_ms(fn, device, params) for phase, fn in calls[row["method"]].items()}
         if row["method"] in errors:
             row["rel_err_vs_torch"] = errors[row["method"]]
         if profile:
@@ -403,15 +438,17 @@ def cell(row, phase):
 
 
 def markdown(results):
-    lines = ["| M | K -> N | r | p | method | fwd | bwd | fwd+bwd | fwd, CUDA graph | peak MiB | error vs torch |",
-             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| M | K -> N | r | p | method | fwd | bwd | fwd+bwd | fwd, CUDA graph | host ms: fwd / bwd / fwd+bwd "
+             "| peak MiB | error vs torch |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for case in results:
         for row in case["rows"]:
             peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
             error = f"{row['rel_err_vs_torch']:.1e}" if "rel_err_vs_torch" in row else "-"
+            host = " / ".join(f"{row['host_ms'][phase]:.3f}" for phase in PHASES if phase in row.get("host_ms", {}))
             method = row["method"] + (f" ({case['fused_path']})" if row["method"] == "fused" else "")
             lines.append(f"| {case['M']} | {case['K']} -> {case['N']} | {case['r']} | {case['p']} | {method} | "
-                         + " | ".join(cell(row, phase) for phase in PHASES) + f" | {peak} | {error} |")
+                         + " | ".join(cell(row, phase) for phase in PHASES) + f" | {host or '-'} | {peak} | {error} |")
     return "\n".join(lines)
 
 
@@ -513,7 +550,8 @@ def autotuned_configs():
     """Each autotuned kernel's winners so far: {kernel: {tuning key: config}}, as text."""
     import minipeft.kernels.fused_lora as impl
 
-    tuned = {"base GEMM": impl._matmul_lowrank_tuned, "few rows": impl._few_rows_tuned, "shrink": impl._shrink_tuned}
+    tuned = {"base GEMM": impl._matmul_lowrank_tuned, "few rows": impl._few_rows_tuned, "shrink": impl._shrink_tuned,
+             "low-rank grad": impl._lowrank_grad_tuned}
     return {name: {str(key): str(config) for key, config in kernel.cache.items()} for name, kernel in tuned.items()}
 
 
@@ -545,6 +583,8 @@ def main():
         "fwd graph": (f"no-grad forward replayed from a CUDA graph over {GRAPH_WEIGHT_COPIES} copies of the weights "
                       f"(decoding cases, M <= {DECODE_MAX_M}, p = 0)"),
         "peak_mib": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
+        "host_ms": (f"median over {HOST_CALLS} calls of the time from a call to its return, the GPU idle at the "
+                    f"start: where it nears the GPU time, the GPU waits for the host"),
     }
     results = []
     for M, K, N, r, p in case_list:

@@ -189,14 +189,14 @@ def few_rows_rows(dtype, dropout, rows=16, rank=R):
 
 def lowrank_grad_args(dtype, rank=R):
     """(arguments, flags) of _lowrank_grad_kernel, the backward's low-rank pass, at the flagship
-    layer with dropout: dx's masked low-rank part and dA, before cuBLAS adds dy W onto dx."""
+    layer with dropout: dx's masked low-rank part, added onto the dy W that dx holds, and dA."""
     p = f"*{dtype}"
     block_r = max(16, triton.next_power_of_2(rank))
     args = dict(dxa_ptr=p, a_ptr=p, x_ptr=p, dx_ptr=p, da_ptr="*fp32", M=M, K=K, R=rank,
                 stride_dxam=rank, stride_dxar=1, stride_ar=K, stride_ak=1, stride_xm=K, stride_xk=1,
                 stride_dxm=K, stride_dxk=1, stride_dar=K, stride_dak=1, keep_scale=1.0, threshold=6553, seed=1234,
                 M_BUCKET=M)
-    flags = dict(WRITE_DX=True, SUM_DA=True, HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_R=block_r,
+    flags = dict(WRITE_DX=True, ADD_TO_DX=True, SUM_DA=True, HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_R=block_r,
                  BLOCK_K=fl._lowrank_grad_block_k(block_r))
     return args, flags
 

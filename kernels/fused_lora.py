@@ -21,7 +21,7 @@ Four kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask(
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
-    _lowrank_grad_kernel     dx_lr = (D * (dxa A)) / (1 - p) and         backward, when cuBLAS computes
+    _lowrank_grad_kernel     dx += (D * (dxa A)) / (1 - p) and           backward, when cuBLAS computes
                              dA = dxa^T @ (D * x) / (1 - p)               dy W (or dx is not needed)
 
 dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single Triton pass over dy that
@@ -44,12 +44,14 @@ instructions (tutorial 09). Which is faster is the autotuner's call: the large t
 candidates both ways (`_gemm_configs`).
 
 Where our GEMM is not as fast as cuBLAS (`FUSE_BASE_GEMM`, `use_fused_base`: measured on an
-H200, everywhere so far), the base product is cuBLAS's and only the low-rank part is ours. The
-low-rank part is then written first and cuBLAS adds its product onto it in place (beta = 1),
-reading it in the epilogue of a GEMM that is bound by its tensor cores, not by memory: in the
-forward y starts as b + s * xa B^T (a cuBLAS addmm); in the backward `_lowrank_grad_kernel`
-writes dx's masked low-rank part and sums dA in one pass. Run 3 added the low-rank part after
-cuBLAS instead, a pass that read and wrote all of y, and of dx. The shrink runs here when
+H200, everywhere so far), the base product is cuBLAS's and only the low-rank part is ours. In
+the forward the low-rank part is written first and cuBLAS adds its product onto it in place
+(beta = 1), reading it in the epilogue of a GEMM that is bound by its tensor cores, not by
+memory: y starts as b + s * xa B^T (a cuBLAS addmm). Run 3 added it after cuBLAS instead, a
+pass that read and wrote all of y. In the backward cuBLAS's dy W goes first, so that the GPU
+has its largest product to run while the host launches the rest, and `_lowrank_grad_kernel`
+adds dx's masked low-rank part onto it and sums dA in one pass (`DX_GEMM_FIRST` says why the
+two directions differ). The shrink runs here when
 there is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the
 exception: there y costs about one read of W, and the few-rows kernel saves the two extra
 launches (`forward_path` names the route a shape takes).
@@ -567,7 +569,7 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward, low-rank part: dx_lr (M, K) = (D * (dxa A)) / (1 - p) and dA (R, K) = dxa^T (D * x) / (1 - p)
+# Backward, low-rank part: dx (M, K) += (D * (dxa A)) / (1 - p) and dA (R, K) = dxa^T (D * x) / (1 - p)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -579,7 +581,8 @@ def _lowrank_grad_kernel(
     stride_dar, stride_dak,
     keep_scale, threshold, seed,
     M_BUCKET,  # unused here; only the autotuner's cache key
-    WRITE_DX: tl.constexpr,  # store dx_lr, onto which cuBLAS then adds dy W
+    WRITE_DX: tl.constexpr,  # write dx's low-rank part:
+    ADD_TO_DX: tl.constexpr,  # added onto the dy W that dx holds already, else stored (cuBLAS adds dy W after)
     SUM_DA: tl.constexpr,  # add this program's share of dA into the fp32 da
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
@@ -621,8 +624,11 @@ def _lowrank_grad_kernel(
             dx = _dot(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_PRECISION)
             if HAS_DROPOUT:
                 dx = tl.where(keep, dx, 0.0)
-            tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                     (dx * keep_scale).to(dx_ptr.dtype.element_ty), mask=tile_mask)
+            dx = dx * keep_scale
+            dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+            if ADD_TO_DX:
+                dx += tl.load(dx_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
     if SUM_DA:
         # Relaxed atomics: nothing in this launch reads da (the next kernel sees it whole), and
         # triton's default, acq_rel, would fence every one of them with memory barriers.
@@ -633,22 +639,24 @@ def _lowrank_grad_kernel(
 def _lowrank_grad_configs(interpreted=INTERPRET):
     """Autotuning candidates: (rows per tile, rows per program, warps). More rows per program
     mean fewer atomic adds into dA but fewer programs to keep loads in flight: at the flagship
-    shape, from 1024 programs with 64 adds per element of dA (128 rows each) to 128 with 8. The
-    interpreter gets one."""
+    shape, from 1024 programs with 64 adds per element of dA (128 rows each) to 128 with 8.
+    Tiles of 64 rows take 8 warps: with 4, adding onto dx's tile pushes a thread past 255
+    registers and it spills (`benchmarks/results/sm90-registers.md`). The interpreter gets one."""
     def config(bm, rows, warps):
         return triton.Config({"BLOCK_M": bm, "ROWS_PER_PROGRAM": rows}, num_warps=warps)
     if interpreted:
         return [config(32, 64, 4)]
-    return [config(bm, rows, warps) for bm, rows, warps in [(64, 128, 4), (32, 256, 4), (64, 256, 4), (32, 512, 4),
-                                                             (64, 512, 4), (64, 512, 8), (64, 1024, 4)]]
+    return [config(bm, rows, warps) for bm, rows, warps in [(64, 128, 8), (32, 256, 4), (64, 256, 8), (32, 512, 4),
+                                                             (64, 512, 8), (32, 1024, 4), (64, 1024, 8)]]
 
 
-def _autotuned_lowrank_grad(configs):
-    # Every trial rewrites all of dx and adds into da from zero, so the kernel can be tuned on
-    # the live tensors: da is zeroed before each trial, dx needs no restoring.
-    return triton.autotune(configs=configs, key=["M_BUCKET", "K", "BLOCK_R", "WRITE_DX", "SUM_DA", "HAS_DROPOUT",
-                                                 "DOT_PRECISION"],
-                           reset_to_zero=["da_ptr"])(_lowrank_grad_kernel)
+def _autotuned_lowrank_grad(configs, do_bench=None):
+    """Tuned on the live tensors: da is zeroed before each trial, and dx, which a trial may add
+    onto, is put back after it (a copy, made only while tuning). do_bench: the trials' timer,
+    triton's by default (tests pass one that runs the trials under the interpreter)."""
+    return triton.autotune(configs=configs, key=["M_BUCKET", "K", "BLOCK_R", "WRITE_DX", "ADD_TO_DX", "SUM_DA",
+                                                 "HAS_DROPOUT", "DOT_PRECISION"],
+                           reset_to_zero=["da_ptr"], restore_value=["dx_ptr"], do_bench=do_bench)(_lowrank_grad_kernel)
 
 
 _lowrank_grad_tuned = _autotuned_lowrank_grad(_lowrank_grad_configs())
@@ -661,17 +669,19 @@ def _lowrank_grad_block_k(block_r):
     return min(128, max(16, 4096 // block_r))
 
 
-def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da):
-    """(dx_lr, da): dx_lr (M, K) = (D * (dxa A)) / (1 - p) in x's dtype if want_dx, and
-    da (r, K) = dxa^T (D * x) / (1 - p) in fp32 if want_da; None for the one not wanted.
-    D is the mask the forward drew for x from seed."""
+def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da, add_to=None):
+    """(dx, da): dx (M, K) = add_to + (D * (dxa A)) / (1 - p) in x's dtype if want_dx, written
+    into add_to when it is given (it holds dy W) and into a new tensor otherwise (add_to = 0);
+    da (r, K) = dxa^T (D * x) / (1 - p) in fp32 if want_da. None for the one not wanted. D is
+    the mask the forward drew for x from seed."""
     M, K = x.shape
     R = lora_A.shape[0]
-    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if want_dx else None
+    dx = (add_to if add_to is not None else torch.empty((M, K), device=x.device, dtype=x.dtype)) if want_dx else None
     da = torch.zeros((R, K), device=x.device, dtype=torch.float32) if want_da else None
-    # Stand-ins for the output not wanted: never written, and zeroing the other before a
-    # trial changes nothing the trial does not rewrite.
-    dx_, da_ = (dx if want_dx else da), (da if want_da else dx)
+    # A stand-in for an output not wanted: never read or written by the kernel, but zeroed
+    # and restored around the autotuner's trials, so not the other output (dx may hold dy W).
+    unused = torch.empty((1, 1), device=x.device, dtype=torch.float32)
+    dx_, da_ = (dx if want_dx else unused), (da if want_da else unused)
     block_r = max(16, triton.next_power_of_2(R))
     block_k = _lowrank_grad_block_k(block_r)
     grid = lambda meta: (triton.cdiv(M, meta["ROWS_PER_PROGRAM"]), triton.cdiv(K, block_k))
@@ -680,8 +690,8 @@ def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da):
         dxa.stride(0), dxa.stride(1), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
         dx_.stride(0), dx_.stride(1), da_.stride(0), da_.stride(1),
         1.0 / (1.0 - p), _dropout_threshold(p), seed, _m_bucket(M),
-        WRITE_DX=want_dx, SUM_DA=want_da, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_K=block_k, BLOCK_R=block_r)
+        WRITE_DX=want_dx, ADD_TO_DX=want_dx and add_to is not None, SUM_DA=want_da, HAS_DROPOUT=p > 0,
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_K=block_k, BLOCK_R=block_r)
     return dx, da
 
 
@@ -812,6 +822,20 @@ def _launch_context(t):
     return stack
 
 
+# Whether the backward on the cuBLAS route issues dx = dy W before the low-rank work. Every
+# other product in the backward is thin (M x r or N x r); dy W is the frozen layer's own GEMM,
+# the bulk of the GPU time, and needs nothing from them. Issued first, it keeps the GPU busy
+# while the host launches dxa, dB and the low-rank pass, which then reads dx back to add its
+# part (one more read of dx: 64 MiB, ~15 us on an H200 at the flagship shape). Issued last,
+# onto the low-rank part written first (cuBLAS with beta = 1, no extra read), the GPU waits
+# for the host until that launch: in run 4 the backward took 0.64 ms of wall clock at M =
+# 8192 for about 0.43 ms of GPU time, and at M = 16, where its GPU work is negligible, 0.35 ms
+# (`benchmarks/lora_linear_notes.md`). The forward needs no such order: its host work before
+# the GEMM is short and its wall clock already follows its GPU time. Read at the forward, so
+# that `bench_lora_linear.py` can time both orders side by side.
+DX_GEMM_FIRST = True
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * dropout(x) A^T B^T with W and b frozen. Saves x, xa and the seed (and
     references to W, A and B, which exist anyway): never the dropped copy of x."""
@@ -823,6 +847,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # A route given by the caller sends the backward's dx down the same way; else the dx
         # GEMM, whose shape is not y's, decides by its own.
         ctx.dx_in_our_gemm = use_fused_base(x2.shape[0], K, N, x.dtype) if route is None else route == "triton GEMM"
+        ctx.dx_gemm_first = DX_GEMM_FIRST
         with _launch_context(x):
             y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, route)
         ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
@@ -842,25 +867,29 @@ class LoraLinearFunction(torch.autograd.Function):
         M, K = x2.shape
         N = weight.shape[0]
         dy2 = dy.reshape(M, N)
+        want_dx, want_da, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        on_cublas = want_dx and not ctx.dx_in_our_gemm
+
+        # dy W first (see DX_GEMM_FIRST): the GPU runs it while the host launches the rest.
+        dx = torch.mm(dy2, weight) if on_cublas and ctx.dx_gemm_first else None  # (M, K)
 
         # dxa = s * dy B (M, r) and dB = s * dy^T xa (N, r), each one cuBLAS call: addmm with
         # beta = 0 never reads its first argument (a tensor of the result's shape) and applies
         # alpha = s in fp32 in the GEMM's epilogue, where a separate scaling would be a launch.
-        want_dx, want_da = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s) if want_dx or want_da else None
-        dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if ctx.needs_input_grad[4] else None
+        dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if want_db else None
 
-        dx = da = None
+        da = None
         if want_dx and ctx.dx_in_our_gemm:
             # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, with the mask in the
             # epilogue; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
             dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, 1.0 / (1.0 - p), p, seed,
                                      xin=x2 if want_da else None)
         elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)
-            # One pass writes dx's masked low-rank part and sums dA; cuBLAS then adds dy W onto
-            # that dx in place (beta = 1), as in the forward.
-            dx, da = _lowrank_grads(dxa, lora_A, x2, p, seed, want_dx, want_da)
-            if want_dx:
+            # One pass adds dx's masked low-rank part onto dy W and sums dA. (The other order:
+            # the pass writes the low-rank part and cuBLAS adds dy W onto it, beta = 1.)
+            dx, da = _lowrank_grads(dxa, lora_A, x2, p, seed, want_dx, want_da, add_to=dx)
+            if on_cublas and not ctx.dx_gemm_first:
                 dx.addmm_(dy2, weight)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         dA = da.to(lora_A.dtype) if da is not None else None

@@ -157,3 +157,40 @@ def test_graph_timer_reports_the_time_of_one_forward(bench, monkeypatch):
     # Captured on the stream it was warmed up on (cuBLAS's workspace for that stream then
     # predates the capture), not on torch's shared default capture stream.
     assert fake.capture_stream is not None and fake.capture_stream is fake.warmup_stream
+
+
+def test_host_time_starts_each_call_with_an_idle_gpu_and_fresh_gradients(bench, monkeypatch):
+    events = []
+    monkeypatch.setattr(bench.common, "sync", lambda device: events.append("sync"))
+    x = torch.zeros(2, requires_grad=True)
+    x.grad = torch.ones(2)
+
+    def call():
+        assert x.grad is None  # reset before every call, as do_bench's grad_to_none does
+        events.append("call")
+        x.grad = torch.ones(2)
+
+    ms = bench.host_ms(call, "cuda", [x])
+    assert events == ["sync", "call"] * bench.HOST_CALLS + ["sync"]
+    assert ms >= 0.0
+
+
+def test_the_dx_gemm_last_variant_records_its_order_only_for_its_own_calls(bench, monkeypatch):
+    # The forced variant sets the library's DX_GEMM_FIRST for its forward (which records it for
+    # the backward) and puts it back, even when the call raises.
+    import minipeft.kernels.fused_lora as impl
+
+    seen = []
+
+    def lora_linear(*args, **kwargs):
+        seen.append(impl.DX_GEMM_FIRST)
+        if len(seen) == 3:
+            raise RuntimeError("a failing call")
+
+    monkeypatch.setattr(impl, "lora_linear", lora_linear)
+    last = bench.FORCED_PATHS["fused[dx GEMM last]"](*(None,) * 4, 2.0, 0.0)
+    default = bench.make_fused(*(None,) * 4, 2.0, 0.0)
+    last(None), default(None)
+    with pytest.raises(RuntimeError):
+        last(None)
+    assert seen == [False, impl.DX_GEMM_FIRST, False] and impl.DX_GEMM_FIRST is True

@@ -139,19 +139,61 @@ def test_every_gpu_shrink_tile_draws_the_same_mask(config):
 
 @interpreted
 @pytest.mark.parametrize("config", impl._lowrank_grad_configs(interpreted=False), ids=str)
-@pytest.mark.parametrize("r", [5, 130])
-def test_every_gpu_lowrank_grad_tile(config, r):
+@pytest.mark.parametrize("r, add", [(5, False), (5, True), (130, True)])
+def test_every_gpu_lowrank_grad_tile(config, r, add):
     # The backward's low-rank pass in each of the GPU's tiles, through the interpreter: 1100
     # rows span several programs of every config (their partial dA sums meet in the atomics)
-    # and end inside a row block; rank 130 pads to 256 and narrows the columns to 16.
+    # and end inside a row block; rank 130 pads to 256 and narrows the columns to 16. With
+    # `add`, dx already holds dy W (here random) and the pass adds onto it.
     p, seed = 0.3, 11
     x = torch.randn(1100, 40)
     dxa, lora_A = torch.randn(1100, r), torch.randn(r, 40)
+    dy_w = torch.randn(1100, 40) if add else torch.zeros(1100, 40)
     with mock.patch.object(impl, "_lowrank_grad_tuned", impl._autotuned_lowrank_grad([config])):
-        dx, da = impl._lowrank_grads(dxa, lora_A, x, p, seed, want_dx=True, want_da=True)
+        dx, da = impl._lowrank_grads(dxa, lora_A, x, p, seed, want_dx=True, want_da=True,
+                                     add_to=dy_w.clone() if add else None)
     dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - p)
-    assert rel_err(dx, dropped * (dxa.double() @ lora_A.double())) < 1e-5
+    assert rel_err(dx, dy_w.double() + dropped * (dxa.double() @ lora_A.double())) < 1e-5
     assert rel_err(da, dxa.double().t() @ (dropped * x.double())) < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("want_dx, want_da", [(True, True), (True, False), (False, True)])
+def test_the_autotuners_trials_leave_dx_and_da_as_one_launch_would(want_dx, want_da):
+    # On a GPU the first call of a shape runs every config, each trial on the live tensors:
+    # every trial adds onto dx (which holds dy W) and into da. The autotuner must zero da and
+    # put dx back around each, and never zero dx through a stand-in for a da not wanted. Here
+    # the trials run under the interpreter, timed by a stand-in that runs each twice.
+    trials = []
+
+    def run_twice(call, quantiles=None, **kwargs):
+        call(), call()
+        trials.append(call)
+        return [float(len(trials))] * (len(quantiles) if quantiles else 1)  # the first config wins
+
+    p, seed = 0.3, 11
+    x, dxa, lora_A, dy_w = torch.randn(300, 40), torch.randn(300, 5), torch.randn(5, 40), torch.randn(300, 40)
+    configs = impl._lowrank_grad_configs(interpreted=False)[:3]
+    with mock.patch.object(impl, "_lowrank_grad_tuned", impl._autotuned_lowrank_grad(configs, do_bench=run_twice)):
+        dx, da = impl._lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da,
+                                     add_to=dy_w.clone() if want_dx else None)
+    assert len(trials) == len(configs)
+    dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - p)
+    if want_dx:
+        assert rel_err(dx, dy_w.double() + dropped * (dxa.double() @ lora_A.double())) < 1e-5
+    if want_da:
+        assert rel_err(da, dxa.double().t() @ (dropped * x.double())) < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("dx_gemm_first", [True, False])
+@pytest.mark.parametrize("needs_grad", ["x A B", "x B", "A"])
+def test_either_order_of_the_backwards_dx_gemm(dx_gemm_first, needs_grad):
+    # dy W issued before the low-rank pass (which adds onto it) or after it (cuBLAS adding onto
+    # the pass's output): the same gradients, with and without dropout.
+    with mock.patch.object(impl, "DX_GEMM_FIRST", dx_gemm_first):
+        for dtype, p in [(torch.float32, 0.25), (torch.bfloat16, 0.0)]:
+            check_against_reference((3, 10), 40, 36, 5, dtype, True, "strided", p, 2.0, "cuBLAS base", needs_grad)
 
 
 @interpreted
