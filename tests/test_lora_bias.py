@@ -309,18 +309,6 @@ def test_embedding_is_refused_and_the_model_left_as_it_was():
     assert lora_layers(wrapped)["base_model.model.embed"].adapter_names == ["default"]
 
 
-@pytest.mark.parametrize("target", ["embed", "conv1d"])
-def test_dora_refusal_also_reaches_wrapped_layers(target):
-    """The per-layer refusals live in one check that update_layer runs too. DoRA's used to sit in
-    wrap_module only, so a second adapter on a wrapped embedding or conv got a magnitude vector
-    its forward ignored."""
-    model = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=2, target_modules=[target]))
-    with pytest.raises(TypeError, match=rf"DoRA is implemented for linear layers; '{target}' is a"):
-        model.add_adapter("dora", minipeft.LoraConfig(r=2, target_modules=[target], use_dora=True))
-    assert not any("magnitude" in n for n, _ in model.named_parameters())
-    assert list(model.peft_config) == ["default"]
-
-
 def test_add_weighted_adapter_refuses_lora_bias_adapters():
     # One combination type: the refusal comes before the type is looked at.
     combination_type = "linear"

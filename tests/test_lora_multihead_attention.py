@@ -213,7 +213,8 @@ def test_lora_dropout_is_not_applied_and_says_so():
 
 @pytest.mark.parametrize("options, error", [
     (dict(lora_bias=True), r"lora_bias=True on 'attn', an nn.MultiheadAttention"),
-    (dict(use_dora=True), r"DoRA is implemented for linear layers; 'attn' is a MultiheadAttention"),
+    (dict(use_dora=True), r"DoRA is implemented for linear layers, embeddings and convolutions \(as in peft\); "
+                          r"'attn' is a MultiheadAttention"),
     (dict(init_lora_weights="pissa"), r"decomposes the weight of a linear layer; 'attn' is a MultiheadAttention"),
 ])
 def test_what_the_weight_form_cannot_do_is_refused(options, error):

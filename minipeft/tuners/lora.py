@@ -11,6 +11,10 @@ into a direction and a trainable per-row magnitude ``m``:
 
     W' = m * (W + s B A) / ||W + s B A||_row
 
+A row is one output unit: a row of a linear weight, an output channel's whole kernel of a
+convolution, and, for an embedding, one of the ``dim`` features across the whole vocabulary (a
+column of the table; peft's choice, so that one token's lookup is rescaled feature by feature).
+
 Because ``B A`` is a matrix of the same shape as ``W``, the update can be folded into the
 weight (``merge``) for inference at zero cost and taken out again (``unmerge``).
 
@@ -141,7 +145,8 @@ class LoraConfig(PeftConfig):
 
 
 class DoraMagnitude(nn.Module):
-    """DoRA's trainable magnitude vector ``m`` (one entry per output row), stored as ``.weight``."""
+    """DoRA's trainable magnitude vector ``m`` (one entry per output row), stored as ``.weight``
+    in peft's shape: (out,) for linear layers and embeddings, (1, out, 1, ...) for convolutions."""
 
     def __init__(self, magnitude: torch.Tensor) -> None:
         super().__init__()
@@ -199,7 +204,7 @@ class LoraLayer(AdapterLayer):
             # ||W + s B A|| needs A and B on the base weight's device first (after PiSSA/OLoRA
             # it is ||W_res + s B0 A0|| = ||W||, the same magnitude as plain LoRA starts from).
             norm = self._row_norm(adapter_name, self.get_base_layer().weight)
-            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.detach())
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.detach().view(self.magnitude_shape))
             self._move_adapter_to_base(adapter_name)
 
     def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
@@ -236,10 +241,10 @@ class LoraLayer(AdapterLayer):
         The residual is computed from the factors as stored, so W_res + s B0 A0 = W holds for
         the adapter the forward will use."""
         base, s = self.get_base_layer(), self.scaling[adapter_name]
-        weight = self._weight_out_in(base.weight)  # (out, in)
+        weight = self.as_rows(base.weight)  # (out, in): only linear layers get here
         self.set_lora_factors(adapter_name, *lora_init.decompose(weight, self.r[adapter_name], s, init))
         A0, B0 = self.lora_factors(adapter_name)
-        base.weight.copy_(self._weight_out_in(lora_init.residual(weight, A0, B0, s)))  # cast back to W's dtype
+        base.weight.copy_(self.from_rows(lora_init.residual(weight, A0, B0, s), base.weight))  # cast back to W's dtype
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Put the adapter beside the base weight (fp32 on a half-precision base: ``adapter_placement``)."""
@@ -286,12 +291,32 @@ class LoraLayer(AdapterLayer):
             old_A.copy_(A.reshape(old_A.shape))
             old_B.copy_(B.reshape(old_B.shape))
 
-    def _row_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        """DoRA's ``||W + s B A||`` per output row (out,), in fp32; ``weight``: W as the base stores it."""
-        return self._weight_out_in(wide(weight) + self.delta_weight(adapter_name)).norm(p=2, dim=1)
+    # -- DoRA ---------------------------------------------------------------------------------
+    # DoRA sees a weight (or an update) as a matrix whose rows it normalises, one row per entry
+    # of m: `as_rows` gives that matrix from the layout the base stores, `from_rows` the inverse.
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} has no DoRA")
 
-    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} has no DoRA")
+
+    @property
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """The shape of DoRA's ``m`` as peft stores it (see DoraMagnitude)."""
+        return (self.out_features,)
+
+    def _row_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + s B A||`` per row (rows,), in fp32; ``weight``: W as the base stores it."""
+        return self.as_rows(wide(weight) + self.delta_weight(adapter_name)).norm(p=2, dim=1)
+
+    def dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``m / ||W + s B A||_row`` (rows,) in ``dtype``, for the forward: the norm is a constant
+        to autograd (DoRA section 4.3: it follows the update but passes no gradient). B A as
+        ``lora_factors`` multiplies it is the update's matrix of rows already."""
+        A, B = self.lora_factors(name)  # detached
+        weight = self.as_rows(self.get_base_layer().weight).to(dtype)
+        norm = (weight + self.scaling[name] * (B @ A).to(dtype)).norm(p=2, dim=1).detach()
+        return self.lora_magnitude_vector[name].weight.reshape(-1).to(dtype) / norm
 
     def merge_is_addition(self, adapter_name: str) -> bool:
         return not self.use_dora[adapter_name]  # DoRA rescales rows by the weight's own norms
@@ -312,10 +337,10 @@ class LoraLayer(AdapterLayer):
             if delta_bias is None:
                 return {"weight": plus(weight, delta)}, None
             return {"weight": plus(weight, delta), "bias": plus(tensors["bias"], delta_bias)}, None
-        norm = self._row_norm(adapter_name, self.unmerged_base_tensors()["weight"])  # (out,)
-        factor = self.lora_magnitude_vector[adapter_name].weight / norm
-        merged = factor.view(-1, 1) * self._weight_out_in(wide(weight) + delta)  # (out, in)
-        return {"weight": self._weight_out_in(merged).to(weight.dtype)}, factor
+        norm = self._row_norm(adapter_name, self.unmerged_base_tensors()["weight"])  # (rows,)
+        factor = self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm
+        merged = factor.view(-1, 1) * self.as_rows(wide(weight) + delta)  # (rows, fan)
+        return {"weight": self.from_rows(merged, weight).to(weight.dtype)}, factor
 
     @torch.no_grad()
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
@@ -327,8 +352,8 @@ class LoraLayer(AdapterLayer):
             if delta_bias is None:
                 return {"weight": plus(weight, delta, -1)}
             return {"weight": plus(weight, delta, -1), "bias": plus(tensors["bias"], delta_bias, -1)}
-        unscaled = wide(self._weight_out_in(weight)) / kept.view(-1, 1)  # (out, in)
-        return {"weight": self._weight_out_in(unscaled - self._weight_out_in(delta)).to(weight.dtype)}
+        unscaled = self.as_rows(wide(weight)) / kept.view(-1, 1)  # (rows, fan)
+        return {"weight": self.from_rows(unscaled - self.as_rows(delta), weight).to(weight.dtype)}
 
 
 class LoraLinear(LoraLayer):
@@ -346,6 +371,12 @@ class LoraLinear(LoraLayer):
 
     def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
+
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._weight_out_in(weight)  # (out, in)
+
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self._weight_out_in(rows)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -398,15 +429,12 @@ class LoraLinear(LoraLayer):
         dropout, s = self.lora_dropout[name], self.scaling[name]
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         base = self.get_base_layer()
-        weight = self._weight_out_in(base.weight).to(x.dtype)
-        lora_weight = (B @ A).detach().to(x.dtype)
-        norm = (weight + s * lora_weight).norm(p=2, dim=1).detach()
-        scale = self.lora_magnitude_vector[name].weight.to(x.dtype) / norm  # (out,)
+        scale = self.dora_scale(name, x.dtype)  # (out,)
         if isinstance(dropout, nn.Identity) or not self.training:
             base_result = result if base.bias is None else result - base.bias
         else:
             x = dropout(x)
-            base_result = F.linear(x, weight)
+            base_result = F.linear(x, self._weight_out_in(base.weight).to(x.dtype))
         lora_result = F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
         # In the base output's dtype, as peft returns it (under autocast the terms are wider).
         return (result + (scale - 1) * base_result + scale * lora_result * s).to(result.dtype)
@@ -470,6 +498,13 @@ class LoraEmbedding(LoraLayer):
         num_embeddings, dim = innermost(base_layer).weight.shape
         super().__init__(base_layer, num_embeddings, dim)
 
+    # DoRA's rows are the table's columns: one magnitude per feature, over the whole vocabulary.
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T  # (dim, num_embeddings)
+
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return rows.T
+
     def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
         # bias is False here: check_target refuses lora_bias on embeddings (their factors are bare tables).
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
@@ -492,16 +527,32 @@ class LoraEmbedding(LoraLayer):
         scale = embed_scale(emb)  # the base lookup in result already carries it
         if scale is not None:
             term = term * scale.to(result.dtype)
+        if self.use_dora[name]:
+            # DoRA: each feature of the adapted lookup, base and update, times m / ||W + s (B A)^T||
+            # over that feature's column (an embedding has no dropout and no bias to leave out).
+            dora = self.dora_scale(name, result.dtype)  # (dim,)
+            return dora * result + dora * term
         return result + term
 
 
 class LoraConv(LoraLayer):
-    """LoRA around ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv with the base kernel down to r
-    channels, B a 1x1 conv back up, so ``B A`` is again a kernel of the base's shape."""
+    """LoRA around ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base
+    kernel down to r channels, B a 1x1 conv back up, so ``B A`` is again a kernel of the base's
+    shape. DoRA's rows are the output channels, each with its whole kernel (in * k...)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         conv = innermost(base_layer)  # groups=1: check_target refuses grouped convolutions
         super().__init__(base_layer, conv.in_channels, conv.out_channels)
+
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)  # (out, in * k...)
+
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(like.shape)
+
+    @property
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (1, self.out_features) + (1,) * (self.get_base_layer().weight.dim() - 2)  # peft's (1, out, 1, ...)
 
     def create_adapter(self, adapter_name: str, r: int, bias: bool) -> None:
         conv = self.get_base_layer()
@@ -529,14 +580,33 @@ class LoraConv(LoraLayer):
         # Cast the small kernels to the input's dtype, never the activation to fp32.
         xa = A._conv_forward(x_in, A.weight.to(x_in.dtype), None)
         b = None if B.bias is None else B.bias.to(x_in.dtype)  # lora_bias: s * b_B per output channel
-        return result + B._conv_forward(xa, B.weight.to(x_in.dtype), b) * self.scaling[name]
+        term = B._conv_forward(xa, B.weight.to(x_in.dtype), b) * self.scaling[name]
+        if self.use_dora[name]:
+            return self._add_dora_term(result, x, x_in, term, name)
+        return result + term
+
+    def _add_dora_term(self, result: torch.Tensor, x: torch.Tensor, x_in: torch.Tensor, term: torch.Tensor,
+                       name: str) -> torch.Tensor:
+        """DoRA, as for a linear layer with output channels for rows: y = f * (W * x + s B A x) + b,
+        f = m / ||W + s B A|| per channel, as a correction to the base output (* the convolution)."""
+        base = self.get_base_layer()
+        channels = (1, -1) + (1,) * (result.dim() - 2)  # broadcast over batch and positions
+        f = self.dora_scale(name, x.dtype).view(channels)
+        if x_in is x or not self.training:
+            base_result = result if base.bias is None else result - base.bias.view(channels)
+        else:  # the base term of the dropped input, as peft computes it (its padding mode kept)
+            base_result = base._conv_forward(x_in, base.weight.to(x_in.dtype), None)
+        return result + (f - 1) * base_result + f * term
+
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
     """The errors adding the adapter to ``target`` (the module named ``key``, wrapped or not)
     would meet, raised before anything changes: a module whose parameters LoRA adapts already
     (target_parameters: those wrappers change a parameter, not the module's output), DoRA on a
-    layer that is not linear, lora_bias on an embedding, every reason an init that rewrites the
+    layer it does not cover (an nn.MultiheadAttention), lora_bias on an embedding, every reason an init that rewrites the
     base weight (PiSSA, OLoRA) cannot, a grouped convolution, and an nn.MultiheadAttention whose
     projections differ in width or with lora_bias. Injection runs it on every target first (through
     the registry's ``check``, ``check_module``), so that a model is never left with some weights
@@ -551,10 +621,10 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
             "target_modules, and give this adapter target_parameters for those parameters instead"
         )
     base = innermost(target)
-    if config.use_dora and not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
+    if config.use_dora and not (isinstance(base, (nn.Linear, nn.Embedding, *CONVOLUTIONS)) or is_gpt2_conv1d(base)):
         raise TypeError(
-            f"DoRA is implemented for linear layers; {key!r} is a {type(base).__name__}: leave it out of "
-            "target_modules, or set use_dora=False"
+            f"DoRA is implemented for linear layers, embeddings and convolutions (as in peft); {key!r} is a "
+            f"{type(base).__name__}: leave it out of target_modules, or set use_dora=False"
         )
     if config.lora_bias and isinstance(base, nn.Embedding):
         raise ValueError(
@@ -593,7 +663,7 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
                 f"lora_bias=True on {key!r}, an nn.MultiheadAttention: its LoRA lives in the weights, with no bias "
                 "beside them to train; leave it out of target_modules, or adapt it with lora_bias=False"
             )
-    if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups != 1:
+    if isinstance(base, CONVOLUTIONS) and base.groups != 1:
         # A and B stand for a dense kernel (out, in, k...); a grouped one is (out, in / groups, k...).
         raise ValueError(
             f"LoRA on {key!r} needs a convolution with groups=1, got groups={base.groups}; leave it out of "
@@ -601,7 +671,7 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
         )
 
 
-SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention and transformers' GPT-2 Conv1D"
+SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and transformers' GPT-2 Conv1D"
 
 
 def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> LoraLayer:
@@ -611,7 +681,7 @@ def wrap_module(target: nn.Module, adapter_name: str, config: LoraConfig, key: s
         layer: LoraLayer = LoraLinear(target, fan_in_fan_out=linear_weight_layout(base, config, key))
     elif isinstance(base, nn.Embedding):
         layer = LoraEmbedding(target)
-    elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+    elif isinstance(base, CONVOLUTIONS):
         layer = LoraConv(target)
     elif isinstance(base, nn.MultiheadAttention):
         from .lora_attention import LoraMultiheadAttention  # late: lora_attention builds on this file
@@ -631,7 +701,7 @@ def check_module(target: nn.Module, config: LoraConfig, key: str) -> None:
     """The registry's check on each target, before any wrapper is built: a type LoRA supports
     (a wrapper may change its module as it is built: the attention's out_proj), then ``check_target``."""
     base = innermost(target)
-    supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+    supported = (nn.Linear, nn.Embedding, *CONVOLUTIONS, nn.MultiheadAttention)
     if not isinstance(target, LoraLayer) and not (isinstance(base, supported) or is_gpt2_conv1d(base)):
         raise _unsupported(base, key)
     inner = [type(w).__name__ for w in wrapper_chain(target) if not isinstance(w, LoraLayer)]
