@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from . import checkpoint, injection, status
-from .config import PeftConfig, PeftType, TaskType
+from .config import PeftConfig, PeftType
 from .mixed_batches import mixed_batch
-from .targeting import CLASSIFIER_HEAD_NAMES, wrapper_chain
+from .targeting import TASK_HEAD_NAMES, wrapper_chain
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
 from .tuners.trainable_tokens import TrainableTokensLayer
@@ -144,9 +144,10 @@ class PeftModel(nn.Module):
         """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
         self._check_new_name(adapter_name)
         config = copy.deepcopy(peft_config)
-        if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
-            # Classification heads are new: they must train and be saved with the adapter.
-            extra = [n for n in CLASSIFIER_HEAD_NAMES if n not in (config.modules_to_save or [])]
+        heads = TASK_HEAD_NAMES.get(str(getattr(config.task_type, "value", config.task_type)), ())
+        if heads and hasattr(config, "modules_to_save"):
+            # Classification and answer-span heads are new: they must train and be saved with the adapter.
+            extra = [n for n in heads if n not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.get_base_model(), "config", None), "name_or_path", None) or None

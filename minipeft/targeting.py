@@ -32,6 +32,9 @@ from torch import nn
 ALL_LINEAR = "all-linear"
 # Names transformers gives to classification heads (peft checks the same ones).
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+# The heads a task's model gets new and untrained, which must train and be saved with the
+# adapter: peft adds them to modules_to_save (names the model lacks are skipped).
+TASK_HEAD_NAMES = {"SEQ_CLS": CLASSIFIER_HEAD_NAMES, "TOKEN_CLS": CLASSIFIER_HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
 
 
 def out_in_features(weight, fan_in_fan_out: bool) -> tuple[int, int]:

@@ -258,3 +258,33 @@ def test_set_requires_grad_and_set_adapter_inference_mode_as_in_peft():
         trains[library.__name__] = steps
     assert trains["minipeft"] == trains["peft"]
     assert len(trains["peft"][0]) == 9 and trains["peft"][2] == set()
+
+
+@pytest.mark.parametrize("task, head", [("TOKEN_CLS", "classifier"), ("QUESTION_ANS", "qa_outputs")])
+@pytest.mark.parametrize("method", ["LoraConfig", "PromptTuningConfig"])
+def test_a_task_s_new_head_trains_and_is_saved_as_in_peft(task, head, method, tmp_path):
+    # A token classifier's or a question-answering model's head is new and untrained, like a
+    # sequence classifier's: peft adds it to modules_to_save, so it trains and the adapter's
+    # file holds it. Without that a reloaded adapter would meet a freshly drawn head.
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48)
+    model_class = {"TOKEN_CLS": transformers.BertForTokenClassification,
+                   "QUESTION_ANS": transformers.BertForQuestionAnswering}[task]
+    torch.manual_seed(0)
+    base = model_class(cfg).eval()
+    options = dict(r=2, target_modules=["query", "value"]) if method == "LoraConfig" else dict(num_virtual_tokens=3)
+    ours, theirs = (library.get_peft_model(copy.deepcopy(base), getattr(library, method)(task_type=task, **options))
+                    for library in (minipeft, peft))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert head in ours.peft_config["default"].modules_to_save
+    if method == "LoraConfig":
+        with torch.no_grad():
+            getattr(ours.get_base_model(), head).modules_to_save["default"].weight.add_(1.0)
+        ours.save_pretrained(tmp_path)
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        ids = input_ids()
+        key = "logits" if task == "TOKEN_CLS" else "start_logits"
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids)[key], ours(input_ids=ids)[key])
