@@ -192,6 +192,20 @@ def test_text_init_from_tokenizer_object_path_or_callable(tmp_path):
         assert "tokenizer" not in m.peft_config["default"].to_dict()  # runtime only, never saved
 
 
+def test_text_init_ignores_the_padding_and_truncation_a_tokenizer_json_carries(tmp_path):
+    # A tokenizer.json may pad every input to a fixed length (all-MiniLM-L6-v2's pads to 128)
+    # and truncate: the prompt starts from the text's own tokens, repeated, as in peft.
+    tok = word_tokenizer()
+    tok.enable_padding(length=8, pad_id=5, pad_token="the")
+    tok.enable_truncation(max_length=2)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    for kwargs in (dict(tokenizer=tok), dict(tokenizer_name_or_path=str(tmp_path))):
+        m = text_model(5, **kwargs)
+        table = m.get_base_model().get_input_embeddings().weight
+        torch.testing.assert_close(m.prompt_encoder["default"].embedding.weight, table[[1, 2, 3, 1, 2]])
+    assert tok.padding is not None and tok.truncation is not None  # the caller's object is left as it was
+
+
 def test_text_longer_than_the_prompt_is_cut_with_a_warning():
     with pytest.warns(UserWarning, match="only the first 2 are used"):
         m = text_model(2, tokenizer=word_tokenizer())

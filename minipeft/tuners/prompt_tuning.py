@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..config import PeftType, TaskType
+from ..data import load_tokenizer
 from ..targeting import declared_embedding
 from . import virtual_tokens as vt
 
@@ -142,11 +143,11 @@ def _init_token_ids(config: PromptTuningConfig, n: int) -> list[int]:
                 f"tokenizer_name_or_path={tokenizer!r}: no tokenizer.json there. minipeft does not download "
                 "tokenizers; give a local tokenizer.json (or its folder), a tokenizers.Tokenizer or a callable"
             )
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(path)
-    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "token_to_id"):  # a tokenizers.Tokenizer
-        ids = tokenizer.encode(text).ids
+        tokenizer = path
+    if isinstance(tokenizer, str) or (hasattr(tokenizer, "encode") and hasattr(tokenizer, "token_to_id")):
+        # A tokenizers.Tokenizer, without the padding (to a fixed length) and truncation that a
+        # tokenizer.json may carry: the text's own tokens, as transformers' tokenizer gives peft.
+        ids = load_tokenizer(tokenizer).encode(text).ids
     elif callable(tokenizer):
         ids = tokenizer(text)
         ids = ids["input_ids"] if isinstance(ids, dict) else ids
