@@ -670,12 +670,24 @@ def _write_temp(folder: str, name: str, data: bytes) -> str:
     return write_temp(os.path.join(folder, name), lambda f: f.write(data))
 
 
+def check_saveable(folder: str) -> None:
+    """Refuse, before anything is written, a folder that is a file or holds a folder where one
+    of the checkpoint's two files goes."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot save an adapter to {folder!r}: it is a file; give a folder")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if os.path.isdir(os.path.join(folder, name)):
+            raise IsADirectoryError(
+                f"cannot save an adapter to {folder!r}: {name} there is a folder, where the adapter's file goes; "
+                "move it away or give another folder"
+            )
+
+
 def write_adapter(folder: str | os.PathLike, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
     """Write ``config`` and ``state`` (checkpoint keys) to ``folder`` as one adapter checkpoint,
     atomically: a model's adapter, or what PiSSA/OLoRA conversion computed (``save_pretrained``)."""
     folder = os.fspath(folder)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"cannot save an adapter to {folder!r}: it is a file; give a folder")
+    check_saveable(folder)
     os.makedirs(folder, exist_ok=True)
 
     config_bytes = _config_bytes(config)
@@ -723,6 +735,11 @@ def save_pretrained(
                 "would be saved; save the PiSSA/OLoRA adapter alone with selected_adapters=[name]"
             )
         lora_init.check_convertible(configs[names[0]])
+    if not names:
+        raise ValueError("selected_adapters is empty: name at least one of " + repr(list(configs)) if configs else
+                         "this model holds no adapter to save (the last one was deleted); add or load one first")
+    for name in names:  # every folder, before the first adapter is written
+        check_saveable(adapter_folder(save_directory, name))
     if not is_main_process:
         return
     if initial_folder is not None:
@@ -813,8 +830,12 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
 
 
 def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> None:
-    """Refuse a config that disagrees with the one recorded in the tensor file at save time
-    (a save interrupted between its two renames leaves new tensors beside the old config)."""
+    """Warn where the config disagrees with the one recorded in the tensor file at save time.
+
+    Either the config was edited by hand (peft loads such a file, and so does minipeft: the
+    edited config is the one used) or a save was interrupted between its two renames, leaving new
+    tensors beside the old config: the warning says so, and tensors that do not fit the config
+    then fail to load with their shapes named."""
     try:
         recorded = config_from_dict(json.loads(recorded_json), source="recorded config").to_dict()
     except (ValueError, TypeError):
@@ -826,9 +847,11 @@ def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> N
         detail = "; ".join(
             f"{k}: {current.get(k)!r} in {CONFIG_NAME}, {recorded.get(k)!r} at save time" for k in differ[:3]
         )
-        raise ValueError(
-            f"{CONFIG_NAME} in {folder!r} does not match the config {WEIGHTS_NAME} was saved with ({detail}); "
-            "a save was interrupted between writing the two files, or the config was edited. Save the adapter again"
+        warnings.warn(
+            f"{CONFIG_NAME} in {folder!r} differs from the config {WEIGHTS_NAME} was saved with ({detail}); "
+            f"loading with {CONFIG_NAME}, as edited. If instead a save was interrupted between writing the two "
+            "files, the tensors belong to the other config: save the adapter again",
+            stacklevel=3,
         )
 
 

@@ -138,7 +138,8 @@ class PeftModel(nn.Module):
     # -- adapters by name ---------------------------------------------------------------------
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        # None once the last adapter is deleted (active_adapter still names it then, as in peft).
+        return [self.active_adapter] if self.active_adapter in self.peft_config else []
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
@@ -339,7 +340,7 @@ class PeftModel(nn.Module):
             )
         self._merge_plan(adapter_names, safe_merge, refuse_already_merged=False)  # every check; unload merges
         self._check_one_trained_copy(self.active_adapters if adapter_names is None else adapter_names)
-        return injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names)
+        return self._forget_adapters(injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names))
 
     def unload(self) -> nn.Module:
         """The base model with every adapter removed, unmerged. A module trained whole
@@ -347,7 +348,16 @@ class PeftModel(nn.Module):
         original is the one ``disable_adapter()`` runs."""
         if "prompt_encoder" in self._modules:
             self.prompt_encoder.remove_hooks()
-        return injection.unload(self.get_base_model(), merge=False)
+        return self._forget_adapters(injection.unload(self.get_base_model(), merge=False))
+
+    def _forget_adapters(self, model: nn.Module) -> nn.Module:
+        """After unloading: this PeftModel holds no adapter any more (an adapter added next is the
+        first one again, into the same model), and ``model`` is returned."""
+        self.peft_config.clear()
+        self.base_model.rank_allocators.clear()
+        if "prompt_encoder" in self._modules:
+            del self._modules["prompt_encoder"]
+        return model
 
     def _merge_plan(
         self, adapter_names: list[str] | None, safe_merge: bool, refuse_already_merged: bool

@@ -72,7 +72,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     ``base_model`` (``model.<the base model's name>``) or from the adapted model itself."""
     from .model import PeftModel  # (late: model.py builds on this file)
 
-    if isinstance(model, PeftModel) and all(c.is_prompt_learning for c in model.peft_config.values()):
+    if isinstance(model, PeftModel) and model.peft_config and all(c.is_prompt_learning for c in model.peft_config.values()):
         raise TypeError("prompt tuning, P-tuning and prefix tuning keep their virtual tokens beside the model, in no adapter layer: "
                         "there is no layer status to report (peft refuses them too)")
     statuses = []

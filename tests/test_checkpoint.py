@@ -172,9 +172,27 @@ def test_crash_between_the_two_renames_is_detected(tmp_path, monkeypatch):
         trained(r=2, lora_alpha=3).save_pretrained(tmp_path)
     monkeypatch.setattr(os, "replace", real_replace)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    with pytest.raises(ValueError, match=r"does not match the config adapter_model.safetensors was saved with "
-                                          r"\(lora_alpha: 8 in adapter_config.json, 3 at save time; r: 4 in .*, 2 at"):
-        PeftModel.from_pretrained(base(), tmp_path)
+    # The old config (r = 4) beside the new tensors (r = 2): the warning names the fields that
+    # differ, and the tensors, which do not fit that config, are refused.
+    with pytest.warns(UserWarning, match=r"differs from the config adapter_model.safetensors was saved with "
+                                         r"\(lora_alpha: 8 in adapter_config.json, 3 at save time; r: 4 in .*, 2 at"):
+        with pytest.raises(ValueError, match="shape"):
+            PeftModel.from_pretrained(base(), tmp_path)
+
+
+def test_a_config_edited_by_hand_is_loaded_as_edited_with_a_warning(tmp_path):
+    # peft loads an adapter_config.json edited after saving (a new lora_alpha, say), and so
+    # does minipeft: the edited config is the one used, and a warning names what changed.
+    model = trained(r=2, lora_alpha=4)
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(config_path.read_text().replace('"lora_alpha": 4', '"lora_alpha": 8'))
+    with pytest.warns(UserWarning, match=r"lora_alpha: 8 in adapter_config.json, 4 at save time.*as edited"):
+        reloaded = PeftModel.from_pretrained(base(), tmp_path)
+    assert reloaded.peft_config["default"].lora_alpha == 8
+    with torch.no_grad():  # twice the scaling: the update doubles
+        ours, theirs = model.get_base_model().up, reloaded.get_base_model().up
+        torch.testing.assert_close(theirs(X) - theirs.base_layer(X), 2 * (ours(X) - ours.base_layer(X)))
 
 
 def test_save_into_a_file_is_refused(tmp_path):

@@ -288,3 +288,44 @@ def test_a_task_s_new_head_trains_and_is_saved_as_in_peft(task, head, method, tm
         key = "logits" if task == "TOKEN_CLS" else "start_logits"
         with torch.no_grad():
             torch.testing.assert_close(reloaded(input_ids=ids)[key], ours(input_ids=ids)[key])
+
+
+def test_deleting_the_last_adapter_leaves_none_active_and_nothing_to_save(tmp_path):
+    ours = get_peft_model(tiny_transformers_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    theirs = peft.get_peft_model(tiny_transformers_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for model in (ours, theirs):
+        model.delete_adapter("default")
+    assert ours.active_adapters == theirs.active_adapters == []
+    status = ours.get_model_status()  # (peft's raises a KeyError here)
+    assert status.active_adapters == [] and status.available_adapters == [] and status.num_adapter_layers == 0
+    with pytest.raises(ValueError, match="holds no adapter to save"):  # peft writes an empty folder
+        ours.save_pretrained(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+    ours.add_adapter("next", LoraConfig(r=2, target_modules=["q_proj"]))
+    assert ours.active_adapters == ["next"]
+
+
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+def test_after_unloading_the_peft_model_holds_no_adapter(how):
+    # The adapters left the model: the wrapper forgets them, and an adapter added next is a
+    # first adapter again, injected into the same model (the one unloading returned).
+    model = get_peft_model(tiny_transformers_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    plain = getattr(model, how)()
+    assert dict(model.peft_config) == {} and model.active_adapters == []
+    model.add_adapter("again", LoraConfig(r=2, target_modules=["v_proj"]))
+    assert model.active_adapters == ["again"] and model.get_base_model() is plain
+    assert [n for n, _ in model.named_parameters() if "lora_" in n][0].endswith("v_proj.lora_A.again.weight")
+    model(input_ids=input_ids())
+
+
+def test_saving_several_adapters_checks_every_folder_before_writing(tmp_path):
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    model.add_adapter("b", LoraConfig(**LORA))
+    tmp_path.joinpath("b").write_text("in the way")
+    with pytest.raises(NotADirectoryError, match="it is a file; give a folder"):
+        model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["b"]  # default's files were not written either
+    blocked = tmp_path / "other"
+    (blocked / "adapter_model.safetensors").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="adapter_model.safetensors there is a folder"):
+        model.save_pretrained(blocked, selected_adapters=["default"])
