@@ -164,9 +164,9 @@ IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": mak
 # set the rules that choose between them from measurements.
 FORCED_PATHS = {f"fused[{route}]": functools.partial(make_fused, route=route)
                 for route in ("triton GEMM", "few rows", "cuBLAS base")}
-# ... and the backward's other order on the cuBLAS route: the low-rank pass first, dy W added
-# onto it last (DX_GEMM_FIRST off), beside the library's (dy W first).
-FORCED_PATHS["fused[dx GEMM last]"] = functools.partial(make_fused, route="cuBLAS base", dx_gemm_first=False)
+# ... and the backward's other order on the cuBLAS route: dy W first, the low-rank pass adding
+# onto it (DX_GEMM_FIRST on), beside the library's (the pass first, dy W added onto it last).
+FORCED_PATHS["fused[dx GEMM first]"] = functools.partial(make_fused, route="cuBLAS base", dx_gemm_first=True)
 
 
 def fused_runs_here(device):
@@ -250,24 +250,29 @@ def graph_timer(forwards):
     return replay_ms
 
 
-HOST_CALLS = 21  # calls per phase whose host time is taken (the median)
+HOST_CALLS = 21  # calls per phase whose host time and latency are taken (the medians)
 
 
-def host_ms(fn, device, params):
-    """The median host time of one call of fn in ms: from the call to its return, with the GPU
-    idle at the start (synchronised before each call), so that no launch waits for room in the
-    queue. Where it approaches the GPU time of the same call, the GPU waits for the host, and
-    the wall clock that do_bench measures is the host's."""
-    times = []
+def host_and_latency_ms(fn, device, params):
+    """(host, latency): the median ms of one call of fn, each call starting with the GPU idle
+    (synchronised before it), from the call to its return (host) and to the GPU's end of its
+    work (latency).
+
+    do_bench queues its calls back to back, so it times max(host, GPU time) per call; where the
+    host's time nears the GPU time of the same call, the GPU waits for the host. The latency is
+    what a call that finds the GPU idle takes, as a training step that synchronises does: there
+    the order of the launches counts too (DX_GEMM_FIRST), which do_bench's queue hides."""
+    host, latency = [], []
     for _ in range(HOST_CALLS):
         for t in params:
             t.grad = None
         common.sync(device)
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    common.sync(device)
-    return common.median(times)
+        host.append((time.perf_counter() - start) * 1e3)
+        common.sync(device)
+        latency.append((time.perf_counter() - start) * 1e3)
+    return common.median(host), common.median(latency)
 
 
 def peak_mib(fn, device):
@@ -388,7 +393,9 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
         for t in params:
             t.grad = None
         row["peak_mib"] = peak_mib(step, device)
-        row["host_ms"] = {phase: host_ms(fn, device, params) for phase, fn in calls[row["method"]].items()}
+        measured = {phase: host_and_latency_ms(fn, device, params) for phase, fn in calls[row["method"]].items()}
+        row["host_ms"] = {phase: host for phase, (host, _) in measured.items()}
+        row["latency_ms"] = {phase: latency for phase, (_, latency) in measured.items()}
         if row["method"] in errors:
             row["rel_err_vs_torch"] = errors[row["method"]]
         if profile:
@@ -439,16 +446,17 @@ def cell(row, phase):
 
 def markdown(results):
     lines = ["| M | K -> N | r | p | method | fwd | bwd | fwd+bwd | fwd, CUDA graph | host ms: fwd / bwd / fwd+bwd "
-             "| peak MiB | error vs torch |",
-             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| latency ms: fwd / bwd / fwd+bwd | peak MiB | error vs torch |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in results:
         for row in case["rows"]:
             peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
             error = f"{row['rel_err_vs_torch']:.1e}" if "rel_err_vs_torch" in row else "-"
-            host = " / ".join(f"{row['host_ms'][phase]:.3f}" for phase in PHASES if phase in row.get("host_ms", {}))
+            host, latency = (" / ".join(f"{row[key][phase]:.3f}" for phase in PHASES if phase in row.get(key, {})) or "-"
+                             for key in ("host_ms", "latency_ms"))
             method = row["method"] + (f" ({case['fused_path']})" if row["method"] == "fused" else "")
             lines.append(f"| {case['M']} | {case['K']} -> {case['N']} | {case['r']} | {case['p']} | {method} | "
-                         + " | ".join(cell(row, phase) for phase in PHASES) + f" | {host or '-'} | {peak} | {error} |")
+                         + " | ".join(cell(row, phase) for phase in PHASES) + f" | {host} | {latency} | {peak} | {error} |")
     return "\n".join(lines)
 
 
@@ -585,6 +593,7 @@ def main():
         "peak_mib": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
         "host_ms": (f"median over {HOST_CALLS} calls of the time from a call to its return, the GPU idle at the "
                     f"start: where it nears the GPU time, the GPU waits for the host"),
+        "latency_ms": f"the same {HOST_CALLS} calls, from the call to the end of its GPU work",
     }
     results = []
     for M, K, N, r, p in case_list:

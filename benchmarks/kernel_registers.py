@@ -187,23 +187,24 @@ def few_rows_rows(dtype, dropout, rows=16, rank=R):
         yield f"{tile}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
 
 
-def lowrank_grad_args(dtype, rank=R):
+def lowrank_grad_args(dtype, rank=R, add_to_dx=False):
     """(arguments, flags) of _lowrank_grad_kernel, the backward's low-rank pass, at the flagship
-    layer with dropout: dx's masked low-rank part, added onto the dy W that dx holds, and dA."""
+    layer with dropout: dx's masked low-rank part (stored, or with add_to_dx added onto the dy W
+    that dx holds: DX_GEMM_FIRST) and dA."""
     p = f"*{dtype}"
     block_r = max(16, triton.next_power_of_2(rank))
     args = dict(dxa_ptr=p, a_ptr=p, x_ptr=p, dx_ptr=p, da_ptr="*fp32", M=M, K=K, R=rank,
                 stride_dxam=rank, stride_dxar=1, stride_ar=K, stride_ak=1, stride_xm=K, stride_xk=1,
                 stride_dxm=K, stride_dxk=1, stride_dar=K, stride_dak=1, keep_scale=1.0, threshold=6553, seed=1234,
                 M_BUCKET=M)
-    flags = dict(WRITE_DX=True, ADD_TO_DX=True, SUM_DA=True, HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_R=block_r,
+    flags = dict(WRITE_DX=True, ADD_TO_DX=add_to_dx, SUM_DA=True, HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_R=block_r,
                  BLOCK_K=fl._lowrank_grad_block_k(block_r))
     return args, flags
 
 
-def lowrank_grad_rows(dtype, rank=R):
+def lowrank_grad_rows(dtype, rank=R, add_to_dx=False):
     """The backward's low-rank pass in each autotuning config."""
-    args, flags = lowrank_grad_args(dtype, rank)
+    args, flags = lowrank_grad_args(dtype, rank, add_to_dx)
     for config in fl._lowrank_grad_configs():
         compiled = compile_for_sm90(fl._lowrank_grad_kernel, args, {**flags, **config.kwargs}, config.num_warps,
                                     config.num_stages)
@@ -268,6 +269,8 @@ def main():
         table("the shrink, bf16", shrink_rows("bf16"), loop_column=True),
         table("the backward's low-rank pass (dx_lr and dA), bf16, dropout 0.1", lowrank_grad_rows("bf16")),
         table("the backward's low-rank pass at r = 256, bf16, dropout 0.1", lowrank_grad_rows("bf16", rank=256)),
+        table("the backward's low-rank pass adding onto dy W (DX_GEMM_FIRST), bf16, dropout 0.1",
+              lowrank_grad_rows("bf16", add_to_dx=True)),
         table("other variants, one config each", other_rows()),
     ]
     report = (f"## Registers and spills on sm_90, compiled offline\n\n"

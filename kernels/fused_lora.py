@@ -21,7 +21,7 @@ Four kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask(
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
-    _lowrank_grad_kernel     dx += (D * (dxa A)) / (1 - p) and           backward, when cuBLAS computes
+    _lowrank_grad_kernel     dx_lr = (D * (dxa A)) / (1 - p) and         backward, when cuBLAS computes
                              dA = dxa^T @ (D * x) / (1 - p)               dy W (or dx is not needed)
 
 dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single Triton pass over dy that
@@ -48,10 +48,9 @@ H200, everywhere so far), the base product is cuBLAS's and only the low-rank par
 the forward the low-rank part is written first and cuBLAS adds its product onto it in place
 (beta = 1), reading it in the epilogue of a GEMM that is bound by its tensor cores, not by
 memory: y starts as b + s * xa B^T (a cuBLAS addmm). Run 3 added it after cuBLAS instead, a
-pass that read and wrote all of y. In the backward cuBLAS's dy W goes first, so that the GPU
-has its largest product to run while the host launches the rest, and `_lowrank_grad_kernel`
-adds dx's masked low-rank part onto it and sums dA in one pass (`DX_GEMM_FIRST` says why the
-two directions differ). The shrink runs here when
+pass that read and wrote all of y. In the backward `_lowrank_grad_kernel` writes dx's masked
+low-rank part and sums dA in one pass, and cuBLAS adds dy W onto that dx the same way (or, with
+`DX_GEMM_FIRST`, computes dy W first and the pass adds onto it). The shrink runs here when
 there is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the
 exception: there y costs about one read of W, and the few-rows kernel saves the two extra
 launches (`forward_path` names the route a shape takes).
@@ -569,7 +568,7 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward, low-rank part: dx (M, K) += (D * (dxa A)) / (1 - p) and dA (R, K) = dxa^T (D * x) / (1 - p)
+# Backward, low-rank part: dx_lr (M, K) = (D * (dxa A)) / (1 - p) and dA (R, K) = dxa^T (D * x) / (1 - p)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -640,14 +639,15 @@ def _lowrank_grad_configs(interpreted=INTERPRET):
     """Autotuning candidates: (rows per tile, rows per program, warps). More rows per program
     mean fewer atomic adds into dA but fewer programs to keep loads in flight: at the flagship
     shape, from 1024 programs with 64 adds per element of dA (128 rows each) to 128 with 8.
-    Tiles of 64 rows take 8 warps: with 4, adding onto dx's tile pushes a thread past 255
-    registers and it spills (`benchmarks/results/sm90-registers.md`). The interpreter gets one."""
+    Adding onto dx (DX_GEMM_FIRST) takes more registers: 64-row tiles with 4 warps then spill
+    (`benchmarks/results/sm90-registers.md`), and the 8-warp ones are there for it. The
+    interpreter gets one."""
     def config(bm, rows, warps):
         return triton.Config({"BLOCK_M": bm, "ROWS_PER_PROGRAM": rows}, num_warps=warps)
     if interpreted:
         return [config(32, 64, 4)]
-    return [config(bm, rows, warps) for bm, rows, warps in [(64, 128, 8), (32, 256, 4), (64, 256, 8), (32, 512, 4),
-                                                             (64, 512, 8), (32, 1024, 4), (64, 1024, 8)]]
+    return [config(bm, rows, warps) for bm, rows, warps in [(64, 128, 4), (32, 256, 4), (64, 256, 4), (32, 512, 4),
+                                                             (64, 512, 4), (64, 512, 8), (64, 1024, 4), (64, 1024, 8)]]
 
 
 def _autotuned_lowrank_grad(configs, do_bench=None):
@@ -680,7 +680,7 @@ def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da, add_to=None):
     da = torch.zeros((R, K), device=x.device, dtype=torch.float32) if want_da else None
     # A stand-in for an output not wanted: never read or written by the kernel, but zeroed
     # and restored around the autotuner's trials, so not the other output (dx may hold dy W).
-    unused = torch.empty((1, 1), device=x.device, dtype=torch.float32)
+    unused = None if want_dx and want_da else torch.empty((1, 1), device=x.device, dtype=torch.float32)
     dx_, da_ = (dx if want_dx else unused), (da if want_da else unused)
     block_r = max(16, triton.next_power_of_2(R))
     block_k = _lowrank_grad_block_k(block_r)
@@ -822,18 +822,15 @@ def _launch_context(t):
     return stack
 
 
-# Whether the backward on the cuBLAS route issues dx = dy W before the low-rank work. Every
-# other product in the backward is thin (M x r or N x r); dy W is the frozen layer's own GEMM,
-# the bulk of the GPU time, and needs nothing from them. Issued first, it keeps the GPU busy
-# while the host launches dxa, dB and the low-rank pass, which then reads dx back to add its
-# part (one more read of dx: 64 MiB, ~15 us on an H200 at the flagship shape). Issued last,
-# onto the low-rank part written first (cuBLAS with beta = 1, no extra read), the GPU waits
-# for the host until that launch: in run 4 the backward took 0.64 ms of wall clock at M =
-# 8192 for about 0.43 ms of GPU time, and at M = 16, where its GPU work is negligible, 0.35 ms
-# (`benchmarks/lora_linear_notes.md`). The forward needs no such order: its host work before
-# the GEMM is short and its wall clock already follows its GPU time. Read at the forward, so
-# that `bench_lora_linear.py` can time both orders side by side.
-DX_GEMM_FIRST = True
+# The backward's order on the cuBLAS route. False: the low-rank pass writes its part of dx and
+# cuBLAS adds dy W onto it last (beta = 1, no extra pass). True: cuBLAS computes dy W first and
+# the pass adds onto it, one more read of dx (~15 us at the flagship shape), but the GPU starts
+# the largest product of the backward before the host has launched the rest: shorter for a call
+# that finds the GPU idle (a training step that synchronises), equal under do_bench's queue of
+# back-to-back calls. Until a GPU run measures a gain (`bench_lora_linear.py` times both orders
+# and each call's latency; `benchmarks/lora_linear_notes.md`), the default stays run 4's order.
+# Read at the forward.
+DX_GEMM_FIRST = False
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -870,8 +867,7 @@ class LoraLinearFunction(torch.autograd.Function):
         want_dx, want_da, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         on_cublas = want_dx and not ctx.dx_in_our_gemm
 
-        # dy W first (see DX_GEMM_FIRST): the GPU runs it while the host launches the rest.
-        dx = torch.mm(dy2, weight) if on_cublas and ctx.dx_gemm_first else None  # (M, K)
+        dx = torch.mm(dy2, weight) if on_cublas and ctx.dx_gemm_first else None  # (M, K): dy W first
 
         # dxa = s * dy B (M, r) and dB = s * dy^T xa (N, r), each one cuBLAS call: addmm with
         # beta = 0 never reads its first argument (a tensor of the result's shape) and applies
@@ -886,8 +882,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, 1.0 / (1.0 - p), p, seed,
                                      xin=x2 if want_da else None)
         elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)
-            # One pass adds dx's masked low-rank part onto dy W and sums dA. (The other order:
-            # the pass writes the low-rank part and cuBLAS adds dy W onto it, beta = 1.)
+            # One pass writes dx's masked low-rank part (or adds it onto dy W) and sums dA.
             dx, da = _lowrank_grads(dxa, lora_A, x2, p, seed, want_dx, want_da, add_to=dx)
             if on_cublas and not ctx.dx_gemm_first:
                 dx.addmm_(dy2, weight)

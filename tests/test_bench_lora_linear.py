@@ -159,7 +159,7 @@ def test_graph_timer_reports_the_time_of_one_forward(bench, monkeypatch):
     assert fake.capture_stream is not None and fake.capture_stream is fake.warmup_stream
 
 
-def test_host_time_starts_each_call_with_an_idle_gpu_and_fresh_gradients(bench, monkeypatch):
+def test_host_time_and_latency_start_each_call_with_an_idle_gpu_and_fresh_gradients(bench, monkeypatch):
     events = []
     monkeypatch.setattr(bench.common, "sync", lambda device: events.append("sync"))
     x = torch.zeros(2, requires_grad=True)
@@ -170,17 +170,18 @@ def test_host_time_starts_each_call_with_an_idle_gpu_and_fresh_gradients(bench, 
         events.append("call")
         x.grad = torch.ones(2)
 
-    ms = bench.host_ms(call, "cuda", [x])
-    assert events == ["sync", "call"] * bench.HOST_CALLS + ["sync"]
-    assert ms >= 0.0
+    host, latency = bench.host_and_latency_ms(call, "cuda", [x])
+    # Synchronised before each call (the GPU idle) and after it (the end of its GPU work).
+    assert events == ["sync", "call", "sync"] * bench.HOST_CALLS
+    assert 0.0 <= host <= latency
 
 
-def test_the_dx_gemm_last_variant_records_its_order_only_for_its_own_calls(bench, monkeypatch):
+def test_the_dx_gemm_first_variant_sets_its_order_only_for_its_own_calls(bench, monkeypatch):
     # The forced variant sets the library's DX_GEMM_FIRST for its forward (which records it for
     # the backward) and puts it back, even when the call raises.
     import minipeft.kernels.fused_lora as impl
 
-    seen = []
+    default, seen = impl.DX_GEMM_FIRST, []
 
     def lora_linear(*args, **kwargs):
         seen.append(impl.DX_GEMM_FIRST)
@@ -188,9 +189,9 @@ def test_the_dx_gemm_last_variant_records_its_order_only_for_its_own_calls(bench
             raise RuntimeError("a failing call")
 
     monkeypatch.setattr(impl, "lora_linear", lora_linear)
-    last = bench.FORCED_PATHS["fused[dx GEMM last]"](*(None,) * 4, 2.0, 0.0)
-    default = bench.make_fused(*(None,) * 4, 2.0, 0.0)
-    last(None), default(None)
+    first = bench.FORCED_PATHS["fused[dx GEMM first]"](*(None,) * 4, 2.0, 0.0)
+    library = bench.make_fused(*(None,) * 4, 2.0, 0.0)
+    first(None), library(None)
     with pytest.raises(RuntimeError):
-        last(None)
-    assert seen == [False, impl.DX_GEMM_FIRST, False] and impl.DX_GEMM_FIRST is True
+        first(None)
+    assert seen == [True, default, True] and impl.DX_GEMM_FIRST == default

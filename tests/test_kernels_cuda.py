@@ -171,11 +171,12 @@ def test_every_lowrank_grad_config(config, r):
 
 
 @compiled
-@pytest.mark.parametrize("needs_grad", ["x B", "A B", "x A B"])
-def test_the_low_rank_pass_computes_each_output_alone(needs_grad):
+@pytest.mark.parametrize("needs_grad, dx_gemm_first", [("x B", False), ("A B", False), ("x B", True), ("x A B", True)])
+def test_the_low_rank_pass_computes_each_output_alone(needs_grad, dx_gemm_first, monkeypatch):
     # dx alone (lora_A frozen) and dA alone (x needs no gradient: the first adapted layer) are
-    # variants of their own, each autotuned over every tile; the tuning's trials add onto the
-    # dx that holds dy W, which must be put back after each.
+    # variants of their own, each autotuned over every tile. With dy W computed first, the
+    # tuning's trials add onto the dx that holds it, which must be put back after each.
+    monkeypatch.setattr(impl, "DX_GEMM_FIRST", dx_gemm_first)
     check_against_reference((300,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "cuBLAS base",
                             needs_grad, device=DEVICE)
 
