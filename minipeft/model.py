@@ -60,12 +60,21 @@ class AdaptedModel(nn.Module):
         """The RankAllocator of the active AdaLoRA adapter that trains, or None."""
         return next((a for a in self.rank_allocators.values() if a.is_active()), None)
 
+    # peft's tuner model (LoraModel, ...) answers these itself; here the PeftModel that holds this
+    # one does (else they would reach the user's model: transformers' own adapter methods).
+    OWNER_METHODS = frozenset({"set_adapter", "add_adapter", "delete_adapter", "active_adapter", "active_adapters",
+                               "peft_config", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload",
+                               "add_weighted_adapter"})
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "model":
                 raise
+            owner = self.__dict__.get("owner")
+            if name in self.OWNER_METHODS and owner is not None:
+                return getattr(owner, name)
             return getattr(self.model, name)
 
     def enable_adapter_layers(self) -> None:
@@ -95,8 +104,10 @@ class PeftModel(nn.Module):
         super().__init__()
         _check_not_adapted(model)
         self.base_model = AdaptedModel(model)
+        object.__setattr__(self.base_model, "owner", self)  # a plain reference, not a submodule
         self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapter: str = adapter_name
+        self.active_adapter: str = adapter_name  # the first of the active adapters (peft's attribute)
+        self._active: list[str] = [adapter_name]
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -139,7 +150,7 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         # None once the last adapter is deleted (active_adapter still names it then, as in peft).
-        return [self.active_adapter] if self.active_adapter in self.peft_config else []
+        return [name for name in self._active if name in self.peft_config]
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
@@ -166,22 +177,44 @@ class PeftModel(nn.Module):
             if method_for(config).after_add is not None:
                 method_for(config).after_add(self, adapter_name, config)
             if first:  # (also after the last adapter was deleted: the name active then is gone)
-                self.active_adapter = adapter_name
+                self.active_adapter, self._active = adapter_name, [adapter_name]
             else:
-                self._activate(self.active_adapter)  # also in the new wrappers
+                self._activate(self.active_adapters)  # also in the new wrappers
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Activate one adapter in every layer; only it trains, unless ``inference_mode`` or loaded
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter in every layer, or several (a list, as peft's tuner model takes:
+        each layer adds their terms in turn); only they train, unless ``inference_mode`` or loaded
         for inference (``from_pretrained`` / ``load_adapter`` without ``is_trainable=True``; peft's
         set_adapter makes such an adapter trainable again, minipeft keeps it frozen). Merged
         adapters are unmerged first, with a warning, as in peft: else they would stay in the
         weights under the new one."""
-        self._check_known(adapter_name, "activate")
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_several_active(names)
         if any(layer.merged for _, layer in injection.adapter_layers(self.get_base_model())):
             warnings.warn(f"adapters are merged into the weights; unmerging them before activating {adapter_name!r}",
                           stacklevel=2)
             injection.unmerge(self.get_base_model())
-        self._activate(adapter_name, inference_mode)
+        self._activate(names, inference_mode)
+
+    def _check_several_active(self, names: list[str]) -> None:
+        """Adapters that can be active together: known and distinct, and, when several, none of
+        them virtual tokens (one prompt at a time) and no two with trained copies of one module
+        (modules_to_save: a forward runs one copy)."""
+        if not names:
+            raise ValueError(f"name at least one adapter to activate; the model has {list(self.peft_config)}")
+        self._check_known(names[0] if len(names) == 1 else names, "activate")
+        check_distinct(names)
+        if len(names) == 1:
+            return
+        prompt = [n for n in names if self.peft_config[n].is_prompt_learning]
+        if prompt:
+            raise ValueError(f"adapter(s) {prompt} add virtual tokens, which take the model one adapter at a time; "
+                             f"activate them alone, not together with {[n for n in names if n not in prompt]}")
+        for layer_name, layer in injection.adapter_layers(self.get_base_model()):
+            both = [n for n in names if isinstance(layer, TrainedCopies) and n in layer.adapter_names]
+            if len(both) > 1:
+                raise ValueError(f"adapters {both} each train a whole copy of {layer_name!r} (modules_to_save), and a "
+                                 "forward runs one copy: activate one of them at a time")
 
     @contextlib.contextmanager
     def _requires_grad_kept(self) -> Iterator[None]:
@@ -194,25 +227,30 @@ class PeftModel(nn.Module):
         for p, requires_grad in before:
             p.requires_grad_(requires_grad)
 
-    def _activate(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """set_adapter's work, without its merge check."""
-        config = self.peft_config[adapter_name]
-        frozen = inference_mode or config.inference_mode
+    def _activate(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """set_adapter's work, without its checks."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        frozen = [n for n in names if inference_mode or self.peft_config[n].inference_mode]
         base = self.get_base_model()
         # Trained biases are base-model parameters, shared by all adapters: whatever the method
-        # of the new adapter, those the others train stop first (the new one's may start again).
+        # of the new adapters, those the others train stop first (the new ones' may start again).
         for name, other in self.peft_config.items():
-            if name != adapter_name:
+            if name not in names:
                 injection.set_biases_trainable(base, other, name, trainable=False)
-        if config.is_prompt_learning:
-            virtual_tokens.set_active(self, adapter_name, trainable=not frozen)
+        if self.peft_config[names[0]].is_prompt_learning:  # (alone: _check_several_active)
+            virtual_tokens.set_active(self, names[0], trainable=not frozen)
         else:
             if "prompt_encoder" in self._modules:
-                self.prompt_encoder.set_adapter(adapter_name)  # no virtual tokens while a layer adapter runs
-            injection.set_adapter(base, [adapter_name], trainable=not frozen)
-            if not frozen:
-                injection.set_biases_trainable(base, config, adapter_name)
-        self.active_adapter = adapter_name
+                self.prompt_encoder.set_adapter(names[0])  # no virtual tokens while a layer adapter runs
+            injection.set_adapter(base, names, trainable=True)
+            for _, layer in injection.adapter_layers(base):
+                for name in frozen:
+                    for p in layer.adapter_parameters(name):
+                        p.requires_grad_(False)
+            for name in names:
+                if name not in frozen:
+                    injection.set_biases_trainable(base, self.peft_config[name], name)
+        self.active_adapter, self._active = names[0], names
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients on or off for the parameters of ``adapter_names`` in every layer, active
@@ -247,11 +285,11 @@ class PeftModel(nn.Module):
         self.base_model.rank_allocators.pop(adapter_name, None)
         for p in biases:
             p.requires_grad_(False)
-        if self.active_adapter in self.peft_config:
-            # Another adapter stays active: re-activated, as a bias both trained is trainable
+        if self.active_adapters:
+            # Other adapters stay active: re-activated, as a bias both trained is trainable
             # again, with what trains as it was (set_requires_grad may have chosen otherwise).
             with self._requires_grad_kept():
-                self._activate(self.active_adapter)
+                self._activate(self.active_adapters)
         elif self.peft_config:
             self._activate(next(iter(self.peft_config)))  # the first remaining one, as peft
 

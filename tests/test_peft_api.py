@@ -329,3 +329,41 @@ def test_saving_several_adapters_checks_every_folder_before_writing(tmp_path):
     (blocked / "adapter_model.safetensors").mkdir(parents=True)
     with pytest.raises(IsADirectoryError, match="adapter_model.safetensors there is a folder"):
         model.save_pretrained(blocked, selected_adapters=["default"])
+
+
+def test_several_adapters_active_at_once_as_peft_s_tuner_model_sets_them():
+    # peft activates several adapters through its tuner model (model.base_model.set_adapter with
+    # a list): each layer adds their terms in turn, all of them train, and merging folds all in.
+    from tests.test_lora_peft_parity import assert_same_behaviour
+
+    base = tiny_transformers_model("llama")
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+    theirs.add_adapter("b", peft.LoraConfig(**config, use_rslora=True))
+    ours.add_adapter("b", LoraConfig(**config, use_rslora=True))
+    randomize_adapters(theirs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for model in (theirs, ours):
+        model.base_model.set_adapter(["default", "b"])
+    assert ours.active_adapters == ours.base_model.active_adapters == theirs.active_adapters == ["default", "b"]
+    assert_same_behaviour(theirs, ours, input_ids())  # outputs, and gradients for both adapters
+    with torch.no_grad():
+        torch.testing.assert_close(ours.merge_and_unload()(input_ids=input_ids()).logits,
+                                   theirs.merge_and_unload()(input_ids=input_ids()).logits)
+
+
+def test_what_cannot_be_active_together_is_refused():
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA, modules_to_save=["head"]))
+    model.add_adapter("b", LoraConfig(**LORA, modules_to_save=["head"]))
+    with pytest.raises(ValueError, match=r"each train a whole copy of 'head' \(modules_to_save\)"):
+        model.set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match="name at least one adapter"):
+        model.set_adapter([])
+    with pytest.raises(ValueError, match=r"lists \[.default.\] more than once"):
+        model.set_adapter(["default", "default"])
+    prompt = get_peft_model(tiny_transformers_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    prompt.add_adapter("lora", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"\['default'\] add virtual tokens.*activate them alone"):
+        prompt.set_adapter(["default", "lora"])
+    assert model.active_adapters == ["default"] and prompt.active_adapters == ["default"]
