@@ -213,9 +213,11 @@ def find_targets(model: nn.Module, config) -> list[str]:
         return []  # LoRA on parameters alone: no module is adapted as a whole
     if targets is None:
         nearest, _ = nearest_names([], _suggestion_pool(names, modules))
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        why = f"there is no default for model_type {model_type!r}" if model_type else "the model names no model_type"
         raise ValueError(
-            f"{type(config).__name__}.target_modules is None; give the names of the modules to adapt, "
-            f"e.g. {nearest}, or 'all-linear'"
+            f"{type(config).__name__}.target_modules is None and {why} (peft's per-architecture choices); "
+            f"give the names of the modules to adapt, e.g. {nearest}, or 'all-linear'"
         )
     never_called = attention_out_projections(model)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:

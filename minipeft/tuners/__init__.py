@@ -28,6 +28,7 @@ from ..config import PeftConfig, PeftType
 from . import (
     adalora,
     adalora_budget,
+    architecture_targets,
     boft,
     bottleneck,
     c3a,
@@ -65,8 +66,10 @@ class PeftMethod:
         anything, because a base weight rewritten by an init cannot be rolled back.
     attach: for virtual-token methods (``config.is_prompt_learning``), which wrap no layer:
         ``attach(peft_model, adapter_name, config)`` adds the adapter to the PeftModel.
-    default_targets: ``default_targets(model) -> target_modules`` for a config whose
-        ``target_modules`` is None (trainable tokens: the input embedding); written into the config.
+    default_targets: ``default_targets(model, config) -> target_modules`` for a config whose
+        ``target_modules`` is None: peft's choice for the model's architecture
+        (``architecture_targets.py``; None where it has none), trainable tokens' input embedding, LN
+        tuning's normalisation layers. Written into the config, as peft does.
     check_model: ``check_model(model, config, targets)``, run after ``check``: the errors that need
         the whole model (trainable tokens: the vocabulary size, the modules tied to an embedding).
     wrap_more: ``wrap_more(model, config, adapter_name, holders, updated) -> [(name, module, wrapper)]``,
@@ -88,7 +91,7 @@ class PeftMethod:
     wrap: Callable[[nn.Module, str, PeftConfig, str], AdapterLayer] | None
     attach: Callable[[nn.Module, str, PeftConfig], None] | None = None
     check: Callable[[nn.Module, PeftConfig, str], None] | None = None
-    default_targets: Callable[[nn.Module], list[str] | str] | None = None
+    default_targets: Callable[[nn.Module, PeftConfig], list[str] | str | None] | None = None
     check_model: Callable[[nn.Module, PeftConfig, list[str]], None] | None = None
     wrap_more: Callable[..., list[tuple[str, nn.Module, AdapterLayer]]] | None = None
     after_add: Callable[[nn.Module, str, PeftConfig], None] | None = None
@@ -111,40 +114,53 @@ def method_for(config: PeftConfig) -> PeftMethod:
         raise ValueError(f"unknown peft_type {config.peft_type!r}; minipeft supports: {known}") from None
 
 
+# The query and value projections: what LoRA and the methods sharing its table adapt where
+# target_modules is None.
+QUERY_VALUE = architecture_targets.from_table(architecture_targets.QUERY_VALUE)
+
 # LoRA's extra wrappers: trainable tokens beside it (trainable_token_indices), under the LoRA
 # adapter's name, and LoRA on bare parameters (target_parameters, tuners/lora_parameter.py).
 register_method(
     PeftType.LORA,
     PeftMethod(
         lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_module,
-        check_model=lora.check_model, wrap_more=lora.wrap_more,
+        check_model=lora.check_model, wrap_more=lora.wrap_more, default_targets=QUERY_VALUE,
     ),
 )
-register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module))
+register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module,
+                                         default_targets=architecture_targets.ia3_targets))
 # AdaLoRA's rank allocator lives beside its layers, its regulariser joins the loss, and its
 # checkpoints keep the ranks it allocated.
 register_method(
     PeftType.ADALORA,
     PeftMethod(
         adalora.AdaLoraConfig, adalora.SVDLinear, adalora.wrap_module, after_add=adalora_budget.attach_allocator,
+        default_targets=architecture_targets.from_table(architecture_targets.ADALORA),
         on_output=adalora.add_orthogonal_regularization, saved_tensors=adalora.kept_triplets,
     ),
 )
-register_method(PeftType.LOHA, PeftMethod(loha.LoHaConfig, loha.LoHaLayer, loha.wrap_module))
-register_method(PeftType.LOKR, PeftMethod(lokr.LoKrConfig, lokr.LoKrLayer, lokr.wrap_module))
+register_method(PeftType.LOHA, PeftMethod(loha.LoHaConfig, loha.LoHaLayer, loha.wrap_module, default_targets=QUERY_VALUE))
+register_method(PeftType.LOKR, PeftMethod(lokr.LoKrConfig, lokr.LoKrLayer, lokr.wrap_module, default_targets=QUERY_VALUE))
 register_method(
     PeftType.LN_TUNING,
     PeftMethod(ln_tuning.LNTuningConfig, ln_tuning.LNTuningLayer, ln_tuning.wrap_module,
-               check=ln_tuning.check_target, default_targets=ln_tuning.normalisation_layers,
+               check=ln_tuning.check_target, default_targets=lambda model, config: ln_tuning.normalisation_layers(model),
                check_model=ln_tuning.check_targets_apart),
 )
-register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target))
-register_method(PeftType.BOFT, PeftMethod(boft.BOFTConfig, boft.BOFTLayer, boft.wrap_module, check=boft.check_target))
-register_method(PeftType.MISS, PeftMethod(miss.MissConfig, miss.MissLayer, miss.wrap_module, check=miss.check_target))
-register_method(PeftType.ROAD, PeftMethod(road.RoadConfig, road.RoadLayer, road.wrap_module, check=road.check_target))
-register_method(PeftType.C3A, PeftMethod(c3a.C3AConfig, c3a.C3ALayer, c3a.wrap_module, check=c3a.check_target))
-register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target))
-register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module))
+register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target,
+                                        default_targets=QUERY_VALUE))
+register_method(PeftType.BOFT, PeftMethod(boft.BOFTConfig, boft.BOFTLayer, boft.wrap_module, check=boft.check_target,
+                                        default_targets=QUERY_VALUE))
+register_method(PeftType.MISS, PeftMethod(miss.MissConfig, miss.MissLayer, miss.wrap_module, check=miss.check_target,
+                                        default_targets=QUERY_VALUE))
+register_method(PeftType.ROAD, PeftMethod(road.RoadConfig, road.RoadLayer, road.wrap_module, check=road.check_target,
+                                        default_targets=QUERY_VALUE))
+register_method(PeftType.C3A, PeftMethod(c3a.C3AConfig, c3a.C3ALayer, c3a.wrap_module, check=c3a.check_target,
+                                        default_targets=QUERY_VALUE))
+register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target,
+                                        default_targets=QUERY_VALUE))
+register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module,
+                                               default_targets=architecture_targets.from_table(architecture_targets.FOURIERFT)))
 register_method(
     PeftType.BOTTLENECK, PeftMethod(bottleneck.BottleneckConfig, bottleneck.BottleneckLayer, bottleneck.wrap_module)
 )
@@ -155,6 +171,7 @@ register_method(
     PeftMethod(
         vera.VeraConfig, vera.VeraLinear, vera.wrap_module, check=vera.check_target,
         check_model=vera.check_shared_projection, wrap_more=vera.attach_projection,
+        default_targets=architecture_targets.from_table(architecture_targets.VERA),
     ),
 )
 
@@ -162,7 +179,8 @@ register_method(
     PeftType.TRAINABLE_TOKENS,
     PeftMethod(
         trainable_tokens.TrainableTokensConfig, trainable_tokens.TrainableTokensLayer, trainable_tokens.wrap_module,
-        default_targets=trainable_tokens.input_embedding_name, check_model=trainable_tokens.check_token_targets,
+        default_targets=lambda model, config: trainable_tokens.input_embedding_name(model),
+        check_model=trainable_tokens.check_token_targets,
         wrap_more=trainable_tokens.wrap_beside,
     ),
 )

@@ -72,9 +72,7 @@ class IA3Config(PeftConfig):
                 "(IA)^3 paper does, e.g. ['down_proj'] (LLaMA), ['output.dense'] (BERT) or "
                 "['mlp.c_proj'] (GPT-2)"
             )
-        # Saved as [] rather than None: peft would fill a None from its table when loading.
-        if self.feedforward_modules is None:
-            self.feedforward_modules = []
+        # (Both None: both come from the architecture's table, architecture_targets.IA3, as in peft.)
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:
