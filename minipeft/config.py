@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -97,6 +99,45 @@ class PeftConfig:
         if not isinstance(config, cls):
             raise TypeError(f"peft_type {data.get('peft_type')!r} builds a {type(config).__name__}, not a {cls.__name__}")
         return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs: Any) -> PeftConfig:
+        """The config an adapter folder holds (its ``adapter_config.json``), as peft's
+        ``PeftConfig.from_pretrained``: e.g. to read ``base_model_name_or_path`` before loading the
+        base model. A local folder only (minipeft downloads nothing); ``kwargs`` set fields."""
+        from .checkpoint import CONFIG_NAME, config_from_dict  # late import: checkpoint needs the tuner registry
+
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
+        path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder!r}; give the folder an adapter was saved to "
+                                    "(minipeft reads local folders, it does not download)")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON ({err})") from None
+        config = config_from_dict(data, source=path)
+        if not isinstance(config, cls):
+            raise TypeError(f"{path} holds a {type(config).__name__}, not a {cls.__name__}")
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(config)})
+        if unknown:
+            raise TypeError(f"{type(config).__name__} has no field(s) {unknown} to set")
+        return dataclasses.replace(config, **kwargs) if kwargs else config
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write this config as ``save_directory/adapter_config.json`` (atomically), as peft's
+        ``PeftConfig.save_pretrained`` does; the folder is made if missing."""
+        from .atomic import atomic_write
+        from .checkpoint import CONFIG_NAME
+
+        folder = os.fspath(save_directory)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(f"cannot save a config to {folder!r}: it is a file; give a folder")
+        os.makedirs(folder, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: f.write(text.encode()))
 
     @property
     def is_prompt_learning(self) -> bool:

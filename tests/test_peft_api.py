@@ -367,3 +367,24 @@ def test_what_cannot_be_active_together_is_refused():
     with pytest.raises(ValueError, match=r"\['default'\] add virtual tokens.*activate them alone"):
         prompt.set_adapter(["default", "lora"])
     assert model.active_adapters == ["default"] and prompt.active_adapters == ["default"]
+
+
+def test_config_from_pretrained_and_save_pretrained_as_peft_s(tmp_path):
+    # peft's pattern: read an adapter's config first (its base model's path), then load.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], base_model_name_or_path="/models/base")
+    config.save_pretrained(tmp_path / "mine")
+    theirs = peft.PeftConfig.from_pretrained(tmp_path / "mine")
+    assert (type(theirs).__name__, theirs.r, theirs.base_model_name_or_path) == ("LoraConfig", 4, "/models/base")
+    peft.LoraConfig(r=3, target_modules=["fc2"]).save_pretrained(tmp_path / "peft")
+    read = minipeft.PeftConfig.from_pretrained(tmp_path, subfolder="peft", inference_mode=True)
+    assert isinstance(read, LoraConfig) and (read.r, read.target_modules, read.inference_mode) == (3, ["fc2"], True)
+    # What a model saves reads back too.
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    model.save_pretrained(tmp_path / "model")
+    assert minipeft.PeftConfig.from_pretrained(tmp_path / "model").target_modules == LORA["target_modules"]
+    with pytest.raises(TypeError, match="holds a LoraConfig, not a IA3Config"):
+        minipeft.IA3Config.from_pretrained(tmp_path / "mine")
+    with pytest.raises(TypeError, match=r"has no field\(s\) \['cache_dir'\]"):
+        minipeft.PeftConfig.from_pretrained(tmp_path / "mine", cache_dir="/tmp")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*it does not download"):
+        minipeft.PeftConfig.from_pretrained(tmp_path / "nowhere")
