@@ -323,6 +323,23 @@ def _virtual_tokens(model: nn.Module, adapter_name: str) -> nn.Module | None:
     return encoders[adapter_name] if encoders is not None and adapter_name in encoders else None
 
 
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str | None:
+    """Where every key one side lacks is on the other side with one more leading module, e.g.
+    ``bert.`` (an adapter saved on BertForSequenceClassification, loaded into BertModel, or the
+    reverse): the sentence that says so, else None."""
+    for wanted, found, deeper in ((missing, unexpected, "the checkpoint's"), (unexpected, missing, "this model's")):
+        by_rest = {}
+        for key in found:
+            head, _, rest = key.removeprefix(PEFT_PREFIX).partition(".")
+            by_rest.setdefault(rest, set()).add(head)
+        heads = [by_rest.get(key.removeprefix(PEFT_PREFIX), set()) for key in wanted]
+        if wanted and all(len(h) == 1 for h in heads) and len(set.union(*heads)) == 1:
+            return (f"The keys match but for a leading {heads[0].pop() + '.'!r} in {deeper}: the adapter was saved on "
+                    "another class of this model (BertForSequenceClassification holds a BertModel as 'bert', say). "
+                    "Load it into the class it was saved from.")
+    return None
+
+
 def _describe(keys: list[str], limit: int = 5) -> str:
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
@@ -479,8 +496,8 @@ def set_peft_model_state_dict(
                              "OFT of peft 0.15.2 and before, which minipeft and newer peft do not read; retrain it, "
                              "or load it with peft 0.15")
         raise ValueError(
-            f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. Was it saved from another base "
-            "model or with other target_modules?"
+            f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. "
+            + (_prefix_hint(missing, unexpected) or "Was it saved from another base model or with other target_modules?")
         )
     mapping = {**mapping, **{k: v for k, v in extras.items() if k in state_dict}}
     targets = model.state_dict(keep_vars=True)
@@ -633,6 +650,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         if key == "peft_type" or key in PEFT_METADATA_KEYS:
             continue
         if key in fields:
+            if isinstance(value, (set, frozenset)):  # peft's to_dict() keeps sets; its JSON holds lists
+                value = sorted(value)
             if not _type_ok(value, hints.get(key, Any)):
                 raise TypeError(
                     f"{source}: field {key!r} of {cls.__name__} must be {_hint_name(hints.get(key))}, "
@@ -803,7 +822,10 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
         )
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"adapter checkpoint {folder!r} is missing {os.path.basename(path)}")
+            inside = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
+            hint = (f"; it holds adapters in subfolder(s) {inside}, where save_pretrained puts an adapter not named "
+                    f"'default': pass subfolder={inside[0]!r}" if inside and path == config_path else "")
+            raise FileNotFoundError(f"adapter checkpoint {folder!r} is missing {os.path.basename(path)}{hint}")
 
     with open(config_path, "rb") as f:
         config_bytes = f.read()

@@ -146,6 +146,17 @@ class PeftConfig:
 
 
 # -- checks that several method configs share ---------------------------------------------------
+def check_config_type(config: object) -> None:
+    """A TypeError unless ``config`` is a minipeft config, saying how to turn peft's into one."""
+    if isinstance(config, PeftConfig):
+        return
+    name = type(config).__name__
+    if type(config).__module__.split(".")[0] == "peft":
+        raise TypeError(f"got peft's {name}; minipeft takes its own configs, with the same fields: "
+                        f"minipeft.{name}(...), or minipeft.PeftConfig.from_dict(config.to_dict()) to convert this one")
+    raise TypeError(f"expected a minipeft config (LoraConfig, IA3Config, ...), got {name}")
+
+
 def pattern_value(patterns: dict, key: str, default):
     """The value ``rank_pattern`` / ``alpha_pattern`` give the module named ``key``: that of the
     first pattern matching the end of the name at a dot (peft's rule), else ``default``."""

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from .config import PeftConfig
+from .config import PeftConfig, check_config_type
 from .targeting import (
     candidate_names, find_targets, innermost, is_bias, is_under, join_name, logical_name, trained_whole, wrapper_chain,
 )
@@ -132,6 +132,7 @@ def inject_adapter_in_model(
     same method), wraps ``config.modules_to_save`` for training, freezes the base model and
     makes the new adapter trainable when it is activated. Returns ``model``.
     """
+    check_config_type(config)
     method = method_for(config)
     if method.wrap is None:
         raise ValueError(

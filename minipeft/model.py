@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, injection, status
-from .config import PeftConfig, PeftType
+from .config import PeftConfig, PeftType, check_config_type
 from .mixed_batches import mixed_batch
 from .targeting import TASK_HEAD_NAMES, wrapper_chain
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
@@ -154,6 +154,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
+        check_config_type(peft_config)
         self._check_new_name(adapter_name)
         config = copy.deepcopy(peft_config)
         heads = TASK_HEAD_NAMES.get(str(getattr(config.task_type, "value", config.task_type)), ())

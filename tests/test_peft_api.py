@@ -388,3 +388,34 @@ def test_config_from_pretrained_and_save_pretrained_as_peft_s(tmp_path):
         minipeft.PeftConfig.from_pretrained(tmp_path / "mine", cache_dir="/tmp")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*it does not download"):
         minipeft.PeftConfig.from_pretrained(tmp_path / "nowhere")
+
+
+def test_mistakes_a_peft_user_makes_get_errors_that_say_what_to_do(tmp_path):
+    # peft's config handed to minipeft: which config to use instead, and how to convert it.
+    with pytest.raises(TypeError, match=r"got peft's LoraConfig.*PeftConfig.from_dict\(config.to_dict\(\)\)"):
+        get_peft_model(TinyNet(), peft.LoraConfig(target_modules=["fc1"]))
+    with pytest.raises(TypeError, match="got peft's LoraConfig"):
+        inject_adapter_in_model(peft.LoraConfig(target_modules=["fc1"]), TinyNet())
+    converted = minipeft.PeftConfig.from_dict(peft.LoraConfig(r=3, target_modules={"fc1"}).to_dict())
+    assert isinstance(converted, LoraConfig) and (converted.r, converted.target_modules) == (3, ["fc1"])
+    # An adapter saved under its own name sits in a subfolder: the error names it.
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    model.add_adapter("mine", LoraConfig(**LORA))
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["mine"])
+    with pytest.raises(FileNotFoundError, match=r"holds adapters in subfolder\(s\) \['mine'\].*subfolder='mine'"):
+        PeftModel.from_pretrained(TinyNet(), tmp_path / "saved")
+    # Saved on a model with a task head, loaded into the plain one (or the reverse): the keys
+    # differ by the head model's leading module, and the error says so.
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48)
+    classifier = get_peft_model(transformers.BertForSequenceClassification(cfg),
+                                LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    classifier.save_pretrained(tmp_path / "classifier")
+    with pytest.raises(ValueError, match=r"but for a leading 'bert\.' in the checkpoint's.*class it was saved from"):
+        PeftModel.from_pretrained(transformers.BertModel(cfg), tmp_path / "classifier")
+    plain = get_peft_model(transformers.BertModel(cfg), LoraConfig(target_modules=["query"]))
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"but for a leading 'bert\.' in this model's"):
+        PeftModel.from_pretrained(transformers.BertForSequenceClassification(cfg), tmp_path / "plain")
