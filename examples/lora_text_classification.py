@@ -1,7 +1,7 @@
 """Fine-tune all-MiniLM-L6-v2 on SST-2 with LoRA (or a LoRA variant, LN tuning, full fine-tuning, a linear probe).
 
     python examples/lora_text_classification.py --data-dir /path/to/SST-2
-    python examples/lora_text_classification.py --method adalora|loha|lokr|oft|boft|hra|miss|road|fourierft|ln_tuning --data-dir /path/to/SST-2
+    python examples/lora_text_classification.py --method adalora|loha|lokr|oft|boft|hra|miss|road|c3a|fourierft|ln_tuning --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --method full --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --init-lora-weights pissa --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --loraplus-lr-ratio 16 --data-dir /path/to/SST-2
@@ -17,7 +17,8 @@ rotates query and value's weights by orthogonal 32 x 32 blocks (peft's default s
 --r; BOFT multiplies them by two butterfly factors of 8 x 8 blocks and scales their outputs (no
 --r); HRA reflects them through --r Householder mirrors (no --lora-alpha); MiSS shares one
 16 x 384 matrix among the 16-column shards of each (LoRA r=8's parameter count; no --r); RoAd
-turns pairs of their output features (road_1, groups of 64; no --r); FourierFT trains 1000
+turns pairs of their output features (road_1, groups of 64; no --r); C3A convolves them
+circularly with one 64-wide kernel per 64 x 64 block (no --r); FourierFT trains 1000
 spectral coefficients per layer (peft's default; no --r). LN tuning trains
 a copy of every LayerNorm instead (and the head), and takes no --r. With PiSSA/OLoRA
 (`--init-lora-weights pissa|olora`) the adapter is saved converted to plain LoRA
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from minipeft import (AdaLoraConfig, BOFTConfig, FourierFTConfig, HRAConfig, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig,  # noqa: E402
+from minipeft import (AdaLoraConfig, BOFTConfig, C3AConfig, FourierFTConfig, HRAConfig, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig,  # noqa: E402
                       MissConfig, OFTConfig, PeftModel, RoadConfig, TaskType, get_peft_model)
 from minipeft.data import BatchLoader, encode_classification, load_tokenizer, pad_token_id, read_classification, split  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
@@ -63,9 +64,9 @@ CACHE_DIR = Path.home() / ".cache" / "minipeft" / "sst2"
 # (the variants' rates are set from short runs on 3k sentences: at LoRA's 1e-3 they stayed at
 # chance there; AdaLoRA's update starts slower still, E = 0 between N(0, 0.02^2) factors)
 DEFAULT_LR = {"lora": 1e-3, "adalora": 1e-2, "loha": 5e-3, "lokr": 1e-2, "oft": 3e-3, "boft": 3e-3, "hra": 3e-2,
-              "miss": 3e-3, "road": 3e-2, "fourierft": 1e-1, "ln_tuning": 1e-2, "full": 5e-5, "linear-probe": 5e-3}
+              "miss": 3e-3, "road": 3e-2, "c3a": 3e-1, "fourierft": 1e-1, "ln_tuning": 1e-2, "full": 5e-5, "linear-probe": 5e-3}
 # saved as adapters: reloaded, and merged
-ADAPTERS = ("lora", "adalora", "loha", "lokr", "oft", "boft", "hra", "miss", "road", "fourierft", "ln_tuning")
+ADAPTERS = ("lora", "adalora", "loha", "lokr", "oft", "boft", "hra", "miss", "road", "c3a", "fourierft", "ln_tuning")
 RANKED = ("lora", "adalora", "loha", "lokr")  # the adapters --r and --lora-alpha size (HRA takes --r alone)
 # what a run writes into --output-dir: whatever train() writes (its resumable checkpoint, log and
 # best weights, with the side folders of their atomic swap), and the saved adapter or model (and
@@ -199,6 +200,7 @@ def prepare_model(base, method: str, args, steps: int):
             "hra": lambda: HRAConfig(r=args.r, **targets),
             "miss": lambda: MissConfig(r=16, **targets),
             "road": lambda: RoadConfig(variant="road_1", group_size=64, **targets),
+            "c3a": lambda: C3AConfig(block_size=64, **targets),
             "fourierft": lambda: FourierFTConfig(**targets),
             # every LayerNorm of the encoder (its default targets), not query and value
             "ln_tuning": lambda: LNTuningConfig(task_type=TaskType.SEQ_CLS),

@@ -65,10 +65,10 @@ def test_lora_example_with_pissa_and_loraplus_saves_plain_lora_for_the_original_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["adalora", "loha", "lokr", "oft", "boft", "hra", "miss", "road", "fourierft",
-                                    "ln_tuning"])
+@pytest.mark.parametrize("method", ["adalora", "loha", "lokr", "oft", "boft", "hra", "miss", "road", "c3a",
+                                    "fourierft", "ln_tuning"])
 def test_lora_variants_in_the_example_train_save_reload_and_merge(method, tmp_path):
-    """AdaLoRA (its ranks allocated over the run by train()), LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd, FourierFT and LN
+    """AdaLoRA (its ranks allocated over the run by train()), LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd, C3A, FourierFT and LN
     tuning on the real model: they learn, and the saved adapter reloads and merges to the trained model's dev predictions."""
     summary, stdout = run_example(tmp_path / "run", "--method", method, "--max-train-examples", "3000",
                                   "--max-dev-examples", "300")
