@@ -16,8 +16,8 @@ AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA a
 evaluation every `eval_every` steps; early stopping; the best weights saved
 (save_pretrained, or a safetensors state_dict for a plain module); a resumable
 checkpoint (optimizer, scheduler, step, RNG, trainable weights) written atomically and
-refused on resume when it came from other settings; a progress line and a metrics JSONL
-file.
+refused on resume when it came from other settings or other data; a progress line and a
+metrics JSONL file.
 
 Under `torchrun` the loop runs DistributedDataParallel (gloo on CPU; on GPUs nccl for
 CUDA tensors and gloo for the few CPU ones). DDP only registers parameters that require
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import hashlib
 import json
 import math
 import os
@@ -381,8 +382,10 @@ def _check_resumable(ckpt: dict, config: TrainConfig, totals: dict, world: int, 
     def norm(v):  # betas may come as a tuple or a list
         return list(v) if isinstance(v, tuple) else v
 
-    diffs = [f"{k}: {saved[k]!r} -> {new[k]!r}" for k in (*RESUME_FIELDS, *totals)
-             if k in saved and norm(saved[k]) != norm(new[k])]
+    def describe(k):
+        return "the training data (its first batch differs)" if k == "first_batch" else f"{k}: {saved[k]!r} -> {new[k]!r}"
+
+    diffs = [describe(k) for k in (*RESUME_FIELDS, *totals) if k in saved and norm(saved[k]) != norm(new[k])]
     if diffs:
         raise ValueError(
             f"cannot resume from {path}: it was written by a run with other settings ({'; '.join(diffs)}). "
@@ -579,6 +582,7 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     rank_allocator: object | None = None  # AdaLoRA's RankAllocator, when the model trains an AdaLoRA adapter
+    first_batch: str = ""  # a hash of the training data's first batch (_data_fingerprint)
 
     @property
     def main(self) -> bool:
@@ -591,7 +595,8 @@ class _Run:
     @property
     def totals(self) -> dict[str, int]:
         """What the data and world size made of the config; a resumed run must agree on them too."""
-        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "world_size": self.world}
+        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "world_size": self.world,
+                "first_batch": self.first_batch}
 
 
 def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfig | None = None) -> TrainResult:
@@ -608,6 +613,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     if eval_batches is not None and hasattr(eval_batches, "__len__") and len(eval_batches) == 0:
         raise ValueError("eval_batches is empty: pass some evaluation examples, or None for no evaluation")
     run = _setup(model, len(train_batches), config)
+    run.first_batch = _data_fingerprint(train_batches)
     state = _resume(run)
     _trim_metrics(run, state.step)
     if state.stopped_early:  # the checkpoint's run had stopped early: nothing left to do
@@ -778,6 +784,24 @@ def _windows(run: _Run, train_batches, epoch: int, first: int) -> Iterator[tuple
         next(mine)
     for window in range(first, run.steps_per_epoch):
         yield window, [_to(b, run.device) for b in islice(mine, accum)]
+
+
+def _data_fingerprint(train_batches) -> str:
+    """A hash of epoch 0's first batch (each entry's name, shape, dtype and values): a resumed run
+    must train on the data that its checkpoint's run trained on, which the step counts alone do
+    not tell (new data of the same size would resume a finished run and train nothing)."""
+    if hasattr(train_batches, "set_epoch"):
+        train_batches.set_epoch(0)
+    first = next(iter(train_batches), None)
+    digest = hashlib.sha256()
+    for key, value in sorted(first.items()) if isinstance(first, dict) else [("batch", first)]:
+        digest.update(str(key).encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{tuple(value.shape)} {value.dtype}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
 
 
 def _check_metric_fits(metric_name: str, task: str) -> None:

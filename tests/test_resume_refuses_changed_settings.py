@@ -75,3 +75,16 @@ def test_a_changed_loraplus_ratio_is_refused(tmp_path, field, first, second):
     train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE, **{field: first}))
     with pytest.raises(ValueError, match=rf"cannot resume from .*other settings \(.*{field}: "):
         train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE, **{field: second}))
+
+
+def test_other_training_data_of_the_same_size_is_refused(tmp_path):
+    # Same settings, same step counts, but new data: resuming the finished run would train
+    # nothing on it and hand back the old weights. The first batch's hash tells them apart.
+    train(Classifier(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    other = [{**b, "x": b["x"] + 1.0} for b in batches()]
+    with pytest.raises(ValueError, match=r"other settings \(the training data \(its first batch differs\)\)"):
+        train(Classifier(), other, batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    # The same data, read again, resumes (nothing left to train), and resume=False starts over.
+    train(Classifier(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    result = train(Classifier(), other, batches(), TrainConfig(output_dir=str(tmp_path), resume=False, **BASE))
+    assert result.step == 4
