@@ -147,18 +147,17 @@ register_method(
                check=ln_tuning.check_target, default_targets=lambda model, config: ln_tuning.normalisation_layers(model),
                check_model=ln_tuning.check_targets_apart),
 )
-register_method(PeftType.OFT, PeftMethod(oft.OFTConfig, oft.OFTLayer, oft.wrap_module, check=oft.check_target,
-                                        default_targets=QUERY_VALUE))
-register_method(PeftType.BOFT, PeftMethod(boft.BOFTConfig, boft.BOFTLayer, boft.wrap_module, check=boft.check_target,
-                                        default_targets=QUERY_VALUE))
-register_method(PeftType.MISS, PeftMethod(miss.MissConfig, miss.MissLayer, miss.wrap_module, check=miss.check_target,
-                                        default_targets=QUERY_VALUE))
-register_method(PeftType.ROAD, PeftMethod(road.RoadConfig, road.RoadLayer, road.wrap_module, check=road.check_target,
-                                        default_targets=QUERY_VALUE))
-register_method(PeftType.C3A, PeftMethod(c3a.C3AConfig, c3a.C3ALayer, c3a.wrap_module, check=c3a.check_target,
-                                        default_targets=QUERY_VALUE))
-register_method(PeftType.HRA, PeftMethod(hra.HRAConfig, hra.HRALayer, hra.wrap_module, check=hra.check_target,
-                                        default_targets=QUERY_VALUE))
+# Methods whose wrappers check their own targets (the shapes and layer types they take).
+for peft_type, tuner, config_class, layer_class in [
+    (PeftType.OFT, oft, oft.OFTConfig, oft.OFTLayer),
+    (PeftType.BOFT, boft, boft.BOFTConfig, boft.BOFTLayer),
+    (PeftType.MISS, miss, miss.MissConfig, miss.MissLayer),
+    (PeftType.ROAD, road, road.RoadConfig, road.RoadLayer),
+    (PeftType.C3A, c3a, c3a.C3AConfig, c3a.C3ALayer),
+    (PeftType.HRA, hra, hra.HRAConfig, hra.HRALayer),
+]:
+    register_method(peft_type, PeftMethod(config_class, layer_class, tuner.wrap_module, check=tuner.check_target,
+                                          default_targets=QUERY_VALUE))
 register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module,
                                                default_targets=architecture_targets.from_table(architecture_targets.FOURIERFT)))
 register_method(
