@@ -745,6 +745,9 @@ def save_pretrained(
     unknown = [n for n in names if n not in configs]
     if unknown:
         raise ValueError(f"cannot save unknown adapter(s) {unknown}; the model has {list(configs)}")
+    if not names:
+        raise ValueError("selected_adapters is empty: name at least one of " + repr(list(configs)) if configs else
+                         "this model holds no adapter to save (the last one was deleted); add or load one first")
     for name in names:  # a name like "../x" or "/abs" would write outside the folder
         check_adapter_name(name)
     if initial_folder is not None:
@@ -754,9 +757,6 @@ def save_pretrained(
                 "would be saved; save the PiSSA/OLoRA adapter alone with selected_adapters=[name]"
             )
         lora_init.check_convertible(configs[names[0]])
-    if not names:
-        raise ValueError("selected_adapters is empty: name at least one of " + repr(list(configs)) if configs else
-                         "this model holds no adapter to save (the last one was deleted); add or load one first")
     for name in names:  # every folder, before the first adapter is written
         check_saveable(adapter_folder(save_directory, name))
     if not is_main_process:

@@ -105,7 +105,9 @@ class PeftConfig:
                         **kwargs: Any) -> PeftConfig:
         """The config an adapter folder holds (its ``adapter_config.json``), as peft's
         ``PeftConfig.from_pretrained``: e.g. to read ``base_model_name_or_path`` before loading the
-        base model. A local folder only (minipeft downloads nothing); ``kwargs`` set fields."""
+        base model. A local folder only (minipeft downloads nothing). As in peft, ``kwargs`` that
+        name config fields fill those the file lacks (the file's values win), and the others, the
+        hub's download options there, change nothing."""
         from .checkpoint import CONFIG_NAME, config_from_dict  # late import: checkpoint needs the tuner registry
 
         folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
@@ -121,10 +123,8 @@ class PeftConfig:
         config = config_from_dict(data, source=path)
         if not isinstance(config, cls):
             raise TypeError(f"{path} holds a {type(config).__name__}, not a {cls.__name__}")
-        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(config)})
-        if unknown:
-            raise TypeError(f"{type(config).__name__} has no field(s) {unknown} to set")
-        return dataclasses.replace(config, **kwargs) if kwargs else config
+        missing = {k: v for k, v in kwargs.items() if k not in data and k in {f.name for f in dataclasses.fields(config)}}
+        return dataclasses.replace(config, **missing) if missing else config
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write this config as ``save_directory/adapter_config.json`` (atomically), as peft's

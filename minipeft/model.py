@@ -14,6 +14,7 @@ import contextlib
 import copy
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -61,10 +62,12 @@ class AdaptedModel(nn.Module):
         return next((a for a in self.rank_allocators.values() if a.is_active()), None)
 
     # peft's tuner model (LoraModel, ...) answers these itself; here the PeftModel that holds this
-    # one does (else they would reach the user's model: transformers' own adapter methods).
-    OWNER_METHODS = frozenset({"set_adapter", "add_adapter", "delete_adapter", "active_adapter", "active_adapters",
-                               "peft_config", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload",
-                               "add_weighted_adapter"})
+    # one does (else they would reach the user's model: transformers' own adapter methods). It is
+    # held by a weak reference, so that deleting the PeftModel frees the model at once (a strong
+    # one would make a cycle that waits for the garbage collector), and re-attached to a copy.
+    OWNER_ATTRIBUTES = frozenset({"set_adapter", "add_adapter", "delete_adapter", "active_adapter", "active_adapters",
+                                  "peft_config", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload",
+                                  "add_weighted_adapter"})
 
     def __getattr__(self, name: str):
         try:
@@ -72,10 +75,15 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
-            owner = self.__dict__.get("owner")
-            if name in self.OWNER_METHODS and owner is not None:
+            owner = self.__dict__.get("owner_ref", lambda: None)()
+            if name in self.OWNER_ATTRIBUTES and owner is not None:
                 return getattr(owner, name)
             return getattr(self.model, name)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("owner_ref", None)  # a weak reference neither pickles nor deep-copies to the copy's owner
+        return state
 
     def enable_adapter_layers(self) -> None:
         """Let every adapter wrapper apply its active adapters again (after ``disable_adapter_layers``)."""
@@ -104,12 +112,19 @@ class PeftModel(nn.Module):
         super().__init__()
         _check_not_adapted(model)
         self.base_model = AdaptedModel(model)
-        object.__setattr__(self.base_model, "owner", self)  # a plain reference, not a submodule
+        self._attach_base_model()
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str = adapter_name  # the first of the active adapters (peft's attribute)
         self._active: list[str] = [adapter_name]
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+
+    def _attach_base_model(self) -> None:
+        self.base_model.__dict__["owner_ref"] = weakref.ref(self)  # see AdaptedModel.OWNER_ATTRIBUTES
+
+    def __setstate__(self, state) -> None:  # a copy (deepcopy, pickle): its base model answers to it
+        super().__setstate__(state)
+        self._attach_base_model()
 
     def __getattr__(self, name: str):
         try:
@@ -136,12 +151,14 @@ class PeftModel(nn.Module):
         return mixed_batch(self.get_base_model(), adapter_names, follows_repeats)
 
     def with_training_terms(self, outputs):
-        """``outputs`` with what the active adapter's method adds to the loss they carry, if any
+        """``outputs`` with what the active adapters' methods add to the loss they carry, if any
         (AdaLoRA's orthogonal regulariser, while training). A training loop that computes its own
         loss from the logits passes it in as ``SimpleNamespace(loss=loss)``."""
-        config = self.peft_config.get(self.active_adapter)
-        on_output = method_for(config).on_output if config is not None else None
-        return outputs if on_output is None else on_output(self, self.active_adapter, config, outputs)
+        for name in self.active_adapters:
+            on_output = method_for(self.peft_config[name]).on_output
+            if on_output is not None:
+                outputs = on_output(self, name, self.peft_config[name], outputs)
+        return outputs
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -149,7 +166,7 @@ class PeftModel(nn.Module):
     # -- adapters by name ---------------------------------------------------------------------
     @property
     def active_adapters(self) -> list[str]:
-        # None once the last adapter is deleted (active_adapter still names it then, as in peft).
+        # [] once the last adapter is deleted (active_adapter still names it then, as in peft).
         return [name for name in self._active if name in self.peft_config]
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
@@ -157,7 +174,7 @@ class PeftModel(nn.Module):
         check_config_type(peft_config)
         self._check_new_name(adapter_name)
         config = copy.deepcopy(peft_config)
-        heads = TASK_HEAD_NAMES.get(str(getattr(config.task_type, "value", config.task_type)), ())
+        heads = TASK_HEAD_NAMES.get(config.task_type, ())  # (a TaskType is its string value)
         if heads and hasattr(config, "modules_to_save"):
             # Classification and answer-span heads are new: they must train and be saved with the adapter.
             extra = [n for n in heads if n not in (config.modules_to_save or [])]
@@ -211,6 +228,10 @@ class PeftModel(nn.Module):
         if prompt:
             raise ValueError(f"adapter(s) {prompt} add virtual tokens, which take the model one adapter at a time; "
                              f"activate them alone, not together with {[n for n in names if n not in prompt]}")
+        allocating = [n for n in names if n in self.base_model.rank_allocators]
+        if len(allocating) > 1:  # (peft refuses them too)
+            raise ValueError(f"AdaLoRA adapters {allocating} would each allocate ranks over the same steps, and one "
+                             "allocation runs per step: train one at a time (or load the others for inference)")
         for layer_name, layer in injection.adapter_layers(self.get_base_model()):
             both = [n for n in names if isinstance(layer, TrainedCopies) and n in layer.adapter_names]
             if len(both) > 1:
@@ -239,7 +260,7 @@ class PeftModel(nn.Module):
             if name not in names:
                 injection.set_biases_trainable(base, other, name, trainable=False)
         if self.peft_config[names[0]].is_prompt_learning:  # (alone: _check_several_active)
-            virtual_tokens.set_active(self, names[0], trainable=not frozen)
+            virtual_tokens.set_active(self, names[0], trainable=names[0] not in frozen)
         else:
             if "prompt_encoder" in self._modules:
                 self.prompt_encoder.set_adapter(names[0])  # no virtual tokens while a layer adapter runs
@@ -630,8 +651,8 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: accepted and ignored (peft's meta-device initialisation).
         """
         _check_load_options(torch_device, autocast_adapter_dtype)
-        if config is not None and not isinstance(config, PeftConfig):
-            raise TypeError(f"config must be a PeftConfig (e.g. LoraConfig), got {type(config).__name__}")
+        if config is not None:
+            check_config_type(config)
         return checkpoint.from_pretrained(
             cls, model, _checkpoint_folder(model_id, subfolder), adapter_name, is_trainable, config
         )

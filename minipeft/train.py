@@ -40,6 +40,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
@@ -787,21 +788,41 @@ def _windows(run: _Run, train_batches, epoch: int, first: int) -> Iterator[tuple
 
 
 def _data_fingerprint(train_batches) -> str:
-    """A hash of epoch 0's first batch (each entry's name, shape, dtype and values): a resumed run
-    must train on the data that its checkpoint's run trained on, which the step counts alone do
-    not tell (new data of the same size would resume a finished run and train nothing)."""
+    """A hash of epoch 0's first batch (every tensor's shape, dtype and values, and plain
+    values): a resumed run must train on the data its checkpoint's run trained on, which the
+    step counts alone do not tell (new data of the same size would resume a finished run and
+    train nothing). Reading the batch draws nothing from the run's random streams: a
+    shuffling loader's draw is taken back."""
     if hasattr(train_batches, "set_epoch"):
         train_batches.set_epoch(0)
-    first = next(iter(train_batches), None)
     digest = hashlib.sha256()
-    for key, value in sorted(first.items()) if isinstance(first, dict) else [("batch", first)]:
-        digest.update(str(key).encode())
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{tuple(value.shape)} {value.dtype}".encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(repr(value).encode())
+    with torch.random.fork_rng(devices=[]):
+        python_state = random.getstate()
+        _hash_into(digest, next(iter(train_batches), None))
+        random.setstate(python_state)
     return digest.hexdigest()[:16]
+
+
+def _hash_into(digest, value) -> None:
+    """Feed ``value`` (a batch: mappings, sequences, tensors, plain values) into ``digest``;
+    other objects count by their type alone (their repr may hold a memory address)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.to_dense() if value.is_sparse else value
+        digest.update(f"tensor {tuple(value.shape)} {value.dtype}".encode())
+        digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            digest.update(f"key {key!s}".encode())
+            _hash_into(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"sequence {len(value)}".encode())
+        for item in value:
+            _hash_into(digest, item)
+    elif value is None or isinstance(value, (str, int, float, bool)):
+        digest.update(repr(value).encode())
+    else:
+        digest.update(type(value).__qualname__.encode())
 
 
 def _check_metric_fits(metric_name: str, task: str) -> None:

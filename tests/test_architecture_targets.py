@@ -17,6 +17,7 @@ peft = pytest.importorskip("peft")
 CONFIGS = {
     "LoraConfig": {}, "LoHaConfig": {}, "AdaLoraConfig": dict(total_step=10), "IA3Config": {},
     "FourierFTConfig": dict(n_frequency=8), "OFTConfig": dict(oft_block_size=4), "VeraConfig": {},
+    "C3AConfig": dict(block_size=4),
 }
 
 
@@ -43,11 +44,14 @@ def test_the_architectures_default_targets_are_peft_s(arch, config_class):
         assert sorted(mine.feedforward_modules) == sorted(peft_s.feedforward_modules) != []
 
 
-def test_gpt2_gets_its_fused_projection_and_fourierft_the_mlp_output():
+def test_gpt2_gets_its_fused_projection_and_fourierft_and_c3a_the_mlp_output():
     for config_class, expected in [("LoraConfig", ["c_attn"]), ("FourierFTConfig", ["mlp.c_proj"])]:
         theirs, ours = pair("gpt2", config_class, **CONFIGS[config_class])
         assert ours.peft_config["default"].target_modules == expected
         assert adapted_layers(ours) == adapted_layers(theirs)
+    # peft's C3A table says the same, though its C3A then refuses GPT-2's Conv1D layers.
+    ours = minipeft.get_peft_model(tiny_transformers_model("gpt2"), minipeft.C3AConfig(block_size=4))
+    assert ours.peft_config["default"].target_modules == ["mlp.c_proj"]
 
 
 def test_a_saved_default_reloads_in_peft(tmp_path):

@@ -141,3 +141,17 @@ def test_a_dora_adapter_beside_a_plain_one_on_a_wrapped_layer(target):
     mini_model.load_state_dict(peft_model.state_dict(), strict=True)
     peft_model.set_adapter("dora"), mini_model.set_adapter("dora")
     assert_same_behaviour(peft_model, mini_model, input_ids())
+
+
+def test_conv_dora_on_an_unbatched_input_and_under_autocast():
+    # nn.Conv1d takes (C, L) without a batch: the per-channel scale lines up with the channels
+    # either way (here L = C_out, where a batch-first view would scale the positions instead).
+    conv = nn.Sequential(nn.Conv1d(3, 5, kernel_size=3, padding=1))
+    model = minipeft.get_peft_model(conv, minipeft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    randomize_adapters(model)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x.unsqueeze(0))[0])
+        # Under autocast the result keeps the base output's dtype, as the linear DoRA (and peft) do.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x.unsqueeze(0)).dtype == model.get_base_model()[0].base_layer(x.unsqueeze(0)).dtype

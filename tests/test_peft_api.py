@@ -141,8 +141,10 @@ def test_config_replaces_the_saved_one_as_in_peft(tmp_path):
 def test_bad_loading_options_say_what_would_work(tmp_path):
     base = TinyNet().eval()
     get_peft_model(copy.deepcopy(base), LoraConfig(**LORA)).save_pretrained(tmp_path)
-    with pytest.raises(TypeError, match="config must be a PeftConfig"):
+    with pytest.raises(TypeError, match=r"expected a minipeft config \(LoraConfig, IA3Config, ...\), got dict"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, config=dict(LORA))
+    with pytest.raises(TypeError, match="got peft's LoraConfig"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, config=peft.LoraConfig(**LORA))
     with pytest.raises(ValueError, match="torch_device='gpu0' is not a device"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, torch_device="gpu0")
     with pytest.raises(ValueError, match="autocast_adapter_dtype=False.*Leave it True"):
@@ -362,6 +364,10 @@ def test_what_cannot_be_active_together_is_refused():
         model.set_adapter([])
     with pytest.raises(ValueError, match=r"lists \[.default.\] more than once"):
         model.set_adapter(["default", "default"])
+    ada = get_peft_model(tiny_transformers_model("llama"), minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10))
+    ada.add_adapter("b", minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10))
+    with pytest.raises(ValueError, match=r"AdaLoRA adapters \['default', 'b'\] would each allocate ranks"):
+        ada.set_adapter(["default", "b"])
     prompt = get_peft_model(tiny_transformers_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     prompt.add_adapter("lora", LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"\['default'\] add virtual tokens.*activate them alone"):
@@ -376,16 +382,19 @@ def test_config_from_pretrained_and_save_pretrained_as_peft_s(tmp_path):
     theirs = peft.PeftConfig.from_pretrained(tmp_path / "mine")
     assert (type(theirs).__name__, theirs.r, theirs.base_model_name_or_path) == ("LoraConfig", 4, "/models/base")
     peft.LoraConfig(r=3, target_modules=["fc2"]).save_pretrained(tmp_path / "peft")
-    read = minipeft.PeftConfig.from_pretrained(tmp_path, subfolder="peft", inference_mode=True)
-    assert isinstance(read, LoraConfig) and (read.r, read.target_modules, read.inference_mode) == (3, ["fc2"], True)
+    read = minipeft.PeftConfig.from_pretrained(tmp_path, subfolder="peft")
+    assert isinstance(read, LoraConfig) and (read.r, read.target_modules) == (3, ["fc2"])
+    # As in peft: keywords fill only fields the file lacks (its values win), and the hub's
+    # download options change nothing.
+    for library in (peft, minipeft):
+        kept = library.PeftConfig.from_pretrained(tmp_path / "peft", r=16, cache_dir="/nowhere", token="x")
+        assert kept.r == 3
     # What a model saves reads back too.
     model = get_peft_model(TinyNet(), LoraConfig(**LORA))
     model.save_pretrained(tmp_path / "model")
     assert minipeft.PeftConfig.from_pretrained(tmp_path / "model").target_modules == LORA["target_modules"]
     with pytest.raises(TypeError, match="holds a LoraConfig, not a IA3Config"):
         minipeft.IA3Config.from_pretrained(tmp_path / "mine")
-    with pytest.raises(TypeError, match=r"has no field\(s\) \['cache_dir'\]"):
-        minipeft.PeftConfig.from_pretrained(tmp_path / "mine", cache_dir="/tmp")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*it does not download"):
         minipeft.PeftConfig.from_pretrained(tmp_path / "nowhere")
 
@@ -419,3 +428,43 @@ def test_mistakes_a_peft_user_makes_get_errors_that_say_what_to_do(tmp_path):
     plain.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match=r"but for a leading 'bert\.' in this model's"):
         PeftModel.from_pretrained(transformers.BertForSequenceClassification(cfg), tmp_path / "plain")
+
+
+def test_deleting_a_peft_model_frees_its_model_at_once_and_copies_answer_to_themselves():
+    # base_model reaches its PeftModel (peft's tuner-level calls) by a weak reference: no cycle
+    # keeps the weights alive until the garbage collector runs, and a copy's base model
+    # answers to the copy.
+    import gc
+    import pickle
+    import weakref
+
+    model = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    twin = copy.deepcopy(model)
+    assert twin.base_model.active_adapters == ["default"] and twin.base_model.peft_config is twin.peft_config
+    thawed = pickle.loads(pickle.dumps(model))
+    assert thawed.base_model.peft_config is thawed.peft_config
+    weight = weakref.ref(model.get_base_model().head.weight)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model
+        assert weight() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_every_active_adapter_adds_its_training_terms():
+    # AdaLoRA's orthogonal regulariser joins the loss whether its adapter comes first or second
+    # among the active ones.
+    from types import SimpleNamespace
+
+    losses = []
+    for order in (["ada", "lora"], ["lora", "ada"]):
+        model = get_peft_model(tiny_transformers_model("llama"), LoraConfig(r=2, target_modules=["v_proj"]),
+                               adapter_name="lora")
+        model.add_adapter("ada", minipeft.AdaLoraConfig(target_modules=["q_proj"], total_step=10))
+        model.set_adapter(order)
+        model.train()
+        losses.append(model.with_training_terms(SimpleNamespace(loss=torch.tensor(0.0))).loss.item())
+    assert losses[0] == losses[1] > 0.0

@@ -204,6 +204,12 @@ def test_text_init_ignores_the_padding_and_truncation_a_tokenizer_json_carries(t
         table = m.get_base_model().get_input_embeddings().weight
         torch.testing.assert_close(m.prompt_encoder["default"].embedding.weight, table[[1, 2, 3, 1, 2]])
     assert tok.padding is not None and tok.truncation is not None  # the caller's object is left as it was
+    # tokenizers' convenience classes (ByteLevelBPETokenizer, ...) wrap a Tokenizer: unwrapped.
+    from tokenizers.implementations import BaseTokenizer
+
+    m = text_model(5, tokenizer=BaseTokenizer(tok))
+    table = m.get_base_model().get_input_embeddings().weight
+    torch.testing.assert_close(m.prompt_encoder["default"].embedding.weight, table[[1, 2, 3, 1, 2]])
 
 
 def test_text_longer_than_the_prompt_is_cut_with_a_warning():

@@ -88,3 +88,26 @@ def test_other_training_data_of_the_same_size_is_refused(tmp_path):
     train(Classifier(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
     result = train(Classifier(), other, batches(), TrainConfig(output_dir=str(tmp_path), resume=False, **BASE))
     assert result.step == 4
+
+
+def test_the_data_fingerprint_reads_every_tensor_and_draws_no_random_number():
+    from collections import UserDict
+
+    from minipeft.train import _data_fingerprint
+
+    big = torch.zeros(2000)
+    changed = big.clone()
+    changed[1000] = 1.0  # repr() would print both as "tensor([0., 0., ..., 0.])"
+    # transformers' BatchEncoding is a UserDict; keys of mixed types; nested sequences; objects
+    # whose repr holds an address count by type.
+    first = [UserDict({"x": big, 3: [1, (2, None)], "obj": object()})]
+    second = [UserDict({"x": changed, 3: [1, (2, None)], "obj": object()})]
+    assert _data_fingerprint(first) != _data_fingerprint(second)
+    assert _data_fingerprint(first) == _data_fingerprint([UserDict({"x": big.clone(), 3: [1, (2, None)],
+                                                                      "obj": object()})])
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, shuffle=True)
+    torch.manual_seed(0)
+    _data_fingerprint(loader)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after)  # the loader's shuffle drew from a forked stream

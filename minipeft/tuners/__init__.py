@@ -153,11 +153,12 @@ for peft_type, tuner, config_class, layer_class in [
     (PeftType.BOFT, boft, boft.BOFTConfig, boft.BOFTLayer),
     (PeftType.MISS, miss, miss.MissConfig, miss.MissLayer),
     (PeftType.ROAD, road, road.RoadConfig, road.RoadLayer),
-    (PeftType.C3A, c3a, c3a.C3AConfig, c3a.C3ALayer),
     (PeftType.HRA, hra, hra.HRAConfig, hra.HRALayer),
 ]:
     register_method(peft_type, PeftMethod(config_class, layer_class, tuner.wrap_module, check=tuner.check_target,
                                           default_targets=QUERY_VALUE))
+register_method(PeftType.C3A, PeftMethod(c3a.C3AConfig, c3a.C3ALayer, c3a.wrap_module, check=c3a.check_target,
+                                         default_targets=architecture_targets.from_table(architecture_targets.C3A)))
 register_method(PeftType.FOURIERFT, PeftMethod(fourierft.FourierFTConfig, fourierft.FourierFTLayer, fourierft.wrap_module,
                                                default_targets=architecture_targets.from_table(architecture_targets.FOURIERFT)))
 register_method(

@@ -5,9 +5,10 @@ A peft user may leave ``target_modules`` out: peft then looks the model's
 writes them into the saved config. The tables below hold the same choices, so that such a
 config adapts the same modules here and its checkpoint holds the same keys:
 
-- LoRA and the methods that share its table (LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd, C3A, VeRA,
-  FourierFT): the attention's query and value projections, or the fused projection that
-  computes query, key and value together where the architecture has one (GPT-2's ``c_attn``);
+- LoRA and the methods that share its table (LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd, and with
+  small changes VeRA, C3A and FourierFT): the attention's query and value projections, or the
+  fused projection that computes query, key and value together where the architecture has one
+  (GPT-2's ``c_attn``);
 - AdaLoRA: more of each block on some architectures (T5, BART, OPT, RoBERTa, DeBERTa-v2);
 - (IA)^3: keys, values and the feed-forward block's output projection, whose *input* it scales.
 
@@ -42,10 +43,10 @@ QUERY_VALUE = {
 }
 
 # VeRA shares one random pair across its targets, which must then have one shape: phi's
-# feed-forward layers are left out. FourierFT on GPT-2's fused c_attn is replaced by the MLP's
-# output projection.
+# feed-forward layers are left out. FourierFT and C3A on GPT-2's fused c_attn are replaced by
+# the MLP's output projection.
 VERA = {**QUERY_VALUE, "phi": ["q_proj", "v_proj"]}
-FOURIERFT = {**QUERY_VALUE, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+FOURIERFT = C3A = {**QUERY_VALUE, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
 
 ADALORA = {
     **{k: QUERY_VALUE[k] for k in ("gpt2", "gpt_bigcode", "bloom", "gpt_neox", "gptj", "gpt_neo", "llama", "llama4",

@@ -311,8 +311,8 @@ class LoraLayer(AdapterLayer):
 
     def dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """``m / ||W + s B A||_row`` (rows,) in ``dtype``, for the forward: the norm is a constant
-        to autograd (DoRA section 4.3: it follows the update but passes no gradient). B A as
-        ``lora_factors`` multiplies it is the update's matrix of rows already."""
+        to autograd (DoRA section 4.3: it follows the update but passes no gradient). The
+        product of ``lora_factors``' A and B is the update already laid out as rows."""
         A, B = self.lora_factors(name)  # detached
         weight = self.as_rows(self.get_base_layer().weight).to(dtype)
         norm = (weight + self.scaling[name] * (B @ A).to(dtype)).norm(p=2, dim=1).detach()
@@ -369,19 +369,17 @@ class LoraLinear(LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=bias)
 
-    def _weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight as stored, (out, in) or with fan_in_fan_out (in, out), as (out, in)."""
         return weight.T if self.fan_in_fan_out else weight
 
-    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._weight_out_in(weight)  # (out, in)
-
-    def from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return self._weight_out_in(rows)
+    def from_rows(self, rows: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        return rows.T if self.fan_in_fan_out else rows
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         delta = (wide(B) @ wide(A)) * self.scaling[adapter_name]  # (out, in)
-        return self._weight_out_in(delta)
+        return self.from_rows(delta)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.unmerge_if_disabled()
@@ -434,7 +432,7 @@ class LoraLinear(LoraLayer):
             base_result = result if base.bias is None else result - base.bias
         else:
             x = dropout(x)
-            base_result = F.linear(x, self._weight_out_in(base.weight).to(x.dtype))
+            base_result = F.linear(x, self.as_rows(base.weight).to(x.dtype))
         lora_result = F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
         # In the base output's dtype, as peft returns it (under autocast the terms are wider).
         return (result + (scale - 1) * base_result + scale * lora_result * s).to(result.dtype)
@@ -590,13 +588,14 @@ class LoraConv(LoraLayer):
         """DoRA, as for a linear layer with output channels for rows: y = f * (W * x + s B A x) + b,
         f = m / ||W + s B A|| per channel, as a correction to the base output (* the convolution)."""
         base = self.get_base_layer()
-        channels = (1, -1) + (1,) * (result.dim() - 2)  # broadcast over batch and positions
+        channels = (-1,) + (1,) * (base.weight.dim() - 2)  # (out, 1, ...): over positions, batched or not
         f = self.dora_scale(name, x.dtype).view(channels)
         if x_in is x or not self.training:
             base_result = result if base.bias is None else result - base.bias.view(channels)
         else:  # the base term of the dropped input, as peft computes it (its padding mode kept)
             base_result = base._conv_forward(x_in, base.weight.to(x_in.dtype), None)
-        return result + (f - 1) * base_result + f * term
+        # In the base output's dtype, as peft returns it (under autocast the terms are wider).
+        return (result + (f - 1) * base_result + f * term).to(result.dtype)
 
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from ..config import PeftType, TaskType
@@ -144,10 +145,14 @@ def _init_token_ids(config: PromptTuningConfig, n: int) -> list[int]:
                 "tokenizers; give a local tokenizer.json (or its folder), a tokenizers.Tokenizer or a callable"
             )
         tokenizer = path
-    if isinstance(tokenizer, str) or (hasattr(tokenizer, "encode") and hasattr(tokenizer, "token_to_id")):
-        # A tokenizers.Tokenizer, without the padding (to a fixed length) and truncation that a
-        # tokenizer.json may carry: the text's own tokens, as transformers' tokenizer gives peft.
-        ids = load_tokenizer(tokenizer).encode(text).ids
+    # A tokenizers.Tokenizer (or one of its convenience classes, which wrap one), without the
+    # padding (to a fixed length) and truncation a tokenizer.json may carry: the text's own
+    # tokens, as transformers' tokenizer gives them to peft.
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    if isinstance(tokenizer, str) or isinstance(inner, Tokenizer):
+        ids = load_tokenizer(inner).encode(text).ids
+    elif hasattr(tokenizer, "encode") and hasattr(tokenizer, "token_to_id"):  # tokenizers-like: as it is
+        ids = tokenizer.encode(text).ids
     elif callable(tokenizer):
         ids = tokenizer(text)
         ids = ids["input_ids"] if isinstance(ids, dict) else ids
