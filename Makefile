@@ -7,8 +7,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
-# CI points this at the shared copy of SST-2; examples also read MINIPEFT_DATA_DIR.
-export MINIPEFT_DATA_DIR ?= $(abspath ../shared/data/sst2)
+# The examples read SST-2 from MINIPEFT_DATA_DIR, else download GLUE's copy once. CI has a
+# shared copy next to the checkout: used when it is there and the variable is not set.
+SHARED_SST2 := $(abspath ../shared/data/sst2)
+ifneq ($(wildcard $(SHARED_SST2)/train.tsv),)
+export MINIPEFT_DATA_DIR ?= $(SHARED_SST2)
+endif
 
 .PHONY: demo test test-slow bench bench-gpu clean
 
@@ -22,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 # runs/demo is the demo's own folder: --overwrite replaces the previous demo run there, so
 # `make demo` can run again (the example refuses a folder with a run in it otherwise)
 demo: $(VENV)/.installed
-	$(PY) examples/lora_text_classification.py --data-dir "$(MINIPEFT_DATA_DIR)" --output-dir runs/demo --overwrite
+	$(PY) examples/lora_text_classification.py --output-dir runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -74,6 +74,14 @@ RANKED = ("lora", "adalora", "loha", "lokr")  # the adapters --r and --lora-alph
 RUN_FILES = (*OUTPUT_NAMES, "adapter", "adapter-init", "model")
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (0 meaning "all", for the example counts)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0 = all), not {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1 (a count of epochs, examples, tokens, ...)."""
     value = int(text)
@@ -89,9 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="default: runs/sst2-<method>; refused if it holds a run")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in --output-dir (its checkpoint, metrics, best weights and adapter)")
-    p.add_argument("--max-train-examples", type=int, default=40000, help="sampled from the 67k rows; 0 = all")
+    p.add_argument("--max-train-examples", type=non_negative_int, default=40000, help="sampled from the 67k rows; 0 = all")
     p.add_argument("--val-examples", type=positive_int, default=500, help="held out of train to pick the best step")
-    p.add_argument("--max-dev-examples", type=int, default=0, help="0 = the whole dev set (872)")
+    p.add_argument("--max-dev-examples", type=non_negative_int, default=0, help="0 = the whole dev set (872)")
     p.add_argument("--epochs", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
@@ -107,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "each weight, and is saved converted to plain LoRA on the original model")
     p.add_argument("--loraplus-lr-ratio", type=float, default=None,
                    help="LoRA+: LoRA's B matrices learn at lr times this (e.g. 16)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     # Options of one method are refused for another, rather than ignored.
     only = {"--init-lora-weights": (args.init_lora_weights is not True, ("lora",)),
@@ -125,8 +133,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def init_lora_weights(value: str) -> bool | str:
-    """--init-lora-weights as LoraConfig takes it: true / false as booleans, other names as they are."""
-    return {"true": True, "false": False}.get(value.lower(), value)
+    """--init-lora-weights as LoraConfig takes it: true / false as booleans, other names as they
+    are; one LoraConfig refuses is refused here, before the data and the model load."""
+    init = {"true": True, "false": False}.get(value.lower(), value)
+    try:
+        LoraConfig(target_modules=["query"], init_lora_weights=init)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return init
 
 
 def find_data(data_dir: str | None) -> Path:

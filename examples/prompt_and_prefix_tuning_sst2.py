@@ -74,6 +74,14 @@ DEFAULTS = {
 INIT_TEXT = "classify the sentiment of this review: positive or negative"
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (0 meaning "all", for the example counts)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0 = all), not {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1 (a count of epochs, examples, tokens, ...)."""
     value = int(text)
@@ -87,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=["prompt", "prefix", "p_tuning"], default="prompt")
     p.add_argument("--data-dir", default=os.environ.get("MINIPEFT_DATA_DIR"),
                    help="folder with train.tsv and dev.tsv (default: $MINIPEFT_DATA_DIR)")
-    p.add_argument("--max-train-examples", type=int, default=None, help="sampled from the 67k rows; 0 = all; default per method")
-    p.add_argument("--max-dev-examples", type=int, default=0, help="0 = the whole dev set (872)")
+    p.add_argument("--max-train-examples", type=non_negative_int, default=None, help="sampled from the 67k rows; 0 = all; default per method")
+    p.add_argument("--max-dev-examples", type=non_negative_int, default=0, help="0 = the whole dev set (872)")
     p.add_argument("--num-virtual-tokens", type=positive_int, default=None, help=f"default per method: {DEFAULTS}")
     p.add_argument("--lr", type=float, default=None, help="lr of the virtual tokens; default per method (see above)")
     p.add_argument("--head-lr", type=float, default=None, help="lr of the classifier head; default per method")
@@ -99,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-projection", action="store_true",
                    help="prefix tuning: learn the prefix through an MLP (slower to start on this model, see above)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
 

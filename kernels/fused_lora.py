@@ -918,6 +918,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"lora_linear supports float32, bfloat16 and float16, not {x.dtype}")
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape (r, {K}), the rank first, for x (..., {K}); got "
+                         f"{tuple(lora_A.shape)}" + (" (transposed?)" if lora_A.dim() == 2 and lora_A.shape[0] == K else ""))
     # The kernels index with these shapes and no bounds checks: refuse anything else up front.
     for name, t, want in [("weight", weight, (N, K)), ("lora_A", lora_A, (r, K)), ("lora_B", lora_B, (N, r)),
                           ("bias", bias, (N,))]:

@@ -279,6 +279,11 @@ def encode_classification(records: Sequence[dict], tokenizer: Tokenizer, max_len
     longer than max_length are truncated (keeping the final special token).
     """
     tok = load_tokenizer(tokenizer)
+    specials = tok.num_special_tokens_to_add(False)
+    if not isinstance(max_length, int) or max_length <= specials:
+        # (tokenizers would then silently not truncate at all)
+        raise DataError(f"max_length={max_length!r} leaves no room for text: the tokenizer adds {specials} special "
+                        f"token(s) to each sequence; give max_length > {specials}")
     tok.enable_truncation(max_length)
     encodings = tok.encode_batch([r["text"] for r in records])
     return [{"input_ids": e.ids, "label": r["label"]} for e, r in zip(encodings, records)]

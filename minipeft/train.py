@@ -120,6 +120,9 @@ class TrainConfig:
         """Refuse bad values here, before a run starts, not as a ZeroDivisionError mid-run."""
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a folder path, not {self.output_dir!r}")
+        self.output_dir = os.fspath(self.output_dir)  # a str: the checkpoint records the config, and loads only plain types
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise NotADirectoryError(f"output_dir={self.output_dir!r} is a file; give a folder for the run's files")
         if self.max_steps is None:
             _check_int("epochs", self.epochs, 1, "(or set max_steps)")
         else:
@@ -433,6 +436,10 @@ def _task_of(batch: dict, task: str) -> str:
 def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over this batch's examples or target tokens, logits)."""
     out = model(**batch)
+    if isinstance(out, (tuple, list)):
+        raise TypeError(f"the model's forward returned a {type(out).__name__}, whose entries have no names; return "
+                        "the logits tensor, a dict, or an object with .logits (and .loss): a transformers model "
+                        "does with return_dict=True")
     loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
     logits = out if isinstance(out, torch.Tensor) else (out["logits"] if isinstance(out, dict) else out.logits)
     if loss is None:
@@ -611,12 +618,13 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     """
     if config is None:
         raise ValueError("pass a TrainConfig (at least output_dir)")
-    if eval_batches is not None and hasattr(eval_batches, "__len__") and len(eval_batches) == 0:
-        raise ValueError("eval_batches is empty: pass some evaluation examples, or None for no evaluation")
+    _check_batches(train_batches, eval_batches, config)
     run = _setup(model, len(train_batches), config)
     run.first_batch = _data_fingerprint(train_batches)
     state = _resume(run)
     _trim_metrics(run, state.step)
+    if state.stopped_early and (config.patience is None or state.bad_evals < config.patience):
+        state.stopped_early = False  # resumed with more patience (or none): the run goes on
     if state.stopped_early:  # the checkpoint's run had stopped early: nothing left to do
         return _finish(run, state, 0.0)
 
@@ -640,11 +648,13 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
 
             end_of_epoch = window == run.steps_per_epoch - 1
             eval_due = (state.step % config.eval_every == 0) if config.eval_every else end_of_epoch
+            paused = time.perf_counter()
             if eval_batches is not None and (eval_due or state.step == run.total_steps):
                 metric_name = _evaluate_and_track(run, state, eval_batches, task, metric_name)
                 _save_checkpoint(run, state)
             elif config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 _save_checkpoint(run, state)
+            since_log.start += time.perf_counter() - paused  # the throughput counts training time only
             if state.stopped_early or state.step >= run.total_steps:
                 break
 
@@ -713,8 +723,6 @@ def _device_and_bf16(config: TrainConfig, local_rank: int) -> tuple[torch.device
 
 def _step_counts(num_batches: int, world: int, config: TrainConfig) -> tuple[int, int, int, int]:
     """(micro-batches per rank per epoch, optimizer steps per epoch, total steps, warmup steps)."""
-    if num_batches == 0:
-        raise ValueError("train_batches is empty: no training examples (check the data file and the split)")
     micro_per_epoch = num_batches // world
     if micro_per_epoch == 0:
         raise ValueError(f"{num_batches} training batches cannot give each of {world} ranks one; "
@@ -785,6 +793,27 @@ def _windows(run: _Run, train_batches, epoch: int, first: int) -> Iterator[tuple
         next(mine)
     for window in range(first, run.steps_per_epoch):
         yield window, [_to(b, run.device) for b in islice(mine, accum)]
+
+
+def _check_batches(train_batches, eval_batches, config: TrainConfig) -> None:
+    """The errors the data would meet later (after an epoch, at the first evaluation), raised
+    before the first step."""
+    for name, batches in (("train_batches", train_batches), ("eval_batches", eval_batches)):
+        if batches is not None and (not hasattr(batches, "__len__") or iter(batches) is batches):
+            raise TypeError(f"{name} must be a sized collection that can be iterated again each epoch (a list of "
+                            f"batch dicts, or a BatchLoader), not a {type(batches).__name__}")
+    if len(train_batches) == 0:
+        dropped = " (drop_last=True drops a last batch smaller than batch_size: fewer examples than batch_size " \
+                  "leave none)" if getattr(train_batches, "drop_last", False) else ""
+        raise ValueError(f"train_batches is empty: no training batches{dropped}; check the data file and the split")
+    if eval_batches is None:
+        if config.patience is not None:
+            raise ValueError(f"patience={config.patience} stops on evaluations without improvement, and there are "
+                             "none without eval_batches: pass eval_batches, or patience=None")
+        return
+    if len(eval_batches) == 0:
+        raise ValueError("eval_batches is empty: pass some evaluation examples, or None for no evaluation")
+    _task_of(next(iter(eval_batches)), config.task)  # its targets must be under 'labels' too
 
 
 def _data_fingerprint(train_batches) -> str:

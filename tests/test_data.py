@@ -289,3 +289,15 @@ def test_group_by_length_cuts_padding_but_stays_shuffled():
     assert sorted(i for b in idx for i in b) == list(range(400))
     lengths = [max(len(examples[i]["input_ids"]) for i in b) for b in idx]
     assert lengths != sorted(lengths)  # batches are not served short-to-long
+
+
+def test_a_max_length_with_no_room_for_text_is_refused():
+    # tokenizers leaves a sequence untruncated when max_length cannot hold its special tokens.
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "good": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    records = [{"text": "good good good", "label": 1}]
+    for n in (0, 1, 2):
+        with pytest.raises(DataError, match=rf"max_length={n} leaves no room for text: the tokenizer adds 2"):
+            encode_classification(records, tok, max_length=n)
+    assert encode_classification(records, tok, max_length=3)[0]["input_ids"] == [1, 3, 2]

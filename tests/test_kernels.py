@@ -459,6 +459,8 @@ def test_shapes_devices_and_dropout_are_checked_up_front():
     x, weight, b, lora_A, lora_B = make_inputs((3,), 8, 6, 2, torch.float32)
     with pytest.raises(ValueError, match=r"lora_B must have shape \(6, 2\)"):
         kernels.lora_linear(x, weight, b, lora_A, lora_B.T.contiguous(), 1.0)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \(r, 8\), the rank first.*got \(8, 2\) \(transposed\?\)"):
+        kernels.lora_linear(x, weight, b, lora_A.T.contiguous(), lora_B, 1.0)
     with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
         kernels.lora_linear(x, weight, b[:5], lora_A, lora_B, 1.0)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):

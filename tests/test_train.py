@@ -649,13 +649,86 @@ def test_a_batch_without_target_tokens_adds_nothing_to_the_loss(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("no labels", r"a batch needs its targets under 'labels' .*; this one has \['input_ids', 'label'\]"),
+    ("no eval labels", r"a batch needs its targets under 'labels' .*; this one has \['input_ids', 'label'\]"),
     ("empty eval", r"eval_batches is empty: pass some evaluation examples, or None"),
+    ("generator eval", r"eval_batches must be a sized collection that can be iterated again each epoch"),
+    ("patience without eval", r"patience=2 stops on evaluations without improvement, and there are none"),
     ("long warmup", r"warmup_steps=10 is longer than the run's 4 steps"),
+    ("dropped", r"train_batches is empty: no training batches \(drop_last=True drops"),
 ])
 def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
+    # Each found before the first step (the eval batches' keys used to fail after an epoch).
     train_loader, eval_loader = loaders(n_train=32)  # 4 steps an epoch
-    config = TrainConfig(output_dir=str(tmp_path), warmup_steps=10 if case == "long warmup" else 0)
+    config = TrainConfig(output_dir=str(tmp_path), warmup_steps=10 if case == "long warmup" else 0,
+                         patience=2 if case == "patience without eval" else None)
+    relabel = lambda batches: [{"input_ids": b["input_ids"], "label": b["labels"]} for b in batches]  # noqa: E731
     if case == "no labels":
-        train_loader = [{"input_ids": b["input_ids"], "label": b["labels"]} for b in train_loader]
-    with pytest.raises(ValueError, match=message):
-        train(TinyClassifier(), train_loader, [] if case == "empty eval" else eval_loader, config)
+        train_loader = relabel(train_loader)
+    eval_batches = {"no eval labels": relabel(eval_loader), "empty eval": [], "patience without eval": None,
+                    "generator eval": (b for b in eval_loader)}.get(case, eval_loader)
+    if case == "dropped":
+        train_loader = BatchLoader(tiny_examples(3), batch_size=4, drop_last=True)
+    with pytest.raises((ValueError, TypeError), match=message):
+        train(TinyClassifier(), train_loader, eval_batches, config)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_an_output_dir_given_as_a_path_resumes_and_a_file_is_refused(tmp_path):
+    # The checkpoint records the config and loads only plain types: the path is kept as a str.
+    train_loader, eval_loader = loaders(n_train=32)
+    train(TinyClassifier(), train_loader, eval_loader, TrainConfig(output_dir=tmp_path / "run", max_steps=2))
+    result = train(TinyClassifier(), train_loader, eval_loader, TrainConfig(output_dir=tmp_path / "run", max_steps=2))
+    assert result.step == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="output_dir=.*file' is a file; give a folder"):
+        TrainConfig(output_dir=tmp_path / "file")
+
+
+def test_a_model_returning_a_tuple_gets_a_clear_error(tmp_path):
+    class TupleClassifier(TinyClassifier):
+        def forward(self, input_ids, attention_mask, labels=None):
+            return (super().forward(input_ids, attention_mask),)
+    train_loader, _ = loaders(n_train=8)
+    with pytest.raises(TypeError, match=r"returned a tuple, whose entries have no names.*return_dict=True"):
+        train(TupleClassifier(), train_loader, None, TrainConfig(output_dir=str(tmp_path)))
+
+
+def test_a_run_stopped_early_goes_on_when_resumed_with_more_patience(tmp_path):
+    # patience may change on resume: the evaluations without improvement so far are kept, and
+    # with a larger patience (or none) the run continues from where it stopped.
+    train_loader, eval_loader = loaders(n_train=64)
+    config = dict(output_dir=str(tmp_path), epochs=3, eval_every=1, lr=0.0)  # lr 0: never improves after the first
+    first = train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**config, patience=1))
+    assert first.stopped_early and first.step == 2
+    again = train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**config, patience=1))
+    assert again.stopped_early and again.step == 2  # same patience: nothing more to do
+    more = train(TinyClassifier(), train_loader, eval_loader, TrainConfig(**config, patience=3))
+    assert more.stopped_early and more.step == 4
+
+
+def test_the_throughput_counts_training_time_only(tmp_path, monkeypatch):
+    # A fake clock: each training step takes 1 s, each evaluation 100 s. The logged tokens per
+    # second are the tokens over the steps' seconds alone.
+    import minipeft.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    real_step, real_evaluate = train_module._optimizer_step, train_module.evaluate
+
+    def step(*args, **kwargs):
+        clock[0] += 1.0
+        return real_step(*args, **kwargs)
+
+    def slow_evaluate(*args, **kwargs):
+        clock[0] += 100.0
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", step)
+    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    train_loader, eval_loader = loaders(n_train=32)  # 4 steps of 8 examples
+    train(TinyClassifier(), train_loader, eval_loader,
+          TrainConfig(output_dir=str(tmp_path), eval_every=1, log_every=2))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r]
+    tokens = [sum(int(b["attention_mask"].sum()) for b in list(train_loader)[i:i + 2]) for i in (0, 2)]
+    assert rates == pytest.approx([tokens[0] / 2.0, tokens[1] / 2.0])
