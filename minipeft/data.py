@@ -346,6 +346,10 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
     Returns input_ids and attention_mask [B, T] and labels: [B] for classification
     ("label" in the examples) or [B, T] padded with -100 for causal LMs ("labels").
     """
+    raw = next((e for e in examples if "input_ids" not in e), None)
+    if raw is not None:
+        raise DataError(f"an example needs its token ids under 'input_ids'; this one has {sorted(raw)}: tokenise "
+                        "the records first (encode_classification, encode_prompt_completion)")
     T = max(len(e["input_ids"]) for e in examples)
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

@@ -301,3 +301,8 @@ def test_a_max_length_with_no_room_for_text_is_refused():
         with pytest.raises(DataError, match=rf"max_length={n} leaves no room for text: the tokenizer adds 2"):
             encode_classification(records, tok, max_length=n)
     assert encode_classification(records, tok, max_length=3)[0]["input_ids"] == [1, 3, 2]
+
+
+def test_records_batched_before_tokenising_get_a_clear_error():
+    with pytest.raises(DataError, match=r"needs its token ids under 'input_ids'; this one has \['label', 'text'\]"):
+        next(iter(BatchLoader([{"text": "good", "label": 1}], batch_size=1)))
