@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+# The convolutions the methods adapt as a kernel (out, in, k...).
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Names transformers gives to classification heads (peft checks the same ones).
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 # The heads a task's model gets new and untrained, which must train and be saved with the

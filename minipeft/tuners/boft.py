@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout
+from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .oft import cayley, rotate
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
@@ -267,7 +267,7 @@ def wrap_module(target: nn.Module, adapter_name: str, config: BOFTConfig, key: s
     """Build the BOFT wrapper for ``target`` (the module named ``key``) with one adapter."""
     check_target(target, config, key)
     base = innermost(target)
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(base, CONVOLUTIONS):
         layer = BOFTConv(target)
     else:
         layer = BOFTLayer(target, fan_in_fan_out=linear_weight_layout(base, config, key))
@@ -278,10 +278,10 @@ def wrap_module(target: nn.Module, adapter_name: str, config: BOFTConfig, key: s
 def check_target(target: nn.Module, config: BOFTConfig, key: str) -> None:
     """The errors adding BOFT to ``target`` would meet, raised before the model is changed."""
     base = innermost(target)
-    if not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_gpt2_conv1d(base):
+    if not isinstance(base, (nn.Linear, *CONVOLUTIONS)) and not is_gpt2_conv1d(base):
         raise ValueError(f"cannot apply BOFT to {key!r}: it is a {type(base).__name__}; BOFT supports {SUPPORTED}")
     refuse_wrapped_convolution(target, base, BOFTConv, "BOFT", key)
-    size = base.weight[0].numel() if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else (
+    size = base.weight[0].numel() if isinstance(base, CONVOLUTIONS) else (
         base.weight.shape[0] if is_gpt2_conv1d(base) else base.in_features)
     _, block_size = block_count(size, config, key)
     check_butterfly(size, block_size, config.boft_n_butterfly_factor, key)

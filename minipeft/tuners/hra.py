@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d
+from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
 
 
@@ -177,7 +177,7 @@ def wrap_module(target: nn.Module, adapter_name: str, config: HRAConfig, key: st
     """Build the HRA wrapper for ``target`` (the module named ``key``) with one adapter."""
     check_target(target, config, key)
     base = innermost(target)
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(base, CONVOLUTIONS):
         layer = HRAConv(target)
     else:
         layer = HRALayer(target, fan_in_fan_out=is_gpt2_conv1d(base))
@@ -188,6 +188,6 @@ def wrap_module(target: nn.Module, adapter_name: str, config: HRAConfig, key: st
 def check_target(target: nn.Module, config: HRAConfig, key: str) -> None:
     """The errors adding HRA to ``target`` would meet, raised before the model is changed."""
     base = innermost(target)
-    if not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_gpt2_conv1d(base):
+    if not isinstance(base, (nn.Linear, *CONVOLUTIONS)) and not is_gpt2_conv1d(base):
         raise ValueError(f"cannot apply HRA to {key!r}: it is a {type(base).__name__}; HRA supports {SUPPORTED}")
     refuse_wrapped_convolution(target, base, HRAConv, "HRA", key)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, pattern_value
-from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
+from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, embed_scale, plus, wide
 
@@ -596,9 +596,6 @@ class LoraConv(LoraLayer):
             base_result = base._conv_forward(x_in, base.weight.to(x_in.dtype), None)
         # In the base output's dtype, as peft returns it (under autocast the terms are wider).
         return (result + (f - 1) * base_result + f * term).to(result.dtype)
-
-
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, names_as_lists
-from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout
+from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
 
@@ -328,6 +328,6 @@ def wrap_module(target: nn.Module, adapter_name: str, config: OFTConfig, key: st
 def check_target(target: nn.Module, config: OFTConfig, key: str) -> None:
     """The errors adding OFT to ``target`` would meet, raised before the model is changed."""
     base = innermost(target)
-    if not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) and not is_gpt2_conv1d(base):
+    if not isinstance(base, (nn.Linear, *CONVOLUTIONS, nn.Embedding)) and not is_gpt2_conv1d(base):
         raise ValueError(f"cannot apply OFT to {key!r}: it is a {type(base).__name__}; OFT supports {SUPPORTED}")
     refuse_wrapped_convolution(target, base, OFTConv, "OFT", key)

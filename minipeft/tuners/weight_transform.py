@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..targeting import CONVOLUTIONS
 from .base import AdapterLayer, wide
 
 
@@ -159,7 +160,7 @@ class InputTransformConv(InputTransformLayer):
 def refuse_wrapped_convolution(target: nn.Module, base: nn.Module, layer_class: type, method: str, key: str) -> None:
     """The methods here run a convolution themselves, with its kernel changed: around another
     method's wrapper that would skip that adapter."""
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and target is not base and not isinstance(target, layer_class):
+    if isinstance(base, CONVOLUTIONS) and target is not base and not isinstance(target, layer_class):
         raise ValueError(
             f"cannot apply {method} to {key!r}: another method's wrapper is around the convolution, and {method} "
             "runs the convolution itself with a changed kernel, which would skip that adapter. Add the "
