@@ -465,6 +465,14 @@ class AdapterLayer(nn.Module):
             if reason is not None:
                 where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
                 raise ValueError(f"cannot merge adapter {name!r} into {where}, so nothing was merged: {reason}")
+        ordered = self.merge_order()
+        if ordered is not None:
+            self.check_merge_order(adapter_names, ordered, layer_name, unloading)
+
+    def merge_order(self) -> list[str] | None:
+        """The active adapters whose merges do not commute, in the order the forward applies them,
+        or None where every merge here commutes with the others (``check_merge_order``)."""
+        return None
 
     def check_merge_order(self, adapter_names: list[str], ordered: list[str], layer_name: str, unloading: bool) -> None:
         """For adapters whose merges do not commute (each changes the weight the next one acts on),

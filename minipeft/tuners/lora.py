@@ -201,9 +201,9 @@ class LoraLayer(AdapterLayer):
             self.reset_lora_parameters(adapter_name, config.init_lora_weights)
             self._move_adapter_to_base(adapter_name)
         if config.use_dora:
-            # ||W + s B A|| needs A and B on the base weight's device first (after PiSSA/OLoRA
+            # ||W0 + s B A|| needs A and B on the base weight's device first (after PiSSA/OLoRA
             # it is ||W_res + s B0 A0|| = ||W||, the same magnitude as plain LoRA starts from).
-            norm = self._row_norm(adapter_name, self.get_base_layer().weight)
+            norm = self._row_norm(adapter_name, self.dora_base_weight())
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.detach().view(self.magnitude_shape))
             self._move_adapter_to_base(adapter_name)
 
@@ -305,21 +305,33 @@ class LoraLayer(AdapterLayer):
         """The shape of DoRA's ``m`` as peft stores it (see DoraMagnitude)."""
         return (self.out_features,)
 
+    def dora_base_weight(self) -> torch.Tensor:
+        """W0, the base weight without the adapters merged into it, which DoRA's norms are taken
+        of, so that merging another adapter changes no DoRA output and a new DoRA adapter starts
+        as the identity (peft takes the weight as it stands, merges included)."""
+        return self.unmerged_base_tensors()["weight"]  # the live weight when nothing is merged
+
     def _row_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's ``||W + s B A||`` per row (rows,), in fp32; ``weight``: W as the base stores it."""
         return self.as_rows(wide(weight) + self.delta_weight(adapter_name)).norm(p=2, dim=1)
 
     def dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """``m / ||W + s B A||_row`` (rows,) in ``dtype``, for the forward: the norm is a constant
+        """``m / ||W0 + s B A||_row`` (rows,) in ``dtype``, for the forward: the norm is a constant
         to autograd (DoRA section 4.3: it follows the update but passes no gradient). The
         product of ``lora_factors``' A and B is the update already laid out as rows."""
         A, B = self.lora_factors(name)  # detached
-        weight = self.as_rows(self.get_base_layer().weight).to(dtype)
+        weight = self.as_rows(self.dora_base_weight()).to(dtype)
         norm = (weight + self.scaling[name] * (B @ A).to(dtype)).norm(p=2, dim=1).detach()
         return self.lora_magnitude_vector[name].weight.reshape(-1).to(dtype) / norm
 
     def merge_is_addition(self, adapter_name: str) -> bool:
         return not self.use_dora[adapter_name]  # DoRA rescales rows by the weight's own norms
+
+    def merge_order(self) -> list[str] | None:
+        """A DoRA adapter rescales the output of the adapters the forward applies before it, so
+        beside one, merges keep the active order (plain LoRA updates alone commute)."""
+        active = [a for a in self.active_adapters if a in self.adapter_names]
+        return active if any(self.use_dora[a] for a in active) else None
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
@@ -329,7 +341,7 @@ class LoraLayer(AdapterLayer):
             DoRA:  f * (W + s B A),   f = m / ||W0 + s B A||_row   (kept: unmerging divides by it)
 
         W is the weight as it stands, holding the adapters merged before this one; W0 the base
-        weight without them, which DoRA's forward takes its norm of (as peft's merge does).
+        weight without them, which DoRA's forward takes its norm of (``dora_base_weight``).
         """
         weight, delta = tensors["weight"], self.delta_weight(adapter_name)
         if not self.use_dora[adapter_name]:
@@ -337,7 +349,7 @@ class LoraLayer(AdapterLayer):
             if delta_bias is None:
                 return {"weight": plus(weight, delta)}, None
             return {"weight": plus(weight, delta), "bias": plus(tensors["bias"], delta_bias)}, None
-        norm = self._row_norm(adapter_name, self.unmerged_base_tensors()["weight"])  # (rows,)
+        norm = self._row_norm(adapter_name, self.dora_base_weight())  # (rows,)
         factor = self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm
         merged = factor.view(-1, 1) * self.as_rows(wide(weight) + delta)  # (rows, fan)
         return {"weight": self.from_rows(merged, weight).to(weight.dtype)}, factor

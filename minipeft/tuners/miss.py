@@ -214,11 +214,9 @@ class MissLayer(AdapterLayer):
     def merge_is_addition(self, adapter_name: str) -> bool:
         return self.miss_variant[adapter_name] != "bat"
 
-    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "", unloading: bool = False) -> None:
+    def merge_order(self) -> list[str]:
         """"bat" adapters merge only in their active order (module docstring)."""
-        super().check_merge_blockers(adapter_names, layer_name, unloading)
-        bat = [a for a in self.active_adapters if self.miss_variant.get(a) == "bat"]
-        self.check_merge_order(adapter_names, bat, layer_name, unloading)
+        return [a for a in self.active_adapters if self.miss_variant.get(a) == "bat"]
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):

@@ -154,10 +154,8 @@ class RoadLayer(AdapterLayer):
                                    lambda h, _x, name: self.rotate(h, name).to(h.dtype))
 
     # -- merging: W' = R W, b' = R b ------------------------------------------------------------
-    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "", unloading: bool = False) -> None:
-        super().check_merge_blockers(adapter_names, layer_name, unloading)
-        active = [a for a in self.active_adapters if a in self.adapter_names]
-        self.check_merge_order(adapter_names, active, layer_name, unloading)
+    def merge_order(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.adapter_names]  # rotations do not commute
 
     def _rotated(self, tensors: dict[str, torch.Tensor], name: str, inverse: bool) -> dict[str, torch.Tensor]:
         weight = wide(tensors["weight"])

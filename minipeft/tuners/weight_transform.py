@@ -109,11 +109,9 @@ class InputTransformLayer(AdapterLayer):
             mapped = self.apply_map(weight, name, transpose=False, inverse=inverse, in_forward=in_forward)
         return self.scale_rows(mapped, name, inverse)
 
-    def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "", unloading: bool = False) -> None:
+    def merge_order(self) -> list[str]:
         """The active adapters of this layer merge only in their order (module docstring)."""
-        super().check_merge_blockers(adapter_names, layer_name, unloading)
-        active = [a for a in self.active_adapters if a in self.adapter_names]
-        self.check_merge_order(adapter_names, active, layer_name, unloading)
+        return [a for a in self.active_adapters if a in self.adapter_names]
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
