@@ -76,11 +76,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
 import json
 import os
 import re
-import types
 import typing
 import warnings
 from typing import Any
@@ -92,7 +90,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns, and so peft
 
 from .atomic import fsync_dir, write_temp
-from .config import PeftConfig, PeftType
+from .config import PeftConfig, PeftType, annotation_name, fits_annotation
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
 from .targeting import (
     attention_out_projections, declared_embedding, is_bias, is_under, is_wrapper, join_name, logical_name,
@@ -578,30 +576,6 @@ def _keys_of_uncalled_layers(model: nn.Module, keys: list[str]) -> list[str]:
 
 
 # -- config files ---------------------------------------------------------------------------------
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a dataclass annotation (lists for list/tuple/set, str for enums)."""
-    if hint is Any:
-        return True
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple, set, frozenset):
-        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
-    if origin is dict:
-        return isinstance(value, dict) and (not args or all(_type_ok(v, args[1]) for v in value.values()))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return value in {m.value for m in hint}
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True  # an annotation we do not model: the config's own __post_init__ judges it
-
-
 def check_oft_version(data: dict[str, Any], source: str) -> None:
     """peft changed OFT three times: files from before 0.14 have no ``oft_block_size`` field, those
     of 0.14 to 0.15.2 hold other tensors (``oft_r`` / ``oft_s``: refused when the tensors are
@@ -652,9 +626,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         if key in fields:
             if isinstance(value, (set, frozenset)):  # peft's to_dict() keeps sets; its JSON holds lists
                 value = sorted(value)
-            if not _type_ok(value, hints.get(key, Any)):
+            if not fits_annotation(value, hints.get(key, Any)):
                 raise TypeError(
-                    f"{source}: field {key!r} of {cls.__name__} must be {_hint_name(hints.get(key))}, "
+                    f"{source}: field {key!r} of {cls.__name__} must be {annotation_name(hints.get(key))}, "
                     f"got {value!r} ({type(value).__name__})"
                 )
             kwargs[key] = value
@@ -669,12 +643,6 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{source}: {err}") from None
-
-
-def _hint_name(hint: Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "") if hint is not None else "?"
 
 
 def _config_bytes(config: PeftConfig) -> bytes:

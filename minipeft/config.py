@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -75,6 +78,7 @@ class PeftConfig:
             except ValueError:
                 known = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"task_type={self.task_type!r} is not a task type; use one of: {known}") from None
+        check_numbers(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict in peft's layout (enums as strings, sets as sorted lists)."""
@@ -164,6 +168,82 @@ def pattern_value(patterns: dict, key: str, default):
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
+
+
+def fits_annotation(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a dataclass annotation (lists for list/tuple/set, str for enums;
+    a bool is no int or float here, though Python counts it as one)."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits_annotation(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple, set, frozenset):
+        return isinstance(value, list) and (not args or all(fits_annotation(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(fits_annotation(v, args[1]) for v in value.values()))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in {m.value for m in hint}
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation we do not model: the config's own __post_init__ judges it
+
+
+def annotation_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "") if hint is not None else "?"
+
+
+@functools.cache
+def _number_fields(cls: type) -> dict[str, Any]:
+    """The fields of config class ``cls`` annotated with numbers only: int or float (or None),
+    or a dict of them (``rank_pattern``): those a Python value of the wrong type can pass unseen."""
+    def numeric(hint) -> bool:
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            return all(a is type(None) or numeric(a) for a in args) and any(a is not type(None) for a in args)
+        if typing.get_origin(hint) is dict:
+            return len(args) == 2 and numeric(args[1])
+        return hint in (int, float)
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and numeric(hints.get(f.name))}
+
+
+def check_numbers(config: PeftConfig) -> None:
+    """A ValueError (as for any other bad config value) for a number field holding something
+    else. A bool is the case to catch: ``lora_dropout=False`` would work, since Python counts it
+    as 0, but the saved config would not load back (``adapter_config.json`` is type-checked)."""
+    for name, hint in _number_fields(type(config)).items():
+        value = getattr(config, name)
+        if not fits_annotation(value, hint):
+            raise ValueError(f"{type(config).__name__}.{name} must be {_number_kind(hint)}, "
+                             f"got {value!r} ({type(value).__name__})")
+
+
+def _number_kind(hint: Any) -> str:
+    """``int | None`` in words: 'an integer or None'; ``dict[str, float]``: 'a dict of numbers'."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_number_kind(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is dict:
+        return "a dict of " + ("integers" if typing.get_args(hint)[1] is int else "numbers")
+    return {int: "an integer", float: "a number", type(None): "None"}[hint]
+
+
+def check_probability(config: PeftConfig, name: str, what: str = "a probability", one_allowed: bool = False) -> None:
+    """A ValueError unless field ``name`` (a number, as ``check_numbers`` has made sure) lies in
+    [0, 1), or in [0, 1] with ``one_allowed`` (dropping whole blocks or modules may drop all)."""
+    value = getattr(config, name)
+    if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
+        interval = "[0, 1]" if one_allowed else "[0, 1)"
+        raise ValueError(f"{type(config).__name__}.{name} is {what} in {interval}, got {value!r}")
 
 
 def is_positive_int(value: object) -> bool:

@@ -266,7 +266,7 @@ def test_merge_and_unload_refuses_and_unload_restores_the_base():
         ({"reduction_factor": 0.5}, "reduction_factor must be a number >= 1"),
         ({"bottleneck_size": 4, "non_linearity": "tanh"}, r"non_linearity='tanh' is not supported; use one of \['gelu', 'relu', 'silu'\]"),
         ({"bottleneck_size": 4, "placement": "before"}, "placement must be one of"),
-        ({"bottleneck_size": 4, "adapter_dropout": 1.0}, r"adapter_dropout must be in \[0, 1\)"),
+        ({"bottleneck_size": 4, "adapter_dropout": 1.0}, r"adapter_dropout is a probability in \[0, 1\)"),
         # LoRA's rule: was silently ignored, every layer adapted
         ({"bottleneck_size": 4, "layers_pattern": "layers"}, "layers_pattern only says where layer numbers are"),
     ],

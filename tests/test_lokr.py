@@ -132,8 +132,10 @@ def test_checkpoints_merging_and_unloading():
 def test_bad_input_is_refused_with_what_would_be_right():
     with pytest.raises(ValueError, match=r"init_weights must be True, False or 'lycoris', got 'gaussian'"):
         minipeft.LoKrConfig(target_modules=["fc1"], init_weights="gaussian")
-    with pytest.raises(ValueError, match=r"decompose_factor is a size to split dimensions at \(-1: near the square"):
+    with pytest.raises(ValueError, match=r"decompose_factor must be an integer, got 2.5"):
         minipeft.LoKrConfig(target_modules=["fc1"], decompose_factor=2.5)
+    with pytest.raises(ValueError, match=r"decompose_factor is a size to split dimensions at \(-1: near the square"):
+        minipeft.LoKrConfig(target_modules=["fc1"], decompose_factor=0)
     with pytest.raises(ValueError, match=r"LoKr's rank must be a positive integer, got fc1=0"):
         minipeft.LoKrConfig(target_modules=["fc1"], rank_pattern={"fc1": 0})
     with pytest.raises(ValueError, match=r"cannot apply LoKr to 'embed': it is a Embedding; LoKr supports nn.Linear"):

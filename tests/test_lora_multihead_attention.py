@@ -264,7 +264,8 @@ def test_weighted_combination_sums_both_projections_updates(combination_type):
         model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "both", combination_type=combination_type,
                                    svd_rank=2 * R)
         model.set_adapter("both")
-        torch.testing.assert_close(model(x, mask), want, atol=1e-5, rtol=0)
+        # (outputs up to about 15: the SVD's fp32 rounding reaches 1e-5 there)
+        torch.testing.assert_close(model(x, mask), want, atol=1e-5, rtol=1e-5)
 
 
 class Pooled(nn.Module):

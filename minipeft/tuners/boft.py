@@ -55,7 +55,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, names_as_lists
+from ..config import (
+    PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int, names_as_lists,
+)
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .oft import cayley, rotate
@@ -106,8 +108,7 @@ class BOFTConfig(PeftConfig):
         if not is_positive_int(self.boft_n_butterfly_factor):
             raise ValueError(f"boft_n_butterfly_factor is the number of butterfly factors, a positive integer "
                              f"(1 is OFT); got {self.boft_n_butterfly_factor!r}")
-        if not (isinstance(self.boft_dropout, (int, float)) and 0.0 <= self.boft_dropout <= 1.0):
-            raise ValueError(f"boft_dropout is a fraction of blocks in [0, 1], got {self.boft_dropout!r}")
+        check_probability(self, "boft_dropout", "a fraction of blocks", one_allowed=True)
         if self.bias not in ("none", "all", "boft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'boft_only', got {self.bias!r}")
         check_flags(self, "fan_in_fan_out", "init_weights")

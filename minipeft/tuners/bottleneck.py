@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
+from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d
 from .base import AdapterLayer, adapter_placement
 
@@ -134,8 +134,7 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if not isinstance(self.parallel_input, (int, str)) or isinstance(self.parallel_input, bool):
             raise ValueError(f"parallel_input must be an argument position or name, got {self.parallel_input!r}")
-        if not (isinstance(self.adapter_dropout, (int, float)) and 0.0 <= self.adapter_dropout < 1.0):
-            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        check_probability(self, "adapter_dropout")
         if self.hidden_size is not None and not is_positive_int(self.hidden_size):
             raise ValueError(f"hidden_size must be a positive integer, got {self.hidden_size!r}")
 

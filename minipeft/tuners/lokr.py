@@ -63,7 +63,7 @@ class LoKrConfig(LycorisConfig):
         self.peft_type = PeftType.LOKR
         if self.init_weights not in (True, False, "lycoris"):
             raise ValueError(f"init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
-        if not isinstance(self.decompose_factor, int) or isinstance(self.decompose_factor, bool):
+        if self.decompose_factor != -1 and self.decompose_factor < 1:  # (an int: check_numbers)
             raise ValueError(f"decompose_factor is a size to split dimensions at (-1: near the square root), "
                              f"got {self.decompose_factor!r}")
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, pattern_value
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int, pattern_value
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, embed_scale, plus, wide
@@ -103,8 +103,7 @@ class LoraConfig(PeftConfig):
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"LoRA rank must be a positive integer, got {name}={value!r}")
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_probability(self, "lora_dropout")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, check_layer_selection, is_positive_int, names_as_lists, pattern_value
+from ..config import PeftConfig, check_layer_selection, check_probability, is_positive_int, names_as_lists, pattern_value
 from .base import AdapterLayer, AddedUpdate
 
 SUPPORTED = "nn.Linear, nn.Conv1d and nn.Conv2d"
@@ -62,10 +62,8 @@ class LycorisConfig(PeftConfig):
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"{method}'s rank must be a positive integer, got {name}={value!r}")
-        if not (isinstance(self.rank_dropout, (int, float)) and 0.0 <= self.rank_dropout < 1.0):
-            raise ValueError(f"rank_dropout is a probability in [0, 1), got {self.rank_dropout!r}")
-        if not (isinstance(self.module_dropout, (int, float)) and 0.0 <= self.module_dropout <= 1.0):
-            raise ValueError(f"module_dropout is a probability in [0, 1], got {self.module_dropout!r}")
+        check_probability(self, "rank_dropout")
+        check_probability(self, "module_dropout", one_allowed=True)
         for name, value in [("alpha", self.alpha), *self.alpha_pattern.items()]:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{method}'s alpha is a number (the scale is alpha / r), got {name}={value!r}")

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists
+from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int, names_as_lists
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features, wrapper_chain
 from .base import AdapterLayer, plus, wide
 
@@ -85,8 +85,7 @@ class MissConfig(PeftConfig):
                 not isinstance(self.init_weights, bool):
             raise ValueError(f"MiSS's init_weights is True (balance), False (random, for tests), 'bat' or 'mini'; "
                              f"got {self.init_weights!r}")
-        if not (isinstance(self.miss_dropout, (int, float)) and 0.0 <= self.miss_dropout < 1.0):
-            raise ValueError(f"miss_dropout is a probability in [0, 1), got {self.miss_dropout!r}")
+        check_probability(self, "miss_dropout")
         if self.bias not in ("none", "all", "MiSS_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'MiSS_only', got {self.bias!r}")
         check_layer_selection(self)

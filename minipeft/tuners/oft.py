@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, names_as_lists
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int, names_as_lists
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
@@ -124,8 +124,7 @@ class OFTConfig(PeftConfig):
                 f"to 0, since r x oft_block_size is the layer's input size; got r={self.r}, "
                 f"oft_block_size={self.oft_block_size}"
             )
-        if not (isinstance(self.module_dropout, (int, float)) and 0.0 <= self.module_dropout < 1.0):
-            raise ValueError(f"module_dropout is a fraction of blocks in [0, 1), got {self.module_dropout!r}")
+        check_probability(self, "module_dropout", "a fraction of blocks")
         if self.bias not in ("none", "all", "oft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
         check_flags(self, "use_cayley_neumann", "coft", "block_share", "fan_in_fan_out", "init_weights")

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftType, is_positive_int
+from ..config import PeftType, check_probability, is_positive_int
 from . import prompt_tuning
 from . import virtual_tokens as vt
 
@@ -79,13 +79,11 @@ class PromptEncoderConfig(vt.PromptLearningConfig):
                              f"got {self.encoder_hidden_size!r}")
         if not is_positive_int(self.encoder_num_layers):
             raise ValueError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
-        dropout = self.encoder_dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"encoder_dropout must be a number in [0, 1), got {dropout!r}")
+        check_probability(self, "encoder_dropout")
         mlp = self.encoder_reparameterization_type == PromptEncoderReparameterizationType.MLP
         if mlp and not self.inference_mode:
             for name, value, default in (("encoder_num_layers", self.encoder_num_layers, 2),
-                                         ("encoder_dropout", dropout, 0.0)):
+                                         ("encoder_dropout", self.encoder_dropout, 0.0)):
                 if value != default:
                     warnings.warn(f"{name}={value} is ignored by the MLP encoder, which always has three linear "
                                   "layers and no dropout (as in peft); it applies to the LSTM", stacklevel=3)

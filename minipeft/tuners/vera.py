@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
+from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from .base import AdapterLayer, adapter_placement
 
@@ -113,8 +113,7 @@ class VeraConfig(PeftConfig):
         for name in ("save_projection", "init_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not (isinstance(self.vera_dropout, (int, float)) and 0.0 <= self.vera_dropout < 1.0):
-            raise ValueError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        check_probability(self, "vera_dropout")
         if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
             raise TypeError(f"d_initial is the starting value of the vector d, a number; got {self.d_initial!r}")
         if self.bias not in BIAS_CHOICES:
