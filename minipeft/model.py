@@ -536,6 +536,7 @@ class PeftModel(nn.Module):
             raise TypeError(f"adapters is a list of names, got the string {adapters!r}")
         self._check_new_name(adapter_name)
         self._check_known(adapters, "combine")
+        lora_combine.check_weights(adapters, weights)
         sources = [(name, self.peft_config[name]) for name in adapters]
         if sources and all(config.peft_type == PeftType.IA3 for _, config in sources):
             lora_options = {"svd_rank": (svd_rank, None), "svd_clamp": (svd_clamp, None),

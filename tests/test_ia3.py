@@ -218,6 +218,17 @@ def test_add_weighted_adapter_takes_the_trained_head_of_its_one_source():
     assert "two" not in model.peft_config
 
 
+@pytest.mark.parametrize("weights, message", [([float("nan"), 1.0], r"finite numbers .*got \[nan\]"),
+                                              ([True, 1.0], r"finite numbers .*got \[True\]"),
+                                              ([1.0], "one weight per adapter")])
+def test_add_weighted_adapter_checks_the_weights_as_for_lora(weights, message):
+    model = get_peft_model(TwoLinear(), IA3Config(target_modules=["attn"], feedforward_modules=[]))
+    model.add_adapter("b", IA3Config(target_modules=["attn"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match=message):
+        model.add_weighted_adapter(["default", "b"], weights, "c")
+    assert "c" not in model.peft_config
+
+
 def test_add_weighted_adapter_refuses_vectors_of_different_sides_on_a_convolution():
     # Equal in and out channels give both sides one shape; the side itself must agree.
     conv = nn.Sequential(nn.Conv2d(4, 4, 1))

@@ -268,9 +268,8 @@ def combined_config(configs: list[IA3Config]) -> IA3Config:
 
 def add_weighted_adapter(peft_model: nn.Module, sources: list[str], weights: list[float], adapter_name: str) -> None:
     """Add (IA)^3 adapter ``adapter_name`` to ``peft_model`` as the weighted combination of the
-    adapters ``sources`` (``PeftModel.add_weighted_adapter``); on error it is removed again."""
-    if len(weights) != len(sources):
-        raise ValueError(f"give one weight per adapter: {len(sources)} adapters, {len(weights)} weights")
+    adapters ``sources`` (``PeftModel.add_weighted_adapter``, which has checked the weights); on
+    error it is removed again."""
     # A module trained whole comes along as the copy of the one source that trains it, as with
     # LoRA (two sources training it is an error: which copy would be a guess).
     model = peft_model.get_base_model()

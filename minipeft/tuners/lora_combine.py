@@ -67,8 +67,9 @@ def add_weighted_adapter(
     the adapters ``sources`` (``(name, config)`` pairs of adapters the model holds) and return its
     config, for the caller to keep. The new adapter is inactive and frozen, like any second
     adapter. A module trained whole (``modules_to_save``) comes along as the copy of the one
-    source that trains it. On error the model is left as it was."""
-    _check_arguments(sources, weights, svd_clamp)
+    source that trains it. On error the model is left as it was. The caller (``PeftModel``) has
+    checked the names and ``weights`` (``check_weights``)."""
+    _check_arguments(sources, svd_clamp)
     requested = combination_type
     combination_type, rank = resolve_combination(sources, combination_type, svd_rank)
     _check_merge_options(requested, density, majority_sign_method)
@@ -122,12 +123,17 @@ def add_weighted_adapter(
     return config
 
 
-def _check_arguments(sources: list[tuple[str, PeftConfig]], weights: list[float], svd_clamp: float | None) -> None:
-    if not sources or len(weights) != len(sources):
-        raise ValueError(f"give one weight per adapter: got adapters {[n for n, _ in sources]} and weights {weights}")
+def check_weights(names: list[str], weights: list[float]) -> None:
+    """One finite real weight per adapter to combine (LoRA's and (IA)^3's combinations alike)."""
+    if not names or len(weights) != len(names):
+        raise ValueError(f"give one weight per adapter: got adapters {list(names)} and weights {weights}")
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
     if bad:
         raise ValueError(f"weights must be finite numbers (negative subtracts an adapter), got {bad} in {weights}")
+
+
+def _check_arguments(sources: list[tuple[str, PeftConfig]], svd_clamp: float | None) -> None:
+    """What the combination needs of its sources and options."""
     other = {name: config.peft_type.value for name, config in sources if not isinstance(config, LoraConfig)}
     if other:
         raise TypeError(f"add_weighted_adapter combines LoRA adapters, or (IA)^3 adapters, each kind only with its "
