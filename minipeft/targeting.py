@@ -9,8 +9,10 @@ Matching rules (the same as ``peft``):
   head (and the ``out_proj`` of an ``nn.MultiheadAttention``, which that module never calls).
 * ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 * ``layers_to_transform`` keeps only matches inside the listed layer indices, where the
-  index is the number after ``layers_pattern`` (``"layers"``, ``"h"``, ...) in the name; a
-  module that a list entry names in full is kept wherever it is.
+  index is the number after ``layers_pattern`` (``"layers"``, ``"h"``, ...) in the name, or
+  without it the number after two named segments (``model.layers.7.``; a top-level
+  ``blocks.0.fc1`` needs ``layers_pattern="blocks"``); a module that a list entry names in full
+  is kept wherever it is.
 
 Names are *logical* names: those of the model without adapter wrappers. A wrapper takes the
 place (and the name) of the module it adapts and keeps that module one level down, as
@@ -173,9 +175,22 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
             if match:
                 return int(match.group(1))
         return None
-    # Without a pattern take the first number that follows a named segment.
-    match = re.match(r".*?\.[^.]*\.(\d+)\.", name) or re.match(r"[^.]*\.(\d+)\.", name)
+    # Without a pattern, peft's rule: the first number after two named segments (a number right
+    # after the first segment, "blocks.0.fc1", is none: peft would not adapt it, so its layers
+    # are named with layers_pattern; see layer_pattern_hint).
+    match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     return int(match.group(1)) if match else None
+
+
+def layer_pattern_hint(names: Iterable[str]) -> str:
+    """For names in which ``layer_index`` found no layer number without a pattern: the
+    ``layers_pattern`` that would find one, e.g. ``'blocks'`` for ``blocks.0.fc1``."""
+    segments = sorted({m.group(1) for n in names if (m := re.match(r"([^.]+)\.\d+\.", n))})
+    if not segments:
+        return ""
+    pattern = segments[0] if len(segments) == 1 else segments
+    return (f"; no layer number was found in {sorted(names)[:3]}: without layers_pattern it is the number after two "
+            f"named segments, as in peft (model.layers.7.q_proj); give layers_pattern={pattern!r}")
 
 
 def declared_embedding(model: nn.Module, which: str) -> nn.Module | None:
@@ -251,8 +266,11 @@ def find_targets(model: nn.Module, config) -> list[str]:
         # A name given in full is taken as meant, whatever its layer (peft does the same, so
         # its checkpoints of such configs hold that module's adapter).
         named_in_full = set(targets) if not isinstance(targets, str) else set()
+        unnumbered = [names[n] for n in selected if layer_index(names[n], pattern) is None and n not in named_in_full]
         selected = narrow(selected, "layers_to_transform",
                           lambda n: layer_index(n, pattern) in wanted or n in named_in_full)
+        if not selected and not pattern and applied:
+            applied[-1] += layer_pattern_hint(unnumbered)
 
     selected = _without_uncalled(selected, never_called, names, targets, model)
     if not selected:

@@ -65,6 +65,17 @@ def test_same_modules_and_ranks_as_peft(config):
     assert {n: m.scaling for n, m in ours.named_modules() if hasattr(m, "lora_A")} == scalings
 
 
+def test_a_layer_number_right_after_the_first_segment_is_none_without_a_pattern_in_either():
+    # peft's rule without layers_pattern: the number after two named segments, so the top-level
+    # layers.0.proj has none: both libraries refuse (it matches nothing), and both take the pattern.
+    config = dict(r=4, target_modules=["proj"], layers_to_transform=[0])
+    with pytest.raises(ValueError, match="Target modules .* not found"):
+        peft.get_peft_model(Net(), peft.LoraConfig(**config))
+    with pytest.raises(ValueError, match="give layers_pattern=\\['layers', 'sublayers'\\]"):
+        minipeft.get_peft_model(Net(), minipeft.LoraConfig(**config))
+    assert layer_index("layers.0.proj", None) is None and layer_index("model.layers.3.proj", None) == 3
+
+
 def test_a_layers_pattern_is_a_whole_name_segment():
     # by hand: the index follows the segment "layers", not a segment that merely ends with it
     assert layer_index("layers.0.proj", "layers") == 0

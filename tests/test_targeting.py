@@ -75,7 +75,17 @@ def test_gpt2_conv1d_is_recognised_without_importing_transformers():
 
 def test_no_match_message_when_filters_remove_everything():
     with pytest.raises(ValueError, match=r"after applying layers_to_transform=\[5\]"):
-        find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[5]))
+        find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[5], layers_pattern="blocks"))
+
+
+def test_layer_numbers_right_after_the_first_segment_need_layers_pattern_as_in_peft():
+    # peft reads a layer number only after two named segments (model.layers.7.): TinyNet's
+    # blocks.0.fc1 has none, so peft adapts nothing there, and a config that minipeft honoured
+    # would save an adapter peft cannot load. The error names the pattern that would work.
+    with pytest.raises(ValueError, match=r"no layer number was found in .*give layers_pattern='blocks'"):
+        find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[0]))
+    assert find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[0],
+                                              layers_pattern="blocks")) == ["blocks.0.fc1"]
 
 
 def test_target_modules_none_is_explained():

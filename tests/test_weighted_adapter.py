@@ -211,9 +211,10 @@ def test_linear_mixes_factors():
 def test_sources_on_different_layers():
     """Ranks differ by layer (rank_pattern) and sources cover different layers: "cat" pads,
     layers with one source get its update alone, and the config names exactly those layers."""
-    model = get_peft_model(TinyNet().eval(), LoraConfig(r=2, target_modules=["fc1"], layers_to_transform=[0]))
+    model = get_peft_model(TinyNet().eval(), LoraConfig(r=2, target_modules=["fc1"], layers_to_transform=[0],
+                                                        layers_pattern="blocks"))
     model.add_adapter("b", LoraConfig(r=3, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 1},
-                                      layers_to_transform=[1]))
+                                      layers_to_transform=[1], layers_pattern="blocks"))
     randomize_adapters(model)
     model.add_weighted_adapter(["default", "b"], WEIGHTS, "mix", combination_type="cat")
     config = model.peft_config["mix"]
