@@ -774,6 +774,16 @@ def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> str:
 
 
 # -- reading --------------------------------------------------------------------------------------
+def read_config_file(path: str) -> Any:
+    """The JSON an ``adapter_config.json`` holds; a ValueError when it is not JSON (or not UTF-8)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter") from None
+
+
 def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """Read and check a checkpoint folder: its config (as a config object) and its tensors."""
     folder = os.fspath(folder)
@@ -795,13 +805,7 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
                     f"'default': pass subfolder={inside[0]!r}" if inside and path == config_path else "")
             raise FileNotFoundError(f"adapter checkpoint {folder!r} is missing {os.path.basename(path)}{hint}")
 
-    with open(config_path, "rb") as f:
-        config_bytes = f.read()
-    try:
-        data = json.loads(config_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); re-save the adapter") from None
-    config = config_from_dict(data, source=config_path)
+    config = config_from_dict(read_config_file(config_path), source=config_path)
 
     try:
         with safetensors.safe_open(weights_path, framework="pt") as f:

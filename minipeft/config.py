@@ -112,18 +112,14 @@ class PeftConfig:
         base model. A local folder only (minipeft downloads nothing). As in peft, ``kwargs`` that
         name config fields fill those the file lacks (the file's values win), and the others, the
         hub's download options there, change nothing."""
-        from .checkpoint import CONFIG_NAME, config_from_dict  # late import: checkpoint needs the tuner registry
+        from .checkpoint import CONFIG_NAME, config_from_dict, read_config_file  # late: checkpoint needs the registry
 
         folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
         path = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {folder!r}; give the folder an adapter was saved to "
                                     "(minipeft reads local folders, it does not download)")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON ({err})") from None
+        data = read_config_file(path)
         config = config_from_dict(data, source=path)
         if not isinstance(config, cls):
             raise TypeError(f"{path} holds a {type(config).__name__}, not a {cls.__name__}")

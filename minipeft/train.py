@@ -451,7 +451,7 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
                                    reduction="sum") / (targets != IGNORE_INDEX).sum().clamp(min=1)
         # What a PeftModel adds to a loss its model computes (AdaLoRA's regulariser), added to this one.
-        peft_model = getattr(model, "module", model)  # DDP holds the model as .module
+        peft_model = _unwrap(model)
         if isinstance(peft_model, PeftModel):
             loss = peft_model.with_training_terms(SimpleNamespace(loss=loss)).loss
     return loss, logits

@@ -397,6 +397,10 @@ def test_config_from_pretrained_and_save_pretrained_as_peft_s(tmp_path):
         minipeft.IA3Config.from_pretrained(tmp_path / "mine")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*it does not download"):
         minipeft.PeftConfig.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "adapter_config.json").write_bytes(b'{"peft_type": "LORA", "revision": "\xe9"}')
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):  # not UTF-8
+        minipeft.PeftConfig.from_pretrained(tmp_path / "latin1")
 
 
 def test_mistakes_a_peft_user_makes_get_errors_that_say_what_to_do(tmp_path):
