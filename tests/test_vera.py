@@ -105,6 +105,8 @@ SETUPS = {"llama": TARGETS["llama"], "gpt2": TARGETS["gpt2"], "net": ["a", "b"]}
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_projection_is_bit_identical_to_peft_and_sized_by_the_widest_target(kind):
     ours, theirs = both(tiny(kind), r=8, target_modules=TARGETS[kind], projection_prng_key=1234)
+    # the saved config records the layout as peft's does: GPT-2's Conv1D stores (in, out)
+    assert ours.peft_config["default"].fan_in_fan_out is theirs.peft_config["default"].fan_in_fan_out is (kind == "gpt2")
     A, B = pair(ours).vera_A, pair(ours).vera_B
     in_max, out_max = WIDEST[kind]
     assert A.shape == (8, in_max) and B.shape == (out_max, 8)

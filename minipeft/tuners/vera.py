@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
-from ..targeting import innermost, is_gpt2_conv1d, out_in_features
+from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
 from .base import AdapterLayer, adapter_placement
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
@@ -296,10 +296,7 @@ def check_target(target: nn.Module, config: VeraConfig, key: str) -> None:
 def wrap_module(target: nn.Module, adapter_name: str, config: VeraConfig, key: str) -> VeraLinear:
     """Build the VeRA wrapper for ``target`` (the module named ``key``) with one adapter's vectors."""
     check_target(target, config, key)
-    conv1d = is_gpt2_conv1d(innermost(target))
-    if config.fan_in_fan_out and not conv1d:
-        warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight is (out, in)); using False")
-    layer = VeraLinear(target, fan_in_fan_out=conv1d)
+    layer = VeraLinear(target, fan_in_fan_out=linear_weight_layout(innermost(target), config, key))
     layer.add_adapter(adapter_name, config, key)
     return layer
 
