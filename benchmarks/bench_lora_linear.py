@@ -31,10 +31,10 @@ cycles over several copies of the weights, more bytes than the L2 holds, so that
 reads W from device memory as a real decoding step does.
 
 `--cases targets` times the shapes the targets are set on (M = 8192 and M = 16, K = N = 4096,
-r = 16), runs the fused function down each of its forward routes (our GEMM with the low-rank
-epilogue; the one-launch few-rows kernel; cuBLAS's base product with the low-rank term added
-after) so that the rules choosing them can be set from data, and ends with a table of each
-target, the figure reached and whether it is met.
+r = 16), runs the fused function down each of its forward routes (our GEMM, its accumulator
+seeded with the low-rank term; the one-launch few-rows kernel; cuBLAS adding its base product
+onto the low-rank term) so that the rules choosing them can be set from data, and ends with a
+table of each target, the figure reached and whether it is met.
 Results are written after every case, and `--time-budget` stops starting new cases after that
 many seconds: a run cut short keeps what it measured.
 
@@ -473,7 +473,7 @@ def phase_us(kernel, phase):
 
 def gemm_speed(case, phase="fwd+bwd"):
     """(our GEMM's us, cuBLAS's us, cuBLAS / ours) in one phase of a profiled case, or None:
-    `_matmul_lowrank_kernel` (y in the forward, dx with dA in the backward, epilogues and all) in
+    `_matmul_lowrank_kernel` (y in the forward, dx with dA in the backward, low-rank terms and all) in
     a row whose GEMMs are ours (`fused[triton GEMM]`, or `fused` where that is its own route)
     against the frozen layer's GEMMs. Fusing the low-rank term into the GEMM pays only if this
     GEMM keeps about 95% of cuBLAS's speed (the issue's rule; `FUSE_BASE_GEMM` in
@@ -506,7 +506,7 @@ def kernels_markdown(results, top=8):
         if all(speed.values()):
             ours, cublas, ratio = speed["fwd+bwd"]
             (y_ours, y_cublas, y_ratio), (dx_ours, dx_cublas, dx_ratio) = speed["fwd"], speed["bwd"]
-            lines.append(f"\nOur GEMM (y and dx, with the low-rank epilogue and dA): {ours:.1f} us against "
+            lines.append(f"\nOur GEMM (y and dx, with the low-rank term and dA): {ours:.1f} us against "
                          f"cuBLAS's {cublas:.1f} us in the frozen layer: {ratio:.0%} of cuBLAS's speed "
                          f"(fusing pays above ~95%); y {y_ours:.1f} us against {y_cublas:.1f} ({y_ratio:.0%}), "
                          f"dx {dx_ours:.1f} us against {dx_cublas:.1f} ({dx_ratio:.0%}).")

@@ -1,16 +1,20 @@
-"""Fused LoRA linear: one Triton GEMM for the frozen weight with the low-rank term in its epilogue.
+"""Fused LoRA linear: the frozen product and the low-rank term written into y once, forward and backward.
+
+By default cuBLAS computes the frozen product (x W^T, dy W) and adds it in place onto the
+low-rank part our kernels write first; our own GEMM, whose accumulator starts as the low-rank
+term, is the other route (`FUSE_BASE_GEMM`, below). Both compute:
 
 Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its rate):
 
     x (M, K)   W (N, K) frozen   b (N,) frozen or None   A (r, K)   B (N, r)   s = scaling
 
     forward   xa = (D * x / (1 - p)) A^T                 (M, r)   "shrink"
-              y  = x W^T + b + s * xa B^T                (M, N)   base GEMM, low-rank in epilogue
+              y  = x W^T + b + s * xa B^T                (M, N)   base GEMM + low-rank term
 
     backward  dxa = s * dy B                             (M, r)   } two cuBLAS GEMMs
               dB  = s * dy^T xa                          (N, r)   }
-              dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   same GEMM kernel as y, and
-              dA  = dxa^T (D * x / (1 - p))              (r, K)   } summed in its epilogue
+              dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   } one pass over x's tiles for
+              dA  = dxa^T (D * x / (1 - p))              (r, K)   } both (or in our GEMM of dx)
 
 The mask D is never stored. Like Triton's tutorial 04 (low-memory dropout), every kernel that
 needs it redraws it from the seed and the element's position (m, k) in x, with Philox
@@ -33,7 +37,7 @@ GEMMs instead (and the shrink's smaller row blocks), forward + backward at M = 8
 All accumulate in fp32 and store in the input dtype, except dA in the backward: several
 programs add into it, so it is an fp32 buffer the caller casts. The GEMM and the shrink handle
 r in chunks of BLOCK_R (a power of two in [16, 64]: tl.dot needs at least 16 along each side,
-and 64 keeps the epilogue tiles small); the few-rows kernel (up to rank 64) and the backward's
+and 64 keeps the low-rank tiles small); the few-rows kernel (up to rank 64) and the backward's
 low-rank pass hold the whole rank at once; all mask the padding, so any rank 1..256 (or more)
 works.
 
@@ -729,7 +733,7 @@ def dropout_mask(seed, shape, p, device="cpu"):
 # Whether shapes that our GEMM could run (`use_fused_base`) are given to it. Fusing saves one
 # read and one write of y, about 5% of a large layer's time, so it pays only where our GEMM is
 # at least ~95% as fast as cuBLAS. `bench_lora_linear.py --profile` measures that share at the
-# issue's flagship shape (y and dx with their epilogues): on an H200 with triton 3.6 it was 84%
+# issue's flagship shape (y and dx with their low-rank terms): on an H200 with triton 3.6 it was 84%
 # without dropout and 76% with (benchmarks/results/nvidia-h200-run3.md), and the cuBLAS route beat
 # ours forward + backward in the same run (0.97 against 1.02 ms, and 1.20 against 1.50 ms at
 # p = 0.1). So cuBLAS runs the base product by default; set this to True, or pass
@@ -738,7 +742,7 @@ FUSE_BASE_GEMM = False
 
 
 def use_fused_base(M, N, K, dtype=torch.bfloat16):
-    """Whether x W^T runs in our kernel (low-rank term in its epilogue, y written once) rather
+    """Whether x W^T runs in our kernel (its accumulator seeded with the low-rank term) rather
     than in cuBLAS, which adds it onto the low-rank term written first: only with FUSE_BASE_GEMM.
 
     Even then only where a tutorial-style kernel can hope to match cuBLAS: tensor cores, enough
@@ -877,8 +881,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
         da = None
         if want_dx and ctx.dx_in_our_gemm:
-            # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, with the mask in the
-            # epilogue; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
+            # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, the masked low-rank term
+            # its accumulator's start; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
             dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, 1.0 / (1.0 - p), p, seed,
                                      xin=x2 if want_da else None)
         elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)

@@ -101,6 +101,6 @@ def check_mixed_batch(model: nn.Module, adapter_names: object, layers: list[tupl
         raise ValueError(
             f"these layers cannot split a batch by rows, and hold adapters that adapter_names names: "
             f"{', '.join(refused)}. Mixed batches work with LoRA (also DoRA) on linear, embedding and conv layers, "
-            "AdaLoRA, LoHa, LoKr, OFT, HRA, FourierFT, (IA)^3, VeRA, LN tuning, trainable tokens and modules_to_save; "
-            "run these adapters in a batch of their own"
+            "AdaLoRA, LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd, C3A, FourierFT, (IA)^3, VeRA, LN tuning, trainable tokens "
+            "and modules_to_save; run these adapters in a batch of their own"
         )

@@ -77,7 +77,7 @@ def tf32_allowed(allowed):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-# lora_linear's routes (fused_lora.ROUTES): our GEMM with the low-rank epilogue, the one-launch
+# lora_linear's routes (fused_lora.ROUTES): our GEMM with the low-rank term, the one-launch
 # few-rows kernel (1 to 32 rows, rank <= 64, 16-bit), cuBLAS's base product with our low-rank
 # kernels. A test that names one sends the call down it (lora_linear's route argument).
 PATHS = list(impl.ROUTES)

@@ -382,7 +382,7 @@ def gemm_launches():
 def test_tma_loads_match_the_reference(dtype):
     # The TMA configs' K loop, forced (on a GPU the autotuner picks TMA or pointer loads by
     # speed): ragged M, N and K; the forward reads W through a descriptor of W itself, (N, K),
-    # the dx GEMM as stored, with the dropout mask and dA in its epilogue. K and N are multiples
+    # the dx GEMM as stored, with the dropout mask and dA. K and N are multiples
     # of 8, so that every row is a multiple of 16 bytes, as the copy engine needs. float32 takes
     # TMA only where torch allows TF32 (full fp32 runs on FMAs); the interpreter computes in full
     # precision either way.

@@ -131,7 +131,7 @@ def test_ragged_edges_with_unit_strides(dtype, layout):
 @pytest.mark.parametrize("config", impl._gemm_configs() + impl._gemm_configs(tma=True), ids=str)
 def test_every_autotuning_config(config):
     # Ragged in every block dimension of every config; forward GEMM and the dx GEMM with the
-    # dropout mask and dA in its epilogue, each compiled with this tile, with pointer or TMA
+    # dropout mask and dA, each compiled with this tile, with pointer or TMA
     # loads (K = 200 and N = 520 make rows of 16-byte multiples, which TMA needs).
     with gemm_configs([config]), shrink_configs([SMALL_SHRINK_CONFIG]):
         check_against_reference((301,), 200, 520, 16, torch.bfloat16, True, "contiguous", 0.1, 2.0, "triton GEMM",

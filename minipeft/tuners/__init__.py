@@ -60,7 +60,8 @@ class PeftMethod:
         added in place (``add_adapter``) rather than a second wrapper.
     wrap: ``wrap(module, adapter_name, config, qualified_name) -> layer_class`` builds a new
         wrapper holding one adapter. It must not modify ``module`` or the model, except where an
-        init is defined by rewriting the base weight (LoRA's PiSSA / OLoRA); see ``check``.
+        init is defined by rewriting the base weight (LoRA's PiSSA / OLoRA; see ``check``), and
+        LoRA's wrapper of an ``nn.MultiheadAttention``, which wraps the attention's ``out_proj`` too.
     check: ``check(module, config, qualified_name)`` raises the errors that adding the adapter
         to this target would meet. Injection runs it on every target before it changes
         anything, because a base weight rewritten by an init cannot be rolled back.

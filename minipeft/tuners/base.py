@@ -147,9 +147,9 @@ class AdapterLayer(nn.Module):
     # DoRA's magnitudes, AdaLoRA's singular values, VeRA's lambdas. The training loop leaves them
     # out of weight decay, which would pull them towards 0 where they mean "unchanged" at 1.
     scale_names: tuple[str, ...] = ()
-    # Whether the layer lets the model's adapters be merged (merge_adapter, merge_and_unload): LoRA,
-    # (IA)^3, VeRA, trainable tokens and modules trained whole do; a bottleneck MLP, which is no
-    # linear map of a weight, blocks it.
+    # Whether the layer lets the model's adapters be merged (merge_adapter, merge_and_unload): most
+    # methods' layers do (LoRA, (IA)^3, OFT, ..., modules trained whole); a bottleneck MLP, which is
+    # no linear map of a weight, blocks it.
     mergeable: bool = False
     # Whether the forward can run a mixed batch, each row with its own adapter (row_routing):
     # every layer whose forward goes through apply_adapters, and the wrappers of whole modules.
@@ -329,7 +329,7 @@ class AdapterLayer(nn.Module):
 
     def merge_is_addition(self, adapter_name: str) -> bool:
         """Whether merging adapter ``adapter_name`` adds an update that does not depend on the
-        weight (LoRA without DoRA, LoHa, LoKr, AdaLoRA, VeRA, FourierFT). Such merges commute with each
+        weight (e.g. LoRA without DoRA, LoHa, VeRA, FourierFT; ``AddedUpdate``). Such merges commute with each
         other, so nested wrappers of these may merge in any order; any other merge transforms
         the weight the layers inside it hold, and must wait for them (``PeftModel``'s merge plan)."""
         return False
@@ -492,7 +492,8 @@ class AdapterLayer(nn.Module):
 
 class AddedUpdate:
     """The merge of a method whose update is a matrix of the weight's shape, ``delta_weight(name)``
-    (at least fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA). Mixed into an AdapterLayer."""
+    (at least fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA, C3A, FourierFT). Mixed into an
+    AdapterLayer."""
 
     def merge_is_addition(self, adapter_name: str) -> bool:
         return True

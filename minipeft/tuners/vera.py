@@ -74,7 +74,7 @@ class VeraConfig(PeftConfig):
 
     r: number of shared random directions (rows of A, columns of B); 256 by default, as in peft.
     target_modules: linear layers to adapt (names exact or as a dotted suffix, a full-match regex,
-        or ``"all-linear"``). There is no per-architecture default: give them.
+        or ``"all-linear"``); None: peft's choice for the model's architecture (``architecture_targets.VERA``).
     projection_prng_key: seed of the generator that draws the shared pair A, B.
     save_projection: write A and B into the checkpoint (default), so that it loads to the same
         numbers on any platform; False keeps files small and redraws them from the key on load.
