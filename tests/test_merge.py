@@ -279,7 +279,7 @@ def test_a_half_precision_weight_is_rounded_once_when_merged(method, adapters):
     assert torch.equal(layer.get_base_layer().bias, want_bias)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "lora_embedding", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "lora_embedding", "adalora", "vera"])
 def test_an_fp64_weight_merges_in_fp64(method):
     """Updates are computed in at least fp32: an fp64 model (and fp64 adapters) merge to fp64
     precision, not to fp32's 1e-7."""
@@ -290,7 +290,8 @@ def test_an_fp64_weight_merges_in_fp64(method):
                "dora": LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, use_dora=True),
                "lora_embedding": LoraConfig(r=4, target_modules=["0"], init_lora_weights=False),
                "adalora": minipeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["0"],
-                                                 init_lora_weights=False)}
+                                                 init_lora_weights=False),
+               "vera": minipeft.VeraConfig(r=4, target_modules=["0"], init_weights=False)}
     model = get_peft_model(copy.deepcopy(base), configs[method])
     x = torch.randint(0, 40, (3, 5)) if embedding else torch.randn(3, 48, dtype=torch.float64)
     with torch.no_grad():

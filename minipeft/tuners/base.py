@@ -492,19 +492,21 @@ class AdapterLayer(nn.Module):
 
 class AddedUpdate:
     """The merge of a method whose update is a matrix of the weight's shape, ``delta_weight(name)``
-    (at least fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA, C3A, FourierFT). Mixed into an
-    AdapterLayer."""
+    (at least fp32), added to it: ``W + Delta W`` and back (LoHa, LoKr, AdaLoRA, C3A, FourierFT, VeRA,
+    LoRA on a bare parameter or an attention's in_proj). Mixed into an AdapterLayer, before it."""
+
+    merged_name = "weight"  # the base tensor the update is added to (a key of _base_tensors())
 
     def merge_is_addition(self, adapter_name: str) -> bool:
         return True
 
     @torch.no_grad()
     def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name))}, None
+        return {self.merged_name: plus(tensors[self.merged_name], self.delta_weight(adapter_name))}, None
 
     @torch.no_grad()
     def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {"weight": plus(tensors["weight"], self.delta_weight(adapter_name), -1)}
+        return {self.merged_name: plus(tensors[self.merged_name], self.delta_weight(adapter_name), -1)}
 
 
 def layers_a_copy_would_copy(module: nn.Module, own_class: type) -> list[str]:

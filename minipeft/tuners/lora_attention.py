@@ -28,14 +28,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .base import plus, wide
+from .base import AddedUpdate, plus, wide
 from .lora import LoraConfig, LoraLayer, LoraLinear
 
 
-class LoraMultiheadAttention(LoraLayer):
+class LoraMultiheadAttention(AddedUpdate, LoraLayer):
     """LoRA on the in_proj and out_proj of an ``nn.MultiheadAttention`` (query, key and value of one width)."""
 
     supports_mixed_batch = False  # its forward swaps weights for the whole call, not per row
+    merged_name = "in_proj_weight"  # what merging adds to here (out_proj's LoraLinear merges its own weight)
 
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         embed_dim = base_layer.embed_dim
@@ -128,10 +129,3 @@ class LoraMultiheadAttention(LoraLayer):
     def _base_tensors(self) -> dict[str, torch.Tensor]:
         return {"in_proj_weight": self.base_layer.in_proj_weight.detach()}
 
-    @torch.no_grad()
-    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {"in_proj_weight": plus(tensors["in_proj_weight"], self.delta_weight(adapter_name))}, None
-
-    @torch.no_grad()
-    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {"in_proj_weight": plus(tensors["in_proj_weight"], self.delta_weight(adapter_name), -1)}

@@ -51,13 +51,13 @@ from torch.nn.utils import parametrize
 
 from ..targeting import innermost, inside_trained_whole, is_wrapper, logical_name, name_matches, nearest_names
 from . import lora_init
-from .base import AdapterLayer, ModulesToSaveWrapper, plus
+from .base import AdapterLayer, AddedUpdate, ModulesToSaveWrapper
 from .lora import LoraConfig, LoraLayer
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class LoraParameter(LoraLayer):
+class LoraParameter(AddedUpdate, LoraLayer):
     """LoRA on the parameter ``parameter_name`` of ``base_layer`` (see the module docstring).
 
     ``num_experts`` is E (1 for a 2-D parameter); ``in_features`` / ``out_features`` are one
@@ -140,11 +140,9 @@ class LoraParameter(LoraLayer):
     def _base_tensors(self) -> dict[str, torch.Tensor]:
         return {self.parameter_name: self.parameter().detach()}
 
-    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        return {self.parameter_name: plus(tensors[self.parameter_name], self.delta_weight(adapter_name))}, None
-
-    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        return {self.parameter_name: plus(tensors[self.parameter_name], self.delta_weight(adapter_name), -1)}
+    @property
+    def merged_name(self) -> str:  # AddedUpdate's
+        return self.parameter_name
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, shape={tuple(self.parameter().shape)}"

@@ -62,7 +62,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
-from .base import AdapterLayer, adapter_placement
+from .base import AdapterLayer, AddedUpdate, adapter_placement
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 BIAS_CHOICES = ("none", "all", "vera_only")
@@ -172,7 +172,7 @@ class VeraProjection(nn.Module):
         return f"r={self.r}, in_max={self.in_max}, out_max={self.out_max}, prng_key={self.prng_key}, saved={self.saved}"
 
 
-class VeraLinear(AdapterLayer):
+class VeraLinear(AddedUpdate, AdapterLayer):
     """VeRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight stored (in, out)).
 
     Per adapter: ``vera_lambda_b[name]`` (out,) and ``vera_lambda_d[name]`` (r,), trained;
@@ -253,32 +253,14 @@ class VeraLinear(AdapterLayer):
         return b * F.linear(d * h, B)  # (..., out)
 
     # -- merging ------------------------------------------------------------------------------
-    def delta_weight(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``Delta W = diag(b) B_m diag(d) A_n`` (out, in) in ``dtype``, in the base weight's layout."""
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``Delta W = diag(b) B_m diag(d) A_n`` (out, in) in at least fp32, in the base weight's layout."""
         A, B = self.projections(adapter_name)
+        dtype = torch.promote_types(self.vera_lambda_d[adapter_name].dtype, torch.float32)
         d = self.vera_lambda_d[adapter_name].detach().to(A.device, dtype)
         b = self.vera_lambda_b[adapter_name].detach().to(A.device, dtype)
         delta = (b[:, None] * B.to(dtype)) @ (d[:, None] * A.to(dtype))  # (out, r) @ (r, in)
         return delta.T if self.fan_in_fan_out else delta
-
-    def merge_is_addition(self, adapter_name: str) -> bool:
-        return True
-
-    @torch.no_grad()
-    def merged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]):
-        """The weight with ``Delta W`` added, summed in at least fp32; the bias is unchanged."""
-        weight = tensors["weight"]
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        delta = self.delta_weight(adapter_name, compute).to(weight.device)
-        return {"weight": (weight.to(compute) + delta).to(weight.dtype)}, None
-
-    @torch.no_grad()
-    def unmerged_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], kept: torch.Tensor | None):
-        """``W - Delta W``, as merging adds it."""
-        weight = tensors["weight"]
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        delta = self.delta_weight(adapter_name, compute).to(weight.device)
-        return {"weight": (weight.to(compute) - delta).to(weight.dtype)}
 
 
 # -- injection hooks (registered in tuners/__init__.py) --------------------------------------------
