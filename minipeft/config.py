@@ -78,6 +78,7 @@ class PeftConfig:
             except ValueError:
                 known = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"task_type={self.task_type!r} is not a task type; use one of: {known}") from None
+        names_as_lists(self, *(name for name in MODULE_NAME_FIELDS if hasattr(self, name)))
         check_numbers(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,6 +246,10 @@ def check_probability(config: PeftConfig, name: str, what: str = "a probability"
 def is_positive_int(value: object) -> bool:
     """An int > 0, and not a bool (``True`` is an int to Python, but no rank or size)."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# Fields that name modules, as a list (or one regex string); peft's configs keep them as sets.
+MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
 
 
 def names_as_lists(config: PeftConfig, *fields: str) -> None:

@@ -117,8 +117,6 @@ class AdaLoraConfig(PeftConfig):
         check_probability(self, "lora_dropout")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         check_layer_selection(self)
 
     def rank(self, key: str) -> int:

@@ -55,9 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import (
-    PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int, names_as_lists,
-)
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .oft import cayley, rotate
@@ -94,7 +92,6 @@ class BOFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.BOFT
-        names_as_lists(self, "target_modules", "exclude_modules")
         for name in ("boft_block_size", "boft_block_num"):
             if not is_positive_int(getattr(self, name)) and getattr(self, name) != 0:
                 raise ValueError(f"BOFT's {name} is a positive integer, or 0 to derive it from the other one; "

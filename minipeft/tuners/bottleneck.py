@@ -111,8 +111,6 @@ class BottleneckConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.BOTTLENECK
-        if isinstance(self.target_modules, (set, frozenset, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if (self.bottleneck_size is None) == (self.reduction_factor is None):
             raise ValueError(
                 "give exactly one of bottleneck_size (the width b, e.g. 64) and reduction_factor "

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int, names_as_lists
+from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features
 from .base import AdapterLayer, AddedUpdate, wide
 
@@ -74,7 +74,6 @@ class C3AConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.C3A
-        names_as_lists(self, "target_modules")
         for name, value in [("block_size", self.block_size), *self.block_size_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"C3A's block sizes are positive integers; got {value!r} for {name!r}")

@@ -33,13 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
-    PeftConfig,
-    PeftType,
-    check_flags,
-    check_layer_selection,
-    is_positive_int,
-    names_as_lists,
-    pattern_value,
+    PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, pattern_value,
 )
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
 from .base import AdapterLayer, AddedUpdate
@@ -76,7 +70,6 @@ class FourierFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.FOURIERFT
-        names_as_lists(self, "target_modules", "exclude_modules")
         for name, value in [("n_frequency", self.n_frequency), *self.n_frequency_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"FourierFT's n_frequency is a positive integer, got {name}={value!r}")

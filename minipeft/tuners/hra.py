@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, names_as_lists
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
 
@@ -75,7 +75,6 @@ class HRAConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.HRA
-        names_as_lists(self, "target_modules", "exclude_modules")
         if not is_positive_int(self.r):
             raise ValueError(f"HRA's r (the number of reflections) is a positive integer, got {self.r!r}")
         if self.bias not in ("none", "all", "hra_only"):

@@ -59,10 +59,6 @@ class IA3Config(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.IA3
-        for attr in ("target_modules", "exclude_modules", "feedforward_modules"):
-            value = getattr(self, attr)
-            if isinstance(value, (set, frozenset, tuple)):
-                setattr(self, attr, sorted(value))
         # peft fills a None from its per-architecture table, so guessing here would silently
         # disagree with it (output-side vectors where peft puts input-side ones). Say it instead.
         if self.feedforward_modules is None and self.target_modules is not None:

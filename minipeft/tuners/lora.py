@@ -109,8 +109,6 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \
                 lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         # lora_bias is easily confused with ``bias`` ("none" / "all" / "lora_only"), whose strings
         # would all read as true here.
         if not isinstance(self.lora_bias, bool):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, check_layer_selection, check_probability, is_positive_int, names_as_lists, pattern_value
+from ..config import PeftConfig, check_layer_selection, check_probability, is_positive_int, pattern_value
 from .base import AdapterLayer, AddedUpdate
 
 SUPPORTED = "nn.Linear, nn.Conv1d and nn.Conv2d"
@@ -67,7 +67,6 @@ class LycorisConfig(PeftConfig):
         for name, value in [("alpha", self.alpha), *self.alpha_pattern.items()]:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{method}'s alpha is a number (the scale is alpha / r), got {name}={value!r}")
-        names_as_lists(self, "target_modules", "exclude_modules")
         check_layer_selection(self)
 
 

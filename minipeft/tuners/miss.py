@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int, names_as_lists
+from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features, wrapper_chain
 from .base import AdapterLayer, plus, wide
 
@@ -77,7 +77,6 @@ class MissConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.MISS
-        names_as_lists(self, "target_modules", "exclude_modules")
         for name in ("r", "mini_r"):
             if not is_positive_int(getattr(self, name)):
                 raise ValueError(f"MiSS's {name} is a positive integer, got {getattr(self, name)!r}")

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int, names_as_lists
+from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
@@ -113,7 +113,6 @@ class OFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.OFT
-        names_as_lists(self, "target_modules", "exclude_modules")
         for name in ("r", "oft_block_size"):
             if not is_positive_int(getattr(self, name)) and getattr(self, name) != 0:
                 raise ValueError(f"OFT's {name} is a positive integer, or 0 to derive it from the other one; "

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, is_positive_int, names_as_lists
+from ..config import PeftConfig, PeftType, check_flags, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features
 from .base import AdapterLayer, wide
 
@@ -66,7 +66,6 @@ class RoadConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.ROAD
-        names_as_lists(self, "target_modules")
         if self.variant not in PARAMETERS_PER_FEATURE:
             raise ValueError(f"RoAd's variant is one of {list(PARAMETERS_PER_FEATURE)}, got {self.variant!r}")
         if not is_positive_int(self.group_size) or self.group_size % 2:

@@ -98,8 +98,6 @@ class TrainableTokensConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.TRAINABLE_TOKENS
         self.token_indices = token_index_list(self.token_indices, "token_indices")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
 

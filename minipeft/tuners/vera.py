@@ -104,8 +104,6 @@ class VeraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.VERA
-        if isinstance(self.target_modules, (set, frozenset, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if not is_positive_int(self.r):
             raise ValueError(f"VeRA's r must be a positive integer, got r={self.r!r}")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
