@@ -6,12 +6,20 @@ libraries unchanged. Attributes the PeftModel does not have fall through, first 
 ``base_model`` (``enable_adapter_layers``, as on peft's tuner model), then to the wrapped model
 (``config``, ...). ``forward`` and ``generate`` are the wrapped model's, with peft's
 ``adapter_names`` for mixed batches.
+
+Tools read the forward's signature: transformers' ``Trainer`` keeps the dataset columns the
+forward names and finds the labels there (``labels``, a QA model's ``start_positions``), and it
+reads the wrapped model's for a peft model, which it knows by class. So a PeftModel's class is
+made per wrapped-model class, ``PeftModelFor<Class>`` (``_class_for``), a subclass whose forward
+carries the wrapped model's signature; it pickles as a plain PeftModel and is made again on load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import os
 import warnings
 import weakref
@@ -113,6 +121,7 @@ class PeftModel(nn.Module):
         _check_not_adapted(model)
         self.base_model = AdaptedModel(model)
         self._attach_base_model()
+        self._take_forward_signature()
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str = adapter_name  # the first of the active adapters (peft's attribute)
         self._active: list[str] = [adapter_name]
@@ -125,6 +134,20 @@ class PeftModel(nn.Module):
     def __setstate__(self, state) -> None:  # a copy (deepcopy, pickle): its base model answers to it
         super().__setstate__(state)
         self._attach_base_model()
+        self._take_forward_signature()
+
+    def _take_forward_signature(self) -> None:
+        """Become ``PeftModelFor<Class>`` of the wrapped model (module docstring); a subclass of
+        PeftModel that someone wrote keeps its own class."""
+        if type(self) is PeftModel:
+            self.__class__ = _class_for(type(self.get_base_model()))
+
+    def __reduce_ex__(self, protocol):
+        # Pickled as a plain PeftModel (a made class has no importable name): __setstate__ makes it again.
+        reduced = super().__reduce_ex__(protocol)
+        if type(self) is not _class_for(type(self.get_base_model())) or type(self) is PeftModel:
+            return reduced
+        return (_new_peft_model, (), *reduced[2:])
 
     def __getattr__(self, name: str):
         try:
@@ -675,6 +698,33 @@ def _check_not_adapted(model: nn.Module) -> None:
             "inject_adapter_in_model(config, model, name)); to start again from the plain model, take it from "
             "unload() or merge_and_unload()"
         )
+
+
+def _new_peft_model() -> PeftModel:
+    """An empty PeftModel for unpickling (``PeftModel.__reduce_ex__``), its state set after."""
+    return PeftModel.__new__(PeftModel)
+
+
+@functools.cache
+def _class_for(model_class: type) -> type:
+    """``PeftModelFor<model_class>``: a PeftModel whose forward has ``model_class.forward``'s
+    signature plus ``adapter_names`` (module docstring); PeftModel itself when it has none."""
+    try:
+        wrapped = inspect.signature(model_class.forward)  # (self, input_ids=None, ..., labels=None, ...)
+    except (TypeError, ValueError):
+        return PeftModel
+    parameters = [p for p in wrapped.parameters.values() if p.name != "adapter_names"]
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    var_keyword = [i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD]
+    parameters.insert(var_keyword[0] if var_keyword else len(parameters), extra)
+
+    def forward(self, *args, **kwargs):
+        return PeftModel.forward(self, *args, **kwargs)
+
+    forward.__doc__ = PeftModel.forward.__doc__
+    forward.__signature__ = wrapped.replace(parameters=parameters)
+    name = f"PeftModelFor{model_class.__name__}"
+    return type(name, (PeftModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
 
 
 def get_peft_model(
