@@ -72,6 +72,11 @@ RANKED = ("lora", "adalora", "loha", "lokr")  # the adapters --r and --lora-alph
 # best weights, with the side folders of their atomic swap), and the saved adapter or model (and
 # for PiSSA/OLoRA the adapter as initialised, which the trained one is converted against)
 RUN_FILES = (*OUTPUT_NAMES, "adapter", "adapter-init", "model")
+# the files those folders hold (an adapter's, a transformers model's, a plain module's weights):
+# --overwrite removes a folder only when it holds nothing else, so a user's own folder that
+# happens to be named "model" is never taken for one a run wrote
+RUN_FOLDER_FILES = {"adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
+                    "model.safetensors"}
 
 
 def non_negative_int(text: str) -> int:
@@ -175,8 +180,20 @@ def previous_run(out_dir: Path) -> list[Path]:
     return [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
 
 
+def check_only_run_files(paths: list[Path]) -> None:
+    """Exit with an error, before anything is removed, when a folder among ``paths`` holds a file
+    that no run writes there: it is the user's, and --overwrite must not take it."""
+    for path in paths:
+        if path.is_dir():
+            others = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in RUN_FOLDER_FILES)
+            if others:
+                sys.exit(f"error: --overwrite would remove {path}, but it holds files no run writes ({', '.join(others[:3])}): "
+                         "move them out of it, or pass a new --output-dir")
+
+
 def remove_previous_run(out_dir: Path) -> None:
     """Remove an earlier run's files from out_dir (the user asked, with --overwrite), nothing else."""
+    check_only_run_files(previous_run(out_dir))
     for path in previous_run(out_dir):
         if path.is_dir():
             shutil.rmtree(path)
@@ -260,6 +277,7 @@ def main(argv=None) -> dict:
     if previous and not args.overwrite:
         sys.exit(f"error: {out_dir} already holds a run ({', '.join(p.name for p in previous)}); "
                  "pass a new --output-dir, or --overwrite to replace that run")
+    check_only_run_files(previous)  # (said now, not after minutes of loading)
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)

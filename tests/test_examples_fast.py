@@ -47,11 +47,7 @@ def test_lora_example_refuses_an_output_dir_holding_a_run(tmp_path):
 
 
 def test_lora_example_overwrite_removes_only_the_files_a_run_writes(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lora_example", LORA_EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_lora_example()
     previous_run_files(tmp_path)
     assert [p.name for p in example.previous_run(tmp_path)] == ["checkpoint.pt", "metrics.jsonl", "adapter"]
     example.remove_previous_run(tmp_path)
@@ -59,17 +55,32 @@ def test_lora_example_overwrite_removes_only_the_files_a_run_writes(tmp_path):
     assert example.previous_run(tmp_path) == []
 
 
-def test_lora_example_overwrite_removes_what_train_left(tmp_path):
-    """The names come from train() itself: a real run, and the side folders a crash in the best
-    weights' swap leaves, are all removed; the user's file stays."""
-    import importlib.util
+def test_lora_example_overwrite_never_removes_a_users_folder_of_a_runs_name(tmp_path):
+    example = load_lora_example()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "thesis.tex").write_text("the user's own file")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit, match=r"would remove .*model, but it holds files no run writes \(thesis.tex\)"):
+        example.remove_previous_run(tmp_path)
+    assert (tmp_path / "model" / "thesis.tex").exists() and (tmp_path / "metrics.jsonl").exists()  # nothing removed
 
-    import minipeft.train as train_module
-    from tests.test_train import TinyClassifier, loaders
+
+def load_lora_example():
+    import importlib.util
 
     spec = importlib.util.spec_from_file_location("lora_example", LORA_EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_lora_example_overwrite_removes_what_train_left(tmp_path):
+    """The names come from train() itself: a real run, and the side folders a crash in the best
+    weights' swap leaves, are all removed; the user's file stays."""
+    import minipeft.train as train_module
+    from tests.test_train import TinyClassifier, loaders
+
+    example = load_lora_example()
     train_loader, eval_loader = loaders(n_train=32)
     train_module.train(TinyClassifier(), train_loader, eval_loader,
                        train_module.TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100))
