@@ -16,7 +16,8 @@ AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA a
 evaluation every `eval_every` steps; early stopping; the best weights saved
 (save_pretrained, or a safetensors state_dict for a plain module); a resumable
 checkpoint (optimizer, scheduler, step, RNG, trainable weights) written atomically and
-refused on resume when it came from other settings or other data; a progress line and a
+refused on resume when it came from other settings, other data, another adapter config or
+another base model; a progress line and a
 metrics JSONL file.
 
 Under `torchrun` the loop runs DistributedDataParallel (gloo on CPU; on GPUs nccl for
@@ -387,7 +388,13 @@ def _check_resumable(ckpt: dict, config: TrainConfig, totals: dict, world: int, 
         return list(v) if isinstance(v, tuple) else v
 
     def describe(k):
-        return "the training data (its first batch differs)" if k == "first_batch" else f"{k}: {saved[k]!r} -> {new[k]!r}"
+        if k == "first_batch":
+            return "the training data (its first batch differs)"
+        if k == "frozen_weights":
+            return "the frozen weights (another base model, or other values in it)"
+        if k == "adapters":
+            return "the adapters' configs (" + _config_changes(saved[k], new[k]) + ")"
+        return f"{k}: {saved[k]!r} -> {new[k]!r}"
 
     diffs = [describe(k) for k in (*RESUME_FIELDS, *totals) if k in saved and norm(saved[k]) != norm(new[k])]
     if diffs:
@@ -591,6 +598,7 @@ class _Run:
     total_steps: int
     rank_allocator: object | None = None  # AdaLoRA's RankAllocator, when the model trains an AdaLoRA adapter
     first_batch: str = ""  # a hash of the training data's first batch (_data_fingerprint)
+    model_fingerprint: dict = field(default_factory=dict)  # what is trained, on what (_model_fingerprint)
 
     @property
     def main(self) -> bool:
@@ -601,10 +609,11 @@ class _Run:
         return Path(self.config.output_dir)
 
     @property
-    def totals(self) -> dict[str, int]:
-        """What the data and world size made of the config; a resumed run must agree on them too."""
+    def totals(self) -> dict:
+        """What the data, the model and the world size made of the config; a resumed run must
+        agree on them too."""
         return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "world_size": self.world,
-                "first_batch": self.first_batch}
+                "first_batch": self.first_batch, **self.model_fingerprint}
 
 
 def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfig | None = None) -> TrainResult:
@@ -621,6 +630,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     _check_batches(train_batches, eval_batches, config)
     run = _setup(model, len(train_batches), config)
     run.first_batch = _data_fingerprint(train_batches)
+    run.model_fingerprint = _model_fingerprint(run.raw_model)
     state = _resume(run)
     _trim_metrics(run, state.step)
     if state.stopped_early and (config.patience is None or state.bad_evals < config.patience):
@@ -743,8 +753,8 @@ def _resume(run: _Run) -> RunState:
     if not (run.config.resume and path.exists()):
         return RunState()
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    _check_same_trainable(run.raw_model, ckpt["trainable"], path)  # (names the tensors, where shapes differ)
     _check_resumable(ckpt, run.config, run.totals, run.world, path)
-    _check_same_trainable(run.raw_model, ckpt["trainable"], path)
     _load_trainable_state(run.raw_model, ckpt["trainable"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -830,6 +840,38 @@ def _data_fingerprint(train_batches) -> str:
         _hash_into(digest, next(iter(train_batches), None))
         random.setstate(python_state)
     return digest.hexdigest()[:16]
+
+
+def _model_fingerprint(model: nn.Module) -> dict:
+    """What a resumed run must train on as its checkpoint's run did, beyond the trained tensors'
+    names and shapes: the adapters' configs (``lora_alpha`` changes no shape, only the scale the
+    saved factors were trained at) and a hash of the frozen weights (another base model of the
+    same architecture has the same shapes). The hash reads each frozen tensor's first and last
+    64 values, not all of them: enough to tell two pretrained checkpoints apart, at no cost."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            flat = p.detach().reshape(-1)
+            digest.update(f"{name} {tuple(p.shape)}".encode())
+            _hash_into(digest, [flat[:64], flat[-64:]])
+    fingerprint = {"frozen_weights": digest.hexdigest()[:16]}
+    peft_model = _unwrap(model)
+    if isinstance(peft_model, PeftModel):
+        unsaid = ("base_model_name_or_path", "revision", "inference_mode")  # no change to what trains
+        fingerprint["adapters"] = {name: {k: v for k, v in config.to_dict().items() if k not in unsaid}
+                                   for name, config in peft_model.peft_config.items()}
+    return fingerprint
+
+
+def _config_changes(saved: dict, new: dict) -> str:
+    """``'default': lora_alpha 16 -> 64`` for two ``{adapter: config dict}``."""
+    changes = [f"{name!r} is new" for name in new if name not in saved]
+    changes += [f"{name!r} is gone" for name in saved if name not in new]
+    for name in (n for n in new if n in saved):
+        keys = sorted({*saved[name], *new[name]})
+        changes += [f"{name!r}: {k} {saved[name].get(k)!r} -> {new[name].get(k)!r}"
+                    for k in keys if saved[name].get(k) != new[name].get(k)]
+    return "; ".join(changes)
 
 
 def _hash_into(digest, value) -> None:

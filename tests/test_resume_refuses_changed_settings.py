@@ -90,6 +90,26 @@ def test_other_training_data_of_the_same_size_is_refused(tmp_path):
     assert result.step == 4
 
 
+def test_another_adapter_config_or_base_model_is_refused(tmp_path):
+    # lora_alpha changes no shape, only the scale the saved factors were trained at; another base
+    # model of the same architecture has the same shapes. Both resumed silently before.
+    from minipeft import LoraConfig, get_peft_model
+
+    def lora(alpha=8, base_seed=0):
+        model = Classifier()
+        if base_seed:
+            torch.manual_seed(base_seed)
+            model.lin.reset_parameters()
+        return get_peft_model(model, LoraConfig(r=2, lora_alpha=alpha, target_modules=["lin"]))
+
+    train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    with pytest.raises(ValueError, match=r"other settings \(the adapters' configs \('default': lora_alpha 8 -> 32\)\)"):
+        train(lora(alpha=32), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    with pytest.raises(ValueError, match=r"other settings \(the frozen weights \(another base model"):
+        train(lora(base_seed=1), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    assert train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE)).step == 4  # the same: resumes
+
+
 def test_the_data_fingerprint_reads_every_tensor_and_draws_no_random_number():
     from collections import UserDict
 

@@ -28,7 +28,9 @@ class TinyClassifier(nn.Module):
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM)
+        with torch.random.fork_rng(devices=[]):  # frozen "pretrained" weights: the same in every instance
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(VOCAB, DIM)
         self.embed.weight.requires_grad_(False)
         self.adapter = nn.Linear(DIM, DIM)
         self.drop = nn.Dropout(dropout)
