@@ -17,8 +17,7 @@ evaluation every `eval_every` steps; early stopping; the best weights saved
 (save_pretrained, or a safetensors state_dict for a plain module); a resumable
 checkpoint (optimizer, scheduler, step, RNG, trainable weights) written atomically and
 refused on resume when it came from other settings, other data, another adapter config or
-another base model; a progress line and a
-metrics JSONL file.
+another base model; a progress line and a metrics JSONL file.
 
 Under `torchrun` the loop runs DistributedDataParallel (gloo on CPU; on GPUs nccl for
 CUDA tensors and gloo for the few CPU ones). DDP only registers parameters that require
