@@ -751,7 +751,7 @@ def _resume(run: _Run) -> RunState:
     path = run.out_dir / CHECKPOINT_NAME
     if not (run.config.resume and path.exists()):
         return RunState()
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _read_checkpoint(path)
     _check_same_trainable(run.raw_model, ckpt["trainable"], path)  # (names the tensors, where shapes differ)
     _check_resumable(ckpt, run.config, run.totals, run.world, path)
     _load_trainable_state(run.raw_model, ckpt["trainable"])
@@ -764,6 +764,24 @@ def _resume(run: _Run) -> RunState:
         print(f"resumed from {path} at step {ckpt['step']}", flush=True)
     # (a checkpoint older than a RunState field leaves it at its default)
     return RunState(**{f.name: ckpt[f.name] for f in fields(RunState) if f.name in ckpt})
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents, or a ValueError saying the file is damaged and what to do.
+    (This loop writes it atomically, so a killed run leaves the previous one whole: a damaged
+    file was broken, or put there, by something else.) Read without unpickling code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises what its reader meets: EOFError, RuntimeError, UnpicklingError, ...
+        raise ValueError(f"cannot resume from {path}: it is damaged or not a checkpoint of this training loop "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Delete it to start "
+                         "over (or pass resume=False), or restore it from a copy") from None
+    missing = [key for key in ("step", "trainable", "optimizer", "scheduler", "rng") if key not in ckpt] \
+        if isinstance(ckpt, dict) else ["all of it"]
+    if missing:
+        raise ValueError(f"cannot resume from {path}: it is not a checkpoint of this training loop (it lacks "
+                         f"{', '.join(missing)}). Delete it to start over (or pass resume=False)")
+    return ckpt
 
 
 def _record_step(line: str) -> int | None:

@@ -675,6 +675,20 @@ def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:100]), "it is damaged or not a checkpoint"),  # cut short
+    (lambda path: path.write_bytes(b""), "it is damaged or not a checkpoint"),
+    (lambda path: torch.save({"step": 3}, path), r"it is not a checkpoint .*it lacks trainable, optimizer, scheduler, rng"),
+])
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path, damage, message):
+    train_loader, eval_loader = loaders(n_train=32)
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2)
+    train(TinyClassifier(), train_loader, eval_loader, config)
+    damage(tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=rf"cannot resume from .*checkpoint.pt: {message}.*Delete it to start over"):
+        train(TinyClassifier(), train_loader, eval_loader, config)
+
+
 def test_an_output_dir_given_as_a_path_resumes_and_a_file_is_refused(tmp_path):
     # The checkpoint records the config and loads only plain types: the path is kept as a str.
     train_loader, eval_loader = loaders(n_train=32)
