@@ -471,18 +471,26 @@ def write_results(device: str, section: str, data: dict, markdown: str, results_
     text = json.dumps(doc, indent=2) + "\n"
     atomic_write(json_path, lambda f: f.write(text.encode()))
 
+    markdown_text = render_results(doc)
+    atomic_write(md_path, lambda f: f.write(markdown_text.encode()))
+    return md_path
+
+
+def render_results(doc: dict) -> str:
+    """The markdown of a results file (``write_results``' json document): every section under
+    the machine and versions of the latest writer, each earlier run saying which were its own."""
     lines = [f"# minipeft vs peft on {doc['machine']}", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), ""]
     for name, sec in doc["sections"].items():
         load = ", ".join(f"{x:.1f}" for x in sec["load_average_after"])
         lines += [f"## {name}", "", f"Command: `{sec['command']}` (machine load average at the end: {load})", ""]
-        if "versions" in sec and (sec["versions"], sec["machine"]) != (doc["versions"], doc["machine"]):
+        if "versions" not in sec:  # written before sections kept their own: not this header's machine
+            lines += ["(An earlier run; its machine and versions were not recorded.)", ""]
+        elif (sec["versions"], sec["machine"]) != (doc["versions"], doc["machine"]):
             own = ", ".join(f"{k} {v}" for k, v in sec["versions"].items())
             lines += [f"(An earlier run, on {sec['machine']}: {own}.)", ""]
         lines += [sec["markdown"].rstrip(), ""]
-    markdown_text = "\n".join(lines)
-    atomic_write(md_path, lambda f: f.write(markdown_text.encode()))
-    return md_path
+    return "\n".join(lines)
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
