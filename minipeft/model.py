@@ -400,7 +400,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter layers are disabled ({disabled[:3]}{' ...' if len(disabled) > 3 else ''}: "
                              "inside disable_adapter() or after disable_adapter_layers()); merge outside the block, "
                              "or after enable_adapter_layers()")
-        for _, layer, here in self._merge_plan(adapter_names, safe_merge, refuse_already_merged=True):
+        for _, layer, here in self._merge_plan(adapter_names, safe_merge, unloading=False):
             layer.merge(here)
 
     def unmerge_adapter(self) -> None:
@@ -421,7 +421,7 @@ class PeftModel(nn.Module):
             raise TypeError(
                 "virtual tokens (prompt tuning, P-tuning, prefix tuning) are not weights and cannot be merged; use unload()"
             )
-        self._merge_plan(adapter_names, safe_merge, refuse_already_merged=False)  # every check; unload merges
+        self._merge_plan(adapter_names, safe_merge, unloading=True)  # every check; unload merges
         self._check_one_trained_copy(self.active_adapters if adapter_names is None else adapter_names)
         return self._forget_adapters(injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names))
 
@@ -443,14 +443,14 @@ class PeftModel(nn.Module):
         return model
 
     def _merge_plan(
-        self, adapter_names: list[str] | None, safe_merge: bool, refuse_already_merged: bool
+        self, adapter_names: list[str] | None, safe_merge: bool, unloading: bool
     ) -> list[tuple[str, AdapterLayer, list[str]]]:
         """``(layer name, wrapper, adapters to merge there)`` for every wrapper that holds one of
         ``adapter_names`` (default: the active adapter). Checks all that can fail before anything
         is merged: unknown or repeated names, adapters that are not linear maps of a weight,
-        adapters merged already (when ``refuse_already_merged``; else they stay merged), layers an
-        adapter cannot be folded into (``merge_blocker``) and, with ``safe_merge``, weights that
-        would hold NaN or inf."""
+        layers an adapter cannot be folded into (``merge_blocker``) and, with ``safe_merge``,
+        weights that would hold NaN or inf. Adapters merged already stay as they are (merging
+        again would add them twice), with a warning unless ``unloading``, as in peft."""
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names is a list of names, got the string {adapter_names!r}")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
@@ -459,23 +459,24 @@ class PeftModel(nn.Module):
         prompt = [n for n in names if self.peft_config[n].is_prompt_learning]
         if prompt:
             raise TypeError(f"adapter(s) {prompt} add virtual tokens, which are not weights and cannot be merged")
-        plan = []
+        plan, merged = [], set()
         for layer_name, layer in injection.innermost_first(list(injection.adapter_layers(self.get_base_model()))):
             here = [n for n in names if n in layer.adapter_names]
-            twice = [n for n in here if n in layer.merged_adapters]
-            if twice and refuse_already_merged:
-                raise ValueError(f"adapter(s) {twice} already merged into {layer_name!r}; unmerge_adapter() first")
+            merged |= {n for n in here if n in layer.merged_adapters}
             here = [n for n in here if n not in layer.merged_adapters]
             if here:
                 plan.append((layer_name, layer, here))
+        if merged and not unloading:
+            warnings.warn(f"adapter(s) {sorted(merged)} are merged already and stay as they are (merging again would "
+                          "add them twice); unmerge_adapter() first to merge them anew", stacklevel=3)
         blocking = sorted({type(layer).__name__ for _, layer, _ in plan if not layer.mergeable})
         if blocking:
             raise TypeError(
                 f"cannot merge adapter(s) {names}: {blocking} adapters are not linear maps of a weight, so they "
                 "cannot be merged; call unload() to remove them without merging"
             )
-        for layer_name, layer, here in plan:  # (merge_and_unload: refuse_already_merged=False)
-            layer.check_merge_blockers(here, layer_name, unloading=not refuse_already_merged)
+        for layer_name, layer, here in plan:
+            layer.check_merge_blockers(here, layer_name, unloading=unloading)
         self._check_nested_merges(plan)
         self._warn_tied_merges(plan)
         if safe_merge:

@@ -243,11 +243,13 @@ def test_adapter_name_errors():
         model.delete_adapter("nope")
 
 
-def test_merging_twice_is_an_error():
-    model = get_peft_model(TinyNet(), LoraConfig(target_modules=["fc1"]))
+def test_merging_twice_merges_once_with_a_warning_as_in_peft():
+    model = get_peft_model(TinyNet(), LoraConfig(target_modules=["fc1"], init_lora_weights=False))
     model.merge_adapter()
-    with pytest.raises(ValueError, match="already merged"):
+    once = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match=r"\['default'\] are merged already and stay as they are"):
         model.merge_adapter()
+    assert all(torch.equal(p, once[n]) for n, p in model.named_parameters())
 
 
 def test_peft_model_falls_through_to_the_base_model():
