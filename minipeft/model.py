@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint, injection, status
 from .config import PeftConfig, PeftType, check_config_type
 from .mixed_batches import mixed_batch
-from .targeting import TASK_HEAD_NAMES, wrapper_chain
+from .targeting import TASK_HEAD_NAMES, check_task_type, wrapper_chain
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
 from .tuners.trainable_tokens import TrainableTokensLayer
@@ -196,6 +196,7 @@ class PeftModel(nn.Module):
         """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
         check_config_type(peft_config)
         self._check_new_name(adapter_name)
+        check_task_type(self.get_base_model(), peft_config)
         config = copy.deepcopy(peft_config)
         heads = TASK_HEAD_NAMES.get(config.task_type, ())  # (a TaskType is its string value)
         if heads and hasattr(config, "modules_to_save"):

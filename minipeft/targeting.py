@@ -39,6 +39,25 @@ CLASSIFIER_HEAD_NAMES = ("classifier", "score")
 # The heads a task's model gets new and untrained, which must train and be saved with the
 # adapter: peft adds them to modules_to_save (names the model lacks are skipped).
 TASK_HEAD_NAMES = {"SEQ_CLS": CLASSIFIER_HEAD_NAMES, "TOKEN_CLS": CLASSIFIER_HEAD_NAMES, "QUESTION_ANS": ("qa_outputs",)}
+# The task of a transformers model class with such a head, by the end of its name.
+TASK_OF_HEAD_CLASS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+                      "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def check_task_type(model: nn.Module, config) -> None:
+    """A ValueError when ``config.task_type`` names another task than ``model``'s class has a
+    new head for (``BertForSequenceClassification`` with ``"CAUSAL_LM"``): that head would
+    neither train nor be saved with the adapter, and the fine-tune would silently keep it random."""
+    task = next((t for suffix, t in TASK_OF_HEAD_CLASS.items() if type(model).__name__.endswith(suffix)), None)
+    given = getattr(config, "task_type", None)
+    if task is None or given is None or given == task:
+        return
+    heads = [n for n in TASK_HEAD_NAMES[task] if isinstance(getattr(model, n, None), nn.Module)]
+    saved = getattr(config, "modules_to_save", None) or []
+    if heads and not any(h in saved for h in heads):
+        raise ValueError(f"task_type={given.value!r}, but "
+                         f"{type(model).__name__} has a new {task} head ({heads[0]!r}), which would neither train "
+                         f"nor be saved with the adapter; use task_type={task!r} (or list {heads[0]!r} in modules_to_save)")
 
 
 def out_in_features(weight, fan_in_fan_out: bool) -> tuple[int, int]:

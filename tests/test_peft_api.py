@@ -403,6 +403,25 @@ def test_config_from_pretrained_and_save_pretrained_as_peft_s(tmp_path):
         minipeft.PeftConfig.from_pretrained(tmp_path / "latin1")
 
 
+def test_a_task_type_that_would_leave_the_models_new_head_untrained_is_refused():
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    classifier = transformers.BertForSequenceClassification(config)
+    with pytest.raises(ValueError, match=r"task_type='CAUSAL_LM', but BertForSequenceClassification has a new "
+                                         r"SEQ_CLS head \('classifier'\).*use task_type='SEQ_CLS'"):
+        get_peft_model(classifier, LoraConfig(task_type="CAUSAL_LM", target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"new QUESTION_ANS head \('qa_outputs'\)"):
+        get_peft_model(transformers.BertForQuestionAnswering(config),
+                       LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    # the head listed by hand trains whatever the task type says; no task type: peft's default, no check
+    for kwargs in (dict(task_type="FEATURE_EXTRACTION", modules_to_save=["classifier"]), {}):
+        model = get_peft_model(transformers.BertForSequenceClassification(config),
+                               LoraConfig(target_modules=["query"], **kwargs))
+        assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n) == bool(kwargs)
+
+
 def test_mistakes_a_peft_user_makes_get_errors_that_say_what_to_do(tmp_path):
     # peft's config handed to minipeft: which config to use instead, and how to convert it.
     with pytest.raises(TypeError, match=r"got peft's LoraConfig.*PeftConfig.from_dict\(config.to_dict\(\)\)"):
