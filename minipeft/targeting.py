@@ -201,15 +201,20 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
     return int(match.group(1)) if match else None
 
 
-def layer_pattern_hint(names: Iterable[str]) -> str:
-    """For names in which ``layer_index`` found no layer number without a pattern: the
-    ``layers_pattern`` that would find one, e.g. ``'blocks'`` for ``blocks.0.fc1``."""
-    segments = sorted({m.group(1) for n in names if (m := re.match(r"([^.]+)\.\d+\.", n))})
-    if not segments:
-        return ""
-    pattern = segments[0] if len(segments) == 1 else segments
-    return (f"; no layer number was found in {sorted(names)[:3]}: without layers_pattern it is the number after two "
-            f"named segments, as in peft (model.layers.7.q_proj); give layers_pattern={pattern!r}")
+def layer_pattern_hint(names: Iterable[str], given=None) -> str:
+    """For names in which ``layer_index`` found no layer number (with the ``layers_pattern``
+    ``given``, or none): where the number is read, and the pattern that would find one, e.g.
+    ``'blocks'`` for ``blocks.0.fc1`` (the segment before the first number)."""
+    names = sorted(names)
+    segments = sorted({m.group(1) for n in names if (m := re.match(r"(?:.*?\.)?([^.]+)\.\d+\.", n))})
+    suggestion = ""
+    if segments:
+        suggestion = f"; give layers_pattern={segments[0] if len(segments) == 1 else segments!r}"
+    if given:
+        return (f"; layers_pattern={given!r} found no layer number in {names[:3]}: it reads the number right after "
+                f"that name segment ('<pattern>.<n>.'){suggestion}")
+    return (f"; no layer number was found in {names[:3]}: without layers_pattern it is the number after two named "
+            f"segments, as in peft (model.layers.7.q_proj){suggestion}")
 
 
 def declared_embedding(model: nn.Module, which: str) -> nn.Module | None:
@@ -288,8 +293,8 @@ def find_targets(model: nn.Module, config) -> list[str]:
         unnumbered = [names[n] for n in selected if layer_index(names[n], pattern) is None and n not in named_in_full]
         selected = narrow(selected, "layers_to_transform",
                           lambda n: layer_index(n, pattern) in wanted or n in named_in_full)
-        if not selected and not pattern and applied:
-            applied[-1] += layer_pattern_hint(unnumbered)
+        if not selected and applied and unnumbered:
+            applied[-1] += layer_pattern_hint(unnumbered, pattern)
 
     selected = _without_uncalled(selected, never_called, names, targets, model)
     if not selected:

@@ -86,6 +86,9 @@ def test_layer_numbers_right_after_the_first_segment_need_layers_pattern_as_in_p
         find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[0]))
     assert find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[0],
                                               layers_pattern="blocks")) == ["blocks.0.fc1"]
+    # a pattern that names no layer list: the error says so (not that layer 0 was missing)
+    with pytest.raises(ValueError, match=r"layers_pattern='layers' found no layer number in .*give layers_pattern='blocks'"):
+        find_targets(TinyNet(), LoraConfig(target_modules=["fc1"], layers_to_transform=[0], layers_pattern="layers"))
 
 
 def test_target_modules_none_is_explained():
