@@ -160,17 +160,25 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward, with the active adapter; ``adapter_names``: a mixed batch, one
         adapter name per sample (``minipeft/mixed_batches.py``)."""
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, args, kwargs):
             return self.with_training_terms(self.base_model(*args, **kwargs))
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's ``generate``; ``adapter_names`` as in ``forward``, one per prompt."""
-        with self._mixed_batch(adapter_names, follows_repeats=True):
+        with self._mixed_batch(adapter_names, args, kwargs, follows_repeats=True):
             return self.get_base_model().generate(*args, **kwargs)
 
-    def _mixed_batch(self, adapter_names: list[str] | None, follows_repeats: bool = False):
+    def _mixed_batch(self, adapter_names: list[str] | None, args: tuple, kwargs: dict, follows_repeats: bool = False):
         if adapter_names is None:
             return contextlib.nullcontext()
+        # One name per sample, checked here where the batch is plain to see (as peft does); a
+        # layer would only see rows (beams, flattened tokens) and fail deep inside the model.
+        first = next((t for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1])
+                      if isinstance(t, torch.Tensor)), None)
+        named = isinstance(adapter_names, (list, tuple)) and adapter_names  # (other mistakes: mixed_batch's errors)
+        if named and first is not None and first.dim() > 1 and len(adapter_names) != first.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {first.shape[0]} samples: "
+                             'give one per sample ("__base__" for the base model)')
         return mixed_batch(self.get_base_model(), adapter_names, follows_repeats)
 
     def with_training_terms(self, outputs):

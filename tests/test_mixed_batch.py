@@ -272,10 +272,14 @@ def test_bad_adapter_names_are_refused_before_anything_runs(lora_model):
         lora_model(x, adapter_names="b")
     with pytest.raises(ValueError, match="empty"):
         lora_model(x, adapter_names=[])
-    with pytest.raises(ValueError, match="input of 2 rows in a mixed batch of 3 samples"):
+    with pytest.raises(ValueError, match=r"adapter_names has 3 names for a batch of 2 samples: give one per sample"):
         lora_model(x, adapter_names=["b", "b", "default"])
-    with pytest.raises(ValueError, match="input of 4 rows in a mixed batch of 2 samples"):
+    with pytest.raises(ValueError, match="adapter_names has 2 names for a batch of 4 samples"):
         lora_model(input_ids(batch=4), adapter_names=["b", "default"])  # repeats are generate()'s alone
+    # a model adapted in place has no batch to look at: its layers check the rows they get
+    with pytest.raises(ValueError, match="input of 2 rows in a mixed batch of 3 samples"):
+        with minipeft.mixed_batch(lora_model.get_base_model(), ["b", "b", "default"]):
+            lora_model.get_base_model()(x)
 
 
 def test_training_mode_and_merged_adapters_are_refused(lora_model):
