@@ -4,7 +4,7 @@
 
 `model(**batch)` must return either an object/dict with `.loss` (and `.logits`), as
 Hugging Face models do when given `labels`, or a logits tensor, from which the loss is
-computed here. Batches are dicts of tensors with "labels": shape [B] means sequence
+computed here (a forward that takes no `labels` argument is called without them). Batches are dicts of tensors with "labels": shape [B] means sequence
 classification, shape [B, T] means a causal LM (labels already aligned with input_ids,
 -100 where there is nothing to predict; the shift happens in the loss).
 
@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -441,7 +443,7 @@ def _task_of(batch: dict, task: str) -> str:
 
 def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over this batch's examples or target tokens, logits)."""
-    out = model(**batch)
+    out = model(**(batch if _takes_labels(type(_unwrap(model))) else {k: v for k, v in batch.items() if k != "labels"}))
     if isinstance(out, (tuple, list)):
         raise TypeError(f"the model's forward returned a {type(out).__name__}, whose entries have no names; return "
                         "the logits tensor, a dict, or an object with .logits (and .loss): a transformers model "
@@ -461,6 +463,17 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
         if isinstance(peft_model, PeftModel):
             loss = peft_model.with_training_terms(SimpleNamespace(loss=loss)).loss
     return loss, logits
+
+
+@functools.cache
+def _takes_labels(model_class: type) -> bool:
+    """Whether the model's forward takes ``labels`` (a transformers model, which then computes its
+    own loss); a plain ``forward(self, x)`` gets the batch without them, the loss computed here."""
+    try:
+        parameters = inspect.signature(model_class.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _count(batch: dict, task: str) -> int:

@@ -700,6 +700,20 @@ def test_an_output_dir_given_as_a_path_resumes_and_a_file_is_refused(tmp_path):
         TrainConfig(output_dir=tmp_path / "file")
 
 
+def test_a_plain_forward_without_labels_is_called_without_them(tmp_path):
+    # forward(self, input_ids, attention_mask): the labels are the loop's, the loss computed here
+    class NoLabels(TinyClassifier):
+        def forward(self, input_ids, attention_mask):
+            return super().forward(input_ids, attention_mask)
+
+    train_loader, eval_loader = loaders(n_train=32)
+    torch.manual_seed(0)
+    plain = train(NoLabels(), train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path / "a"), max_steps=3))
+    torch.manual_seed(0)
+    usual = train(TinyClassifier(), train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path / "b"), max_steps=3))
+    assert plain.best_metric == usual.best_metric and plain.step == usual.step == 3
+
+
 def test_a_model_returning_a_tuple_gets_a_clear_error(tmp_path):
     class TupleClassifier(TinyClassifier):
         def forward(self, input_ids, attention_mask, labels=None):
