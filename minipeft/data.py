@@ -127,10 +127,13 @@ def _pick_column(path, columns: Sequence[str], wanted: str | None, defaults: Seq
     for c in candidates:
         if c in columns:
             return c
-    asked = f"column {wanted!r}" if wanted else f"a column named {' or '.join(map(repr, defaults))}"
+    asked = repr(wanted) if wanted else f"named {' or '.join(map(repr, defaults))}"
+    # A header-less file's first row is taken for the header: its "column names" are data then.
+    headless = any(_is_int_text(c) for c in columns)
     raise DataError(
-        f"{path}: no {role} {asked}; the columns are {', '.join(map(repr, columns))}. "
-        f"Name the {role} column explicitly."
+        f"{path}: no {role} column {asked}; the columns are {', '.join(map(repr, columns))}. "
+        + ("Its first line looks like data, not a header: add a header line naming the columns." if headless
+           else f"Pass {role}_column= with the {role} column's name.")
     )
 
 
@@ -273,7 +276,8 @@ def pad_token_id(tokenizer: Tokenizer, default: int = 0) -> int:
 
 
 def encode_classification(records: Sequence[dict], tokenizer: Tokenizer, max_length: int = 128) -> list[dict]:
-    """Tokenise {"text", "label"} records into {"input_ids": list[int], "label": int}.
+    """Tokenise {"text", "label"} records into {"input_ids": list[int], "label": int}; records
+    without labels (new text to predict) into {"input_ids": list[int]}.
 
     Special tokens ([CLS] ... [SEP]) come from the tokenizer's post-processor; sequences
     longer than max_length are truncated (keeping the final special token).
@@ -286,7 +290,7 @@ def encode_classification(records: Sequence[dict], tokenizer: Tokenizer, max_len
                         f"token(s) to each sequence; give max_length > {specials}")
     tok.enable_truncation(max_length)
     encodings = tok.encode_batch([r["text"] for r in records])
-    return [{"input_ids": e.ids, "label": r["label"]} for e, r in zip(encodings, records)]
+    return [{"input_ids": e.ids, **({"label": r["label"]} if "label" in r else {})} for e, r in zip(encodings, records)]
 
 
 def encode_prompt_completion(
@@ -344,7 +348,8 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
     """Pad a list of encoded examples to the longest one in the list (dynamic padding).
 
     Returns input_ids and attention_mask [B, T] and labels: [B] for classification
-    ("label" in the examples) or [B, T] padded with -100 for causal LMs ("labels").
+    ("label" in the examples) or [B, T] padded with -100 for causal LMs ("labels"); no labels
+    for examples that have none (text to predict).
     """
     raw = next((e for e in examples if "input_ids" not in e), None)
     if raw is not None:
@@ -354,17 +359,24 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labelled = ["label" in e or "labels" in e for e in examples]
+    if any(labelled) and not all(labelled):
+        raise DataError(f"example {labelled.index(False)} has no label while others have: a batch is labelled "
+                        "throughout (training, evaluation) or not at all (prediction)")
     token_labels = "labels" in examples[0]
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if token_labels else torch.empty(B, dtype=torch.long)
+    labels = None
+    if all(labelled):
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if token_labels else torch.empty(B, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
-        if token_labels:
+        if labels is not None and token_labels:
             labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
-        else:
+        elif labels is not None:
             labels[i] = e["label"]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return batch if labels is None else {**batch, "labels": labels}
 
 
 @dataclass

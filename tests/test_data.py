@@ -64,10 +64,17 @@ def test_prompt_completion_records(tmp_path):
 
 def test_missing_column_lists_the_columns_that_exist(tmp_path):
     path = write(tmp_path / "a.tsv", "review\tlabel\ngood\t1\n")
-    with pytest.raises(DataError, match=r"no text a column named 'sentence' or 'text'.*'review', 'label'"):
+    with pytest.raises(DataError, match=r"no text column named 'sentence' or 'text'.*'review', 'label'. "
+                                        r"Pass text_column= with"):
         read_classification(path)
-    with pytest.raises(DataError, match=r"no label column 'target'.*'review', 'label'"):
+    with pytest.raises(DataError, match=r"no label column 'target'.*'review', 'label'. Pass label_column="):
         read_classification(path, text_column="review", label_column="target")
+    # no header line: its first row was read as one, and the error says what is missing
+    headless = write(tmp_path / "b.tsv", "hide new secretions	0
+good	1
+")
+    with pytest.raises(DataError, match=r"'hide new secretions', '0'. Its first line looks like data, not a header"):
+        read_classification(headless)
 
 
 def test_empty_files_are_errors(tmp_path):
@@ -177,6 +184,16 @@ def test_collate_pads_dynamically():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_text_without_labels_encodes_and_collates_for_prediction(tokenizer):
+    labelled = encode_classification([{"text": "a good film", "label": 1}], tokenizer)
+    new = encode_classification([{"text": "a good film"}, {"text": "bad"}], tokenizer)
+    assert new[0] == {"input_ids": labelled[0]["input_ids"]}
+    batch = collate(new, pad_id=0)
+    assert sorted(batch) == ["attention_mask", "input_ids"] and batch["input_ids"].shape[0] == 2
+    with pytest.raises(DataError, match="example 1 has no label while others have"):
+        collate([labelled[0], new[1]])
 
 
 def test_prompt_tokens_and_padding_are_masked_for_causal_lm(tokenizer):
