@@ -70,9 +70,7 @@ def test_missing_column_lists_the_columns_that_exist(tmp_path):
     with pytest.raises(DataError, match=r"no label column 'target'.*'review', 'label'. Pass label_column="):
         read_classification(path, text_column="review", label_column="target")
     # no header line: its first row was read as one, and the error says what is missing
-    headless = write(tmp_path / "b.tsv", "hide new secretions	0
-good	1
-")
+    headless = write(tmp_path / "b.tsv", "hide new secretions\t0\ngood\t1\n")
     with pytest.raises(DataError, match=r"'hide new secretions', '0'. Its first line looks like data, not a header"):
         read_classification(headless)
 
