@@ -27,8 +27,10 @@ original one, not the residual the training ran on.
 The last line printed is one JSON object with the figures of the run.
 
 Outputs go to --output-dir (default runs/sst2-<method>). A folder that already holds a run
-is refused rather than overwritten; pass a new folder, or --overwrite to replace that run
-(only the files this script writes there are removed; anything else in the folder stays).
+is refused rather than overwritten; pass a new folder, --overwrite to replace that run
+(only the files this script writes there are removed; anything else in the folder stays), or
+--resume to continue an interrupted one from its checkpoint (with the same flags: other
+settings are refused).
 
 Data: a folder with GLUE's SST-2 `train.tsv` and `dev.tsv` (`sentence<TAB>label`, with a
 header), from --data-dir or $MINIPEFT_DATA_DIR; with neither, GLUE's zip is downloaded
@@ -55,7 +57,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minipeft import (AdaLoraConfig, BOFTConfig, C3AConfig, FourierFTConfig, HRAConfig, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig,  # noqa: E402
                       MissConfig, OFTConfig, PeftModel, RoadConfig, TaskType, get_peft_model)
-from minipeft.data import BatchLoader, encode_classification, load_tokenizer, pad_token_id, read_classification, split  # noqa: E402
+from minipeft.data import (BatchLoader, DataError, encode_classification, load_tokenizer, pad_token_id,  # noqa: E402
+                           read_classification, split)
 from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
 from minipeft.tuners.lora_init import base_changing_init  # noqa: E402
 
@@ -100,8 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=[*ADAPTERS, "full", "linear-probe"], default="lora")
     p.add_argument("--data-dir", default=None, help="folder with train.tsv and dev.tsv (default: $MINIPEFT_DATA_DIR)")
     p.add_argument("--output-dir", default=None, help="default: runs/sst2-<method>; refused if it holds a run")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous run in --output-dir (its checkpoint, metrics, best weights and adapter)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace a previous run in --output-dir (its checkpoint, metrics, best weights and adapter)")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run in --output-dir from its checkpoint (give the same flags)")
     p.add_argument("--max-train-examples", type=non_negative_int, default=40000, help="sampled from the 67k rows; 0 = all")
     p.add_argument("--val-examples", type=positive_int, default=500, help="held out of train to pick the best step")
     p.add_argument("--max-dev-examples", type=non_negative_int, default=0, help="0 = the whole dev set (872)")
@@ -153,6 +159,9 @@ def find_data(data_dir: str | None) -> Path:
     given = data_dir or os.environ.get("MINIPEFT_DATA_DIR")
     if given:
         path = Path(given)
+        if not path.is_dir():
+            sys.exit(f"error: the data folder {path} {'is a file' if path.exists() else 'does not exist'}; give the "
+                     "folder that holds SST-2's train.tsv and dev.tsv")
         if not (path / "train.tsv").is_file() or not (path / "dev.tsv").is_file():
             sys.exit(f"error: {path} must hold SST-2's train.tsv and dev.tsv (from {SST2_URL})")
         return path
@@ -274,10 +283,11 @@ def main(argv=None) -> dict:
     # first, before minutes of loading: never write a run over one the user already has
     out_dir = Path(args.output_dir or f"runs/sst2-{args.method}")
     previous = previous_run(out_dir)
-    if previous and not args.overwrite:
+    if previous and not (args.overwrite or args.resume):
         sys.exit(f"error: {out_dir} already holds a run ({', '.join(p.name for p in previous)}); "
-                 "pass a new --output-dir, or --overwrite to replace that run")
-    check_only_run_files(previous)  # (said now, not after minutes of loading)
+                 "pass a new --output-dir, --overwrite to replace that run, or --resume to continue it")
+    if args.overwrite:
+        check_only_run_files(previous)  # (said now, not after minutes of loading)
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -309,15 +319,18 @@ def main(argv=None) -> dict:
           flush=True)
 
     steps = len(train_loader) * args.epochs
+    try:  # its checks (--lr, --loraplus-lr-ratio) before the model loads
+        config = TrainConfig(output_dir=str(out_dir), epochs=args.epochs, lr=lr, warmup_ratio=0.06,
+                             schedule="linear", eval_every=max(1, steps // (args.evals_per_epoch * args.epochs)),
+                             metric="accuracy", log_every=50, seed=args.seed, resume=args.resume,
+                             weight_decay=0.01 if args.method == "full" else 0.0,
+                             loraplus_lr_ratio=args.loraplus_lr_ratio)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     model = prepare_model(load_base_model(model_path, args.seed), args.method, args, steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"{args.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)", flush=True)
-
-    config = TrainConfig(output_dir=str(out_dir), epochs=args.epochs, lr=lr, warmup_ratio=0.06,
-                         schedule="linear", eval_every=max(1, steps // (args.evals_per_epoch * args.epochs)),
-                         metric="accuracy", log_every=50, seed=args.seed, resume=False,
-                         weight_decay=0.01 if args.method == "full" else 0.0, loraplus_lr_ratio=args.loraplus_lr_ratio)
     # with --overwrite, the old run goes only now, once data and model have loaded: a run
     # that fails before this point leaves it as it was
     if args.overwrite:
@@ -391,4 +404,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as err:  # the data or a setting for it (--max-length): the message says what to change
+        sys.exit(f"error: {err}")

