@@ -105,19 +105,19 @@ def markdown(results: dict, args, device: str) -> str:
 
 def main() -> None:
     parser = common.argument_parser(__doc__.split("\n")[0], same_adapter_dtype=True)
-    parser.add_argument("--models", default="llama,gpt2")
+    parser.add_argument("--models", type=common.model_names, default="llama,gpt2")
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 16 CPU, 128 CUDA)")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--gen-reps", type=int, default=10)
+    parser.add_argument("--prompt", type=common.positive_int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
+    parser.add_argument("--new-tokens", type=common.positive_int, default=None, help="generated tokens (default 16 CPU, 128 CUDA)")
+    parser.add_argument("--reps", type=common.positive_int, default=20)
+    parser.add_argument("--gen-reps", type=common.positive_int, default=10)
     args = parser.parse_args()
     common.prepare_device(args)
     args.prompt = args.prompt or (32 if args.device == "cpu" else 512)
     args.new_tokens = args.new_tokens or (16 if args.device == "cpu" else 128)
 
     specs, results = common.model_specs(args.device), {}
-    for name in args.models.split(","):
+    for name in args.models:
         spec = specs[name]
         models = build_variants(spec, args.device, args.same_adapter_dtype)
         batch = common.make_batches(spec, 1, args.device, batch=2, seq=args.prompt)[0]

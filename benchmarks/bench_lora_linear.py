@@ -65,7 +65,7 @@ def parse_args():
                     help="all: the full sweep; targets: the target shapes, both fused paths and a verdict table")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds (what was measured is kept)")
-    ap.add_argument("--rounds", type=int, default=None,
+    ap.add_argument("--rounds", type=common.positive_int, default=None,
                     help="timing rounds per case, the methods interleaved (default 5 on a GPU, 1 on the CPU)")
     ap.add_argument("--profile", action="store_true",
                     help="also list the kernels of one forward + backward of each method, with their GPU "
@@ -588,13 +588,21 @@ def main():
         "timing": (f"{rounds} rounds, the methods interleaved; in each, the median ms of triton.testing.do_bench "
                    f"(GPU) or of 3 calls (CPU); a cell is 'median ms · median ratio to base [lowest-highest ratio]', "
                    f"the ratio taken within each round"),
-        "fwd graph": (f"no-grad forward replayed from a CUDA graph over {GRAPH_WEIGHT_COPIES} copies of the weights "
-                      f"(decoding cases, M <= {DECODE_MAX_M}, p = 0)"),
-        "peak_mib": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
-        "host_ms": (f"median over {HOST_CALLS} calls of the time from a call to its return, the GPU idle at the "
-                    f"start: where it nears the GPU time, the GPU waits for the host"),
-        "latency_ms": f"the same {HOST_CALLS} calls, from the call to the end of its GPU work",
     }
+    if device == "cuda":
+        meta |= {
+            "fwd graph": (f"no-grad forward replayed from a CUDA graph over {GRAPH_WEIGHT_COPIES} copies of the "
+                          f"weights (decoding cases, M <= {DECODE_MAX_M}, p = 0)"),
+            "peak_mib": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
+            "host_ms": (f"median over {HOST_CALLS} calls of the time from a call to its return, the GPU idle at the "
+                        f"start: where it nears the GPU time, the GPU waits for the host"),
+            "latency_ms": f"the same {HOST_CALLS} calls, from the call to the end of its GPU work",
+        }
+    else:  # (what a GPU run's header says of these columns does not apply)
+        meta = {"run": ("a CPU smoke test of the script, not a measurement: tiny shapes, CPU timings say nothing "
+                        "of the GPU kernels this benchmark is for" + ("" if "fused" in impls else
+                                                                       "; the fused kernels were not run (no GPU)")),
+                **meta}
     results = []
     for M, K, N, r, p in case_list:
         if args.time_budget is not None and time.monotonic() - started > args.time_budget:

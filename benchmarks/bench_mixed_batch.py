@@ -129,11 +129,11 @@ def markdown(r: dict, args, spec, device: str) -> str:
 
 def main() -> None:
     parser = common.argument_parser(__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=None, help="prompts in the batch (default 8 CPU, 32 CUDA)")
-    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 8 CPU, 64 CUDA)")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--gen-reps", type=int, default=5)
+    parser.add_argument("--batch", type=common.positive_int, default=None, help="prompts in the batch (default 8 CPU, 32 CUDA)")
+    parser.add_argument("--prompt", type=common.positive_int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
+    parser.add_argument("--new-tokens", type=common.positive_int, default=None, help="generated tokens (default 8 CPU, 64 CUDA)")
+    parser.add_argument("--reps", type=common.positive_int, default=10)
+    parser.add_argument("--gen-reps", type=common.positive_int, default=5)
     args = parser.parse_args()
     common.prepare_device(args)
     cpu = args.device == "cpu"

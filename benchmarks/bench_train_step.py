@@ -290,15 +290,16 @@ def markdown(results: dict, device: str, adapters: str, threads: int = 1, method
 
 def main() -> None:
     parser = common.argument_parser(__doc__.split("\n")[0], same_adapter_dtype=True)
-    parser.add_argument("--models", default="llama,gpt2,bert")
+    parser.add_argument("--models", type=common.model_names, default="llama,gpt2,bert")
     parser.add_argument("--method", choices=sorted(common.METHODS), default="lora")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 40 CPU, 30 CUDA)")
+    parser.add_argument("--steps", type=common.positive_int, default=None,
+                        help="timed steps per library (default: 40 CPU, 30 CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5, help="repeats of inject / save / load")
+    parser.add_argument("--memory-steps", type=common.positive_int, default=3)
+    parser.add_argument("--rounds", type=common.positive_int, default=5, help="repeats of inject / save / load")
     parser.add_argument("--memory-child", choices=["minipeft", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    models = args.models.split(",")
+    models = args.models
     common.prepare_device(args)
     if args.memory_child:
         memory_child(args.memory_child, models, args.device, args.memory_steps, args.same_adapter_dtype, args.method)

@@ -42,7 +42,7 @@ def argument_parser(description: str, same_adapter_dtype: bool = False) -> argpa
     results go (and, for the scripts that time a bf16 model, ``--same-adapter-dtype``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU intra-op threads (default 1: steadiest on a shared machine; CUDA ignores it)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
@@ -72,6 +72,23 @@ class ModelSpec:
     batch: int
     seq: int
     dtype: torch.dtype
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (0 steps or threads would time nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {value}")
+    return value
+
+
+def model_names(text: str) -> list[str]:
+    """argparse type: comma-separated benchmark model families, each one that ``model_specs`` has."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in model_specs("cpu")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; choose from {sorted(model_specs('cpu'))}")
+    return names
 
 
 def model_specs(device: str) -> dict[str, ModelSpec]:

@@ -29,6 +29,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-session}"
 BUDGET="${BUDGET:-420}"
 PY="${PYTHON:-python3}"
+# a relative interpreter path would not survive the tests' change of directory (env -C) below
+if [[ "$PY" == */* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -51,12 +53,18 @@ step() {
     timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
     local rc=${PIPESTATUS[0]}
     echo "== exit $rc after $((SECONDS - start))s" | tee -a "$OUT/$log"
+    if ((rc != 0 && rc != 124)); then failed+=("$log: $*"); fi  # (124: its time ran out; what it wrote stays)
     return "$rc"
 }
+failed=()
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/machine.txt"
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "no CUDA GPU visible to $PY: every step here needs one" | tee -a "$OUT/machine.txt"
+    exit 1
+fi
 
 pytest=(env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py)
 step 90 gpu-tests.log "${pytest[@]}" -k "cuda_graph"
@@ -75,3 +83,7 @@ step 120 e2e.log "$PY" benchmarks/bench_mixed_batch.py --device cuda --out "$OUT
 left=$((BUDGET - (SECONDS - start)))
 step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
 echo "done in $((SECONDS - start))s; files in $OUT"
+if ((${#failed[@]})); then
+    printf 'failed: %s\n' "${failed[@]}"
+    exit 1
+fi
