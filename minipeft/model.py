@@ -126,7 +126,7 @@ class PeftModel(nn.Module):
         self.active_adapter: str = adapter_name  # the first of the active adapters (peft's attribute)
         self._active: list[str] = [adapter_name]
         self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
+        self._activate([adapter_name])
 
     def _attach_base_model(self) -> None:
         self.base_model.__dict__["owner_ref"] = weakref.ref(self)  # see AdaptedModel.OWNER_ATTRIBUTES
@@ -244,6 +244,11 @@ class PeftModel(nn.Module):
             warnings.warn(f"adapters are merged into the weights; unmerging them before activating {adapter_name!r}",
                           stacklevel=2)
             injection.unmerge(self.get_base_model())
+        loaded_frozen = [n for n in names if self.peft_config[n].inference_mode and not inference_mode]
+        if loaded_frozen and self.training:  # (in eval mode it is inference: nothing to say)
+            warnings.warn(f"adapter(s) {loaded_frozen} were loaded for inference and stay frozen (peft's set_adapter "
+                          "would make them trainable); to train them, load them with is_trainable=True or call "
+                          f"set_requires_grad({loaded_frozen!r})", stacklevel=2)
         self._activate(names, inference_mode)
 
     def _check_several_active(self, names: list[str]) -> None:

@@ -6,6 +6,7 @@ in test_checkpoint_peft_parity.py.
 
 import json
 import os
+import warnings
 
 import pytest
 import safetensors.torch
@@ -121,8 +122,16 @@ def test_load_adapter_adds_a_frozen_inactive_adapter(tmp_path):
     model.load_adapter(tmp_path, "loaded")
     assert model.active_adapter == "default"
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".loaded." in n)
-    model.set_adapter("loaded")
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in eval mode, switching adapters is inference: nothing to warn of
+        model.set_adapter("loaded")
     torch.testing.assert_close(model(X), source(X))
+    # In training mode, say that it stays frozen (peft's set_adapter would make it trainable).
+    model.train()
+    with pytest.warns(UserWarning, match=r"\['loaded'\] were loaded for inference and stay frozen.*is_trainable=True"):
+        model.set_adapter("loaded")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".loaded." in n)
 
 
 # -- atomic saves -------------------------------------------------------------------------------------
