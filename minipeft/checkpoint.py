@@ -338,6 +338,23 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str | None:
     return None
 
 
+def _named_keys_hint(missing: list[str], unexpected: list[str]) -> str | None:
+    """Where every missing key is an unexpected one without one name segment (``lora_A.weight``
+    given as ``lora_A.default.weight``): a model's ``state_dict()``, whose keys hold the adapter
+    names, given where an adapter's state dict goes. The sentence that says so, else None."""
+    given = {}
+    for key in unexpected:
+        parts = key.split(".")
+        for i in range(1, len(parts) - 1):
+            given.setdefault(".".join(parts[:i] + parts[i + 1:]), parts[i])
+    names = {given.get(key) for key in missing}
+    if not missing or None in names:
+        return None
+    return (f"The keys hold adapter names ({sorted(names)}): this is a model's state_dict(), not an adapter's. "
+            "Pass get_peft_model_state_dict(model, adapter_name=...) (what save_pretrained writes), or load it "
+            "with model.load_state_dict().")
+
+
 def _describe(keys: list[str], limit: int = 5) -> str:
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
@@ -495,7 +512,8 @@ def set_peft_model_state_dict(
                              "or load it with peft 0.15")
         raise ValueError(
             f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. "
-            + (_prefix_hint(missing, unexpected) or "Was it saved from another base model or with other target_modules?")
+            + (_prefix_hint(missing, unexpected) or _named_keys_hint(missing, unexpected)
+               or "Was it saved from another base model or with other target_modules?")
         )
     mapping = {**mapping, **{k: v for k, v in extras.items() if k in state_dict}}
     targets = model.state_dict(keep_vars=True)

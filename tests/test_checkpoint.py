@@ -95,6 +95,14 @@ def test_state_dict_functions_round_trip_under_another_name():
     torch.testing.assert_close(target(X), source(X))
 
 
+def test_a_models_state_dict_given_for_an_adapters_is_named_as_such():
+    source = trained()
+    target = get_peft_model(base(), LoraConfig(r=4, target_modules=["up", "down"]))
+    with pytest.raises(ValueError, match=r"The keys hold adapter names \(\['default'\]\): this is a model's "
+                                         r"state_dict\(\).*get_peft_model_state_dict"):
+        minipeft.set_peft_model_state_dict(target, source.state_dict())
+
+
 def test_plain_injected_model_uses_keys_without_prefix():
     model = minipeft.inject_adapter_in_model(LoraConfig(r=2, target_modules=["up"]), base())
     assert set(minipeft.get_peft_model_state_dict(model)) == {"up.lora_A.weight", "up.lora_B.weight"}
