@@ -155,7 +155,16 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+        try:
             return getattr(self.base_model, name)
+        except AttributeError:  # (said of the PeftModel: the wrapped model's class alone would mislead)
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}, and neither has the model it "
+                                 f"wraps ({type(self.get_base_model()).__name__})") from None
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the (first) active adapter (peft's property)."""
+        return self.peft_config[self.active_adapter]
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward, with the active adapter; ``adapter_names``: a mixed batch, one

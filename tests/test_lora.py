@@ -257,6 +257,12 @@ def test_peft_model_falls_through_to_the_base_model():
     assert isinstance(model, PeftModel)
     assert model.config.n_embd == 32
     assert model.get_base_model() is model.base_model.model
+    assert model.active_peft_config is model.peft_config["default"]
+    # what neither has: the error names both, not the wrapped model alone
+    with pytest.raises(AttributeError, match=r"PeftModelForGPT2LMHeadModel has no attribute 'nope', and neither has "
+                                             r"the model it wraps \(GPT2LMHeadModel\)"):
+        model.nope
+    assert not hasattr(model, "nope")
 
 
 def test_a_second_all_linear_adapter_goes_beside_the_first_not_inside_it():
