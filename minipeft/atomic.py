@@ -49,6 +49,14 @@ def write_temp(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> 
     return tmp
 
 
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Set ``path``'s permissions to what a plain ``open()`` gives (0o666 less the umask): for
+    files written by a library that makes them private (safetensors' save_file: 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make the renames in `folder` durable; silently not possible on every platform."""
     try:

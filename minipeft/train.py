@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft.atomic import atomic_replace_dir, atomic_write, replace_dir_side_names
+from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
 from minipeft.model import PeftModel
@@ -343,7 +343,9 @@ def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
         else:
             from safetensors.torch import save_model  # dedups tied weights, which save_file rejects
 
-            save_model(model, os.path.join(folder, "model.safetensors"))  # the folder is private: no rename needed
+            path = os.path.join(folder, "model.safetensors")
+            save_model(model, path)  # the folder is private: no rename needed
+            give_default_mode(path)  # (safetensors writes it 0600, an adapter's files are as open() makes them)
 
     atomic_replace_dir(directory, write)
 

@@ -138,6 +138,9 @@ def test_loss_goes_down_and_frozen_weights_stay(tmp_path):
 
     saved = load_file(tmp_path / "best" / "model.safetensors")
     assert set(saved) == set(model.state_dict())
+    (tmp_path / "plain").write_bytes(b"")  # readable as any file the user writes, not private as safetensors makes it
+    assert (tmp_path / "best" / "model.safetensors").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").unlink()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("tokens_per_s" in l and "lr" in l for l in lines)
     assert sum(1 for l in lines if l.get("eval")) == 4  # once per epoch
