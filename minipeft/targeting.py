@@ -234,7 +234,7 @@ def output_head_names(model: nn.Module, task_type=None) -> set[str]:
     output = declared_embedding(model, "output")
     if output is not None:
         heads.append(output)
-    elif str(getattr(task_type, "value", task_type)) == "SEQ_CLS":
+    elif task_type == "SEQ_CLS":  # (a TaskType is a str enum: it equals its value)
         heads += [getattr(model, n) for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)][:1]
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 

@@ -103,9 +103,9 @@ def normalisation_layers(model: nn.Module) -> list[str] | str:
     not; a norm inside another is its copy's business), named as peft's table names them, by
     their last segments (``input_layernorm``), unless those would also select other modules:
     then as a regex of their full names (a list entry matches as a dotted suffix too)."""
-    names = candidate_names(model).values()  # logical names
-    norms = [logical for real, logical in candidate_names(model).items()
-             if is_normalisation(innermost(model.get_submodule(real)))]
+    candidates = candidate_names(model)  # {real name: logical name}
+    names = candidates.values()
+    norms = [logical for real, logical in candidates.items() if is_normalisation(innermost(model.get_submodule(real)))]
     norms = [n for n in norms if not any(n.startswith(outer + ".") for outer in norms)]
     if not norms:
         raise ValueError(

@@ -335,8 +335,8 @@ def attach(
     vt.check_token_dim(config, embeddings.weight.shape[1], f"the input embedding {type(embeddings).__name__}")
     config.token_dim = embeddings.weight.shape[1]
     # As peft: a row block per stack for SEQ_2_SEQ_LM (only the encoder's is used), else one.
-    task = getattr(config.task_type, "value", config.task_type)
-    config.num_transformer_submodules = config.num_transformer_submodules or (2 if task == "SEQ_2_SEQ_LM" else 1)
+    seq2seq = config.task_type == "SEQ_2_SEQ_LM"  # (a TaskType is a str enum: it equals its value)
+    config.num_transformer_submodules = config.num_transformer_submodules or (2 if seq2seq else 1)
     config.num_layers = config.num_layers or vt.model_config_value(model, "num_hidden_layers", "n_layer", "num_layers")
     config.num_attention_heads = config.num_attention_heads or vt.model_config_value(
         model, "num_attention_heads", "n_head", "num_heads"

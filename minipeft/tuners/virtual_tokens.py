@@ -73,8 +73,8 @@ def model_config_value(model: nn.Module, *names: str) -> int | None:
 
 def is_encoder_decoder(model: nn.Module, config: PeftConfig) -> bool:
     """Whether the model is an encoder-decoder (T5, BART), said by the task or by its own config."""
-    task = getattr(config.task_type, "value", config.task_type)
-    return task == "SEQ_2_SEQ_LM" or bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    said_by_model = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    return config.task_type == "SEQ_2_SEQ_LM" or said_by_model
 
 
 def forward_parameters(model: nn.Module) -> list[str]:
