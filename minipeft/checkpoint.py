@@ -463,64 +463,126 @@ def set_peft_model_state_dict(
     unknown key is an error here).
     """
     del low_cpu_mem_usage  # nothing to do: see the docstring
-    state_dict = peft_model_state_dict
+    expected = _expected_keys(model, adapter_name)
+    state_dict, prompt_embeddings = _checkpoint_tensors(peft_model_state_dict, expected, adapter_name)
+    state_dict = _check_keys(model, adapter_name, state_dict, expected)
+    targets = model.state_dict(keep_vars=True)
+    mapping, skipped = _check_tensors(state_dict, expected, targets, ignore_mismatched_sizes)
+    writes = _one_write_per_tensor(state_dict, mapping, targets, adapter_name)
+
+    replaced = [ckpt_key for ckpt_key, model_key in writes if ckpt_key in expected.embedding_base
+                and not torch.equal(targets[model_key].detach(), state_dict[ckpt_key].to(targets[model_key]))]
+    if replaced:
+        warnings.warn(
+            f"adapter {adapter_name!r}: the checkpoint holds base-model embedding weights that differ from the "
+            f"model's ({_describe(replaced)}), saved by peft's save_embedding_layers; they replace the model's, "
+            "as peft loads them",
+            stacklevel=2,
+        )
+    if skipped:
+        warnings.warn(
+            f"adapter {adapter_name!r}: tensors left out because ignore_mismatched_sizes=True:\n" + "\n".join(skipped),
+            stacklevel=2,
+        )
+    with torch.no_grad():
+        for ckpt_key, model_key in writes:
+            targets[model_key].copy_(state_dict[ckpt_key])
+    written = set(mapping.values())
+    if expected.virtual is not None:
+        expected.virtual.load_prompt_embeddings(prompt_embeddings)
+        encoder_prefix = next((p + "." for p, m in model.named_modules() if m is expected.virtual), None)
+        written |= {k for k in targets if encoder_prefix is not None and k.startswith(encoder_prefix)}
+    return _IncompatibleKeys(missing_keys=[k for k in targets if k not in written], unexpected_keys=[])
+
+
+@dataclasses.dataclass
+class _ExpectedKeys:
+    """What a checkpoint of one adapter holds, as checkpoint key -> model key: ``mapping`` the
+    adapter's tensors (all needed), ``extras`` peft's other spellings and embedding layers (each
+    read when present), of which ``embedding_base`` are base-model tables; ``virtual`` the
+    prompt encoder of a virtual-token adapter (its one tensor is ``prompt_embeddings``)."""
+
+    mapping: dict[str, str]
+    extras: dict[str, str]
+    embedding_base: set[str]
+    virtual: nn.Module | None
+
+
+def _expected_keys(model: nn.Module, adapter_name: str) -> _ExpectedKeys:
     mapping = adapter_key_map(model, adapter_name)
     virtual = _virtual_tokens(model, adapter_name)
     if not mapping and virtual is None:
         raise ValueError(f"the model has no adapter named {adapter_name!r}; adapters: {known_adapter_names(model)}")
-    extras = peft_bias_extras(model, adapter_name)
     embedding_extras, embedding_base = peft_embedding_extras(model, adapter_name)
     # Where a key is both (a trained head's bias under bias="all"), the bias rule already covers it.
-    extras = {**embedding_extras, **extras}
+    extras = {**embedding_extras, **peft_bias_extras(model, adapter_name)}
     if virtual is not None:
-        state_dict = dict(state_dict)
-        prompt_embeddings = state_dict.pop(PROMPT_EMBEDDINGS, None)
-        if not isinstance(prompt_embeddings, torch.Tensor):
-            raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it has no {PROMPT_EMBEDDINGS!r} tensor")
-        virtual.check_prompt_embeddings(prompt_embeddings)
         mapping = {_prompt_learning_key(k): v for k, v in mapping.items()}
         extras = {_prompt_learning_key(k): v for k, v in extras.items()}
         embedding_base = {_prompt_learning_key(k) for k in embedding_base}
-    # A plain (not PeftModel) model has no "base_model.model." prefix; peft strips it there too.
-    if not any(k.startswith(PEFT_PREFIX) for k in mapping):
-        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
+    return _ExpectedKeys(mapping, extras, embedding_base, virtual)
 
+
+def _checkpoint_tensors(state_dict: dict, expected: _ExpectedKeys, adapter_name: str):
+    """``(state_dict, prompt_embeddings)``: the checkpoint's tensors keyed as ``expected`` keys
+    them (a plain model's without ``base_model.model.``, as peft strips it there too), with a
+    virtual-token adapter's ``prompt_embeddings`` taken out and checked (else None)."""
+    state_dict = dict(state_dict)
+    prompt_embeddings = None
+    if expected.virtual is not None:
+        prompt_embeddings = state_dict.pop(PROMPT_EMBEDDINGS, None)
+        if not isinstance(prompt_embeddings, torch.Tensor):
+            raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it has no {PROMPT_EMBEDDINGS!r} tensor")
+        expected.virtual.check_prompt_embeddings(prompt_embeddings)
+    if not any(k.startswith(PEFT_PREFIX) for k in expected.mapping):
+        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"state dict values must be tensors; {_describe(bad)} are not")
-    missing = [k for k in mapping if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in mapping and k not in extras]
+    return state_dict, prompt_embeddings
+
+
+def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected: _ExpectedKeys) -> dict:
+    """A ValueError naming the missing and unexpected keys, with the likeliest cause; the state
+    dict without the keys of layers that never run (warned of), to be read."""
+    missing = [k for k in expected.mapping if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected.mapping and k not in expected.extras]
     uncalled = _keys_of_uncalled_layers(model, unexpected)
     if uncalled:
         warnings.warn(
             f"adapter {adapter_name!r}: the checkpoint adapts the out_proj of an nn.MultiheadAttention "
             f"({_describe(uncalled)}), which peft's 'all-linear' selects although the attention never calls it: "
             "those tensors changed nothing there and are left out",
-            stacklevel=2,
+            stacklevel=3,
         )
         unexpected = [k for k in unexpected if k not in uncalled]
         state_dict = {k: v for k, v in state_dict.items() if k not in uncalled}
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) the adapter needs: {_describe(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
-        if any(k.endswith((".oft_r", ".oft_s")) for k in unexpected):  # peft 0.14 to 0.15.2 (see check_oft_version)
-            raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it holds oft_r / oft_s tensors, the "
-                             "OFT of peft 0.15.2 and before, which minipeft and newer peft do not read; retrain it, "
-                             "or load it with peft 0.15")
-        raise ValueError(
-            f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. "
-            + (_prefix_hint(missing, unexpected) or _named_keys_hint(missing, unexpected)
-               or "Was it saved from another base model or with other target_modules?")
-        )
-    mapping = {**mapping, **{k: v for k, v in extras.items() if k in state_dict}}
-    targets = model.state_dict(keep_vars=True)
+    if not (missing or unexpected):
+        return state_dict
+    if any(k.endswith((".oft_r", ".oft_s")) for k in unexpected):  # peft 0.14 to 0.15.2 (see check_oft_version)
+        raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it holds oft_r / oft_s tensors, the "
+                         "OFT of peft 0.15.2 and before, which minipeft and newer peft do not read; retrain it, "
+                         "or load it with peft 0.15")
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s) the adapter needs: {_describe(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
+    raise ValueError(
+        f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. "
+        + (_prefix_hint(missing, unexpected) or _named_keys_hint(missing, unexpected)
+           or "Was it saved from another base model or with other target_modules?")
+    )
 
+
+def _check_tensors(state_dict: dict, expected: _ExpectedKeys, targets: dict, ignore_mismatched_sizes: bool):
+    """``(mapping, skipped)``: checkpoint key -> model key of every tensor to copy, after checking
+    each one's shape (left out, described in ``skipped``, with ignore_mismatched_sizes), kind of
+    dtype, and that its target is no meta tensor. Saved embedding tables first: a resized
+    vocabulary shows there, with the hint that fixes it."""
+    mapping = {**expected.mapping, **{k: v for k, v in expected.extras.items() if k in state_dict}}
     skipped = []
-    # Saved embedding tables first: a resized vocabulary shows there, with the hint that fixes it.
-    for ckpt_key in sorted(mapping, key=lambda k: k not in embedding_base):
+    for ckpt_key in sorted(mapping, key=lambda k: k not in expected.embedding_base):
         model_key = mapping[ckpt_key]
         have, want = state_dict[ckpt_key].shape, targets[model_key].shape
         if have != want:
@@ -530,7 +592,7 @@ def set_peft_model_state_dict(
             hint = (
                 " (a saved embedding table: resize the base model's embeddings to the checkpoint's vocabulary "
                 "first, e.g. model.resize_token_embeddings(n))"
-                if ckpt_key in embedding_base
+                if ckpt_key in expected.embedding_base
                 else " (another rank or another base model?)"
             )
             raise ValueError(
@@ -546,10 +608,13 @@ def set_peft_model_state_dict(
                 f"{model_key!r} is on the meta device, where a copy would be lost; minipeft creates adapters beside "
                 "the base weights, so materialise the base model (load its weights) before loading the adapter"
             )
-    mapping = {k: v for k, v in mapping.items() if targets[v].shape == state_dict[k].shape}
+    return {k: v for k, v in mapping.items() if targets[v].shape == state_dict[k].shape}, skipped
 
-    # One tensor may be saved under several keys (a head tied to the embedding, peft's second
-    # spellings of a trained copy); each copy must agree, and it is written once.
+
+def _one_write_per_tensor(state_dict: dict, mapping: dict, targets: dict, adapter_name: str) -> list[tuple[str, str]]:
+    """``(checkpoint key, model key)`` once per model tensor. One tensor may be saved under several
+    keys (a head tied to the embedding, peft's second spellings of a trained copy): every copy
+    must agree."""
     writes: dict[int, tuple[str, str]] = {}
     for ckpt_key, model_key in mapping.items():
         first = writes.setdefault(id(targets[model_key]), (ckpt_key, model_key))[0]
@@ -558,33 +623,7 @@ def set_peft_model_state_dict(
                 f"checkpoint holds two different values for one tensor of adapter {adapter_name!r}: {first!r} and "
                 f"{ckpt_key!r} (peft writes the same tensor under both names); the file was edited or damaged"
             )
-    replaced = [
-        ckpt_key
-        for ckpt_key, model_key in writes.values()
-        if ckpt_key in embedding_base
-        and not torch.equal(targets[model_key].detach(), state_dict[ckpt_key].to(targets[model_key]))
-    ]
-    if replaced:
-        warnings.warn(
-            f"adapter {adapter_name!r}: the checkpoint holds base-model embedding weights that differ from the "
-            f"model's ({_describe(replaced)}), saved by peft's save_embedding_layers; they replace the model's, "
-            "as peft loads them",
-            stacklevel=2,
-        )
-    if skipped:
-        warnings.warn(
-            f"adapter {adapter_name!r}: tensors left out because ignore_mismatched_sizes=True:\n" + "\n".join(skipped),
-            stacklevel=2,
-        )
-    with torch.no_grad():
-        for ckpt_key, model_key in writes.values():
-            targets[model_key].copy_(state_dict[ckpt_key])
-    written = set(mapping.values())
-    if virtual is not None:
-        virtual.load_prompt_embeddings(prompt_embeddings)
-        encoder_prefix = next((p + "." for p, m in model.named_modules() if m is virtual), None)
-        written |= {k for k in targets if encoder_prefix is not None and k.startswith(encoder_prefix)}
-    return _IncompatibleKeys(missing_keys=[k for k in targets if k not in written], unexpected_keys=[])
+    return list(writes.values())
 
 
 def _keys_of_uncalled_layers(model: nn.Module, keys: list[str]) -> list[str]:
