@@ -436,9 +436,13 @@ def versions() -> dict[str, str]:
 
     import minipeft
 
-    try:  # the commit the numbers belong to (a dirty tree is marked)
+    try:  # the commit the numbers belong to, marked dirty where the code differs from it
         repo = Path(__file__).resolve().parents[1]
-        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        # (the results files themselves do not count: the first script of `make bench` writes them)
+        changed = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"], cwd=repo,
+                                 capture_output=True, text=True).stdout.strip()
+        rev += "-dirty" if rev and changed else ""
     except OSError:
         rev = ""
     found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
