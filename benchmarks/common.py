@@ -92,7 +92,7 @@ def model_names(text: str) -> list[str]:
 
 
 def model_specs(device: str) -> dict[str, ModelSpec]:
-    """Quick CPU models (the whole quick run takes about a minute) or the GPU set."""
+    """Quick CPU models (the whole quick run takes a minute or two) or the GPU set."""
     if device == "cpu":
         f32 = torch.float32
         return {
