@@ -125,18 +125,24 @@ class DecoderCachePrefix(PrefixEncoder):
         if filling:
             self._fill(own, decoder_batch_size(kwargs), next(model.parameters()).dtype)
         mask = kwargs.get("decoder_attention_mask")
-        if mask is not None:
-            new_tokens = decoder_length(kwargs)
-            n, cached = self.num_virtual_tokens, own.get_seq_length()
-            # A mask of the real tokens only gets the prefix's columns, visible. On the first call
-            # the model may derive its decoder input from input_ids (BART): the mask is then of it.
-            if (new_tokens is None and filling) or (new_tokens is not None and mask.shape[-1] + n == cached + new_tokens):
-                kwargs["decoder_attention_mask"] = vt.widen_attention_mask(mask, n)
-            elif new_tokens is not None and mask.shape[-1] != cached + new_tokens:
-                raise ValueError(
-                    f"decoder_attention_mask has {mask.shape[-1]} columns; with {cached - n} real token(s) cached and "
-                    f"{new_tokens} new it should have {cached - n + new_tokens} (the prefix's {n} are added here)"
-                )
+        if mask is None:
+            return kwargs
+        new_tokens = decoder_length(kwargs)
+        if new_tokens is None:
+            # No decoder input given: the model derives it from input_ids (BART), on the first
+            # call only, and the mask is of the real tokens then.
+            if filling:
+                kwargs["decoder_attention_mask"] = vt.widen_attention_mask(mask, self.num_virtual_tokens)
+            return kwargs
+        n = self.num_virtual_tokens
+        real = own.get_seq_length() - n + new_tokens  # real tokens, cached and new (the cache holds the prefix)
+        if mask.shape[-1] == real:  # a mask of the real tokens: the prefix's columns, visible, go first
+            kwargs["decoder_attention_mask"] = vt.widen_attention_mask(mask, n)
+        elif mask.shape[-1] != real + n:  # (real + n: widened already)
+            raise ValueError(
+                f"decoder_attention_mask has {mask.shape[-1]} columns; with {real - new_tokens} real token(s) cached "
+                f"and {new_tokens} new it should have {real} (the prefix's {n} are added here)"
+            )
         return kwargs
 
     def _drop_made_cache(self, model: nn.Module, args, output) -> None:
