@@ -58,6 +58,7 @@ from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode,
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
 from minipeft.model import PeftModel
+from minipeft.tuners.base import AdapterLayer, TrainedCopies
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
@@ -394,7 +395,7 @@ def _check_resumable(ckpt: dict, config: TrainConfig, totals: dict, world: int, 
         if k == "first_batch":
             return "the training data (its first batch differs)"
         if k == "frozen_weights":
-            return "the frozen weights (another base model, or other values in it)"
+            return f"the frozen weights (another base model, or other values in it: {_weight_changes(saved[k], new[k])})"
         if k == "adapters":
             return "the adapters' configs (" + _config_changes(saved[k], new[k]) + ")"
         return f"{k}: {saved[k]!r} -> {new[k]!r}"
@@ -787,6 +788,8 @@ def _read_checkpoint(path: Path) -> dict:
     file was broken, or put there, by something else.) Read without unpickling code."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # the file may be fine: nothing to delete
     except Exception as err:  # torch raises what its reader meets: EOFError, RuntimeError, UnpicklingError, ...
         raise ValueError(f"cannot resume from {path}: it is damaged or not a checkpoint of this training loop "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Delete it to start "
@@ -877,26 +880,60 @@ def _data_fingerprint(train_batches) -> str:
 def _model_fingerprint(model: nn.Module) -> dict:
     """What a resumed run must train on as its checkpoint's run did, beyond the trained tensors'
     names and shapes: the adapters' configs (``lora_alpha`` changes no shape, only the scale the
-    saved factors were trained at) and a hash of the frozen weights (another base model of the
-    same architecture has the same shapes). The hash reads each frozen tensor's first and last
-    64 values, not all of them: enough to tell two pretrained checkpoints apart, at no cost."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            flat = p.detach().reshape(-1)
-            digest.update(f"{name} {tuple(p.shape)}".encode())
-            _hash_into(digest, [flat[:64], flat[-64:]])
-    fingerprint = {"frozen_weights": digest.hexdigest()[:16]}
+    saved factors were trained at), as JSON text, and a digest of each frozen weight the
+    adapters act on (another base model of the same architecture has the same shapes).
+
+    Frozen tensors no forward of this run reads are left out: other adapters' parameters, and the
+    original of a module trained whole (a classifier head that is new, random, and replaced by its
+    trained copy). Each digest reads the tensor's first and last 64 values, not all of them:
+    enough to tell two pretrained checkpoints apart, for two small reads per tensor."""
+    frozen = {name: _sample_digest(p) for name, p in model.named_parameters()
+              if not p.requires_grad and id(p) not in _unread_by_this_run(model)}
+    fingerprint = {"frozen_weights": frozen}
     peft_model = _unwrap(model)
     if isinstance(peft_model, PeftModel):
         unsaid = ("base_model_name_or_path", "revision", "inference_mode")  # no change to what trains
-        fingerprint["adapters"] = {name: {k: v for k, v in config.to_dict().items() if k not in unsaid}
-                                   for name, config in peft_model.peft_config.items()}
+        configs = {name: {k: v for k, v in config.to_dict().items() if k not in unsaid}
+                   for name, config in peft_model.peft_config.items()}
+        # JSON text, which a weights-only checkpoint holds whatever numbers a config was given
+        fingerprint["adapters"] = json.dumps(configs, sort_keys=True, default=str)
     return fingerprint
 
 
-def _config_changes(saved: dict, new: dict) -> str:
-    """``'default': lora_alpha 16 -> 64`` for two ``{adapter: config dict}``."""
+def _unread_by_this_run(model: nn.Module) -> set[int]:
+    """ids of the frozen parameters that stand beside what trains: every adapter's own tensors
+    (the trained ones are in the checkpoint; the others are not this run's) and the originals of
+    modules trained whole."""
+    unread = set()
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            for name in module.adapter_names:
+                unread |= {id(p) for p in module.adapter_parameters(name)}
+            if isinstance(module, TrainedCopies):
+                unread |= {id(p) for p in getattr(module, module.base_layer_name).parameters()}
+    prompt_encoder = getattr(_unwrap(model), "_modules", {}).get("prompt_encoder")
+    if prompt_encoder is not None:  # virtual tokens: adapter tensors too
+        unread |= {id(p) for p in prompt_encoder.parameters()}
+    return unread
+
+
+def _sample_digest(p: torch.Tensor) -> str:
+    """A digest of ``p``'s shape, dtype and first and last 64 values; of its shape and dtype
+    alone where its values cannot be read as a plain tensor (a quantised or sharded subclass)."""
+    digest = hashlib.sha256(f"{tuple(p.shape)} {p.dtype}".encode())
+    try:
+        values = p.detach()
+        values = values.full_tensor() if hasattr(values, "full_tensor") else values  # a DTensor, whole
+        flat = values.reshape(-1)
+        _hash_into(digest, [flat[:64], flat[-64:]])
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        pass
+    return digest.hexdigest()[:12]
+
+
+def _config_changes(saved: str, new: str) -> str:
+    """``'default': lora_alpha 16 -> 64`` for two ``{adapter: config dict}`` as JSON text."""
+    saved, new = json.loads(saved), json.loads(new)
     changes = [f"{name!r} is new" for name in new if name not in saved]
     changes += [f"{name!r} is gone" for name in saved if name not in new]
     for name in (n for n in new if n in saved):
@@ -904,6 +941,12 @@ def _config_changes(saved: dict, new: dict) -> str:
         changes += [f"{name!r}: {k} {saved[name].get(k)!r} -> {new[name].get(k)!r}"
                     for k in keys if saved[name].get(k) != new[name].get(k)]
     return "; ".join(changes)
+
+
+def _weight_changes(saved: dict, new: dict) -> str:
+    """The frozen weights whose digests differ, or that one run has and the other not."""
+    names = [n for n in {**saved, **new} if saved.get(n) != new.get(n)]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _hash_into(digest, value) -> None:

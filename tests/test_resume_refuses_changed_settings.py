@@ -105,9 +105,44 @@ def test_another_adapter_config_or_base_model_is_refused(tmp_path):
     train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
     with pytest.raises(ValueError, match=r"other settings \(the adapters' configs \('default': lora_alpha 8 -> 32\)\)"):
         train(lora(alpha=32), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
-    with pytest.raises(ValueError, match=r"other settings \(the frozen weights \(another base model"):
+    with pytest.raises(ValueError, match=r"other settings \(the frozen weights \(another base model, or other values "
+                                         r"in it: base_model.model.lin.base_layer.weight, base_model.model.lin.base_layer.bias"):
         train(lora(base_seed=1), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
     assert train(lora(), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE)).step == 4  # the same: resumes
+
+
+class Headed(nn.Module):
+    """A frozen "pretrained" layer and a classifier head new to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, labels=None):
+        return self.head(self.lin(x))
+
+
+def test_frozen_tensors_no_forward_reads_do_not_stop_a_resume(tmp_path):
+    # The new head is random where it was not seeded; its trained copy is in the checkpoint and
+    # the frozen original is never read. Nor are another adapter's tensors. And a number type a
+    # config accepts (numpy's float) is stored as text, which a weights-only checkpoint holds.
+    import numpy as np
+
+    from minipeft import LoraConfig, get_peft_model
+
+    def lora(head_seed):
+        model = Headed()
+        torch.manual_seed(head_seed)
+        model.head.reset_parameters()
+        peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=np.float64(8), target_modules=["lin"],
+                                                      modules_to_save=["head"]))
+        peft_model.add_adapter("spare", LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+        return peft_model
+
+    train(lora(head_seed=1), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE))
+    assert train(lora(head_seed=2), batches(), batches(), TrainConfig(output_dir=str(tmp_path), **BASE)).step == 4
 
 
 def test_the_data_fingerprint_reads_every_tensor_and_draws_no_random_number():
