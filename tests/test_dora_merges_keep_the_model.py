@@ -73,3 +73,26 @@ def test_a_dora_adapter_added_over_a_merged_one_starts_as_the_identity():
         torch.testing.assert_close(model(x), merged, atol=1e-6, rtol=1e-6)
         layer = model.get_base_model()[0]
         torch.testing.assert_close(layer.lora_magnitude_vector["dora"].weight, layer.dora_base_weight().norm(dim=1))
+
+
+def test_w0_is_computed_once_per_merged_state(monkeypatch):
+    # Taking the merged adapters out of W costs a pass over W: once per merge, not per forward.
+    model, _ = lora_then_dora()
+    layer = model.get_base_model()[0]
+    calls = []
+    real = type(layer).unmerged_base_tensors
+    monkeypatch.setattr(type(layer), "unmerged_base_tensors", lambda self: calls.append(1) or real(self))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        want = model(x)
+        model.merge_adapter(["default"])
+        calls.clear()
+        outputs = [model(x) for _ in range(3)]
+        assert len(calls) == 1
+        model.unmerge_adapter()
+        model.merge_adapter(["default"])  # a new merged state (the weight was written): computed anew
+        calls.clear()
+        outputs.append(model(x))
+        assert len(calls) == 1
+    for out in outputs:
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

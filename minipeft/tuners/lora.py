@@ -11,7 +11,7 @@ into a direction and a trainable per-row magnitude ``m``:
 
     W' = m * (W + s B A) / ||W + s B A||_row
 
-A row is one output unit: a row of a linear weight, an output channel's whole kernel of a
+(W is the base weight without other adapters merged into it: ``dora_base_weight``.) A row is one output unit: a row of a linear weight, an output channel's whole kernel of a
 convolution, and, for an embedding, one of the ``dim`` features across the whole vocabulary (a
 column of the table; peft's choice, so that one token's lookup is rescaled feature by feature).
 
@@ -305,8 +305,16 @@ class LoraLayer(AdapterLayer):
     def dora_base_weight(self) -> torch.Tensor:
         """W0, the base weight without the adapters merged into it, which DoRA's norms are taken
         of, so that merging another adapter changes no DoRA output and a new DoRA adapter starts
-        as the identity (peft takes the weight as it stands, merges included)."""
-        return self.unmerged_base_tensors()["weight"]  # the live weight when nothing is merged
+        as the identity (peft takes the weight as it stands, merges included). The live weight
+        when nothing is merged; else computed once per merged state and kept (a copy of W)."""
+        if not self.merged_adapters:
+            return self.unmerged_base_tensors()["weight"]
+        weight = self.get_base_layer().weight
+        state = (tuple(self.merged_adapters), weight._version, weight.data_ptr(), weight.dtype)
+        kept = self.__dict__.get("_dora_unmerged_weight")
+        if kept is None or kept[0] != state:
+            kept = self.__dict__["_dora_unmerged_weight"] = (state, self.unmerged_base_tensors()["weight"])
+        return kept[1]
 
     def _row_norm(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's ``||W + s B A||`` per row (rows,), in fp32; ``weight``: W as the base stores it."""
