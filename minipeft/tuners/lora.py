@@ -11,9 +11,10 @@ into a direction and a trainable per-row magnitude ``m``:
 
     W' = m * (W + s B A) / ||W + s B A||_row
 
-(W is the base weight without other adapters merged into it: ``dora_base_weight``.) A row is one output unit: a row of a linear weight, an output channel's whole kernel of a
-convolution, and, for an embedding, one of the ``dim`` features across the whole vocabulary (a
-column of the table; peft's choice, so that one token's lookup is rescaled feature by feature).
+W is the base weight without other adapters merged into it (``dora_base_weight``). A row is
+one output unit: a row of a linear weight, an output channel's whole kernel of a convolution,
+and, for an embedding, one of the ``dim`` features across the whole vocabulary (a column of the
+table; peft's choice, so that one token's lookup is rescaled feature by feature).
 
 Because ``B A`` is a matrix of the same shape as ``W``, the update can be folded into the
 weight (``merge``) for inference at zero cost and taken out again (``unmerge``).
