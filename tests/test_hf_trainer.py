@@ -22,7 +22,7 @@ from tests.models import tiny_transformers_model  # noqa: E402
 
 
 class AdapterTrainer(transformers.Trainer):
-    """The README's recipe: checkpoints hold the adapter, and resume from it."""
+    """The README's recipe: checkpoints hold the adapter, resume from it and reload the best."""
 
     def _save(self, output_dir=None, state_dict=None):
         self.model.save_pretrained(output_dir or self.args.output_dir)
@@ -30,6 +30,9 @@ class AdapterTrainer(transformers.Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         tensors = safetensors.torch.load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
         set_peft_model_state_dict(model or self.model, tensors)
+
+    def _load_best_model(self):
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
 def arguments(tmp_path, **kwargs):
@@ -92,3 +95,20 @@ def test_checkpoints_hold_the_adapter_and_resume_to_the_same_weights(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, want)
         torch.testing.assert_close(resumed(input_ids=ids).logits, want)
     assert not torch.equal(want, tiny_transformers_model("gpt2").eval()(input_ids=ids).logits)  # it trained
+
+
+def test_the_best_checkpoint_is_reloaded_at_the_end(tmp_path):
+    model = get_peft_model(bert_classifier(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(2, 64, (6,), generator=g), "labels": i % 2} for i in range(8)]
+    # the highest loss counted best: the first checkpoint, not the weights the run ends with
+    args = arguments(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")
+    reloaded = PeftModel.from_pretrained(bert_classifier(), best)
+    ids = data[0]["input_ids"][None]
+    with torch.no_grad():  # the model the run ends with is the best checkpoint's
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits)
