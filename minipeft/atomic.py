@@ -51,10 +51,14 @@ def write_temp(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> 
 
 def give_default_mode(path: str | os.PathLike) -> None:
     """Set ``path``'s permissions to what a plain ``open()`` gives (0o666 less the umask): for
-    files written by a library that makes them private (safetensors' save_file: 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    files written by a library that makes them private (safetensors' save_file: 0600). The mode
+    is read off a file made beside it, the way open() makes one: reading the umask would mean
+    setting it, for every thread of the process, for a moment."""
+    probe = write_temp(path, lambda f: None)
+    try:
+        os.chmod(path, os.stat(probe).st_mode & 0o777)
+    finally:
+        os.unlink(probe)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
