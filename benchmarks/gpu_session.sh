@@ -25,12 +25,13 @@
 #   bash benchmarks/gpu_session.sh            # BUDGET=400 bash ... for a shorter lease
 #   TESTS="flagship or float32" bash benchmarks/gpu_session.sh   # step 4: only these tests
 set -uo pipefail
+PY="${PYTHON:-python3}"
+# a relative interpreter path, taken from where the script was started, would not survive the
+# change of directory below nor the tests' (env -C)
+if [[ "$PY" == */* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-session}"
 BUDGET="${BUDGET:-420}"
-PY="${PYTHON:-python3}"
-# a relative interpreter path would not survive the tests' change of directory (env -C) below
-if [[ "$PY" == */* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -71,7 +72,9 @@ step 90 gpu-tests.log "${pytest[@]}" -k "cuda_graph"
 step 300 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
 rc=$?
 if ((rc != 0 && rc != 124)); then  # a crash (not the time limit): the figures without the graph timing
-    step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --no-graph --out "$OUT"
+    if step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --no-graph --out "$OUT"; then
+        unset 'failed[-1]'  # the figures came after all (the graph replay's crash stays in bench.log)
+    fi
 fi
 if [[ -z "${TESTS:-}" ]]; then
     step 150 gpu-tests.log "${pytest[@]}" -k "matches_float64_reference"

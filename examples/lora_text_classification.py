@@ -189,12 +189,17 @@ def previous_run(out_dir: Path) -> list[Path]:
     return [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
 
 
+def is_run_file(name: str) -> bool:
+    """A file a run writes in its folders, or the hidden temporary one a save killed mid-write leaves."""
+    return name in RUN_FOLDER_FILES or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def check_only_run_files(paths: list[Path]) -> None:
     """Exit with an error, before anything is removed, when a folder among ``paths`` holds a file
     that no run writes there: it is the user's, and --overwrite must not take it."""
     for path in paths:
         if path.is_dir():
-            others = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in RUN_FOLDER_FILES)
+            others = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and not is_run_file(p.name))
             if others:
                 sys.exit(f"error: --overwrite would remove {path}, but it holds files no run writes ({', '.join(others[:3])}): "
                          "move them out of it, or pass a new --output-dir")

@@ -338,15 +338,17 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str | None:
     return None
 
 
-def _named_keys_hint(missing: list[str], unexpected: list[str]) -> str | None:
-    """Where every missing key is an unexpected one without one name segment (``lora_A.weight``
-    given as ``lora_A.default.weight``): a model's ``state_dict()``, whose keys hold the adapter
-    names, given where an adapter's state dict goes. The sentence that says so, else None."""
+def _named_keys_hint(missing: list[str], unexpected: list[str], adapter_names: list[str]) -> str | None:
+    """Where every missing key is an unexpected one without an adapter's name in it
+    (``lora_A.weight`` given as ``lora_A.default.weight``): a model's ``state_dict()``, whose keys
+    hold the adapter names, given where an adapter's state dict goes. The sentence that says so,
+    else None."""
     given = {}
     for key in unexpected:
         parts = key.split(".")
         for i in range(1, len(parts) - 1):
-            given.setdefault(".".join(parts[:i] + parts[i + 1:]), parts[i])
+            if parts[i] in adapter_names:
+                given.setdefault(".".join(parts[:i] + parts[i + 1:]), parts[i])
     names = {given.get(key) for key in missing}
     if not missing or None in names:
         return None
@@ -570,7 +572,7 @@ def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected:
         parts.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
     raise ValueError(
         f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. "
-        + (_prefix_hint(missing, unexpected) or _named_keys_hint(missing, unexpected)
+        + (_prefix_hint(missing, unexpected) or _named_keys_hint(missing, unexpected, known_adapter_names(model))
            or "Was it saved from another base model or with other target_modules?")
     )
 

@@ -210,7 +210,10 @@ def _number_fields(cls: type) -> dict[str, Any]:
             return len(args) == 2 and numeric(args[1])
         return hint in (int, float)
 
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # a subclass's annotations that cannot be resolved: nothing to check by them
+        return {}
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and numeric(hints.get(f.name))}
 
 

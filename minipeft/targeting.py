@@ -47,15 +47,18 @@ TASK_OF_HEAD_CLASS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassific
 def check_task_type(model: nn.Module, config) -> None:
     """A ValueError when ``config.task_type`` names another task than ``model``'s class has a
     new head for (``BertForSequenceClassification`` with ``"CAUSAL_LM"``): that head would
-    neither train nor be saved with the adapter, and the fine-tune would silently keep it random."""
+    neither train nor be saved with the adapter, and the fine-tune would silently keep it random.
+    Not for FEATURE_EXTRACTION (the head's input is what is wanted) nor an adapter loaded for
+    inference (nothing trains)."""
     task = next((t for suffix, t in TASK_OF_HEAD_CLASS.items() if type(model).__name__.endswith(suffix)), None)
     given = getattr(config, "task_type", None)
-    if task is None or given is None or given == task:
+    given = getattr(given, "value", given)  # (a TaskType, or a string set after the config was built)
+    if task is None or given in (None, task, "FEATURE_EXTRACTION") or getattr(config, "inference_mode", False):
         return
     heads = [n for n in TASK_HEAD_NAMES[task] if isinstance(getattr(model, n, None), nn.Module)]
     saved = getattr(config, "modules_to_save", None) or []
     if heads and not any(h in saved for h in heads):
-        raise ValueError(f"task_type={given.value!r}, but "
+        raise ValueError(f"task_type={given!r}, but "
                          f"{type(model).__name__} has a new {task} head ({heads[0]!r}), which would neither train "
                          f"nor be saved with the adapter; use task_type={task!r} (or list {heads[0]!r} in modules_to_save)")
 

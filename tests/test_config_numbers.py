@@ -36,3 +36,13 @@ def test_every_config_that_builds_loads_back_from_its_json(config):
     # ints where floats are declared are numbers too (JSON writes 16, not 16.0)
     loaded = PeftConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert loaded == config
+
+
+def test_a_config_subclass_whose_annotations_cannot_be_resolved_still_builds():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Custom(minipeft.LoraConfig):
+        note: "NotDefinedAnywhere" = None  # noqa: F821
+
+    assert Custom(r=4).r == 4

@@ -51,6 +51,7 @@ def test_lora_example_refuses_an_output_dir_holding_a_run(tmp_path):
 def test_lora_example_overwrite_removes_only_the_files_a_run_writes(tmp_path):
     example = load_lora_example()
     previous_run_files(tmp_path)
+    (tmp_path / "adapter" / ".adapter_model.safetensors.0a1b2c3d.tmp").write_bytes(b"half")  # a save killed mid-write
     assert [p.name for p in example.previous_run(tmp_path)] == ["checkpoint.pt", "metrics.jsonl", "adapter"]
     example.remove_previous_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -415,11 +415,13 @@ def test_a_task_type_that_would_leave_the_models_new_head_untrained_is_refused()
     with pytest.raises(ValueError, match=r"new QUESTION_ANS head \('qa_outputs'\)"):
         get_peft_model(transformers.BertForQuestionAnswering(config),
                        LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
-    # the head listed by hand trains whatever the task type says; no task type: peft's default, no check
-    for kwargs in (dict(task_type="FEATURE_EXTRACTION", modules_to_save=["classifier"]), {}):
+    # the head listed by hand trains whatever the task type says; no task type (peft's default), or
+    # features: no check
+    for kwargs in (dict(task_type="TOKEN_CLS", modules_to_save=["classifier"]), {}, dict(task_type="FEATURE_EXTRACTION")):
         model = get_peft_model(transformers.BertForSequenceClassification(config),
                                LoraConfig(target_modules=["query"], **kwargs))
-        assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n) == bool(kwargs)
+        trains_head = any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+        assert trains_head == ("modules_to_save" in kwargs)
 
 
 def test_mistakes_a_peft_user_makes_get_errors_that_say_what_to_do(tmp_path):
