@@ -145,9 +145,8 @@ class PeftModel(nn.Module):
     def __reduce_ex__(self, protocol):
         # Pickled as a plain PeftModel (a made class has no importable name): __setstate__ makes it again.
         reduced = super().__reduce_ex__(protocol)
-        if type(self) is not _class_for(type(self.get_base_model())) or type(self) is PeftModel:
-            return reduced
-        return (_new_peft_model, (), *reduced[2:])
+        made_here = type(self) is not PeftModel and type(self) is _class_for(type(self.get_base_model()))
+        return (_new_peft_model, (), *reduced[2:]) if made_here else reduced
 
     def __getattr__(self, name: str):
         try:

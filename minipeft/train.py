@@ -4,9 +4,10 @@
 
 `model(**batch)` must return either an object/dict with `.loss` (and `.logits`), as
 Hugging Face models do when given `labels`, or a logits tensor, from which the loss is
-computed here (a forward that takes no `labels` argument is called without them). Batches are dicts of tensors with "labels": shape [B] means sequence
-classification, shape [B, T] means a causal LM (labels already aligned with input_ids,
--100 where there is nothing to predict; the shift happens in the loss).
+computed here (a forward that takes no `labels` argument is called without them).
+Batches are dicts of tensors with "labels": shape [B] means sequence classification, shape
+[B, T] means a causal LM (labels already aligned with input_ids, -100 where there is nothing
+to predict; the shift happens in the loss).
 
 What one run does, in order: AdamW over the trainable parameters only (in LoRA+'s groups
 with `loraplus_lr_ratio`, minipeft.optimizers); linear or cosine
