@@ -888,8 +888,9 @@ def _model_fingerprint(model: nn.Module) -> dict:
     original of a module trained whole (a classifier head that is new, random, and replaced by its
     trained copy). Each digest reads the tensor's first and last 64 values, not all of them:
     enough to tell two pretrained checkpoints apart, for two small reads per tensor."""
+    unread = _unread_by_this_run(model)
     frozen = {name: _sample_digest(p) for name, p in model.named_parameters()
-              if not p.requires_grad and id(p) not in _unread_by_this_run(model)}
+              if not p.requires_grad and id(p) not in unread}
     fingerprint = {"frozen_weights": frozen}
     peft_model = _unwrap(model)
     if isinstance(peft_model, PeftModel):
