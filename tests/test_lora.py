@@ -252,6 +252,16 @@ def test_merging_twice_merges_once_with_a_warning_as_in_peft():
     assert all(torch.equal(p, once[n]) for n, p in model.named_parameters())
 
 
+def test_a_layer_merged_twice_merges_once_with_a_warning_as_in_peft():
+    model = get_peft_model(TinyNet(), LoraConfig(target_modules=["fc1"], init_lora_weights=False))
+    layer = model.base_model.model.blocks[0].fc1
+    layer.merge()
+    once = layer.base_layer.weight.clone()
+    with pytest.warns(UserWarning, match=r"\['default'\] are merged into this layer already"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, once) and layer.merged_adapters == ["default"]
+
+
 def test_peft_model_falls_through_to_the_base_model():
     model = get_peft_model(tiny_transformers_model("gpt2"), LoraConfig(r=2, target_modules=["c_attn"]))
     assert isinstance(model, PeftModel)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -344,7 +345,8 @@ class AdapterLayer(nn.Module):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False, checked: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights, in order. ``safe_merge``:
         first merge into copies and raise if a weight would hold NaN or inf (nothing written).
-        ``checked``: the caller has run ``check_merge_blockers`` (an unload, with its own rules)."""
+        ``checked``: the caller has run ``check_merge_blockers`` (an unload, with its own rules).
+        An adapter merged already stays as it is, with a warning."""
         if not self.mergeable:
             raise self._not_mergeable()
         if not self.folds_into_weight:
@@ -452,7 +454,10 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"cannot merge unknown adapter(s) {unknown}; this layer has {self.adapter_names}")
         twice = [n for n in names if n in self.merged_adapters]
         if twice:
-            raise ValueError(f"adapter(s) {twice} already merged into this layer; unmerge before merging again")
+            # As PeftModel.merge_adapter and peft's layers: merging again would add them twice.
+            warnings.warn(f"adapter(s) {twice} are merged into this layer already and stay as they are; "
+                          "unmerge() first to merge them anew", stacklevel=3)
+            names = [n for n in names if n not in twice]
         if not checked:
             self.check_merge_blockers(names)
         return list(names)
