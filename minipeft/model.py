@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint, injection, status
 from .config import PeftConfig, PeftType, check_config_type
 from .mixed_batches import mixed_batch
-from .targeting import TASK_HEAD_NAMES, check_task_type, wrapper_chain
+from .targeting import TASK_HEAD_NAMES, check_task_type, logical_name, wrapper_chain
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
 from .tuners.trainable_tokens import TrainableTokensLayer
@@ -68,6 +68,31 @@ class AdaptedModel(nn.Module):
     def active_rank_allocator(self):
         """The RankAllocator of the active AdaLoRA adapter that trains, or None."""
         return next((a for a in self.rank_allocators.values() if a.is_active()), None)
+
+    # -- peft's record of what the adapters target ---------------------------------------------
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The modules an adapter's ``target_modules`` chose, by their names in the model without
+        wrappers, in model order (peft's attribute). Modules trained whole (``modules_to_save``)
+        and helpers such as LoRA's trainable tokens are not targets."""
+        return [name for name, parameter in self._targets() if parameter is None]
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """The parameters an adapter's ``target_parameters`` chose, as ``module.parameter`` (peft's attribute)."""
+        return [f"{name}.{parameter}" for name, parameter in self._targets() if parameter is not None]
+
+    def _targets(self) -> list[tuple[str, str | None]]:
+        """``(module name, parameter name or None)`` for every layer that holds an adapter of its
+        own method (a wrapper a method adds beside its targets holds another's), once each."""
+        owner = self.__dict__.get("owner_ref", lambda: None)()
+        configs = owner.peft_config if owner is not None else {}
+        found: dict[tuple[str, str | None], None] = {}
+        for name, layer in injection.innermost_first(list(injection.adapter_layers(self.model))):  # as added
+            methods = [method_for(configs[a]) for a in layer.adapter_names if a in configs]
+            if any(m.layer_class is not None and isinstance(layer, m.layer_class) for m in methods):
+                found[(logical_name(self.model, name) or name, getattr(layer, "parameter_name", None))] = None
+        return list(found)
 
     # peft's tuner model (LoraModel, ...) answers these itself; here the PeftModel that holds this
     # one does (else they would reach the user's model: transformers' own adapter methods). It is

@@ -163,6 +163,13 @@ def test_forward_and_gradients_match_peft(kind):
     assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "net"])
+def test_targeted_parameter_names_are_peft_s(kind):
+    _, peft_model, mini = peft_and_mini(kind)
+    assert mini.targeted_parameter_names == peft_model.targeted_parameter_names != []
+    assert mini.targeted_module_names == peft_model.targeted_module_names == []
+
+
 def test_half_precision_base_gets_float32_factors_and_matches_peft():
     base = Net(transposed=False).to(torch.bfloat16)
     config = dict(r=2, lora_alpha=3, target_parameters=["experts.up", "experts.proj"])

@@ -5,6 +5,7 @@ The reference is peft itself: its signatures, the files it writes and the output
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import re
@@ -493,3 +494,22 @@ def test_every_active_adapter_adds_its_training_terms():
         model.train()
         losses.append(model.with_training_terms(SimpleNamespace(loss=torch.tensor(0.0))).loss.item())
     assert losses[0] == losses[1] > 0.0
+
+
+@pytest.mark.parametrize(
+    "make_base, config, second",
+    [
+        (TinyNet, dict(target_modules=["fc1", "conv1d"], modules_to_save=["head"]), minipeft.LoHaConfig),
+        (lambda: tiny_transformers_model("gpt2"), dict(target_modules=["c_attn"], trainable_token_indices=[1, 2]),
+         functools.partial(minipeft.IA3Config, feedforward_modules=[])),
+    ],
+    ids=["modules_to_save", "trainable_tokens"],
+)
+def test_targeted_module_names_are_peft_s(make_base, config, second):
+    mini = get_peft_model(make_base(), LoraConfig(r=2, **config))
+    reference = peft.get_peft_model(make_base(), peft.LoraConfig(r=2, **config))
+    assert mini.targeted_module_names == reference.targeted_module_names
+    assert mini.base_model.targeted_parameter_names == reference.base_model.targeted_parameter_names == []
+    # a second method on the same modules, in a wrapper of its own, adds no name
+    mini.add_adapter("second", second(target_modules=config["target_modules"]))
+    assert mini.targeted_module_names == reference.targeted_module_names
