@@ -9,14 +9,17 @@ Batches are dicts of tensors with "labels": shape [B] means sequence classificat
 [B, T] means a causal LM (labels already aligned with input_ids, -100 where there is nothing
 to predict; the shift happens in the loss).
 
-What one run does, in order: AdamW over the trainable parameters only (in LoRA+'s groups
+What one run does, in order: training mode (a model in eval mode, as from_pretrained gives
+one, trains whole; in a model in training mode, submodules the user put in eval stay there);
+AdamW over the trainable parameters only (in LoRA+'s groups
 with `loraplus_lr_ratio`, minipeft.optimizers); linear or cosine
 schedule with warmup; gradient accumulation weighted by examples/tokens (on one process
 the update is exactly that of one big batch); gradient clipping; bf16 autocast on CUDA;
 AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA adapter);
 evaluation every `eval_every` steps; early stopping; the best weights saved
 (save_pretrained, or a safetensors state_dict for a plain module); a resumable
-checkpoint (optimizer, scheduler, step, RNG, trainable weights) written atomically and
+checkpoint (optimizer, scheduler, step, RNG, trainable weights, buffers such as a batch norm's
+running statistics) written atomically and
 refused on resume when it came from other settings, other data, another adapter config or
 another base model; a progress line and a metrics JSONL file.
 
@@ -283,12 +286,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: the trainable parameters, and the buffers of the modules that own
-    them (a trained batch norm's running statistics, which its weights are only right with)."""
+    """What training changes: the trainable parameters, and every buffer a state_dict holds,
+    since a forward in training mode may update any of them (a batch norm's running statistics,
+    frozen weights or not). Buffers a module keeps out of its state_dict (causal masks, rotary
+    frequencies) are derived, not learned, and left out."""
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            for buffer_name, buffer in module.named_buffers(recurse=False):
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
                 tensors[f"{name}.{buffer_name}" if name else buffer_name] = buffer
     return tensors
 
@@ -311,14 +316,14 @@ def _check_same_trainable(model: nn.Module, state: dict[str, torch.Tensor], path
               for n, p in trainable.items() if n in state and state[n].shape != p.shape]
     problems = []
     if missing:
-        problems.append(f"trainable in the model but not in the checkpoint: {_some(missing)}")
+        problems.append(f"trained in the model but not in the checkpoint: {_some(missing)}")
     if unexpected:
-        problems.append(f"in the checkpoint but not trainable in the model: {_some(unexpected)}")
+        problems.append(f"in the checkpoint but not trained in the model: {_some(unexpected)}")
     if shapes:
         problems.append(f"shapes differ: {_some(shapes)}")
     if problems:
         raise ValueError(
-            f"cannot resume from {path}: it holds the trainable parameters of another model or adapter config "
+            f"cannot resume from {path}: it holds the trained tensors of another model or adapter config "
             f"({'; '.join(problems)}). Use a new output_dir, or resume=False to start this run over in the same one."
         )
 
@@ -693,6 +698,17 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     return _finish(run, state, train_seconds)
 
 
+def _enter_training_mode(model: nn.Module) -> None:
+    """Put ``model`` in training mode. A model handed over in eval mode (as ``from_pretrained``
+    returns one) trains whole; where the user's model is in training mode already, a submodule
+    they put in eval stays in eval (a batch norm whose pretrained statistics are to stay fixed)."""
+    user_model = model.get_base_model() if isinstance(model, PeftModel) else model
+    kept_in_eval = [m for m in user_model.modules() if not m.training] if user_model.training else []
+    model.train()
+    for module in kept_in_eval:
+        module.training = False  # this module alone: its children keep the mode they had
+
+
 def _setup(model: nn.Module, num_batches: int, config: TrainConfig) -> _Run:
     """Join the process group, seed, move the model to its device, and build the optimizer and schedule."""
     rank, world, local_rank = setup_distributed()
@@ -703,7 +719,7 @@ def _setup(model: nn.Module, num_batches: int, config: TrainConfig) -> _Run:
     random.seed(config.seed + rank)
 
     model.to(device)
-    model.train()
+    _enter_training_mode(model)
     optimizer = make_optimizer(model, config)
     wrapped = model
     if world > 1:

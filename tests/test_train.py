@@ -303,6 +303,63 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert records(tmp_path / "b") == records(tmp_path / "a")
 
 
+class FrozenNormClassifier(TinyClassifier):
+    """TinyClassifier with a frozen batch norm before its adapter: its running statistics change
+    in training mode although none of its parameters train."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(DIM, momentum=0.5)
+        self.norm.requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        m = attention_mask.unsqueeze(-1).float()
+        h = (self.embed(input_ids) * m).sum(1) / m.sum(1)  # [B, D]
+        return self.classifier(torch.tanh(self.adapter(self.norm(h * 3 + 1))))
+
+
+def test_resume_and_restore_best_bring_back_a_frozen_batch_norms_statistics(tmp_path):
+    train_loader, eval_loader = loaders(n_train=96)
+
+    def config(out, **more):
+        return TrainConfig(output_dir=str(out), epochs=2, lr=1e-2, eval_every=4, checkpoint_every=4, log_every=100,
+                           **more)
+
+    torch.manual_seed(0)
+    reference = FrozenNormClassifier()
+    ref_result = train(reference, train_loader, eval_loader, config(tmp_path / "a", restore_best=False))
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        train(FrozenNormClassifier(), CrashingLoader(train_loader, after=14), eval_loader,
+              config(tmp_path / "b", restore_best=False))
+    torch.manual_seed(0)
+    resumed = FrozenNormClassifier()
+    result = train(resumed, train_loader, eval_loader, config(tmp_path / "b", restore_best=False))
+    assert result.history == ref_result.history
+    torch.testing.assert_close(resumed.norm.running_mean, reference.norm.running_mean, rtol=0, atol=0)
+
+    # the weights restored as the best give the best evaluation's loss, statistics included
+    torch.manual_seed(0)
+    best = FrozenNormClassifier()
+    result = train(best, train_loader, eval_loader, config(tmp_path / "c", metric="loss", restore_best=True))
+    assert result.best_step != result.step
+    assert evaluate(best, eval_loader)["loss"] == pytest.approx(result.best_metric, rel=1e-6)
+
+
+def test_submodules_put_in_eval_stay_there_and_a_model_in_eval_trains_whole(tmp_path):
+    train_loader, _ = loaders(n_train=16)
+    model = FrozenNormClassifier()
+    model.norm.eval()  # the user keeps the pretrained statistics
+    before = model.norm.running_mean.clone()
+    train(model, train_loader, None, TrainConfig(output_dir=str(tmp_path / "a"), epochs=1, log_every=100))
+    assert not model.norm.training and torch.equal(model.norm.running_mean, before)
+    assert model.training and model.drop.training
+
+    model = FrozenNormClassifier().eval()  # as from_pretrained returns a model
+    train(model, train_loader, None, TrainConfig(output_dir=str(tmp_path / "b"), epochs=1, log_every=100))
+    assert all(m.training for m in model.modules()) and not torch.equal(model.norm.running_mean, before)
+
+
 def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
     train_loader, eval_loader = loaders(n_train=32)  # 4 steps an epoch
     config = TrainConfig(output_dir=str(tmp_path), epochs=2, lr=1e-2, log_every=1)
@@ -578,13 +635,13 @@ def test_resume_into_another_adapter_config_names_the_parameters_that_differ(tmp
     fewer = lora(r=4, target_modules=["adapter"])
     only_saved = sorted(set(saved_shapes) - {n for n, p in fewer.named_parameters() if p.requires_grad})
     assert only_saved and all(".classifier." in n for n in only_saved)
-    with pytest.raises(ValueError, match=r"in the checkpoint but not trainable in the model: "
+    with pytest.raises(ValueError, match=r"in the checkpoint but not trained in the model: "
                                          + re.escape(", ".join(only_saved))) as err:
         train(fewer, train_loader, eval_loader, config)
-    assert "trainable in the model but not in the checkpoint" not in str(err.value)
+    assert "trained in the model but not in the checkpoint" not in str(err.value)
     # and the other way round: more targets than the checkpoint holds
     more = lora(r=4, target_modules=["adapter", "classifier"], modules_to_save=["embed"])
-    with pytest.raises(ValueError, match=r"trainable in the model but not in the checkpoint: .*modules_to_save"):
+    with pytest.raises(ValueError, match=r"trained in the model but not in the checkpoint: .*modules_to_save"):
         train(more, train_loader, eval_loader, config)
 
 
