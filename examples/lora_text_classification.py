@@ -183,10 +183,24 @@ def find_data(data_dir: str | None) -> Path:
 
 
 def previous_run(out_dir: Path) -> list[Path]:
-    """The files of an earlier run in out_dir (see RUN_FILES); empty for a new or unrelated folder."""
+    """The files of an earlier run in out_dir (see RUN_FILES): found only beside what train()
+    leaves (its checkpoint, log or best weights), so that a user's own folder named "model" or
+    "adapter" is not taken for a run's. Empty for a new or unrelated folder."""
     if out_dir.exists() and not out_dir.is_dir():
         sys.exit(f"error: --output-dir {out_dir} is a file; give a folder")
+    if not any((out_dir / name).exists() for name in OUTPUT_NAMES):
+        return []
     return [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def check_saves_are_free(out_dir: Path, method: str, previous: list[Path]) -> None:
+    """Exit with an error when a folder this run saves into exists and is not a previous run's
+    (``previous_run``): saving would write into the user's own files."""
+    saves = ("adapter", "adapter-init") if method in ADAPTERS else ("model",)
+    taken = [out_dir / name for name in saves if (out_dir / name).exists() and out_dir / name not in previous]
+    if taken:
+        sys.exit(f"error: this run saves into {taken[0]}, which exists and is no earlier run's (no checkpoint, "
+                 "log or best weights beside it); move it away, or pass a new --output-dir")
 
 
 def is_run_file(name: str) -> bool:
@@ -291,6 +305,7 @@ def main(argv=None) -> dict:
     if previous and not (args.overwrite or args.resume):
         sys.exit(f"error: {out_dir} already holds a run ({', '.join(p.name for p in previous)}); "
                  "pass a new --output-dir, --overwrite to replace that run, or --resume to continue it")
+    check_saves_are_free(out_dir, args.method, previous)
     if args.overwrite:
         check_only_run_files(previous)  # (said now, not after minutes of loading)
     if args.threads:

@@ -68,6 +68,18 @@ def test_lora_example_overwrite_never_removes_a_users_folder_of_a_runs_name(tmp_
     assert (tmp_path / "model" / "thesis.tex").exists() and (tmp_path / "metrics.jsonl").exists()  # nothing removed
 
 
+def test_lora_example_takes_a_users_saved_model_for_no_run_and_never_saves_into_it(tmp_path):
+    example = load_lora_example()
+    (tmp_path / "model").mkdir()  # the user's own transformers model: a run's file names, but no run beside it
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "model" / name).write_text("the user's")
+    assert example.previous_run(tmp_path) == []
+    example.check_saves_are_free(tmp_path, "lora", [])  # a LoRA run saves into adapter/ alone
+    with pytest.raises(SystemExit, match=r"saves into .*model, which exists and is no earlier run's"):
+        example.check_saves_are_free(tmp_path, "full", [])
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+
+
 def load_lora_example():
     import importlib.util
 
