@@ -138,6 +138,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.data_dir:
         sys.exit("give the SST-2 folder with --data-dir or $MINIPEFT_DATA_DIR (train.tsv and dev.tsv)")
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        sys.exit(f"error: --output-dir {args.output_dir} is a file; give a folder")  # (now, not after training)
     if args.output_dir and (Path(args.output_dir) / "adapter_config.json").exists():
         sys.exit(f"error: {args.output_dir} already holds an adapter; pass a new --output-dir")
     if args.threads:

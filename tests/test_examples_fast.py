@@ -122,6 +122,15 @@ def test_the_sst2_examples_say_what_is_wrong_with_the_data_without_a_traceback(t
         assert "error: the data folder" in result.stderr and "does not exist" in result.stderr
 
 
+@pytest.mark.parametrize("example", [LORA_EXAMPLE, ROOT / "examples" / "prompt_and_prefix_tuning_sst2.py"])
+def test_the_sst2_examples_refuse_an_output_dir_that_is_a_file_before_training(tmp_path, example):
+    (tmp_path / "out").write_text("the user's")
+    result = subprocess.run([sys.executable, str(example), "--data-dir", str(tmp_path / "nowhere"), "--output-dir",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and "is a file; give a folder" in result.stderr, result.stderr
+    assert (tmp_path / "out").read_text() == "the user's"
+
+
 def test_the_sst2_examples_refuse_counts_below_one():
     # a zero count would otherwise fail later, as a ZeroDivisionError deep in a run
     for example, flag in [(LORA_EXAMPLE, "--evals-per-epoch"), (LORA_EXAMPLE, "--val-examples"),
