@@ -9,6 +9,7 @@
 Runs in a few seconds on a CPU:  python examples/bottleneck_adapter_plain_module.py
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,9 @@ def mse(model: nn.Module, x, y) -> float:
     return nn.functional.mse_loss(model(x), y).item()
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    # no options: --help describes the example, and a mistyped flag is an error, not ignored
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     start = time.perf_counter()
     torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose to their overhead
     torch.manual_seed(0)

@@ -21,6 +21,14 @@ def test_bottleneck_plain_module_example_lowers_the_held_out_loss():
     assert "base model restored exactly" in result.stdout
 
 
+def test_bottleneck_example_says_what_it_does_and_refuses_unknown_flags():
+    example = ROOT / "examples" / "bottleneck_adapter_plain_module.py"
+    result = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Bottleneck adapters on a plain" in result.stdout and "pretrained" not in result.stdout
+    result = subprocess.run([sys.executable, str(example), "--steps", "3"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unrecognized arguments: --steps 3" in result.stderr
+
+
 LORA_EXAMPLE = ROOT / "examples" / "lora_text_classification.py"
 
 
