@@ -19,6 +19,7 @@ Two record shapes are supported:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import numbers
@@ -74,51 +75,65 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
+def _read_text(path: Path) -> str:
+    """The file's text, read as UTF-8. utf-8-sig drops a byte-order mark (Excel writes one),
+    which would otherwise become part of the first column's name and hide it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: the file is not UTF-8 (byte {data[e.start]:#04x}); save it as UTF-8, e.g. "
+                        f"iconv -f latin1 -t utf-8 {path.name}") from None
+
+
+def _is_blank(fields: list[str]) -> bool:
+    return all(not f.strip() for f in fields)  # no field, or only spaces and separators
+
+
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], list[str]]:
     rows: list[dict] = []
-    # utf-8-sig drops a byte-order mark (Excel writes one), which would otherwise become
-    # part of the first column's name and hide it
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        # GLUE-style TSVs are unquoted and sentences contain stray quote characters, so TSV
-        # is read without quoting; CSV keeps the usual quoting rules.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header = None
-        for fields in reader:
-            if header is None:
-                header = [h.strip() for h in fields]
-                if not any(header):
-                    raise DataError(f"{path}:{reader.line_num}: the header line is empty")
-                continue
-            if not fields or fields == [""]:  # blank line
-                continue
-            if len(fields) != len(header):
-                raise DataError(
-                    f"{path}:{reader.line_num}: expected {len(header)} fields "
-                    f"({', '.join(header)}) separated by {delimiter!r}, found {len(fields)}"
-                )
-            row = dict(zip(header, fields))
-            row["_line"] = reader.line_num
-            rows.append(row)
+    # GLUE-style TSVs are unquoted and sentences contain stray quote characters, so TSV
+    # is read without quoting; CSV keeps the usual quoting rules.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    header = None
+    for fields in reader:
+        if _is_blank(fields):
+            continue
+        if header is None:
+            header = [h.strip() for h in fields]
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:
+                raise DataError(f"{path}:{reader.line_num}: the header names column(s) {twice} more than once; "
+                                "give each column its own name")
+            continue
+        if len(fields) != len(header):
+            raise DataError(
+                f"{path}:{reader.line_num}: expected {len(header)} fields "
+                f"({', '.join(header)}) separated by {delimiter!r}, found {len(fields)}"
+            )
+        row = dict(zip(header, fields))
+        row["_line"] = reader.line_num
+        rows.append(row)
     return rows, header or []
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     rows: list[dict] = []
     columns: dict[str, None] = {}  # insertion-ordered set
-    with open(path, encoding="utf-8-sig") as f:  # a BOM would make line 1 invalid JSON
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
-            columns.update(dict.fromkeys(row))
-            row["_line"] = line_no
-            rows.append(row)
+    for line_no, line in enumerate(_read_text(path).split("\n"), start=1):  # (\r stays: JSON takes it as space)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+        columns.update(dict.fromkeys(row))
+        row["_line"] = line_no
+        rows.append(row)
     return rows, list(columns)
 
 
@@ -374,9 +389,19 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
         if labels is not None and token_labels:
             labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
         elif labels is not None:
-            labels[i] = e["label"]
+            labels[i] = _class_index(e["label"], i)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     return batch if labels is None else {**batch, "labels": labels}
+
+
+def _class_index(label, i: int) -> int:
+    """A classification label as the class index it must be (a float would be truncated silently)."""
+    if isinstance(label, torch.Tensor) and label.numel() == 1:
+        label = label.item()
+    if not isinstance(label, numbers.Real) or not math.isfinite(label) or label != int(label):
+        raise DataError(f"example {i}'s label {label!r} is not a class index: a classification label is a whole "
+                        "number 0, 1, ...")
+    return int(label)
 
 
 @dataclass

@@ -51,6 +51,27 @@ def test_reads_tsv_csv_and_jsonl_alike(tmp_path):
         assert read_classification(path) == expected
 
 
+def test_whitespace_lines_are_blank_anywhere_and_a_column_named_twice_is_refused(tmp_path):
+    tsv = write(tmp_path / "a.tsv", "\nsentence\tlabel\n \t\ngood\t1\n\t\nbad\t0\n")
+    csv_ = write(tmp_path / "a.csv", "  \ntext,label\ngood,1\n   \n , \nbad,0\n")
+    for path in (tsv, csv_):
+        assert read_classification(path) == [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    twice = write(tmp_path / "b.csv", "text,label,text\ngood,1,reviewer\n")
+    with pytest.raises(DataError, match=r"b.csv:1: the header names column\(s\) \['text'\] more than once"):
+        read_classification(twice)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, suffix):
+    text = "sentence\tlabel\ngood\t1\ncaf\u00e9\t0\n" if suffix == ".tsv" else \
+        '{"text": "good", "label": 1}\n{"text": "caf\u00e9", "label": 0}\n'
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(text.encode("latin-1"))
+    line = 3 if suffix == ".tsv" else 2
+    with pytest.raises(DataError, match=rf"latin1{suffix}:{line}: the file is not UTF-8 \(byte 0xe9\); save it as UTF-8"):
+        read_classification(path)
+
+
 def test_custom_column_names_and_label_names(tmp_path):
     path = write(tmp_path / "a.csv", "review,sentiment\ngood,pos\nbad,neg\n")
     records = read_classification(path, text_column="review", label_column="sentiment", label_names=["neg", "pos"])
@@ -182,6 +203,14 @@ def test_collate_pads_dynamically():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_collate_takes_whole_number_labels_and_refuses_fractions():
+    examples = [{"input_ids": [5], "label": label} for label in (np.int64(2), 1.0, torch.tensor(0), True)]
+    assert collate(examples)["labels"].tolist() == [2, 1, 0, 1]
+    for label in (0.7, float("nan"), "1"):
+        with pytest.raises(DataError, match=r"example 1's label .* is not a class index: .* whole number"):
+            collate([{"input_ids": [5], "label": 1}, {"input_ids": [5], "label": label}])
 
 
 def test_text_without_labels_encodes_and_collates_for_prediction(tokenizer):
