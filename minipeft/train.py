@@ -7,7 +7,9 @@ Hugging Face models do when given `labels`, or a logits tensor, from which the l
 computed here (a forward that takes no `labels` argument is called without them).
 Batches are dicts of tensors with "labels": shape [B] means sequence classification, shape
 [B, T] means a causal LM (labels already aligned with input_ids, -100 where there is nothing
-to predict; the shift happens in the loss).
+to predict; the shift happens in the loss), or token classification where the model is a token
+classifier (a PeftModel of task_type TOKEN_CLS, a transformers ...ForTokenClassification, or
+`TrainConfig(task="token_classification")`; -100 on tokens without a label).
 
 What one run does, in order: training mode (a model in eval mode, as from_pretrained gives
 one, trains whole; in a model in training mode, submodules the user put in eval stay there);
@@ -78,9 +80,10 @@ DECAYS = {
     "constant": lambda progress: 1.0,
 }
 SCHEDULES = tuple(DECAYS)
-TASKS = ("auto", "classification", "causal_lm")
+TASKS = ("auto", "classification", "token_classification", "causal_lm")
 # what evaluate() reports for each task; "auto" picks accuracy or loss
-METRICS = {"classification": ("loss", "accuracy", "f1"), "causal_lm": ("loss", "perplexity")}
+METRICS = {"classification": ("loss", "accuracy", "f1"), "token_classification": ("loss", "accuracy", "f1"),
+           "causal_lm": ("loss", "perplexity")}
 
 
 @dataclass
@@ -111,7 +114,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping
     bf16: bool | None = None  # None: on for CUDA devices with bf16 support, off on CPU
     device: str | None = None  # None: cuda (this rank's GPU) when available, else cpu
-    task: str = "auto"  # "classification" | "causal_lm" | "auto" (from labels' shape)
+    task: str = "auto"  # one of TASKS; "auto": from the labels' shape and the model (_task_of)
     eval_every: int = 0  # steps between evaluations; 0: at the end of each epoch
     metric: str = "auto"  # metric for best/early stopping; auto: accuracy or loss
     patience: int | None = None  # evaluations without improvement before stopping
@@ -441,13 +444,33 @@ def setup_distributed() -> tuple[int, int, int]:
 # Loss and evaluation
 
 
-def _task_of(batch: dict, task: str) -> str:
+def _task_of(batch: dict, task: str, model: nn.Module | None = None) -> str:
+    """``task``, checked against the batch's labels; for "auto", the task they tell: labels [B]
+    classify sequences, labels [B, T] classify tokens when ``model`` is a token classifier
+    (``_classifies_tokens``) and are a causal LM's next tokens otherwise."""
     if "labels" not in batch:
         raise ValueError(f"a batch needs its targets under 'labels' (shape [B] for classification, [B, T] for a "
-                         f"causal LM); this one has {sorted(batch)}")
-    if task != "auto":
-        return task
-    return "classification" if batch["labels"].dim() == 1 else "causal_lm"
+                         f"causal LM or token classification); this one has {sorted(batch)}")
+    per_token = batch["labels"].dim() == 2
+    if task == "auto":
+        return ("token_classification" if _classifies_tokens(model) else "causal_lm") if per_token else "classification"
+    if per_token != (task != "classification"):
+        raise ValueError(
+            f"task {task!r} takes labels of shape {'[B, T]' if task != 'classification' else '[B]'}, and this "
+            f"batch's are {list(batch['labels'].shape)}: " + ("for a label per token use task='token_classification', "
+            "for next-token targets task='causal_lm'" if per_token else "for one label per example use "
+            "task='classification'"))
+    return task
+
+
+def _classifies_tokens(model: nn.Module | None) -> bool:
+    """A PeftModel of task_type TOKEN_CLS, or a model transformers names ...ForTokenClassification."""
+    model = _unwrap(model) if model is not None else None
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.task_type == "TOKEN_CLS":
+            return True
+        model = model.get_base_model()
+    return type(model).__name__.endswith("ForTokenClassification")
 
 
 def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,6 +486,9 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
         labels = batch["labels"]
         if task == "classification":
             loss = F.cross_entropy(logits.float(), labels)
+        elif task == "token_classification":  # the mean over the batch's labelled tokens, 0 when it has none
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / (labels != IGNORE_INDEX).sum().clamp(min=1)
         else:  # position t predicts token t+1; the mean over the batch's target tokens, 0 when it has none
             targets = labels[:, 1:].flatten()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
@@ -486,9 +512,11 @@ def _takes_labels(model_class: type) -> bool:
 
 
 def _count(batch: dict, task: str) -> int:
-    """How many targets the batch's mean loss averages over: examples, or shifted tokens."""
+    """How many targets the batch's mean loss averages over: examples, labelled tokens, or shifted tokens."""
     labels = batch["labels"]
-    return labels.numel() if task == "classification" else int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if task == "classification":
+        return labels.numel()
+    return int((labels if task == "token_classification" else labels[:, 1:]).ne(IGNORE_INDEX).sum())
 
 
 def _num_tokens(batch: dict) -> int | None:
@@ -507,7 +535,8 @@ def _to(batch: dict, device) -> dict:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", device=None,
              bf16: bool = False, shard: bool = True) -> dict[str, float]:
-    """Loss, accuracy and F1 (classification) or loss and perplexity (causal LM).
+    """Loss, accuracy and F1 (classification of sequences or of tokens, counting each labelled
+    token) or loss and perplexity (causal LM).
 
     The classes are the logits' last dimension (or more, if a label exceeds it). F1 is
     that of class 1 when there are two classes, else the macro average over all classes,
@@ -526,22 +555,22 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
         if i % world != rank:
             continue
         batch = _to(batch, device)
-        task = _task_of(batch, task)
+        task = _task_of(batch, task, model)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss, logits = _forward(model, batch, task)
         n = _count(batch, task)
         if n:  # (a model's own mean over no target token is NaN)
             loss_sum += loss.item() * n
             count += n
-        if task == "classification":
+        if task != "causal_lm":
             n_logits = max(n_logits, logits.shape[-1])
-            pred = logits.argmax(-1)
-            preds.append(pred.cpu())
-            golds.append(batch["labels"].cpu())
+            labelled = batch["labels"] != IGNORE_INDEX  # every example; a token classifier's labelled tokens
+            preds.append(logits.argmax(-1)[labelled].cpu())
+            golds.append(batch["labels"][labelled].cpu())
     for m, training in modes:
         m.training = training
 
-    is_cls = task == "classification"
+    is_cls = task in ("classification", "token_classification")
     # the classes are the model's outputs, not the labels this eval set happens to hold:
     # else two-class F1 would turn into a macro average when the set lacks one class
     num_classes = n_logits
@@ -666,7 +695,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     while state.step < run.total_steps and not state.stopped_early:
         epoch, first_window = divmod(state.step, run.steps_per_epoch)
         for window, micro in _windows(run, train_batches, epoch, first_window):
-            task = _task_of(micro[0], task)
+            task = _task_of(micro[0], task, run.raw_model)
             if eval_batches is not None:
                 _check_metric_fits(metric_name, task)  # before the first step, not at the first evaluation
             loss, tokens = _optimizer_step(run, micro, task, state.step + 1)

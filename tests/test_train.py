@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minipeft import LoraConfig, get_peft_model  # noqa: E402
 from minipeft.data import BatchLoader  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, evaluate, lr_lambda, make_optimizer, train  # noqa: E402
 
@@ -210,6 +212,52 @@ def test_causal_lm_loss_and_perplexity(tmp_path):
                                              schedule="constant"))
     after = evaluate(model, loader)
     assert after["perplexity"] < 0.2 * before["perplexity"]
+
+
+class TinyTagger(nn.Module):
+    """A label per token: logits [B, T, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.head(self.embed(input_ids))
+
+
+def test_token_classification_counts_each_labelled_token(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (3, 5, 8, 2, 6, 7):  # the first token of each is unlabelled, and padding is too
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] + [t % 3 for t in ids[1:]]})
+    loader = BatchLoader(examples, batch_size=4)
+    model = TinyTagger()
+
+    # by hand, over the labelled tokens alone
+    logits = torch.cat([model(**b).flatten(0, 1) for b in loader]).detach()
+    labels = torch.cat([b["labels"].flatten() for b in loader])
+    logits, labels = logits[labels != -100], labels[labels != -100]
+    predicted = logits.argmax(-1).tolist()
+    f1s = []
+    for c in range(3):
+        tp = sum(p == g == c for p, g in zip(predicted, labels.tolist()))
+        f1s.append(2 * tp / max(1, predicted.count(c) + labels.tolist().count(c)))
+    expected = {"loss": F.cross_entropy(logits, labels).item(),
+                "accuracy": (logits.argmax(-1) == labels).float().mean().item(), "f1": sum(f1s) / 3}
+    assert evaluate(model, loader, task="token_classification") == pytest.approx(expected, rel=1e-6)
+
+    # "auto" knows a token classifier by its PeftModel's task_type; the wrong task is refused clearly
+    tagger = get_peft_model(TinyTagger(), LoraConfig(task_type="TOKEN_CLS", target_modules=["head"]))
+    assert set(evaluate(tagger, loader)) == {"loss", "accuracy", "f1"}
+    with pytest.raises(ValueError, match=r"task 'classification' takes labels of shape \[B\], and this batch's "
+                                         r"are \[4, 8\]: for a label per token use task='token_classification'"):
+        evaluate(model, loader, task="classification")
+    result = train(tagger, loader, loader, TrainConfig(output_dir=str(tmp_path), epochs=2, metric="accuracy",
+                                                        log_every=100))
+    assert set(result.history[-1]) >= {"eval_accuracy", "eval_f1"}
 
 
 def test_early_stopping_triggers(tmp_path):
@@ -426,7 +474,7 @@ if __name__ == "__main__":
 def test_best_lora_adapter_is_saved_with_save_pretrained_and_reloads(tmp_path):
     import copy
 
-    from minipeft import LoraConfig, PeftModel, get_peft_model
+    from minipeft import PeftModel
 
     torch.manual_seed(0)
     base = TinyClassifier()
@@ -648,7 +696,7 @@ def test_resume_into_another_adapter_config_names_the_parameters_that_differ(tmp
 @pytest.mark.parametrize("field, value, message", [
     ("grad_accum_steps", 0, r"grad_accum_steps must be an integer >= 1 \(1: no accumulation\), not 0"),
     ("log_every", 0, r"log_every must be an integer >= 1, not 0"),
-    ("task", "clf", r"task 'clf' is not valid; use one of 'auto', 'classification', 'causal_lm'"),
+    ("task", "clf", r"task 'clf' is not valid; use one of 'auto', 'classification', 'token_classification', 'causal_lm'"),
     ("metric", "acc", r"metric 'acc' is not valid; use one of 'auto', 'loss', 'accuracy', 'f1', 'perplexity'"),
     ("schedule", "step", r"schedule 'step' is not valid; use one of 'linear', 'cosine', 'constant'"),
     ("epochs", 0, r"epochs must be an integer >= 1 \(or set max_steps\), not 0"),
