@@ -455,7 +455,8 @@ def versions() -> dict[str, str]:
         pass
     if torch.cuda.is_available():
         found["cuda"] = torch.version.cuda
-        found["tf32 matmul"] = str(torch.backends.cuda.matmul.allow_tf32)
+        matmul = torch.backends.cuda.matmul  # (allow_tf32 cannot be read once fp32_precision was set)
+        found["tf32 matmul"] = getattr(matmul, "fp32_precision", None) or str(matmul.allow_tf32)
     return found
 
 

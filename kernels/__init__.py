@@ -1,12 +1,14 @@
 """Fused Triton kernels for the LoRA hot path, shipped as `minipeft.kernels`.
 
 Functions of tensors only; they know nothing of configs or models. The LoRA layer calls
-`lora_linear` for CUDA tensors when `is_available() and enabled()` and its adapter is one plain
-LoRA on a frozen nn.Linear (`LoraLinear._fused_path_applies` has the whole rule), and otherwise
-runs its pure-PyTorch reference, which computes the same numbers.
+`lora_linear` for CUDA tensors when `is_available() and enabled()` and its adapter is one LoRA
+without DoRA (with or without lora_bias) on a frozen nn.Linear that no subclass, own forward or
+hook changes (`LoraLinear._fused_path_applies` has the whole rule), and otherwise runs its
+pure-PyTorch reference, which computes the same function (with dropout, each draws its own masks).
 
     lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, route=None)
     dropout_mask(seed, shape, p, device)   the keep-mask a call with that seed used (for tests)
+    dropout_rate(p)                        the rate it drops at: p rounded down to a multiple of 2**-16
     forward_path(M, N, K, R, dtype)        which kernels the forward runs for that shape
     is_available()                         triton can be imported
     set_enabled(flag) / enabled()          global switch, on by default
@@ -42,13 +44,14 @@ def set_enabled(flag: bool) -> None:
 
 
 if is_available():
-    from .fused_lora import dropout_mask, forward_path, lora_linear
+    from .fused_lora import dropout_mask, dropout_rate, forward_path, lora_linear
 else:
     def _needs_triton(name):
         def unavailable(*args, **kwargs):
             raise RuntimeError(f"minipeft.kernels.{name} needs triton; check minipeft.kernels.is_available()")
         return unavailable
 
-    lora_linear, dropout_mask, forward_path = (_needs_triton(n) for n in ("lora_linear", "dropout_mask", "forward_path"))
+    lora_linear, dropout_mask, dropout_rate, forward_path = (
+        _needs_triton(n) for n in ("lora_linear", "dropout_mask", "dropout_rate", "forward_path"))
 
-__all__ = ["lora_linear", "dropout_mask", "forward_path", "is_available", "enabled", "set_enabled"]
+__all__ = ["lora_linear", "dropout_mask", "dropout_rate", "forward_path", "is_available", "enabled", "set_enabled"]

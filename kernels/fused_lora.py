@@ -4,7 +4,8 @@ By default cuBLAS computes the frozen product (x W^T, dy W) and adds it in place
 low-rank part our kernels write first; our own GEMM, whose accumulator starts as the low-rank
 term, is the other route (`FUSE_BASE_GEMM`, below). Both compute:
 
-Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its rate):
+Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its rate: dropout_p
+rounded down to a multiple of 2**-16, `dropout_rate`):
 
     x (M, K)   W (N, K) frozen   b (N,) frozen or None   A (r, K)   B (N, r)   s = scaling
 
@@ -63,6 +64,7 @@ launches (`forward_path` names the route a shape takes).
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -91,14 +93,24 @@ def _dot_precision(dtype):
     """tl.dot's input precision for tensors of `dtype`.
 
     tl.dot rounds fp32 tiles to TF32 by default, while cuBLAS (F.linear, and so the reference
-    path) computes in full fp32 unless torch.backends.cuda.matmul.allow_tf32 is set. Following
-    that flag keeps the two paths computing the same function: full fp32 ("ieee") by default,
-    TF32 where the user asked torch for it. 16-bit tiles are exact either way ("tf32" is the
-    default that leaves them alone).
+    path) computes in full fp32 unless the user allowed it TF32. Following that setting keeps the
+    two paths computing the same function: full fp32 ("ieee") by default, TF32 where the user
+    asked torch for it. 16-bit tiles are exact either way ("tf32" is the default that leaves them alone).
     """
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _cublas_may_use_tf32():
         return "ieee"
     return "tf32"
+
+
+def _cublas_may_use_tf32():
+    """torch's TF32 switch for cuBLAS matmuls. Read through the fp32_precision API where torch has
+    it (2.9 on), which also reflects the legacy allow_tf32: reading allow_tf32 raises once a user
+    has set the new one."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        return matmul.allow_tf32
+    precision = matmul.fp32_precision
+    return (torch.backends.fp32_precision if precision == "none" else precision) == "tf32"
 
 
 @triton.jit
@@ -123,11 +135,20 @@ def _keep_tile(seed, offs_m, k_start, K, threshold, BLOCK_M: tl.constexpr, BLOCK
 
 def _dropout_threshold(p):
     """The 16-bit coin threshold for rate p: an element is dropped iff its coin < threshold.
-
-    So the drop rate is p rounded down to a multiple of 2**-16 (0.1 becomes 0.099991); the
-    1 / (1 - p) rescaling uses p itself.
-    """
+    So the drop rate is p rounded down to a multiple of 2**-16 (``dropout_rate``)."""
     return int(p * 65536)
+
+
+def dropout_rate(p):
+    """The rate the kernels drop elements at for dropout_p = p: p rounded down to a multiple of
+    2**-16 (0.1 becomes 0.0999908). The kept ones are scaled by 1 / (1 - dropout_rate(p)), which
+    keeps the expectation of the dropped x exactly x (1 / (1 - p) would be off by 1e-5 at p = 0.1,
+    and by 7% at p = 0.9999)."""
+    return _dropout_threshold(p) / 65536
+
+
+def _keep_scale(p):
+    return 1.0 / (1.0 - dropout_rate(p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,7 +376,7 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, xin=None, out=None):
     """(out, dr): out = x @ w + bias + scale * [D] * (l @ r), and dr (R, N) = scale * l^T ([D] * xin)
     in fp32 when xin (M, N) is given, else None.
 
-    x (M, K), w (K, N), bias (N,) or None, l (M, R), r (R, N); any strides. D, when p > 0, is
+    x (M, K), w (K, N), l (M, R), r (R, N) in any strides; bias (N,) contiguous, or None. D, when p > 0, is
     the dropout mask of an (M, N) tensor drawn from seed (the backward's dx has x's shape).
     out: the (M, N) tensor to write, or None for a new one.
     """
@@ -458,7 +479,7 @@ def _shrink(x, lora_A, p, seed):
     _shrink_tuned[grid](
         x, lora_A, xa, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        1.0 / (1.0 - p), _dropout_threshold(p), seed, _m_bucket(M), HAS_DROPOUT=p > 0,
+        _keep_scale(p), _dropout_threshold(p), seed, _m_bucket(M), HAS_DROPOUT=p > 0,
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=br)
     return xa
 
@@ -565,7 +586,7 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
         M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
-        scale, 1.0 / (1.0 - p), _dropout_threshold(p), seed, block_m,
+        scale, _keep_scale(p), _dropout_threshold(p), seed, block_m,
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(R)))
     return y, xa
@@ -668,8 +689,8 @@ _lowrank_grad_tuned = _autotuned_lowrank_grad(_lowrank_grad_configs())
 
 def _lowrank_grad_block_k(block_r):
     """Columns per program: dA's partial sum, a (BLOCK_R, BLOCK_K) fp32 tile, lives through the
-    whole row loop, so the wider the rank the narrower the columns (4096 floats up to rank 256;
-    then 16 columns, tl.dot's minimum)."""
+    whole row loop, so the wider the rank the narrower the columns: 128 columns up to rank 32
+    (2048 or 4096 floats), 4096 floats up to rank 256, then 16 columns, tl.dot's minimum."""
     return min(128, max(16, 4096 // block_r))
 
 
@@ -677,15 +698,15 @@ def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da, add_to=None):
     """(dx, da): dx (M, K) = add_to + (D * (dxa A)) / (1 - p) in x's dtype if want_dx, written
     into add_to when it is given (it holds dy W) and into a new tensor otherwise (add_to = 0);
     da (r, K) = dxa^T (D * x) / (1 - p) in fp32 if want_da. None for the one not wanted. D is
-    the mask the forward drew for x from seed."""
-    M, K = x.shape
-    R = lora_A.shape[0]
-    dx = (add_to if add_to is not None else torch.empty((M, K), device=x.device, dtype=x.dtype)) if want_dx else None
-    da = torch.zeros((R, K), device=x.device, dtype=torch.float32) if want_da else None
+    the mask the forward drew for x from seed. x (M, K) is read for da alone (None without it)."""
+    M, (R, K) = dxa.shape[0], lora_A.shape
+    dx = (add_to if add_to is not None else torch.empty((M, K), device=dxa.device, dtype=dxa.dtype)) if want_dx else None
+    da = torch.zeros((R, K), device=dxa.device, dtype=torch.float32) if want_da else None
     # A stand-in for an output not wanted: never read or written by the kernel, but zeroed
     # and restored around the autotuner's trials, so not the other output (dx may hold dy W).
-    unused = None if want_dx and want_da else torch.empty((1, 1), device=x.device, dtype=torch.float32)
+    unused = None if want_dx and want_da else torch.empty((1, 1), device=dxa.device, dtype=torch.float32)
     dx_, da_ = (dx if want_dx else unused), (da if want_da else unused)
+    x = x if want_da else dx  # (a stand-in the kernel never reads)
     block_r = max(16, triton.next_power_of_2(R))
     block_k = _lowrank_grad_block_k(block_r)
     grid = lambda meta: (triton.cdiv(M, meta["ROWS_PER_PROGRAM"]), triton.cdiv(K, block_k))
@@ -693,7 +714,7 @@ def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da, add_to=None):
         dxa, lora_A, x, dx_, da_, M, K, R,
         dxa.stride(0), dxa.stride(1), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
         dx_.stride(0), dx_.stride(1), da_.stride(0), da_.stride(1),
-        1.0 / (1.0 - p), _dropout_threshold(p), seed, _m_bucket(M),
+        _keep_scale(p), _dropout_threshold(p), seed, _m_bucket(M),
         WRITE_DX=want_dx, ADD_TO_DX=want_dx and add_to is not None, SUM_DA=want_da, HAS_DROPOUT=p > 0,
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_K=block_k, BLOCK_R=block_r)
     return dx, da
@@ -784,8 +805,8 @@ def _lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, route):
     and an inference call runs bare. y is allocated in its final shape and the kernels write its
     (M, N) view: a tensor of its own, not a view of one, which callers may modify in place."""
     K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K)  # (M, K), a view whenever the leading dims allow; strides go to the kernels
-    M = x2.shape[0]
+    M = x.shape[:-1].numel()
+    x2 = x.reshape(M, K)  # a view whenever the leading dims allow; strides go to the kernels
     y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
     y2 = y.view(M, N)
     route = route or forward_path(M, N, K, lora_A.shape[0], x.dtype)
@@ -844,14 +865,16 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, route):
         K, N = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, K)
+        x2 = x.reshape(x.shape[:-1].numel(), K)
         # A route given by the caller sends the backward's dx down the same way; else the dx
         # GEMM, whose shape is not y's, decides by its own.
         ctx.dx_in_our_gemm = use_fused_base(x2.shape[0], K, N, x.dtype) if route is None else route == "triton GEMM"
         ctx.dx_gemm_first = DX_GEMM_FIRST
         with _launch_context(x):
             y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, route)
-        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
+        # x is read back for dA alone (dx needs only the mask, which positions give): a frozen A
+        # (LoRA-FA) saves xa (M, r) and no (M, K) tensor, as the reference does.
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, xa, weight, lora_A, lora_B)
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
         return y
 
@@ -865,8 +888,8 @@ class LoraLinearFunction(torch.autograd.Function):
     def _backward(ctx, dy):
         x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
         s, p, seed = ctx.scaling, ctx.p, ctx.seed
-        M, K = x2.shape
-        N = weight.shape[0]
+        N, K = weight.shape
+        M = xa.shape[0]
         dy2 = dy.reshape(M, N)
         want_dx, want_da, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         on_cublas = want_dx and not ctx.dx_in_our_gemm
@@ -883,7 +906,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if want_dx and ctx.dx_in_our_gemm:
             # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, the masked low-rank term
             # its accumulator's start; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
-            dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, 1.0 / (1.0 - p), p, seed,
+            dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, _keep_scale(p), p, seed,
                                      xin=x2 if want_da else None)
         elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)
             # One pass writes dx's masked low-rank part (or adds it onto dy W) and sums dA.
@@ -902,18 +925,30 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     x (..., K) any strides; weight (N, K) and bias (N,) or None, frozen; lora_A (r, K);
     lora_B (N, r); all one dtype (float32, bfloat16 or float16), accumulation in fp32.
     Returns y (..., N). Dropout (when training and dropout_p > 0) is drawn in the kernels from
-    `seed`: an int in [0, 2**31), or None to draw one from torch's default generator (so
-    torch.manual_seed makes runs repeatable). `dropout_mask(seed, x.shape, dropout_p)` is the
-    mask a call used. A seed drawn while a CUDA graph is being captured is baked into the graph,
+    `seed`: an int in [0, 2**31), or None to draw one from torch's default CPU generator, which
+    needs no GPU sync (torch.manual_seed makes runs repeatable; each such call advances that
+    generator, where nn.Dropout would advance the GPU's). `dropout_mask(seed, x.shape, dropout_p)`
+    is the mask a call used, dropping at `dropout_rate(dropout_p)`. dA is summed with atomic
+    adds, so under torch.use_deterministic_algorithms(True) a call that trains A is refused. A seed drawn while a CUDA graph is being captured is baked into the graph,
     so every replay drops the same elements: capture without dropout (inference). Gradients
     flow to x, lora_A and lora_B only: the weight and bias must not require grad (the backward
     never computes their gradients). `route` (one of ROUTES) sends the call down that route
     instead of the one `forward_path` picks by shape: for benchmarks and tests, which compare
     the routes.
     """
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    grad = torch.is_grad_enabled()
+    if grad and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("lora_linear treats weight and bias as frozen; they must not require grad "
                          "(use the reference LoRA path to train the base layer)")
+    if isinstance(scaling, torch.Tensor) and scaling.requires_grad:
+        raise TypeError("lora_linear takes scaling as a constant and computes no gradient for it; pass a number, or "
+                        "use the reference LoRA path to train it")
+    if grad and lora_A.requires_grad and torch.are_deterministic_algorithms_enabled():
+        message = ("lora_linear's backward sums dA with atomic adds, whose order varies between runs; with "
+                   "torch.use_deterministic_algorithms(True) use the reference path (minipeft.kernels.set_enabled(False))")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=2)
     if not x.is_cuda and not INTERPRET:
         raise ValueError("lora_linear runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
     dtypes = {t.dtype for t in (x, weight, bias, lora_A, lora_B) if t is not None}
@@ -932,8 +967,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             raise ValueError(f"lora_linear: {name} must have shape {want} for x (..., {K}), got {tuple(t.shape)}")
         if t is not None and t.device != x.device:
             raise ValueError(f"lora_linear: {name} is on {t.device}, x on {x.device}; all must share one device")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= float(dropout_p) <= 1.0 or (training and float(dropout_p) == 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1) (1 drops everything, leaving nothing to scale up), got {dropout_p}")
+    if seed is not None and not 0 <= int(seed) < 2**31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     if route is not None and route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES} or None (chosen by shape), got {route!r}")
     if route == "few rows" and not use_few_rows(x.numel() // K if K else 0, r, x.dtype):
@@ -953,4 +990,4 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed), route)
 
 
-__all__ = ["lora_linear", "dropout_mask", "use_fused_base", "use_few_rows", "forward_path", "ROUTES", "LoraLinearFunction"]
+__all__ = ["lora_linear", "dropout_mask", "dropout_rate", "use_fused_base", "use_few_rows", "forward_path", "ROUTES", "LoraLinearFunction"]

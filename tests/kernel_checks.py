@@ -30,14 +30,15 @@ def rel_err(actual, expected, magnitude=None):
 
 
 def reference(x, weight, bias, lora_A, lora_B, scaling, mask, p, xa_dtype=torch.float64):
-    """y = x W^T + b + s * (D * x / (1 - p)) A^T B^T in float64; mask None means no dropout.
+    """y = x W^T + b + s * (D * x / (1 - p)) A^T B^T in float64; mask None means no dropout, p the
+    rate the mask drops at (``kernels.dropout_rate``).
 
     The kernels store xa = (D * x / (1 - p)) A^T in the input dtype (it is saved for the
     backward), so the reference rounds xa there too (straight-through, the gradient stays
     float64). Without that, a sum like s * xa B^T over r = 130 terms that nearly cancel can
     differ from float64 by more than bf16's tolerance for reasons that are not the kernels'.
     """
-    x_drop = x if mask is None else x * mask / (1 - p)
+    x_drop = x if mask is None else x * mask / (1 - kernels.dropout_rate(p))  # the rate the mask drops at
     xa = F.linear(x_drop, lora_A)
     xa = xa + (xa.to(xa_dtype).double() - xa).detach()
     return F.linear(x, weight, bias) + scaling * F.linear(xa, lora_B)
@@ -67,14 +68,18 @@ def make_inputs(lead, K, N, r, dtype, bias=True, layout="contiguous", seed=0, de
 
 
 @contextlib.contextmanager
-def tf32_allowed(allowed):
-    """torch.backends.cuda.matmul.allow_tf32 set to ``allowed`` inside, restored after."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
+def tf32_allowed(allowed, api="legacy"):
+    """cuBLAS's TF32 switch set to ``allowed`` inside, restored after: through
+    torch.backends.cuda.matmul.allow_tf32 (``api="legacy"``) or its fp32_precision ("new"), after
+    which torch refuses to read allow_tf32 until fp32_precision is put back."""
+    matmul = torch.backends.cuda.matmul
+    name, value = ("allow_tf32", allowed) if api == "legacy" else ("fp32_precision", "tf32" if allowed else "ieee")
+    before = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        setattr(matmul, name, before)
 
 
 # lora_linear's routes (fused_lora.ROUTES): our GEMM with the low-rank term, the one-launch

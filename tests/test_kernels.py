@@ -104,6 +104,16 @@ def test_kept_fraction_is_one_minus_p(p):
 
 
 @interpreted
+def test_the_kept_elements_are_scaled_by_the_rate_the_mask_drops_at():
+    # The 16-bit coins drop at p rounded down to a multiple of 2**-16; scaling by 1 / (1 - p)
+    # itself would bias the expectation. A rate below 2**-16 drops nothing and scales nothing.
+    assert kernels.dropout_rate(0.3) == 19660 / 65536 and kernels.dropout_rate(1e-5) == 0.0
+    x, lora_A = torch.randn(40, 64), torch.randn(3, 64)
+    assert torch.equal(kernels.dropout_mask(5, x.shape, 1e-5), torch.ones(x.shape, dtype=torch.bool))
+    assert rel_err(impl._shrink(x, lora_A, 1e-5, 5), x.double() @ lora_A.double().t()) < 1e-6
+
+
+@interpreted
 def test_backward_redraws_the_forward_mask():
     # dA = dxa^T (D * x / (1 - p)) depends on D directly: it matches the reference built with
     # the forward's mask, and would not with any other mask.
@@ -134,7 +144,7 @@ def test_every_gpu_shrink_tile_draws_the_same_mask(config):
     with mock.patch.object(impl, "_shrink_tuned", impl._autotuned_shrink([config])):
         xa = impl._shrink(x, lora_A, p, seed)
     mask = kernels.dropout_mask(seed, x.shape, p).double()
-    assert rel_err(xa, (mask * x.double() / (1 - p)) @ lora_A.double().t()) < 1e-5
+    assert rel_err(xa, (mask * x.double() / (1 - kernels.dropout_rate(p))) @ lora_A.double().t()) < 1e-5
 
 
 @interpreted
@@ -152,7 +162,7 @@ def test_every_gpu_lowrank_grad_tile(config, r, add):
     with mock.patch.object(impl, "_lowrank_grad_tuned", impl._autotuned_lowrank_grad([config])):
         dx, da = impl._lowrank_grads(dxa, lora_A, x, p, seed, want_dx=True, want_da=True,
                                      add_to=dy_w.clone() if add else None)
-    dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - p)
+    dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - kernels.dropout_rate(p))
     assert rel_err(dx, dy_w.double() + dropped * (dxa.double() @ lora_A.double())) < 1e-5
     assert rel_err(da, dxa.double().t() @ (dropped * x.double())) < 1e-5
 
@@ -178,7 +188,7 @@ def test_the_autotuners_trials_leave_dx_and_da_as_one_launch_would(want_dx, want
         dx, da = impl._lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da,
                                      add_to=dy_w.clone() if want_dx else None)
     assert len(trials) == len(configs)
-    dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - p)
+    dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - kernels.dropout_rate(p))
     if want_dx:
         assert rel_err(dx, dy_w.double() + dropped * (dxa.double() @ lora_A.double())) < 1e-5
     if want_da:
@@ -207,6 +217,60 @@ def test_saves_only_x_xa_and_the_weights():
     inputs = {t.data_ptr() for t in (x, weight, lora_A, lora_B)}
     extra = [t.shape for t in saved if t.data_ptr() not in inputs]
     assert extra == [torch.Size([32, 4])]  # xa
+
+
+@interpreted
+def test_a_frozen_a_saves_no_copy_of_x():
+    # x is read back for dA alone: with A frozen (LoRA-FA) only xa (M, r) is kept, as the
+    # reference keeps it, and dx (which needs the mask, not x) is still right.
+    x, weight, b, lora_A, lora_B = make_inputs((32,), 48, 20, 4, torch.float32)
+    x.requires_grad_(True)
+    lora_B.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.3, seed=3)
+    assert x.data_ptr() not in {t.data_ptr() for t in saved}
+    y.sum().backward()
+    mask = kernels.dropout_mask(3, x.shape, 0.3).double()
+    x64 = x.detach().double().requires_grad_(True)
+    reference(x64, weight.double(), b.double(), lora_A.double(), lora_B.double(), 1.0, mask, 0.3).sum().backward()
+    assert rel_err(x.grad, x64.grad) < TOL[torch.float32]
+
+
+@interpreted
+def test_no_input_features():
+    # K = 0: x W^T and the low-rank term are empty sums, so y is the bias on every row.
+    x, weight, b = torch.randn(2, 3, 0), torch.randn(5, 0), torch.randn(5)
+    lora_A, lora_B = torch.randn(2, 0, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+    assert torch.equal(y, b.expand(2, 3, 5))
+    y.sum().backward()
+    assert lora_A.grad.shape == (2, 0) and torch.equal(lora_B.grad, torch.zeros(5, 2))
+
+
+@interpreted
+def test_what_is_refused_and_what_is_not(monkeypatch):
+    x, weight, b, lora_A, lora_B = make_inputs((4,), 16, 12, 2, torch.float32)
+    call = lambda **kw: kernels.lora_linear(x, weight, b, lora_A, lora_B, **{"scaling": 1.0, **kw})  # noqa: E731
+    for seed in (-5, 2**40):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*31\)"):
+            call(dropout_p=0.1, seed=seed)
+    with pytest.raises(TypeError, match="takes scaling as a constant"):
+        call(scaling=torch.tensor(2.0, requires_grad=True))
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        call(dropout_p=1.0)
+    assert torch.equal(call(dropout_p=1.0, training=False), call())  # nn.Dropout(1.0).eval() is the identity
+    with torch.no_grad():  # a weight that requires grad is left alone where nothing is differentiated
+        weight.requires_grad_(True)
+        assert torch.equal(call(), kernels.lora_linear(x, weight.detach(), b, lora_A, lora_B, 1.0))
+    weight.requires_grad_(False)
+    # dA's atomic adds vary in order: a call that trains A is refused under deterministic algorithms
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    lora_A.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="atomic adds"):
+        call()
+    lora_A.requires_grad_(False)
+    call()  # nothing summed with atomics
 
 
 @interpreted
@@ -328,13 +392,14 @@ def test_switch_and_fallback_rule():
 
 
 @interpreted
+@pytest.mark.parametrize("api", ["legacy", "new"])
 @pytest.mark.parametrize("dtype, allow_tf32, precision", [
     (torch.float32, False, "ieee"), (torch.float32, True, "tf32"), (torch.bfloat16, False, "tf32")])
-def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
+def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision, api):
     """On a GPU tl.dot rounds fp32 tiles to TF32 unless told otherwise, while cuBLAS (and so the
-    reference path) does that only when torch.backends.cuda.matmul.allow_tf32 is set. Every kernel
-    launch must ask for what cuBLAS would do. (The interpreter computes in full precision
-    either way, so this checks what the launches ask for.)"""
+    reference path) does that only when torch allows it TF32 (allow_tf32, or the fp32_precision
+    that replaces it). Every kernel launch must ask for what cuBLAS would do. (The interpreter
+    computes in full precision either way, so this checks what the launches ask for.)"""
     launched = {}
     kernel_fns = [impl._matmul_lowrank_kernel, impl._few_rows_kernel, impl._shrink_kernel,
                   impl._lowrank_grad_kernel]
@@ -349,7 +414,7 @@ def test_fp32_tiles_follow_torchs_tf32_switch(dtype, allow_tf32, precision):
     x, weight, b, lora_A, lora_B = make_inputs((20,), 24, 20, 4, dtype)
     lora_A.requires_grad_(True)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(tf32_allowed(allow_tf32))
+        stack.enter_context(tf32_allowed(allow_tf32, api))
         for fn in kernel_fns:
             stack.enter_context(mock.patch.object(fn, "run", spy(fn)))
         for path in PATHS:
@@ -464,7 +529,7 @@ def test_shapes_devices_and_dropout_are_checked_up_front():
     with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
         kernels.lora_linear(x, weight, b[:5], lora_A, lora_B, 1.0)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
-        kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=1.0, training=False)
+        kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=1.5, training=False)
 
 
 def _large_offsets_case():

@@ -54,3 +54,26 @@ def test_fused_path_is_chosen_only_where_it_applies():
         nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], use_fused_kernels=False)
     ).base_model.model[0]
     assert off.use_fused_kernels == {"default": False} and layer.use_fused_kernels == {"default": True}
+
+
+class _FakeQuantLinear(nn.Linear):
+    def forward(self, x):  # a subclass computing something other than F.linear (as QAT's fake quantisation)
+        return super().forward(x.round())
+
+
+@pytest.mark.parametrize("change", ["none", "subclass", "forward hook", "pre-hook", "own forward", "deterministic"])
+def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, monkeypatch):
+    # The kernels compute F.linear in place of calling the base layer: anything else the call
+    # would do sends the layer down its reference path. (CUDA faked around the rule alone.)
+    base = nn.Sequential(_FakeQuantLinear(8, 8) if change == "subclass" else nn.Linear(8, 8))
+    layer = get_peft_model(base, LoraConfig(r=2, target_modules=["0"])).base_model.model[0]
+    if change == "forward hook":
+        layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)
+    elif change == "pre-hook":
+        layer.base_layer.register_forward_pre_hook(lambda module, args: None)
+    elif change == "own forward":
+        layer.base_layer.forward = lambda x: nn.functional.linear(x, layer.base_layer.weight) + 1
+    elif change == "deterministic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert layer._fused_path_applies(torch.randn(2, 8), ["default"]) == (change == "none")

@@ -418,7 +418,7 @@ class LoraLinear(LoraLayer):
         dropout, s = self.lora_dropout[name], self.scaling[name]
         x = x if isinstance(dropout, nn.Identity) else dropout(x)
         A, B, b = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias
-        if result.dtype == x.dtype and result.is_contiguous():
+        if result.dtype == x.dtype and result.is_contiguous() and not result.is_nested:  # (a view needs rows)
             if A.dtype != x.dtype:
                 # Cast the small (r x in) and (out x r) weights to the input's dtype, not x to fp32.
                 A, B = A.to(x.dtype), B.to(x.dtype)
@@ -461,13 +461,16 @@ class LoraLinear(LoraLayer):
         if not (x.is_cuda and len(adapters) == 1 and self.use_fused_kernels[adapters[0]]):
             return False
         base = self.base_layer
-        if not isinstance(base, nn.Linear) or self.use_dora[adapters[0]] or torch.is_autocast_enabled():
+        if not _runs_plain_linear(base) or self.use_dora[adapters[0]] or torch.is_autocast_enabled():
+            return False
+        # The kernels' dA sums with atomic adds, whose order varies from run to run.
+        if torch.are_deterministic_algorithms_enabled():
             return False
         # The kernels compute no gradient for W or b: a trainable base takes the reference path.
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return False
         # fp32 too: the kernels round fp32 to TF32 exactly where torch's own matmuls do
-        # (torch.backends.cuda.matmul.allow_tf32), so both paths compute the same numbers.
+        # (torch.backends.cuda.matmul.fp32_precision), so both paths compute the same function.
         if x.dtype != base.weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False
         kernels = fused_kernels()
@@ -486,6 +489,16 @@ class LoraLinear(LoraLayer):
         # so s * b_B (N,) is added to their output here, in place, one pass over y, and autograd
         # gives b_B its gradient s * dy summed over the rows.
         return y.add_(b.to(x.dtype), alpha=self.scaling[name])
+
+
+def _runs_plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` computes F.linear(x, weight, bias) and nothing else, which the
+    kernels then compute in its place: an nn.Linear itself (a subclass, such as a QAT Linear,
+    may compute otherwise), with no forward of its own set on it (accelerate's offloading) and
+    no hooks, its own or torch's global ones, that the kernels would skip."""
+    return (type(module) is nn.Linear and "forward" not in module.__dict__
+            and not (module._forward_hooks or module._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
 
 @functools.cache  # asked on every forward on CUDA
