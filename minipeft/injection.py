@@ -219,6 +219,8 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, nn.Module, AdapterLayer]
     try:
         for name, module, wrapper in plan:
             wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
+            if _inside_fused_encoder_layer(model, name):
+                wrapper.register_forward_pre_hook(_turn_fused_encoder_layers_off)
             parent, child = _get_parent(model, name)
             setattr(parent, child, wrapper)
             replaced.append((name, module))
@@ -227,6 +229,21 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, nn.Module, AdapterLayer]
             parent, child = _get_parent(model, name)
             setattr(parent, child, module)
         raise
+
+
+def _inside_fused_encoder_layer(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` lies inside an nn.TransformerEncoderLayer. In eval mode, that layer's
+    fast path computes the whole block in one fused op from the weights of its sublayers (linear1,
+    norm2, ...), read past their forward, so it would skip an adapter wrapped around one."""
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), nn.TransformerEncoderLayer)
+               for i in range(len(parts)))
+
+
+def _turn_fused_encoder_layers_off(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing: nn.TransformerEncoderLayer takes its fast path only
+    where no module inside it has hooks, so this one keeps the calls that run the adapter."""
+    return None
 
 
 @contextlib.contextmanager

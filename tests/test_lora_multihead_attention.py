@@ -381,3 +381,39 @@ def test_a_peft_all_linear_checkpoint_with_an_attentions_out_proj_loads(method, 
     with torch.no_grad():
         torch.testing.assert_close(m(x), p(x), atol=1e-6, rtol=0)
         assert (m(x) - base(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("config", [
+    minipeft.LoraConfig(r=R, target_modules=["self_attn", "linear1"], init_lora_weights=False),
+    minipeft.IA3Config(target_modules=["linear1", "linear2"], feedforward_modules=["linear2"], init_ia3_weights=False),
+    minipeft.LoHaConfig(r=R, target_modules=["linear2"], init_weights=False),
+    minipeft.LNTuningConfig(target_modules=["norm2"]),
+], ids=["lora", "ia3", "loha", "ln_tuning"])
+def test_adapters_inside_an_encoder_layer_run_in_its_eval_fast_path_too(config):
+    """In eval mode nn.TransformerEncoderLayer computes the whole block in one fused op from its
+    sublayers' weights, past their forwards; a padded batch goes through it as a nested tensor.
+    Any adapter inside must keep it on the path that runs the adapter: the output is the one
+    torch's own slow path gives."""
+    torch.manual_seed(0)
+    base = Encoder()
+    base.enc = nn.TransformerEncoder(base.enc.layers[0], 2, enable_nested_tensor=True)
+    model = minipeft.get_peft_model(base, config).eval()
+    if isinstance(config, minipeft.LNTuningConfig):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ln_tuning_layers" in name:
+                    p.add_(torch.randn_like(p))
+    x, mask = data(Encoder)
+    real = ~mask  # (a nested batch comes back with zeros where the slow path computes padding)
+    encoder = model.base_model.model.enc
+    for padding in (None, mask):
+        with torch.no_grad():
+            fast = encoder(x, src_key_padding_mask=padding)[real]
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                slow = encoder(x, src_key_padding_mask=padding)[real]
+            finally:
+                torch.backends.mha.set_fastpath_enabled(True)
+            with model.disable_adapter():
+                assert (slow - encoder(x, src_key_padding_mask=padding)[real]).abs().max() > 1e-3  # the adapter acts
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)

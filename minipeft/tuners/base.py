@@ -537,6 +537,18 @@ class TrainedCopies(AdapterLayer):
     def copies(self) -> nn.ModuleDict:
         return getattr(self, self.copies_name)
 
+    def __getattr__(self, name: str):
+        """What code around the module reads of it (a head's ``out_features``, a norm's ``eps``,
+        nn.TransformerEncoderLayer's checks) comes from the module that runs in its place, as
+        from peft's wrapper."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name.startswith("_") or self.copies_name not in modules or self.base_layer_name not in modules:
+                raise  # (not built yet, or torch's own lookups: never a loop through module_in_use)
+        return getattr(self.module_in_use(), name)
+
     def update_layer(self, adapter_name: str, config=None, key: str = "") -> None:
         self.copies()[adapter_name] = copy.deepcopy(getattr(self, self.base_layer_name))
 
