@@ -302,7 +302,26 @@ def find_targets(model: nn.Module, config) -> list[str]:
     selected = _without_uncalled(selected, never_called, names, targets, model)
     if not selected:
         raise ValueError(no_match_message(targets, names, modules, type(model).__name__, applied))
+    _check_registered_once(model, selected)
     return selected
+
+
+def _check_registered_once(model: nn.Module, selected: list[str]) -> None:
+    """A ValueError for a target registered under more than one name (``self.proj`` also put in
+    a ModuleList): its wrapper would take its place under one name only, and calls through the
+    others would run the module without the adapter. (named_modules() lists such a module once.)"""
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if logical_name(model, name):  # (not inside an adapter's own parts)
+            aliases.setdefault(id(module), []).append(name)
+    for name in selected:
+        others = [a for a in aliases.get(id(model.get_submodule(name)), []) if a != name]
+        if others:
+            raise ValueError(
+                f"target {name!r} is one module registered under several names (also {others[:3]}); its adapter "
+                f"would take its place under {name!r} alone, and calls through the others would skip the adapter. "
+                "Register the module once (keep the other references out of the module tree), or target other modules"
+            )
 
 
 def _without_uncalled(selected: list[str], never_called: dict[str, str], names: dict[str, str], targets,

@@ -350,3 +350,22 @@ def test_a_switch_given_as_a_string_is_refused(field):
     # "False" would read as true, and the saved config would not load back.
     with pytest.raises(ValueError, match=rf"LoraConfig.{field} is True or False, got 'False'"):
         LoraConfig(target_modules=["q"], **{field: "False"})
+
+
+def test_a_target_registered_under_several_names_is_refused():
+    # One module as self.proj and in a ModuleList: a wrapper would stand under one name alone,
+    # and the calls through the others would run the module without its adapter.
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.blocks = nn.ModuleList([self.proj, self.proj])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    with pytest.raises(ValueError, match=r"target 'proj' is one module registered under several names \(also "
+                                         r"\['blocks.0', 'blocks.1'\]\)"):
+        get_peft_model(Shared(), LoraConfig(target_modules=["proj"]))

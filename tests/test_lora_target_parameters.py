@@ -389,3 +389,19 @@ def test_adapters_must_adapt_the_same_parameters():
     assert model.state_dict().keys() == before.keys()
     with pytest.raises(ValueError, match="cannot combine adapters \\['default'\\] that use target_parameters"):
         model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="cat")
+
+
+def test_the_out_proj_weight_of_an_attention_is_refused_as_it_would_never_run():
+    # nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj, the call a
+    # parameter's LoRA acts in: the adapter would train nothing and change nothing.
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    with pytest.raises(ValueError, match=r"cannot put LoRA on parameter 'attn.out_proj.weight': its module is the "
+                                         r"out_proj of the nn.MultiheadAttention 'attn'.*target_modules=\['attn'\]"):
+        minipeft.get_peft_model(Attention(), minipeft.LoraConfig(target_parameters=["attn.out_proj.weight"]))

@@ -49,7 +49,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..targeting import innermost, inside_trained_whole, is_wrapper, logical_name, name_matches, nearest_names
+from ..targeting import (
+    attention_out_projections, innermost, inside_trained_whole, is_wrapper, logical_name, name_matches, nearest_names,
+)
 from . import lora_init
 from .base import AdapterLayer, AddedUpdate, ModulesToSaveWrapper
 from .lora import LoraConfig, LoraLayer
@@ -269,6 +271,7 @@ def find_parameters(model: nn.Module, config: LoraConfig, targets: Sequence[str]
                 "'<module>.<parameter>' exactly or as a dotted suffix (no regex, as in peft)"
             )
     saved = getattr(config, "modules_to_save", None) or []
+    never_called = attention_out_projections(model)
     found = []
     for key, module_name, pname, p in selected:
         module = model.get_submodule(module_name)
@@ -286,6 +289,11 @@ def find_parameters(model: nn.Module, config: LoraConfig, targets: Sequence[str]
             problem = (f"its module is parametrized (torch.nn.utils.parametrize: {list(module.parametrizations)}), "
                        "and LoRA parametrizes the parameter itself during the forward; remove that parametrization "
                        "first (parametrize.remove_parametrizations(module, name, leave_parametrized=True))")
+        elif module_name in never_called:
+            attention = never_called[module_name]
+            problem = (f"its module is the out_proj of the nn.MultiheadAttention {attention!r}, which reads the weight "
+                       "itself and never calls out_proj, the call LoRA on a parameter acts in; so the adapter would "
+                       f"never run. Target the attention instead (target_modules=[{attention!r}]: its in_proj and out_proj)")
         elif _inside_saved(model, spot, key, saved):
             problem = ("its module is trained whole (modules_to_save), so it has no frozen weight to adapt; "
                        "drop it from target_parameters or from modules_to_save")
