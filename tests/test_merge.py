@@ -7,6 +7,7 @@ as it was: no layer merged, the PeftModel intact.
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -300,3 +301,26 @@ def test_an_fp64_weight_merges_in_fp64(method):
         torch.testing.assert_close(model(x), unmerged, atol=1e-10, rtol=1e-10)
         model.unmerge_adapter()
         torch.testing.assert_close(model.get_base_model()[0].base_layer.weight, base[0].weight, atol=1e-12, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:torch.nn.utils.weight_norm is deprecated")
+@pytest.mark.parametrize("computed", ["parametrizations.weight_norm", "spectral_norm", "legacy weight_norm"])
+def test_a_weight_the_base_computes_is_never_merged_into(computed):
+    # Audio and GAN models compute their weight from other parameters at each call: a merge's
+    # write would be lost (the merged model would compute the base model), so it is refused.
+    base = torch.nn.Sequential(collections.OrderedDict(proj=torch.nn.Linear(6, 5)))
+    if computed == "parametrizations.weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(base.proj)
+    elif computed == "spectral_norm":
+        torch.nn.utils.parametrizations.spectral_norm(base.proj)
+    else:
+        torch.nn.utils.weight_norm(base.proj)
+    model = get_peft_model(base, LoraConfig(target_modules=["proj"], init_lora_weights=False)).eval()
+    x = torch.randn(3, 6)
+    adapted = model(x)
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match=r"cannot merge into 'proj', so nothing was merged: its base layer computes "
+                                             r"\['weight'\] from other parameters"):
+            merge()
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+    assert torch.allclose(model.unload()(x), model.get_base_model()(x))

@@ -425,6 +425,14 @@ class AdapterLayer(nn.Module):
         for attr, tensor in tensors.items():
             getattr(base, attr).copy_(tensor)
 
+    def _computed_base_tensors(self) -> list[str]:
+        """The tensors merging writes that the base layer does not hold but computes (a
+        parametrization's weight, or weight_norm's recomputed attribute): a write would be lost."""
+        if not self.folds_into_weight:
+            return []
+        base = self.get_base_layer()
+        return [attr for attr in self._base_tensors() if attr not in base._parameters and attr not in base._buffers]
+
     def _base_tensors(self) -> dict[str, torch.Tensor]:
         """The base layer's weight and (where it has one) bias, detached: what merging changes."""
         base = self.get_base_layer()
@@ -465,6 +473,15 @@ class AdapterLayer(nn.Module):
     def check_merge_blockers(self, adapter_names: list[str], layer_name: str = "", unloading: bool = False) -> None:
         """A ValueError naming the first of ``adapter_names`` that ``merge_blocker`` refuses here.
         ``unloading``: the merge ends in an unload, which drops the adapters it does not merge."""
+        computed = self._computed_base_tensors() if adapter_names else []
+        if computed:
+            where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
+            raise ValueError(
+                f"cannot merge into {where}, so nothing was merged: its base layer computes {computed} from other "
+                "parameters at each call (torch.nn.utils.parametrize, weight_norm, spectral_norm), so the merged "
+                "values would have nowhere to stay. Remove the parametrization first "
+                "(parametrize.remove_parametrizations(module, 'weight')), or use unload() to drop the adapter"
+            )
         for name in adapter_names:
             reason = self.merge_blocker(name)
             if reason is not None:
