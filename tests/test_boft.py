@@ -291,3 +291,31 @@ def test_peft_files_with_settings_only_its_cpu_path_accepts_load(tmp_path, peft_
     assert ours.peft_config["default"].boft_dropout == 1.0
     ids = input_ids()
     torch.testing.assert_close(ours(input_ids=ids).logits, p.eval()(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inner", [
+    minipeft.RoadConfig(target_modules=["fc"], group_size=4, init_weights=False),
+    minipeft.IA3Config(target_modules=["fc"], feedforward_modules=[], init_ia3_weights=False),
+    minipeft.LoraConfig(r=2, target_modules=["fc"], lora_bias=True, init_lora_weights=False),
+], ids=["road", "ia3 on outputs", "lora_bias"])
+def test_the_output_scale_over_an_adapter_that_changes_the_bias_merges_as_it_computes(inner):
+    # s scales the output less the bias of the layer inside, as that layer computes it: merging
+    # the inner adapter (which writes that bias) or BOFT (which scales the rows) keeps the model.
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.fc = nn.Linear(8, 8)
+    model = get_peft_model(base, inner, adapter_name="inner")
+    model.add_adapter("boft", BOFTConfig(boft_block_size=4, target_modules=["fc"], init_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "boft_s" in name or ("lora_B" in name and "bias" in name):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    model.set_adapter(["inner", "boft"])
+    model.eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        unmerged = model(x)
+        for names in (["inner"], ["boft"]):
+            model.merge_adapter(names)
+            torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.merge_and_unload()(x), unmerged, atol=1e-5, rtol=0)

@@ -23,8 +23,10 @@ A method subclasses these layers and provides one operation, ``apply_map(t, name
 inverse, in_forward)``: ``t @ M`` along ``t``'s last axis, or ``M^T``, ``M^{-1}``, ``M^{-T}``,
 without building the (d, d) matrix where it can avoid it. A method may also scale each output
 feature (BOFT's magnitude ``s``: (out,)), ``W' = diag(s) W M``: it sets ``scales_outputs`` and
-provides ``output_scale``. The bias is not scaled: ``y = s * (x M^T W^T) + b``. A row scale and a
-map on the input side commute, so the order rule above is unchanged.
+provides ``output_scale``. The bias is not scaled: ``y = s * (x M^T W^T) + b``, ``b`` the bias of
+the layer inside as it computes (another method's adapter there may change it, and merging that
+adapter writes it into the base bias). A row scale and a map on the input side commute, so the
+order rule above is unchanged.
 """
 
 from __future__ import annotations
@@ -76,16 +78,28 @@ class InputTransformLayer(AdapterLayer):
             mapped = self.apply_adapters(x, x, self._mapped_input, adapters=adapters[::-1])
         result = self.base_layer(mapped, *args, **kwargs)
         if self.scales_outputs:
-            result = self.apply_adapters(result, x, self._scaled_output, adapters=adapters)
+            bias = self._bias_inside(mapped, args, kwargs)
+            result = self.apply_adapters(result, x, lambda t, _x, name: self._scaled_output(t, name, bias),
+                                         adapters=adapters)
         return result
 
     def _mapped_input(self, t: torch.Tensor, _x: torch.Tensor, name: str) -> torch.Tensor:
         """``t M^T`` for adapter ``name``, returned in ``t``'s dtype."""
         return self.apply_map(t, name, transpose=True).to(t.dtype)
 
-    def _scaled_output(self, result: torch.Tensor, _x: torch.Tensor, name: str) -> torch.Tensor:
+    def _bias_inside(self, mapped: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The bias of the layer this one wraps, as it computes: the base layer's own, or where
+        another method's wrapper sits inside, that wrapper's output at zero input (an adapter
+        there may change the bias: RoAd, (IA)^3 on outputs, LoRA's lora_bias). Merging that
+        adapter writes exactly this into the base bias, so the output scale keeps its meaning
+        whichever of the two adapters is merged."""
+        if isinstance(self.base_layer, AdapterLayer):
+            return self.base_layer(torch.zeros_like(mapped), *args, **kwargs)
+        return self.get_base_layer().bias
+
+    def _scaled_output(self, result: torch.Tensor, name: str, bias: torch.Tensor | None) -> torch.Tensor:
         """``s * (result - b) + b``: adapter ``name``'s scale on the layer's output, not on its bias."""
-        scale, bias = self.output_scale(name).to(result.dtype), self.get_base_layer().bias
+        scale = self.output_scale(name).to(result.dtype)
         return result * scale if bias is None else (result - bias) * scale + bias
 
     def scale_rows(self, weight: torch.Tensor, name: str, inverse: bool) -> torch.Tensor:
