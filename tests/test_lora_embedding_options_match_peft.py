@@ -135,3 +135,18 @@ def test_embed_scale_applies_to_the_lora_term_as_in_peft(case):
         torch.testing.assert_close(layer.get_base_layer().weight, emb.weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(out(theirs.merge_and_unload(), ids), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out(ours.merge_and_unload(), ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sparse_embedding_trains_its_lora_table_densely():
+    # sparse=True is for the big base table; A's lookup goes through its transposed view, whose
+    # sparse gradient cannot become A's (peft 0.21 fails in the backward there).
+    model = minipeft.get_peft_model(EmbeddingNet(sparse=True), minipeft.LoraConfig(target_modules=["embed"],
+                                                                                   init_lora_weights=False))
+    ids = input_ids(2, 5)
+    model(ids).sum().backward()
+    dense = minipeft.get_peft_model(EmbeddingNet(), minipeft.LoraConfig(target_modules=["embed"], init_lora_weights=False))
+    dense.load_state_dict(model.state_dict())
+    dense(ids).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), dense.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -550,8 +550,10 @@ class LoraEmbedding(LoraLayer):
     def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         emb = self.get_base_layer()
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        # Look rows up in A^T (num_embeddings, r), then project up with B: (..., r) @ (r, dim).
-        after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+        # Look rows up in A^T (num_embeddings, r), then project up with B: (..., r) @ (r, dim). The
+        # base's options apply, as in peft, but sparse: A is small, and a sparse gradient of the
+        # transposed view A^T cannot be turned back into one of A.
+        after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq)
         term = (after_a @ B.T).to(result.dtype) * self.scaling[name]
         scale = embed_scale(emb)  # the base lookup in result already carries it
         if scale is not None:
