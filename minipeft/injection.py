@@ -22,7 +22,8 @@ from torch import nn
 
 from .config import PeftConfig, check_config_type
 from .targeting import (
-    candidate_names, find_targets, innermost, is_bias, is_under, join_name, logical_name, trained_whole, wrapper_chain,
+    TASK_HEAD_NAMES, candidate_names, find_targets, innermost, is_bias, is_under, join_name, logical_name, nearest_names,
+    trained_whole, wrapper_chain,
 )
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.base import BASE_MODEL_NAME, layers_a_copy_would_copy
@@ -268,8 +269,18 @@ def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:
 
 
 def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
-    """A module trained whole must hold no other adapter's wrapper: its copy would copy that
-    adapter too (and save its tensors under this one's name); peft refuses the same."""
+    """Each ``modules_to_save`` entry must name a module (a misspelt head would stay frozen and
+    unsaved; peft ignores it), except the heads a task adds, of which a model has one. And a
+    module trained whole must hold no other adapter's wrapper: its copy would copy that adapter
+    too (and save its tensors under this one's name); peft refuses the same."""
+    logical = list(candidate_names(model).values())
+    task_heads = {head for heads in TASK_HEAD_NAMES.values() for head in heads}
+    for entry in getattr(config, "modules_to_save", None) or []:
+        if entry not in task_heads and not any(trained_whole(name, [entry]) for name in logical):
+            nearest, example = nearest_names([entry], logical)
+            raise ValueError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}. Nearest "
+                             f"names, nearest first: {nearest}, e.g. {example!r}. An entry matches the end of a module's "
+                             "name, as in peft")
     for name in _saved_whole(model, config):
         module = model.get_submodule(name)
         holding = layers_a_copy_would_copy(module, ModulesToSaveWrapper)

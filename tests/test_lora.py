@@ -369,3 +369,13 @@ def test_a_target_registered_under_several_names_is_refused():
     with pytest.raises(ValueError, match=r"target 'proj' is one module registered under several names \(also "
                                          r"\['blocks.0', 'blocks.1'\]\)"):
         get_peft_model(Shared(), LoraConfig(target_modules=["proj"]))
+
+
+def test_a_modules_to_save_entry_that_matches_nothing_is_refused():
+    # A misspelt head would stay frozen and be left out of the checkpoint (peft ignores it).
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'haed' matched no module of TinyNet\. Nearest names, "
+                                         r"nearest first: \['head'"):
+        get_peft_model(TinyNet(), LoraConfig(target_modules=["fc1"], modules_to_save=["haed"]))
+    # the heads a task adds are alternatives: a model has one of them
+    model = get_peft_model(TinyNet(), LoraConfig(target_modules=["fc1"], modules_to_save=["head", "classifier", "score"]))
+    assert "base_model.model.head.modules_to_save.default.weight" in model.state_dict()
