@@ -187,6 +187,11 @@ def test_generate_without_a_cache_equals_generate_with_one(kind):
     assert torch.equal(uncached.sequences, cached.sequences)
     for a, b in zip(uncached.logits, cached.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # Beam search reorders any cache it finds in the output, even None: there is none, as from the bare model
+    assert "past_key_values" not in m(**batch(), decoder_input_ids=labels(), use_cache=False)
+    beams = dict(**batch(), max_new_tokens=4, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(m.generate(**beams, use_cache=False), m.generate(**beams))
 
 
 def test_a_decoder_mask_is_widened_when_bart_derives_its_decoder_input():

@@ -28,6 +28,8 @@ minipeft never imports transformers.
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import nn
 
@@ -150,7 +152,7 @@ class DecoderCachePrefix(PrefixEncoder):
         if made is not None and isinstance(output, dict):
             for key in vt.CACHE_KWARGS:
                 if output.get(key) is made:
-                    output[key] = None
+                    _remove_field(output, key)
 
     def _fill(self, cache, batch: int, dtype: torch.dtype) -> None:
         """Write each decoder layer's prefix (batch, heads, n, head_dim) into an empty cache."""
@@ -161,6 +163,17 @@ class DecoderCachePrefix(PrefixEncoder):
                 cache.update(key.to(dtype).expand(batch, -1, -1, -1), value.to(dtype).expand(batch, -1, -1, -1), layer)
         finally:
             self._table = None
+
+
+def _remove_field(output: dict, key: str) -> None:
+    """Take ``key`` out of a model's output as the bare model leaves it: not among the keys (beam
+    search reorders a cache it finds there, even None) and, on transformers' ModelOutput, the
+    attribute None. ModelOutput refuses ``del``; the OrderedDict underneath it takes it."""
+    if isinstance(output, collections.OrderedDict):
+        collections.OrderedDict.__delitem__(output, key)
+        object.__setattr__(output, key, None)
+    else:
+        del output[key]
 
 
 def decoder_batch_size(kwargs: dict) -> int:
