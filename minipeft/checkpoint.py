@@ -931,6 +931,9 @@ def load_adapter(
     flags = _requires_grad_flags(peft_model)
     peft_model.add_adapter(adapter_name, config)
     _fill_adapter(peft_model, tensors, adapter_name, flags, is_trainable)
+    if is_trainable and not config.is_prompt_learning:
+        # Inactive, but trainable at once, as in peft: an optimizer built next takes its tensors.
+        peft_model.set_requires_grad(adapter_name, True)
 
 
 def from_pretrained(

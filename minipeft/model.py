@@ -687,13 +687,15 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
         subfolder: str | None = None,
+        revision: str | None = None,
     ) -> None:
-        """Add an adapter from a checkpoint folder (inactive, frozen unless ``is_trainable``).
+        """Add an adapter from a checkpoint folder (inactive; frozen unless ``is_trainable``, and
+        then trainable at once, as in peft).
 
         ``subfolder``: the checkpoint is in ``model_id/subfolder``. ``torch_device``,
-        ``autocast_adapter_dtype`` and ``low_cpu_mem_usage`` as in ``from_pretrained``.
+        ``autocast_adapter_dtype``, ``low_cpu_mem_usage`` and ``revision`` as in ``from_pretrained``.
         """
-        _check_load_options(torch_device, autocast_adapter_dtype)
+        _check_load_options(torch_device, autocast_adapter_dtype, self.get_base_model())
         checkpoint.load_adapter(self, _checkpoint_folder(model_id, subfolder), adapter_name, is_trainable)
 
     @classmethod
@@ -709,6 +711,7 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         torch_device: str | torch.device | None = None,
         subfolder: str | None = None,
+        revision: str | None = None,
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``).
 
@@ -719,10 +722,12 @@ class PeftModel(nn.Module):
         torch_device: where peft stages the tensors while loading; the adapter ends up beside
             the base weights either way, so minipeft only checks that it names a device.
         autocast_adapter_dtype: True is what minipeft always does (fp32 adapters on a
-            half-precision base); False is refused.
+            half-precision base); False is refused there, and changes nothing on a float32 one.
         low_cpu_mem_usage: accepted and ignored (peft's meta-device initialisation).
+        revision: the Hub revision peft downloads; a local folder has none, so it is ignored, as
+            peft ignores it for one.
         """
-        _check_load_options(torch_device, autocast_adapter_dtype)
+        _check_load_options(torch_device, autocast_adapter_dtype, model)
         if config is not None:
             check_config_type(config)
         return checkpoint.from_pretrained(
@@ -790,9 +795,9 @@ def get_peft_model(
     different methods side by side anyway); ``revision``, the base model's revision, is recorded
     in the adapter's config (the caller's config object is left as it was); ``low_cpu_mem_usage``
     changes nothing (adapters are small and built where they live); ``autocast_adapter_dtype=False``
-    is refused, as in ``from_pretrained``.
+    is refused on a half-precision base, as in ``from_pretrained``.
     """
-    _check_load_options(None, autocast_adapter_dtype)
+    _check_load_options(None, autocast_adapter_dtype, model)
     if revision is not None:
         peft_config = copy.copy(peft_config)
         peft_config.revision = revision
@@ -829,16 +834,17 @@ def _check_save_options(
         )
 
 
-def _check_load_options(torch_device, autocast_adapter_dtype: bool) -> None:
+def _check_load_options(torch_device, autocast_adapter_dtype: bool, model: nn.Module) -> None:
     """The loading options minipeft accepts from peft's signatures, checked for what they can mean here."""
     if torch_device is not None:
         try:
             torch.device(torch_device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"torch_device={torch_device!r} is not a device ({err}); e.g. 'cpu', 'cuda:0'") from None
-    if not autocast_adapter_dtype:
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if not autocast_adapter_dtype and half:
         raise ValueError(
-            "autocast_adapter_dtype=False would keep adapters in a half-precision base's dtype; minipeft always "
+            f"autocast_adapter_dtype=False would keep adapters in the base's {', '.join(half)}; minipeft always "
             "keeps them in float32 there (stable training). Leave it True"
         )
 

@@ -69,8 +69,9 @@ def test_get_peft_model_takes_peft_s_arguments(tmp_path):
     assert model.peft_config["default"].revision == "v1.0" and config.revision is None
     model.save_pretrained(tmp_path)
     assert peft.PeftConfig.from_pretrained(tmp_path).revision == "v1.0"
-    with pytest.raises(ValueError, match="autocast_adapter_dtype=False"):
-        get_peft_model(TinyNet(), config, autocast_adapter_dtype=False)
+    with pytest.raises(ValueError, match="autocast_adapter_dtype=False would keep adapters in the base's torch.bfloat16"):
+        get_peft_model(TinyNet().bfloat16(), config, autocast_adapter_dtype=False)
+    get_peft_model(TinyNet(), config, autocast_adapter_dtype=False)  # a float32 base: nothing to keep or cast
 
 
 # -- save_pretrained ---------------------------------------------------------------------------
@@ -149,7 +150,8 @@ def test_bad_loading_options_say_what_would_work(tmp_path):
     with pytest.raises(ValueError, match="torch_device='gpu0' is not a device"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, torch_device="gpu0")
     with pytest.raises(ValueError, match="autocast_adapter_dtype=False.*Leave it True"):
-        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=False)
+        PeftModel.from_pretrained(copy.deepcopy(base).half(), tmp_path, autocast_adapter_dtype=False)
+    PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=False, revision="main")  # as peft
     with pytest.raises(FileNotFoundError, match="nowhere"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, subfolder="nowhere")
 
@@ -513,3 +515,15 @@ def test_targeted_module_names_are_peft_s(make_base, config, second):
     # a second method on the same modules, in a wrapper of its own, adds no name
     mini.add_adapter("second", second(target_modules=config["target_modules"]))
     assert mini.targeted_module_names == reference.targeted_module_names
+
+
+def test_an_adapter_loaded_to_train_is_trainable_at_once_as_in_peft(tmp_path):
+    base = TinyNet()
+    get_peft_model(copy.deepcopy(base), LoraConfig(**LORA)).save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for model in (ours, theirs):
+        model.load_adapter(tmp_path, adapter_name="new", is_trainable=True)
+    trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(ours) == trainable(theirs) != []
+    assert ours.active_adapters == ["default"]
