@@ -15,7 +15,9 @@ is why the refusals come first.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 from torch import nn
@@ -125,14 +127,26 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def inject_adapter_in_model(
-    config: PeftConfig, model: nn.Module, adapter_name: str = "default", activate: bool = True
+    peft_config: PeftConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict | None = None,
+    *,
+    activate: bool = True,
 ) -> nn.Module:
-    """Add adapter ``adapter_name`` described by ``config`` to ``model``, in place.
+    """Add adapter ``adapter_name`` described by ``peft_config`` to ``model``, in place.
 
-    Wraps every module ``config`` selects (or adds the adapter to an existing wrapper of the
-    same method), wraps ``config.modules_to_save`` for training, freezes the base model and
+    Wraps every module the config selects (or adds the adapter to an existing wrapper of the
+    same method), wraps its ``modules_to_save`` for training, freezes the base model and
     makes the new adapter trainable when it is activated. Returns ``model``.
+
+    peft's arguments: ``low_cpu_mem_usage`` changes nothing (adapters are small and built where
+    they live); ``state_dict``, a checkpoint's tensors, selects the modules it holds adapter
+    tensors for in place of ``peft_config.target_modules`` (its keys only: load its values with
+    ``set_peft_model_state_dict``), for a checkpoint whose config does not say.
     """
+    config = peft_config  # (peft's argument name; the config below)
     check_config_type(config)
     method = method_for(config)
     if method.wrap is None:
@@ -141,6 +155,9 @@ def inject_adapter_in_model(
             "to hold them: use get_peft_model(model, config)"
         )
     check_new_adapter_name(adapter_name, known_adapter_names(model))
+    if state_dict is not None:
+        config = copy.copy(config)  # (the caller's config keeps its own targets)
+        config.target_modules = _targets_in(state_dict, method)
 
     if getattr(config, "target_modules", "") is None and method.default_targets is not None:
         config.target_modules = method.default_targets(model, config)  # recorded in the config, as peft does
@@ -156,6 +173,23 @@ def inject_adapter_in_model(
         set_adapter(model, [adapter_name], trainable=not config.inference_mode)
         set_biases_trainable(model, config, adapter_name, trainable=not config.inference_mode)
     return model
+
+
+def _targets_in(state_dict: dict, method: PeftMethod) -> str:
+    """The modules a checkpoint holds ``method``'s adapter tensors for, as a regex that matches
+    their names in full: each key's name up to the first of the layer's adapter parts
+    (``encoder.layer.0.attention.self.query.lora_A.weight`` -> ``encoder.layer.0.attention.self.query``)."""
+    parts_of_layer = set(method.layer_class.adapter_layer_names)
+    names: dict[str, None] = {}
+    for key in state_dict:
+        parts = key.removeprefix("base_model.model.").split(".")  # (a PeftModel's state_dict has the prefix)
+        cut = next((i for i, part in enumerate(parts) if part in parts_of_layer), None)
+        if cut:
+            names[".".join(parts[:cut])] = None
+    if not names:
+        raise ValueError(f"state_dict holds no tensor of a {method.config_class.__name__} adapter (keys with "
+                         f"{sorted(parts_of_layer)}); its keys: {list(state_dict)[:3]}")
+    return "|".join(re.escape(name) for name in names)
 
 
 def wrap_modules_to_save(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:

@@ -233,8 +233,11 @@ class PeftModel(nn.Module):
         # [] once the last adapter is deleted (active_adapter still names it then, as in peft).
         return [name for name in self._active if name in self.peft_config]
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add a new adapter; it becomes active only when it is the first one (as in peft)."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter; it becomes active only when it is the first one (as in peft).
+        ``low_cpu_mem_usage`` and ``autocast_adapter_dtype`` as in ``get_peft_model``."""
+        _check_load_options(None, autocast_adapter_dtype, self.get_base_model())
         check_config_type(peft_config)
         self._check_new_name(adapter_name)
         check_task_type(self.get_base_model(), peft_config)

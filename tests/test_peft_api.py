@@ -527,3 +527,19 @@ def test_an_adapter_loaded_to_train_is_trainable_at_once_as_in_peft(tmp_path):
     trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert trainable(ours) == trainable(theirs) != []
     assert ours.active_adapters == ["default"]
+
+
+def test_inject_adapter_in_model_takes_peft_s_arguments_and_targets_from_a_state_dict():
+    assert positional(inject_adapter_in_model) == positional(peft.inject_adapter_in_model)
+    assert positional(PeftModel.add_adapter) == positional(peft.PeftModel.add_adapter)
+    # peft's state_dict: the modules a checkpoint holds adapters for, whatever the config targets
+    saved = get_peft_model_state_dict(get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["fc2", "conv1d"])))
+    saved = {key.removeprefix("base_model.model."): tensor for key, tensor in saved.items()}  # as peft reads it
+    config = LoraConfig(r=2, target_modules=["fc2"])
+    ours = inject_adapter_in_model(config, TinyNet(), "default", False, saved)
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["fc2"]), TinyNet(), state_dict=saved)
+    adapted = lambda m: sorted(n for n, _ in m.named_modules() if n.endswith(".lora_A"))  # noqa: E731
+    assert adapted(ours) == adapted(theirs) == ["blocks.0.fc2.lora_A", "blocks.1.fc2.lora_A", "conv1d.lora_A"]
+    assert config.target_modules == ["fc2"]  # the caller's config is left as it was
+    with pytest.raises(ValueError, match=r"state_dict holds no tensor of a LoraConfig adapter"):
+        inject_adapter_in_model(config, TinyNet(), state_dict={"head.weight": torch.zeros(1)})
