@@ -844,8 +844,9 @@ def _check_load_options(torch_device, autocast_adapter_dtype: bool, model: nn.Mo
             torch.device(torch_device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"torch_device={torch_device!r} is not a device ({err}); e.g. 'cpu', 'cuda:0'") from None
-    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
-    if not autocast_adapter_dtype and half:
+    half = [] if autocast_adapter_dtype else sorted(
+        {str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if half:
         raise ValueError(
             f"autocast_adapter_dtype=False would keep adapters in the base's {', '.join(half)}; minipeft always "
             "keeps them in float32 there (stable training). Leave it True"
