@@ -102,6 +102,14 @@ def test_generate_with_kv_cache_adds_the_prompt_once(kind):
     assert not torch.equal(plain, reference)  # and the prompt does change what is generated
 
 
+def test_a_static_cache_is_refused_saying_why():
+    # generate() builds the 4-D mask of a static cache itself, sized for the real tokens.
+    _, m = pair("llama", num_virtual_tokens=3)
+    ids = batch(padded=False)["input_ids"]
+    with pytest.raises(ValueError, match=r"virtual tokens do not fit a static cache .* Use the default dynamic cache"):
+        m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, cache_implementation="static")
+
+
 def test_position_ids_are_shifted_behind_the_prompt():
     _, m = pair("llama", num_virtual_tokens=3)
     inputs = batch(padded=False)

@@ -250,6 +250,10 @@ class PromptEmbedding(nn.Module):
 
     def prepare_call(self, kwargs: dict, model: nn.Module) -> dict:
         n = self.num_virtual_tokens
+        cache = next((kwargs[k] for k in vt.CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if getattr(cache, "is_compileable", False):  # transformers' fixed-size caches
+            raise ValueError("virtual tokens do not fit a static cache (generate(cache_implementation='static')): "
+                             "it is sized, and its 4-D mask built, for the real tokens alone. Use the default dynamic cache")
         if kwargs.get("attention_mask") is not None:  # a model may take no attention_mask at all
             kwargs["attention_mask"] = vt.widen_attention_mask(kwargs["attention_mask"], n)
         if self._encoder_hooks:
