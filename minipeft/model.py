@@ -629,6 +629,16 @@ class PeftModel(nn.Module):
         )
 
     # -- parameters ---------------------------------------------------------------------------
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """The one tensor a virtual-token adapter's checkpoint holds, on the CPU (peft's method):
+        the prompt (n, d) of prompt tuning and P-tuning (the network's output, as in eval mode),
+        or prefix tuning's keys and values of every layer (n, layers * 2 * d)."""
+        self._check_known(adapter_name, "get the prompt of")
+        if not self.peft_config[adapter_name].is_prompt_learning:
+            raise TypeError(f"adapter {adapter_name!r} is {self.peft_config[adapter_name].peft_type.value}, which adds "
+                            "no virtual tokens; its tensors are in get_peft_model_state_dict(model, adapter_name=...)")
+        return self.prompt_encoder[adapter_name].prompt_embeddings().detach().cpu()
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
         for p in self.parameters():

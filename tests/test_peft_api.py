@@ -543,3 +543,21 @@ def test_inject_adapter_in_model_takes_peft_s_arguments_and_targets_from_a_state
     assert config.target_modules == ["fc2"]  # the caller's config is left as it was
     with pytest.raises(ValueError, match=r"state_dict holds no tensor of a LoraConfig adapter"):
         inject_adapter_in_model(config, TinyNet(), state_dict={"head.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("config", [
+    dict(peft_type="PROMPT_TUNING"), dict(peft_type="P_TUNING", encoder_hidden_size=16),
+    dict(peft_type="PREFIX_TUNING", prefix_projection=True, encoder_hidden_size=16)], ids=lambda c: c["peft_type"])
+def test_the_prompt_embedding_to_save_is_peft_s(config):
+    options = {k: v for k, v in config.items() if k != "peft_type"}
+    name = {"PROMPT_TUNING": "PromptTuningConfig", "P_TUNING": "PromptEncoderConfig",
+            "PREFIX_TUNING": "PrefixTuningConfig"}[config["peft_type"]]
+    theirs = peft.get_peft_model(tiny_transformers_model("llama"),
+                                 getattr(peft, name)(task_type="CAUSAL_LM", num_virtual_tokens=3, **options))
+    ours = get_peft_model(tiny_transformers_model("llama"),
+                          getattr(minipeft, name)(task_type="CAUSAL_LM", num_virtual_tokens=3, **options))
+    minipeft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    expected = theirs.get_prompt_embedding_to_save("default")
+    torch.testing.assert_close(ours.get_prompt_embedding_to_save("default"), expected)
+    with pytest.raises(TypeError, match="adds no virtual tokens"):
+        get_peft_model(TinyNet(), LoraConfig(**LORA)).get_prompt_embedding_to_save("default")
