@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .config import PeftConfig, check_config_type
@@ -255,7 +256,7 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, nn.Module, AdapterLayer]
         for name, module, wrapper in plan:
             wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
             if _inside_fused_encoder_layer(model, name):
-                wrapper.register_forward_pre_hook(_turn_fused_encoder_layers_off)
+                _keep_encoder_layer_on_the_adapters_path(wrapper)
             parent, child = _get_parent(model, name)
             setattr(parent, child, wrapper)
             replaced.append((name, module))
@@ -275,10 +276,37 @@ def _inside_fused_encoder_layer(model: nn.Module, name: str) -> bool:
                for i in range(len(parts)))
 
 
-def _turn_fused_encoder_layers_off(module: nn.Module, args: tuple) -> None:
-    """A forward pre-hook that changes nothing: nn.TransformerEncoderLayer takes its fast path only
-    where no module inside it has hooks, so this one keeps the calls that run the adapter."""
+def _keep_encoder_layer_on_the_adapters_path(wrapper: AdapterLayer) -> None:
+    """Hooks on a wrapper inside an nn.TransformerEncoderLayer. Their presence alone keeps the
+    layer off its fused fast path (it takes it only where no module inside has hooks). And where
+    nn.TransformerEncoder packs a padded batch into a nested tensor (at inference), which few
+    tensor operations take, a sublayer that works token by token (a linear layer, a norm) gets
+    it padded and returns its output packed again; an attention handles nested input itself."""
+    if isinstance(innermost(wrapper), nn.MultiheadAttention):
+        wrapper.register_forward_pre_hook(_no_change)
+    else:
+        wrapper.register_forward_pre_hook(_pad_nested_input, with_kwargs=True)
+        wrapper.register_forward_hook(_pack_nested_output, with_kwargs=True)
+
+
+def _no_change(module: nn.Module, args: tuple) -> None:
     return None
+
+
+def _pad_nested_input(module: nn.Module, args: tuple, kwargs: dict):
+    x = args[0] if args else None
+    if not (isinstance(x, torch.Tensor) and x.is_nested):
+        module.__dict__.pop("_nested_lengths", None)  # (left by a call that raised)
+        return None
+    module.__dict__["_nested_lengths"] = [t.shape[0] for t in x.unbind()]  # for _pack_nested_output
+    return (x.to_padded_tensor(0.0), *args[1:]), kwargs  # (B, T_max, d)
+
+
+def _pack_nested_output(module: nn.Module, args: tuple, kwargs: dict, output):
+    lengths = module.__dict__.pop("_nested_lengths", None)
+    if lengths is None:
+        return None
+    return torch.nested.as_nested_tensor([row[:n] for row, n in zip(output, lengths)])
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ the two libraries must agree, and the checkpoints are compared tensor by tensor.
 from __future__ import annotations
 
 import copy
+import pickle
 import dataclasses
 
 import pytest
@@ -388,7 +389,11 @@ def test_a_peft_all_linear_checkpoint_with_an_attentions_out_proj_loads(method, 
     minipeft.IA3Config(target_modules=["linear1", "linear2"], feedforward_modules=["linear2"], init_ia3_weights=False),
     minipeft.LoHaConfig(r=R, target_modules=["linear2"], init_weights=False),
     minipeft.LNTuningConfig(target_modules=["norm2"]),
-], ids=["lora", "ia3", "loha", "ln_tuning"])
+    minipeft.LoraConfig(r=R, target_modules=["linear2"], use_dora=True, init_lora_weights=False),
+    minipeft.OFTConfig(r=0, oft_block_size=4, target_modules=["linear1"], init_weights=False),
+    minipeft.RoadConfig(group_size=4, target_modules=["linear1"], init_weights=False),
+    minipeft.BottleneckConfig(target_modules=["linear2"], bottleneck_size=4),
+], ids=["lora", "ia3", "loha", "ln_tuning", "dora", "oft", "road", "bottleneck"])
 def test_adapters_inside_an_encoder_layer_run_in_its_eval_fast_path_too(config):
     """In eval mode nn.TransformerEncoderLayer computes the whole block in one fused op from its
     sublayers' weights, past their forwards; a padded batch goes through it as a nested tensor.
@@ -398,11 +403,10 @@ def test_adapters_inside_an_encoder_layer_run_in_its_eval_fast_path_too(config):
     base = Encoder()
     base.enc = nn.TransformerEncoder(base.enc.layers[0], 2, enable_nested_tensor=True)
     model = minipeft.get_peft_model(base, config).eval()
-    if isinstance(config, minipeft.LNTuningConfig):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "ln_tuning_layers" in name:
-                    p.add_(torch.randn_like(p))
+    with torch.no_grad():  # (some start as the identity: LN tuning's copies, the bottleneck's up projection)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
     x, mask = data(Encoder)
     real = ~mask  # (a nested batch comes back with zeros where the slow path computes padding)
     encoder = model.base_model.model.enc
@@ -417,3 +421,16 @@ def test_adapters_inside_an_encoder_layer_run_in_its_eval_fast_path_too(config):
             with model.disable_adapter():
                 assert (slow - encoder(x, src_key_padding_mask=padding)[real]).abs().max() > 1e-3  # the adapter acts
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_an_adapted_encoder_layer_copies_pickles_and_unloads_to_the_fast_path():
+    torch.manual_seed(0)
+    base = Encoder().eval()
+    model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(r=R, target_modules=["linear1"])).eval()
+    x, mask = data(Encoder)
+    with torch.no_grad():
+        expected = model(x, mask)
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(twin(x, mask), expected, atol=0, rtol=0)
+        plain = model.unload()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in plain.modules())  # the hooks went with the wrappers

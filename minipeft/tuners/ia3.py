@@ -84,14 +84,6 @@ class IA3Config(PeftConfig):
         return bool(self.feedforward_modules) and name_matches(key, self.feedforward_modules)
 
 
-def _times(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """t * scale, also where t is a nested tensor (nn.TransformerEncoder packs a padded batch into
-    one at inference), with which torch broadcasts nested tensors only: each sequence scaled alone."""
-    if t.is_nested:
-        return torch.nested.as_nested_tensor([part * scale for part in t.unbind()], layout=t.layout)
-    return t * scale
-
-
 class IA3Linear(AdapterLayer):
     """(IA)^3 around ``nn.Linear`` or GPT-2's ``Conv1D``.
 
@@ -157,10 +149,10 @@ class IA3Linear(AdapterLayer):
             return self.apply_adapters(result, x, lambda t, _, name: self._scaled(t, name, input_side=False))
         scale_in, scale_out = self._scales(self.adapters_to_apply())
         if scale_in is not None:
-            x = _times(x, self.on_features(scale_in).to(x.dtype))
+            x = x * self.on_features(scale_in).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
         if scale_out is not None:
-            result = _times(result, self.on_features(scale_out).to(result.dtype))
+            result = result * self.on_features(scale_out).to(result.dtype)
         return result
 
     def _scaled(self, t: torch.Tensor, name: str, input_side: bool) -> torch.Tensor:
