@@ -319,3 +319,24 @@ def test_the_output_scale_over_an_adapter_that_changes_the_bias_merges_as_it_com
             model.merge_adapter(names)
             torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
         torch.testing.assert_close(model.merge_and_unload()(x), unmerged, atol=1e-5, rtol=0)
+
+
+def test_the_output_scale_over_another_adapter_takes_each_rows_bias_in_a_mixed_batch():
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.fc = nn.Linear(8, 8)
+    inner = minipeft.LoraConfig(r=2, target_modules=["fc"], lora_bias=True, init_lora_weights=False)
+    model = get_peft_model(base, inner, adapter_name="inner")
+    model.add_adapter("boft", BOFTConfig(boft_block_size=4, target_modules=["fc"], init_weights=False))
+    model.eval()
+    x, names = torch.randn(4, 8), ["inner", "boft", "boft", "__base__"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(x[i : i + 1])
+            else:
+                model.set_adapter(name)
+                alone = model(x[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-6, rtol=0)

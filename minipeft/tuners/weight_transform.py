@@ -78,9 +78,11 @@ class InputTransformLayer(AdapterLayer):
             mapped = self.apply_adapters(x, x, self._mapped_input, adapters=adapters[::-1])
         result = self.base_layer(mapped, *args, **kwargs)
         if self.scales_outputs:
+            # The bias, expanded to result's shape, goes where apply_adapters takes the input: a
+            # mixed batch slices it by rows as it slices result (an inner wrapper's differs by row).
             bias = self._bias_inside(mapped, args, kwargs)
-            result = self.apply_adapters(result, x, lambda t, _x, name: self._scaled_output(t, name, bias),
-                                         adapters=adapters)
+            bias = (result.new_zeros(()) if bias is None else bias).expand_as(result)
+            result = self.apply_adapters(result, bias, self._scaled_output, adapters=adapters)
         return result
 
     def _mapped_input(self, t: torch.Tensor, _x: torch.Tensor, name: str) -> torch.Tensor:
@@ -93,14 +95,17 @@ class InputTransformLayer(AdapterLayer):
         there may change the bias: RoAd, (IA)^3 on outputs, LoRA's lora_bias). Merging that
         adapter writes exactly this into the base bias, so the output scale keeps its meaning
         whichever of the two adapters is merged."""
-        if isinstance(self.base_layer, AdapterLayer):
-            return self.base_layer(torch.zeros_like(mapped), *args, **kwargs)
-        return self.get_base_layer().bias
+        if not isinstance(self.base_layer, AdapterLayer):
+            return self.get_base_layer().bias
+        # One zero row does, but in a mixed batch, whose rows the layer inside routes by adapter.
+        zeros = mapped.new_zeros(mapped.shape if self.row_routing is not None else (1, mapped.shape[-1]))
+        return self.base_layer(zeros, *args, **kwargs)
 
-    def _scaled_output(self, result: torch.Tensor, name: str, bias: torch.Tensor | None) -> torch.Tensor:
-        """``s * (result - b) + b``: adapter ``name``'s scale on the layer's output, not on its bias."""
+    def _scaled_output(self, result: torch.Tensor, bias: torch.Tensor, name: str) -> torch.Tensor:
+        """``s * (result - b) + b``: adapter ``name``'s scale on the layer's output, not on its bias
+        (``bias`` of ``result``'s shape)."""
         scale = self.output_scale(name).to(result.dtype)
-        return result * scale if bias is None else (result - bias) * scale + bias
+        return (result - bias) * scale + bias
 
     def scale_rows(self, weight: torch.Tensor, name: str, inverse: bool) -> torch.Tensor:
         """The stored weight with output feature ``j`` multiplied by ``s_j`` (divided, with
