@@ -20,8 +20,8 @@ the update is exactly that of one big batch); gradient clipping; bf16 autocast o
 AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA adapter);
 evaluation every `eval_every` steps; early stopping; the best weights saved
 (save_pretrained, or a safetensors state_dict for a plain module); a resumable
-checkpoint (optimizer, scheduler, step, RNG, trainable weights, buffers such as a batch norm's
-running statistics) written atomically and
+checkpoint (optimizer, scheduler, step, RNG, trainable weights, the buffers training updates
+such as a batch norm's running statistics) written atomically and
 refused on resume when it came from other settings, other data, another adapter config or
 another base model; a progress line and a metrics JSONL file.
 
@@ -48,6 +48,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from itertools import islice
@@ -59,6 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode, replace_dir_side_names
 from minipeft.data import IGNORE_INDEX
@@ -289,15 +291,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: the trainable parameters, and every buffer a state_dict holds,
-    since a forward in training mode may update any of them (a batch norm's running statistics,
-    frozen weights or not). Buffers a module keeps out of its state_dict (causal masks, rotary
-    frequencies) are derived, not learned, and left out."""
+    """What training changes: the trainable parameters, and the buffers a forward in training
+    mode updates. Those of the modules that own trainable parameters (a trained batch norm's
+    running statistics, which its weights are only right with), and of the modules that update
+    theirs whatever trains: a frozen batch norm's statistics, a spectral norm's power-iteration
+    vectors. Not every buffer: a quantized layer's packed weights are buffers that never change,
+    and would make each checkpoint a copy of the model. Persistent buffers only (a causal mask
+    or rotary frequencies are derived, not learned)."""
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    parametrizations = {id(m) for plist in model.modules() if isinstance(plist, parametrize.ParametrizationList)
+                        for m in plist}
     for name, module in model.named_modules():
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
-                tensors[f"{name}.{buffer_name}" if name else buffer_name] = buffer
+        if (any(p.requires_grad for p in module.parameters(recurse=False))
+                or isinstance(module, nn.modules.batchnorm._NormBase) or id(module) in parametrizations):
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
+                    tensors[f"{name}.{buffer_name}" if name else buffer_name] = buffer
     return tensors
 
 
@@ -314,6 +323,12 @@ def _check_same_trainable(model: nn.Module, state: dict[str, torch.Tensor], path
     """
     trainable = _trained_tensors(model)
     missing = [n for n in trainable if n not in state]
+    buffers = {n for n, _ in model.named_buffers()}
+    older = [n for n in missing if n in buffers]
+    if older:  # (a checkpoint written before frozen batch norms' statistics were kept)
+        warnings.warn(f"{path} holds no values for the buffers {_some(older)}, which training updates; they keep "
+                      "the model's own, so the resumed run is not exactly the uninterrupted one", stacklevel=3)
+        missing = [n for n in missing if n not in buffers]
     unexpected = [n for n in state if n not in trainable]
     shapes = [f"{n}: {tuple(state[n].shape)} in the checkpoint, {tuple(p.shape)} in the model"
               for n, p in trainable.items() if n in state and state[n].shape != p.shape]

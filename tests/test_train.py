@@ -394,6 +394,26 @@ def test_resume_and_restore_best_bring_back_a_frozen_batch_norms_statistics(tmp_
     assert evaluate(best, eval_loader)["loss"] == pytest.approx(result.best_metric, rel=1e-6)
 
 
+def test_a_checkpoint_keeps_the_buffers_training_updates_and_no_others(tmp_path):
+    train_loader, eval_loader = loaders(n_train=16)
+    model = FrozenNormClassifier()
+    model.embed.register_buffer("packed", torch.zeros(4096, dtype=torch.int32))  # a quantized layer's weights
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100)
+    train(model, train_loader, eval_loader, config)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["trainable"]
+    assert {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"} <= set(saved)
+    assert "embed.packed" not in saved
+
+    # a checkpoint written before frozen norms' statistics were kept still resumes, with a warning
+    older = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    older["trainable"] = {k: v for k, v in older["trainable"].items() if not k.startswith("norm.")}
+    torch.save(older, tmp_path / "checkpoint.pt")
+    model = FrozenNormClassifier()
+    model.embed.register_buffer("packed", torch.zeros(4096, dtype=torch.int32))
+    with pytest.warns(UserWarning, match=r"holds no values for the buffers norm.running_mean"):
+        train(model, train_loader, eval_loader, config)
+
+
 def test_submodules_put_in_eval_stay_there_and_a_model_in_eval_trains_whole(tmp_path):
     train_loader, _ = loaders(n_train=16)
     model = FrozenNormClassifier()
