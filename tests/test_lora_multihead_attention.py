@@ -434,3 +434,17 @@ def test_an_adapted_encoder_layer_copies_pickles_and_unloads_to_the_fast_path():
             torch.testing.assert_close(twin(x, mask), expected, atol=0, rtol=0)
         plain = model.unload()
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in plain.modules())  # the hooks went with the wrappers
+
+
+def test_a_nested_batch_that_would_need_gradients_is_refused_saying_what_works():
+    # In eval mode nn.TransformerEncoder packs a padded batch into a nested tensor, judging by the
+    # frozen weights; the adapter's output then needs gradients, which the next attention refuses.
+    torch.manual_seed(0)
+    base = Encoder()
+    base.enc = nn.TransformerEncoder(base.enc.layers[0], 2, enable_nested_tensor=True)
+    model = minipeft.get_peft_model(base, minipeft.LoraConfig(r=R, target_modules=["linear1"])).eval()
+    x, mask = data(Encoder)
+    with pytest.raises(ValueError, match="enable_nested_tensor=False, run it in training mode"):
+        model(x, mask)
+    model.train()
+    model(x, mask).sum().backward()  # in training mode nothing is packed
