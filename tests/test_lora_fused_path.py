@@ -61,8 +61,9 @@ class _FakeQuantLinear(nn.Linear):
         return super().forward(x.round())
 
 
-@pytest.mark.parametrize("change", ["none", "subclass", "forward hook", "pre-hook", "own forward", "deterministic"])
-def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, monkeypatch):
+@pytest.mark.parametrize("change", ["none", "subclass", "forward hook", "pre-hook", "backward hook", "global hook",
+                                    "own forward", "deterministic", "nested"])
+def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, monkeypatch, request):
     # The kernels compute F.linear in place of calling the base layer: anything else the call
     # would do sends the layer down its reference path. (CUDA faked around the rule alone.)
     base = nn.Sequential(_FakeQuantLinear(8, 8) if change == "subclass" else nn.Linear(8, 8))
@@ -71,9 +72,15 @@ def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, m
         layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)
     elif change == "pre-hook":
         layer.base_layer.register_forward_pre_hook(lambda module, args: None)
+    elif change == "backward hook":
+        layer.base_layer.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    elif change == "global hook":
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+        request.addfinalizer(handle.remove)
     elif change == "own forward":
         layer.base_layer.forward = lambda x: nn.functional.linear(x, layer.base_layer.weight) + 1
     elif change == "deterministic":
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    x = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)]) if change == "nested" else torch.randn(2, 8)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert layer._fused_path_applies(torch.randn(2, 8), ["default"]) == (change == "none")
+    assert layer._fused_path_applies(x, ["default"]) == (change == "none")

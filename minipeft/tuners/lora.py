@@ -458,7 +458,7 @@ class LoraLinear(LoraLayer):
     # -- fused Triton path --------------------------------------------------------------------
     def _fused_path_applies(self, x: torch.Tensor, adapters: list[str]) -> bool:
         """The Triton path runs one plain LoRA adapter on a frozen CUDA nn.Linear; all else is reference."""
-        if not (x.is_cuda and len(adapters) == 1 and self.use_fused_kernels[adapters[0]]):
+        if not (x.is_cuda and not x.is_nested and len(adapters) == 1 and self.use_fused_kernels[adapters[0]]):
             return False
         base = self.base_layer
         if not _runs_plain_linear(base) or self.use_dora[adapters[0]] or torch.is_autocast_enabled():
@@ -495,10 +495,12 @@ def _runs_plain_linear(module: nn.Module) -> bool:
     """Whether calling ``module`` computes F.linear(x, weight, bias) and nothing else, which the
     kernels then compute in its place: an nn.Linear itself (a subclass, such as a QAT Linear,
     may compute otherwise), with no forward of its own set on it (accelerate's offloading) and
-    no hooks, its own or torch's global ones, that the kernels would skip."""
+    no hooks, forward or backward, its own or torch's global ones, that the kernels would skip."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    everywhere = nn.modules.module
     return (type(module) is nn.Linear and "forward" not in module.__dict__
-            and not (module._forward_hooks or module._forward_pre_hooks)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+            and not any(getattr(module, name) for name in hooks)
+            and not any(getattr(everywhere, "_global" + name) for name in hooks))
 
 
 @functools.cache  # asked on every forward on CUDA
