@@ -387,11 +387,28 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
         input_ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
         if labels is not None and token_labels:
-            labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
+            labels[i, :n] = _class_indices(e["labels"], i)
         elif labels is not None:
             labels[i] = _class_index(e["label"], i)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     return batch if labels is None else {**batch, "labels": labels}
+
+
+def _class_indices(labels, i: int) -> torch.Tensor:
+    """Example ``i``'s labels per token as class or token indices (long), checked as
+    ``_class_index`` checks one label, all at once; -100 (IGNORE_INDEX) passes as any whole number."""
+    try:
+        values = torch.as_tensor(labels)
+        if values.is_floating_point():
+            values = torch.as_tensor(labels, dtype=torch.float64)  # (0.7 as given, not as float32)
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if values is None or values.dtype == torch.bool or values.is_complex():
+        raise DataError(f"example {i}'s labels {labels!r} are not class indices: labels are whole numbers 0, 1, ...")
+    bad = ~(torch.isfinite(values) & (values == values.round())) if values.is_floating_point() else None
+    if bad is not None and bad.any():
+        _class_index(values[bad][0].item(), i)  # (raises, naming the first)
+    return values.long()
 
 
 def _class_index(label, i: int) -> int:

@@ -211,6 +211,10 @@ def test_collate_takes_whole_number_labels_and_refuses_fractions():
     for label in (0.7, float("nan"), "1"):
         with pytest.raises(DataError, match=r"example 1's label .* is not a class index: .* whole number"):
             collate([{"input_ids": [5], "label": 1}, {"input_ids": [5], "label": label}])
+    # labels per token too (a token classifier's; -100 where there is none)
+    assert collate([{"input_ids": [5, 6], "labels": [-100, 2.0]}])["labels"].tolist() == [[-100, 2]]
+    with pytest.raises(DataError, match=r"example 0's label 0.7 is not a class index"):
+        collate([{"input_ids": [5, 6], "labels": [-100, 0.7]}])
 
 
 def test_text_without_labels_encodes_and_collates_for_prediction(tokenizer):
