@@ -66,7 +66,7 @@ from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode,
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
 from minipeft.model import PeftModel
-from minipeft.tuners.base import AdapterLayer, TrainedCopies
+from minipeft.tuners.base import AdapterLayer, TrainedCopies, evaluating
 
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
@@ -559,31 +559,28 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
     each rank evaluates its share of batches and the sums are all-reduced.
     """
     model = _unwrap(model)
-    modes = [(m, m.training) for m in model.modules()]  # each submodule's own: some may be kept in eval
-    model.eval()
     device = device or next(model.parameters()).device
     distributed = shard and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     loss_sum, count, n_logits = 0.0, 0, 0
     preds, golds = [], []
-    for i, batch in enumerate(batches):
-        if i % world != rank:
-            continue
-        batch = _to(batch, device)
-        task = _task_of(batch, task, model)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss, logits = _forward(model, batch, task)
-        n = _count(batch, task)
-        if n:  # (a model's own mean over no target token is NaN)
-            loss_sum += loss.item() * n
-            count += n
-        if task != "causal_lm":
-            n_logits = max(n_logits, logits.shape[-1])
-            labelled = batch["labels"] != IGNORE_INDEX  # every example; a token classifier's labelled tokens
-            preds.append(logits.argmax(-1)[labelled].cpu())
-            golds.append(batch["labels"][labelled].cpu())
-    for m, training in modes:
-        m.training = training
+    with evaluating(model):
+        for i, batch in enumerate(batches):
+            if i % world != rank:
+                continue
+            batch = _to(batch, device)
+            task = _task_of(batch, task, model)
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                loss, logits = _forward(model, batch, task)
+            n = _count(batch, task)
+            if n:  # (a model's own mean over no target token is NaN)
+                loss_sum += loss.item() * n
+                count += n
+            if task != "causal_lm":
+                n_logits = max(n_logits, logits.shape[-1])
+                labelled = batch["labels"] != IGNORE_INDEX  # every example; a token classifier's labelled tokens
+                preds.append(logits.argmax(-1)[labelled].cpu())
+                golds.append(batch["labels"][labelled].cpu())
 
     is_cls = task in ("classification", "token_classification")
     # the classes are the model's outputs, not the labels this eval set happens to hold:

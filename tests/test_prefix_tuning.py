@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minipeft
-from tests.models import greedy_without_cache
+from tests.models import greedy_without_cache, tiny_transformers_model
 from tests.models import padded_batch as batch
 from minipeft import PrefixTuningConfig
 from minipeft.tuners.prefix_tuning import sdpa_with_prefix
@@ -342,3 +342,13 @@ def test_gradient_checkpointing_with_projection_gives_the_same_grads(reentrant):
         grads.append([p.grad for p in m.parameters() if p.requires_grad])
     for with_checkpointing, without in zip(grads[1], grads[0]):
         torch.testing.assert_close(with_checkpointing, without, atol=1e-5, rtol=0)
+
+
+def test_adding_prefix_tuning_keeps_the_modules_a_user_put_in_eval():
+    # Prefix tuning runs the model once in eval mode to find its attentions; afterwards every
+    # module is back in its own mode, not all in the model's (GPT-2's dropout kept off stays off).
+    model = tiny_transformers_model("gpt2")
+    model.train()
+    model.transformer.drop.eval()
+    minipeft.get_peft_model(model, minipeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert model.training and not model.transformer.drop.training

@@ -18,6 +18,7 @@ write into a weight (``folds_into_weight = False``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
@@ -89,6 +90,20 @@ def embed_scale(embedding: nn.Module) -> torch.Tensor | None:
 
 # In a mixed batch's adapter_names, the name that runs a sample on the base model alone (peft's).
 BASE_MODEL_NAME = "__base__"
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; after it, every module back in its own mode. (A
+    model that trains may hold modules its user keeps in eval, a batch norm with pretrained
+    statistics: ``model.train(was_training)`` would put those in training mode too.)"""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class RowRouting:

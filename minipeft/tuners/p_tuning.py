@@ -35,6 +35,7 @@ from torch import nn
 from ..config import PeftType, check_probability, is_positive_int
 from . import prompt_tuning
 from . import virtual_tokens as vt
+from .base import evaluating
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -129,12 +130,8 @@ class PromptEncoder(prompt_tuning.PromptEmbedding):
     def prompt_embeddings(self) -> torch.Tensor:
         """``P`` as the model computes it in eval mode (no LSTM dropout, no random draw), whatever
         the current mode: what a checkpoint holds."""
-        training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return self.rows()
-        finally:
-            self.train(training)
 
     def fold(self) -> None:
         """Replace the network by the prompt it computes, written into the table (the same

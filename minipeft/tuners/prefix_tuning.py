@@ -61,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 from ..config import PeftType
 from ..targeting import logical_name, name_matches
 from . import virtual_tokens as vt
+from .base import evaluating
 
 SDPA = F.scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -133,10 +134,8 @@ def find_attention_modules(model: nn.Module) -> dict[str, tuple[int, ...]]:
         handles.append(module.register_forward_hook(leave, always_call=True))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     recorder = _RecordSDPA(stack)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad(), recorder:
+        with evaluating(model), torch.no_grad(), recorder:
             model(torch.zeros(1, 2, dtype=torch.long, device=device))
     except Exception as err:
         raise ValueError(
@@ -144,7 +143,6 @@ def find_attention_modules(model: nn.Module) -> dict[str, tuple[int, ...]]:
             f"modules, and that call failed: {type(err).__name__}: {err}"
         ) from err
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     order = [name for name, _ in model.named_modules()]

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import virtual_tokens as vt
+from .base import evaluating
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig, fill_shape_fields
 
 
@@ -66,10 +67,8 @@ def probe_decoder_cache(model: nn.Module):
 def _probe(model: nn.Module, purpose: str, **kwargs):
     """One forward of ``model`` in eval mode on 3 encoder and 2 decoder tokens; a failure says ``purpose``."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             return model(input_ids=torch.zeros(1, 3, dtype=torch.long, device=device),
                          decoder_input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), **kwargs)
     except Exception as err:
@@ -79,8 +78,6 @@ def _probe(model: nn.Module, purpose: str, **kwargs):
             f"{purpose} and that call failed: {type(err).__name__}: {message}. Its decoder may not take a KV cache "
             "the way prefix tuning needs; use prompt tuning or LoRA for this model"
         ) from err
-    finally:
-        model.train(was_training)
 
 
 class DecoderCachePrefix(PrefixEncoder):
