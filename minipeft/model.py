@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint, injection, status
 from .config import PeftConfig, PeftType, check_config_type
 from .mixed_batches import mixed_batch
-from .targeting import TASK_HEAD_NAMES, check_task_type, logical_name, wrapper_chain
+from .targeting import TASK_HEAD_NAMES, attention_out_projections, check_task_type, logical_name, wrapper_chain
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
 from .tuners.trainable_tokens import TrainableTokensLayer
@@ -74,25 +74,31 @@ class AdaptedModel(nn.Module):
     def targeted_module_names(self) -> list[str]:
         """The modules an adapter's ``target_modules`` chose, by their names in the model without
         wrappers, in model order (peft's attribute). Modules trained whole (``modules_to_save``)
-        and helpers such as LoRA's trainable tokens are not targets."""
-        return [name for name, parameter in self._targets() if parameter is None]
+        and helpers (LoRA's trainable tokens, the out_proj inside an attention it adapts) are not."""
+        found: dict[str, None] = {}
+        helpers = set(attention_out_projections(self.model))  # (LoRA's LoraLinear on an attention's out_proj)
+        for name, layer in injection.adapter_layers(self.model):
+            if name not in helpers and getattr(layer, "parameter_name", None) is None and self._targeted(layer):
+                found[logical_name(self.model, name) or name] = None
+        return list(found)
 
     @property
     def targeted_parameter_names(self) -> list[str]:
-        """The parameters an adapter's ``target_parameters`` chose, as ``module.parameter`` (peft's attribute)."""
-        return [f"{name}.{parameter}" for name, parameter in self._targets() if parameter is not None]
+        """The parameters an adapter's ``target_parameters`` chose, as ``module.parameter``, in the
+        order they were added (peft's attribute; several on one module nest, the first innermost)."""
+        found: dict[str, None] = {}
+        for name, layer in injection.innermost_first(list(injection.adapter_layers(self.model))):
+            if getattr(layer, "parameter_name", None) is not None and self._targeted(layer):
+                found[f"{logical_name(self.model, name) or name}.{layer.parameter_name}"] = None
+        return list(found)
 
-    def _targets(self) -> list[tuple[str, str | None]]:
-        """``(module name, parameter name or None)`` for every layer that holds an adapter of its
-        own method (a wrapper a method adds beside its targets holds another's), once each."""
+    def _targeted(self, layer: AdapterLayer) -> bool:
+        """Whether ``layer`` holds an adapter of its own method (a wrapper a method adds beside
+        its targets, such as LoRA's trainable tokens, holds another method's)."""
         owner = self.__dict__.get("owner_ref", lambda: None)()
         configs = owner.peft_config if owner is not None else {}
-        found: dict[tuple[str, str | None], None] = {}
-        for name, layer in injection.innermost_first(list(injection.adapter_layers(self.model))):  # as added
-            methods = [method_for(configs[a]) for a in layer.adapter_names if a in configs]
-            if any(m.layer_class is not None and isinstance(layer, m.layer_class) for m in methods):
-                found[(logical_name(self.model, name) or name, getattr(layer, "parameter_name", None))] = None
-        return list(found)
+        methods = [method_for(configs[a]) for a in layer.adapter_names if a in configs]
+        return any(m.layer_class is not None and isinstance(layer, m.layer_class) for m in methods)
 
     # peft's tuner model (LoraModel, ...) answers these itself; here the PeftModel that holds this
     # one does (else they would reach the user's model: transformers' own adapter methods). It is

@@ -498,14 +498,25 @@ def test_every_active_adapter_adds_its_training_terms():
     assert losses[0] == losses[1] > 0.0
 
 
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x)[0])
+
+
 @pytest.mark.parametrize(
     "make_base, config, second",
     [
         (TinyNet, dict(target_modules=["fc1", "conv1d"], modules_to_save=["head"]), minipeft.LoHaConfig),
         (lambda: tiny_transformers_model("gpt2"), dict(target_modules=["c_attn"], trainable_token_indices=[1, 2]),
          functools.partial(minipeft.IA3Config, feedforward_modules=[])),
+        (Attention, dict(target_modules=["attn", "head"]), minipeft.LoHaConfig),
     ],
-    ids=["modules_to_save", "trainable_tokens"],
+    ids=["modules_to_save", "trainable_tokens", "attention"],
 )
 def test_targeted_module_names_are_peft_s(make_base, config, second):
     mini = get_peft_model(make_base(), LoraConfig(r=2, **config))
@@ -513,7 +524,7 @@ def test_targeted_module_names_are_peft_s(make_base, config, second):
     assert mini.targeted_module_names == reference.targeted_module_names
     assert mini.base_model.targeted_parameter_names == reference.base_model.targeted_parameter_names == []
     # a second method on the same modules, in a wrapper of its own, adds no name
-    mini.add_adapter("second", second(target_modules=config["target_modules"]))
+    mini.add_adapter("second", second(target_modules=[t for t in config["target_modules"] if t != "attn"]))
     assert mini.targeted_module_names == reference.targeted_module_names
 
 
