@@ -184,19 +184,28 @@ def find_data(data_dir: str | None) -> Path:
 
 def previous_run(out_dir: Path) -> list[Path]:
     """The files of an earlier run in out_dir (see RUN_FILES): found only beside what train()
-    leaves (its checkpoint, log or best weights), so that a user's own folder named "model" or
-    "adapter" is not taken for a run's. Empty for a new or unrelated folder."""
+    leaves (its checkpoint, log or best weights), or the adapter-init/ a PiSSA/OLoRA run writes
+    before training starts, so that a user's own folder named "model" or "adapter" is not taken
+    for a run's. Empty for a new or unrelated folder."""
     if out_dir.exists() and not out_dir.is_dir():
         sys.exit(f"error: --output-dir {out_dir} is a file; give a folder")
-    if not any((out_dir / name).exists() for name in OUTPUT_NAMES):
+    init = out_dir / "adapter-init"
+    started = init.is_dir() and all(is_run_file(p.name) for p in init.rglob("*") if p.is_file())
+    if not started and not any((out_dir / name).exists() for name in OUTPUT_NAMES):
         return []
     return [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
 
 
-def check_saves_are_free(out_dir: Path, method: str, previous: list[Path]) -> None:
-    """Exit with an error when a folder this run saves into exists and is not a previous run's
-    (``previous_run``): saving would write into the user's own files."""
-    saves = ("adapter", "adapter-init") if method in ADAPTERS else ("model",)
+def saved_folders(method: str, converts: bool) -> tuple[str, ...]:
+    """The folders of out_dir a run of ``method`` saves into (``converts``: LoRA with PiSSA/OLoRA)."""
+    if method not in ADAPTERS:
+        return ("model",)
+    return ("adapter", "adapter-init") if converts else ("adapter",)
+
+
+def check_saves_are_free(out_dir: Path, saves: tuple[str, ...], previous: list[Path]) -> None:
+    """Exit with an error when a folder this run saves into (``saves``) exists and is not a
+    previous run's (``previous_run``): saving would write into the user's own files."""
     taken = [out_dir / name for name in saves if (out_dir / name).exists() and out_dir / name not in previous]
     if taken:
         sys.exit(f"error: this run saves into {taken[0]}, which exists and is no earlier run's (no checkpoint, "
@@ -305,7 +314,8 @@ def main(argv=None) -> dict:
     if previous and not (args.overwrite or args.resume):
         sys.exit(f"error: {out_dir} already holds a run ({', '.join(p.name for p in previous)}); "
                  "pass a new --output-dir, --overwrite to replace that run, or --resume to continue it")
-    check_saves_are_free(out_dir, args.method, previous)
+    converts = args.method == "lora" and base_changing_init(args.init_lora_weights) is not None
+    check_saves_are_free(out_dir, saved_folders(args.method, converts), previous)
     if args.overwrite:
         check_only_run_files(previous)  # (said now, not after minutes of loading)
     if args.threads:
@@ -358,7 +368,6 @@ def main(argv=None) -> dict:
     # PiSSA/OLoRA take the adapter's initial update out of the base weights (which now hold the
     # residuals W - s B0 A0): keep A0, B0 as initialised, to convert the trained adapter into
     # plain LoRA on the ORIGINAL weights.
-    converts = args.method == "lora" and base_changing_init(args.init_lora_weights) is not None
     if converts:
         model.save_pretrained(str(out_dir / "adapter-init"))
     cpu_start = time.process_time()

@@ -82,10 +82,20 @@ def test_lora_example_takes_a_users_saved_model_for_no_run_and_never_saves_into_
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "model" / name).write_text("the user's")
     assert example.previous_run(tmp_path) == []
-    example.check_saves_are_free(tmp_path, "lora", [])  # a LoRA run saves into adapter/ alone
+    example.check_saves_are_free(tmp_path, example.saved_folders("lora", False), [])  # LoRA saves into adapter/
     with pytest.raises(SystemExit, match=r"saves into .*model, which exists and is no earlier run's"):
-        example.check_saves_are_free(tmp_path, "full", [])
+        example.check_saves_are_free(tmp_path, example.saved_folders("full", False), [])
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_lora_example_knows_a_pissa_run_stopped_before_its_first_log(tmp_path):
+    # adapter-init/ is written before training; train() writes nothing before its first log
+    example = load_lora_example()
+    (tmp_path / "adapter-init").mkdir()
+    (tmp_path / "adapter-init" / "adapter_config.json").write_text("{}")
+    assert example.previous_run(tmp_path) == [tmp_path / "adapter-init"]
+    example.remove_previous_run(tmp_path)
+    assert not (tmp_path / "adapter-init").exists()
 
 
 def load_lora_example():
