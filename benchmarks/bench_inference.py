@@ -23,6 +23,7 @@ The last line printed is one JSON object with the latency ratios against peft.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -105,8 +106,9 @@ def markdown(results: dict, args, device: str) -> str:
 
 def main() -> None:
     parser = common.argument_parser(__doc__.split("\n")[0], same_adapter_dtype=True)
-    parser.add_argument("--models", type=common.model_names, default="llama,gpt2")
-    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--models", type=functools.partial(common.model_names, allowed=("llama", "gpt2")),
+                        default="llama,gpt2", help="the families that generate: llama, gpt2")
+    parser.add_argument("--batches", type=common.positive_ints, default="1,32")
     parser.add_argument("--prompt", type=common.positive_int, default=None, help="prompt tokens (default 32 CPU, 512 CUDA)")
     parser.add_argument("--new-tokens", type=common.positive_int, default=None, help="generated tokens (default 16 CPU, 128 CUDA)")
     parser.add_argument("--reps", type=common.positive_int, default=20)
@@ -125,7 +127,7 @@ def main() -> None:
         r = {"dtype": str(spec.dtype).replace("torch.", ""), "same_adapter_dtype": args.same_adapter_dtype,
              "config": spec.config,
              "logits_rel_diff_vs_peft": logits_agree(models, batch), "batches": {}}
-        for b in map(int, args.batches.split(",")):
+        for b in args.batches:
             r["batches"][b] = latencies(models, spec, args.device, b, args.prompt, args.new_tokens, args.reps,
                                         args.gen_reps)
             f, g = r["batches"][b]["forward"], r["batches"][b]["generate"]

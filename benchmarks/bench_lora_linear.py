@@ -63,7 +63,7 @@ def parse_args():
     ap.add_argument("--quick", action="store_true", help="tiny shapes, fp32 on CPU: checks that the script runs")
     ap.add_argument("--cases", choices=["all", "targets"], default="all",
                     help="all: the full sweep; targets: the target shapes, both fused paths and a verdict table")
-    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    ap.add_argument("--time-budget", type=common.positive_int, default=None, metavar="SECONDS",
                     help="start no new case after this many seconds (what was measured is kept)")
     ap.add_argument("--rounds", type=common.positive_int, default=None,
                     help="timing rounds per case, the methods interleaved (default 5 on a GPU, 1 on the CPU)")
@@ -75,7 +75,10 @@ def parse_args():
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results on a GPU; --quick writes nothing unless given); "
                          "the table becomes the 'lora_linear' section of <folder>/<device>.md and .json")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.quick and args.cases == "targets":
+        ap.error("--quick runs tiny shapes, --cases targets the 8192 x 4096 ones: give one of them")
+    return args
 
 
 # The targets, as (M, p, phase, metric, bound): phase is fwd, bwd, fwd+bwd or fwd graph; metric

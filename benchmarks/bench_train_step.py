@@ -1,4 +1,5 @@
-"""LoRA (or OFT) training step, minipeft against peft: parity, speed, memory, inject / save / load.
+"""A training step, minipeft against peft: parity, speed, memory, inject / save / load.
+LoRA by default, or another method both libraries have (`--method`).
 
 For each model (LLaMA-style, GPT-2, BERT; transformers configs, random weights from one seed):
 
@@ -290,16 +291,21 @@ def markdown(results: dict, device: str, adapters: str, threads: int = 1, method
 
 def main() -> None:
     parser = common.argument_parser(__doc__.split("\n")[0], same_adapter_dtype=True)
-    parser.add_argument("--models", type=common.model_names, default="llama,gpt2,bert")
+    parser.add_argument("--models", type=common.model_names, default=None,
+                        help="default: those of llama, gpt2, bert that peft's method adapts")
     parser.add_argument("--method", choices=sorted(common.METHODS), default="lora")
     parser.add_argument("--steps", type=common.positive_int, default=None,
                         help="timed steps per library (default: 40 CPU, 30 CUDA)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=common.non_negative_int, default=3)
     parser.add_argument("--memory-steps", type=common.positive_int, default=3)
     parser.add_argument("--rounds", type=common.positive_int, default=5, help="repeats of inject / save / load")
     parser.add_argument("--memory-child", choices=["minipeft", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    models = args.models
+    families = common.METHODS[args.method].families
+    models = args.models or list(families)
+    if set(models) - set(families):
+        parser.error(f"peft's {args.method} does not adapt {sorted(set(models) - set(families))}; "
+                     f"--models from {list(families)}")
     common.prepare_device(args)
     if args.memory_child:
         memory_child(args.memory_child, models, args.device, args.memory_steps, args.same_adapter_dtype, args.method)

@@ -82,12 +82,30 @@ def positive_int(text: str) -> int:
     return value
 
 
-def model_names(text: str) -> list[str]:
-    """argparse type: comma-separated benchmark model families, each one that ``model_specs`` has."""
+def non_negative_int(text: str) -> int:
+    """argparse type: a count of at least 0 (warm-up steps)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated counts, each at least 1 (batch sizes)."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be whole numbers >= 1 separated by commas, e.g. 1,32; got {text!r}") from None
+
+
+def model_names(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """argparse type: comma-separated benchmark model families, each one that ``model_specs``
+    has (and, given ``allowed``, one of those)."""
     names = text.split(",")
-    unknown = [n for n in names if n not in model_specs("cpu")]
+    known = sorted(allowed or model_specs("cpu"))
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; choose from {sorted(model_specs('cpu'))}")
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown} here; choose from {known}")
     return names
 
 
@@ -105,7 +123,7 @@ def model_specs(device: str) -> dict[str, ModelSpec]:
         }
     bf16 = torch.bfloat16
     return {
-        # ~1.1B parameters, LLaMA-style (the target of the GPU figures).
+        # ~0.94B parameters, LLaMA-style (the target of the GPU figures).
         "llama": ModelSpec("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
                                          num_attention_heads=16, num_key_value_heads=16,
                                          max_position_embeddings=2048), 4, 1024, bf16),
@@ -227,16 +245,19 @@ class Method:
     marker: str  # a substring of the name of every adapter tensor
     description: str  # for the results tables
     peft_gradients_wrong: str = ""  # why peft's adapter gradients are no reference (the parity then checks the loss)
+    families: tuple[str, ...] = ("llama", "gpt2", "bert")  # those peft's method adapts (not all take GPT-2's Conv1D)
 
 
+NO_CONV1D = ("llama", "bert")  # the families left where peft's method does not adapt GPT-2's Conv1D
 METHODS = {
     "lora": Method("LoraConfig", lora_kwargs, ".lora_", "LoRA r=16, alpha=32, dropout 0.1"),
-    "oft": Method("OFTConfig", oft_kwargs, ".oft_", "OFT with 32 x 32 blocks (Neumann series, no module dropout)"),
-    "hra": Method("HRAConfig", hra_kwargs, ".hra_", "HRA with 8 reflections"),
-    "boft": Method("BOFTConfig", boft_kwargs, ".boft_", "BOFT with 8 x 8 blocks, one butterfly factor"),
-    "miss": Method("MissConfig", miss_kwargs, ".miss_", "MiSS r=64 (balance), dropout 0.1"),
-    "road": Method("RoadConfig", road_kwargs, ".road_", "RoAd road_1, groups of 16"),
-    "c3a": Method("C3AConfig", c3a_kwargs, ".c3a_", "C3A with 16 x 16 circulant blocks",
+    "oft": Method("OFTConfig", oft_kwargs, ".oft_", "OFT with 32 x 32 blocks (Neumann series, no module dropout)",
+                  families=NO_CONV1D),
+    "hra": Method("HRAConfig", hra_kwargs, ".hra_", "HRA with 8 reflections", families=NO_CONV1D),
+    "boft": Method("BOFTConfig", boft_kwargs, ".boft_", "BOFT with 8 x 8 blocks, one butterfly factor", families=NO_CONV1D),
+    "miss": Method("MissConfig", miss_kwargs, ".miss_", "MiSS r=64 (balance), dropout 0.1", families=NO_CONV1D),
+    "road": Method("RoadConfig", road_kwargs, ".road_", "RoAd road_1, groups of 16", families=NO_CONV1D),
+    "c3a": Method("C3AConfig", c3a_kwargs, ".c3a_", "C3A with 16 x 16 circulant blocks", families=NO_CONV1D,
                   peft_gradients_wrong="peft 0.21's C3A backward sends a wrong input gradient to the layers before"),
     "fourierft": Method("FourierFTConfig", fourierft_kwargs, ".fourierft_", "FourierFT, 1000 coefficients per layer"),
 }
@@ -484,6 +505,10 @@ def write_results(device: str, section: str, data: dict, markdown: str, results_
     json_path, md_path = results_dir / f"{slug}.json", results_dir / f"{slug}.md"
     doc = json.loads(json_path.read_text()) if json_path.exists() else {}
     doc.setdefault("sections", {})
+    earlier = doc["sections"].get(section)
+    if earlier is not None:  # (said, not asked: committed results stay in git's history)
+        print(f"replacing section {section!r} of {md_path} (its run: `{earlier['command']}` on "
+              f"{earlier.get('machine', 'an unrecorded machine')})", file=sys.stderr)
     doc["device"], doc["machine"], doc["versions"] = device, machine(device), versions()
     # Each section keeps the machine and versions of its own run: the file's top-level ones are
     # the latest writer's, and sections of earlier runs (another commit, another CPU) stay.

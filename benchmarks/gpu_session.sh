@@ -12,10 +12,11 @@
 #      with and without TF32, the LoRA layer's own choice of path (TESTS, a pytest -k
 #      expression, picks fewer)
 #   5. end to end against peft on the ~1B LLaMA-style model: no-grad inference (a prompt's
-#      forward and generation), a training step, and a mixed batch of four adapters
+#      forward and generation), a training step, and a mixed batch of four adapters, each sized
+#      down to fit its cap (these write their tables only at the end)
 #   6. the full kernel sweep for whatever time is left
 # Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
-# wrote. It runs on the GPU machine's own python3 with its torch and triton (nothing can be
+# wrote (the kernel benchmark writes after every case). It runs on the GPU machine's own python3 with its torch and triton (nothing can be
 # installed there): minipeft is copied into a scratch folder on PYTHONPATH rather than installed.
 # Checked off the GPU with that image's versions (torch 2.11, triton 3.6; the tests then run
 # interpreted: MINIPEFT_KERNEL_TEST_DEVICE=cpu).
@@ -41,6 +42,7 @@ start=$SECONDS
 # with the tests beside them: pytest runs there, because `python -m pytest` puts its working
 # directory first on sys.path, and in the repository that finds minipeft/ without its kernels.
 site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
 cp -r minipeft tests "$site/" && cp -r kernels "$site/minipeft/kernels" || exit 1
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -80,11 +82,14 @@ if [[ -z "${TESTS:-}" ]]; then
     step 150 gpu-tests.log "${pytest[@]}" -k "matches_float64_reference"
 fi
 step 200 gpu-tests.log "${pytest[@]}" -k "${TESTS:-not matches_float64_reference and not cuda_graph}"
-step 150 e2e.log "$PY" benchmarks/bench_inference.py --device cuda --models llama --out "$OUT"
-step 200 e2e.log "$PY" benchmarks/bench_train_step.py --device cuda --models llama --out "$OUT"
-step 120 e2e.log "$PY" benchmarks/bench_mixed_batch.py --device cuda --out "$OUT"
+step 150 e2e.log "$PY" benchmarks/bench_inference.py --device cuda --models llama --batches 32 --new-tokens 32 \
+    --reps 10 --gen-reps 3 --out "$OUT"
+step 200 e2e.log "$PY" benchmarks/bench_train_step.py --device cuda --models llama --steps 15 --rounds 1 --out "$OUT"
+step 120 e2e.log "$PY" benchmarks/bench_mixed_batch.py --device cuda --new-tokens 16 --reps 5 --gen-reps 2 --out "$OUT"
 left=$((BUDGET - (SECONDS - start)))
-step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
+if ((left > 60)); then  # (the sweep stops starting cases 40 s before the budget ends)
+    step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
+fi
 echo "done in $((SECONDS - start))s; files in $OUT"
 if ((${#failed[@]})); then
     printf 'failed: %s\n' "${failed[@]}"

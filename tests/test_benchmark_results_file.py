@@ -19,3 +19,15 @@ def test_each_section_names_its_own_machine_or_says_it_was_not_recorded(tmp_path
     assert "its machine and versions were not recorded" in sections["old"]
     assert "(An earlier run, on CPU A: torch 1.)" in sections["other"]
     assert "An earlier run" not in sections["latest"]
+
+
+def test_a_section_written_again_says_which_run_it_replaces(tmp_path, monkeypatch, capsys):
+    common = _benchmark_common(monkeypatch)
+    common.write_results("cpu", "train_step", {"a": 1}, "| first |", tmp_path)
+    assert "replacing" not in capsys.readouterr().err
+    common.write_results("cpu", "inference", {"b": 1}, "| other |", tmp_path)
+    common.write_results("cpu", "train_step", {"a": 2}, "| second |", tmp_path)
+    said = capsys.readouterr().err
+    assert "replacing section 'train_step' of" in said and "inference" not in said
+    text = (tmp_path / "cpu.md").read_text()
+    assert "| second |" in text and "| other |" in text and "| first |" not in text
