@@ -298,13 +298,6 @@ def _pad_nested_input(module: nn.Module, args: tuple, kwargs: dict):
     if not (isinstance(x, torch.Tensor) and x.is_nested):
         module.__dict__.pop("_nested_lengths", None)  # (left by a call that raised)
         return None
-    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-        raise ValueError(
-            "nn.TransformerEncoder packed this padded batch into a nested tensor (it does in eval mode with a "
-            "src_key_padding_mask, judging by its frozen weights), and nn.MultiheadAttention cannot differentiate "
-            "through one, as the adapter here would need. Build the encoder with enable_nested_tensor=False, run it "
-            "in training mode (with dropout 0 if need be), or under torch.no_grad()"
-        )
     module.__dict__["_nested_lengths"] = [t.shape[0] for t in x.unbind()]  # for _pack_nested_output
     return (x.to_padded_tensor(0.0), *args[1:]), kwargs  # (B, T_max, d)
 
@@ -313,6 +306,13 @@ def _pack_nested_output(module: nn.Module, args: tuple, kwargs: dict, output):
     lengths = module.__dict__.pop("_nested_lengths", None)
     if lengths is None:
         return None
+    if output.requires_grad:  # (an adapter ran that trains; disabled or merged ones leave none)
+        raise ValueError(
+            "nn.TransformerEncoder packed this padded batch into a nested tensor (it does in eval mode with a "
+            "src_key_padding_mask, judging by its frozen weights), and nn.MultiheadAttention cannot differentiate "
+            "through one, as the adapter here would need. Build the encoder with enable_nested_tensor=False, run it "
+            "in training mode (with dropout 0 if need be), or under torch.no_grad()"
+        )
     return torch.nested.as_nested_tensor([row[:n] for row, n in zip(output, lengths)])
 
 

@@ -315,6 +315,7 @@ def test_the_output_scale_over_an_adapter_that_changes_the_bias_merges_as_it_com
     x = torch.randn(4, 8)
     with torch.no_grad():
         unmerged = model(x)
+        torch.testing.assert_close(model(x[0]), unmerged[0])  # an unbatched input too
         for names in (["inner"], ["boft"]):
             model.merge_adapter(names)
             torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)

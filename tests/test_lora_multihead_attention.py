@@ -446,5 +446,7 @@ def test_a_nested_batch_that_would_need_gradients_is_refused_saying_what_works()
     x, mask = data(Encoder)
     with pytest.raises(ValueError, match="enable_nested_tensor=False, run it in training mode"):
         model(x, mask)
+    with model.disable_adapter():  # nothing that trains runs: the base model's own nested path
+        assert not model(x, mask).requires_grad
     model.train()
     model(x, mask).sum().backward()  # in training mode nothing is packed

@@ -98,7 +98,8 @@ class InputTransformLayer(AdapterLayer):
         if not isinstance(self.base_layer, AdapterLayer):
             return self.get_base_layer().bias
         # One zero row does, but in a mixed batch, whose rows the layer inside routes by adapter.
-        zeros = mapped.new_zeros(mapped.shape if self.row_routing is not None else (1, mapped.shape[-1]))
+        rows = mapped.shape[:-1] if self.row_routing is not None else (1,) * (mapped.dim() - 1)
+        zeros = mapped.new_zeros((*rows, mapped.shape[-1]))
         return self.base_layer(zeros, *args, **kwargs)
 
     def _scaled_output(self, result: torch.Tensor, bias: torch.Tensor, name: str) -> torch.Tensor:
