@@ -294,8 +294,8 @@ def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: the trainable parameters, and the buffers a forward in training
     mode updates. Those of the modules that own trainable parameters (a trained batch norm's
     running statistics, which its weights are only right with), and of the modules that update
-    theirs whatever trains: a frozen batch norm's statistics, a spectral norm's power-iteration
-    vectors. Not every buffer: a quantized layer's packed weights are buffers that never change,
+    theirs whatever trains: a frozen batch norm's statistics, a parametrization's state (spectral
+    norm's power-iteration vectors; its older hook form is not seen). Not every buffer: a quantized layer's packed weights are buffers that never change,
     and would make each checkpoint a copy of the model. Persistent buffers only (a causal mask
     or rotary frequencies are derived, not learned)."""
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -316,20 +316,30 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _check_same_trainable(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Raise, naming every difference, unless `state` holds exactly `model`'s trained tensors
-    (``_trained_tensors``).
+    (``_trained_tensors``), but for buffers: those an older checkpoint lacks keep the model's
+    values, and those it holds that training does not update are dropped from `state`, each
+    with a warning.
 
     Checked before anything is loaded: a checkpoint from another adapter config (another
     rank r, other target modules) would otherwise fail halfway with a bare size or key error.
     """
     trainable = _trained_tensors(model)
     missing = [n for n in trainable if n not in state]
-    buffers = {n for n, _ in model.named_buffers()}
-    older = [n for n in missing if n in buffers]
-    if older:  # (a checkpoint written before frozen batch norms' statistics were kept)
-        warnings.warn(f"{path} holds no values for the buffers {_some(older)}, which training updates; they keep "
-                      "the model's own, so the resumed run is not exactly the uninterrupted one", stacklevel=3)
-        missing = [n for n in missing if n not in buffers]
     unexpected = [n for n in state if n not in trainable]
+    # Checkpoints of earlier minipeft versions kept other buffers (fewer, then all): what the
+    # model has as a buffer is left as the model holds it, with a warning, rather than refused.
+    buffers = {n for n, _ in model.named_buffers()}
+    lacking, extra = [n for n in missing if n in buffers], [n for n in unexpected if n in buffers]
+    if lacking:
+        warnings.warn(f"{path} holds no values for the buffers {_some(lacking)}, which training updates; they keep "
+                      "the model's own, so the resumed run is not exactly the uninterrupted one", stacklevel=3)
+    if extra:
+        warnings.warn(f"{path} holds the buffers {_some(extra)}, which training does not update; the model's own "
+                      "are kept", stacklevel=3)
+        for n in extra:
+            del state[n]  # (not loaded)
+    missing = [n for n in missing if n not in buffers]
+    unexpected = [n for n in unexpected if n not in buffers]
     shapes = [f"{n}: {tuple(state[n].shape)} in the checkpoint, {tuple(p.shape)} in the model"
               for n, p in trainable.items() if n in state and state[n].shape != p.shape]
     problems = []

@@ -404,14 +404,18 @@ def test_a_checkpoint_keeps_the_buffers_training_updates_and_no_others(tmp_path)
     assert {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"} <= set(saved)
     assert "embed.packed" not in saved
 
-    # a checkpoint written before frozen norms' statistics were kept still resumes, with a warning
+    # checkpoints of earlier versions, without a frozen norm's statistics or with every buffer,
+    # still resume, with a warning
     older = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     older["trainable"] = {k: v for k, v in older["trainable"].items() if not k.startswith("norm.")}
+    older["trainable"]["embed.packed"] = torch.ones(4096, dtype=torch.int32)
     torch.save(older, tmp_path / "checkpoint.pt")
     model = FrozenNormClassifier()
     model.embed.register_buffer("packed", torch.zeros(4096, dtype=torch.int32))
-    with pytest.warns(UserWarning, match=r"holds no values for the buffers norm.running_mean"):
+    with pytest.warns(UserWarning, match=r"holds no values for the buffers norm.running_mean"), \
+            pytest.warns(UserWarning, match=r"holds the buffers embed.packed, which training does not update"):
         train(model, train_loader, eval_loader, config)
+    assert not model.embed.packed.any()  # the model's own
 
 
 def test_submodules_put_in_eval_stay_there_and_a_model_in_eval_trains_whole(tmp_path):
