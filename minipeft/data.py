@@ -387,7 +387,11 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
         input_ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
         if labels is not None and token_labels:
-            labels[i, :n] = _class_indices(e["labels"], i)
+            per_token = _class_indices(e["labels"], i)
+            if len(per_token) != n:
+                raise DataError(f"example {i} has {n} token ids and {len(per_token)} labels; labels per token go "
+                                "one to a token (-100 where there is nothing to predict)")
+            labels[i, :n] = per_token
         elif labels is not None:
             labels[i] = _class_index(e["label"], i)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -403,11 +407,13 @@ def _class_indices(labels, i: int) -> torch.Tensor:
             values = torch.as_tensor(labels, dtype=torch.float64)  # (0.7 as given, not as float32)
     except (TypeError, ValueError, RuntimeError):
         values = None
-    if values is None or values.dtype == torch.bool or values.is_complex():
-        raise DataError(f"example {i}'s labels {labels!r} are not class indices: labels are whole numbers 0, 1, ...")
-    bad = ~(torch.isfinite(values) & (values == values.round())) if values.is_floating_point() else None
-    if bad is not None and bad.any():
-        _class_index(values[bad][0].item(), i)  # (raises, naming the first)
+    if values is None or values.dim() != 1 or values.dtype == torch.bool or values.is_complex():
+        raise DataError(f"example {i}'s labels {labels!r} are not a list of class indices, one per token: whole "
+                        "numbers 0, 1, ... (one label per example goes under 'label')")
+    if values.is_floating_point():
+        bad = ~(torch.isfinite(values) & (values == values.round()) & (values.abs() < 2**62))
+        if bad.any():
+            _class_index(values[bad][0].item(), i)  # (raises, naming the first)
     return values.long()
 
 
@@ -415,7 +421,8 @@ def _class_index(label, i: int) -> int:
     """A classification label as the class index it must be (a float would be truncated silently)."""
     if isinstance(label, torch.Tensor) and label.numel() == 1:
         label = label.item()
-    if not isinstance(label, numbers.Real) or not math.isfinite(label) or label != int(label):
+    whole = isinstance(label, numbers.Real) and math.isfinite(label) and label == int(label)
+    if not whole or abs(label) >= 2**62:
         raise DataError(f"example {i}'s label {label!r} is not a class index: a classification label is a whole "
                         "number 0, 1, ...")
     return int(label)

@@ -213,8 +213,12 @@ def test_collate_takes_whole_number_labels_and_refuses_fractions():
             collate([{"input_ids": [5], "label": 1}, {"input_ids": [5], "label": label}])
     # labels per token too (a token classifier's; -100 where there is none)
     assert collate([{"input_ids": [5, 6], "labels": [-100, 2.0]}])["labels"].tolist() == [[-100, 2]]
-    with pytest.raises(DataError, match=r"example 0's label 0.7 is not a class index"):
-        collate([{"input_ids": [5, 6], "labels": [-100, 0.7]}])
+    for labels, message in [([-100, 0.7], r"example 0's label 0.7 is not a class index"),
+                            ([-100, 1e20], r"example 0's label 1e\+20 is not a class index"),
+                            (3, r"example 0's labels 3 are not a list of class indices, one per token"),
+                            ([1], r"example 0 has 2 token ids and 1 labels")]:
+        with pytest.raises(DataError, match=message):
+            collate([{"input_ids": [5, 6], "labels": labels}])
 
 
 def test_text_without_labels_encodes_and_collates_for_prediction(tokenizer):
