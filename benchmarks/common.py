@@ -494,6 +494,9 @@ def command_line() -> str:
     return " ".join([*paths, *sys.argv[1:]])
 
 
+_WRITTEN_HERE: set[tuple[Path, str]] = set()  # sections this process wrote (a script may rewrite its own often)
+
+
 def write_results(device: str, section: str, data: dict, markdown: str, results_dir: Path = RESULTS_DIR) -> Path:
     """Store one script's results as a section of ``<results_dir>/<slug>.json`` and re-render
     ``<results_dir>/<slug>.md`` from every section (the scripts share the files).
@@ -506,9 +509,10 @@ def write_results(device: str, section: str, data: dict, markdown: str, results_
     doc = json.loads(json_path.read_text()) if json_path.exists() else {}
     doc.setdefault("sections", {})
     earlier = doc["sections"].get(section)
-    if earlier is not None:  # (said, not asked: committed results stay in git's history)
+    if earlier is not None and (json_path, section) not in _WRITTEN_HERE:  # (said, not asked: git keeps the old)
         print(f"replacing section {section!r} of {md_path} (its run: `{earlier['command']}` on "
               f"{earlier.get('machine', 'an unrecorded machine')})", file=sys.stderr)
+    _WRITTEN_HERE.add((json_path, section))
     doc["device"], doc["machine"], doc["versions"] = device, machine(device), versions()
     # Each section keeps the machine and versions of its own run: the file's top-level ones are
     # the latest writer's, and sections of earlier runs (another commit, another CPU) stay.

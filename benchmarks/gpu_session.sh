@@ -16,7 +16,8 @@
 #      down to fit its cap (these write their tables only at the end)
 #   6. the full kernel sweep for whatever time is left
 # Each step gets what is left of the budget, up to its own cap; a step cut short keeps what it
-# wrote (the kernel benchmark writes after every case). It runs on the GPU machine's own python3 with its torch and triton (nothing can be
+# wrote (the kernel benchmark writes after every case). The end lists the steps timed out or
+# skipped, and exits 1 when a step failed. It runs on the GPU machine's own python3 with its torch and triton (nothing can be
 # installed there): minipeft is copied into a scratch folder on PYTHONPATH rather than installed.
 # Checked off the GPU with that image's versions (torch 2.11, triton 3.6; the tests then run
 # interpreted: MINIPEFT_KERNEL_TEST_DEVICE=cpu).
@@ -51,15 +52,19 @@ step() {
     local cap=$1 log=$2; shift 2
     local left=$((BUDGET - (SECONDS - start)))
     local limit=$((cap < left ? cap : left))
-    if ((limit < 20)); then echo "skipped (budget spent): $*" | tee -a "$OUT/$log"; return; fi
+    if ((limit < 20)); then
+        echo "skipped (budget spent): $*" | tee -a "$OUT/$log"; short+=("skipped: $*"); return 125
+    fi
     echo "== $* (limit ${limit}s)" | tee -a "$OUT/$log"
     timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
     local rc=${PIPESTATUS[0]}
     echo "== exit $rc after $((SECONDS - start))s" | tee -a "$OUT/$log"
-    if ((rc != 0 && rc != 124)); then failed+=("$log: $*"); fi  # (124: its time ran out; what it wrote stays)
+    if ((rc == 124)); then short+=("timed out: $*"); fi  # (what it wrote stays: the kernel sweep writes per case)
+    if ((rc != 0 && rc != 124)); then failed+=("$log: $*"); fi
     return "$rc"
 }
 failed=()
+short=()
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -73,7 +78,7 @@ pytest=(env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels
 step 90 gpu-tests.log "${pytest[@]}" -k "cuda_graph"
 step 300 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
 rc=$?
-if ((rc != 0 && rc != 124)); then  # a crash (not the time limit): the figures without the graph timing
+if ((rc != 0 && rc != 124 && rc != 125)); then  # a crash (not time running out): the figures without the graph timing
     if step 240 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --no-graph --out "$OUT"; then
         unset 'failed[-1]'  # the figures came after all (the graph replay's crash stays in bench.log)
     fi
@@ -91,6 +96,7 @@ if ((left > 60)); then  # (the sweep stops starting cases 40 s before the budget
     step 600 bench.log "$PY" benchmarks/bench_lora_linear.py --time-budget $((left - 40)) --out "$OUT"
 fi
 echo "done in $((SECONDS - start))s; files in $OUT"
+if ((${#short[@]})); then printf 'cut short: %s\n' "${short[@]}"; fi
 if ((${#failed[@]})); then
     printf 'failed: %s\n' "${failed[@]}"
     exit 1

@@ -27,6 +27,9 @@ def test_a_section_written_again_says_which_run_it_replaces(tmp_path, monkeypatc
     assert "replacing" not in capsys.readouterr().err
     common.write_results("cpu", "inference", {"b": 1}, "| other |", tmp_path)
     common.write_results("cpu", "train_step", {"a": 2}, "| second |", tmp_path)
+    assert "replacing" not in capsys.readouterr().err  # this process's own section, rewritten (after each case)
+    common._WRITTEN_HERE.clear()  # another process
+    common.write_results("cpu", "train_step", {"a": 2}, "| second |", tmp_path)
     said = capsys.readouterr().err
     assert "replacing section 'train_step' of" in said and "inference" not in said
     text = (tmp_path / "cpu.md").read_text()
