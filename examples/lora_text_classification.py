@@ -74,7 +74,8 @@ RANKED = ("lora", "adalora", "loha", "lokr")  # the adapters --r and --lora-alph
 # what a run writes into --output-dir: whatever train() writes (its resumable checkpoint, log and
 # best weights, with the side folders of their atomic swap), and the saved adapter or model (and
 # for PiSSA/OLoRA the adapter as initialised, which the trained one is converted against)
-RUN_FILES = (*OUTPUT_NAMES, "adapter", "adapter-init", "model")
+RUN_MARKER = "run.json"  # written first: the method and the folders it saves into
+RUN_FILES = (*OUTPUT_NAMES, RUN_MARKER, "adapter", "adapter-init", "model")
 # the files those folders hold (an adapter's, a transformers model's, a plain module's weights):
 # --overwrite removes a folder only when it holds nothing else, so a user's own folder that
 # happens to be named "model" is never taken for one a run wrote
@@ -183,17 +184,29 @@ def find_data(data_dir: str | None) -> Path:
 
 
 def previous_run(out_dir: Path) -> list[Path]:
-    """The files of an earlier run in out_dir (see RUN_FILES): found only beside what train()
-    leaves (its checkpoint, log or best weights), or the adapter-init/ a PiSSA/OLoRA run writes
-    before training starts, so that a user's own folder named "model" or "adapter" is not taken
-    for a run's. Empty for a new or unrelated folder."""
+    """The files of an earlier run in out_dir: those its run.json names (train()'s outputs and
+    the folders its method saves into), so that a user's own folder named "model" is never taken
+    for a run's. A folder of a run from before the marker: train()'s outputs beside any of
+    RUN_FILES. Empty for a new or unrelated folder."""
     if out_dir.exists() and not out_dir.is_dir():
         sys.exit(f"error: --output-dir {out_dir} is a file; give a folder")
-    init = out_dir / "adapter-init"
-    started = init.is_dir() and all(is_run_file(p.name) for p in init.rglob("*") if p.is_file())
-    if not started and not any((out_dir / name).exists() for name in OUTPUT_NAMES):
+    marker = out_dir / RUN_MARKER
+    if marker.is_file():
+        try:
+            names = [*OUTPUT_NAMES, RUN_MARKER, *json.loads(marker.read_text())["saves"]]
+        except (ValueError, KeyError, TypeError):
+            sys.exit(f"error: {marker} is damaged; remove it if the folder holds a run of this script")
+    elif any((out_dir / name).exists() for name in OUTPUT_NAMES):
+        names = RUN_FILES
+    else:
         return []
-    return [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    return [out_dir / name for name in RUN_FILES if name in names and (out_dir / name).exists()]
+
+
+def mark_run(out_dir: Path, method: str, saves: tuple[str, ...]) -> None:
+    """Write run.json before anything else of the run (see previous_run)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_MARKER).write_text(json.dumps({"method": method, "saves": list(saves)}) + "\n")
 
 
 def saved_folders(method: str, converts: bool) -> tuple[str, ...]:
@@ -315,7 +328,8 @@ def main(argv=None) -> dict:
         sys.exit(f"error: {out_dir} already holds a run ({', '.join(p.name for p in previous)}); "
                  "pass a new --output-dir, --overwrite to replace that run, or --resume to continue it")
     converts = args.method == "lora" and base_changing_init(args.init_lora_weights) is not None
-    check_saves_are_free(out_dir, saved_folders(args.method, converts), previous)
+    saves = saved_folders(args.method, converts)
+    check_saves_are_free(out_dir, saves, previous)
     if args.overwrite:
         check_only_run_files(previous)  # (said now, not after minutes of loading)
     if args.threads:
@@ -365,6 +379,7 @@ def main(argv=None) -> dict:
     # that fails before this point leaves it as it was
     if args.overwrite:
         remove_previous_run(out_dir)
+    mark_run(out_dir, args.method, saves)
     # PiSSA/OLoRA take the adapter's initial update out of the base weights (which now hold the
     # residuals W - s B0 A0): keep A0, B0 as initialised, to convert the trained adapter into
     # plain LoRA on the ORIGINAL weights.

@@ -88,14 +88,18 @@ def test_lora_example_takes_a_users_saved_model_for_no_run_and_never_saves_into_
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_lora_example_knows_a_pissa_run_stopped_before_its_first_log(tmp_path):
-    # adapter-init/ is written before training; train() writes nothing before its first log
+def test_lora_example_knows_its_runs_by_their_marker_and_removes_only_what_they_wrote(tmp_path):
+    # A PiSSA run stopped before train()'s first log has written its marker and adapter-init/ alone;
+    # the user's own model/ beside it is no part of that run, whatever files it holds.
     example = load_lora_example()
+    example.mark_run(tmp_path, "lora", example.saved_folders("lora", True))
     (tmp_path / "adapter-init").mkdir()
     (tmp_path / "adapter-init" / "adapter_config.json").write_text("{}")
-    assert example.previous_run(tmp_path) == [tmp_path / "adapter-init"]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_text("the user's")
+    assert example.previous_run(tmp_path) == [tmp_path / "run.json", tmp_path / "adapter-init"]
     example.remove_previous_run(tmp_path)
-    assert not (tmp_path / "adapter-init").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def load_lora_example():
