@@ -29,11 +29,14 @@ import torch
 from torch import nn
 
 from . import checkpoint, injection, status
-from .config import PeftConfig, PeftType, check_config_type
+from .config import PeftConfig, PeftType, check_config_type, is_positive_int
 from .mixed_batches import mixed_batch
-from .targeting import TASK_HEAD_NAMES, attention_out_projections, check_task_type, logical_name, wrapper_chain
+from .targeting import (
+    TASK_HEAD_NAMES, attention_out_projections, check_task_type, declared_embedding, logical_name, wrapper_chain,
+)
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
+from .tuners.prefix_tuning import PrefixEncoder
 from .tuners.trainable_tokens import TrainableTokensLayer
 
 
@@ -644,6 +647,36 @@ class PeftModel(nn.Module):
             raise TypeError(f"adapter {adapter_name!r} is {self.peft_config[adapter_name].peft_type.value}, which adds "
                             "no virtual tokens; its tensors are in get_peft_model_state_dict(model, adapter_name=...)")
         return self.prompt_encoder[adapter_name].prompt_embeddings().detach().cpu()
+
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None):
+        """The active adapter's virtual tokens for a batch (peft's method), as the forward uses them:
+        prompt tuning and P-tuning give the prompt ``(B, n, d)`` (``2n`` rows on an encoder-decoder
+        model, of which the encoder gets the first ``n``); prefix tuning gives each adapted layer's
+        ``(key, value)``, each ``(B, heads, n, head_dim)`` in the model's dtype (peft wraps these
+        in a transformers cache; minipeft, which never imports transformers, returns the tuple)."""
+        if task_ids is not None:
+            raise ValueError("task_ids are for multitask prompt tuning, which minipeft does not implement; leave it None")
+        if not is_positive_int(batch_size):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not self.active_peft_config.is_prompt_learning:
+            raise TypeError(f"adapter {self.active_adapter!r} is {self.active_peft_config.peft_type.value}, which adds "
+                            "no virtual tokens; get_prompt is for prompt tuning, P-tuning and prefix tuning")
+        encoder = self.prompt_encoder[self.active_adapter]
+        if isinstance(encoder, PrefixEncoder):
+            return encoder.virtual_tokens(batch_size, next(self.get_base_model().parameters()).dtype)
+        return encoder.virtual_tokens(batch_size)
+
+    @property
+    def word_embeddings(self) -> nn.Module:
+        """The base model's token embedding (peft's attribute of prompt-learning models): the
+        module whose output virtual tokens are put beside."""
+        encoder = self.prompt_encoder[self.active_adapter] if "prompt_encoder" in self._modules else None
+        found = getattr(encoder, "word_embeddings", None)  # prompt tuning's input_embeddings_name, if set
+        found = declared_embedding(self.get_base_model(), "input") if found is None else found
+        if found is None:
+            raise AttributeError(f"{type(self.get_base_model()).__name__} names no input embeddings "
+                                 "(get_input_embeddings())")
+        return found
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0

@@ -252,6 +252,22 @@ class PrefixEncoder(nn.Module):
         kv = kv.permute(1, 2, 0, 3)  # (2, H, n, D)
         return kv[0], kv[1]
 
+    def layers_read(self) -> list[int]:
+        """The layer of the table each adapted attention reads, in the model's order."""
+        return list(range(len(self.layer_of)))
+
+    def virtual_tokens(self, batch: int, dtype: torch.dtype | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Every adapted layer's prefix for a batch, ``((key, value), ...)``, each ``(B, heads, n,
+        head_dim)``: the legacy ``past_key_values`` layout. The MLP, if any, runs once for all layers."""
+        self._table = self.prompt_embeddings()
+        try:
+            prefixes = [self.layer_prefix(layer) for layer in self.layers_read()]
+        finally:
+            self._table = None
+        return tuple(
+            tuple(t.to(dtype or t.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for t in kv) for kv in prefixes
+        )
+
     def fold(self) -> None:
         """Replace the reparametrisation MLP by the table it produces (same outputs, no MLP)."""
         if self.transform is None:

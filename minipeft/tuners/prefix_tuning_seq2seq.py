@@ -151,15 +151,13 @@ class DecoderCachePrefix(PrefixEncoder):
                 if output.get(key) is made:
                     _remove_field(output, key)
 
+    def layers_read(self) -> list[int]:
+        return [table_layer(layer, self.layers) for layer in range(self.layers)]
+
     def _fill(self, cache, batch: int, dtype: torch.dtype) -> None:
         """Write each decoder layer's prefix (batch, heads, n, head_dim) into an empty cache."""
-        self._table = self.prompt_embeddings()  # the MLP, if any, runs once for all layers
-        try:
-            for layer in range(self.layers):
-                key, value = self.layer_prefix(table_layer(layer, self.layers))
-                cache.update(key.to(dtype).expand(batch, -1, -1, -1), value.to(dtype).expand(batch, -1, -1, -1), layer)
-        finally:
-            self._table = None
+        for layer, (key, value) in enumerate(self.virtual_tokens(batch, dtype)):
+            cache.update(key, value, layer)
 
 
 def _remove_field(output: dict, key: str) -> None:

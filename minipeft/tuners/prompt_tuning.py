@@ -209,6 +209,16 @@ class PromptEmbedding(nn.Module):
         """The prompt for a batch, ``(B, n, d)``; expand shares the storage, gradients sum over the batch."""
         return self.rows()[: self.num_virtual_tokens].to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
+    def virtual_tokens(self, batch: int) -> torch.Tensor:
+        """Every row of the table for a batch, ``(B, total, d)``, as peft's ``get_prompt`` gives it
+        (``total`` is ``2n`` on an encoder-decoder model, whose forward uses the first ``n``)."""
+        return self.rows().unsqueeze(0).expand(batch, -1, -1)
+
+    @property
+    def word_embeddings(self) -> nn.Module:
+        """The model's token embedding, which the prompt is put in front of."""
+        return self._word_embeddings[0]
+
     # -- checkpoints: peft's single tensor ``prompt_embeddings`` (n, d) ---------------------------
     def prompt_embeddings(self) -> torch.Tensor:
         return self.rows()
