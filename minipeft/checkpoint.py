@@ -90,7 +90,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns, and so peft
 
 from .atomic import fsync_dir, write_temp
-from .config import PeftConfig, PeftType, annotation_name, fits_annotation
+from .config import PeftConfig, PeftType, describe, fits_annotation
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
 from .targeting import (
     attention_out_projections, declared_embedding, is_bias, is_under, is_wrapper, join_name, logical_name,
@@ -687,7 +687,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
                 value = sorted(value)
             if not fits_annotation(value, hints.get(key, Any)):
                 raise TypeError(
-                    f"{source}: field {key!r} of {cls.__name__} must be {annotation_name(hints.get(key))}, "
+                    f"{source}: field {key!r} of {cls.__name__} must be {describe(hints.get(key, Any))}, "
                     f"got {value!r} ({type(value).__name__})"
                 )
             kwargs[key] = value

@@ -11,10 +11,12 @@ import dataclasses
 import enum
 import functools
 import json
+import math
 import os
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -70,6 +72,8 @@ class PeftConfig:
     # Fields that only steer minipeft at run time and are never written to adapter_config.json
     # (peft would not know them).
     runtime_only_fields: ClassVar[tuple[str, ...]] = ()
+    # Advice added to the error for a field of the wrong type, where one mistake is common.
+    field_advice: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         if self.task_type is not None and not isinstance(self.task_type, TaskType):
@@ -79,7 +83,8 @@ class PeftConfig:
                 known = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"task_type={self.task_type!r} is not a task type; use one of: {known}") from None
         names_as_lists(self, *(name for name in MODULE_NAME_FIELDS if hasattr(self, name)))
-        check_numbers(self)
+        check_field_types(self)
+        check_regexes(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict in peft's layout (enums as strings, sets as sorted lists)."""
@@ -192,53 +197,98 @@ def fits_annotation(value: Any, hint: Any) -> bool:
     return True  # an annotation we do not model: the config's own __post_init__ judges it
 
 
-def annotation_name(hint: Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "") if hint is not None else "?"
+def describe(hint: Any) -> str:
+    """An annotation in words, for error messages: ``list[str] | None`` is 'a list of strings or None'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin in (list, tuple, set, frozenset):
+        return "a list of " + _plural(args[0]) if args else "a list"
+    if origin is dict:
+        return "a dict of " + _plural(args[1]) if len(args) == 2 else "a dict"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    words = {bool: "True or False", int: "an integer", float: "a number", str: "a string", type(None): "None",
+             dict: "a dict", list: "a list"}
+    return words.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plural(hint: Any) -> str:
+    return {str: "strings", int: "integers", float: "numbers"}.get(hint, describe(hint) + " values")
+
+
+def _is_finite(value: Any) -> bool:
+    """No NaN or infinity in a number, or in the numbers of a dict or list (``alpha_pattern``)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_is_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_is_finite(v) for v in value)
+    return True
+
+
+def _takes_list(hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_list(a) for a in args)
+    return origin in (list, tuple, set, frozenset) or hint is list
 
 
 @functools.cache
-def _number_fields(cls: type) -> dict[str, Any]:
-    """The fields of config class ``cls`` annotated with numbers only: int or float (or None),
-    or a dict of them (``rank_pattern``): those a Python value of the wrong type can pass unseen."""
-    def numeric(hint) -> bool:
-        args = typing.get_args(hint)
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            return all(a is type(None) or numeric(a) for a in args) and any(a is not type(None) for a in args)
-        if typing.get_origin(hint) is dict:
-            return len(args) == 2 and numeric(args[1])
-        return hint in (int, float)
-
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The annotation of each field of config class ``cls`` that its constructor takes."""
     try:
         hints = typing.get_type_hints(cls)
     except (NameError, TypeError):  # a subclass's annotations that cannot be resolved: nothing to check by them
         return {}
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and numeric(hints.get(f.name))}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and f.name in hints}
 
 
-def check_numbers(config: PeftConfig) -> None:
-    """A ValueError (as for any other bad config value) for a number field holding something
-    else. A bool is the case to catch: ``lora_dropout=False`` would work, since Python counts it
-    as 0, but the saved config would not load back (``adapter_config.json`` is type-checked)."""
-    for name, hint in _number_fields(type(config)).items():
+def check_field_types(config: PeftConfig) -> None:
+    """A ValueError for a field whose value does not fit its annotation, as ``adapter_config.json``
+    is checked on load: a config that builds must also load back once saved. The cases this catches
+    would otherwise run and mislead: ``inference_mode="False"`` reads as true (the adapter freezes),
+    ``modules_to_save="qv"`` as the names 'q' and 'v', ``lora_alpha=nan`` makes every output NaN.
+    A tuple or set where a list is expected becomes a list (a set sorted, as peft's JSON holds it)."""
+    for name, hint in _field_hints(type(config)).items():
         value = getattr(config, name)
+        if isinstance(value, (tuple, set, frozenset)) and _takes_list(hint):
+            value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+            setattr(config, name, value)
         if not fits_annotation(value, hint):
-            raise ValueError(f"{type(config).__name__}.{name} must be {_number_kind(hint)}, "
-                             f"got {value!r} ({type(value).__name__})")
+            advice = f"; write [{value!r}]" if isinstance(value, str) and _takes_list(hint) else ""
+            advice += f"; {config.field_advice[name]}" if name in config.field_advice else ""
+            raise ValueError(f"{type(config).__name__}.{name} must be {describe(hint)}, "
+                             f"got {value!r} ({type(value).__name__}){advice}")
+        if not _is_finite(value):
+            raise ValueError(f"{type(config).__name__}.{name} must be finite, got {value!r}")
 
 
-def _number_kind(hint: Any) -> str:
-    """``int | None`` in words: 'an integer or None'; ``dict[str, float]``: 'a dict of numbers'."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_number_kind(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) is dict:
-        return "a dict of " + ("integers" if typing.get_args(hint)[1] is int else "numbers")
-    return {int: "an integer", float: "a number", type(None): "None"}[hint]
+def check_regexes(config: PeftConfig) -> None:
+    """A ValueError naming the field for a regex that does not compile: a module-name field given
+    as one string, ``layers_pattern``, and the keys of ``rank_pattern`` / ``alpha_pattern`` (and
+    the other ``*_pattern`` dicts). Compiled alone, so that an error's position is in the user's text."""
+    for name, pattern in _regexes(config):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{type(config).__name__}.{name}: {pattern!r} is not a regular expression ({err})") from None
+
+
+def _regexes(config: PeftConfig) -> Iterator[tuple[str, str]]:
+    """(field, regex) for every regex a config holds."""
+    for name in MODULE_NAME_FIELDS:
+        if isinstance(getattr(config, name, None), str):
+            yield name, getattr(config, name)
+    yield from (("layers_pattern", pattern) for pattern in _layer_patterns(config))
+    for f in dataclasses.fields(config):
+        if f.name.endswith("_pattern") and isinstance(getattr(config, f.name), dict):
+            yield from ((f.name, key) for key in getattr(config, f.name))
 
 
 def check_probability(config: PeftConfig, name: str, what: str = "a probability", one_allowed: bool = False) -> None:
-    """A ValueError unless field ``name`` (a number, as ``check_numbers`` has made sure) lies in
+    """A ValueError unless field ``name`` (a number, as ``check_field_types`` has made sure) lies in
     [0, 1), or in [0, 1] with ``one_allowed`` (dropping whole blocks or modules may drop all)."""
     value = getattr(config, name)
     if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
@@ -263,20 +313,17 @@ def names_as_lists(config: PeftConfig, *fields: str) -> None:
             setattr(config, field_name, sorted(getattr(config, field_name)))
 
 
-def check_flags(config: PeftConfig, *names: str) -> None:
-    """A ValueError for a switch of ``config`` that is not a bool: a string such as ``"False"``
-    would read as true, and the saved config would not load back (fields are type-checked there)."""
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, bool):
-            raise ValueError(f"{type(config).__name__}.{name} is True or False, got {value!r}")
-
-
 def check_layer_selection(config: PeftConfig) -> None:
     """peft's rules for ``layers_to_transform`` / ``layers_pattern`` (LoRA, VeRA; the bottleneck
     adapters follow them too): the pattern only
     says where layer numbers are, and a regex ``target_modules`` takes no layer list (peft's LoRA
     refuses it, and peft's VeRA ignores it, so honouring it here would adapt other layers)."""
+    split = next((p for p in _layer_patterns(config) if _splits_at_or(p)), None)
+    if split is not None:
+        raise ValueError(
+            f"layers_pattern {split!r} has a '|' outside any group: peft puts the pattern inside a longer regex, "
+            f"which it would split there. Give the alternatives as a list, e.g. {split.split('|')!r}"
+        )
     if config.layers_pattern and config.layers_to_transform is None:
         raise ValueError("layers_pattern only says where layer numbers are; give layers_to_transform as well")
     if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
@@ -284,3 +331,28 @@ def check_layer_selection(config: PeftConfig) -> None:
             "layers_to_transform needs target_modules as a list of names; with a regex (or 'all-linear'), "
             "put the layer numbers in the regex instead"
         )
+
+
+def _layer_patterns(config: PeftConfig) -> list[str]:
+    layers = getattr(config, "layers_pattern", None)
+    return [layers] if isinstance(layers, str) else list(layers or [])
+
+
+def _splits_at_or(pattern: str) -> bool:
+    """Whether a regex has a ``|`` outside every group and character class (``a|b``, not ``(a|b)``)."""
+    depth, in_class, escaped = 0, False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char in "()":
+            depth += 1 if char == "(" else -1
+        elif char == "|" and depth == 0:
+            return True
+    return False
+

@@ -193,9 +193,11 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
     if layers_pattern:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            # peft's regex, so that a saved config adapts the same modules in both libraries (a
+            # top-level "a|b", which would split this regex, is refused: check_layer_selection).
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<layer>\d+)\.", name)
             if match:
-                return int(match.group(1))
+                return int(match.group("layer"))
         return None
     # Without a pattern, peft's rule: the first number after two named segments (a number right
     # after the first segment, "blocks.0.fc1", is none: peft would not adapt it, so its layers

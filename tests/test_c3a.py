@@ -158,7 +158,7 @@ def test_float64_models_stay_in_float64_and_an_empty_batch_passes_through():
 def test_bad_configs_and_targets_say_what_would_be_right():
     with pytest.raises(ValueError, match="init_weights is one of"):
         C3AConfig(init_weights="orthogonal")
-    with pytest.raises(ValueError, match="init_weights is one of"):
+    with pytest.raises(ValueError, match=r"init_weights must be True or False or a string, got 0.0 .*; use one of"):
         C3AConfig(init_weights=0.0)  # (== False to Python, but no init)
     with pytest.raises(ValueError, match="positive integers; got 0 for 'x'"):
         C3AConfig(block_size_pattern={"x": 0})

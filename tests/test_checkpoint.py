@@ -297,7 +297,7 @@ def test_unknown_peft_type(tmp_path):
 def test_field_of_the_wrong_type(tmp_path):
     saved(tmp_path)
     _edit_config(tmp_path, r="8")
-    with pytest.raises(TypeError, match=r"field 'r' of LoraConfig must be int, got '8' \(str\)"):
+    with pytest.raises(TypeError, match=r"field 'r' of LoraConfig must be an integer, got '8' \(str\)"):
         PeftModel.from_pretrained(base(), tmp_path)
 
 

@@ -116,7 +116,7 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         HRAConfig(r=0)
     with pytest.raises(ValueError, match="'none', 'all' or 'hra_only'"):
         HRAConfig(bias="oft_only")
-    with pytest.raises(ValueError, match="HRAConfig.apply_GS is True or False"):
+    with pytest.raises(ValueError, match="HRAConfig.apply_GS must be True or False"):
         HRAConfig(apply_GS="yes")
     with pytest.raises(ValueError, match="HRA supports nn.Linear"):
         get_peft_model(nn.Sequential(nn.Embedding(4, 4)), HRAConfig(target_modules=["0"]))

@@ -348,7 +348,7 @@ def test_nested_disable_adapter_blocks():
 @pytest.mark.parametrize("field", ["use_rslora", "use_dora", "fan_in_fan_out"])
 def test_a_switch_given_as_a_string_is_refused(field):
     # "False" would read as true, and the saved config would not load back.
-    with pytest.raises(ValueError, match=rf"LoraConfig.{field} is True or False, got 'False'"):
+    with pytest.raises(ValueError, match=rf"LoraConfig.{field} must be True or False, got 'False'"):
         LoraConfig(target_modules=["q"], **{field: "False"})
 
 

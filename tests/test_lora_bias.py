@@ -289,7 +289,7 @@ def test_config_refuses_what_peft_refuses(options, message):
 
 @pytest.mark.parametrize("value", ["lora_only", "all", 1, None])
 def test_config_refuses_a_lora_bias_that_is_not_a_bool(value):
-    with pytest.raises(TypeError, match=r"lora_bias is True or False .* use bias='all' or bias='lora_only'"):
+    with pytest.raises(ValueError, match=r"lora_bias must be True or False, .* use bias='all' or bias='lora_only'"):
         minipeft.LoraConfig(target_modules=["fc1"], lora_bias=value)
 
 

@@ -54,6 +54,9 @@ def shapes(model) -> dict[str, tuple[int, ...]]:
         dict(target_modules=["proj", "out_proj"], layers_to_transform=[1], layers_pattern=["sublayers"]),
         # a module named in full is adapted outside the chosen layers too
         dict(target_modules=["layers.0.proj", "out_proj"], layers_to_transform=[1], layers_pattern="layers"),
+        # a regex, whose group does not take the layer number's place
+        dict(target_modules=["proj"], layers_to_transform=[0], layers_pattern="(sub)?layers"),
+        dict(target_modules=["proj"], layers_to_transform=[1], layers_pattern="(layers|sublayers)"),
     ],
 )
 def test_same_modules_and_ranks_as_peft(config):
@@ -65,7 +68,15 @@ def test_same_modules_and_ranks_as_peft(config):
     assert {n: m.scaling for n, m in ours.named_modules() if hasattr(m, "lora_A")} == scalings
 
 
-def test_a_layer_number_right_after_the_first_segment_is_none_without_a_pattern_in_either():
+def test_a_layers_pattern_split_by_a_bare_or_is_refused():
+    # peft puts the pattern inside a longer regex without a group, so "layers|sublayers" splits
+    # it: its first half finds no layer number, and only sublayers are adapted. Said, not copied.
+    with pytest.raises(ValueError, match=r"layers_pattern 'layers\|sublayers' has a '\|' outside any group: .* "
+                                         r"as a list, e.g. \['layers', 'sublayers'\]"):
+        minipeft.LoraConfig(target_modules=["proj"], layers_to_transform=[1], layers_pattern="layers|sublayers")
+    for grouped in ["(layers|sublayers)", "la[|]yers", r"la\|yers"]:  # a group, a class, an escaped bar
+        minipeft.LoraConfig(target_modules=["proj"], layers_to_transform=[1], layers_pattern=grouped)
+
     # peft's rule without layers_pattern: the number after two named segments, so the top-level
     # layers.0.proj has none: both libraries refuse (it matches nothing), and both take the pattern.
     config = dict(r=4, target_modules=["proj"], layers_to_transform=[0])

@@ -282,7 +282,7 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         OFTConfig(r=0, oft_block_size=0)
     with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'oft_only'"):
         OFTConfig(bias="lora_only")
-    with pytest.raises(ValueError, match="OFTConfig.use_cayley_neumann is True or False, got 'False'"):
+    with pytest.raises(ValueError, match="OFTConfig.use_cayley_neumann must be True or False, got 'False'"):
         OFTConfig(use_cayley_neumann="False")
     with pytest.raises(ValueError, match="with 1 the series is I"):
         OFTConfig(num_cayley_neumann_terms=1)

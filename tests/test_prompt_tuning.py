@@ -187,6 +187,12 @@ def text_model(n, **kwargs):
     return minipeft.get_peft_model(tiny("llama"), config)
 
 
+def test_text_init_with_token_ids_outside_the_model_is_refused():
+    with pytest.raises(ValueError, match=r"the token id 999, outside the model's 64 input embeddings: tokenizer and "
+                                         r"model differ"):
+        text_model(3, tokenizer=lambda text: [1, 999])
+
+
 def test_text_init_from_tokenizer_object_path_or_callable(tmp_path):
     tok = word_tokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -71,13 +72,15 @@ class C3AConfig(PeftConfig):
     block_size_pattern: dict = field(default_factory=dict)
     init_weights: bool | str = "xavier_uniform"
 
+    field_advice: ClassVar[dict[str, str]] = {"init_weights": f"use one of {list(INITS)}"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.C3A
         for name, value in [("block_size", self.block_size), *self.block_size_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"C3A's block sizes are positive integers; got {value!r} for {name!r}")
-        if not isinstance(self.init_weights, (bool, str)) or self.init_weights not in INITS:
+        if self.init_weights not in INITS:
             raise ValueError(f"C3A's init_weights is one of {list(INITS)}; got {self.init_weights!r}")
         if self.bias not in ("none", "all", "c3a_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'c3a_only', got {self.bias!r}")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
-    PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int, pattern_value,
+    PeftConfig, PeftType, check_layer_selection, is_positive_int, pattern_value,
 )
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
 from .base import AdapterLayer, AddedUpdate
@@ -78,7 +78,6 @@ class FourierFTConfig(PeftConfig):
         if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
             raise ValueError(f"random_loc_seed is an integer (the locations are drawn from it), "
                              f"got {self.random_loc_seed!r}")
-        check_flags(self, "fan_in_fan_out", "init_weights")
         check_layer_selection(self)
 
 

@@ -15,8 +15,8 @@ normalised into ``V`` (d, r), a product of reflections has the compact "WY" form
 
     (I - V T V^T)(I - 2 v v^T) = I - [V v] [[T, -2 T V^T v], [0, 2]] [V v]^T
 
-so ``x M^T = x - ((x V) T^T) V^T``: two thin products, and only ``x V`` (tokens, r) is kept for
-the backward besides ``x``.
+so ``x M^T = x - ((x V) T^T) V^T``: two thin products, and the backward keeps only thin
+(tokens, r) tensors (``x V`` and its product with ``T^T``) besides ``x``.
 
 Initialisation (peft's): the columns of ``hra_u`` (d, r) come in equal pairs, ``u_1 = u_2``,
 ``u_3 = u_4``, ..., each pair drawn Kaiming-uniform; a reflection twice is the identity, so the
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, is_positive_int
+from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
 
@@ -79,7 +79,6 @@ class HRAConfig(PeftConfig):
             raise ValueError(f"HRA's r (the number of reflections) is a positive integer, got {self.r!r}")
         if self.bias not in ("none", "all", "hra_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'hra_only', got {self.bias!r}")
-        check_flags(self, "apply_GS", "init_weights")
         check_layer_selection(self)
 
 

@@ -49,7 +49,7 @@ class LoKrConfig(LycorisConfig):
     decompose_both: W1 low-rank too (as W1a W1b) when r is under half its larger side.
     decompose_factor: the size to split dimensions at (a and c), or -1 for near-square factors
         (see ``factorization``: as peft reads it).
-    rank_dropout_scale: rescale the rows kept by rank dropout by the kept fraction.
+    rank_dropout_scale: divide the rows kept by rank dropout by the kept fraction.
     init_weights: True (W1 zero), "lycoris" (W2 zero) or False (every factor drawn).
     """
 
@@ -63,7 +63,7 @@ class LoKrConfig(LycorisConfig):
         self.peft_type = PeftType.LOKR
         if self.init_weights not in (True, False, "lycoris"):
             raise ValueError(f"init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
-        if self.decompose_factor != -1 and self.decompose_factor < 1:  # (an int: check_numbers)
+        if self.decompose_factor != -1 and self.decompose_factor < 1:  # (an int: check_field_types)
             raise ValueError(f"decompose_factor is a size to split dimensions at (-1: near the square root), "
                              f"got {self.decompose_factor!r}")
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int, pattern_value
+from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int, pattern_value
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, embed_scale, plus, wide
@@ -96,6 +96,12 @@ class LoraConfig(PeftConfig):
     use_fused_kernels: bool = True
 
     runtime_only_fields: ClassVar[tuple[str, ...]] = ("use_fused_kernels",)
+    # lora_bias is easily confused with ``bias``, whose strings would all read as true.
+    field_advice: ClassVar[dict[str, str]] = {
+        "lora_bias": "it is a trainable bias on LoRA's B; to train the base model's biases use bias='all' or bias='lora_only'",
+        "target_parameters": "a regex is not supported here, as in peft",
+        "init_lora_weights": f"use one of {lora_init.INIT_CHOICES}",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,13 +116,6 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \
                 lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
-        # lora_bias is easily confused with ``bias`` ("none" / "all" / "lora_only"), whose strings
-        # would all read as true here.
-        if not isinstance(self.lora_bias, bool):
-            raise TypeError(
-                f"lora_bias is True or False (a trainable bias on LoRA's B), got {self.lora_bias!r}; "
-                "to train the base model's biases use bias='all' or bias='lora_only'"
-            )
         # The same checks as peft, so that every config minipeft saves is one peft loads.
         if self.lora_bias and self.use_dora:
             raise ValueError(
@@ -130,7 +129,6 @@ class LoraConfig(PeftConfig):
                 f"got {self.init_lora_weights!r}; peft refuses every other init with it, so a config holding both "
                 "would not load there. Use init_lora_weights=True, or lora_bias=False"
             )
-        check_flags(self, "use_rslora", "use_dora", "fan_in_fan_out")
         check_layer_selection(self)
         if self.target_parameters is not None:
             from .lora_parameter import check_config  # late: lora_parameter builds on this file

@@ -171,19 +171,9 @@ def check_config(config: LoraConfig) -> None:
     (run by ``LoraConfig.__post_init__``). With parameters to adapt and ``target_modules=None``,
     no module is adapted as a whole: ``target_modules`` becomes ``[]``, which is also what peft
     must read (left at None, peft would add its default modules for architectures it knows)."""
-    value = config.target_parameters
-    if isinstance(value, str):
-        raise TypeError(
-            f"target_parameters is a list of parameter names, got the string {value!r}; write "
-            f"target_parameters=[{value!r}] (a regex is not supported here, as in peft)"
-        )
-    if isinstance(value, (set, frozenset, tuple)):
-        value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise TypeError(
-            f"target_parameters is a list of parameter names such as ['mlp.experts.gate_up_proj'], got {value!r}"
-        )
-    config.target_parameters = value
+    value = config.target_parameters  # a list of strings (PeftConfig's type check)
+    if not all(value):
+        raise ValueError(f"target_parameters names parameters such as 'mlp.experts.gate_up_proj', got {value!r}")
     if not value:
         return
     if config.target_modules is None:

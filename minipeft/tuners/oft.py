@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, check_layer_selection, check_probability, is_positive_int
+from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
@@ -126,7 +126,6 @@ class OFTConfig(PeftConfig):
         check_probability(self, "module_dropout", "a fraction of blocks")
         if self.bias not in ("none", "all", "oft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
-        check_flags(self, "use_cayley_neumann", "coft", "block_share", "fan_in_fan_out", "init_weights")
         if not is_positive_int(self.num_cayley_neumann_terms) or self.num_cayley_neumann_terms < 2:
             raise ValueError(f"num_cayley_neumann_terms is an integer >= 2 (with 1 the series is I and R never "
                              f"moves), got {self.num_cayley_neumann_terms!r}")

@@ -196,6 +196,12 @@ class PromptEmbedding(nn.Module):
         total, device = self.embedding.weight.shape[0], word_embeddings.weight.device
         if init == PromptTuningInit.TEXT:
             ids = torch.tensor(_init_token_ids(config, total), device=device)
+            vocab = word_embeddings.weight.shape[0]
+            if ((ids < 0) | (ids >= vocab)).any():
+                raise ValueError(
+                    f"the tokenizer gives prompt_tuning_init_text the token id {ids[(ids < 0) | (ids >= vocab)][0].item()}, "
+                    f"outside the model's {vocab} input embeddings: tokenizer and model differ (tokenizer_name_or_path)"
+                )
         else:
             ids = torch.randint(0, word_embeddings.weight.shape[0], (total,), device=device)
         with torch.no_grad():

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_flags, is_positive_int
+from ..config import PeftConfig, PeftType, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features
 from .base import AdapterLayer, wide
 
@@ -70,7 +70,6 @@ class RoadConfig(PeftConfig):
             raise ValueError(f"RoAd's variant is one of {list(PARAMETERS_PER_FEATURE)}, got {self.variant!r}")
         if not is_positive_int(self.group_size) or self.group_size % 2:
             raise ValueError(f"RoAd's group_size is a positive even integer (its halves pair up), got {self.group_size!r}")
-        check_flags(self, "init_weights")
 
 
 def columns(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor):

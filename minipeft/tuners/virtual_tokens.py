@@ -55,8 +55,9 @@ class PromptLearningConfig(PeftConfig):
             raise ValueError(
                 f"{type(self).__name__}.num_virtual_tokens must be a positive integer (e.g. 20), got {n!r}"
             )
-        if self.token_dim is not None and not is_positive_int(self.token_dim):
-            raise ValueError(f"token_dim must be a positive integer or None (inferred), got {self.token_dim!r}")
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            if getattr(self, name) is not None and not is_positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer or None (inferred), got {getattr(self, name)!r}")
 
 
 def model_config_value(model: nn.Module, *names: str) -> int | None:
