@@ -1,8 +1,9 @@
 """Fused LoRA linear: the frozen product and the low-rank term written into y once, forward and backward.
 
 By default cuBLAS computes the frozen product (x W^T, dy W) and adds it in place onto the
-low-rank part our kernels write first; our own GEMM, whose accumulator starts as the low-rank
-term, is the other route (`FUSE_BASE_GEMM`, below). Both compute:
+low-rank part written first (in the forward a cuBLAS addmm, after our shrink kernel where there
+is dropout to draw; in the backward our kernel); our own GEMM, whose accumulator starts as the
+low-rank term, is the other route (`FUSE_BASE_GEMM`, below). Both compute:
 
 Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its rate: dropout_p
 rounded down to a multiple of 2**-16, `dropout_rate`):
@@ -859,8 +860,9 @@ DX_GEMM_FIRST = False
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * dropout(x) A^T B^T with W and b frozen. Saves x, xa and the seed (and
-    references to W, A and B, which exist anyway): never the dropped copy of x."""
+    """y = x W^T + b + s * dropout(x) A^T B^T with W and b frozen. Saves xa and the seed, x where
+    A trains (dA reads it), and references to W, A and B, which exist anyway: never the dropped
+    copy of x."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, route):

@@ -126,6 +126,20 @@ def test_merge_unmerge_and_merge_and_unload(kind):
     torch.testing.assert_close(first_output(merged(x)), adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_a_float64_model_merges_and_unmerges_in_float64():
+    model = get_peft_model(TwoLinear(), IA3Config(target_modules=["attn", "ff"], feedforward_modules=["ff"])).double()
+    randomize_ia3(model, seed=3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    adapted = model(x)
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), adapted, atol=1e-13, rtol=1e-13)  # fp32 on the way: about 1e-7
+    model.unmerge_adapter()
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-14, rtol=1e-14)
+
+
 def test_unmerge_refuses_a_vector_with_zeros():
     layer = get_peft_model(TwoLinear(), IA3Config(target_modules=["attn"], feedforward_modules=[])).base_model.model.attn
     with torch.no_grad():

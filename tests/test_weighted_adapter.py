@@ -170,6 +170,15 @@ def test_cat_and_full_rank_svd_give_exactly_the_weighted_sum_of_updates(combinat
                                    atol=1e-5, rtol=0, msg=name)
 
 
+def test_cat_of_float64_adapters_is_exact_in_float64():
+    # The factors are combined in at least fp32, so fp64 ones are not rounded to fp32 on the way.
+    model = two_adapters().double()
+    model.add_weighted_adapter(["default", "b"], WEIGHTS, "mix", combination_type="cat")
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(layer.delta_weight("mix"), weighted_sum(layer, ["default", "b"], WEIGHTS),
+                                   atol=1e-12, rtol=1e-12, msg=name)
+
+
 def test_low_rank_svd_is_the_best_approximation():
     model = two_adapters()
     model.add_weighted_adapter(["default", "b"], WEIGHTS, "mix", combination_type="svd", svd_rank=2)

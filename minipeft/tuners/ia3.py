@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, name_matches, out_in_features
-from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement
+from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement, wide
 
 
 @dataclass
@@ -173,10 +173,10 @@ class IA3Linear(AdapterLayer):
         """Vector ``adapter_name`` folded in: ``diag(l) W`` and ``l * b`` (output side), or
         ``W diag(l)`` with ``b`` unchanged (input side)."""
         weight, l = tensors["weight"], self.ia3_l[adapter_name].detach()
-        merged = {"weight": (weight.float() * self._weight_scale(adapter_name).float()).to(weight.dtype)}
+        merged = {"weight": (wide(weight) * wide(self._weight_scale(adapter_name))).to(weight.dtype)}
         if not self.is_feedforward[adapter_name] and "bias" in tensors:
             bias = tensors["bias"]
-            merged["bias"] = (bias.float() * l.flatten().float()).to(bias.dtype)
+            merged["bias"] = (wide(bias) * wide(l.flatten())).to(bias.dtype)
         return merged, None
 
     @torch.no_grad()
@@ -188,10 +188,10 @@ class IA3Linear(AdapterLayer):
                 f"cannot unmerge (IA)^3 adapter {adapter_name!r}: its vector has zero entries, so the rows or "
                 "columns they scaled are lost from the merged weight; reload the base weights instead"
             )
-        unmerged = {"weight": (weight.float() / self._weight_scale(adapter_name).float()).to(weight.dtype)}
+        unmerged = {"weight": (wide(weight) / wide(self._weight_scale(adapter_name))).to(weight.dtype)}
         if not self.is_feedforward[adapter_name] and "bias" in tensors:
             bias = tensors["bias"]
-            unmerged["bias"] = (bias.float() / l.flatten().float()).to(bias.dtype)
+            unmerged["bias"] = (wide(bias) / wide(l.flatten())).to(bias.dtype)
         return unmerged
 
 

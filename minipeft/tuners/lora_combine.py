@@ -37,7 +37,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..targeting import find_targets, logical_name
 from . import task_arithmetic
-from .base import ModulesToSaveWrapper
+from .base import ModulesToSaveWrapper, wide
 from .lora import LoraConfig, LoraEmbedding, LoraLayer
 
 COMBINATION_TYPES = (
@@ -95,7 +95,8 @@ def add_weighted_adapter(
     try:
         # peft's order: the new adapter (with its random init) goes into every layer first, then
         # each layer's factors are computed and set, so that under one torch.manual_seed the
-        # dare types draw the masks peft draws.
+        # dare types draw the masks peft draws (where the first source's init_lora_weights is
+        # True or "gaussian": peft copies False too, whose init also draws B, shifting its draws).
         for n, layer in layers.items():
             if adapter_name in layer.r:
                 continue  # added by the layer that holds this one (an attention's, to its out_proj)
@@ -281,7 +282,7 @@ def combine(
         svd:     sum_i c_i B_i A_i = U S V^T,  B = U_k S_k,  A = V_k^T    the best rank-k approximation
                  (Eckart-Young); ``svd_clamp`` clips both to that quantile of their entries
         linear:  A = sum_i sign(c_i) sqrt|c_i| A_i,  B = sum_i sqrt|c_i| B_i
-                 cheap but rough: B A also holds cross terms sqrt|c_i c_j| B_i A_j (i != j)
+                 cheap but rough: B A also holds cross terms sign(c_j) sqrt|c_i c_j| B_i A_j (i != j)
         <merge>:      A = merge(A_i; sign(c_i) sqrt|c_i|),  B = merge(B_i; sqrt|c_i|)
         <merge>_svd:  merge(s_i B_i A_i; w_i) = U S V^T, then as svd
 
@@ -290,7 +291,7 @@ def combine(
     (B A)^T, where peft merges it. The result is zero-padded up to ``rank`` (extra rows of A and
     columns of B), which leaves B A unchanged; the new adapter's scaling is 1.
     """
-    terms = [(A.float(), B.float(), w, s) for A, B, w, s in terms]
+    terms = [(wide(A), wide(B), w, s) for A, B, w, s in terms]
     if combination_type == "cat":
         A = torch.cat([w * s * A for A, _, w, s in terms], dim=0)  # (sum r_i, n)
         B = torch.cat([B for _, B, _, _ in terms], dim=1)  # (m, sum r_i)

@@ -27,8 +27,8 @@ columns, R: upper triangular); the first r columns of Q and rows of R become the
 
 (not divided by s as PiSSA is: the part taken out of W is ``s Q_r R_r``, as in peft).
 
-Numbers, as in peft: the decomposition runs in float32 (a float64 weight stays float64), and
-W_res is cast back to the weight's dtype. The factors are kept in float32 beside a
+Numbers: the decomposition runs in float32, as in peft (a float64 weight, which peft refuses,
+stays float64 here), and W_res is cast back to the weight's dtype, as in peft. The factors are kept in float32 beside a
 half-precision base like every LoRA adapter here (``adapter_placement``); peft rounds them to the
 base's dtype first, so on a bf16/fp16 base minipeft's A0, B0 are peft's plus that rounding.
 Only linear layers are decomposed: ``nn.Linear`` and GPT-2's ``Conv1D`` (PiSSA decomposes its

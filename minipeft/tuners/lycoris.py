@@ -7,7 +7,7 @@ Each method's file says how it builds ``Delta W`` (``delta_weight``) and which f
 trains; the forward, the dropouts and merging are here:
 
 * ``rank_dropout`` (training only): each output row of ``Delta W`` is dropped with that
-  probability, and the kept rows are rescaled by the kept fraction (always for LoHa, with
+  probability, and the kept rows are divided by the kept fraction (always for LoHa, with
   ``rank_dropout_scale`` for LoKr, as in peft);
 * ``module_dropout`` (training only): each layer skips its adapter in a forward call with that
   probability (a coin per layer and call);
@@ -107,7 +107,7 @@ class LycorisLayer(AddedUpdate, AdapterLayer):
         raise TypeError(f"{type(self).__name__} must define delta_weight")
 
     def scales_kept_rows(self, adapter_name: str) -> bool:
-        """Whether rank dropout rescales the kept rows by the kept fraction."""
+        """Whether rank dropout divides the kept rows by the kept fraction."""
         return True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
