@@ -102,7 +102,13 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
     leaves no `<path>`, but `<path>.old` (the previous copy, which a reader should then use)
     beside the complete new `<path>.tmp`; the next call removes that `<path>.tmp` (as it does a
     half-written one) and brings `<path>` back.
+
+    A `<path>` holding anything the new copy would not (a user's notes, another run's files) is
+    left alone and refused: replacing it would delete those silently.
     """
+    path = os.path.abspath(path)  # "." has no sibling to rename to; its absolute name has
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file, not a folder to save into; choose another path")
     tmp, old = replace_dir_side_names(path)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -113,6 +119,12 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
                 with open(os.path.join(folder, name), "rb") as f:
                     os.fsync(f.fileno())
             fsync_dir(folder)
+        foreign = sorted(_files_under(path) - _files_under(tmp)) if os.path.isdir(path) else []
+        if foreign:
+            raise FileExistsError(
+                f"{path} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this save would not "
+                "write, and replacing the folder would delete them; save into a new or empty folder"
+            )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,3 +135,11 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _files_under(folder: str) -> set[str]:
+    """Every file and folder under `folder`, as paths relative to it."""
+    found = set()
+    for parent, folders, files in os.walk(folder):
+        found.update(os.path.relpath(os.path.join(parent, name), folder) for name in folders + files)
+    return found

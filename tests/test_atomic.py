@@ -91,6 +91,31 @@ def test_a_failed_folder_write_leaves_the_old_folder_and_no_side_folder(tmp_path
     assert replace_dir_side_names(target) == (str(tmp_path / "best.tmp"), str(tmp_path / "best.old"))
 
 
+def test_a_folder_holding_files_the_save_would_not_write_is_refused_and_kept(tmp_path):
+    target = tmp_path / "best"
+    (target / "runs").mkdir(parents=True)
+    (target / "notes.txt").write_text("precious")
+    (target / "runs" / "r1.log").write_text("x")
+    with pytest.raises(FileExistsError, match=r"holds \['notes.txt', 'runs', 'runs/r1.log'\], which this save"):
+        atomic_replace_dir(target, lambda folder: (Path(folder) / "w.bin").write_bytes(b"new"))
+    assert sorted(os.listdir(tmp_path)) == ["best"]  # no side folder left
+    assert (target / "notes.txt").read_text() == "precious" and (target / "runs" / "r1.log").exists()
+
+
+def test_a_file_is_no_folder_to_replace(tmp_path):
+    (tmp_path / "best").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        atomic_replace_dir(tmp_path / "best", lambda folder: None)
+    assert (tmp_path / "best").read_text() == "mine" and os.listdir(tmp_path) == ["best"]
+
+
+def test_the_current_folder_is_replaced_by_its_absolute_name(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    atomic_replace_dir(".", lambda folder: (Path(folder) / "w.bin").write_bytes(b"new"))
+    assert os.listdir(tmp_path) == ["out"] and (tmp_path / "out" / "w.bin").read_bytes() == b"new"
+
+
 def test_training_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     import minipeft.train as train_module
     from tests.test_train import TinyClassifier, loaders
