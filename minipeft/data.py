@@ -198,6 +198,13 @@ def read_classification(
     text_column defaults to "sentence", then "text". Labels must be integers in
     [0, num_labels) (num_labels checked when given), or strings listed in label_names.
     """
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise ValueError(f"num_labels must be an integer >= 1, or None not to check, got {num_labels!r}")
+    if label_names is not None:
+        if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names) or not label_names:
+            raise ValueError(f"label_names must be a list of class names, e.g. ['negative', 'positive'], "
+                             f"got {label_names!r}")
+        label_names = list(label_names)
     rows, columns = read_rows(path)
     text_col = _pick_column(path, columns, text_column, TEXT_COLUMNS, "text")
     label_col = _pick_column(path, columns, label_column, (), "label")
@@ -275,7 +282,10 @@ def load_tokenizer(tokenizer: str | os.PathLike | Tokenizer) -> Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"{path}: no tokenizer.json there; pass its path or a tokenizers.Tokenizer")
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise DataError(f"{path}: not a tokenizer.json that the tokenizers library can read ({err})") from None
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -325,7 +335,13 @@ def encode_prompt_completion(
     position before it to be predicted from (position t predicts token t + 1). When that
     leaves no row at all, it is an error.
     """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise DataError(f"max_length must be an integer >= 2 (a prompt token and one to predict), got {max_length!r}")
     tok = load_tokenizer(tokenizer)
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                     or not 0 <= eos_token_id < tok.get_vocab_size()):
+        raise DataError(f"eos_token_id={eos_token_id!r} is not a token id of this tokenizer (0 to "
+                        f"{tok.get_vocab_size() - 1}); e.g. tokenizer.token_to_id('</s>')")
     prompts = tok.encode_batch([r["prompt"] for r in records])
     completions = tok.encode_batch([r["completion"] for r in records], add_special_tokens=False)
     out = []
@@ -366,6 +382,8 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
     ("label" in the examples) or [B, T] padded with -100 for causal LMs ("labels"); no labels
     for examples that have none (text to predict).
     """
+    if len(examples) == 0:
+        raise DataError("collate got no examples; a batch holds at least one")
     raw = next((e for e in examples if "input_ids" not in e), None)
     if raw is not None:
         raise DataError(f"an example needs its token ids under 'input_ids'; this one has {sorted(raw)}: tokenise "
@@ -379,12 +397,18 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
         raise DataError(f"example {labelled.index(False)} has no label while others have: a batch is labelled "
                         "throughout (training, evaluation) or not at all (prediction)")
     token_labels = "labels" in examples[0]
+    other = next((i for i, e in enumerate(examples) if labelled[i] and ("labels" in e) != token_labels), None)
+    if other is not None:
+        raise DataError(f"example 0 has {'labels' if token_labels else 'label'} and example {other} has "
+                        f"{'label' if token_labels else 'labels'}: a batch holds one label per example ('label') "
+                        "or labels per token ('labels'), not both")
     labels = None
     if all(labelled):
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if token_labels else torch.empty(B, dtype=torch.long)
     for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        ids = _token_ids(e["input_ids"], i)
+        n = len(ids)
+        input_ids[i, :n] = ids
         attention_mask[i, :n] = 1
         if labels is not None and token_labels:
             per_token = _class_indices(e["labels"], i)
@@ -396,6 +420,20 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
             labels[i] = _class_index(e["label"], i)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     return batch if labels is None else {**batch, "labels": labels}
+
+
+def _token_ids(ids, i: int) -> torch.Tensor:
+    """Example ``i``'s token ids as a long tensor: integers >= 0 (a float would be truncated silently)."""
+    try:
+        values = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if (values is None or values.dim() != 1 or values.dtype == torch.bool or values.is_floating_point()
+            or values.is_complex()):
+        raise DataError(f"example {i}'s input_ids {ids!r} are not a list of token ids (integers)")
+    if (values < 0).any():
+        raise DataError(f"example {i}'s input_ids hold {values[values < 0][0].item()}; token ids are >= 0")
+    return values.long()
 
 
 def _class_indices(labels, i: int) -> torch.Tensor:
@@ -457,6 +495,13 @@ class BatchLoader:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        for name in ("shuffle", "group_by_length", "drop_last"):
+            if not isinstance(getattr(self, name), bool):  # "no" would read as true
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        for name in ("pad_id", "seed", "epoch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
         if len(self.examples) == 0:
             raise ValueError("BatchLoader got no examples: check the data file and the split that produced them")
 

@@ -747,6 +747,7 @@ class PeftModel(nn.Module):
         ``subfolder``: the checkpoint is in ``model_id/subfolder``. ``torch_device``,
         ``autocast_adapter_dtype``, ``low_cpu_mem_usage`` and ``revision`` as in ``from_pretrained``.
         """
+        _check_flags(is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
         _check_load_options(torch_device, autocast_adapter_dtype, self.get_base_model())
         checkpoint.load_adapter(self, _checkpoint_folder(model_id, subfolder), adapter_name, is_trainable)
 
@@ -779,6 +780,7 @@ class PeftModel(nn.Module):
         revision: the Hub revision peft downloads; a local folder has none, so it is ignored, as
             peft ignores it for one.
         """
+        _check_flags(is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
         _check_load_options(torch_device, autocast_adapter_dtype, model)
         if config is not None:
             check_config_type(config)
@@ -886,8 +888,16 @@ def _check_save_options(
         )
 
 
+def _check_flags(**flags) -> None:
+    """A ValueError for an option that is not True or False (the string "False" would read as true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_load_options(torch_device, autocast_adapter_dtype: bool, model: nn.Module) -> None:
     """The loading options minipeft accepts from peft's signatures, checked for what they can mean here."""
+    _check_flags(autocast_adapter_dtype=autocast_adapter_dtype)
     if torch_device is not None:
         try:
             torch.device(torch_device)

@@ -166,6 +166,9 @@ class TrainConfig:
         _check_int("grad_accum_steps", self.grad_accum_steps, 1, "(1: no accumulation)")
         if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a number > 0, or None for no clipping, not {self.max_grad_norm!r}")
+        for name in ("save_best", "restore_best", "resume", "find_unused_parameters"):
+            if not isinstance(getattr(self, name), bool):  # "False" would read as true
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be True, False or None (automatic), not {self.bf16!r}")
         if self.device is not None:
@@ -183,12 +186,13 @@ class TrainConfig:
             _check_int("patience", self.patience, 1, "or None for no early stopping")
         _check_int("checkpoint_every", self.checkpoint_every, 0, "(0: only after evaluations and at the end)")
         _check_int("log_every", self.log_every, 1)
-        _check_int("seed", self.seed, None)
+        _check_int("seed", self.seed, 0, maximum=2**63 - 1)  # (plus the rank: still within torch.manual_seed's range)
 
 
-def _check_int(name: str, value, minimum: int | None, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        want = "an integer" if minimum is None else f"an integer >= {minimum}"
+def _check_int(name: str, value, minimum: int, hint: str = "", maximum: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        want = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {want}{' ' + hint if hint else ''}, not {value!r}")
 
 
@@ -568,6 +572,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
     whether or not this eval set holds each one. Under DDP
     each rank evaluates its share of batches and the sums are all-reduced.
     """
+    _check_choice("task", task, TASKS)
     model = _unwrap(model)
     device = device or next(model.parameters()).device
     distributed = shard and dist.is_initialized()
@@ -697,6 +702,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     eval_batches: same kind of collection, or None for no evaluation.
     Returns a TrainResult; with restore_best, the model ends holding its best weights.
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}; e.g. TrainConfig(**your_dict)")
     if config is None:
         raise ValueError("pass a TrainConfig (at least output_dir)")
     _check_batches(train_batches, eval_batches, config)

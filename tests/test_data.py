@@ -315,6 +315,9 @@ def test_drop_last_with_group_by_length_drops_random_examples():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=0), r"batch_size must be an integer >= 1, not 0"),
     (dict(bucket_size=0), r"bucket_size must be an integer >= 1, not 0"),
+    (dict(shuffle="no"), r"shuffle must be True or False, not 'no'"),  # "no" would shuffle
+    (dict(drop_last=1), r"drop_last must be True or False, not 1"),
+    (dict(seed=None), r"seed must be an integer >= 0, not None"),  # (else a TypeError at the first batch)
 ])
 def test_loader_refuses_bad_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -358,3 +361,40 @@ def test_a_max_length_with_no_room_for_text_is_refused():
 def test_records_batched_before_tokenising_get_a_clear_error():
     with pytest.raises(DataError, match=r"needs its token ids under 'input_ids'; this one has \['label', 'text'\]"):
         next(iter(BatchLoader([{"text": "good", "label": 1}], batch_size=1)))
+
+
+def test_collate_refuses_what_it_would_misread():
+    with pytest.raises(DataError, match="collate got no examples"):
+        collate([])
+    with pytest.raises(DataError, match=r"example 0's input_ids \[1.7, 2.9\] are not a list of token ids"):
+        collate([{"input_ids": [1.7, 2.9]}])  # (would be truncated to 1, 2)
+    with pytest.raises(DataError, match="example 1's input_ids hold -1; token ids are >= 0"):
+        collate([{"input_ids": [1]}, {"input_ids": [2, -1]}])
+    with pytest.raises(DataError, match="example 0 has label and example 1 has labels: a batch holds one"):
+        collate([{"input_ids": [1], "label": 0}, {"input_ids": [2], "labels": [0]}])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eos_token_id=-1), r"eos_token_id=-1 is not a token id of this tokenizer \(0 to 14\)"),
+    (dict(eos_token_id=15), r"eos_token_id=15 is not a token id"),
+    (dict(max_length="512"), r"max_length must be an integer >= 2 .* got '512'"),
+    (dict(max_length=3.5), r"max_length must be an integer >= 2"),
+])
+def test_prompt_completion_encoding_refuses_bad_options(tokenizer, kwargs, message):
+    with pytest.raises(DataError, match=message):
+        encode_prompt_completion([{"prompt": "is it good ?", "completion": "yes"}], tokenizer, **kwargs)
+
+
+def test_label_options_of_the_wrong_kind_are_refused(tmp_path):
+    path = write(tmp_path / "d.tsv", "sentence\tlabel\ngood film\tpositive\n")
+    with pytest.raises(ValueError, match=r"label_names must be a list of class names, .* got 'negative,positive'"):
+        read_classification(path, label_names="negative,positive")  # (read as a string, 'positive' in it)
+    with pytest.raises(ValueError, match=r"num_labels must be an integer >= 1, or None not to check, got '2'"):
+        read_classification(path, num_labels="2")
+    assert read_classification(path, label_names=("negative", "positive"))[0]["label"] == 1
+
+
+def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path):
+    path = write(tmp_path / "tokenizer.json", "{1: 2}")
+    with pytest.raises(DataError, match=r"tokenizer.json: not a tokenizer.json that the tokenizers library can read"):
+        load_tokenizer(path)

@@ -152,6 +152,10 @@ def test_bad_loading_options_say_what_would_work(tmp_path):
     with pytest.raises(ValueError, match="autocast_adapter_dtype=False.*Leave it True"):
         PeftModel.from_pretrained(copy.deepcopy(base).half(), tmp_path, autocast_adapter_dtype=False)
     PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=False, revision="main")  # as peft
+    with pytest.raises(ValueError, match="is_trainable must be True or False, got 'no'"):  # "no" would train
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable="no")
+    with pytest.raises(ValueError, match="autocast_adapter_dtype must be True or False, got 0"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=0)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, subfolder="nowhere")
 

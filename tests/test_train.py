@@ -734,10 +734,22 @@ def test_resume_into_another_adapter_config_names_the_parameters_that_differ(tmp
     ("eval_every", -1, r"eval_every must be an integer >= 0"),
     ("epochs", 1.5, r"epochs must be an integer >= 1"),
     ("device", "gpu", r"device 'gpu' is not a torch device; use e.g. 'cpu', 'cuda'"),
+    ("resume", "False", r"resume must be True or False, not 'False'"),  # (a string would read as true)
+    ("save_best", 0, r"save_best must be True or False, not 0"),
+    ("seed", 2**70, r"seed must be an integer in \[0, 9223372036854775807\], not"),
+    ("seed", -1, r"seed must be an integer in \[0, "),
 ])
 def test_config_refuses_bad_values_naming_the_valid_ones(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_train_and_evaluate_refuse_what_they_would_misread(tmp_path):
+    train_loader, eval_loader = loaders(n_train=32)
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig, got dict; e.g. TrainConfig\(\*\*your_dict\)"):
+        train(TinyClassifier(), train_loader, eval_loader, {"output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"task 'classify' is not valid; use one of 'auto', 'classification'"):
+        evaluate(TinyClassifier(), eval_loader, task="classify")
 
 
 def test_config_metric_must_fit_the_task(tmp_path):
