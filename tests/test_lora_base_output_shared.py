@@ -1,0 +1,67 @@
+"""LoRA adds its term onto the base layer's output in place only where no one else holds that
+output: a forward hook on the base layer keeps what it saw (and its graph stays intact), and
+``torch.func.vmap`` over stacked LoRA parameters (ensembles) works. The reference is the same
+computation done by hand."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+import minipeft
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+def lora(model: nn.Module) -> nn.Module:
+    peft_model = minipeft.get_peft_model(model, minipeft.LoraConfig(r=2, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return peft_model
+
+
+def test_a_hook_on_the_base_layer_keeps_the_base_output_and_its_graph():
+    base = mlp()
+    seen = []
+    base[2].register_forward_hook(lambda module, args, out: seen.append(out))
+    model = lora(base)
+    x = torch.randn(5, 8)  # 2-D: the case that was written in place under autograd
+    y = model(x)
+    (y.sum() + 0.1 * seen[-1].pow(2).mean()).backward()  # raised: modified by an inplace operation
+    layer = model.base_model.model[2]
+    hidden = model.base_model.model[1](model.base_model.model[0](x))
+    torch.testing.assert_close(seen[-1], layer.base_layer(hidden))  # the base output, without the LoRA term
+    with torch.no_grad():
+        model(x)
+    torch.testing.assert_close(seen[-1], layer.base_layer(hidden).detach())
+
+
+def test_vmap_over_stacked_lora_parameters():
+    model = lora(mlp()).eval()
+    params = dict(model.named_parameters())
+    adapter = {n: p.detach() for n, p in params.items() if "lora_" in n}
+    frozen = {n: p.detach() for n, p in params.items() if "lora_" not in n}
+    stacked = {n: torch.stack([p, p + 0.1, p - 0.2]) for n, p in adapter.items()}
+    x = torch.randn(5, 8)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = vmap(lambda p: functional_call(model, {**frozen, **p}, (x,)))(stacked)
+        want = torch.stack([functional_call(model, {**frozen, **{n: t[i] for n, t in stacked.items()}}, (x,))
+                            for i in range(3)])
+        assert got.shape == (3, 5, 4)
+        torch.testing.assert_close(got, want)
+
+
+def test_without_hooks_the_term_added_in_place_is_right():
+    model = lora(mlp())
+    layer = model.base_model.model[0]
+    x = torch.randn(5, 8)
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + s * x @ A.T @ B.T)
