@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,8 @@ class BottleneckConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
 
+    field_advice: ClassVar[dict[str, str]] = {"parallel_input": "the position or name of the forward argument the adapter reads"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.BOTTLENECK
@@ -119,19 +121,13 @@ class BottleneckConfig(PeftConfig):
             )
         if self.bottleneck_size is not None and not is_positive_int(self.bottleneck_size):
             raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
-        if self.reduction_factor is not None and not (
-            isinstance(self.reduction_factor, (int, float))
-            and not isinstance(self.reduction_factor, bool)
-            and self.reduction_factor >= 1
-        ):
+        if self.reduction_factor is not None and self.reduction_factor < 1:
             raise ValueError(f"reduction_factor must be a number >= 1, got {self.reduction_factor!r}")
         check_layer_selection(self)
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity={self.non_linearity!r} is not supported; use one of {sorted(ACTIVATIONS)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if not isinstance(self.parallel_input, (int, str)) or isinstance(self.parallel_input, bool):
-            raise ValueError(f"parallel_input must be an argument position or name, got {self.parallel_input!r}")
         check_probability(self, "adapter_dropout")
         if self.hidden_size is not None and not is_positive_int(self.hidden_size):
             raise ValueError(f"hidden_size must be a positive integer, got {self.hidden_size!r}")

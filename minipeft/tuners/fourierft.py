@@ -27,6 +27,7 @@ Checkpoints: ``<layer>.fourierft_spectrum`` (n,), peft's key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,8 @@ class FourierFTConfig(PeftConfig):
     n_frequency_pattern: dict = field(default_factory=dict)
     init_weights: bool = False
 
+    field_advice: ClassVar[dict[str, str]] = {"random_loc_seed": "the frequency locations are drawn from it"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.FOURIERFT
@@ -75,9 +78,6 @@ class FourierFTConfig(PeftConfig):
                 raise ValueError(f"FourierFT's n_frequency is a positive integer, got {name}={value!r}")
         if self.bias not in ("none", "all", "fourier_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
-        if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
-            raise ValueError(f"random_loc_seed is an integer (the locations are drawn from it), "
-                             f"got {self.random_loc_seed!r}")
         check_layer_selection(self)
 
 

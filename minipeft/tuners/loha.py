@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -48,12 +49,11 @@ class LoHaConfig(LycorisConfig):
 
     init_weights: bool = True
 
+    field_advice: ClassVar[dict[str, str]] = {"init_weights": "True is a zero update, False draws every factor"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LOHA
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(f"LoHa's init_weights is True (a zero update) or False (every factor drawn), "
-                             f"got {self.init_weights!r}")
 
 
 class LoHaLayer(LycorisLayer):

@@ -98,8 +98,6 @@ class TrainableTokensConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.TRAINABLE_TOKENS
         self.token_indices = token_index_list(self.token_indices, "token_indices")
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
 
 
 def token_index_list(indices: object, what: str) -> list[int]:

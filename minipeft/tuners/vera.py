@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -101,19 +102,15 @@ class VeraConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
 
+    field_advice: ClassVar[dict[str, str]] = {"projection_prng_key": "it seeds the generator that draws the shared projections",
+                                                "d_initial": "it is the starting value of the vector d"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.VERA
         if not is_positive_int(self.r):
             raise ValueError(f"VeRA's r must be a positive integer, got r={self.r!r}")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise TypeError(f"projection_prng_key seeds a torch.Generator and must be an int, got {self.projection_prng_key!r}")
-        for name in ("save_projection", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_probability(self, "vera_dropout")
-        if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
-            raise TypeError(f"d_initial is the starting value of the vector d, a number; got {self.d_initial!r}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         check_layer_selection(self)
