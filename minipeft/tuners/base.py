@@ -293,7 +293,11 @@ class AdapterLayer(nn.Module):
         module: its device, and its dtype or fp32 (``adapter_placement``)."""
         device, dtype = adapter_placement(reference)
         for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(device, dtype)
+            moved = p.data.to(device, dtype)
+            if (moved.device.type == "meta") == (p.device.type == "meta"):
+                p.data = moved
+            else:  # (a base built on the meta device; set_data does not cross to or from it)
+                torch.utils.swap_tensors(p, nn.Parameter(moved, requires_grad=p.requires_grad))
 
     def set_adapter(self, adapter_names: list[str], trainable: bool = True) -> None:
         """Activate ``adapter_names``; only active adapters train (when ``trainable``)."""
