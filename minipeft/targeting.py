@@ -309,16 +309,22 @@ def find_targets(model: nn.Module, config) -> list[str]:
 
 
 def _check_registered_once(model: nn.Module, selected: list[str]) -> None:
-    """A ValueError for a target registered under more than one name (``self.proj`` also put in
-    a ModuleList): its wrapper would take its place under one name only, and calls through the
-    others would run the module without the adapter. (named_modules() lists such a module once.)"""
+    """A ValueError for a target registered in more than one place (``self.proj`` also put in a
+    ModuleList): its wrapper would take its place in one parent only, and calls through the others
+    would run the module without the adapter. A module reached by several names through one shared
+    parent (a block reused across layers, as in ALBERT) is registered once: its wrapper replaces it
+    for every name. (named_modules() lists such a module once.)"""
     aliases: dict[int, list[str]] = {}
+    places: dict[int, set[tuple[int, str]]] = {}  # module -> the (parent, attribute) pairs holding it
     for name, module in model.named_modules(remove_duplicate=False):
-        if logical_name(model, name):  # (not inside an adapter's own parts)
+        if name and logical_name(model, name):  # (not inside an adapter's own parts)
+            parent, _, attribute = name.rpartition(".")
             aliases.setdefault(id(module), []).append(name)
+            places.setdefault(id(module), set()).add((id(model.get_submodule(parent)), attribute))
     for name in selected:
-        others = [a for a in aliases.get(id(model.get_submodule(name)), []) if a != name]
-        if others:
+        module = model.get_submodule(name)
+        others = [a for a in aliases.get(id(module), []) if a != name]
+        if len(places.get(id(module), ())) > 1:
             raise ValueError(
                 f"target {name!r} is one module registered under several names (also {others[:3]}); its adapter "
                 f"would take its place under {name!r} alone, and calls through the others would skip the adapter. "
