@@ -708,6 +708,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
         raise ValueError("pass a TrainConfig (at least output_dir)")
     _check_batches(train_batches, eval_batches, config)
     run = _setup(model, len(train_batches), config)
+    if config.save_best and run.main:
+        _warn_statistics_not_saved(run.raw_model, run.out_dir / BEST_DIR)
     run.first_batch = _data_fingerprint(train_batches)
     run.model_fingerprint = _model_fingerprint(run.raw_model)
     state = _resume(run)
@@ -754,6 +756,28 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     if run.world > 1:
         dist.barrier()  # nobody reads output_dir before rank 0 has written it
     return _finish(run, state, train_seconds)
+
+
+def _warn_statistics_not_saved(model: nn.Module, best: Path) -> None:
+    """Warn where ``best/`` cannot hold all the state training changes: an adapter's
+    ``save_pretrained`` writes the adapter, while a frozen batch norm left in training mode updates
+    its running statistics with every batch (restore_best and resuming keep them; a model loaded
+    from best/ would have the base's and not evaluate as reported). Modules inside trained copies
+    are left out: a trained copy saves its own, and the frozen original does not run."""
+    if not hasattr(model, "save_pretrained"):
+        return  # a plain module's best/ is its whole state dict
+    copied = {id(m) for wrapper in model.modules() if isinstance(wrapper, TrainedCopies) for m in wrapper.modules()}
+    drifting = [name for name, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+                and id(m) not in copied and not any(p.requires_grad for p in m.parameters())]
+    if drifting:
+        warnings.warn(
+            f"{len(drifting)} frozen batch norm(s) ({', '.join(drifting[:3])}{', ...' if len(drifting) > 3 else ''}) "
+            f"will update their running statistics in training, and {best} holds the adapter only: loaded from there, "
+            "the model evaluates with the base's statistics, not as reported. Put them in eval mode before training "
+            "(their statistics then stay the pretrained ones), or add them to modules_to_save",
+            stacklevel=3,
+        )
 
 
 def _enter_training_mode(model: nn.Module) -> None:

@@ -418,6 +418,31 @@ def test_a_checkpoint_keeps_the_buffers_training_updates_and_no_others(tmp_path)
     assert not model.embed.packed.any()  # the model's own
 
 
+def test_an_adapter_run_warns_that_best_cannot_hold_a_frozen_batch_norms_statistics(tmp_path):
+    # best/ is save_pretrained's adapter; the norm's statistics drift in training and are not in it.
+    import warnings
+
+    train_loader, _ = loaders(n_train=16)
+
+    def warned(model, out, modules_to_save=None):
+        model.requires_grad_(False)
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["adapter"], modules_to_save=modules_to_save))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(peft_model, train_loader, None, TrainConfig(output_dir=str(tmp_path / out), epochs=1, log_every=100))
+        return [str(w.message) for w in caught if "frozen batch norm" in str(w.message)]
+
+    assert warned(FrozenNormClassifier(), "a") == [
+        f"1 frozen batch norm(s) (base_model.model.norm) will update their running statistics in training, and "
+        f"{tmp_path / 'a' / 'best'} holds the adapter only: loaded from there, the model evaluates with the base's "
+        "statistics, not as reported. Put them in eval mode before training (their statistics then stay the "
+        "pretrained ones), or add them to modules_to_save"]
+    in_eval = FrozenNormClassifier()
+    in_eval.norm.eval()
+    assert warned(in_eval, "b") == []
+    assert warned(FrozenNormClassifier(), "c", modules_to_save=["norm"]) == []  # a trained copy saves its own
+
+
 def test_submodules_put_in_eval_stay_there_and_a_model_in_eval_trains_whole(tmp_path):
     train_loader, _ = loaders(n_train=16)
     model = FrozenNormClassifier()
