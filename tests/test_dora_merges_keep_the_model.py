@@ -96,3 +96,18 @@ def test_w0_is_computed_once_per_merged_state(monkeypatch):
         assert len(calls) == 1
     for out in outputs:
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_merged_model_moved_with_to_still_unmerges():
+    # The row factor kept for unmerging is no parameter or buffer, so .to() does not move it.
+    model, base = lora_then_dora()
+    model.merge_adapter()
+    model.to("meta")
+    model.unmerge_adapter()  # raised: the factor on the CPU, the weight on meta
+    assert model.get_base_model()[0].base_layer.weight.device.type == "meta"
+    model, base = lora_then_dora()
+    model.merge_adapter()
+    model.double()
+    model.unmerge_adapter()
+    torch.testing.assert_close(model.get_base_model()[0].base_layer.weight, base[0].weight.double(),
+                               atol=1e-6, rtol=1e-6)

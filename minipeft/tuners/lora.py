@@ -368,7 +368,7 @@ class LoraLayer(AdapterLayer):
             if delta_bias is None:
                 return {"weight": plus(weight, delta, -1)}
             return {"weight": plus(weight, delta, -1), "bias": plus(tensors["bias"], delta_bias, -1)}
-        unscaled = self.as_rows(wide(weight)) / kept.view(-1, 1)  # (rows, fan)
+        unscaled = self.as_rows(wide(weight)) / kept.to(weight.device).view(-1, 1)  # (rows, fan); kept may predate a .to()
         return {"weight": self.from_rows(unscaled - self.as_rows(delta), weight).to(weight.dtype)}
 
 
