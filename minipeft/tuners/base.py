@@ -217,6 +217,23 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.module_in_use().bias
 
+    def __getattr__(self, name: str):
+        """Any other attribute of the adapted module that model code reads (an embedding's
+        ``embedding_dim`` and ``padding_idx``, a convolution's ``out_channels``): the original
+        module's, so that wrapping it breaks no forward. Never an inner wrapper's: that adapter's
+        attributes are not this layer's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or self.base_layer_name not in self.__dict__.get("_modules", {}):
+                raise  # (not built yet, or torch's own lookups)
+        base = self.get_base_layer()
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}, and neither has the "
+                                 f"{type(base).__name__} it adapts") from None
+
     @property
     def adapter_names(self) -> list[str]:
         names: dict[str, None] = {}
