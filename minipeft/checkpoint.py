@@ -732,27 +732,37 @@ def check_saveable(folder: str) -> None:
 def write_adapter(folder: str | os.PathLike, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
     """Write ``config`` and ``state`` (checkpoint keys) to ``folder`` as one adapter checkpoint,
     atomically: a model's adapter, or what PiSSA/OLoRA conversion computed (``save_pretrained``)."""
-    folder = os.fspath(folder)
-    check_saveable(folder)
-    os.makedirs(folder, exist_ok=True)
+    write_adapters([(folder, config, state)])
 
-    config_bytes = _config_bytes(config)
-    # safetensors wants contiguous, unshared CPU tensors.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    metadata = {"format": "pt", SAVED_CONFIG_KEY: config_bytes.decode()}
 
-    temps: list[str] = []
+def write_adapters(adapters: list[tuple[str | os.PathLike, PeftConfig, dict[str, torch.Tensor]]]) -> None:
+    """Write each ``(folder, config, state)`` as an adapter checkpoint: every file in full to a
+    temporary name first, then all renamed into place. A save that fails while writing (a full
+    disk, an interrupt, an unwritable folder) leaves every previous checkpoint as it was, not some
+    adapters new and others old."""
+    staged: list[tuple[str, str]] = []  # (temporary file, its final path), in rename order
     try:
-        temps.append(_write_temp(folder, WEIGHTS_NAME, safetensors.torch.save(tensors, metadata=metadata)))
-        temps.append(_write_temp(folder, CONFIG_NAME, config_bytes))
-        # Tensors first, then config: the config is the file that names a folder a checkpoint,
-        # and the config recorded in the tensor file catches a crash between these two lines.
-        os.replace(temps[0], os.path.join(folder, WEIGHTS_NAME))
-        os.replace(temps[1], os.path.join(folder, CONFIG_NAME))
-        temps.clear()
-        fsync_dir(folder)
+        for folder, config, state in adapters:
+            folder = os.fspath(folder)
+            check_saveable(folder)
+            os.makedirs(folder, exist_ok=True)
+            config_bytes = _config_bytes(config)
+            # safetensors wants contiguous, unshared CPU tensors.
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+            metadata = {"format": "pt", SAVED_CONFIG_KEY: config_bytes.decode()}
+            # Tensors first, then config: the config is the file that names a folder a checkpoint,
+            # and the config recorded in the tensor file catches a crash between the two renames.
+            for name, data in ((WEIGHTS_NAME, safetensors.torch.save(tensors, metadata=metadata)),
+                               (CONFIG_NAME, config_bytes)):
+                staged.append((_write_temp(folder, name, data), os.path.join(folder, name)))
+        while staged:
+            tmp, final = staged[0]
+            os.replace(tmp, final)
+            staged.pop(0)
+        for folder in dict.fromkeys(os.fspath(folder) for folder, _, _ in adapters):
+            fsync_dir(folder)
     finally:
-        for tmp in temps:
+        for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
@@ -768,6 +778,8 @@ def save_pretrained(
     (the arguments are ``PeftModel.save_pretrained``'s). Every argument is checked before the first
     file is written, also where ``is_main_process`` is False and nothing is written."""
     configs = getattr(model, "peft_config", None) or {}
+    if isinstance(selected_adapters, str):  # (its letters would be read as the names)
+        raise TypeError(f"selected_adapters is a list of adapter names; write [{selected_adapters!r}]")
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in configs]
     if unknown:
@@ -791,9 +803,8 @@ def save_pretrained(
     if initial_folder is not None:
         _save_converted(model, save_directory, names[0], initial_folder)
         return
-    for name in names:
-        state = get_peft_model_state_dict(model, adapter_name=name)
-        write_adapter(adapter_folder(save_directory, name), configs[name], state)
+    write_adapters([(adapter_folder(save_directory, name), configs[name], get_peft_model_state_dict(model, adapter_name=name))
+                    for name in names])
 
 
 def _save_converted(

@@ -161,6 +161,36 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     torch.testing.assert_close(PeftModel.from_pretrained(base(), tmp_path)(X), first(X))
 
 
+def test_a_save_of_several_adapters_that_fails_leaves_every_previous_one(tmp_path, monkeypatch):
+    def two_adapters(r):
+        model = trained(r=r)
+        model.add_adapter("other", LoraConfig(r=r, target_modules=["up"], init_lora_weights=False))
+        return model
+
+    two_adapters(4).save_pretrained(tmp_path)
+    files = lambda: {f"{folder}/{name}": (folder / name).read_bytes()  # noqa: E731
+                     for folder in (tmp_path, tmp_path / "other") for name in sorted(os.listdir(folder)) if name != "other"}
+    before = files()
+    real_save, calls = safetensors.torch.save, []
+
+    def fail_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # while writing the second adapter, the first written already
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save", fail_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        two_adapters(2).save_pretrained(tmp_path)
+    assert files() == before  # not one adapter new and the other old
+
+
+def test_selected_adapters_given_as_one_string_is_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"selected_adapters is a list of adapter names; write \['default'\]"):
+        trained().save_pretrained(tmp_path, selected_adapters="default")
+    assert not os.listdir(tmp_path)
+
+
 def test_failure_after_bytes_written_leaves_previous_checkpoint(tmp_path, monkeypatch):
     saved(tmp_path)
     before = _files(tmp_path)
