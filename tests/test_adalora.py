@@ -237,6 +237,42 @@ def test_the_training_loop_adds_the_regulariser_to_a_loss_it_computes():
     torch.testing.assert_close(_forward(model, batch, "classification")[0], plain)
 
 
+@pytest.mark.parametrize("kind", ["dict", "namedtuple", "frozen dataclass"])
+def test_the_regulariser_joins_a_loss_a_plain_model_returns(kind):
+    # A hand-written model returns its loss in its own container; transformers' outputs are tested above.
+    import collections
+    import dataclasses
+
+    Pair = collections.namedtuple("Pair", "loss logits")
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        loss: torch.Tensor
+        logits: torch.Tensor
+
+    wrap = {"dict": lambda loss, logits: {"loss": loss, "logits": logits}, "namedtuple": Pair, "frozen dataclass": Frozen}[kind]
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            logits = self.fc(x)
+            return wrap(logits.pow(2).mean(), logits)
+
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(WithLoss(), minipeft.AdaLoraConfig(target_modules=["fc"], total_step=10,
+                                                                       init_lora_weights=False, orth_reg_weight=0.5))
+    x = torch.randn(3, 6)
+    out = model(x)
+    loss = out["loss"] if kind == "dict" else out.loss
+    logits = out["logits"] if kind == "dict" else out.logits
+    reg = minipeft.tuners.adalora.orthogonal_regularization(model.get_base_model(), "default")
+    assert float(reg) > 0
+    torch.testing.assert_close(loss, logits.pow(2).mean() + 0.5 * reg)  # was the bare loss, or an error
+
+
 def test_evaluating_leaves_the_training_as_it_would_be_without(tmp_path):
     """Evaluation looks at the adapter as its checkpoint holds it (pruned values at zero), then puts
     the values the optimizer moved back: with or without evaluations, the same weights at the end."""

@@ -31,6 +31,7 @@ layer of rank ``sum(mask)``), and loading it builds each layer at that rank, wit
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -230,10 +231,25 @@ def orthogonal_regularization(model: nn.Module, adapter_name: str) -> torch.Tens
 def add_orthogonal_regularization(peft_model: nn.Module, adapter_name: str, config: AdaLoraConfig, outputs):
     """peft's AdaLoRA forward: a trainable adapter's regulariser goes into ``outputs.loss``, when the
     forward computed one (labels were given). Only in training mode: it is a training objective,
-    and peft's adding it at eval too puts it into every evaluation loss (and perplexity) reported."""
-    loss = getattr(outputs, "loss", None)
+    and peft's adding it at eval too puts it into every evaluation loss (and perplexity) reported.
+    ``outputs`` may be transformers' output, or a plain dict, namedtuple or dataclass with a ``loss``."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
     if isinstance(loss, torch.Tensor) and peft_model.training and not config.inference_mode and config.orth_reg_weight > 0:
-        outputs.loss = loss + config.orth_reg_weight * orthogonal_regularization(peft_model.get_base_model(), adapter_name)
+        loss = loss + config.orth_reg_weight * orthogonal_regularization(peft_model.get_base_model(), adapter_name)
+        return _with_loss(outputs, loss)
+    return outputs
+
+
+def _with_loss(outputs, loss: torch.Tensor):
+    """``outputs`` with ``loss`` in place of its own."""
+    if isinstance(outputs, dict):  # a plain dict, or transformers' ModelOutput (a dict of its fields)
+        outputs["loss"] = loss
+        return outputs
+    if hasattr(outputs, "_replace"):  # a namedtuple, which cannot be set
+        return outputs._replace(loss=loss)
+    if dataclasses.is_dataclass(outputs):  # frozen or not: a copy with the new loss
+        return dataclasses.replace(outputs, loss=loss)
+    outputs.loss = loss
     return outputs
 
 
