@@ -30,7 +30,7 @@ def test_the_update_is_a_sum_of_cosines_over_the_chosen_frequencies():
     c, (u, v) = layer.fourierft_spectrum["default"].detach().double(), layer.indices["default"]
     p, q = torch.arange(4, dtype=torch.float64)[:, None, None], torch.arange(6, dtype=torch.float64)[None, :, None]
     want = 3.0 * (c * torch.cos(2 * math.pi * (p * u / 4 + q * v / 6))).sum(-1) / 24
-    torch.testing.assert_close(layer.update("default").double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.delta_out_in("default").double(), want, atol=1e-6, rtol=0)
     assert len({(int(a), int(b)) for a, b in zip(u, v)}) == 5  # five distinct locations
     x = torch.randn(2, 6)
     torch.testing.assert_close(model(x), layer.base_layer(x) + x @ want.float().T, atol=1e-5, rtol=0)

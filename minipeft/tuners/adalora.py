@@ -40,7 +40,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
-from .base import AdapterLayer, AddedUpdate, wide
+from .base import AdapterLayer, AddedUpdate, dropout_or_identity, wide
 
 SUPPORTED = "nn.Linear, nn.Conv2d and transformers' GPT-2 Conv1D"
 MASK_SUFFIX = ".lora_E"  # rank_pattern's keys: "<layer>.lora_E"
@@ -154,7 +154,7 @@ class SVDLinear(AddedUpdate, AdapterLayer):
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(r)
         self.ranknum[adapter_name] = float(config.init_r)  # R: the rank the budget started from, also after pruning
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name] = dropout_or_identity(config.lora_dropout)
         self.lora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))  # Q
         self.lora_E[adapter_name] = nn.Parameter(torch.zeros(r, 1))  # the singular values: a zero update
         self.lora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))  # P

@@ -51,6 +51,12 @@ def adapter_placement(reference: torch.Tensor | None) -> tuple[torch.device, tor
     return reference.device, dtype
 
 
+def dropout_or_identity(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` at p = 0: forwards then skip a copy of the input (and
+    the layers can tell, by type, that there is no dropout to apply)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in at least fp32 (fp64 stays fp64): the precision updates are computed in."""
     return t.to(torch.promote_types(t.dtype, torch.float32))

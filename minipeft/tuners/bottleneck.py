@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d
-from .base import AdapterLayer, adapter_placement
+from .base import AdapterLayer, adapter_placement, dropout_or_identity
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = ("sequential", "parallel")
@@ -262,7 +262,7 @@ class BottleneckLayer(AdapterLayer):
         device, dtype = adapter_placement(ref if ref is not None else next(base.buffers(), None))
         self.adapter_down[adapter_name], self.adapter_up[adapter_name] = down.to(device, dtype), up.to(device, dtype)
         self.adapter_dropout[adapter_name] = (
-            nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0 else nn.Identity()
+            dropout_or_identity(config.adapter_dropout)
         )
         self.placement[adapter_name] = config.placement
         self.scaling[adapter_name] = float(config.scaling)

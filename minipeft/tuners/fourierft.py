@@ -119,7 +119,7 @@ class FourierFTLayer(AddedUpdate, AdapterLayer):
         self.fourierft_spectrum[adapter_name] = nn.Parameter(torch.zeros(n) if config.init_weights else spectrum)
         self.place_adapter(adapter_name, self.get_base_layer().weight)
 
-    def update(self, adapter_name: str) -> torch.Tensor:
+    def delta_out_in(self, adapter_name: str) -> torch.Tensor:
         """``Delta W`` (out, in) in at least fp32: the scaled real part of the inverse 2-D DFT."""
         spectrum = self.fourierft_spectrum[adapter_name]
         rows, cols = self.indices[adapter_name].to(spectrum.device)
@@ -130,7 +130,7 @@ class FourierFTLayer(AddedUpdate, AdapterLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``Delta W`` in the base weight's layout (transposed for GPT-2's Conv1D), for merging."""
-        delta = self.update(adapter_name)
+        delta = self.delta_out_in(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -138,7 +138,7 @@ class FourierFTLayer(AddedUpdate, AdapterLayer):
         return self.apply_adapters(self.base_layer(x, *args, **kwargs), x, self._add_term)
 
     def _add_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        delta = self.update(name)  # (out, in), at least fp32
+        delta = self.delta_out_in(name)  # (out, in), at least fp32
         return (result + F.linear(x.to(delta.dtype), delta)).to(result.dtype)
 
 

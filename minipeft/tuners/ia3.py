@@ -124,7 +124,7 @@ class IA3Linear(AdapterLayer):
         self.is_feedforward[adapter_name] = feedforward
 
     # -- forward ------------------------------------------------------------------------------
-    def _scales(self, adapters: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _combined_vectors(self, adapters: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Product of the active input-side vectors (in,) and output-side vectors (out,)."""
         scale_in = scale_out = None
         for name in adapters:
@@ -144,10 +144,10 @@ class IA3Linear(AdapterLayer):
         self.unmerge_if_disabled()
         if self.row_routing is not None:  # a mixed batch: each row scaled by its own adapter's vector
             # A copy: apply_adapters may write into its first argument, and x may be read elsewhere.
-            x = self.apply_adapters(x.clone(), x, lambda t, _, name: self._scaled(t, name, input_side=True))
+            x = self.apply_adapters(x.clone(), x, lambda t, _, name: self._times_vector(t, name, input_side=True))
             result = self.base_layer(x, *args, **kwargs)
-            return self.apply_adapters(result, x, lambda t, _, name: self._scaled(t, name, input_side=False))
-        scale_in, scale_out = self._scales(self.adapters_to_apply())
+            return self.apply_adapters(result, x, lambda t, _, name: self._times_vector(t, name, input_side=False))
+        scale_in, scale_out = self._combined_vectors(self.adapters_to_apply())
         if scale_in is not None:
             x = x * self.on_features(scale_in).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
@@ -155,7 +155,7 @@ class IA3Linear(AdapterLayer):
             result = result * self.on_features(scale_out).to(result.dtype)
         return result
 
-    def _scaled(self, t: torch.Tensor, name: str, input_side: bool) -> torch.Tensor:
+    def _times_vector(self, t: torch.Tensor, name: str, input_side: bool) -> torch.Tensor:
         """``t`` (an input if ``input_side``, else an output) times adapter ``name``'s vector when
         the vector scales that side; ``t`` itself otherwise."""
         if self.is_feedforward[name] != input_side:

@@ -48,7 +48,7 @@ from torch import nn
 from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int, pattern_value
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
-from .base import AdapterLayer, embed_scale, plus, wide
+from .base import AdapterLayer, dropout_or_identity, embed_scale, plus, wide
 
 
 @dataclass
@@ -179,7 +179,7 @@ class LoraLayer(AdapterLayer):
         r, alpha = config.rank_and_alpha(key)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name] = dropout_or_identity(config.lora_dropout)
         self.use_dora[adapter_name] = config.use_dora
         self.use_fused_kernels[adapter_name] = config.use_fused_kernels
         if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features, wrapper_chain
-from .base import AdapterLayer, plus, wide
+from .base import AdapterLayer, dropout_or_identity, plus, wide
 
 VARIANTS = (True, False, "bat", "mini")
 
@@ -148,7 +148,7 @@ class MissLayer(AdapterLayer):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         self.miss_block[adapter_name] = nn.Parameter(block)
         self.miss_r[adapter_name], self.miss_variant[adapter_name] = r, variant
-        self.miss_dropout[adapter_name] = nn.Dropout(config.miss_dropout) if config.miss_dropout else nn.Identity()
+        self.miss_dropout[adapter_name] = dropout_or_identity(config.miss_dropout)
         self.place_adapter(adapter_name, self.get_base_layer().weight)
 
     # -- the update -----------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class RoadConfig(PeftConfig):
             raise ValueError(f"RoAd's group_size is a positive even integer (its halves pair up), got {self.group_size!r}")
 
 
-def columns(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor):
+def rotation_factors(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor):
     """``(c, s)`` (out,) from the trained ``theta`` and ``alpha`` (module docstring)."""
     if variant == "road_1":  # each pair's one value, on both of its features
         theta = theta.reshape(-1, 1, group_size // 2).expand(-1, 2, -1).flatten()
@@ -90,7 +90,7 @@ def rotate_half(h: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.stack((-grouped[..., 1, :], grouped[..., 0, :]), dim=-2).reshape(h.shape)
 
 
-def inverse_columns(c: torch.Tensor, s: torch.Tensor, group_size: int):
+def inverse_rotation_factors(c: torch.Tensor, s: torch.Tensor, group_size: int):
     """``(c', s')`` of ``R^{-1}``: each pair's block ``[[c_k, -s_k], [s_l, c_l]]`` (``l = k + g/2``)
     has the inverse ``[[c_l, s_k], [-s_l, c_k]] / (c_k c_l + s_k s_l)``, of the same form."""
     pairs = lambda t: t.reshape(-1, 2, group_size // 2)  # noqa: E731  (group, half, k)
@@ -140,9 +140,9 @@ class RoadLayer(AdapterLayer):
         """``R h`` (or ``R^{-1} h``) along ``h``'s last axis, in at least the adapter's precision."""
         theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
         g = self.group_size[adapter_name]
-        c, s = columns(self.variant[adapter_name], g, theta, alpha)
+        c, s = rotation_factors(self.variant[adapter_name], g, theta, alpha)
         if inverse:
-            c, s = inverse_columns(wide(c), wide(s), g)
+            c, s = inverse_rotation_factors(wide(c), wide(s), g)
         h = h.to(torch.promote_types(h.dtype, c.dtype))
         return h * c + rotate_half(h, g) * s
 

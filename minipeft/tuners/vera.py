@@ -63,7 +63,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
-from .base import AdapterLayer, AddedUpdate, adapter_placement
+from .base import AdapterLayer, AddedUpdate, adapter_placement, dropout_or_identity
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
 BIAS_CHOICES = ("none", "all", "vera_only")
@@ -204,7 +204,7 @@ class VeraLinear(AddedUpdate, AdapterLayer):
         """Add adapter ``adapter_name``'s vectors; its projection comes from ``attach_projection``."""
         r = config.r
         self.r[adapter_name] = r
-        self.vera_dropout[adapter_name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        self.vera_dropout[adapter_name] = dropout_or_identity(config.vera_dropout)
         # Drawn even when replaced below, as peft does, so the global RNG stream stays in step with it.
         b, d = torch.ones(self.out_features), torch.randn(r)
         if config.init_weights:
