@@ -35,6 +35,10 @@ def tiny_transformers_model(kind: str) -> nn.Module:
             num_attention_heads=4, num_key_value_heads=2,
         )
         return transformers.LlamaForCausalLM(cfg).eval()
+    if kind == "qwen3":  # norms inside attention (q_norm, k_norm), which peft's LN-tuning table leaves out
+        cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        return transformers.Qwen3ForCausalLM(cfg).eval()
     if kind == "t5":  # encoder-decoder; its feed-forward reads `self.wo.weight` itself
         cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                     decoder_start_token_id=0)

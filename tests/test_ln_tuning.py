@@ -17,7 +17,7 @@ from tests.models import input_ids, randomize_adapters, tiny_transformers_model
 
 peft = pytest.importorskip("peft")
 
-TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}
+TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS", "qwen3": "CAUSAL_LM"}
 
 
 def pair(kind: str, **config):
@@ -36,10 +36,10 @@ def inputs(kind: str) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5", "qwen3"])
 def test_default_targets_counts_and_checkpoint_keys_are_peft_s(kind, tmp_path):
-    """peft takes its targets from a table per architecture; minipeft finds every normalisation
-    layer. On the models in peft's table both choose the same layers."""
+    """Both take the targets from peft's table per architecture (on Qwen3 the norm after attention
+    alone, not q_norm, k_norm or the others)."""
     theirs, ours = pair(kind)
     assert set(ours.peft_config["default"].target_modules) == set(theirs.peft_config["default"].target_modules)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
@@ -201,7 +201,7 @@ class NormInNorm(nn.Module):
         return self.proj.norm(self.norm(x))
 
 
-def test_default_targets_are_the_outermost_norms_by_full_name_when_a_suffix_would_select_more():
+def test_default_targets_off_peft_s_table_are_the_outermost_norms_by_full_name_when_a_suffix_would_select_more():
     model = get_peft_model(NormInNorm(), LNTuningConfig())
     assert model.peft_config["default"].target_modules == "norm"  # a regex: the inner LayerNorm is in its copy
     assert model.get_nb_trainable_parameters()[0] == 4 + 4 + 4  # gain, and the inner weight and bias

@@ -145,7 +145,7 @@ register_method(PeftType.LOKR, PeftMethod(lokr.LoKrConfig, lokr.LoKrLayer, lokr.
 register_method(
     PeftType.LN_TUNING,
     PeftMethod(ln_tuning.LNTuningConfig, ln_tuning.LNTuningLayer, ln_tuning.wrap_module,
-               check=ln_tuning.check_target, default_targets=lambda model, config: ln_tuning.normalisation_layers(model),
+               check=ln_tuning.check_target, default_targets=ln_tuning.default_targets,
                check_model=ln_tuning.check_targets_apart),
 )
 # Methods whose wrappers check their own targets (the shapes and layer types they take).

@@ -10,7 +10,10 @@ config adapts the same modules here and its checkpoint holds the same keys:
   fused projection that computes query, key and value together where the architecture has one
   (GPT-2's ``c_attn``);
 - AdaLoRA: more of each block on some architectures (T5, BART, OPT, RoBERTa, DeBERTa-v2);
-- (IA)^3: keys, values and the feed-forward block's output projection, whose *input* it scales.
+- (IA)^3: keys, values and the feed-forward block's output projection, whose *input* it scales;
+- LN tuning: normalisation layers, but not always all of them (Qwen's table names the norm after
+  attention alone, LLaVA's the projector and embeddings too); an architecture not in the table
+  gets every normalisation layer (``ln_tuning.normalisation_layers``).
 
 An architecture missing from a table has no default: ``find_targets`` then asks for the names.
 Nothing here imports transformers; the model type is read from ``model.config``.
@@ -85,6 +88,26 @@ IA3 = {
        for k in ("llama4", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3")},
     "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
     "deberta": (["in_proj", "output.dense"], ["output.dense"]),
+}
+
+
+LN_TUNING = {
+    "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "llava": ["multi_modal_projector", "input_layernorm", "post_attention_layernorm", "norm", "embed_tokens",
+              "lm_head"],
+    "t5": ["layer_norm", "final_layer_norm"], "mt5": ["layer_norm", "final_layer_norm"],
+    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
+    "gpt2": ["ln_1", "ln_2", "ln_f"],
+    "blip-2": ["layernorm", "LayerNorm", "final_layer_norm", "self_attn_layer_norm"],
+    "gptj": ["ln_1", "ln_f"],
+    "falcon": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "mistral": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "phi": ["input_layernorm", "final_layernorm"],
+    "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
+    **{k: ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+           "norm"] for k in ("gemma2", "gemma3_text")},
+    "qwen2": ["post_attention_layernorm"], "qwen3": ["post_attention_layernorm"],
 }
 
 

@@ -7,9 +7,9 @@ LN tuning trains just those, in every normalisation layer, and freezes everythin
 
 Each adapter trains its own copy of the targeted module (``ln_tuning_layers[name]``), so the
 original stays as it was and adapters can be switched or disabled, as with ``modules_to_save``
-(``TrainedCopies`` in ``base.py``). Any module can be targeted; by default minipeft targets
-every normalisation layer it finds (peft looks the names up in a table per architecture, which
-lists the same layers for the models both know). Merging has nothing to add up: as in peft, a
+(``TrainedCopies`` in ``base.py``). Any module can be targeted; by default, the layers peft's table
+names for the model's architecture (``architecture_targets.LN_TUNING``), and on any other model
+every normalisation layer minipeft finds. Merging has nothing to add up: as in peft, a
 merged adapter's copy takes the layer's place, one adapter at a time.
 
 Checkpoints, as peft's: the copy's state under ``<layer>.ln_tuning_layers.`` (``weight``,
@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import candidate_names, innermost, is_under, name_matches
+from .architecture_targets import LN_TUNING, from_table
 from .base import TrainedCopies, _merge_numbers, layers_a_copy_would_copy
 
 
@@ -33,7 +34,8 @@ class LNTuningConfig(PeftConfig):
     """LN tuning's settings, with peft's field names.
 
     target_modules: the modules whose copies train (names exact or as a dotted suffix, or a
-        full-match regex); by default every normalisation layer (``normalisation_layers``).
+        full-match regex); by default those of peft's table for the architecture, else every
+        normalisation layer (``default_targets``).
     exclude_modules: never adapted, even when matched.
     modules_to_save: modules trained whole beside them (a classifier head).
     """
@@ -96,6 +98,12 @@ def is_normalisation(module: nn.Module) -> bool:
     torch_norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
     named = type(module).__name__.lower().endswith("norm")
     return (isinstance(module, torch_norms) or named) and any(True for _ in module.parameters(recurse=False))
+
+
+def default_targets(model: nn.Module, config: LNTuningConfig) -> list[str] | str:
+    """peft's names for the model's architecture, or, for a model peft's table does not know,
+    every normalisation layer in it."""
+    return from_table(LN_TUNING)(model, config) or normalisation_layers(model)
 
 
 def normalisation_layers(model: nn.Module) -> list[str] | str:
