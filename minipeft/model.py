@@ -199,6 +199,22 @@ class PeftModel(nn.Module):
         """The config of the (first) active adapter (peft's property)."""
         return self.peft_config[self.active_adapter]
 
+    @property
+    def peft_type(self) -> PeftType:
+        """The method of the (first) active adapter (peft's attribute: its one method's)."""
+        return self.active_peft_config.peft_type
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The modules some adapter trains whole, task heads included; None when none does (peft's property)."""
+        names = {n for config in self.peft_config.values() for n in getattr(config, "modules_to_save", None) or []}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The wrapped model's ``dtype`` (a transformers model's attribute), else None (peft's attribute)."""
+        return getattr(self.get_base_model(), "dtype", None)
+
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward, with the active adapter; ``adapter_names``: a mixed batch, one
         adapter name per sample (``minipeft/mixed_batches.py``)."""

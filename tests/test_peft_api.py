@@ -576,3 +576,17 @@ def test_the_prompt_embedding_to_save_is_peft_s(config):
     torch.testing.assert_close(ours.get_prompt_embedding_to_save("default"), expected)
     with pytest.raises(TypeError, match="adds no virtual tokens"):
         get_peft_model(TinyNet(), LoraConfig(**LORA)).get_prompt_embedding_to_save("default")
+
+
+def test_peft_s_model_attributes():
+    base = tiny_transformers_model("bert")
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    assert ours.peft_type == theirs.peft_type == "LORA"
+    assert ours.modules_to_save == theirs.modules_to_save == {"classifier", "score"}
+    assert ours.base_model_torch_dtype == theirs.base_model_torch_dtype == torch.float32
+    plain = get_peft_model(TinyNet(), LoraConfig(**LORA))
+    assert plain.modules_to_save is None and plain.base_model_torch_dtype is None  # (TinyNet has no dtype)
+    plain.add_adapter("ia3", minipeft.IA3Config(target_modules=["fc1"], feedforward_modules=[]))
+    plain.set_adapter("ia3")
+    assert plain.peft_type == "IA3"
