@@ -154,6 +154,9 @@ class PeftModel(nn.Module):
         super().__init__()
         _check_not_adapted(model)
         self.base_model = AdaptedModel(model)
+        # The wrappers answer in the model's mode (an eval model, as from_pretrained returns one,
+        # gives an eval PeftModel), as each adapter layer takes the mode of the module it replaces.
+        self.training = self.base_model.training = model.training
         self._attach_base_model()
         self._take_forward_signature()
         self.peft_config: dict[str, PeftConfig] = {}
@@ -281,6 +284,9 @@ class PeftModel(nn.Module):
             if config.is_prompt_learning:
                 # Virtual tokens live beside the model (self.prompt_encoder) and reach it through hooks.
                 method_for(config).attach(self, adapter_name, config)
+                # In the model's mode, as adapter layers are (P-tuning's MLP has dropout).
+                self.prompt_encoder.training = self.get_base_model().training
+                self.prompt_encoder[adapter_name].train(self.get_base_model().training)
             else:
                 self._warn_base_changing_init(adapter_name, config)
                 injection.inject_adapter_in_model(config, self.get_base_model(), adapter_name, activate=first)

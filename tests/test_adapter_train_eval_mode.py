@@ -35,3 +35,20 @@ def test_adapters_added_to_a_training_model_train():
     model = get_peft_model(TinyNet().train(), LoraConfig(r=2, lora_dropout=0.5, target_modules=["fc1"]))
     layer = model.base_model.model.blocks[0]["fc1"]
     assert layer.training and layer.lora_dropout["default"].training
+
+
+def test_a_peft_model_of_an_eval_model_says_it_is_in_eval():
+    # model.training must tell a training loop what the adapters do: eval, as they are (dropout off).
+    from minipeft import PromptEncoderConfig
+
+    model = get_peft_model(TinyNet().eval(), LoraConfig(r=2, lora_dropout=0.5, target_modules=["fc1"]))
+    assert not model.training and not model.base_model.training
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["fc1"])).training
+
+    from tests.models import tiny_transformers_model
+
+    prompt = get_peft_model(tiny_transformers_model("llama"),  # (eval: as from_pretrained returns it)
+                            PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8))
+    assert not prompt.training and not any(m.training for m in prompt.prompt_encoder.modules())
