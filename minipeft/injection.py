@@ -162,6 +162,8 @@ def inject_adapter_in_model(
 
     if getattr(config, "target_modules", "") is None and method.default_targets is not None:
         config.target_modules = method.default_targets(model, config)  # recorded in the config, as peft does
+    if method.prepare_config is not None:
+        method.prepare_config(model, config)
     targets = find_targets(model, config)  # never adapter internals nor the modules wrappers hold
     # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it reads
     # without other adapters' wrappers, as the targets themselves do.

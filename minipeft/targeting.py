@@ -267,8 +267,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
         )
     never_called = attention_out_projections(model)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = output_head_names(model, getattr(config, "task_type", None))
-        selected = [n for n in names if is_linear_like(modules[n]) and n not in heads and n not in never_called]
+        selected = all_linear_names(model, getattr(config, "task_type", None))
     else:
         selected = [n for n, logical in names.items() if name_matches(logical, targets)]
 
@@ -302,10 +301,24 @@ def find_targets(model: nn.Module, config) -> list[str]:
             applied[-1] += layer_pattern_hint(unnumbered, pattern)
 
     selected = _without_uncalled(selected, never_called, names, targets, model)
+    if not selected and getattr(config, "target_parameters", None):
+        # Parameters are adapted (and checked) all the same; peft writes such configs itself (a
+        # regex on a mixture of experts: fused_experts.py), so this is said, not refused.
+        warnings.warn(f"{no_match_message(targets, names, modules, type(model).__name__, applied)} Only "
+                      f"target_parameters={config.target_parameters} are adapted", stacklevel=4)
+        return []
     if not selected:
         raise ValueError(no_match_message(targets, names, modules, type(model).__name__, applied))
     _check_registered_once(model, selected)
     return selected
+
+
+def all_linear_names(model: nn.Module, task_type=None) -> list[str]:
+    """Real names of the modules 'all-linear' selects, in model order: every linear layer (also
+    one wrapped already) but the output head and an nn.MultiheadAttention's out_proj, never called."""
+    modules = dict(model.named_modules())
+    heads, never_called = output_head_names(model, task_type), attention_out_projections(model)
+    return [n for n in candidate_names(model) if is_linear_like(modules[n]) and n not in heads and n not in never_called]
 
 
 def _check_registered_once(model: nn.Module, selected: list[str]) -> None:

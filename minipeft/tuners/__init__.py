@@ -33,6 +33,7 @@ from . import (
     bottleneck,
     c3a,
     fourierft,
+    fused_experts,
     hra,
     ia3,
     loha,
@@ -67,6 +68,9 @@ class PeftMethod:
         anything, because a base weight rewritten by an init cannot be rolled back.
     attach: for virtual-token methods (``config.is_prompt_learning``), which wrap no layer:
         ``attach(peft_model, adapter_name, config)`` adds the adapter to the PeftModel.
+    prepare_config: ``prepare_config(model, config)`` rewrites the config in place for the model
+        before its targets are found, as peft does (LoRA: the fused experts of a transformers-5
+        mixture of experts, ``fused_experts.py``). What it writes is what the config records.
     default_targets: ``default_targets(model, config) -> target_modules`` for a config whose
         ``target_modules`` is None: peft's choice for the model's architecture
         (``architecture_targets.py``; None where it has none), trainable tokens' input embedding, LN
@@ -93,6 +97,7 @@ class PeftMethod:
     attach: Callable[[nn.Module, str, PeftConfig], None] | None = None
     check: Callable[[nn.Module, PeftConfig, str], None] | None = None
     default_targets: Callable[[nn.Module, PeftConfig], list[str] | str | None] | None = None
+    prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
     check_model: Callable[[nn.Module, PeftConfig, list[str]], None] | None = None
     wrap_more: Callable[..., list[tuple[str, nn.Module, AdapterLayer]]] | None = None
     after_add: Callable[[nn.Module, str, PeftConfig], None] | None = None
@@ -120,12 +125,14 @@ def method_for(config: PeftConfig) -> PeftMethod:
 QUERY_VALUE = architecture_targets.from_table(architecture_targets.QUERY_VALUE)
 
 # LoRA's extra wrappers: trainable tokens beside it (trainable_token_indices), under the LoRA
-# adapter's name, and LoRA on bare parameters (target_parameters, tuners/lora_parameter.py).
+# adapter's name, and LoRA on bare parameters (target_parameters, tuners/lora_parameter.py), to
+# which the experts of a transformers-5 mixture of experts move (tuners/fused_experts.py).
 register_method(
     PeftType.LORA,
     PeftMethod(
         lora.LoraConfig, lora.LoraLayer, lora.wrap_module, check=lora.check_module,
         check_model=lora.check_model, wrap_more=lora.wrap_more, default_targets=QUERY_VALUE,
+        prepare_config=fused_experts.convert_expert_targets,
     ),
 )
 register_method(PeftType.IA3, PeftMethod(ia3.IA3Config, ia3.IA3Linear, ia3.wrap_module,
