@@ -565,6 +565,14 @@ def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected:
         raise ValueError(f"checkpoint does not fit adapter {adapter_name!r}: it holds oft_r / oft_s tensors, the "
                          "OFT of peft 0.15.2 and before, which minipeft and newer peft do not read; retrain it, "
                          "or load it with peft 0.15")
+    per_expert = [k for k in unexpected if re.search(r"\.experts\.\d+\.", k)]
+    if per_expert and any(n.endswith(".gate_up_proj") and p.dim() == 3 for n, p in model.named_parameters()):
+        raise ValueError(
+            f"checkpoint does not fit adapter {adapter_name!r}: it adapts each expert as a layer of its own "
+            f"({_describe(per_expert)}), as transformers 4 built them, and this model holds its experts fused "
+            "(experts.gate_up_proj, experts.down_proj: transformers 5). minipeft does not convert such a checkpoint "
+            "(peft does): load it with peft and save it again, or use the base model under transformers 4"
+        )
     parts = []
     if missing:
         parts.append(f"missing {len(missing)} key(s) the adapter needs: {_describe(missing)}")

@@ -81,3 +81,23 @@ def test_a_model_without_fused_experts_is_left_alone():
         target_modules=["gate_proj", "up_proj"]))  # a dense MLP: no config, no experts
     assert model.peft_config["default"].target_modules == ["gate_proj", "up_proj"]
     assert not model.peft_config["default"].target_parameters
+
+
+def test_a_checkpoint_of_per_expert_layers_is_refused_saying_why(tmp_path):
+    # transformers 4's layout, as adapters on the Hub hold it: one lora_A / lora_B per expert.
+    from safetensors.torch import save_file
+
+    peft.LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]).save_pretrained(tmp_path)
+    tensors = {}
+    for layer in range(2):
+        prefix = f"base_model.model.model.layers.{layer}"
+        tensors[f"{prefix}.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+        tensors[f"{prefix}.self_attn.q_proj.lora_B.weight"] = torch.zeros(32, 4)
+        for expert in range(4):
+            for name, (n_in, n_out) in {"gate_proj": (32, 24), "up_proj": (32, 24), "down_proj": (24, 32)}.items():
+                tensors[f"{prefix}.mlp.experts.{expert}.{name}.lora_A.weight"] = torch.zeros(4, n_in)
+                tensors[f"{prefix}.mlp.experts.{expert}.{name}.lora_B.weight"] = torch.zeros(n_out, 4)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"it adapts each expert as a layer of its own .* transformers 4 .* "
+                                         r"load it with peft and save it again"):
+        minipeft.PeftModel.from_pretrained(qwen3_moe(), tmp_path)
