@@ -352,3 +352,30 @@ def test_adding_prefix_tuning_keeps_the_modules_a_user_put_in_eval():
     model.transformer.drop.eval()
     minipeft.get_peft_model(model, minipeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert model.training and not model.transformer.drop.training
+
+
+def test_where_peft_computes_otherwise_a_warning_says_so():
+    import types
+    import warnings
+
+    def said(model):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            minipeft.get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        return [str(w.message) for w in caught if str(w.message).startswith("prefix tuning on")]
+
+    torch.manual_seed(0)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, sliding_window=8, attn_implementation="sdpa")).eval()
+    assert said(mistral) == [
+        "prefix tuning on MistralForCausalLM, which attends within a sliding window of 8 tokens: here every query sees "
+        "the prefix, in peft (a cached prefix) only those less than 5 tokens past it, so on longer sequences a "
+        "checkpoint gives other logits in the two libraries"]
+    gpt = NanoGPT()
+    assert said(copy.deepcopy(gpt)) == []  # no transformers model: no peft route to differ from
+    gpt.config = types.SimpleNamespace(model_type="nano")  # as a transformers model without position_ids
+    assert said(gpt) == [
+        "prefix tuning on NanoGPT, whose forward takes no position_ids: its real tokens are numbered from 0 here and "
+        "from 3 in peft (after its cached prefix), so a checkpoint gives other logits in the two libraries"]
+    assert said(tiny("llama")) == []

@@ -37,6 +37,16 @@ the model's forward accepts ``position_ids``, they are shifted by ``num_virtual_
 position (they are stored after any rotary embedding, as in peft's cache). A model whose
 forward takes no ``position_ids`` (nanoGPT) keeps its own numbering from 0.
 
+Where the two routes differ, and a peft checkpoint computes otherwise here (a warning names
+the first two when the adapter is added):
+
+* a model whose forward takes no ``position_ids`` but numbers its tokens after the cache
+  (transformers' ``BartForCausalLM``) counts them from ``n`` in peft, from 0 here;
+* a sliding-window model (Mistral, Gemma-3's local layers) hides peft's cached prefix from the
+  queries more than its window past it; here every query sees the prefix;
+* a model that numbers its tokens from the attention mask (OPT) does so here from ``n`` over
+  the pads too: with left padding, the padded rows' positions differ from peft's.
+
 Parameters and checkpoints (peft's layout)
 ------------------------------------------
 ``prompt_encoder.<adapter>.embedding.weight`` is (n, layers * 2 * token_dim): for each virtual
@@ -50,6 +60,7 @@ it is folded away for inference: the checkpoint stores only the MLP's output, pe
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -394,6 +405,27 @@ def fill_shape_fields(config: PrefixTuningConfig, model: nn.Module, key_shapes: 
         config.encoder_hidden_size = config.token_dim  # as peft records it, projection or not
 
 
+def _differences_from_peft(model: nn.Module, n: int) -> list[str]:
+    """What makes prefix tuning on this transformers model compute otherwise than peft's cache
+    route (module docstring), said once, when the adapter is added."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []  # not a transformers model: no peft route to compare with
+    said = []
+    if "position_ids" not in vt.forward_parameters(model):
+        said.append(f"prefix tuning on {type(model).__name__}, whose forward takes no position_ids: its real tokens are "
+                    f"numbered from 0 here and from {n} in peft (after its cached prefix), so a checkpoint gives other "
+                    "logits in the two libraries")
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"]
+    if (isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False
+            and "sliding_attention" in layer_types):
+        said.append(f"prefix tuning on {type(model).__name__}, which attends within a sliding window of {window} tokens: "
+                    f"here every query sees the prefix, in peft (a cached prefix) only those less than {window - n} "
+                    f"tokens past it, so on longer sequences a checkpoint gives other logits in the two libraries")
+    return said
+
+
 def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> None:
     """Add a prefix-tuning adapter to ``peft_model`` (fills ``config``'s inferred fields)."""
     model = peft_model.get_base_model()
@@ -408,6 +440,8 @@ def attach(peft_model: nn.Module, adapter_name: str, config: PrefixTuningConfig)
             names = _select_attention_modules(config, model, found)
             fill_shape_fields(config, model, [found[n] for n in names])
             encoder = PrefixEncoder(config, names, device=next((p.device for p in model.parameters()), None))
+            for difference in _differences_from_peft(model, config.num_virtual_tokens):
+                warnings.warn(difference, stacklevel=4)
     encoders = vt.prompt_encoders(peft_model)
     encoder.hook(model, encoders)
     encoders[adapter_name] = encoder
