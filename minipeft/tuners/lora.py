@@ -583,10 +583,15 @@ class LoraEmbedding(LoraLayer):
 class LoraConv(LoraLayer):
     """LoRA around ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base
     kernel down to r channels, B a 1x1 conv back up, so ``B A`` is again a kernel of the base's
-    shape. DoRA's rows are the output channels, each with its whole kernel (in * k...)."""
+    shape. DoRA's rows are the output channels, each with its whole kernel (in * k...).
+
+    A grouped convolution (``groups = g``, a depthwise one included) gets peft's adapter: B is
+    grouped too, its ``r / g`` channels per group back up to that group's outputs, while A reads
+    every input channel. The update then mixes channels across groups, which the grouped kernel
+    (out, in / g, k...) cannot hold: it trains, saves and loads, but does not merge (as in peft)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        conv = innermost(base_layer)  # groups=1: check_target refuses grouped convolutions
+        conv = innermost(base_layer)
         super().__init__(base_layer, conv.in_channels, conv.out_channels)
 
     def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -607,9 +612,19 @@ class LoraConv(LoraLayer):
             self.in_features, r, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             bias=False, padding_mode=conv.padding_mode,  # so that merging keeps the base's padding
         )
-        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, bias=bias)  # b_B: one per out channel
+        self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, groups=conv.groups,
+                                             bias=bias)  # b_B: one per out channel
+
+    def merge_blocker(self, adapter_name: str) -> str | None:
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            return (f"the convolution is grouped (groups={groups}) and LoRA's update reads every input channel, which "
+                    "its grouped kernel cannot hold (peft cannot merge it either); use unload() to drop the adapter")
+        return super().merge_blocker(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.get_base_layer().groups > 1:
+            raise TypeError(f"LoRA on a grouped convolution has no update of the kernel's shape: {self.merge_blocker(adapter_name)}")
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         # B: (out, r, 1, ...), A: (r, in, k, ...) -> (out, in, k, ...)
         return torch.einsum("or,ri...->oi...", wide(B.flatten(1)), wide(A)) * self.scaling[adapter_name]
@@ -707,11 +722,17 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
                 "beside them to train; leave it out of target_modules, or adapt it with lora_bias=False"
             )
     if isinstance(base, CONVOLUTIONS) and base.groups != 1:
-        # A and B stand for a dense kernel (out, in, k...); a grouped one is (out, in / groups, k...).
-        raise ValueError(
-            f"LoRA on {key!r} needs a convolution with groups=1, got groups={base.groups}; leave it out of "
-            "target_modules (or add it to exclude_modules)"
-        )
+        # B is grouped (LoraConv): each group's r / g channels go back up to that group's outputs.
+        r = config.rank_and_alpha(key)[0]
+        if r % base.groups:
+            raise ValueError(
+                f"LoRA on {key!r}, a convolution with groups={base.groups}, needs a rank divisible by the groups (B is "
+                f"grouped as the convolution is, as in peft); {key!r} gets r={r}: use a multiple of {base.groups} "
+                "(rank_pattern for this layer), or leave it out of target_modules"
+            )
+        if config.use_dora:
+            raise ValueError(f"DoRA on {key!r}, a convolution with groups={base.groups}: its norms are of the update's "
+                             "kernel, which a grouped convolution's LoRA does not have; set use_dora=False for it")
 
 
 SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and transformers' GPT-2 Conv1D"

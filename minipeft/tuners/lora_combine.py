@@ -75,6 +75,10 @@ def add_weighted_adapter(
     _check_merge_options(requested, density, majority_sign_method)
     names = [name for name, _ in sources]
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and any(a in m.r for a in names)}
+    grouped = [n for n, m in layers.items() if getattr(m.get_base_layer(), "groups", 1) > 1]
+    if grouped:
+        raise ValueError(f"cannot combine adapters on grouped convolutions {grouped[:3]}: their LoRA has no update of "
+                         "the kernel's shape to add up (B is grouped, A is not); combine adapters that leave them out")
     if combination_type in FACTOR_TYPES and combination_type != "linear":  # "linear" zero-pads
         _check_one_rank_per_layer(layers, names, combination_type)
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
