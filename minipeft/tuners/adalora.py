@@ -12,7 +12,8 @@ that comes back. E starts at zero (so the update does), P and Q at N(0, 0.02^2);
 triplets towards singular vectors is an orthogonal regulariser added to the training loss,
 ``orth_reg_weight * mean over factors of ||Q Q^T - I||_F`` and ``||P^T P - I||_F``
 (``add_orthogonal_regularization``, applied to a forward's ``outputs.loss`` as peft applies it,
-but in training mode only).
+but in training mode only, and also for a config without ``task_type``, whose forward peft 0.21
+sends past AdaLoRA's, so that its losses there lack the regulariser).
 
 Which triplets to keep is decided from how much the loss depends on them, smoothed over steps:
 ``adalora_budget.py`` (``RankAllocator``). A training loop calls
