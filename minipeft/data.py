@@ -425,7 +425,7 @@ def collate(examples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
 def _token_ids(ids, i: int) -> torch.Tensor:
     """Example ``i``'s token ids as a long tensor: integers >= 0 (a float would be truncated silently)."""
     try:
-        values = torch.as_tensor(ids)
+        values = torch.as_tensor(ids) if len(ids) else torch.zeros(0, dtype=torch.long)  # ([] reads as float)
     except (TypeError, ValueError, RuntimeError):
         values = None
     if (values is None or values.dim() != 1 or values.dtype == torch.bool or values.is_floating_point()

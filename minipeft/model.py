@@ -692,7 +692,8 @@ class PeftModel(nn.Module):
     def word_embeddings(self) -> nn.Module:
         """The base model's token embedding (peft's attribute of prompt-learning models): the
         module whose output virtual tokens are put beside."""
-        encoder = self.prompt_encoder[self.active_adapter] if "prompt_encoder" in self._modules else None
+        encoder = self._modules["prompt_encoder"]._modules.get(self.active_adapter) if "prompt_encoder" in self._modules \
+            else None
         found = getattr(encoder, "word_embeddings", None)  # prompt tuning's input_embeddings_name, if set
         found = declared_embedding(self.get_base_model(), "input") if found is None else found
         if found is None:

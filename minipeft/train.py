@@ -186,7 +186,7 @@ class TrainConfig:
             _check_int("patience", self.patience, 1, "or None for no early stopping")
         _check_int("checkpoint_every", self.checkpoint_every, 0, "(0: only after evaluations and at the end)")
         _check_int("log_every", self.log_every, 1)
-        _check_int("seed", self.seed, 0, maximum=2**63 - 1)  # (plus the rank: still within torch.manual_seed's range)
+        _check_int("seed", self.seed, -(2**63), maximum=2**63 - 1)  # (plus the rank: within torch.manual_seed's range)
 
 
 def _check_int(name: str, value, minimum: int, hint: str = "", maximum: int | None = None) -> None:

@@ -366,6 +366,7 @@ def test_records_batched_before_tokenising_get_a_clear_error():
 def test_collate_refuses_what_it_would_misread():
     with pytest.raises(DataError, match="collate got no examples"):
         collate([])
+    assert collate([{"input_ids": []}, {"input_ids": [4]}])["attention_mask"].tolist() == [[0], [1]]  # (empty: no text)
     with pytest.raises(DataError, match=r"example 0's input_ids \[1.7, 2.9\] are not a list of token ids"):
         collate([{"input_ids": [1.7, 2.9]}])  # (would be truncated to 1, 2)
     with pytest.raises(DataError, match="example 1's input_ids hold -1; token ids are >= 0"):

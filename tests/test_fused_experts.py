@@ -101,3 +101,18 @@ def test_a_checkpoint_of_per_expert_layers_is_refused_saying_why(tmp_path):
     with pytest.raises(ValueError, match=r"it adapts each expert as a layer of its own .* transformers 4 .* "
                                          r"load it with peft and save it again"):
         minipeft.PeftModel.from_pretrained(qwen3_moe(), tmp_path)
+
+
+def test_qwen2_moe_is_left_as_peft_leaves_it():
+    # peft 0.21's list of converted model types lacks qwen2_moe: its names keep selecting the
+    # shared expert's nn.Linear layers, and the fused experts stay unadapted, in both libraries.
+    torch.manual_seed(0)
+    base = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, num_experts=4,
+        num_experts_per_tok=2)).eval()
+    theirs, ours = seeded_pair(base, "LoraConfig", dict(r=4, target_modules=["q_proj", "gate_proj", "up_proj",
+                                                                            "down_proj"]))
+    assert ours.peft_config["default"].target_modules == ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    assert not ours.peft_config["default"].target_parameters
+    assert sorted(minipeft.get_peft_model_state_dict(ours)) == sorted(peft.get_peft_model_state_dict(theirs))

@@ -72,6 +72,13 @@ def test_prompt_carries_gradient_to_the_table():
     torch.testing.assert_close(table.grad, torch.full_like(table, 4.0))  # each row is used by 4 examples
 
 
+def test_word_embeddings_while_another_kind_of_adapter_is_active():
+    _, ours = pair("llama", "PromptTuningConfig", num_virtual_tokens=3)
+    ours.add_adapter("lora", minipeft.LoraConfig(target_modules=["q_proj"]))
+    ours.set_adapter("lora")
+    assert ours.word_embeddings is ours.get_base_model().get_input_embeddings()  # (was a KeyError)
+
+
 def test_refusals():
     model = minipeft.get_peft_model(tiny_transformers_model("llama"), minipeft.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="adds no virtual tokens"):

@@ -65,3 +65,16 @@ def test_without_hooks_the_term_added_in_place_is_right():
     A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     with torch.no_grad():
         torch.testing.assert_close(layer(x), layer.base_layer(x) + s * x @ A.T @ B.T)
+
+
+def test_lora_on_a_module_another_adapter_trains_whole():
+    # The base layer chain passes through a trained copy's wrapper (its module is original_module).
+    model = minipeft.get_peft_model(mlp(), minipeft.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    model.add_adapter("b", minipeft.LoraConfig(r=2, target_modules=["2"], init_lora_weights=False))
+    model.set_adapter("b")
+    x = torch.randn(5, 8)
+    layer = model.base_model.model[2]
+    hidden = model.base_model.model[1](model.base_model.model[0](x))
+    A, B, s = layer.lora_A["b"].weight, layer.lora_B["b"].weight, layer.scaling["b"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), layer.base_layer(hidden) + s * hidden @ A.T @ B.T)

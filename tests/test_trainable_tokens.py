@@ -517,3 +517,13 @@ def test_add_weighted_adapter_refuses_trainable_tokens(llama, first):
     model.add_adapter("plain2", minipeft.LoraConfig(r=4, target_modules=["q_proj"]))
     model.add_weighted_adapter(["plain", "plain2"], [0.5, 1.0], "both", combination_type="cat")
     assert model.peft_config["both"].trainable_token_indices is None
+
+
+def test_token_ids_as_a_tensor_an_array_or_numpy_ints_become_a_list():
+    import numpy as np
+
+    for given in (torch.tensor([3, 5]), np.array([3, 5]), [np.int64(3), np.int64(5)], range(3, 6, 2)):
+        assert minipeft.TrainableTokensConfig(token_indices=given, target_modules=["embed"]).token_indices == [3, 5]
+        assert minipeft.LoraConfig(target_modules=["q"], trainable_token_indices=given).trainable_token_indices == [3, 5]
+    config = minipeft.LoraConfig(target_modules=["q"], trainable_token_indices={"embed_tokens": (1, 2)})
+    assert config.trainable_token_indices == {"embed_tokens": [1, 2]}

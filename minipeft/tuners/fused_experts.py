@@ -47,11 +47,12 @@ RENAMED = {
 FUSED_PAIR = {"mixtral": ("w1", "w3"), "qwen2_moe": ("gate_proj", "up_proj")}
 FUSED = "gate_up_proj"
 
-# transformers 5's model types of each family.
+# transformers 5's model types of each family: those peft converts (its list from transformers lacks
+# qwen2_moe itself, whose experts peft 0.21 leaves as they are, so minipeft does too).
 FAMILY = {
     **dict.fromkeys(["mixtral", "minimax", "minimax_m2"], "mixtral"),
     **dict.fromkeys([
-        "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_text",
+        "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_text",
         "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "Dots3NoteTextModel", "afmoe", "ernie4_5_moe",
         "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm4v_moe", "longcat_flash", "solar_open", "mellum", "beam",
         "hunyuan_v1_moe", "flex_olmo", "olmoe", "sarvam_mla", "exaone_moe", "cohere2_moe", "UnlimitedOcrTextModel",

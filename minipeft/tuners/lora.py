@@ -104,9 +104,10 @@ class LoraConfig(PeftConfig):
     }
 
     def __post_init__(self) -> None:
+        # Token ids as a tensor, an array or numpy ints become a list before the type check.
+        self.trainable_token_indices = trainable_tokens.normalize_lora_token_indices(self.trainable_token_indices)
         super().__post_init__()
         self.peft_type = PeftType.LORA
-        self.trainable_token_indices = trainable_tokens.normalize_lora_token_indices(self.trainable_token_indices)
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"LoRA rank must be a positive integer, got {name}={value!r}")
@@ -448,7 +449,7 @@ class LoraLinear(LoraLayer):
         while not module._forward_hooks:
             if not isinstance(module, AdapterLayer):
                 return True
-            module = module.base_layer
+            module = getattr(module, module.base_layer_name)  # (a trained copy's wrapper: original_module)
         return False
 
     def _add_dora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

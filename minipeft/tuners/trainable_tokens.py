@@ -95,9 +95,10 @@ class TrainableTokensConfig(PeftConfig):
     init_weights: bool = True
 
     def __post_init__(self) -> None:
+        # Token ids as a tensor, an array or numpy ints become a list before the type check.
+        self.token_indices = token_index_list(self.token_indices, "token_indices")
         super().__post_init__()
         self.peft_type = PeftType.TRAINABLE_TOKENS
-        self.token_indices = token_index_list(self.token_indices, "token_indices")
 
 
 def token_index_list(indices: object, what: str) -> list[int]:
