@@ -250,11 +250,15 @@ def check_field_types(config: PeftConfig) -> None:
     is checked on load: a config that builds must also load back once saved. The cases this catches
     would otherwise run and mislead: ``inference_mode="False"`` reads as true (the adapter freezes),
     ``modules_to_save="qv"`` as the names 'q' and 'v', ``lora_alpha=nan`` makes every output NaN.
-    A tuple or set where a list is expected becomes a list (a set sorted, as peft's JSON holds it)."""
+    A tuple, range or set where a list is expected becomes a list (a set sorted, as peft's JSON
+    holds it), and a path where a string is expected its string."""
     for name, hint in _field_hints(type(config)).items():
         value = getattr(config, name)
-        if isinstance(value, (tuple, set, frozenset)) and _takes_list(hint):
+        if isinstance(value, (tuple, range, set, frozenset)) and _takes_list(hint):
             value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+            setattr(config, name, value)
+        elif isinstance(value, os.PathLike) and fits_annotation("", hint):
+            value = os.fspath(value)
             setattr(config, name, value)
         if not fits_annotation(value, hint):
             advice = f"; write [{value!r}]" if isinstance(value, str) and _takes_list(hint) else ""

@@ -86,6 +86,10 @@ def test_tuples_and_sets_become_lists():
     assert config.target_modules == ["fc1", "fc2"]  # a set in peft: sorted, so runs agree
     assert config.modules_to_save == ["head", "embed"] and config.layers_to_transform == [1, 0]  # order kept
     assert minipeft.LoraConfig(modules_to_save={"b", "a"}).modules_to_save == ["a", "b"]
+    assert minipeft.LoraConfig(target_modules=["q"], layers_to_transform=range(2)).layers_to_transform == [0, 1]
+    import pathlib
+
+    assert minipeft.LoraConfig(base_model_name_or_path=pathlib.Path("models/tiny")).base_model_name_or_path == "models/tiny"
 
 
 @pytest.mark.parametrize("config", [
