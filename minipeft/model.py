@@ -37,7 +37,7 @@ from .targeting import (
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
 from .tuners.prefix_tuning import PrefixEncoder
-from .tuners.trainable_tokens import TrainableTokensLayer
+from .tuners.trainable_tokens import TiedTokensLayer, TrainableTokensLayer
 
 
 class AdaptedModel(nn.Module):
@@ -96,8 +96,11 @@ class AdaptedModel(nn.Module):
         return list(found)
 
     def _targeted(self, layer: AdapterLayer) -> bool:
-        """Whether ``layer`` holds an adapter of its own method (a wrapper a method adds beside
-        its targets, such as LoRA's trainable tokens, holds another method's)."""
+        """Whether ``layer`` holds an adapter of its own method on a module the config chose (a
+        wrapper a method adds beside its targets holds another method's, as LoRA's trainable tokens
+        do, or is a follower: trainable tokens' wrappers on the modules tied to the embedding)."""
+        if isinstance(layer, TiedTokensLayer):
+            return False
         owner = self.__dict__.get("owner_ref", lambda: None)()
         configs = owner.peft_config if owner is not None else {}
         methods = [method_for(configs[a]) for a in layer.adapter_names if a in configs]

@@ -532,6 +532,14 @@ def test_targeted_module_names_are_peft_s(make_base, config, second):
     assert mini.targeted_module_names == reference.targeted_module_names
 
 
+@pytest.mark.parametrize("kind, embedding", [("gpt2", "wte"), ("t5", "shared")])
+def test_trainable_tokens_target_the_embedding_alone_not_the_modules_tied_to_it(kind, embedding):
+    config = dict(target_modules=[embedding], token_indices=[1, 2])
+    mini = get_peft_model(tiny_transformers_model(kind), minipeft.TrainableTokensConfig(**config))
+    reference = peft.get_peft_model(tiny_transformers_model(kind), peft.TrainableTokensConfig(**config))
+    assert mini.targeted_module_names == reference.targeted_module_names  # (the tied lm_head was listed)
+
+
 def test_an_adapter_loaded_to_train_is_trainable_at_once_as_in_peft(tmp_path):
     base = TinyNet()
     get_peft_model(copy.deepcopy(base), LoraConfig(**LORA)).save_pretrained(tmp_path)
