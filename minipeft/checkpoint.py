@@ -55,6 +55,12 @@ and a shape mismatch says so), a second copy of an adapter tensor must equal the
 key still fails the load. minipeft itself saves the adapter's tensors only (peft loads those files
 all the same), so ``save_embedding_layers=True`` is refused on saving.
 
+A mixture of experts saved under transformers 4
+-----------------------------------------------
+Such a file holds a LoRA pair per expert (``experts.<e>.gate_proj.lora_A.weight``, ...), where
+transformers 5 holds the experts as fused parameters. Before the keys are checked it is fused,
+as peft fuses it, into the pairs the adapter has there (``tuners/fused_experts.py``).
+
 Safety
 ------
 * Tensors are read with safetensors only; a pickled ``adapter_model.bin`` is refused.
@@ -95,7 +101,8 @@ from .injection import check_adapter_name, check_new_adapter_name, known_adapter
 from .targeting import (
     attention_out_projections, declared_embedding, is_bias, is_under, is_wrapper, join_name, logical_name,
 )
-from .tuners import ModulesToSaveWrapper, boft, lora_init, method_for
+from .tuners import ModulesToSaveWrapper, boft, fused_experts, lora_init, method_for
+from .tuners.architecture_targets import model_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -467,6 +474,7 @@ def set_peft_model_state_dict(
     del low_cpu_mem_usage  # nothing to do: see the docstring
     expected = _expected_keys(model, adapter_name)
     state_dict, prompt_embeddings = _checkpoint_tensors(peft_model_state_dict, expected, adapter_name)
+    state_dict = fused_experts.fuse_per_expert_checkpoint(model, state_dict, expected.mapping)
     state_dict = _check_keys(model, adapter_name, state_dict, expected)
     targets = model.state_dict(keep_vars=True)
     mapping, skipped = _check_tensors(state_dict, expected, targets, ignore_mismatched_sizes)
@@ -567,11 +575,16 @@ def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected:
                          "or load it with peft 0.15")
     per_expert = [k for k in unexpected if re.search(r"\.experts\.\d+\.", k)]
     if per_expert and any(n.endswith(".gate_up_proj") and p.dim() == 3 for n, p in model.named_parameters()):
+        kind = model_type(model)
         raise ValueError(
             f"checkpoint does not fit adapter {adapter_name!r}: it adapts each expert as a layer of its own "
             f"({_describe(per_expert)}), as transformers 4 built them, and this model holds its experts fused "
-            "(experts.gate_up_proj, experts.down_proj: transformers 5). minipeft does not convert such a checkpoint "
-            "(peft does): load it with peft and save it again, or use the base model under transformers 4"
+            "(experts.gate_up_proj, experts.down_proj: transformers 5). "
+            + ("The adapter does not adapt those fused parameters: configure it as the checkpoint was (its "
+               "adapter_config.json), and the per-expert layers are fused as they load"
+               if kind in fused_experts.FAMILY else
+               f"minipeft, as peft, converts such checkpoints for the Mixtral and Qwen-MoE families, not for model "
+               f"type {kind!r}: use the base model under transformers 4")
         )
     parts = []
     if missing:

@@ -26,12 +26,24 @@ their checkpoints cross:
 The models: those whose ``config.model_type`` transformers 5 converts this way (the two families
 below), and only when the model does hold fused experts (under transformers 4 nothing changes).
 The converted fields are what the adapter's config records, as peft's does.
+
+A checkpoint saved under transformers 4 holds one LoRA pair per expert and projection. It loads
+into the fused layout (``fuse_per_expert_checkpoint``), as peft loads it: for expert e, the gate
+and up halves stack into one pair of rank 2 r,
+
+    A_e = [A_gate_e; A_up_e]   (2 r, d)        B_e = [[B_gate_e, 0], [0, B_up_e]]   (2 inter, 2 r)
+
+so that B_e A_e = [B_gate_e A_gate_e; B_up_e A_up_e], each half's own update, under the same
+scaling (2 alpha / 2 r = alpha / r); the experts' pairs are then laid out as ``lora_parameter.py``
+stores them. Mixtral's MoE block was also renamed (``block_sparse_moe`` -> ``mlp``).
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 
+import torch
 from torch import nn
 
 from ..targeting import ALL_LINEAR, all_linear_names
@@ -46,6 +58,7 @@ RENAMED = {
 }
 FUSED_PAIR = {"mixtral": ("w1", "w3"), "qwen2_moe": ("gate_proj", "up_proj")}
 FUSED = "gate_up_proj"
+RENAMED_BLOCKS = {"mixtral": (".block_sparse_moe.", ".mlp.")}  # transformers 4's name -> 5's, in every key
 
 # transformers 5's model types of each family: those peft converts (its list from transformers lacks
 # qwen2_moe itself, whose experts peft 0.21 leaves as they are, so minipeft does too).
@@ -118,3 +131,87 @@ def _leaf_names(model: nn.Module, config, renamed: dict[str, str]) -> list[str]:
         if any(pattern.fullmatch(f"{holder}.{old}") for holder in holders):
             leaves.add(old)
     return sorted(leaves)
+
+
+# -- checkpoints saved under transformers 4 -------------------------------------------------------
+# "<experts>.<expert index>.<old projection name>.lora_A.weight" (or lora_B)
+PER_EXPERT_KEY = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<old>[^.]+)\.(?P<factor>lora_[AB])\.weight")
+
+
+def fuse_per_expert_checkpoint(model: nn.Module, state_dict: dict, expected_keys: dict[str, str]) -> dict:
+    """A checkpoint of per-expert LoRA layers (transformers 4) keyed and shaped as ``model``'s
+    fused experts hold it (module docstring); any other checkpoint, or model, as it is.
+
+    ``expected_keys``: checkpoint key -> model key of the adapter being loaded; each fused pair
+    takes the key the adapter saves it under (which depends on the parameters it adapts).
+    """
+    family = FAMILY.get(model_type(model))
+    if family is None or not any(PER_EXPERT_KEY.fullmatch(k) for k in state_dict):
+        return state_dict
+    if family in RENAMED_BLOCKS:
+        old_block, new_block = RENAMED_BLOCKS[family]
+        state_dict = {k.replace(old_block, new_block): v for k, v in state_dict.items()}
+    fused_keys = _fused_lora_keys(model, expected_keys)
+    renamed, pair = RENAMED[family], FUSED_PAIR[family]
+    # (experts path, fused parameter) -> old name -> expert -> factor -> tensor
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    out = {}
+    for key, tensor in state_dict.items():
+        match = PER_EXPERT_KEY.fullmatch(key)
+        parameter = renamed.get(match["old"]) if match else None
+        if parameter is None or (match["experts"], parameter) not in fused_keys:
+            out[key] = tensor  # not a per-expert layer of this model: the key check judges it
+            continue
+        groups[match["experts"], parameter][match["old"]][int(match["expert"])][match["factor"]] = tensor
+    for (experts, parameter), by_name in groups.items():
+        names = list(pair) if parameter == FUSED else sorted(by_name)
+        key_A, key_B, num_experts = fused_keys[experts, parameter]
+        factors = [_stacked(by_name, name, experts, num_experts) for name in names]  # [(A (E, r, in), B (E, out, r))]
+        out[key_A], out[key_B] = _fused_pair(factors)
+    return out
+
+
+def _stacked(by_name: dict, name: str, experts: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One projection's factors over the experts: A (E, r, in), B (E, out, r); every one must be there."""
+    by_expert = by_name.get(name, {})
+    absent = [f"{experts}.{e}.{name}.{factor}" for e in range(num_experts) for factor in ("lora_A", "lora_B")
+              if factor not in by_expert.get(e, {})]
+    extra = sorted(e for e in by_expert if e >= num_experts)
+    if absent or extra:
+        what = f"lacks {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}" if absent else \
+            f"has experts {extra} beyond the model's {num_experts}"
+        raise ValueError(f"this per-expert (transformers 4) checkpoint {what}: every one of the {num_experts} experts' "
+                         f"{name} is needed to build the fused experts of {experts}")
+    return (torch.stack([by_expert[e]["lora_A"] for e in range(num_experts)]),
+            torch.stack([by_expert[e]["lora_B"] for e in range(num_experts)]))
+
+
+def _fused_pair(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lora_A`` (E R, in) and ``lora_B`` (out, R E) of one fused parameter from each of its
+    projections' stacked factors (gate and up: rows stacked, B block-diagonal; R = their ranks' sum)."""
+    A = torch.cat([a for a, _ in factors], dim=1)  # (E, R, in): A_e = [A_gate_e; A_up_e]
+    B = torch.stack([torch.block_diag(*(b[e] for _, b in factors)) for e in range(A.shape[0])])  # (E, out, R)
+    # lora_parameter.py's layout: A's rows expert by expert, B's columns interleaved (column j E + e is B_e's j)
+    return A.flatten(0, 1), B.permute(1, 2, 0).flatten(1)
+
+
+def _fused_lora_keys(model: nn.Module, expected_keys: dict[str, str]) -> dict[tuple[str, str], tuple[str, str, int]]:
+    """``{(experts path, parameter name): (lora_A key, lora_B key, number of experts)}`` for the
+    adapter's LoRA on fused expert parameters, the path as the checkpoint names the module (no
+    wrapper segments)."""
+    from .lora_parameter import LoraParameter  # late: lora_parameter builds on lora, which imports this file
+
+    found: dict[tuple[str, str], dict[str, str | int]] = defaultdict(dict)
+    for ckpt_key, model_key in expected_keys.items():
+        for factor in ("lora_A", "lora_B"):
+            head, dot_factor, _ = model_key.rpartition(f".{factor}.")
+            if not dot_factor:
+                continue
+            layer = model.get_submodule(head)
+            if isinstance(layer, LoraParameter):
+                path = ckpt_key.rpartition(f".{factor}.")[0]
+                while path.endswith(".base_layer"):
+                    path = path.removesuffix(".base_layer")
+                found[path, layer.parameter_name].update({factor: ckpt_key, "experts": layer.num_experts})
+    return {place: (keys["lora_A"], keys["lora_B"], keys["experts"]) for place, keys in found.items()}
+
