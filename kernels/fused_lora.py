@@ -756,10 +756,10 @@ def dropout_mask(seed, shape, p, device="cpu"):
 # read and one write of y, about 5% of a large layer's time, so it pays only where our GEMM is
 # at least ~95% as fast as cuBLAS. `bench_lora_linear.py --profile` measures that share at the
 # issue's flagship shape (y and dx with their low-rank terms): on an H200 with triton 3.6 it was 84%
-# without dropout and 76% with (benchmarks/results/nvidia-h200-run3.md), and the cuBLAS route beat
-# ours forward + backward in the same run (0.97 against 1.02 ms, and 1.20 against 1.50 ms at
-# p = 0.1). So cuBLAS runs the base product by default; set this to True, or pass
-# route="triton GEMM", to run ours (on a GPU where it measures >= 95%).
+# without dropout and 76% with in run 3 (benchmarks/results/nvidia-h200-run3.md), where the cuBLAS
+# route beat ours forward + backward (0.97 against 1.02 ms, and 1.20 against 1.50 ms at p = 0.1),
+# and 87% in run 4 (nvidia-h200.md). So cuBLAS runs the base product by default; set this to True,
+# or pass route="triton GEMM", to run ours (on a GPU where it measures >= 95%).
 FUSE_BASE_GEMM = False
 
 

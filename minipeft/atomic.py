@@ -9,7 +9,7 @@ it over the target (os.replace), then fsync the folder so that the rename itself
 crash. A failure before the rename removes the temporary file and leaves the target as it was.
 Streaming through `write(f)` means a large object is never held in memory a second time as bytes.
 
-Callers that replace several files together (checkpoint.write_adapter) use the two halves:
+Callers that replace several files together (checkpoint.write_adapters) use the two halves:
 write_temp for each file, then their own renames, then fsync_dir.
 
 A whole folder (train.save_weights' best weights) cannot be renamed over a folder that has

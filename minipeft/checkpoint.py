@@ -73,7 +73,7 @@ Safety
 * Loading validates everything (config fields and types, keys, shapes) before it changes the
   model, and removes the adapter again if anything fails after it was injected.
 
-``write_adapter`` is that writer for any config and tensors: a PiSSA/OLoRA adapter converted to
+``write_adapters`` is that writer for any configs and tensors: a PiSSA/OLoRA adapter converted to
 plain LoRA on save (``PeftModel.save_pretrained(..., path_initial_model_for_weight_conversion=)``,
 the math in ``tuners/lora_init.py``) is written by it, as atomically as any other adapter.
 """
@@ -96,7 +96,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns, and so peft
 
 from .atomic import fsync_dir, write_temp
-from .config import PeftConfig, PeftType, describe, fits_annotation
+from .config import PeftConfig, PeftType, config_json, describe, fits_annotation
 from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
 from .targeting import (
     attention_out_projections, declared_embedding, is_bias, is_under, is_wrapper, join_name, logical_name,
@@ -726,9 +726,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
 
 
 def _config_bytes(config: PeftConfig) -> bytes:
-    data = config.to_dict()
-    data["inference_mode"] = True  # as peft: a saved adapter loads frozen unless asked otherwise
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    return config_json({**config.to_dict(), "inference_mode": True})  # as peft: a saved adapter loads frozen
 
 
 # -- atomic files (the recipe is minipeft.atomic's; both files are renamed only once both are written)
@@ -748,12 +746,6 @@ def check_saveable(folder: str) -> None:
                 f"cannot save an adapter to {folder!r}: {name} there is a folder, where the adapter's file goes; "
                 "move it away or give another folder"
             )
-
-
-def write_adapter(folder: str | os.PathLike, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
-    """Write ``config`` and ``state`` (checkpoint keys) to ``folder`` as one adapter checkpoint,
-    atomically: a model's adapter, or what PiSSA/OLoRA conversion computed (``save_pretrained``)."""
-    write_adapters([(folder, config, state)])
 
 
 def write_adapters(adapters: list[tuple[str | os.PathLike, PeftConfig, dict[str, torch.Tensor]]]) -> None:
@@ -833,7 +825,7 @@ def _save_converted(
 ) -> None:
     """Save PiSSA/OLoRA adapter ``adapter_name`` converted to plain LoRA on the original weights,
     given its initial state in ``initial_folder``. Everything is read and checked before the
-    one atomic write (``write_adapter``)."""
+    one atomic write (``write_adapters``)."""
     folder = adapter_folder(save_directory, adapter_name)
     if os.path.realpath(folder) == os.path.realpath(initial_folder):
         raise ValueError(
@@ -854,7 +846,7 @@ def _save_converted(
         initial_tensors,
         source=repr(initial_folder),
     )
-    write_adapter(folder, config, tensors)
+    write_adapters([(folder, config, tensors)])
 
 
 def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> str:

@@ -82,7 +82,6 @@ class PeftConfig:
             except ValueError:
                 known = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"task_type={self.task_type!r} is not a task type; use one of: {known}") from None
-        names_as_lists(self, *(name for name in MODULE_NAME_FIELDS if hasattr(self, name)))
         check_field_types(self)
         check_regexes(self)
 
@@ -142,13 +141,18 @@ class PeftConfig:
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise NotADirectoryError(f"cannot save a config to {folder!r}: it is a file; give a folder")
         os.makedirs(folder, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: f.write(text.encode()))
+        text = config_json(self.to_dict())
+        atomic_write(os.path.join(folder, CONFIG_NAME), lambda f: f.write(text))
 
     @property
     def is_prompt_learning(self) -> bool:
         """Prompt tuning, P-tuning and prefix tuning add virtual tokens instead of wrapping layers."""
         return self.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.PREFIX_TUNING)
+
+
+def config_json(data: dict[str, Any]) -> bytes:
+    """``adapter_config.json``'s text for a config's dict: indented, keys sorted (as peft writes it)."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 # -- checks that several method configs share ---------------------------------------------------
@@ -250,12 +254,15 @@ def check_field_types(config: PeftConfig) -> None:
     is checked on load: a config that builds must also load back once saved. The cases this catches
     would otherwise run and mislead: ``inference_mode="False"`` reads as true (the adapter freezes),
     ``modules_to_save="qv"`` as the names 'q' and 'v', ``lora_alpha=nan`` makes every output NaN.
-    A tuple, range or set where a list is expected becomes a list (a set sorted, as peft's JSON
-    holds it), and a path where a string is expected its string."""
+    A tuple, range or set where a list is expected becomes a list, and a path where a string is
+    expected its string. A set is sorted, as peft's JSON holds it, and so is any collection of
+    module names (``MODULE_NAME_FIELDS``, sets in peft, where order means nothing): one config,
+    one file, from run to run."""
     for name, hint in _field_hints(type(config)).items():
         value = getattr(config, name)
         if isinstance(value, (tuple, range, set, frozenset)) and _takes_list(hint):
-            value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+            unordered = isinstance(value, (set, frozenset)) or name in MODULE_NAME_FIELDS
+            value = sorted(value) if unordered else list(value)
             setattr(config, name, value)
         elif isinstance(value, os.PathLike) and fits_annotation("", hint):
             value = os.fspath(value)
@@ -300,6 +307,13 @@ def check_probability(config: PeftConfig, name: str, what: str = "a probability"
         raise ValueError(f"{type(config).__name__}.{name} is {what} in {interval}, got {value!r}")
 
 
+def check_bias(config: PeftConfig, own: str) -> None:
+    """A ValueError unless ``config.bias`` is one of peft's three choices: ``"none"``, ``"all"``
+    (every bias of the model trains) or ``own`` (``"lora_only"``, ...: the adapted layers' biases)."""
+    if config.bias not in ("none", "all", own):
+        raise ValueError(f"{type(config).__name__}.bias must be 'none', 'all' or {own!r}, got {config.bias!r}")
+
+
 def is_positive_int(value: object) -> bool:
     """An int > 0, and not a bool (``True`` is an int to Python, but no rank or size)."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -307,14 +321,6 @@ def is_positive_int(value: object) -> bool:
 
 # Fields that name modules, as a list (or one regex string); peft's configs keep them as sets.
 MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
-
-
-def names_as_lists(config: PeftConfig, *fields: str) -> None:
-    """Module-name fields given as sets or tuples (peft takes sets) become sorted lists: what
-    ``adapter_config.json`` can hold, in an order that does not change from run to run."""
-    for field_name in fields:
-        if isinstance(getattr(config, field_name), (set, frozenset, tuple)):
-            setattr(config, field_name, sorted(getattr(config, field_name)))
 
 
 def check_layer_selection(config: PeftConfig) -> None:

@@ -23,7 +23,8 @@ below the usual LoRA one.
 
 The same argument covers every trainable *vector* (a bias, a norm's gain, DoRA's
 magnitude): it scales or shifts the output directly, like ``B`` with a fan-in of one, so it
-gets ``B``'s step too. LoRA on an embedding is looked up by token id, not multiplied with a
+gets ``B``'s step too. (The rule goes by shape, as peft's: a convolution's DoRA magnitude is
+stored (1, out, 1, ...), not as a vector, so it gets ``A``'s.) LoRA on an embedding is looked up by token id, not multiplied with a
 dense input, so the argument does not carry over; its tables get a learning rate of their own,
 ``loraplus_lr_embedding``.
 
@@ -56,7 +57,7 @@ from .tuners.lora import LoraEmbedding, LoraLayer
 LORAPLUS_LR_EMBEDDING = 1e-6
 
 
-def lora_factors(model: nn.Module) -> dict[int, str]:
+def lora_factor_kinds(model: nn.Module) -> dict[int, str]:
     """The LoRA factors of ``model``'s LoRA layers, by ``id`` of the parameter: ``"A"``, ``"B"``
     (B's bias too, with ``lora_bias``) or ``"embedding"`` (either table of a LoRA embedding).
     Read from the modules that hold them, not from parameter names."""
@@ -81,7 +82,7 @@ def loraplus_roles(model: nn.Module) -> dict[str, str]:
     if not trainable:
         raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to optimize")
     lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    factors = lora_factors(model)
+    factors = lora_factor_kinds(model)
     embedding = {i for i, kind in factors.items() if kind == "embedding"}
     lora_b = {i for i, kind in factors.items() if kind == "B"}
 

@@ -20,6 +20,10 @@ place (and the name) of the module it adapts and keeps that module one level dow
 wraps ``layer.0.output``, its dense layer, really at ``layer.0.output.base_layer.dense``, is
 still selected by ``"output.dense"``; what a config selects does not depend on which adapters
 were added before it. The wrappers' own parts (``lora_A.default``, ...) are never selected.
+
+Beside ``target_modules``, a config's ``task_type`` selects too: the new head of a task's model
+trains and is saved with the adapter (peft's rule), so ``check_task_type`` first makes sure the
+task type is that of the model's head.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ classifier (a PeftModel of task_type TOKEN_CLS, a transformers ...ForTokenClassi
 What one run does, in order: training mode (a model in eval mode, as from_pretrained gives
 one, trains whole; in a model in training mode, submodules the user put in eval stay there);
 AdamW over the trainable parameters only (in LoRA+'s groups
-with `loraplus_lr_ratio`, minipeft.optimizers); linear or cosine
-schedule with warmup; gradient accumulation weighted by examples/tokens (on one process
+with `loraplus_lr_ratio`, minipeft.optimizers); linear, cosine or constant
+schedule after warmup; gradient accumulation weighted by examples/tokens (on one process
 the update is exactly that of one big batch); gradient clipping; bf16 autocast on CUDA;
 AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA adapter);
 evaluation every `eval_every` steps; early stopping; the best weights saved

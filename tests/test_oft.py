@@ -280,7 +280,7 @@ def test_bad_configs_and_targets_say_what_would_be_right():
         OFTConfig(r=4, oft_block_size=8)
     with pytest.raises(ValueError, match="either r .* or oft_block_size"):
         OFTConfig(r=0, oft_block_size=0)
-    with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'oft_only'"):
+    with pytest.raises(ValueError, match="OFTConfig.bias must be 'none', 'all' or 'oft_only', got 'lora_only'"):
         OFTConfig(bias="lora_only")
     with pytest.raises(ValueError, match="OFTConfig.use_cayley_neumann must be True or False, got 'False'"):
         OFTConfig(use_cayley_neumann="False")

@@ -6,7 +6,8 @@ on average. To prune a rank it writes the update as a singular value decompositi
 
     Delta W = s / (R + 1e-5) * P diag(E) Q,    P: (out, r) "lora_B",  E: (r,) "lora_E",  Q: (r, in) "lora_A"
 
-``s = lora_alpha`` (not divided by r), ``R = init_r`` the rank the layer started at. Pruning the
+``s = lora_alpha`` (not divided by r; the layer's rank where ``lora_alpha <= 0``, as in peft), ``R = init_r``
+the rank the layer started at. Pruning the
 i-th triplet (P[:, i], E[i], Q[i]) is setting E[i] = 0, which keeps P and Q intact for a triplet
 that comes back. E starts at zero (so the update does), P and Q at N(0, 0.02^2); what pulls the
 triplets towards singular vectors is an orthogonal regulariser added to the training loss,
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
+from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, out_in_features
 from .base import AdapterLayer, AddedUpdate, dropout_or_identity, wide
 
@@ -117,8 +118,7 @@ class AdaLoraConfig(PeftConfig):
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
         check_probability(self, "lora_dropout")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        check_bias(self, "lora_only")
         check_layer_selection(self)
 
     def rank(self, key: str) -> int:

@@ -442,12 +442,16 @@ class AdapterLayer(nn.Module):
             tensors = {**tensors, **merged}
         return None
 
+    def _where(self, layer_name: str) -> str:
+        """How a merge error names this layer: by its name in the model, when the caller knows it."""
+        return repr(layer_name) if layer_name else f"this {type(self).__name__}"
+
     def check_merge_is_finite(self, adapter_names: list[str], layer_name: str = "") -> None:
         """safe_merge's check: a ValueError naming the adapter and the layer when merging
         ``adapter_names`` would put NaN or inf into the weights."""
         bad = self.first_nonfinite_merge(adapter_names)
         if bad is not None:
-            where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
+            where = self._where(layer_name)
             raise ValueError(
                 f"merging adapter {bad!r} into {where} gives non-finite weights (NaN or inf), so nothing was merged; "
                 "the adapter's weights are probably broken"
@@ -517,7 +521,7 @@ class AdapterLayer(nn.Module):
         ``unloading``: the merge ends in an unload, which drops the adapters it does not merge."""
         computed = self._computed_base_tensors() if adapter_names else []
         if computed:
-            where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
+            where = self._where(layer_name)
             raise ValueError(
                 f"cannot merge into {where}, so nothing was merged: its base layer computes {computed} from other "
                 "parameters at each call (torch.nn.utils.parametrize, weight_norm, spectral_norm), so the merged "
@@ -527,7 +531,7 @@ class AdapterLayer(nn.Module):
         for name in adapter_names:
             reason = self.merge_blocker(name)
             if reason is not None:
-                where = repr(layer_name) if layer_name else f"this {type(self).__name__}"
+                where = self._where(layer_name)
                 raise ValueError(f"cannot merge adapter {name!r} into {where}, so nothing was merged: {reason}")
         ordered = self.merge_order()
         if ordered is not None:
@@ -546,7 +550,7 @@ class AdapterLayer(nn.Module):
         merged = [a for a in [*self.merged_adapters, *adapter_names] if a in ordered]
         expected = [a for a in ordered if a in merged] if unloading else ordered[: len(merged)]
         if merged != expected:
-            where = repr(layer_name) if layer_name else "this layer"
+            where = self._where(layer_name)
             raise ValueError(
                 f"cannot merge adapter(s) {list(adapter_names)} into {where}, so nothing was merged: its active "
                 f"adapters {ordered} change its weight in that order and do not commute, so merging {merged} would "

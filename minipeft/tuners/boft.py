@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
+from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .oft import cayley, rotate
@@ -106,8 +106,7 @@ class BOFTConfig(PeftConfig):
             raise ValueError(f"boft_n_butterfly_factor is the number of butterfly factors, a positive integer "
                              f"(1 is OFT); got {self.boft_n_butterfly_factor!r}")
         check_probability(self, "boft_dropout", "a fraction of blocks", one_allowed=True)
-        if self.bias not in ("none", "all", "boft_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'boft_only', got {self.bias!r}")
+        check_bias(self, "boft_only")
         check_layer_selection(self)
 
 

@@ -42,7 +42,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
+from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features
 from .base import AdapterLayer, AddedUpdate, wide
 
@@ -82,8 +82,7 @@ class C3AConfig(PeftConfig):
                 raise ValueError(f"C3A's block sizes are positive integers; got {value!r} for {name!r}")
         if self.init_weights not in INITS:
             raise ValueError(f"C3A's init_weights is one of {list(INITS)}; got {self.init_weights!r}")
-        if self.bias not in ("none", "all", "c3a_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'c3a_only', got {self.bias!r}")
+        check_bias(self, "c3a_only")
         check_layer_selection(self)
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
-    PeftConfig, PeftType, check_layer_selection, is_positive_int, pattern_value,
+    PeftConfig, PeftType, check_bias, check_layer_selection, is_positive_int, pattern_value,
 )
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
 from .base import AdapterLayer, AddedUpdate
@@ -76,8 +76,7 @@ class FourierFTConfig(PeftConfig):
         for name, value in [("n_frequency", self.n_frequency), *self.n_frequency_pattern.items()]:
             if not is_positive_int(value):
                 raise ValueError(f"FourierFT's n_frequency is a positive integer, got {name}={value!r}")
-        if self.bias not in ("none", "all", "fourier_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
+        check_bias(self, "fourier_only")
         check_layer_selection(self)
 
 

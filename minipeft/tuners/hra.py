@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, is_positive_int
+from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
 
@@ -77,8 +77,7 @@ class HRAConfig(PeftConfig):
         self.peft_type = PeftType.HRA
         if not is_positive_int(self.r):
             raise ValueError(f"HRA's r (the number of reflections) is a positive integer, got {self.r!r}")
-        if self.bias not in ("none", "all", "hra_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'hra_only', got {self.bias!r}")
+        check_bias(self, "hra_only")
         check_layer_selection(self)
 
 
@@ -149,7 +148,8 @@ class HRALayer(InputTransformLayer):
     def apply_map(self, t: torch.Tensor, adapter_name: str, transpose: bool, inverse: bool = False,
                   in_forward: bool = True) -> torch.Tensor:
         """``t M`` with ``M = I - V T V^T`` (module docstring), ``t M^T`` with ``transpose``; with
-        ``inverse``, ``t M^{-1} = t M^T`` (an exact product of reflections is orthogonal)."""
+        ``inverse``, ``t M^{-1} = t M^T`` (an exact product of reflections is orthogonal).
+        ``in_forward`` changes nothing here: HRA has no randomness or constraint that acts in a forward."""
         u = self.hra_u[adapter_name]
         dtype = torch.promote_types(t.dtype, u.dtype)
         t, gram_schmidt = t.to(dtype), self.hra_apply_GS[adapter_name]

@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int, pattern_value
+from ..config import (
+    PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int, pattern_value,
+)
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
 from .base import AdapterLayer, dropout_or_identity, embed_scale, plus, wide
@@ -112,8 +114,7 @@ class LoraConfig(PeftConfig):
             if not is_positive_int(value):
                 raise ValueError(f"LoRA rank must be a positive integer, got {name}={value!r}")
         check_probability(self, "lora_dropout")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        check_bias(self, "lora_only")
         if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \
                 lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")

@@ -108,7 +108,7 @@ def orthogonal_factors(r: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor,
 
 def base_changing_init(init: bool | str) -> str | None:
     """``"pissa"`` or ``"olora"`` when ``init_lora_weights`` asks for one of the initialisations
-    that take the adapter out of the base weight; None for the others (True, False, "gaussian").
+    that take the adapter out of the base weight; None for the others (True, False, "gaussian", "orthogonal").
     Spelled as peft accepts them: "pissa" / "pissa_niter_<n>" exactly, "olora" in any case."""
     if isinstance(init, str):
         if init == PISSA or _PISSA_NITER.fullmatch(init):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
+from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_sizes, out_in_features, wrapper_chain
 from .base import AdapterLayer, dropout_or_identity, plus, wide
 
@@ -85,8 +85,7 @@ class MissConfig(PeftConfig):
             raise ValueError(f"MiSS's init_weights is True (balance), False (random, for tests), 'bat' or 'mini'; "
                              f"got {self.init_weights!r}")
         check_probability(self, "miss_dropout")
-        if self.bias not in ("none", "all", "MiSS_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'MiSS_only', got {self.bias!r}")
+        check_bias(self, "MiSS_only")
         check_layer_selection(self)
 
 

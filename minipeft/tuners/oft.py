@@ -52,7 +52,7 @@ Layers
 * ``nn.Embedding``: each embedding vector rotated, ``y = E[ids] R``; merged ``E' = E R``.
 
 In the terms of ``weight_transform.py``, which holds the forward and merging that OFT shares with
-HRA, ``M = R^T``: several adapters active on one layer compose as their merges do, and unmerging
+HRA and BOFT, ``M = R^T``: several adapters active on one layer compose as their merges do, and unmerging
 applies the inverse blocks, exact also for the Neumann form, which is not quite orthogonal.
 
 Checkpoints: ``<layer>.oft_R.weight`` (``<layer>.oft_embedding_R.weight`` on an embedding), peft's keys
@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
+from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
@@ -124,8 +124,7 @@ class OFTConfig(PeftConfig):
                 f"oft_block_size={self.oft_block_size}"
             )
         check_probability(self, "module_dropout", "a fraction of blocks")
-        if self.bias not in ("none", "all", "oft_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
+        check_bias(self, "oft_only")
         if not is_positive_int(self.num_cayley_neumann_terms) or self.num_cayley_neumann_terms < 2:
             raise ValueError(f"num_cayley_neumann_terms is an integer >= 2 (with 1 the series is I and R never "
                              f"moves), got {self.num_cayley_neumann_terms!r}")

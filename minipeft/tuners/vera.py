@@ -61,12 +61,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check_layer_selection, check_probability, is_positive_int
+from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features
 from .base import AdapterLayer, AddedUpdate, adapter_placement, dropout_or_identity
 
 SUPPORTED = "nn.Linear and transformers' GPT-2 Conv1D"
-BIAS_CHOICES = ("none", "all", "vera_only")
 
 
 @dataclass
@@ -111,8 +110,7 @@ class VeraConfig(PeftConfig):
         if not is_positive_int(self.r):
             raise ValueError(f"VeRA's r must be a positive integer, got r={self.r!r}")
         check_probability(self, "vera_dropout")
-        if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        check_bias(self, "vera_only")
         check_layer_selection(self)
         if not self.save_projection:
             warnings.warn(

@@ -1,7 +1,7 @@
-"""What OFT and HRA share: a frozen weight multiplied on its input side by a learned square matrix.
+"""What OFT, HRA and BOFT share: a frozen weight multiplied on its input side by a learned square matrix.
 
-Both methods keep a layer's weight ``W`` (out, d) and learn an orthogonal-ish ``M`` (d, d), OFT as
-block rotations, HRA as a product of Householder reflections:
+The three methods keep a layer's weight ``W`` (out, d) and learn an orthogonal-ish ``M`` (d, d), OFT as
+block rotations, HRA as a product of Householder reflections, BOFT as butterfly products of rotations:
 
     W' = W M,        y = x W'^T + b = (x M^T) W^T + b,        x: (..., d)
 
