@@ -501,12 +501,10 @@ class PeftModel(nn.Module):
         ``safe_merge`` as in ``merge_adapter``: on failure the PeftModel is left as it was.
         ``progressbar`` is accepted for peft's signature and ignored (merging takes no time to watch).
         """
-        if "prompt_encoder" in self._modules:
-            raise TypeError(
-                "virtual tokens (prompt tuning, P-tuning, prefix tuning) are not weights and cannot be merged; use unload()"
-            )
-        self._merge_plan(adapter_names, safe_merge, unloading=True)  # every check; unload merges
+        self._merge_plan(adapter_names, safe_merge, unloading=True)  # every check (virtual tokens refused); unload merges
         self._check_one_trained_copy(self.active_adapters if adapter_names is None else adapter_names)
+        if "prompt_encoder" in self._modules:  # other adapters' virtual tokens: dropped, as unmerged adapters are
+            self.prompt_encoder.remove_hooks()
         return self._forget_adapters(injection.unload(self.get_base_model(), merge=True, adapter_names=adapter_names))
 
     def unload(self) -> nn.Module:

@@ -273,6 +273,21 @@ def test_model_without_sdpa_gets_a_clear_error():
         minipeft.get_peft_model(tiny("llama", attn="eager"), PrefixTuningConfig(num_virtual_tokens=2))
 
 
+def test_attention_switched_away_from_sdpa_after_adding_the_prefix_is_an_error_not_a_plain_model():
+    # The prefix goes in at the SDPA call; eager attention makes none, which used to give the base
+    # model's outputs without a word (and a training step an unrelated autograd error).
+    model = minipeft.get_peft_model(tiny("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    ids = torch.randint(0, VOCAB, (2, 5))
+    model(input_ids=ids)
+    model.get_base_model().set_attn_implementation("eager")
+    with pytest.raises(RuntimeError, match=r"'model.layers.0.self_attn' ran without calling torch.nn.functional."
+                                           r"scaled_dot_product_attention \(attn_implementation='eager'\), so its "
+                                           r"prefix was not applied"):
+        model(input_ids=ids)
+    model.get_base_model().set_attn_implementation("sdpa")
+    model(input_ids=ids)  # and back: the modes of the failed call were all closed
+
+
 @pytest.mark.parametrize("n", [0, -1])
 def test_num_virtual_tokens_must_be_positive(n):
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):

@@ -326,6 +326,22 @@ def test_deleting_the_last_prompt_adapter_lets_lora_merge():
     assert not torch.allclose(lora_out, expected)
 
 
+def test_merge_and_unload_merges_the_active_lora_beside_an_inactive_prompt_adapter():
+    # The prompt adapter is dropped, as an unmerged adapter is; it used to refuse the whole merge and
+    # advise unload(), which throws the LoRA adapter away too.
+    base = tiny("llama")
+    m = minipeft.get_peft_model(base, minipeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    m.add_adapter("prompt", PromptTuningConfig(num_virtual_tokens=2))
+    lora_out = m(**batch()).logits
+    m.set_adapter("prompt")
+    with pytest.raises(TypeError, match=r"adapter\(s\) \['prompt'\] add virtual tokens, which are not weights"):
+        m.merge_and_unload()
+    m.set_adapter("default")
+    merged = m.merge_and_unload()
+    assert not merged._forward_pre_hooks and not merged._forward_hooks  # the prompt's hooks went with it
+    torch.testing.assert_close(merged(**batch()).logits, lora_out, atol=1e-5, rtol=0)
+
+
 def test_model_without_attention_mask_argument():
     class NoMask(NoEmbeddingGetter):
         def forward(self, input_ids=None, inputs_embeds=None):

@@ -209,10 +209,12 @@ class _PrefixSDPA(TorchFunctionMode):
     def __init__(self, prefix_key: torch.Tensor, prefix_value: torch.Tensor) -> None:
         super().__init__()
         self.prefix = (prefix_key, prefix_value)
+        self.calls = 0  # none by the end of the module's forward: the prefix went nowhere
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is SDPA:
+            self.calls += 1
             return sdpa_with_prefix(*self.prefix, *args, **kwargs)
         return func(*args, **kwargs)
 
@@ -346,8 +348,18 @@ class PrefixEncoder(nn.Module):
             self._modes[name].append(mode)
 
     def _leave(self, name: str, module: nn.Module, args, output) -> None:  # None: keeps the output
-        if self._modes[name]:
-            self._modes[name].pop().__exit__(None, None, None)
+        if not self._modes[name]:
+            return
+        mode = self._modes[name].pop()
+        mode.__exit__(None, None, None)
+        if mode.calls == 0 and output is not None:  # (None: the forward raised, and that error goes on)
+            impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+            raise RuntimeError(
+                f"prefix tuning: {name!r} ran without calling torch.nn.functional.scaled_dot_product_attention"
+                + (f" (attn_implementation={impl!r})" if impl else "") + ", so its prefix was not applied; prefix "
+                "tuning adds its keys and values at that call. Was the attention implementation changed after the "
+                "adapter was added? Use SDPA attention (transformers: model.set_attn_implementation('sdpa'))"
+            )
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
