@@ -654,6 +654,10 @@ class RunState:
     # same steps as the uninterrupted run's
     loss_since_log: float = 0.0
     steps_since_log: int = 0
+    # This rank's RNG state where its epoch's batches were first drawn: a shuffling loader that
+    # draws its order from torch's generator (a DataLoader's RandomSampler) draws the same one
+    # again from it when a run resumed mid-epoch re-reads the epoch (``_windows``).
+    epoch_rng: dict | None = None
 
 
 @dataclass
@@ -725,7 +729,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     since_log = _SinceLog(start=t_start)
     while state.step < run.total_steps and not state.stopped_early:
         epoch, first_window = divmod(state.step, run.steps_per_epoch)
-        for window, micro in _windows(run, train_batches, epoch, first_window):
+        for window, micro in _windows(run, state, train_batches, epoch, first_window):
             task = _task_of(micro[0], task, run.raw_model)
             if eval_batches is not None:
                 _check_metric_fits(metric_name, task)  # before the first step, not at the first evaluation
@@ -878,7 +882,9 @@ def _resume(run: _Run) -> RunState:
     if run.main:
         print(f"resumed from {path} at step {ckpt['step']}", flush=True)
     # (a checkpoint older than a RunState field leaves it at its default)
-    return RunState(**{f.name: ckpt[f.name] for f in fields(RunState) if f.name in ckpt})
+    state = RunState(**{f.name: ckpt[f.name] for f in fields(RunState) if f.name in ckpt})
+    state.epoch_rng = ckpt["epoch_rng"][run.rank] if "epoch_rng" in ckpt else None  # (saved for every rank)
+    return state
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -924,17 +930,30 @@ def _trim_metrics(run: _Run, step: int) -> None:
         atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
-def _windows(run: _Run, train_batches, epoch: int, first: int) -> Iterator[tuple[int, list[dict]]]:
+def _windows(run: _Run, state: RunState, train_batches, epoch: int, first: int) -> Iterator[tuple[int, list[dict]]]:
     """(window, its micro-batches on the device) for each optimizer step of `epoch` on this
-    rank, from window `first` on: a resumed run skips the windows it already trained on."""
+    rank, from window `first` on: a resumed run skips the windows it already trained on.
+
+    Skipping them means reading them again, in the same order: a loader whose order comes from
+    set_epoch (BatchLoader) gives it, and one that draws it from torch's generator when its
+    epoch starts (a DataLoader with shuffle=True) draws it here from the state that generator
+    had then (``state.epoch_rng``), after which the run's own state is put back."""
     if hasattr(train_batches, "set_epoch"):
         train_batches.set_epoch(epoch)
+    replaying = first > 0 and state.epoch_rng is not None
+    if replaying:
+        run_rng = _rng_state()
+        _set_rng_state(state.epoch_rng)
+    else:
+        state.epoch_rng = _rng_state()
     # every rank takes batches rank, rank+world, ..., micro_per_epoch of them: equal counts keep the ranks in step
     mine = (b for i, b in enumerate(train_batches)
             if i % run.world == run.rank and i // run.world < run.micro_per_epoch)
     accum = run.config.grad_accum_steps
     for _ in range(first * accum):
         next(mine)
+    if replaying:
+        _set_rng_state(run_rng)
     for window in range(first, run.steps_per_epoch):
         yield window, [_to(b, run.device) for b in islice(mine, accum)]
 
@@ -1184,22 +1203,27 @@ def _append_metrics(run: _Run, record: dict) -> None:
 
 def _save_checkpoint(run: _Run, state: RunState) -> None:
     """Write what _resume reads back, atomically; every rank calls it, rank 0 writes."""
-    if run.world > 1:
-        rng = [None] * run.world
-        dist.all_gather_object(rng, _rng_state())  # each rank resumes its own stream
-    else:
-        rng = [_rng_state()]
+    rng, epoch_rng = _gathered(run, _rng_state()), _gathered(run, state.epoch_rng)  # each rank resumes its own
     if run.main:
         # RunState's fields as plain values (vars, not asdict, which would copy every tensor):
         # torch.load(weights_only=True) reads no class of ours back
         ckpt = {"trainable": _trainable_state(run.raw_model), "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(), **vars(state), "rng": rng,
+                "scheduler": run.scheduler.state_dict(), **vars(state), "rng": rng, "epoch_rng": epoch_rng,
                 "config": asdict(run.config), "totals": run.totals}
         if run.rank_allocator is not None:
             ckpt["rank_allocator"] = run.rank_allocator.state_dict()
         # streamed into the file: a full fine-tuning checkpoint (weights and two AdamW
         # moments) is never held in memory a second time as bytes
         atomic_write(run.out_dir / CHECKPOINT_NAME, lambda f: torch.save(ckpt, f))
+
+
+def _gathered(run: _Run, value) -> list:
+    """Every rank's ``value``, in rank order (on rank 0, for the checkpoint)."""
+    if run.world == 1:
+        return [value]
+    values = [None] * run.world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _finish(run: _Run, state: RunState, seconds: float) -> TrainResult:

@@ -351,6 +351,51 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert records(tmp_path / "b") == records(tmp_path / "a")
 
 
+class CrashingDataLoader(torch.utils.data.DataLoader):
+    """A torch DataLoader (no set_epoch) that raises after `after` batches in total."""
+
+    def __init__(self, *args, after, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after, self.seen = after, 0
+
+    def __iter__(self):
+        for b in super().__iter__():
+            if self.seen == self.after:
+                raise Crash
+            self.seen += 1
+            yield b
+
+
+def test_resume_mid_epoch_with_a_shuffling_torch_dataloader_reads_the_epoch_in_its_order(tmp_path):
+    # A DataLoader(shuffle=True) draws each epoch's order from torch's generator when the epoch
+    # starts; a resumed run re-reading the epoch used to draw another, training some examples
+    # twice and others never, without a word.
+    from minipeft.data import collate
+
+    seen = []
+
+    def run(out, after=None):
+        torch.manual_seed(0)
+        model = TinyClassifier(dropout=0.3)
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone())
+                                        if m.training else None, with_kwargs=True)
+        batches = CrashingDataLoader(tiny_examples(96, 0), batch_size=8, shuffle=True, collate_fn=collate,
+                                     after=after if after is not None else -1)
+        train(model, batches, None, TrainConfig(output_dir=str(out), epochs=2, lr=1e-2, checkpoint_every=3,
+                                                log_every=100, save_best=False))
+        return model
+
+    reference = run(tmp_path / "a")
+    uninterrupted, seen[:] = list(seen), []
+    with pytest.raises(Crash):  # dies in epoch 2 (12 batches an epoch) after its checkpoint at step 15
+        run(tmp_path / "b", after=1 + 12 + 5)  # (1: the batch read for the data fingerprint)
+    before_checkpoint, seen[:] = seen[:15], []
+    resumed = run(tmp_path / "b")
+    assert [t.tolist() for t in before_checkpoint + seen] == [t.tolist() for t in uninterrupted]
+    for name, value in trainable(reference).items():
+        torch.testing.assert_close(trainable(resumed)[name], value, rtol=0, atol=0)
+
+
 class FrozenNormClassifier(TinyClassifier):
     """TinyClassifier with a frozen batch norm before its adapter: its running statistics change
     in training mode although none of its parameters train."""
