@@ -918,8 +918,7 @@ def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> N
     except (ValueError, TypeError):
         return  # recorded by a version whose config we cannot read: nothing to compare with
     current = config.to_dict()
-    keys = sorted((set(recorded) | set(current)) - set(BOOKKEEPING_FIELDS))
-    differ = [k for k in keys if recorded.get(k) != current.get(k)]
+    differ = _fields_that_differ(current, recorded)
     if differ:
         detail = "; ".join(
             f"{k}: {current.get(k)!r} in {CONFIG_NAME}, {recorded.get(k)!r} at save time" for k in differ[:3]
@@ -930,6 +929,12 @@ def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> N
             "files, the tensors belong to the other config: save the adapter again",
             stacklevel=3,
         )
+
+
+def _fields_that_differ(a: dict, b: dict) -> list[str]:
+    """The config fields (``to_dict`` layouts) in which ``a`` and ``b`` differ, bookkeeping aside."""
+    keys = sorted((set(a) | set(b)) - set(BOOKKEEPING_FIELDS))
+    return [k for k in keys if a.get(k) != b.get(k)]
 
 
 def _requires_grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -948,8 +953,16 @@ def _roll_back(peft_model: nn.Module, adapter_name: str, flags: list[tuple[nn.Pa
 def load_adapter(
     peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool = False
 ) -> None:
-    """Add adapter ``adapter_name`` to ``peft_model`` from a checkpoint folder; all or nothing."""
-    check_new_adapter_name(adapter_name, peft_model.peft_config)  # before any file is read
+    """Add adapter ``adapter_name`` to ``peft_model`` from a checkpoint folder; all or nothing.
+
+    An adapter of that name already there gets the checkpoint's tensors instead, as in peft (to
+    go back to a saved state, e.g. the best one), when the checkpoint's config is its own; it
+    keeps its requires_grad."""
+    check_adapter_name(adapter_name)  # before any file is read
+    if adapter_name in peft_model.peft_config:
+        _reload_adapter(peft_model, folder, adapter_name, is_trainable)
+        return
+    check_new_adapter_name(adapter_name, peft_model.peft_config)
     config, tensors = load_checkpoint(folder)
     config.inference_mode = not is_trainable
     flags = _requires_grad_flags(peft_model)
@@ -958,6 +971,20 @@ def load_adapter(
     if is_trainable and not config.is_prompt_learning:
         # Inactive, but trainable at once, as in peft: an optimizer built next takes its tensors.
         peft_model.set_requires_grad(adapter_name, True)
+
+
+def _reload_adapter(peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool) -> None:
+    config, tensors = load_checkpoint(folder)
+    differ = _fields_that_differ(config.to_dict(), peft_model.peft_config[adapter_name].to_dict())
+    if differ:
+        raise ValueError(
+            f"cannot load {os.fspath(folder)!r} into adapter {adapter_name!r}, which exists already: the checkpoint's "
+            f"config differs from the adapter's in {', '.join(differ)}. Load it under another adapter_name, or "
+            f"delete_adapter({adapter_name!r}) first"
+        )
+    set_peft_model_state_dict(peft_model, tensors, adapter_name)  # checks everything before it writes
+    if not is_trainable:
+        peft_model.eval()  # (as peft does after any load_adapter)
 
 
 def from_pretrained(

@@ -766,7 +766,8 @@ class PeftModel(nn.Module):
         revision: str | None = None,
     ) -> None:
         """Add an adapter from a checkpoint folder (inactive; frozen unless ``is_trainable``, and
-        then trainable at once, as in peft).
+        then trainable at once, as in peft). Into an adapter that exists already, the checkpoint's
+        tensors are loaded, as in peft (its config must be the adapter's).
 
         ``subfolder``: the checkpoint is in ``model_id/subfolder``. ``torch_device``,
         ``autocast_adapter_dtype``, ``low_cpu_mem_usage`` and ``revision`` as in ``from_pretrained``.

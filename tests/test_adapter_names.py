@@ -96,13 +96,12 @@ def test_a_new_name_must_not_exist_yet():
         check_new_adapter_name("default", ["default"])
 
 
-@pytest.mark.parametrize("name", ["train", "keys", "x.y", "default"])
+@pytest.mark.parametrize("name", ["train", "keys", "x.y"])
 def test_loading_checks_the_name_before_reading_any_file(tmp_path, name):
     """The folder does not exist: a name check that runs first is the only error possible."""
     model = get_peft_model(net(), LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises(ValueError, match=rf"(invalid adapter name '{re.escape(name)}'|'{name}' already exists)"):
+    with pytest.raises(ValueError, match=rf"invalid adapter name '{re.escape(name)}'"):
         model.load_adapter(tmp_path / "missing", name)
-    if name != "default":  # from_pretrained builds a new PeftModel: "default" is free there
-        with pytest.raises(ValueError, match=rf"invalid adapter name '{re.escape(name)}'"):
-            PeftModel.from_pretrained(net(), tmp_path / "missing", adapter_name=name)
+    with pytest.raises(ValueError, match=rf"invalid adapter name '{re.escape(name)}'"):
+        PeftModel.from_pretrained(net(), tmp_path / "missing", adapter_name=name)
     assert list(model.peft_config) == ["default"]

@@ -142,6 +142,31 @@ def test_load_adapter_adds_a_frozen_inactive_adapter(tmp_path):
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".loaded." in n)
 
 
+def test_load_adapter_into_an_existing_adapter_loads_its_tensors_as_peft_does(tmp_path):
+    # (e.g. going back to the best checkpoint after training went on); peft is the reference.
+    peft = pytest.importorskip("peft")
+    for library in (peft, minipeft):
+        torch.manual_seed(0)
+        model = library.get_peft_model(base(), library.LoraConfig(r=2, target_modules=["up"], init_lora_weights=False))
+        best = model(X).detach()
+        model.save_pretrained(tmp_path / library.__name__)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)  # training went on, and worse
+        model.load_adapter(tmp_path / library.__name__, "default", is_trainable=True)
+        torch.testing.assert_close(model(X), best, rtol=0, atol=0)
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+            [n for n, p in model.named_parameters() if "lora_" in n]  # still training
+    other = tmp_path / "other"
+    minipeft.get_peft_model(base(), minipeft.LoraConfig(r=4, target_modules=["up"], init_lora_weights=False)
+                            ).save_pretrained(other)
+    with pytest.raises(ValueError, match=r"cannot load .*other' into adapter 'default', which exists already: the "
+                                         r"checkpoint's config differs from the adapter's in r\. Load it under another"):
+        model.load_adapter(other, "default")
+    torch.testing.assert_close(model(X), best, rtol=0, atol=0)
+
+
 # -- atomic saves -------------------------------------------------------------------------------------
 def _files(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
