@@ -93,7 +93,9 @@ def replace_dir_side_names(path: str | os.PathLike) -> tuple[str, str]:
     return path + ".tmp", path + ".old"
 
 
-def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+def atomic_replace_dir(
+    path: str | os.PathLike, write: Callable[[str], object], replaceable: Callable[[str], bool] = lambda name: False
+) -> None:
     """Replace (or create) the folder `path` with one that `write(folder)` fills.
 
     The new copy is written in full to `<path>.tmp` and synced, file by file (writers such as
@@ -104,7 +106,9 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
     half-written one) and brings `<path>` back.
 
     A `<path>` holding anything the new copy would not (a user's notes, another run's files) is
-    left alone and refused: replacing it would delete those silently.
+    left alone and refused: replacing it would delete those silently. ``replaceable(name)`` (a
+    path relative to `<path>`) says which of them the caller wrote itself in an earlier save, and
+    may go (``unreplaceable`` lists the others).
     """
     path = os.path.abspath(path)  # "." has no sibling to rename to; its absolute name has
     if os.path.exists(path) and not os.path.isdir(path):
@@ -119,7 +123,7 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
                 with open(os.path.join(folder, name), "rb") as f:
                     os.fsync(f.fileno())
             fsync_dir(folder)
-        foreign = sorted(_files_under(path) - _files_under(tmp)) if os.path.isdir(path) else []
+        foreign = sorted(set(unreplaceable(path, replaceable)) - _files_under(tmp))
         if foreign:
             raise FileExistsError(
                 f"{path} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this save would not "
@@ -135,6 +139,12 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def unreplaceable(path: str | os.PathLike, replaceable: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """What ``atomic_replace_dir(path, ...)`` would refuse to delete: every file and folder under
+    `path` (relative to it) that is not ``replaceable``, unless the new copy writes it too."""
+    return sorted(name for name in _files_under(path) if not replaceable(name)) if os.path.isdir(path) else []
 
 
 def _files_under(folder: str) -> set[str]:

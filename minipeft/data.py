@@ -274,8 +274,13 @@ def load_tokenizer(tokenizer: str | os.PathLike | Tokenizer) -> Tokenizer:
     per batch instead and truncate per call, so both are switched off on a copy and the
     caller's object is left untouched.
     """
+    if isinstance(getattr(tokenizer, "backend_tokenizer", None), Tokenizer):
+        tokenizer = tokenizer.backend_tokenizer  # a transformers tokenizer: the tokenizers one it runs
     if isinstance(tokenizer, Tokenizer):
         tok = Tokenizer.from_str(tokenizer.to_str())
+    elif not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be a tokenizers.Tokenizer (or a transformers tokenizer built on one), or the "
+                        f"path of a tokenizer.json or its folder; got a {type(tokenizer).__name__}")
     else:
         path = Path(tokenizer)
         if path.is_dir():

@@ -28,7 +28,8 @@ another base model; a progress line and a metrics JSONL file.
 Under `torchrun` the loop runs DistributedDataParallel (gloo on CPU; on GPUs nccl for
 CUDA tensors and gloo for the few CPU ones). DDP only registers parameters that require
 grad, so only the adapter's gradients cross the wire. Each rank takes every world_size-th
-batch; rank 0 saves and logs. Each rank weights its micro-batches by its own example/token
+batch (batches that do not split evenly over the ranks are left out, with a warning); rank 0
+saves and logs, the loss as the ranks' mean. Each rank weights its micro-batches by its own example/token
 counts and DDP then averages the ranks equally, so the update equals the one-big-batch
 mean only when every rank's window holds the same number of targets: always for
 classification with equal batch sizes, not in general for causal LMs, whose ranks see
@@ -62,7 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode, replace_dir_side_names
+from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode, replace_dir_side_names, unreplaceable
+from minipeft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
 from minipeft.model import PeftModel
@@ -71,6 +73,8 @@ from minipeft.tuners.base import AdapterLayer, TrainedCopies, evaluating
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
 METRICS_NAME = "metrics.jsonl"
+PLAIN_WEIGHTS_NAME = "model.safetensors"  # a plain module's best weights, in best/ (an adapter's: its two files)
+SAVED_WEIGHT_FILES = (PLAIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME)
 # Every name train() may leave in output_dir (with the side folders of the best weights'
 # atomic swap, which a crash can leave), for callers that clean up after a run.
 OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, BEST_DIR, *replace_dir_side_names(BEST_DIR))
@@ -382,11 +386,21 @@ def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
         else:
             from safetensors.torch import save_model  # dedups tied weights, which save_file rejects
 
-            path = os.path.join(folder, "model.safetensors")
+            path = os.path.join(folder, PLAIN_WEIGHTS_NAME)
             save_model(model, path)  # the folder is private: no rename needed
             give_default_mode(path)  # (safetensors writes it 0600, an adapter's files are as open() makes them)
 
-    atomic_replace_dir(directory, write)
+    atomic_replace_dir(directory, write, functools.partial(_written_by_save_weights, directory))
+
+
+def _written_by_save_weights(directory: str | os.PathLike, name: str) -> bool:
+    """Whether ``name`` (relative to ``directory``) is one of the files save_weights writes, for a
+    plain module or an adapter (one not named default in a subfolder), or such a subfolder: an
+    earlier run's best weights, which a run started over there replaces, whatever it trained."""
+    parts = Path(name).parts
+    if os.path.isdir(os.path.join(directory, name)):
+        return len(parts) == 1 and all(f in SAVED_WEIGHT_FILES for f in os.listdir(os.path.join(directory, name)))
+    return len(parts) <= 2 and parts[-1] in SAVED_WEIGHT_FILES
 
 
 def _rng_state() -> dict:
@@ -477,9 +491,18 @@ def _task_of(batch: dict, task: str, model: nn.Module | None = None) -> str:
     """``task``, checked against the batch's labels; for "auto", the task they tell: labels [B]
     classify sequences, labels [B, T] classify tokens when ``model`` is a token classifier
     (``_classifies_tokens``) and are a causal LM's next tokens otherwise."""
+    labels = batch.get("labels", batch.get("label"))
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise TypeError(f"a batch's labels are a tensor, these are a {type(labels).__name__}: train_batches and "
+                        "eval_batches hold batches (dicts of tensors, as BatchLoader or minipeft.data.collate make "
+                        "them from encoded examples), not the examples themselves")
     if "labels" not in batch:
         raise ValueError(f"a batch needs its targets under 'labels' (shape [B] for classification, [B, T] for a "
                          f"causal LM or token classification); this one has {sorted(batch)}")
+    if batch["labels"].is_floating_point():
+        raise ValueError(f"this batch's labels are {batch['labels'].dtype}: train() and evaluate() take class indices "
+                         "or token ids (integers), and would read a regression target as class indices. For class "
+                         "labels stored as floats, convert them with .long(); for regression, use a loop of your own")
     per_token = batch["labels"].dim() == 2
     if task == "auto":
         return ("token_classification" if _classifies_tokens(model) else "causal_lm") if per_token else "classification"
@@ -510,7 +533,12 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
                         "the logits tensor, a dict, or an object with .logits (and .loss): a transformers model "
                         "does with return_dict=True")
     loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
-    logits = out if isinstance(out, torch.Tensor) else (out["logits"] if isinstance(out, dict) else out.logits)
+    if isinstance(out, torch.Tensor):
+        logits = out
+    elif (logits := out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)) is None:
+        held = sorted(out) if isinstance(out, dict) else type(out).__name__
+        raise ValueError(f"the model's forward returned {held}, without 'logits': train() and evaluate() read the "
+                         "scores there (and the loss under 'loss'), or take a plain logits tensor")
     if loss is None:
         labels = batch["labels"]
         if task == "classification":
@@ -713,6 +741,7 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     _check_batches(train_batches, eval_batches, config)
     run = _setup(model, len(train_batches), config)
     if config.save_best and run.main:
+        _check_best_dir_replaceable(run.out_dir / BEST_DIR)
         _warn_statistics_not_saved(run.raw_model, run.out_dir / BEST_DIR)
     run.first_batch = _data_fingerprint(train_batches)
     run.model_fingerprint = _model_fingerprint(run.raw_model)
@@ -720,6 +749,13 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     _trim_metrics(run, state.step)
     if state.stopped_early and (config.patience is None or state.bad_evals < config.patience):
         state.stopped_early = False  # resumed with more patience (or none): the run goes on
+    if run.main and state.step > 0 and (state.stopped_early or state.step >= run.total_steps):
+        warnings.warn(  # (a sweep into one output_dir would otherwise get the first run's results back)
+            f"{run.out_dir / CHECKPOINT_NAME} holds a finished run ({'stopped early at ' if state.stopped_early else ''}"
+            f"step {state.step} of {run.total_steps}): nothing is trained, and that run's weights and results are "
+            "returned. To train again, use another output_dir, or resume=False to start over in this one",
+            stacklevel=2,
+        )
     if state.stopped_early:  # the checkpoint's run had stopped early: nothing left to do
         return _finish(run, state, 0.0)
 
@@ -760,6 +796,16 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     if run.world > 1:
         dist.barrier()  # nobody reads output_dir before rank 0 has written it
     return _finish(run, state, train_seconds)
+
+
+def _check_best_dir_replaceable(best: Path) -> None:
+    """Before the first step: the error ``save_weights`` would meet at the first evaluation, for a
+    ``best/`` that holds files of the user's (or of some other program) beside earlier best weights."""
+    kept = unreplaceable(best, functools.partial(_written_by_save_weights, best))
+    if kept:
+        raise FileExistsError(f"{best} holds {kept[:5]}{' ...' if len(kept) > 5 else ''}, which are no weights this "
+                              "loop saved, and saving the best weights would replace the folder; move them, or use "
+                              "another output_dir")
 
 
 def _warn_statistics_not_saved(model: nn.Module, best: Path) -> None:
@@ -855,6 +901,10 @@ def _step_counts(num_batches: int, world: int, config: TrainConfig) -> tuple[int
     if micro_per_epoch == 0:
         raise ValueError(f"{num_batches} training batches cannot give each of {world} ranks one; "
                          "use a smaller batch_size or fewer processes")
+    if num_batches % world:
+        warnings.warn(f"{num_batches} training batches do not split evenly over {world} processes: each takes "
+                      f"{micro_per_epoch} an epoch, so the last {num_batches % world} of every epoch are not trained "
+                      "on (with a shuffling loader, other ones each epoch)", stacklevel=3)
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)  # the last window may be short
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     warmup = config.warmup_steps or int(config.warmup_ratio * total_steps)
@@ -1122,6 +1172,10 @@ def _optimizer_step(run: _Run, micro: list[dict], task: str, step: int) -> tuple
     if run.rank_allocator is not None:  # AdaLoRA: between the step and zero_grad, as peft asks
         run.raw_model.base_model.update_and_allocate(step)
     run.optimizer.zero_grad(set_to_none=True)
+    if run.world > 1:  # the step's loss is the ranks' mean, as its update is (DDP averages their gradients)
+        mean = torch.tensor(loss_value, dtype=torch.float64)
+        dist.all_reduce(mean)
+        loss_value = mean.item() / run.world
     return loss_value, tokens
 
 

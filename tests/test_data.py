@@ -198,6 +198,16 @@ def test_tokenizer_from_file_with_baked_in_padding(tmp_path, tokenizer):
         load_tokenizer(tmp_path / "nope")
 
 
+def test_a_transformers_tokenizer_is_read_through_the_tokenizers_one_it_runs(tokenizer):
+    transformers = pytest.importorskip("transformers")
+    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    records = [{"text": "a good film", "label": 1}]
+    assert encode_classification(records, wrapped, 8) == encode_classification(records, tokenizer, 8)
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizers.Tokenizer .* or the path of a tokenizer.json "
+                                        "or its folder; got a dict"):
+        load_tokenizer({"model": "word"})
+
+
 def test_collate_pads_dynamically():
     batch = collate([{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [5], "label": 0}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]

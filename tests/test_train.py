@@ -548,6 +548,23 @@ def test_ddp_two_processes_end_with_identical_adapters(tmp_path):
     assert (tmp_path / "out" / "checkpoint.pt").exists()
     evals = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert evals and evals[-1]["eval_accuracy"] > 0.6  # rank 0 alone logged, once per record
+    # The logged loss is the ranks' mean, as the update is: one process taking both ranks'
+    # batches in one window logs the same losses (it used to log rank 0's alone).
+    torch.manual_seed(0)
+    train(TinyClassifier(), loaders()[0], None, TrainConfig(output_dir=str(tmp_path / "one"), epochs=1,
+                                                             lr=2e-2, log_every=1, grad_accum_steps=4))
+    losses = {out: [json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+              for out in ("one", "two")}
+    assert len(losses["two"]) == 8
+    torch.testing.assert_close(losses["two"], losses["one"], rtol=1e-5, atol=0)
+
+
+def test_batches_that_do_not_split_evenly_over_the_processes_are_said_to_be_left_out():
+    from minipeft.train import _step_counts
+
+    with pytest.warns(UserWarning, match=r"9 training batches do not split evenly over 2 processes: each takes 4 an "
+                                         r"epoch, so the last 1 of every epoch are not trained on"):
+        assert _step_counts(9, 2, TrainConfig(output_dir="unused"))[:2] == (4, 4)
 
 
 def _ddp_worker(out: str) -> None:
@@ -558,6 +575,9 @@ def _ddp_worker(out: str) -> None:
     train(model, train_loader, eval_loader,
           TrainConfig(output_dir=os.path.join(out, "out"), epochs=2, lr=2e-2, log_every=100, grad_accum_steps=2))
     torch.save(trainable(model), os.path.join(out, f"rank{rank}.pt"))
+    torch.manual_seed(0)
+    train(TinyClassifier(), train_loader, None,
+          TrainConfig(output_dir=os.path.join(out, "two"), epochs=1, lr=2e-2, log_every=1, grad_accum_steps=2))
     torch.distributed.destroy_process_group()
 
 
@@ -787,6 +807,41 @@ def test_resume_into_another_adapter_config_names_the_parameters_that_differ(tmp
         train(more, train_loader, eval_loader, config)
 
 
+def test_a_second_run_into_a_finished_runs_output_dir_says_it_trains_nothing(tmp_path):
+    train_loader, eval_loader = loaders(n_train=32)
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100)
+    first = train(TinyClassifier(), train_loader, eval_loader, config)
+    second_model = TinyClassifier(dropout=0.5)  # e.g. a sweep over what the checkpoint does not record
+    with pytest.warns(UserWarning, match=r"checkpoint.pt holds a finished run \(step 4 of 4\): nothing is trained, "
+                                         r"and that run's weights and results are returned"):
+        second = train(second_model, train_loader, eval_loader, config)
+    assert second.step == first.step and second.history == first.history
+
+
+def test_started_over_in_the_same_output_dir_a_run_of_another_kind_replaces_the_best_weights(tmp_path):
+    # An adapter's best/ (adapter files), then a plain module trained whole there with resume=False,
+    # as the refusal advises: its best/ (model.safetensors) replaces the adapter's. It used to
+    # fail at the first evaluation, after training, the earlier run's records already dropped.
+    train_loader, eval_loader = loaders(n_train=32)
+    torch.manual_seed(0)
+    adapted = get_peft_model(TinyClassifier(), LoraConfig(r=2, target_modules=["adapter"], modules_to_save=["classifier"]))
+    train(adapted, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100))
+    assert sorted(os.listdir(tmp_path / "best")) == ["adapter_config.json", "adapter_model.safetensors"]
+    plain = TinyClassifier()
+    train(plain, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100,
+                                                        resume=False, restore_best=False))
+    assert sorted(os.listdir(tmp_path / "best")) == ["model.safetensors"]
+    # A file of the user's in best/ is refused before the first step, the earlier run's files as they were.
+    (tmp_path / "best" / "notes.txt").write_text("mine")
+    records = (tmp_path / "metrics.jsonl").read_text()
+    before = trainable(plain)
+    with pytest.raises(FileExistsError, match=r"best holds \['notes.txt'\], which are no weights this loop saved"):
+        train(plain, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=2, log_every=100,
+                                                            resume=False))
+    assert (tmp_path / "metrics.jsonl").read_text() == records
+    assert all(torch.equal(trainable(plain)[name], value) for name, value in before.items())
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("grad_accum_steps", 0, r"grad_accum_steps must be an integer >= 1 \(1: no accumulation\), not 0"),
     ("log_every", 0, r"log_every must be an integer >= 1, not 0"),
@@ -862,6 +917,12 @@ def test_a_batch_without_target_tokens_adds_nothing_to_the_loss(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class ScoresUnderAnotherName(TinyClassifier):
+    def forward(self, input_ids, attention_mask, labels=None):
+        scores = super().forward(input_ids, attention_mask)
+        return {"loss": F.cross_entropy(scores, labels), "scores": scores}
+
+
 @pytest.mark.parametrize("case, message", [
     ("no labels", r"a batch needs its targets under 'labels' .*; this one has \['input_ids', 'label'\]"),
     ("no eval labels", r"a batch needs its targets under 'labels' .*; this one has \['input_ids', 'label'\]"),
@@ -870,6 +931,12 @@ def test_a_batch_without_target_tokens_adds_nothing_to_the_loss(tmp_path):
     ("patience without eval", r"patience=2 stops on evaluations without improvement, and there are none"),
     ("long warmup", r"warmup_steps=10 is longer than the run's 4 steps"),
     ("dropped", r"train_batches is empty: no training batches \(drop_last=True drops"),
+    ("float labels", r"this batch's labels are torch.float32: train\(\) and evaluate\(\) take class indices or token "
+                     r"ids \(integers\), and would read a regression target as class indices"),
+    ("float eval labels", r"this batch's labels are torch.float32"),
+    ("examples as batches", r"a batch's labels are a tensor, these are a int: train_batches and eval_batches hold "
+                            r"batches \(dicts of tensors, .*\), not the examples themselves"),
+    ("no logits", r"the model's forward returned \['loss', 'scores'\], without 'logits'"),
 ])
 def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
     # Each found before the first step (the eval batches' keys used to fail after an epoch).
@@ -877,14 +944,21 @@ def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
     config = TrainConfig(output_dir=str(tmp_path), warmup_steps=10 if case == "long warmup" else 0,
                          patience=2 if case == "patience without eval" else None)
     relabel = lambda batches: [{"input_ids": b["input_ids"], "label": b["labels"]} for b in batches]  # noqa: E731
-    if case == "no labels":
-        train_loader = relabel(train_loader)
+    as_floats = lambda batches: [{**b, "labels": b["labels"].float()} for b in batches]  # noqa: E731
+    if case in ("no labels", "float labels"):
+        train_loader = (relabel if case == "no labels" else as_floats)(train_loader)
     eval_batches = {"no eval labels": relabel(eval_loader), "empty eval": [], "patience without eval": None,
-                    "generator eval": (b for b in eval_loader)}.get(case, eval_loader)
+                    "generator eval": (b for b in eval_loader), "float eval labels": as_floats(eval_loader)
+                    }.get(case, eval_loader)
     if case == "dropped":
         train_loader = BatchLoader(tiny_examples(3), batch_size=4, drop_last=True)
+    if case == "examples as batches":
+        train_loader = tiny_examples(32)  # BatchLoader forgotten
+    model = TinyClassifier()
+    if case == "no logits":
+        model = ScoresUnderAnotherName()
     with pytest.raises((ValueError, TypeError), match=message):
-        train(TinyClassifier(), train_loader, eval_batches, config)
+        train(model, train_loader, eval_batches, config)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
