@@ -256,7 +256,7 @@ def _apply_plan(model: nn.Module, plan: list[tuple[str, nn.Module, AdapterLayer]
     replaced: list[tuple[str, nn.Module]] = []
     try:
         for name, module, wrapper in plan:
-            wrapper.train(module.training)  # a wrapper follows the mode of the module it replaces
+            wrapper.take_mode_of(module)
             if _inside_fused_encoder_layer(model, name):
                 _keep_encoder_layer_on_the_adapters_path(wrapper)
             parent, child = _get_parent(model, name)

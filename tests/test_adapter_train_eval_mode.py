@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
 
 from minipeft import BottleneckConfig, LoraConfig, get_peft_model
 from minipeft.tuners.base import AdapterLayer
@@ -52,3 +53,33 @@ def test_a_peft_model_of_an_eval_model_says_it_is_in_eval():
     prompt = get_peft_model(tiny_transformers_model("llama"),  # (eval: as from_pretrained returns it)
                             PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8))
     assert not prompt.training and not any(m.training for m in prompt.prompt_encoder.modules())
+
+
+class BlockWithFrozenNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+def test_a_submodule_the_user_put_in_eval_stays_there_inside_a_wrapped_module():
+    # Wrapping a block (modules_to_save, a bottleneck adapter around it) used to call the wrapper's
+    # recursive train(): the frozen batch norm inside went back to batch statistics, and the output
+    # changed at injection. peft leaves the modes alone.
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(BlockWithFrozenNorm(), nn.Linear(8, 2)).train()
+        model[0].norm.eval()
+        return model
+
+    x = torch.randn(4, 8) * 3 + 1
+    expected = make()(x)
+    for config in (LoraConfig(target_modules=["1"], modules_to_save=["0"]),
+                   BottleneckConfig(target_modules=["0"], bottleneck_size=2, hidden_size=8)):
+        model = get_peft_model(make(), config)
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+        assert norms and not any(m.training for m in norms)
+        assert all(m.training for m in model.modules() if isinstance(m, AdapterLayer))
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

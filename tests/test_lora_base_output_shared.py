@@ -78,3 +78,42 @@ def test_lora_on_a_module_another_adapter_trains_whole():
     A, B, s = layer.lora_A["b"].weight, layer.lora_B["b"].weight, layer.scaling["b"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), layer.base_layer(hidden) + s * hidden @ A.T @ B.T)
+
+
+def test_backward_hooks_on_the_base_layer_or_everywhere_see_the_base_outputs_gradient():
+    # A full backward hook wraps the layer's output in a view of its own, which refuses in-place
+    # writes: LoRA's forward used to raise there. Reference: the same model adapted by hand.
+    x = torch.randn(5, 8)
+    expected_model = lora(mlp())
+    expected = expected_model(x)
+    for register in ("full", "pre", "global"):
+        model, seen = lora(mlp()), []
+        model.load_state_dict(expected_model.state_dict())
+        base = model.base_model.model[2].base_layer
+        if register == "full":
+            base.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0]))
+        elif register == "pre":
+            base.register_full_backward_pre_hook(lambda module, grad_out: seen.append(grad_out[0]))
+        else:
+            handle = nn.modules.module.register_module_full_backward_hook(
+                lambda module, grad_in, grad_out: seen.append(grad_out[0]) if module is base else None)
+        try:
+            y = model(x)
+            y.sum().backward()
+        finally:
+            if register == "global":
+                handle.remove()
+        torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(seen[0], torch.ones(5, 4))  # d(sum y) / d(base output): LoRA adds to it
+
+
+def test_a_mixed_batch_leaves_the_base_output_a_hook_holds_as_it_was():
+    base = mlp()
+    seen = []
+    base[0].register_forward_hook(lambda module, args, out: seen.append(out))
+    model = lora(base).eval()
+    model.add_adapter("b", minipeft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        model(x, adapter_names=["default", "b", "__base__", "b"])
+        torch.testing.assert_close(seen[-1], model.base_model.model[0].base_layer(x), rtol=0, atol=0)

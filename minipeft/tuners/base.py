@@ -152,6 +152,10 @@ class RowRouting:
         return self._groups[key]
 
 
+# The hooks of an nn.Module (and, prefixed "_global", torch's for every module) that see its output.
+OUTPUT_HOOKS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 class AdapterLayer(nn.Module):
     """Base class of every wrapper. Subclasses list their per-adapter containers."""
 
@@ -197,6 +201,18 @@ class AdapterLayer(nn.Module):
         self.row_routing: RowRouting | None = None
 
     # -- bookkeeping --------------------------------------------------------------------------
+    def take_mode_of(self, module: nn.Module) -> None:
+        """Take the train/eval mode of ``module``, which this wrapper replaces: the wrapper and what
+        it adds (dropout, the adapters' layers) follow it, while the wrapped module's submodules and
+        trained copies of it keep theirs (a batch norm its user put in eval stays there, which
+        ``self.train(mode)``, recursive, would undo)."""
+        kept = {id(m) for m in getattr(self, self.base_layer_name).modules()}
+        if isinstance(self, TrainedCopies):
+            kept |= {id(m) for m in self.copies().modules()} - {id(self.copies())}
+        for m in self.modules():
+            if id(m) not in kept:
+                m.training = module.training
+
     def get_base_layer(self) -> nn.Module:
         """The original module, unwrapping nested adapter wrappers."""
         return innermost(getattr(self, self.base_layer_name))
@@ -283,11 +299,29 @@ class AdapterLayer(nn.Module):
             for name in self.adapters_to_apply() if adapters is None else adapters:
                 result = with_adapter(result, x, name)
             return result
-        in_place = not torch.is_grad_enabled()
+        in_place = not torch.is_grad_enabled() and self.base_output_is_private()
         for name, rows in self.row_groups(x):
             part = with_adapter(result[rows], x[rows], name).to(result.dtype)
             result = result.index_copy_(0, rows, part) if in_place else result.index_copy(0, rows, part)
         return result
+
+    def base_output_is_private(self) -> bool:
+        """Whether the base layer's output reached no one but this layer, so that writing onto it in
+        place changes nothing another holds: no hook on the base layers saw it (a forward hook may
+        keep it, or have used it in a graph that in-place writes would break; a backward hook has
+        it wrapped in a view of its own, which refuses them), none of torch's global ones either,
+        and no torch.func transform runs (under vmap over the adapter's parameters the output is
+        unbatched, the term not)."""
+        everywhere = nn.modules.module
+        if any(getattr(everywhere, "_global" + hooks) for hooks in OUTPUT_HOOKS) \
+                or torch._C._are_functorch_transforms_active():
+            return False
+        module = getattr(self, self.base_layer_name)
+        while not any(getattr(module, hooks) for hooks in OUTPUT_HOOKS):
+            if not isinstance(module, AdapterLayer):
+                return True
+            module = getattr(module, module.base_layer_name)  # (a trained copy's wrapper: original_module)
+        return False
 
     def row_groups(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """In a mixed batch, ``(adapter, the indices of its rows)`` for each adapter of this layer

@@ -425,7 +425,7 @@ class LoraLinear(LoraLayer):
                 b = None if b is None else b.to(x.dtype)
             xa = F.linear(x, A)  # (..., r)
             out2d, xa2d = result.view(-1, self.out_features), xa.reshape(-1, xa.shape[-1])
-            if (result.dim() == 2 or not torch.is_grad_enabled()) and self._base_output_is_private():
+            if (result.dim() == 2 or not torch.is_grad_enabled()) and self.base_output_is_private():
                 out2d.addmm_(xa2d, B.T, alpha=s)
                 if b is not None:
                     out2d.add_(b, alpha=s)  # (out,) broadcast over the rows
@@ -438,20 +438,6 @@ class LoraLinear(LoraLayer):
             return out2d.view(result.shape)
         # Autocast (x in fp32, result in bf16): let autocast choose the matmul dtype.
         return result + s * F.linear(F.linear(x, A), B, b)
-
-    def _base_output_is_private(self) -> bool:
-        """Whether the base layer's output reached no one but this layer, so that adding onto it in
-        place changes nothing another holds: no forward hook on the base layers received it (it may
-        keep it, or have used it in a graph that in-place writes would break), and no torch.func
-        transform runs (under vmap over LoRA's parameters the output is unbatched, the term not)."""
-        if nn.modules.module._global_forward_hooks or torch._C._are_functorch_transforms_active():
-            return False
-        module = self.base_layer
-        while not module._forward_hooks:
-            if not isinstance(module, AdapterLayer):
-                return True
-            module = getattr(module, module.base_layer_name)  # (a trained copy's wrapper: original_module)
-        return False
 
     def _add_dora_term(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """DoRA: y = (m/||W + sBA||) (W x + s B A x) + b, with the norm treated as a constant
