@@ -8,7 +8,7 @@ The encoder stays frozen. Prompt tuning learns ``num_virtual_tokens`` input embe
 front of every sentence; P-tuning computes them with an MLP from a learned table (the network
 trains; the checkpoint holds its output); prefix tuning learns that many keys and values in
 front of every attention layer (through SDPA, so the model is loaded with ``attn_implementation="sdpa"``).
-Both also train the new classification head, as peft does for SEQ_CLS. The run trains for a
+All three also train the new classification head, as peft does for SEQ_CLS. The run trains for a
 small budget, evaluates on the SST-2 dev set, saves the adapter (into --output-dir, to keep it),
 reloads it into a fresh base model and checks the dev predictions are unchanged. The last line printed is one JSON
 object with the figures of the run.

@@ -167,7 +167,7 @@ def _matmul_lowrank_kernel(
     stride_om, stride_on, stride_im, stride_in, stride_drr, stride_drn,
     scale, threshold, seed,
     M_BUCKET,  # unused here; only the autotuner's cache key (one tuning per power-of-two M)
-    TMA_READY,  # unused here; only the autotuner's cache key (1 when the descriptors are given)
+    TMA_READY,  # unused here: the autotuner's cache key, and what _usable_configs prunes by (1: descriptors given)
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,  # mask the low-rank term with D (the dx of the backward)
     R_GRAD: tl.constexpr,  # also dr (R, N) += scale * l^T ([D] * xin): the backward's dA

@@ -479,9 +479,10 @@ class BatchLoader:
         `seed * 1_000_003 + epoch` (not the global RNG), so a resumed run sees exactly the
         batches the interrupted one would have. The prime factor keeps (seed, epoch) pairs
         apart: with `seed + epoch`, seed 1 epoch 0 would repeat seed 0 epoch 1.
-    group_by_length: bucketed shuffle. Shuffle, cut into chunks of `bucket_size` batches,
-        sort each chunk by length, batch it, then shuffle the batches. Batches hold
-        similar lengths (little padding) while the order stays random.
+    group_by_length: bucketed batches. Cut the examples (shuffled first, with shuffle) into
+        chunks of `bucket_size` batches, sort each chunk by length, batch it, and (with shuffle)
+        shuffle the batches. Batches hold similar lengths (little padding) while the order stays
+        random; without shuffle, the chunks follow the file's order.
     Call set_epoch(e) before iterating epoch e (the training loop does).
     """
 

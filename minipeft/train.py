@@ -225,7 +225,8 @@ class TrainResult:
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
-    """Multiplier of the peak lr at a given step: linear warmup, then the schedule's decay to 0."""
+    """Multiplier of the peak lr at a given step: linear warmup, then the schedule's (linear or
+    cosine decay to 0, or constant 1)."""
     _check_choice("schedule", schedule, SCHEDULES)
     decay = DECAYS[schedule]
 

@@ -68,3 +68,19 @@ def test_a_model_without_a_known_architecture_still_asks_for_names():
     model = tiny_transformers_model("distilbert")  # not in peft's table either
     with pytest.raises(ValueError, match=r"no default for model_type 'distilbert'"):
         minipeft.get_peft_model(model, minipeft.LoraConfig())
+
+
+def test_the_tables_are_peft_s():
+    from peft.utils import constants
+
+    from minipeft.tuners import architecture_targets as ours
+
+    def table(name):
+        return getattr(constants, f"TRANSFORMERS_MODELS_TO_{name}_MODULES_MAPPING")
+
+    for mine, theirs in [("QUERY_VALUE", "LORA_TARGET"), ("VERA", "VERA_TARGET"), ("FOURIERFT", "FOURIERFT_TARGET"),
+                         ("C3A", "C3A_TARGET"), ("ADALORA", "ADALORA_TARGET"), ("LN_TUNING", "LNTUNING_TARGET")]:
+        assert getattr(ours, mine) == table(theirs), mine
+    assert {k: targets for k, (targets, _) in ours.IA3.items()} == table("IA3_TARGET")
+    assert {k: feedforward for k, (_, feedforward) in ours.IA3.items()} == \
+        {k: v for k, v in table("IA3_FEEDFORWARD").items() if k in ours.IA3}

@@ -2,7 +2,7 @@
 
 A peft user may leave ``target_modules`` out: peft then looks the model's
 ``config.model_type`` up in a table per method and adapts the modules it names there, and
-writes them into the saved config. The tables below hold the same choices, so that such a
+writes them into the saved config. The tables below hold the same choices as peft 0.21's (a test compares them), so that such a
 config adapts the same modules here and its checkpoint holds the same keys:
 
 - LoRA and the methods that share its table (LoHa, LoKr, OFT, BOFT, HRA, MiSS, RoAd, and with
@@ -43,6 +43,8 @@ QUERY_VALUE = {
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "rwkv": ["key", "value", "receptance", "output"],
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    # a regex, as peft's entry: Gemma 4's language model only, not its vision or audio towers' projections
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
 }
 
 # VeRA shares one random pair across its targets, which must then have one shape: phi's
@@ -53,8 +55,8 @@ FOURIERFT = C3A = {**QUERY_VALUE, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c
 
 ADALORA = {
     **{k: QUERY_VALUE[k] for k in ("gpt2", "gpt_bigcode", "bloom", "gpt_neox", "gptj", "gpt_neo", "llama", "llama4",
-                                   "bert", "deberta", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
-                                   "nemotron_h")},
+                                   "bert", "deberta", "gemma", "gemma2", "gemma3_text", "gemma4", "qwen2",
+                                   "qwen3", "nemotron_h")},
     "t5": ["q", "k", "v", "o", "wi", "wo"],
     "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
@@ -116,11 +118,12 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def from_table(table: dict[str, list[str]]):
-    """A method's ``default_targets`` hook: the names ``table`` gives the model's type, or None."""
-    def default_targets(model: nn.Module, config) -> list[str] | None:
+def from_table(table: dict[str, list[str] | str]):
+    """A method's ``default_targets`` hook: the names (or the regex) ``table`` gives the model's
+    type, or None."""
+    def default_targets(model: nn.Module, config) -> list[str] | str | None:
         names = table.get(model_type(model))
-        return None if names is None else list(names)
+        return names if names is None or isinstance(names, str) else list(names)
     return default_targets
 
 

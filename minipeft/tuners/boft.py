@@ -26,7 +26,8 @@ by two (d, d) products and ``R`` by ``m - 1`` more, ``O(m d^3)`` per layer and f
 ``boft_dropout`` (training only, peft's multiplicative dropout): in each forward one factor is
 chosen at random, and ``int(p D)`` of its blocks, chosen at random, are replaced by ``I``; the
 random draws are peft's, so one seed drops the same blocks in both (with one active adapter per
-layer: of several, peft draws for the first first, minipeft for the one it applies first, the last).
+layer: of several, peft draws for the first first, minipeft for the one it applies first, the
+last on a linear layer and the first on a convolution).
 
 Initialisation: ``Q = 0`` and ``s = 1``, the unchanged model; ``init_weights=False`` draws the
 stored ``R`` (whose skew part is ``Q``) from N(0, 0.1^2) and ``s`` from N(1, 0.1^2), as peft.

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, name_matches, out_in_features
-from .base import AdapterLayer, ModulesToSaveWrapper, adapter_placement, wide
+from . import combining
+from .base import AdapterLayer, adapter_placement, wide
 
 
 @dataclass
@@ -251,15 +252,14 @@ def combined_config(configs: list[IA3Config]) -> IA3Config:
         values = [getattr(c, field) for c in configs]
         if all(v == values[0] for v in values):
             return copy.deepcopy(values[0])  # ("all-linear" too, which no alternation could hold)
-        if len({isinstance(v, str) for v in values}) > 1:
+        joined = combining.joined_targets(values)
+        if joined is None:
             raise ValueError(f"the adapters give {field} as a regex in some configs and as names in others; "
                              "combine adapters whose configs use the same form")
-        if isinstance(values[0], str):
-            return "|".join(f"({v})" for v in values)
-        return sorted(set().union(*values))
+        return joined
     return dataclasses.replace(
         copy.deepcopy(configs[0]), target_modules=united("target_modules"), feedforward_modules=united("feedforward_modules"),
-        modules_to_save=list(dict.fromkeys(m for c in configs for m in c.modules_to_save or [])) or None)
+        modules_to_save=combining.saved_modules(configs))
 
 
 def add_weighted_adapter(peft_model: nn.Module, sources: list[str], weights: list[float], adapter_name: str) -> None:
@@ -269,15 +269,11 @@ def add_weighted_adapter(peft_model: nn.Module, sources: list[str], weights: lis
     # A module trained whole comes along as the copy of the one source that trains it, as with
     # LoRA (two sources training it is an error: which copy would be a guess).
     model = peft_model.get_base_model()
-    heads = [(wrapper, wrapper.copy_of(sources, name)) for name, wrapper in model.named_modules()
-             if isinstance(wrapper, ModulesToSaveWrapper)]
+    heads = combining.trained_heads(model, sources)
     peft_model.add_adapter(adapter_name, combined_config([peft_model.peft_config[s] for s in sources]))
     try:
         set_combined_vectors(model, sources, weights, adapter_name)
-        for wrapper, source in heads:
-            if source is not None:
-                copies = wrapper.modules_to_save
-                copies[adapter_name].load_state_dict(copies[source].state_dict())
+        combining.copy_trained_heads(heads, adapter_name)
     except BaseException:
         peft_model.delete_adapter(adapter_name)
         raise

@@ -36,8 +36,8 @@ from torch import nn
 
 from ..config import PeftConfig
 from ..targeting import find_targets, logical_name
-from . import task_arithmetic
-from .base import ModulesToSaveWrapper, wide
+from . import combining, task_arithmetic
+from .base import wide
 from .lora import LoraConfig, LoraEmbedding, LoraLayer
 
 COMBINATION_TYPES = (
@@ -81,9 +81,7 @@ def add_weighted_adapter(
                          "the kernel's shape to add up (B is grouped, A is not); combine adapters that leave them out")
     if combination_type in FACTOR_TYPES and combination_type != "linear":  # "linear" zero-pads
         _check_one_rank_per_layer(layers, names, combination_type)
-    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    heads = [(wrapper, wrapper.copy_of(names, n)) for n, wrapper in wrappers]  # an error if two sources train one
-    heads = [(wrapper, source) for wrapper, source in heads if source is not None]
+    heads = combining.trained_heads(model, names)
     keys = {n: logical_name(model, n) or n for n in layers}
     configs = [config for _, config in sources]
     # The factors are set below, so the init only matters for not rewriting the base weights
@@ -91,7 +89,7 @@ def add_weighted_adapter(
     config = dataclasses.replace(
         copy.deepcopy(configs[0]), r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
         init_lora_weights=True,
-        modules_to_save=list(dict.fromkeys(m for c in configs for m in c.modules_to_save or [])) or None,
+        modules_to_save=combining.saved_modules(configs),
     )
     config = _with_targets(model, config, [c.target_modules for c in configs], list(keys.values()))
 
@@ -106,11 +104,10 @@ def add_weighted_adapter(
                 continue  # added by the layer that holds this one (an attention's, to its out_proj)
             changed.append(layer)
             layer.add_adapter(adapter_name, config, keys[n])
-        for wrapper, source in heads:
+        for wrapper, _ in heads:
             changed.append(wrapper)
             wrapper.add_adapter(adapter_name)
-            copies = wrapper.modules_to_save
-            copies[adapter_name].load_state_dict(copies[source].state_dict())
+        combining.copy_trained_heads(heads, adapter_name)
         for layer in layers.values():
             terms = [(*layer.lora_factors(a), w, layer.scaling[a]) for a, w in zip(names, weights) if a in layer.r]
             factors = combine(
@@ -352,12 +349,7 @@ def _with_targets(model: nn.Module, config: LoraConfig, targets: list, layers: l
     exactly ``layers`` (logical names of the layers holding a source), else with those layers by
     name (e.g. when the sources' layers_to_transform differ), so that the saved config reloads
     onto the layers it was trained on."""
-    union = None
-    if all(isinstance(t, list) for t in targets):
-        union = sorted(set().union(*targets))
-    elif all(isinstance(t, str) for t in targets):
-        patterns = list(dict.fromkeys(targets))
-        union = patterns[0] if len(patterns) == 1 else "|".join(f"({p})" for p in patterns)
+    union = combining.joined_targets(targets)
     if union is not None:
         try:
             joined = dataclasses.replace(config, target_modules=union)

@@ -87,7 +87,8 @@ class PromptEncoderConfig(vt.PromptLearningConfig):
                                          ("encoder_dropout", self.encoder_dropout, 0.0)):
                 if value != default:
                     warnings.warn(f"{name}={value} is ignored by the MLP encoder, which always has three linear "
-                                  "layers and no dropout (as in peft); it applies to the LSTM", stacklevel=3)
+                                  "layers and no dropout (as in peft, which warns of encoder_num_layers alone); it "
+                                  "applies to the LSTM", stacklevel=3)
 
 
 class PromptEncoder(prompt_tuning.PromptEmbedding):

@@ -183,7 +183,8 @@ def decoder_batch_size(kwargs: dict) -> int:
 
 
 def decoder_length(kwargs: dict) -> int | None:
-    """How many decoder tokens this call adds (None when the model derives them from labels)."""
+    """How many decoder tokens this call adds (None when the call gives no decoder input nor
+    labels: the model derives its decoder input from ``input_ids``, as BART does)."""
     for key in ("decoder_input_ids", "decoder_inputs_embeds", "labels"):
         if isinstance(kwargs.get(key), torch.Tensor):
             return kwargs[key].shape[1]

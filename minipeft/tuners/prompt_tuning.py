@@ -225,7 +225,7 @@ class PromptEmbedding(nn.Module):
         """The model's token embedding, which the prompt is put in front of."""
         return self._word_embeddings[0]
 
-    # -- checkpoints: peft's single tensor ``prompt_embeddings`` (n, d) ---------------------------
+    # -- checkpoints: peft's single tensor ``prompt_embeddings`` (n, d); (2n, d) for SEQ_2_SEQ_LM ------
     def prompt_embeddings(self) -> torch.Tensor:
         return self.rows()
 

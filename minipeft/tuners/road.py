@@ -97,8 +97,9 @@ def inverse_rotation_factors(c: torch.Tensor, s: torch.Tensor, group_size: int):
     cp, sp = pairs(c), pairs(s)
     det = cp[:, 0] * cp[:, 1] + sp[:, 0] * sp[:, 1]  # (group, k), one per pair
     # Singular, or so nearly that dividing by det returns rounding noise: |det| is at most the
-    # product of the block's row norms, and their ratio is the sine of the angle between the rows
-    # (road_2: the rows are a right angle from parallel when theta_k and theta_l are, with no scale 0).
+    # product of the block's row norms, and their ratio is the sine of the angle between the rows.
+    # (road_2: det = alpha_k alpha_l cos(theta_k - theta_l), zero for a scale of 0 or for angles a
+    # right angle apart.)
     rows = (cp[:, 0].square() + sp[:, 0].square()).sqrt() * (cp[:, 1].square() + sp[:, 1].square()).sqrt()
     if (det.abs() <= NEARLY_SINGULAR * rows).any():
         raise ValueError("a RoAd adapter has a pair whose 2 x 2 block is singular or nearly so (a scale of 0, or "

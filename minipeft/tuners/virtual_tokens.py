@@ -7,7 +7,11 @@ and reach the frozen model through hooks:
 * one forward pre-hook on the user's model rewrites the call's keyword arguments
   (prompt tuning: ``input_ids -> inputs_embeds`` with the prompt in front; prefix tuning:
   positions shifted by the number of virtual tokens);
-* prefix tuning adds hooks on the attention modules (see ``prefix_tuning.py``).
+* prefix tuning adds hooks on the attention modules (see ``prefix_tuning.py``);
+* on an encoder-decoder model, prompt tuning puts the prompt in through a hook on the encoder
+  stack, the model's pre-hook only widening the mask (``prompt_tuning.py``), and prefix tuning
+  fills the decoder's KV cache before each call instead of hooking attention
+  (``prefix_tuning_seq2seq.py``).
 
 Hooking the user's model rather than ``PeftModel.forward`` means ``model.generate()`` from
 transformers, which calls the model's own forward once per new token, goes through the same
