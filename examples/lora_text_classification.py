@@ -59,6 +59,7 @@ from minipeft import (AdaLoraConfig, BOFTConfig, C3AConfig, FourierFTConfig, HRA
                       MissConfig, OFTConfig, PeftModel, RoadConfig, TaskType, get_peft_model)
 from minipeft.data import (BatchLoader, DataError, encode_classification, load_tokenizer, pad_token_id,  # noqa: E402
                            read_classification, split)
+from minipeft.atomic import SAVED_FILES  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
 from minipeft.tuners.lora_init import base_changing_init  # noqa: E402
 
@@ -76,11 +77,11 @@ RANKED = ("lora", "adalora", "loha", "lokr")  # the adapters --r and --lora-alph
 # for PiSSA/OLoRA the adapter as initialised, which the trained one is converted against)
 RUN_MARKER = "run.json"  # written first: the method and the folders it saves into
 RUN_FILES = (*OUTPUT_NAMES, RUN_MARKER, "adapter", "adapter-init", "model")
-# the files those folders hold (an adapter's, a transformers model's, a plain module's weights):
+# the files those folders hold (an adapter's, a transformers model's, a plain module's weights; best/ lists them):
 # --overwrite removes a folder only when it holds nothing else, so a user's own folder that
 # happens to be named "model" is never taken for one a run wrote
 RUN_FOLDER_FILES = {"adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
-                    "model.safetensors"}
+                    "model.safetensors", SAVED_FILES}
 
 
 def non_negative_int(text: str) -> int:

@@ -26,6 +26,9 @@ import secrets
 import shutil
 from typing import BinaryIO, Callable
 
+# What atomic_replace_dir filled a folder with, listed inside it: what a later call may delete.
+SAVED_FILES = ".saved_files"
+
 
 def write_temp(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
     """Write a new temporary file beside `path` through `write(f)`, on disk; return its name.
@@ -93,9 +96,7 @@ def replace_dir_side_names(path: str | os.PathLike) -> tuple[str, str]:
     return path + ".tmp", path + ".old"
 
 
-def atomic_replace_dir(
-    path: str | os.PathLike, write: Callable[[str], object], replaceable: Callable[[str], bool] = lambda name: False
-) -> None:
+def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Replace (or create) the folder `path` with one that `write(folder)` fills.
 
     The new copy is written in full to `<path>.tmp` and synced, file by file (writers such as
@@ -105,10 +106,11 @@ def atomic_replace_dir(
     beside the complete new `<path>.tmp`; the next call removes that `<path>.tmp` (as it does a
     half-written one) and brings `<path>` back.
 
-    A `<path>` holding anything the new copy would not (a user's notes, another run's files) is
-    left alone and refused: replacing it would delete those silently. ``replaceable(name)`` (a
-    path relative to `<path>`) says which of them the caller wrote itself in an earlier save, and
-    may go (``unreplaceable`` lists the others).
+    The folder lists what it was filled with in `<path>/.saved_files` (one relative path a
+    line), so that a later call knows what it may delete: whatever an earlier call wrote, even
+    what the new copy leaves out (a model of another kind saved in its place). A `<path>` holding
+    anything else (a user's notes, another program's files) is left alone and refused: replacing
+    it would delete those silently (``unreplaceable`` lists them).
     """
     path = os.path.abspath(path)  # "." has no sibling to rename to; its absolute name has
     if os.path.exists(path) and not os.path.isdir(path):
@@ -118,12 +120,15 @@ def atomic_replace_dir(
     os.makedirs(tmp)
     try:
         write(tmp)
+        written = sorted(_files_under(tmp))
+        with open(os.path.join(tmp, SAVED_FILES), "w") as f:
+            f.write("".join(name + "\n" for name in written))
         for folder, _, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(folder, name), "rb") as f:
                     os.fsync(f.fileno())
             fsync_dir(folder)
-        foreign = sorted(set(unreplaceable(path, replaceable)) - _files_under(tmp))
+        foreign = sorted(set(unreplaceable(path)) - set(written))
         if foreign:
             raise FileExistsError(
                 f"{path} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this save would not "
@@ -141,10 +146,14 @@ def atomic_replace_dir(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def unreplaceable(path: str | os.PathLike, replaceable: Callable[[str], bool] = lambda name: False) -> list[str]:
-    """What ``atomic_replace_dir(path, ...)`` would refuse to delete: every file and folder under
-    `path` (relative to it) that is not ``replaceable``, unless the new copy writes it too."""
-    return sorted(name for name in _files_under(path) if not replaceable(name)) if os.path.isdir(path) else []
+def unreplaceable(path: str | os.PathLike) -> list[str]:
+    """What ``atomic_replace_dir(path, ...)`` would refuse to delete unless the new copy writes it
+    too: every file and folder under `path` (relative to it) that no earlier call put there."""
+    if not os.path.isdir(path):
+        return []
+    listed = os.path.join(path, SAVED_FILES)
+    saved = set(open(listed).read().splitlines()) | {SAVED_FILES} if os.path.isfile(listed) else set()
+    return sorted(_files_under(os.fspath(path)) - saved)
 
 
 def _files_under(folder: str) -> set[str]:

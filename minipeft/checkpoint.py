@@ -97,7 +97,9 @@ from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict re
 
 from .atomic import fsync_dir, write_temp
 from .config import PeftConfig, PeftType, config_json, describe, fits_annotation
-from .injection import check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases
+from .injection import (
+    adapter_layers, check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases,
+)
 from .targeting import (
     attention_out_projections, declared_embedding, is_bias, is_under, is_wrapper, join_name, logical_name,
 )
@@ -594,6 +596,7 @@ def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected:
     raise ValueError(
         f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. "
         + (_prefix_hint(missing, unexpected) or _named_keys_hint(missing, unexpected, known_adapter_names(model))
+           or fused_experts.dense_layers_hint(model, unexpected)
            or "Was it saved from another base model or with other target_modules?")
     )
 
@@ -974,7 +977,18 @@ def load_adapter(
 
 
 def _reload_adapter(peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool) -> None:
+    merged = [name for name, layer in adapter_layers(peft_model.get_base_model()) if adapter_name in layer.merged_adapters]
+    encoder = _virtual_tokens(peft_model, adapter_name)
+    if merged or (encoder is not None and encoder.has_network()):
+        why = (f"it is merged into {merged[:3]}{' ...' if len(merged) > 3 else ''} (the new tensors would sit beside "
+               "the old update in the weights): unmerge_adapter() first" if merged else
+               "a network computes its virtual tokens, and the checkpoint holds their value alone (loading it would "
+               "replace the network, and what trains, by that value): load it under another adapter_name")
+        raise ValueError(f"cannot load {os.fspath(folder)!r} into adapter {adapter_name!r}, which exists already: {why}")
     config, tensors = load_checkpoint(folder)
+    prepare = method_for(config).prepare_config
+    if prepare is not None:  # as adding the adapter did (a transformers-4 MoE config's targets converted)
+        prepare(peft_model.get_base_model(), config)
     differ = _fields_that_differ(config.to_dict(), peft_model.peft_config[adapter_name].to_dict())
     if differ:
         raise ValueError(

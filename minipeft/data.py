@@ -268,14 +268,15 @@ def split(
 
 
 def load_tokenizer(tokenizer: str | os.PathLike | Tokenizer) -> Tokenizer:
-    """A private copy of a `tokenizers.Tokenizer` with padding and truncation turned off.
+    """A private copy of a `tokenizers.Tokenizer` with padding and truncation turned off; given
+    one, a transformers tokenizer built on one (its `backend_tokenizer`), or a tokenizer.json path
+    (or its folder). The functions below that take a tokenizer take all three.
 
     A tokenizer.json may carry its own padding (to a fixed length) and truncation; we pad
     per batch instead and truncate per call, so both are switched off on a copy and the
     caller's object is left untouched.
     """
-    if isinstance(getattr(tokenizer, "backend_tokenizer", None), Tokenizer):
-        tokenizer = tokenizer.backend_tokenizer  # a transformers tokenizer: the tokenizers one it runs
+    tokenizer = _backend(tokenizer)
     if isinstance(tokenizer, Tokenizer):
         tok = Tokenizer.from_str(tokenizer.to_str())
     elif not isinstance(tokenizer, (str, os.PathLike)):
@@ -296,8 +297,15 @@ def load_tokenizer(tokenizer: str | os.PathLike | Tokenizer) -> Tokenizer:
     return tok
 
 
+def _backend(tokenizer):
+    """A transformers tokenizer's ``tokenizers.Tokenizer`` (the one it runs); anything else as it is."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if isinstance(backend, Tokenizer) else tokenizer
+
+
 def pad_token_id(tokenizer: Tokenizer, default: int = 0) -> int:
     """The id of the tokenizer's pad token ([PAD], <pad>, ...), or `default` when it has none."""
+    tokenizer = _backend(tokenizer)
     for name in ("[PAD]", "<pad>", "<|pad|>", "<PAD>"):
         i = tokenizer.token_to_id(name)
         if i is not None:

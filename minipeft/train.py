@@ -9,7 +9,9 @@ Batches are dicts of tensors with "labels": shape [B] means sequence classificat
 [B, T] means a causal LM (labels already aligned with input_ids, -100 where there is nothing
 to predict; the shift happens in the loss), or token classification where the model is a token
 classifier (a PeftModel of task_type TOKEN_CLS, a transformers ...ForTokenClassification, or
-`TrainConfig(task="token_classification")`; -100 on tokens without a label).
+`TrainConfig(task="token_classification")`; -100 on tokens without a label). Float labels,
+[B] or [B, K], are a regression (or multi-label) target: the model computes their loss itself
+(transformers' models do, by their config's problem_type), and evaluation reports that loss.
 
 What one run does, in order: training mode (a model in eval mode, as from_pretrained gives
 one, trains whole; in a model in training mode, submodules the user put in eval stay there);
@@ -64,7 +66,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode, replace_dir_side_names, unreplaceable
-from minipeft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
 from minipeft.model import PeftModel
@@ -73,8 +74,6 @@ from minipeft.tuners.base import AdapterLayer, TrainedCopies, evaluating
 CHECKPOINT_NAME = "checkpoint.pt"  # resumable state, in output_dir
 BEST_DIR = "best"  # best weights, in output_dir
 METRICS_NAME = "metrics.jsonl"
-PLAIN_WEIGHTS_NAME = "model.safetensors"  # a plain module's best weights, in best/ (an adapter's: its two files)
-SAVED_WEIGHT_FILES = (PLAIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME)
 # Every name train() may leave in output_dir (with the side folders of the best weights'
 # atomic swap, which a crash can leave), for callers that clean up after a run.
 OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, BEST_DIR, *replace_dir_side_names(BEST_DIR))
@@ -86,10 +85,10 @@ DECAYS = {
     "constant": lambda progress: 1.0,
 }
 SCHEDULES = tuple(DECAYS)
-TASKS = ("auto", "classification", "token_classification", "causal_lm")
+TASKS = ("auto", "classification", "token_classification", "causal_lm", "regression")
 # what evaluate() reports for each task; "auto" picks accuracy or loss
 METRICS = {"classification": ("loss", "accuracy", "f1"), "token_classification": ("loss", "accuracy", "f1"),
-           "causal_lm": ("loss", "perplexity")}
+           "causal_lm": ("loss", "perplexity"), "regression": ("loss",)}
 
 
 @dataclass
@@ -387,21 +386,11 @@ def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
         else:
             from safetensors.torch import save_model  # dedups tied weights, which save_file rejects
 
-            path = os.path.join(folder, PLAIN_WEIGHTS_NAME)
+            path = os.path.join(folder, "model.safetensors")
             save_model(model, path)  # the folder is private: no rename needed
             give_default_mode(path)  # (safetensors writes it 0600, an adapter's files are as open() makes them)
 
-    atomic_replace_dir(directory, write, functools.partial(_written_by_save_weights, directory))
-
-
-def _written_by_save_weights(directory: str | os.PathLike, name: str) -> bool:
-    """Whether ``name`` (relative to ``directory``) is one of the files save_weights writes, for a
-    plain module or an adapter (one not named default in a subfolder), or such a subfolder: an
-    earlier run's best weights, which a run started over there replaces, whatever it trained."""
-    parts = Path(name).parts
-    if os.path.isdir(os.path.join(directory, name)):
-        return len(parts) == 1 and all(f in SAVED_WEIGHT_FILES for f in os.listdir(os.path.join(directory, name)))
-    return len(parts) <= 2 and parts[-1] in SAVED_WEIGHT_FILES
+    atomic_replace_dir(directory, write)
 
 
 def _rng_state() -> dict:
@@ -500,10 +489,14 @@ def _task_of(batch: dict, task: str, model: nn.Module | None = None) -> str:
     if "labels" not in batch:
         raise ValueError(f"a batch needs its targets under 'labels' (shape [B] for classification, [B, T] for a "
                          f"causal LM or token classification); this one has {sorted(batch)}")
+    if batch["labels"].is_floating_point() != (task == "regression") and task != "auto":
+        raise ValueError(
+            f"task {task!r} takes {'float' if task == 'regression' else 'integer'} labels, and this batch's are "
+            f"{batch['labels'].dtype}: " + ("float labels are a regression (or multi-label) target, for task="
+            "'regression'; class labels stored as floats convert with .long()" if task != "regression" else
+            "class indices and token ids are for the other tasks"))
     if batch["labels"].is_floating_point():
-        raise ValueError(f"this batch's labels are {batch['labels'].dtype}: train() and evaluate() take class indices "
-                         "or token ids (integers), and would read a regression target as class indices. For class "
-                         "labels stored as floats, convert them with .long(); for regression, use a loop of your own")
+        return "regression"
     per_token = batch["labels"].dim() == 2
     if task == "auto":
         return ("token_classification" if _classifies_tokens(model) else "causal_lm") if per_token else "classification"
@@ -542,6 +535,11 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
                          "scores there (and the loss under 'loss'), or take a plain logits tensor")
     if loss is None:
         labels = batch["labels"]
+        if task == "regression":
+            raise ValueError(
+                "the labels are floats (task 'regression'), whose loss the model must compute itself and return "
+                "under 'loss' (transformers' models do, by their config's problem_type): minipeft computes losses "
+                "for classes and tokens only")
         if task == "classification":
             loss = F.cross_entropy(logits.float(), labels)
         elif task == "token_classification":  # the mean over the batch's labelled tokens, 0 when it has none
@@ -572,6 +570,8 @@ def _takes_labels(model_class: type) -> bool:
 def _count(batch: dict, task: str) -> int:
     """How many targets the batch's mean loss averages over: examples, labelled tokens, or shifted tokens."""
     labels = batch["labels"]
+    if task == "regression":
+        return labels.shape[0]  # (one example may hold several targets: a multi-label row)
     if task == "classification":
         return labels.numel()
     return int((labels if task == "token_classification" else labels[:, 1:]).ne(IGNORE_INDEX).sum())
@@ -594,7 +594,7 @@ def _to(batch: dict, device) -> dict:
 def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", device=None,
              bf16: bool = False, shard: bool = True) -> dict[str, float]:
     """Loss, accuracy and F1 (classification of sequences or of tokens, counting each labelled
-    token) or loss and perplexity (causal LM).
+    token), loss and perplexity (causal LM), or the loss alone (regression).
 
     The classes are the logits' last dimension (or more, if a label exceeds it). F1 is
     that of class 1 when there are two classes, else the macro average over all classes,
@@ -620,7 +620,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
             if n:  # (a model's own mean over no target token is NaN)
                 loss_sum += loss.item() * n
                 count += n
-            if task != "causal_lm":
+            if task in ("classification", "token_classification"):
                 n_logits = max(n_logits, logits.shape[-1])
                 labelled = batch["labels"] != IGNORE_INDEX  # every example; a token classifier's labelled tokens
                 preds.append(logits.argmax(-1)[labelled].cpu())
@@ -657,7 +657,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
         metrics["accuracy"] = tp.sum().item() / count
         f1 = 2 * tp / (predicted + actual).clamp(min=1)
         metrics["f1"] = f1[1].item() if num_classes == 2 else f1.mean().item()
-    else:
+    elif task == "causal_lm":
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     return metrics
 
@@ -741,8 +741,9 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
         raise ValueError("pass a TrainConfig (at least output_dir)")
     _check_batches(train_batches, eval_batches, config)
     run = _setup(model, len(train_batches), config)
+    if config.save_best:
+        _check_best_dir_replaceable(run)
     if config.save_best and run.main:
-        _check_best_dir_replaceable(run.out_dir / BEST_DIR)
         _warn_statistics_not_saved(run.raw_model, run.out_dir / BEST_DIR)
     run.first_batch = _data_fingerprint(train_batches)
     run.model_fingerprint = _model_fingerprint(run.raw_model)
@@ -762,14 +763,17 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
 
     # task "auto" is settled by the first batch's labels, metric "auto" by the first evaluation
     task, metric_name = config.task, config.metric
+    eval_checked = eval_batches is None
     t_start = time.perf_counter()
     since_log = _SinceLog(start=t_start)
     while state.step < run.total_steps and not state.stopped_early:
         epoch, first_window = divmod(state.step, run.steps_per_epoch)
         for window, micro in _windows(run, state, train_batches, epoch, first_window):
             task = _task_of(micro[0], task, run.raw_model)
-            if eval_batches is not None:
-                _check_metric_fits(metric_name, task)  # before the first step, not at the first evaluation
+            if not eval_checked:  # before the first step, not at the first evaluation
+                _task_of(_first_batch(eval_batches), task, run.raw_model)  # labels of the same kind
+                _check_metric_fits(metric_name, task)
+                eval_checked = True
             loss, tokens = _optimizer_step(run, micro, task, state.step + 1)
             state.loss_since_log += loss
             state.steps_since_log += 1
@@ -799,10 +803,12 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     return _finish(run, state, train_seconds)
 
 
-def _check_best_dir_replaceable(best: Path) -> None:
-    """Before the first step: the error ``save_weights`` would meet at the first evaluation, for a
-    ``best/`` that holds files of the user's (or of some other program) beside earlier best weights."""
-    kept = unreplaceable(best, functools.partial(_written_by_save_weights, best))
+def _check_best_dir_replaceable(run: _Run) -> None:
+    """Before the first step, on every rank: the error ``save_weights`` would meet at the first
+    evaluation (on rank 0, which saves), for a ``best/`` that holds files of the user's (or of
+    some other program) beside the best weights an earlier run saved there."""
+    best = run.out_dir / BEST_DIR
+    kept = _gathered(run, unreplaceable(best) if run.main else None)[0]  # rank 0's view, which saves
     if kept:
         raise FileExistsError(f"{best} holds {kept[:5]}{' ...' if len(kept) > 5 else ''}, which are no weights this "
                               "loop saved, and saving the best weights would replace the folder; move them, or use "
@@ -1039,11 +1045,19 @@ def _data_fingerprint(train_batches) -> str:
     if hasattr(train_batches, "set_epoch"):
         train_batches.set_epoch(0)
     digest = hashlib.sha256()
+    _hash_into(digest, _first_batch(train_batches))
+    return digest.hexdigest()[:16]
+
+
+def _first_batch(batches) -> dict | None:
+    """The first batch of ``batches``, read without drawing from the run's random streams (a
+    shuffling loader's draw is taken back), so that reading it changes no later batch or mask."""
     with torch.random.fork_rng(devices=[]):
         python_state = random.getstate()
-        _hash_into(digest, next(iter(train_batches), None))
-        random.setstate(python_state)
-    return digest.hexdigest()[:16]
+        try:
+            return next(iter(batches), None)
+        finally:
+            random.setstate(python_state)
 
 
 def _model_fingerprint(model: nn.Module) -> dict:

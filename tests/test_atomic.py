@@ -72,8 +72,8 @@ def test_a_folder_is_replaced_only_once_its_new_copy_is_on_disk(tmp_path, monkey
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     atomic_replace_dir(target, lambda folder: (Path(folder) / "w.bin").write_bytes(b"second"))
-    assert events == ["fsync file", "fsync folder", "rename best -> best.old", "rename best.tmp -> best",
-                      "fsync folder"]
+    assert events == ["fsync file", "fsync file", "fsync folder",  # w.bin and the list of saved files
+                      "rename best -> best.old", "rename best.tmp -> best", "fsync folder"]
     assert os.listdir(tmp_path) == ["best"] and (target / "w.bin").read_bytes() == b"second"
 
 

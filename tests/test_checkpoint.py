@@ -167,6 +167,31 @@ def test_load_adapter_into_an_existing_adapter_loads_its_tensors_as_peft_does(tm
     torch.testing.assert_close(model(X), best, rtol=0, atol=0)
 
 
+def test_load_adapter_into_an_existing_adapter_refuses_a_merged_one_and_a_prompt_network(tmp_path):
+    model = get_peft_model(base(), LoraConfig(r=2, target_modules=["up"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "lora")
+    model.merge_adapter()
+    merged = model(X).detach()
+    with pytest.raises(ValueError, match=r"into adapter 'default', which exists already: it is merged into \['up'\] "
+                                         r".*unmerge_adapter\(\) first"):
+        model.load_adapter(tmp_path / "lora", "default")
+    torch.testing.assert_close(model(X), merged, rtol=0, atol=0)
+    # Prefix tuning with its MLP: the checkpoint holds the MLP's output, which would replace it.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, attn_implementation="sdpa"))
+    prefix = get_peft_model(llama, minipeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
+                                                               prefix_projection=True))
+    prefix.save_pretrained(tmp_path / "prefix")
+    trained = [p for p in prefix.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"a network computes its virtual tokens, and the checkpoint holds their "
+                                         r"value alone .* load it under another adapter_name"):
+        prefix.load_adapter(tmp_path / "prefix", "default", is_trainable=True)
+    assert [p for p in prefix.parameters() if p.requires_grad] == trained
+
+
 # -- atomic saves -------------------------------------------------------------------------------------
 def _files(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}

@@ -203,6 +203,7 @@ def test_a_transformers_tokenizer_is_read_through_the_tokenizers_one_it_runs(tok
     wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     records = [{"text": "a good film", "label": 1}]
     assert encode_classification(records, wrapped, 8) == encode_classification(records, tokenizer, 8)
+    assert pad_token_id(wrapped) == pad_token_id(tokenizer) == 0
     with pytest.raises(TypeError, match="tokenizer must be a tokenizers.Tokenizer .* or the path of a tokenizer.json "
                                         "or its folder; got a dict"):
         load_tokenizer({"model": "word"})

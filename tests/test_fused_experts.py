@@ -87,7 +87,7 @@ def test_a_model_without_fused_experts_is_left_alone():
 V4_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
 
-def save_per_expert_checkpoint(base, folder, projections, r=4, alpha=8):
+def save_per_expert_checkpoint(base, folder, projections, r=4, alpha=8, use_rslora=False):
     """A LoRA checkpoint in transformers 4's layout (a pair per expert and projection, and the
     router as an nn.Linear), random, as peft saved it there; and ``base`` with that update merged
     by hand into its fused parameters, expert by expert: the reference its loading must equal."""
@@ -95,9 +95,9 @@ def save_per_expert_checkpoint(base, folder, projections, r=4, alpha=8):
 
     block, gate, up, down = V4_NAMES[base.config.model_type]
     old_names = {"gate": gate, "up": up, "down": down, "router": "gate"}
-    peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj"] + [old_names[p] for p in projections]
-                    ).save_pretrained(folder)
-    merged, tensors, scale = copy.deepcopy(base), {}, alpha / r
+    peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj"] + [old_names[p] for p in projections],
+                    use_rslora=use_rslora).save_pretrained(folder)
+    merged, tensors, scale = copy.deepcopy(base), {}, alpha / (r ** 0.5 if use_rslora else r)
     generator = torch.Generator().manual_seed(1)
 
     def pair(key, weight):  # a random pair for the layer ``key``, its update merged into ``weight`` (out, in)
@@ -144,6 +144,31 @@ def test_a_transformers_4_checkpoint_loads_into_the_fused_experts(make, projecti
         torch.testing.assert_close(ours_state[key], theirs_state[key], rtol=0, atol=0)
 
 
+def test_a_transformers_4_rslora_checkpoint_keeps_each_halfs_scaling(tmp_path):
+    # alpha / sqrt(r) per half: the fused rank 2 r takes alpha sqrt(2), not 2 alpha (peft's, whose
+    # update then comes out sqrt(2) times too large).
+    base = qwen3_moe()
+    merged = save_per_expert_checkpoint(base, tmp_path, ("gate", "up"), use_rslora=True)
+    ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert ours.peft_config["default"].alpha_pattern == {r".*\.gate_up_proj": pytest.approx(8 * 2 ** 0.5)}
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(ids).logits, merged(ids).logits)
+
+
+def test_a_transformers_4_checkpoint_reloads_into_the_adapter_it_made(tmp_path):
+    # load_adapter into that adapter compares the checkpoint's config as adding it converted it.
+    base = mixtral()
+    merged = save_per_expert_checkpoint(base, tmp_path, ("gate", "up", "down"))
+    model = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    model.load_adapter(tmp_path, "default")
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, merged(ids).logits)
+
+
 def test_a_transformers_4_checkpoint_missing_an_expert_is_refused_saying_which(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -151,32 +176,59 @@ def test_a_transformers_4_checkpoint_missing_an_expert_is_refused_saying_which(t
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     del tensors["base_model.model.model.layers.1.block_sparse_moe.experts.3.w3.lora_B.weight"]
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"per-expert \(transformers 4\) checkpoint lacks "
-                                         r"base_model\.model\.model\.layers\.1\.mlp\.experts\.3\.w3\.lora_B: every one of the 4 "
-                                         r"experts' w3 is needed"):
+    with pytest.raises(ValueError, match=r"per-expert \(transformers 4\) checkpoint lacks the w3 pair of expert\(s\) "
+                                         r"\[3\] at .*model\.layers\.1\.mlp\.experts \(as transformers 5 names it\): "
+                                         r"every one of the 4 experts' w3 is needed"):
         minipeft.PeftModel.from_pretrained(mixtral(), tmp_path)
+
+
+def test_a_transformers_4_checkpoint_of_dense_layers_named_as_the_experts_says_why_they_find_no_adapter(tmp_path):
+    # Qwen3-MoE's dense layer (mlp_only_layers) has its own gate_proj: converted, the config adapts
+    # the fused experts in its place (peft's rule), and peft drops the dense layer's pair silently.
+    from safetensors.torch import load_file, save_file
+
+    base = qwen3_moe()
+    save_per_expert_checkpoint(base, tmp_path, ("gate", "up", "down"))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight"] = torch.zeros(4, 32)
+    tensors["base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"] = torch.zeros(64, 4)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"2 unexpected key\(s\).* These are pairs of layers named as the experts' "
+                                         r"projections but outside the experts .*: dense MLP layers or shared experts"):
+        minipeft.PeftModel.from_pretrained(base, tmp_path)
+
+
+def test_a_mixtral_checkpoint_adapting_the_router_alone_loads_under_the_new_block_name(tmp_path):
+    base = mixtral()
+    merged = save_per_expert_checkpoint(base, tmp_path, ("router",))
+    ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(ids).logits, merged(ids).logits)
+
+
+def qwen2_moe():
+    torch.manual_seed(0)
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, num_experts=4,
+        num_experts_per_tok=2)).eval()
 
 
 def test_qwen2_moe_is_left_as_peft_leaves_it():
     # peft 0.21's list of converted model types lacks qwen2_moe: its names keep selecting the
     # shared expert's nn.Linear layers, and the fused experts stay unadapted, in both libraries.
-    torch.manual_seed(0)
-    base = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
-        hidden_size=32, intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, num_experts=4,
-        num_experts_per_tok=2)).eval()
+    base = qwen2_moe()
     theirs, ours = seeded_pair(base, "LoraConfig", dict(r=4, target_modules=["q_proj", "gate_proj", "up_proj",
                                                                             "down_proj"]))
     assert ours.peft_config["default"].target_modules == ["q_proj", "gate_proj", "up_proj", "down_proj"]
     assert not ours.peft_config["default"].target_parameters
     assert sorted(minipeft.get_peft_model_state_dict(ours)) == sorted(peft.get_peft_model_state_dict(theirs))
-    return base
 
 
 def test_a_transformers_4_checkpoint_of_an_unconverted_family_is_refused_saying_why(tmp_path):
     from safetensors.torch import save_file
 
-    base = test_qwen2_moe_is_left_as_peft_leaves_it()
+    base = qwen2_moe()
     peft.LoraConfig(r=4, target_modules=["down_proj"]).save_pretrained(tmp_path)
     tensors = {f"base_model.model.model.layers.0.mlp.experts.{e}.down_proj.lora_{f}.weight": torch.zeros(4, 4)
                for e in range(4) for f in "AB"}

@@ -749,7 +749,7 @@ def test_best_weights_swap_recovers_from_a_crash_between_renames(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert {"best.old", "best.tmp"} <= set(OUTPUT_NAMES)  # what such a crash leaves, for cleaning up a run
     assert not torch.equal(load_file(tmp_path / "best" / "model.safetensors")["adapter.weight"], first["adapter.weight"])
-    assert {p.name for p in (tmp_path / "best").iterdir()} == {"model.safetensors"}
+    assert {p.name for p in (tmp_path / "best").iterdir()} == {".saved_files", "model.safetensors"}
 
 
 def test_distributed_on_gpus_pins_the_device_and_keeps_gloo_for_cpu_tensors(monkeypatch):
@@ -807,6 +807,30 @@ def test_resume_into_another_adapter_config_names_the_parameters_that_differ(tmp
         train(more, train_loader, eval_loader, config)
 
 
+class SavesLikeTransformers(TinyClassifier):
+    """A model whose save_pretrained writes more than its weights (transformers: config.json, ...)."""
+
+    def save_pretrained(self, folder):
+        from safetensors.torch import save_model
+
+        Path(folder, "config.json").write_text("{}")
+        Path(folder, "README.md").write_text("a model card")
+        save_model(self, str(Path(folder, "model.safetensors")))
+
+
+def test_what_any_earlier_save_put_in_best_may_go_but_nothing_else(tmp_path):
+    # best/ lists what save_weights filled it with: a run started over there (resume=False)
+    # replaces all of it, whatever kind of model saved it, where a file of the user's is refused.
+    train_loader, eval_loader = loaders(n_train=32)
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100, resume=False)
+    train(SavesLikeTransformers(), train_loader, eval_loader, config)
+    assert (tmp_path / "best" / ".saved_files").read_text().split() == ["README.md", "config.json", "model.safetensors"]
+    train(SavesLikeTransformers(), train_loader, eval_loader, config)  # again: it used to be refused up front
+    train(get_peft_model(TinyClassifier(), LoraConfig(r=2, target_modules=["adapter"])), train_loader, eval_loader,
+          config)
+    assert sorted(os.listdir(tmp_path / "best")) == [".saved_files", "adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_a_second_run_into_a_finished_runs_output_dir_says_it_trains_nothing(tmp_path):
     train_loader, eval_loader = loaders(n_train=32)
     config = TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100)
@@ -826,11 +850,11 @@ def test_started_over_in_the_same_output_dir_a_run_of_another_kind_replaces_the_
     torch.manual_seed(0)
     adapted = get_peft_model(TinyClassifier(), LoraConfig(r=2, target_modules=["adapter"], modules_to_save=["classifier"]))
     train(adapted, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100))
-    assert sorted(os.listdir(tmp_path / "best")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "best")) == [".saved_files", "adapter_config.json", "adapter_model.safetensors"]
     plain = TinyClassifier()
     train(plain, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100,
                                                         resume=False, restore_best=False))
-    assert sorted(os.listdir(tmp_path / "best")) == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "best")) == [".saved_files", "model.safetensors"]
     # A file of the user's in best/ is refused before the first step, the earlier run's files as they were.
     (tmp_path / "best" / "notes.txt").write_text("mine")
     records = (tmp_path / "metrics.jsonl").read_text()
@@ -917,6 +941,27 @@ def test_a_batch_without_target_tokens_adds_nothing_to_the_loss(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class Regressor(TinyClassifier):
+    """Computes its own loss, as transformers' models do for num_labels=1 (problem_type "regression")."""
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        prediction = super().forward(input_ids, attention_mask)[:, 0]
+        return {"loss": F.mse_loss(prediction, labels), "logits": prediction[:, None]}
+
+
+def test_float_labels_train_a_model_that_computes_its_own_loss_and_evaluate_by_it(tmp_path):
+    train_loader, eval_loader = ([{**b, "labels": b["labels"].float() * 2 - 1} for b in loader]
+                                 for loader in loaders(n_train=32))
+    model = Regressor()
+    result = train(model, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path), epochs=3, lr=3e-2,
+                                                                  log_every=100))
+    assert sorted(result.history[0]) == ["best", "eval", "eval_loss", "step"]
+    with torch.no_grad():
+        expected = sum(model(**b)["loss"].item() * len(b["labels"]) for b in eval_loader) / 64
+    assert evaluate(model, eval_loader) == {"loss": pytest.approx(expected)}
+    assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"]
+
+
 class ScoresUnderAnotherName(TinyClassifier):
     def forward(self, input_ids, attention_mask, labels=None):
         scores = super().forward(input_ids, attention_mask)
@@ -931,9 +976,9 @@ class ScoresUnderAnotherName(TinyClassifier):
     ("patience without eval", r"patience=2 stops on evaluations without improvement, and there are none"),
     ("long warmup", r"warmup_steps=10 is longer than the run's 4 steps"),
     ("dropped", r"train_batches is empty: no training batches \(drop_last=True drops"),
-    ("float labels", r"this batch's labels are torch.float32: train\(\) and evaluate\(\) take class indices or token "
-                     r"ids \(integers\), and would read a regression target as class indices"),
-    ("float eval labels", r"this batch's labels are torch.float32"),
+    ("float labels", r"the labels are floats \(task 'regression'\), whose loss the model must compute itself"),
+    ("float eval labels", r"task 'classification' takes integer labels, and this batch's are torch.float32: float "
+                          r"labels are a regression"),
     ("examples as batches", r"a batch's labels are a tensor, these are a int: train_batches and eval_batches hold "
                             r"batches \(dicts of tensors, .*\), not the examples themselves"),
     ("no logits", r"the model's forward returned \['loss', 'scores'\], without 'logits'"),
@@ -948,8 +993,8 @@ def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
     if case in ("no labels", "float labels"):
         train_loader = (relabel if case == "no labels" else as_floats)(train_loader)
     eval_batches = {"no eval labels": relabel(eval_loader), "empty eval": [], "patience without eval": None,
-                    "generator eval": (b for b in eval_loader), "float eval labels": as_floats(eval_loader)
-                    }.get(case, eval_loader)
+                    "generator eval": (b for b in eval_loader), "float eval labels": as_floats(eval_loader),
+                    "float labels": as_floats(eval_loader)}.get(case, eval_loader)
     if case == "dropped":
         train_loader = BatchLoader(tiny_examples(3), batch_size=4, drop_last=True)
     if case == "examples as batches":

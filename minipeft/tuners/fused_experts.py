@@ -19,7 +19,9 @@ their checkpoints cross:
   ``nn.Linear`` of that name (peft's rule, kept so that both adapt the same);
 * the two halves of ``gate_up_proj`` go together: naming one alone is refused;
 * with both, the fused parameter gets rank ``2 r`` and alpha ``2 alpha`` (``rank_pattern``,
-  ``alpha_pattern``): each half keeps rank ``r`` and the scaling ``alpha / r``;
+  ``alpha_pattern``): each half keeps rank ``r`` and the scaling ``alpha / r``. Under rsLoRA the
+  scaling is ``alpha / sqrt(r)``, so alpha takes ``sqrt(2)``, not 2 (peft 0.21 doubles it there
+  too, which makes the update sqrt(2) times larger than the checkpoint's);
 * ``"all-linear"`` and a regex are first resolved to the leaf names they select, with the old
   expert names that the fused parameters stand for.
 
@@ -34,12 +36,13 @@ and up halves stack into one pair of rank 2 r,
     A_e = [A_gate_e; A_up_e]   (2 r, d)        B_e = [[B_gate_e, 0], [0, B_up_e]]   (2 inter, 2 r)
 
 so that B_e A_e = [B_gate_e A_gate_e; B_up_e A_up_e], each half's own update, under the same
-scaling (2 alpha / 2 r = alpha / r); the experts' pairs are then laid out as ``lora_parameter.py``
+scaling (2 alpha / 2 r = alpha / r; under rsLoRA sqrt(2) alpha / sqrt(2 r)); the experts' pairs are then laid out as ``lora_parameter.py``
 stores them. Mixtral's MoE block was also renamed (``block_sparse_moe`` -> ``mlp``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -104,10 +107,11 @@ def convert_expert_targets(model: nn.Module, config) -> None:
             f"target_modules names {given!r} but not {missing!r}: in {type(model).__name__} (transformers 5) both are "
             f"one parameter, {FUSED}, which LoRA adapts whole. Name both, or neither (peft refuses it too)"
         )
-    if halves:  # each half keeps rank r and alpha / r (peft's patterns, by the same key)
+    if halves:  # each half keeps rank r and its scaling (peft's patterns, by the same key)
         key = rf".*\.{re.escape(FUSED)}"
         config.rank_pattern = {**config.rank_pattern, key: config.r * 2}
-        config.alpha_pattern = {**config.alpha_pattern, key: config.lora_alpha * 2}
+        alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)  # s = alpha / sqrt(r) under rsLoRA
+        config.alpha_pattern = {**config.alpha_pattern, key: alpha}
     config.target_modules = sorted(set(kept))
     config.target_parameters = sorted(set(parameters))
 
@@ -146,11 +150,13 @@ def fuse_per_expert_checkpoint(model: nn.Module, state_dict: dict, expected_keys
     takes the key the adapter saves it under (which depends on the parameters it adapts).
     """
     family = FAMILY.get(model_type(model))
-    if family is None or not any(PER_EXPERT_KEY.fullmatch(k) for k in state_dict):
+    if family is None:
         return state_dict
-    if family in RENAMED_BLOCKS:
+    if family in RENAMED_BLOCKS:  # (also where only the router is adapted)
         old_block, new_block = RENAMED_BLOCKS[family]
         state_dict = {k.replace(old_block, new_block): v for k, v in state_dict.items()}
+    if not any(PER_EXPERT_KEY.fullmatch(k) for k in state_dict):
+        return state_dict
     fused_keys = _fused_lora_keys(model, expected_keys)
     renamed, pair = RENAMED[family], FUSED_PAIR[family]
     # (experts path, fused parameter) -> old name -> expert -> factor -> tensor
@@ -171,17 +177,34 @@ def fuse_per_expert_checkpoint(model: nn.Module, state_dict: dict, expected_keys
     return out
 
 
+def dense_layers_hint(model: nn.Module, unexpected: list[str]) -> str | None:
+    """Why a transformers-4 checkpoint's pairs for layers named as the experts' projections but
+    outside them (dense MLP layers, shared experts: ``mlp.gate_proj``) find no adapter: converted,
+    the config adapts the fused experts instead (peft's rule). None where no key is such a pair."""
+    family = FAMILY.get(model_type(model))
+    if family is None:
+        return None
+    dense = [k for k in unexpected if k.rpartition(".lora_")[0].rpartition(".")[2] in RENAMED[family]
+             and not PER_EXPERT_KEY.fullmatch(k)]
+    if not dense:
+        return None
+    return (f"These are pairs of layers named as the experts' projections but outside the experts ({dense[0]}, "
+            "...): dense MLP layers or shared experts, which transformers 4 adapted with the experts. Under "
+            "transformers 5 such a config adapts the fused experts in their place and leaves these layers alone, as "
+            "peft converts it; peft then drops their tensors without a word, which changes the model, and minipeft "
+            "refuses. Load this adapter under transformers 4")
+
+
 def _stacked(by_name: dict, name: str, experts: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One projection's factors over the experts: A (E, r, in), B (E, out, r); every one must be there."""
     by_expert = by_name.get(name, {})
-    absent = [f"{experts}.{e}.{name}.{factor}" for e in range(num_experts) for factor in ("lora_A", "lora_B")
-              if factor not in by_expert.get(e, {})]
+    absent = [e for e in range(num_experts) if set(by_expert.get(e, {})) != {"lora_A", "lora_B"}]
     extra = sorted(e for e in by_expert if e >= num_experts)
     if absent or extra:
-        what = f"lacks {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}" if absent else \
-            f"has experts {extra} beyond the model's {num_experts}"
-        raise ValueError(f"this per-expert (transformers 4) checkpoint {what}: every one of the {num_experts} experts' "
-                         f"{name} is needed to build the fused experts of {experts}")
+        what = f"lacks the {name} pair of expert(s) {absent}" if absent else \
+            f"has {name} pairs of expert(s) {extra}, beyond the model's {num_experts}"
+        raise ValueError(f"this per-expert (transformers 4) checkpoint {what} at {experts} (as transformers 5 names "
+                         f"it): every one of the {num_experts} experts' {name} is needed to build the fused experts")
     return (torch.stack([by_expert[e]["lora_A"] for e in range(num_experts)]),
             torch.stack([by_expert[e]["lora_B"] for e in range(num_experts)]))
 

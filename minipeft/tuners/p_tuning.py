@@ -134,6 +134,9 @@ class PromptEncoder(prompt_tuning.PromptEmbedding):
         with evaluating(self):
             return self.rows()
 
+    def has_network(self) -> bool:
+        return self.mlp_head is not None
+
     def fold(self) -> None:
         """Replace the network by the prompt it computes, written into the table (the same
         Parameter, so an optimizer built before goes on training it): the same prompt in eval

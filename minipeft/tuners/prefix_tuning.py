@@ -281,6 +281,10 @@ class PrefixEncoder(nn.Module):
             tuple(t.to(dtype or t.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for t in kv) for kv in prefixes
         )
 
+    def has_network(self) -> bool:
+        """Whether the reparametrisation MLP computes the table (a checkpoint holds its output only)."""
+        return self.transform is not None
+
     def fold(self) -> None:
         """Replace the reparametrisation MLP by the table it produces (same outputs, no MLP)."""
         if self.transform is None:

@@ -237,6 +237,10 @@ class PromptEmbedding(nn.Module):
                 "another num_virtual_tokens, task_type or base model?"
             )
 
+    def has_network(self) -> bool:
+        """Whether a network computes the prompt (P-tuning's; a checkpoint holds its output only)."""
+        return False
+
     def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
         self.check_prompt_embeddings(tensor)
         with torch.no_grad():
