@@ -64,13 +64,14 @@ launches (`forward_path` names the route a shape takes).
 
 import contextlib
 import functools
+import math
+import operator
 import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Under TRITON_INTERPRET=1 kernels run on the CPU through numpy. Its tl.dot multiplies
@@ -735,9 +736,23 @@ def _dropout_mask_kernel(out_ptr, M, K, threshold, seed, BLOCK_M: tl.constexpr, 
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
+def _checked_seed(seed) -> int:
+    """``seed`` as an int in [0, 2**31): an int, a numpy integer or an integer 0-d tensor."""
+    try:
+        value = operator.index(seed)  # (no float: 5.7 must not quietly become 5)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}") from None
+    if isinstance(seed, bool) or not 0 <= value < 2**31:
+        raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+    return value
+
+
 def dropout_mask(seed, shape, p, device="cpu"):
     """The keep-mask D (bool, `shape`) that lora_linear draws for an x of `shape` with this
     seed and p (see `_keep_tile` for how each element's coin is drawn)."""
+    seed = _checked_seed(seed)
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p must be a dropout rate in [0, 1], got {p}")
     out = torch.empty(shape, device=device, dtype=torch.int8)
     K = shape[-1] if len(shape) else 1
     M = out.numel() // K if K else 0
@@ -881,8 +896,16 @@ class LoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels' work is not recorded: a second derivative must raise, not be wrong
     def backward(ctx, dy):
+        # The kernels' work is not recorded, so a backward that builds a graph (create_graph=True:
+        # a gradient penalty, a Hessian-vector product) would give derivatives without the
+        # low-rank terms. torch's once_differentiable refuses that only when dy itself requires
+        # grad, not for d(sum y)/dx (dy all ones), so it is refused here, whatever dy is.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "minipeft.kernels.lora_linear has no second derivative (its backward runs in kernels autograd does "
+                "not record), and create_graph=True asks for one: run the layer on the reference path "
+                "(LoraConfig(use_fused_kernels=False), or minipeft.kernels.set_enabled(False))")
         with _launch_context(dy):
             return LoraLinearFunction._backward(ctx, dy)
 
@@ -942,7 +965,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if grad and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("lora_linear treats weight and bias as frozen; they must not require grad "
                          "(use the reference LoRA path to train the base layer)")
-    if isinstance(scaling, torch.Tensor) and scaling.requires_grad:
+    if isinstance(scaling, torch.Tensor) and scaling.requires_grad and grad:
         raise TypeError("lora_linear takes scaling as a constant and computes no gradient for it; pass a number, or "
                         "use the reference LoRA path to train it")
     if grad and lora_A.requires_grad and torch.are_deterministic_algorithms_enabled():
@@ -953,9 +976,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         warnings.warn(message, stacklevel=2)
     if not x.is_cuda and not INTERPRET:
         raise ValueError("lora_linear runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
-    dtypes = {t.dtype for t in (x, weight, bias, lora_A, lora_B) if t is not None}
-    if len(dtypes) != 1:
-        raise TypeError(f"lora_linear needs one dtype for all tensors, got {sorted(map(str, dtypes))}")
+    if x.dim() == 0:
+        raise ValueError("lora_linear takes x of shape (..., K), at least 1-D; got a 0-d tensor")
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    other = {name: str(t.dtype) for name, t in named.items() if t is not None and t.dtype != x.dtype}
+    if other:
+        raise TypeError(f"lora_linear needs one dtype for all tensors: x is {x.dtype}, but {other}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"lora_linear supports float32, bfloat16 and float16, not {x.dtype}")
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
@@ -971,13 +997,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             raise ValueError(f"lora_linear: {name} is on {t.device}, x on {x.device}; all must share one device")
     if not 0.0 <= float(dropout_p) <= 1.0 or (training and float(dropout_p) == 1.0):
         raise ValueError(f"dropout_p must be in [0, 1) (1 drops everything, leaving nothing to scale up), got {dropout_p}")
-    if seed is not None and not 0 <= int(seed) < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    seed = None if seed is None else _checked_seed(seed)
     if route is not None and route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES} or None (chosen by shape), got {route!r}")
-    if route == "few rows" and not use_few_rows(x.numel() // K if K else 0, r, x.dtype):
+    rows = math.prod(x.shape[:-1])
+    if route == "few rows" and not use_few_rows(rows, r, x.dtype):
         raise ValueError(f"the few-rows route takes 1 to {FEW_ROWS_MAX_M} rows of bfloat16 or float16 and rank <= "
-                         f"{FEW_ROWS_MAX_R}; got {x.numel() // K if K else 0} rows of {x.dtype}, rank {r}")
+                         f"{FEW_ROWS_MAX_R}; got {rows} rows of {x.dtype}, rank {r}")
     p = float(dropout_p) if training else 0.0
     bias = bias.contiguous() if bias is not None else None  # the GEMM reads the bias with stride 1
     if seed is None:

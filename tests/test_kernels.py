@@ -20,6 +20,7 @@ if not TOO_LATE:
 
 from unittest import mock  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import assume, given, settings  # noqa: E402
@@ -252,11 +253,26 @@ def test_no_input_features():
 def test_what_is_refused_and_what_is_not(monkeypatch):
     x, weight, b, lora_A, lora_B = make_inputs((4,), 16, 12, 2, torch.float32)
     call = lambda **kw: kernels.lora_linear(x, weight, b, lora_A, lora_B, **{"scaling": 1.0, **kw})  # noqa: E731
-    for seed in (-5, 2**40):
-        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*31\)"):
-            call(dropout_p=0.1, seed=seed)
+    for seed in (-5, 2**40, True):
+        for draw in (lambda: call(dropout_p=0.1, seed=seed), lambda: kernels.dropout_mask(seed, x.shape, 0.1)):
+            with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*31\)"):
+                draw()
+    with pytest.raises(TypeError, match=r"seed must be an integer, got float 5.7"):  # not quietly 5
+        call(dropout_p=0.1, seed=5.7)
+    # The mask a call used, for any integer seed the call takes (a numpy int, a 0-d tensor).
+    for seed in (np.int64(9), torch.tensor(9)):
+        assert torch.equal(kernels.dropout_mask(seed, x.shape, 0.5), kernels.dropout_mask(9, x.shape, 0.5))
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"p must be a dropout rate in \[0, 1\]"):
+            kernels.dropout_mask(0, x.shape, p)
     with pytest.raises(TypeError, match="takes scaling as a constant"):
         call(scaling=torch.tensor(2.0, requires_grad=True))
+    with torch.no_grad():  # nothing is differentiated: a scaling that requires grad is a constant there
+        assert torch.equal(call(scaling=torch.tensor(2.0, requires_grad=True)), call(scaling=2.0))
+    with pytest.raises(ValueError, match="at least 1-D; got a 0-d tensor"):
+        kernels.lora_linear(torch.tensor(1.0), weight, b, lora_A, lora_B, 1.0)
+    with pytest.raises(TypeError, match=r"one dtype for all tensors: x is torch.float32, but \{'lora_B': 'torch.float16'\}"):
+        kernels.lora_linear(x, weight, b, lora_A, lora_B.half(), 1.0)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         call(dropout_p=1.0)
     assert torch.equal(call(dropout_p=1.0, training=False), call())  # nn.Dropout(1.0).eval() is the identity
@@ -293,7 +309,8 @@ def test_the_output_takes_in_place_ops_and_a_second_derivative_is_refused(path):
     # The output is a tensor of its own, not a view made inside the autograd Function: a model
     # may modify it in place (ReLU(inplace=True) after the layer), as after the reference path.
     # The kernels' work is invisible to autograd, so create_graph=True must raise rather than
-    # give a second derivative without the low-rank terms.
+    # give a second derivative without the low-rank terms: also for d(sum y)/dx, whose dy (ones)
+    # needs no grad, where torch's once_differentiable let a gradient penalty train A and B wrong.
     x, weight, b, lora_A, lora_B = make_inputs((2, 5), 24, 20, 4, torch.bfloat16)
     x.requires_grad_(True)
     lora_A.requires_grad_(True)
@@ -303,10 +320,10 @@ def test_the_output_takes_in_place_ops_and_a_second_derivative_is_refused(path):
     assert rel_err(y, expected) < TOL[torch.bfloat16]
     y.sum().backward()  # the in-place op is differentiated through
     assert x.grad is not None and lora_A.grad is not None
-    (gx,) = torch.autograd.grad(kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, route=path).sum(), x,
-                                create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        gx.sum().backward()
+    with pytest.raises(RuntimeError, match=r"lora_linear has no second derivative .* create_graph=True asks for one: "
+                                           r"run the layer on the reference path"):
+        torch.autograd.grad(kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, route=path).sum(), x,
+                            create_graph=True)
 
 
 @interpreted
