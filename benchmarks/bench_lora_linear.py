@@ -99,8 +99,7 @@ TARGETS = [
 def cases(quick, device, which="all"):
     """(M, K, N, r, p) tuples and the dtype."""
     if which == "targets":
-        # Ascending M, as in the sweep: --profile profiles the largest M, and a profiler session can
-        # leave CUPTI attached and slow the launches of the host-bound small-M cases after it.
+        # Ascending M, as in the sweep (--profile profiles the largest M, after every case is timed).
         return sorted({(M, 4096, 4096, 16, p) for M, p, *_ in TARGETS}), torch.bfloat16
     if quick:
         # Two of the fused forward's routes: few rows (M = 16) and, fp32 being full fp32 here, cuBLAS base.
@@ -119,23 +118,27 @@ def make_base(W, b, A, B, s, p):
     return lambda x: F.linear(x, W, b)
 
 
-def make_torch_reference(W, b, A, B, s, p):
-    def lora(x):
-        y = F.linear(x, W, b)  # (..., N)
-        xa = F.linear(x if p == 0 else F.dropout(x, p, training=True), A)  # (..., r)
-        # y += s * xa B^T as one addmm on the flattened rows, without a temporary (M, N).
-        return y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.t(), alpha=s).view(y.shape)
-    return lora
+def make_minipeft_reference(W, b, A, B, s, p):
+    """minipeft's LoRA layer on its pure-PyTorch reference path, the one the kernels are tested against."""
+    import minipeft
+
+    return lora_layer(minipeft, W, b, A, B, s, p, use_fused_kernels=False)
 
 
 def make_peft(W, b, A, B, s, p):
-    from peft import LoraConfig, get_peft_model
+    import peft
 
+    return lora_layer(peft, W, b, A, B, s, p)
+
+
+def lora_layer(library, W, b, A, B, s, p, **options):
+    """``library``'s LoRA layer (peft's or minipeft's, built the same way) around a linear layer
+    holding W and b, with the factors A and B, in W's dtype and training mode."""
     r, (N, K) = A.shape[0], W.shape
     holder = nn.Module()
     holder.proj = nn.Linear(K, N, bias=b is not None, device=W.device, dtype=W.dtype)
-    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=s * r, lora_dropout=p, target_modules=["proj"]))
-    layer = model.base_model.model.proj  # peft.tuners.lora.Linear
+    config = library.LoraConfig(r=r, lora_alpha=s * r, lora_dropout=p, target_modules=["proj"], **options)
+    layer = library.get_peft_model(holder, config).base_model.model.proj
     with torch.no_grad():
         layer.base_layer.weight.copy_(W)
         if b is not None:
@@ -162,7 +165,7 @@ def make_fused(W, b, A, B, s, p, route=None, dx_gemm_first=None):
     return fused
 
 
-IMPLEMENTATIONS = {"base": make_base, "torch": make_torch_reference, "peft": make_peft, "fused": make_fused}
+IMPLEMENTATIONS = {"base": make_base, "minipeft ref": make_minipeft_reference, "peft": make_peft, "fused": make_fused}
 # --cases targets: every route the fused function can take (lora_linear's route argument), to
 # set the rules that choose between them from measurements.
 FORCED_PATHS = {f"fused[{route}]": functools.partial(make_fused, route=route)
@@ -342,6 +345,8 @@ def summarise(samples, baseline="base"):
 
 
 def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=True):
+    """The case's rows (every method's timings, peak memory, host time and latency); with
+    ``profile``, also each row with what ``profile_kernels`` runs for it, after every case is timed."""
     g = torch.Generator(device=device).manual_seed(0)
     randn = lambda *shape, std=1.0: torch.randn(*shape, generator=g, device=device, dtype=dtype) * std  # noqa: E731
     s = 2.0
@@ -385,9 +390,9 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
     if p == 0:
         tolerance = 5e-3 if dtype == torch.float32 else 2e-2  # fp32: TF32 where torch allows it
         for name in impls[2:]:  # peft and the fused rows
-            errors[name] = max(((t - ref).norm() / ref.norm()).item() for t, ref in zip(outputs[name], outputs["torch"]))
+            errors[name] = max(((t - ref).norm() / ref.norm()).item() for t, ref in zip(outputs[name], outputs["minipeft ref"]))
             if errors[name] > tolerance:
-                print(f"WARNING: {name} differs from the torch reference by {errors[name]:.2e} (y, dx, dA or dB) "
+                print(f"WARNING: {name} differs from minipeft's reference path by {errors[name]:.2e} (y, dx, dA or dB) "
                       f"at M={M} K={K} N={N} r={r}")
 
     rows = summarise(interleaved(timers, rounds))
@@ -400,14 +405,19 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
         row["host_ms"] = {phase: host for phase, (host, _) in measured.items()}
         row["latency_ms"] = {phase: latency for phase, (_, latency) in measured.items()}
         if row["method"] in errors:
-            row["rel_err_vs_torch"] = errors[row["method"]]
-        if profile:
-            # The forward alone is profiled too, so that each kernel's time splits into forward
-            # and backward (y's GEMM and dx's share a kernel name).
-            fwd_us = {name: us for name, _, us in kernel_times(forward, params, device)}
-            row["kernels"] = [(name, calls, us, fwd_us.get(name, 0.0))
-                              for name, calls, us in kernel_times(step, params, device)]
-    return rows
+            row["rel_err_vs_reference"] = errors[row["method"]]
+    return rows, [(row, *steps[row["method"]]) for row in rows] if profile else []
+
+
+def profile_kernels(profiled, device):
+    """Each profiled row's kernels (``row["kernels"]``), once every case is timed: a profiler
+    session can leave CUPTI attached, which slows the launches of whatever is timed after it."""
+    for row, step, forward, params in profiled:
+        # The forward alone is profiled too, so that each kernel's time splits into forward
+        # and backward (y's GEMM and dx's share a kernel name).
+        fwd_us = {name: us for name, _, us in kernel_times(forward, params, device)}
+        row["kernels"] = [(name, calls, us, fwd_us.get(name, 0.0))
+                          for name, calls, us in kernel_times(step, params, device)]
 
 
 def kernel_times(step, params, device, steps=5):
@@ -449,12 +459,12 @@ def cell(row, phase):
 
 def markdown(results):
     lines = ["| M | K -> N | r | p | method | fwd | bwd | fwd+bwd | fwd, CUDA graph | host ms: fwd / bwd / fwd+bwd "
-             "| latency ms: fwd / bwd / fwd+bwd | peak MiB | error vs torch |",
+             "| latency ms: fwd / bwd / fwd+bwd | peak MiB | error vs minipeft ref |",
              "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in results:
         for row in case["rows"]:
             peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-            error = f"{row['rel_err_vs_torch']:.1e}" if "rel_err_vs_torch" in row else "-"
+            error = f"{row['rel_err_vs_reference']:.1e}" if "rel_err_vs_reference" in row else "-"
             host, latency = (" / ".join(f"{row[key][phase]:.3f}" for phase in PHASES if phase in row.get(key, {})) or "-"
                              for key in ("host_ms", "latency_ms"))
             method = row["method"] + (f" ({case['fused_path']})" if row["method"] == "fused" else "")
@@ -606,7 +616,7 @@ def main():
                         "of the GPU kernels this benchmark is for" + ("" if "fused" in impls else
                                                                        "; the fused kernels were not run (no GPU)")),
                 **meta}
-    results = []
+    results, profiled = [], []  # profiled: (row, its calls), kernel-profiled after every case is timed
     for M, K, N, r, p in case_list:
         if args.time_budget is not None and time.monotonic() - started > args.time_budget:
             print(f"time budget of {args.time_budget:.0f} s spent: {len(case_list) - len(results)} cases not run")
@@ -621,13 +631,15 @@ def main():
             case_impls = [name for name in case_impls if name != f"fused[{path}]"]
         # The profile is taken at the largest shape only: that is where the targets are.
         profile = args.profile and M == max(c[0] for c in case_list)
-        rows = run_case(M, K, N, r, p, dtype, device, case_impls, rounds, profile, graph=not args.no_graph)
+        rows, later = run_case(M, K, N, r, p, dtype, device, case_impls, rounds, profile, graph=not args.no_graph)
+        profiled += later
         results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
         print(f"M={M} K={K} N={N} r={r} p={p}: " +
               ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)
         if out is not None:  # after every case, so that a run cut short keeps what it measured
             write(device, section, meta, results, out, quiet=True)
 
+    profile_kernels(profiled, device)
     print()
     print(markdown(results))
     verdicts = target_verdicts(results)
