@@ -1188,7 +1188,7 @@ def _optimizer_step(run: _Run, micro: list[dict], task: str, step: int) -> tuple
         run.raw_model.base_model.update_and_allocate(step)
     run.optimizer.zero_grad(set_to_none=True)
     if run.world > 1:  # the step's loss is the ranks' mean, as its update is (DDP averages their gradients)
-        mean = torch.tensor(loss_value, dtype=torch.float64)
+        mean = torch.tensor(loss_value, dtype=torch.float64, device=run.device)  # (NCCL moves CUDA tensors only)
         dist.all_reduce(mean)
         loss_value = mean.item() / run.world
     return loss_value, tokens
