@@ -998,6 +998,11 @@ def _windows(run: _Run, state: RunState, train_batches, epoch: int, first: int) 
     if hasattr(train_batches, "set_epoch"):
         train_batches.set_epoch(epoch)
     replaying = first > 0 and state.epoch_rng is not None
+    if first > 0 and state.epoch_rng is None and isinstance(getattr(train_batches, "sampler", None),
+                                                             torch.utils.data.RandomSampler):
+        warnings.warn("resuming mid-epoch from a checkpoint that holds no RNG state of the epoch's start (written "
+                      "by an older minipeft): the shuffling DataLoader now reads the rest of the epoch in another "
+                      "order than the interrupted run would have", stacklevel=3)
     if replaying:
         run_rng = _rng_state()
         _set_rng_state(state.epoch_rng)
