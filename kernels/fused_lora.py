@@ -900,8 +900,10 @@ class LoraLinearFunction(torch.autograd.Function):
         # The kernels' work is not recorded, so a backward that builds a graph (create_graph=True:
         # a gradient penalty, a Hessian-vector product) would give derivatives without the
         # low-rank terms. torch's once_differentiable refuses that only when dy itself requires
-        # grad, not for d(sum y)/dx (dy all ones), so it is refused here, whatever dy is.
-        if torch.is_grad_enabled():
+        # grad, not for d(sum y)/dx (dy all ones), whose dx still depends on A and B: refused
+        # here wherever a gradient returned depends on something that requires grad (with A and
+        # B frozen and dy a constant, dx = dy W + ... is a constant, and exact).
+        if torch.is_grad_enabled() and (dy.requires_grad or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
             raise RuntimeError(
                 "minipeft.kernels.lora_linear has no second derivative (its backward runs in kernels autograd does "
                 "not record), and create_graph=True asks for one: run the layer on the reference path "

@@ -96,7 +96,8 @@ def replace_dir_side_names(path: str | os.PathLike) -> tuple[str, str]:
     return path + ".tmp", path + ".old"
 
 
-def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object],
+                       unlisted_ok: Callable[[str], bool] | None = None) -> None:
     """Replace (or create) the folder `path` with one that `write(folder)` fills.
 
     The new copy is written in full to `<path>.tmp` and synced, file by file (writers such as
@@ -110,7 +111,9 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
     line), so that a later call knows what it may delete: whatever an earlier call wrote, even
     what the new copy leaves out (a model of another kind saved in its place). A `<path>` holding
     anything else (a user's notes, another program's files) is left alone and refused: replacing
-    it would delete those silently (``unreplaceable`` lists them).
+    it would delete those silently (``unreplaceable`` lists them). ``unlisted_ok(name)`` judges
+    a folder written before the list was kept: whether a path in it is one the caller's earlier
+    saves wrote.
     """
     path = os.path.abspath(path)  # "." has no sibling to rename to; its absolute name has
     if os.path.exists(path) and not os.path.isdir(path):
@@ -128,7 +131,7 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
                 with open(os.path.join(folder, name), "rb") as f:
                     os.fsync(f.fileno())
             fsync_dir(folder)
-        foreign = sorted(set(unreplaceable(path)) - set(written))
+        foreign = sorted(set(unreplaceable(path, unlisted_ok)) - set(written))
         if foreign:
             raise FileExistsError(
                 f"{path} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which this save would not "
@@ -146,13 +149,17 @@ def atomic_replace_dir(path: str | os.PathLike, write: Callable[[str], object]) 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def unreplaceable(path: str | os.PathLike) -> list[str]:
+def unreplaceable(path: str | os.PathLike, unlisted_ok: Callable[[str], bool] | None = None) -> list[str]:
     """What ``atomic_replace_dir(path, ...)`` would refuse to delete unless the new copy writes it
-    too: every file and folder under `path` (relative to it) that no earlier call put there."""
+    too: every file and folder under `path` (relative to it) that no earlier call put there (in a
+    folder without the list, every one that ``unlisted_ok`` does not accept)."""
     if not os.path.isdir(path):
         return []
     listed = os.path.join(path, SAVED_FILES)
-    saved = set(open(listed).read().splitlines()) | {SAVED_FILES} if os.path.isfile(listed) else set()
+    if not os.path.isfile(listed):
+        return sorted(name for name in _files_under(os.fspath(path)) if not (unlisted_ok and unlisted_ok(name)))
+    with open(listed) as f:
+        saved = set(f.read().splitlines()) | {SAVED_FILES}
     return sorted(_files_under(os.fspath(path)) - saved)
 
 

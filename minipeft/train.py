@@ -119,7 +119,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping
     bf16: bool | None = None  # None: on for CUDA devices with bf16 support, off on CPU
     device: str | None = None  # None: cuda (this rank's GPU) when available, else cpu
-    task: str = "auto"  # one of TASKS; "auto": from the labels' shape and the model (_task_of)
+    task: str = "auto"  # one of TASKS; "auto": from the labels' dtype and shape and the model (_task_of)
     eval_every: int = 0  # steps between evaluations; 0: at the end of each epoch
     metric: str = "auto"  # metric for best/early stopping; auto: accuracy or loss
     patience: int | None = None  # evaluations without improvement before stopping
@@ -390,7 +390,18 @@ def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
             save_model(model, path)  # the folder is private: no rename needed
             give_default_mode(path)  # (safetensors writes it 0600, an adapter's files are as open() makes them)
 
-    atomic_replace_dir(directory, write)
+    atomic_replace_dir(directory, write, functools.partial(_weights_of_an_unlisted_best, directory))
+
+
+def _weights_of_an_unlisted_best(directory: str | os.PathLike, name: str) -> bool:
+    """In a best/ saved before the folder listed its files: whether ``name`` is one of the files
+    save_weights writes (a plain module's or an adapter's, one not named default in a subfolder),
+    or such a subfolder."""
+    weights = ("model.safetensors", "adapter_config.json", "adapter_model.safetensors")
+    parts, path = Path(name).parts, os.path.join(directory, name)
+    if os.path.isdir(path):
+        return len(parts) == 1 and all(f in weights for f in os.listdir(path))
+    return len(parts) <= 2 and parts[-1] in weights
 
 
 def _rng_state() -> dict:
@@ -478,9 +489,10 @@ def setup_distributed() -> tuple[int, int, int]:
 
 
 def _task_of(batch: dict, task: str, model: nn.Module | None = None) -> str:
-    """``task``, checked against the batch's labels; for "auto", the task they tell: labels [B]
-    classify sequences, labels [B, T] classify tokens when ``model`` is a token classifier
-    (``_classifies_tokens``) and are a causal LM's next tokens otherwise."""
+    """``task``, checked against the batch's labels; for "auto", the task they tell: float labels
+    are a regression's; integer labels [B] classify sequences, [B, T] classify tokens when
+    ``model`` is a token classifier (``_classifies_tokens``) and are a causal LM's next tokens
+    otherwise."""
     labels = batch.get("labels", batch.get("label"))
     if labels is not None and not isinstance(labels, torch.Tensor):
         raise TypeError(f"a batch's labels are a tensor, these are a {type(labels).__name__}: train_batches and "
@@ -539,7 +551,7 @@ def _forward(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, to
             raise ValueError(
                 "the labels are floats (task 'regression'), whose loss the model must compute itself and return "
                 "under 'loss' (transformers' models do, by their config's problem_type): minipeft computes losses "
-                "for classes and tokens only")
+                "for classes and tokens only. Class labels stored as floats convert with .long()")
         if task == "classification":
             loss = F.cross_entropy(logits.float(), labels)
         elif task == "token_classification":  # the mean over the batch's labelled tokens, 0 when it has none
@@ -634,7 +646,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
         p, g = torch.cat(preds), torch.cat(golds)
         num_classes = max(num_classes, int(max(p.max(), g.max())) + 1)
     # one vector of sums so a single all_reduce combines every rank's share
-    stats = torch.tensor([loss_sum, count, float(is_cls)], dtype=torch.float64)
+    stats = torch.tensor([loss_sum, count, float(is_cls), float(task == "causal_lm")], dtype=torch.float64)
     classes = torch.tensor([num_classes])
     if distributed:
         dist.all_reduce(stats)
@@ -657,7 +669,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
         metrics["accuracy"] = tp.sum().item() / count
         f1 = 2 * tp / (predicted + actual).clamp(min=1)
         metrics["f1"] = f1[1].item() if num_classes == 2 else f1.mean().item()
-    elif task == "causal_lm":
+    elif stats[3] > 0:  # (a rank given no batch has not settled its task "auto": the others tell it)
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     return metrics
 
@@ -808,7 +820,8 @@ def _check_best_dir_replaceable(run: _Run) -> None:
     evaluation (on rank 0, which saves), for a ``best/`` that holds files of the user's (or of
     some other program) beside the best weights an earlier run saved there."""
     best = run.out_dir / BEST_DIR
-    kept = _gathered(run, unreplaceable(best) if run.main else None)[0]  # rank 0's view, which saves
+    unlisted_ok = functools.partial(_weights_of_an_unlisted_best, best)
+    kept = _gathered(run, unreplaceable(best, unlisted_ok) if run.main else None)[0]  # rank 0's view, which saves
     if kept:
         raise FileExistsError(f"{best} holds {kept[:5]}{' ...' if len(kept) > 5 else ''}, which are no weights this "
                               "loop saved, and saving the best weights would replace the folder; move them, or use "

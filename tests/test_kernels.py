@@ -324,6 +324,14 @@ def test_the_output_takes_in_place_ops_and_a_second_derivative_is_refused(path):
                                            r"run the layer on the reference path"):
         torch.autograd.grad(kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, route=path).sum(), x,
                             create_graph=True)
+    # With A and B frozen and dy a constant, dx is a constant too: exact, and not refused.
+    lora_A.requires_grad_(False)
+    (gx,) = torch.autograd.grad(kernels.lora_linear(x, weight, b, lora_A, lora_B, 2.0, route=path).sum(), x,
+                                create_graph=True)
+    x64 = x.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference(x64, *(t.double() for t in (weight, b, lora_A, lora_B)), 2.0, None,
+                                                0.0, torch.bfloat16).sum(), x64)
+    assert not gx.requires_grad and rel_err(gx, expected) < TOL[torch.bfloat16]
 
 
 @interpreted

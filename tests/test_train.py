@@ -830,6 +830,11 @@ def test_what_any_earlier_save_put_in_best_may_go_but_nothing_else(tmp_path):
           config)
     assert sorted(os.listdir(tmp_path / "best")) == [".saved_files", "adapter_config.json", "adapter_model.safetensors"]
 
+    # A best/ saved before the folder listed its files: its weights may go all the same.
+    (tmp_path / "best" / ".saved_files").unlink()
+    train(SavesLikeTransformers(), train_loader, eval_loader, config)
+    assert sorted(os.listdir(tmp_path / "best")) == [".saved_files", "README.md", "config.json", "model.safetensors"]
+
 
 def test_a_second_run_into_a_finished_runs_output_dir_says_it_trains_nothing(tmp_path):
     train_loader, eval_loader = loaders(n_train=32)
