@@ -747,17 +747,24 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
     eval_batches: same kind of collection, or None for no evaluation.
     Returns a TrainResult; with restore_best, the model ends holding its best weights.
     """
+    if isinstance(eval_batches, TrainConfig) and config is None:
+        raise TypeError("the third argument of train() is eval_batches; pass the TrainConfig as config=... "
+                        "(train(model, train_batches, config=TrainConfig(...)), or eval_batches=None before it)")
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}; e.g. TrainConfig(**your_dict)")
     if config is None:
         raise ValueError("pass a TrainConfig (at least output_dir)")
-    _check_batches(train_batches, eval_batches, config)
+    if hasattr(train_batches, "set_epoch"):
+        train_batches.set_epoch(0)
+    first = _first_batch(train_batches) if hasattr(train_batches, "__len__") and len(train_batches) else None
+    _check_batches(train_batches, eval_batches, config, first)
+    _check_something_trains(model)  # before the model changes mode or device
     run = _setup(model, len(train_batches), config)
     if config.save_best:
         _check_best_dir_replaceable(run)
     if config.save_best and run.main:
         _warn_statistics_not_saved(run.raw_model, run.out_dir / BEST_DIR)
-    run.first_batch = _data_fingerprint(train_batches)
+    run.first_batch = _data_fingerprint(first)
     run.model_fingerprint = _model_fingerprint(run.raw_model)
     state = _resume(run)
     _trim_metrics(run, state.step)
@@ -1033,13 +1040,36 @@ def _windows(run: _Run, state: RunState, train_batches, epoch: int, first: int) 
         yield window, [_to(b, run.device) for b in islice(mine, accum)]
 
 
-def _check_batches(train_batches, eval_batches, config: TrainConfig) -> None:
+def _check_something_trains(model: nn.Module) -> None:
+    """A ValueError for a model with no trainable parameter, saying why where an adapter was
+    loaded for inference."""
+    if any(p.requires_grad for p in model.parameters()):
+        return
+    configs = getattr(_unwrap(model), "peft_config", None) or {}
+    frozen = [name for name, config in configs.items() if getattr(config, "inference_mode", False)]
+    why = (f": adapter(s) {frozen} were loaded for inference (PeftModel.from_pretrained without is_trainable=True); "
+           "load them with is_trainable=True to go on training, or call model.set_requires_grad(...)" if frozen else
+           ": freeze the base model, but leave an adapter's (or a layer's) parameters trainable")
+    raise ValueError("the model has no trainable parameters (requires_grad=True), nothing to train" + why)
+
+
+def _check_batches(train_batches, eval_batches, config: TrainConfig, first_train: dict | None) -> None:
     """The errors the data would meet later (after an epoch, at the first evaluation), raised
     before the first step."""
     for name, batches in (("train_batches", train_batches), ("eval_batches", eval_batches)):
         if batches is not None and (not hasattr(batches, "__len__") or iter(batches) is batches):
             raise TypeError(f"{name} must be a sized collection that can be iterated again each epoch (a list of "
                             f"batch dicts, or a BatchLoader), not a {type(batches).__name__}")
+    first_eval = _first_batch(eval_batches) if eval_batches is not None and len(eval_batches) else None
+    for name, first in (("train_batches", first_train), ("eval_batches", first_eval)):
+        if first is not None and not isinstance(first, Mapping):
+            raise TypeError(f"{name} yields {type(first).__name__}s, where each item is a batch: a dict of tensors "
+                            "(BatchLoader or minipeft.data.collate make them from encoded examples); one batch alone "
+                            "goes in a list")
+        untensored = [k for k, v in (first or {}).items() if isinstance(v, (list, tuple))]
+        if untensored:
+            raise TypeError(f"{name}: a batch holds {untensored} as Python lists; a batch is a dict of tensors, as "
+                            "BatchLoader or minipeft.data.collate make them from encoded examples")
     if len(train_batches) == 0:
         dropped = " (drop_last=True drops a last batch smaller than batch_size: fewer examples than batch_size " \
                   "leave none)" if getattr(train_batches, "drop_last", False) else ""
@@ -1051,19 +1081,16 @@ def _check_batches(train_batches, eval_batches, config: TrainConfig) -> None:
         return
     if len(eval_batches) == 0:
         raise ValueError("eval_batches is empty: pass some evaluation examples, or None for no evaluation")
-    _task_of(next(iter(eval_batches)), config.task)  # its targets must be under 'labels' too
+    _task_of(first_eval, config.task)  # its targets must be under 'labels' too
 
 
-def _data_fingerprint(train_batches) -> str:
+def _data_fingerprint(first_batch: dict | None) -> str:
     """A hash of epoch 0's first batch (every tensor's shape, dtype and values, and plain
     values): a resumed run must train on the data its checkpoint's run trained on, which the
     step counts alone do not tell (new data of the same size would resume a finished run and
-    train nothing). Reading the batch draws nothing from the run's random streams: a
-    shuffling loader's draw is taken back."""
-    if hasattr(train_batches, "set_epoch"):
-        train_batches.set_epoch(0)
+    train nothing). (``_first_batch`` reads it without drawing from the run's random streams.)"""
     digest = hashlib.sha256()
-    _hash_into(digest, _first_batch(train_batches))
+    _hash_into(digest, first_batch)
     return digest.hexdigest()[:16]
 
 

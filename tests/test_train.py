@@ -967,6 +967,17 @@ def test_float_labels_train_a_model_that_computes_its_own_loss_and_evaluate_by_i
     assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"]
 
 
+def test_an_adapter_loaded_for_inference_is_refused_saying_how_to_train_it_and_the_model_is_left_alone(tmp_path):
+    from minipeft import PeftModel
+
+    get_peft_model(TinyClassifier(), LoraConfig(r=2, target_modules=["adapter"])).save_pretrained(tmp_path / "a")
+    model = PeftModel.from_pretrained(TinyClassifier(), tmp_path / "a")  # in eval mode, frozen
+    with pytest.raises(ValueError, match=r"no trainable parameters .* adapter\(s\) \['default'\] were loaded for "
+                                         r"inference .* load them with is_trainable=True"):
+        train(model, loaders(n_train=32)[0], None, TrainConfig(output_dir=str(tmp_path / "out")))
+    assert not model.training and not (tmp_path / "out").exists()
+
+
 class ScoresUnderAnotherName(TinyClassifier):
     def forward(self, input_ids, attention_mask, labels=None):
         scores = super().forward(input_ids, attention_mask)
@@ -984,8 +995,11 @@ class ScoresUnderAnotherName(TinyClassifier):
     ("float labels", r"the labels are floats \(task 'regression'\), whose loss the model must compute itself"),
     ("float eval labels", r"task 'classification' takes integer labels, and this batch's are torch.float32: float "
                           r"labels are a regression"),
-    ("examples as batches", r"a batch's labels are a tensor, these are a int: train_batches and eval_batches hold "
-                            r"batches \(dicts of tensors, .*\), not the examples themselves"),
+    ("examples as batches", r"train_batches: a batch holds \['input_ids'\] as Python lists; a batch is a dict of "
+                            r"tensors"),
+    ("one batch alone", r"train_batches yields strs, where each item is a batch: a dict of tensors .* one batch "
+                        r"alone goes in a list"),
+    ("config as eval_batches", r"the third argument of train\(\) is eval_batches; pass the TrainConfig as config="),
     ("no logits", r"the model's forward returned \['loss', 'scores'\], without 'logits'"),
 ])
 def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
@@ -1004,6 +1018,10 @@ def test_unusable_runs_are_refused_before_training(tmp_path, case, message):
         train_loader = BatchLoader(tiny_examples(3), batch_size=4, drop_last=True)
     if case == "examples as batches":
         train_loader = tiny_examples(32)  # BatchLoader forgotten
+    if case == "one batch alone":
+        train_loader = next(iter(train_loader))
+    if case == "config as eval_batches":
+        eval_batches, config = config, None
     model = TinyClassifier()
     if case == "no logits":
         model = ScoresUnderAnotherName()
