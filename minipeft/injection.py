@@ -341,17 +341,26 @@ def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:
 
 def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
     """Each ``modules_to_save`` entry must name a module (a misspelt head would stay frozen and
-    unsaved; peft ignores it), except the heads a task adds, of which a model has one. And a
+    unsaved; peft ignores it), except the heads a task adds, of which a model has one (where it
+    has one of them). And a
     module trained whole must hold no other adapter's wrapper: its copy would copy that adapter
     too (and save its tensors under this one's name); peft refuses the same."""
     logical = list(candidate_names(model).values())
+    entries = getattr(config, "modules_to_save", None) or []
+    matched = {entry for entry in entries if any(trained_whole(name, [entry]) for name in logical)}
+    # A task lists every name its head has across architectures (SEQ_CLS: classifier, score), one of
+    # which a model with that head has, and a model without heads (a task's adapter loaded into the
+    # bare model) none; but a head name that the model's head does not have ('classifier' on Llama's
+    # 'score') is a mistake like any other.
     task_heads = {head for heads in TASK_HEAD_NAMES.values() for head in heads}
-    for entry in getattr(config, "modules_to_save", None) or []:
-        if entry not in task_heads and not any(trained_whole(name, [entry]) for name in logical):
+    heads = sorted(n for n in task_heads if any(name.rpartition(".")[2] == n for name in logical))
+    for entry in entries:
+        if entry not in matched and not (entry in task_heads and (matched & task_heads or not heads)):
             nearest, example = nearest_names([entry], logical)
-            raise ValueError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}. Nearest "
-                             f"names, nearest first: {nearest}, e.g. {example!r}. An entry matches the end of a module's "
-                             "name, as in peft")
+            hint = f" (this model's head is {heads[0]!r})" if entry in task_heads and heads else ""
+            raise ValueError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}{hint}. "
+                             f"Nearest names, nearest first: {nearest}, e.g. {example!r}. An entry matches the end of a "
+                             "module's name, as in peft")
     for name in _saved_whole(model, config):
         module = model.get_submodule(name)
         holding = layers_a_copy_would_copy(module, ModulesToSaveWrapper)

@@ -52,19 +52,27 @@ def check_task_type(model: nn.Module, config) -> None:
     """A ValueError when ``config.task_type`` names another task than ``model``'s class has a
     new head for (``BertForSequenceClassification`` with ``"CAUSAL_LM"``): that head would
     neither train nor be saved with the adapter, and the fine-tune would silently keep it random.
+    No task_type at all is warned of (peft allows it, and a head may be left frozen on purpose).
     Not for FEATURE_EXTRACTION (the head's input is what is wanted) nor an adapter loaded for
     inference (nothing trains)."""
     task = next((t for suffix, t in TASK_OF_HEAD_CLASS.items() if type(model).__name__.endswith(suffix)), None)
     given = getattr(config, "task_type", None)
     given = getattr(given, "value", given)  # (a TaskType, or a string set after the config was built)
-    if task is None or given in (None, task, "FEATURE_EXTRACTION") or getattr(config, "inference_mode", False):
+    if task is None or given in (task, "FEATURE_EXTRACTION") or getattr(config, "inference_mode", False):
         return
     heads = [n for n in TASK_HEAD_NAMES[task] if isinstance(getattr(model, n, None), nn.Module)]
     saved = getattr(config, "modules_to_save", None) or []
-    if heads and not any(h in saved for h in heads):
-        raise ValueError(f"task_type={given!r}, but "
-                         f"{type(model).__name__} has a new {task} head ({heads[0]!r}), which would neither train "
-                         f"nor be saved with the adapter; use task_type={task!r} (or list {heads[0]!r} in modules_to_save)")
+    if not heads or any(h in saved for h in heads):
+        return
+    if given is None:  # (peft says nothing; a head named wrong in modules_to_save is an error there)
+        if not any(h in saved for h in TASK_HEAD_NAMES[task]):
+            warnings.warn(f"{type(model).__name__} has a new {task} head ({heads[0]!r}) and the config no task_type: "
+                          f"the head neither trains nor is saved with the adapter, and stays random. Pass "
+                          f"task_type={task!r} (or list {heads[0]!r} in modules_to_save)", stacklevel=4)
+        return
+    raise ValueError(f"task_type={given!r}, but {type(model).__name__} has a new {task} head ({heads[0]!r}), which "
+                     f"would neither train nor be saved with the adapter; use task_type={task!r} (or list "
+                     f"{heads[0]!r} in modules_to_save)")
 
 
 def out_in_features(weight, fan_in_fan_out: bool) -> tuple[int, int]:
@@ -290,6 +298,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
     selected = narrow(selected, "modules_to_save", lambda n: not inside_trained_whole(n, saved))
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
+        _warn_unmatched_exclusions(exclude, list(names.values()))
         selected = narrow(selected, "exclude_modules", lambda n: not name_matches(n, exclude))
     layers = getattr(config, "layers_to_transform", None)
     if layers is not None and layers != []:
@@ -315,6 +324,17 @@ def find_targets(model: nn.Module, config) -> list[str]:
         raise ValueError(no_match_message(targets, names, modules, type(model).__name__, applied))
     _check_registered_once(model, selected)
     return selected
+
+
+def _warn_unmatched_exclusions(exclude: list[str] | str, names: list[str]) -> None:
+    """Warn of ``exclude_modules`` entries that match no module (a misspelt one excludes nothing:
+    the module meant stays adapted), naming the nearest real names; peft warns too."""
+    entries = [exclude] if isinstance(exclude, str) else exclude  # (a string is one regex)
+    unmatched = [e for e in entries if not any(name_matches(n, e if isinstance(exclude, str) else [e]) for n in names)]
+    if unmatched:
+        nearest, _ = nearest_names([] if isinstance(exclude, str) else unmatched, names)
+        warnings.warn(f"exclude_modules names {unmatched}, which match no module and exclude nothing (the module "
+                      f"meant stays adapted); nearest names, nearest first: {nearest}", stacklevel=5)
 
 
 def all_linear_names(model: nn.Module, task_type=None) -> list[str]:

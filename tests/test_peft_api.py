@@ -9,6 +9,7 @@ import functools
 import inspect
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -422,13 +423,40 @@ def test_a_task_type_that_would_leave_the_models_new_head_untrained_is_refused()
     with pytest.raises(ValueError, match=r"new QUESTION_ANS head \('qa_outputs'\)"):
         get_peft_model(transformers.BertForQuestionAnswering(config),
                        LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
-    # the head listed by hand trains whatever the task type says; no task type (peft's default), or
-    # features: no check
+    # the head listed by hand trains whatever the task type says; features: no check; no task type
+    # (peft's default, where peft says nothing): a warning
     for kwargs in (dict(task_type="TOKEN_CLS", modules_to_save=["classifier"]), {}, dict(task_type="FEATURE_EXTRACTION")):
-        model = get_peft_model(transformers.BertForSequenceClassification(config),
-                               LoraConfig(target_modules=["query"], **kwargs))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = get_peft_model(transformers.BertForSequenceClassification(config),
+                                   LoraConfig(target_modules=["query"], **kwargs))
         trains_head = any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
         assert trains_head == ("modules_to_save" in kwargs)
+        said = [str(w.message) for w in caught if "has a new SEQ_CLS head" in str(w.message)]
+        assert said == ([] if kwargs else ["BertForSequenceClassification has a new SEQ_CLS head ('classifier') and the "
+                                           "config no task_type: the head neither trains nor is saved with the "
+                                           "adapter, and stays random. Pass task_type='SEQ_CLS' (or list 'classifier' "
+                                           "in modules_to_save)"])
+
+
+def test_a_head_name_of_another_architecture_in_modules_to_save_is_refused_naming_the_models_head():
+    import transformers
+
+    llama = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'classifier' matched no module of "
+                                         r"LlamaForSequenceClassification \(this model's head is 'score'\)"):
+        get_peft_model(llama, LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))
+    # SEQ_CLS lists both names, of which the model has one: fine
+    model = get_peft_model(llama, LoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"]))
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".score." in n)
+
+
+def test_an_exclusion_that_matches_nothing_is_warned_of_with_the_nearest_names():
+    with pytest.warns(UserWarning, match=r"exclude_modules names \['fc_2'\], which match no module and exclude "
+                                         r"nothing .*nearest names, nearest first: \['fc2'"):
+        get_peft_model(TinyNet(), LoraConfig(target_modules=["fc1", "fc2"], exclude_modules=["fc_2", "fc1"]))
 
 
 def test_mistakes_a_peft_user_makes_get_errors_that_say_what_to_do(tmp_path):
