@@ -802,7 +802,9 @@ def save_pretrained(
         raise ValueError(f"cannot save unknown adapter(s) {unknown}; the model has {list(configs)}")
     if not names:
         raise ValueError("selected_adapters is empty: name at least one of " + repr(list(configs)) if configs else
-                         "this model holds no adapter to save (the last one was deleted); add or load one first")
+                         "this PeftModel holds no adapter to save: the last one was deleted, or the adapters were "
+                         "merged or unloaded (merge_and_unload and unload return the plain model, which saves as a "
+                         "whole model); add or load one first")
     for name in names:  # a name like "../x" or "/abs" would write outside the folder
         check_adapter_name(name)
     if initial_folder is not None:
@@ -875,7 +877,8 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(
-            f"no adapter checkpoint at {folder!r}: not a folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it)"
+            f"no adapter checkpoint at {folder!r}: not a folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it; "
+            "minipeft reads local folders, it downloads nothing from the Hub)"
         )
     config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     if not os.path.exists(weights_path) and os.path.exists(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
@@ -889,6 +892,9 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
             inside = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
             hint = (f"; it holds adapters in subfolder(s) {inside}, where save_pretrained puts an adapter not named "
                     f"'default': pass subfolder={inside[0]!r}" if inside and path == config_path else "")
+            if not hint and os.path.isfile(os.path.join(folder, "config.json")):
+                hint = ("; it holds a whole model (config.json), not an adapter: load that as the base model, and the "
+                        "adapter from the folder its save_pretrained wrote")
             raise FileNotFoundError(f"adapter checkpoint {folder!r} is missing {os.path.basename(path)}{hint}")
 
     config = config_from_dict(read_config_file(config_path), source=config_path)

@@ -805,6 +805,7 @@ class PeftModel(nn.Module):
         revision: the Hub revision peft downloads; a local folder has none, so it is ignored, as
             peft ignores it for one.
         """
+        _check_base_model_argument(model, "PeftModel.from_pretrained(model, model_id)")
         _check_flags(is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
         _check_load_options(torch_device, autocast_adapter_dtype, model)
         if config is not None:
@@ -817,6 +818,21 @@ class PeftModel(nn.Module):
 def _changes_base_weights(config: PeftConfig) -> bool:
     """Whether adding an adapter with ``config`` rewrites base weights (LoRA with PiSSA / OLoRA)."""
     return lora_init.base_changing_init(getattr(config, "init_lora_weights", None)) is not None
+
+
+def _check_base_model_argument(model: object, call: str) -> None:
+    """A TypeError unless ``model`` is an nn.Module, saying what came instead: arguments swapped,
+    or a model's name or path where the model itself goes."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, PeftConfig):
+        hint = "the config came first: the model goes first"
+    elif isinstance(model, (str, os.PathLike)):
+        hint = ("a name or path came instead: load the base model first (e.g. transformers' "
+                "AutoModelForCausalLM.from_pretrained(path)) and pass the model itself")
+    else:
+        hint = f"got a {type(model).__name__}"
+    raise TypeError(f"{call} takes the base model (a torch.nn.Module) first; {hint}")
 
 
 def _check_not_adapted(model: nn.Module) -> None:
@@ -876,6 +892,7 @@ def get_peft_model(
     changes nothing (adapters are small and built where they live); ``autocast_adapter_dtype=False``
     is refused on a half-precision base, as in ``from_pretrained``.
     """
+    _check_base_model_argument(model, "get_peft_model(model, peft_config)")
     _check_load_options(None, autocast_adapter_dtype, model)
     if revision is not None:
         peft_config = copy.copy(peft_config)

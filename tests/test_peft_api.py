@@ -626,3 +626,24 @@ def test_peft_s_model_attributes():
     plain.add_adapter("ia3", minipeft.IA3Config(target_modules=["fc1"], feedforward_modules=[]))
     plain.set_adapter("ia3")
     assert plain.peft_type == "IA3"
+
+
+def test_swapped_arguments_and_a_whole_model_folder_are_named(tmp_path):
+    config = LoraConfig(target_modules=["fc1"])
+    with pytest.raises(TypeError, match=r"get_peft_model\(model, peft_config\) takes the base model .* first; the "
+                                        r"config came first"):
+        get_peft_model(config, TinyNet())
+    with pytest.raises(TypeError, match=r"PeftModel.from_pretrained\(model, model_id\) takes the base model .* first; "
+                                        r"a name or path came instead: load the base model first"):
+        PeftModel.from_pretrained(str(tmp_path), TinyNet())
+    (tmp_path / "config.json").write_text("{}")  # a model saved whole (transformers' save_pretrained)
+    with pytest.raises(FileNotFoundError, match=r"missing adapter_config.json; it holds a whole model \(config.json\), "
+                                                r"not an adapter"):
+        PeftModel.from_pretrained(TinyNet(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"not a folder .*it downloads nothing from the Hub"):
+        PeftModel.from_pretrained(TinyNet(), "meta-llama/Llama-3.2-1B")
+    merged = get_peft_model(TinyNet(), config)
+    merged.merge_and_unload()
+    with pytest.raises(ValueError, match=r"holds no adapter to save: the last one was deleted, or the adapters were "
+                                         r"merged or unloaded"):
+        merged.save_pretrained(tmp_path / "out")

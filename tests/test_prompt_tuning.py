@@ -250,6 +250,8 @@ def test_token_dim_must_be_a_positive_integer(dim):
 def test_text_init_needs_text_and_tokenizer():
     with pytest.raises(ValueError, match="needs prompt_tuning_init_text"):
         PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
+    with pytest.warns(UserWarning, match="prompt_tuning_init_text is ignored with prompt_tuning_init='RANDOM'"):
+        PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init_text="great movie")  # TEXT forgotten
     with pytest.raises(ValueError, match="needs a tokenizer"):
         minipeft.get_peft_model(tiny("llama"), PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT",
                                                                    prompt_tuning_init_text="hi"))

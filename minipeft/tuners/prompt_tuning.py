@@ -99,6 +99,9 @@ class PromptTuningConfig(vt.PromptLearningConfig):
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.prompt_tuning_init_text:
                 raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, the text to start from")
+        elif self.prompt_tuning_init_text and not self.inference_mode:  # (peft says nothing)
+            warnings.warn(f"prompt_tuning_init_text is ignored with prompt_tuning_init={self.prompt_tuning_init.value!r}:"
+                          " the prompt starts from it only with prompt_tuning_init='TEXT'", stacklevel=3)
 
 
 def find_input_embeddings(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
