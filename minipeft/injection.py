@@ -18,6 +18,7 @@ import contextlib
 import copy
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -363,6 +364,7 @@ def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
                              "module's name, as in peft")
     for name in _saved_whole(model, config):
         module = model.get_submodule(name)
+        _warn_untying(model, name, module)
         holding = layers_a_copy_would_copy(module, ModulesToSaveWrapper)
         if holding:
             wrapper = module.get_submodule(holding[0])
@@ -371,6 +373,19 @@ def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
                 f"({type(wrapper).__name__} at {join_name(name, holding[0])!r}); a copy trained whole would copy them "
                 "too. Train it whole in the adapter that adapts it, or leave it out of modules_to_save"
             )
+
+
+def _warn_untying(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Warn where a module trained whole shares a weight with a module outside it (an input
+    embedding tied to the LM head): the trained copy no longer shares it, and the other module
+    keeps the frozen original. peft warns too."""
+    own = {id(p) for p in module.parameters()}
+    tied = sorted({other for other, m in model.named_modules() if other != name and not other.startswith(name + ".")
+                   and not name.startswith(other + ".") and any(id(p) in own for p in m.parameters(recurse=False))})
+    if tied:
+        warnings.warn(f"modules_to_save trains a copy of {name!r}, which shares its weight with {tied}: the copy is "
+                      "untied from them, and they keep the frozen original (trainable_token_indices trains rows of a "
+                      "tied embedding and keeps the LM head in step)", stacklevel=5)
 
 
 def _plan_modules_to_save(model, config, adapter_name, updated) -> list:

@@ -647,3 +647,20 @@ def test_swapped_arguments_and_a_whole_model_folder_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"holds no adapter to save: the last one was deleted, or the adapters were "
                                          r"merged or unloaded"):
         merged.save_pretrained(tmp_path / "out")
+
+
+def test_training_a_copy_of_a_tied_embedding_says_it_unties_it():
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.body = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.body(self.embed(ids)))
+
+    with pytest.warns(UserWarning, match=r"modules_to_save trains a copy of 'embed', which shares its weight with "
+                                         r"\['head'\]: the copy is untied from them, and they keep the frozen original"):
+        get_peft_model(TiedLM(), LoraConfig(target_modules=["body"], modules_to_save=["embed"]))
