@@ -327,6 +327,8 @@ def encode_classification(records: Sequence[dict], tokenizer: Tokenizer, max_len
         raise DataError(f"max_length={max_length!r} leaves no room for text: the tokenizer adds {specials} special "
                         f"token(s) to each sequence; give max_length > {specials}")
     tok.enable_truncation(max_length)
+    _check_records(records, ("text",), "encode_classification", "read_classification",
+                   "for prompt/completion records, encode_prompt_completion")
     encodings = tok.encode_batch([r["text"] for r in records])
     return [{"input_ids": e.ids, **({"label": r["label"]} if "label" in r else {})} for e, r in zip(encodings, records)]
 
@@ -355,6 +357,8 @@ def encode_prompt_completion(
                                      or not 0 <= eos_token_id < tok.get_vocab_size()):
         raise DataError(f"eos_token_id={eos_token_id!r} is not a token id of this tokenizer (0 to "
                         f"{tok.get_vocab_size() - 1}); e.g. tokenizer.token_to_id('</s>')")
+    _check_records(records, ("prompt", "completion"), "encode_prompt_completion", "read_prompt_completion",
+                   "for text/label records, encode_classification")
     prompts = tok.encode_batch([r["prompt"] for r in records])
     completions = tok.encode_batch([r["completion"] for r in records], add_special_tokens=False)
     out = []
@@ -382,6 +386,18 @@ def encode_prompt_completion(
             raise DataError(f"no row is left to train on; {message}")
         warnings.warn(f"dropped {message}", stacklevel=2)
     return out
+
+
+def _check_records(records, fields: tuple[str, ...], function: str, reader: str, other: str) -> None:
+    """A DataError unless ``records`` is a list of dicts whose ``fields`` hold strings."""
+    if isinstance(records, (str, os.PathLike)) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{function} takes records (dicts), as {reader}(path) returns them; got "
+                        f"{type(records).__name__ if isinstance(records, (str, os.PathLike)) else 'other items'}")
+    for i, record in enumerate(records):
+        bad = [f for f in fields if not isinstance(record.get(f), str)]
+        if bad:
+            raise DataError(f"{function}: record {i} needs {' and '.join(map(repr, fields))} as text; it has "
+                            f"{ {f: record.get(f) for f in bad} } (keys {sorted(record)}); {other}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -410,3 +410,15 @@ def test_a_tokenizer_file_that_does_not_parse_is_named(tmp_path):
     path = write(tmp_path / "tokenizer.json", "{1: 2}")
     with pytest.raises(DataError, match=r"tokenizer.json: not a tokenizer.json that the tokenizers library can read"):
         load_tokenizer(path)
+
+
+def test_records_of_the_other_kind_or_a_path_are_refused_saying_which_function_fits(tokenizer):
+    with pytest.raises(DataError, match=r"encode_classification: record 0 needs 'text' as text; .*keys \['completion', "
+                                        r"'prompt'\]\); for prompt/completion records, encode_prompt_completion"):
+        encode_classification([{"prompt": "a", "completion": "good"}], tokenizer, 8)
+    with pytest.raises(DataError, match=r"encode_prompt_completion: record 0 needs 'prompt' and 'completion' as text; "
+                                        r".*for text/label records, encode_classification"):
+        encode_prompt_completion([{"text": "a good film", "label": 1}], tokenizer, 8)
+    with pytest.raises(DataError, match=r"encode_classification takes records \(dicts\), as read_classification\(path\) "
+                                        r"returns them; got str"):
+        encode_classification("train.tsv", tokenizer, 8)
