@@ -959,6 +959,15 @@ def _roll_back(peft_model: nn.Module, adapter_name: str, flags: list[tuple[nn.Pa
         p.requires_grad_(flag)
 
 
+def _warn_of_subfolder(folder: str | os.PathLike, adapter_name: str) -> None:
+    """Warn where ``folder`` holds an adapter saved under ``adapter_name`` in its subfolder (where
+    save_pretrained puts one not named default) and the folder's own adapter is loaded instead."""
+    if adapter_name != "default" and os.path.isfile(os.path.join(os.fspath(folder), adapter_name, CONFIG_NAME)):
+        warnings.warn(f"loading the adapter at the top of {os.fspath(folder)!r} under the name {adapter_name!r}; the "
+                      f"folder also holds one saved as {adapter_name!r} in its subfolder: for that one, pass "
+                      f"subfolder={adapter_name!r}", stacklevel=4)
+
+
 def load_adapter(
     peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool = False
 ) -> None:
@@ -972,6 +981,7 @@ def load_adapter(
         _reload_adapter(peft_model, folder, adapter_name, is_trainable)
         return
     check_new_adapter_name(adapter_name, peft_model.peft_config)
+    _warn_of_subfolder(folder, adapter_name)
     config, tensors = load_checkpoint(folder)
     config.inference_mode = not is_trainable
     flags = _requires_grad_flags(peft_model)
@@ -1019,6 +1029,7 @@ def from_pretrained(
     checkpoint and load its tensors; on error the base model is left as it was. ``config``: a copy
     of it replaces the saved config."""
     check_new_adapter_name(adapter_name)  # before any file is read; the model holds no adapter yet
+    _warn_of_subfolder(folder, adapter_name)
     saved_config, tensors = load_checkpoint(folder)
     config = saved_config if config is None else copy.deepcopy(config)
     config.inference_mode = not is_trainable

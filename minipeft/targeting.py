@@ -444,11 +444,13 @@ def no_match_message(
     nearest, example = nearest_names(wanted, _suggestion_pool(names, modules))
     kind = "linear-layer" if any(is_linear_like(modules[n]) for n in names) else "module"
     after = f" (after applying {', '.join(filters)})" if filters else ""
-    return (
-        f"target_modules={targets!r} matched no module of {model_name}{after}. Nearest {kind} names, nearest "
-        f"first: {nearest}, e.g. {example!r}. A list entry matches a name exactly or as a dotted suffix; a string "
-        "is a full regex match."
-    )
+    # A string of bare names ("q_proj", "q_proj,v_proj") is a regex that must match a whole name.
+    names_given = re.split(r"[,\s]+", targets.strip()) if isinstance(targets, str) else []
+    as_list = (f" A string is a regex that must match a module's whole name: for names, give a list, "
+               f"target_modules={names_given!r}." if names_given and all(re.fullmatch(r"[\w.]+", n) for n in names_given)
+               else " A list entry matches a name exactly or as a dotted suffix; a string is a full regex match.")
+    return (f"target_modules={targets!r} matched no module of {model_name}{after}. Nearest {kind} names, nearest "
+            f"first: {nearest}, e.g. {example!r}." + as_list)
 
 
 def _suggestion_pool(names: dict[str, str], modules: dict[str, nn.Module]) -> list[str]:

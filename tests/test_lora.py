@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import math
 
 import pytest
@@ -193,6 +194,10 @@ def test_no_match_lists_the_closest_names():
         get_peft_model(tiny_transformers_model("distilbert"), LoraConfig(target_modules=["q_proj", "v_proj"]))
     message = str(err.value)
     assert "matched no module" in message and "q_lin" in message and "v_lin" in message
+    # Names written as one string are a regex that matches no whole name: the error says to list them.
+    for string, listed in (("q_lin", "['q_lin']"), ("q_lin,v_lin", "['q_lin', 'v_lin']")):
+        with pytest.raises(ValueError, match=re.escape(f"for names, give a list, target_modules={listed}")):
+            get_peft_model(tiny_transformers_model("distilbert"), LoraConfig(target_modules=string))
 
 
 def test_unsupported_layer_type_names_it_and_leaves_the_model_unchanged():

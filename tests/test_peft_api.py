@@ -664,3 +664,12 @@ def test_training_a_copy_of_a_tied_embedding_says_it_unties_it():
     with pytest.warns(UserWarning, match=r"modules_to_save trains a copy of 'embed', which shares its weight with "
                                          r"\['head'\]: the copy is untied from them, and they keep the frozen original"):
         get_peft_model(TiedLM(), LoraConfig(target_modules=["body"], modules_to_save=["embed"]))
+
+
+def test_loading_the_top_adapter_under_a_name_saved_in_a_subfolder_is_warned_of(tmp_path):
+    model = get_peft_model(TinyNet(), LoraConfig(target_modules=["fc1"]))
+    model.add_adapter("other", LoraConfig(target_modules=["fc2"]))
+    model.save_pretrained(tmp_path)  # default at the top, other in other/
+    with pytest.warns(UserWarning, match=r"also holds one saved as 'other' in its subfolder: for that one, pass "
+                                         r"subfolder='other'"):
+        PeftModel.from_pretrained(TinyNet(), tmp_path, adapter_name="other")
