@@ -29,6 +29,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Iterator, Sequence
 
 import torch
@@ -390,14 +391,14 @@ def encode_prompt_completion(
 
 def _check_records(records, fields: tuple[str, ...], function: str, reader: str, other: str) -> None:
     """A DataError unless ``records`` is a list of dicts whose ``fields`` hold strings."""
-    if isinstance(records, (str, os.PathLike)) or not all(isinstance(r, dict) for r in records):
+    if isinstance(records, (str, os.PathLike)) or not all(isinstance(r, Mapping) for r in records):
         raise DataError(f"{function} takes records (dicts), as {reader}(path) returns them; got "
                         f"{type(records).__name__ if isinstance(records, (str, os.PathLike)) else 'other items'}")
     for i, record in enumerate(records):
         bad = [f for f in fields if not isinstance(record.get(f), str)]
         if bad:
             raise DataError(f"{function}: record {i} needs {' and '.join(map(repr, fields))} as text; it has "
-                            f"{ {f: record.get(f) for f in bad} } (keys {sorted(record)}); {other}")
+                            f"{ {f: record.get(f) for f in bad} } (keys {sorted(map(str, record))}); {other}")
 
 
 # ---------------------------------------------------------------------------------------

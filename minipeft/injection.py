@@ -362,9 +362,10 @@ def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
             raise ValueError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}{hint}. "
                              f"Nearest names, nearest first: {nearest}, e.g. {example!r}. An entry matches the end of a "
                              "module's name, as in peft")
-    for name in _saved_whole(model, config):
+    saved_whole = _saved_whole(model, config)
+    for name in saved_whole:
         module = model.get_submodule(name)
-        _warn_untying(model, name, module)
+        _warn_untying(model, name, module, saved_whole)
         holding = layers_a_copy_would_copy(module, ModulesToSaveWrapper)
         if holding:
             wrapper = module.get_submodule(holding[0])
@@ -375,13 +376,15 @@ def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
             )
 
 
-def _warn_untying(model: nn.Module, name: str, module: nn.Module) -> None:
+def _warn_untying(model: nn.Module, name: str, module: nn.Module, saved_whole: list[str]) -> None:
     """Warn where a module trained whole shares a weight with a module outside it (an input
-    embedding tied to the LM head): the trained copy no longer shares it, and the other module
-    keeps the frozen original. peft warns too."""
+    embedding tied to the LM head) not trained whole too: the trained copy no longer shares it,
+    and the other module keeps the frozen original. peft warns too."""
     own = {id(p) for p in module.parameters()}
-    tied = sorted({other for other, m in model.named_modules() if other != name and not other.startswith(name + ".")
-                   and not name.startswith(other + ".") and any(id(p) in own for p in m.parameters(recurse=False))})
+    apart = [name, *saved_whole]  # (the module itself, and those with copies of their own)
+    tied = sorted({other for other, m in model.named_modules()
+                   if not any(other == a or other.startswith(a + ".") or a.startswith(other + ".") for a in apart)
+                   and any(id(p) in own for p in m.parameters(recurse=False))})
     if tied:
         warnings.warn(f"modules_to_save trains a copy of {name!r}, which shares its weight with {tied}: the copy is "
                       "untied from them, and they keep the frozen original (trainable_token_indices trains rows of a "

@@ -52,7 +52,8 @@ def check_task_type(model: nn.Module, config) -> None:
     """A ValueError when ``config.task_type`` names another task than ``model``'s class has a
     new head for (``BertForSequenceClassification`` with ``"CAUSAL_LM"``): that head would
     neither train nor be saved with the adapter, and the fine-tune would silently keep it random.
-    No task_type at all is warned of (peft allows it, and a head may be left frozen on purpose).
+    No task_type at all is warned of (peft allows it, and a head may be left frozen on purpose), where
+    the config could train the head (a config with ``modules_to_save``).
     Not for FEATURE_EXTRACTION (the head's input is what is wanted) nor an adapter loaded for
     inference (nothing trains)."""
     task = next((t for suffix, t in TASK_OF_HEAD_CLASS.items() if type(model).__name__.endswith(suffix)), None)
@@ -65,7 +66,7 @@ def check_task_type(model: nn.Module, config) -> None:
     if not heads or any(h in saved for h in heads):
         return
     if given is None:  # (peft says nothing; a head named wrong in modules_to_save is an error there)
-        if not any(h in saved for h in TASK_HEAD_NAMES[task]):
+        if hasattr(config, "modules_to_save") and not any(h in saved for h in TASK_HEAD_NAMES[task]):
             warnings.warn(f"{type(model).__name__} has a new {task} head ({heads[0]!r}) and the config no task_type: "
                           f"the head neither trains nor is saved with the adapter, and stays random. Pass "
                           f"task_type={task!r} (or list {heads[0]!r} in modules_to_save)", stacklevel=4)

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Mapping
@@ -393,15 +394,20 @@ def save_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     atomic_replace_dir(directory, write, functools.partial(_weights_of_an_unlisted_best, directory))
 
 
+UNLISTED_BEST_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
+                       "README.md", "model.safetensors.index.json")
+
+
 def _weights_of_an_unlisted_best(directory: str | os.PathLike, name: str) -> bool:
     """In a best/ saved before the folder listed its files: whether ``name`` is one of the files
-    save_weights writes (a plain module's or an adapter's, one not named default in a subfolder),
-    or such a subfolder."""
-    weights = ("model.safetensors", "adapter_config.json", "adapter_model.safetensors")
+    save_weights writes (a plain module's, a transformers model's, or an adapter's, one not named
+    default in a subfolder), or such a subfolder."""
+    def weights(file: str) -> bool:  # (transformers' save_pretrained writes the config, a card, shards)
+        return file in UNLISTED_BEST_FILES or bool(re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", file))
     parts, path = Path(name).parts, os.path.join(directory, name)
     if os.path.isdir(path):
-        return len(parts) == 1 and all(f in weights for f in os.listdir(path))
-    return len(parts) <= 2 and parts[-1] in weights
+        return len(parts) == 1 and all(weights(f) for f in os.listdir(path))
+    return len(parts) <= 2 and weights(parts[-1])
 
 
 def _rng_state() -> dict:
@@ -756,7 +762,9 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
         raise ValueError("pass a TrainConfig (at least output_dir)")
     if hasattr(train_batches, "set_epoch"):
         train_batches.set_epoch(0)
-    first = _first_batch(train_batches) if hasattr(train_batches, "__len__") and len(train_batches) else None
+    # epoch 0's first batch as the run reads it (a shuffling DataLoader's from the seeded streams, _setup's seeds)
+    seeded = config.seed + int(os.environ.get("RANK", "0"))
+    first = _first_batch(train_batches, seeded) if hasattr(train_batches, "__len__") and len(train_batches) else None
     _check_batches(train_batches, eval_batches, config, first)
     _check_something_trains(model)  # before the model changes mode or device
     run = _setup(model, len(train_batches), config)
@@ -772,8 +780,9 @@ def train(model: nn.Module, train_batches, eval_batches=None, config: TrainConfi
         state.stopped_early = False  # resumed with more patience (or none): the run goes on
     if run.main and state.step > 0 and (state.stopped_early or state.step >= run.total_steps):
         warnings.warn(  # (a sweep into one output_dir would otherwise get the first run's results back)
-            f"{run.out_dir / CHECKPOINT_NAME} holds a finished run ({'stopped early at ' if state.stopped_early else ''}"
-            f"step {state.step} of {run.total_steps}): nothing is trained, and that run's weights and results are "
+            f"{run.out_dir / CHECKPOINT_NAME} holds a finished run "
+            f"({'stopped early at ' if state.stopped_early else ''}step {state.step} of {run.total_steps}): nothing "
+            "is trained, and that run's weights and results are "
             "returned. To train again, use another output_dir, or resume=False to start over in this one",
             stacklevel=2,
         )
@@ -1063,10 +1072,12 @@ def _check_batches(train_batches, eval_batches, config: TrainConfig, first_train
     first_eval = _first_batch(eval_batches) if eval_batches is not None and len(eval_batches) else None
     for name, first in (("train_batches", first_train), ("eval_batches", first_eval)):
         if first is not None and not isinstance(first, Mapping):
+            alone = " (one batch alone goes in a list)" if isinstance(first, str) else ""
             raise TypeError(f"{name} yields {type(first).__name__}s, where each item is a batch: a dict of tensors "
-                            "(BatchLoader or minipeft.data.collate make them from encoded examples); one batch alone "
-                            "goes in a list")
-        untensored = [k for k, v in (first or {}).items() if isinstance(v, (list, tuple))]
+                            f"named as the model's forward takes them (BatchLoader or minipeft.data.collate make them "
+                            f"from encoded examples){alone}")
+        untensored = [k for k in ("input_ids", "attention_mask", "labels", "label")
+                      if isinstance((first or {}).get(k), (list, tuple))]  # (other columns may be lists of text)
         if untensored:
             raise TypeError(f"{name}: a batch holds {untensored} as Python lists; a batch is a dict of tensors, as "
                             "BatchLoader or minipeft.data.collate make them from encoded examples")
@@ -1094,11 +1105,15 @@ def _data_fingerprint(first_batch: dict | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _first_batch(batches) -> dict | None:
+def _first_batch(batches, seed: int | None = None) -> dict | None:
     """The first batch of ``batches``, read without drawing from the run's random streams (a
-    shuffling loader's draw is taken back), so that reading it changes no later batch or mask."""
+    shuffling loader's draw is taken back), so that reading it changes no later batch or mask.
+    With ``seed``, read as the run's first epoch reads it: from the streams seeded so."""
     with torch.random.fork_rng(devices=[]):
         python_state = random.getstate()
+        if seed is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
         try:
             return next(iter(batches), None)
         finally:

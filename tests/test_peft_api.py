@@ -439,6 +439,17 @@ def test_a_task_type_that_would_leave_the_models_new_head_untrained_is_refused()
                                            "in modules_to_save)"])
 
 
+def test_no_task_type_is_not_warned_of_where_the_config_cannot_train_the_head():
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trainable tokens have no modules_to_save: task_type would change nothing
+        get_peft_model(transformers.BertForSequenceClassification(config),
+                       minipeft.TrainableTokensConfig(target_modules=["word_embeddings"], token_indices=[1, 2]))
+
+
 def test_a_head_name_of_another_architecture_in_modules_to_save_is_refused_naming_the_models_head():
     import transformers
 
@@ -664,6 +675,9 @@ def test_training_a_copy_of_a_tied_embedding_says_it_unties_it():
     with pytest.warns(UserWarning, match=r"modules_to_save trains a copy of 'embed', which shares its weight with "
                                          r"\['head'\]: the copy is untied from them, and they keep the frozen original"):
         get_peft_model(TiedLM(), LoraConfig(target_modules=["body"], modules_to_save=["embed"]))
+    with warnings.catch_warnings():  # both trained whole: each has a copy of its own, nothing keeps the original
+        warnings.simplefilter("error")
+        get_peft_model(TiedLM(), LoraConfig(target_modules=["body"], modules_to_save=["embed", "head"]))
 
 
 def test_loading_the_top_adapter_under_a_name_saved_in_a_subfolder_is_warned_of(tmp_path):

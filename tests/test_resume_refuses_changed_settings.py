@@ -148,7 +148,7 @@ def test_frozen_tensors_no_forward_reads_do_not_stop_a_resume(tmp_path):
 def test_the_data_fingerprint_reads_every_tensor_and_draws_no_random_number():
     from collections import UserDict
 
-    from minipeft.train import _data_fingerprint
+    from minipeft.train import _data_fingerprint, _first_batch
 
     big = torch.zeros(2000)
     changed = big.clone()
@@ -160,9 +160,16 @@ def test_the_data_fingerprint_reads_every_tensor_and_draws_no_random_number():
     assert _data_fingerprint(first) != _data_fingerprint(second)
     assert _data_fingerprint(first) == _data_fingerprint([UserDict({"x": big.clone(), 3: [1, (2, None)],
                                                                       "obj": object()})])
+    # The batch hashed is read as the run's first epoch reads it (from the streams seeded with the
+    # run's seed), whatever the caller drew before, and reading it draws nothing from theirs.
     loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, shuffle=True)
     torch.manual_seed(0)
-    _data_fingerprint(loader)
+    first = _first_batch(loader, seed=5)
     after = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(torch.rand(1), after)  # the loader's shuffle drew from a forked stream
+    torch.rand(100)  # another history before the call
+    assert torch.equal(_first_batch(loader, seed=5), first)
+    torch.manual_seed(5)
+    assert torch.equal(next(iter(loader)), first)
+    assert _data_fingerprint(first) != _data_fingerprint(_first_batch(loader, seed=6))

@@ -396,6 +396,45 @@ def test_resume_mid_epoch_with_a_shuffling_torch_dataloader_reads_the_epoch_in_i
         torch.testing.assert_close(trainable(resumed)[name], value, rtol=0, atol=0)
 
 
+def test_a_shuffling_dataloader_resumes_whatever_the_caller_drew_before(tmp_path):
+    # The data fingerprint hashes epoch 0's first batch as the run reads it (from the run's seed),
+    # not as the caller's random state would draw it: a notebook's second call resumes.
+    from minipeft.data import collate
+
+    loader = torch.utils.data.DataLoader(tiny_examples(32, 0), batch_size=8, shuffle=True, collate_fn=collate)
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100, save_best=False)
+    train(TinyClassifier(), loader, None, config)
+    torch.rand(50)  # the caller's random state moves on
+    with pytest.warns(UserWarning, match="holds a finished run"):
+        assert train(TinyClassifier(), loader, None, config).step == 4
+
+
+def test_a_batch_may_carry_a_column_of_text_beside_its_tensors(tmp_path):
+    class KeepsText(TinyClassifier):
+        def forward(self, input_ids, attention_mask, labels=None, text=None):
+            assert text is not None and len(text) == len(input_ids)
+            return super().forward(input_ids, attention_mask)
+
+    batches = [{**b, "text": [f"row {i}" for i in range(len(b["labels"]))]} for b in loaders(n_train=16)[0]]
+    assert train(KeepsText(), batches, None, TrainConfig(output_dir=str(tmp_path), epochs=1, log_every=100)).step == 2
+
+
+def test_resuming_mid_epoch_from_a_checkpoint_without_the_epochs_random_state_warns(tmp_path):
+    from minipeft.data import collate
+
+    def loader(after=-1):
+        return CrashingDataLoader(tiny_examples(96, 0), batch_size=8, shuffle=True, collate_fn=collate, after=after)
+
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, checkpoint_every=3, log_every=100, save_best=False)
+    with pytest.raises(Crash):
+        train(TinyClassifier(), loader(after=1 + 5), None, config)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["epoch_rng"]  # as an older minipeft wrote it
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="holds no RNG state of the epoch's start .* another order"):
+        train(TinyClassifier(), loader(), None, config)
+
+
 class FrozenNormClassifier(TinyClassifier):
     """TinyClassifier with a frozen batch norm before its adapter: its running statistics change
     in training mode although none of its parameters train."""
@@ -997,7 +1036,7 @@ class ScoresUnderAnotherName(TinyClassifier):
                           r"labels are a regression"),
     ("examples as batches", r"train_batches: a batch holds \['input_ids'\] as Python lists; a batch is a dict of "
                             r"tensors"),
-    ("one batch alone", r"train_batches yields strs, where each item is a batch: a dict of tensors .* one batch "
+    ("one batch alone", r"train_batches yields strs, where each item is a batch: a dict of tensors .* \(one batch "
                         r"alone goes in a list"),
     ("config as eval_batches", r"the third argument of train\(\) is eval_batches; pass the TrainConfig as config="),
     ("no logits", r"the model's forward returned \['loss', 'scores'\], without 'logits'"),
