@@ -21,7 +21,8 @@ schedule after warmup; gradient accumulation weighted by examples/tokens (on one
 the update is exactly that of one big batch); gradient clipping; bf16 autocast on CUDA;
 AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA adapter);
 evaluation every `eval_every` steps; early stopping; the best weights saved
-(save_pretrained, or a safetensors state_dict for a plain module); a resumable
+(save_pretrained, or a safetensors state_dict for a plain module; `best/.saved_files` lists
+them, so that a later run replaces them and nothing else there); a resumable
 checkpoint (optimizer, scheduler, step, RNG, trainable weights, the buffers training updates
 such as a batch norm's running statistics) written atomically and
 refused on resume when it came from other settings, other data, another adapter config or
