@@ -480,8 +480,8 @@ def setup_distributed() -> tuple[int, int, int]:
         if torch.cuda.is_available():
             # pin this process to its GPU before NCCL starts, else every rank uses GPU 0
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            # evaluate() all-reduces CPU tensors and all_gather_object sends CPU bytes:
-            # NCCL only moves CUDA tensors, so CPU ones go over gloo
+            # NCCL only moves CUDA tensors: CPU ones (a run kept on the CPU, gathered Python objects)
+            # go over gloo. (The loop's own reductions are sent from the run's device: _all_reduced.)
             backend = "cpu:gloo,cuda:nccl"
         else:
             backend = "gloo"
@@ -656,8 +656,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
     stats = torch.tensor([loss_sum, count, float(is_cls), float(task == "causal_lm")], dtype=torch.float64)
     classes = torch.tensor([num_classes])
     if distributed:
-        dist.all_reduce(stats)
-        dist.all_reduce(classes, op=dist.ReduceOp.MAX)
+        stats, classes = _all_reduced(stats, device), _all_reduced(classes, device, dist.ReduceOp.MAX)
     loss_sum, count, num_classes = stats[0].item(), int(stats[1].item()), int(classes.item())
     if count == 0:
         raise ValueError("evaluation saw no examples (empty eval batches, or no target tokens)")
@@ -671,7 +670,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
             conf[1] = torch.bincount(p, minlength=num_classes).double()
             conf[2] = torch.bincount(g, minlength=num_classes).double()
         if distributed:
-            dist.all_reduce(conf)
+            conf = _all_reduced(conf, device)
         tp, predicted, actual = conf
         metrics["accuracy"] = tp.sum().item() / count
         f1 = 2 * tp / (predicted + actual).clamp(min=1)
@@ -679,6 +678,14 @@ def evaluate(model: nn.Module, batches: Iterable[dict], task: str = "auto", devi
     elif stats[3] > 0:  # (a rank given no batch has not settled its task "auto": the others tell it)
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     return metrics
+
+
+def _all_reduced(t: torch.Tensor, device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``t`` reduced over the ranks, sent from ``device`` (a process group of NCCL alone moves
+    CUDA tensors only), back on the CPU."""
+    t = t.to(device)
+    dist.all_reduce(t, op=op)
+    return t.cpu()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1249,9 +1256,7 @@ def _optimizer_step(run: _Run, micro: list[dict], task: str, step: int) -> tuple
         run.raw_model.base_model.update_and_allocate(step)
     run.optimizer.zero_grad(set_to_none=True)
     if run.world > 1:  # the step's loss is the ranks' mean, as its update is (DDP averages their gradients)
-        mean = torch.tensor(loss_value, dtype=torch.float64, device=run.device)  # (NCCL moves CUDA tensors only)
-        dist.all_reduce(mean)
-        loss_value = mean.item() / run.world
+        loss_value = _all_reduced(torch.tensor(loss_value, dtype=torch.float64), run.device).item() / run.world
     return loss_value, tokens
 
 
