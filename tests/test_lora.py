@@ -189,6 +189,11 @@ def test_autocast_bf16_on_cpu():
 
 
 # -- bad input ----------------------------------------------------------------------------------
+def test_an_alpha_of_zero_is_warned_of():
+    with pytest.warns(UserWarning, match=r"lora_alpha=0 scales every update by 0: the adapter changes nothing"):
+        LoraConfig(target_modules=["fc1"], lora_alpha=0)
+
+
 def test_no_match_lists_the_closest_names():
     with pytest.raises(ValueError) as err:
         get_peft_model(tiny_transformers_model("distilbert"), LoraConfig(target_modules=["q_proj", "v_proj"]))

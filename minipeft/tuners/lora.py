@@ -115,6 +115,9 @@ class LoraConfig(PeftConfig):
                 raise ValueError(f"LoRA rank must be a positive integer, got {name}={value!r}")
         check_probability(self, "lora_dropout")
         check_bias(self, "lora_only")
+        if self.lora_alpha == 0 and not self.inference_mode:  # (peft says nothing)
+            warnings.warn("lora_alpha=0 scales every update by 0: the adapter changes nothing, and its factors get no "
+                          "gradient (alpha is usually r or 2 r)", stacklevel=3)
         if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \
                 lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
