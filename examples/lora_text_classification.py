@@ -4,6 +4,7 @@
     python examples/lora_text_classification.py --method adalora|loha|lokr|oft|boft|hra|miss|road|c3a|fourierft|ln_tuning --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --method full --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --init-lora-weights pissa --data-dir /path/to/SST-2
+    python examples/lora_text_classification.py --init-lora-weights eva --data-dir /path/to/SST-2
     python examples/lora_text_classification.py --loraplus-lr-ratio 16 --data-dir /path/to/SST-2
 
 Real weights, real data, on a 2-core CPU: the defaults (LoRA, 40k of SST-2's 67k training
@@ -23,7 +24,9 @@ spectral coefficients per layer (peft's default; no --r). LN tuning trains
 a copy of every LayerNorm instead (and the head), and takes no --r. With PiSSA/OLoRA
 (`--init-lora-weights pissa|olora`) the adapter is saved converted to plain LoRA
 (`path_initial_model_for_weight_conversion`), so the fresh base model it is reloaded into is the
-original one, not the residual the training ran on.
+original one, not the residual the training ran on. With EVA (`--init-lora-weights eva`) A starts
+on the principal directions of each layer's inputs over training batches, and the ranks move to
+the layers whose inputs spread over more directions (the config records them).
 The last line printed is one JSON object with the figures of the run.
 
 Outputs go to --output-dir (default runs/sst2-<method>). A folder that already holds a run
@@ -56,7 +59,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from minipeft import (AdaLoraConfig, BOFTConfig, C3AConfig, FourierFTConfig, HRAConfig, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig,  # noqa: E402
-                      MissConfig, OFTConfig, PeftModel, RoadConfig, TaskType, get_peft_model)
+                      MissConfig, OFTConfig, PeftModel, RoadConfig, TaskType, get_peft_model,
+                      initialize_lora_eva_weights)
 from minipeft.data import (BatchLoader, DataError, encode_classification, load_tokenizer, pad_token_id,  # noqa: E402
                            read_classification, split)
 from minipeft.atomic import SAVED_FILES  # noqa: E402
@@ -125,7 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-lora-weights", default="true", type=init_lora_weights,
                    help="true (B = 0), false (A and B random: the adapter changes the output from the start), "
                         "gaussian, or pissa / pissa_niter_<n> / olora: the adapter starts on the top SVD / QR part of "
-                        "each weight, and is saved converted to plain LoRA on the original model")
+                        "each weight, and is saved converted to plain LoRA on the original model; or eva: A from the "
+                        "principal directions of each layer's inputs on training batches, ranks moved between layers")
     p.add_argument("--loraplus-lr-ratio", type=float, default=None,
                    help="LoRA+: LoRA's B matrices learn at lr times this (e.g. 16)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -373,6 +378,11 @@ def main(argv=None) -> dict:
     except ValueError as err:
         sys.exit(f"error: {err}")
     model = prepare_model(load_base_model(model_path, args.seed), args.method, args, steps)
+    if args.method == "lora" and args.init_lora_weights == "eva":
+        start = time.perf_counter()
+        initialize_lora_eva_weights(model, train_loader)  # (the sequence labels mask no token)
+        ranks = model.peft_config["default"].rank_pattern
+        print(f"EVA: A measured in {time.perf_counter() - start:.1f} s; ranks other than {args.r}: {ranks}", flush=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"{args.method}: trainable params {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)", flush=True)

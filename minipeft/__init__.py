@@ -17,7 +17,8 @@ from .tuners.ia3 import IA3Config
 from .tuners.ln_tuning import LNTuningConfig
 from .tuners.loha import LoHaConfig
 from .tuners.lokr import LoKrConfig
-from .tuners.lora import LoraConfig
+from .tuners.lora import EvaConfig, LoraConfig
+from .tuners.lora_eva import get_eva_state_dict, initialize_lora_eva_weights
 from .tuners.miss import MissConfig
 from .tuners.oft import OFTConfig
 from .tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -32,6 +33,7 @@ __all__ = [
     "BOFTConfig",
     "BottleneckConfig",
     "C3AConfig",
+    "EvaConfig",
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
@@ -54,10 +56,12 @@ __all__ = [
     "TrainableTokensConfig",
     "VeraConfig",
     "create_loraplus_optimizer",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "mixed_batch",
     "set_peft_model_state_dict",

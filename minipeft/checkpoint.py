@@ -691,11 +691,6 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         known = ", ".join(t.value for t in PEFT_METHODS)
         raise ValueError(f"{source}: unknown peft_type {peft_type!r}; minipeft supports: {known}") from None
     cls = method.config_class
-    if peft_type == PeftType.LORA.value and data.get("init_lora_weights") == "eva":
-        # EVA (peft's initialize_lora_eva_weights) starts A from the model's activations on data,
-        # which minipeft does not implement. That decides only where training started; the file
-        # holds where it ended, so the adapter loads as a plainly initialised one overwritten by it.
-        data = {**data, "init_lora_weights": True, "eva_config": None}
     if peft_type == PeftType.OFT.value:
         check_oft_version(data, source)
     if peft_type == PeftType.BOFT.value:

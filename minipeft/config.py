@@ -94,6 +94,8 @@ class PeftConfig:
             value = getattr(self, f.name)
             if isinstance(value, enum.Enum):
                 value = value.value
+            elif dataclasses.is_dataclass(value):  # a config of a config (LoRA's eva_config)
+                value = dataclasses.asdict(value)
             elif isinstance(value, (set, frozenset)):
                 value = sorted(value)
             out[f.name] = value
@@ -196,6 +198,8 @@ def fits_annotation(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return value in {m.value for m in hint}
+    if dataclasses.is_dataclass(hint):  # a config of a config, as JSON holds it (its own fields are checked by it)
+        return isinstance(value, (hint, dict))
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True  # an annotation we do not model: the config's own __post_init__ judges it

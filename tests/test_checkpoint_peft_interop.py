@@ -99,8 +99,8 @@ def test_loads_peft_lora_on_embedding_layers(tmp_path, tied, targets, base_key):
 
 @pytest.mark.parametrize("init", ["orthogonal", "eva"])
 def test_loads_peft_adapters_started_by_other_inits(tmp_path, init):
-    """The init decides where training started; the file holds where it ended. minipeft starts
-    adapters orthogonally too, and loads EVA's (whose data-driven start it does not implement)."""
+    """The init decides where training started; the file holds where it ended, and loads (an
+    EVA adapter: its config and its eva_config too)."""
     base = llama()
     extra = {"eva_config": peft.EvaConfig()} if init == "eva" else {}
     with warnings.catch_warnings():
@@ -109,6 +109,9 @@ def test_loads_peft_adapters_started_by_other_inits(tmp_path, init):
         theirs.save_pretrained(tmp_path)
     ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-6)
+    assert ours.peft_config["default"].init_lora_weights == init
+    if init == "eva":
+        assert ours.peft_config["default"].eva_config == minipeft.EvaConfig()
 
 
 def test_saved_base_table_replaces_the_models_as_in_peft(tmp_path):

@@ -76,6 +76,21 @@ def test_lora_example_with_pissa_and_loraplus_saves_plain_lora_for_the_original_
 
 
 @pytest.mark.slow
+def test_lora_example_with_eva_moves_ranks_between_layers_and_saves_them(tmp_path):
+    summary, stdout = run_example(tmp_path / "run", "--max-train-examples", "1000", "--max-dev-examples", "200",
+                                  "--init-lora-weights", "eva")
+    assert summary["init_lora_weights"] == "eva" and "EVA: A measured" in stdout
+    assert summary["reload_ok"] is True and summary["merge_ok"] is True
+    saved = json.loads((Path(summary["output_dir"]) / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "eva" and saved["eva_config"]["rho"] == 2.0
+    # query and value of 6 layers, r = 8 each: the budget of 96 ranks, moved but not changed
+    ranks = saved["rank_pattern"]
+    assert ranks and all(name.endswith(("query", "value")) for name in ranks)
+    assert sum(ranks.values()) + 8 * (12 - len(ranks)) == 96
+    assert all(saved["alpha_pattern"][name] == 16 * rank / 8 for name, rank in ranks.items())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["adalora", "loha", "lokr", "oft", "boft", "hra", "miss", "road", "c3a",
                                     "fourierft", "ln_tuning"])
 def test_lora_variants_in_the_example_train_save_reload_and_merge(method, tmp_path):

@@ -319,9 +319,9 @@ def test_converted_save_is_atomic_and_leaves_the_initial_folder_alone(bases, tmp
 
 
 # -- errors --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("init", ["PiSSA", "pissa_niter_", "pissa_niter_-1", "pissa_niter_x", "eva", "corda"])
+@pytest.mark.parametrize("init", ["PiSSA", "pissa_niter_", "pissa_niter_-1", "pissa_niter_x", "EVA", "corda"])
 def test_unknown_init_strings_are_refused_with_the_choices(init):
-    with pytest.raises(ValueError, match=r"init_lora_weights must be .*'pissa_niter_<n>'.*'olora'"):
+    with pytest.raises(ValueError, match=r"init_lora_weights must be .*'pissa_niter_<n>'.*'olora' or 'eva'"):
         LoraConfig(target_modules=["fc1"], init_lora_weights=init)
 
 

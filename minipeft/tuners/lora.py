@@ -27,7 +27,8 @@ the rest of the update and folded into the base bias on merge:
 
 Adapters combine into a new one, a weighted sum of their updates ``s_i B_i A_i``
 (``PeftModel.add_weighted_adapter``): that is in ``lora_combine.py``. PiSSA and OLoRA start A and
-B on a decomposition of ``W`` and leave the residual in the base layer: ``lora_init.py``.
+B on a decomposition of ``W`` and leave the residual in the base layer: ``lora_init.py``. EVA
+starts A on the principal directions of each layer's inputs, measured on data: ``lora_eva.py``.
 
 Parameter names match peft's: ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``,
 ``lora_B.<adapter>.bias``, ``lora_embedding_A.<adapter>``, ``lora_magnitude_vector.<adapter>.weight``.
@@ -38,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -54,6 +56,37 @@ from .base import AdapterLayer, dropout_or_identity, embed_scale, plus, wide
 
 
 @dataclass
+class EvaConfig:
+    """EVA's options (``LoraConfig(init_lora_weights="eva", eva_config=EvaConfig(...))``, as in peft;
+    the method is in ``lora_eva.py``).
+
+    rho: how far ranks may move between layers: a layer takes at most ``round(r * rho)``
+        (``rho = 1``: every layer keeps r). Must be >= 1.
+    tau: a direction has converged when its cosine similarity to the one found a batch earlier
+        is at least tau (0 to 1).
+    use_label_mask / label_mask_value: leave out the tokens whose label is ``label_mask_value``
+        (-100: the padding and prompt tokens a language-model loss ignores).
+    whiten: divide each direction by the square root of its singular value.
+    adjust_scaling_factors: scale a layer's lora_alpha with its new rank (``alpha r' / r``), so
+        that ``alpha / r`` and with it the update's scale stays the same.
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not self.rho >= 1:
+            raise ValueError(f"EvaConfig.rho must be a number >= 1 (a layer may take up to round(r * rho) "
+                             f"ranks; 1 keeps every layer at r), got {self.rho!r}")
+        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not 0 <= self.tau <= 1:
+            raise ValueError(f"EvaConfig.tau must be a cosine similarity between 0 and 1, got {self.tau!r}")
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """LoRA hyper-parameters, with peft's field names and meanings.
 
@@ -65,7 +98,11 @@ class LoraConfig(PeftConfig):
     1/r, zero B), ``False`` (both random: the adapter changes the output from the start), or, for
     linear layers, ``"orthogonal"`` (both random with B A = 0; an even rank per layer) or
     ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
-    SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py).
+    SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py),
+    or ``"eva"``: A on the principal directions of each layer's inputs, computed by
+    ``initialize_lora_eva_weights(model, dataloader)`` after ``get_peft_model`` (lora_eva.py;
+    until then, and on layers it does not cover, the init of ``True``).
+    eva_config: EVA's options (EvaConfig; the defaults when ``init_lora_weights="eva"`` leaves it out).
     lora_bias: give B a trainable bias ``b_B`` (out,), so the update is ``s (B A x + b_B)``; it starts
     at zero (random with ``init_lora_weights=False``) and merges into the base bias. Linear, Conv1D
     and conv layers only; not with DoRA, nor with inits other than True and False (peft's rules).
@@ -95,6 +132,7 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] | None = None
+    eva_config: EvaConfig | None = None
     use_fused_kernels: bool = True
 
     runtime_only_fields: ClassVar[tuple[str, ...]] = ("use_fused_kernels",)
@@ -108,6 +146,7 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         # Token ids as a tensor, an array or numpy ints become a list before the type check.
         self.trainable_token_indices = trainable_tokens.normalize_lora_token_indices(self.trainable_token_indices)
+        self.eva_config = _eva_config(self.eva_config)  # adapter_config.json holds it as a dict
         super().__post_init__()
         self.peft_type = PeftType.LORA
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
@@ -118,9 +157,14 @@ class LoraConfig(PeftConfig):
         if self.lora_alpha == 0 and not self.inference_mode:  # (peft says nothing)
             warnings.warn("lora_alpha=0 scales every update by 0: the adapter changes nothing, and its factors get no "
                           "gradient (alpha is usually r or 2 r)", stacklevel=3)
-        if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL) and not \
+        if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL, lora_init.EVA) and not \
                 lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
+        if self.init_lora_weights == lora_init.EVA and self.eva_config is None:
+            self.eva_config = EvaConfig()  # (peft warns of it; the defaults are the paper's)
+        elif self.init_lora_weights != lora_init.EVA and self.eva_config is not None:
+            warnings.warn(f"eva_config is used by init_lora_weights='eva' only; with init_lora_weights="
+                          f"{self.init_lora_weights!r} it changes nothing", stacklevel=3)
         # The same checks as peft, so that every config minipeft saves is one peft loads.
         if self.lora_bias and self.use_dora:
             raise ValueError(
@@ -143,6 +187,17 @@ class LoraConfig(PeftConfig):
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Rank and alpha for the module named ``key``, after rank_pattern / alpha_pattern."""
         return pattern_value(self.rank_pattern, key, self.r), pattern_value(self.alpha_pattern, key, self.lora_alpha)
+
+
+def _eva_config(value: EvaConfig | dict | None) -> EvaConfig | None:
+    """``eva_config`` as an EvaConfig; a dict (as adapter_config.json holds it) must name its fields."""
+    if not isinstance(value, dict):
+        return value  # (anything but an EvaConfig or None is refused by the field type check)
+    known = [f.name for f in dataclasses.fields(EvaConfig)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"eva_config has no field {unknown}; EvaConfig's fields are {known}")
+    return EvaConfig(**value)
 
 
 class DoraMagnitude(nn.Module):

@@ -80,10 +80,11 @@ from ..config import PeftConfig, PeftType
 from ..targeting import out_in_features
 
 PISSA, OLORA, ORTHOGONAL = "pissa", "olora", "orthogonal"
+EVA = "eva"  # data-driven, after injection: lora_eva.py
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # What LoraConfig.init_lora_weights accepts, for error messages.
-INIT_CHOICES = ("True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' (n >= 0 subspace iterations) "
-                "or 'olora'")
+INIT_CHOICES = ("True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' (n >= 0 subspace iterations), "
+                "'olora' or 'eva'")
 
 
 def orthogonal_factors(r: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
