@@ -5,7 +5,7 @@ from .config import PeftConfig, PeftType, TaskType
 from .injection import inject_adapter_in_model
 from .mixed_batches import mixed_batch
 from .model import PeftModel, get_peft_model
-from .optimizers import create_loraplus_optimizer
+from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from .status import get_layer_status, get_model_status
 from .tuners.adalora import AdaLoraConfig
 from .tuners.boft import BOFTConfig
@@ -55,6 +55,7 @@ __all__ = [
     "TaskType",
     "TrainableTokensConfig",
     "VeraConfig",
+    "create_lorafa_optimizer",
     "create_loraplus_optimizer",
     "get_eva_state_dict",
     "get_layer_status",

@@ -41,8 +41,8 @@ adapted at all. With ``adjust_scaling_factors``, alpha follows the rank (``alpha
 the update's scale ``alpha / r`` is that of the config. The ranks are computed again after
 every batch, and a layer whose rank grew is measured again until its new directions converge.
 
-Layers fed the same tensor (a transformer's q, k and v projections) are measured once: the
-first batch tells them apart by a fingerprint of their inputs. They share the ratios, so the
+Layers fed the same tensor (a transformer's q, k and v projections) are measured once: on the
+first batch, a fingerprint of each layer's input tells which layers share one. They share the ratios, so the
 budget treats each as a layer of its own; ties go to the first, as in peft.
 
 What the config records (so that peft loads the adapter): ``rank_pattern`` / ``alpha_pattern``
@@ -61,6 +61,8 @@ Differences from peft
   after one pass over the data, where peft cycles forever.
 * Layers peft leaves out too (embeddings, convolutions, attention, bare parameters) keep the init
   of ``True``, with a warning naming them.
+* ``whiten``: peft divides the directions layers with one input share in place, once for each of
+  them (q, k and v: three times); here each layer's A is divided once.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import PEFT_PREFIX
 from ..targeting import find_targets, is_gpt2_conv1d, logical_name
 from .base import evaluating
 from .lora import EvaConfig, LoraConfig, LoraLayer, LoraLinear
@@ -81,7 +84,6 @@ from .lora_parameter import LoraParameter
 
 SVD_SEED = 42  # peft's, so that the randomised SVD draws what peft's draws
 SVD_ITERATIONS = 4
-PEFT_PREFIX = "base_model.model."
 
 
 # -- incremental PCA ------------------------------------------------------------------------------

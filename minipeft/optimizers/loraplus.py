@@ -51,7 +51,7 @@ from collections.abc import Callable
 from torch import nn
 from torch.optim import Optimizer
 
-from .tuners.lora import LoraEmbedding, LoraLayer
+from ..tuners.lora import LoraEmbedding, LoraLayer
 
 # peft's default: LoRA on an embedding barely moves unless asked to
 LORAPLUS_LR_EMBEDDING = 1e-6
@@ -155,11 +155,11 @@ def create_loraplus_optimizer(
     if isinstance(optimizer_cls, Optimizer) or not callable(optimizer_cls):
         raise TypeError(f"optimizer_cls must be an optimizer class such as torch.optim.AdamW (it is called with the "
                         f"groups), not {optimizer_cls!r}")
-    _check_number("lr", lr, "a number >= 0", lambda v: v >= 0)
-    _check_number("loraplus_lr_ratio", loraplus_lr_ratio, "a number > 0 (LoRA+ means > 1, e.g. 16)",
+    check_number("lr", lr, "a number >= 0", lambda v: v >= 0)
+    check_number("loraplus_lr_ratio", loraplus_lr_ratio, "a number > 0 (LoRA+ means > 1, e.g. 16)",
                   lambda v: v > 0)
-    _check_number("loraplus_lr_embedding", loraplus_lr_embedding, "a number >= 0", lambda v: v >= 0)
-    _check_number("loraplus_weight_decay", loraplus_weight_decay, "a number >= 0", lambda v: v >= 0)
+    check_number("loraplus_lr_embedding", loraplus_lr_embedding, "a number >= 0", lambda v: v >= 0)
+    check_number("loraplus_weight_decay", loraplus_weight_decay, "a number >= 0", lambda v: v >= 0)
     if "weight_decay" in kwargs:
         raise TypeError(f"weight_decay={kwargs['weight_decay']!r} would be ignored: every LoRA+ group sets its own "
                         "decay. Pass loraplus_weight_decay instead (biases and LayerNorm vectors never decay)")
@@ -179,6 +179,6 @@ def create_loraplus_optimizer(
     return optimizer_cls(list(groups.values()), lr=lr, **kwargs)
 
 
-def _check_number(name: str, value, want: str, ok: Callable[[float], bool]) -> None:
+def check_number(name: str, value, want: str, ok: Callable[[float], bool]) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {want}, not {value!r}")
