@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
-import subprocess
 import sys
 import warnings
 
@@ -20,6 +18,7 @@ from minipeft.tuners.lora_eva import IncrementalPCA, distribute_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 from models import VOCAB, tiny_transformers_model  # noqa: E402
+from torchrun import run_two_processes  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
 
@@ -294,18 +293,7 @@ def test_eva_config_is_saved_as_peft_saves_it_and_read_back():
 def test_two_ranks_measure_their_batches_together(tmp_path):
     """Each of two processes reads half of every batch; gathered, both compute the A one process
     computes on the whole batches."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a hang kills the launcher and both workers
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("torchrun did not finish in 180 s:\n" + stdout[-2000:] + stderr[-2000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    run_two_processes(__file__, str(tmp_path))
     whole = get_eva_state_dict(tiny_transformers_model("llama"), lm_batches(), peft_config=LoraConfig(
         r=4, target_modules=LLAMA_TARGETS, init_lora_weights="eva"))
     for rank in (0, 1):

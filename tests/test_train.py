@@ -7,8 +7,6 @@ this file is also the worker of the two-process DDP test.
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipeft import LoraConfig, get_peft_model  # noqa: E402
 from minipeft.data import BatchLoader  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, evaluate, lr_lambda, make_optimizer, train  # noqa: E402
+from tests.torchrun import run_two_processes  # noqa: E402
 
 VOCAB, DIM = 32, 16
 
@@ -565,19 +564,7 @@ def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
 
 
 def test_ddp_two_processes_end_with_identical_adapters(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(tmp_path)]
-    # own session, so a hang kills the launcher and both workers, not the launcher alone
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("torchrun did not finish in 180 s:\n" + stdout[-2000:] + stderr[-2000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    run_two_processes(__file__, str(tmp_path))
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert set(w0) == {"adapter.weight", "adapter.bias", "classifier.weight", "classifier.bias"}
