@@ -253,8 +253,14 @@ def test_eva_refuses_what_it_cannot_do():
                                                                      init_lora_weights="eva"))
     with pytest.raises(ValueError, match="needs a dataloader to measure on, or an eva_state_dict"):
         initialize_lora_eva_weights(model)
-    with pytest.raises(ValueError, match="the dataloader is empty"):
+    with pytest.raises(ValueError, match="the dataloader gave no batch"):
         initialize_lora_eva_weights(model, [])
+    with pytest.raises(TypeError, match="reads the data more than once .* not a generator"):
+        initialize_lora_eva_weights(model, (b for b in lm_batches()))
+    model.peft_config["default"].eva_config.tau = 1.0
+    with pytest.raises(ValueError, match="with tau=1.0 none ever does"):
+        initialize_lora_eva_weights(model, lm_batches())
+    model.peft_config["default"].eva_config.tau = 0.99
     with pytest.raises(ValueError, match=r"names \['lm_head'\], which hold no LoRA linear layer.*model.layers.0"):
         initialize_lora_eva_weights(model, eva_state_dict={"lm_head": torch.zeros(2, 32)})
     with pytest.raises(ValueError, match=r"must be \(rank, 32\).*got \(2, 31\)"):
@@ -265,6 +271,13 @@ def test_eva_refuses_what_it_cannot_do():
         b["attention_mask"][:, 2:] = 0
     with pytest.raises(ValueError, match=r"could not measure .*model.layers.0.self_attn.q_proj.*the \[8"):
         initialize_lora_eva_weights(model, short)
+
+    class Reread:  # re-iterable, but without a length: the stall is noticed all the same
+        def __iter__(self):
+            return iter(short)
+
+    with pytest.raises(ValueError, match=r"could not measure"):
+        initialize_lora_eva_weights(model, Reread())
     with pytest.raises(ValueError, match=r"prepare_layer_inputs_fn names \['q_proj'\], which EVA does not measure"):
         initialize_lora_eva_weights(model, lm_batches(), prepare_layer_inputs_fn={"q_proj": lambda *a: a[0][0]})
     with pytest.raises(TypeError, match="reads a batch as a dict with 'input_ids'"):
@@ -276,6 +289,83 @@ def test_eva_refuses_what_it_cannot_do():
             EvaConfig(**kwargs)
     with pytest.raises(ValueError, match=r"eva_config has no field \['rh'\]; EvaConfig's fields are \['rho'"):
         LoraConfig(init_lora_weights="eva", eva_config={"rh": 2})
+
+
+def test_callbacks_written_for_peft_work_here():
+    base = tiny_transformers_model("llama")
+    config = LoraConfig(r=4, target_modules=LLAMA_TARGETS, init_lora_weights="eva")
+    reference = get_eva_state_dict(base, lm_batches(), peft_config=config)
+
+    def peft_style(layer_input, model_input, layer_name):  # peft's default, written out
+        return layer_input[0][model_input.T.unbind()]
+
+    def whole_batch(layer_input, model_input, layer_name):  # prepare_model_inputs_fn=None: the batch itself
+        assert set(model_input) == {"input_ids", "attention_mask"}
+        return layer_input[0].reshape(-1, layer_input[0].shape[-1])
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"  # peft's names for a dict's keys
+    for kwargs in [dict(prepare_layer_inputs_fn=peft_style),
+                   dict(prepare_model_inputs_fn=None, prepare_layer_inputs_fn=whole_batch),
+                   dict(prepare_layer_inputs_fn={q: peft_style})]:
+        got = get_eva_state_dict(base, lm_batches(), peft_config=config, **kwargs)
+        for name, a in reference.items():  # every token counts in both: the same A
+            torch.testing.assert_close(got[name], a, rtol=0, atol=0, msg=name)
+
+
+def test_a_layer_that_never_runs_or_never_varies_is_handled():
+    # nn.MultiheadAttention reads its out_proj's weight itself: that layer never runs, is not
+    # measured, and keeps the init of True.
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.embed(input_ids)
+            return self.fc(self.attn(h, h, h)[0])
+
+    torch.manual_seed(0)
+    model = quietly(get_peft_model, Attention(), LoraConfig(r=2, target_modules=["attn", "fc"], init_lora_weights="eva"))
+    with pytest.warns(UserWarning, match=r"EVA did not measure \['attn', 'attn.out_proj'\]"):
+        initialize_lora_eva_weights(model, lm_batches())
+    assert model.base_model.model.fc.r["default"] == 2  # the budget is the measured layers' alone
+    assert model.base_model.model.attn.base_layer.out_proj.r["default"] == 2
+    # inputs that never vary explain no variance (not 0 / 0): the other layer takes the budget
+    pca = IncrementalPCA(2)
+    pca.update(torch.ones(5, 3))
+    pca.update(torch.ones(5, 3))
+    assert pca.explained_variance_ratio.tolist() == [0.0, 0.0]
+
+
+def test_started_again_the_adapter_is_new_and_user_patterns_of_other_layers_stay(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_transformers_model("llama")
+    config = dict(r=4, target_modules=["q_proj", "o_proj", "embed_tokens"], init_lora_weights="eva",
+                  rank_pattern={"embed_tokens": 2, "o_proj": 6}, alpha_pattern={"embed_tokens": 3.0})
+    model = quietly(get_peft_model, copy.deepcopy(base), LoraConfig(**config))
+    with torch.no_grad():  # as if trained: B no longer zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding" in name:
+                p.normal_()
+    quietly(initialize_lora_eva_weights, model, lm_batches())
+    ids = lm_batches(1)[0]["input_ids"]
+    embed = model.base_model.model.model.embed_tokens
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(input_ids=ids).logits
+    with torch.no_grad():
+        embed.lora_embedding_A["default"].zero_()  # (LoRA on an embedding is EVA's to leave alone)
+        torch.testing.assert_close(model(input_ids=ids).logits, plain)  # B = 0 on every measured layer
+        embed.lora_embedding_A["default"].normal_()
+    saved = model.peft_config["default"]
+    assert embed.r["default"] == 2 and saved.rank_pattern["embed_tokens"] == 2
+    assert saved.alpha_pattern["embed_tokens"] == 3.0
+    model.save_pretrained(tmp_path)
+    for library in (minipeft, peft):
+        loaded = quietly(library.PeftModel.from_pretrained, copy.deepcopy(base), tmp_path)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, msg=library.__name__)
 
 
 def test_eva_config_is_saved_as_peft_saves_it_and_read_back():

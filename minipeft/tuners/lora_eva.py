@@ -38,29 +38,41 @@ says how much of the input it carries. Of all layers' ratios, the ``sum(r)`` lar
 and each layer's rank is the number of them that are its own: the total rank stays that of
 plain LoRA, but goes where inputs spread over more directions. A layer left with rank 0 is not
 adapted at all. With ``adjust_scaling_factors``, alpha follows the rank (``alpha r' / r``), so
-the update's scale ``alpha / r`` is that of the config. The ranks are computed again after
-every batch, and a layer whose rank grew is measured again until its new directions converge.
+the update's scale ``alpha / r`` is that of the config (under rsLoRA, ``alpha / sqrt(r)`` then
+grows as ``sqrt(r' / r)``, as in peft). The ranks are computed again after every batch, and a
+layer whose rank grew is measured again until its new directions converge. A layer takes at
+most as many directions as its inputs have features.
 
 Layers fed the same tensor (a transformer's q, k and v projections) are measured once: on the
 first batch, a fingerprint of each layer's input tells which layers share one. They share the ratios, so the
 budget treats each as a layer of its own; ties go to the first, as in peft.
 
+Starting the adapter: every measured layer's adapter is made anew at its rank (B = 0, so the
+model computes what the base model does, whatever the adapter held before), and A is copied in.
 What the config records (so that peft loads the adapter): ``rank_pattern`` / ``alpha_pattern``
-for the layers whose rank moved, keyed by their full names; where a layer ended at rank 0,
-``target_modules`` becomes the list of the layers kept. ``init_lora_weights`` stays ``"eva"``:
-loading such an adapter starts A as ``True`` does, then reads the trained A and B from the file.
+with an entry, by full name, for each measured layer whose rank or alpha is not the config's
+(ahead of the user's own patterns, which still size the layers EVA does not measure); where a
+layer ended at rank 0, ``target_modules`` becomes the list of the layers kept.
+``init_lora_weights`` stays ``"eva"``: loading such an adapter starts A as ``True`` does, then
+reads the trained A and B from the file.
 
 Differences from peft
 ---------------------
 * The state dict is keyed by module names in the base model (``model.layers.0.self_attn.q_proj``),
   whether it was computed on the base model or on a PeftModel, so either loads into the other;
-  names with peft's ``base_model.model.`` prefix are read too.
+  names with peft's ``base_model.model.`` prefix are read too (also as the keys of a
+  ``prepare_layer_inputs_fn`` dict).
 * The label mask applies where the labels are per token (shaped as ``input_ids``); a sequence
   label (classification) masks nothing, where peft's mask would fail to broadcast.
-* A layer that no batch can measure (fewer tokens than it needs, in every batch) is an error
-  after one pass over the data, where peft cycles forever.
-* Layers peft leaves out too (embeddings, convolutions, attention, bare parameters) keep the init
-  of ``True``, with a warning naming them.
+* Errors where peft measures forever: a layer that no batch in a whole pass can measure (fewer
+  tokens than it needs), and ``tau = 1`` (no two randomised SVDs agree to the last bit). A
+  generator, which cannot be read twice, is refused.
+* Layers peft leaves out too (embeddings, convolutions, bare parameters) keep the init of
+  ``True``, with a warning naming them; so does a linear layer whose forward never runs (an
+  ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads itself), where peft
+  fails. peft refuses ``r * rho`` above a layer's input features.
+* A layer left with rank 0 keeps the model's other adapters (peft removes the layer's wrapper);
+  the modules' train/eval modes are restored one by one.
 * ``whiten``: peft divides the directions layers with one input share in place, once for each of
   them (q, k and v: three times); here each layer's A is divided once.
 """
@@ -69,7 +81,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 
 import torch
@@ -77,6 +89,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import PEFT_PREFIX
+from ..config import pattern_value
 from ..targeting import find_targets, is_gpt2_conv1d, logical_name
 from .base import evaluating
 from .lora import EvaConfig, LoraConfig, LoraLayer, LoraLinear
@@ -112,7 +125,7 @@ class IncrementalPCA:
         centred = rows - batch_mean.float()
         batch_sum_sq = centred.double().square().sum()
         if self.n == 0:
-            stacked = centred  # in the rows' own precision: nothing is accumulated yet
+            stacked = centred  # in float32: nothing is accumulated yet
             self.mean, self.sum_sq = batch_mean, batch_sum_sq
         else:
             # In float64 from here on, as peft computes it: S grows as sqrt(n), and the new rows
@@ -128,7 +141,8 @@ class IncrementalPCA:
         singular_values, directions = _randomised_svd(stacked, q=min(2 * self.k, *stacked.shape))
         previous = self.components
         self.components, self.singular_values = directions[: self.k], singular_values[: self.k]
-        self.explained_variance_ratio = self.singular_values.double().square() / self.sum_sq
+        # (inputs that never vary have no variance to explain: ratio 0, not 0 / 0)
+        self.explained_variance_ratio = (self.singular_values.double().square() / self.sum_sq).nan_to_num(0.0)
         if previous is not None:
             self.similarity = torch.nn.functional.cosine_similarity(self.components, previous.to(self.components), dim=1)
 
@@ -160,8 +174,9 @@ def forward_fn_dict(model: nn.Module, inputs: Mapping) -> object:
 
 
 def prepare_model_inputs_fn_language_modeling(model_input: Mapping, peft_config: LoraConfig) -> torch.Tensor:
-    """Which tokens EVA measures, (batch, seq) bool: those ``attention_mask`` keeps, less (with
-    ``use_label_mask``) those labelled ``label_mask_value`` when the labels are per token."""
+    """Which tokens EVA measures, as (batch, position) index pairs (tokens, 2), peft's form: those
+    ``attention_mask`` keeps, less (with ``use_label_mask``) those labelled ``label_mask_value``
+    when the labels are per token."""
     if not isinstance(model_input, Mapping) or "input_ids" not in model_input:
         raise TypeError(f"the default prepare_model_inputs_fn reads a batch as a dict with 'input_ids' (and "
                         f"'attention_mask', 'labels' where there are), got {_describe(model_input)}; give "
@@ -173,29 +188,34 @@ def prepare_model_inputs_fn_language_modeling(model_input: Mapping, peft_config:
     eva = peft_config.eva_config
     if eva.use_label_mask and isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
         mask = mask & (labels != eva.label_mask_value)
-    return mask
+    return mask.nonzero()
 
 
 def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name: str) -> torch.Tensor:
     """The rows a layer contributes, (tokens, features): its input (batch, seq, features) at the
-    tokens ``model_input`` keeps (the mask above); with no mask, every row of the input, leading
-    dims flattened."""
+    tokens ``model_input`` picks (the index pairs above); when ``model_input`` is no such index
+    tensor (``prepare_model_inputs_fn=None``: the batch itself), every row, leading dims flattened."""
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"EVA: the input of {layer_name!r} is {_describe(x)}, not a tensor; give a prepare_layer_inputs_fn")
-    if model_input is None:
+    if not (isinstance(model_input, torch.Tensor) and model_input.dim() == 2 and model_input.shape[1] == 2):
         return x.reshape(-1, x.shape[-1])
-    if x.dim() != 3 or x.shape[:2] != model_input.shape:
+    if x.dim() != 3:
         raise ValueError(
-            f"EVA: the input of {layer_name!r} has shape {tuple(x.shape)}, not (batch, seq, features) with (batch, seq) "
-            f"= {tuple(model_input.shape)} as the token mask; give prepare_layer_inputs_fn (for this layer: a dict "
-            "{name: fn}) that returns its rows, or prepare_model_inputs_fn=None to use every row"
+            f"EVA: the input of {layer_name!r} has shape {tuple(x.shape)}, not (batch, seq, features) as the tokens "
+            "picked need; give prepare_layer_inputs_fn (for this layer: a dict {name: fn}) that returns its rows, or "
+            "prepare_model_inputs_fn=None to use every row"
         )
-    return x[model_input]
+    return x[model_input.T.unbind()]
 
 
 def _describe(value) -> str:
     return f"a {type(value).__name__}" + (f" with keys {list(value)}" if isinstance(value, Mapping) else "")
+
+
+def _some(names: list) -> str:
+    """The first three of ``names``, for a message."""
+    return f"{names[:3]}{' ...' if len(names) > 3 else ''}"
 
 
 def _gathered(rows: torch.Tensor) -> torch.Tensor:
@@ -215,7 +235,7 @@ class _LayerInputs:
 
     def __init__(self, name: str, prepare: Callable, gather: bool, consume: Callable) -> None:
         self.name, self.prepare, self.gather, self.consume = name, prepare, gather, consume
-        self.model_input = None  # what prepare_model_inputs_fn made of the current batch
+        self.model_input = None  # what prepare_model_inputs_fn made of the current batch (or the batch)
 
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
         rows = self.prepare(args, self.model_input, self.name)
@@ -240,14 +260,15 @@ def get_eva_state_dict(
     gather_distributed_inputs: bool = True,
 ) -> dict[str, torch.Tensor]:
     """EVA's A for every linear layer LoRA adapts, ``{module name in the base model: (rank, in)}``
-    (rank 0: the layer is not adapted), measured on batches of ``dataloader`` (cycled until every
-    layer has converged) as the module docstring describes.
+    (rank 0: the layer is not adapted), measured on batches of ``dataloader`` (read pass after
+    pass until every layer has converged: a list or a DataLoader, not a generator) as the module
+    docstring describes. A layer whose forward never runs is left out.
 
     model: a PeftModel (its adapter ``adapter_name`` says which layers; the adapters are disabled
         while measuring) or the base model itself, with ``peft_config``.
     forward_fn(model, batch): runs one batch (default ``model(**batch)``).
     prepare_model_inputs_fn(batch, config): what each layer's hook receives of the batch (default:
-        the mask of the tokens to measure); None: nothing, every row counts.
+        the (batch, position) pairs of the tokens to measure); None: the batch itself.
     prepare_layer_inputs_fn(layer_args, model_input, name) -> (rows, features): a layer's rows;
         one function, or ``{module name: function}`` for some layers (the others take the default).
     gather_distributed_inputs: under torch.distributed, measure every rank's rows together, so
@@ -255,61 +276,44 @@ def get_eva_state_dict(
     """
     config, layers, disabled = _layers_to_measure(model, peft_config, adapter_name)
     eva = config.eva_config or EvaConfig()
-    prepare_for = _layer_preparation(prepare_layer_inputs_fn, layers)
-    if hasattr(dataloader, "__len__") and len(dataloader) == 0:
-        raise ValueError("EVA needs data: the dataloader is empty")
+    if eva.tau >= 1:
+        raise ValueError(f"EVA stops when each direction's cosine with the previous batch's reaches tau; with "
+                         f"tau={eva.tau} none ever does (two randomised SVDs never agree to the last bit). Use tau < 1, "
+                         "e.g. 0.99")
+    if iter(dataloader) is dataloader:
+        raise TypeError(f"EVA reads the data more than once (until the directions converge): give a list of batches "
+                        f"or a DataLoader, not {_describe(dataloader)}, which can be read only once")
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
 
-    def batches():
-        while True:  # cycled: measuring may take more than one pass
-            seen = False
+    def data():
+        """The batches, pass after pass: (batch, what the hooks receive of it, whether a pass starts)."""
+        while True:
+            starts = True
             for batch in dataloader:
-                seen = True
                 batch = _to_device(batch, device)
-                yield batch, (prepare_model_inputs_fn(batch, config) if prepare_model_inputs_fn else None)
-            if not seen:
+                yield batch, (prepare_model_inputs_fn(batch, config) if prepare_model_inputs_fn else batch), starts
+                starts = False
+            if starts:
                 raise ValueError("EVA needs data: the dataloader gave no batch")
 
-    # r * rho directions at most per layer (peft caps rho for absurdly large values the same way).
-    rho = eva.rho if eva.rho <= 1000 else min(eva.rho, max(max(p.shape) for p in model.parameters()) // config.r)
-    configured = {name: config.rank_and_alpha(name)[0] for name in layers}
-    budget = sum(configured.values())
+    measurement = _Measurement(model, layers, _layer_preparation(prepare_layer_inputs_fn, layers),
+                               gather_distributed_inputs, forward_fn)
     with disabled, evaluating(model):
-        groups = _equal_input_groups(model, layers, prepare_for, gather_distributed_inputs, forward_fn, next(batches()))
-        lead_of = {name: lead for lead, group in groups.items() for name in group}
-        most = {lead: max(round(configured[name] * rho) for name in group) for lead, group in groups.items()}
-        pcas = {lead: IncrementalPCA(most[lead]) for lead in groups}
-
-        def ranks_now() -> dict[str, int]:
-            return distribute_ranks({name: pcas[lead_of[name]].explained_variance_ratio for name in layers}, budget)
-
-        # Until every layer has directions, each group must converge on all it may take.
-        needed = dict(most)
-        stalled = dict.fromkeys(groups, 0)  # batches in a row that gave a pending group too few rows
-        patience = len(dataloader) if hasattr(dataloader, "__len__") else None
-        stream = batches()  # from the first batch on, as in peft
-        while pending := [lead for lead in groups if not pcas[lead].converged(needed[lead], eva.tau)]:
-            updated = _measure(model, {lead: layers[lead] for lead in pending}, pcas, prepare_for,
-                               gather_distributed_inputs, forward_fn, *next(stream))
-            for lead in pending:
-                stalled[lead] = 0 if lead in updated else stalled[lead] + 1
-            if patience is not None and (stuck := [lead for lead in pending if stalled[lead] > patience]):
-                raise ValueError(
-                    f"EVA could not measure {stuck[:3]}{' ...' if len(stuck) > 3 else ''}: in a whole pass over the data "
-                    f"no batch gave them the {[most[lead] for lead in stuck[:3]]} token rows they need (the attention "
-                    "mask and the label mask leave too few); use larger batches, or a smaller r or rho"
-                )
-            if all(pca.components is not None for pca in pcas.values()):
-                ranks = ranks_now()
-                needed = {lead: max(ranks[name] for name in group) for lead, group in groups.items()}
-        state = {}
-        for name, rank in ranks_now().items():
-            pca = pcas[lead_of[name]]
-            a = pca.components[:rank].float()  # (a copy)
+        groups = measurement.equal_input_groups(*next(data())[:2])
+        # r * rho directions at most per layer (peft caps rho for absurdly large values the same way).
+        rho = eva.rho if eva.rho <= 1000 else min(eva.rho, max(max(p.shape) for p in model.parameters()) // config.r)
+        configured = {name: config.rank_and_alpha(name)[0] for group in groups.values() for name in group}
+        pcas = {lead: IncrementalPCA(max(round(configured[name] * rho) for name in group))
+                for lead, group in groups.items()}
+        ranks = measurement.until_converged(groups, pcas, eva.tau, sum(configured.values()), data())
+    state = {}
+    for lead, group in groups.items():
+        for name in group:
+            a = pcas[lead].components[: ranks[name]].float()  # (a copy)
             if eva.whiten:
-                a /= pca.singular_values[:rank].float().sqrt()[:, None]
+                a /= pcas[lead].singular_values[: ranks[name]].float().sqrt()[:, None]
             state[name] = a if device is None else a.to(device)
-    return state
+    return {name: state[name] for name in layers if name in state}  # in the model's order
 
 
 def distribute_ranks(ratios: dict[str, torch.Tensor], budget: int) -> dict[str, int]:
@@ -322,6 +326,95 @@ def distribute_ranks(ratios: dict[str, torch.Tensor], budget: int) -> dict[str, 
     return counts
 
 
+class _Measurement:
+    """Batches run through ``model`` with hooks on ``layers`` ({name: module}), each hook taking
+    that layer's rows (``prepare_for(name)``, gathered over ranks with ``gather``)."""
+
+    def __init__(self, model: nn.Module, layers: dict, prepare_for: Callable, gather: bool, forward_fn: Callable):
+        self.model, self.layers, self.prepare_for, self.gather, self.forward_fn = (
+            model, layers, prepare_for, gather, forward_fn)
+
+    def run(self, consumers: dict[str, Callable], batch, model_input) -> None:
+        """One batch, ``consumers[name](rows)`` receiving each hooked layer's rows."""
+        handles = []
+        try:
+            for name, consume in consumers.items():
+                hook = _LayerInputs(name, self.prepare_for(name), self.gather, consume)
+                hook.model_input = model_input
+                handles.append(self.layers[name].register_forward_hook(hook))
+            self.forward_fn(self.model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def equal_input_groups(self, batch, model_input) -> dict[str, list[str]]:
+        """``{lead: [lead, other layers fed the same input]}`` over the layers that run, from one
+        batch: equal rows give equal fingerprints (their sum and a sum weighted by a fixed random
+        vector, in float64)."""
+        fingerprints: dict[str, tuple] = {}
+        probes: dict[tuple, torch.Tensor] = {}  # one random vector per size and device
+
+        def fingerprint(name):
+            def take(rows):
+                flat = rows.reshape(-1).double()
+                where = (flat.numel(), flat.device)
+                if where not in probes:
+                    generator = torch.Generator(device=flat.device).manual_seed(0)
+                    probes[where] = torch.rand(flat.numel(), generator=generator, dtype=torch.float64, device=flat.device)
+                fingerprints[name] = (tuple(rows.shape), float(flat.sum()), float(flat @ probes[where]))
+            return take
+
+        self.run({name: fingerprint(name) for name in self.layers}, batch, model_input)
+        if not fingerprints:
+            raise ValueError(f"EVA: none of {_some(list(self.layers))} ran on a batch: forward_fn must run the model "
+                             "on it (default model(**batch))")
+        groups: dict[tuple, list[str]] = {}
+        for name in self.layers:
+            if name in fingerprints:  # (a layer whose forward never runs is not measured)
+                groups.setdefault(fingerprints[name], []).append(name)
+        return {group[0]: group for group in groups.values()}
+
+    def until_converged(self, groups: dict, pcas: dict, tau: float, budget: int, data: Iterator) -> dict[str, int]:
+        """Fold batch after batch into the PCA of each group that has not converged on the
+        directions it may keep, then return each layer's rank. Until every group has
+        directions, each must converge on all it measures (``pcas[lead].k``)."""
+        lead_of = {name: lead for lead, group in groups.items() for name in group}
+
+        def ranks_now() -> dict[str, int]:
+            return distribute_ranks({name: pcas[lead].explained_variance_ratio for name, lead in lead_of.items()}, budget)
+
+        needed = {lead: pca.k for lead, pca in pcas.items()}  # directions that must converge
+        starved = dict.fromkeys(groups, 0)  # batches in a row that gave a pending group too few rows
+        batches_seen, pass_length = 0, None  # (known once the data have been read once)
+        while pending := [lead for lead in groups if not pcas[lead].converged(needed[lead], tau)]:
+            batch, model_input, starts_a_pass = next(data)
+            if starts_a_pass and batches_seen:
+                pass_length = pass_length or batches_seen
+            batches_seen += 1
+            updated = set()
+
+            def fold(lead):
+                def take(rows):
+                    if rows.shape[0] >= pcas[lead].k:  # (fewer rows than directions: skipped, as in peft)
+                        pcas[lead].update(rows)
+                        updated.add(lead)
+                return take
+
+            self.run({lead: fold(lead) for lead in pending}, batch, model_input)
+            for lead in pending:
+                starved[lead] = 0 if lead in updated else starved[lead] + 1
+            if pass_length and (stuck := [lead for lead in pending if starved[lead] >= pass_length]):
+                raise ValueError(
+                    f"EVA could not measure {_some(stuck)}: in a whole pass over the data no batch gave them the "
+                    f"{[pcas[lead].k for lead in stuck[:3]]} token rows they need (the attention mask and the label "
+                    "mask leave too few); use larger batches, or a smaller r or rho"
+                )
+            if all(pca.components is not None for pca in pcas.values()):
+                ranks = ranks_now()
+                needed = {lead: max(ranks[name] for name in group) for lead, group in groups.items()}
+        return ranks_now()
+
+
 def _layers_to_measure(model: nn.Module, config: LoraConfig | None, adapter_name: str):
     """(config, {module name in the base model: module whose input to hook}, context disabling the adapters)."""
     from ..model import PeftModel  # late: model.py imports the tuners
@@ -330,9 +423,8 @@ def _layers_to_measure(model: nn.Module, config: LoraConfig | None, adapter_name
         if adapter_name not in model.peft_config:
             raise ValueError(f"EVA: the model has no adapter {adapter_name!r}; it has {list(model.peft_config)}")
         config = config or model.peft_config[adapter_name]
-        base = model.get_base_model()
-        layers = {logical_name(base, name): layer for name, layer in base.named_modules()
-                  if isinstance(layer, LoraLinear) and adapter_name in layer.lora_A}
+        layers = {key: layer for key, (_, layer) in _adapted_layers(model, adapter_name).items()
+                  if isinstance(layer, LoraLinear)}
         where = f"adapter {adapter_name!r}"
         disabled = model.disable_adapter()
     else:
@@ -350,15 +442,24 @@ def _layers_to_measure(model: nn.Module, config: LoraConfig | None, adapter_name
     return config, layers, disabled
 
 
+def _adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, LoraLayer]]:
+    """Every LoRA layer of PeftModel ``model`` holding ``adapter_name``: {name in the base model:
+    (its real name there, the layer)}."""
+    base = model.get_base_model()
+    return {logical_name(base, name): (name, layer) for name, layer in base.named_modules()
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r}
+
+
 def _layer_preparation(prepare: Callable | dict | None, layers: dict) -> Callable:
     """``name -> prepare_layer_inputs_fn`` for that layer."""
     if not isinstance(prepare, Mapping):
         fn = prepare or prepare_layer_inputs_fn_language_modeling
         return lambda name: fn
-    unknown = sorted(set(prepare) - set(layers))
+    by_name = {key.removeprefix(PEFT_PREFIX): fn for key, fn in prepare.items()}
+    unknown = sorted(set(by_name) - set(layers))
     if unknown:
         raise ValueError(f"prepare_layer_inputs_fn names {unknown}, which EVA does not measure; it measures {list(layers)}")
-    return lambda name: prepare.get(name, prepare_layer_inputs_fn_language_modeling)
+    return lambda name: by_name.get(name, prepare_layer_inputs_fn_language_modeling)
 
 
 def _to_device(batch, device):
@@ -371,63 +472,6 @@ def _to_device(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _run_hooked(model, hooks: dict, layers: dict, forward_fn: Callable, batch, model_input) -> None:
-    """One batch through ``model`` with ``hooks[name]`` on ``layers[name]``."""
-    handles = []
-    try:
-        for name, hook in hooks.items():
-            hook.model_input = model_input
-            handles.append(layers[name].register_forward_hook(hook))
-        forward_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _equal_input_groups(model, layers, prepare_for, gather, forward_fn, first) -> dict[str, list[str]]:
-    """``{lead: [lead, other layers fed the same input]}``, from one batch: equal rows give equal
-    fingerprints (their sum and a sum weighted by a fixed random vector, in float64)."""
-    fingerprints: dict[str, tuple] = {}
-    probes: dict[tuple, torch.Tensor] = {}  # one random vector per size and device
-
-    def fingerprint(name):
-        def take(rows):
-            flat = rows.reshape(-1).double()
-            where = (flat.numel(), flat.device)
-            if where not in probes:
-                generator = torch.Generator(device=flat.device).manual_seed(0)
-                probes[where] = torch.rand(flat.numel(), generator=generator, dtype=torch.float64, device=flat.device)
-            fingerprints[name] = (tuple(rows.shape), float(flat.sum()), float(flat @ probes[where]))
-        return take
-
-    hooks = {name: _LayerInputs(name, prepare_for(name), gather, fingerprint(name)) for name in layers}
-    _run_hooked(model, hooks, layers, forward_fn, *first)
-    silent = [name for name in layers if name not in fingerprints]
-    if silent:
-        raise ValueError(f"EVA: {silent[:3]}{' ...' if len(silent) > 3 else ''} did not run on a batch: forward_fn "
-                         "must run the model on it (default model(**batch))")
-    groups: dict[tuple, list[str]] = {}
-    for name in layers:
-        groups.setdefault(fingerprints[name], []).append(name)
-    return {group[0]: group for group in groups.values()}
-
-
-def _measure(model, layers, pcas, prepare_for, gather, forward_fn, batch, model_input) -> set[str]:
-    """Fold one batch into the PCA of each of ``layers``; the names of those it gave enough rows."""
-    updated = set()
-
-    def consumer(name):
-        def take(rows):
-            if rows.shape[0] >= pcas[name].k:  # (fewer rows than directions: skipped, as in peft)
-                pcas[name].update(rows)
-                updated.add(name)
-        return take
-
-    hooks = {name: _LayerInputs(name, prepare_for(name), gather, consumer(name)) for name in layers}
-    _run_hooked(model, hooks, layers, forward_fn, batch, model_input)
-    return updated
 
 
 # -- loading A into the adapter -------------------------------------------------------------------
@@ -469,69 +513,77 @@ def initialize_lora_eva_weights(
 
 @torch.no_grad()
 def _load(model: nn.Module, eva_state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Put each layer's A from ``eva_state_dict`` into adapter ``adapter_name`` of PeftModel
-    ``model``, at that A's rank, and record the ranks in the adapter's config. Checked whole
-    before any layer changes."""
+    """Make adapter ``adapter_name`` of PeftModel ``model`` anew on every layer ``eva_state_dict``
+    names, at the rank of its A (0: the layer loses the adapter), with that A and B = 0, and record
+    the ranks in the adapter's config. Checked whole before any layer changes."""
     from ..injection import _get_parent  # late: injection imports the tuners
 
     config = model.peft_config[adapter_name]
-    base = model.get_base_model()
-    adapted = {logical_name(base, name): (name, layer) for name, layer in base.named_modules()
-               if isinstance(layer, LoraLayer) and adapter_name in layer.r}
+    adapted = _adapted_layers(model, adapter_name)
     merged = [key for key, (_, layer) in adapted.items() if adapter_name in layer.merged_adapters]
     if merged:
-        raise ValueError(f"adapter {adapter_name!r} is merged into {merged[:3]}; unmerge it before EVA starts it anew")
-    layers = {key: held for key, held in adapted.items() if isinstance(held[1], LoraLinear)}
+        raise ValueError(f"adapter {adapter_name!r} is merged into {_some(merged)}; unmerge it before EVA starts it anew")
+    linear = [key for key, (_, layer) in adapted.items() if isinstance(layer, LoraLinear)]
     wanted = {key.removeprefix(PEFT_PREFIX): a for key, a in eva_state_dict.items()}
-    unknown = sorted(set(wanted) - set(layers))
+    unknown = sorted(set(wanted) - set(linear))
     if unknown:
-        raise ValueError(f"eva_state_dict names {unknown[:3]}{' ...' if len(unknown) > 3 else ''}, which hold no "
-                         f"LoRA linear layer of adapter {adapter_name!r}; those are {list(layers)}")
+        raise ValueError(f"eva_state_dict names {_some(unknown)}, which hold no LoRA linear layer of adapter "
+                         f"{adapter_name!r}; those are {linear}")
     for key, a in wanted.items():
-        in_features = layers[key][1].in_features
+        in_features = adapted[key][1].in_features
         if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.shape[1] != in_features:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise ValueError(f"eva_state_dict[{key!r}] must be (rank, {in_features}), A of that layer; got {shape}")
 
-    # The ranks, and the alphas that keep alpha / r, as the config will record them.
+    # The measured layers' ranks and alphas go into the config ahead of the user's own patterns,
+    # which still size the layers EVA left alone (embeddings, ...).
     ranks, alphas = {}, {}
-    for key in layers:
+    for key, a in wanted.items():
         r, alpha = config.rank_and_alpha(key)
-        ranks[key] = wanted[key].shape[0] if key in wanted else r
-        scaled = key in wanted and config.eva_config.adjust_scaling_factors and ranks[key] != r
+        ranks[key] = a.shape[0]
+        scaled = config.eva_config.adjust_scaling_factors and ranks[key] not in (0, r)
         alphas[key] = alpha * ranks[key] / r if scaled else alpha
-    dropped = [key for key in layers if ranks[key] == 0]
-    config.rank_pattern = {key: rank for key, rank in ranks.items() if rank not in (0, config.r)}
-    config.alpha_pattern = {key: alphas[key] for key in layers if ranks[key] and alphas[key] != config.lora_alpha}
+    kept = [key for key in wanted if ranks[key]]
+    config.rank_pattern = {**{key: ranks[key] for key in kept if _differs(config, "rank_pattern", key, ranks[key])},
+                           **config.rank_pattern}
+    config.alpha_pattern = {**{key: alphas[key] for key in kept if _differs(config, "alpha_pattern", key, alphas[key])},
+                            **config.alpha_pattern}
+    dropped = [key for key in wanted if not ranks[key]]
     if dropped:  # (the modules; target_parameters name the bare parameters LoRA adapts)
         config.target_modules = [key for key, (_, layer) in adapted.items()
                                  if not isinstance(layer, LoraParameter) and key not in dropped]
 
-    for key, (name, layer) in layers.items():
-        if key not in wanted:
-            continue
-        if ranks[key] == 0:
+    base = model.get_base_model()
+    for key, a in wanted.items():
+        name, layer = adapted[key]
+        if not ranks[key]:
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names:  # nothing left to wrap: the base layer goes back in place
                 parent, child = _get_parent(base, name)
                 setattr(parent, child, getattr(layer, layer.base_layer_name))
             continue
-        if ranks[key] != layer.r[adapter_name]:
-            _rebuild(layer, adapter_name, config, key)
-        layer.lora_A[adapter_name].weight.copy_(wanted[key])
+        _remake(layer, adapter_name, config, key)
+        layer.lora_A[adapter_name].weight.copy_(a)
     uncovered = [key for key in adapted if key not in wanted]
     if uncovered:
         warnings.warn(f"EVA did not measure {uncovered[:5]}{' ...' if len(uncovered) > 5 else ''}: they keep the "
-                      "init of init_lora_weights=True (EVA measures linear layers only, as in peft)")
+                      "init of init_lora_weights=True (EVA measures linear layers that run, as in peft)")
 
 
-def _rebuild(layer: LoraLinear, adapter_name: str, config: LoraConfig, key: str) -> None:
-    """Make adapter ``adapter_name`` of ``layer`` anew, at the rank and alpha ``config`` now gives
-    ``key``, active and trainable as before."""
+def _differs(config: LoraConfig, patterns: str, key: str, value) -> bool:
+    """Whether layer ``key`` needs an entry of its own in ``config.<patterns>`` to get ``value``:
+    the config as it is would give it another (by a user's pattern, or the default)."""
+    default = config.r if patterns == "rank_pattern" else config.lora_alpha
+    return pattern_value(getattr(config, patterns), key, default) != value
+
+
+def _remake(layer: LoraLinear, adapter_name: str, config: LoraConfig, key: str) -> None:
+    """Make adapter ``adapter_name`` of ``layer`` anew (B = 0, DoRA's magnitude that of W) at the
+    rank and alpha ``config`` now gives ``key``, active and trainable as before."""
     active, trainable = list(layer.active_adapters), layer.lora_A[adapter_name].weight.requires_grad
     layer.delete_adapter(adapter_name)
     layer.add_adapter(adapter_name, config, key)
     layer.active_adapters = active
-    layer.take_mode_of(layer)  # the new adapter's modules in the layer's train/eval mode
+    layer.take_mode_of(layer)  # the new adapter's modules (made in training mode) in the layer's mode
     for p in layer.adapter_parameters(adapter_name):
         p.requires_grad_(trainable)
