@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -316,6 +316,13 @@ def check_bias(config: PeftConfig, own: str) -> None:
     (every bias of the model trains) or ``own`` (``"lora_only"``, ...: the adapted layers' biases)."""
     if config.bias not in ("none", "all", own):
         raise ValueError(f"{type(config).__name__}.bias must be 'none', 'all' or {own!r}, got {config.bias!r}")
+
+
+def check_number(name: str, value, want: str, ok: Callable[[float], bool]) -> None:
+    """A ValueError unless ``value`` is a finite int or float (not a bool) for which ``ok`` holds;
+    ``want`` says in words what ``ok`` asks, for the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {want}, not {value!r}")
 
 
 def is_positive_int(value: object) -> bool:

@@ -11,7 +11,7 @@ from torch import nn
 
 import minipeft
 from minipeft import LoraConfig, create_lorafa_optimizer, get_peft_model
-from minipeft.optimizers.lorafa import projected_gradient
+from minipeft.optimizers.lorafa import LoraFAOptimizer, gram_inverse, projected_gradient
 from tests.models import TinyNet, input_ids, tiny_transformers_model
 
 
@@ -23,10 +23,15 @@ def test_the_projected_gradient_is_the_step_of_b_closest_to_full_fine_tuning():
     a, g_w = torch.randn(r, d, dtype=torch.float64), torch.randn(out, d, dtype=torch.float64)
     g_b = s * g_w @ a.T  # dL/dB for W' = W + s B A
     closest = torch.linalg.lstsq(s * a.T, g_w.T).solution.T  # (out, r)
-    torch.testing.assert_close(projected_gradient(g_b, a, s), closest, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(projected_gradient(g_b, gram_inverse(a), s), closest, rtol=1e-7, atol=1e-9)
     # a convolution's factors, as stored: A (r, in, k, k), B (out, r, 1, 1)
     a4 = a.reshape(r, 1, 1, d)
-    torch.testing.assert_close(projected_gradient(g_b.reshape(out, r, 1, 1), a4, s), closest.reshape(out, r, 1, 1))
+    torch.testing.assert_close(projected_gradient(g_b.reshape(out, r, 1, 1), gram_inverse(a4), s),
+                               closest.reshape(out, r, 1, 1))
+    # half-precision factors: computed in float32, returned in B's dtype
+    half = projected_gradient(g_b.bfloat16(), gram_inverse(a.bfloat16()), s)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), closest, rtol=0.05, atol=0.05)
 
 
 def lm_step(model, ids) -> None:
@@ -83,13 +88,23 @@ def test_the_first_step_moves_b_against_its_projected_gradient_and_the_rest_agai
     for name, layer in layers.items():
         b = layer.lora_B["default"].weight
         expected[f"{name}.lora_B.default.weight"] = first_step(
-            projected_gradient(b.grad, layer.lora_A["default"].weight, layer.scaling["default"]))
+            projected_gradient(b.grad, gram_inverse(layer.lora_A["default"].weight), layer.scaling["default"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer.step()
     assert len(layers) == 2 and any("lora_B.default.bias" in n for n in expected) and any("head" in n for n in expected)
     for name, p in model.named_parameters():
         if name in expected:
             torch.testing.assert_close(p - before[name], expected[name], rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_lorafa_on_a_bfloat16_model_steps_in_bfloat16():
+    torch.manual_seed(0)
+    model = get_peft_model(TinyNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"])).to(torch.bfloat16)
+    optimizer = create_lorafa_optimizer(model, r=2, lora_alpha=4, lr=1e-2)
+    model(input_ids()).float().square().sum().backward()
+    optimizer.step()
+    b = model.base_model.model.blocks[0]["fc1"].lora_B["default"].weight
+    assert b.dtype == torch.bfloat16 and b.abs().max() > 0 and torch.isfinite(b).all()
 
 
 def test_a_resumed_lorafa_optimizer_continues_as_if_never_stopped():
@@ -131,6 +146,26 @@ def test_lorafa_refuses_what_its_projection_does_not_describe():
         create_lorafa_optimizer(model(target_modules=["fc1"]), r=2, lora_alpha=4, lr=-1.0)
     with pytest.raises(ValueError, match="has no active LoRA adapter"):
         create_lorafa_optimizer(nn.Linear(2, 2), r=2, lora_alpha=4, lr=1e-3)
+    # nothing is frozen by a call that fails
+    failed = model(target_modules=["fc1"])
+    with pytest.raises(ValueError, match="got r=8"):
+        create_lorafa_optimizer(failed, r=8, lora_alpha=4, lr=1e-3)
+    assert all(p.requires_grad for n, p in failed.named_parameters() if "lora_A" in n)
+    # two active adapters of other ranks: the layers' own scales, nothing to check r against
+    two = model(target_modules=["fc1"])
+    two.add_adapter("other", LoraConfig(r=3, lora_alpha=9, target_modules=["fc2"]))
+    two.base_model.set_adapter(["default", "other"])
+    assert len(create_lorafa_optimizer(two, r=2, lora_alpha=4, lr=1e-3).projections) == 4
+    frozen = model(target_modules=["fc1"])
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"the active LoRA adapters are frozen .*is_trainable=True"):
+        create_lorafa_optimizer(frozen, r=2, lora_alpha=4, lr=1e-3)
+    with frozen.disable_adapter(), pytest.raises(ValueError, match="adapters are disabled"):
+        create_lorafa_optimizer(frozen, r=2, lora_alpha=4, lr=1e-3)
+    layer = failed.base_model.model.blocks[0]["fc1"]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with pytest.raises(ValueError, match=r"holds A fixed, but A \(2, 16\) would train"):
+        LoraFAOptimizer([a, b], {b: (a, 2.0)})
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="grouped convolution"):
         create_lorafa_optimizer(get_peft_model(grouped, LoraConfig(r=2, target_modules=["0"])), r=2, lora_alpha=8,

@@ -14,26 +14,32 @@ The step of B that comes closest, ``min ||s dB A - g_W||_F``, is the least-squar
 
     dB = (1 / s) g_W A^T (A A^T)^-1 = (1 / s^2) g_B (A A^T)^-1      since  g_B = dL/dB = s g_W A^T
 
-so LoRA-FA replaces B's gradient ``g_B`` (out, r) by ``g_B (A A^T)^-1 / s^2`` (an r x r inverse
-per layer, cheap) and hands that to Adam. ``(A A^T + 1e-8 I)`` is pseudo-inverted, as in the
-reference code, which keeps a rank-deficient A from blowing up.
+so LoRA-FA replaces B's gradient ``g_B`` (out, r) by ``g_B (A A^T)^-1 / s^2`` and hands that to
+Adam. The r x r inverse is computed once per layer (A does not change) and in float32 at least:
+``(A A^T + 1e-8 I)`` pseudo-inverted, as in the reference code (the pseudo-inverse leaves out the
+directions a rank-deficient A lacks, instead of dividing by nearly zero).
 
 The optimizer is AdamW as transformers first wrote it (the reference code builds on it): ``eps``
 added to ``sqrt(v)`` before the bias correction, which scales the step instead, and the weight
 decay applied after the step, ``p <- p - lr wd p``. Every other trainable parameter (a head
 trained whole, biases, B's own bias with ``lora_bias``) takes plain steps of it.
 
-Differences from peft's ``create_lorafa_optimizer`` (same arguments, same steps):
+``create_lorafa_optimizer`` freezes A in the model: a training loop that builds its own optimizer
+afterwards (``minipeft.train.train``) trains B without the projection, LoRA-FA's first version.
 
-* the projection runs in the adapter's dtype; peft runs it under bfloat16 autocast wherever
+Differences from peft's ``create_lorafa_optimizer`` (same arguments, same steps on float32 models):
+
+* the projection runs in float32 at least; peft runs it under bfloat16 autocast wherever
   bfloat16 is available (CPUs included), rounding B's gradient to 8 bits of mantissa;
 * the state is kept per parameter, so the optimizer's ``state_dict`` saves and loads (a run
   resumes); peft keys it by name strings, which ``state_dict`` cannot hold;
-* A is read from each B's own layer, not paired by the order of the names (with ``lora_bias``,
-  peft pairs A with B's bias and fails); LoRA on embeddings
-  (whose A starts at zero, so ``A A^T`` is singular: peft's step is then ``1e8`` times its
-  gradient), on grouped convolutions, on a mixture of experts' stacked parameters (a pair per
-  expert) and with DoRA (whose update is not ``s B A``) are refused.
+* A is read from each B's own layer, not paired by the order of the names: with ``lora_bias``,
+  peft pairs A with B's bias and fails; on a ``Conv2d``, peft's shapes do not match;
+* refused: LoRA on embeddings (whose A starts at zero, so ``A A^T`` is singular: peft's step is
+  then ``1e8`` times its gradient), on grouped convolutions, on a mixture of experts' stacked
+  parameters (a pair per expert), and DoRA (whose update is not ``s B A``);
+* ``r``, ``lora_alpha`` and ``use_rslora``, which peft no longer reads, are checked against the
+  config when one adapter is active.
 """
 
 from __future__ import annotations
@@ -45,9 +51,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..config import check_number
 from ..tuners.lora import LoraConv, LoraEmbedding, LoraLayer
 from ..tuners.lora_parameter import LoraParameter
-from .loraplus import check_number
 
 PSEUDO_INVERSE_RIDGE = 1e-8  # the reference code's ``delta``
 
@@ -55,7 +61,8 @@ PSEUDO_INVERSE_RIDGE = 1e-8  # the reference code's ``delta``
 class LoraFAOptimizer(Optimizer):
     """AdamW (transformers' original form, module docstring) whose LoRA B matrices step along
     their projected gradient. ``projections``: ``{B: (A, s)}``, each B of ``params`` with the A and
-    scale of its layer; the other parameters take plain AdamW steps."""
+    scale of its layer, A frozen and not among ``params``; the other parameters (also those added
+    later by ``add_param_group``) take plain AdamW steps."""
 
     def __init__(
         self,
@@ -74,6 +81,12 @@ class LoraFAOptimizer(Optimizer):
         check_number("weight_decay", weight_decay, "a number >= 0", lambda v: v >= 0)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias))
         self.projections = dict(projections or {})
+        optimized = {p for group in self.param_groups for p in group["params"]}
+        moving = [tuple(a.shape) for a, _ in self.projections.values() if a in optimized or a.requires_grad]
+        if moving:
+            raise ValueError(f"LoRA-FA's projection holds A fixed, but A {moving[0]} would train (it is among the "
+                             "parameters, or requires grad); freeze it (create_lorafa_optimizer does)")
+        self._inverses: dict[nn.Parameter, tuple[int, torch.Tensor]] = {}  # B -> (A's version, (A A^T)^-1)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -88,7 +101,7 @@ class LoraFAOptimizer(Optimizer):
                     continue
                 grad = p.grad
                 if p in self.projections:
-                    grad = projected_gradient(grad, *self.projections[p])
+                    grad = self._projected(p, grad)
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -106,15 +119,29 @@ class LoraFAOptimizer(Optimizer):
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
 
+    def _projected(self, b: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        a, scaling = self.projections[b]
+        version, inverse = self._inverses.get(b, (None, None))
+        if version != a._version:  # (computed again only if A was changed in place)
+            inverse = gram_inverse(a)
+            self._inverses[b] = (a._version, inverse)
+        return projected_gradient(grad, inverse, scaling)
 
-def projected_gradient(grad_b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``g_B (A A^T)^-1 / s^2`` (module docstring). ``grad_b``: B's gradient as B is stored ((out, r),
-    or a convolution's (out, r, 1, ...)); ``a``: A (r, in), or a convolution's (r, in, *kernel)."""
-    a = a.reshape(a.shape[0], -1).to(grad_b.dtype)  # (r, in * kernel): a convolution's A as a matrix
-    gram = a @ a.T  # (r, r)
-    inverse = torch.linalg.pinv(gram + PSEUDO_INVERSE_RIDGE * torch.eye(a.shape[0], dtype=gram.dtype, device=gram.device))
-    rows = grad_b.reshape(grad_b.shape[0], -1)  # (out, r)
-    return (rows @ inverse / scaling**2).reshape(grad_b.shape)
+
+def gram_inverse(a: torch.Tensor) -> torch.Tensor:
+    """``(A A^T + 1e-8 I)^+`` (r, r), in float32 at least. ``a``: A (r, in), or a convolution's
+    (r, in, *kernel), taken as the matrix (r, in * kernel)."""
+    a = a.reshape(a.shape[0], -1)
+    a = a.to(torch.promote_types(a.dtype, torch.float32))
+    ridge = PSEUDO_INVERSE_RIDGE * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.pinv(a @ a.T + ridge)
+
+
+def projected_gradient(grad_b: torch.Tensor, inverse: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``g_B (A A^T)^-1 / s^2`` (module docstring), in ``grad_b``'s dtype. ``grad_b``: B's gradient
+    as B is stored ((out, r), or a convolution's (out, r, 1, ...)); ``inverse``: ``gram_inverse(A)``."""
+    rows = grad_b.reshape(grad_b.shape[0], -1).to(inverse.dtype)  # (out, r)
+    return (rows @ inverse / scaling**2).reshape(grad_b.shape).to(grad_b.dtype)
 
 
 def create_lorafa_optimizer(
@@ -126,29 +153,32 @@ def create_lorafa_optimizer(
     use_rslora: bool | None = None,
 ) -> LoraFAOptimizer:
     """LoRA-FA over ``model``'s trainable parameters: the A of every active LoRA adapter frozen
-    (``requires_grad=False``), each B stepped along its projected gradient with its layer's own
-    scale, everything else plain AdamW (betas 0.9, 0.999; eps 1e-6).
+    (``requires_grad=False``, in the model), each B stepped along its projected gradient with its
+    layer's own scale, everything else plain AdamW (betas 0.9, 0.999; eps 1e-6).
 
-    peft's signature: ``r``, ``lora_alpha`` and ``use_rslora`` are checked against the adapters
-    (each layer's scale is read from the layer itself, rank_pattern and alpha_pattern included).
+    peft's signature: ``r``, ``lora_alpha`` and ``use_rslora`` are checked against the config when
+    one adapter is active (each layer's scale is read from the layer itself, rank_pattern and
+    alpha_pattern included). Everything is checked before any A is frozen.
     """
-    check_number("lr", lr, "a number >= 0", lambda v: v >= 0)
-    check_number("weight_decay", weight_decay, "a number >= 0", lambda v: v >= 0)
+    layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, LoraLayer)]
+    if layers and all(layer.disable_adapters for _, layer in layers):
+        raise ValueError("the model's adapters are disabled (inside `with model.disable_adapter()`?): build the "
+                         "LoRA-FA optimizer where they are enabled")
     projections = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer) or layer.disable_adapters:
-            continue
+    for name, layer in layers:
         for adapter in layer.active_adapters:
-            if adapter not in layer.r:
-                continue
-            _check_layer(name, layer, adapter)
-            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            a.requires_grad_(False)
-            projections[b] = (a, layer.scaling[adapter])
+            if adapter in layer.r:
+                _check_layer(name, layer, adapter)
+                projections[layer.lora_B[adapter].weight] = (layer.lora_A[adapter].weight, layer.scaling[adapter])
     if not projections:
         raise ValueError("LoRA-FA projects the gradients of LoRA's B matrices, and the model has no active LoRA "
                          "adapter on a linear or convolutional layer")
+    if not any(b.requires_grad for b in projections):
+        raise ValueError("the active LoRA adapters are frozen (loaded for inference? PeftModel.from_pretrained(..., "
+                         "is_trainable=True) loads one to train): LoRA-FA would train none of their B matrices")
     _check_settings(model, r, lora_alpha, use_rslora)
+    for a, _ in projections.values():
+        a.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     return LoraFAOptimizer(params, projections, lr=lr, weight_decay=weight_decay)
 
@@ -170,16 +200,15 @@ def _check_layer(name: str, layer: LoraLayer, adapter: str) -> None:
 
 
 def _check_settings(model: nn.Module, r: int, lora_alpha: float, use_rslora: bool | None) -> None:
-    """``r``, ``lora_alpha`` and ``use_rslora`` must be those of the active adapters' configs, where
-    the model has configs (a PeftModel): a mismatch means the caller thinks of another adapter."""
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict):
+    """With one adapter active and a config for it (a PeftModel), ``r``, ``lora_alpha`` and
+    ``use_rslora`` must be the config's: a mismatch means the caller thinks of another adapter."""
+    configs, active = getattr(model, "peft_config", None), getattr(model, "active_adapters", [])
+    if not isinstance(configs, dict) or len(active) != 1 or active[0] not in configs:
         return
-    for adapter in getattr(model, "active_adapters", []):
-        config = configs.get(adapter)
-        wrong = [(k, given, getattr(config, k)) for k, given in (("r", r), ("lora_alpha", lora_alpha),
-                 ("use_rslora", use_rslora)) if given is not None and getattr(config, k, given) != given]
-        if wrong:
-            said = ", ".join(f"{k}={given!r} (its config: {held!r})" for k, given, held in wrong)
-            raise ValueError(f"create_lorafa_optimizer got {said} for adapter {adapter!r}; pass the config's values "
-                             "(each layer's scale is read from the layer)")
+    config = configs[active[0]]
+    given = {"r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora}
+    wrong = {key: value for key, value in given.items() if value is not None and value != getattr(config, key, value)}
+    if wrong:
+        said = ", ".join(f"{key}={value!r} (its config: {getattr(config, key)!r})" for key, value in wrong.items())
+        raise ValueError(f"create_lorafa_optimizer got {said} for adapter {active[0]!r}; pass the config's values "
+                         "(each layer's scale is read from the layer)")

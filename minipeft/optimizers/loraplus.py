@@ -45,12 +45,12 @@ transformers' Trainer), only ``nn.LayerNorm`` counts as a norm, so an RMSNorm ga
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from torch import nn
 from torch.optim import Optimizer
 
+from ..config import check_number
 from ..tuners.lora import LoraEmbedding, LoraLayer
 
 # peft's default: LoRA on an embedding barely moves unless asked to
@@ -177,8 +177,3 @@ def create_loraplus_optimizer(
             role = "B, no decay" if roles[name] == "B" and id(p) in no_decay else roles[name]
             groups[role]["params"].append(p)
     return optimizer_cls(list(groups.values()), lr=lr, **kwargs)
-
-
-def check_number(name: str, value, want: str, ok: Callable[[float], bool]) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be {want}, not {value!r}")
