@@ -16,7 +16,8 @@ classifier (a PeftModel of task_type TOKEN_CLS, a transformers ...ForTokenClassi
 What one run does, in order: training mode (a model in eval mode, as from_pretrained gives
 one, trains whole; in a model in training mode, submodules the user put in eval stay there);
 AdamW over the trainable parameters only (in LoRA+'s groups
-with `loraplus_lr_ratio`, minipeft.optimizers); linear, cosine or constant
+with `loraplus_lr_ratio`; LoRA-FA's, A frozen and B's gradient projected, with `lorafa`:
+minipeft.optimizers); linear, cosine or constant
 schedule after warmup; gradient accumulation weighted by examples/tokens (on one process
 the update is exactly that of one big batch); gradient clipping; bf16 autocast on CUDA;
 AdaLoRA's rank allocation after each step (for a PeftModel training an AdaLoRA adapter);
@@ -70,6 +71,7 @@ from torch.nn.utils import parametrize
 from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode, replace_dir_side_names, unreplaceable
 from minipeft.data import IGNORE_INDEX
 from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
+from minipeft.optimizers.lorafa import LoraFAOptimizer, freeze_a, lorafa_projections
 from minipeft.model import PeftModel
 from minipeft.tuners.base import AdapterLayer, TrainedCopies, evaluating
 
@@ -109,6 +111,9 @@ class TrainConfig:
     # embedding table it names gets it instead of loraplus_lr_embedding. None: plain AdamW.
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = LORAPLUS_LR_EMBEDDING
+    # LoRA-FA (minipeft.optimizers.lorafa): the active LoRA adapters' A frozen when the run starts,
+    # each B stepped along its projected gradient, by transformers' original AdamW (eps 1e-6).
+    lorafa: bool = False
     # weights only: not biases, norms, or the tensors adapter layers declare as scales ((IA)^3,
     # DoRA, VeRA, AdaLoRA's E), with or without LoRA+ (make_optimizer; peft's LoRA+ optimizer also
     # decays vectors that are neither biases nor in a LayerNorm)
@@ -174,6 +179,11 @@ class TrainConfig:
         for name in ("save_best", "restore_best", "resume", "find_unused_parameters"):
             if not isinstance(getattr(self, name), bool):  # "False" would read as true
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if not isinstance(self.lorafa, bool):
+            raise ValueError(f"lorafa must be True or False, not {self.lorafa!r}")
+        if self.lorafa and self.loraplus_lr_ratio is not None:
+            raise ValueError("lorafa=True freezes LoRA's A, so LoRA+'s ratio of B's lr to A's means nothing there: "
+                             "set loraplus_lr_ratio=None, or lorafa=False")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be True, False or None (automatic), not {self.bf16!r}")
         if self.device is not None:
@@ -239,17 +249,21 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only: frozen weights get no optimizer state at all.
 
     One group per (learning rate, decays or not): the lr is the one of the longest prefix in
     ``config.lr_by_prefix`` the parameter's name starts with, else ``config.lr``; with
-    ``config.loraplus_lr_ratio``, LoRA+ then scales it by its role (``TrainConfig``).
+    ``config.loraplus_lr_ratio``, LoRA+ then scales it by its role (``TrainConfig``). With
+    ``config.lorafa``, the active LoRA adapters' A are frozen first and the groups go to LoRA-FA's
+    optimizer.
     """
+    projections = lorafa_projections(model) if config.lorafa else {}
+    frozen = {id(a) for a, _ in projections.values()}  # (frozen at the end, once nothing can fail)
     prefixes = sorted(config.lr_by_prefix, key=len, reverse=True)
     roles = loraplus_roles(model) if config.loraplus_lr_ratio is not None else {}
     adapter_tensors, scales = _adapter_tensors(model)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in frozen]
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in trainable:
         lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), None)
@@ -268,8 +282,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         raise ValueError(f"lr_by_prefix names prefixes no trainable parameter starts with: {unused}"
                          + (f" ({frozen} name only frozen ones)" if frozen else "")
                          + f"; trainable parameter names look like {[n for n, _ in trainable][:3]}")
-    return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
-                              for (lr, decays), params in groups.items()], lr=config.lr, betas=config.betas)
+    groups = [{"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
+              for (lr, decays), params in groups.items()]
+    if config.lorafa:
+        freeze_a(projections)
+        return LoraFAOptimizer(groups, projections, lr=config.lr, betas=config.betas)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
 def _adapter_tensors(model: nn.Module) -> tuple[set[int], set[int]]:
@@ -430,7 +448,7 @@ def _set_rng_state(state: dict) -> None:
 # another metric, or restore best weights that were never kept (restore_best off). (output_dir,
 # logging, how often to evaluate, patience and saving settings may change freely.)
 RESUME_FIELDS = ("epochs", "max_steps", "lr", "lr_by_prefix", "loraplus_lr_ratio", "loraplus_lr_embedding",
-                 "weight_decay", "betas", "schedule", "warmup_steps", "warmup_ratio", "grad_accum_steps",
+                 "lorafa", "weight_decay", "betas", "schedule", "warmup_steps", "warmup_ratio", "grad_accum_steps",
                  "max_grad_norm", "seed", "task", "metric", "restore_best")
 
 

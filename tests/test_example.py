@@ -91,6 +91,17 @@ def test_lora_example_with_eva_moves_ranks_between_layers_and_saves_them(tmp_pat
 
 
 @pytest.mark.slow
+def test_lora_example_with_lorafa_trains_b_alone(tmp_path):
+    plain, _ = run_example(tmp_path / "plain", "--max-train-examples", "64", "--max-dev-examples", "64")
+    summary, _ = run_example(tmp_path / "run", "--max-train-examples", "3000", "--max-dev-examples", "200",
+                             "--lorafa", "--lr", "5e-3")
+    assert summary["lorafa"] is True and summary["reload_ok"] is True and summary["merge_ok"] is True
+    # query and value of 6 layers: A (8 x 384) each frozen
+    assert summary["trainable_params"] == plain["trainable_params"] - 12 * 8 * 384
+    assert summary["dev_accuracy"] > 0.7  # (0.75 when written; chance is 0.51)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["adalora", "loha", "lokr", "oft", "boft", "hra", "miss", "road", "c3a",
                                     "fourierft", "ln_tuning"])
 def test_lora_variants_in_the_example_train_save_reload_and_merge(method, tmp_path):

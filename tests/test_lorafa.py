@@ -170,3 +170,54 @@ def test_lorafa_refuses_what_its_projection_does_not_describe():
     with pytest.raises(ValueError, match="grouped convolution"):
         create_lorafa_optimizer(get_peft_model(grouped, LoraConfig(r=2, target_modules=["0"])), r=2, lora_alpha=8,
                                 lr=1e-3)
+
+
+# -- inside train() -------------------------------------------------------------------------------
+def lora_classifier():
+    from tests.test_train import TinyClassifier
+
+    torch.manual_seed(0)
+    return get_peft_model(TinyClassifier(), LoraConfig(r=2, lora_alpha=4, target_modules=["adapter"],
+                                                       modules_to_save=["classifier"]))
+
+
+def test_train_with_lorafa_takes_the_steps_of_create_lorafa_optimizer(tmp_path):
+    from minipeft.train import TrainConfig, train
+    from tests.test_train import loaders, trainable
+
+    train_loader, _ = loaders(n_train=32, shuffle=False)
+    ran = lora_classifier()
+    train(ran, train_loader, None, TrainConfig(output_dir=str(tmp_path), epochs=1, lr=1e-2, lorafa=True,
+                                               schedule="constant", max_grad_norm=None, log_every=100))
+    by_hand = lora_classifier()
+    optimizer = create_lorafa_optimizer(by_hand, r=2, lora_alpha=4, lr=1e-2)
+    by_hand.train()
+    for batch in train_loader:
+        by_hand.zero_grad()
+        logits = by_hand(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()  # (train()'s loss for it)
+        optimizer.step()
+    assert not any(p.requires_grad for n, p in ran.named_parameters() if "lora_A" in n)
+    expected = trainable(by_hand)
+    assert trainable(ran).keys() == expected.keys()
+    for name, p in trainable(ran).items():
+        torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_lorafa_run_resumes_where_it_stopped(tmp_path):
+    from minipeft.train import TrainConfig, train
+    from tests.test_train import Crash, CrashingLoader, loaders, trainable
+
+    train_loader, eval_loader = loaders(n_train=64)
+    config = dict(epochs=2, lr=1e-2, lorafa=True, checkpoint_every=3, log_every=100)
+    whole = lora_classifier()
+    train(whole, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path / "whole"), **config))
+    with pytest.raises(Crash):
+        train(lora_classifier(), CrashingLoader(train_loader, after=10), eval_loader,
+              TrainConfig(output_dir=str(tmp_path / "resumed"), **config))
+    resumed = lora_classifier()
+    train(resumed, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path / "resumed"), **config))
+    for name, p in trainable(whole).items():
+        torch.testing.assert_close(trainable(resumed)[name], p, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="LoRA\\+'s ratio of B's lr to A's means nothing there"):
+        TrainConfig(output_dir=str(tmp_path), lorafa=True, loraplus_lr_ratio=16)

@@ -24,8 +24,9 @@ added to ``sqrt(v)`` before the bias correction, which scales the step instead, 
 decay applied after the step, ``p <- p - lr wd p``. Every other trainable parameter (a head
 trained whole, biases, B's own bias with ``lora_bias``) takes plain steps of it.
 
-``create_lorafa_optimizer`` freezes A in the model: a training loop that builds its own optimizer
-afterwards (``minipeft.train.train``) trains B without the projection, LoRA-FA's first version.
+``create_lorafa_optimizer`` freezes A in the model, so a training loop that builds its own
+optimizer afterwards trains B without the projection (LoRA-FA's first version);
+``minipeft.train.train`` builds this one with ``TrainConfig(lorafa=True)``.
 
 Differences from peft's ``create_lorafa_optimizer`` (same arguments, same steps on float32 models):
 
@@ -160,6 +161,16 @@ def create_lorafa_optimizer(
     one adapter is active (each layer's scale is read from the layer itself, rank_pattern and
     alpha_pattern included). Everything is checked before any A is frozen.
     """
+    projections = lorafa_projections(model)
+    _check_settings(model, r, lora_alpha, use_rslora)
+    freeze_a(projections)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return LoraFAOptimizer(params, projections, lr=lr, weight_decay=weight_decay)
+
+
+def lorafa_projections(model: nn.Module) -> dict[nn.Parameter, tuple[nn.Parameter, float]]:
+    """``{B: (A, s)}`` for every active LoRA adapter of ``model``, each layer checked for what the
+    projection describes (A is not frozen yet: ``freeze_a``)."""
     layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, LoraLayer)]
     if layers and all(layer.disable_adapters for _, layer in layers):
         raise ValueError("the model's adapters are disabled (inside `with model.disable_adapter()`?): build the "
@@ -176,11 +187,13 @@ def create_lorafa_optimizer(
     if not any(b.requires_grad for b in projections):
         raise ValueError("the active LoRA adapters are frozen (loaded for inference? PeftModel.from_pretrained(..., "
                          "is_trainable=True) loads one to train): LoRA-FA would train none of their B matrices")
-    _check_settings(model, r, lora_alpha, use_rslora)
+    return projections
+
+
+def freeze_a(projections: dict[nn.Parameter, tuple[nn.Parameter, float]]) -> None:
+    """LoRA-FA's A stays as initialised: no gradient, no optimizer state, no input kept for it."""
     for a, _ in projections.values():
         a.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return LoraFAOptimizer(params, projections, lr=lr, weight_decay=weight_decay)
 
 
 def _check_layer(name: str, layer: LoraLayer, adapter: str) -> None:
