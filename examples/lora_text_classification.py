@@ -68,7 +68,7 @@ from minipeft.data import (BatchLoader, DataError, encode_classification, load_t
                            read_classification, split)
 from minipeft.atomic import SAVED_FILES  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, train  # noqa: E402
-from minipeft.optimizers.lorafa import freeze_a, lorafa_projections  # noqa: E402
+from minipeft.optimizers import freeze_a, lorafa_projections  # noqa: E402
 from minipeft.tuners.lora_init import base_changing_init  # noqa: E402
 
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"

@@ -96,7 +96,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns, and so peft
 
 from .atomic import fsync_dir, write_temp
-from .config import PeftConfig, PeftType, config_json, describe, fits_annotation
+from .config import PeftConfig, PeftType, config_json, describe, fits_annotation, nested_config_class
 from .injection import (
     adapter_layers, check_adapter_name, check_new_adapter_name, known_adapter_names, trained_biases,
 )
@@ -673,6 +673,17 @@ def check_oft_version(data: dict[str, Any], source: str) -> None:
                       "a slightly different rotation here than where it was trained", stacklevel=3)
 
 
+def _known_fields(value: dict, cls: type, where: str) -> dict:
+    """A saved config of a config (LoRA's eva_config) without the keys ``cls`` has no field for
+    (a newer peft's), with a warning: they steered how the adapter started, not what it computes."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        warnings.warn(f"{where} holds {unknown}, which {cls.__name__} does not know; ignored (they only steered how "
+                      "the adapter was initialised)", stacklevel=4)
+    return {k: v for k, v in value.items() if k in known}
+
+
 def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig:
     """Build the right config class from a peft-style dict (``adapter_config.json``).
 
@@ -704,6 +715,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         if key in fields:
             if isinstance(value, (set, frozenset)):  # peft's to_dict() keeps sets; its JSON holds lists
                 value = sorted(value)
+            nested = nested_config_class(hints.get(key, Any))
+            if nested is not None and isinstance(value, dict):
+                value = _known_fields(value, nested, f"{source}: {key}")
             if not fits_annotation(value, hints.get(key, Any)):
                 raise TypeError(
                     f"{source}: field {key!r} of {cls.__name__} must be {describe(hints.get(key, Any))}, "

@@ -82,6 +82,7 @@ class PeftConfig:
             except ValueError:
                 known = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"task_type={self.task_type!r} is not a task type; use one of: {known}") from None
+        build_nested_configs(self)
         check_field_types(self)
         check_regexes(self)
 
@@ -198,7 +199,7 @@ def fits_annotation(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return value in {m.value for m in hint}
-    if dataclasses.is_dataclass(hint):  # a config of a config, as JSON holds it (its own fields are checked by it)
+    if dataclasses.is_dataclass(hint):  # a config of a config (a JSON dict: build_nested_configs makes it one)
         return isinstance(value, (hint, dict))
     if isinstance(hint, type):
         return isinstance(value, hint)
@@ -251,6 +252,25 @@ def _field_hints(cls: type) -> dict[str, Any]:
     except (NameError, TypeError):  # a subclass's annotations that cannot be resolved: nothing to check by them
         return {}
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and f.name in hints}
+
+
+def nested_config_class(hint: Any) -> type | None:
+    """The dataclass a field annotated ``hint`` holds (LoRA's ``eva_config: EvaConfig | None``), if any."""
+    return next((a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)), None)
+
+
+def build_nested_configs(config: PeftConfig) -> None:
+    """Turn each dict given for a field that holds a config of its own (as adapter_config.json
+    holds it) into that config; its keys must be the config's fields."""
+    for name, hint in _field_hints(type(config)).items():
+        cls, value = nested_config_class(hint), getattr(config, name)
+        if cls is not None and isinstance(value, dict):
+            known = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"{type(config).__name__}.{name} has no field {unknown}; {cls.__name__}'s fields "
+                                 f"are {known}")
+            setattr(config, name, cls(**value))
 
 
 def check_field_types(config: PeftConfig) -> None:

@@ -473,9 +473,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     # A wrapper left with no adapter at all goes back to being its base module; innermost first,
     # so that nested wrappers (two parameters of one module, target_parameters) unwind cleanly.
     for name, layer in reversed(list(adapter_layers(model))):
-        if not layer.adapter_names:
-            parent, child = _get_parent(model, name)
-            setattr(parent, child, getattr(layer, layer.base_layer_name))
+        put_back_base_if_empty(model, name, layer)
+
+
+def put_back_base_if_empty(model: nn.Module, name: str, layer: AdapterLayer) -> None:
+    """A wrapper holding no adapter any more goes back to being its base module, at ``name``."""
+    if not layer.adapter_names:
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, getattr(layer, layer.base_layer_name))
 
 
 def unmerge(model: nn.Module) -> None:

@@ -70,8 +70,8 @@ from torch.nn.utils import parametrize
 
 from minipeft.atomic import atomic_replace_dir, atomic_write, give_default_mode, replace_dir_side_names, unreplaceable
 from minipeft.data import IGNORE_INDEX
-from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, loraplus_roles
-from minipeft.optimizers.lorafa import LoraFAOptimizer, freeze_a, lorafa_projections
+from minipeft.optimizers import LORAPLUS_LR_EMBEDDING, LoraFAOptimizer, freeze_a, lorafa_projections, loraplus_roles
+from minipeft.tuners.lora import LoraLayer
 from minipeft.model import PeftModel
 from minipeft.tuners.base import AdapterLayer, TrainedCopies, evaluating
 
@@ -111,8 +111,10 @@ class TrainConfig:
     # embedding table it names gets it instead of loraplus_lr_embedding. None: plain AdamW.
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = LORAPLUS_LR_EMBEDDING
-    # LoRA-FA (minipeft.optimizers.lorafa): the active LoRA adapters' A frozen when the run starts,
-    # each B stepped along its projected gradient, by transformers' original AdamW (eps 1e-6).
+    # LoRA-FA (minipeft.optimizers.lorafa): the active LoRA adapters' A frozen when the run starts
+    # (and after it), each B stepped along its projected gradient by transformers' original AdamW
+    # (eps 1e-6 added before the bias correction; weight decay after the step), where plain AdamW
+    # is torch's (eps 1e-8).
     lorafa: bool = False
     # weights only: not biases, norms, or the tensors adapter layers declare as scales ((IA)^3,
     # DoRA, VeRA, AdaLoRA's E), with or without LoRA+ (make_optimizer; peft's LoRA+ optimizer also
@@ -250,20 +252,21 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only: frozen weights get no optimizer state at all.
+    """AdamW (LoRA-FA's with ``config.lorafa``) over trainable parameters only: frozen weights get
+    no optimizer state at all.
 
     One group per (learning rate, decays or not): the lr is the one of the longest prefix in
     ``config.lr_by_prefix`` the parameter's name starts with, else ``config.lr``; with
     ``config.loraplus_lr_ratio``, LoRA+ then scales it by its role (``TrainConfig``). With
-    ``config.lorafa``, the active LoRA adapters' A are frozen first and the groups go to LoRA-FA's
-    optimizer.
+    ``config.lorafa``, the active LoRA adapters' A are left out, and frozen once the groups are
+    built (nothing is frozen by a call that fails).
     """
     projections = lorafa_projections(model) if config.lorafa else {}
-    frozen = {id(a) for a, _ in projections.values()}  # (frozen at the end, once nothing can fail)
+    lorafa_a = {id(a) for a, _ in projections.values()}
     prefixes = sorted(config.lr_by_prefix, key=len, reverse=True)
     roles = loraplus_roles(model) if config.loraplus_lr_ratio is not None else {}
     adapter_tensors, scales = _adapter_tensors(model)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in frozen]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in lorafa_a]
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in trainable:
         lr = next((config.lr_by_prefix[pre] for pre in prefixes if name.startswith(pre)), None)
@@ -327,6 +330,7 @@ def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     and would make each checkpoint a copy of the model. Persistent buffers only (a causal mask
     or rotary frequencies are derived, not learned)."""
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update(_frozen_factors_of_trained_b(model))
     parametrizations = {id(m) for plist in model.modules() if isinstance(plist, parametrize.ParametrizationList)
                         for m in plist}
     for name, module in model.named_modules():
@@ -336,6 +340,18 @@ def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
                     tensors[f"{name}.{buffer_name}" if name else buffer_name] = buffer
     return tensors
+
+
+def _frozen_factors_of_trained_b(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA A matrices that do not train while their B does (LoRA-FA): what B learned is only right
+    with that A, so a checkpoint keeps it (a resumed run may draw another A)."""
+    out = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            for adapter, a in layer.lora_A.items():
+                if not a.weight.requires_grad and layer.lora_B[adapter].weight.requires_grad:
+                    out[f"{name}.lora_A.{adapter}.weight" if name else f"lora_A.{adapter}.weight"] = a.weight
+    return out
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -983,8 +999,16 @@ def _resume(run: _Run) -> RunState:
     if not (run.config.resume and path.exists()):
         return RunState()
     ckpt = _read_checkpoint(path)
-    _check_same_trainable(run.raw_model, ckpt["trainable"], path)  # (names the tensors, where shapes differ)
-    _check_resumable(ckpt, run.config, run.totals, run.world, path)
+    try:
+        if ckpt.get("config", {}).get("lorafa", False) != run.config.lorafa:
+            _check_resumable(ckpt, run.config, run.totals, run.world, path)  # names lorafa, which changed what trains
+        _check_same_trainable(run.raw_model, ckpt["trainable"], path)  # (names the tensors, where shapes differ)
+        _check_resumable(ckpt, run.config, run.totals, run.world, path)
+    except ValueError:
+        if isinstance(run.optimizer, LoraFAOptimizer):  # a refused run leaves A trainable, as it found it
+            for a, _ in run.optimizer.projections.values():
+                a.requires_grad_(True)
+        raise
     _load_trainable_state(run.raw_model, ckpt["trainable"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])

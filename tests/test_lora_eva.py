@@ -16,9 +16,9 @@ import minipeft
 from minipeft import EvaConfig, LoraConfig, get_eva_state_dict, get_peft_model, initialize_lora_eva_weights
 from minipeft.tuners.lora_eva import IncrementalPCA, distribute_ranks
 
-sys.path.insert(0, os.path.dirname(__file__))
-from models import VOCAB, tiny_transformers_model  # noqa: E402
-from torchrun import run_two_processes  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, for torchrun
+from tests.models import VOCAB, tiny_transformers_model  # noqa: E402
+from tests.two_processes import run_two_processes  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
 
@@ -368,6 +368,20 @@ def test_started_again_the_adapter_is_new_and_user_patterns_of_other_layers_stay
             torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, msg=library.__name__)
 
 
+def test_the_measured_rank_wins_over_a_users_pattern_of_the_same_name():
+    torch.manual_seed(0)
+    base = TwoLayers()
+    config = LoraConfig(r=2, target_modules=["focused", "spread"], init_lora_weights="eva",
+                        rank_pattern={"focused": 2, "spread": 3})
+    model = quietly(get_peft_model, copy.deepcopy(base), config)
+    quietly(initialize_lora_eva_weights, model, lm_batches(), show_progress_bar=False)  # (peft's keyword)
+    # the budget is 2 + 3; focused takes its most, 2 * rho = 4, and each layer's entry is the measured one
+    assert model.peft_config["default"].rank_pattern == {"focused": 4, "spread": 1}
+    assert model.peft_config["default"].alpha_pattern == {"focused": 8 * 4 / 2, "spread": 8 * 1 / 3}
+    assert model.base_model.model.focused.lora_A["default"].weight.shape == (4, 16)
+    assert model.base_model.model.spread.lora_A["default"].weight.shape == (1, 16)
+
+
 def test_eva_config_is_saved_as_peft_saves_it_and_read_back():
     config = LoraConfig(init_lora_weights="eva", eva_config={"rho": 1.5, "whiten": True})
     assert config.eva_config == EvaConfig(rho=1.5, whiten=True)
@@ -377,6 +391,14 @@ def test_eva_config_is_saved_as_peft_saves_it_and_read_back():
     assert LoraConfig(init_lora_weights="eva").eva_config == EvaConfig()
     with pytest.warns(UserWarning, match="eva_config is used by init_lora_weights='eva' only"):
         LoraConfig(eva_config=EvaConfig())
+    with pytest.raises(ValueError, match="EvaConfig.whiten must be True or False, not 'no'"):
+        EvaConfig(whiten="no")
+    with pytest.raises(ValueError, match="EvaConfig.rho must be a number >= 1"):
+        EvaConfig(rho=float("inf"))
+    # a newer peft's field inside eva_config: loaded without it, with a warning (it only steered the start)
+    saved = {**config.to_dict(), "eva_config": {**config.to_dict()["eva_config"], "future_knob": None}}
+    with pytest.warns(UserWarning, match=r"eva_config holds \['future_knob'\], which EvaConfig does not know"):
+        assert minipeft.PeftConfig.from_dict(saved) == config
 
 
 # -- torch.distributed ----------------------------------------------------------------------------

@@ -221,3 +221,34 @@ def test_a_lorafa_run_resumes_where_it_stopped(tmp_path):
         torch.testing.assert_close(trainable(resumed)[name], p, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="LoRA\\+'s ratio of B's lr to A's means nothing there"):
         TrainConfig(output_dir=str(tmp_path), lorafa=True, loraplus_lr_ratio=16)
+
+
+def test_a_resumed_lorafa_run_restores_its_frozen_a_and_a_switch_of_lorafa_is_named(tmp_path):
+    from minipeft.train import TrainConfig, train
+    from tests.test_train import Crash, CrashingLoader, loaders, trainable
+
+    train_loader, eval_loader = loaders(n_train=64)
+    config = dict(epochs=1, lr=1e-2, lorafa=True, checkpoint_every=3, log_every=100)
+    first = lora_classifier()
+    with pytest.raises(Crash):
+        train(first, CrashingLoader(train_loader, after=5), eval_loader,
+              TrainConfig(output_dir=str(tmp_path / "run"), **config))
+    a_name = "base_model.model.adapter.lora_A.default.weight"
+    a_trained_with = first.get_parameter(a_name).detach().clone()
+    other = lora_classifier()
+    with torch.no_grad():
+        other.get_parameter(a_name).normal_()  # another draw of A (another seed, another EVA)
+    train(other, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path / "run"), **config))
+    assert torch.equal(other.get_parameter(a_name), a_trained_with)  # B was trained with that A
+    # resuming with lorafa switched names the setting, and leaves A as it found it
+    with pytest.raises(ValueError, match="lorafa: True -> False"):
+        train(lora_classifier(), train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path / "run"),
+                                                                        **{**config, "lorafa": False}))
+    plain = {**config, "lorafa": False}
+    with pytest.raises(Crash):
+        train(lora_classifier(), CrashingLoader(train_loader, after=5), eval_loader,
+              TrainConfig(output_dir=str(tmp_path / "plain"), **plain))
+    switched = lora_classifier()
+    with pytest.raises(ValueError, match="lorafa: False -> True"):
+        train(switched, train_loader, eval_loader, TrainConfig(output_dir=str(tmp_path / "plain"), **config))
+    assert switched.get_parameter(a_name).requires_grad

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minipeft import LoraConfig, get_peft_model  # noqa: E402
 from minipeft.data import BatchLoader  # noqa: E402
 from minipeft.train import OUTPUT_NAMES, TrainConfig, evaluate, lr_lambda, make_optimizer, train  # noqa: E402
-from tests.torchrun import run_two_processes  # noqa: E402
+from tests.two_processes import run_two_processes  # noqa: E402
 
 VOCAB, DIM = 32, 16
 

@@ -4,9 +4,9 @@ moves the weight as close as it can to where full fine-tuning's step would.
     optimizer = create_lorafa_optimizer(model, r=8, lora_alpha=16, lr=2e-4)
 
 Freezing A. A layer adapted by ``W + s B A`` (A: (r, in), B: (out, r)) with A frozen at its
-random init trains half the parameters, and needs no activation kept for A's gradient: the
-backward stores ``z = A x`` (r wide) instead of ``x`` (in wide). That is the memory LoRA-FA
-saves.
+random init trains only B's ``r out`` of the ``r (in + out)`` parameters, and needs no activation
+kept for A's gradient: the backward stores ``z = A x`` (r wide) instead of ``x`` (in wide). That
+is the memory LoRA-FA saves.
 
 Projecting B's gradient. With A fixed, a step ``dB`` changes the weight by ``s dB A``, a matrix
 whose rows lie in the row space of A. Full fine-tuning would step by ``-g_W`` (``g_W`` = dL/dW).
@@ -19,14 +19,15 @@ Adam. The r x r inverse is computed once per layer (A does not change) and in fl
 ``(A A^T + 1e-8 I)`` pseudo-inverted, as in the reference code (the pseudo-inverse leaves out the
 directions a rank-deficient A lacks, instead of dividing by nearly zero).
 
-The optimizer is AdamW as transformers first wrote it (the reference code builds on it): ``eps``
-added to ``sqrt(v)`` before the bias correction, which scales the step instead, and the weight
-decay applied after the step, ``p <- p - lr wd p``. Every other trainable parameter (a head
-trained whole, biases, B's own bias with ``lora_bias``) takes plain steps of it.
+The optimizer is AdamW as transformers first wrote it (the reference code builds on it): the
+step is ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``, so ``eps`` meets the uncorrected
+``sqrt(v)`` (torch's AdamW adds it to the corrected one), and the weight decay comes after the
+step, ``p <- p - lr wd p``. Every other trainable parameter (a head trained whole, biases, B's own
+bias with ``lora_bias``) takes plain AdamW steps.
 
 ``create_lorafa_optimizer`` freezes A in the model, so a training loop that builds its own
-optimizer afterwards trains B without the projection (LoRA-FA's first version);
-``minipeft.train.train`` builds this one with ``TrainConfig(lorafa=True)``.
+optimizer afterwards trains B alone without the projection (as the paper's first version did);
+``minipeft.train.train`` builds this optimizer with ``TrainConfig(lorafa=True)``.
 
 Differences from peft's ``create_lorafa_optimizer`` (same arguments, same steps on float32 models):
 
@@ -80,7 +81,8 @@ class LoraFAOptimizer(Optimizer):
             check_number(f"betas[{i}]", beta, "in [0, 1)", lambda v: 0 <= v < 1)
         check_number("eps", eps, "a number >= 0", lambda v: v >= 0)
         check_number("weight_decay", weight_decay, "a number >= 0", lambda v: v >= 0)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        super().__init__(params, defaults)
         self.projections = dict(projections or {})
         optimized = {p for group in self.param_groups for p in group["params"]}
         moving = [tuple(a.shape) for a, _ in self.projections.values() if a in optimized or a.requires_grad]
@@ -182,8 +184,10 @@ def lorafa_projections(model: nn.Module) -> dict[nn.Parameter, tuple[nn.Paramete
                 _check_layer(name, layer, adapter)
                 projections[layer.lora_B[adapter].weight] = (layer.lora_A[adapter].weight, layer.scaling[adapter])
     if not projections:
+        kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "adapter_layer_names")})
         raise ValueError("LoRA-FA projects the gradients of LoRA's B matrices, and the model has no active LoRA "
-                         "adapter on a linear or convolutional layer")
+                         "adapter on a linear or convolutional layer"
+                         + (f" (its adapter layers: {kinds})" if kinds else ""))
     if not any(b.requires_grad for b in projections):
         raise ValueError("the active LoRA adapters are frozen (loaded for inference? PeftModel.from_pretrained(..., "
                          "is_trainable=True) loads one to train): LoRA-FA would train none of their B matrices")

@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -48,7 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
-    PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int, pattern_value,
+    PeftConfig, PeftType, check_bias, check_layer_selection, check_number, check_probability, is_positive_int,
+    pattern_value,
 )
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
 from . import lora_init, trainable_tokens
@@ -79,11 +79,14 @@ class EvaConfig:
     adjust_scaling_factors: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not self.rho >= 1:
-            raise ValueError(f"EvaConfig.rho must be a number >= 1 (a layer may take up to round(r * rho) "
-                             f"ranks; 1 keeps every layer at r), got {self.rho!r}")
-        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not 0 <= self.tau <= 1:
-            raise ValueError(f"EvaConfig.tau must be a cosine similarity between 0 and 1, got {self.tau!r}")
+        check_number("EvaConfig.rho", self.rho, "a number >= 1 (a layer may take up to round(r * rho) ranks; 1 keeps "
+                     "every layer at r)", lambda v: v >= 1)
+        check_number("EvaConfig.tau", self.tau, "a cosine similarity between 0 and 1", lambda v: 0 <= v <= 1)
+        for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EvaConfig.{name} must be True or False, not {getattr(self, name)!r}")
+        if not isinstance(self.label_mask_value, int) or isinstance(self.label_mask_value, bool):
+            raise ValueError(f"EvaConfig.label_mask_value must be an integer label, not {self.label_mask_value!r}")
 
 
 @dataclass
@@ -146,7 +149,6 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         # Token ids as a tensor, an array or numpy ints become a list before the type check.
         self.trainable_token_indices = trainable_tokens.normalize_lora_token_indices(self.trainable_token_indices)
-        self.eva_config = _eva_config(self.eva_config)  # adapter_config.json holds it as a dict
         super().__post_init__()
         self.peft_type = PeftType.LORA
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
@@ -187,17 +189,6 @@ class LoraConfig(PeftConfig):
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Rank and alpha for the module named ``key``, after rank_pattern / alpha_pattern."""
         return pattern_value(self.rank_pattern, key, self.r), pattern_value(self.alpha_pattern, key, self.lora_alpha)
-
-
-def _eva_config(value: EvaConfig | dict | None) -> EvaConfig | None:
-    """``eva_config`` as an EvaConfig; a dict (as adapter_config.json holds it) must name its fields."""
-    if not isinstance(value, dict):
-        return value  # (anything but an EvaConfig or None is refused by the field type check)
-    known = [f.name for f in dataclasses.fields(EvaConfig)]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ValueError(f"eva_config has no field {unknown}; EvaConfig's fields are {known}")
-    return EvaConfig(**value)
 
 
 class DoraMagnitude(nn.Module):

@@ -44,8 +44,8 @@ layer whose rank grew is measured again until its new directions converge. A lay
 most as many directions as its inputs have features.
 
 Layers fed the same tensor (a transformer's q, k and v projections) are measured once: on the
-first batch, a fingerprint of each layer's input tells which layers share one. They share the ratios, so the
-budget treats each as a layer of its own; ties go to the first, as in peft.
+first batch, a fingerprint of each layer's input tells which layers share one. Each of them still
+takes its own share of the budget: their ratios are the same, and ties go to the first, as in peft.
 
 Starting the adapter: every measured layer's adapter is made anew at its rank (B = 0, so the
 model computes what the base model does, whatever the adapter held before), and A is copied in.
@@ -73,13 +73,14 @@ Differences from peft
   fails. peft refuses ``r * rho`` above a layer's input features.
 * A layer left with rank 0 keeps the model's other adapters (peft removes the layer's wrapper);
   the modules' train/eval modes are restored one by one.
-* ``whiten``: peft divides the directions layers with one input share in place, once for each of
-  them (q, k and v: three times); here each layer's A is divided once.
+* ``whiten``: peft divides the directions that layers with one input share in place, once for
+  each of them (q, k and v: three times); here each layer's A is divided once.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
@@ -144,7 +145,8 @@ class IncrementalPCA:
         # (inputs that never vary have no variance to explain: ratio 0, not 0 / 0)
         self.explained_variance_ratio = (self.singular_values.double().square() / self.sum_sq).nan_to_num(0.0)
         if previous is not None:
-            self.similarity = torch.nn.functional.cosine_similarity(self.components, previous.to(self.components), dim=1)
+            previous = previous.to(self.components)
+            self.similarity = torch.nn.functional.cosine_similarity(self.components, previous, dim=1)
 
     def converged(self, count: int, tau: float) -> bool:
         """Whether the first ``count`` directions have each stopped moving (cosine >= tau)."""
@@ -197,7 +199,8 @@ def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_na
     tensor (``prepare_model_inputs_fn=None``: the batch itself), every row, leading dims flattened."""
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"EVA: the input of {layer_name!r} is {_describe(x)}, not a tensor; give a prepare_layer_inputs_fn")
+        raise TypeError(f"EVA: the input of {layer_name!r} is {_describe(x)}, not a tensor; "
+                        "give a prepare_layer_inputs_fn")
     if not (isinstance(model_input, torch.Tensor) and model_input.dim() == 2 and model_input.shape[1] == 2):
         return x.reshape(-1, x.shape[-1])
     if x.dim() != 3:
@@ -213,12 +216,12 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}" + (f" with keys {list(value)}" if isinstance(value, Mapping) else "")
 
 
-def _some(names: list) -> str:
+def _first_three(names: list) -> str:
     """The first three of ``names``, for a message."""
     return f"{names[:3]}{' ...' if len(names) > 3 else ''}"
 
 
-def _gathered(rows: torch.Tensor) -> torch.Tensor:
+def _rows_of_all_ranks(rows: torch.Tensor) -> torch.Tensor:
     """Every rank's ``rows``, concatenated in rank order (ranks may hold different numbers of rows)."""
     world = dist.get_world_size()
     counts = torch.empty(world, dtype=torch.long, device=rows.device)
@@ -243,7 +246,7 @@ class _LayerInputs:
             raise ValueError(f"EVA: prepare_layer_inputs_fn must return a (rows, features) tensor for {self.name!r}, "
                              f"got {tuple(rows.shape) if isinstance(rows, torch.Tensor) else _describe(rows)}")
         if self.gather and dist.is_available() and dist.is_initialized():
-            rows = _gathered(rows)
+            rows = _rows_of_all_ranks(rows)
         self.consume(rows.detach())
 
 
@@ -258,6 +261,7 @@ def get_eva_state_dict(
     prepare_layer_inputs_fn: Callable | dict[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",
     gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
 ) -> dict[str, torch.Tensor]:
     """EVA's A for every linear layer LoRA adapts, ``{module name in the base model: (rank, in)}``
     (rank 0: the layer is not adapted), measured on batches of ``dataloader`` (read pass after
@@ -273,13 +277,14 @@ def get_eva_state_dict(
         one function, or ``{module name: function}`` for some layers (the others take the default).
     gather_distributed_inputs: under torch.distributed, measure every rank's rows together, so
         that each rank computes the same A (set False when every rank reads the same batches).
+    show_progress_bar: a line on stderr counting the layers converged (on rank 0).
     """
     config, layers, disabled = _layers_to_measure(model, peft_config, adapter_name)
     eva = config.eva_config or EvaConfig()
     if eva.tau >= 1:
         raise ValueError(f"EVA stops when each direction's cosine with the previous batch's reaches tau; with "
-                         f"tau={eva.tau} none ever does (two randomised SVDs never agree to the last bit). Use tau < 1, "
-                         "e.g. 0.99")
+                         f"tau={eva.tau} none ever does (two randomised SVDs never agree to the last bit). "
+                         "Use tau < 1, e.g. 0.99")
     if iter(dataloader) is dataloader:
         raise TypeError(f"EVA reads the data more than once (until the directions converge): give a list of batches "
                         f"or a DataLoader, not {_describe(dataloader)}, which can be read only once")
@@ -296,8 +301,9 @@ def get_eva_state_dict(
             if starts:
                 raise ValueError("EVA needs data: the dataloader gave no batch")
 
+    show = show_progress_bar and not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
     measurement = _Measurement(model, layers, _layer_preparation(prepare_layer_inputs_fn, layers),
-                               gather_distributed_inputs, forward_fn)
+                               gather_distributed_inputs, forward_fn, show)
     with disabled, evaluating(model):
         groups = measurement.equal_input_groups(*next(data())[:2])
         # r * rho directions at most per layer (peft caps rho for absurdly large values the same way).
@@ -330,9 +336,11 @@ class _Measurement:
     """Batches run through ``model`` with hooks on ``layers`` ({name: module}), each hook taking
     that layer's rows (``prepare_for(name)``, gathered over ranks with ``gather``)."""
 
-    def __init__(self, model: nn.Module, layers: dict, prepare_for: Callable, gather: bool, forward_fn: Callable):
+    def __init__(self, model: nn.Module, layers: dict, prepare_for: Callable, gather: bool, forward_fn: Callable,
+                 show_progress: bool = False):
         self.model, self.layers, self.prepare_for, self.gather, self.forward_fn = (
             model, layers, prepare_for, gather, forward_fn)
+        self.show_progress = show_progress
 
     def run(self, consumers: dict[str, Callable], batch, model_input) -> None:
         """One batch, ``consumers[name](rows)`` receiving each hooked layer's rows."""
@@ -360,14 +368,15 @@ class _Measurement:
                 where = (flat.numel(), flat.device)
                 if where not in probes:
                     generator = torch.Generator(device=flat.device).manual_seed(0)
-                    probes[where] = torch.rand(flat.numel(), generator=generator, dtype=torch.float64, device=flat.device)
+                    probes[where] = torch.rand(flat.numel(), generator=generator, dtype=torch.float64,
+                                               device=flat.device)
                 fingerprints[name] = (tuple(rows.shape), float(flat.sum()), float(flat @ probes[where]))
             return take
 
         self.run({name: fingerprint(name) for name in self.layers}, batch, model_input)
         if not fingerprints:
-            raise ValueError(f"EVA: none of {_some(list(self.layers))} ran on a batch: forward_fn must run the model "
-                             "on it (default model(**batch))")
+            raise ValueError(f"EVA: none of {_first_three(list(self.layers))} ran on a batch: forward_fn must run "
+                             "the model on it (default model(**batch))")
         groups: dict[tuple, list[str]] = {}
         for name in self.layers:
             if name in fingerprints:  # (a layer whose forward never runs is not measured)
@@ -381,7 +390,8 @@ class _Measurement:
         lead_of = {name: lead for lead, group in groups.items() for name in group}
 
         def ranks_now() -> dict[str, int]:
-            return distribute_ranks({name: pcas[lead].explained_variance_ratio for name, lead in lead_of.items()}, budget)
+            ratios = {name: pcas[lead].explained_variance_ratio for name, lead in lead_of.items()}
+            return distribute_ranks(ratios, budget)
 
         needed = {lead: pca.k for lead, pca in pcas.items()}  # directions that must converge
         starved = dict.fromkeys(groups, 0)  # batches in a row that gave a pending group too few rows
@@ -405,13 +415,19 @@ class _Measurement:
                 starved[lead] = 0 if lead in updated else starved[lead] + 1
             if pass_length and (stuck := [lead for lead in pending if starved[lead] >= pass_length]):
                 raise ValueError(
-                    f"EVA could not measure {_some(stuck)}: in a whole pass over the data no batch gave them the "
-                    f"{[pcas[lead].k for lead in stuck[:3]]} token rows they need (the attention mask and the label "
-                    "mask leave too few); use larger batches, or a smaller r or rho"
+                    f"EVA could not measure {_first_three(stuck)}: in a whole pass over the data no batch gave them "
+                    f"the {[pcas[lead].k for lead in stuck[:3]]} token rows they need (the attention mask and the "
+                    "label mask leave too few); use larger batches, or a smaller r or rho"
                 )
             if all(pca.components is not None for pca in pcas.values()):
                 ranks = ranks_now()
                 needed = {lead: max(ranks[name] for name in group) for lead, group in groups.items()}
+            if self.show_progress:
+                done = sum(len(group) for lead, group in groups.items() if pcas[lead].converged(needed[lead], tau))
+                print(f"\rEVA: {done}/{len(lead_of)} layers converged after {batches_seen} batches", end="",
+                      file=sys.stderr, flush=True)
+        if self.show_progress:
+            print(file=sys.stderr)
         return ranks_now()
 
 
@@ -458,7 +474,8 @@ def _layer_preparation(prepare: Callable | dict | None, layers: dict) -> Callabl
     by_name = {key.removeprefix(PEFT_PREFIX): fn for key, fn in prepare.items()}
     unknown = sorted(set(by_name) - set(layers))
     if unknown:
-        raise ValueError(f"prepare_layer_inputs_fn names {unknown}, which EVA does not measure; it measures {list(layers)}")
+        raise ValueError(f"prepare_layer_inputs_fn names {unknown}, which EVA does not measure; "
+                         f"it measures {list(layers)}")
     return lambda name: by_name.get(name, prepare_layer_inputs_fn_language_modeling)
 
 
@@ -485,6 +502,7 @@ def initialize_lora_eva_weights(
     prepare_layer_inputs_fn: Callable | dict[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
     adapter_name: str = "default",
     gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
 ) -> nn.Module:
     """Start adapter ``adapter_name`` of a PeftModel (``init_lora_weights="eva"``) on EVA's A: from
     ``eva_state_dict`` (``get_eva_state_dict``'s), or measured on ``dataloader`` (the other
@@ -506,7 +524,8 @@ def initialize_lora_eva_weights(
         if dataloader is None:
             raise ValueError("initialize_lora_eva_weights needs a dataloader to measure on, or an eva_state_dict")
         eva_state_dict = get_eva_state_dict(model, dataloader, None, forward_fn, prepare_model_inputs_fn,
-                                            prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs)
+                                            prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs,
+                                            show_progress_bar)
     _load(model, eva_state_dict, adapter_name)
     return model
 
@@ -516,18 +535,19 @@ def _load(model: nn.Module, eva_state_dict: dict[str, torch.Tensor], adapter_nam
     """Make adapter ``adapter_name`` of PeftModel ``model`` anew on every layer ``eva_state_dict``
     names, at the rank of its A (0: the layer loses the adapter), with that A and B = 0, and record
     the ranks in the adapter's config. Checked whole before any layer changes."""
-    from ..injection import _get_parent  # late: injection imports the tuners
+    from ..injection import put_back_base_if_empty  # late: injection imports the tuners
 
     config = model.peft_config[adapter_name]
     adapted = _adapted_layers(model, adapter_name)
     merged = [key for key, (_, layer) in adapted.items() if adapter_name in layer.merged_adapters]
     if merged:
-        raise ValueError(f"adapter {adapter_name!r} is merged into {_some(merged)}; unmerge it before EVA starts it anew")
+        raise ValueError(f"adapter {adapter_name!r} is merged into {_first_three(merged)}; "
+                         "unmerge it before EVA starts it anew")
     linear = [key for key, (_, layer) in adapted.items() if isinstance(layer, LoraLinear)]
     wanted = {key.removeprefix(PEFT_PREFIX): a for key, a in eva_state_dict.items()}
     unknown = sorted(set(wanted) - set(linear))
     if unknown:
-        raise ValueError(f"eva_state_dict names {_some(unknown)}, which hold no LoRA linear layer of adapter "
+        raise ValueError(f"eva_state_dict names {_first_three(unknown)}, which hold no LoRA linear layer of adapter "
                          f"{adapter_name!r}; those are {linear}")
     for key, a in wanted.items():
         in_features = adapted[key][1].in_features
@@ -544,10 +564,10 @@ def _load(model: nn.Module, eva_state_dict: dict[str, torch.Tensor], adapter_nam
         scaled = config.eva_config.adjust_scaling_factors and ranks[key] not in (0, r)
         alphas[key] = alpha * ranks[key] / r if scaled else alpha
     kept = [key for key in wanted if ranks[key]]
-    config.rank_pattern = {**{key: ranks[key] for key in kept if _differs(config, "rank_pattern", key, ranks[key])},
-                           **config.rank_pattern}
-    config.alpha_pattern = {**{key: alphas[key] for key in kept if _differs(config, "alpha_pattern", key, alphas[key])},
-                            **config.alpha_pattern}
+    for patterns, values in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        own = {key: values[key] for key in kept if _differs(config, patterns, key, values[key])}
+        users = {key: value for key, value in getattr(config, patterns).items() if key not in wanted}
+        setattr(config, patterns, {**own, **users})
     dropped = [key for key in wanted if not ranks[key]]
     if dropped:  # (the modules; target_parameters name the bare parameters LoRA adapts)
         config.target_modules = [key for key, (_, layer) in adapted.items()
@@ -558,9 +578,7 @@ def _load(model: nn.Module, eva_state_dict: dict[str, torch.Tensor], adapter_nam
         name, layer = adapted[key]
         if not ranks[key]:
             layer.delete_adapter(adapter_name)
-            if not layer.adapter_names:  # nothing left to wrap: the base layer goes back in place
-                parent, child = _get_parent(base, name)
-                setattr(parent, child, getattr(layer, layer.base_layer_name))
+            put_back_base_if_empty(base, name, layer)
             continue
         _remake(layer, adapter_name, config, key)
         layer.lora_A[adapter_name].weight.copy_(a)
