@@ -31,6 +31,7 @@ from .targeting import (
 )
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.base import BASE_MODEL_NAME, layers_a_copy_would_copy
+from .tuners.layer_replication import replicate_for
 from .tuners.virtual_tokens import PromptEncoderDict
 
 
@@ -165,13 +166,20 @@ def inject_adapter_in_model(
         config.target_modules = method.default_targets(model, config)  # recorded in the config, as peft does
     if method.prepare_config is not None:
         method.prepare_config(model, config)
-    targets = find_targets(model, config)  # never adapter internals nor the modules wrappers hold
-    # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it reads
-    # without other adapters' wrappers, as the targets themselves do.
-    keys = {name: logical_name(model, name) or name for name in targets}
-    _check_all(model, config, method, keys)
-    with _taken_back_on_error(adapter_name) as updated:
-        _apply_plan(model, _build_plan(model, config, method, adapter_name, keys, updated))
+    # LoRA's layer_replication changes the model before its targets are found; undone on an error.
+    undo_replication = replicate_for(model, getattr(config, "layer_replication", None))
+    try:
+        targets = find_targets(model, config)  # never adapter internals nor the modules wrappers hold
+        # Per-module settings (rank_pattern, feedforward_modules, ...) match the name as it reads
+        # without other adapters' wrappers, as the targets themselves do.
+        keys = {name: logical_name(model, name) or name for name in targets}
+        _check_all(model, config, method, keys)
+        with _taken_back_on_error(adapter_name) as updated:
+            _apply_plan(model, _build_plan(model, config, method, adapter_name, keys, updated))
+    except BaseException:
+        if undo_replication is not None:
+            undo_replication()
+        raise
     _freeze_base(model)
     if activate:
         set_adapter(model, [adapter_name], trainable=not config.inference_mode)

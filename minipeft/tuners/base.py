@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..targeting import innermost
+from .layer_replication import shares_replicated_weight
 
 
 # Every merge of an adapter into a layer takes the next number (process-wide), so that unmerging a
@@ -561,6 +562,12 @@ class AdapterLayer(nn.Module):
                 "parameters at each call (torch.nn.utils.parametrize, weight_norm, spectral_norm), so the merged "
                 "values would have nowhere to stay. Remove the parametrization first "
                 "(parametrize.remove_parametrizations(module, 'weight')), or use unload() to drop the adapter"
+            )
+        if adapter_names and shares_replicated_weight(self.get_base_layer()):
+            raise ValueError(
+                f"cannot merge into {self._where(layer_name)}, so nothing was merged: its weights are shared by the "
+                "copies of a replicated layer (layer_replication), which would all change; use the adapters unmerged "
+                "(peft refuses this merge too)"
             )
         for name in adapter_names:
             reason = self.merge_blocker(name)

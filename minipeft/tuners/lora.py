@@ -106,6 +106,8 @@ class LoraConfig(PeftConfig):
     ``initialize_lora_eva_weights(model, dataloader)`` after ``get_peft_model`` (lora_eva.py;
     until then, and on layers it does not cover, the init of ``True``).
     eva_config: EVA's options (EvaConfig; the defaults when ``init_lora_weights="eva"`` leaves it out).
+    layer_replication: ranges ``[start, end)`` of the model's layers laid end to end, the copies
+        sharing their weights, before the adapter is added (layer_replication.py).
     lora_bias: give B a trainable bias ``b_B`` (out,), so the update is ``s (B A x + b_B)``; it starts
     at zero (random with ``init_lora_weights=False``) and merges into the base bias. Linear, Conv1D
     and conv layers only; not with DoRA, nor with inits other than True and False (peft's rules).
@@ -136,6 +138,7 @@ class LoraConfig(PeftConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] | None = None
     eva_config: EvaConfig | None = None
+    layer_replication: list[list[int]] | None = None
     use_fused_kernels: bool = True
 
     runtime_only_fields: ClassVar[tuple[str, ...]] = ("use_fused_kernels",)
@@ -149,6 +152,9 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         # Token ids as a tensor, an array or numpy ints become a list before the type check.
         self.trainable_token_indices = trainable_tokens.normalize_lora_token_indices(self.trainable_token_indices)
+        if isinstance(self.layer_replication, (list, tuple)):  # [(0, 4), (2, 5)] as JSON holds it
+            self.layer_replication = [list(pair) if isinstance(pair, (list, tuple)) else pair
+                                      for pair in self.layer_replication]
         super().__post_init__()
         self.peft_type = PeftType.LORA
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
