@@ -225,7 +225,7 @@ def test_a_lorafa_run_resumes_where_it_stopped(tmp_path):
 
 def test_a_resumed_lorafa_run_restores_its_frozen_a_and_a_switch_of_lorafa_is_named(tmp_path):
     from minipeft.train import TrainConfig, train
-    from tests.test_train import Crash, CrashingLoader, loaders, trainable
+    from tests.test_train import Crash, CrashingLoader, loaders
 
     train_loader, eval_loader = loaders(n_train=64)
     config = dict(epochs=1, lr=1e-2, lorafa=True, checkpoint_every=3, log_every=100)
