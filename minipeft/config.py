@@ -223,6 +223,9 @@ def describe(hint: Any) -> str:
 
 
 def _plural(hint: Any) -> str:
+    if typing.get_origin(hint) in (list, tuple, set, frozenset):  # list[list[int]]: 'a list of lists of integers'
+        args = typing.get_args(hint)
+        return "lists of " + _plural(args[0]) if args else "lists"
     return {str: "strings", int: "integers", float: "numbers"}.get(hint, describe(hint) + " values")
 
 

@@ -3,6 +3,7 @@ generation and checkpoints against peft's, the weights the copies share, and the
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -60,6 +61,9 @@ def test_merging_into_shared_weights_is_refused_and_unload_keeps_the_copies():
     before = logits(model)
     with pytest.raises(ValueError, match=r"shared by the copies of a replicated layer \(layer_replication\)"):
         model.merge_and_unload()
+    copied = copy.deepcopy(model)  # the copy shares its weights as the model does: refused too
+    with pytest.raises(ValueError, match="shared by the copies"):
+        copied.merge_and_unload()
     torch.testing.assert_close(logits(model), before, rtol=0, atol=0)  # nothing was merged
     # a layer that appears once (layer 0 here) is not refused, but the merge is all or nothing
     with pytest.raises(ValueError, match="so nothing was merged"):
@@ -80,9 +84,12 @@ def test_replication_is_applied_once_undone_on_a_failed_injection_and_checked():
     with pytest.raises(ValueError, match="q_projj"):
         get_peft_model(fresh, LoraConfig(**{**CONFIG, "target_modules": ["q_projj"]}))
     assert len(fresh.model.layers) == 2 and fresh.config.num_hidden_layers == 2  # put back
+    plain = get_peft_model(fresh, LoraConfig(r=4, target_modules=["q_proj"]))  # and nothing left marked
+    randomize_adapters(plain)
+    plain.merge_and_unload()
     with pytest.raises(ValueError, match=r"a range \[start, end\) of the model's 2 layers.*got \[1, 3\]"):
         get_peft_model(tiny_transformers_model("llama"), LoraConfig(**{**CONFIG, "layer_replication": [[1, 3]]}))
-    with pytest.raises(ValueError, match="has none of them"):
+    with pytest.raises(ValueError, match=r"Sequential has no nn.ModuleList at model\(.model\)\*.layers"):
         get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig(target_modules=["0"], layer_replication=[[0, 1]]))
 
 
@@ -96,3 +103,28 @@ def test_bert_layers_are_replicated_too(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
     assert minipeft.LoraConfig.from_dict(ours.peft_config["default"].to_dict()).layer_replication == [[0, 2], [0, 1]]
+
+
+def test_models_with_layer_types_and_gpt2_language_models_are_replicated():
+    # transformers 5 reads config.layer_types[i] for layer i (sliding or full attention): it
+    # follows the copies, so the forward and cached generation run on every copy.
+    import transformers
+
+    torch.manual_seed(0)
+    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=3,
+        layer_types=["full_attention", "sliding_attention"])).eval()
+    model = get_peft_model(qwen, LoraConfig(**CONFIG))
+    assert model.base_model.model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    ids = input_ids(batch=1, length=5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        uncached = ids
+        for _ in range(4):  # the same tokens, each from a forward over the whole sequence
+            uncached = torch.cat([uncached, model(input_ids=uncached).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, uncached)
+    gpt2 = get_peft_model(tiny_transformers_model("gpt2"), LoraConfig(r=2, target_modules=["c_attn"],
+                                                                      layer_replication=[[0, 2], [0, 2]]))
+    assert len(gpt2.base_model.model.transformer.h) == 4  # (.transformer.h: peft finds no layers there)

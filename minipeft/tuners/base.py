@@ -567,7 +567,7 @@ class AdapterLayer(nn.Module):
             raise ValueError(
                 f"cannot merge into {self._where(layer_name)}, so nothing was merged: its weights are shared by the "
                 "copies of a replicated layer (layer_replication), which would all change; use the adapters unmerged "
-                "(peft refuses this merge too)"
+                "(peft 0.21 merges here, and its outputs change)"
             )
         for name in adapter_names:
             reason = self.merge_blocker(name)

@@ -9,30 +9,39 @@ apart (depth up-scaling, as in LLaMA-Pro, at the cost of an adapter per layer).
 
 Which layers: peft's rule, so that the layer names, and with them the checkpoints, agree: the
 ``nn.ModuleList`` at ``model(.model)*.layers`` (Llama and most decoders), at
-``(.bert).encoder.layer`` (BERT) or at ``.h`` (GPT-2, Falcon). A copy is a deep copy whose
+``(.bert).encoder.layer`` (BERT) or at ``.h`` (``GPT2Model``, ``FalconModel``); minipeft also
+finds ``.transformer.h`` (``GPT2LMHeadModel``, which peft refuses). A copy is a deep copy whose
 parameters are the original's (its buffers are copied); the ``layer_idx`` its attention keeps,
-the slot of its KV cache, is set to its new position, and ``config.num_hidden_layers`` to the
-new depth, so that generation keeps one cache slot per layer.
+the slot of its KV cache, is set to its new position, and the config's ``num_hidden_layers`` and
+``layer_types`` (transformers 5: which layers slide their attention window) follow the new
+order, so that the forward and generation run on every copy.
 
-What follows from the sharing: an adapter cannot be folded into a weight its copies share (the
-other copies would change with it), so merging is refused, as in peft; ``unload()`` and
-``disable_adapter()`` give the replicated model. A model replicated by one adapter is not
-replicated again by the next with the same map; another map is refused.
+What follows from the sharing:
+
+* an adapter cannot be folded into a weight its copies share (the other copies would change
+  with it), so merging into one is refused. peft 0.21 means to refuse it too, but its check
+  never fires, and its merge changes the outputs;
+* ``unload()`` and ``disable_adapter()`` give the replicated model, which transformers'
+  ``save_pretrained`` refuses to save whole (shared tensors), as with peft;
+* a model replicated by one adapter is not replicated again by the next with the same map, and
+  another map is refused; peft replicates again for every adapter, which re-shares the copies'
+  adapters of the adapters before it;
+* torch's ``set_overwrite_module_params_on_conversion(True)`` makes ``.to()`` give each copy a
+  parameter of its own: the sharing (and the memory it saves) is gone, and merges stay refused.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
 from collections import Counter
 from collections.abc import Callable
 
 from torch import nn
 
-# The parameters that replicated layers share, to refuse merges into them (see the docstring):
-# id -> a weak reference (a WeakSet would compare tensors with ==, elementwise).
-_SHARED: dict[int, weakref.ref] = {}
 _APPLIED_MAP = "_minipeft_layer_replication"  # attribute of a replicated model: its layer map
+# Attribute of each module, in the copies, that holds a weight other copies share: merges into it
+# are refused. On the module, so it survives what keeps the sharing (deepcopy, pickling).
+_SHARES_WEIGHTS = "_minipeft_shares_replicated_weights"
 
 
 def replicate_for(model: nn.Module, layer_map: list[list[int]] | None) -> Callable[[], None] | None:
@@ -66,28 +75,32 @@ def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> Callable[[
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = len(copies)
             copies.append(clone)
-    config = getattr(model, "config", None)
-    depth = getattr(config, "num_hidden_layers", None)
-    setattr(holder, attribute, nn.ModuleList(copies))
-    if depth is not None:
-        config.num_hidden_layers = len(copies)
-    setattr(model, _APPLIED_MAP, [list(pair) for pair in layer_map])
     uses = Counter(id(p) for layer in copies for p in layer.parameters())
-    for p in (p for layer in copies for p in layer.parameters() if uses[id(p)] > 1):
-        _SHARED[id(p)] = weakref.ref(p, lambda _, key=id(p): _SHARED.pop(key, None))
+    for layer in copies:
+        for module in layer.modules():
+            if any(uses[id(p)] > 1 for p in module.parameters(recurse=False)):
+                setattr(module, _SHARES_WEIGHTS, True)
+    config = getattr(model, "config", None)
+    before = {key: getattr(config, key) for key in ("num_hidden_layers", "layer_types") if hasattr(config, key)}
+    setattr(holder, attribute, nn.ModuleList(copies))
+    if "num_hidden_layers" in before:
+        config.num_hidden_layers = len(copies)
+    if isinstance(before.get("layer_types"), list) and len(before["layer_types"]) == len(layers):
+        config.layer_types = [before["layer_types"][i] for start, end in layer_map for i in range(start, end)]
+    setattr(model, _APPLIED_MAP, [list(pair) for pair in layer_map])
 
     def undo() -> None:
         setattr(holder, attribute, layers)
-        if depth is not None:
-            config.num_hidden_layers = depth
+        for key, value in before.items():
+            setattr(config, key, value)
         delattr(model, _APPLIED_MAP)
 
     return undo
 
 
 def shares_replicated_weight(module: nn.Module) -> bool:
-    """Whether ``module`` holds a parameter that replicated layers share."""
-    return any(id(p) in _SHARED and _SHARED[id(p)]() is p for p in module.parameters(recurse=False))
+    """Whether ``module`` is part of a replicated layer and holds a weight other copies share."""
+    return getattr(module, _SHARES_WEIGHTS, False)
 
 
 def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
@@ -96,12 +109,13 @@ def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
     while isinstance(getattr(inner, "model", None), nn.Module):
         inner = inner.model
     inner = getattr(inner, "bert", inner)
-    candidates = [(inner, "layers"), (getattr(inner, "encoder", None), "layer"), (inner, "h")]
+    candidates = [(inner, "layers"), (getattr(inner, "encoder", None), "layer"), (inner, "h"),
+                  (getattr(inner, "transformer", None), "h")]
     for holder, attribute in candidates:
         if holder is not None and isinstance(getattr(holder, attribute, None), nn.ModuleList):
             return holder, attribute
-    raise ValueError(f"layer_replication repeats a transformer's layers, found (as in peft) at model(.model)*.layers, "
-                     f"(.bert).encoder.layer or .h; {type(model).__name__} has none of them")
+    raise ValueError(f"layer_replication repeats a transformer's layers, but {type(model).__name__} has no "
+                     "nn.ModuleList at model(.model)*.layers, (.bert).encoder.layer, .h or .transformer.h")
 
 
 def _shared_copy(layer: nn.Module) -> nn.Module:
