@@ -315,9 +315,9 @@ def get_eva_state_dict(
     state = {}
     for lead, group in groups.items():
         for name in group:
-            a = pcas[lead].components[: ranks[name]].float()  # (a copy)
-            if eva.whiten:
-                a /= pcas[lead].singular_values[: ranks[name]].float().sqrt()[:, None]
+            a = pcas[lead].components[: ranks[name]].float()
+            if eva.whiten:  # (out of place: the layers of a group share their components)
+                a = a / pcas[lead].singular_values[: ranks[name]].float().sqrt()[:, None]
             state[name] = a if device is None else a.to(device)
     return {name: state[name] for name in layers if name in state}  # in the model's order
 
