@@ -387,7 +387,8 @@ def main(argv=None) -> dict:
     model = prepare_model(load_base_model(model_path, args.seed), args.method, args, steps)
     if args.method == "lora" and args.init_lora_weights == "eva":
         start = time.perf_counter()
-        initialize_lora_eva_weights(model, train_loader)  # (the sequence labels mask no token)
+        # (the sequence labels mask no token; the line below says how it went)
+        initialize_lora_eva_weights(model, train_loader, show_progress_bar=False)
         ranks = model.peft_config["default"].rank_pattern
         print(f"EVA: A measured in {time.perf_counter() - start:.1f} s; ranks other than {args.r}: {ranks}", flush=True)
     if args.lorafa:  # (train() would freeze A itself; done here, the count below leaves A out)
