@@ -117,3 +117,33 @@ def test_a_mixed_batch_leaves_the_base_output_a_hook_holds_as_it_was():
     with torch.no_grad():
         model(x, adapter_names=["default", "b", "__base__", "b"])
         torch.testing.assert_close(seen[-1], model.base_model.model[0].base_layer(x), rtol=0, atol=0)
+
+
+def graph_nodes(tensor: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind tensor."""
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_a_2d_input_trains_with_the_term_added_in_place_without_copying_the_gradient():
+    # In place on a view of the output, even one of its own shape, the backward would clone and
+    # copy the whole output gradient (CopySlices); on the output itself it passes it through.
+    model = lora(mlp())
+    layer = model.base_model.model[0]
+    x = torch.randn(5, 8, requires_grad=True)
+    y = layer(x)
+    assert "CopySlices" not in graph_nodes(y)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    W = layer.base_layer.weight
+    torch.testing.assert_close(x.grad, dy @ W + s * dy @ B @ A)  # by hand: d/dx of x W^T + s x A^T B^T
+    torch.testing.assert_close(A.grad, s * (dy @ B).T @ x.detach())
+    torch.testing.assert_close(B.grad, s * dy.T @ (x.detach() @ A.T))

@@ -481,9 +481,13 @@ class LoraLinear(LoraLayer):
             xa = F.linear(x, A)  # (..., r)
             out2d, xa2d = result.view(-1, self.out_features), xa.reshape(-1, xa.shape[-1])
             if (result.dim() == 2 or not torch.is_grad_enabled()) and self.base_output_is_private():
-                out2d.addmm_(xa2d, B.T, alpha=s)
+                # Under autograd on result itself, not on a view of it: an in-place op on a view,
+                # even one of the same shape, makes the backward clone and copy the whole output
+                # gradient (CopySlices), three passes over an (M, out) tensor.
+                rows = result if result.dim() == 2 else out2d
+                rows.addmm_(xa2d, B.T, alpha=s)
                 if b is not None:
-                    out2d.add_(b, alpha=s)  # (out,) broadcast over the rows
+                    rows.add_(b, alpha=s)  # (out,) broadcast over the rows
                 return result
             # Under autograd, updating a view of (batch, seq, out) in place makes the backward
             # clone the whole output gradient (CopySlices); a fresh output is cheaper there.
