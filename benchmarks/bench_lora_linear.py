@@ -69,7 +69,8 @@ def parse_args():
                     help="timing rounds per case, the methods interleaved (default 5 on a GPU, 1 on the CPU)")
     ap.add_argument("--profile", action="store_true",
                     help="also list the kernels of one forward + backward of each method, with their GPU "
-                         "time (torch.profiler): where the time over the base goes")
+                         "time, and its host operations, with theirs (torch.profiler): where the time over "
+                         "the base goes")
     ap.add_argument("--no-graph", action="store_true",
                     help="skip the decoding cases' CUDA-graph timing (a replay that faults ends the process)")
     ap.add_argument("--out", type=Path, default=None,
@@ -170,9 +171,9 @@ IMPLEMENTATIONS = {"base": make_base, "minipeft ref": make_minipeft_reference, "
 # set the rules that choose between them from measurements.
 FORCED_PATHS = {f"fused[{route}]": functools.partial(make_fused, route=route)
                 for route in ("triton GEMM", "few rows", "cuBLAS base")}
-# ... and the backward's other order on the cuBLAS route: dy W first, the low-rank pass adding
-# onto it (DX_GEMM_FIRST on), beside the library's (the pass first, dy W added onto it last).
-FORCED_PATHS["fused[dx GEMM first]"] = functools.partial(make_fused, route="cuBLAS base", dx_gemm_first=True)
+# ... and the backward's other order on the cuBLAS route: the low-rank pass first, dy W added
+# onto it last (DX_GEMM_FIRST off), beside the library's (dy W first, the pass adding onto it).
+FORCED_PATHS["fused[dx GEMM last]"] = functools.partial(make_fused, route="cuBLAS base", dx_gemm_first=False)
 
 
 def fused_runs_here(device):
@@ -264,10 +265,11 @@ def host_and_latency_ms(fn, device, params):
     (synchronised before it), from the call to its return (host) and to the GPU's end of its
     work (latency).
 
-    do_bench queues its calls back to back, so it times max(host, GPU time) per call; where the
-    host's time nears the GPU time of the same call, the GPU waits for the host. The latency is
-    what a call that finds the GPU idle takes, as a training step that synchronises does: there
-    the order of the launches counts too (DX_GEMM_FIRST), which do_bench's queue hides."""
+    do_bench queues its calls back to back. Where the GPU is the slower, the queue keeps it busy
+    and each call takes its GPU time; where the host is, the GPU waits for each launch, and a
+    call takes its host time up to its last launch plus the GPU work still to do after it: the
+    order of the launches counts then (DX_GEMM_FIRST), as it does for the latency, what a call
+    that finds the GPU idle takes (a training step that synchronises)."""
     host, latency = [], []
     for _ in range(HOST_CALLS):
         for t in params:
@@ -410,14 +412,55 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
 
 
 def profile_kernels(profiled, device):
-    """Each profiled row's kernels (``row["kernels"]``), once every case is timed: a profiler
-    session can leave CUPTI attached, which slows the launches of whatever is timed after it."""
+    """Each profiled row's kernels (``row["kernels"]``) and host time (``row["host_profile"]``),
+    once every case is timed: a profiler session can leave CUPTI attached, which slows the
+    launches of whatever is timed after it."""
     for row, step, forward, params in profiled:
         # The forward alone is profiled too, so that each kernel's time splits into forward
         # and backward (y's GEMM and dx's share a kernel name).
         fwd_us = {name: us for name, _, us in kernel_times(forward, params, device)}
         row["kernels"] = [(name, calls, us, fwd_us.get(name, 0.0))
                           for name, calls, us in kernel_times(step, params, device)]
+        row["host_profile"] = host_profile(step, params, device)
+
+
+def host_profile(step, params, device, steps=10):
+    """Where a step's host time goes, the steps queued back to back as do_bench queues them (no
+    sync between): {"host_ms": per step until the last step returns, "wall_ms": until its GPU
+    work ends, "gpu_ms": the kernels' time per step, "ops": [(host operation, calls per step,
+    its own us per step)], slowest first}.
+
+    host_ms near wall_ms means the GPU waits for the host; an operation whose own time is far
+    above a launch's (a few us) is where the host waits, on an allocation or a sync. The
+    profiler's bookkeeping adds to every operation, so these compare methods; the host column
+    of the timing table times them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):  # warm-up, as in kernel_times
+        step()
+    common.sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            for t in params:
+                t.grad = None
+            step()
+        host = time.perf_counter() - start
+        common.sync(device)
+        wall = time.perf_counter() - start
+    ops, gpu_us = [], 0.0
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA":
+            gpu_us += event.self_device_time_total
+        elif event.self_cpu_time_total > 0:
+            ops.append((event.key, event.count / steps, event.self_cpu_time_total / steps))
+    return {"host_ms": host * 1e3 / steps, "wall_ms": wall * 1e3 / steps,
+            "gpu_ms": gpu_us / steps / 1e3 if device == "cuda" else None,
+            "ops": sorted(ops, key=lambda op: -op[2])[:HOST_OPS_KEPT]}
+
+
+HOST_OPS_KEPT = 25  # the slowest host operations a host profile keeps
 
 
 def kernel_times(step, params, device, steps=5):
@@ -515,6 +558,13 @@ def kernels_markdown(results, top=8):
                       "| kernel | calls | us | of which forward | share |", "|---|---:|---:|---:|---:|"]
             lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} | {fwd:.1f} | {us / total:.0%} |"
                       for name, calls, us, fwd in row["kernels"][:top]]
+            host = row.get("host_profile")
+            if host:
+                gpu = ("" if host["gpu_ms"] is None else f", {host['wall_ms']:.3f} ms to the end of its GPU work "
+                       f"({host['gpu_ms']:.3f} ms of kernels: the GPU busy {host['gpu_ms'] / host['wall_ms']:.0%})")
+                lines += [f"\n{row['method']}'s host: {host['host_ms']:.3f} ms per forward + backward queued back to "
+                          f"back{gpu}\n", "| host operation | calls | own us |", "|---|---:|---:|"]
+                lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} |" for name, calls, us in host["ops"][:top]]
         speed = {phase: gemm_speed(case, phase) for phase in ("fwd", "bwd", "fwd+bwd")}
         if all(speed.values()):
             ours, cublas, ratio = speed["fwd+bwd"]

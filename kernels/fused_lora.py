@@ -55,8 +55,9 @@ the forward the low-rank part is written first and cuBLAS adds its product onto 
 (beta = 1), reading it in the epilogue of a GEMM that is bound by its tensor cores, not by
 memory: y starts as b + s * xa B^T (a cuBLAS addmm). Run 3 added it after cuBLAS instead, a
 pass that read and wrote all of y. In the backward `_lowrank_grad_kernel` writes dx's masked
-low-rank part and sums dA in one pass, and cuBLAS adds dy W onto that dx the same way (or, with
-`DX_GEMM_FIRST`, computes dy W first and the pass adds onto it). The shrink runs here when
+low-rank part and sums dA in one pass; cuBLAS computes dy W first and the pass adds onto it, so
+the GPU starts the backward's largest product before the host has launched the rest
+(`DX_GEMM_FIRST`; off, cuBLAS adds dy W onto the pass's dx last). The shrink runs here when
 there is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the
 exception: there y costs about one read of W, and the few-rows kernel saves the two extra
 launches (`forward_path` names the route a shape takes).
@@ -773,8 +774,9 @@ def dropout_mask(seed, shape, p, device="cpu"):
 # issue's flagship shape (y and dx with their low-rank terms): on an H200 with triton 3.6 it was 84%
 # without dropout and 76% with in run 3 (benchmarks/results/nvidia-h200-run3.md), where the cuBLAS
 # route beat ours forward + backward (0.97 against 1.02 ms, and 1.20 against 1.50 ms at p = 0.1),
-# and 87% in run 4 (nvidia-h200.md). So cuBLAS runs the base product by default; set this to True,
-# or pass route="triton GEMM", to run ours (on a GPU where it measures >= 95%).
+# 87% in run 4 (nvidia-h200-run4.md), and 87% / 77% in run 5 (nvidia-h200.md). So cuBLAS runs
+# the base product by default; set this to True, or pass route="triton GEMM", to run ours (on a
+# GPU where it measures >= 95%).
 FUSE_BASE_GEMM = False
 
 
@@ -863,15 +865,15 @@ def _launch_context(t):
     return stack
 
 
-# The backward's order on the cuBLAS route. False: the low-rank pass writes its part of dx and
-# cuBLAS adds dy W onto it last (beta = 1, no extra pass). True: cuBLAS computes dy W first and
-# the pass adds onto it, one more read of dx (~15 us at the flagship shape), but the GPU starts
-# the largest product of the backward before the host has launched the rest: shorter for a call
-# that finds the GPU idle (a training step that synchronises), equal under do_bench's queue of
-# back-to-back calls. Until a GPU run measures a gain (`bench_lora_linear.py` times both orders
-# and each call's latency; `benchmarks/lora_linear_notes.md`), the default stays run 4's order.
-# Read at the forward.
-DX_GEMM_FIRST = False
+# The backward's order on the cuBLAS route. True: cuBLAS computes dy W first and the low-rank
+# pass adds its part onto it, one more read of dx (9-16 us of GPU time at the flagship shape);
+# but the GPU starts the backward's largest product while the host launches the rest. False:
+# the pass writes its part of dx and cuBLAS adds dy W onto it last (beta = 1), so the GPU waits
+# for every launch before it. On an H200 (run 5, `benchmarks/results/nvidia-h200.md`, both
+# orders in one process) dy W first took the backward from 0.643 to 0.498 ms of do_bench's time
+# at p = 0 and from 0.794 to 0.575 ms at p = 0.1, and its latency from an idle GPU from 1.03 to
+# 0.81 and 1.01 to 0.69 ms. Read at the forward.
+DX_GEMM_FIRST = True
 
 
 class LoraLinearFunction(torch.autograd.Function):

@@ -176,7 +176,26 @@ def test_host_time_and_latency_start_each_call_with_an_idle_gpu_and_fresh_gradie
     assert 0.0 <= host <= latency
 
 
-def test_the_dx_gemm_first_variant_sets_its_order_only_for_its_own_calls(bench, monkeypatch):
+def test_the_host_profile_counts_each_steps_operations_with_fresh_gradients(bench):
+    x = torch.randn(8, 8, requires_grad=True)
+    w = torch.randn(8, 8)
+    seen = []
+
+    def step():  # two matmuls and a backward per step
+        seen.append(x.grad is None)
+        (x @ w @ w).sum().backward()
+
+    profiled = bench.host_profile(step, [x], "cpu", steps=4)
+    ops = {name: calls for name, calls, _ in profiled["ops"]}
+    # Per step, not per profile: two matmuls forward, and backward one through each (w needs none).
+    assert ops["aten::mm"] == 4
+    assert seen[2:] == [True] * 4  # after the warm-up, each profiled step starts without a gradient
+    assert 0 < profiled["host_ms"] <= profiled["wall_ms"] and profiled["gpu_ms"] is None
+    assert [us for *_, us in profiled["ops"]] == sorted((us for *_, us in profiled["ops"]), reverse=True)
+    assert len(profiled["ops"]) <= bench.HOST_OPS_KEPT
+
+
+def test_the_dx_gemm_last_variant_sets_its_order_only_for_its_own_calls(bench, monkeypatch):
     # The forced variant sets the library's DX_GEMM_FIRST for its forward (which records it for
     # the backward) and puts it back, even when the call raises.
     import minipeft.kernels.fused_lora as impl
@@ -189,9 +208,9 @@ def test_the_dx_gemm_first_variant_sets_its_order_only_for_its_own_calls(bench, 
             raise RuntimeError("a failing call")
 
     monkeypatch.setattr(impl, "lora_linear", lora_linear)
-    first = bench.FORCED_PATHS["fused[dx GEMM first]"](*(None,) * 4, 2.0, 0.0)
+    last = bench.FORCED_PATHS["fused[dx GEMM last]"](*(None,) * 4, 2.0, 0.0)
     library = bench.make_fused(*(None,) * 4, 2.0, 0.0)
-    first(None), library(None)
+    last(None), library(None)
     with pytest.raises(RuntimeError):
-        first(None)
-    assert seen == [True, default, True] and impl.DX_GEMM_FIRST == default
+        last(None)
+    assert default and seen == [False, default, False] and impl.DX_GEMM_FIRST == default
