@@ -92,6 +92,18 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+def _cdiv(a, b):
+    """ceil(a / b) for ints. The host's arithmetic is plain Python: in recent triton versions
+    triton.cdiv and triton.next_power_of_2 are constexpr functions that cost the host a few
+    us a call, and every LoRA call makes several."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n):
+    """The smallest power of two >= n for n >= 1, and 0 for 0, as triton's (see _cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _dot_precision(dtype):
     """tl.dot's input precision for tensors of `dtype`.
 
@@ -368,11 +380,11 @@ _matmul_lowrank_tuned = _autotuned_gemm(_gemm_configs() + ([] if INTERPRET else 
 
 def _block_r(R):
     """Rank chunk for tl.dot: a power of two, at least 16 (tl.dot's minimum), at most 64."""
-    return min(64, max(16, triton.next_power_of_2(R)))
+    return min(64, max(16, _next_power_of_2(R)))
 
 
 def _m_bucket(M):
-    return min(triton.next_power_of_2(M), 16384)
+    return min(_next_power_of_2(M), 16384)
 
 
 def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, xin=None, out=None):
@@ -393,7 +405,7 @@ def _matmul_lowrank(x, w, bias, l, r, scale, p=0.0, seed=0, xin=None, out=None):
     # Full fp32 ("ieee") multiplies on the FMA units, which need no tiles from the copy engine.
     descriptors = None if precision == "ieee" else _tma_descriptors(x, w)
     x_desc, w_desc, w_transposed = descriptors or (None, None, False)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
     _matmul_lowrank_tuned[grid](
         x, w, bias if bias is not None else out, l, r, out, xin_, dr_, x_desc, w_desc,
         M, N, K, R,
@@ -478,7 +490,7 @@ def _shrink(x, lora_A, p, seed):
     R = lora_A.shape[0]
     xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     br = _block_r(R)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]), _cdiv(R, br))
     _shrink_tuned[grid](
         x, lora_A, xa, M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
@@ -582,8 +594,8 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
         f"the few-rows kernel is built for 1..{FEW_ROWS_MAX_M} rows and rank <= {FEW_ROWS_MAX_R}"
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if y is None else y
     xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    block_m = max(16, triton.next_power_of_2(M))  # tl.dot needs 16 rows at least
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
+    block_m = max(16, _next_power_of_2(M))  # tl.dot needs 16 rows at least
+    grid = lambda meta: (_cdiv(N, meta["BLOCK_N"]), _cdiv(M, block_m))
     _few_rows_tuned[grid](
         x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
         M, N, K, R,
@@ -591,7 +603,7 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
         scale, _keep_scale(p), _dropout_threshold(p), seed, block_m,
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(R)))
+        BLOCK_M=block_m, BLOCK_R=max(16, _next_power_of_2(R)))
     return y, xa
 
 
@@ -710,9 +722,9 @@ def _lowrank_grads(dxa, lora_A, x, p, seed, want_dx, want_da, add_to=None):
     unused = None if want_dx and want_da else torch.empty((1, 1), device=dxa.device, dtype=torch.float32)
     dx_, da_ = (dx if want_dx else unused), (da if want_da else unused)
     x = x if want_da else dx  # (a stand-in the kernel never reads)
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = max(16, _next_power_of_2(R))
     block_k = _lowrank_grad_block_k(block_r)
-    grid = lambda meta: (triton.cdiv(M, meta["ROWS_PER_PROGRAM"]), triton.cdiv(K, block_k))
+    grid = lambda meta: (_cdiv(M, meta["ROWS_PER_PROGRAM"]), _cdiv(K, block_k))
     _lowrank_grad_tuned[grid](
         dxa, lora_A, x, dx_, da_, M, K, R,
         dxa.stride(0), dxa.stride(1), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
@@ -757,7 +769,7 @@ def dropout_mask(seed, shape, p, device="cpu"):
     out = torch.empty(shape, device=device, dtype=torch.int8)
     K = shape[-1] if len(shape) else 1
     M = out.numel() // K if K else 0
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
+    grid = (_cdiv(M, 32), _cdiv(K, 64))
     if out.numel():
         _dropout_mask_kernel[grid](out, M, K, _dropout_threshold(p), seed, BLOCK_M=32, BLOCK_K=64)
     return out.bool()

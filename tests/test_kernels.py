@@ -45,6 +45,14 @@ from tests.kernel_checks import (  # noqa: E402
 )
 
 
+def test_the_hosts_grid_arithmetic_is_tritons():
+    # Plain Python in place of triton's constexpr functions (host time): the same numbers.
+    import triton
+
+    assert [impl._next_power_of_2(n) for n in range(5000)] == [triton.next_power_of_2(n) for n in range(5000)]
+    assert all(impl._cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 70))
+
+
 @interpreted
 @settings(max_examples=25, deadline=None)
 @given(
