@@ -100,7 +100,7 @@ TARGETS = [
 def cases(quick, device, which="all"):
     """(M, K, N, r, p) tuples and the dtype."""
     if which == "targets":
-        # Ascending M, as in the sweep (--profile profiles the largest M, after every case is timed).
+        # Ascending M, as in the sweep (--profile takes the kernels at the largest M, after every case is timed).
         return sorted({(M, 4096, 4096, 16, p) for M, p, *_ in TARGETS}), torch.bfloat16
     if quick:
         # Two of the fused forward's routes: few rows (M = 16) and, fp32 being full fp32 here, cuBLAS base.
@@ -412,15 +412,17 @@ def run_case(M, K, N, r, p, dtype, device, impls, rounds, profile=False, graph=T
 
 
 def profile_kernels(profiled, device):
-    """Each profiled row's kernels (``row["kernels"]``) and host time (``row["host_profile"]``),
-    once every case is timed: a profiler session can leave CUPTI attached, which slows the
-    launches of whatever is timed after it."""
-    for row, step, forward, params in profiled:
-        # The forward alone is profiled too, so that each kernel's time splits into forward
-        # and backward (y's GEMM and dx's share a kernel name).
-        fwd_us = {name: us for name, _, us in kernel_times(forward, params, device)}
-        row["kernels"] = [(name, calls, us, fwd_us.get(name, 0.0))
-                          for name, calls, us in kernel_times(step, params, device)]
+    """Each profiled row's host time (``row["host_profile"]``), and its kernels
+    (``row["kernels"]``) where asked, once every case is timed: a profiler session can leave
+    CUPTI attached, which slows the launches of whatever is timed after it. profiled holds
+    (row, with_kernels, step, forward, params)."""
+    for row, with_kernels, step, forward, params in profiled:
+        if with_kernels:
+            # The forward alone is profiled too, so that each kernel's time splits into forward
+            # and backward (y's GEMM and dx's share a kernel name).
+            fwd_us = {name: us for name, _, us in kernel_times(forward, params, device)}
+            row["kernels"] = [(name, calls, us, fwd_us.get(name, 0.0))
+                              for name, calls, us in kernel_times(step, params, device)]
         row["host_profile"] = host_profile(step, params, device)
 
 
@@ -545,24 +547,23 @@ def gemm_speed(case, phase="fwd+bwd"):
 
 
 def kernels_markdown(results, top=8):
-    """Per profiled case and method, its `top` kernels by time per forward + backward, and our
-    GEMM's speed against cuBLAS's."""
+    """Per profiled case and method, its `top` kernels by time per forward + backward and its
+    `top` host operations, and our GEMM's speed against cuBLAS's."""
     lines = []
     for case in results:
         for row in case["rows"]:
-            if "kernels" not in row:
-                continue
-            total = sum(us for _, _, us, _ in row["kernels"])
-            lines += [f"\n{row['method']} at M={case['M']} K={case['K']} N={case['N']} r={case['r']} p={case['p']}: "
-                      f"{total:.1f} us of kernels per forward + backward\n",
-                      "| kernel | calls | us | of which forward | share |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} | {fwd:.1f} | {us / total:.0%} |"
-                      for name, calls, us, fwd in row["kernels"][:top]]
+            where = f"{row['method']} at M={case['M']} K={case['K']} N={case['N']} r={case['r']} p={case['p']}"
+            if "kernels" in row:
+                total = sum(us for _, _, us, _ in row["kernels"])
+                lines += [f"\n{where}: {total:.1f} us of kernels per forward + backward\n",
+                          "| kernel | calls | us | of which forward | share |", "|---|---:|---:|---:|---:|"]
+                lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} | {fwd:.1f} | {us / total:.0%} |"
+                          for name, calls, us, fwd in row["kernels"][:top]]
             host = row.get("host_profile")
             if host:
                 gpu = ("" if host["gpu_ms"] is None else f", {host['wall_ms']:.3f} ms to the end of its GPU work "
                        f"({host['gpu_ms']:.3f} ms of kernels: the GPU busy {host['gpu_ms'] / host['wall_ms']:.0%})")
-                lines += [f"\n{row['method']}'s host: {host['host_ms']:.3f} ms per forward + backward queued back to "
+                lines += [f"\n{where}, its host: {host['host_ms']:.3f} ms per forward + backward queued back to "
                           f"back{gpu}\n", "| host operation | calls | own us |", "|---|---:|---:|"]
                 lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} |" for name, calls, us in host["ops"][:top]]
         speed = {phase: gemm_speed(case, phase) for phase in ("fwd", "bwd", "fwd+bwd")}
@@ -679,10 +680,12 @@ def main():
         path = forward_path(M, N, K, r, dtype)
         if use_fused_base(M, N, K, dtype) == use_fused_base(M, K, N, dtype):
             case_impls = [name for name in case_impls if name != f"fused[{path}]"]
-        # The profile is taken at the largest shape only: that is where the targets are.
-        profile = args.profile and M == max(c[0] for c in case_list)
-        rows, later = run_case(M, K, N, r, p, dtype, device, case_impls, rounds, profile, graph=not args.no_graph)
-        profiled += later
+        # The kernels are profiled at the largest shape only (that is where the targets are), the
+        # host at every shape (decoding's is all host time).
+        with_kernels = M == max(c[0] for c in case_list)
+        rows, later = run_case(M, K, N, r, p, dtype, device, case_impls, rounds, args.profile,
+                               graph=not args.no_graph)
+        profiled += [(row, with_kernels, *calls) for row, *calls in later]
         results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
         print(f"M={M} K={K} N={N} r={r} p={p}: " +
               ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)
@@ -713,8 +716,9 @@ def write(device, section, meta, results, out, quiet=False):
     text = f"{header}\n\n{markdown(results)}\n"
     if verdicts:
         text += f"\nTargets (fused, its own choice of path):\n\n{verdicts_markdown(verdicts)}\n"
-    if any("kernels" in row for case in results for row in case["rows"]):
-        text += f"\nKernels per forward + backward (torch.profiler):\n{kernels_markdown(results)}\n"
+    if any("kernels" in row or "host_profile" in row for case in results for row in case["rows"]):
+        text += ("\nKernels and host operations per forward + backward (torch.profiler):\n"
+                 f"{kernels_markdown(results)}\n")
     path = common.write_results(device, section, {"meta": meta, "cases": results, "targets": verdicts}, text,
                                 results_dir=out)
     if not quiet:

@@ -193,6 +193,11 @@ def test_the_host_profile_counts_each_steps_operations_with_fresh_gradients(benc
     assert 0 < profiled["host_ms"] <= profiled["wall_ms"] and profiled["gpu_ms"] is None
     assert [us for *_, us in profiled["ops"]] == sorted((us for *_, us in profiled["ops"]), reverse=True)
     assert len(profiled["ops"]) <= bench.HOST_OPS_KEPT
+    # A case profiled for its host alone (decoding's) still gets its table, named by its case.
+    case = {"M": 16, "K": 8, "N": 8, "r": 2, "p": 0.0, "rows": [{"method": "fused", "host_profile": profiled}]}
+    text = bench.kernels_markdown([case])
+    assert "fused at M=16 K=8 N=8 r=2 p=0.0, its host" in text and "| `aten::mm` | 4 |" in text
+    assert "us of kernels" not in text
 
 
 def test_the_dx_gemm_last_variant_sets_its_order_only_for_its_own_calls(bench, monkeypatch):
