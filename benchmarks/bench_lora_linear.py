@@ -415,28 +415,31 @@ def profile_kernels(profiled, device):
     """Each profiled row's host time (``row["host_profile"]``), and its kernels
     (``row["kernels"]``) where asked, once every case is timed: a profiler session can leave
     CUPTI attached, which slows the launches of whatever is timed after it. profiled holds
-    (row, with_kernels, step, forward, params)."""
-    for row, with_kernels, step, forward, params in profiled:
+    (row, with_kernels, decoding, step, forward, params)."""
+    for row, with_kernels, decoding, step, forward, params in profiled:
         if with_kernels:
             # The forward alone is profiled too, so that each kernel's time splits into forward
             # and backward (y's GEMM and dx's share a kernel name).
             fwd_us = {name: us for name, _, us in kernel_times(forward, params, device)}
             row["kernels"] = [(name, calls, us, fwd_us.get(name, 0.0))
                               for name, calls, us in kernel_times(step, params, device)]
-        row["host_profile"] = host_profile(step, params, device)
+        row["host_profile"] = {"forward + backward": host_profile(step, params, device)}
+        if decoding:  # a forward without autograd, all host time
+            row["host_profile"]["no-grad forward"] = host_profile(torch.no_grad()(forward), params, device)
 
 
 def host_profile(step, params, device, steps=10):
     """Where a step's host time goes, the steps queued back to back as do_bench queues them (no
     sync between): {"host_ms": per step until the last step returns, "wall_ms": until its GPU
-    work ends, "gpu_ms": the kernels' time per step, "ops": [(host operation, calls per step,
-    its own us per step)], slowest first}.
+    work ends, "gpu_ms": the GPU's kernels, copies and fills per step (None on the CPU), "ops":
+    [(host operation, calls per step, its own us per step)], slowest first}.
 
     host_ms near wall_ms means the GPU waits for the host; an operation whose own time is far
-    above a launch's (a few us) is where the host waits, on an allocation or a sync. The
-    profiler's bookkeeping adds to every operation, so these compare methods; the host column
-    of the timing table times them."""
-    from torch.profiler import ProfilerActivity, profile
+    above a launch's (a few us) is where the host waits, on an allocation or a sync. The final
+    sync, which waits for the queued GPU work, is left out of ops. The profiler's bookkeeping
+    adds to every operation, so these compare methods; the host column of the timing table
+    times them."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     for _ in range(2):  # warm-up, as in kernel_times
         step()
@@ -449,19 +452,25 @@ def host_profile(step, params, device, steps=10):
                 t.grad = None
             step()
         host = time.perf_counter() - start
-        common.sync(device)
+        with record_function(FINAL_SYNC):
+            common.sync(device)
         wall = time.perf_counter() - start
-    ops, gpu_us = [], 0.0
-    for event in prof.key_averages():
-        if event.device_type.name == "CUDA":
-            gpu_us += event.self_device_time_total
-        elif event.self_cpu_time_total > 0:
-            ops.append((event.key, event.count / steps, event.self_cpu_time_total / steps))
+    events = [e for e in prof.events() if not getattr(e, "is_user_annotation", False) and e.name != FINAL_SYNC]
+    sync_start = min((e.time_range.start for e in prof.events() if e.name == FINAL_SYNC), default=float("inf"))
+    ops, gpu_us = {}, 0.0
+    for e in events:
+        if e.device_type.name == "CUDA":
+            gpu_us += e.self_device_time_total
+        elif e.time_range.start < sync_start and e.self_cpu_time_total > 0:
+            calls, us = ops.get(e.name, (0, 0.0))
+            ops[e.name] = (calls + 1, us + e.self_cpu_time_total)
     return {"host_ms": host * 1e3 / steps, "wall_ms": wall * 1e3 / steps,
             "gpu_ms": gpu_us / steps / 1e3 if device == "cuda" else None,
-            "ops": sorted(ops, key=lambda op: -op[2])[:HOST_OPS_KEPT]}
+            "ops": sorted(((name, calls / steps, us / steps) for name, (calls, us) in ops.items()),
+                          key=lambda op: -op[2])[:HOST_OPS_KEPT]}
 
 
+FINAL_SYNC = "host_profile: the final sync"
 HOST_OPS_KEPT = 25  # the slowest host operations a host profile keeps
 
 
@@ -559,12 +568,11 @@ def kernels_markdown(results, top=8):
                           "| kernel | calls | us | of which forward | share |", "|---|---:|---:|---:|---:|"]
                 lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} | {fwd:.1f} | {us / total:.0%} |"
                           for name, calls, us, fwd in row["kernels"][:top]]
-            host = row.get("host_profile")
-            if host:
+            for what, host in row.get("host_profile", {}).items():
                 gpu = ("" if host["gpu_ms"] is None else f", {host['wall_ms']:.3f} ms to the end of its GPU work "
-                       f"({host['gpu_ms']:.3f} ms of kernels: the GPU busy {host['gpu_ms'] / host['wall_ms']:.0%})")
-                lines += [f"\n{where}, its host: {host['host_ms']:.3f} ms per forward + backward queued back to "
-                          f"back{gpu}\n", "| host operation | calls | own us |", "|---|---:|---:|"]
+                       f"({host['gpu_ms']:.3f} ms on the GPU: busy {host['gpu_ms'] / host['wall_ms']:.0%})")
+                lines += [f"\n{where}, its host: {host['host_ms']:.3f} ms per {what} queued back to back{gpu}\n",
+                          "| host operation | calls | own us |", "|---|---:|---:|"]
                 lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} |" for name, calls, us in host["ops"][:top]]
         speed = {phase: gemm_speed(case, phase) for phase in ("fwd", "bwd", "fwd+bwd")}
         if all(speed.values()):
@@ -685,7 +693,7 @@ def main():
         with_kernels = M == max(c[0] for c in case_list)
         rows, later = run_case(M, K, N, r, p, dtype, device, case_impls, rounds, args.profile,
                                graph=not args.no_graph)
-        profiled += [(row, with_kernels, *calls) for row, *calls in later]
+        profiled += [(row, with_kernels, M <= DECODE_MAX_M, *calls) for row, *calls in later]
         results.append({"M": M, "K": K, "N": N, "r": r, "p": p, "fused_path": path, "rows": rows})
         print(f"M={M} K={K} N={N} r={r} p={p}: " +
               ", ".join(f"{row['method']} {row['fwd+bwd']:.3f} ms" for row in rows), flush=True)

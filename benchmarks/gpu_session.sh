@@ -31,6 +31,7 @@
 #
 #   bash benchmarks/gpu_session.sh            # BUDGET=400 bash ... for a shorter lease
 #   PART=e2e BUDGET=300 bash benchmarks/gpu_session.sh           # the end to end step alone
+#   PART=tests bash benchmarks/gpu_session.sh                    # the CUDA tests alone
 #   TESTS="flagship or float32" bash benchmarks/gpu_session.sh   # step 4: only these tests
 set -uo pipefail
 PY="${PYTHON:-python3}"

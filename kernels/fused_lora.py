@@ -1,9 +1,10 @@
 """Fused LoRA linear: the frozen product and the low-rank term written into y once, forward and backward.
 
-By default cuBLAS computes the frozen product (x W^T, dy W) and adds it in place onto the
-low-rank part written first (in the forward a cuBLAS addmm, after our shrink kernel where there
-is dropout to draw; in the backward our kernel); our own GEMM, whose accumulator starts as the
-low-rank term, is the other route (`FUSE_BASE_GEMM`, below). Both compute:
+By default cuBLAS computes the frozen product, and the low-rank part meets it in place: in the
+forward cuBLAS adds x W^T onto the low-rank part written first (a cuBLAS addmm, after our shrink
+kernel where there is dropout to draw); in the backward our kernel adds the masked low-rank part
+onto dy W, which cuBLAS computes first. Our own GEMM, whose accumulator starts as the low-rank
+term, is the other route (`FUSE_BASE_GEMM`, below). Both compute:
 
 Notation (leading dims of x flattened into M; D is the dropout keep-mask, p its rate: dropout_p
 rounded down to a multiple of 2**-16, `dropout_rate`):
@@ -878,7 +879,7 @@ def _launch_context(t):
 
 
 # The backward's order on the cuBLAS route. True: cuBLAS computes dy W first and the low-rank
-# pass adds its part onto it, one more read of dx (9-16 us of GPU time at the flagship shape);
+# pass adds its part onto it, one more read of dx (9-15 us of GPU time at the flagship shape);
 # but the GPU starts the backward's largest product while the host launches the rest. False:
 # the pass writes its part of dx and cuBLAS adds dy W onto it last (beta = 1), so the GPU waits
 # for every launch before it. On an H200 (run 5, `benchmarks/results/nvidia-h200.md`, both

@@ -194,10 +194,21 @@ def test_the_host_profile_counts_each_steps_operations_with_fresh_gradients(benc
     assert [us for *_, us in profiled["ops"]] == sorted((us for *_, us in profiled["ops"]), reverse=True)
     assert len(profiled["ops"]) <= bench.HOST_OPS_KEPT
     # A case profiled for its host alone (decoding's) still gets its table, named by its case.
-    case = {"M": 16, "K": 8, "N": 8, "r": 2, "p": 0.0, "rows": [{"method": "fused", "host_profile": profiled}]}
+    case = {"M": 16, "K": 8, "N": 8, "r": 2, "p": 0.0,
+            "rows": [{"method": "fused", "host_profile": {"forward + backward": profiled}}]}
     text = bench.kernels_markdown([case])
-    assert "fused at M=16 K=8 N=8 r=2 p=0.0, its host" in text and "| `aten::mm` | 4 |" in text
-    assert "us of kernels" not in text
+    assert "fused at M=16 K=8 N=8 r=2 p=0.0, its host: " in text and "per forward + backward queued" in text
+    assert "| `aten::mm` | 4 |" in text and "us of kernels" not in text
+
+
+def test_the_host_profile_leaves_out_the_final_sync(bench, monkeypatch):
+    # The sync after the steps waits for all their GPU work: not an operation of the steps.
+    monkeypatch.setattr(bench.common, "sync", lambda device: torch.ones(64, 64) @ torch.ones(64, 64))
+    x = torch.randn(8, 8)
+    profiled = bench.host_profile(lambda: x + 1, [], "cpu", steps=3)
+    ops = {name: calls for name, calls, _ in profiled["ops"]}
+    assert ops["aten::add"] == 1
+    assert "aten::mm" not in ops and "aten::matmul" not in ops and bench.FINAL_SYNC not in ops
 
 
 def test_the_dx_gemm_last_variant_sets_its_order_only_for_its_own_calls(bench, monkeypatch):
