@@ -1,11 +1,12 @@
 """minipeft: parameter-efficient fine-tuning in plain, readable PyTorch."""
 
-from .checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
+from .checkpoint import get_peft_config, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
 from .injection import inject_adapter_in_model
 from .mixed_batches import mixed_batch
 from .model import PeftModel, get_peft_model
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
+from .precision import cast_mixed_precision_params
 from .status import get_layer_status, get_model_status
 from .tuners.adalora import AdaLoraConfig
 from .tuners.boft import BOFTConfig
@@ -55,15 +56,18 @@ __all__ = [
     "TaskType",
     "TrainableTokensConfig",
     "VeraConfig",
+    "cast_mixed_precision_params",
     "create_lorafa_optimizer",
     "create_loraplus_optimizer",
     "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
+    "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
+    "load_peft_weights",
     "mixed_batch",
     "set_peft_model_state_dict",
 ]

@@ -737,6 +737,12 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
         raise type(err)(f"{source}: {err}") from None
 
 
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """peft's ``get_peft_config``: the config a dict describes (its ``peft_type`` picks the class),
+    read and checked as a saved ``adapter_config.json`` is."""
+    return config_from_dict(dict(config_dict), source="get_peft_config")
+
+
 def _config_bytes(config: PeftConfig) -> bytes:
     return config_json({**config.to_dict(), "inference_mode": True})  # as peft: a saved adapter loads frozen
 
@@ -881,47 +887,79 @@ def read_config_file(path: str) -> Any:
         raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter") from None
 
 
-def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
-    """Read and check a checkpoint folder: its config (as a config object) and its tensors."""
+def _checked_folder(folder: str | os.PathLike) -> str:
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"no adapter checkpoint at {folder!r}: not a folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} in it; "
             "minipeft reads local folders, it downloads nothing from the Hub)"
         )
-    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.exists(weights_path) and os.path.exists(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
+    return folder
+
+
+def _missing_file_error(folder: str, path: str) -> FileNotFoundError:
+    inside = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
+    hint = (f"; it holds adapters in subfolder(s) {inside}, where save_pretrained puts an adapter not named "
+            f"'default': pass subfolder={inside[0]!r}" if inside and os.path.basename(path) == CONFIG_NAME else "")
+    if not hint and os.path.isfile(os.path.join(folder, "config.json")):
+        hint = ("; it holds a whole model (config.json), not an adapter: load that as the base model, and the "
+                "adapter from the folder its save_pretrained wrote")
+    return FileNotFoundError(f"adapter checkpoint {folder!r} is missing {os.path.basename(path)}{hint}")
+
+
+def _refuse_pickle(folder: str) -> None:
+    pickle_only = not os.path.exists(os.path.join(folder, WEIGHTS_NAME))
+    if pickle_only and os.path.exists(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
         raise ValueError(
             f"{folder!r} holds {PICKLE_WEIGHTS_NAME}, a pickle file; minipeft does not load pickles because "
             "unpickling can run arbitrary code. Convert it to safetensors in a trusted environment, e.g. "
             "safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors')"
         )
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            inside = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
-            hint = (f"; it holds adapters in subfolder(s) {inside}, where save_pretrained puts an adapter not named "
-                    f"'default': pass subfolder={inside[0]!r}" if inside and path == config_path else "")
-            if not hint and os.path.isfile(os.path.join(folder, "config.json")):
-                hint = ("; it holds a whole model (config.json), not an adapter: load that as the base model, and the "
-                        "adapter from the folder its save_pretrained wrote")
-            raise FileNotFoundError(f"adapter checkpoint {folder!r} is missing {os.path.basename(path)}{hint}")
 
-    config = config_from_dict(read_config_file(config_path), source=config_path)
 
+def read_weights(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a checkpoint folder's safetensors file, as saved, and its metadata. A
+    folder with only a pickle (``adapter_model.bin``) is refused: unpickling can run code."""
+    _refuse_pickle(folder)
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise _missing_file_error(folder, weights_path)
     try:
         with safetensors.safe_open(weights_path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as err:  # safetensors raises its own error type (and OSError) for damaged files
         raise ValueError(
             f"{weights_path} is not a readable safetensors file ({err}); it may be truncated or corrupted: "
             "save or download it again"
         ) from None
+
+
+def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """Read and check a checkpoint folder: its config (as a config object) and its tensors."""
+    folder = _checked_folder(folder)
+    _refuse_pickle(folder)
+    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise _missing_file_error(folder, path)
+    config = config_from_dict(read_config_file(config_path), source=config_path)
+    tensors, metadata = read_weights(folder)
     if SAVED_CONFIG_KEY in metadata:
         _check_same_config(config, metadata[SAVED_CONFIG_KEY], folder)
     if config.peft_type == PeftType.BOFT:
         config = boft.fit_factor_count(config, tensors, config_path)
     return config, tensors
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | None = None,
+                      subfolder: str | None = None) -> dict[str, torch.Tensor]:
+    """peft's ``load_peft_weights`` for a local folder: the adapter's tensors as saved (keys as in
+    the file, for ``set_peft_model_state_dict``), on ``device``; by default, as in peft, the GPU
+    where there is one, else the CPU. Nothing is downloaded."""
+    folder = _checked_folder(model_id if subfolder is None else os.path.join(model_id, subfolder))
+    tensors, _ = read_weights(folder)
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return {key: tensor.to(device) for key, tensor in tensors.items()}
 
 
 def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> None:

@@ -1,0 +1,97 @@
+"""peft's small helpers, as a peft user calls them: ``load_peft_weights`` (an adapter's tensors,
+for ``set_peft_model_state_dict``), ``get_peft_config`` (a config from a dict) and
+``cast_mixed_precision_params``. The reference is peft itself, on the same files and models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import minipeft
+from tests.models import TinyNet, input_ids, randomize_adapters
+
+peft = pytest.importorskip("peft")
+
+LORA = dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2", "embed"], modules_to_save=["head"])
+
+
+@pytest.fixture
+def peft_checkpoint(tmp_path):
+    """(folder, base model, peft model): a LoRA adapter with random factors that peft saved."""
+    torch.manual_seed(0)
+    base = TinyNet()
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", base, model.eval()
+
+
+def test_load_peft_weights_gives_peft_s_tensors_and_loads_with_set_peft_model_state_dict(peft_checkpoint):
+    folder, base, peft_model = peft_checkpoint
+    ours, theirs = minipeft.load_peft_weights(folder, device="cpu"), peft.load_peft_weights(str(folder), device="cpu")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+    # The usual pairing: a fresh model with the same config, the saved tensors set into it.
+    model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(**LORA))
+    result = minipeft.set_peft_model_state_dict(model, ours)
+    assert not result.unexpected_keys
+    ids = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), peft_model(ids))
+
+
+def test_load_peft_weights_takes_a_subfolder_and_refuses_what_it_cannot_read(peft_checkpoint, tmp_path):
+    folder, _, _ = peft_checkpoint
+    assert minipeft.load_peft_weights(folder.parent, device="cpu", subfolder=folder.name).keys() == \
+        minipeft.load_peft_weights(folder, device="cpu").keys()
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        minipeft.load_peft_weights(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="missing adapter_model.safetensors"):
+        minipeft.load_peft_weights(empty)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.ones(1)}, pickled / "adapter_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        minipeft.load_peft_weights(pickled)
+
+
+@pytest.mark.parametrize("config", [
+    peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["fc1"], use_rslora=True),
+    peft.PromptTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"),
+    peft.IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"]),
+])
+def test_get_peft_config_builds_the_config_peft_builds_from_the_same_dict(config):
+    ours, theirs = minipeft.get_peft_config(config.to_dict()), peft.get_peft_config(config.to_dict())
+    assert type(ours).__name__ == type(theirs).__name__
+
+    def fields(c):  # (peft keeps module names as a set, minipeft as a list: the same names)
+        return {name: sorted(v) if isinstance(v, (set, list)) else v for name, v in c.to_dict().items()}
+
+    shared = fields(ours).keys() & fields(theirs).keys()
+    assert {n: fields(ours)[n] for n in shared} == {n: fields(theirs)[n] for n in shared}
+    assert len(shared) >= 5
+
+
+def test_get_peft_config_refuses_a_dict_without_a_method():
+    with pytest.raises(ValueError, match="peft_type"):
+        minipeft.get_peft_config({"r": 4})
+
+
+def test_cast_mixed_precision_params_casts_as_peft_does():
+    torch.manual_seed(0)
+    ours = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(**LORA))
+    theirs = peft.get_peft_model(TinyNet(), peft.LoraConfig(**LORA))
+    minipeft.cast_mixed_precision_params(ours, torch.bfloat16)
+    peft.cast_mixed_precision_params(theirs, torch.bfloat16)
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in ours.parameters() if not p.requires_grad} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(input_ids()).sum().backward()  # trains: bf16 base, fp32 adapters
+    with pytest.raises(TypeError, match="floating-point"):
+        minipeft.cast_mixed_precision_params(ours, torch.int8)
