@@ -726,6 +726,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PeftConfig
             kwargs[key] = value
         elif not value or (key in PEFT_DEFAULTS and value == PEFT_DEFAULTS[key]):
             continue  # a peft option left at its default: nothing to implement
+        elif key in cls.peft_ignores:
+            warnings.warn(f"{source}: {key}={value!r} is ignored, as peft's {cls.__name__} ignores it (peft's "
+                          f"layers for this method never read it)", stacklevel=3)
         else:
             raise ValueError(
                 f"{source}: {key}={value!r} asks for a peft feature that minipeft does not implement "

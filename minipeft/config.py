@@ -74,6 +74,10 @@ class PeftConfig:
     runtime_only_fields: ClassVar[tuple[str, ...]] = ()
     # Advice added to the error for a field of the wrong type, where one mistake is common.
     field_advice: ClassVar[dict[str, str]] = {}
+    # Fields peft's config for this method inherits from another method's but peft never reads:
+    # a saved file that sets one loads with a warning (peft computes the same without it),
+    # where any other field minipeft lacks is refused unless it holds peft's default.
+    peft_ignores: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if self.task_type is not None and not isinstance(self.task_type, TaskType):

@@ -107,6 +107,38 @@ def test_checkpoints_keep_the_allocated_ranks_both_ways(tmp_path):
         torch.testing.assert_close(m2(input_ids=batch).logits, adapted, atol=1e-6, rtol=0)
 
 
+def test_a_peft_checkpoint_with_lora_fields_peft_s_adalora_ignores_loads_with_a_warning(tmp_path):
+    # peft's AdaLoraConfig inherits use_rslora, lora_bias and alpha_pattern from LoraConfig, and
+    # its layers never read them: the same outputs either way. So minipeft loads such a file as
+    # peft does, and says what it ignored; a field it lacks that peft does read stays refused.
+    base = tiny_llama()
+    ignored = dict(use_rslora=True, lora_bias=True, alpha_pattern={"q_proj": 64})
+    config = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], lora_alpha=8, **SCHEDULE)
+    torch.manual_seed(1)
+    p = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**config, **ignored))
+    torch.manual_seed(1)
+    plain = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**config))
+    with torch.no_grad():
+        for t in p.parameters():
+            if t.requires_grad:
+                t.normal_()
+    plain.load_state_dict(p.state_dict())
+    batch = ids()
+    with torch.no_grad():
+        theirs = p.eval()(input_ids=batch).logits
+        torch.testing.assert_close(plain.eval()(input_ids=batch).logits, theirs, atol=0, rtol=0)  # ignored by peft
+    p.save_pretrained(tmp_path / "peft")
+    with pytest.warns(UserWarning, match="use_rslora=True is ignored, as peft's AdaLoraConfig ignores it") as seen:
+        m = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    assert any("lora_bias=True is ignored" in str(w.message) for w in seen)
+    assert any("alpha_pattern={'q_proj': 64} is ignored" in str(w.message) for w in seen)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(input_ids=batch).logits, theirs, atol=1e-6, rtol=0)
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="use_dora=True asks for a peft feature"):
+        minipeft.get_peft_config({**saved, "use_dora": True})
+
+
 def test_the_update_is_p_diag_e_q_over_the_initial_rank():
     _, _, m = pair(init_lora_weights=False)
     layer = m.get_base_model().model.layers[0].self_attn.q_proj

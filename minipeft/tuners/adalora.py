@@ -63,6 +63,8 @@ class AdaLoraConfig(PeftConfig):
     r: unused (LoRA's rank; peft's AdaLoRA config carries it too, and ignores it).
     lora_dropout / target_modules / exclude_modules / layers_to_transform / layers_pattern /
     fan_in_fan_out / bias / modules_to_save / init_lora_weights: as for LoRA.
+    use_rslora / lora_bias / alpha_pattern: not fields here. peft's AdaLoRA config inherits them
+    and its layers ignore them; a peft file that sets them loads with a warning (``peft_ignores``).
     """
 
     init_r: int = 12
@@ -86,6 +88,10 @@ class AdaLoraConfig(PeftConfig):
     bias: str = "none"
     modules_to_save: list[str] | None = None
     init_lora_weights: bool = True
+
+    # peft's AdaLoraConfig inherits these from its LoraConfig, but its SVD layers never read them
+    # (the same outputs with or without them: tests/test_adalora.py).
+    peft_ignores = ("use_rslora", "lora_bias", "alpha_pattern")
 
     def __post_init__(self) -> None:
         super().__post_init__()
