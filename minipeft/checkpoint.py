@@ -902,8 +902,9 @@ def _checked_folder(folder: str | os.PathLike) -> str:
 
 def _missing_file_error(folder: str, path: str) -> FileNotFoundError:
     inside = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, CONFIG_NAME)))
+    no_adapter_here = not os.path.isfile(os.path.join(folder, CONFIG_NAME))
     hint = (f"; it holds adapters in subfolder(s) {inside}, where save_pretrained puts an adapter not named "
-            f"'default': pass subfolder={inside[0]!r}" if inside and os.path.basename(path) == CONFIG_NAME else "")
+            f"'default': pass subfolder={inside[0]!r}" if inside and no_adapter_here else "")
     if not hint and os.path.isfile(os.path.join(folder, "config.json")):
         hint = ("; it holds a whole model (config.json), not an adapter: load that as the base model, and the "
                 "adapter from the folder its save_pretrained wrote")
@@ -920,15 +921,16 @@ def _refuse_pickle(folder: str) -> None:
         )
 
 
-def read_weights(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a checkpoint folder's safetensors file, as saved, and its metadata. A
-    folder with only a pickle (``adapter_model.bin``) is refused: unpickling can run code."""
+def read_weights(folder: str, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a checkpoint folder's safetensors file, as saved, on ``device``, and its
+    metadata. A folder with only a pickle (``adapter_model.bin``) is refused: unpickling can run
+    code."""
     _refuse_pickle(folder)
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise _missing_file_error(folder, weights_path)
     try:
-        with safetensors.safe_open(weights_path, framework="pt") as f:
+        with safetensors.safe_open(weights_path, framework="pt", device=device) as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as err:  # safetensors raises its own error type (and OSError) for damaged files
         raise ValueError(
@@ -955,14 +957,40 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, to
 
 
 def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | None = None,
-                      subfolder: str | None = None) -> dict[str, torch.Tensor]:
+                      key_mapping: dict[str, str] | None = None, subfolder: str | None = None,
+                      **hub_options: Any) -> dict[str, torch.Tensor]:
     """peft's ``load_peft_weights`` for a local folder: the adapter's tensors as saved (keys as in
-    the file, for ``set_peft_model_state_dict``), on ``device``; by default, as in peft, the GPU
-    where there is one, else the CPU. Nothing is downloaded."""
+    the file, for ``set_peft_model_state_dict``), read onto ``device``: by default the GPU where
+    torch has one (peft also picks other accelerators), else the CPU.
+
+    ``key_mapping`` renames keys as peft's does: with the ``base_model.model.`` (or
+    ``base_model.``) prefix taken off, the first regex pattern that matches is substituted, and
+    the prefix put back. Nothing is downloaded, so the Hub's options are refused."""
+    if hub_options:
+        raise TypeError(f"load_peft_weights reads local folders and downloads nothing from the Hub: "
+                        f"{sorted(hub_options)} are download options; pass the folder the adapter was saved to")
     folder = _checked_folder(model_id if subfolder is None else os.path.join(model_id, subfolder))
-    tensors, _ = read_weights(folder)
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    return {key: tensor.to(device) for key, tensor in tensors.items()}
+    tensors, _ = read_weights(folder, device=str(device))
+    return _mapped_keys(tensors, key_mapping) if key_mapping else tensors
+
+
+def _mapped_keys(tensors: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors under keys renamed by ``key_mapping`` (see load_peft_weights)."""
+    mapped = {}
+    for key, tensor in tensors.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"key_mapping renames keys under peft's 'base_model.model.' prefix, but the file holds "
+                             f"{key!r}: load it without key_mapping")
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            renamed, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = renamed
+                break
+        mapped[prefix + rest] = tensor
+    return mapped
 
 
 def _check_same_config(config: PeftConfig, recorded_json: str, folder: str) -> None:

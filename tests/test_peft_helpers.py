@@ -58,6 +58,21 @@ def test_load_peft_weights_takes_a_subfolder_and_refuses_what_it_cannot_read(pef
     torch.save({"w": torch.ones(1)}, pickled / "adapter_model.bin")
     with pytest.raises(ValueError, match="pickle"):
         minipeft.load_peft_weights(pickled)
+    # save_pretrained puts an adapter not named "default" in a subfolder: the error says so.
+    with pytest.raises(FileNotFoundError, match="subfolder='adapter'"):
+        minipeft.load_peft_weights(folder.parent)
+    with pytest.raises(TypeError, match="downloads nothing"):
+        minipeft.load_peft_weights(folder, token="hf_...")
+
+
+def test_load_peft_weights_renames_keys_as_peft_s_key_mapping_does(peft_checkpoint):
+    folder, _, _ = peft_checkpoint
+    # The first pattern that matches renames a key; the others are not tried on it.
+    mapping = {r"^blocks\.(\d+)\.fc1": r"layers.\1.up", r"fc": "dense"}
+    ours = minipeft.load_peft_weights(folder, device="cpu", key_mapping=mapping)
+    theirs = peft.load_peft_weights(str(folder), device="cpu", key_mapping=mapping)
+    assert ours.keys() == theirs.keys()
+    assert any(".layers.0.up." in key for key in ours) and any(".blocks.0.dense2." in key for key in ours)
 
 
 @pytest.mark.parametrize("config", [
