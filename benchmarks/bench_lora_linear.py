@@ -150,20 +150,31 @@ def lora_layer(library, W, b, A, B, s, p, **options):
     return layer
 
 
-def make_fused(W, b, A, B, s, p, route=None, dx_gemm_first=None):
-    """The fused function down `route`; dx_gemm_first, when given, stands in for the library's
-    DX_GEMM_FIRST during the forward, which records it for the backward."""
+def make_fused(W, b, A, B, s, p, route=None, **library_settings):
+    """The fused function down `route`. library_settings (fused_lora's module attributes, e.g.
+    DX_GEMM_FIRST) stand in for the library's own during each call: the forward records
+    DX_GEMM_FIRST for the backward, and reads the few-rows autotuner."""
     import minipeft.kernels.fused_lora as impl
 
     def fused(x):
-        if dx_gemm_first is None:
+        if not library_settings:
             return impl.lora_linear(x, W, b, A, B, s, dropout_p=p, training=True, route=route)
-        default, impl.DX_GEMM_FIRST = impl.DX_GEMM_FIRST, dx_gemm_first
+        defaults = {name: getattr(impl, name) for name in library_settings}
+        vars(impl).update(library_settings)
         try:
             return impl.lora_linear(x, W, b, A, B, s, dropout_p=p, training=True, route=route)
         finally:
-            impl.DX_GEMM_FIRST = default
+            vars(impl).update(defaults)
     return fused
+
+
+@functools.cache
+def few_rows_unsplit():
+    """The few-rows kernel tuned over its configs that do not split K: the kernel as it was
+    before split-K, timed beside the library's."""
+    import minipeft.kernels.fused_lora as impl
+
+    return impl._autotuned_few_rows([c for c in impl._few_rows_configs() if c.kwargs["SPLIT_K"] == 1])
 
 
 IMPLEMENTATIONS = {"base": make_base, "minipeft ref": make_minipeft_reference, "peft": make_peft, "fused": make_fused}
@@ -172,8 +183,11 @@ IMPLEMENTATIONS = {"base": make_base, "minipeft ref": make_minipeft_reference, "
 FORCED_PATHS = {f"fused[{route}]": functools.partial(make_fused, route=route)
                 for route in ("triton GEMM", "few rows", "cuBLAS base")}
 # ... and the backward's other order on the cuBLAS route: the low-rank pass first, dy W added
-# onto it last (DX_GEMM_FIRST off), beside the library's (dy W first, the pass adding onto it).
-FORCED_PATHS["fused[dx GEMM last]"] = functools.partial(make_fused, route="cuBLAS base", dx_gemm_first=False)
+# onto it last (DX_GEMM_FIRST off), beside the library's (dy W first, the pass adding onto it);
+FORCED_PATHS["fused[dx GEMM last]"] = functools.partial(make_fused, route="cuBLAS base", DX_GEMM_FIRST=False)
+# ... and decoding's kernel with K never split, beside the library's, whose autotuner may split it.
+FORCED_PATHS["fused[few rows, K not split]"] = lambda W, b, A, B, s, p: make_fused(
+    W, b, A, B, s, p, route="few rows", _few_rows_tuned=few_rows_unsplit())
 
 
 def fused_runs_here(device):
@@ -683,7 +697,7 @@ def main():
             break
         # The few-rows kernel holds all of a program's rows and the whole rank at once: only
         # shapes it is built for can be sent down it.
-        case_impls = [name for name in impls if name != "fused[few rows]" or use_few_rows(M, r, dtype)]
+        case_impls = [name for name in impls if not name.startswith("fused[few rows") or use_few_rows(M, r, dtype)]
         # Nor is the library's own route timed twice, where its backward's dx goes the same way too.
         path = forward_path(M, N, K, r, dtype)
         if use_fused_base(M, N, K, dtype) == use_fused_base(M, K, N, dtype):

@@ -174,7 +174,8 @@ def shrink_rows(dtype):
 def few_rows_rows(dtype, dropout, rows=16, rank=R):
     """The decoding forward, _few_rows_kernel, at `rows` rows of the flagship layer."""
     p = f"*{dtype}"
-    args = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, y_ptr=p, xa_ptr=p, M=rows, N=N, K=K, R=rank,
+    args = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, y_ptr=p, xa_ptr=p, partial_ptr="*fp32",
+                arrivals_ptr="*i32", M=rows, N=N, K=K, R=rank,
                 stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=rank,
                 stride_br=1, stride_ym=N, stride_yn=1, stride_xam=rank, stride_xar=1,
                 scale=2.0, keep_scale=1.0, threshold=6553, seed=1234, M_BUCKET=rows)
@@ -184,7 +185,8 @@ def few_rows_rows(dtype, dropout, rows=16, rank=R):
         compiled = compile_for_sm90(fl._few_rows_kernel, args, {**flags, **config.kwargs},
                                     config.num_warps, config.num_stages)
         tile = f"{max(16, rows)}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
-        yield f"{tile}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
+        split = f", K split {config.kwargs['SPLIT_K']} ways" if config.kwargs["SPLIT_K"] > 1 else ""
+        yield f"{tile}{split}, {config.num_warps} warps, {config.num_stages} stages", resources(compiled)
 
 
 def lowrank_grad_args(dtype, rank=R, add_to_dx=False):

@@ -507,7 +507,7 @@ def _shrink(x, lora_A, p, seed):
 
 @triton.jit(do_not_specialize=["threshold", "seed"])  # a new seed or rate must not mean a new compile
 def _few_rows_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, partial_ptr, arrivals_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_xam, stride_xar,
@@ -515,23 +515,42 @@ def _few_rows_kernel(
     M_BUCKET,  # unused here; only the autotuner's cache key
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """y = x W^T + b + s * xa B^T and xa = (D * x) A^T / (1 - p), for M of at most BLOCK_M rows.
 
     With few rows, y costs what reading W costs, and three launches (shrink, low-rank term,
     GEMM) would each pay a launch's latency on top. Here one launch does all: every program streams its
-    (BLOCK_N, K) slice of W once and, in the same K loop, the whole of A (from L2: A is small and
-    every program reads it), so each program has xa for its rows when the loop ends and adds the
-    low-rank term to its tile of y. Program 0 of each row block stores xa for the backward.
+    (BLOCK_N, K / SPLIT_K) slice of W once and, in the same K loop, the same columns of x and A
+    (from L2: they are small and every program reads them), so it ends with its share of both
+    products, x W^T for its tile of y and xa for its rows.
+
+    Split-K. A layer of N = 4096 outputs makes 64 tiles of 64 columns, too few programs to keep
+    an H100's 132 SMs streaming W. So the K loop is split SPLIT_K ways (grid axis 2), and the
+    partial sums meet the way CUTLASS's serial split-K and CUDA's threadFenceReduction sample
+    have them meet, in the same launch: every program stores its partials to `partial_ptr`
+    (fp32) and takes a ticket from its tile's counter in `arrivals_ptr`; the program that takes
+    the last ticket adds the SPLIT_K partials, in split order (the same sum whichever arrives
+    last), and writes the tile. It also sets the counter back to 0, so the next launch finds the
+    counters as it needs them. With SPLIT_K = 1 none of this runs.
+
+    The tile's epilogue then adds the low-rank term, s * xa B^T, and the bias; the tile of
+    column block 0 also stores xa for the backward.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)  # the whole rank in one block
+    # This program's share of the K loop: whole BLOCK_K steps, so no split reads a column twice
+    # (with more splits than steps, the last ones have nothing to read and add zeros).
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x W^T
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # (D * x) A^T
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
@@ -543,21 +562,50 @@ def _few_rows_kernel(
         if HAS_DROPOUT:
             x = tl.where(_keep_tile(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0).to(x.dtype)
         xa = _dot(x, a_t, xa, DOT_PRECISION)
-    if HAS_DROPOUT:
-        xa = xa * keep_scale
-    # xa is rounded to the input dtype before it meets B, as the separate shrink stores it: the
-    # backward then sees the very xa the forward used.
-    xa = xa.to(xa_ptr.dtype.element_ty)
-    if pid_n == 0:
-        tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
-                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                  mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)  # (BLOCK_R, BLOCK_N)
-    acc += scale * _dot(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    if SPLIT_K > 1:
+        # Partials of tile t, split k: (BLOCK_M, BLOCK_N) of x W^T, then (BLOCK_M, BLOCK_R) of xa.
+        tile = pid_m * tl.num_programs(0) + pid_n
+        rows = tl.arange(0, BLOCK_M)
+        slot_floats = BLOCK_M * (BLOCK_N + BLOCK_R)
+        acc_at = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        xa_at = BLOCK_M * BLOCK_N + rows[:, None] * BLOCK_R + offs_r[None, :]
+        slot = partial_ptr + (tile * SPLIT_K + pid_k).to(tl.int64) * slot_floats
+        tl.store(slot + acc_at, acc)
+        tl.store(slot + xa_at, xa)
+        # Every thread's stores are issued before one thread takes the ticket, whose release
+        # publishes them to the GPU (and whose acquire, for the last program, makes the other
+        # programs' partials visible to it).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        is_last = ticket == SPLIT_K - 1
+    else:
+        is_last = pid_k == 0
+    if is_last:
+        if SPLIT_K > 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k in range(SPLIT_K):
+                # .cg: from L2, where the other SMs' stores are, never from this SM's L1
+                slot = partial_ptr + (tile * SPLIT_K + k).to(tl.int64) * slot_floats
+                acc += tl.load(slot + acc_at, cache_modifier=".cg")
+                xa += tl.load(slot + xa_at, cache_modifier=".cg")
+            tl.store(arrivals_ptr + tile, 0)
+        if HAS_DROPOUT:
+            xa = xa * keep_scale
+        # xa is rounded to the input dtype before it meets B, as the separate shrink stores it: the
+        # backward then sees the very xa the forward used.
+        xa_rounded = xa.to(xa_ptr.dtype.element_ty)
+        if pid_n == 0:
+            tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa_rounded,
+                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                      mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)  # (BLOCK_R, BLOCK_N)
+        acc += scale * _dot(xa_rounded, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 # Each program holds all the rows and the whole rank: (BLOCK_M + BLOCK_N + BLOCK_R) x BLOCK_K
@@ -567,15 +615,19 @@ def _few_rows_kernel(
 FEW_ROWS_MAX_M, FEW_ROWS_MAX_R = 32, 64
 
 
-def _few_rows_configs():
-    """Autotuning candidates. Few programs run, so the tile that keeps the most loads of W in
+def _few_rows_configs(interpreted=INTERPRET):
+    """Autotuning candidates; the interpreter gets one. Few programs run, so the tile that keeps the most loads of W in
     flight wins; a config whose tiles do not fit in shared memory fails to launch and the
-    autotuner skips it."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-            for bn, bk, warps, stages in [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
-                                          (16, 256, 4, 4), (32, 512, 8, 3)]]
+    autotuner skips it. Splitting K multiplies the programs: wider column tiles, which read x
+    and A (from L2) once for more columns of W, then still fill the GPU."""
+    if interpreted:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1})]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+            for bn, bk, split, warps, stages in [
+                (32, 128, 1, 4, 4), (32, 256, 1, 4, 3), (64, 128, 1, 4, 4), (64, 256, 1, 4, 3),
+                (16, 256, 1, 4, 4), (32, 512, 1, 8, 3),
+                (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (64, 256, 4, 4, 3), (32, 256, 4, 4, 3),
+                (128, 128, 4, 4, 3), (128, 128, 8, 8, 3)]]
 
 
 def _autotuned_few_rows(configs):
@@ -584,6 +636,38 @@ def _autotuned_few_rows(configs):
 
 
 _few_rows_tuned = _autotuned_few_rows(_few_rows_configs())
+
+
+# Split-K scratch, per (device, stream): launches on one stream run one after another, so they
+# may share it, and every launch leaves the counters at 0. A stream being captured into a CUDA
+# graph gets scratch of its own instead, zeroed inside the graph: a graph may be replayed on
+# any stream, beside other graphs.
+_split_scratch: dict = {}
+
+
+def _few_rows_scratch(device, floats, tiles):
+    """(partials, arrivals): an fp32 buffer of at least `floats` elements for the split-K
+    partials (never read before written) and at least `tiles` int32 counters, all 0."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    partials, arrivals = (None, None) if capturing else _split_scratch.get(key, (None, None))
+    if partials is None or partials.numel() < floats:
+        partials = torch.empty(max(floats, 1), device=device, dtype=torch.float32)  # (1: a pointer to pass)
+    if arrivals is None or arrivals.numel() < tiles:
+        arrivals = torch.zeros(tiles, device=device, dtype=torch.int32)
+    if not capturing:
+        _split_scratch[key] = partials, arrivals
+    return partials, arrivals
+
+
+@functools.lru_cache(maxsize=None)
+def _few_rows_scratch_size(tuned, N, row_blocks, block_m, block_r):
+    """(floats, tiles) of split-K scratch that any config of the autotuner `tuned` may use: a
+    partial of (block_m, BLOCK_N + block_r) floats per tile and split, and a counter per tile."""
+    configs = [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) for c in tuned.configs]
+    floats = max((row_blocks * _cdiv(N, bn) * split * block_m * (bn + block_r) for bn, split in configs if split > 1),
+                 default=0)
+    return floats, row_blocks * max(_cdiv(N, bn) for bn, _ in configs)
 
 
 def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
@@ -596,15 +680,19 @@ def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if y is None else y
     xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     block_m = max(16, _next_power_of_2(M))  # tl.dot needs 16 rows at least
-    grid = lambda meta: (_cdiv(N, meta["BLOCK_N"]), _cdiv(M, block_m))
+    block_r = max(16, _next_power_of_2(R))
+    row_blocks = _cdiv(M, block_m)
+    partials, arrivals = _few_rows_scratch(x.device, *_few_rows_scratch_size(_few_rows_tuned, N, row_blocks, block_m,
+                                                                             block_r))
+    grid = lambda meta: (_cdiv(N, meta["BLOCK_N"]), row_blocks, meta["SPLIT_K"])
     _few_rows_tuned[grid](
-        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
+        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa, partials, arrivals,
         M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
         scale, _keep_scale(p), _dropout_threshold(p), seed, block_m,
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_R=max(16, _next_power_of_2(R)))
+        BLOCK_M=block_m, BLOCK_R=block_r)
     return y, xa
 
 
@@ -1024,7 +1112,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     p = float(dropout_p) if training else 0.0
     bias = bias.contiguous() if bias is not None else None  # the GEMM reads the bias with stride 1
     if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+        seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else 0  # (not the default device: a sync)
     if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
         # Nothing to differentiate (inference, decoding): the forward runs without autograd's
         # bookkeeping, which costs the host about as much as one more tensor operation (4 of

@@ -142,6 +142,20 @@ def test_backward_redraws_the_forward_mask():
 
 
 @interpreted
+def test_the_seed_is_drawn_on_the_cpu_whatever_the_default_device():
+    # Without a seed, each call draws one from the CPU generator and reads it as an int. Drawn on
+    # the default device instead (torch.set_default_device("cuda"), common in LLM code), that
+    # read would wait for the GPU on every call; on the meta device it cannot be read at all.
+    x, weight, b, lora_A, lora_B = make_inputs((6,), 16, 12, 2, torch.float32)
+    torch.manual_seed(3)
+    expected = kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.5)
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        y = kernels.lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.5)
+    assert torch.equal(y, expected)
+
+
+@interpreted
 @pytest.mark.parametrize("config", impl._shrink_configs(interpreted=False), ids=str)
 def test_every_gpu_shrink_tile_draws_the_same_mask(config):
     # The GPU's shrink tiles (16 to 64 rows, K steps of 128 or 256), through the interpreter:
@@ -174,6 +188,44 @@ def test_every_gpu_lowrank_grad_tile(config, r, add):
     dropped = kernels.dropout_mask(seed, x.shape, p).double() / (1 - kernels.dropout_rate(p))
     assert rel_err(dx, dy_w.double() + dropped * (dxa.double() @ lora_A.double())) < 1e-5
     assert rel_err(da, dxa.double().t() @ (dropped * x.double())) < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("config", impl._few_rows_configs(interpreted=False), ids=str)
+def test_every_gpu_few_rows_tile(config):
+    # The decoding forward in each of the GPU's tiles, through the interpreter, over ragged
+    # columns (N = 300) and K: 700 is 3 to 6 K steps, so with 4 or 8 splits some have a short
+    # share and some none. A split config's partials meet through the counters, which the last
+    # program sets back to 0: the second launch (another input, the same counters) must be as
+    # right as the first.
+    p, seed, scaling = 0.25, 5, 2.0
+    with mock.patch.object(impl, "_few_rows_tuned", impl._autotuned_few_rows([config])):
+        for trial in range(2):
+            x, weight, bias, lora_A, lora_B = make_inputs((30,), 700, 300, 16, torch.bfloat16, seed=trial)
+            y, xa = impl._few_rows(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+            mask = kernels.dropout_mask(seed, x.shape, p).double()
+            args = [t.double() for t in (x, weight, bias, lora_A, lora_B)]
+            expected = reference(*args, scaling, mask, p, xa_dtype=torch.bfloat16)
+            assert rel_err(y, expected) < TOL[torch.bfloat16]
+            dropped = mask * args[0] / (1 - kernels.dropout_rate(p))
+            assert rel_err(xa, dropped @ args[3].t()) < TOL[torch.bfloat16]
+    partials, arrivals = impl._split_scratch[(x.device, None)]
+    assert not arrivals.any()
+
+
+@interpreted
+def test_split_k_scratch_serves_one_config_after_another():
+    # The split-K scratch is kept between launches and sized by the configs in play: here wide
+    # tiles split 8 ways (few counters, many partials), then narrow ones split 4 ways (more
+    # counters, fewer partials). The second must still find all of its counters at 0.
+    wide, narrow = (next(c for c in impl._few_rows_configs(interpreted=False) if (c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) == shape)
+                    for shape in [(128, 8), (32, 4)])
+    x, weight, bias, lora_A, lora_B = make_inputs((16,), 700, 300, 16, torch.bfloat16)
+    expected = reference(*(t.double() for t in (x, weight, bias, lora_A, lora_B)), 2.0, None, 0.0, xa_dtype=torch.bfloat16)
+    for config in (wide, narrow):
+        with mock.patch.object(impl, "_few_rows_tuned", impl._autotuned_few_rows([config])):
+            y, _ = impl._few_rows(x, weight, bias, lora_A, lora_B, 2.0, 0.0, 0)
+        assert rel_err(y, expected) < TOL[torch.bfloat16], config
 
 
 @interpreted

@@ -82,6 +82,7 @@ def lowrank_grad_configs(configs):
 SMALL_CONFIG = impl._gemm_configs()[-1]
 SMALL_TMA_CONFIG = impl._gemm_configs(tma=True)[-1]
 SMALL_FEW_ROWS_CONFIG = impl._few_rows_configs()[0]
+SPLIT_K_FEW_ROWS_CONFIGS = [c for c in impl._few_rows_configs(interpreted=False) if c.kwargs["SPLIT_K"] > 1]
 SMALL_SHRINK_CONFIG = impl._shrink_configs()[0]
 SMALL_LOWRANK_GRAD_CONFIG = impl._lowrank_grad_configs()[0]
 
@@ -149,6 +150,27 @@ def test_every_few_rows_config(config, M):
 
 
 @compiled
+@pytest.mark.parametrize("config", SPLIT_K_FEW_ROWS_CONFIGS, ids=str)
+def test_split_k_launches_agree_bit_for_bit(config):
+    # A tile's last program adds the splits' partials in split order, whichever split arrived
+    # last, so every launch gives the same bits; one that read a partial before its store was
+    # visible (a missing barrier or fence) would not. Many tiles and splits race at the decoding
+    # shape of a 4096 x 4096 layer.
+    K = N = 4096 if DEVICE == "cuda" else 96
+    x, weight, bias, lora_A, lora_B = make_inputs((16,), K, N, 16, torch.bfloat16, device=DEVICE)
+    launch = lambda: impl._few_rows(x, weight, bias, lora_A, lora_B, 2.0, 0.1, 7)  # noqa: E731
+    with few_rows_configs([config]):
+        y, xa = launch()
+        for _ in range(200 if DEVICE == "cuda" else 2):
+            again, xa_again = launch()
+            assert torch.equal(again, y) and torch.equal(xa_again, xa)
+    mask = kernels.dropout_mask(7, x.shape, 0.1, device=DEVICE).double()
+    expected = reference(*(t.double() for t in (x, weight, bias, lora_A, lora_B)), 2.0, mask, 0.1,
+                         xa_dtype=torch.bfloat16)
+    assert rel_err(y, expected) < TOL[torch.bfloat16]
+
+
+@compiled
 @pytest.mark.parametrize("config", impl._shrink_configs(), ids=str)
 def test_every_shrink_config(config):
     # Ragged in rows and K for every tile, with the mask drawn (the shrink's only use on a GPU);
@@ -204,14 +226,16 @@ def test_autotuned_flagship_shapes(M, path, p):
 
 @compiled
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("route", impl.ROUTES)
-def test_replays_from_a_cuda_graph(route):
+@pytest.mark.parametrize("route, few_rows_config", [(route, SMALL_FEW_ROWS_CONFIG) for route in impl.ROUTES]
+                         + [("few rows", SPLIT_K_FEW_ROWS_CONFIGS[0])], ids=str)
+def test_replays_from_a_cuda_graph(route, few_rows_config):
     # Decoding is deployed as a captured graph: after capture, each replay must compute y from
-    # whatever x holds then, with nothing the kernels read freed or reallocated in between.
+    # whatever x holds then, with nothing the kernels read freed or reallocated in between (a
+    # split-K config's counters included: the graph zeroes its own).
     M, K, N, r = 16, 256, 384, 16
     x, weight, bias, lora_A, lora_B = make_inputs((M,), K, N, r, torch.bfloat16, device=DEVICE)
     forward = lambda: kernels.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, training=False, route=route)  # noqa: E731
-    with gemm_configs([SMALL_CONFIG]), few_rows_configs([SMALL_FEW_ROWS_CONFIG]):
+    with gemm_configs([SMALL_CONFIG]), few_rows_configs([few_rows_config]):
         side = torch.cuda.Stream()  # warm-up (compiling, cuBLAS's workspace) and capture on one stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
