@@ -389,7 +389,7 @@ def _peft_embedding_key(model: nn.Module, key: str, adapter_name: str) -> tuple[
 
     peft saves every key under the layer's name with the adapter name removed, in its own module
     tree: other adapters' wrappers are not there (their ``base_layer`` segment goes), and trainable
-    tokens beside LoRA sit one level down, as ``token_adapter`` (the layer's ``checkpoint_prefix``):
+    tokens beside LoRA sit one level down, as ``token_adapter`` (their ``TrainableTokensWrapper``):
 
         embed_tokens.base_layer.weight              (LoRA on the embedding: the frozen table)
         embed_tokens.token_adapter.base_layer.weight  (LoRA's trainable_token_indices)
@@ -402,15 +402,13 @@ def _peft_embedding_key(model: nn.Module, key: str, adapter_name: str) -> tuple[
     for i, part in enumerate(names):
         if module is not None and is_wrapper(module):
             mine = adapter_name in module.adapter_names
-            prefix = getattr(module, "checkpoint_prefix", {}).get(adapter_name, "") if mine else ""
-            prefix_parts = [p for p in prefix.split(".") if p]
             if part == module.base_layer_name:
                 if mine:  # (another adapter's wrapper is not in peft's tree: its segment goes)
-                    parts += prefix_parts + [part]
+                    parts.append(part)
                 module = module._modules.get(part)
                 continue
             if mine and part in module.adapter_layer_names and names[i + 1 : i + 2] == [adapter_name]:
-                return ".".join(parts + prefix_parts + [part] + names[i + 2 :]), False  # adapter name removed
+                return ".".join(parts + [part] + names[i + 2 :]), False  # adapter name removed
             return None  # another adapter's tensor, or a wrapper's own state
         parts.append(part)
         module = module._modules.get(part) if module is not None else None

@@ -32,6 +32,7 @@ from .targeting import (
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.base import BASE_MODEL_NAME, layers_a_copy_would_copy
 from .tuners.layer_replication import replicate_for
+from .tuners.trainable_tokens import TrainableTokensWrapper
 from .tuners.virtual_tokens import PromptEncoderDict
 
 
@@ -127,6 +128,14 @@ def _container_attributes() -> frozenset[str]:
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _place_of(model: nn.Module, name: str) -> str:
+    """Where the module that replaces the adapter layer ``name`` goes: ``name``, or the name of the
+    ``TrainableTokensWrapper`` holding that layer, which is there only to hold it (peft's module
+    tree for LoRA's trainable tokens) and goes with it."""
+    parent = name.rpartition(".")[0]
+    return parent if name and isinstance(model.get_submodule(parent), TrainableTokensWrapper) else name
 
 
 def inject_adapter_in_model(
@@ -232,7 +241,7 @@ def _build_plan(
     adapter_name: str,
     keys: dict[str, str],
     updated: list[AdapterLayer],
-) -> list[tuple[str, nn.Module, AdapterLayer]]:
+) -> list[tuple[str, nn.Module, nn.Module]]:
     """The new wrappers, as ``(name, module it replaces, wrapper)`` in the order to install them:
     one per target no wrapper of the method holds yet, one per module trained whole, then the
     method's ``wrap_more``. A target a wrapper of the method holds gets the adapter there, in
@@ -259,7 +268,7 @@ def _build_plan(
     return plan
 
 
-def _apply_plan(model: nn.Module, plan: list[tuple[str, nn.Module, AdapterLayer]]) -> None:
+def _apply_plan(model: nn.Module, plan: list[tuple[str, nn.Module, nn.Module]]) -> None:
     """Put each wrapper of ``plan`` in place of its module, in that module's train/eval mode; on an
     error, put the modules replaced so far back."""
     replaced: list[tuple[str, nn.Module]] = []
@@ -487,7 +496,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def put_back_base_if_empty(model: nn.Module, name: str, layer: AdapterLayer) -> None:
     """A wrapper holding no adapter any more goes back to being its base module, at ``name``."""
     if not layer.adapter_names:
-        parent, child = _get_parent(model, name)
+        parent, child = _get_parent(model, _place_of(model, name))
         setattr(parent, child, getattr(layer, layer.base_layer_name))
 
 
@@ -514,6 +523,7 @@ def unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = None
             )
     for name, layer in innermost_first(layers):
         replacement = layer.unwrap(merge, adapter_names)
+        name = _place_of(model, name)
         if name == "":
             return replacement
         parent, child = _get_parent(model, name)

@@ -577,8 +577,8 @@ class PeftModel(nn.Module):
             if not layer.folds_into_weight:  # it writes nothing here (a tied head: the embedding writes)
                 continue
             for inner in wrapper_chain(getattr(layer, layer.base_layer_name)):
-                if not inner.folds_into_weight:
-                    continue
+                if not isinstance(inner, AdapterLayer) or not inner.folds_into_weight:
+                    continue  # (a TrainableTokensWrapper only holds the layer below it)
                 pending = [a for a in inner.adapters_to_apply() if a not in merging.get(id(inner), [])]
                 additive = all(layer.merge_is_addition(a) for a in here) and \
                     all(inner.merge_is_addition(a) for a in pending)

@@ -83,18 +83,10 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             requires_grad[adapter] = _agreed([p.requires_grad for p in params], False)
             devices[adapter] = sorted({p.device.type for p in params})
         statuses.append(TunerLayerStatus(
-            name=_peft_layer_name(name, layer), module_type=type(layer).__name__, enabled=not layer.disable_adapters,
+            name=name, module_type=type(layer).__name__, enabled=not layer.disable_adapters,
             active_adapters=list(layer.active_adapters), merged_adapters=list(layer.merged_here()),
             requires_grad=requires_grad, available_adapters=sorted(layer.adapter_names), devices=devices))
     return statuses
-
-
-def _peft_layer_name(name: str, layer: nn.Module) -> str:
-    """The layer's name as peft reports it: LoRA's trainable tokens (``trainable_token_indices``)
-    sit one module down in peft, ``<embedding>.token_adapter``, where minipeft's checkpoint keys
-    put them too (the layer's ``checkpoint_prefix``)."""
-    prefix = next((p for p in getattr(layer, "checkpoint_prefix", {}).values() if p), "")
-    return f"{name}.{prefix.rstrip('.')}" if prefix else name
 
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:

@@ -16,7 +16,8 @@ Matching rules (the same as ``peft``):
 
 Names are *logical* names: those of the model without adapter wrappers. A wrapper takes the
 place (and the name) of the module it adapts and keeps that module one level down, as
-``base_layer`` (``original_module`` for a module trained whole). So once a bottleneck adapter
+``base_layer`` (``original_module`` for a module trained whole, ``token_adapter`` for the
+layer of LoRA's trainable tokens, which a ``TrainableTokensWrapper`` holds). So once a bottleneck adapter
 wraps ``layer.0.output``, its dense layer, really at ``layer.0.output.base_layer.dense``, is
 still selected by ``"output.dense"``; what a config selects does not depend on which adapters
 were added before it. The wrappers' own parts (``lora_A.default``, ...) are never selected.
@@ -112,8 +113,9 @@ def linear_sizes(target: nn.Module, method: str, key: str) -> tuple[int, int]:
 
 
 def is_wrapper(module: nn.Module) -> bool:
-    """An adapter wrapper (``AdapterLayer``, ``ModulesToSaveWrapper``): a module that names the
-    attribute holding the module it wraps. Recognised by attribute, as this file imports no tuner."""
+    """An adapter wrapper (``AdapterLayer``, ``ModulesToSaveWrapper``, ``TrainableTokensWrapper``): a
+    module that names the attribute holding the module it wraps. Recognised by attribute, as this
+    file imports no tuner."""
     return isinstance(getattr(module, "base_layer_name", None), str) and hasattr(module, "adapter_layer_names")
 
 

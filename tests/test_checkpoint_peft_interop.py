@@ -174,14 +174,11 @@ def test_resized_vocabulary_loads_into_a_resized_base_like_peft(tmp_path, tied, 
         ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "adapter")
     ids = torch.tensor([[1, 64, 9, 65, 66, 7]])
     torch.testing.assert_close(logits(ours, ids), logits(peft_loaded, ids), rtol=0, atol=1e-5)
-    # The base tables (new rows included) are the ones peft loads; peft nests LoRA's trainable
-    # tokens one level down (token_adapter), minipeft does not.
+    # The base tables (new rows included) are the ones peft loads, under the same names.
     peft_sd = peft_loaded.state_dict()
     for key, value in ours.state_dict().items():
         if ("embed_tokens" in key or "lm_head" in key) and "lora_" not in key:
-            peft_key = key if key in peft_sd else key.replace("embed_tokens.", "embed_tokens.token_adapter.")
-            peft_key = peft_key if peft_key in peft_sd else key.replace("lm_head.", "lm_head.token_adapter.")
-            assert torch.equal(value, peft_sd[peft_key]), key
+            assert torch.equal(value, peft_sd[key]), key
 
 
 def test_resized_vocabulary_into_a_base_not_resized_is_refused(tmp_path):
@@ -335,4 +332,4 @@ def test_embedding_extras_name_peft_keys():
     assert base == {"base_model.model.model.embed_tokens.token_adapter.base_layer.weight",
                     "base_model.model.lm_head.token_adapter.base_layer.weight"}
     assert extras["base_model.model.lm_head.token_adapter.trainable_tokens_delta"] == \
-        "base_model.model.lm_head.trainable_tokens_delta.default"
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"

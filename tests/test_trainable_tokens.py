@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import minipeft
-from minipeft.tuners.trainable_tokens import TiedTokensLayer, TrainableTokensLayer
+from minipeft.tuners.trainable_tokens import TiedTokensLayer, TrainableTokensLayer, TrainableTokensWrapper
 from tests.models import VOCAB, input_ids, tiny_transformers_model
 
 peft = pytest.importorskip("peft")
@@ -62,7 +62,7 @@ def grads(model, ids) -> dict[str, torch.Tensor]:
 
 
 def assert_no_adapter(model: nn.Module) -> None:
-    assert not any(isinstance(m, TrainableTokensLayer) for m in model.modules())
+    assert not any(isinstance(m, (TrainableTokensLayer, TrainableTokensWrapper)) for m in model.modules())
 
 
 # -- the method of its own, against peft ---------------------------------------------------------
@@ -302,7 +302,7 @@ def test_lora_only_bias_with_trainable_tokens_matches_peft(tmp_path):
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
     mini_model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(**config))
     trained = {n for n, p in mini_model.named_parameters() if p.requires_grad}
-    assert trained == {n.replace(".token_adapter", "") for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert "base_model.model.head.base_layer.bias" not in trained
 
     randomize_rows(peft_model)
@@ -341,14 +341,71 @@ def test_lora_with_trainable_tokens_matches_peft_both_ways(case, request, tmp_pa
     peft_grads, mini_grads = grads(peft_model, ids), grads(mini_model, ids)
     rows = [n for n in peft_grads if "trainable_tokens_delta" in n]
     assert len(rows) == 1
-    mini_rows = rows[0].replace(".token_adapter", "")  # minipeft's layer sits one level higher in memory
-    torch.testing.assert_close(mini_grads[mini_rows], peft_grads[rows[0]], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(mini_grads[rows[0]], peft_grads[rows[0]], atol=1e-6, rtol=1e-4)
 
     mini_model.save_pretrained(tmp_path / "mini")
     saved = minipeft.get_peft_model_state_dict(mini_model)
     assert saved.keys() == peft.get_peft_model_state_dict(peft_model).keys()
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mini")
     torch.testing.assert_close(logits(again, ids), logits(peft_model, ids), atol=0, rtol=0)
+
+
+# peft's module tree: the embedding, and each module tied to it, becomes a TrainableTokensWrapper
+# holding the layer as token_adapter. Tied and untied heads, a tied head LoRA adapts too, an encoder.
+TREE_CASES = {
+    "gpt2_tied": ("gpt2", dict(target_modules=["c_attn"], trainable_token_indices=TOKENS)),
+    "gpt2_tied_head_adapted": ("gpt2", dict(target_modules=["c_attn", "lm_head"], trainable_token_indices=TOKENS)),
+    "llama_untied": ("llama", dict(target_modules=["q_proj"],
+                                   trainable_token_indices={"embed_tokens": TOKENS, "lm_head": [3, 4]})),
+    "bert_encoder": ("bert_model", dict(target_modules=["query"], trainable_token_indices=TOKENS)),
+}
+
+
+def output(model, ids) -> torch.Tensor:
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("case", TREE_CASES)
+def test_lora_s_trainable_tokens_have_peft_s_module_tree(case):
+    """The whole state dict and the trainable parameters are named as in peft, in peft's order,
+    and peft's state dict loads strictly and computes peft's outputs; adapter files keep peft's keys."""
+    arch, config = TREE_CASES[case]
+    base = tiny_transformers_model(arch)
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, **config))
+    mini_model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(r=4, **config))
+    assert list(mini_model.state_dict()) == list(peft_model.state_dict())
+    assert any(".token_adapter.trainable_tokens_delta." in key for key in mini_model.state_dict())
+    trained = [n for n, p in mini_model.named_parameters() if p.requires_grad]
+    assert trained == [n for n, p in peft_model.named_parameters() if p.requires_grad]
+
+    randomize_rows(peft_model)
+    mini_model.load_state_dict(peft_model.state_dict(), strict=True)
+    ids = ids_with()
+    with torch.no_grad():
+        torch.testing.assert_close(output(mini_model, ids), output(peft_model, ids), atol=2e-5, rtol=0)
+    assert minipeft.get_peft_model_state_dict(mini_model).keys() == peft.get_peft_model_state_dict(peft_model).keys()
+
+
+@pytest.mark.parametrize("case", TREE_CASES)
+def test_unload_puts_the_plain_embedding_back(case):
+    """unload() takes the wrappers out with the layers they hold: the base model's own modules
+    come back, under their own names, computing what they did. (peft 0.21 leaves a
+    TrainableTokensWrapper on a tied head that LoRA adapts too.)"""
+    arch, config = TREE_CASES[case]
+    base = tiny_transformers_model(arch)
+    model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(r=4, **config))
+    randomize_rows(model)
+    plain = model.unload()
+    assert type(plain.get_input_embeddings()) is nn.Embedding
+    head = plain.get_output_embeddings()
+    assert head is None or type(head) is nn.Linear
+    assert_no_adapter(plain)
+    assert list(plain.state_dict()) == list(base.state_dict())
+    ids = ids_with()
+    with torch.no_grad():
+        torch.testing.assert_close(output(plain, ids), output(base, ids), atol=0, rtol=0)
 
 
 def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_path):
@@ -370,8 +427,7 @@ def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_pa
     peft_grads, mini_grads = grads(peft_model, ids), grads(mini_model, ids)
     assert len(mini_grads) == len(peft_grads)
     for name, grad in peft_grads.items():
-        mini_name = name.replace(".token_adapter", "")  # minipeft's embedding layer sits one level higher
-        torch.testing.assert_close(mini_grads[mini_name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(mini_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
     # Merging writes R into the shared table and then LoRA's update on top (which the input side
     # sees too: LoRA on a tied head cannot merge exactly, in peft neither); unmerging takes them
@@ -439,7 +495,8 @@ def test_adapters_merged_one_call_at_a_time_unmerge_newest_first(gpt2, order):
 def test_lora_with_trainable_tokens_merges(gpt2):
     model = minipeft.get_peft_model(copy.deepcopy(gpt2), minipeft.LoraConfig(r=4, **LORA_CASES["gpt2_list"][1]))
     inner = model.get_base_model()
-    assert isinstance(inner.transformer.wte, TrainableTokensLayer) and isinstance(inner.lm_head, TiedTokensLayer)
+    assert isinstance(inner.transformer.wte.token_adapter, TrainableTokensLayer)
+    assert isinstance(inner.lm_head.token_adapter, TiedTokensLayer)
     randomize_rows(model)
     ids = ids_with()
     expected = logits(model, ids).detach()
@@ -449,14 +506,16 @@ def test_lora_with_trainable_tokens_merges(gpt2):
 
 
 def test_deleting_an_adapter_unwraps_a_tied_head_it_also_adapts(gpt2):
-    """LoRA on GPT-2's tied head puts two wrappers holding the adapter there (LoraLinear around
-    TiedTokensLayer, as peft nests them); deleting the adapter must remove both, not leave an empty LoraLinear behind."""
+    """LoRA on GPT-2's tied head puts wrappers holding the adapter there (LoraLinear around the
+    TrainableTokensWrapper of a TiedTokensLayer, as peft nests them); deleting the adapter must
+    remove them all, not leave an empty LoraLinear (or a wrapper) behind."""
     model = minipeft.get_peft_model(
         copy.deepcopy(gpt2), minipeft.LoraConfig(target_modules=["lm_head", "c_attn"], trainable_token_indices=TOKENS)
     )
     model.add_adapter("other", minipeft.LoraConfig(target_modules=["c_attn"]))
     model.delete_adapter("default")
     assert type(model.get_base_model().lm_head) is nn.Linear
+    assert type(model.get_base_model().transformer.wte) is nn.Embedding
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ class PeftMethod:
     default_targets: Callable[[nn.Module, PeftConfig], list[str] | str | None] | None = None
     prepare_config: Callable[[nn.Module, PeftConfig], None] | None = None
     check_model: Callable[[nn.Module, PeftConfig, list[str]], None] | None = None
-    wrap_more: Callable[..., list[tuple[str, nn.Module, AdapterLayer]]] | None = None
+    wrap_more: Callable[..., list[tuple[str, nn.Module, nn.Module]]] | None = None
     after_add: Callable[[nn.Module, str, PeftConfig], None] | None = None
     on_output: Callable[[nn.Module, str, PeftConfig, object], object] | None = None
     saved_tensors: Callable[[PeftConfig, dict, str], dict] | None = None

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..targeting import innermost
+from ..targeting import innermost, is_wrapper
 from .layer_replication import shares_replicated_weight
 
 
@@ -319,7 +319,7 @@ class AdapterLayer(nn.Module):
             return False
         module = getattr(self, self.base_layer_name)
         while not any(getattr(module, hooks) for hooks in OUTPUT_HOOKS):
-            if not isinstance(module, AdapterLayer):
+            if not is_wrapper(module):
                 return True
             module = getattr(module, module.base_layer_name)  # (a trained copy's wrapper: original_module)
         return False

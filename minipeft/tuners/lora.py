@@ -815,7 +815,8 @@ def check_module(target: nn.Module, config: LoraConfig, key: str) -> None:
     supported = (nn.Linear, nn.Embedding, *CONVOLUTIONS, nn.MultiheadAttention)
     if not isinstance(target, LoraLayer) and not (isinstance(base, supported) or is_gpt2_conv1d(base)):
         raise _unsupported(base, key)
-    inner = [type(w).__name__ for w in wrapper_chain(target) if not isinstance(w, LoraLayer)]
+    inner = [type(w).__name__ for w in wrapper_chain(target)
+             if isinstance(w, AdapterLayer) and not isinstance(w, LoraLayer)]  # (not a TrainableTokensWrapper)
     if config.use_dora and inner:
         raise ValueError(
             f"cannot add a DoRA adapter around {key!r}: another method's layer ({inner[0]}) is inside it, whose "

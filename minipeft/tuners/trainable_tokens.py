@@ -48,12 +48,12 @@ Two ways in, as in peft:
   LoRA, under the LoRA adapter's name. A list goes to the input embedding; a dict names the
   embeddings by plain name suffix, as ``modules_to_save`` does.
 
-Checkpoints hold ``R`` as peft does: ``<embedding>.trainable_tokens_delta`` for the method of
-its own (and again under each tied module's name, the same tensor), and
-``<embedding>.token_adapter.trainable_tokens_delta`` for LoRA's (tied modules not saved),
-because peft puts that layer one level down, inside a wrapper, as ``token_adapter``. In memory
-minipeft keeps it at the embedding's own name either way (one class, no wrapper around a wrapper);
-only the checkpoint key (``checkpoint_key``) adds the ``token_adapter.`` segment.
+The module tree is peft's. The method of its own puts its layer in the embedding's place;
+LoRA's ``trainable_token_indices`` put it one level down, as ``token_adapter`` of a
+``TrainableTokensWrapper`` that takes the embedding's place (and each tied module's), so names
+read ``<embedding>.token_adapter.trainable_tokens_delta.<adapter>`` in the state dict, the
+parameter names and the checkpoints. Checkpoints hold ``R`` once per name, the adapter name
+removed; peft saves a tied module's view of it for the method of its own, not beside LoRA.
 """
 
 from __future__ import annotations
@@ -70,8 +70,6 @@ from ..targeting import (candidate_names, declared_embedding, innermost, is_unde
                          wrapper_chain)
 from .base import AdapterLayer, adapter_placement, embed_scale
 
-# Where LoRA's trainable_token_indices sit in peft's checkpoints (see the module docstring).
-LORA_CHECKPOINT_PREFIX = "token_adapter."
 # Names of the per-adapter lookup buffers (+ adapter name) the owner layer keeps; see update_layer.
 INDEX_BUFFER = "_token_index_"
 SLOT_BUFFER = "_token_slot_"
@@ -149,7 +147,7 @@ class TrainableTokensLayer(AdapterLayer):
     ``token_indices[name]``."""
 
     adapter_layer_names = ("trainable_tokens_delta",)
-    other_param_names = ("token_indices", "checkpoint_prefix")
+    other_param_names = ("token_indices",)
     adapter_key_name = "token_indices"
     supports_mixed_batch = True
     mergeable = True
@@ -158,8 +156,6 @@ class TrainableTokensLayer(AdapterLayer):
         super().__init__(base_layer)
         self.trainable_tokens_delta = nn.ParameterDict()
         self.token_indices: dict[str, list[int]] = {}
-        # "" for TrainableTokensConfig adapters, LORA_CHECKPOINT_PREFIX for LoRA's trainable_token_indices.
-        self.checkpoint_prefix: dict[str, str] = {}
 
     def update_layer(
         self, adapter_name: str, config: PeftConfig, key: str, token_indices: list[int] | None = None
@@ -177,7 +173,6 @@ class TrainableTokensLayer(AdapterLayer):
             rows = torch.randn((len(indices), weight.shape[1]), dtype=weight.dtype, device=weight.device)
         self.trainable_tokens_delta[adapter_name] = nn.Parameter(rows.to(*adapter_placement(weight)).clone())
         self.token_indices[adapter_name] = indices
-        self.checkpoint_prefix[adapter_name] = LORA_CHECKPOINT_PREFIX if lora else ""
         # What the forward indexes with, built once here and not per call (a host-to-device copy
         # and a (V,) fill each time): the ids as a tensor (n,), and slot[v], the row of token v
         # in the adapter's rows or -1 for a frozen token. Non-persistent buffers: .to() moves
@@ -193,10 +188,6 @@ class TrainableTokensLayer(AdapterLayer):
         for prefix in (INDEX_BUFFER, SLOT_BUFFER):
             if hasattr(self, prefix + adapter_name):
                 delattr(self, prefix + adapter_name)
-
-    def checkpoint_key(self, container: str, rest: str, adapter_name: str) -> str | None:
-        """peft's key for this adapter's rows, relative to this layer (checkpoint.py's hook)."""
-        return self.checkpoint_prefix[adapter_name] + container
 
     # -- forward ------------------------------------------------------------------------------
     def owner(self) -> TrainableTokensLayer:
@@ -287,17 +278,18 @@ class TiedTokensLayer(TrainableTokensLayer):
     It owns nothing: its ``trainable_tokens_delta`` is the owner's ParameterDict (so the state dict
     lists the rows under this module's name as well, as peft's does), its indices are the owner's,
     and every adapter the owner gains or loses is gained or lost here. Merging is the owner's
-    business: it writes the shared weight, which this module sees.
+    business: it writes the shared weight, which this module sees. ``saved``: whether checkpoints
+    hold the rows under this module's name too (peft's method of its own: yes; beside LoRA: no).
     """
 
     folds_into_weight = False
 
-    def __init__(self, base_layer: nn.Module, owner: TrainableTokensLayer) -> None:
+    def __init__(self, base_layer: nn.Module, owner: TrainableTokensLayer, saved: bool = True) -> None:
         AdapterLayer.__init__(self, base_layer)  # not TrainableTokensLayer's: the containers are the owner's
         self._owner = (owner,)  # in a tuple: the owner is its own module elsewhere in the model, not a child
         self.trainable_tokens_delta = owner.trainable_tokens_delta
         self.token_indices = owner.token_indices
-        self.checkpoint_prefix = owner.checkpoint_prefix
+        self.saved = saved
 
     def owner(self) -> TrainableTokensLayer:
         return self._owner[0]
@@ -312,14 +304,50 @@ class TiedTokensLayer(TrainableTokensLayer):
         )
 
     def checkpoint_key(self, container: str, rest: str, adapter_name: str) -> str | None:
-        # peft saves the tied copy for its own method, and leaves it out for LoRA's trainable_token_indices.
-        return None if self.checkpoint_prefix[adapter_name] else container
+        return container if self.saved else None  # (checkpoint.py's hook: None leaves it out)
 
     def delete_adapter(self, adapter_name: str) -> None:
         # The owner deletes the rows; here the adapter only stops being active.
         if adapter_name in self.owner().merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the weights; unmerge it before deleting it")
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+
+class TrainableTokensWrapper(nn.Module):
+    """Holds the layer of LoRA's ``trainable_token_indices`` as ``token_adapter``, in the place of
+    the embedding (or of a module tied to it), and computes nothing of its own.
+
+    It exists because peft's module tree has it: with it, a whole ``state_dict()`` and the
+    parameter names are peft's (``embed_tokens.token_adapter.trainable_tokens_delta.default``),
+    and a peft model's state dict loads as it is. The layer inside holds the adapters; the model's
+    code reads the embedding's attributes through both. To minipeft it is a wrapper with no
+    adapters of its own (``targeting.is_wrapper``): names, targets and checkpoint keys see through
+    it, and it goes when the layer it holds goes (unload, delete_adapter: ``injection._place_of``).
+    """
+
+    base_layer_name = "token_adapter"
+    adapter_layer_names: tuple[str, ...] = ()
+
+    def __init__(self, layer: TrainableTokensLayer) -> None:
+        super().__init__()
+        self.token_adapter = layer
+
+    def take_mode_of(self, module: nn.Module) -> None:
+        """The train/eval mode of ``module``, which it replaces, as the layer inside takes it."""
+        self.training = module.training
+        self.token_adapter.take_mode_of(module)
+
+    def forward(self, *args, **kwargs):
+        return self.token_adapter(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """The layer's attributes, and through it the embedding's (``weight``, ``padding_idx``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or self.base_layer_name not in self.__dict__.get("_modules", {}):
+                raise  # (not built yet, or torch's own lookups)
+        return getattr(self.token_adapter, name)
 
 
 def check_disjoint(token_indices: dict[str, list[int]], names: list[str], merging: bool = False) -> None:
@@ -485,46 +513,48 @@ def wrap_beside(
     adapter_name: str,
     holders: dict[str, AdapterLayer],
     updated: list[AdapterLayer],
-) -> list[tuple[str, nn.Module, AdapterLayer]]:
+) -> list[tuple[str, nn.Module, nn.Module]]:
     """The wrappers trainable tokens need beyond the method's targets (the registry's ``wrap_more``),
     as ``(name, module, new wrapper)``; existing wrappers that get the adapter go to ``updated``.
 
     ``holders``: target name -> the wrapper holding the new adapter there. For a
     ``TrainableTokensConfig`` those are the embeddings' layers already; for LoRA's
-    ``trainable_token_indices`` the embeddings are wrapped here. Then every module tied to one of
-    them gets a ``TiedTokensLayer`` (once: a later adapter finds it there and needs nothing)."""
+    ``trainable_token_indices`` the embeddings are wrapped here, each layer inside a
+    ``TrainableTokensWrapper`` (peft's tree). Then every module tied to one of them gets a
+    ``TiedTokensLayer`` (once: a later adapter finds it there and needs nothing)."""
     tokens = token_targets(model, config, list(holders))
     if not tokens:
         return []  # a LoRA config without trainable_token_indices
-    plan: list[tuple[str, nn.Module, AdapterLayer]] = []
+    lora = not isinstance(config, TrainableTokensConfig)
+    plan: list[tuple[str, nn.Module, nn.Module]] = []
     owners: dict[str, TrainableTokensLayer] = {}
     names = candidate_names(model)
     for name, ids in tokens.items():
-        if isinstance(config, TrainableTokensConfig):
+        if not lora:
             owners[name] = holders[name]
             continue
         module = model.get_submodule(name)
-        if type(module) is TrainableTokensLayer:
-            updated.append(module)  # before the update, so a half-done one is rolled back too
-            module.add_adapter(adapter_name, config, names.get(name, name), token_indices=ids)
-            owners[name] = module
+        if isinstance(module, TrainableTokensWrapper):  # another LoRA adapter's tokens: the same layer
+            owners[name] = module.token_adapter
+            updated.append(owners[name])  # before the update, so a half-done one is rolled back too
+            owners[name].add_adapter(adapter_name, config, names.get(name, name), token_indices=ids)
         else:
             owners[name] = TrainableTokensLayer(module)
             owners[name].add_adapter(adapter_name, config, names.get(name, name), token_indices=ids)
-            plan.append((name, module, owners[name]))
+            plan.append((name, module, TrainableTokensWrapper(owners[name])))
     for name, owner in owners.items():
         for sharer in _sharers(model, owner.get_base_layer(), skip=name):
             holder = holders.get(sharer)
             module = holder or model.get_submodule(sharer)
             if any(isinstance(layer, TiedTokensLayer) and layer.owner() is owner for layer in wrapper_chain(module)):
                 continue
+            place = sharer
             if holder is not None:
                 # A head that this config's LoRA adapts too: the tied layer goes inside the LoRA
                 # wrapper, around what it wraps, as peft nests them (LoRA's term is added to logits
                 # that already hold the trained rows; the checkpoint keys are peft's). Installed
                 # after the wrapper itself, which comes earlier in the plan.
-                inner = getattr(holder, holder.base_layer_name)
-                plan.append((f"{sharer}.{holder.base_layer_name}", inner, TiedTokensLayer(inner, owner)))
-            else:
-                plan.append((sharer, module, TiedTokensLayer(module, owner)))
+                place, module = f"{sharer}.{holder.base_layer_name}", getattr(holder, holder.base_layer_name)
+            tied = TiedTokensLayer(module, owner, saved=not lora)
+            plan.append((place, module, TrainableTokensWrapper(tied) if lora else tied))
     return plan
