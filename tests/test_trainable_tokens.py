@@ -408,6 +408,35 @@ def test_unload_puts_the_plain_embedding_back(case):
         torch.testing.assert_close(output(plain, ids), output(base, ids), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("lora_first", [False, True])
+def test_token_layers_nested_on_one_embedding_train_disjoint_tokens(gpt2, lora_first):
+    """The method of its own and LoRA's tokens on one embedding, both active: each token's row
+    comes from the adapter that trains it; two that train the same token are refused when they
+    run, as two adapters in one layer are, rather than one layer's rows hiding the other's."""
+    configs = {"own": minipeft.TrainableTokensConfig(target_modules=["wte"], token_indices=[1, 5]),
+               "lora": minipeft.LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=[7, 60])}
+    order = ["lora", "own"] if lora_first else ["own", "lora"]
+    model = minipeft.get_peft_model(copy.deepcopy(gpt2), configs[order[0]], adapter_name=order[0])
+    model.add_adapter(order[1], configs[order[1]])
+    randomize_rows(model)
+    model.base_model.set_adapter(["own", "lora"])
+    wte = model.get_base_model().transformer.wte
+    ids = ids_with((1, 5, 7, 60))
+    rows = {token: dict(model.named_parameters())[name][i] for name, tokens in [
+        (next(n for n, _ in model.named_parameters() if n.endswith("trainable_tokens_delta.own")), [1, 5]),
+        (next(n for n, _ in model.named_parameters() if n.endswith("trainable_tokens_delta.lora")), [7, 60])]
+        for i, token in enumerate(tokens)}
+    looked_up = wte(ids)
+    for token, row in rows.items():
+        torch.testing.assert_close(looked_up[ids == token], row.expand_as(looked_up[ids == token]), atol=0, rtol=0)
+
+    overlapping = minipeft.LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=[5, 9])
+    model.add_adapter("overlap", overlapping)
+    model.base_model.set_adapter(["own", "overlap"])
+    with pytest.raises(ValueError, match="both train token 5"):
+        model.get_base_model().transformer.wte(ids)  # (read again: "overlap" may have wrapped it anew)
+
+
 def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_path):
     """LoRA on GPT-2's tied head plus trainable tokens: the trained tokens' logits are ``h R^T`` plus
     the head's LoRA term, as in peft (which nests LoRA around the token layer); replacing those

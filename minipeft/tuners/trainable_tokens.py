@@ -204,8 +204,21 @@ class TrainableTokensLayer(AdapterLayer):
         self.unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         active = self.adapters_to_apply()
-        check_disjoint(self.token_indices, active)  # a mixed batch runs one adapter a row: none overlap
+        self._check_disjoint_with_inner_layers(active)
         return self.apply_adapters(result, x, self._with_tokens, active)
+
+    def _check_disjoint_with_inner_layers(self, active: list[str]) -> None:
+        """The active adapters here, and those of the token layers nested inside this one (the
+        method of its own and LoRA's tokens on one embedding), train disjoint tokens: else this
+        layer's rows would silently hide the inner one's. (A mixed batch runs one adapter a row;
+        none may overlap either.)"""
+        indices, names = dict(self.token_indices), list(active)
+        for inner in wrapper_chain(self.base_layer):
+            if isinstance(inner, TrainableTokensLayer) and not inner.disable_adapters:
+                inner_active = inner.adapters_to_apply()
+                indices.update({name: inner.token_indices[name] for name in inner_active})
+                names += inner_active
+        check_disjoint(indices, names)
 
     def _with_tokens(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` with adapter ``name``'s tokens read from its trained rows (``x``: the ids an
