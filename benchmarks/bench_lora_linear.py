@@ -185,6 +185,9 @@ FORCED_PATHS = {f"fused[{route}]": functools.partial(make_fused, route=route)
 # ... and the backward's other order on the cuBLAS route: the low-rank pass first, dy W added
 # onto it last (DX_GEMM_FIRST off), beside the library's (dy W first, the pass adding onto it);
 FORCED_PATHS["fused[dx GEMM last]"] = functools.partial(make_fused, route="cuBLAS base", DX_GEMM_FIRST=False)
+# ... and, without dropout, the backward's low-rank part in our pass rather than two cuBLAS products;
+FORCED_PATHS["fused[p=0 pass in Triton]"] = functools.partial(make_fused, route="cuBLAS base",
+                                                             CUBLAS_WITHOUT_DROPOUT=False)
 # ... and decoding's kernel with K never split, beside the library's, whose autotuner may split it.
 FORCED_PATHS["fused[few rows, K not split]"] = lambda W, b, A, B, s, p: make_fused(
     W, b, A, B, s, p, route="few rows", _few_rows_tuned=few_rows_unsplit())
@@ -698,6 +701,7 @@ def main():
         # The few-rows kernel holds all of a program's rows and the whole rank at once: only
         # shapes it is built for can be sent down it.
         case_impls = [name for name in impls if not name.startswith("fused[few rows") or use_few_rows(M, r, dtype)]
+        case_impls = [name for name in case_impls if name != "fused[p=0 pass in Triton]" or p == 0]  # (else the same)
         # Nor is the library's own route timed twice, where its backward's dx goes the same way too.
         path = forward_path(M, N, K, r, dtype)
         if use_fused_base(M, N, K, dtype) == use_fused_base(M, K, N, dtype):

@@ -17,7 +17,8 @@ rounded down to a multiple of 2**-16, `dropout_rate`):
     backward  dxa = s * dy B                             (M, r)   } two cuBLAS GEMMs
               dB  = s * dy^T xa                          (N, r)   }
               dx  = dy W + (D / (1 - p)) * (dxa A)       (M, K)   } one pass over x's tiles for
-              dA  = dxa^T (D * x / (1 - p))              (r, K)   } both (or in our GEMM of dx)
+              dA  = dxa^T (D * x / (1 - p))              (r, K)   } both (or in our GEMM of dx);
+                                                                    without dropout, cuBLAS
 
 The mask D is never stored. Like Triton's tutorial 04 (low-memory dropout), every kernel that
 needs it redraws it from the seed and the element's position (m, k) in x, with Philox
@@ -28,8 +29,8 @@ Four kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask(
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
-    _lowrank_grad_kernel     dx_lr = (D * (dxa A)) / (1 - p) and         backward, when cuBLAS computes
-                             dA = dxa^T @ (D * x) / (1 - p)               dy W (or dx is not needed)
+    _lowrank_grad_kernel     dx_lr = (D * (dxa A)) / (1 - p) and         backward with dropout, when cuBLAS
+                             dA = dxa^T @ (D * x) / (1 - p)               computes dy W (or dx is not needed)
 
 dxa and dB need no mask, so they are two cuBLAS GEMMs. (A single Triton pass over dy that
 produced both, adding each row block's share of dB with fp32 atomics, was slower: with the two
@@ -58,8 +59,9 @@ memory: y starts as b + s * xa B^T (a cuBLAS addmm). Run 3 added it after cuBLAS
 pass that read and wrote all of y. In the backward `_lowrank_grad_kernel` writes dx's masked
 low-rank part and sums dA in one pass; cuBLAS computes dy W first and the pass adds onto it, so
 the GPU starts the backward's largest product before the host has launched the rest
-(`DX_GEMM_FIRST`; off, cuBLAS adds dy W onto the pass's dx last). The shrink runs here when
-there is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the
+(`DX_GEMM_FIRST`; off, cuBLAS adds dy W onto the pass's dx last). Without dropout there is no
+mask to draw, and cuBLAS computes both of the pass's products (`CUBLAS_WITHOUT_DROPOUT`). The
+shrink runs here when there is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the
 exception: there y costs about one read of W, and the few-rows kernel saves the two extra
 launches (`forward_path` names the route a shape takes).
 """
@@ -976,6 +978,27 @@ def _launch_context(t):
 # 0.81 and 1.01 to 0.69 ms. Read at the forward.
 DX_GEMM_FIRST = True
 
+# The backward's low-rank part without dropout. True: dx's low-rank part and dA are two cuBLAS
+# products (dx += dxa A, dA = dxa^T x): with no mask to draw, our pass would read and write the
+# same bytes, and cuBLAS sums dA in a fixed order (no atomics: allowed under
+# torch.use_deterministic_algorithms) straight into A's dtype (no fp32 buffer to zero, no cast):
+# two launches where the pass takes three. False: our pass, as with dropout. The benchmark times
+# both (`fused[p=0 pass in Triton]`). Read at the forward.
+CUBLAS_WITHOUT_DROPOUT = True
+
+
+def _dx_in_our_gemm(M, N, K, dtype, route):
+    """Whether the backward's dx (M, K) = dy (M, N) W runs in our GEMM: a route given by the
+    caller sends dx down the same way; else the dx GEMM, whose shape is not y's, decides by its own."""
+    return use_fused_base(M, K, N, dtype) if route is None else route == "triton GEMM"
+
+
+def sums_with_atomics(M, N, K, p, dtype=torch.bfloat16, route=None):
+    """Whether lora_linear's backward for x (M, K), W (N, K), dropout p sums dA with atomic adds,
+    whose order varies from run to run: in our pass (which draws the dropout mask) or in our dx
+    GEMM. Without dropout on the cuBLAS route dA is one cuBLAS product (`CUBLAS_WITHOUT_DROPOUT`)."""
+    return p > 0 or not CUBLAS_WITHOUT_DROPOUT or _dx_in_our_gemm(M, N, K, dtype, route)
+
 
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * dropout(x) A^T B^T with W and b frozen. Saves xa and the seed, x where
@@ -986,10 +1009,8 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, route):
         K, N = x.shape[-1], weight.shape[0]
         x2 = x.reshape(x.shape[:-1].numel(), K)
-        # A route given by the caller sends the backward's dx down the same way; else the dx
-        # GEMM, whose shape is not y's, decides by its own.
-        ctx.dx_in_our_gemm = use_fused_base(x2.shape[0], K, N, x.dtype) if route is None else route == "triton GEMM"
-        ctx.dx_gemm_first = DX_GEMM_FIRST
+        ctx.dx_in_our_gemm = _dx_in_our_gemm(x2.shape[0], N, K, x.dtype, route)
+        ctx.dx_gemm_first, ctx.cublas_without_dropout = DX_GEMM_FIRST, CUBLAS_WITHOUT_DROPOUT
         with _launch_context(x):
             y, xa = _lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, route)
         # x is read back for dA alone (dx needs only the mask, which positions give): a frozen A
@@ -1032,19 +1053,26 @@ class LoraLinearFunction(torch.autograd.Function):
         dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s) if want_dx or want_da else None
         dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if want_db else None
 
-        da = None
+        dA = None
         if want_dx and ctx.dx_in_our_gemm:
             # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, the masked low-rank term
             # its accumulator's start; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
             dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, _keep_scale(p), p, seed,
                                      xin=x2 if want_da else None)
+            dA = da.to(lora_A.dtype) if da is not None else None
+        elif p == 0 and ctx.cublas_without_dropout:
+            # No mask to draw: dx's low-rank part (added onto dy W, or written first) and dA are
+            # two cuBLAS products (`CUBLAS_WITHOUT_DROPOUT`).
+            if want_dx:
+                dx = torch.mm(dxa, lora_A) if dx is None else dx.addmm_(dxa, lora_A)  # (M, K)
+            dA = torch.mm(dxa.t(), x2) if want_da else None  # (r, K)
         elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)
             # One pass writes dx's masked low-rank part (or adds it onto dy W) and sums dA.
             dx, da = _lowrank_grads(dxa, lora_A, x2, p, seed, want_dx, want_da, add_to=dx)
-            if on_cublas and not ctx.dx_gemm_first:
-                dx.addmm_(dy2, weight)
+            dA = da.to(lora_A.dtype) if da is not None else None
+        if on_cublas and not ctx.dx_gemm_first:
+            dx.addmm_(dy2, weight)  # dy W last, onto the low-rank part
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
-        dA = da.to(lora_A.dtype) if da is not None else None
         # No gradient for the frozen weight and bias, nor for scaling, p, seed and route.
         return dx, None, None, dA, dB, None, None, None, None
 
@@ -1058,9 +1086,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     `seed`: an int in [0, 2**31), or None to draw one from torch's default CPU generator, which
     needs no GPU sync (torch.manual_seed makes runs repeatable; each such call advances that
     generator, where nn.Dropout would advance the GPU's). `dropout_mask(seed, x.shape, dropout_p)`
-    is the mask a call used, dropping at `dropout_rate(dropout_p)`. dA is summed with atomic
-    adds, so under torch.use_deterministic_algorithms(True) a call that trains A is refused. A seed drawn while a CUDA graph is being captured is baked into the graph,
-    so every replay drops the same elements: capture without dropout (inference). Gradients
+    is the mask a call used, dropping at `dropout_rate(dropout_p)`. With dropout (or in our dx
+    GEMM) dA is summed with atomic adds, so under torch.use_deterministic_algorithms(True) such a
+    call that trains A is refused (`sums_with_atomics`). A seed drawn while a CUDA graph is being
+    captured is baked into the graph, so every replay drops the same elements: capture without
+    dropout (inference). Gradients
     flow to x, lora_A and lora_B only: the weight and bias must not require grad (the backward
     never computes their gradients). `route` (one of ROUTES) sends the call down that route
     instead of the one `forward_path` picks by shape: for benchmarks and tests, which compare
@@ -1073,12 +1103,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if isinstance(scaling, torch.Tensor) and scaling.requires_grad and grad:
         raise TypeError("lora_linear takes scaling as a constant and computes no gradient for it; pass a number, or "
                         "use the reference LoRA path to train it")
-    if grad and lora_A.requires_grad and torch.are_deterministic_algorithms_enabled():
-        message = ("lora_linear's backward sums dA with atomic adds, whose order varies between runs; with "
-                   "torch.use_deterministic_algorithms(True) use the reference path (minipeft.kernels.set_enabled(False))")
-        if not torch.is_deterministic_algorithms_warn_only_enabled():
-            raise RuntimeError(message)
-        warnings.warn(message, stacklevel=2)
     if not x.is_cuda and not INTERPRET:
         raise ValueError("lora_linear runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
     if x.dim() == 0:
@@ -1110,6 +1134,14 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         raise ValueError(f"the few-rows route takes 1 to {FEW_ROWS_MAX_M} rows of bfloat16 or float16 and rank <= "
                          f"{FEW_ROWS_MAX_R}; got {rows} rows of {x.dtype}, rank {r}")
     p = float(dropout_p) if training else 0.0
+    if (grad and lora_A.requires_grad and torch.are_deterministic_algorithms_enabled()
+            and sums_with_atomics(rows, N, K, p, x.dtype, route)):
+        message = ("lora_linear's backward sums dA with atomic adds (with dropout, or in our dx GEMM), whose order "
+                   "varies between runs; with torch.use_deterministic_algorithms(True) train without dropout on the "
+                   "cuBLAS route, or use the reference path (minipeft.kernels.set_enabled(False))")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=2)
     bias = bias.contiguous() if bias is not None else None  # the GEMM reads the bias with stride 1
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else 0  # (not the default device: a sync)
@@ -1123,4 +1155,5 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed), route)
 
 
-__all__ = ["lora_linear", "dropout_mask", "dropout_rate", "use_fused_base", "use_few_rows", "forward_path", "ROUTES", "LoraLinearFunction"]
+__all__ = ["lora_linear", "dropout_mask", "dropout_rate", "use_fused_base", "use_few_rows", "forward_path",
+           "sums_with_atomics", "ROUTES", "LoraLinearFunction"]

@@ -103,6 +103,27 @@ def test_only_the_gradients_asked_for(needs_grad, path):
 
 
 @interpreted
+@pytest.mark.parametrize("cublas_without_dropout", [True, False])
+@pytest.mark.parametrize("dx_gemm_first", [True, False])
+@pytest.mark.parametrize("needs_grad", ["x A B", "A B", "x B"])
+def test_the_backward_without_dropout_either_way(cublas_without_dropout, dx_gemm_first, needs_grad):
+    # Without dropout on the cuBLAS route, dx's low-rank part and dA are cuBLAS products
+    # (CUBLAS_WITHOUT_DROPOUT) or our pass: each in either order of dy W, and for dx or dA alone.
+    passes = []
+    pass_itself = impl._lowrank_grads
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return pass_itself(*args, **kwargs)
+
+    with mock.patch.object(impl, "CUBLAS_WITHOUT_DROPOUT", cublas_without_dropout), \
+            mock.patch.object(impl, "DX_GEMM_FIRST", dx_gemm_first), mock.patch.object(impl, "_lowrank_grads", counted):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_against_reference((3, 13), 40, 36, 5, dtype, True, "strided", 0.0, 2.0, "cuBLAS base", needs_grad)
+    assert len(passes) == (0 if cublas_without_dropout else 2)
+
+
+@interpreted
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_kept_fraction_is_one_minus_p(p):
     kept = torch.stack([kernels.dropout_mask(seed, (16, 128), p).float().mean() for seed in range(100)])
@@ -340,13 +361,16 @@ def test_what_is_refused_and_what_is_not(monkeypatch):
         weight.requires_grad_(True)
         assert torch.equal(call(), kernels.lora_linear(x, weight.detach(), b, lora_A, lora_B, 1.0))
     weight.requires_grad_(False)
-    # dA's atomic adds vary in order: a call that trains A is refused under deterministic algorithms
+    # dA's atomic adds (with dropout, or in our dx GEMM) vary in order: a call that trains A is
+    # refused under deterministic algorithms; without dropout on the cuBLAS route cuBLAS sums dA.
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     lora_A.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="atomic adds"):
-        call()
+    for refused in [dict(dropout_p=0.1), dict(route="triton GEMM")]:
+        with pytest.raises(RuntimeError, match="atomic adds"):
+            call(**refused)
+    call(), call(dropout_p=0.1, training=False)
     lora_A.requires_grad_(False)
-    call()  # nothing summed with atomics
+    call(dropout_p=0.1)  # nothing summed with atomics
 
 
 @interpreted

@@ -62,12 +62,16 @@ class _FakeQuantLinear(nn.Linear):
 
 
 @pytest.mark.parametrize("change", ["none", "subclass", "forward hook", "pre-hook", "backward hook", "global hook",
-                                    "own forward", "deterministic", "nested"])
+                                    "own forward", "deterministic", "deterministic, no dropout", "nested"])
 def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, monkeypatch, request):
     # The kernels compute F.linear in place of calling the base layer: anything else the call
-    # would do sends the layer down its reference path. (CUDA faked around the rule alone.)
+    # would do sends the layer down its reference path. Under deterministic algorithms, so does
+    # dropout in training, whose backward sums dA with atomics; without dropout cuBLAS sums it.
+    # (CUDA faked around the rule alone.)
     base = nn.Sequential(_FakeQuantLinear(8, 8) if change == "subclass" else nn.Linear(8, 8))
-    layer = get_peft_model(base, LoraConfig(r=2, target_modules=["0"])).base_model.model[0]
+    dropout = 0.1 if change == "deterministic" else 0.0
+    layer = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], lora_dropout=dropout)).base_model.model[0]
+    layer.train()
     if change == "forward hook":
         layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)
     elif change == "pre-hook":
@@ -79,8 +83,10 @@ def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, m
         request.addfinalizer(handle.remove)
     elif change == "own forward":
         layer.base_layer.forward = lambda x: nn.functional.linear(x, layer.base_layer.weight) + 1
-    elif change == "deterministic":
+    elif change.startswith("deterministic"):
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     x = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)]) if change == "nested" else torch.randn(2, 8)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert layer._fused_path_applies(x, ["default"]) == (change == "none")
+    assert layer._fused_path_applies(x, ["default"]) == (change in ("none", "deterministic, no dropout"))
+    if change == "deterministic":
+        assert layer.eval()._fused_path_applies(x, ["default"])  # (no dropout in eval mode)

@@ -522,18 +522,21 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if not _runs_plain_linear(base) or self.use_dora[adapters[0]] or torch.is_autocast_enabled():
             return False
-        # The kernels' dA sums with atomic adds, whose order varies from run to run.
-        if torch.are_deterministic_algorithms_enabled():
+        kernels = fused_kernels()
+        if kernels is None or not (kernels.is_available() and kernels.enabled()):
+            return False
+        # With dropout the kernels sum dA with atomic adds, whose order varies from run to run.
+        dropout = self.lora_dropout[adapters[0]]
+        p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
+        if torch.are_deterministic_algorithms_enabled() and \
+                kernels.sums_with_atomics(x.shape[:-1].numel(), base.out_features, base.in_features, p, x.dtype):
             return False
         # The kernels compute no gradient for W or b: a trainable base takes the reference path.
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return False
         # fp32 too: the kernels round fp32 to TF32 exactly where torch's own matmuls do
         # (torch.backends.cuda.matmul.fp32_precision), so both paths compute the same function.
-        if x.dtype != base.weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return False
-        kernels = fused_kernels()
-        return kernels is not None and kernels.is_available() and kernels.enabled()
+        return x.dtype == base.weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         kernels = fused_kernels()
