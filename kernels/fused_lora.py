@@ -28,6 +28,7 @@ hand tests the exact mask the kernels used.
 Four kernels that compute (and `_dropout_mask_kernel`, which only `dropout_mask()` runs):
     _matmul_lowrank_kernel   out = x @ w + b + scale * [D] * (l @ r)     y in forward, dx in backward
     _few_rows_kernel         y and xa in one launch, for at most 32 rows  forward when decoding
+                             (its K loop split where N gives few tiles)
     _shrink_kernel           xa  = (D * x) @ A^T / (1 - p)
     _lowrank_grad_kernel     dx_lr = (D * (dxa A)) / (1 - p) and         backward with dropout, when cuBLAS
                              dA = dxa^T @ (D * x) / (1 - p)               computes dy W (or dx is not needed)
@@ -545,11 +546,14 @@ def _few_rows_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)  # the whole rank in one block
-    # This program's share of the K loop: whole BLOCK_K steps, so no split reads a column twice
-    # (with more splits than steps, the last ones have nothing to read and add zeros).
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
+    if SPLIT_K > 1:
+        # This program's share of the K loop: whole BLOCK_K steps, so no split reads a column
+        # twice (with more splits than steps, the last ones have nothing to read and add zeros).
+        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+    else:
+        k_begin, k_end = 0, K  # (compile-time bounds: the unsplit kernel as it was)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x W^T
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # (D * x) A^T
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -576,15 +580,16 @@ def _few_rows_kernel(
         tl.store(slot + acc_at, acc)
         tl.store(slot + xa_at, xa)
         # Every thread's stores are issued before one thread takes the ticket, whose release
-        # publishes them to the GPU (and whose acquire, for the last program, makes the other
-        # programs' partials visible to it).
+        # publishes them to the GPU; for the last program, its acquire makes the other programs'
+        # partials visible to that thread.
         tl.debug_barrier()
         ticket = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
         is_last = ticket == SPLIT_K - 1
     else:
-        is_last = pid_k == 0
+        is_last = True
     if is_last:
         if SPLIT_K > 1:
+            tl.debug_barrier()  # ... and to every thread of it, which reads after the acquire
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k in range(SPLIT_K):
@@ -632,9 +637,29 @@ def _few_rows_configs(interpreted=INTERPRET):
                 (128, 128, 4, 4, 3), (128, 128, 8, 8, 3)]]
 
 
+# A split exists to give a layer with few column tiles enough programs: up to a few waves of an
+# H100's 132 SMs, not more. Beyond, splitting only adds partials to write and read, and scratch
+# to keep (a 128k-token vocabulary head has 1000 tiles of 128 columns).
+SPLIT_K_MAX_PROGRAMS = 512
+
+
+def _configs_for(configs, N):
+    """The few-rows configs worth trying for N output columns: every unsplit one, and the split
+    ones whose programs, cdiv(N, BLOCK_N) * SPLIT_K per row block, stay within
+    SPLIT_K_MAX_PROGRAMS (all of them where none would be left). The autotuner prunes by it, and
+    the scratch is sized by it."""
+    kept = [c for c in configs
+            if c.kwargs["SPLIT_K"] == 1 or _cdiv(N, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] <= SPLIT_K_MAX_PROGRAMS]
+    return kept or configs
+
+
+def _prune_few_rows_configs(configs, named_args, **kwargs):
+    return _configs_for(configs, named_args["N"])
+
+
 def _autotuned_few_rows(configs):
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "DOT_PRECISION", "BLOCK_R"])(
-        _few_rows_kernel)
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "HAS_DROPOUT", "DOT_PRECISION", "BLOCK_R"],
+                           prune_configs_by={"early_config_prune": _prune_few_rows_configs})(_few_rows_kernel)
 
 
 _few_rows_tuned = _autotuned_few_rows(_few_rows_configs())
@@ -642,19 +667,24 @@ _few_rows_tuned = _autotuned_few_rows(_few_rows_configs())
 
 # Split-K scratch, per (device, stream): launches on one stream run one after another, so they
 # may share it, and every launch leaves the counters at 0. A stream being captured into a CUDA
-# graph gets scratch of its own instead, zeroed inside the graph: a graph may be replayed on
-# any stream, beside other graphs.
+# graph gets scratch of its own at every call instead, its counters zeroed inside the graph (one
+# small fill per replay): a graph may be replayed on any stream, beside other graphs.
 _split_scratch: dict = {}
 
 
 def _few_rows_scratch(device, floats, tiles):
     """(partials, arrivals): an fp32 buffer of at least `floats` elements for the split-K
-    partials (never read before written) and at least `tiles` int32 counters, all 0."""
+    partials (never read before written) and at least `tiles` int32 counters, all 0; one-element
+    stand-ins where no config splits (floats = 0: the kernel, compiled without the split, never
+    reads them)."""
+    if not floats:
+        return _no_scratch(device)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    # (the raw stream handle, as triton's launcher reads it: torch.cuda.current_stream builds an object per call)
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None)
     partials, arrivals = (None, None) if capturing else _split_scratch.get(key, (None, None))
     if partials is None or partials.numel() < floats:
-        partials = torch.empty(max(floats, 1), device=device, dtype=torch.float32)  # (1: a pointer to pass)
+        partials = torch.empty(floats, device=device, dtype=torch.float32)
     if arrivals is None or arrivals.numel() < tiles:
         arrivals = torch.zeros(tiles, device=device, dtype=torch.int32)
     if not capturing:
@@ -662,14 +692,20 @@ def _few_rows_scratch(device, floats, tiles):
     return partials, arrivals
 
 
+@functools.cache
+def _no_scratch(device):
+    return torch.empty(1, device=device, dtype=torch.float32), torch.zeros(1, device=device, dtype=torch.int32)
+
+
 @functools.lru_cache(maxsize=None)
 def _few_rows_scratch_size(tuned, N, row_blocks, block_m, block_r):
-    """(floats, tiles) of split-K scratch that any config of the autotuner `tuned` may use: a
-    partial of (block_m, BLOCK_N + block_r) floats per tile and split, and a counter per tile."""
-    configs = [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) for c in tuned.configs]
-    floats = max((row_blocks * _cdiv(N, bn) * split * block_m * (bn + block_r) for bn, split in configs if split > 1),
-                 default=0)
-    return floats, row_blocks * max(_cdiv(N, bn) for bn, _ in configs)
+    """(floats, tiles) of split-K scratch that any config of the autotuner `tuned` tried for N
+    columns (`_configs_for`) may use: a partial of (block_m, BLOCK_N + block_r) floats per tile
+    and split, and a counter per tile. (0, 0) where none splits."""
+    splits = [(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) for c in _configs_for(tuned.configs, N)
+              if c.kwargs["SPLIT_K"] > 1]
+    floats = max((row_blocks * _cdiv(N, bn) * split * block_m * (bn + block_r) for bn, split in splits), default=0)
+    return floats, max((row_blocks * _cdiv(N, bn) for bn, _ in splits), default=0)
 
 
 def _few_rows(x, weight, bias, lora_A, lora_B, scale, p, seed, y=None):

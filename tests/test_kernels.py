@@ -230,8 +230,66 @@ def test_every_gpu_few_rows_tile(config):
             assert rel_err(y, expected) < TOL[torch.bfloat16]
             dropped = mask * args[0] / (1 - kernels.dropout_rate(p))
             assert rel_err(xa, dropped @ args[3].t()) < TOL[torch.bfloat16]
+    if config.kwargs["SPLIT_K"] > 1:
+        partials, arrivals = impl._split_scratch[(x.device, None)]
+        assert not arrivals.any()
+
+
+class FirstSplitOnly:
+    """An autotuned few-rows kernel launched with its grid's axis 2, the splits of K, cut to
+    split 0: the other splits' partials are whatever the scratch holds."""
+
+    def __init__(self, tuned):
+        self.tuned, self.configs = tuned, tuned.configs
+
+    def __getitem__(self, grid):
+        return self.tuned[lambda meta: (*grid(meta)[:2], 1)]
+
+
+@interpreted
+def test_only_the_last_ticket_finishes_a_tile():
+    # The interpreter runs programs in grid order, so there the last split always arrives last.
+    # Here split 0 does: a launch of every split leaves all the partials in the scratch, then
+    # split 0 runs alone, first with its tile's counter at SPLIT_K - 1 (the others are in: it
+    # must add all SPLIT_K partials and write the tile, the same bits), then at 0 (it is not last:
+    # y stays as it was).
+    config = next(c for c in impl._few_rows_configs(interpreted=False)
+                  if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]) == (64, 128, 4))
+    x, weight, bias, lora_A, lora_B = make_inputs((16,), 1000, 150, 16, torch.bfloat16)  # K: 8 steps, 2 a split
+    tuned = impl._autotuned_few_rows([config])
+    tiles = -(-150 // 64)
+    with mock.patch.object(impl, "_few_rows_tuned", tuned):
+        y, xa = impl._few_rows(x, weight, bias, lora_A, lora_B, 2.0, 0.0, 0)
     partials, arrivals = impl._split_scratch[(x.device, None)]
-    assert not arrivals.any()
+    try:
+        with mock.patch.object(impl, "_few_rows_tuned", FirstSplitOnly(tuned)):
+            arrivals[:tiles] = 3
+            last_y, last_xa = impl._few_rows(x, weight, bias, lora_A, lora_B, 2.0, 0.0, 0)
+            assert torch.equal(last_y, y) and torch.equal(last_xa, xa) and not arrivals.any()
+            untouched = torch.full_like(y, 7.0)
+            impl._few_rows(x, weight, bias, lora_A, lora_B, 2.0, 0.0, 0, y=untouched)
+            assert (untouched == 7).all() and (arrivals[:tiles] == 1).all()
+    finally:
+        arrivals.zero_()
+
+
+def test_split_k_scratch_holds_every_config_tried():
+    # The scratch is sized for the split configs the autotuner tries for N columns: each one's
+    # partials (tiles x splits slots of block_m x (BLOCK_N + block_r) floats) and counters fit.
+    # Where every split config would run more than SPLIT_K_MAX_PROGRAMS programs (a vocabulary
+    # head), none is tried and there is no scratch.
+    configs = impl._few_rows_configs(interpreted=False)
+    tuned = impl._autotuned_few_rows(configs)
+    for N in (150, 4096, 11008, 128256):
+        for block_m, block_r in [(16, 16), (32, 64)]:
+            floats, tiles = impl._few_rows_scratch_size(tuned, N, 1, block_m, block_r)
+            tried = impl._configs_for(configs, N)
+            for c in tried:
+                bn, split = c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]
+                if split > 1:
+                    assert -(-N // bn) * split <= impl.SPLIT_K_MAX_PROGRAMS
+                    assert -(-N // bn) <= tiles and -(-N // bn) * split * block_m * (bn + block_r) <= floats
+            assert any(c.kwargs["SPLIT_K"] > 1 for c in tried) == (N < 128256) == (floats > 0)
 
 
 @interpreted
