@@ -89,7 +89,7 @@ fi
 pytest=(env -C "$site" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py)
 if [[ "$PART" == all || "$PART" == kernels ]]; then
     step 150 gpu-tests.log "${pytest[@]}" -k "cuda_graph or bit_for_bit"
-    step 300 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
+    step 360 bench.log "$PY" benchmarks/bench_lora_linear.py --cases targets --profile --out "$OUT"
     rc=$?
     # A crash before any case was written (a graph replay's, the likeliest): the figures without
     # the graph timing. Any other crash would only repeat, and overwrite what was written.
