@@ -153,7 +153,7 @@ def lora_layer(library, W, b, A, B, s, p, **options):
 def make_fused(W, b, A, B, s, p, route=None, **library_settings):
     """The fused function down `route`. library_settings (fused_lora's module attributes, e.g.
     DX_GEMM_FIRST) stand in for the library's own during each call: the forward records
-    DX_GEMM_FIRST for the backward, and reads the few-rows autotuner."""
+    DX_GEMM_FIRST and CUBLAS_WITHOUT_DROPOUT for the backward, and reads the few-rows autotuner."""
     import minipeft.kernels.fused_lora as impl
 
     def fused(x):

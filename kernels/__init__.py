@@ -10,7 +10,7 @@ pure-PyTorch reference, which computes the same function (with dropout, each dra
     dropout_mask(seed, shape, p, device)   the keep-mask a call with that seed used (for tests)
     dropout_rate(p)                        the rate it drops at: p rounded down to a multiple of 2**-16
     forward_path(M, N, K, R, dtype)        which kernels the forward runs for that shape
-    sums_with_atomics(M, N, K, p, dtype)   whether its backward sums dA with atomics (run to run order)
+    is_deterministic(M, N, K, R, p, dtype) whether a call gives the same bits in every run (cuBLAS alone)
     is_available()                         triton can be imported
     set_enabled(flag) / enabled()          global switch, on by default
 
@@ -45,15 +45,15 @@ def set_enabled(flag: bool) -> None:
 
 
 if is_available():
-    from .fused_lora import dropout_mask, dropout_rate, forward_path, lora_linear, sums_with_atomics
+    from .fused_lora import dropout_mask, dropout_rate, forward_path, lora_linear, is_deterministic
 else:
     def _needs_triton(name):
         def unavailable(*args, **kwargs):
             raise RuntimeError(f"minipeft.kernels.{name} needs triton; check minipeft.kernels.is_available()")
         return unavailable
 
-    lora_linear, dropout_mask, dropout_rate, forward_path, sums_with_atomics = (
-        _needs_triton(n) for n in ("lora_linear", "dropout_mask", "dropout_rate", "forward_path", "sums_with_atomics"))
+    lora_linear, dropout_mask, dropout_rate, forward_path, is_deterministic = (
+        _needs_triton(n) for n in ("lora_linear", "dropout_mask", "dropout_rate", "forward_path", "is_deterministic"))
 
-__all__ = ["lora_linear", "dropout_mask", "dropout_rate", "forward_path", "sums_with_atomics", "is_available",
+__all__ = ["lora_linear", "dropout_mask", "dropout_rate", "forward_path", "is_deterministic", "is_available",
            "enabled", "set_enabled"]

@@ -62,9 +62,9 @@ low-rank part and sums dA in one pass; cuBLAS computes dy W first and the pass a
 the GPU starts the backward's largest product before the host has launched the rest
 (`DX_GEMM_FIRST`; off, cuBLAS adds dy W onto the pass's dx last). Without dropout there is no
 mask to draw, and cuBLAS computes both of the pass's products (`CUBLAS_WITHOUT_DROPOUT`). The
-shrink runs here when there is dropout to draw, and in cuBLAS when there is not. The forward with few rows is the
-exception: there y costs about one read of W, and the few-rows kernel saves the two extra
-launches (`forward_path` names the route a shape takes).
+shrink runs here when there is dropout to draw, and in cuBLAS when there is not. The forward
+with few rows is the exception: there y costs about one read of W, and the few-rows kernel
+saves the two extra launches (`forward_path` names the route a shape takes).
 """
 
 import contextlib
@@ -1014,12 +1014,12 @@ def _launch_context(t):
 # 0.81 and 1.01 to 0.69 ms. Read at the forward.
 DX_GEMM_FIRST = True
 
-# The backward's low-rank part without dropout. True: dx's low-rank part and dA are two cuBLAS
-# products (dx += dxa A, dA = dxa^T x): with no mask to draw, our pass would read and write the
-# same bytes, and cuBLAS sums dA in a fixed order (no atomics: allowed under
-# torch.use_deterministic_algorithms) straight into A's dtype (no fp32 buffer to zero, no cast):
-# two launches where the pass takes three. False: our pass, as with dropout. The benchmark times
-# both (`fused[p=0 pass in Triton]`). Read at the forward.
+# The backward's low-rank part without dropout, where cuBLAS computes dy W. True: dx's low-rank
+# part and dA are two cuBLAS products (dx += dxa A, dA = dxa^T x): with no mask to draw, our pass
+# would read and write the same bytes, and cuBLAS sums dA in a fixed order (no atomics: allowed
+# under torch.use_deterministic_algorithms) straight into A's dtype (no fp32 buffer to zero, no
+# cast): two launches where the pass takes three. False: our pass, as with dropout. Not yet timed
+# on a GPU: the benchmark times both (`fused[p=0 pass in Triton]`). Read at the forward.
 CUBLAS_WITHOUT_DROPOUT = True
 
 
@@ -1029,11 +1029,16 @@ def _dx_in_our_gemm(M, N, K, dtype, route):
     return use_fused_base(M, K, N, dtype) if route is None else route == "triton GEMM"
 
 
-def sums_with_atomics(M, N, K, p, dtype=torch.bfloat16, route=None):
-    """Whether lora_linear's backward for x (M, K), W (N, K), dropout p sums dA with atomic adds,
-    whose order varies from run to run: in our pass (which draws the dropout mask) or in our dx
-    GEMM. Without dropout on the cuBLAS route dA is one cuBLAS product (`CUBLAS_WITHOUT_DROPOUT`)."""
-    return p > 0 or not CUBLAS_WITHOUT_DROPOUT or _dx_in_our_gemm(M, N, K, dtype, route)
+def is_deterministic(M, N, K, R, p, dtype=torch.bfloat16, route=None):
+    """Whether lora_linear for x (M, K), W (N, K), rank R and dropout p (0 where the call does not
+    train) gives the same bits in every run and process, as torch.use_deterministic_algorithms
+    asks: only where cuBLAS computes everything, forward and backward, which is the cuBLAS route
+    without dropout (`CUBLAS_WITHOUT_DROPOUT`). Our kernels are not: an autotuner picks their tiles
+    by timing, and each tile sums in its own order; with dropout the backward also sums dA with
+    atomic adds."""
+    forward = route or forward_path(M, N, K, R, dtype)
+    return (dropout_rate(p) == 0 and CUBLAS_WITHOUT_DROPOUT and forward == "cuBLAS base"
+            and not _dx_in_our_gemm(M, N, K, dtype, route))
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -1122,12 +1127,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     `seed`: an int in [0, 2**31), or None to draw one from torch's default CPU generator, which
     needs no GPU sync (torch.manual_seed makes runs repeatable; each such call advances that
     generator, where nn.Dropout would advance the GPU's). `dropout_mask(seed, x.shape, dropout_p)`
-    is the mask a call used, dropping at `dropout_rate(dropout_p)`. With dropout (or in our dx
-    GEMM) dA is summed with atomic adds, so under torch.use_deterministic_algorithms(True) such a
-    call that trains A is refused (`sums_with_atomics`). A seed drawn while a CUDA graph is being
-    captured is baked into the graph, so every replay drops the same elements: capture without
-    dropout (inference). Gradients
-    flow to x, lora_A and lora_B only: the weight and bias must not require grad (the backward
+    is the mask a call used, dropping at `dropout_rate(dropout_p)`. Under
+    torch.use_deterministic_algorithms(True) a call that our kernels would compute is refused
+    (`is_deterministic`): only the cuBLAS route without dropout runs. A seed drawn while a CUDA
+    graph is being captured is baked into the graph, so every replay drops the same elements:
+    capture without dropout (inference). Gradients flow to x, lora_A and lora_B only: the weight and bias must not require grad (the backward
     never computes their gradients). `route` (one of ROUTES) sends the call down that route
     instead of the one `forward_path` picks by shape: for benchmarks and tests, which compare
     the routes.
@@ -1169,12 +1173,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if route == "few rows" and not use_few_rows(rows, r, x.dtype):
         raise ValueError(f"the few-rows route takes 1 to {FEW_ROWS_MAX_M} rows of bfloat16 or float16 and rank <= "
                          f"{FEW_ROWS_MAX_R}; got {rows} rows of {x.dtype}, rank {r}")
-    p = float(dropout_p) if training else 0.0
-    if (grad and lora_A.requires_grad and torch.are_deterministic_algorithms_enabled()
-            and sums_with_atomics(rows, N, K, p, x.dtype, route)):
-        message = ("lora_linear's backward sums dA with atomic adds (with dropout, or in our dx GEMM), whose order "
-                   "varies between runs; with torch.use_deterministic_algorithms(True) train without dropout on the "
-                   "cuBLAS route, or use the reference path (minipeft.kernels.set_enabled(False))")
+    # A rate below 2**-16 drops nothing (`dropout_rate`): no mask to draw, no seed.
+    p = float(dropout_p) if training and dropout_rate(dropout_p) > 0 else 0.0
+    if torch.are_deterministic_algorithms_enabled() and not is_deterministic(rows, N, K, r, p, x.dtype, route):
+        message = ("lora_linear runs Triton kernels here (with dropout, or on the few-rows or triton GEMM route), "
+                   "whose tiles an autotuner picks by timing and whose dA is summed with atomic adds, so the bits "
+                   "vary between runs; with torch.use_deterministic_algorithms(True) only the cuBLAS route without "
+                   "dropout runs (route='cuBLAS base'), or use the reference path (minipeft.kernels.set_enabled(False))")
         if not torch.is_deterministic_algorithms_warn_only_enabled():
             raise RuntimeError(message)
         warnings.warn(message, stacklevel=2)
@@ -1192,4 +1197,4 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
 
 
 __all__ = ["lora_linear", "dropout_mask", "dropout_rate", "use_fused_base", "use_few_rows", "forward_path",
-           "sums_with_atomics", "ROUTES", "LoraLinearFunction"]
+           "is_deterministic", "ROUTES", "LoraLinearFunction"]

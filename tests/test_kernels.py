@@ -419,16 +419,22 @@ def test_what_is_refused_and_what_is_not(monkeypatch):
         weight.requires_grad_(True)
         assert torch.equal(call(), kernels.lora_linear(x, weight.detach(), b, lora_A, lora_B, 1.0))
     weight.requires_grad_(False)
-    # dA's atomic adds (with dropout, or in our dx GEMM) vary in order: a call that trains A is
-    # refused under deterministic algorithms; without dropout on the cuBLAS route cuBLAS sums dA.
+    # Under deterministic algorithms only cuBLAS runs: our kernels' tiles are autotuned by timing
+    # (each sums in its own order) and, with dropout, dA is summed with atomic adds; so a call
+    # that our kernels would compute is refused, whether it trains or not. A rate below 2**-16
+    # drops nothing, so it is a call without dropout.
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    lora_A.requires_grad_(True)
-    for refused in [dict(dropout_p=0.1), dict(route="triton GEMM")]:
-        with pytest.raises(RuntimeError, match="atomic adds"):
-            call(**refused)
-    call(), call(dropout_p=0.1, training=False)
-    lora_A.requires_grad_(False)
-    call(dropout_p=0.1)  # nothing summed with atomics
+    for trains_A in (True, False):
+        lora_A.requires_grad_(trains_A)
+        for refused in [dict(dropout_p=0.1), dict(route="triton GEMM")]:
+            with pytest.raises(RuntimeError, match="autotuner"):
+                call(**refused)
+        assert torch.equal(call(dropout_p=1e-6), call()) and torch.equal(call(dropout_p=0.1, training=False), call())
+    bf16 = [t.to(torch.bfloat16) for t in (x, weight, b, lora_A, lora_B)]
+    with pytest.raises(RuntimeError, match="few-rows"):
+        kernels.lora_linear(*bf16, 1.0)  # decoding's route, for 4 rows of bf16
+    assert torch.equal(kernels.lora_linear(*bf16, 1.0, route="cuBLAS base"),
+                       kernels.lora_linear(*bf16, 1.0, route="cuBLAS base"))
 
 
 @interpreted

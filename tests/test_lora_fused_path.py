@@ -66,7 +66,7 @@ class _FakeQuantLinear(nn.Linear):
 def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, monkeypatch, request):
     # The kernels compute F.linear in place of calling the base layer: anything else the call
     # would do sends the layer down its reference path. Under deterministic algorithms, so does
-    # dropout in training, whose backward sums dA with atomics; without dropout cuBLAS sums it.
+    # anything but the cuBLAS route without dropout (kernels.is_deterministic).
     # (CUDA faked around the rule alone.)
     base = nn.Sequential(_FakeQuantLinear(8, 8) if change == "subclass" else nn.Linear(8, 8))
     dropout = 0.1 if change == "deterministic" else 0.0
@@ -90,3 +90,5 @@ def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, m
     assert layer._fused_path_applies(x, ["default"]) == (change in ("none", "deterministic, no dropout"))
     if change == "deterministic":
         assert layer.eval()._fused_path_applies(x, ["default"])  # (no dropout in eval mode)
+    if change == "deterministic, no dropout":  # ... but decoding's few-rows kernel is autotuned
+        assert not layer.to(torch.bfloat16)._fused_path_applies(x.to(torch.bfloat16), ["default"])

@@ -525,11 +525,12 @@ class LoraLinear(LoraLayer):
         kernels = fused_kernels()
         if kernels is None or not (kernels.is_available() and kernels.enabled()):
             return False
-        # With dropout the kernels sum dA with atomic adds, whose order varies from run to run.
+        # Under deterministic algorithms, only where the fused function is cuBLAS alone: no
+        # autotuned kernel (tiles picked by timing), no atomic adds.
         dropout = self.lora_dropout[adapters[0]]
         p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
-        if torch.are_deterministic_algorithms_enabled() and \
-                kernels.sums_with_atomics(x.shape[:-1].numel(), base.out_features, base.in_features, p, x.dtype):
+        if torch.are_deterministic_algorithms_enabled() and not kernels.is_deterministic(
+                x.shape[:-1].numel(), base.out_features, base.in_features, self.r[adapters[0]], p, x.dtype):
             return False
         # The kernels compute no gradient for W or b: a trainable base takes the reference path.
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):

@@ -210,15 +210,17 @@ class TrainableTokensLayer(AdapterLayer):
     def _check_disjoint_with_inner_layers(self, active: list[str]) -> None:
         """The active adapters here, and those of the token layers nested inside this one (the
         method of its own and LoRA's tokens on one embedding), train disjoint tokens: else this
-        layer's rows would silently hide the inner one's. (A mixed batch runs one adapter a row;
-        none may overlap either.)"""
-        indices, names = dict(self.token_indices), list(active)
-        for inner in wrapper_chain(self.base_layer):
-            if isinstance(inner, TrainableTokensLayer) and not inner.disable_adapters:
-                inner_active = inner.adapters_to_apply()
-                indices.update({name: inner.token_indices[name] for name in inner_active})
-                names += inner_active
-        check_disjoint(indices, names)
+        layer's rows would silently hide the inner one's. (In a mixed batch each row runs one
+        adapter, so nothing overlaps there.)"""
+        layers = self._token_layers_within()
+        names = active + [name for layer in layers[1:] for name in layer.adapters_to_apply()]
+        check_disjoint({name: ids for layer in layers for name, ids in layer.token_indices.items()}, names)
+
+    def _token_layers_within(self) -> list[TrainableTokensLayer]:
+        """This layer and the token layers nested inside it on one embedding, outermost first."""
+        if not hasattr(type(self.base_layer), "base_layer_name"):
+            return [self]  # a plain module: nothing nested (and is_wrapper would ask it slowly, by an AttributeError)
+        return [self, *(m for m in wrapper_chain(self.base_layer) if isinstance(m, TrainableTokensLayer))]
 
     def _with_tokens(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` with adapter ``name``'s tokens read from its trained rows (``x``: the ids an
