@@ -574,6 +574,8 @@ class PeftModel(nn.Module):
         would rotate a weight that LoRA then adds to, which the unmerged model never computes."""
         merging = {id(layer): here for _, layer, here in plan}
         for layer_name, layer, here in plan:
+            if isinstance(layer, TrainableTokensLayer):
+                layer.check_disjoint_merges(merging)  # (nested on one embedding: no token written twice)
             if not layer.folds_into_weight:  # it writes nothing here (a tied head: the embedding writes)
                 continue
             for inner in wrapper_chain(getattr(layer, layer.base_layer_name)):

@@ -435,6 +435,9 @@ def test_token_layers_nested_on_one_embedding_train_disjoint_tokens(gpt2, lora_f
     model.base_model.set_adapter(["own", "overlap"])
     with pytest.raises(ValueError, match="both train token 5"):
         model.get_base_model().transformer.wte(ids)  # (read again: "overlap" may have wrapped it anew)
+    with pytest.raises(ValueError, match="both train token 5"):
+        model.merge_adapter(["own", "overlap"])
+    assert model.get_model_status().merged_adapters == []  # refused before anything was merged
 
 
 def test_lora_on_the_tied_head_keeps_its_term_on_the_trained_tokens(gpt2, tmp_path):

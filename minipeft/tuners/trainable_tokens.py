@@ -216,6 +216,16 @@ class TrainableTokensLayer(AdapterLayer):
         names = active + [name for layer in layers[1:] for name in layer.adapters_to_apply()]
         check_disjoint({name: ids for layer in layers for name, ids in layer.token_indices.items()}, names)
 
+    def check_disjoint_merges(self, merging: dict[int, list[str]]) -> None:
+        """Before a merge (``merging``: id of each layer -> the adapters to merge there): the
+        adapters merged and to be merged here and in the token layers nested inside train
+        disjoint tokens, as the forward asks of the active ones; else the outer rows written last
+        would hide the inner ones."""
+        layers = self._token_layers_within()
+        names = [name for layer in layers for name in layer.merged_adapters + merging.get(id(layer), [])]
+        check_disjoint({name: ids for layer in layers for name, ids in layer.token_indices.items()},
+                       list(dict.fromkeys(names)), merging=True)
+
     def _token_layers_within(self) -> list[TrainableTokensLayer]:
         """This layer and the token layers nested inside it on one embedding, outermost first."""
         if not hasattr(type(self.base_layer), "base_layer_name"):
