@@ -448,14 +448,17 @@ def profile_kernels(profiled, device):
 def host_profile(step, params, device, steps=10):
     """Where a step's host time goes, the steps queued back to back as do_bench queues them (no
     sync between): {"host_ms": per step until the last step returns, "wall_ms": until its GPU
-    work ends, "gpu_ms": the GPU's kernels, copies and fills per step (None on the CPU), "ops":
-    [(host operation, calls per step, its own us per step)], slowest first}.
+    work ends, "gpu_ms": the GPU's kernels, copies and fills per step (None on the CPU),
+    "outside_ops_ms": per step, host time inside no traced operation, "ops": [(host operation,
+    calls per step, its own us per step)], slowest first}.
 
     host_ms near wall_ms means the GPU waits for the host; an operation whose own time is far
-    above a launch's (a few us) is where the host waits, on an allocation or a sync. The final
-    sync, which waits for the queued GPU work, is left out of ops. The profiler's bookkeeping
-    adds to every operation, so these compare methods; the host column of the timing table
-    times them."""
+    above a launch's (a few us) is where the host waits, on an allocation or a sync. What no
+    operation covers is Python: the layer's own, autograd's, and Triton's launcher up to its
+    driver call, which the profiler does not trace (the untraced share of a step, host_ms less
+    the time of its outermost operations). The final sync, which waits for the queued GPU work,
+    is left out. The profiler's bookkeeping adds to every operation, so these compare methods;
+    the host column of the timing table times them."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     for _ in range(2):  # warm-up, as in kernel_times
@@ -474,15 +477,19 @@ def host_profile(step, params, device, steps=10):
         wall = time.perf_counter() - start
     events = [e for e in prof.events() if not getattr(e, "is_user_annotation", False) and e.name != FINAL_SYNC]
     sync_start = min((e.time_range.start for e in prof.events() if e.name == FINAL_SYNC), default=float("inf"))
-    ops, gpu_us = {}, 0.0
+    ops, gpu_us, traced_us = {}, 0.0, 0.0
     for e in events:
         if e.device_type.name == "CUDA":
             gpu_us += e.self_device_time_total
-        elif e.time_range.start < sync_start and e.self_cpu_time_total > 0:
-            calls, us = ops.get(e.name, (0, 0.0))
-            ops[e.name] = (calls + 1, us + e.self_cpu_time_total)
+        elif e.time_range.start < sync_start:
+            if e.cpu_parent is None:  # an outermost operation (the backward's run on autograd's thread)
+                traced_us += e.cpu_time_total
+            if e.self_cpu_time_total > 0:
+                calls, us = ops.get(e.name, (0, 0.0))
+                ops[e.name] = (calls + 1, us + e.self_cpu_time_total)
     return {"host_ms": host * 1e3 / steps, "wall_ms": wall * 1e3 / steps,
             "gpu_ms": gpu_us / steps / 1e3 if device == "cuda" else None,
+            "outside_ops_ms": max(0.0, host * 1e3 - traced_us / 1e3) / steps,
             "ops": sorted(((name, calls / steps, us / steps) for name, (calls, us) in ops.items()),
                           key=lambda op: -op[2])[:HOST_OPS_KEPT]}
 
@@ -588,7 +595,10 @@ def kernels_markdown(results, top=8):
             for what, host in row.get("host_profile", {}).items():
                 gpu = ("" if host["gpu_ms"] is None else f", {host['wall_ms']:.3f} ms to the end of its GPU work "
                        f"({host['gpu_ms']:.3f} ms on the GPU: busy {host['gpu_ms'] / host['wall_ms']:.0%})")
-                lines += [f"\n{where}, its host: {host['host_ms']:.3f} ms per {what} queued back to back{gpu}\n",
+                outside = host.get("outside_ops_ms")  # (not in results written before it was)
+                untraced = "" if outside is None else f"; {outside:.3f} ms of it in no operation (Python, launchers)"
+                lines += [f"\n{where}, its host: {host['host_ms']:.3f} ms per {what} queued back to back{gpu}"
+                          f"{untraced}\n",
                           "| host operation | calls | own us |", "|---|---:|---:|"]
                 lines += [f"| `{name[:90]}` | {calls:g} | {us:.1f} |" for name, calls, us in host["ops"][:top]]
         speed = {phase: gemm_speed(case, phase) for phase in ("fwd", "bwd", "fwd+bwd")}

@@ -8,6 +8,7 @@ to check any of it.
 
 import contextlib
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,21 @@ def test_the_host_profile_counts_each_steps_operations_with_fresh_gradients(benc
     text = bench.kernels_markdown([case])
     assert "fused at M=16 K=8 N=8 r=2 p=0.0, its host: " in text and "per forward + backward queued" in text
     assert "| `aten::mm` | 4 |" in text and "us of kernels" not in text
+
+
+def test_the_host_profile_tells_the_host_time_no_operation_covers(bench):
+    # Python between operations (a launcher's own work, here a sleep) is in no traced operation.
+    x, w = torch.randn(8, 8), torch.randn(8, 8)
+
+    def step():
+        time.sleep(0.002)
+        return x @ w
+
+    profiled = bench.host_profile(step, [], "cpu", steps=4)
+    assert 1.8 <= profiled["outside_ops_ms"] <= profiled["host_ms"]
+    case = {"M": 16, "K": 8, "N": 8, "r": 2, "p": 0.0,
+            "rows": [{"method": "fused", "host_profile": {"no-grad forward": profiled}}]}
+    assert f"{profiled['outside_ops_ms']:.3f} ms of it in no operation" in bench.kernels_markdown([case])
 
 
 def test_the_host_profile_leaves_out_the_final_sync(bench, monkeypatch):
