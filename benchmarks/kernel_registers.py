@@ -171,8 +171,8 @@ def shrink_rows(dtype):
             yield name, (*resources(compiled), f"{loop} ({per_element:.1f} per element of x)")
 
 
-def few_rows_rows(dtype, dropout, rows=16, rank=R):
-    """The decoding forward, _few_rows_kernel, at `rows` rows of the flagship layer."""
+def few_rows_args(dtype, dropout, rows=16, rank=R):
+    """(arguments, flags) of _few_rows_kernel, the decoding forward, at `rows` rows of the flagship layer."""
     p = f"*{dtype}"
     args = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=p, b_ptr=p, y_ptr=p, xa_ptr=p, partial_ptr="*fp32",
                 arrivals_ptr="*i32", M=rows, N=N, K=K, R=rank,
@@ -181,6 +181,12 @@ def few_rows_rows(dtype, dropout, rows=16, rank=R):
                 scale=2.0, keep_scale=1.0, threshold=6553, seed=1234, M_BUCKET=rows)
     flags = dict(HAS_BIAS=True, HAS_DROPOUT=dropout, DOT_PRECISION="tf32", BLOCK_M=max(16, rows),
                  BLOCK_R=max(16, triton.next_power_of_2(rank)))
+    return args, flags
+
+
+def few_rows_rows(dtype, dropout, rows=16, rank=R):
+    """The decoding forward in each autotuning config."""
+    args, flags = few_rows_args(dtype, dropout, rows, rank)
     for config in fl._few_rows_configs():
         compiled = compile_for_sm90(fl._few_rows_kernel, args, {**flags, **config.kwargs},
                                     config.num_warps, config.num_stages)

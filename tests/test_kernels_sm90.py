@@ -39,8 +39,8 @@ def test_every_kernel_compiles_for_sm90_and_the_forward_gemm_does_not_spill():
     assert spilling("dx GEMM with dA summed in it, bf16, dropout 0") == []
     # The TMA configs (large tiles only) keep the forward in registers too.
     assert spilling("y with TMA loads, bf16", configs=6) == []
-    # Decoding: the one-launch forward keeps x W^T and xa in registers in every config.
-    assert spilling("few rows: y and xa in one launch (decoding forward), M = 16, bf16", configs=6) == []
+    # Decoding: the one-launch forward keeps x W^T and xa in registers in every config, split or not.
+    assert spilling("few rows: y and xa in one launch (decoding forward), M = 16, bf16", configs=12) == []
     # The shrink, with and without the dropout mask, in every config.
     assert spilling("the shrink, bf16", configs=12) == []
     # The backward's low-rank pass, at the flagship rank and at 256 (narrower columns).
@@ -68,6 +68,20 @@ def ptx_instructions(compile_kernel, pattern):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  a list literal the child printed
+
+
+@pytest.mark.slow
+def test_split_k_partials_meet_through_a_gpu_scope_release_and_acquire():
+    # A split config's programs store their partials, pass a barrier, and take a ticket with a
+    # GPU-scope acquire-release atomic; the last one reads the partials from L2 (.cg), never
+    # from a stale L1. (What the interpreter cannot check: it runs one program at a time.)
+    found = ptx_instructions("""
+config = next(c for c in fl._few_rows_configs() if c.kwargs["SPLIT_K"] == 4)
+args, flags = kr.few_rows_args("bf16", dropout=False)
+ptx = kr.compile_for_sm90(fl._few_rows_kernel, args, {**flags, **config.kwargs}, config.num_warps,
+                          config.num_stages).asm["ptx"]
+""", r"atom\.global\.gpu\.acq_rel\.add\.u32|ld\.global\.cg\.v4\.b32|bar\.sync")
+    assert found == ["atom.global.gpu.acq_rel.add.u32", "bar.sync", "ld.global.cg.v4.b32"], found
 
 
 @pytest.mark.slow
