@@ -214,7 +214,7 @@ class TrainableTokensLayer(AdapterLayer):
         adapter, so nothing overlaps there.)"""
         layers = self._token_layers_within()
         names = active + [name for layer in layers[1:] for name in layer.adapters_to_apply()]
-        check_disjoint({name: ids for layer in layers for name, ids in layer.token_indices.items()}, names)
+        _check_disjoint_across(layers, names)
 
     def check_disjoint_merges(self, merging: dict[int, list[str]]) -> None:
         """Before a merge (``merging``: id of each layer -> the adapters to merge there): the
@@ -223,8 +223,7 @@ class TrainableTokensLayer(AdapterLayer):
         would hide the inner ones."""
         layers = self._token_layers_within()
         names = [name for layer in layers for name in layer.merged_adapters + merging.get(id(layer), [])]
-        check_disjoint({name: ids for layer in layers for name, ids in layer.token_indices.items()},
-                       list(dict.fromkeys(names)), merging=True)
+        _check_disjoint_across(layers, list(dict.fromkeys(names)), merging=True)
 
     def _token_layers_within(self) -> list[TrainableTokensLayer]:
         """This layer and the token layers nested inside it on one embedding, outermost first."""
@@ -373,6 +372,13 @@ class TrainableTokensWrapper(nn.Module):
             if name.startswith("_") or self.base_layer_name not in self.__dict__.get("_modules", {}):
                 raise  # (not built yet, or torch's own lookups)
         return getattr(self.token_adapter, name)
+
+
+def _check_disjoint_across(layers: list[TrainableTokensLayer], names: list[str], merging: bool = False) -> None:
+    """``check_disjoint`` over the adapters of several token layers nested on one embedding (the
+    id map is built only where two adapters could overlap: this runs on every forward)."""
+    if len(names) > 1:
+        check_disjoint({name: ids for layer in layers for name, ids in layer.token_indices.items()}, names, merging)
 
 
 def check_disjoint(token_indices: dict[str, list[int]], names: list[str], merging: bool = False) -> None:
