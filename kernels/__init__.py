@@ -18,19 +18,19 @@ Under TRITON_INTERPRET=1 (set before triton is first imported) the kernels also 
 tensors, slowly; that is how the tests check them on machines without a GPU.
 """
 
-import functools
-
+# Whether triton can be imported, looked up once: the LoRA layer asks on every forward, and a plain
+# constant is also what torch.compile traces without complaint (it warns at cached functions).
+try:
+    import triton  # noqa: F401
+    _TRITON = True
+except ImportError:
+    _TRITON = False
 _enabled = True
 
 
-@functools.cache  # the LoRA layer asks on every forward
 def is_available() -> bool:
     """Whether triton can be imported, i.e. whether the fused kernels can run at all."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON
 
 
 def enabled() -> bool:

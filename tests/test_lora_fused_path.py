@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import minipeft.tuners.lora as lora
 from minipeft import LoraConfig, get_peft_model
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
@@ -86,7 +87,7 @@ def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, m
     elif change.startswith("deterministic"):
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     x = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)]) if change == "nested" else torch.randn(2, 8)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(lora, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))  # as if x were on the GPU
     assert layer._fused_path_applies(x, ["default"]) == (change in ("none", "deterministic, no dropout"))
     if change == "deterministic":
         assert layer.eval()._fused_path_applies(x, ["default"])  # (no dropout in eval mode)

@@ -36,7 +36,6 @@ Parameter names match peft's: ``lora_A.<adapter>.weight``, ``lora_B.<adapter>.we
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -517,7 +516,8 @@ class LoraLinear(LoraLayer):
     # -- fused Triton path --------------------------------------------------------------------
     def _fused_path_applies(self, x: torch.Tensor, adapters: list[str]) -> bool:
         """The Triton path runs one plain LoRA adapter on a frozen CUDA nn.Linear; all else is reference."""
-        if not (x.is_cuda and not x.is_nested and len(adapters) == 1 and self.use_fused_kernels[adapters[0]]):
+        if not (x.device.type in FUSED_DEVICE_TYPES and not x.is_nested and len(adapters) == 1
+                and self.use_fused_kernels[adapters[0]]):
             return False
         base = self.base_layer
         if not _runs_plain_linear(base) or self.use_dora[adapters[0]] or torch.is_autocast_enabled():
@@ -566,18 +566,28 @@ def _runs_plain_linear(module: nn.Module) -> bool:
             and not any(getattr(everywhere, "_global" + name) for name in hooks))
 
 
-@functools.cache  # asked on every forward on CUDA
+# Where the fused path runs: CUDA tensors. (Tests add "cpu" under TRITON_INTERPRET=1, whose
+# interpreter runs the kernels on CPU tensors, to check the layer's whole route on a CPU.)
+FUSED_DEVICE_TYPES = ("cuda",)
+
+_kernels = None  # minipeft.kernels once looked up (False where it cannot be imported)
+
+
 def fused_kernels():
     """minipeft.kernels, or None where it cannot be imported. The wheel installs kernels/ as
     minipeft.kernels; a source checkout put on sys.path without `pip install -e .` has kernels/
-    beside minipeft/ instead, and then LoRA runs its reference path, after one warning."""
-    try:
-        from .. import kernels
-    except ImportError as error:
-        warnings.warn(f"minipeft.kernels cannot be imported ({error}); is minipeft used from a checkout without "
-                      "`pip install -e .`? LoRA layers on CUDA run the pure-PyTorch reference path", stacklevel=2)
-        return None
-    return kernels
+    beside minipeft/ instead, and then LoRA runs its reference path, after one warning. Looked up
+    on the first forward on CUDA (importing triton takes a while) and kept in a global, not a
+    functools.cache: torch.compile traces this on every LoRA layer, and it warns at cached functions."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from .. import kernels as _kernels
+        except ImportError as error:
+            warnings.warn(f"minipeft.kernels cannot be imported ({error}); is minipeft used from a checkout without "
+                          "`pip install -e .`? LoRA layers on CUDA run the pure-PyTorch reference path", stacklevel=2)
+            _kernels = False
+    return _kernels or None
 
 
 class LoraEmbedding(LoraLayer):
