@@ -14,6 +14,8 @@ pure-PyTorch reference, which computes the same function (with dropout, each dra
     is_available()                         triton can be imported
     set_enabled(flag) / enabled()          global switch, on by default
 
+Under torch.compile, lora_linear is one custom op in the compiled graph (`torch_compile.py`).
+
 Under TRITON_INTERPRET=1 (set before triton is first imported) the kernels also run on CPU
 tensors, slowly; that is how the tests check them on machines without a GPU.
 """
@@ -46,6 +48,7 @@ def set_enabled(flag: bool) -> None:
 
 if is_available():
     from .fused_lora import dropout_mask, dropout_rate, forward_path, lora_linear, is_deterministic
+    from . import torch_compile  # noqa: F401  (registers lora_linear's custom ops, for torch.compile)
 else:
     def _needs_triton(name):
         def unavailable(*args, **kwargs):

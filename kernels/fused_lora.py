@@ -1079,43 +1079,63 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        s, p, seed = ctx.scaling, ctx.p, ctx.seed
-        N, K = weight.shape
-        M = xa.shape[0]
-        dy2 = dy.reshape(M, N)
         want_dx, want_da, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        on_cublas = want_dx and not ctx.dx_in_our_gemm
-
-        dx = torch.mm(dy2, weight) if on_cublas and ctx.dx_gemm_first else None  # (M, K): dy W first
-
-        # dxa = s * dy B (M, r) and dB = s * dy^T xa (N, r), each one cuBLAS call: addmm with
-        # beta = 0 never reads its first argument (a tensor of the result's shape) and applies
-        # alpha = s in fp32 in the GEMM's epilogue, where a separate scaling would be a launch.
-        dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s) if want_dx or want_da else None
-        dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if want_db else None
-
-        dA = None
-        if want_dx and ctx.dx_in_our_gemm:
-            # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, the masked low-rank term
-            # its accumulator's start; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
-            dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, _keep_scale(p), p, seed,
-                                     xin=x2 if want_da else None)
-            dA = da.to(lora_A.dtype) if da is not None else None
-        elif p == 0 and ctx.cublas_without_dropout:
-            # No mask to draw: dx's low-rank part (added onto dy W, or written first) and dA are
-            # two cuBLAS products (`CUBLAS_WITHOUT_DROPOUT`).
-            if want_dx:
-                dx = torch.mm(dxa, lora_A) if dx is None else dx.addmm_(dxa, lora_A)  # (M, K)
-            dA = torch.mm(dxa.t(), x2) if want_da else None  # (r, K)
-        elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)
-            # One pass writes dx's masked low-rank part (or adds it onto dy W) and sums dA.
-            dx, da = _lowrank_grads(dxa, lora_A, x2, p, seed, want_dx, want_da, add_to=dx)
-            dA = da.to(lora_A.dtype) if da is not None else None
-        if on_cublas and not ctx.dx_gemm_first:
-            dx.addmm_(dy2, weight)  # dy W last, onto the low-rank part
+        dx, dA, dB = _lora_backward(dy, x2, xa, weight, lora_A, lora_B, ctx.scaling, ctx.p, ctx.seed, want_dx, want_da,
+                                    want_db, ctx.dx_in_our_gemm, ctx.dx_gemm_first, ctx.cublas_without_dropout)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         # No gradient for the frozen weight and bias, nor for scaling, p, seed and route.
         return dx, None, None, dA, dB, None, None, None, None
+
+
+def _lora_backward(dy, x2, xa, weight, lora_A, lora_B, s, p, seed, want_dx, want_da, want_db,
+                   dx_in_our_gemm, dx_gemm_first, cublas_without_dropout):
+    """(dx (M, K), dA (r, K), dB (N, r)) for dy (..., N), each None where not wanted, from what the
+    forward saved: x2 (M, K) (None where A is frozen), xa (M, r), the frozen W (N, K), A, B, and
+    the seed of the dropout mask. The last three arguments are the forward's reading of
+    `_dx_in_our_gemm`, DX_GEMM_FIRST and CUBLAS_WITHOUT_DROPOUT."""
+    N, K = weight.shape
+    M = xa.shape[0]
+    dy2 = dy.reshape(M, N)
+    on_cublas = want_dx and not dx_in_our_gemm
+
+    dx = torch.mm(dy2, weight) if on_cublas and dx_gemm_first else None  # (M, K): dy W first
+
+    # dxa = s * dy B (M, r) and dB = s * dy^T xa (N, r), each one cuBLAS call: addmm with
+    # beta = 0 never reads its first argument (a tensor of the result's shape) and applies
+    # alpha = s in fp32 in the GEMM's epilogue, where a separate scaling would be a launch.
+    dxa = torch.addmm(xa, dy2, lora_B, beta=0, alpha=s) if want_dx or want_da else None
+    dB = torch.addmm(lora_B, dy2.t(), xa, beta=0, alpha=s) if want_db else None
+
+    dA = None
+    if want_dx and dx_in_our_gemm:
+        # dx = dy W + (D / (1 - p)) * (dxa A): the same GEMM as y, the masked low-rank term
+        # its accumulator's start; dA = dxa^T (D * x) / (1 - p) is summed in the same kernel (R_GRAD).
+        dx, da = _matmul_lowrank(dy2, weight, None, dxa, lora_A, _keep_scale(p), p, seed, xin=x2 if want_da else None)
+        dA = da.to(lora_A.dtype) if da is not None else None
+    elif p == 0 and cublas_without_dropout:
+        # No mask to draw: dx's low-rank part (added onto dy W, or written first) and dA are
+        # two cuBLAS products (`CUBLAS_WITHOUT_DROPOUT`).
+        if want_dx:
+            dx = torch.mm(dxa, lora_A) if dx is None else dx.addmm_(dxa, lora_A)  # (M, K)
+        dA = torch.mm(dxa.t(), x2) if want_da else None  # (r, K)
+    elif want_dx or want_da:  # (dA alone: e.g. the first adapted layer, whose input needs no gradient)
+        # One pass writes dx's masked low-rank part (or adds it onto dy W) and sums dA.
+        dx, da = _lowrank_grads(dxa, lora_A, x2, p, seed, want_dx, want_da, add_to=dx)
+        dA = da.to(lora_A.dtype) if da is not None else None
+    if on_cublas and not dx_gemm_first:
+        dx.addmm_(dy2, weight)  # dy W last, onto the low-rank part
+    return dx, dA, dB
+
+
+def draw_seed(p):
+    """A seed for a call with dropout p, from torch's default CPU generator (not the default
+    device's: reading a GPU tensor would sync), and 0 without dropout (nothing to draw)."""
+    return int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else 0
+
+
+def _compiling():
+    """Whether torch.compile is tracing this call, on a torch that can register custom ops (2.4 on)."""
+    return hasattr(torch.library, "register_autograd") and torch.compiler.is_compiling()
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, route=None):
@@ -1134,7 +1154,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     capture without dropout (inference). Gradients flow to x, lora_A and lora_B only: the weight and bias must not require grad (the backward
     never computes their gradients). `route` (one of ROUTES) sends the call down that route
     instead of the one `forward_path` picks by shape: for benchmarks and tests, which compare
-    the routes.
+    the routes. Under torch.compile the call is one custom op (`torch_compile.py`), whose seed,
+    when not given, is drawn each time the compiled code runs.
     """
     grad = torch.is_grad_enabled()
     if grad and (weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -1184,8 +1205,15 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             raise RuntimeError(message)
         warnings.warn(message, stacklevel=2)
     bias = bias.contiguous() if bias is not None else None  # the GEMM reads the bias with stride 1
+    if _compiling():
+        # torch.compile cannot trace the kernels' host code (autotuners with hooks, scratch per
+        # stream, the seed's draw): the call is one opaque op in its graph, which draws the seed
+        # when it runs (kernels/torch_compile.py).
+        y, _, _ = torch.ops.minipeft.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p,
+                                                 -1 if seed is None else seed, route)
+        return y
     if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else 0  # (not the default device: a sync)
+        seed = draw_seed(p)
     if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
         # Nothing to differentiate (inference, decoding): the forward runs without autograd's
         # bookkeeping, which costs the host about as much as one more tensor operation (4 of

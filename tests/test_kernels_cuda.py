@@ -256,6 +256,42 @@ def test_replays_from_a_cuda_graph(route, few_rows_config):
         assert rel_err(y, expected) < TOL[torch.bfloat16], f"replay {seed} on the {route!r} route"
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="inductor's GPU code needs a GPU")
+def test_a_lora_model_compiles_whole_on_the_gpu():
+    # torch.compile with inductor, fullgraph: each fused layer is one op (kernels/torch_compile.py)
+    # and the step computes what the eager step computes, dropout mask included (same generator).
+    # Then a decoding-style no-grad forward without dropout under CUDA graphs (reduce-overhead),
+    # replayed on new inputs.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 384), nn.GELU(), nn.Linear(384, 128)).to(DEVICE, torch.bfloat16)
+    config = LoraConfig(r=16, target_modules=["0", "2"], lora_dropout=0.1, init_lora_weights=False)
+    model = get_peft_model(model, config).train()
+    x = torch.randn(4, 64, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(fn):
+        for t in [x, *params]:
+            t.grad = None
+        torch.manual_seed(3)
+        y = fn(x)
+        y.float().square().sum().backward()
+        return [y.detach(), x.grad, *(p.grad for p in params)]
+
+    eager = step(model)
+    torch._dynamo.reset()
+    for got, want in zip(step(torch.compile(model, fullgraph=True)), eager, strict=True):
+        assert rel_err(got, want) < TOL[torch.bfloat16]
+
+    model.eval()
+    decode = torch.compile(torch.no_grad()(model), mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):
+        generator = torch.Generator(DEVICE).manual_seed(seed)
+        tokens = torch.randn(8, 256, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+        got = decode(tokens).clone()
+        with torch.no_grad():
+            assert rel_err(got, model(tokens)) < TOL[torch.bfloat16], f"call {seed}"
+
+
 @compiled
 @pytest.mark.parametrize("allow_tf32", [False, True])
 @pytest.mark.parametrize("path", ["triton GEMM", "cuBLAS base"])  # the few-rows route is 16-bit only
