@@ -49,7 +49,6 @@ peft's keys and shapes.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 
@@ -60,7 +59,7 @@ from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, ch
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
 from .oft import cayley, rotate
-from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
+from .weight_transform import InputTransformConv, InputTransformLayer, index_cache, refuse_wrapped_convolution
 
 
 @dataclass
@@ -112,7 +111,7 @@ class BOFTConfig(PeftConfig):
 
 
 # -- the butterfly ------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@index_cache
 def butterfly_permutation(size: int, block_size: int, factor: int, device: torch.device) -> torch.Tensor:
     """``perm`` of factor ``factor``, with ``P[k, perm[k]] = 1`` (module docstring): in each group of
     ``b 2^i`` features, chunk ``order[c]`` of ``b / 2`` features moves to place ``c``, the even chunks
@@ -126,7 +125,7 @@ def butterfly_permutation(size: int, block_size: int, factor: int, device: torch
     return (torch.arange(0, size, group)[:, None] + within).flatten().to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@index_cache
 def inverse_permutation(size: int, block_size: int, factor: int, device: torch.device) -> torch.Tensor:
     return torch.argsort(butterfly_permutation(size, block_size, factor, device))
 

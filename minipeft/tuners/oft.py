@@ -62,7 +62,6 @@ and shapes: files load both ways for the layers peft adapts (``nn.Linear``, ``nn
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ from torch import nn
 from ..config import PeftConfig, PeftType, check_bias, check_layer_selection, check_probability, is_positive_int
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout
 from .base import wide
-from .weight_transform import InputTransformConv, InputTransformLayer, refuse_wrapped_convolution
+from .weight_transform import InputTransformConv, InputTransformLayer, index_cache, refuse_wrapped_convolution
 
 
 @dataclass
@@ -145,9 +144,9 @@ NEUMANN_SERIES_SINCE = "0.18.0"
 
 
 # -- the rotation ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@index_cache
 def upper_indices(block_size: int, device: torch.device) -> torch.Tensor:
-    """(rows, cols) of the entries above the diagonal of a b x b matrix, made once per size and device."""
+    """(rows, cols) of the entries above the diagonal of a b x b matrix, made once per size and device (eager)."""
     return torch.triu_indices(block_size, block_size, 1, device=device)
 
 

@@ -31,11 +31,25 @@ order rule above is unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..targeting import CONVOLUTIONS
 from .base import AdapterLayer, wide
+
+
+def index_cache(make):
+    """``make`` (an index tensor from sizes and a device) computed once per arguments in eager
+    calls, where each would otherwise be a launch per forward; traced afresh under torch.compile,
+    which warns at a cached function and folds such constants into its graph anyway."""
+    cached = functools.cache(make)
+
+    @functools.wraps(make)
+    def lookup(*args):
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+    return lookup
 
 
 class InputTransformLayer(AdapterLayer):
