@@ -6,7 +6,7 @@ from .injection import inject_adapter_in_model
 from .mixed_batches import mixed_batch
 from .model import PeftModel, get_peft_model
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
-from .precision import cast_mixed_precision_params
+from .precision import cast_mixed_precision_params, prepare_model_for_kbit_training
 from .status import get_layer_status, get_model_status
 from .tuners.adalora import AdaLoraConfig
 from .tuners.boft import BOFTConfig
@@ -69,6 +69,7 @@ __all__ = [
     "inject_adapter_in_model",
     "load_peft_weights",
     "mixed_batch",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]
 __version__ = "0.1.0"

@@ -1,10 +1,12 @@
 """peft's small helpers, as a peft user calls them: ``load_peft_weights`` (an adapter's tensors,
 for ``set_peft_model_state_dict``), ``get_peft_config`` (a config from a dict) and
-``cast_mixed_precision_params``. The reference is peft itself, on the same files and models."""
+``cast_mixed_precision_params`` and ``prepare_model_for_kbit_training``. The reference is peft itself,
+on the same files and models."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -110,3 +112,70 @@ def test_cast_mixed_precision_params_casts_as_peft_does():
         ours(input_ids()).sum().backward()  # trains: bf16 base, fp32 adapters
     with pytest.raises(TypeError, match="floating-point"):
         minipeft.cast_mixed_precision_params(ours, torch.int8)
+
+
+def _model_state(model):
+    """What prepare_model_for_kbit_training changes: each parameter's dtype and requires_grad,
+    whether checkpointing is on, and whether the input embeddings' output requires grad."""
+    embedded = model.get_input_embeddings()(input_ids())
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # (transformers 5; before it:)
+    checkpointing = model.is_gradient_checkpointing if checkpointing is None else checkpointing
+    return ({n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}, checkpointing,
+            embedded.requires_grad)
+
+
+@pytest.mark.parametrize("loaded", ["bf16", "fp16, as if 4-bit", "bf16, as if gptq", "as if 4-bit, not reentrant"])
+def test_prepare_model_for_kbit_training_prepares_as_peft_does(loaded):
+    from tests.models import tiny_transformers_model
+
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}} if "not reentrant" in loaded else {}
+    models = []
+    for library in (minipeft, peft):
+        model = tiny_transformers_model("llama").to(torch.float16 if "fp16" in loaded else torch.bfloat16)
+        model.model.norm.weight.data = model.model.norm.weight.data.float()  # one already in fp32: left as is
+        if "4-bit" in loaded:  # the attributes transformers sets on a model it quantized
+            model.is_loaded_in_4bit = True
+        if "gptq" in loaded:
+            model.quantization_method = "gptq"
+        with warnings.catch_warnings():
+            if library is minipeft:  # (no deprecated transformers API: peft 0.21 calls one)
+                warnings.simplefilter("error", FutureWarning)
+            models.append(library.prepare_model_for_kbit_training(model, **kwargs))
+    ours, theirs = models
+    assert _model_state(ours) == _model_state(theirs)
+    dtypes, checkpointing, embedded_needs_grad = _model_state(ours)
+    assert not any(trains for _, trains in dtypes.values())
+    assert {dtype for dtype, _ in dtypes.values()} == ({torch.bfloat16, torch.float32} if "gptq" in loaded
+                                                       else {torch.float32})
+    assert checkpointing == ("as if" in loaded)
+    if checkpointing and "not reentrant" not in loaded:
+        assert embedded_needs_grad
+
+    # And LoRA then trains on it: every adapter gets a gradient through the checkpointed blocks.
+    ours = minipeft.get_peft_model(ours, minipeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False)).train()
+    ids = input_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled="gptq" in loaded):
+        ours(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+
+class QuantizedLookingNet(TinyNet):
+    """A model outside transformers that says it was loaded in 4 bits and has no
+    enable_input_require_grads: the input embeddings then get a forward hook."""
+
+    is_loaded_in_4bit = True
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.checkpointing_kwargs = gradient_checkpointing_kwargs
+
+
+def test_prepare_model_for_kbit_training_outside_transformers():
+    models = [library.prepare_model_for_kbit_training(QuantizedLookingNet().half(), gradient_checkpointing_kwargs={"x": 1})
+              for library in (minipeft, peft)]
+    for model in models:
+        assert model.embed(input_ids()).requires_grad and model.checkpointing_kwargs == {"x": 1}
+        assert {(p.dtype, p.requires_grad) for p in model.parameters()} == {(torch.float32, False)}
