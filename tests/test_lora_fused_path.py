@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import minipeft.kernels as kernels
 import minipeft.tuners.lora as lora
 from minipeft import LoraConfig, get_peft_model
 
@@ -93,3 +94,37 @@ def test_the_fused_path_never_skips_what_the_base_layers_call_would_do(change, m
         assert layer.eval()._fused_path_applies(x, ["default"])  # (no dropout in eval mode)
     if change == "deterministic, no dropout":  # ... but decoding's few-rows kernel is autotuned
         assert not layer.to(torch.bfloat16)._fused_path_applies(x.to(torch.bfloat16), ["default"])
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_under_autocast_a_half_precision_model_takes_the_fused_path(stored, monkeypatch):
+    # Under autocast, F.linear computes in autocast's dtype; so do the kernels, where the frozen
+    # weights are stored in it (x, here the fp32 output of a layer norm, is cast as F.linear casts
+    # it). An fp32 model would need its weights cast on every call: the reference path, left to
+    # autocast. Either way the layer computes what its reference path computes under autocast.
+    monkeypatch.setattr(lora, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))  # the kernels run on the interpreter
+    torch.manual_seed(0)
+    config = dict(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False)
+    fused = get_peft_model(nn.Sequential(nn.Linear(40, 48)).to(stored), LoraConfig(**config))
+    reference = get_peft_model(nn.Sequential(nn.Linear(40, 48)).to(stored), LoraConfig(**config, use_fused_kernels=False))
+    reference.load_state_dict(fused.state_dict())
+    assert fused.base_model.model[0].lora_A["default"].weight.dtype == torch.float32  # (adapters in fp32)
+    x = torch.randn(3, 40, 40)
+    calls = []
+    real = kernels.lora_linear
+    monkeypatch.setattr(kernels, "lora_linear", lambda *args, **kw: calls.append(args[0].dtype) or real(*args, **kw))
+
+    def step(model):
+        model.zero_grad()
+        x_ = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x_)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        layer = model.base_model.model[0]
+        return [y.detach(), x_.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+
+    got, want = step(fused), step(reference)
+    assert calls == ([torch.bfloat16] if stored == torch.bfloat16 else [])
+    assert got[0].dtype == want[0].dtype == torch.bfloat16  # (autocast's linear: bf16 out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)

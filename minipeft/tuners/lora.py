@@ -519,8 +519,15 @@ class LoraLinear(LoraLayer):
         if not (x.device.type in FUSED_DEVICE_TYPES and not x.is_nested and len(adapters) == 1
                 and self.use_fused_kernels[adapters[0]]):
             return False
-        base = self.base_layer
-        if not _runs_plain_linear(base) or self.use_dora[adapters[0]] or torch.is_autocast_enabled():
+        base, dtype = self.base_layer, _kernel_dtype(x)
+        if not _runs_plain_linear(base) or self.use_dora[adapters[0]]:
+            return False
+        # The kernels take one dtype for x, W and b. Under autocast that is autocast's, as for
+        # F.linear: x is cast to it, and the frozen weights must be stored in it (a half-precision
+        # model), since casting them on every call is a pass over W that the reference path
+        # leaves to autocast.
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32) or base.weight.dtype != dtype or (
+                base.bias is not None and base.bias.dtype != dtype):
             return False
         kernels = fused_kernels()
         if kernels is None or not (kernels.is_available() and kernels.enabled()):
@@ -530,17 +537,16 @@ class LoraLinear(LoraLayer):
         dropout = self.lora_dropout[adapters[0]]
         p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
         if torch.are_deterministic_algorithms_enabled() and not kernels.is_deterministic(
-                x.shape[:-1].numel(), base.out_features, base.in_features, self.r[adapters[0]], p, x.dtype):
+                x.shape[:-1].numel(), base.out_features, base.in_features, self.r[adapters[0]], p, dtype):
             return False
         # The kernels compute no gradient for W or b: a trainable base takes the reference path.
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-            return False
-        # fp32 too: the kernels round fp32 to TF32 exactly where torch's own matmuls do
-        # (torch.backends.cuda.matmul.fp32_precision), so both paths compute the same function.
-        return x.dtype == base.weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        # (fp32 runs too: the kernels round fp32 to TF32 exactly where torch's own matmuls do,
+        # torch.backends.cuda.matmul.fp32_precision, so both paths compute the same function.)
+        return not (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad))
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         kernels = fused_kernels()
+        x = x.to(_kernel_dtype(x))  # (under autocast, cast as F.linear would cast it; else x itself)
         base, dropout = self.base_layer, self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         A, B = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
@@ -552,6 +558,16 @@ class LoraLinear(LoraLayer):
         # so s * b_B (N,) is added to their output here, in place, one pass over y, and autograd
         # gives b_B its gradient s * dy summed over the rows.
         return y.add_(b.to(x.dtype), alpha=self.scaling[name])
+
+
+def _kernel_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused kernels would compute on x in: autocast's where it is on for x's device,
+    x's own otherwise; None where torch cannot tell autocast's dtype per device (before 2.4)."""
+    if not hasattr(torch, "get_autocast_dtype"):
+        return None if torch.is_autocast_enabled() else x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def _runs_plain_linear(module: nn.Module) -> bool:
