@@ -128,3 +128,16 @@ def test_under_autocast_a_half_precision_model_takes_the_fused_path(stored, monk
     assert got[0].dtype == want[0].dtype == torch.bfloat16  # (autocast's linear: bf16 out)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_a_bias_stored_in_another_dtype_takes_the_reference_path(monkeypatch):
+    # The kernels take one dtype for x, W and b; a bf16 layer with an fp32 bias computes on the
+    # reference path (F.linear promotes), not an error from the kernels.
+    monkeypatch.setattr(lora, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
+    base = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    base[0].bias.data = base[0].bias.data.float()
+    layer = get_peft_model(base, LoraConfig(r=2, target_modules=["0"])).base_model.model[0]
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert not layer._fused_path_applies(x, ["default"])
+    base[0].bias.data = base[0].bias.data.to(torch.bfloat16)
+    assert layer._fused_path_applies(x, ["default"])
