@@ -1127,6 +1127,20 @@ def _lora_backward(dy, x2, xa, weight, lora_A, lora_B, s, p, seed, want_dx, want
     return dx, dA, dB
 
 
+def refuse_if_not_deterministic(M, N, K, R, p, dtype, route):
+    """Under torch.use_deterministic_algorithms(True), refuse a call that `is_deterministic` says
+    is not (or warn, with warn_only=True)."""
+    if not torch.are_deterministic_algorithms_enabled() or is_deterministic(M, N, K, R, p, dtype, route):
+        return
+    message = ("lora_linear runs Triton kernels here (with dropout, or on the few-rows or triton GEMM route), "
+               "whose tiles an autotuner picks by timing and whose dA is summed with atomic adds, so the bits "
+               "vary between runs; with torch.use_deterministic_algorithms(True) only the cuBLAS route without "
+               "dropout runs (route='cuBLAS base'), or use the reference path (minipeft.kernels.set_enabled(False))")
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(message)
+    warnings.warn(message, stacklevel=3)
+
+
 def draw_seed(p):
     """A seed for a call with dropout p, from torch's default CPU generator (not the default
     device's: reading a GPU tensor would sync), and 0 without dropout (nothing to draw)."""
@@ -1196,22 +1210,19 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
                          f"{FEW_ROWS_MAX_R}; got {rows} rows of {x.dtype}, rank {r}")
     # A rate below 2**-16 drops nothing (`dropout_rate`): no mask to draw, no seed.
     p = float(dropout_p) if training and dropout_rate(dropout_p) > 0 else 0.0
-    if torch.are_deterministic_algorithms_enabled() and not is_deterministic(rows, N, K, r, p, x.dtype, route):
-        message = ("lora_linear runs Triton kernels here (with dropout, or on the few-rows or triton GEMM route), "
-                   "whose tiles an autotuner picks by timing and whose dA is summed with atomic adds, so the bits "
-                   "vary between runs; with torch.use_deterministic_algorithms(True) only the cuBLAS route without "
-                   "dropout runs (route='cuBLAS base'), or use the reference path (minipeft.kernels.set_enabled(False))")
-        if not torch.is_deterministic_algorithms_warn_only_enabled():
-            raise RuntimeError(message)
-        warnings.warn(message, stacklevel=2)
     bias = bias.contiguous() if bias is not None else None  # the GEMM reads the bias with stride 1
     if _compiling():
         # torch.compile cannot trace the kernels' host code (autotuners with hooks, scratch per
-        # stream, the seed's draw): the call is one opaque op in its graph, which draws the seed
-        # when it runs (kernels/torch_compile.py).
-        y, _, _ = torch.ops.minipeft.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p,
-                                                 -1 if seed is None else seed, route)
+        # stream) nor read the deterministic-algorithms flags: the call is one opaque op in its
+        # graph (kernels/torch_compile.py), which checks them when it runs. Its seed is drawn in
+        # the graph, a random op of its own, so that two identical calls stay two calls.
+        if p > 0:  # (as draw_seed draws it; without dropout no seed, and no CPU tensor in the graph)
+            seed = (torch.randint(0, 2**31 - 1, (), device="cpu") if seed is None
+                    else torch.tensor(seed, dtype=torch.int64, device="cpu"))
+        y, _ = torch.ops.minipeft.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p,
+                                              seed if p > 0 else None, route)
         return y
+    refuse_if_not_deterministic(rows, N, K, r, p, x.dtype, route)
     if seed is None:
         seed = draw_seed(p)
     if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):

@@ -7,6 +7,7 @@ dropout mask included (same seed, same bits).
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 
@@ -64,14 +65,17 @@ class GraphRecorder:
 @pytest.mark.parametrize("route,p,dtype", CASES)
 def test_ops_pass_torch_opcheck(route, p, dtype, bias):
     # opcheck runs each op eagerly, under fake tensors (the shapes, dtypes and devices its fake
-    # gives against the real outputs), through autograd, and through AOT dispatch.
+    # gives against the real outputs), through autograd, and through AOT dispatch; the backward
+    # for every set of gradients wanted (those not wanted are empty tensors, each its own).
     x, W, b, A, B = tensors(route, dtype, bias)
-    torch.library.opcheck(torch.ops.minipeft.lora_linear.default, (x, W, b, A, B, 2.0, p, 5, route))
-    y, xa, seed = torch.ops.minipeft.lora_linear(x, W, b, A, B, 2.0, p, 5, route)
+    seed = torch.tensor(5) if p > 0 else None
+    torch.library.opcheck(torch.ops.minipeft.lora_linear.default, (x, W, b, A, B, 2.0, p, seed, route))
+    y, xa = torch.ops.minipeft.lora_linear(x, W, b, A, B, 2.0, p, seed, route)
     dy = torch.randn_like(y)
-    for wants in [(True, True, True), (False, True, True), (True, False, True)]:
-        torch.library.opcheck(torch.ops.minipeft.lora_linear_backward.default,
-                              (dy, x.detach(), xa.detach(), W, A.detach(), B.detach(), 2.0, p, seed, route, *wants))
+    for wants in itertools.product([False, True], repeat=3):
+        if any(wants):
+            torch.library.opcheck(torch.ops.minipeft.lora_linear_backward.default,
+                                  (dy, x.detach(), xa.detach(), W, A.detach(), B.detach(), 2.0, p, seed, route, *wants))
 
 
 @pytest.mark.parametrize("route,p,dtype", CASES)
@@ -124,23 +128,40 @@ def test_compiled_call_draws_its_seed_when_it_runs():
     assert not torch.equal(compiled(x), compiled(x))  # a new mask on every call
 
 
-def test_seed_output_is_on_the_cpu_only_with_dropout():
-    # The backward reads the seed on the host, without a sync; without dropout the graph holds
-    # no CPU tensor, which would keep torch.compile's CUDA graphs off.
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_the_seed_is_drawn_in_the_graph_only_with_dropout(p):
+    # With dropout the seed is a random op of the graph (a CPU scalar, read without a sync);
+    # without, the graph holds no CPU tensor, which would keep torch.compile's CUDA graphs off.
     x, W, b, A, B = tensors("cuBLAS base", torch.float32)
-    _, _, seed = torch.ops.minipeft.lora_linear(x, W, b, A, B, 2.0, 0.1, 1234, None)
-    assert seed.device.type == "cpu" and seed.item() == 1234
-    _, _, seed = torch.ops.minipeft.lora_linear(x, W, b, A, B, 2.0, 0.0, -1, None)
-    assert seed.numel() == 0 and seed.device == x.device
+    recorder = GraphRecorder()
+    torch._dynamo.reset()
+    torch.compile(lambda x: kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=p), backend=recorder, fullgraph=True)(x)
+    assert ("<built-in method randint of type object at" in " ".join(recorder.ops)) == (p > 0), recorder.ops
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_two_calls_in_one_graph_draw_two_masks(backend):
+    # One layer run twice on one input (two views of a batch, as SimCSE does): two masks, as in
+    # eager. (An op that drew its own seed would look pure to the compiler, which merges the calls.)
+    x, W, b, A, B = tensors("cuBLAS base", torch.float32)
+
+    def two_views(x):
+        return (kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=0.5)
+                - kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=0.5)).abs().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(two_views, backend=backend, fullgraph=True)
+    assert two_views(x) > 0 and compiled(x) > 0
+    compiled(x).backward()  # (and the backward, through both)
+    assert A.grad.abs().sum() > 0
 
 
 def test_frozen_A_saves_no_input():
     # LoRA-FA: dA is not wanted, so x (M, K) is not kept for the backward (as in the eager Function).
     x, W, b, A, B = tensors("cuBLAS base", torch.float32)
     A.requires_grad_(False)
-    y, _, _ = torch.ops.minipeft.lora_linear(x, W, b, A, B, 2.0, 0.1, 7, None)
-    saved = y.grad_fn.saved_tensors
-    assert not any(t is not None and t.shape == x.shape for t in saved)
+    y, _ = torch.ops.minipeft.lora_linear(x, W, b, A, B, 2.0, 0.1, torch.tensor(7), None)
+    assert not any(t is not None and t.numel() == x.numel() for t in y.grad_fn.saved_tensors)
     eager = kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=0.1, seed=7)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, B), dy)
@@ -148,18 +169,39 @@ def test_frozen_A_saves_no_input():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lora_bias", [False, True])
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_deterministic_algorithms_are_checked_when_the_compiled_call_runs(warn_only):
+    # The flags are not traceable; the op reads them when it runs, and refuses (or warns) as an eager call does.
+    x, W, b, A, B = tensors("cuBLAS base", torch.float32)
+    call = torch.compile(lambda x: kernels.lora_linear(x, W, b, A, B, 2.0, dropout_p=0.1, seed=5), backend="aot_eager",
+                         fullgraph=True)
+    torch._dynamo.reset()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        with pytest.warns(UserWarning, match="deterministic") if warn_only else \
+                pytest.raises(RuntimeError, match="deterministic"):
+            call(x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend", ["recorder", "aot_eager"])
+@pytest.mark.parametrize("variant", ["plain", "lora_bias", "LoRA-FA"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_compiled_lora_model_runs_the_fused_op(monkeypatch, dropout, lora_bias):
+def test_compiled_lora_model_runs_the_fused_op(monkeypatch, dropout, variant, backend):
     # The layer's whole route (LoraLinear._fused_path_applies, then the kernels), on CPU tensors:
-    # a model compiles whole, each adapted layer one op, with no warning from dynamo.
+    # a model compiles whole, each adapted layer one op, with no warning from dynamo; through AOT
+    # autograd too. LoRA-FA (A frozen) on an input that needs no gradient leaves the backward two
+    # of its three gradients to skip.
     monkeypatch.setattr(lora, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     config = minipeft.LoraConfig(r=4, target_modules=["0", "2"], lora_dropout=dropout, init_lora_weights=False,
-                                 lora_bias=lora_bias)
+                                 lora_bias=variant == "lora_bias")
     model = minipeft.get_peft_model(model, config).train()
-    x = torch.randn(4, 16, requires_grad=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.requires_grad and not (variant == "LoRA-FA" and "lora_A" in name))
+    x = torch.randn(4, 16, requires_grad=variant != "LoRA-FA")
     params = [p for p in model.parameters() if p.requires_grad]
 
     def outputs(fn):
@@ -176,8 +218,9 @@ def test_compiled_lora_model_runs_the_fused_op(monkeypatch, dropout, lora_bias):
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        compiled = outputs(torch.compile(model, backend=recorder, fullgraph=True))
-    assert recorder.ops.count(OP) == 2, recorder.ops
+        compiled = outputs(torch.compile(model, backend=recorder if backend == "recorder" else backend, fullgraph=True))
+    if backend == "recorder":
+        assert recorder.ops.count(OP) == 2, recorder.ops
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     if dropout == 0:  # and that is the reference's function
