@@ -47,7 +47,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
        gradients only to blocks whose inputs require them, and a frozen embedding's output does not.
 
     Returns the model, changed in place. (minipeft adapts no quantized layer itself; this is for a
-    script written for peft, and for the fp32 upcast of a half-precision model.)"""
+    script written for peft, and for the fp32 upcast of a half-precision model.) One difference:
+    a model whose ``gradient_checkpointing_enable`` takes no kwargs (transformers before 4.35),
+    given ``gradient_checkpointing_kwargs``, is an error here, where peft warns and drops them
+    (``use_reentrant=False`` among them)."""
     method = getattr(model, "quantization_method", None)
     method = getattr(method, "value", method)  # (transformers' QuantizationMethod is a str enum)
     keeps_dtypes = method in KEEPS_STORED_DTYPES or getattr(model, "hqq_quantized", False)
@@ -60,8 +63,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         for param in model.parameters():
             if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
                 param.data = param.data.to(torch.float32)
-        if auto_clear_cache and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if auto_clear_cache:
+            for device in (torch.cuda, getattr(torch, "xpu", None)):
+                if device is not None and device.is_available():
+                    device.empty_cache()
     if quantized and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
             if hasattr(model, "enable_input_require_grads"):

@@ -150,6 +150,9 @@ def test_prepare_model_for_kbit_training_prepares_as_peft_does(loaded):
     assert checkpointing == ("as if" in loaded)
     if checkpointing and "not reentrant" not in loaded:
         assert embedded_needs_grad
+    if checkpointing:  # the kwargs reach torch's checkpoint (a partial that transformers gives each layer)
+        partials = {m._gradient_checkpointing_func for m in ours.modules() if hasattr(m, "_gradient_checkpointing_func")}
+        assert [p.keywords.get("use_reentrant", True) for p in partials] == ["not reentrant" not in loaded]
 
     # And LoRA then trains on it: every adapter gets a gradient through the checkpointed blocks.
     ours = minipeft.get_peft_model(ours, minipeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
