@@ -140,6 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loraplus-lr-ratio", type=float, default=None,
                    help="LoRA+: LoRA's B matrices learn at lr times this (e.g. 16)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile the model's forwards (inductor)")
     args = p.parse_args(argv)
     # Options of one method are refused for another, rather than ignored.
     only = {"--init-lora-weights": (args.init_lora_weights is not True, ("lora",)),
@@ -381,7 +382,8 @@ def main(argv=None) -> dict:
                              schedule="linear", eval_every=max(1, steps // (args.evals_per_epoch * args.epochs)),
                              metric="accuracy", log_every=50, seed=args.seed, resume=args.resume,
                              weight_decay=0.01 if args.method == "full" else 0.0,
-                             loraplus_lr_ratio=args.loraplus_lr_ratio, lorafa=args.lorafa)
+                             loraplus_lr_ratio=args.loraplus_lr_ratio, lorafa=args.lorafa,
+                             torch_compile=args.torch_compile)
     except ValueError as err:
         sys.exit(f"error: {err}")
     model = prepare_model(load_base_model(model_path, args.seed), args.method, args, steps)

@@ -90,6 +90,7 @@ DECAYS = {
 }
 SCHEDULES = tuple(DECAYS)
 TASKS = ("auto", "classification", "token_classification", "causal_lm", "regression")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # what evaluate() reports for each task; "auto" picks accuracy or loss
 METRICS = {"classification": ("loss", "accuracy", "f1"), "token_classification": ("loss", "accuracy", "f1"),
            "causal_lm": ("loss", "perplexity"), "regression": ("loss",)}
@@ -139,6 +140,12 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     find_unused_parameters: bool = False
+    # torch.compile the model for the run's forwards (training and evaluation), under transformers
+    # Trainer's names; the backend None is inductor, the mode one of COMPILE_MODES or None. Saved
+    # weights and the model handed back are the model's own, never the compiled wrapper.
+    torch_compile: bool = False
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
 
     def __post_init__(self):
         """Refuse bad values here, before a run starts, not as a ZeroDivisionError mid-run."""
@@ -186,6 +193,17 @@ class TrainConfig:
         if self.lorafa and self.loraplus_lr_ratio is not None:
             raise ValueError("lorafa=True freezes LoRA's A, so LoRA+'s ratio of B's lr to A's means nothing there: "
                              "set loraplus_lr_ratio=None, or lorafa=False")
+        if not isinstance(self.torch_compile, bool):
+            raise ValueError(f"torch_compile must be True or False, not {self.torch_compile!r}")
+        if self.torch_compile_backend is not None and not (isinstance(self.torch_compile_backend, str)
+                                                          and self.torch_compile_backend):
+            raise ValueError("torch_compile_backend must be a backend's name (e.g. 'inductor', 'aot_eager'), or None "
+                             f"for inductor, not {self.torch_compile_backend!r}")
+        if self.torch_compile_mode is not None:
+            _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
+        if not self.torch_compile and (self.torch_compile_backend or self.torch_compile_mode):
+            raise ValueError("torch_compile_backend and torch_compile_mode choose how torch_compile compiles, and "
+                             "torch_compile is off: set torch_compile=True too")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be True, False or None (automatic), not {self.bf16!r}")
         if self.device is not None:
@@ -318,6 +336,8 @@ def _peak_lr(role: str, prefix_lr: float | None, config: TrainConfig) -> float:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the run's wrappers: torch.compile's (_orig_mod), then DDP's (module)."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -938,6 +958,9 @@ def _setup(model: nn.Module, num_batches: int, config: TrainConfig) -> _Run:
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None,
             find_unused_parameters=config.find_unused_parameters)
+    if config.torch_compile:  # (around DDP, whose optimizer splits the graph at its gradient buckets)
+        wrapped = torch.compile(wrapped, backend=config.torch_compile_backend or "inductor",
+                                mode=config.torch_compile_mode)
     micro_per_epoch, steps_per_epoch, total_steps, warmup = _step_counts(num_batches, world, config)
     multiplier = lr_lambda(config.schedule, warmup, total_steps)
     return _Run(config=config, model=wrapped, raw_model=model, optimizer=optimizer,

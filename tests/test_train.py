@@ -1143,3 +1143,38 @@ def test_the_throughput_counts_training_time_only(tmp_path, monkeypatch):
     rates = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r]
     tokens = [sum(int(b["attention_mask"].sum()) for b in list(train_loader)[i:i + 2]) for i in (0, 2)]
     assert rates == pytest.approx([tokens[0] / 2.0, tokens[1] / 2.0])
+
+
+def test_torch_compile_trains_as_the_eager_loop(tmp_path):
+    # The run's forwards compiled (AOT autograd without code generation here), the rest as is: the
+    # same losses, evaluations and weights, and files that name the model's own parameters
+    # (never the compiled wrapper's "_orig_mod." prefix).
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(TinyClassifier(), LoraConfig(r=4, target_modules=["adapter"],
+                                                            modules_to_save=["classifier"]))
+        train_loader, eval_loader = loaders(n_train=48)
+        config = TrainConfig(output_dir=str(tmp_path / str(compiled)), epochs=2, lr=3e-2, log_every=1,
+                             torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        result = train(model, train_loader, eval_loader, config)
+        assert bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == compiled  # (compiled, or not)
+        runs[compiled] = (result.history, trainable(model), type(model), sorted(os.listdir(tmp_path / str(compiled) / "best")))
+    (eager_history, eager_weights, eager_type, eager_files), (history, weights, model_type, files) = runs[False], runs[True]
+    assert model_type is eager_type and files == eager_files
+    assert [sorted(h) for h in history] == [sorted(h) for h in eager_history]
+    for h, e in zip(history, eager_history, strict=True):
+        assert all(math.isclose(h[k], e[k], rel_tol=1e-5, abs_tol=1e-6) for k in h if k not in ("tokens_per_s", "seconds"))
+    for name, weight in weights.items():
+        torch.testing.assert_close(weight, eager_weights[name], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_settings_are_checked():
+    with pytest.raises(ValueError, match="torch_compile is off"):
+        TrainConfig(output_dir="out", torch_compile_backend="aot_eager")
+    with pytest.raises(ValueError, match="torch_compile_mode"):
+        TrainConfig(output_dir="out", torch_compile=True, torch_compile_mode="fast")
+    with pytest.raises(ValueError, match="torch_compile must be True or False"):
+        TrainConfig(output_dir="out", torch_compile="yes")
