@@ -580,9 +580,10 @@ def test_ddp_two_processes_end_with_identical_adapters(tmp_path):
     train(TinyClassifier(), loaders()[0], None, TrainConfig(output_dir=str(tmp_path / "one"), epochs=1,
                                                              lr=2e-2, log_every=1, grad_accum_steps=4))
     losses = {out: [json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
-              for out in ("one", "two")}
+              for out in ("one", "two", "two compiled")}
     assert len(losses["two"]) == 8
     torch.testing.assert_close(losses["two"], losses["one"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["two compiled"], losses["one"], rtol=1e-5, atol=0)
 
 
 def test_batches_that_do_not_split_evenly_over_the_processes_are_said_to_be_left_out():
@@ -601,9 +602,12 @@ def _ddp_worker(out: str) -> None:
     train(model, train_loader, eval_loader,
           TrainConfig(output_dir=os.path.join(out, "out"), epochs=2, lr=2e-2, log_every=100, grad_accum_steps=2))
     torch.save(trainable(model), os.path.join(out, f"rank{rank}.pt"))
-    torch.manual_seed(0)
-    train(TinyClassifier(), train_loader, None,
-          TrainConfig(output_dir=os.path.join(out, "two"), epochs=1, lr=2e-2, log_every=1, grad_accum_steps=2))
+    for compiled in (False, True):  # (the second through torch.compile around DDP)
+        torch.manual_seed(0)
+        train(TinyClassifier(), train_loader, None,
+              TrainConfig(output_dir=os.path.join(out, "two compiled" if compiled else "two"), epochs=1, lr=2e-2,
+                          log_every=1, grad_accum_steps=2, torch_compile=compiled,
+                          torch_compile_backend="aot_eager" if compiled else None))
     torch.distributed.destroy_process_group()
 
 
