@@ -1091,8 +1091,8 @@ def _lora_backward(dy, x2, xa, weight, lora_A, lora_B, s, p, seed, want_dx, want
                    dx_in_our_gemm, dx_gemm_first, cublas_without_dropout):
     """(dx (M, K), dA (r, K), dB (N, r)) for dy (..., N), each None where not wanted, from what the
     forward saved: x2 (M, K) (None where A is frozen), xa (M, r), the frozen W (N, K), A, B, and
-    the seed of the dropout mask. The last three arguments are the forward's reading of
-    `_dx_in_our_gemm`, DX_GEMM_FIRST and CUBLAS_WITHOUT_DROPOUT."""
+    the seed of the dropout mask. The last three arguments: `_dx_in_our_gemm`'s answer,
+    DX_GEMM_FIRST and CUBLAS_WITHOUT_DROPOUT, as the caller read them (the Function at its forward)."""
     N, K = weight.shape
     M = xa.shape[0]
     dy2 = dy.reshape(M, N)
