@@ -2,6 +2,7 @@
 
 from .checkpoint import get_peft_config, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
+from .hotswap import hotswap_adapter
 from .injection import inject_adapter_in_model
 from .mixed_batches import mixed_batch
 from .model import PeftModel, get_peft_model
@@ -65,6 +66,7 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
