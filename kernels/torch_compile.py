@@ -15,16 +15,18 @@ Only compiled code calls them (`lora_linear` checks `torch.compiler.is_compiling
 call runs the autograd.Function directly, because each pass through the dispatcher costs host
 time, and the fused calls are host-bound (`benchmarks/lora_linear_notes.md`).
 
-The seed is an input: a CPU int64 scalar that `lora_linear` draws in the graph with the same
-torch.randint as an eager call (None without dropout, so that a graph without dropout holds no
-CPU tensor: torch.compile's CUDA graphs skip graphs that do). Drawn in the op instead, it would be
-invisible to the compiler, which merges identical calls of an op it takes for a pure function:
-two calls of one layer on one input (two views of a batch, as in SimCSE) would share one mask.
-The host reads it without a sync. Inductor draws it from its own generator (unless
-torch._inductor.config.fallback_random), so, as for nn.Dropout, the masks of a compiled step are
-not those of an eager step after the same torch.manual_seed. A CUDA graph replays what it captured, seed included; so, as
-for `lora_linear`, capture without dropout. The backward reads DX_GEMM_FIRST,
-CUBLAS_WITHOUT_DROPOUT and FUSE_BASE_GEMM when it runs, not when the forward ran.
+The seed is an input: a CPU int64 scalar, which the host reads without a sync. `lora_linear`
+draws it in the graph with the same torch.randint as an eager call. A seed drawn inside the op
+would be invisible to the compiler, which takes the op for a pure function and merges identical
+calls: two calls of one layer on one input (two views of a batch, as in SimCSE) would share one
+mask. Without dropout there is no seed, so such a graph holds no CPU tensor (torch.compile's CUDA
+graphs skip graphs that do). Inductor draws from its own generator (unless
+torch._inductor.config.fallback_random), so, as with nn.Dropout, a compiled step's masks are not
+an eager step's after the same torch.manual_seed. A CUDA graph replays what it captured, seed
+included: as for `lora_linear`, capture without dropout.
+
+The backward reads DX_GEMM_FIRST, CUBLAS_WITHOUT_DROPOUT and FUSE_BASE_GEMM when it runs, not
+when the forward ran.
 """
 
 from __future__ import annotations
