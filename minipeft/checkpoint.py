@@ -1069,6 +1069,19 @@ def load_adapter(
 
 
 def _reload_adapter(peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str, is_trainable: bool) -> None:
+    config, tensors = checked_reload(peft_model, folder, adapter_name)
+    set_peft_model_state_dict(peft_model, tensors, adapter_name)  # checks everything before it writes
+    if not is_trainable:
+        peft_model.eval()  # (as peft does after any load_adapter)
+
+
+def checked_reload(peft_model: nn.Module, folder: str | os.PathLike, adapter_name: str,
+                   may_differ: tuple[str, ...] = ()) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of the checkpoint in ``folder``, to be loaded into adapter ``adapter_name``,
+    which exists: refused if that adapter is merged or computes its tokens with a network, or if
+    the checkpoint's config differs from the adapter's in a field other than ``may_differ`` (and
+    bookkeeping). The config is prepared as adding the adapter prepared it (a transformers-4 MoE
+    config's targets converted). Nothing is written."""
     merged = [name for name, layer in adapter_layers(peft_model.get_base_model()) if adapter_name in layer.merged_adapters]
     encoder = _virtual_tokens(peft_model, adapter_name)
     if merged or (encoder is not None and encoder.has_network()):
@@ -1079,18 +1092,17 @@ def _reload_adapter(peft_model: nn.Module, folder: str | os.PathLike, adapter_na
         raise ValueError(f"cannot load {os.fspath(folder)!r} into adapter {adapter_name!r}, which exists already: {why}")
     config, tensors = load_checkpoint(folder)
     prepare = method_for(config).prepare_config
-    if prepare is not None:  # as adding the adapter did (a transformers-4 MoE config's targets converted)
+    if prepare is not None:
         prepare(peft_model.get_base_model(), config)
-    differ = _fields_that_differ(config.to_dict(), peft_model.peft_config[adapter_name].to_dict())
+    differ = [k for k in _fields_that_differ(config.to_dict(), peft_model.peft_config[adapter_name].to_dict())
+              if k not in may_differ]
     if differ:
         raise ValueError(
             f"cannot load {os.fspath(folder)!r} into adapter {adapter_name!r}, which exists already: the checkpoint's "
             f"config differs from the adapter's in {', '.join(differ)}. Load it under another adapter_name, or "
             f"delete_adapter({adapter_name!r}) first"
         )
-    set_peft_model_state_dict(peft_model, tensors, adapter_name)  # checks everything before it writes
-    if not is_trainable:
-        peft_model.eval()  # (as peft does after any load_adapter)
+    return config, tensors
 
 
 def from_pretrained(

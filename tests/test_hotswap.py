@@ -74,15 +74,20 @@ def test_hotswap_swaps_every_kind_of_lora_tensor(tmp_path):
     torch.testing.assert_close(ours(input_ids()), direct(input_ids()))
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(use_dora=True), "use_dora: False loaded, True saved"),
-    (dict(use_rslora=True), "use_rslora"),
-    (dict(r=8), "shape"),
-    (dict(target_modules=["fc1"]), "fc2"),
+@pytest.mark.parametrize("loaded, saved, message", [
+    ({}, dict(use_dora=True), "differs from the adapter's in use_dora"),
+    ({}, dict(use_rslora=True), "in use_rslora"),
+    ({}, dict(r=8), "in r"),
+    ({}, dict(target_modules=["fc1"]), "in target_modules"),
+    # the same number of tokens, other tokens: same shapes, so only the config can tell
+    (dict(trainable_token_indices={"embed": [1, 2, 3]}), dict(trainable_token_indices={"embed": [10, 20, 30]}),
+     "in trainable_token_indices"),
+    # with an alpha_pattern, lora_alpha may not change (which layers it reaches is the pattern's)
+    (dict(alpha_pattern={"fc1": 3}), dict(alpha_pattern={"fc1": 3}, lora_alpha=5), "in lora_alpha"),
 ])
-def test_a_saved_adapter_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, change, message):
-    first = saved_adapter(tmp_path / "first", seed=1)
-    other = saved_adapter(tmp_path / "other", seed=2, **change)
+def test_a_saved_adapter_that_does_not_fit_is_refused_and_nothing_changes(tmp_path, loaded, saved, message):
+    first = saved_adapter(tmp_path / "first", seed=1, **loaded)
+    other = saved_adapter(tmp_path / "other", seed=2, **{**loaded, **saved})
     torch.manual_seed(0)
     ours = minipeft.PeftModel.from_pretrained(TinyNet().eval(), first)
     state = {k: v.clone() for k, v in ours.state_dict().items()}
@@ -99,5 +104,5 @@ def test_a_merged_adapter_or_an_unknown_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"no adapter 'other' to swap; the model holds \['default'\]"):
         minipeft.hotswap_adapter(ours, first, adapter_name="other")
     ours.merge_adapter()
-    with pytest.raises(ValueError, match="merged into the base weights; unmerge it first"):
+    with pytest.raises(ValueError, match=r"it is merged into .* unmerge_adapter\(\) first"):
         minipeft.hotswap_adapter(ours, first, adapter_name="default")
