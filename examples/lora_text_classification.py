@@ -140,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loraplus-lr-ratio", type=float, default=None,
                    help="LoRA+: LoRA's B matrices learn at lr times this (e.g. 16)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--torch-compile", action="store_true", help="torch.compile the model's forwards (inductor)")
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile the model for its training steps (inductor)")
     args = p.parse_args(argv)
     # Options of one method are refused for another, rather than ignored.
     only = {"--init-lora-weights": (args.init_lora_weights is not True, ("lora",)),

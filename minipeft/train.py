@@ -140,9 +140,10 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     find_unused_parameters: bool = False
-    # torch.compile the model for the run's forwards (training and evaluation), under transformers
-    # Trainer's names; the backend None is inductor, the mode one of COMPILE_MODES or None. Saved
-    # weights and the model handed back are the model's own, never the compiled wrapper.
+    # torch.compile the model for the run's training steps (evaluation runs the model itself, as it
+    # runs it outside DDP), under transformers Trainer's names: the backend one of torch's
+    # (torch._dynamo.list_backends) or None for inductor, the mode one of COMPILE_MODES (inductor's)
+    # or None. Saved weights and the model handed back are the model's own, never the wrapper.
     torch_compile: bool = False
     torch_compile_backend: str | None = None
     torch_compile_mode: str | None = None
@@ -195,12 +196,16 @@ class TrainConfig:
                              "set loraplus_lr_ratio=None, or lorafa=False")
         if not isinstance(self.torch_compile, bool):
             raise ValueError(f"torch_compile must be True or False, not {self.torch_compile!r}")
-        if self.torch_compile_backend is not None and not (isinstance(self.torch_compile_backend, str)
-                                                          and self.torch_compile_backend):
-            raise ValueError("torch_compile_backend must be a backend's name (e.g. 'inductor', 'aot_eager'), or None "
-                             f"for inductor, not {self.torch_compile_backend!r}")
+        if self.torch_compile_backend is not None:
+            backends = ("inductor", *torch._dynamo.list_backends(exclude_tags=()))
+            if self.torch_compile_backend not in backends:
+                raise ValueError(f"torch_compile_backend must be one of torch's backends {sorted(set(backends))}, or "
+                                 f"None for inductor, not {self.torch_compile_backend!r}")
         if self.torch_compile_mode is not None:
             _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
+            if self.torch_compile_backend not in (None, "inductor"):
+                raise ValueError(f"torch_compile_mode is inductor's, and torch_compile_backend is "
+                                 f"{self.torch_compile_backend!r} (which would ignore it): use one or the other")
         if not self.torch_compile and (self.torch_compile_backend or self.torch_compile_mode):
             raise ValueError("torch_compile_backend and torch_compile_mode choose how torch_compile compiles, and "
                              "torch_compile is off: set torch_compile=True too")

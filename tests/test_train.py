@@ -1182,3 +1182,9 @@ def test_torch_compile_settings_are_checked():
         TrainConfig(output_dir="out", torch_compile=True, torch_compile_mode="fast")
     with pytest.raises(ValueError, match="torch_compile must be True or False"):
         TrainConfig(output_dir="out", torch_compile="yes")
+    with pytest.raises(ValueError, match=r"torch_compile_backend must be one of torch's backends \[.*'aot_eager'"):
+        TrainConfig(output_dir="out", torch_compile=True, torch_compile_backend="inductr")
+    with pytest.raises(ValueError, match="torch_compile_mode is inductor's"):
+        TrainConfig(output_dir="out", torch_compile=True, torch_compile_backend="aot_eager",
+                    torch_compile_mode="reduce-overhead")
+    TrainConfig(output_dir="out", torch_compile=True, torch_compile_mode="reduce-overhead")  # (inductor's: fine)
