@@ -141,3 +141,14 @@ def test_a_bias_stored_in_another_dtype_takes_the_reference_path(monkeypatch):
     assert not layer._fused_path_applies(x, ["default"])
     base[0].bias.data = base[0].bias.data.to(torch.bfloat16)
     assert layer._fused_path_applies(x, ["default"])
+
+
+def test_under_autocast_an_input_autocast_leaves_alone_takes_the_reference_path(monkeypatch):
+    # Autocast casts fp32, fp16 and bf16 inputs, not fp64: F.linear then refuses the bf16 weight,
+    # and so must the fused path rather than cast x itself.
+    monkeypatch.setattr(lora, "FUSED_DEVICE_TYPES", ("cuda", "cpu"))
+    layer = get_peft_model(nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16),
+                           LoraConfig(r=2, target_modules=["0"])).base_model.model[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fused_path_applies(torch.randn(2, 8), ["default"])
+        assert not layer._fused_path_applies(torch.randn(2, 8, dtype=torch.float64), ["default"])

@@ -38,3 +38,16 @@ def test_layers_peft_does_not_adapt_merge_to_what_their_forward_computes(method,
         assert not torch.allclose(adapted, run(base), atol=1e-4)  # the adapter does change the output
         merged = run(copy.deepcopy(model).merge_and_unload())
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_training_after_a_forward_in_inference_mode(method):
+    # The index tensors OFT and BOFT keep (index_cache) are made outside inference mode: one made
+    # inside it could not be saved for a later training step's backward.
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), CONFIGS[method](["0"]))
+    with torch.inference_mode():
+        model(torch.randn(2, 8))
+    model.train()
+    model(torch.randn(2, 8)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

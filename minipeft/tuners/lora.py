@@ -561,11 +561,12 @@ class LoraLinear(LoraLayer):
 
 
 def _kernel_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype the fused kernels would compute on x in: autocast's where it is on for x's device,
-    x's own otherwise; None where torch cannot tell autocast's dtype per device (before 2.4)."""
+    """The dtype the fused kernels would compute on x in: autocast's where autocast is on for x's
+    device and would cast x (it casts fp32, fp16 and bf16, not fp64), x's own otherwise; None
+    where torch cannot tell autocast's dtype per device (before 2.4)."""
     if not hasattr(torch, "get_autocast_dtype"):
         return None if torch.is_autocast_enabled() else x.dtype
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -43,8 +43,14 @@ from .base import AdapterLayer, wide
 def index_cache(make):
     """``make`` (an index tensor from sizes and a device) computed once per arguments in eager
     calls, where each would otherwise be a launch per forward; traced afresh under torch.compile,
-    which warns at a cached function and folds such constants into its graph anyway."""
-    cached = functools.cache(make)
+    which warns at a cached function and folds such constants into its graph anyway. Made outside
+    inference mode: an inference tensor, kept, could not be saved for a later backward."""
+
+    def make_normal(*args):
+        with torch.inference_mode(False):
+            return make(*args)
+
+    cached = functools.cache(make_normal)
 
     @functools.wraps(make)
     def lookup(*args):
