@@ -1141,10 +1141,15 @@ def refuse_if_not_deterministic(M, N, K, R, p, dtype, route):
     warnings.warn(message, stacklevel=3)
 
 
+def seed_tensor():
+    """A new seed as a CPU int64 scalar, from torch's default CPU generator (not the default
+    device's: reading a GPU tensor back would sync)."""
+    return torch.randint(0, 2**31 - 1, (), device="cpu")
+
+
 def draw_seed(p):
-    """A seed for a call with dropout p, from torch's default CPU generator (not the default
-    device's: reading a GPU tensor would sync), and 0 without dropout (nothing to draw)."""
-    return int(torch.randint(0, 2**31 - 1, (), device="cpu")) if p > 0 else 0
+    """A seed for a call with dropout p (`seed_tensor`'s), and 0 without dropout (nothing to draw)."""
+    return int(seed_tensor()) if p > 0 else 0
 
 
 def _compiling():
@@ -1217,8 +1222,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         # graph (kernels/torch_compile.py), which checks them when it runs. Its seed is drawn in
         # the graph, a random op of its own, so that two identical calls stay two calls.
         if p > 0:  # (as draw_seed draws it; without dropout no seed, and no CPU tensor in the graph)
-            seed = (torch.randint(0, 2**31 - 1, (), device="cpu") if seed is None
-                    else torch.tensor(seed, dtype=torch.int64, device="cpu"))
+            seed = seed_tensor() if seed is None else torch.tensor(seed, dtype=torch.int64, device="cpu")
         y, _ = torch.ops.minipeft.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p,
                                               seed if p > 0 else None, route)
         return y
