@@ -2,7 +2,7 @@
 
 from .checkpoint import get_peft_config, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
-from .hotswap import hotswap_adapter
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .injection import inject_adapter_in_model
 from .mixed_batches import mixed_batch
 from .model import PeftModel, get_peft_model
@@ -71,6 +71,7 @@ __all__ = [
     "inject_adapter_in_model",
     "load_peft_weights",
     "mixed_batch",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]

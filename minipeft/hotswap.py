@@ -3,29 +3,112 @@ the tensors of one already loaded under the same name.
 
 The model keeps its modules and parameter objects, and only their values change. So a model
 compiled with torch.compile runs the new adapter without compiling again, since its graphs read
-those tensors (a new lora_alpha changes a scaling the graph holds as a constant: that recompiles
-once). This is how a server serves many adapters from one compiled model.
+those tensors. This is how a server serves many adapters from one compiled model.
 
-What may differ between the two adapters is what the tensors carry, and lora_alpha. Every other
-setting must match, or the old one would silently apply to the new weights (the tokens that
-trainable_token_indices names, say); the layers and ranks are checked tensor by tensor by the
-strict load. (peft also lets the new adapter target fewer layers, or a smaller rank padded with
-zeros; here those are errors, and `load_adapter` under a new name is the way.)
+The new adapter must fit the tensors as they are:
+
+* a smaller rank is padded with zero terms (``LoraLayer.padded_factors``: B A is unchanged); a
+  larger one does not fit. ``prepare_model_for_compiled_hotswap(model, target_rank=R)`` pads the
+  loaded adapter to the largest rank R to be served, before compiling;
+* a layer the new adapter leaves out gets zero factors (and, under DoRA, the magnitude that
+  makes it the identity), so it adds nothing;
+* lora_alpha and the rank set each layer's scaling ``s = alpha / r``, a Python float that a
+  compiled graph holds as a constant: a new value recompiles once. After
+  ``prepare_model_for_compiled_hotswap`` the scalings stay as they are and the new adapter's
+  own is folded into B instead, ``s' B A = s (s'/s B) A``, so nothing recompiles. (peft makes
+  the scalings tensors instead; here they stay numbers, which the fused kernels and
+  ``addmm(alpha=s)`` take.)
+
+Every other config field must match (use_rslora, dropout, DoRA, the tokens that
+trainable_token_indices names, ...), or the old setting would silently apply to the new
+weights. Afterwards ``model.peft_config[adapter_name]`` describes the adapter as the model holds
+it, ranks and alphas included, so saving it gives a checkpoint that computes the same function.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
+import warnings
+from typing import Literal
 
 import torch
 
-from .checkpoint import checked_reload, set_peft_model_state_dict
+from .checkpoint import adapter_key_map, checked_reload, set_peft_model_state_dict
 from .config import PeftType
 from .injection import adapter_layers
 from .model import PeftModel
-from .tuners.lora import LoraLayer
+from .targeting import logical_name
+from .tuners import fused_experts
+from .tuners.lora import LoraConfig, LoraLayer, alpha_at_rank
+from .tuners.lora_parameter import LoraParameter
+
+# Config fields a swapped-in adapter may change: what the tensors and scalings carry (its layers
+# are checked key by key, its ranks shape by shape). After the swap the model's config keeps the
+# loaded adapter's layers and ranks, which its tensors still have.
+LAYER_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "target_parameters")
+RANK_FIELDS = ("r", "rank_pattern")
+SWAPPABLE_FIELDS = (*LAYER_FIELDS, *RANK_FIELDS, "lora_alpha", "alpha_pattern")
+# Set on a PeftModel by prepare_model_for_compiled_hotswap: swaps fold new scalings into B.
+KEEPS_SCALINGS = "_hotswap_keeps_scalings"
+
+
+def prepare_model_for_compiled_hotswap(model: torch.nn.Module, *, target_rank: int | None = None,
+                                       check_compiled: Literal["error", "warn", "ignore"] = "error") -> None:
+    """Make ``model`` (a PeftModel) ready to hot-swap LoRA adapters of other ranks and alphas
+    after it is compiled, without compiling again (peft's function of this name). Call it after
+    loading the first adapter and before torch.compile and before making an optimizer (padding
+    makes new parameters).
+
+    target_rank: pad every LoRA adapter to this rank, the largest one the model will serve
+        (None: no padding). The padded model computes the same function.
+    check_compiled: what to do when ``model`` is compiled already ("error", "warn", "ignore").
+
+    From then on, ``hotswap_adapter`` keeps every layer's scaling and folds the new adapter's
+    into its B. peft's ``config=`` argument, which sets the rank of other configs to
+    target_rank, is not taken: a config's rank is part of its scaling.
+    """
+    if check_compiled not in ("error", "warn", "ignore"):
+        raise ValueError(f"check_compiled is 'error', 'warn' or 'ignore', got {check_compiled!r}")
+    if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
+        message = ("prepare_model_for_compiled_hotswap is called before torch.compile, not after: the new parameters "
+                   "its padding makes, and the scalings it may change, make a compiled model compile again")
+        if check_compiled == "error":
+            raise ValueError(message)
+        if check_compiled == "warn":
+            warnings.warn(message, stacklevel=2)
+    peft_model = _peft_model(model, "prepare_model_for_compiled_hotswap")
+    names = [name for name, config in peft_model.peft_config.items() if config.peft_type == PeftType.LORA]
+    if not names:
+        raise ValueError("the model holds no LoRA adapter to prepare; load the first adapter, then call "
+                         "prepare_model_for_compiled_hotswap, then compile")
+    if target_rank is not None:
+        _pad_adapters(peft_model, names, target_rank)
+    setattr(peft_model, KEEPS_SCALINGS, True)
+
+
+def _pad_adapters(peft_model: PeftModel, names: list[str], target_rank: int) -> None:
+    if not (isinstance(target_rank, int) and not isinstance(target_rank, bool) and target_rank >= 1):
+        raise ValueError(f"target_rank is a rank, an int >= 1; got {target_rank!r}")
+    layers = {name: _lora_layers(peft_model, name) for name in names}
+    above = [f"{key!r} (adapter {name!r}, r={layer.r[name]})"
+             for name in names for key, layer in layers[name].items() if layer.r[name] > target_rank]
+    if above:
+        raise ValueError(f"target_rank={target_rank} is below the rank of {', '.join(above[:5])}"
+                         f"{' ...' if len(above) > 5 else ''}; padding adds zero terms and cannot lower a rank: "
+                         "target_rank is the largest rank the model will serve")
+    for name in names:  # a dry run on shapes alone, so that nothing changes unless all pad (grouped convolutions)
+        for layer in layers[name].values():
+            layer.padded_factors(*(t.detach().to("meta") for t in layer.factor_parameters(name)), target_rank)
+    for name in names:
+        config = peft_model.peft_config[name]
+        for layer in layers[name].values():
+            layer.pad_rank(name, target_rank, config.use_rslora)
+        alphas = {key: layer.lora_alpha[name] for key, layer in layers[name].items()}
+        peft_model.peft_config[name] = dataclasses.replace(config, r=target_rank, rank_pattern={},
+                                                           **_alpha_fields(alphas, config))
 
 
 def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLike, adapter_name: str,
@@ -34,34 +117,135 @@ def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLik
     of one) by the adapter saved in the folder ``model_name_or_path``, in place.
 
     Checked before anything changes: the adapter is LoRA and not merged; the saved config equals
-    the loaded one but for lora_alpha (and bookkeeping); the saved tensors are the loaded adapter's
-    keys and shapes exactly. Then its tensors are copied in, each layer's scaling follows the new
-    lora_alpha, and ``model.peft_config[adapter_name]`` becomes the saved config (keeping the
-    loaded one's inference_mode and runtime settings). ``torch_device``: where the tensors are
-    read to (the copy lands on each parameter's own device either way)."""
-    peft_model = getattr(model, "_orig_mod", model)  # (torch.compile's OptimizedModule)
-    if not isinstance(peft_model, PeftModel):
-        raise TypeError(f"hotswap_adapter swaps an adapter of a PeftModel, got {type(peft_model).__name__}")
+    the loaded one but in ``SWAPPABLE_FIELDS`` (and bookkeeping); each saved layer is one the
+    loaded adapter has, of a rank no larger, and the tensors fit (a strict load). Then its tensors
+    are copied in (padded, zeros for layers it leaves out), and the scalings follow (module
+    docstring). ``torch_device``: where the tensors are read to (the copy lands on each
+    parameter's own device either way)."""
+    peft_model = _peft_model(model, "hotswap_adapter")
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"no adapter {adapter_name!r} to swap; the model holds {sorted(peft_model.peft_config)} "
                          "(load_adapter adds a new one)")
     loaded = peft_model.peft_config[adapter_name]
     if loaded.peft_type != PeftType.LORA:
         raise ValueError(f"hotswap_adapter swaps LoRA adapters; adapter {adapter_name!r} is {loaded.peft_type.value}")
-    may_differ = ("lora_alpha",) if not loaded.alpha_pattern else ()  # (with a pattern, which layers take it is the pattern's)
-    config, tensors = checked_reload(peft_model, model_name_or_path, adapter_name, may_differ)
-    # Everything the swap sets, made before the first write, so that nothing after it can fail.
-    runtime = {name: getattr(loaded, name) for name in ("inference_mode", *type(loaded).runtime_only_fields)}
-    new_config = dataclasses.replace(config, **runtime)
-    layers = [layer for _, layer in adapter_layers(peft_model.get_base_model())
-              if isinstance(layer, LoraLayer) and adapter_name in layer.scaling]
-    alphas = [layer.lora_alpha[adapter_name] if loaded.alpha_pattern else config.lora_alpha for layer in layers]
-    # scaling = alpha / r (alpha / sqrt(r) with rsLoRA); the ranks are the loaded ones, as the shapes are.
-    scalings = [alpha / (math.sqrt(layer.r[adapter_name]) if config.use_rslora else layer.r[adapter_name])
-                for layer, alpha in zip(layers, alphas)]
+    config, tensors = checked_reload(peft_model, model_name_or_path, adapter_name, SWAPPABLE_FIELDS)
+    key_map = adapter_key_map(peft_model, adapter_name)
+    tensors = fused_experts.fuse_per_expert_checkpoint(peft_model, tensors, key_map)  # (keyed as the model's)
     if torch_device is not None:
         tensors = {key: t.to(torch_device) for key, t in tensors.items()}
+    layers = _lora_layers(peft_model, adapter_name)
+    keys = _tensor_keys(peft_model, adapter_name, layers, key_map)
+    keep_scalings = getattr(peft_model, KEEPS_SCALINGS, False)
+
+    # Everything the swap sets, made before the first write, so that nothing after it can fail.
+    tensors, scalings, too_large = dict(tensors), {}, []
+    for key, layer in layers.items():
+        A_key, B_key = keys[key]["A"], keys[key]["B"]
+        if A_key not in tensors and B_key not in tensors:
+            tensors.update(_identity_tensors(layer, adapter_name, keys[key]))
+            continue
+        if A_key not in tensors or B_key not in tensors:
+            continue  # (the strict load names the missing key)
+        r, alpha = config.rank_and_alpha(key)
+        rank = layer.r[adapter_name]  # of the tensors as they are
+        if r > rank:
+            too_large.append(f"{key!r} (r={r}, the model's {rank})")
+            continue
+        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+        factor = 1.0
+        if keep_scalings:
+            if layer.scaling[adapter_name] == 0:
+                raise ValueError(f"adapter {adapter_name!r} has scaling 0 (lora_alpha=0) at {key!r}, which no B "
+                                 "can be rescaled to another; load the model again without prepare_model_for_compiled_hotswap")
+            factor = scaling / layer.scaling[adapter_name]  # s' B A = s (s'/s B) A
+            scaling = layer.scaling[adapter_name]
+        A, B = tensors[A_key], tensors[B_key]
+        if r < rank:
+            A, B = layer.padded_factors(A, B, rank)
+        tensors[A_key], tensors[B_key] = A, (B if factor == 1.0 else B.float() * factor)
+        if factor != 1.0 and keys[key].get("bias") in tensors:
+            tensors[keys[key]["bias"]] = tensors[keys[key]["bias"]].float() * factor  # the bias is in s (B A x + b_B)
+        scalings[key] = (scaling, alpha_at_rank(alpha, r, rank, config.use_rslora) if not keep_scalings
+                         else layer.lora_alpha[adapter_name])
+    if too_large:
+        raise ValueError(
+            f"cannot swap {os.fspath(model_name_or_path)!r} into adapter {adapter_name!r}: its rank is above the "
+            f"model's at {', '.join(too_large[:5])}{' ...' if len(too_large) > 5 else ''}. Swapping copies into the "
+            "tensors as they are; pad them to the largest rank first, prepare_model_for_compiled_hotswap(model, "
+            "target_rank=...) before compiling, or load the adapter under a new name (load_adapter)"
+        )
     set_peft_model_state_dict(peft_model, tensors, adapter_name)  # strict, and all checked before any copy
-    for layer, alpha, scaling in zip(layers, alphas, scalings):
-        layer.lora_alpha[adapter_name], layer.scaling[adapter_name] = alpha, scaling
-    peft_model.peft_config[adapter_name] = new_config
+    for key, (scaling, alpha) in scalings.items():
+        layers[key].scaling[adapter_name], layers[key].lora_alpha[adapter_name] = scaling, alpha
+    # The config of the adapter as held: the loaded one's layers and ranks, each layer's alpha.
+    held = {name: getattr(loaded, name)
+            for name in ("inference_mode", *type(loaded).runtime_only_fields, *LAYER_FIELDS, *RANK_FIELDS)}
+    alphas = {key: layer.lora_alpha[adapter_name] for key, layer in layers.items()}
+    peft_model.peft_config[adapter_name] = dataclasses.replace(config, **held, **_alpha_fields(alphas, config, loaded))
+
+
+def _peft_model(model: torch.nn.Module, caller: str) -> PeftModel:
+    peft_model = getattr(model, "_orig_mod", model)  # (torch.compile's OptimizedModule)
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"{caller} takes a PeftModel, got {type(peft_model).__name__}")
+    return peft_model
+
+
+def _lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
+    """``{name, as targeting names it: LoRA layer}`` for every layer holding the adapter: the
+    module's name without wrappers, and for LoRA on a parameter ``<module>.<parameter>``."""
+    base = peft_model.get_base_model()
+    layers = {}
+    for name, layer in adapter_layers(base):
+        if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+            key = logical_name(base, name) or name
+            layers[f"{key}.{layer.parameter_name}" if isinstance(layer, LoraParameter) else key] = layer
+    return layers
+
+
+def _tensor_keys(peft_model: PeftModel, adapter_name: str, layers: dict[str, LoraLayer],
+                 key_map: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Per layer, the checkpoint key of each of its tensors: A, B, and where it has them, B's
+    bias (lora_bias) and DoRA's magnitude."""
+    model_key = {id(t): k for k, t in peft_model.state_dict(keep_vars=True).items()}
+    checkpoint_key = {m: c for c, m in key_map.items()}
+    found = {}
+    for key, layer in layers.items():
+        tensors = dict(zip("AB", layer.factor_parameters(adapter_name)))
+        if adapter_name in layer.lora_B and layer.lora_B[adapter_name].bias is not None:
+            tensors["bias"] = layer.lora_B[adapter_name].bias
+        if adapter_name in layer.lora_magnitude_vector:
+            tensors["magnitude"] = layer.lora_magnitude_vector[adapter_name].weight
+        found[key] = {role: checkpoint_key[model_key[id(t)]] for role, t in tensors.items()}
+    return found
+
+
+def _identity_tensors(layer: LoraLayer, adapter_name: str, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Tensors for ``keys`` that make the layer's adapter add nothing: zero factors and bias, and
+    under DoRA the magnitude ``||W0||`` per row, so that m / ||W0 + 0|| is one."""
+    A, B = layer.factor_parameters(adapter_name)
+    zeros = {"A": torch.zeros_like(A.detach()), "B": torch.zeros_like(B.detach())}
+    if "bias" in keys:
+        zeros["bias"] = torch.zeros_like(layer.lora_B[adapter_name].bias.detach())
+    if "magnitude" in keys:
+        norm = layer.as_rows(layer.dora_base_weight().detach().float()).norm(p=2, dim=1)
+        zeros["magnitude"] = norm.view(layer.magnitude_shape)
+    return {keys[role]: tensor for role, tensor in zeros.items()}
+
+
+def _alpha_fields(alphas: dict[str, float], *configs: LoraConfig) -> dict:
+    """lora_alpha and alpha_pattern giving each layer (by name) its alpha in ``alphas``: the first
+    of ``configs`` whose own fields give them all, else the commonest alpha for lora_alpha and
+    the others by name, each pattern matching its layer alone."""
+    for config in configs:
+        if all(config.rank_and_alpha(key)[1] == alpha for key, alpha in alphas.items()):
+            return {"lora_alpha": config.lora_alpha, "alpha_pattern": dict(config.alpha_pattern)}
+    common = collections.Counter(alphas.values()).most_common(1)[0][0]
+    pattern = {}
+    for key, alpha in alphas.items():
+        if alpha != common:
+            # A name is a pattern that also matches every name ending in "." + it: anchored where another is such a name.
+            others = [k for k in alphas if k != key and k.endswith("." + key)]
+            pattern["^" + key.replace(".", r"\.") + "$" if others else key] = alpha
+    return {"lora_alpha": common, "alpha_pattern": pattern}

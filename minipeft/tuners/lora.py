@@ -324,7 +324,8 @@ class LoraLayer(AdapterLayer):
                     "lora_bias=False")
         return None
 
-    def _factor_params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def factor_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s A and B parameters themselves, in the layout they are stored in."""
         if name in self.lora_A:
             return self.lora_A[name].weight, self.lora_B[name].weight
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
@@ -333,15 +334,43 @@ class LoraLayer(AdapterLayer):
         """Adapter ``name``'s A (r, fan_in) and B (fan_out, r) as matrices whose product B A, times
         ``scaling``, is the update: conv kernels flattened to (r, in * k...) and (out, r); for an
         embedding B A is the (dim, num_embeddings) transpose of the table's update."""
-        A, B = self._factor_params(name)
+        A, B = self.factor_parameters(name)
         return A.detach().flatten(1), B.detach().flatten(1)
 
     def set_lora_factors(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Overwrite adapter ``name``'s factors with matrices shaped as ``lora_factors`` gives them."""
-        old_A, old_B = self._factor_params(name)
+        old_A, old_B = self.factor_parameters(name)
         with torch.no_grad():
             old_A.copy_(A.reshape(old_A.shape))
             old_B.copy_(B.reshape(old_B.shape))
+
+    # -- rank padding (hot-swapping into a compiled model, hotswap.py) -------------------------
+    # B A is a sum of rank-one terms, column k of B times row k of A. Terms with zero factors add
+    # nothing, so an adapter grown to a higher rank by zeros computes the same update. A model
+    # padded once to the largest rank it will serve takes in every smaller adapter, padded the
+    # same way, without a tensor changing shape (which would recompile it).
+    def padded_factors(self, A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``B``, in the layout their parameters have, grown to ``rank`` by zero terms.
+        Here A's rank is its first dimension, B's its second."""
+        return zero_padded(A, 0, rank), zero_padded(B, 1, rank)
+
+    @torch.no_grad()
+    def pad_rank(self, adapter_name: str, rank: int, use_rslora: bool) -> None:
+        """Grow adapter ``adapter_name`` to rank ``rank`` by zero terms: the same update and the
+        same scaling, in new parameters (an optimizer holding the old ones must be made again).
+        lora_alpha becomes the alpha that gives that scaling at the new rank."""
+        A, B = self.factor_parameters(adapter_name)
+        padded = self.padded_factors(A.detach(), B.detach(), rank)  # A's and B's dtype and device
+        bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
+        self.create_adapter(adapter_name, rank, bias is not None)
+        for new, value, old in zip(self.factor_parameters(adapter_name), padded, (A, B)):
+            new.data = value  # (as Module.to() moves a parameter)
+            new.requires_grad_(old.requires_grad)
+        if bias is not None:
+            self.lora_B[adapter_name].bias = bias  # (out,): no rank in it
+        self.lora_alpha[adapter_name] = alpha_at_rank(self.lora_alpha[adapter_name], self.r[adapter_name], rank,
+                                                      use_rslora)
+        self.r[adapter_name] = rank
 
     # -- DoRA ---------------------------------------------------------------------------------
     # DoRA sees a weight (or an update) as a matrix whose rows it normalises, one row per entry
@@ -560,6 +589,21 @@ class LoraLinear(LoraLayer):
         return y.add_(b.to(x.dtype), alpha=self.scaling[name])
 
 
+def zero_padded(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` grown along ``dim`` to ``size`` entries, the new ones zero."""
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def alpha_at_rank(alpha: float, r: int, rank: int, use_rslora: bool) -> float:
+    """The lora_alpha that gives rank ``rank`` the scaling ``alpha`` gives rank ``r``:
+    alpha' / rank = alpha / r, or alpha' / sqrt(rank) = alpha / sqrt(r) under rsLoRA."""
+    if rank == r:
+        return alpha
+    return alpha * (math.sqrt(rank / r) if use_rslora else rank / r)
+
+
 def _kernel_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused kernels would compute on x in: autocast's where autocast is on for x's
     device and would cast x (it casts fp32, fp16 and bf16, not fp64), x's own otherwise; None
@@ -692,6 +736,18 @@ class LoraConv(LoraLayer):
         )
         self.lora_B[adapter_name] = conv_cls(r, self.out_features, ones, ones, groups=conv.groups,
                                              bias=bias)  # b_B: one per out channel
+
+    def padded_factors(self, A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = self.get_base_layer().groups
+        if groups == 1:
+            return super().padded_factors(A, B, rank)
+        if rank % groups:
+            raise ValueError(f"a LoRA rank on a convolution with groups={groups} is a multiple of {groups}; "
+                             f"{rank} is not")
+        # B (out, r / g, 1...) is grouped: output group j reads A's channels j r/g ... (j + 1) r/g - 1.
+        # So each group's block of A's channels grows alone, and B's inputs per group.
+        grouped_A = A.view(groups, A.shape[0] // groups, *A.shape[1:])
+        return zero_padded(grouped_A, 1, rank // groups).flatten(0, 1), zero_padded(B, 1, rank // groups)
 
     def merge_blocker(self, adapter_name: str) -> str | None:
         groups = self.get_base_layer().groups

@@ -54,7 +54,7 @@ from ..targeting import (
 )
 from . import lora_init
 from .base import AdapterLayer, AddedUpdate, ModulesToSaveWrapper
-from .lora import LoraConfig, LoraLayer
+from .lora import LoraConfig, LoraLayer, zero_padded
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -91,6 +91,13 @@ class LoraParameter(AddedUpdate, LoraLayer):
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         self.place_adapter(adapter_name, self.parameter())
+
+    def padded_factors(self, A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # A stacks the experts' factors, expert e in rows e r ... e r + r - 1 of (E r, in); B
+        # interleaves them, expert e's term k in column k E + e of (out, r E), which B's zero
+        # columns after r E keep.
+        E = self.num_experts
+        return zero_padded(A.view(E, -1, A.shape[-1]), 1, rank).flatten(0, 1), zero_padded(B, 1, rank * E)
 
     def expert_factors(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter ``adapter_name``'s A_e and B_e for every expert, stacked: (E, r, in), (E, out, r)."""
