@@ -1,5 +1,6 @@
 """minipeft: parameter-efficient fine-tuning in plain, readable PyTorch."""
 
+from .base_model_state import get_base_model_state_dict, set_base_model_state_dict
 from .checkpoint import get_peft_config, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType
 from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
@@ -60,6 +61,7 @@ __all__ = [
     "cast_mixed_precision_params",
     "create_lorafa_optimizer",
     "create_loraplus_optimizer",
+    "get_base_model_state_dict",
     "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
@@ -73,6 +75,7 @@ __all__ = [
     "mixed_batch",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]
 __version__ = "0.1.0"

@@ -299,7 +299,7 @@ def get_peft_model_state_dict(
     absent = [model_key for model_key in mapping.values() if model_key not in source]
     if absent:
         raise KeyError(
-            f"the state_dict passed lacks {len(absent)} tensor(s) of adapter {adapter_name!r}: {_describe(absent)}; "
+            f"the state_dict passed lacks {len(absent)} tensor(s) of adapter {adapter_name!r}: {describe_keys(absent)}; "
             "pass the full state dict of this model, keyed as model.state_dict() keys it"
         )
     out = {ckpt_key: source[model_key].detach() for ckpt_key, model_key in mapping.items()}
@@ -366,7 +366,8 @@ def _named_keys_hint(missing: list[str], unexpected: list[str], adapter_names: l
             "with model.load_state_dict().")
 
 
-def _describe(keys: list[str], limit: int = 5) -> str:
+def describe_keys(keys: list[str], limit: int = 5) -> str:
+    """The first ``limit`` keys, quoted, and how many more."""
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
 
@@ -485,7 +486,7 @@ def set_peft_model_state_dict(
     if replaced:
         warnings.warn(
             f"adapter {adapter_name!r}: the checkpoint holds base-model embedding weights that differ from the "
-            f"model's ({_describe(replaced)}), saved by peft's save_embedding_layers; they replace the model's, "
+            f"model's ({describe_keys(replaced)}), saved by peft's save_embedding_layers; they replace the model's, "
             "as peft loads them",
             stacklevel=2,
         )
@@ -548,7 +549,7 @@ def _checkpoint_tensors(state_dict: dict, expected: _ExpectedKeys, adapter_name:
         state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise TypeError(f"state dict values must be tensors; {_describe(bad)} are not")
+        raise TypeError(f"state dict values must be tensors; {describe_keys(bad)} are not")
     return state_dict, prompt_embeddings
 
 
@@ -561,7 +562,7 @@ def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected:
     if uncalled:
         warnings.warn(
             f"adapter {adapter_name!r}: the checkpoint adapts the out_proj of an nn.MultiheadAttention "
-            f"({_describe(uncalled)}), which peft's 'all-linear' selects although the attention never calls it: "
+            f"({describe_keys(uncalled)}), which peft's 'all-linear' selects although the attention never calls it: "
             "those tensors changed nothing there and are left out",
             stacklevel=3,
         )
@@ -578,7 +579,7 @@ def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected:
         kind = model_type(model)
         raise ValueError(
             f"checkpoint does not fit adapter {adapter_name!r}: it adapts each expert as a layer of its own "
-            f"({_describe(per_expert)}), as transformers 4 built them, and this model holds its experts fused "
+            f"({describe_keys(per_expert)}), as transformers 4 built them, and this model holds its experts fused "
             "(experts.gate_up_proj, experts.down_proj: transformers 5). "
             + ("The adapter does not adapt those fused parameters: configure it as the checkpoint was (its "
                "adapter_config.json), and the per-expert layers are fused as they load"
@@ -588,9 +589,9 @@ def _check_keys(model: nn.Module, adapter_name: str, state_dict: dict, expected:
         )
     parts = []
     if missing:
-        parts.append(f"missing {len(missing)} key(s) the adapter needs: {_describe(missing)}")
+        parts.append(f"missing {len(missing)} key(s) the adapter needs: {describe_keys(missing)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected key(s): {describe_keys(unexpected)}")
     raise ValueError(
         f"checkpoint does not fit adapter {adapter_name!r}: {'; '.join(parts)}. "
         + (_prefix_hint(missing, unexpected) or _named_keys_hint(missing, unexpected, known_adapter_names(model))
