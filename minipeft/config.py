@@ -7,6 +7,7 @@ the other (``adapter_config.json``). Method configs (``LoraConfig``, ...) subcla
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import functools
@@ -181,6 +182,22 @@ def pattern_value(patterns: dict, key: str, default):
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
+
+
+def default_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``(default, pattern)`` under which ``pattern_value`` gives each module named in ``values``
+    its value: the commonest value for the default, the others by name (e.g. lora_alpha and
+    alpha_pattern, per layer). A name as a pattern also matches names ending in "." + it: such a
+    name is written anchored and escaped, which matches it alone."""
+    if not values:
+        raise ValueError("no module to give a value to")
+    default = collections.Counter(values.values()).most_common(1)[0][0]
+    pattern = {}
+    for key, value in values.items():
+        if value != default:
+            shadows = any(other != key and other.endswith("." + key) for other in values)
+            pattern["^" + re.escape(key) + "$" if shadows else key] = value
+    return default, pattern
 
 
 def fits_annotation(value: Any, hint: Any) -> bool:

@@ -27,7 +27,6 @@ it, ranks and alphas included, so saving it gives a checkpoint that computes the
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import os
@@ -37,7 +36,7 @@ from typing import Literal
 import torch
 
 from .checkpoint import adapter_key_map, checked_reload, set_peft_model_state_dict
-from .config import PeftType
+from .config import PeftType, default_and_pattern
 from .injection import adapter_layers
 from .model import PeftModel
 from .targeting import logical_name
@@ -235,17 +234,10 @@ def _identity_tensors(layer: LoraLayer, adapter_name: str, keys: dict[str, str])
 
 
 def _alpha_fields(alphas: dict[str, float], *configs: LoraConfig) -> dict:
-    """lora_alpha and alpha_pattern giving each layer (by name) its alpha in ``alphas``: the first
-    of ``configs`` whose own fields give them all, else the commonest alpha for lora_alpha and
-    the others by name, each pattern matching its layer alone."""
+    """lora_alpha and alpha_pattern giving each layer (by name) its alpha in ``alphas``: those of
+    the first of ``configs`` that gives them all, else written out per layer."""
     for config in configs:
         if all(config.rank_and_alpha(key)[1] == alpha for key, alpha in alphas.items()):
             return {"lora_alpha": config.lora_alpha, "alpha_pattern": dict(config.alpha_pattern)}
-    common = collections.Counter(alphas.values()).most_common(1)[0][0]
-    pattern = {}
-    for key, alpha in alphas.items():
-        if alpha != common:
-            # A name is a pattern that also matches every name ending in "." + it: anchored where another is such a name.
-            others = [k for k in alphas if k != key and k.endswith("." + key)]
-            pattern["^" + key.replace(".", r"\.") + "$" if others else key] = alpha
-    return {"lora_alpha": common, "alpha_pattern": pattern}
+    lora_alpha, alpha_pattern = default_and_pattern(alphas)
+    return {"lora_alpha": lora_alpha, "alpha_pattern": alpha_pattern}
