@@ -5,6 +5,7 @@ from .checkpoint import get_peft_config, get_peft_model_state_dict, load_peft_we
 from .config import PeftConfig, PeftType, TaskType
 from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .injection import inject_adapter_in_model
+from .lora_conversion import convert_to_lora, save_as_lora
 from .mixed_batches import mixed_batch
 from .model import PeftModel, get_peft_model
 from .optimizers import create_lorafa_optimizer, create_loraplus_optimizer
@@ -59,6 +60,7 @@ __all__ = [
     "TrainableTokensConfig",
     "VeraConfig",
     "cast_mixed_precision_params",
+    "convert_to_lora",
     "create_lorafa_optimizer",
     "create_loraplus_optimizer",
     "get_base_model_state_dict",
@@ -75,6 +77,7 @@ __all__ = [
     "mixed_batch",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]
