@@ -187,8 +187,8 @@ def pattern_value(patterns: dict, key: str, default):
 def default_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``(default, pattern)`` under which ``pattern_value`` gives each module named in ``values``
     its value: the commonest value for the default, the others by name (e.g. lora_alpha and
-    alpha_pattern, per layer). A name as a pattern also matches names ending in "." + it: such a
-    name is written anchored and escaped, which matches it alone."""
+    alpha_pattern, per layer). A pattern is a regex: a name is escaped (the "." of "a.b" would
+    match "a_b" too), and anchored where it would also match a name ending in "." + it."""
     if not values:
         raise ValueError("no module to give a value to")
     default = collections.Counter(values.values()).most_common(1)[0][0]
@@ -196,7 +196,7 @@ def default_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     for key, value in values.items():
         if value != default:
             shadows = any(other != key and other.endswith("." + key) for other in values)
-            pattern["^" + re.escape(key) + "$" if shadows else key] = value
+            pattern["^" + re.escape(key) + "$" if shadows else re.escape(key)] = value
     return default, pattern
 
 

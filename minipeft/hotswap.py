@@ -39,15 +39,16 @@ from .checkpoint import adapter_key_map, checked_reload, set_peft_model_state_di
 from .config import PeftType, default_and_pattern
 from .injection import adapter_layers
 from .model import PeftModel
-from .targeting import logical_name
-from .tuners import fused_experts
+from .tuners import fused_experts, lora_init
+from .tuners.base import wide
 from .tuners.lora import LoraConfig, LoraLayer, alpha_at_rank
-from .tuners.lora_parameter import LoraParameter
 
 # Config fields a swapped-in adapter may change: what the tensors and scalings carry (its layers
 # are checked key by key, its ranks shape by shape). After the swap the model's config keeps the
 # loaded adapter's layers and ranks, which its tensors still have.
-LAYER_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "target_parameters")
+LAYER_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+# (target_parameters must match: LoRA on several parameters of one module nests wrappers, whose
+# checkpoint keys depend on which parameters are adapted, so a subset's keys name other tensors.)
 RANK_FIELDS = ("r", "rank_pattern")
 SWAPPABLE_FIELDS = (*LAYER_FIELDS, *RANK_FIELDS, "lora_alpha", "alpha_pattern")
 # Set on a PeftModel by prepare_model_for_compiled_hotswap: swaps fold new scalings into B.
@@ -62,7 +63,9 @@ def prepare_model_for_compiled_hotswap(model: torch.nn.Module, *, target_rank: i
     makes new parameters).
 
     target_rank: pad every LoRA adapter to this rank, the largest one the model will serve
-        (None: no padding). The padded model computes the same function.
+        (None: no padding). The padded model computes the same function, and its config says
+        so: rank target_rank, the alphas that keep each scaling, plain LoRA's init (the padded
+        factors are no init's). Not for PiSSA/OLoRA adapters, whose residual the base holds.
     check_compiled: what to do when ``model`` is compiled already ("error", "warn", "ignore").
 
     From then on, ``hotswap_adapter`` keeps every layer's scaling and folds the new adapter's
@@ -93,21 +96,29 @@ def _pad_adapters(peft_model: PeftModel, names: list[str], target_rank: int) -> 
         raise ValueError(f"target_rank is a rank, an int >= 1; got {target_rank!r}")
     layers = {name: _lora_layers(peft_model, name) for name in names}
     above = [f"{key!r} (adapter {name!r}, r={layer.r[name]})"
-             for name in names for key, layer in layers[name].items() if layer.r[name] > target_rank]
+             for name in names for key, layer in layers[name] if layer.r[name] > target_rank]
     if above:
         raise ValueError(f"target_rank={target_rank} is below the rank of {', '.join(above[:5])}"
                          f"{' ...' if len(above) > 5 else ''}; padding adds zero terms and cannot lower a rank: "
                          "target_rank is the largest rank the model will serve")
+    base_changing = [name for name in names if lora_init.base_changing_init(peft_model.peft_config[name].init_lora_weights)]
+    if base_changing:
+        raise ValueError(f"adapter(s) {base_changing} started from a decomposition of the base weights (PiSSA/OLoRA), "
+                         "which left their residual in the base model; loading a padded one would decompose at the "
+                         "padded rank. Convert them to plain LoRA first (save_pretrained's "
+                         "path_initial_model_for_weight_conversion), then pad")
     for name in names:  # a dry run on shapes alone, so that nothing changes unless all pad (grouped convolutions)
-        for layer in layers[name].values():
+        for _, layer in layers[name]:
             layer.padded_factors(*(t.detach().to("meta") for t in layer.factor_parameters(name)), target_rank)
     for name in names:
         config = peft_model.peft_config[name]
-        for layer in layers[name].values():
+        for _, layer in layers[name]:
             layer.pad_rank(name, target_rank, config.use_rslora)
-        alphas = {key: layer.lora_alpha[name] for key, layer in layers[name].items()}
-        peft_model.peft_config[name] = dataclasses.replace(config, r=target_rank, rank_pattern={},
-                                                           **_alpha_fields(alphas, config))
+        # The padded factors are no init's output, and an init's limits on the rank (orthogonal's
+        # even rank) need not hold at target_rank: the config says plain LoRA.
+        peft_model.peft_config[name] = dataclasses.replace(
+            config, r=target_rank, rank_pattern={}, init_lora_weights=True, eva_config=None,
+            **_alpha_fields({key: layer.lora_alpha[name] for key, layer in layers[name]}, config))
 
 
 def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLike, adapter_name: str,
@@ -130,21 +141,22 @@ def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLik
         raise ValueError(f"hotswap_adapter swaps LoRA adapters; adapter {adapter_name!r} is {loaded.peft_type.value}")
     config, tensors = checked_reload(peft_model, model_name_or_path, adapter_name, SWAPPABLE_FIELDS)
     key_map = adapter_key_map(peft_model, adapter_name)
-    tensors = fused_experts.fuse_per_expert_checkpoint(peft_model, tensors, key_map)  # (keyed as the model's)
+    # (a transformers-4 checkpoint of per-expert layers, as the model's fused experts hold it)
+    tensors = fused_experts.fuse_per_expert_checkpoint(peft_model, tensors, key_map)
     if torch_device is not None:
         tensors = {key: t.to(torch_device) for key, t in tensors.items()}
     layers = _lora_layers(peft_model, adapter_name)
-    keys = _tensor_keys(peft_model, adapter_name, layers, key_map)
+    keys_of = _tensor_keys(peft_model, adapter_name, key_map)
     keep_scalings = getattr(peft_model, KEEPS_SCALINGS, False)
 
     # Everything the swap sets, made before the first write, so that nothing after it can fail.
-    tensors, scalings, too_large = dict(tensors), {}, []
-    for key, layer in layers.items():
-        A_key, B_key = keys[key]["A"], keys[key]["B"]
-        if A_key not in tensors and B_key not in tensors:
-            tensors.update(_identity_tensors(layer, adapter_name, keys[key]))
+    tensors, scalings, too_large = dict(tensors), [], []
+    for key, layer in layers:
+        keys = keys_of(layer)
+        if keys["A"] not in tensors and keys["B"] not in tensors:
+            tensors.update(_identity_tensors(layer, adapter_name, keys))
             continue
-        if A_key not in tensors or B_key not in tensors:
+        if keys["A"] not in tensors or keys["B"] not in tensors:
             continue  # (the strict load names the missing key)
         r, alpha = config.rank_and_alpha(key)
         rank = layer.r[adapter_name]  # of the tensors as they are
@@ -158,15 +170,16 @@ def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLik
                 raise ValueError(f"adapter {adapter_name!r} has scaling 0 (lora_alpha=0) at {key!r}, which no B "
                                  "can be rescaled to another; load the model again without prepare_model_for_compiled_hotswap")
             factor = scaling / layer.scaling[adapter_name]  # s' B A = s (s'/s B) A
-            scaling = layer.scaling[adapter_name]
-        A, B = tensors[A_key], tensors[B_key]
+            scaling, alpha = layer.scaling[adapter_name], layer.lora_alpha[adapter_name]
+        else:
+            alpha = alpha_at_rank(alpha, r, rank, config.use_rslora)  # the alpha giving that scaling at the held rank
+        A, B = tensors[keys["A"]], tensors[keys["B"]]
         if r < rank:
             A, B = layer.padded_factors(A, B, rank)
-        tensors[A_key], tensors[B_key] = A, (B if factor == 1.0 else B.float() * factor)
-        if factor != 1.0 and keys[key].get("bias") in tensors:
-            tensors[keys[key]["bias"]] = tensors[keys[key]["bias"]].float() * factor  # the bias is in s (B A x + b_B)
-        scalings[key] = (scaling, alpha_at_rank(alpha, r, rank, config.use_rslora) if not keep_scalings
-                         else layer.lora_alpha[adapter_name])
+        tensors[keys["A"]], tensors[keys["B"]] = A, (B if factor == 1.0 else wide(B) * factor)
+        if factor != 1.0 and "bias" in keys:
+            tensors[keys["bias"]] = wide(tensors[keys["bias"]]) * factor  # the bias is in s (B A x + b_B)
+        scalings.append((layer, scaling, alpha))
     if too_large:
         raise ValueError(
             f"cannot swap {os.fspath(model_name_or_path)!r} into adapter {adapter_name!r}: its rank is above the "
@@ -175,12 +188,12 @@ def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLik
             "target_rank=...) before compiling, or load the adapter under a new name (load_adapter)"
         )
     set_peft_model_state_dict(peft_model, tensors, adapter_name)  # strict, and all checked before any copy
-    for key, (scaling, alpha) in scalings.items():
-        layers[key].scaling[adapter_name], layers[key].lora_alpha[adapter_name] = scaling, alpha
+    for layer, scaling, alpha in scalings:
+        layer.scaling[adapter_name], layer.lora_alpha[adapter_name] = scaling, alpha
     # The config of the adapter as held: the loaded one's layers and ranks, each layer's alpha.
     held = {name: getattr(loaded, name)
             for name in ("inference_mode", *type(loaded).runtime_only_fields, *LAYER_FIELDS, *RANK_FIELDS)}
-    alphas = {key: layer.lora_alpha[adapter_name] for key, layer in layers.items()}
+    alphas = {key: layer.lora_alpha[adapter_name] for key, layer in layers}
     peft_model.peft_config[adapter_name] = dataclasses.replace(config, **held, **_alpha_fields(alphas, config, loaded))
 
 
@@ -191,33 +204,28 @@ def _peft_model(model: torch.nn.Module, caller: str) -> PeftModel:
     return peft_model
 
 
-def _lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
-    """``{name, as targeting names it: LoRA layer}`` for every layer holding the adapter: the
-    module's name without wrappers, and for LoRA on a parameter ``<module>.<parameter>``."""
-    base = peft_model.get_base_model()
-    layers = {}
-    for name, layer in adapter_layers(base):
-        if isinstance(layer, LoraLayer) and adapter_name in layer.r:
-            key = logical_name(base, name) or name
-            layers[f"{key}.{layer.parameter_name}" if isinstance(layer, LoraParameter) else key] = layer
-    return layers
+def _lora_layers(peft_model: PeftModel, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    """``(name rank_pattern and alpha_pattern match, layer)`` for every LoRA layer holding the
+    adapter (an attention's out_proj shares the attention's name)."""
+    return [(layer.pattern_key, layer) for _, layer in adapter_layers(peft_model.get_base_model())
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r]
 
 
-def _tensor_keys(peft_model: PeftModel, adapter_name: str, layers: dict[str, LoraLayer],
-                 key_map: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Per layer, the checkpoint key of each of its tensors: A, B, and where it has them, B's
-    bias (lora_bias) and DoRA's magnitude."""
+def _tensor_keys(peft_model: PeftModel, adapter_name: str, key_map: dict[str, str]):
+    """A function giving, for a LoRA layer, the checkpoint key of each of its tensors: A, B, and
+    where it has them, B's bias (lora_bias) and DoRA's magnitude."""
     model_key = {id(t): k for k, t in peft_model.state_dict(keep_vars=True).items()}
     checkpoint_key = {m: c for c, m in key_map.items()}
-    found = {}
-    for key, layer in layers.items():
+
+    def keys_of(layer: LoraLayer) -> dict[str, str]:
         tensors = dict(zip("AB", layer.factor_parameters(adapter_name)))
         if adapter_name in layer.lora_B and layer.lora_B[adapter_name].bias is not None:
             tensors["bias"] = layer.lora_B[adapter_name].bias
         if adapter_name in layer.lora_magnitude_vector:
             tensors["magnitude"] = layer.lora_magnitude_vector[adapter_name].weight
-        found[key] = {role: checkpoint_key[model_key[id(t)]] for role, t in tensors.items()}
-    return found
+        return {role: checkpoint_key[model_key[id(t)]] for role, t in tensors.items()}
+
+    return keys_of
 
 
 def _identity_tensors(layer: LoraLayer, adapter_name: str, keys: dict[str, str]) -> dict[str, torch.Tensor]:

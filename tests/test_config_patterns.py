@@ -12,7 +12,9 @@ peft_other = pytest.importorskip("peft.utils.other")
 
 
 @pytest.mark.parametrize("values, expected", [
-    ({"a.fc1": 4, "a.fc2": 4, "b.fc1": 8}, (4, {"b.fc1": 8})),
+    ({"a.fc1": 4, "a.fc2": 4, "b.fc1": 8}, (4, {r"b\.fc1": 8})),
+    # escaped: "a.b" as a regex would match "a_b" too
+    ({"a.b": 2, "a_b": 4, "c": 4}, (4, {r"a\.b": 2})),
     # "fc1" alone would also match "block.fc1", and "x.fc1" would match "y.x.fc1": both anchored
     ({"fc1": 2, "block.fc1": 6, "block.fc2": 6, "x.fc1": 3, "y.x.fc1": 6},
      (6, {"^fc1$": 2, r"^x\.fc1$": 3})),

@@ -257,3 +257,70 @@ def test_preparing_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="groups=8 is a multiple of 8; 12 is not"):
         minipeft.prepare_model_for_compiled_hotswap(conv, target_rank=12)
     assert shapes == {k: v.shape for k, v in conv.state_dict().items()}
+
+
+class AttentionNet(torch.nn.Module):
+    """An nn.MultiheadAttention, whose out_proj LoRA takes its rank and alpha by the attention's name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("second", [dict(alpha_pattern={"attn": 32}), dict(rank_pattern={"attn": 4})])
+def test_patterns_naming_an_attention_reach_its_out_proj(tmp_path, prepared, second):
+    torch.manual_seed(0)
+    base = AttentionNet().eval()
+    x = torch.randn(5, 2, 16)
+    folders = []
+    for seed, options in enumerate([{}, second], start=1):
+        torch.manual_seed(seed)
+        model = minipeft.get_peft_model(copy.deepcopy(base), minipeft.LoraConfig(
+            r=8, lora_alpha=8, target_modules=["attn"], **options))
+        randomize_adapters(model, seed=seed)
+        model.save_pretrained(folders.append(tmp_path / str(seed)) or folders[-1])
+    ours = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), folders[0])
+    if prepared:
+        minipeft.prepare_model_for_compiled_hotswap(ours, target_rank=8)
+    minipeft.hotswap_adapter(ours, folders[1], adapter_name="default")
+    direct = minipeft.PeftModel.from_pretrained(copy.deepcopy(base), folders[1])
+    torch.testing.assert_close(ours(x), direct(x), rtol=1e-4, atol=1e-5)
+    ours.save_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(minipeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "saved")(x), ours(x))
+
+
+def test_a_padded_adapter_saves_as_plain_lora_and_a_decomposed_one_is_not_padded(tmp_path):
+    # orthogonal init needs an even rank: the padded adapter is no init's, and its config says so.
+    first = saved_adapter(tmp_path / "orthogonal", seed=1, init_lora_weights="orthogonal")
+    ours = loaded_directly(first)
+    minipeft.prepare_model_for_compiled_hotswap(ours, target_rank=5)
+    ours.save_pretrained(tmp_path / "saved")
+    assert ours.peft_config["default"].init_lora_weights is True
+    torch.testing.assert_close(loaded_directly(tmp_path / "saved")(input_ids()), ours(input_ids()))
+    # PiSSA left its rank-4 residual in the base weights, which a padded adapter would not match.
+    torch.manual_seed(0)
+    pissa = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=4, target_modules=["fc1"], init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] started from a decomposition of the base weights"):
+        minipeft.prepare_model_for_compiled_hotswap(pissa, target_rank=8)
+    assert pissa.peft_config["default"].r == 4
+
+
+def test_an_adapter_on_fewer_parameters_of_a_module_is_refused(tmp_path):
+    # LoRA on two parameters of one module nests two wrappers, keyed by which parameters are
+    # adapted: a checkpoint of one parameter alone would name the other's tensors.
+    from tests.test_lora_target_parameters import NET_TARGETS, Net
+
+    folders = []
+    for seed, targets in enumerate([NET_TARGETS, NET_TARGETS[:1]], start=1):
+        torch.manual_seed(seed)
+        model = minipeft.get_peft_model(Net(transposed=False), minipeft.LoraConfig(
+            r=2, target_modules=[], target_parameters=targets))
+        model.save_pretrained(folders.append(tmp_path / str(seed)) or folders[-1])
+    ours = minipeft.PeftModel.from_pretrained(Net(transposed=False), folders[0])
+    with pytest.raises(ValueError, match="differs from the adapter's in target_parameters"):
+        minipeft.hotswap_adapter(ours, folders[1], adapter_name="default")

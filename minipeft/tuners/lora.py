@@ -227,6 +227,9 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_magnitude_vector = nn.ModuleDict()
         self.use_fused_kernels: dict[str, bool] = {}
+        # The name rank_pattern and alpha_pattern are matched against: the target's, which for
+        # the LoraLinear on an attention's out_proj is the attention's (hotswap.py reads it).
+        self.pattern_key: str | None = None
 
     def update_layer(self, adapter_name: str, config: LoraConfig, key: str) -> None:
         # Before anything changes: PiSSA/OLoRA rewrite the base weight. Asked of the module this layer
@@ -234,6 +237,7 @@ class LoraLayer(AdapterLayer):
         check_target(self.get_base_layer(), config, key)
         r, alpha = config.rank_and_alpha(key)
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, alpha
+        self.pattern_key = key
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.lora_dropout[adapter_name] = dropout_or_identity(config.lora_dropout)
         self.use_dora[adapter_name] = config.use_dora
@@ -362,7 +366,8 @@ class LoraLayer(AdapterLayer):
         A, B = self.factor_parameters(adapter_name)
         padded = self.padded_factors(A.detach(), B.detach(), rank)  # A's and B's dtype and device
         bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
-        self.create_adapter(adapter_name, rank, bias is not None)
+        with torch.random.fork_rng(devices=[]):  # (the new parameters' random init is overwritten)
+            self.create_adapter(adapter_name, rank, bias is not None)
         for new, value, old in zip(self.factor_parameters(adapter_name), padded, (A, B)):
             new.data = value  # (as Module.to() moves a parameter)
             new.requires_grad_(old.requires_grad)
