@@ -32,6 +32,7 @@ from .targeting import (
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.base import BASE_MODEL_NAME, layers_a_copy_would_copy
 from .tuners.layer_replication import replicate_for
+from .tuners.quantized import quantization
 from .tuners.trainable_tokens import TrainableTokensWrapper
 from .tuners.virtual_tokens import PromptEncoderDict
 
@@ -227,6 +228,13 @@ def _check_all(model: nn.Module, config: PeftConfig, method: PeftMethod, keys: d
     those of the modules trained whole, raised before anything changes (an init such as PiSSA
     rewrites base weights as its wrappers are built). ``keys``: target's real name -> its logical name."""
     _check_modules_to_save(model, config)
+    if method.layer_class is not None and not method.layer_class.takes_quantized_base:
+        quantized = [f"{key!r} ({kind})" for name, key in keys.items()
+                     if (kind := quantization(innermost(model.get_submodule(name))))]
+        if quantized:
+            raise TypeError(f"{config.peft_type.value} cannot adapt bitsandbytes' quantized layers, and the targets "
+                            f"hold {', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''}. minipeft adapts "
+                            "them with LoRA (QLoRA) and (IA)^3; or leave those layers out (exclude_modules)")
     if method.check is not None:
         for name, key in keys.items():
             method.check(model.get_submodule(name), config, key)

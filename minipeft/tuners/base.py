@@ -29,6 +29,7 @@ from torch import nn
 
 from ..targeting import innermost, is_wrapper
 from .layer_replication import shares_replicated_weight
+from .quantized import dequantized_weight, quantization, set_quantized_weight
 
 
 # Every merge of an adapter into a layer takes the next number (process-wide), so that unmerging a
@@ -178,6 +179,9 @@ class AdapterLayer(nn.Module):
     # methods' layers do (LoRA, (IA)^3, OFT, ..., modules trained whole); a bottleneck MLP, which is
     # no linear map of a weight, blocks it.
     mergeable: bool = False
+    # Whether the wrapper works on a bitsandbytes quantized linear layer (quantized.py): its
+    # forward calls the base layer and never reads its weight as a matrix.
+    takes_quantized_base: bool = False
     # Whether the forward can run a mixed batch, each row with its own adapter (row_routing):
     # every layer whose forward goes through apply_adapters, and the wrappers of whole modules.
     # The others (bottleneck, LoRA on nn.MultiheadAttention or on bare parameters) refuse one.
@@ -312,10 +316,11 @@ class AdapterLayer(nn.Module):
         keep it, or have used it in a graph that in-place writes would break; a backward hook has
         it wrapped in a view of its own, which refuses them), none of torch's global ones either,
         and no torch.func transform runs (under vmap over the adapter's parameters the output is
-        unbatched, the term not)."""
+        unbatched, the term not). A quantized layer's output is not written onto either: it comes
+        from bitsandbytes' own autograd functions (peft copies it too, at Dettmers' advice)."""
         everywhere = nn.modules.module
         if any(getattr(everywhere, "_global" + hooks) for hooks in OUTPUT_HOOKS) \
-                or torch._C._are_functorch_transforms_active():
+                or torch._C._are_functorch_transforms_active() or quantization(self.get_base_layer()):
             return False
         module = getattr(self, self.base_layer_name)
         while not any(getattr(module, hooks) for hooks in OUTPUT_HOOKS):
@@ -504,7 +509,13 @@ class AdapterLayer(nn.Module):
         a tensor (a tied head) sees the new values."""
         base = self.get_base_layer()
         for attr, tensor in tensors.items():
-            getattr(base, attr).copy_(tensor)
+            if attr == "weight" and quantization(base):
+                warnings.warn(f"merging into (or out of) a {quantization(base)} weight rounds the result to its "
+                              "quantization grid: the outputs differ a little from the unmerged adapter's, and "
+                              "unmerging does not give back the original weights exactly", stacklevel=4)
+                set_quantized_weight(base, tensor)
+            else:
+                getattr(base, attr).copy_(tensor)
 
     def _computed_base_tensors(self) -> list[str]:
         """The tensors merging writes that the base layer does not hold but computes (a
@@ -515,9 +526,10 @@ class AdapterLayer(nn.Module):
         return [attr for attr in self._base_tensors() if attr not in base._parameters and attr not in base._buffers]
 
     def _base_tensors(self) -> dict[str, torch.Tensor]:
-        """The base layer's weight and (where it has one) bias, detached: what merging changes."""
+        """The base layer's weight and (where it has one) bias, detached: what merging changes
+        (a quantized weight dequantized, ``quantized.py``)."""
         base = self.get_base_layer()
-        tensors = {"weight": base.weight.detach()}
+        tensors = {"weight": dequantized_weight(base) if quantization(base) else base.weight.detach()}
         if getattr(base, "bias", None) is not None:
             tensors["bias"] = base.bias.detach()
         return tensors

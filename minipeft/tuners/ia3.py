@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType
-from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, name_matches, out_in_features
+from ..targeting import innermost, is_gpt2_conv1d, linear_weight_layout, name_matches
+from .quantized import linear_features
 from . import combining
 from .base import AdapterLayer, adapter_placement, wide
 
@@ -98,6 +99,7 @@ class IA3Linear(AdapterLayer):
     adapter_key_name = "ia3_l"
     supports_mixed_batch = True
     mergeable = True
+    takes_quantized_base = True  # (it scales the input or output, and merges through base.py's hooks)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -108,7 +110,7 @@ class IA3Linear(AdapterLayer):
 
     def features(self) -> tuple[int, int]:
         """(out, in): the sizes the vectors scale."""
-        return out_in_features(self.get_base_layer().weight, self.fan_in_fan_out)
+        return linear_features(self.get_base_layer(), self.fan_in_fan_out)
 
     def vector_shape(self, feedforward: bool) -> tuple[int, ...]:
         """peft's shape of a vector: ``(1, in)`` scaling the input, ``(out, 1)`` the output."""

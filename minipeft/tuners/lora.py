@@ -49,8 +49,9 @@ from ..config import (
     PeftConfig, PeftType, check_bias, check_layer_selection, check_number, check_probability, is_positive_int,
     pattern_value,
 )
-from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, out_in_features, wrapper_chain
+from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, wrapper_chain
 from . import lora_init, trainable_tokens
+from .quantized import dequantized_weight, linear_features, quantization
 from .base import AdapterLayer, dropout_or_identity, embed_scale, plus, wide
 
 
@@ -214,6 +215,7 @@ class LoraLayer(AdapterLayer):
     scale_names = ("lora_magnitude_vector",)
     supports_mixed_batch = True
     mergeable = True
+    takes_quantized_base = True  # QLoRA (quantized.py)
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__(base_layer)
@@ -466,8 +468,7 @@ class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (``fan_in_fan_out``: weight stored (in, out))."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
-        weight = innermost(base_layer).weight
-        out_features, in_features = out_in_features(weight, fan_in_fan_out)
+        out_features, in_features = linear_features(innermost(base_layer), fan_in_fan_out)
         super().__init__(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
 
@@ -542,7 +543,8 @@ class LoraLinear(LoraLayer):
             base_result = result if base.bias is None else result - base.bias
         else:
             x = dropout(x)
-            base_result = F.linear(x, self.as_rows(base.weight).to(x.dtype))
+            weight = dequantized_weight(base) if quantization(base) else base.weight
+            base_result = F.linear(x, self.as_rows(weight).to(x.dtype))
         lora_result = F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
         # In the base output's dtype, as peft returns it (under autocast the terms are wider).
         return (result + (scale - 1) * base_result + scale * lora_result * s).to(result.dtype)
@@ -841,6 +843,12 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
             raise ValueError(f"init_lora_weights='orthogonal' splits the rank into two halves and needs an even rank; "
                              f"{key!r} gets r={r} (from r or rank_pattern)")
     if lora_init.base_changing_init(init):
+        if quantization(base):
+            raise TypeError(
+                f"init_lora_weights={init!r} writes the residual of its decomposition into the base weight, and "
+                f"{key!r} is stored {quantization(base)} (bitsandbytes), where that residual would be rounded away; "
+                "use init_lora_weights=True (QLoRA's), or load the base in 16 bits"
+            )
         if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
             raise TypeError(
                 f"init_lora_weights={init!r} decomposes the weight of a linear layer; {key!r} is a "

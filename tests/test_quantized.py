@@ -1,0 +1,176 @@
+"""QLoRA: LoRA and (IA)^3 on bitsandbytes' 4-bit and 8-bit linear layers (on the CPU, which
+bitsandbytes supports). The reference is peft on the same quantized model: the same outputs and
+gradients, the same merged (re-quantized) weights, and checkpoints that load both ways."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import minipeft
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*quantization grid", "ignore:Merge .* may get different",
+                                        "ignore:Unmerge .* may get different",
+                                        "ignore:.*invalid shape")  # (peft takes lora_B's bias for a sharded tensor)
+
+
+class QuantizedNet(nn.Module):
+    """Two linear layers stored in ``bits`` bits, as transformers loads a model with a
+    BitsAndBytesConfig (which also sets the is_loaded_in_* flags peft reads)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        plain = [nn.Linear(64, 128), nn.Linear(128, 32)]  # (bitsandbytes' CPU kernels want whole blocks of 64)
+        if bits == 4:
+            layers = [bnb.nn.Linear4bit(p.in_features, p.out_features, quant_type="nf4", compute_dtype=torch.float32)
+                      for p in plain]
+        else:
+            layers = [bnb.nn.Linear8bitLt(p.in_features, p.out_features, has_fp16_weights=False) for p in plain]
+        for layer, p in zip(layers, plain):
+            layer.load_state_dict(p.state_dict())
+        self.fc1, self.fc2 = (layer.to("cpu") for layer in layers)  # (moving quantizes)
+        self.is_loaded_in_4bit, self.is_loaded_in_8bit = bits == 4, bits == 8
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def pair(bits: int, config_class: str, **config):
+    """(peft's, ours): the same adapter on copies of one quantized model, ours loaded from peft's."""
+    base = QuantizedNet(bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (bitsandbytes on the CPU notes its slower kernels)
+        theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, config_class)(**config))
+        ours = minipeft.get_peft_model(copy.deepcopy(base), getattr(minipeft, config_class)(**config))
+    minipeft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    return theirs, ours
+
+
+CASES = [
+    ("LoraConfig", dict(r=4, target_modules=["fc1", "fc2"], init_lora_weights=False)),
+    ("LoraConfig", dict(r=4, target_modules=["fc1", "fc2"], init_lora_weights=False, use_dora=True)),
+    ("LoraConfig", dict(r=4, target_modules=["fc1", "fc2"], init_lora_weights=False, lora_bias=True)),
+    ("IA3Config", dict(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"], init_ia3_weights=False)),
+]
+
+
+def dequantized(layer) -> torch.Tensor:
+    return minipeft.tuners.quantized.dequantized_weight(layer)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("config_class, config", CASES, ids=["lora", "dora", "lora_bias", "ia3"])
+def test_outputs_and_gradients_are_peft_s(bits, config_class, config):
+    theirs, ours = pair(bits, config_class, **config)
+    x = torch.randn(5, 64)
+    expected, got = theirs(x), ours(x)
+    torch.testing.assert_close(got, expected)
+    expected.pow(2).sum().backward()
+    got.pow(2).sum().backward()
+    theirs_grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert ours_grads.keys() == theirs_grads.keys() and ours_grads
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, theirs_grads[name], msg=name)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("use_dora", [False, True])
+@torch.no_grad()
+def test_merging_re_quantizes_as_peft_does(bits, use_dora):
+    theirs, ours = pair(bits, "LoraConfig", r=4, target_modules=["fc1", "fc2"], init_lora_weights=False,
+                        use_dora=use_dora)
+    x = torch.randn(5, 64)
+    theirs.merge_adapter()
+    with pytest.warns(UserWarning, match=f"a {bits}-bit weight rounds the result to its quantization grid"):
+        ours.merge_adapter()
+    assert type(ours.base_model.model.fc1.base_layer.weight).__name__ == ("Params4bit" if bits == 4 else "Int8Params")
+    torch.testing.assert_close(ours(x), theirs(x))
+    theirs.unmerge_adapter()
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours(x), theirs(x))
+    unloaded = ours.merge_and_unload()
+    assert type(unloaded.fc1) is type(QuantizedNet(bits).fc1)  # the quantized layer itself, merged
+    torch.testing.assert_close(unloaded(x), theirs.merge_and_unload()(x))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@torch.no_grad()
+def test_a_zero_update_merges_to_the_same_quantized_weight(bits):
+    # Quantizing a dequantized weight gives its codes back (each block's or row's largest entry
+    # is its scale), so merging and unmerging a zero update must leave the stored weight as it was.
+    ours = minipeft.get_peft_model(QuantizedNet(bits), minipeft.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    layer = ours.base_model.model.fc1.base_layer
+    stored = layer.weight.data.clone()
+    ours.merge_adapter()
+    assert torch.equal(layer.weight.data, stored)
+    ours.unmerge_adapter()
+    assert torch.equal(layer.weight.data, stored)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@torch.no_grad()
+def test_merging_lora_bias_and_ia3_by_hand(bits):
+    # lora_bias merges b + s b_B (peft 0.21's quantized layers add b_B unscaled), and (IA)^3's
+    # merge, which peft's quantized layers do not implement, is deq(W) diag(l) re-quantized.
+    lora = minipeft.get_peft_model(QuantizedNet(bits), minipeft.LoraConfig(
+        r=4, lora_alpha=12, target_modules=["fc1"], init_lora_weights=False, lora_bias=True))
+    layer = lora.base_model.model.fc1
+    b, b_B = layer.base_layer.bias.clone(), layer.lora_B["default"].bias.clone()
+    lora.merge_adapter()
+    torch.testing.assert_close(layer.base_layer.bias, b + 3.0 * b_B)
+
+    ia3 = minipeft.get_peft_model(QuantizedNet(bits), minipeft.IA3Config(
+        target_modules=["fc2"], feedforward_modules=["fc2"], init_ia3_weights=False))
+    layer = ia3.base_model.model.fc2
+    scaled = dequantized(layer.base_layer) * layer.ia3_l["default"]  # (out, in) * (1, in)
+    reference = copy.deepcopy(layer.base_layer)
+    minipeft.tuners.quantized.set_quantized_weight(reference, scaled)
+    ia3.merge_adapter()
+    assert torch.equal(layer.base_layer.weight.data, reference.weight.data)
+
+
+@torch.no_grad()  # (bitsandbytes' CPU kernels differ with and without an input that needs gradients, too)
+def test_a_qlora_checkpoint_loads_both_ways(tmp_path):
+    theirs, ours = pair(4, "LoraConfig", r=4, target_modules=["fc1", "fc2"], init_lora_weights=False)
+    x = torch.randn(3, 64)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours.eval(), theirs.eval()  # (as loaded models are: the CPU kernels differ in eval mode)
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(QuantizedNet(4), tmp_path / "ours")(x), ours(x))
+    torch.testing.assert_close(minipeft.PeftModel.from_pretrained(QuantizedNet(4), tmp_path / "theirs")(x), theirs(x))
+
+
+def test_what_a_quantized_weight_cannot_take_is_refused_before_anything_changes():
+    model = QuantizedNet(4)
+    with pytest.raises(TypeError, match=r"LOHA cannot adapt bitsandbytes' quantized layers, and the targets hold "
+                                        r"'fc1' \(4-bit\), 'fc2' \(4-bit\)\. minipeft adapts them with LoRA"):
+        minipeft.get_peft_model(model, minipeft.LoHaConfig(r=4, target_modules=["fc1", "fc2"]))
+    with pytest.raises(TypeError, match=r"init_lora_weights='pissa' writes the residual .* 'fc1' is stored 4-bit"):
+        minipeft.get_peft_model(model, minipeft.LoraConfig(r=4, target_modules=["fc1"], init_lora_weights="pissa"))
+    assert type(model.fc1).__name__ == "Linear4bit"  # not wrapped
+
+
+@pytest.mark.parametrize("bits, mode", [(4, "train"), (4, "eval"), (8, "train")])
+@torch.no_grad()
+def test_the_dequantized_weight_is_the_one_the_layer_computes_with(bits, mode):
+    # What merging reads: x deq(W)^T + b must be the layer's own output. In eval mode the CPU
+    # kernels repack a 4-bit weight at its first forward (absmax rounded to bf16), into a layout
+    # dequantize_4bit does not read (peft 0.21 reads the repacked bytes as if they were not).
+    layer = getattr(QuantizedNet(bits).fc1, mode)()
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    layer(x)
+    packed = getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False)
+    assert packed == (mode == "eval")
+    weight = minipeft.tuners.quantized.dequantized_weight(layer)
+    assert weight.shape == (128, 64)
+    # (8-bit: LLM.int8() rounds the input to int8 too, and the packed kernel computes in bf16)
+    tolerance = dict(rtol=0, atol=0.02) if bits == 8 or packed else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x @ weight.float().T + layer.bias, layer(x), **tolerance)
