@@ -46,8 +46,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
        asked for, the input embeddings' output requires grad: reentrant checkpointing passes
        gradients only to blocks whose inputs require them, and a frozen embedding's output does not.
 
-    Returns the model, changed in place. (minipeft adapts no quantized layer itself; this is for a
-    script written for peft, and for the fp32 upcast of a half-precision model.) One difference:
+    Returns the model, changed in place (for QLoRA, ``tuners/quantized.py``, and the fp32 upcast of
+    a half-precision model). One difference:
     a model whose ``gradient_checkpointing_enable`` takes no kwargs (transformers before 4.35),
     given ``gradient_checkpointing_kwargs``, is an error here, where peft warns and drops them
     (``use_reentrant=False`` among them)."""
