@@ -41,7 +41,7 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     call leaves the model as it was. Returns ``(missing_keys, unexpected_keys)`` in the original
     names."""
     base = _base_model(model)
-    merged = sorted({name for name, layer in adapter_layers(base) if layer.merged_adapters})
+    merged = sorted({name for name, layer in adapter_layers(base) if layer.merged_adapters and layer.folds_into_weight})
     if merged:
         raise ValueError(f"adapters are merged into {merged[:3]}{' ...' if len(merged) > 3 else ''}: writing base "
                          "weights now would leave the merged update out of them, and unmerging would subtract it from "
@@ -59,8 +59,11 @@ def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     if strict and unexpected:
         problems.append(f"unexpected key(s): {describe_keys(unexpected)} (the keys are the model's before adapters "
                         f"wrapped it, e.g. {describe_keys(list(targets)[:3])})")
+    problems += [f"{k!r} is a {type(v).__name__}, not a tensor" for k, v in state_dict.items()
+                 if k in targets and not isinstance(v, torch.Tensor)]
     problems += [f"{k!r} has shape {tuple(v.shape)}, the model's is {tuple(targets[k][1].shape)}"
-                 for k, v in state_dict.items() if k in targets and v.shape != targets[k][1].shape]
+                 for k, v in state_dict.items()
+                 if k in targets and isinstance(v, torch.Tensor) and v.shape != targets[k][1].shape]
     if problems:
         raise RuntimeError("cannot load the base model's state dict: " + "; ".join(problems))
     base.load_state_dict({targets[k][0]: v for k, v in state_dict.items() if k in targets}, strict=False)

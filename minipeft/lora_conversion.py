@@ -14,19 +14,22 @@ serves this base model alone) become plain LoRA: for tools that read LoRA only, 
 batches, or to lower a rank. ``rank``: an int k for every layer, or a float t in (0, 1] for the
 smallest k per layer whose singular values hold a fraction t of ΔW's energy ``sum S_i^2``
 (peft's rule; the ranks then differ per layer). With ``rank=1.0`` the LoRA computes what the
-adapter did, up to rounding.
+adapter did, up to rounding, at each update's full rank (rounding leaves tiny singular values
+where the update has none: a float just below 1 drops them).
 
 Layers: linear ones (nn.Linear, GPT-2's Conv1D), embeddings and ungrouped convolutions, the
 layouts LoRA itself adapts (as matrices: a conv kernel (out, in, k...) as (out, in * k...), an
 embedding's update as its (dim, num_embeddings) transpose, as ``LoraLayer.lora_factors``). A
 changed bias becomes lora_B's bias (``lora_bias=True``). Modules trained whole
 (``modules_to_save``) and a LoRA's ``trainable_token_indices`` are carried over as they are.
-(peft converts linear layers alone, and refuses a changed bias.)
+(peft converts linear layers alone, and refuses a changed bias; its LoRA cannot load every
+convolution minipeft's can, a dilated one for instance.)
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from torch import nn
@@ -44,20 +47,27 @@ from .tuners.trainable_tokens import TrainableTokensLayer
 def convert_to_lora(model: nn.Module, rank: int | float, adapter_name: str = "default"
                     ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """``(LoraConfig, state_dict)`` of a LoRA approximating adapter ``adapter_name`` of ``model`` (a
-    PeftModel, or a model with adapters injected) at rank ``rank`` (module docstring); the
-    state dict is keyed as a checkpoint of it is. Reads the model, changes nothing."""
+    PeftModel) at rank ``rank`` (module docstring); the state dict is keyed as a checkpoint of
+    it is. Reads the model, changes nothing."""
     _check_rank(rank)
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    source = getattr(model, "peft_config", {}).get(adapter_name)
-    layers = [(name, layer) for name, layer in adapter_layers(base) if adapter_name in layer.adapter_names]
-    if not layers:
-        raise ValueError(f"no layer holds an adapter {adapter_name!r} to convert")
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"convert_to_lora takes a PeftModel, got {type(model).__name__}: the adapter's config says "
+                        "which modules it trains whole and which biases, which the LoRA must carry")
+    source = model.peft_config.get(adapter_name)
+    if source is None:
+        raise ValueError(f"no adapter {adapter_name!r} to convert; the model holds {sorted(model.peft_config)}")
+    if source.is_prompt_learning:
+        raise TypeError(f"adapter {adapter_name!r} is {source.peft_type.value}: virtual tokens beside the model change "
+                        "no weight, so there is no update for a LoRA to approximate")
     if getattr(source, "bias", "none") != "none":
         raise ValueError(f"adapter {adapter_name!r} trains the base model's biases (bias={source.bias!r}), which a "
                          "LoRA checkpoint would carry as another option; convert an adapter trained with bias='none'")
+    base = model.get_base_model()
+    layers = [(name, layer) for name, layer in adapter_layers(base) if adapter_name in layer.adapter_names]
     carried = [layer for _, layer in layers if _is_carried(layer, source)]
     converted = [(logical_name(base, name) or name, layer) for name, layer in layers if not _is_carried(layer, source)]
-    refused = [f"{key!r} ({why})" for key, layer in converted if (why := _why_not(layer, adapter_name))]
+    around = _wrappers_by_base(base)
+    refused = [f"{key!r} ({why})" for key, layer in converted if (why := _why_not(layer, adapter_name, around))]
     if refused:
         raise TypeError(f"cannot convert adapter {adapter_name!r} to LoRA: {', '.join(refused[:5])}"
                         f"{' ...' if len(refused) > 5 else ''}. LoRA takes the update of a layer that merges into "
@@ -83,35 +93,45 @@ def convert_to_lora(model: nn.Module, rank: int | float, adapter_name: str = "de
     if lora_bias and embeddings:
         raise ValueError(f"adapter {adapter_name!r} changes biases, which LoRA holds with lora_bias=True, which LoRA "
                          f"refuses on embeddings, and it adapts {embeddings[:3]}: convert it in two adapters")
-    prefix = "base_model.model." if isinstance(model, PeftModel) else ""
     tensors = {}
-    for key, (base, A, B, bias) in factors.items():
+    for key, (layer_base, A, B, bias) in factors.items():
         if lora_bias and bias is None:
             bias = B.new_zeros(B.shape[0])
-        tensors.update(_lora_tensors(prefix + key, base, A, B, bias))
+        tensors.update(_lora_tensors("base_model.model." + key, layer_base, A, B, bias))  # (a PeftModel's keys)
     tensors.update(_carried_tensors(model, adapter_name, carried))
     ranks = {key: A.shape[0] for key, (_, A, _, _) in factors.items()}
 
     r, rank_pattern = default_and_pattern(ranks)
     config = LoraConfig(
         r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),  # scaling alpha / r = 1
-        target_modules=sorted(ranks),
+        target_modules=_exact_targets(sorted(ranks), base),
         lora_bias=lora_bias,
         fan_in_fan_out=any(is_gpt2_conv1d(layer.get_base_layer()) for _, layer in converted),
         modules_to_save=getattr(source, "modules_to_save", None),
-        trainable_token_indices=getattr(source, "trainable_token_indices", None),
-        task_type=getattr(source, "task_type", None),
-        base_model_name_or_path=getattr(source, "base_model_name_or_path", None),
+        trainable_token_indices=getattr(source, "trainable_token_indices", None),  # (LoRA's alone)
+        task_type=source.task_type,
+        base_model_name_or_path=source.base_model_name_or_path,
     )
     return config, tensors
 
 
 def save_as_lora(path: str | os.PathLike, model: nn.Module, rank: int | float, adapter_name: str = "default") -> None:
     """``convert_to_lora``, saved as an adapter checkpoint in the folder ``path`` (both files
-    written whole before either replaces a previous one); ``PeftModel.from_pretrained`` loads it,
-    here and in peft."""
+    written whole before either replaces a previous one), which ``PeftModel.from_pretrained``
+    loads."""
     config, tensors = convert_to_lora(model, rank, adapter_name)
     write_adapters([(path, config, tensors)])
+
+
+def _exact_targets(names: list[str], model: nn.Module) -> list[str] | str:
+    """target_modules selecting ``names`` and no other module: the list of them, unless an entry
+    would also match another module's name (a list entry matches names ending in "." + it),
+    then the regex of them all, which matches whole names."""
+    everything = {n for name, _ in model.named_modules() if (n := logical_name(model, name))}
+    chosen = set(names)
+    if any(other not in chosen and other.endswith("." + name) for name in names for other in everything):
+        return "|".join(re.escape(name) for name in names)
+    return names
 
 
 def _check_rank(rank) -> None:
@@ -129,15 +149,31 @@ def _is_carried(layer: AdapterLayer, source) -> bool:
         isinstance(layer, TrainableTokensLayer) and getattr(source, "trainable_token_indices", None) is not None)
 
 
-def _why_not(layer: AdapterLayer, adapter_name: str) -> str | None:
-    """Why ``layer``'s adapter has no LoRA form here, or None."""
+def _why_not(layer: AdapterLayer, adapter_name: str, around: dict[int, list[AdapterLayer]]) -> str | None:
+    """Why ``layer``'s adapter has no LoRA form here, or None. ``around``: every adapter wrapper
+    of the model by the id of the base layer it wraps (``_wrappers_by_base``)."""
     base = layer.get_base_layer()
+    if isinstance(layer, TrainableTokensLayer):
+        return "trained tokens, which a LoRA carries as its trainable_token_indices: convert the LoRA they came with"
     if not (layer.mergeable and layer.folds_into_weight):
         return f"{type(layer).__name__} does not merge into a weight"
     if not (isinstance(base, (nn.Linear, nn.Embedding)) or is_gpt2_conv1d(base)
             or (isinstance(base, CONVOLUTIONS) and base.groups == 1)):
         return f"its base is a {type(base).__name__}" + (f" with groups={base.groups}" if hasattr(base, "groups") else "")
+    # Another wrapper's merged adapter is in the base weight too, and so it would be in this update.
+    merged_beside = [name for other in around[id(base)] if other is not layer for name in other.merged_adapters]
+    if merged_beside:
+        return f"adapter(s) {merged_beside} of another wrapper are merged into its weight: unmerge_adapter() first"
     return layer.merge_blocker(adapter_name)
+
+
+def _wrappers_by_base(model: nn.Module) -> dict[int, list[AdapterLayer]]:
+    """Every adapter wrapper of ``model`` by the id of the base layer it wraps (nested wrappers
+    of several methods share one)."""
+    found: dict[int, list[AdapterLayer]] = {}
+    for _, layer in adapter_layers(model):
+        found.setdefault(id(layer.get_base_layer()), []).append(layer)
+    return found
 
 
 def _update(layer: AdapterLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -128,8 +128,15 @@ def test_what_cannot_convert_is_refused_by_name():
     ]:
         with pytest.raises(error, match=message):
             minipeft.convert_to_lora(loha, rank=rank)
-    with pytest.raises(ValueError, match="no layer holds an adapter 'other'"):
+    with pytest.raises(ValueError, match=r"no adapter 'other' to convert; the model holds \['default'\]"):
         minipeft.convert_to_lora(loha, rank=2, adapter_name="other")
+    injected = minipeft.inject_adapter_in_model(minipeft.LoHaConfig(r=4, target_modules=["fc1"]), TinyNet())
+    with pytest.raises(TypeError, match="convert_to_lora takes a PeftModel, got TinyNet"):
+        minipeft.convert_to_lora(injected, rank=2)
+    prompt = minipeft.get_peft_model(tiny_transformers_model("bert"), minipeft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=3))
+    with pytest.raises(TypeError, match="is PROMPT_TUNING: virtual tokens beside the model change no weight"):
+        minipeft.convert_to_lora(prompt, rank=2)
 
     bottleneck = minipeft.get_peft_model(TinyNet(), minipeft.BottleneckConfig(target_modules=["fc2"], bottleneck_size=4))
     with pytest.raises(TypeError, match=r"'blocks.0.fc2' \(BottleneckLayer does not merge into a weight\)"):
@@ -137,3 +144,43 @@ def test_what_cannot_convert_is_refused_by_name():
     biased = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=4, target_modules=["fc1"], bias="all"))
     with pytest.raises(ValueError, match=r"trains the base model's biases \(bias='all'\)"):
         minipeft.convert_to_lora(biased, rank=2)
+
+
+def test_another_wrappers_merged_adapter_is_refused():
+    # OFT around a LoRA on fc1: with the LoRA merged, OFT's W' - W would hold the LoRA's update too.
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=4, target_modules=["fc1"], init_lora_weights=False))
+    model.add_adapter("oft", minipeft.OFTConfig(r=0, oft_block_size=4, target_modules=["fc1"], init_weights=False))
+    before = minipeft.convert_to_lora(model, rank=1.0, adapter_name="oft")[1]
+    model.merge_adapter(["default"])
+    with pytest.raises(TypeError, match=r"adapter\(s\) \['default'\] of another wrapper are merged into its weight"):
+        minipeft.convert_to_lora(model, rank=1.0, adapter_name="oft")
+    model.unmerge_adapter()
+    after = minipeft.convert_to_lora(model, rank=1.0, adapter_name="oft")[1]
+    for key in [k for k in before if k.endswith("lora_A.weight")]:
+        B_key = key.replace("lora_A", "lora_B")
+        torch.testing.assert_close(after[B_key] @ after[key], before[B_key] @ before[key], rtol=1e-4, atol=1e-5)
+
+
+def test_targets_name_the_converted_layers_alone(tmp_path):
+    # LoRA on the top-level "fc" only: the list entry "fc" would also select "sub.fc".
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.sub = torch.nn.Linear(8, 8), torch.nn.Module()
+            self.sub.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.sub.fc(self.fc(x))
+
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(Net(), minipeft.LoHaConfig(r=2, target_modules=["fc"], exclude_modules=["sub.fc"],
+                                                               init_weights=False))
+    minipeft.save_as_lora(tmp_path, model, rank=1.0)
+    assert minipeft.PeftConfig.from_pretrained(tmp_path).target_modules == "fc"  # a regex: whole names
+    x = torch.randn(3, 8)
+    for library in (minipeft, peft):
+        torch.manual_seed(0)
+        lora = library.PeftModel.from_pretrained(Net(), str(tmp_path))
+        assert not hasattr(lora.base_model.model.sub.fc, "lora_A")
+        torch.testing.assert_close(lora(x), model(x), rtol=1e-4, atol=1e-5)
