@@ -14,33 +14,19 @@ import torch
 
 import minipeft
 from tests.models import TinyNet, input_ids, randomize_adapters, tiny_transformers_model
+from tests.test_torch_compile import ATTENTION, CONFIGS
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*has a new SEQ_CLS head")  # (the heads stay as loaded)
 
-ATTENTION = ["query", "value"]
-# Every method that merges into its weights, on a small BERT (the module names peft's conversion needs).
-METHODS = {
-    "loha": lambda: minipeft.LoHaConfig(r=4, target_modules=ATTENTION, init_weights=False),
-    "lokr": lambda: minipeft.LoKrConfig(r=4, target_modules=ATTENTION, init_weights=False),
-    "vera": lambda: minipeft.VeraConfig(r=4, target_modules=ATTENTION, init_weights=False),
-    "fourierft": lambda: minipeft.FourierFTConfig(n_frequency=10, target_modules=ATTENTION, init_weights=False),
-    "c3a": lambda: minipeft.C3AConfig(block_size=4, target_modules=ATTENTION, init_weights=False),
-    "miss": lambda: minipeft.MissConfig(r=4, target_modules=ATTENTION, init_weights=False),
-    "adalora": lambda: minipeft.AdaLoraConfig(init_r=4, target_r=2, target_modules=ATTENTION, total_step=10),
-    "dora": lambda: minipeft.LoraConfig(r=4, target_modules=ATTENTION, use_dora=True),
-    # transforming W rather than adding to it: ΔW holds W
-    "oft": lambda: minipeft.OFTConfig(r=0, oft_block_size=4, target_modules=ATTENTION, init_weights=False),
-    "boft": lambda: minipeft.BOFTConfig(boft_block_size=4, target_modules=ATTENTION, init_weights=False),
-    "hra": lambda: minipeft.HRAConfig(r=4, target_modules=ATTENTION, init_weights=False),
-    "road": lambda: minipeft.RoadConfig(target_modules=ATTENTION, group_size=4, init_weights=False),
-    # (IA)^3 on an output scales the bias too: lora_B's bias carries that
-    "ia3": lambda: minipeft.IA3Config(target_modules=["query", "value", "output.dense"],
-                                      feedforward_modules=["output.dense"]),
-    # carried over: a head trained whole (SEQ_CLS), and trained tokens
-    "lora + head + tokens": lambda: minipeft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS",
-                                                        trainable_token_indices={"word_embeddings": [1, 2]}),
-}
+# Every method that merges into its weights, on a small BERT (the configs the compile tests use):
+# adding to W, and transforming it (OFT, BOFT, HRA, RoAd, (IA)^3: ΔW then holds W; (IA)^3 on an
+# output scales the bias too, which lora_B's bias carries).
+MERGING = ["loha", "lokr", "vera", "fourierft", "c3a", "miss", "adalora", "dora", "oft", "boft", "hra", "road", "ia3"]
+METHODS = {name: CONFIGS[name] for name in MERGING}
+# carried over: a head trained whole (SEQ_CLS), and trained tokens
+METHODS["lora + head + tokens"] = lambda: minipeft.LoraConfig(
+    r=4, target_modules=ATTENTION, task_type="SEQ_CLS", trainable_token_indices={"word_embeddings": [1, 2]})
 
 
 def adapted(config):
