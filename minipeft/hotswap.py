@@ -50,7 +50,9 @@ LAYER_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "lay
 # (target_parameters must match: LoRA on several parameters of one module nests wrappers, whose
 # checkpoint keys depend on which parameters are adapted, so a subset's keys name other tensors.)
 RANK_FIELDS = ("r", "rank_pattern")
-SWAPPABLE_FIELDS = (*LAYER_FIELDS, *RANK_FIELDS, "lora_alpha", "alpha_pattern")
+# How the factors started says nothing of trained ones (unless the init rewrote the base: refused).
+INIT_FIELDS = ("init_lora_weights", "eva_config")
+SWAPPABLE_FIELDS = (*LAYER_FIELDS, *RANK_FIELDS, *INIT_FIELDS, "lora_alpha", "alpha_pattern")
 # Set on a PeftModel by prepare_model_for_compiled_hotswap: swaps fold new scalings into B.
 KEEPS_SCALINGS = "_hotswap_keeps_scalings"
 
@@ -140,6 +142,11 @@ def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLik
     if loaded.peft_type != PeftType.LORA:
         raise ValueError(f"hotswap_adapter swaps LoRA adapters; adapter {adapter_name!r} is {loaded.peft_type.value}")
     config, tensors = checked_reload(peft_model, model_name_or_path, adapter_name, SWAPPABLE_FIELDS)
+    decomposed = [init for init in (loaded.init_lora_weights, config.init_lora_weights) if lora_init.base_changing_init(init)]
+    if decomposed:
+        raise ValueError(f"cannot swap {os.fspath(model_name_or_path)!r} into adapter {adapter_name!r}: init_lora_weights="
+                         f"{decomposed[0]!r} left the residual of its own decomposition in the base weights, which "
+                         "another adapter's does not match; load it onto a fresh base model")
     key_map = adapter_key_map(peft_model, adapter_name)
     # (a transformers-4 checkpoint of per-expert layers, as the model's fused experts hold it)
     tensors = fused_experts.fuse_per_expert_checkpoint(peft_model, tensors, key_map)
@@ -192,7 +199,7 @@ def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLik
         layer.scaling[adapter_name], layer.lora_alpha[adapter_name] = scaling, alpha
     # The config of the adapter as held: the loaded one's layers and ranks, each layer's alpha.
     held = {name: getattr(loaded, name)
-            for name in ("inference_mode", *type(loaded).runtime_only_fields, *LAYER_FIELDS, *RANK_FIELDS)}
+            for name in ("inference_mode", *type(loaded).runtime_only_fields, *LAYER_FIELDS, *RANK_FIELDS, *INIT_FIELDS)}
     alphas = {key: layer.lora_alpha[adapter_name] for key, layer in layers}
     peft_model.peft_config[adapter_name] = dataclasses.replace(config, **held, **_alpha_fields(alphas, config, loaded))
 

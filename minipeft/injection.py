@@ -32,7 +32,7 @@ from .targeting import (
 from .tuners import AdapterLayer, ModulesToSaveWrapper, PeftMethod, method_for
 from .tuners.base import BASE_MODEL_NAME, layers_a_copy_would_copy
 from .tuners.layer_replication import replicate_for
-from .tuners.quantized import quantization
+from .tuners.quantized import QUANTIZED_LINEARS, is_bitsandbytes, quantization
 from .tuners.trainable_tokens import TrainableTokensWrapper
 from .tuners.virtual_tokens import PromptEncoderDict
 
@@ -228,13 +228,7 @@ def _check_all(model: nn.Module, config: PeftConfig, method: PeftMethod, keys: d
     those of the modules trained whole, raised before anything changes (an init such as PiSSA
     rewrites base weights as its wrappers are built). ``keys``: target's real name -> its logical name."""
     _check_modules_to_save(model, config)
-    if method.layer_class is not None and not method.layer_class.takes_quantized_base:
-        quantized = [f"{key!r} ({kind})" for name, key in keys.items()
-                     if (kind := quantization(innermost(model.get_submodule(name))))]
-        if quantized:
-            raise TypeError(f"{config.peft_type.value} cannot adapt bitsandbytes' quantized layers, and the targets "
-                            f"hold {', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''}. minipeft adapts "
-                            "them with LoRA (QLoRA) and (IA)^3; or leave those layers out (exclude_modules)")
+    _check_quantized_targets(model, config, method, keys)
     if method.check is not None:
         for name, key in keys.items():
             method.check(model.get_submodule(name), config, key)
@@ -365,6 +359,26 @@ def _saved_whole(model: nn.Module, config: PeftConfig) -> dict[str, str]:
     return {name: logical for name, logical in candidate_names(model).items() if trained_whole(logical, saved)}
 
 
+def _check_quantized_targets(model: nn.Module, config: PeftConfig, method: PeftMethod, keys: dict[str, str]) -> None:
+    """bitsandbytes' layers as targets: its quantized linear layers for the methods that take
+    them (LoRA, (IA)^3: ``tuners/quantized.py``), none of its other layers (a 4-bit embedding's
+    packed table is no table of the embedding's shape)."""
+    bases = {key: innermost(model.get_submodule(name)) for name, key in keys.items()}
+    other = [f"{key!r} ({type(base).__name__})" for key, base in bases.items()
+             if is_bitsandbytes(base) and type(base).__name__ not in QUANTIZED_LINEARS and quantization(base) is None
+             and any(not p.is_floating_point() or type(p).__name__ == "Params4bit" for p in base.parameters())]
+    if other:
+        raise TypeError(f"the targets hold bitsandbytes layers minipeft does not adapt: {', '.join(other[:3])}"
+                        f"{' ...' if len(other) > 3 else ''}; it adapts {sorted(QUANTIZED_LINEARS)}. Leave them out "
+                        "(exclude_modules)")
+    if method.layer_class is not None and not method.layer_class.takes_quantized_base:
+        quantized = [f"{key!r} ({kind})" for key, base in bases.items() if (kind := quantization(base))]
+        if quantized:
+            raise TypeError(f"{config.peft_type.value} cannot adapt bitsandbytes' quantized layers, and the targets "
+                            f"hold {', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''}. minipeft adapts "
+                            "them with LoRA (QLoRA) and (IA)^3; or leave those layers out (exclude_modules)")
+
+
 def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
     """Each ``modules_to_save`` entry must name a module (a misspelt head would stay frozen and
     unsaved; peft ignores it), except the heads a task adds, of which a model has one (where it
@@ -390,6 +404,10 @@ def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
     saved_whole = _saved_whole(model, config)
     for name in saved_whole:
         module = model.get_submodule(name)
+        frozen = [n for n, p in module.named_parameters() if not p.is_floating_point() or type(p).__name__ == "Params4bit"]
+        if frozen:
+            raise TypeError(f"modules_to_save selects {name!r}, whose {frozen[:3]} are stored quantized: a trained copy "
+                            "needs float weights to train. Train it with an adapter instead (LoRA), or load it unquantized")
         _warn_untying(model, name, module, saved_whole)
         holding = layers_a_copy_would_copy(module, ModulesToSaveWrapper)
         if holding:

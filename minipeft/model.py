@@ -37,6 +37,7 @@ from .targeting import (
 from .tuners import AdapterLayer, ia3, lora_combine, lora_init, method_for, virtual_tokens
 from .tuners.base import TrainedCopies, check_distinct
 from .tuners.prefix_tuning import PrefixEncoder
+from .tuners.quantized import stored_numel
 from .tuners.trainable_tokens import TiedTokensLayer, TrainableTokensLayer
 
 
@@ -707,8 +708,8 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            total += stored_numel(p)  # (a 4-bit weight holds two weights per byte)
+            trainable += stored_numel(p) if p.requires_grad else 0
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

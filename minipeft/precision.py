@@ -15,12 +15,13 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
 
     The frozen weights, most of the model, then take half the memory, while the optimizer
     updates full-precision adapters: an Adam step on a bfloat16 weight would round away updates
-    smaller than 2**-8 of it. Integer parameters (quantized weights) and complex ones are left as
-    they are, where peft would cast them too."""
+    smaller than 2**-8 of it. Quantized weights (integers, or bitsandbytes' 4-bit codes packed
+    into a float storage dtype for FSDP) and complex ones are left as they are, where peft would
+    cast them too."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     for param in model.parameters():
-        if param.is_floating_point():
+        if param.is_floating_point() and type(param).__name__ != "Params4bit":
             param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 from torch import nn
 
 from .injection import adapter_layers
+from .tuners.quantized import stored_numel
 
 Irregular = Literal["irregular"]
 
@@ -29,7 +30,7 @@ class TunerLayerStatus:
     requires_grad: dict[str, bool | Irregular]  # per adapter: its parameters here all train, none, or a mix
     available_adapters: list[str]
     devices: dict[str, list[str]]  # per adapter: the device types its parameters here are on
-    quantization_backend: None = None  # peft's field; minipeft adapts no quantized layer
+    quantization_backend: None = None  # peft's field (peft 0.21 reports None for bitsandbytes' layers too)
 
 
 @dataclass
@@ -103,8 +104,8 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         base_model_type=type(base).__name__,
         adapter_model_type=type(model.base_model).__name__ if peft_model else "None",  # peft's: its tuner class
         peft_types={name: config.peft_type.value for name, config in configs.items()},
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(stored_numel(p) for p in model.parameters() if p.requires_grad),
+        total_params=sum(stored_numel(p) for p in model.parameters()),
         num_adapter_layers=len(layers),
         enabled=_agreed([s.enabled for s in layers], True),
         active_adapters=_agreed([s.active_adapters for s in layers], []),

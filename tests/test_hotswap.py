@@ -302,12 +302,21 @@ def test_a_padded_adapter_saves_as_plain_lora_and_a_decomposed_one_is_not_padded
     ours.save_pretrained(tmp_path / "saved")
     assert ours.peft_config["default"].init_lora_weights is True
     torch.testing.assert_close(loaded_directly(tmp_path / "saved")(input_ids()), ours(input_ids()))
+    # ... and takes the adapter it was loaded from again, and one of another init.
+    minipeft.hotswap_adapter(ours, first, adapter_name="default")
+    torch.testing.assert_close(ours(input_ids()), loaded_directly(first)(input_ids()))
+    gaussian = saved_adapter(tmp_path / "gaussian", seed=2, init_lora_weights="gaussian")
+    minipeft.hotswap_adapter(ours, gaussian, adapter_name="default")
+    torch.testing.assert_close(ours(input_ids()), loaded_directly(gaussian)(input_ids()))
     # PiSSA left its rank-4 residual in the base weights, which a padded adapter would not match.
     torch.manual_seed(0)
     pissa = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=4, target_modules=["fc1"], init_lora_weights="pissa"))
     with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] started from a decomposition of the base weights"):
         minipeft.prepare_model_for_compiled_hotswap(pissa, target_rank=8)
     assert pissa.peft_config["default"].r == 4
+    pissa.save_pretrained(tmp_path / "pissa")
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' left the residual of its own decomposition"):
+        minipeft.hotswap_adapter(pissa, tmp_path / "pissa", adapter_name="default")
 
 
 def test_an_adapter_on_fewer_parameters_of_a_module_is_refused(tmp_path):

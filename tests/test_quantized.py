@@ -105,7 +105,9 @@ def test_merging_re_quantizes_as_peft_does(bits, use_dora):
 @torch.no_grad()
 def test_a_zero_update_merges_to_the_same_quantized_weight(bits):
     # Quantizing a dequantized weight gives its codes back (each block's or row's largest entry
-    # is its scale), so merging and unmerging a zero update must leave the stored weight as it was.
+    # is its scale), so merging and unmerging a zero update must leave the stored codes as they
+    # were. (Not the scales themselves under double quantization, compress_statistics, which
+    # stores them quantized again: those drift a little with each merge, as in peft.)
     ours = minipeft.get_peft_model(QuantizedNet(bits), minipeft.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
     layer = ours.base_model.model.fc1.base_layer
     stored = layer.weight.data.clone()
@@ -174,3 +176,55 @@ def test_the_dequantized_weight_is_the_one_the_layer_computes_with(bits, mode):
     # (8-bit: LLM.int8() rounds the input to int8 too, and the packed kernel computes in bf16)
     tolerance = dict(rtol=0, atol=0.02) if bits == 8 or packed else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x @ weight.float().T + layer.bias, layer(x), **tolerance)
+
+
+@torch.no_grad()
+def test_a_repacked_weight_reads_back_without_its_bias_in_half_precision():
+    # The CPU kernels compute in bf16 here: a large bias added before it is taken off again
+    # would round the weight read back to bf16 steps of the bias's size.
+    layer = QuantizedNet(4).fc1
+    layer.compute_dtype = torch.bfloat16
+    layer.bias += 8.0
+    unpacked = minipeft.tuners.quantized.dequantized_weight(layer).float()
+    layer.eval()(torch.randn(2, 64))  # repacks
+    assert layer.weight.quant_state.packing_format_for_cpu
+    packed = minipeft.tuners.quantized.dequantized_weight(layer).float()
+    torch.testing.assert_close(packed, unpacked, rtol=1e-2, atol=2e-3)  # (its scales are rounded to bf16)
+
+
+@torch.no_grad()
+def test_an_8bit_layer_with_float_weights_merges_as_a_float_layer():
+    # has_fp16_weights=True keeps the weight in floats (quantized at each call): nothing to dequantize.
+    torch.manual_seed(0)
+    model = nn.Sequential(bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=True))
+    model[0].load_state_dict(nn.Linear(64, 32).state_dict())
+    ours = minipeft.get_peft_model(model, minipeft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(5, 64)
+    unmerged = ours(x)
+    weight = ours.base_model.model[0].base_layer.weight.detach().clone()
+    ours.merge_adapter()
+    assert ours.base_model.model[0].base_layer.weight.dtype == torch.float32
+    torch.testing.assert_close(ours.base_model.model[0].base_layer.weight, weight + ours.base_model.model[0].delta_weight("default"))
+    torch.testing.assert_close(ours(x), unmerged, rtol=0, atol=0.05)  # (LLM.int8() rounds both to int8 at the call)
+
+
+def test_other_bitsandbytes_layers_and_quantized_modules_to_save_are_refused():
+    model = nn.ModuleDict({"embed": bnb.nn.Embedding4bit(100, 64).to("cpu"), "fc": QuantizedNet(4).fc1})
+    with pytest.raises(TypeError, match=r"bitsandbytes layers minipeft does not adapt: 'embed' \(Embedding4bit\)"):
+        minipeft.inject_adapter_in_model(minipeft.LoraConfig(r=4, target_modules=["embed", "fc"]), model)
+    model = QuantizedNet(4)
+    with pytest.raises(TypeError, match=r"modules_to_save selects 'fc2', whose \['weight'\] are stored quantized"):
+        minipeft.get_peft_model(model, minipeft.LoraConfig(r=4, target_modules=["fc1"], modules_to_save=["fc2"]))
+    assert type(model.fc1).__name__ == "Linear4bit" and type(model.fc2).__name__ == "Linear4bit"  # nothing changed
+
+
+def test_parameter_counts_and_casts_see_4bit_weights_as_they_are():
+    theirs, ours = pair(4, "LoraConfig", r=4, target_modules=["fc1", "fc2"])
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()  # two weights per byte
+    assert minipeft.get_model_status(ours).total_params == ours.get_nb_trainable_parameters()[1]
+    # FSDP-QLoRA stores the 4-bit codes in a float dtype: no cast may touch them.
+    layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu")
+    stored = layer.weight.data.clone()
+    minipeft.cast_mixed_precision_params(layer, torch.float16)
+    assert layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.weight.data.view(torch.uint8), stored.view(torch.uint8))  # (the bytes: some read as NaN)

@@ -27,11 +27,31 @@ from ..targeting import out_in_features
 QUANTIZED_LINEARS = {"Linear4bit": "4-bit", "Linear8bitLt": "8-bit"}
 
 
+def is_bitsandbytes(module: nn.Module) -> bool:
+    """Whether ``module`` is one of bitsandbytes' layers (quantized linear layers, embeddings, ...)."""
+    return type(module).__module__.startswith("bitsandbytes")
+
+
 def quantization(module: nn.Module) -> str | None:
-    """"4-bit" or "8-bit" for a bitsandbytes quantized linear layer, else None."""
-    if not type(module).__module__.startswith("bitsandbytes"):
+    """"4-bit" or "8-bit" for a bitsandbytes linear layer whose weight is stored quantized, else
+    None (an 8-bit layer with has_fp16_weights keeps a float weight, quantized at each call)."""
+    if not is_bitsandbytes(module):
         return None
-    return next((kind for cls in type(module).__mro__ if (kind := QUANTIZED_LINEARS.get(cls.__name__))), None)
+    kind = next((kind for cls in type(module).__mro__ if (kind := QUANTIZED_LINEARS.get(cls.__name__))), None)
+    weight = getattr(module, "weight", None)
+    if kind == "4-bit" and getattr(weight, "bnb_quantized", False):
+        return kind
+    if kind == "8-bit" and weight is not None and weight.dtype == torch.int8:
+        return kind
+    return None
+
+
+def stored_numel(param: torch.Tensor) -> int:
+    """How many weights ``param`` holds: a 4-bit weight packs two in each byte of its storage
+    dtype (peft counts them so too)."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
 
 
 def linear_features(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, int]:
@@ -51,11 +71,11 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if quantization(module) == "4-bit":
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             # bitsandbytes' CPU kernels repack a 4-bit weight at its first forward in eval mode,
-            # into a layout dequantize_4bit does not read. The layer's own product reads any
-            # layout: I W^T = W^T for the (in, in) identity.
+            # into a layout dequantize_4bit does not read. Their product reads any layout:
+            # I W^T = W^T for the (in, in) identity (without the bias, which would round W).
             eye = torch.eye(module.in_features, device=weight.device, dtype=module.compute_dtype or torch.float32)
             with torch.no_grad():
-                rows = module(eye) if module.bias is None else module(eye) - module.bias
+                rows = bnb.matmul_4bit(eye, weight, quant_state=weight.quant_state)
             return rows.T.to(getattr(weight.quant_state, "original_dtype", weight.quant_state.dtype))
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     scales = weight.SCB if getattr(module.state, "SCB", None) is None else module.state.SCB
