@@ -21,7 +21,7 @@ from .tuners.ia3 import IA3Config
 from .tuners.ln_tuning import LNTuningConfig
 from .tuners.loha import LoHaConfig
 from .tuners.lokr import LoKrConfig
-from .tuners.lora import EvaConfig, LoraConfig
+from .tuners.lora import EvaConfig, LoftQConfig, LoraConfig
 from .tuners.lora_eva import get_eva_state_dict, initialize_lora_eva_weights
 from .tuners.miss import MissConfig
 from .tuners.oft import OFTConfig
@@ -44,6 +44,7 @@ __all__ = [
     "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "LoftQConfig",
     "LoraConfig",
     "MissConfig",
     "OFTConfig",

@@ -444,18 +444,18 @@ class PeftModel(nn.Module):
                 layer.disable_adapters = flag
 
     def _warn_base_changing_init(self, adapter_name: str, config: PeftConfig) -> None:
-        """PiSSA / OLoRA rewrite each target's base weight as the adapter is added there (after
-        injection has checked every target). Beside other adapters, peft's warning: they all see
-        the residuals."""
+        """PiSSA / OLoRA / LoftQ rewrite each target's base weight as the adapter is added there
+        (after injection has checked every target). Beside other adapters, peft's warning: they
+        all see the new weights."""
         changing = [n for n, c in self.peft_config.items() if _changes_base_weights(c)]
         changing += [adapter_name] if _changes_base_weights(config) else []
         if changing and self.peft_config:
             warnings.warn(
-                f"adapter(s) {changing} (PiSSA/OLoRA) replaced the base weights they adapt by residuals W - s B0 A0, "
-                f"and adapter {adapter_name!r} joins {list(self.peft_config)}: every adapter on those layers then "
-                "works on the residuals, and disabling or deleting a PiSSA/OLoRA adapter does not give W back. "
-                "Convert such an adapter to plain LoRA to combine it with others: "
-                "save_pretrained(folder, path_initial_model_for_weight_conversion=<its initial adapter>)",
+                f"adapter(s) {changing} (PiSSA/OLoRA/LoftQ) replaced the base weights they adapt (by residuals "
+                f"W - s B0 A0, or LoftQ's quantized W), and adapter {adapter_name!r} joins {list(self.peft_config)}: "
+                "every adapter on those layers then works on the new weights, and disabling or deleting such an "
+                "adapter does not give W back. Convert a PiSSA/OLoRA adapter to plain LoRA to combine it with "
+                "others: save_pretrained(folder, path_initial_model_for_weight_conversion=<its initial adapter>)",
                 stacklevel=3,
             )
 

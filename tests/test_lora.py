@@ -233,7 +233,7 @@ def test_failed_second_adapter_is_rolled_back():
         (dict(lora_dropout=1.0), r"\[0, 1\)"),
         (dict(lora_dropout=-0.1), r"\[0, 1\)"),
         (dict(bias="some"), "bias must be"),
-        (dict(init_lora_weights="loftq"), "init_lora_weights"),
+        (dict(init_lora_weights="corda"), "init_lora_weights"),
         (dict(rank_pattern={"fc1": 0}), "positive integer"),
         (dict(task_type="CLS"), "task_type"),
     ],

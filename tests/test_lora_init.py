@@ -321,7 +321,7 @@ def test_converted_save_is_atomic_and_leaves_the_initial_folder_alone(bases, tmp
 # -- errors --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("init", ["PiSSA", "pissa_niter_", "pissa_niter_-1", "pissa_niter_x", "EVA", "corda"])
 def test_unknown_init_strings_are_refused_with_the_choices(init):
-    with pytest.raises(ValueError, match=r"init_lora_weights must be .*'pissa_niter_<n>'.*'olora' or 'eva'"):
+    with pytest.raises(ValueError, match=r"init_lora_weights must be .*'pissa_niter_<n>'.*'olora', 'loftq' or 'eva'"):
         LoraConfig(target_modules=["fc1"], init_lora_weights=init)
 
 
@@ -362,7 +362,7 @@ def test_olora_on_gpt2_conv1d_is_refused(bases):
 
 def test_a_second_adapter_beside_a_pissa_one_warns_as_in_peft(bases):
     model = build(minipeft, bases["llama"], **config("llama", "pissa"))
-    with pytest.warns(UserWarning, match=r"\['default'\] \(PiSSA/OLoRA\).*residuals"):
+    with pytest.warns(UserWarning, match=r"\['default'\] \(PiSSA/OLoRA/LoftQ\).*residuals"):
         model.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj"]))
 
 

@@ -51,6 +51,7 @@ from ..config import (
 )
 from ..targeting import CONVOLUTIONS, innermost, is_gpt2_conv1d, linear_weight_layout, wrapper_chain
 from . import lora_init, trainable_tokens
+from .lora_loftq import loftq_init
 from .quantized import dequantized_weight, linear_features, quantization
 from .base import AdapterLayer, dropout_or_identity, embed_scale, plus, wide
 
@@ -90,6 +91,27 @@ class EvaConfig:
 
 
 @dataclass
+class LoftQConfig:
+    """LoftQ's options (``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``,
+    as in peft; the method is in ``lora_init.py``).
+
+    loftq_bits: the bits the base weight is quantized to, as bitsandbytes stores it: 4 (NF4, in
+        blocks of 64) or 8 (int8 rows).
+    loftq_iter: how many times to alternate quantizing and fitting the low-rank part (>= 1).
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (4, 8) or isinstance(self.loftq_bits, bool):
+            raise ValueError(f"LoftQConfig.loftq_bits is 4 (NF4) or 8 (int8), as bitsandbytes stores weights; "
+                             f"got {self.loftq_bits!r}")
+        if not is_positive_int(self.loftq_iter):
+            raise ValueError(f"LoftQConfig.loftq_iter is a number of alternations, an int >= 1; got {self.loftq_iter!r}")
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """LoRA hyper-parameters, with peft's field names and meanings.
 
@@ -102,10 +124,13 @@ class LoraConfig(PeftConfig):
     linear layers, ``"orthogonal"`` (both random with B A = 0; an even rank per layer) or
     ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
     SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py),
-    or ``"eva"``: A on the principal directions of each layer's inputs, computed by
+    or ``"loftq"``: the base weight quantized, and A and B on what quantizing lost (for QLoRA on
+    an nn.Linear; lora_init.py), or ``"eva"``: A on the principal directions of each layer's inputs, computed by
     ``initialize_lora_eva_weights(model, dataloader)`` after ``get_peft_model`` (lora_eva.py;
     until then, and on layers it does not cover, the init of ``True``).
     eva_config: EVA's options (EvaConfig; the defaults when ``init_lora_weights="eva"`` leaves it out).
+    loftq_config: LoftQ's options (LoftQConfig; the defaults when ``init_lora_weights="loftq"``
+        leaves it out).
     layer_replication: ranges ``[start, end)`` of the model's layers laid end to end, the copies
         sharing their weights, before the adapter is added (layer_replication.py).
     lora_bias: give B a trainable bias ``b_B`` (out,), so the update is ``s (B A x + b_B)``; it starts
@@ -138,6 +163,7 @@ class LoraConfig(PeftConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] | None = None
     eva_config: EvaConfig | None = None
+    loftq_config: LoftQConfig | None = None
     layer_replication: list[list[int]] | None = None
     use_fused_kernels: bool = True
 
@@ -155,6 +181,8 @@ class LoraConfig(PeftConfig):
         if isinstance(self.layer_replication, (list, tuple)):  # [(0, 4), (2, 5)] as JSON holds it
             self.layer_replication = [list(pair) if isinstance(pair, (list, tuple)) else pair
                                       for pair in self.layer_replication]
+        if self.loftq_config == {}:
+            self.loftq_config = None  # (peft's default, written by every peft LoRA config)
         super().__post_init__()
         self.peft_type = PeftType.LORA
         for name, value in [("r", self.r), *self.rank_pattern.items()]:
@@ -168,11 +196,12 @@ class LoraConfig(PeftConfig):
         if self.init_lora_weights not in (True, False, "gaussian", lora_init.ORTHOGONAL, lora_init.EVA) and not \
                 lora_init.base_changing_init(self.init_lora_weights):
             raise ValueError(f"init_lora_weights must be {lora_init.INIT_CHOICES}, got {self.init_lora_weights!r}")
-        if self.init_lora_weights == lora_init.EVA and self.eva_config is None:
-            self.eva_config = EvaConfig()  # (peft warns of it; the defaults are the paper's)
-        elif self.init_lora_weights != lora_init.EVA and self.eva_config is not None:
-            warnings.warn(f"eva_config is used by init_lora_weights='eva' only; with init_lora_weights="
-                          f"{self.init_lora_weights!r} it changes nothing", stacklevel=3)
+        for init, name, default in ((lora_init.EVA, "eva_config", EvaConfig), (lora_init.LOFTQ, "loftq_config", LoftQConfig)):
+            if self.init_lora_weights == init and getattr(self, name) is None:
+                setattr(self, name, default())  # (peft warns of a missing eva_config, refuses a missing loftq_config)
+            elif self.init_lora_weights != init and getattr(self, name) is not None:
+                warnings.warn(f"{name} is used by init_lora_weights={init!r} only; with init_lora_weights="
+                              f"{self.init_lora_weights!r} it changes nothing", stacklevel=3)
         # The same checks as peft, so that every config minipeft saves is one peft loads.
         if self.lora_bias and self.use_dora:
             raise ValueError(
@@ -254,7 +283,7 @@ class LoraLayer(AdapterLayer):
         if lora_init.base_changing_init(config.init_lora_weights):
             # Factors from W itself, computed where W lives: put the adapter there first.
             self._move_adapter_to_base(adapter_name)
-            self.init_from_base_weight(adapter_name, config.init_lora_weights)
+            self.init_from_base_weight(adapter_name, config.init_lora_weights, config.loftq_config)
         else:
             self.reset_lora_parameters(adapter_name, config.init_lora_weights)
             self._move_adapter_to_base(adapter_name)
@@ -294,12 +323,17 @@ class LoraLayer(AdapterLayer):
             nn.init.normal_(self.lora_embedding_B[adapter_name])
 
     @torch.no_grad()
-    def init_from_base_weight(self, adapter_name: str, init: str) -> None:
+    def init_from_base_weight(self, adapter_name: str, init: str, loftq: LoftQConfig | None = None) -> None:
         """PiSSA / OLoRA: A0, B0 from a decomposition of W, and W <- W - s B0 A0 (lora_init.py).
         The residual is computed from the factors as stored, so W_res + s B0 A0 = W holds for
-        the adapter the forward will use."""
+        the adapter the forward will use. LoftQ: A0, B0 and W <- Q (lora_loftq.py)."""
         base, s = self.get_base_layer(), self.scaling[adapter_name]
         weight = self.as_rows(base.weight)  # (out, in): only linear layers get here
+        if lora_init.base_changing_init(init) == lora_init.LOFTQ:
+            A0, B0, quantized = loftq_init(weight, self.r[adapter_name], s, loftq.loftq_bits, loftq.loftq_iter)
+            self.set_lora_factors(adapter_name, A0, B0)
+            base.weight.copy_(self.from_rows(quantized, base.weight))
+            return
         self.set_lora_factors(adapter_name, *lora_init.decompose(weight, self.r[adapter_name], s, init))
         A0, B0 = self.lora_factors(adapter_name)
         base.weight.copy_(self.from_rows(lora_init.residual(weight, A0, B0, s), base.weight))  # cast back to W's dtype
@@ -845,9 +879,9 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
     if lora_init.base_changing_init(init):
         if quantization(base):
             raise TypeError(
-                f"init_lora_weights={init!r} writes the residual of its decomposition into the base weight, and "
-                f"{key!r} is stored {quantization(base)} (bitsandbytes), where that residual would be rounded away; "
-                "use init_lora_weights=True (QLoRA's), or load the base in 16 bits"
+                f"init_lora_weights={init!r} rewrites the base weight from the full-precision one, and {key!r} is "
+                f"stored {quantization(base)} (bitsandbytes) already; use init_lora_weights=True (QLoRA's), or "
+                "initialise on the base loaded in 16 bits (LoftQ: then save it, and load it quantized)"
             )
         if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
             raise TypeError(

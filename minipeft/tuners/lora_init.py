@@ -71,6 +71,7 @@ the missing keys).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import re
 
@@ -80,11 +81,12 @@ from ..config import PeftConfig, PeftType
 from ..targeting import out_in_features
 
 PISSA, OLORA, ORTHOGONAL = "pissa", "olora", "orthogonal"
+LOFTQ = "loftq"  # the base weight quantized: lora_loftq.py
 EVA = "eva"  # data-driven, after injection: lora_eva.py
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # What LoraConfig.init_lora_weights accepts, for error messages.
 INIT_CHOICES = ("True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' (n >= 0 subspace iterations), "
-                "'olora' or 'eva'")
+                "'olora', 'loftq' or 'eva'")
 
 
 def orthogonal_factors(r: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,14 +110,17 @@ def orthogonal_factors(r: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor,
 
 
 def base_changing_init(init: bool | str) -> str | None:
-    """``"pissa"`` or ``"olora"`` when ``init_lora_weights`` asks for one of the initialisations
-    that take the adapter out of the base weight; None for the others (True, False, "gaussian", "orthogonal").
-    Spelled as peft accepts them: "pissa" / "pissa_niter_<n>" exactly, "olora" in any case."""
+    """``"pissa"``, ``"olora"`` or ``"loftq"`` when ``init_lora_weights`` asks for one of the
+    initialisations that rewrite the base weight; None for the others (True, False, "gaussian",
+    "orthogonal", "eva"). Spelled as peft accepts them: "pissa" / "pissa_niter_<n>" and "loftq"
+    exactly, "olora" in any case."""
     if isinstance(init, str):
         if init == PISSA or _PISSA_NITER.fullmatch(init):
             return PISSA
         if init.lower() == OLORA:
             return OLORA
+        if init == LOFTQ:
+            return LOFTQ
     return None
 
 
@@ -123,6 +128,12 @@ def check_decomposable(init: str, key: str, weight: torch.Tensor, r: int, fan_in
     """The errors ``decompose`` would meet on the weight of layer ``key``, raised before anything
     changes. ``weight``: as the layer stores it ((in, out) when ``fan_in_fan_out``)."""
     method = base_changing_init(init)
+    if method == LOFTQ and fan_in_fan_out:
+        raise ValueError(f"init_lora_weights='loftq' on {key!r}, a GPT-2 Conv1D: LoftQ is for nn.Linear layers, as "
+                         "in peft (whose LoftQ gives a Conv1D factors of the wrong shapes); target nn.Linear layers")
+    if method == LOFTQ and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("init_lora_weights='loftq' quantizes the base weights as bitsandbytes stores them, and "
+                          "bitsandbytes is not installed: pip install bitsandbytes")
     if method == OLORA and fan_in_fan_out:
         raise ValueError(
             f"init_lora_weights={init!r} on {key!r}, a GPT-2 Conv1D (weight stored as (in, out)): peft 0.21 runs "
@@ -132,13 +143,13 @@ def check_decomposable(init: str, key: str, weight: torch.Tensor, r: int, fan_in
         )
     if not weight.is_floating_point():
         raise TypeError(
-            f"init_lora_weights={init!r} decomposes the weight of {key!r}, which is {weight.dtype}; PiSSA/OLoRA need "
+            f"init_lora_weights={init!r} decomposes the weight of {key!r}, which is {weight.dtype}; PiSSA/OLoRA/LoftQ need "
             "a floating-point weight (float32, float16 or bfloat16): initialise in full precision and quantise the "
             "residual model afterwards"
         )
     out_features, in_features = out_in_features(weight, fan_in_fan_out)
     if r > min(out_features, in_features):
-        what = "singular directions" if method == PISSA else "columns of Q"
+        what = "columns of Q" if method == OLORA else "singular directions"
         raise ValueError(
             f"init_lora_weights={init!r} takes the top r {what} of {key!r}'s ({out_features} x {in_features}) weight, "
             f"which has at most {min(out_features, in_features)}; r={r} is more. Lower r, or give this module its "
@@ -197,6 +208,10 @@ def convert_to_lora(
 def check_convertible(config: PeftConfig) -> None:
     """A ValueError unless ``config`` is a LoRA adapter whose initialisation changed the base
     weights (PiSSA / OLoRA): only those need, and allow, conversion."""
+    if config.peft_type == PeftType.LORA and base_changing_init(config.init_lora_weights) == LOFTQ:
+        raise ValueError("path_initial_model_for_weight_conversion converts a PiSSA/OLoRA adapter, whose base holds "
+                         "W - s B0 A0; a LoftQ adapter's base holds the quantized weight, which is no low-rank update "
+                         "away from W: save it as it is, and load it with its base (from_pretrained quantizes it again)")
     if config.peft_type == PeftType.LORA and base_changing_init(config.init_lora_weights):
         return
     init = getattr(config, "init_lora_weights", None)

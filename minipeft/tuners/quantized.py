@@ -97,3 +97,19 @@ def set_quantized_weight(module: nn.Module, weight: torch.Tensor) -> None:
         new = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
         module.state.reset_grads()  # (the layer's cached int8 weight and scales belong to the old one)
     module.weight = new.to(old.device)  # moving it quantizes it
+
+
+@torch.no_grad()
+def round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``deq(Q(weight))``: ``weight`` (out, in) as a bitsandbytes layer would store it in ``bits``
+    bits and compute with it, in weight's dtype: NF4 in blocks of 64 (one absmax each, not
+    quantized again), or int8 rows with one scale each (absmax / 127, of the weight in fp16)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ImportError("quantizing as bitsandbytes does needs bitsandbytes: pip install bitsandbytes") from error
+    if bits == 4:
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+        return bnb.functional.dequantize_4bit(packed, state).to(weight.dtype)
+    rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))  # (Int8Params quantizes fp16)
+    return bnb.functional.int8_vectorwise_dequant(rows, scales).to(weight.dtype)
