@@ -318,6 +318,8 @@ def check_field_types(config: PeftConfig) -> None:
         if not fits_annotation(value, hint):
             advice = f"; write [{value!r}]" if isinstance(value, str) and _takes_list(hint) else ""
             advice += f"; {config.field_advice[name]}" if name in config.field_advice else ""
+            if type(value).__module__.split(".")[0] == "peft":
+                advice += f"; that is peft's {type(value).__name__}: give minipeft's, or a dict of its fields"
             raise ValueError(f"{type(config).__name__}.{name} must be {describe(hint)}, "
                              f"got {value!r} ({type(value).__name__}){advice}")
         if not _is_finite(value):

@@ -105,10 +105,9 @@ def _pad_adapters(peft_model: PeftModel, names: list[str], target_rank: int) -> 
                          "target_rank is the largest rank the model will serve")
     base_changing = [name for name in names if lora_init.base_changing_init(peft_model.peft_config[name].init_lora_weights)]
     if base_changing:
-        raise ValueError(f"adapter(s) {base_changing} started from a decomposition of the base weights (PiSSA/OLoRA), "
-                         "which left their residual in the base model; loading a padded one would decompose at the "
-                         "padded rank. Convert them to plain LoRA first (save_pretrained's "
-                         "path_initial_model_for_weight_conversion), then pad")
+        raise ValueError(f"adapter(s) {base_changing} rewrote the base weights they adapt (PiSSA/OLoRA/LoftQ), and "
+                         "loading a padded one would rewrite them at the padded rank. A PiSSA/OLoRA adapter converts to "
+                         "plain LoRA first (save_pretrained's path_initial_model_for_weight_conversion), then pads")
     for name in names:  # a dry run on shapes alone, so that nothing changes unless all pad (grouped convolutions)
         for _, layer in layers[name]:
             layer.padded_factors(*(t.detach().to("meta") for t in layer.factor_parameters(name)), target_rank)
@@ -119,7 +118,7 @@ def _pad_adapters(peft_model: PeftModel, names: list[str], target_rank: int) -> 
         # The padded factors are no init's output, and an init's limits on the rank (orthogonal's
         # even rank) need not hold at target_rank: the config says plain LoRA.
         peft_model.peft_config[name] = dataclasses.replace(
-            config, r=target_rank, rank_pattern={}, init_lora_weights=True, eva_config=None,
+            config, r=target_rank, rank_pattern={}, init_lora_weights=True, eva_config=None, loftq_config=None,
             **_alpha_fields({key: layer.lora_alpha[name] for key, layer in layers[name]}, config))
 
 
@@ -145,8 +144,8 @@ def hotswap_adapter(model: torch.nn.Module, model_name_or_path: str | os.PathLik
     decomposed = [init for init in (loaded.init_lora_weights, config.init_lora_weights) if lora_init.base_changing_init(init)]
     if decomposed:
         raise ValueError(f"cannot swap {os.fspath(model_name_or_path)!r} into adapter {adapter_name!r}: init_lora_weights="
-                         f"{decomposed[0]!r} left the residual of its own decomposition in the base weights, which "
-                         "another adapter's does not match; load it onto a fresh base model")
+                         f"{decomposed[0]!r} rewrote the base weights for its own factors (a residual, or LoftQ's "
+                         "quantized weight), which another adapter's do not match; load it onto a fresh base model")
     key_map = adapter_key_map(peft_model, adapter_name)
     # (a transformers-4 checkpoint of per-expert layers, as the model's fused experts hold it)
     tensors = fused_experts.fuse_per_expert_checkpoint(peft_model, tensors, key_map)

@@ -819,7 +819,7 @@ class PeftModel(nn.Module):
 
 
 def _changes_base_weights(config: PeftConfig) -> bool:
-    """Whether adding an adapter with ``config`` rewrites base weights (LoRA with PiSSA / OLoRA)."""
+    """Whether adding an adapter with ``config`` rewrites base weights (LoRA with PiSSA / OLoRA / LoftQ)."""
     return lora_init.base_changing_init(getattr(config, "init_lora_weights", None)) is not None
 
 

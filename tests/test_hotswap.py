@@ -311,11 +311,11 @@ def test_a_padded_adapter_saves_as_plain_lora_and_a_decomposed_one_is_not_padded
     # PiSSA left its rank-4 residual in the base weights, which a padded adapter would not match.
     torch.manual_seed(0)
     pissa = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=4, target_modules=["fc1"], init_lora_weights="pissa"))
-    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] started from a decomposition of the base weights"):
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] rewrote the base weights they adapt"):
         minipeft.prepare_model_for_compiled_hotswap(pissa, target_rank=8)
     assert pissa.peft_config["default"].r == 4
     pissa.save_pretrained(tmp_path / "pissa")
-    with pytest.raises(ValueError, match="init_lora_weights='pissa' left the residual of its own decomposition"):
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' rewrote the base weights for its own factors"):
         minipeft.hotswap_adapter(pissa, tmp_path / "pissa", adapter_name="default")
 
 

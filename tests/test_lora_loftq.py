@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -133,3 +134,46 @@ def _gpt2():
     from tests.models import tiny_transformers_model
 
     return tiny_transformers_model("gpt2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_is_quantized_from_its_own_dtype(dtype):
+    # Q's blocks take their maxima in the weight's dtype, so a bitsandbytes layer of that dtype holds Q exactly.
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(nn.Sequential(nn.Linear(128, 64)).to(dtype), minipeft.LoraConfig(
+        r=8, target_modules=["0"], init_lora_weights="loftq"))
+    Q = model.base_model.model[0].base_layer.weight.detach()
+    assert Q.dtype == dtype
+    layer = bnb.nn.Linear4bit(128, 64, quant_type="nf4", compress_statistics=False, compute_dtype=dtype).to(dtype)
+    layer.load_state_dict({"weight": Q.clone(), "bias": torch.zeros(64, dtype=dtype)})
+    assert torch.equal(minipeft.tuners.quantized.dequantized_weight(layer.to("cpu")), Q)  # (quantized as it moves)
+
+
+@torch.no_grad()
+def test_a_loftq_adapter_loads_onto_its_base_saved_and_loaded_quantized(tmp_path):
+    # LoftQ's workflow: save the base after LoftQ, load it in 4 bits, load the adapter onto it.
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(nn.Sequential(nn.Linear(128, 64)), minipeft.LoraConfig(
+        r=8, target_modules=["0"], init_lora_weights="loftq", loftq_config=minipeft.LoftQConfig(loftq_iter=3)))
+    model.save_pretrained(tmp_path)
+    Q, bias = model.base_model.model[0].base_layer.weight, model.base_model.model[0].base_layer.bias
+    quantized = nn.Sequential(bnb.nn.Linear4bit(128, 64, quant_type="nf4", compress_statistics=False))
+    quantized[0].load_state_dict({"weight": Q.clone(), "bias": bias.clone()})
+    loaded = minipeft.PeftModel.from_pretrained(quantized.to("cpu"), tmp_path).train()  # (the CPU kernels' fp32 path)
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_more_that_loftq_refuses_or_leaves_alone():
+    with pytest.raises(TypeError, match=r"whose weight is torch.float64: bitsandbytes quantizes float32, float16"):
+        minipeft.get_peft_model(nn.Sequential(nn.Linear(128, 64)).double(), minipeft.LoraConfig(
+            r=8, target_modules=["0"], init_lora_weights="loftq"))
+    with pytest.raises(ValueError, match="that is peft's LoftQConfig: give minipeft's, or a dict of its fields"):
+        minipeft.LoraConfig(init_lora_weights="loftq", loftq_config=peft.LoftQConfig())
+    assert minipeft.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 8}).loftq_config.loftq_bits == 8
+    torch.manual_seed(0)
+    model = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=4, target_modules=["fc1"], init_lora_weights="loftq"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a combined adapter is plain LoRA: no loftq_config beside init True)
+        model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="svd")
+    assert model.peft_config["combined"].loftq_config is None

@@ -93,7 +93,7 @@ class EvaConfig:
 @dataclass
 class LoftQConfig:
     """LoftQ's options (``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``,
-    as in peft; the method is in ``lora_init.py``).
+    as in peft; the method is in ``lora_loftq.py``).
 
     loftq_bits: the bits the base weight is quantized to, as bitsandbytes stores it: 4 (NF4, in
         blocks of 64) or 8 (int8 rows).
@@ -125,7 +125,7 @@ class LoraConfig(PeftConfig):
     ``"pissa"`` / ``"pissa_niter_<n>"`` / ``"olora"``: A and B start on the top-r
     SVD (PiSSA) or QR (OLoRA) part of W, which is subtracted from the base weight (lora_init.py),
     or ``"loftq"``: the base weight quantized, and A and B on what quantizing lost (for QLoRA on
-    an nn.Linear; lora_init.py), or ``"eva"``: A on the principal directions of each layer's inputs, computed by
+    an nn.Linear; lora_loftq.py), or ``"eva"``: A on the principal directions of each layer's inputs, computed by
     ``initialize_lora_eva_weights(model, dataloader)`` after ``get_peft_model`` (lora_eva.py;
     until then, and on layers it does not cover, the init of ``True``).
     eva_config: EVA's options (EvaConfig; the defaults when ``init_lora_weights="eva"`` leaves it out).
@@ -280,8 +280,10 @@ class LoraLayer(AdapterLayer):
                 "merged, as there is no base bias to fold s * lora_B.bias into (peft warns the same)"
             )
         self.create_adapter(adapter_name, r, config.lora_bias)
-        if lora_init.base_changing_init(config.init_lora_weights):
-            # Factors from W itself, computed where W lives: put the adapter there first.
+        if lora_init.base_changing_init(config.init_lora_weights) and not quantization(self.get_base_layer()):
+            # Factors from W itself, computed where W lives: put the adapter there first. (A
+            # quantized base under LoftQ is its Q already, saved after LoftQ and loaded quantized:
+            # the factors start as plain LoRA's, for a checkpoint's to replace.)
             self._move_adapter_to_base(adapter_name)
             self.init_from_base_weight(adapter_name, config.init_lora_weights, config.loftq_config)
         else:
@@ -289,7 +291,8 @@ class LoraLayer(AdapterLayer):
             self._move_adapter_to_base(adapter_name)
         if config.use_dora:
             # ||W0 + s B A|| needs A and B on the base weight's device first (after PiSSA/OLoRA
-            # it is ||W_res + s B0 A0|| = ||W||, the same magnitude as plain LoRA starts from).
+            # it is ||W_res + s B0 A0|| = ||W||, the same magnitude as plain LoRA starts from;
+            # after LoftQ ||Q + s B0 A0||, close to it).
             norm = self._row_norm(adapter_name, self.dora_base_weight())
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.detach().view(self.magnitude_shape))
             self._move_adapter_to_base(adapter_name)
@@ -876,12 +879,13 @@ def check_target(target: nn.Module, config: LoraConfig, key: str) -> None:
         if r % 2:
             raise ValueError(f"init_lora_weights='orthogonal' splits the rank into two halves and needs an even rank; "
                              f"{key!r} gets r={r} (from r or rank_pattern)")
-    if lora_init.base_changing_init(init):
+    # (LoftQ on a quantized layer takes it for its Q as it is: update_layer leaves it alone.)
+    if lora_init.base_changing_init(init) and not (quantization(base) and lora_init.base_changing_init(init) == lora_init.LOFTQ):
         if quantization(base):
             raise TypeError(
                 f"init_lora_weights={init!r} rewrites the base weight from the full-precision one, and {key!r} is "
                 f"stored {quantization(base)} (bitsandbytes) already; use init_lora_weights=True (QLoRA's), or "
-                "initialise on the base loaded in 16 bits (LoftQ: then save it, and load it quantized)"
+                "initialise on the base loaded in 16 bits"
             )
         if not (isinstance(base, nn.Linear) or is_gpt2_conv1d(base)):
             raise TypeError(

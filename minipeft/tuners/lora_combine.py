@@ -88,7 +88,7 @@ def add_weighted_adapter(
     # a second time (a PiSSA/OLoRA source's init would decompose the residuals again).
     config = dataclasses.replace(
         copy.deepcopy(configs[0]), r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
-        init_lora_weights=True,
+        init_lora_weights=True, eva_config=None, loftq_config=None,
         modules_to_save=combining.saved_modules(configs),
     )
     config = _with_targets(model, config, [c.target_modules for c in configs], list(keys.values()))

@@ -131,6 +131,9 @@ def check_decomposable(init: str, key: str, weight: torch.Tensor, r: int, fan_in
     if method == LOFTQ and fan_in_fan_out:
         raise ValueError(f"init_lora_weights='loftq' on {key!r}, a GPT-2 Conv1D: LoftQ is for nn.Linear layers, as "
                          "in peft (whose LoftQ gives a Conv1D factors of the wrong shapes); target nn.Linear layers")
+    if method == LOFTQ and weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) and weight.is_floating_point():
+        raise TypeError(f"init_lora_weights='loftq' on {key!r}, whose weight is {weight.dtype}: bitsandbytes quantizes "
+                        "float32, float16 and bfloat16 weights; cast the model to one of them first")
     if method == LOFTQ and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError("init_lora_weights='loftq' quantizes the base weights as bitsandbytes stores them, and "
                           "bitsandbytes is not installed: pip install bitsandbytes")
