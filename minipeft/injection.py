@@ -376,7 +376,7 @@ def _check_quantized_targets(model: nn.Module, config: PeftConfig, method: PeftM
         if quantized:
             raise TypeError(f"{config.peft_type.value} cannot adapt bitsandbytes' quantized layers, and the targets "
                             f"hold {', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''}. minipeft adapts "
-                            "them with LoRA (QLoRA) and (IA)^3; or leave those layers out (exclude_modules)")
+                            "them with LoRA (QLoRA), (IA)^3 and bottleneck adapters; or leave those layers out (exclude_modules)")
 
 
 def _check_modules_to_save(model: nn.Module, config: PeftConfig) -> None:

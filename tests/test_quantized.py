@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import minipeft
+from tests.models import randomize_adapters
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -228,3 +229,27 @@ def test_parameter_counts_and_casts_see_4bit_weights_as_they_are():
     minipeft.cast_mixed_precision_params(layer, torch.float16)
     assert layer.weight.dtype == torch.bfloat16
     assert torch.equal(layer.weight.data.view(torch.uint8), stored.view(torch.uint8))  # (the bytes: some read as NaN)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_bottleneck_adapter_on_a_quantized_layer_is_the_one_on_its_dequantized_weight(bits):
+    # A bottleneck adapter reads the layer's input and output alone: on a plain nn.Linear holding
+    # deq(W) it must compute the same.
+    quantized = QuantizedNet(bits)
+    plain = nn.Sequential()
+    plain.fc1, plain.fc2 = (nn.Linear(layer.in_features, layer.out_features) for layer in (quantized.fc1, quantized.fc2))
+    with torch.no_grad():
+        for name in ("fc1", "fc2"):
+            getattr(plain, name).weight.copy_(dequantized(getattr(quantized, name)))
+            getattr(plain, name).bias.copy_(getattr(quantized, name).bias)
+    plain.forward = quantized.forward.__func__.__get__(plain)
+    config = dict(target_modules=["fc1"], bottleneck_size=8)
+    ours = minipeft.get_peft_model(quantized, minipeft.BottleneckConfig(**config))
+    reference = minipeft.get_peft_model(plain, minipeft.BottleneckConfig(**config))
+    for model in (ours, reference):
+        randomize_adapters(model, seed=1, names=("adapter_",))  # (up starts at zero)
+    x = torch.randn(5, 64)
+    tolerance = dict(rtol=0, atol=0.05) if bits == 8 else {}  # (LLM.int8() rounds the input to int8 too)
+    torch.testing.assert_close(ours(x), reference(x), **tolerance)
+    with ours.disable_adapter():
+        assert not torch.allclose(ours(x), reference(x), atol=0.05)  # (the adapters do change the output)

@@ -239,6 +239,7 @@ class BottleneckLayer(AdapterLayer):
     other_param_names = ("placement", "scaling", "non_linearity", "parallel_input", "adapter_dropout")
     adapter_key_name = "adapter_down"
     mergeable = False
+    takes_quantized_base = True  # (it reads the module's input and output, never its weight)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
