@@ -221,6 +221,12 @@ class LoraConfig(PeftConfig):
 
             check_config(self)
 
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out["loftq_config"] is None:
+            out["loftq_config"] = {}  # peft's "none", which peft writes
+        return out
+
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """Rank and alpha for the module named ``key``, after rank_pattern / alpha_pattern."""
         return pattern_value(self.rank_pattern, key, self.r), pattern_value(self.alpha_pattern, key, self.lora_alpha)
