@@ -22,6 +22,7 @@ from .tuners.ln_tuning import LNTuningConfig
 from .tuners.loha import LoHaConfig
 from .tuners.lokr import LoKrConfig
 from .tuners.lora import EvaConfig, LoftQConfig, LoraConfig
+from .tuners.lora_loftq import replace_lora_weights_loftq
 from .tuners.lora_eva import get_eva_state_dict, initialize_lora_eva_weights
 from .tuners.miss import MissConfig
 from .tuners.oft import OFTConfig
@@ -78,6 +79,7 @@ __all__ = [
     "mixed_batch",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",

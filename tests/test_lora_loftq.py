@@ -177,3 +177,86 @@ def test_more_that_loftq_refuses_or_leaves_alone():
         warnings.simplefilter("error")  # (a combined adapter is plain LoRA: no loftq_config beside init True)
         model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="svd")
     assert model.peft_config["combined"].loftq_config is None
+
+
+# -- replace_lora_weights_loftq: LoftQ for a model loaded quantized --------------------------------
+
+class TwoLayers(nn.Module):
+    def __init__(self, fc1: nn.Module, fc2: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def original_and_quantized(folder, bits: int, shards: bool = False):
+    """The full-precision model, saved to ``folder`` as model.safetensors (or two shards and an
+    index), and the same model loaded in ``bits`` bits."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    original = TwoLayers(nn.Linear(64, 128), nn.Linear(128, 32))
+    state = {k: v.contiguous() for k, v in original.state_dict().items()}
+    folder.mkdir(exist_ok=True)
+    if shards:
+        first = {k: v for k, v in state.items() if k.startswith("fc1")}
+        safetensors.torch.save_file(first, folder / "a.safetensors")
+        safetensors.torch.save_file({k: v for k, v in state.items() if k not in first}, folder / "b.safetensors")
+        (folder / "model.safetensors.index.json").write_text(
+            '{"weight_map": {%s}}' % ", ".join(f'"{k}": "{"a" if k in first else "b"}.safetensors"' for k in state))
+    else:
+        safetensors.torch.save_file(state, folder / "model.safetensors")
+    make = (lambda i, o: bnb.nn.Linear4bit(i, o, quant_type="nf4", compute_dtype=torch.float32)) if bits == 4 else \
+        (lambda i, o: bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False))
+    quantized = TwoLayers(make(64, 128), make(128, 32))
+    quantized.load_state_dict(original.state_dict())
+    return original, quantized.to("cpu")
+
+
+@pytest.mark.parametrize("bits, shards", [(4, False), (8, False), (4, True)])
+@torch.no_grad()
+def test_replace_lora_weights_loftq_fits_what_quantizing_lost(tmp_path, bits, shards):
+    original, quantized = original_and_quantized(tmp_path, bits, shards)
+    model = minipeft.get_peft_model(quantized, minipeft.LoraConfig(r=8, lora_alpha=4, target_modules=["fc1", "fc2"]))
+    x = torch.randn(16, 64)
+    qlora_error = (model(x) - original(x)).norm()
+    minipeft.replace_lora_weights_loftq(model, tmp_path)
+    for name in ("fc1", "fc2"):
+        layer = getattr(model.base_model.model, name)
+        lost = getattr(original, name).weight - minipeft.tuners.quantized.dequantized_weight(layer.base_layer).float()
+        U, S, Vh = torch.linalg.svd(lost, full_matrices=False)  # by hand: s B A = SVD_8(W - Q)
+        torch.testing.assert_close(layer.delta_weight("default"), U[:, :8] @ torch.diag(S[:8]) @ Vh[:8],
+                                   rtol=1e-4, atol=1e-6)
+    assert (model(x) - original(x)).norm() < 0.9 * qlora_error  # closer to the full-precision model
+
+
+@torch.no_grad()
+def test_a_callback_keeps_or_rolls_back_each_layer(tmp_path):
+    _, quantized = original_and_quantized(tmp_path, 4)
+    model = minipeft.get_peft_model(quantized, minipeft.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    fc2_before = [t.clone() for t in model.base_model.model.fc2.lora_factors("default")]
+    seen = []
+    minipeft.replace_lora_weights_loftq(model, tmp_path / "model.safetensors",
+                                        callback=lambda m, name: seen.append(name) or name == "fc1")
+    assert seen == ["fc1", "fc2"]
+    assert model.base_model.model.fc1.lora_B["default"].weight.abs().sum() > 0  # kept
+    assert all(torch.equal(a, b) for a, b in zip(model.base_model.model.fc2.lora_factors("default"), fc2_before))
+
+
+def test_replace_lora_weights_loftq_refuses_what_it_cannot_do(tmp_path):
+    _, quantized = original_and_quantized(tmp_path, 4)
+    plain = minipeft.get_peft_model(TinyNet(), minipeft.LoraConfig(r=4, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="no LoRA layer of adapter 'default' sits on a bitsandbytes 4-bit or 8-bit layer"):
+        minipeft.replace_lora_weights_loftq(plain, tmp_path)
+    model = minipeft.get_peft_model(quantized, minipeft.LoraConfig(r=4, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="needs model_path"):
+        minipeft.replace_lora_weights_loftq(model)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        minipeft.replace_lora_weights_loftq(model, tmp_path / "elsewhere")
+    (tmp_path / "model.safetensors").unlink()
+    import safetensors.torch
+
+    safetensors.torch.save_file({"other.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"'fc1.weight' is not in the safetensors files .* hold e.g. \['other.weight'\]"):
+        minipeft.replace_lora_weights_loftq(model, tmp_path)
