@@ -3,14 +3,16 @@
 QLoRA trains a LoRA on a base model whose weights are stored in 4 bits (NF4, one scale per
 block of 64 weights) or, with LLM.int8(), in 8 bits (one scale per row). The quantized layer
 computes ``x W^T + b`` itself, dequantizing as it goes, so an adapter that adds its term to
-the base layer's output (LoRA) or scales its input or output ((IA)^3) works on it unchanged,
-and its gradients flow to the adapter alone. What needs W as a matrix reads it dequantized:
+the base layer's output (LoRA), scales its input or output ((IA)^3) or transforms its output
+(bottleneck adapters) works on it unchanged, and its gradients flow to the adapter alone. What
+needs W as a matrix reads it dequantized:
 
     merging:    W' = Q(deq(W_q) + s B A)        Q: quantize, deq: dequantize
 
 and so merging is lossy: the merged weight is rounded to the 4- or 8-bit grid again, so the
 merged model's outputs differ a little from the unmerged adapter's, and unmerging does not give
 back the original weights exactly (peft warns the same). DoRA reads ``deq(W)`` for its norms.
+LoftQ (``lora_loftq.py``) chooses the quantized weight and the adapter together.
 
 The layers are recognised by their class, as ``is_gpt2_conv1d`` recognises transformers' Conv1D:
 minipeft never imports bitsandbytes unless a model holds its layers, and then it is installed.
@@ -85,7 +87,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def set_quantized_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Quantize ``weight`` (out, in) into a new parameter of ``module``, with its quantization
-    settings (NF4 or FP4, block size, compute dtype), on its device."""
+    settings (NF4 or FP4, block size, double quantization, storage dtype), on its device."""
     import bitsandbytes as bnb
 
     old = module.weight
